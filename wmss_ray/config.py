@@ -1,0 +1,324 @@
+"""One typed configuration for every phase of wmss-ray.
+
+A config is built from (in order): the schema defaults, an optional YAML file, then dotted
+overrides (``--set mix.lam=0.45``). The same object flows from the CLI down to the line of math
+that uses it (``cfg.mix.lam`` -> ``core.mixing.chunked_mixed_ce(..., lam=...)``).
+
+Validation errors name the key, the value and what is allowed; unknown keys are rejected with a
+did-you-mean suggestion.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key, value and what is allowed."""
+
+
+class _Section(BaseModel):
+    # extra="forbid": a typo in a YAML key must fail loudly, never be silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Section):
+    name: str = "wmss-demo"
+    storage: str = "runs"  # local directory or URI (s3://, gs://); the run dir is <storage>/<name>
+    seed: int = 0
+    iterations: int = Field(1, ge=1, description="K: WMSS iterations (paper: 1)")
+
+
+class DemoModelConfig(_Section):
+    """Tiny models created from config for the embedded demo world."""
+
+    arch: Literal["llama", "qwen3"] = "llama"
+    hidden_size: int = Field(128, ge=8)
+    intermediate_size: int = Field(384, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    max_position_embeddings: int = Field(256, ge=16)
+
+
+class ModelsConfig(_Section):
+    """Where M0 (base / first weak model) comes from.
+
+    ``demo: true`` builds a tiny model and tokenizer locally and pre-trains it (phase 0).
+    Otherwise ``base`` is a local HF causal-LM directory (safetensors). ``strong`` may be given
+    to skip phase 1 (an already fine-tuned M1); ``weak`` then defaults to ``base``.
+    """
+
+    demo: bool = True
+    demo_model: DemoModelConfig = DemoModelConfig()
+    base: str | None = None
+    strong: str | None = None
+    weak: str | None = None
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+
+    @model_validator(mode="after")
+    def _need_a_model(self) -> "ModelsConfig":
+        if not self.demo and not (self.base or self.strong):
+            raise ValueError("models.demo is false, so models.base (or models.strong) must name a model directory")
+        return self
+
+
+class DemoDataConfig(_Section):
+    """The built-in synthetic multi-step arithmetic task."""
+
+    n_pretrain: int = Field(20000, ge=0)
+    n_train: int = Field(20000, ge=1)
+    n_eval: int = Field(500, ge=1)
+    min_steps: int = Field(2, ge=1)
+    max_steps: int = Field(3, ge=1)
+    max_operand: int = Field(99, ge=2)
+
+
+class DataConfig(_Section):
+    train: str | None = None  # JSONL(.gz) / Parquet / HF save_to_disk dir; local or URI
+    eval: str | None = None
+    format: Literal["auto", "jsonl", "parquet", "hf"] = "auto"
+    schema_: Literal["auto", "messages", "prompt_response"] = Field("auto", alias="schema")
+    messages_column: str = "messages"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    id_column: str | None = None
+    max_seq_len: int = Field(256, ge=8)
+    truncation: Literal["left", "reject"] = "left"
+    on_bad_row: Literal["error", "skip"] = "error"
+    demo: DemoDataConfig = DemoDataConfig()
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class ScoringConfig(_Section):
+    num_actors: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    chunk_size: int = Field(256, ge=1, description="positions per entropy chunk")
+
+
+class CurriculumConfig(_Section):
+    enabled: bool = True  # false: uniform sampling (the ablation)
+    alpha: float = Field(0.1, ge=0)
+    beta: float = Field(0.8, ge=0)
+    gamma: float = Field(0.1, ge=0)
+    formula: Literal["seed", "v2"] = "seed"
+    normalize: Literal["per_term"] = "per_term"
+    sample_multiplier: float = Field(1.0, gt=0)
+    dedup: bool = False
+
+    @model_validator(mode="after")
+    def _not_all_zero(self) -> "CurriculumConfig":
+        if self.alpha == 0 and self.beta == 0 and self.gamma == 0:
+            raise ValueError("curriculum.alpha, beta and gamma are all 0; at least one must be > 0")
+        return self
+
+
+class MixConfig(_Section):
+    lam: float = Field(0.5, description="lambda in (0, 1]; 1 is plain SFT")
+    mode: Literal["joint", "frozen"] = "joint"
+    placement: Literal["colocated", "pool"] = "colocated"
+    chunk_size: int = Field(1024, ge=1, description="tokens per chunk of the mixed loss")
+    pool_top_k: int = Field(0, ge=0, description="pool placement: top-k weak log-probs (0 = full vocab)")
+
+    @field_validator("lam")
+    @classmethod
+    def _lam_range(cls, v: float) -> float:
+        if not (0.0 < v <= 1.0):
+            raise ValueError(f"must be in (0, 1], got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _pool_is_frozen(self) -> "MixConfig":
+        if self.placement == "pool" and self.mode != "frozen":
+            raise ValueError("mix.placement 'pool' serves a frozen weak model only; set mix.mode: frozen")
+        return self
+
+
+class TrainingConfig(_Section):
+    lr: float = Field(1e-3, gt=0)
+    weak_lr: float | None = Field(None, gt=0, description="joint mode: weak model lr (default: lr)")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    sft_epochs: float = Field(1.0, gt=0)
+    wmss_epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="cap on optimizer steps per phase")
+    micro_batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    grad_clip: float = Field(1.0, gt=0)
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0: only at the end)")
+    max_failures: int = Field(0, ge=-1)
+    log_every: int = Field(10, ge=1)
+
+
+class Phase0Config(_Section):
+    """Demo world only: brief pre-training of the base model M0."""
+
+    steps: int = Field(300, ge=0)
+    lr: float = Field(3e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+
+
+class ScalingConfig(_Section):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+
+
+class EvaluationConfig(_Section):
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1)
+    max_samples: int | None = Field(None, ge=1)
+    num_actors: int = Field(1, ge=1)
+    baseline: bool = True  # equal-compute SFT-continued baseline
+
+
+class TuneConfig(_Section):
+    num_samples: int = Field(4, ge=1)
+    max_concurrent: int = Field(1, ge=1)
+    metric: str = "eval_accuracy"
+    mode: Literal["max", "min"] = "max"
+    search_space: dict[str, list[float]] = Field(
+        default_factory=lambda: {"mix.lam": [0.3, 0.7], "curriculum.beta": [0.5, 0.9]},
+        description="dotted key -> [low, high] (uniform) or a list of >2 choices",
+    )
+
+
+class WMSSConfig(_Section):
+    run: RunConfig = RunConfig()
+    models: ModelsConfig = ModelsConfig()
+    data: DataConfig = DataConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    curriculum: CurriculumConfig = CurriculumConfig()
+    mix: MixConfig = MixConfig()
+    training: TrainingConfig = TrainingConfig()
+    phase0: Phase0Config = Phase0Config()
+    scaling: ScalingConfig = ScalingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    tune: TuneConfig = TuneConfig()
+
+    @model_validator(mode="after")
+    def _data_for_real_models(self) -> "WMSSConfig":
+        if not self.models.demo and not self.data.train:
+            raise ValueError("models.demo is false, so data.train must name a corpus")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def config_hash(self) -> str:
+        """Stable short hash of the full config (used in phase manifests)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def run_dir(self) -> str:
+        return f"{self.run.storage.rstrip('/')}/{self.run.name}"
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _known_keys(model: type[BaseModel]) -> list[str]:
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _check_unknown(data: Any, model: type[BaseModel], prefix: str, source: str) -> None:
+    """Reject unknown keys with a did-you-mean, before pydantic's less helpful message."""
+    if not isinstance(data, dict):
+        return
+    known = _known_keys(model)
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; allowed: {', '.join(known)}"
+            raise ConfigError(f"{source}: unknown key '{path}'{hint}")
+        field = model.model_fields.get(key) or next(
+            f for f in model.model_fields.values() if f.alias == key
+        )
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            _check_unknown(value, sub, f"{path}.", source)
+
+
+def _format_validation_error(err: ValidationError, source: str, data: dict[str, Any]) -> str:
+    lines = [f"{source}: invalid config"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        value: Any = data
+        for p in e["loc"]:
+            value = value.get(p, "<missing>") if isinstance(value, dict) else "<missing>"
+        msg = e["msg"].removeprefix("Value error, ")
+        shown = f" = {value!r}" if loc and value != "<missing>" else ""
+        lines.append(f"  {loc or '<root>'}{shown}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``'mix.lam=0.45'`` -> (['mix', 'lam'], 0.45); the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key.path=value")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override '{item}' has an empty key")
+    return parts, yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    for item in overrides or []:
+        parts, value = parse_override(item)
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{p}' is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None, source: str = "<dict>") -> WMSSConfig:
+    data = apply_overrides(json.loads(json.dumps(data or {})), overrides)
+    _check_unknown(data, WMSSConfig, "", source)
+    try:
+        return WMSSConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source, data)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> WMSSConfig:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return config_from_dict(data, overrides, source)
+
+
+def save_config(cfg: WMSSConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
