@@ -1,0 +1,187 @@
+"""Paired statistics for comparing two models on the same problems, and spread across seeds.
+
+Two models evaluated on the same held-out problems give paired outcomes ``(a_i, b_i)`` in
+{0, 1}. Treating the two accuracies as independent samples throws the pairing away and
+overstates the noise, so the project reports:
+
+* the exact McNemar test: under H0 (no difference) each discordant pair (only A right, or only
+  B right) is a fair coin, so ``only_a ~ Binomial(only_a + only_b, 1/2)``; two-sided p-value
+  ``min(1, 2 * P[X <= min(only_a, only_b)])``. Exact with integers up to ``_EXACT_MAX``
+  discordant pairs, in log space beyond (relative error ~1e-12);
+* a paired bootstrap CI for ``acc_a - acc_b``: resample problem indices with replacement
+  (a seeded generator), take the mean per-problem difference, report percentiles.
+
+No scipy: ``math.comb`` / ``math.lgamma`` and numpy only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from typing import Iterable, Sequence
+
+import numpy as np
+
+# Above this many discordant pairs the exact big-integer sum gets slow; switch to log space.
+_EXACT_MAX = 1000
+
+
+@dataclass
+class PairedTest:
+    """Result of :func:`paired_test` (A vs B on the same ``n`` problems)."""
+
+    name_a: str
+    name_b: str
+    n: int
+    acc_a: float
+    acc_b: float
+    diff: float  # acc_a - acc_b
+    both: int  # both right
+    only_a: int  # A right, B wrong
+    only_b: int  # A wrong, B right
+    neither: int
+    p_value: float  # exact McNemar, two-sided
+    ci_low: float  # paired bootstrap CI of diff
+    ci_high: float
+    ci_level: float
+    n_boot: int
+    seed: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _log_binom_cdf_half(k: int, n: int) -> float:
+    """log P[X <= k] for X ~ Binomial(n, 1/2), by log-sum-exp over lgamma terms."""
+    log_terms = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) for i in range(k + 1)
+    ]
+    top = max(log_terms)
+    return top + math.log(sum(math.exp(t - top) for t in log_terms)) - n * math.log(2.0)
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant counts.
+
+    ``only_a``: problems A solves and B does not; ``only_b``: the reverse. With no discordant
+    pairs there is no evidence either way: p = 1.
+    """
+    if only_a < 0 or only_b < 0:
+        raise ValueError(f"discordant counts must be >= 0, got {only_a}, {only_b}")
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    k = min(only_a, only_b)
+    if n <= _EXACT_MAX:
+        tail = Fraction(sum(math.comb(n, i) for i in range(k + 1)), 2**n)
+        return float(min(Fraction(1), 2 * tail))
+    return min(1.0, 2.0 * math.exp(_log_binom_cdf_half(k, n)))
+
+
+def paired_bootstrap_ci(
+    correct_a: Sequence[bool] | np.ndarray,
+    correct_b: Sequence[bool] | np.ndarray,
+    n_boot: int = 10000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile CI of ``mean(a) - mean(b)`` by resampling problems (pairs kept together).
+
+    Shapes: ``correct_a``, ``correct_b`` [n] bools. Deterministic for a given ``seed``.
+    """
+    a = np.asarray(correct_a, dtype=np.float64)
+    b = np.asarray(correct_b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"need two 1-D arrays of equal length, got {a.shape} and {b.shape}")
+    n = a.shape[0]
+    if n == 0:
+        return (float("nan"), float("nan"))
+    d = a - b
+    rng = np.random.default_rng(seed)
+    # Chunk the [n_boot, n] index matrix so memory stays bounded on large eval sets.
+    chunk = max(1, min(n_boot, 4_000_000 // max(n, 1)))
+    means = np.empty(n_boot, dtype=np.float64)
+    for start in range(0, n_boot, chunk):
+        stop = min(n_boot, start + chunk)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        means[start:stop] = d[idx].mean(axis=1)
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
+
+
+def paired_test(
+    correct_a: Sequence[bool],
+    correct_b: Sequence[bool],
+    name_a: str = "A",
+    name_b: str = "B",
+    n_boot: int = 10000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> PairedTest:
+    """McNemar + paired bootstrap for two aligned outcome vectors ([n] bools each)."""
+    a = np.asarray(correct_a, dtype=bool)
+    b = np.asarray(correct_b, dtype=bool)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"need two 1-D arrays of equal length, got {a.shape} and {b.shape}")
+    n = int(a.shape[0])
+    only_a = int(np.sum(a & ~b))
+    only_b = int(np.sum(~a & b))
+    lo, hi = paired_bootstrap_ci(a, b, n_boot=n_boot, seed=seed, level=level)
+    acc_a = float(a.mean()) if n else float("nan")
+    acc_b = float(b.mean()) if n else float("nan")
+    return PairedTest(
+        name_a=name_a,
+        name_b=name_b,
+        n=n,
+        acc_a=acc_a,
+        acc_b=acc_b,
+        diff=acc_a - acc_b,
+        both=int(np.sum(a & b)),
+        only_a=only_a,
+        only_b=only_b,
+        neither=int(np.sum(~a & ~b)),
+        p_value=mcnemar_exact(only_a, only_b),
+        ci_low=lo,
+        ci_high=hi,
+        ci_level=level,
+        n_boot=n_boot,
+        seed=seed,
+    )
+
+
+def paired_test_per_sample(
+    per_sample_a: Iterable[dict],
+    per_sample_b: Iterable[dict],
+    name_a: str = "A",
+    name_b: str = "B",
+    **kwargs,
+) -> PairedTest:
+    """:func:`paired_test` on two per-sample lists (``{"sample_id", "correct", ...}``).
+
+    Pairs by ``sample_id`` (the order of ``per_sample_a``); problems present in only one list
+    are dropped, so ``n`` is the number of shared problems.
+    """
+    b_by_id = {str(r["sample_id"]): bool(r["correct"]) for r in per_sample_b}
+    ca, cb = [], []
+    for r in per_sample_a:
+        sid = str(r["sample_id"])
+        if sid in b_by_id:
+            ca.append(bool(r["correct"]))
+            cb.append(b_by_id[sid])
+    return paired_test(ca, cb, name_a=name_a, name_b=name_b, **kwargs)
+
+
+def mean_and_spread(values: Iterable[float]) -> tuple[float, float, float, float]:
+    """``(mean, std, min, max)`` of a metric across seeds.
+
+    ``std`` is the sample standard deviation (ddof=1): the seeds are a sample of possible runs.
+    One value gives std 0.0; none gives all-NaN.
+    """
+    v = np.asarray(list(values), dtype=np.float64)
+    if v.size == 0:
+        nan = float("nan")
+        return (nan, nan, nan, nan)
+    std = float(v.std(ddof=1)) if v.size > 1 else 0.0
+    return (float(v.mean()), std, float(v.min()), float(v.max()))
