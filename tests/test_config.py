@@ -1,0 +1,111 @@
+"""The one config schema: defaults, YAML + dotted overrides, clear errors, shipped YAMLs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from wmss_ray.config import ConfigError, WMSSConfig, config_from_dict, load_config, save_config
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_there_are_shipped_configs():
+    names = {p.name for p in SHIPPED}
+    assert {"demo.yaml", "test-tiny.yaml", "qwen3-4b-math.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_yaml_loads_and_validates(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, WMSSConfig)
+    # A round trip through YAML gives the same config.
+    out = path.parent / f".roundtrip-{path.name}"
+    try:
+        save_config(cfg, out)
+        assert load_config(out) == cfg
+    finally:
+        out.unlink(missing_ok=True)
+
+
+def test_demo_yaml_is_the_embedded_default():
+    assert load_config(REPO / "configs" / "demo.yaml") == WMSSConfig()
+
+
+def test_defaults_follow_the_paper():
+    cfg = WMSSConfig()
+    assert (cfg.curriculum.alpha, cfg.curriculum.beta, cfg.curriculum.gamma) == (0.1, 0.8, 0.1)
+    assert cfg.mix.lam == 0.5 and cfg.mix.mode == "joint" and cfg.mix.placement == "colocated"
+    assert cfg.curriculum.sample_multiplier == 1.0 and cfg.curriculum.dedup is False
+    assert cfg.models.trust_remote_code is False
+
+
+def test_dotted_override_reaches_the_field():
+    cfg = load_config(REPO / "configs" / "demo.yaml", ["mix.lam=0.45", "training.zero_stage=3", "run.name=x"])
+    assert cfg.mix.lam == 0.45 and cfg.training.zero_stage == 3 and cfg.run.name == "x"
+
+
+@pytest.mark.parametrize(
+    "override, must_say",
+    [
+        (["mix.lam=0"], ["mix.lam", "0", "(0, 1]"]),
+        (["mix.lam=1.5"], ["mix.lam", "1.5", "(0, 1]"]),
+        (["curriculum.alpha=-0.1"], ["curriculum.alpha", "-0.1", "greater than or equal to 0"]),
+        (["curriculum.alpha=0", "curriculum.beta=0", "curriculum.gamma=0"], ["all 0"]),
+        (["curriculum.sample_multiplier=0"], ["curriculum.sample_multiplier", "greater than 0"]),
+        (["training.zero_stage=4"], ["training.zero_stage", "4"]),
+        (["mix.placement=pool"], ["frozen"]),
+    ],
+)
+def test_invalid_values_name_key_value_and_allowed(override, must_say):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, override)
+    for text in must_say:
+        assert text in str(err.value)
+
+
+def test_unknown_key_suggests_the_right_one():
+    with pytest.raises(ConfigError, match=r"unknown key 'mix.lamb'; did you mean 'mix.lam'"):
+        load_config(None, ["mix.lamb=0.4"])
+    with pytest.raises(ConfigError, match=r"unknown key 'trainig'; did you mean 'training'"):
+        config_from_dict({"trainig": {"lr": 1.0}})
+
+
+def test_unknown_key_in_a_yaml_file_names_the_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("curriculum:\n  alfa: 0.2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    assert str(p) in str(err.value) and "curriculum.alpha" in str(err.value)
+
+
+def test_bad_yaml_and_missing_file_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    p = tmp_path / "broken.yaml"
+    p.write_text("mix: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(p)
+
+
+def test_real_models_need_a_corpus_and_a_model():
+    with pytest.raises(ConfigError, match="models.base"):
+        load_config(None, ["models.demo=false"])
+    with pytest.raises(ConfigError, match="data.train"):
+        load_config(None, ["models.demo=false", "models.base=/m"])
+
+
+def test_config_hash_is_stable_and_sensitive():
+    a, b = WMSSConfig(), WMSSConfig()
+    assert a.config_hash() == b.config_hash()
+    assert load_config(None, ["mix.lam=0.4"]).config_hash() != a.config_hash()
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config(None, ["mix.lam"])

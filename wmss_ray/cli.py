@@ -1,0 +1,127 @@
+"""The ``wmss`` command.
+
+    wmss demo                         the embedded default: demo world, local Ray, tiny models
+    wmss run CONFIG [--set k=v ...]   the whole pipeline (skips completed phases)
+    wmss score|train|eval|report CONFIG   the pipeline up to that phase
+    wmss validate CONFIG              load and validate a config, print it resolved
+    wmss submit|status|logs ...       Ray job submission to a running cluster (token auth)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from wmss_ray.config import ConfigError, load_config
+
+
+def _add_config_args(p: argparse.ArgumentParser, config_required: bool = True) -> None:
+    if config_required:
+        p.add_argument("config", help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. --set mix.lam=0.45 (repeatable)")
+
+
+def _demo_config_path() -> Path | None:
+    here = Path.cwd() / "configs" / "demo.yaml"
+    return here if here.exists() else None
+
+
+def _print_results(outputs: dict) -> None:
+    from wmss_ray.report import format_results_table
+
+    models = outputs.get("eval", {}).get("models")
+    if models:
+        print(format_results_table({"models": models}))
+    report = outputs.get("report", {}).get("report")
+    if report:
+        print(f"report: {report}")
+
+
+def _cmd_run(args: argparse.Namespace, demo: bool = False) -> int:
+    from wmss_ray.pipeline import run_pipeline
+
+    path = _demo_config_path() if demo else args.config
+    cfg = load_config(path, args.overrides)
+    print(f"[wmss] run dir: {Path(cfg.run_dir()).resolve()}  (config {path or '<embedded demo default>'})")
+    outputs = run_pipeline(cfg, from_phase=getattr(args, "from_phase", None))
+    _print_results(outputs)
+    return 0
+
+
+def _cmd_phase(args: argparse.Namespace) -> int:
+    from wmss_ray.pipeline import run_phase
+
+    cfg = load_config(args.config, args.overrides)
+    outputs = run_phase(cfg, args.command, force=args.force)
+    if args.command in ("eval", "report"):
+        _print_results(outputs)
+    else:
+        last = list(outputs)[-1] if outputs else None
+        print(json.dumps({last: outputs.get(last)}, indent=2, default=str))
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    import yaml
+
+    cfg = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    print(f"# valid; config hash {cfg.config_hash()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wmss", description="WMSS on Ray: weak agents make strong agents stronger")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="run the embedded demo (configs/demo.yaml)")
+    _add_config_args(p, config_required=False)
+    p.add_argument("--from", dest="from_phase", help="rerun from this phase on")
+    p.set_defaults(func=lambda a: _cmd_run(a, demo=True))
+
+    p = sub.add_parser("run", help="run the whole pipeline")
+    _add_config_args(p)
+    p.add_argument("--from", dest="from_phase", help="rerun from this phase on")
+    p.set_defaults(func=_cmd_run)
+
+    for name, text in [("score", "tokenise and score the corpus (weak and strong entropies, curriculum)"),
+                       ("train", "run through WMSS training"), ("eval", "run through evaluation"),
+                       ("report", "run through the report")]:
+        p = sub.add_parser(name, help=text)
+        _add_config_args(p)
+        p.add_argument("--force", action="store_true", help="rerun this phase even if completed")
+        p.set_defaults(func=_cmd_phase)
+
+    p = sub.add_parser("validate", help="validate a config and print it resolved")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_validate)
+
+    try:
+        from wmss_ray.submit import add_cli_commands
+    except ImportError:  # pragma: no cover - submit module missing in a partial install
+        add_cli_commands = None
+    if add_cli_commands is not None:
+        add_cli_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        print(f"wmss: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

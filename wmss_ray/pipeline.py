@@ -1,0 +1,324 @@
+"""The WMSS pipeline: phases in order, each resumable, all under one run directory.
+
+K = cfg.run.iterations (paper: 1). Phase order::
+
+    data -> phase0 -> tokenize -> sft -> score_1 -> curriculum_1 -> wmss_1
+         [-> score_2 -> curriculum_2 -> wmss_2 ...] -> baseline -> eval -> report
+
+``data`` and ``phase0`` exist only in the demo world (the synthetic task; pre-training M0).
+``score_t`` scores the train corpus with weak = M_{t-1} and strong = M_t; ``wmss_t`` trains
+M_{t+1} from M_t against weak M_{t-1}. ``baseline`` is the equal-compute control: SFT continued
+from M1 for exactly as many optimizer steps as all WMSS iterations together took.
+
+Each phase writes ``<run_dir>/<phase>/manifest.json`` (see ``manifest.py``). A re-run skips every
+phase that completed with the same fingerprint; ``from_phase`` reruns from a phase on; a crashed
+phase (status ``running``/``failed``) runs again, and training phases resume from their last
+Ray Train checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from wmss_ray.config import WMSSConfig, save_config
+from wmss_ray.manifest import Manifest, fingerprint, now, read_manifest
+
+log = logging.getLogger("wmss_ray.pipeline")
+
+
+@dataclass
+class Phase:
+    name: str
+    needs: list[str]  # upstream phases whose outputs this one reads
+    sections: list[str]  # config sections its result depends on
+    run: Callable[["RunContext"], dict[str, Any]]  # returns {"outputs": {...}, "counts": {...}}
+
+
+class RunContext:
+    """What phases share: the config, the run dir, and finished phases' outputs."""
+
+    def __init__(self, cfg: WMSSConfig):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir()).resolve()
+        self.outputs: dict[str, dict[str, Any]] = {}
+
+    def phase_dir(self, name: str) -> Path:
+        d = self.run_dir / name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def out(self, phase: str, key: str) -> Any:
+        return self.outputs[phase][key]
+
+    def model(self, index: int) -> str:
+        """Directory of model M_index (M0 = base, M1 = SFT, M_{t+1} = WMSS iteration t)."""
+        if index == 0:
+            return self.out("phase0", "model_dir") if "phase0" in self.outputs else self.cfg.models.base
+        if index == 1:
+            return self.out("sft", "model_dir")
+        return self.out(f"wmss_{index - 1}", "model_dir")
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+def _phase_data(ctx: RunContext) -> dict[str, Any]:
+    from wmss_ray.data.synthetic import write_demo_corpus
+
+    paths = write_demo_corpus(ctx.cfg.data.demo, ctx.cfg.run.seed, ctx.phase_dir("data"))
+    return {"outputs": {"train": str(paths["train"]), "eval": str(paths["eval"])}}
+
+
+def _phase0(ctx: RunContext) -> dict[str, Any]:
+    from wmss_ray.training.pretrain import pretrain_base
+
+    model_dir = pretrain_base(ctx.cfg, str(ctx.phase_dir("phase0") / "model"))
+    return {"outputs": {"model_dir": str(model_dir)}}
+
+
+def _train_corpus(ctx: RunContext) -> str:
+    return ctx.out("data", "train") if ctx.cfg.models.demo else ctx.cfg.data.train
+
+
+def _eval_corpus(ctx: RunContext) -> str | None:
+    return ctx.out("data", "eval") if ctx.cfg.models.demo else ctx.cfg.data.eval
+
+
+def _phase_tokenize(ctx: RunContext) -> dict[str, Any]:
+    from wmss_ray.data.corpus import tokenize_corpus
+
+    res = tokenize_corpus(ctx.cfg, ctx.model(0), _train_corpus(ctx), str(ctx.phase_dir("tokenize")))
+    return {"outputs": {"tokenized": res.tokenized_path, "rejects": res.rejects_path}, "counts": res.counts}
+
+
+def _phase_sft(ctx: RunContext) -> dict[str, Any]:
+    if ctx.cfg.models.strong:  # an already fine-tuned M1 was given: nothing to train
+        return {"outputs": {"model_dir": ctx.cfg.models.strong, "steps": 0}}
+    from wmss_ray.training.trainer import train_phase
+
+    res = train_phase(
+        ctx.cfg, "sft", strong_init=ctx.model(0), weak_init=None,
+        tokenized_path=ctx.out("tokenize", "tokenized"), sampled_ids_path=None,
+        out_dir=str(ctx.phase_dir("sft")), epochs=ctx.cfg.training.sft_epochs,
+    )
+    return _train_outputs(res)
+
+
+def _train_outputs(res: Any) -> dict[str, Any]:
+    return {
+        "outputs": {"model_dir": res.model_dir, "metrics": res.metrics_path, "steps": res.steps},
+        "counts": {"steps": res.steps, **{k: v for k, v in (res.final_metrics or {}).items()}},
+    }
+
+
+def _phase_score(t: int) -> Callable[[RunContext], dict[str, Any]]:
+    def run(ctx: RunContext) -> dict[str, Any]:
+        from wmss_ray.scoring.ray_scoring import score_tokenized
+
+        res = score_tokenized(
+            ctx.cfg, weak_model=ctx.model(t - 1), strong_model=ctx.model(t),
+            tokenized_path=ctx.out("tokenize", "tokenized"), out_dir=str(ctx.phase_dir(f"score_{t}")),
+        )
+        return {"outputs": {"scores": res.scores_path}, "counts": res.counts}
+
+    return run
+
+
+def _phase_curriculum(t: int) -> Callable[[RunContext], dict[str, Any]]:
+    def run(ctx: RunContext) -> dict[str, Any]:
+        from wmss_ray.scoring.ray_scoring import sample_curriculum
+
+        out = ctx.phase_dir(f"curriculum_{t}") / "sampled_ids.parquet"
+        path = sample_curriculum(ctx.cfg, ctx.out(f"score_{t}", "scores"), str(out), seed=ctx.cfg.run.seed + t)
+        return {"outputs": {"sampled_ids": str(path)}}
+
+    return run
+
+
+def _phase_wmss(t: int) -> Callable[[RunContext], dict[str, Any]]:
+    def run(ctx: RunContext) -> dict[str, Any]:
+        from wmss_ray.training.trainer import train_phase
+
+        res = train_phase(
+            ctx.cfg, "wmss", strong_init=ctx.model(t), weak_init=ctx.model(t - 1),
+            tokenized_path=ctx.out("tokenize", "tokenized"),
+            sampled_ids_path=ctx.out(f"curriculum_{t}", "sampled_ids"),
+            out_dir=str(ctx.phase_dir(f"wmss_{t}")), epochs=ctx.cfg.training.wmss_epochs,
+        )
+        return _train_outputs(res)
+
+    return run
+
+
+def _phase_baseline(ctx: RunContext) -> dict[str, Any]:
+    """Equal compute: SFT from M1 for exactly the optimizer steps all WMSS iterations took."""
+    from wmss_ray.training.trainer import train_phase
+
+    k = ctx.cfg.run.iterations
+    steps = sum(int(ctx.out(f"wmss_{t}", "steps")) for t in range(1, k + 1))
+    res = train_phase(
+        ctx.cfg, "sft", strong_init=ctx.model(1), weak_init=None,
+        tokenized_path=ctx.out("tokenize", "tokenized"), sampled_ids_path=None,
+        out_dir=str(ctx.phase_dir("baseline")), epochs=ctx.cfg.training.wmss_epochs * k, exact_steps=steps,
+    )
+    return _train_outputs(res)
+
+
+def _phase_eval(ctx: RunContext) -> dict[str, Any]:
+    from wmss_ray.evaluation import evaluate_models
+
+    eval_path = _eval_corpus(ctx)
+    if not eval_path:
+        return {"outputs": {"skipped": "no data.eval corpus"}}
+    k = ctx.cfg.run.iterations
+    models = {"M0": ctx.model(0), "M1": ctx.model(1)}
+    if "baseline" in ctx.outputs:
+        models["SFT-continued"] = ctx.out("baseline", "model_dir")
+    models["WMSS"] = ctx.model(k + 1)
+    results = evaluate_models(models, eval_path, ctx.cfg, str(ctx.phase_dir("eval")))
+    table = {n: {"accuracy": r.accuracy, "loss": r.loss, "n": r.n, "model_dir": r.model_dir} for n, r in results.items()}
+    return {"outputs": {"results": str(ctx.phase_dir("eval") / "eval_results.json"), "models": table}}
+
+
+def _phase_report(ctx: RunContext) -> dict[str, Any]:
+    from wmss_ray.report import write_report
+
+    k = ctx.cfg.run.iterations
+    results = {
+        "models": ctx.outputs.get("eval", {}).get("models", {}),
+        "phases": {
+            "sft_continued": ctx.outputs.get("baseline", {}).get("metrics"),
+            "wmss": ctx.outputs.get(f"wmss_{k}", {}).get("metrics"),
+        },
+        "scores": ctx.outputs.get(f"score_{k}", {}).get("scores"),
+        "eval_dir": str(ctx.run_dir / "eval"),
+        "config": ctx.cfg.to_dict(),
+        "config_hash": ctx.cfg.config_hash(),
+    }
+    path = write_report(str(ctx.run_dir), results, str(ctx.phase_dir("report") / "report.html"))
+    return {"outputs": {"report": str(path)}}
+
+
+def build_phases(cfg: WMSSConfig) -> list[Phase]:
+    """The ordered phase list for this config."""
+    demo = cfg.models.demo
+    k = cfg.run.iterations
+    phases: list[Phase] = []
+    if demo:
+        phases.append(Phase("data", [], ["run.seed", "data.demo"], _phase_data))
+        phases.append(Phase("phase0", ["data"], ["run.seed", "models", "phase0", "data.demo"], _phase0))
+    first = ["data", "phase0"] if demo else []
+    phases.append(Phase("tokenize", first, ["data", "models"], _phase_tokenize))
+    phases.append(Phase("sft", ["tokenize"], ["run.seed", "models", "training", "scaling"], _phase_sft))
+    prev_model = "sft"
+    for t in range(1, k + 1):
+        weak_src = "sft" if t == 2 else (f"wmss_{t - 2}" if t > 2 else first[-1] if first else "tokenize")
+        phases.append(Phase(f"score_{t}", ["tokenize", prev_model, weak_src], ["scoring"], _phase_score(t)))
+        phases.append(Phase(f"curriculum_{t}", [f"score_{t}"], ["run.seed", "curriculum"], _phase_curriculum(t)))
+        phases.append(Phase(f"wmss_{t}", [f"curriculum_{t}", prev_model, weak_src],
+                            ["run.seed", "mix", "training", "scaling"], _phase_wmss(t)))
+        prev_model = f"wmss_{t}"
+    if cfg.evaluation.baseline:
+        phases.append(Phase("baseline", ["sft", prev_model], ["run.seed", "training", "scaling"], _phase_baseline))
+    eval_needs = [p.name for p in phases if p.name in ("sft", "baseline", prev_model)] + first
+    phases.append(Phase("eval", eval_needs, ["evaluation", "data.eval"], _phase_eval))
+    phases.append(Phase("report", ["eval"], [], _phase_report))
+    return phases
+
+
+# ----------------------------------------------------------------------------- runner
+
+
+def _section(cfg_dict: dict[str, Any], dotted: str) -> Any:
+    node: Any = cfg_dict
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _phase_fingerprint(phase: Phase, cfg_dict: dict[str, Any], prints: dict[str, str]) -> str:
+    return fingerprint({
+        "phase": phase.name,
+        "config": {s: _section(cfg_dict, s) for s in phase.sections},
+        "upstream": {n: prints.get(n) for n in phase.needs},
+    })
+
+
+def ensure_ray() -> None:
+    """``ray.init()`` only when no Ray is connected (so `ray job submit` and the demo both work)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(logging_level="WARNING", runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+
+
+def run_pipeline(cfg: WMSSConfig, from_phase: str | None = None, until: str | None = None) -> dict[str, Any]:
+    """Run every phase in order (skipping completed ones); returns each phase's outputs.
+
+    ``from_phase`` forces that phase and all later ones to run again; ``until`` stops after it.
+    """
+    phases = build_phases(cfg)
+    names = [p.name for p in phases]
+    for arg in (from_phase, until):
+        if arg is not None and arg not in names:
+            raise ValueError(f"unknown phase '{arg}'; phases of this config: {', '.join(names)}")
+    ctx = RunContext(cfg)
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, ctx.run_dir / "config.yaml")
+    cfg_dict = cfg.to_dict()
+    prints: dict[str, str] = {}
+    forced = False
+    for phase in phases:
+        forced = forced or phase.name == from_phase
+        fp = _phase_fingerprint(phase, cfg_dict, prints)
+        prints[phase.name] = fp
+        phase_dir = ctx.phase_dir(phase.name)
+        old = read_manifest(phase_dir)
+        if not forced and old and old.status == "completed" and old.fingerprint == fp:
+            log.info("phase %-13s skipped (completed, same inputs)", phase.name)
+            ctx.outputs[phase.name] = old.outputs
+        else:
+            _run_one(phase, ctx, fp, phase_dir)
+        if phase.name == until:
+            break
+    return ctx.outputs
+
+
+def _run_one(phase: Phase, ctx: RunContext, fp: str, phase_dir: Path) -> None:
+    if phase.name not in ("data", "phase0", "report"):
+        ensure_ray()
+    inputs = {n: ctx.outputs.get(n) for n in phase.needs}
+    man = Manifest(phase=phase.name, status="running", fingerprint=fp, config_hash=ctx.cfg.config_hash(),
+                   inputs=inputs, started_at=now())
+    man.write(phase_dir)
+    log.info("phase %-13s running", phase.name)
+    print(f"[wmss] phase {phase.name} ...", flush=True)
+    try:
+        result = phase.run(ctx)
+    except BaseException as err:
+        man.status, man.error = "failed", "".join(traceback.format_exception_only(type(err), err)).strip()
+        man.finished_at = now()
+        man.write(phase_dir)
+        raise
+    man.outputs, man.counts = result.get("outputs", {}), result.get("counts", {})
+    man.status, man.finished_at = "completed", now()
+    man.seconds = round(man.finished_at - man.started_at, 2)
+    man.write(phase_dir)
+    ctx.outputs[phase.name] = man.outputs
+    print(f"[wmss] phase {phase.name} done in {man.seconds:.1f}s", flush=True)
+
+
+PHASE_GROUPS = {"score": "score_1", "train": "wmss_1", "eval": "eval", "report": "report"}
+
+
+def run_phase(cfg: WMSSConfig, name: str, force: bool = False) -> dict[str, Any]:
+    """Run the pipeline up to and including one phase (earlier completed phases are skipped).
+
+    ``name`` is a phase name or a group: score -> score_1, train -> wmss_1, eval, report.
+    """
+    target = PHASE_GROUPS.get(name, name)
+    return run_pipeline(cfg, from_phase=target if force else None, until=target)
