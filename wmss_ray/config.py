@@ -80,6 +80,8 @@ class DemoDataConfig(_Section):
     min_steps: int = Field(2, ge=1)
     max_steps: int = Field(3, ge=1)
     max_operand: int = Field(99, ge=2)
+    max_multiplier: int = Field(9, ge=2, description="multiplication steps use a factor in 2..max_multiplier")
+    pretrain_equation_fraction: float = Field(0.5, ge=0, le=1, description="phase 0: share of single equations")
 
 
 class DataConfig(_Section):
