@@ -1,0 +1,104 @@
+"""The pipeline runner's bookkeeping (skip, --from, crash resume), with stand-in phase bodies.
+
+The end-to-end run of the real phases lives in tests/test_pipeline_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from wmss_ray import pipeline
+from wmss_ray.config import load_config
+from wmss_ray.pipeline import Phase, build_phases, run_pipeline
+
+
+def _fake_phases(calls, fail_at=None):
+    def make(name):
+        def run(ctx):
+            calls.append(name)
+            if name == fail_at:
+                raise RuntimeError(f"boom in {name}")
+            return {"outputs": {"model_dir": f"/fake/{name}", "steps": 3}, "counts": {"rows": 1}}
+        return run
+
+    def phases(cfg):
+        real = build_phases(cfg)
+        return [Phase(p.name, p.needs, p.sections, make(p.name)) for p in real]
+
+    return phases
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return load_config(None, [f"run.storage={tmp_path}", "run.name=r"])
+
+
+def test_phase_order_for_the_demo_and_for_k_iterations(cfg):
+    assert [p.name for p in build_phases(cfg)] == [
+        "data", "phase0", "tokenize", "sft", "score_1", "curriculum_1", "wmss_1", "baseline", "eval", "report"]
+    k2 = load_config(None, ["run.iterations=2"])
+    names = [p.name for p in build_phases(k2)]
+    assert names[4:10] == ["score_1", "curriculum_1", "wmss_1", "score_2", "curriculum_2", "wmss_2"]
+    # iteration 2: weak = M1 (sft), strong = M2 (wmss_1)
+    score2 = next(p for p in build_phases(k2) if p.name == "score_2")
+    assert set(score2.needs) == {"tokenize", "wmss_1", "sft"}
+
+
+def test_real_models_skip_the_demo_phases():
+    c = load_config(None, ["models.demo=false", "models.base=/m0", "data.train=/d.jsonl"])
+    names = [p.name for p in build_phases(c)]
+    assert names[0] == "tokenize" and "phase0" not in names and "data" not in names
+
+
+def test_rerun_skips_completed_phases_and_from_reruns(cfg, monkeypatch):
+    calls = []
+    monkeypatch.setattr(pipeline, "build_phases", _fake_phases(calls))
+    monkeypatch.setattr(pipeline, "ensure_ray", lambda: None)
+    run_pipeline(cfg)
+    first = list(calls)
+    assert first[0] == "data" and first[-1] == "report"
+    run_dir = cfg.run_dir()
+    man = json.loads(open(f"{run_dir}/wmss_1/manifest.json").read())
+    assert man["status"] == "completed" and man["counts"] == {"rows": 1} and man["seconds"] is not None
+    assert man["config_hash"] == cfg.config_hash()
+
+    calls.clear()
+    run_pipeline(cfg)
+    assert calls == []  # everything completed with the same inputs
+
+    calls.clear()
+    run_pipeline(cfg, from_phase="wmss_1")
+    assert calls == ["wmss_1", "baseline", "eval", "report"]
+
+
+def test_changing_lambda_reruns_wmss_but_not_pretraining(cfg, monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(pipeline, "build_phases", _fake_phases(calls))
+    monkeypatch.setattr(pipeline, "ensure_ray", lambda: None)
+    run_pipeline(cfg)
+    calls.clear()
+    changed = load_config(None, [f"run.storage={tmp_path}", "run.name=r", "mix.lam=0.3"])
+    run_pipeline(changed)
+    assert calls == ["wmss_1", "baseline", "eval", "report"]
+
+
+def test_a_crash_is_recorded_and_the_next_run_resumes_there(cfg, monkeypatch):
+    calls = []
+    monkeypatch.setattr(pipeline, "build_phases", _fake_phases(calls, fail_at="score_1"))
+    monkeypatch.setattr(pipeline, "ensure_ray", lambda: None)
+    with pytest.raises(RuntimeError, match="boom"):
+        run_pipeline(cfg)
+    man = json.loads(open(f"{cfg.run_dir()}/score_1/manifest.json").read())
+    assert man["status"] == "failed" and "boom in score_1" in man["error"]
+
+    calls.clear()
+    monkeypatch.setattr(pipeline, "build_phases", _fake_phases(calls))
+    run_pipeline(cfg)
+    assert calls[0] == "score_1" and "sft" not in calls
+
+
+def test_unknown_phase_names_are_refused(cfg):
+    with pytest.raises(ValueError, match="unknown phase 'wmss'.*score_1"):
+        run_pipeline(cfg, from_phase="wmss")
