@@ -46,6 +46,7 @@ class DemoModelConfig(_Section):
     num_heads: int = Field(4, ge=1)
     num_kv_heads: int = Field(2, ge=1)
     max_position_embeddings: int = Field(256, ge=16)
+    tie_word_embeddings: bool = False
 
 
 class ModelsConfig(_Section):

@@ -1,0 +1,133 @@
+"""Safe loading, dtype resolution, the weak/strong pair check, export, output head."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from wmss_ray.config import DemoModelConfig
+from wmss_ray.models.generate import greedy_generate
+from wmss_ray.models.loading import (
+    IncompatibleModelsError,
+    check_pair_compatible,
+    export_model,
+    load_causal_lm,
+    load_tokenizer,
+    output_head,
+    resolve_dtype,
+)
+from wmss_ray.models.tiny import build_tiny_model, save_pretrained_model
+from wmss_ray.models.tokenizer import build_demo_tokenizer
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2, max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    tok = build_demo_tokenizer()
+    weak = save_pretrained_model(build_tiny_model(DemoModelConfig(**TINY), tok, 0), tok, root / "weak")
+    strong = save_pretrained_model(build_tiny_model(DemoModelConfig(**TINY), tok, 1), tok, root / "strong")
+    return root, weak, strong
+
+
+def test_resolve_dtype():
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cuda:0") == torch.bfloat16
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("float16", "cpu") == torch.float16
+    assert resolve_dtype(torch.bfloat16, "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="fp8"):
+        resolve_dtype("fp8", "cpu")
+
+
+def test_load_causal_lm_and_tokenizer(saved):
+    _, weak, _ = saved
+    m = load_causal_lm(weak)
+    assert m.dtype == torch.float32 and m.device.type == "cpu"
+    assert load_causal_lm(weak, dtype="bfloat16").dtype == torch.bfloat16
+    assert load_tokenizer(weak).eos_token == "<|im_end|>"
+
+
+def test_load_errors_name_the_path(saved, tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "missing")):
+        load_causal_lm(tmp_path / "missing")
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (no_weights / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="no safetensors weights.*no_weights"):
+        load_causal_lm(no_weights)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load_tokenizer(tmp_path / "missing")
+
+
+def test_pair_compatible_same_tokenizer(saved):
+    _, weak, strong = saved
+    info = check_pair_compatible(weak, strong)
+    assert info["vocab_size"] == info["len_tokenizer"] == len(build_demo_tokenizer())
+
+
+def test_pair_incompatible_vocab(saved, tmp_path):
+    _, weak, _ = saved
+    tok = build_demo_tokenizer()
+    tok.add_tokens(["<|extra|>"])
+    other = save_pretrained_model(build_tiny_model(DemoModelConfig(**TINY), tok, 0), tok, tmp_path / "other")
+    with pytest.raises(IncompatibleModelsError) as e:
+        check_pair_compatible(weak, other)
+    msg = str(e.value)
+    assert weak in msg and other in msg
+    assert "config vocab_size" in msg and "len(tokenizer)" in msg
+    assert isinstance(e.value, ValueError)
+
+
+def test_pair_incompatible_same_size_different_content(saved, tmp_path):
+    _, weak, _ = saved
+    tok = load_tokenizer(weak)
+    vocab_file = tmp_path / "swapped"
+    save_pretrained_model(load_causal_lm(weak), tok, vocab_file)
+    tj = json.loads((vocab_file / "tokenizer.json").read_text())
+    v = tj["model"]["vocab"]
+    v["a"], v["b"] = v["b"], v["a"]  # same size, different meaning of two ids
+    (vocab_file / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(IncompatibleModelsError, match="vocabulary content differs"):
+        check_pair_compatible(weak, vocab_file)
+
+
+def test_pair_incompatible_special_tokens(saved, tmp_path):
+    _, weak, _ = saved
+    tok = load_tokenizer(weak)
+    tok.pad_token = "<|endoftext|>"
+    other = save_pretrained_model(load_causal_lm(weak), tok, tmp_path / "pad")
+    with pytest.raises(IncompatibleModelsError, match="pad_token_id"):
+        check_pair_compatible(weak, other)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_export_round_trip_and_output_head(tied, tmp_path):
+    tok = build_demo_tokenizer()
+    model = build_tiny_model(DemoModelConfig(tie_word_embeddings=tied, arch="qwen3", **TINY), tok, 0)
+    out = export_model(model, tok, tmp_path / "export")
+    assert not (tmp_path / "export.tmp").exists()
+    re = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    torch.testing.assert_close(model(ids).logits, re(ids).logits)
+    decoder, w = output_head(re)
+    assert w.shape == (len(tok), TINY["hidden_size"])
+    assert (w is re.get_input_embeddings().weight) == tied
+    h = decoder(input_ids=ids).last_hidden_state
+    assert h.shape == (1, 4, TINY["hidden_size"])
+    torch.testing.assert_close(h @ w.T, re(ids).logits)
+    export_model(re, tok, out)  # overwriting an existing export works
+
+
+def test_greedy_generate_batched_matches_single(saved):
+    _, weak, _ = saved
+    model, tok = load_causal_lm(weak), load_tokenizer(weak)
+    prompts = [[{"role": "user", "content": "Compute 1 + 2."}], [{"role": "user", "content": "What is (10 - 4) * 3?"}]]
+    batched = greedy_generate(model, tok, prompts, max_new_tokens=8)
+    single = [greedy_generate(model, tok, [p], max_new_tokens=8)[0] for p in prompts]
+    assert batched == single and all(isinstance(s, str) for s in batched)

@@ -1,0 +1,203 @@
+"""Safe loading of HF causal LMs and tokenizers, the weak/strong pair check, strong export.
+
+Local directories only (no hub on the machines this runs on), safetensors only, remote code
+off unless the caller passes ``trust_remote_code=True`` (``cfg.models.trust_remote_code``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class IncompatibleModelsError(ValueError):
+    """Weak and strong models cannot be mixed (their token ids do not mean the same thing)."""
+
+
+def resolve_dtype(name: str | torch.dtype, device: str | torch.device) -> torch.dtype:
+    """"auto" -> bf16 on CUDA, fp32 elsewhere; "float32" / "bfloat16" / "float16" as named."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+def _local_dir(path: str | Path, what: str) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"{what} directory not found: {path} (expected a local HF directory)")
+    return p
+
+
+def has_safetensors(path: str | Path) -> bool:
+    """True when ``path`` holds safetensors weights (single file or sharded index)."""
+    p = Path(path)
+    return any(p.glob("*.safetensors")) or any(p.glob("*.safetensors.index.json"))
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    """``AutoTokenizer`` from a local directory (no network, no remote code by default)."""
+    _local_dir(path, "tokenizer")
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, local_files_only=True)
+
+
+def load_causal_lm(
+    path: str | Path,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """A causal LM from a local HF directory, safetensors weights only, moved to ``device``.
+
+    Raises:
+        FileNotFoundError: naming ``path`` when it does not exist or has no safetensors weights
+            (e.g. only ``pytorch_model.bin``, which is never unpickled here).
+    """
+    p = _local_dir(path, "model")
+    if not has_safetensors(p):
+        found = sorted(f.name for f in p.iterdir())[:8]
+        raise FileNotFoundError(
+            f"no safetensors weights in model directory {path} (found: {found}); "
+            "convert the checkpoint to safetensors first"
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        str(p),
+        dtype=resolve_dtype(dtype, device),
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+        local_files_only=True,
+    )
+    return model.to(device)
+
+
+def _vocab_size(config) -> int | None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "vocab_size", None)
+
+
+def vocab_hash(tokenizer) -> str:
+    """sha256 of the token -> id mapping (added tokens included)."""
+    blob = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _special_ids(tokenizer) -> dict[str, Any]:
+    return {
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "unk_token_id": tokenizer.unk_token_id,
+        "special_tokens": sorted(tokenizer.all_special_tokens),
+    }
+
+
+def pair_differences(weak_config, weak_tok, strong_config, strong_tok) -> list[str]:
+    """What differs between two (config, tokenizer) pairs in ways that break logit mixing.
+
+    Returns human-readable lines; an empty list means compatible. Also flags a tokenizer with
+    more tokens than its own model's embedding rows.
+    """
+    diffs = []
+    wv, sv = _vocab_size(weak_config), _vocab_size(strong_config)
+    if wv != sv:
+        diffs.append(f"config vocab_size: weak {wv} != strong {sv}")
+    if len(weak_tok) != len(strong_tok):
+        diffs.append(f"len(tokenizer): weak {len(weak_tok)} != strong {len(strong_tok)}")
+    for name, cfg_v, tok in (("weak", wv, weak_tok), ("strong", sv, strong_tok)):
+        if cfg_v is not None and len(tok) > cfg_v:
+            diffs.append(f"{name} tokenizer has {len(tok)} tokens but its model only {cfg_v} embedding rows")
+    wh, sh = vocab_hash(weak_tok), vocab_hash(strong_tok)
+    if wh != sh and len(weak_tok) == len(strong_tok):
+        diffs.append(f"tokenizer vocabulary content differs (hash weak {wh} != strong {sh})")
+    ws, ss = _special_ids(weak_tok), _special_ids(strong_tok)
+    for key in ws:
+        if ws[key] != ss[key]:
+            diffs.append(f"{key}: weak {ws[key]!r} != strong {ss[key]!r}")
+    return diffs
+
+
+def check_pair_compatible(
+    weak_path: str | Path, strong_path: str | Path, trust_remote_code: bool = False
+) -> dict[str, Any]:
+    """Fail fast unless weak and strong share vocabulary size, vocabulary and special tokens.
+
+    Returns ``{"vocab_size", "len_tokenizer", "vocab_hash"}`` of the (shared) vocabulary.
+
+    Raises:
+        IncompatibleModelsError: naming both paths and every difference found.
+        FileNotFoundError: when a directory does not exist.
+    """
+    loaded = []
+    for path in (weak_path, strong_path):
+        _local_dir(path, "model")
+        cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code, local_files_only=True)
+        loaded.append((cfg, load_tokenizer(path, trust_remote_code)))
+    diffs = pair_differences(loaded[0][0], loaded[0][1], loaded[1][0], loaded[1][1])
+    if diffs:
+        raise IncompatibleModelsError(
+            f"weak model {weak_path} and strong model {strong_path} cannot be mixed "
+            f"(WMSS needs one shared tokenizer and vocabulary):\n  - " + "\n  - ".join(diffs)
+        )
+    cfg, tok = loaded[1]
+    return {"vocab_size": _vocab_size(cfg), "len_tokenizer": len(tok), "vocab_hash": vocab_hash(tok)}
+
+
+def unwrap_model(model):
+    """The HF model inside a DeepSpeed engine / DDP wrapper (or the model itself)."""
+    while hasattr(model, "module") and not isinstance(model, PreTrainedModel):
+        model = model.module
+    return model
+
+
+def export_model(model, tokenizer, out_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> str:
+    """Write a plain HF directory (config, generation_config, safetensors, tokenizer).
+
+    ``state_dict`` overrides the model's own tensors (e.g. a ZeRO-3 consolidated state dict
+    gathered on rank 0). Written to ``<out_dir>.tmp`` and renamed, so ``out_dir`` is either
+    complete or absent. Returns ``out_dir``.
+    """
+    model = unwrap_model(model)
+    out, tmp = Path(out_dir), Path(f"{out_dir}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(str(tmp), state_dict=state_dict)
+    tokenizer.save_pretrained(str(tmp))
+    if not has_safetensors(tmp):  # pragma: no cover - transformers 5 always writes safetensors
+        raise RuntimeError(f"export wrote no safetensors weights into {tmp}")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return str(out)
+
+
+def output_head(model) -> tuple[torch.nn.Module, torch.Tensor]:
+    """``(decoder, head_weight)``: the base transformer and the LM head weight ``[V, D]``.
+
+    ``decoder(input_ids=..., attention_mask=...).last_hidden_state`` gives the final (normed)
+    hidden states ``[B, T, D]``, so ``logits = hidden @ head_weight.T``. With tied embeddings
+    the head weight is the input embedding matrix (the same Parameter).
+    """
+    model = unwrap_model(model)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None or decoder is model:
+        decoder = getattr(model, "model", None)
+    if decoder is None:
+        raise ValueError(f"cannot find the base transformer of {type(model).__name__}")
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise ValueError(f"{type(model).__name__} has no output embedding (lm_head) weight")
+    if getattr(head, "bias", None) is not None:
+        raise ValueError(f"{type(model).__name__}'s lm_head has a bias; the chunked loss assumes none")
+    return decoder, head.weight
