@@ -3,6 +3,7 @@
     wmss demo                         the embedded default: demo world, local Ray, tiny models
     wmss run CONFIG [--set k=v ...]   the whole pipeline (skips completed phases)
     wmss score|train|eval|report CONFIG   the pipeline up to that phase
+    wmss tune CONFIG                  Ray Tune sweep over lambda, alpha, beta, gamma
     wmss validate CONFIG              load and validate a config, print it resolved
     wmss submit|status|logs ...       Ray job submission to a running cluster (token auth)
 """
@@ -66,6 +67,15 @@ def _cmd_phase(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from tune.sweep import run_sweep, summarize
+
+    cfg = load_config(args.config, args.overrides)
+    grid = run_sweep(cfg)
+    print(summarize(grid))
+    return 0
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     import yaml
 
@@ -97,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         p.add_argument("--force", action="store_true", help="rerun this phase even if completed")
         p.set_defaults(func=_cmd_phase)
+
+    p = sub.add_parser("tune", help="Ray Tune sweep over mix.* / curriculum.* (tune.search_space)")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_tune)
 
     p = sub.add_parser("validate", help="validate a config and print it resolved")
     _add_config_args(p)

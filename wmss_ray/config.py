@@ -189,17 +189,40 @@ class EvaluationConfig(_Section):
     max_samples: int | None = Field(None, ge=1)
     num_actors: int = Field(1, ge=1)
     baseline: bool = True  # equal-compute SFT-continued baseline
+    ray_min_rows: int = Field(2000, ge=0, description="eval sets larger than this use the Ray Data actor pool")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    paired_bootstrap: int = Field(10000, ge=100, description="resamples for the paired bootstrap CI")
 
 
 class TuneConfig(_Section):
-    num_samples: int = Field(4, ge=1)
+    """Ray Tune sweep over WMSS-phase knobs (the upstream phases run once and are shared)."""
+
+    num_samples: int = Field(4, ge=1, description="trials (for grid: repeats of the grid)")
     max_concurrent: int = Field(1, ge=1)
-    metric: str = "eval_accuracy"
+    cpus_per_trial: float = Field(0.5, gt=0, description="the trial's driver; Train workers ask for their own")
+    metric: Literal["eval_accuracy", "eval_loss"] = "eval_accuracy"
     mode: Literal["max", "min"] = "max"
-    search_space: dict[str, list[float]] = Field(
-        default_factory=lambda: {"mix.lam": [0.3, 0.7], "curriculum.beta": [0.5, 0.9]},
-        description="dotted key -> [low, high] (uniform) or a list of >2 choices",
+    search_space: dict[str, dict[str, list[float]]] = Field(
+        default_factory=lambda: {"mix.lam": {"uniform": [0.3, 0.7]}, "curriculum.beta": {"choice": [0.5, 0.8]}},
+        description="dotted key (mix.* or curriculum.*) -> {uniform|loguniform: [low, high]} | {choice|grid: [...]}",
     )
+
+    @field_validator("search_space")
+    @classmethod
+    def _check_space(cls, space: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, list[float]]]:
+        for key, spec in space.items():
+            if not key.startswith(("mix.", "curriculum.")):
+                raise ValueError(f"'{key}': only mix.* and curriculum.* keys can be swept "
+                                 "(the phases before scoring are shared by all trials)")
+            if len(spec) != 1 or next(iter(spec)) not in ("uniform", "loguniform", "choice", "grid"):
+                raise ValueError(f"'{key}': give exactly one of uniform, loguniform, choice, grid; got {spec}")
+            kind, values = next(iter(spec.items()))
+            if kind in ("uniform", "loguniform") and (len(values) != 2 or values[0] >= values[1]):
+                raise ValueError(f"'{key}': {kind} needs [low, high] with low < high; got {values}")
+            if not values:
+                raise ValueError(f"'{key}': {kind} needs at least one value")
+        return space
 
 
 class WMSSConfig(_Section):

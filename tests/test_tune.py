@@ -1,0 +1,46 @@
+"""Tune sweep plumbing: the param space, trial configs, shared-phase links (no Ray needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tune.sweep import SHARED_PHASES, build_param_space, link_shared_phases, trial_config
+from wmss_ray.config import ConfigError, load_config
+
+
+def test_param_space_kinds():
+    from ray import tune
+
+    space = build_param_space({"mix.lam": {"uniform": [0.3, 0.7]}, "curriculum.beta": {"choice": [0.5, 0.8]},
+                               "curriculum.alpha": {"grid": [0.0, 0.1]}})
+    assert isinstance(space["mix.lam"], tune.search.sample.Float)
+    assert space["mix.lam"].lower == 0.3 and space["mix.lam"].upper == 0.7
+    assert space["curriculum.beta"].categories == [0.5, 0.8]
+    assert space["curriculum.alpha"] == {"grid_search": [0.0, 0.1]}
+
+
+@pytest.mark.parametrize("space, msg", [
+    ({"training.lr": {"uniform": [1e-5, 1e-4]}}, "only mix.* and curriculum.*"),
+    ({"mix.lam": {"uniform": [0.7, 0.3]}}, "low < high"),
+    ({"mix.lam": {"normal": [0.5, 0.1]}}, "exactly one of"),
+])
+def test_bad_search_spaces_are_refused(space, msg):
+    with pytest.raises(ConfigError, match=msg):
+        from wmss_ray.config import config_from_dict
+        config_from_dict({"tune": {"search_space": space}})
+
+
+def test_trial_config_and_links(tmp_path):
+    base = load_config(None, [f"run.storage={tmp_path}", "run.name=base"])
+    cfg = trial_config(base, {"mix.lam": 0.42, "curriculum.beta": 0.5}, "trial_00001")
+    assert cfg.mix.lam == 0.42 and cfg.curriculum.beta == 0.5
+    assert cfg.run_dir() == str(tmp_path / "base" / "tune" / "trial_00001")
+    assert cfg.evaluation.baseline is False
+    base_dir = tmp_path / "base"
+    for p in SHARED_PHASES:
+        (base_dir / p).mkdir(parents=True)
+    link_shared_phases(base_dir, tmp_path / "base" / "tune" / "trial_00001")
+    for p in SHARED_PHASES:
+        link = tmp_path / "base" / "tune" / "trial_00001" / p
+        assert link.is_symlink() and link.resolve() == (base_dir / p).resolve()
+    assert not (tmp_path / "base" / "tune" / "trial_00001" / "wmss_1").exists()
