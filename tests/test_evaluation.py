@@ -1,0 +1,146 @@
+"""Evaluation on a tiny model trained to always answer "#### 7".
+
+The forced answer makes the expected exact-match outcome known per row (reference 7: right,
+anything else: wrong), and the loss is checked against a manual single-row computation over the
+answer tokens only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from wmss_ray.config import DemoModelConfig, config_from_dict
+from wmss_ray.data.tokenize import collate, tokenize_example
+from wmss_ray.evaluation import evaluate_model, evaluate_models, read_per_sample
+from wmss_ray.models.tiny import build_tiny_model, save_pretrained_model
+from wmss_ray.models.tokenizer import build_demo_tokenizer
+
+FORCED = "#### 7"
+
+
+def _prompt(i: int) -> list[dict]:
+    return [{"role": "user", "content": f"What is {i}+{i % 5}?"}]
+
+
+@pytest.fixture(scope="module")
+def forced_model(tmp_path_factory):
+    """A tiny Llama trained (seeded, CPU, a few dozen steps) to answer FORCED to every prompt."""
+    tok = build_demo_tokenizer()
+    mcfg = DemoModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+                           max_position_embeddings=128)
+    model = build_tiny_model(mcfg, tok, seed=0)
+    rows = [tokenize_example(tok, _prompt(i), FORCED, 64) for i in range(16)]
+    batch = collate(rows, tok.pad_token_id)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    model.train()
+    for _ in range(300):  # stops early once the answer is memorised
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 1e-3:
+            break
+    model.eval()
+    return save_pretrained_model(model, tok, tmp_path_factory.mktemp("forced") / "model")
+
+
+def _eval_rows() -> list[dict]:
+    rows = []
+    for i, ref in enumerate(["7", "8", "7", "12", "7", "7"]):
+        rows.append({
+            "sample_id": f"e{i}",
+            "messages": _prompt(i + 20) + [{"role": "assistant", "content": f"{i}+0={i}\n#### {ref}"}],
+            "final_answer": ref,
+        })
+    # No final_answer field: the reference is parsed from the worked answer.
+    rows.append({"sample_id": "noref", "messages": _prompt(3) + [{"role": "assistant", "content": "#### 7"}]})
+    return rows
+
+
+def _cfg(**evaluation):
+    return config_from_dict({"data": {"max_seq_len": 64},
+                             "evaluation": {"batch_size": 3, "max_new_tokens": 10, **evaluation}})
+
+
+def _manual_loss(model_dir: str, rows: list[dict]) -> tuple[float, int]:
+    """Token-weighted answer CE, one row at a time, positions found from the rendered text."""
+    from wmss_ray.models.loading import load_causal_lm, load_tokenizer
+
+    tok, model = load_tokenizer(model_dir), load_causal_lm(model_dir)
+    total, count = 0.0, 0
+    for r in rows:
+        prompt, answer = r["messages"][:-1], r["messages"][-1]["content"]
+        p_text = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        full = tok.apply_chat_template(r["messages"], tokenize=False)
+        ids = tok(full, add_special_tokens=False)["input_ids"]
+        n_prompt = len(tok(p_text, add_special_tokens=False)["input_ids"])
+        # The supervised tokens are exactly the answer text plus "<|im_end|>\n".
+        assert tok.decode(ids[n_prompt:]) == answer + "<|im_end|>\n"
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0]
+        ce = torch.nn.functional.cross_entropy(logits[n_prompt - 1:-1], torch.tensor(ids[n_prompt:]), reduction="sum")
+        total += ce.item()
+        count += len(ids) - n_prompt
+    return total / count, count
+
+
+def test_exact_match_and_loss_on_answer_tokens(forced_model, tmp_path):
+    rows = _eval_rows()
+    res = evaluate_model(forced_model, rows, _cfg(), name="forced", out_dir=tmp_path, use_ray=False)
+    assert res.n == len(rows)
+    assert all(r["generated"] == FORCED for r in res.per_sample), [r["generated"] for r in res.per_sample]
+    correct = {r["sample_id"]: r["correct"] for r in res.per_sample}
+    assert correct == {"e0": True, "e1": False, "e2": True, "e3": False, "e4": True, "e5": True, "noref": True}
+    assert res.accuracy == pytest.approx(5 / 7)
+    assert res.per_sample[1]["predicted"] == "7" and res.per_sample[1]["reference"] == "8"
+
+    expected, count = _manual_loss(forced_model, rows)
+    assert res.n_loss_tokens == count
+    assert res.loss == pytest.approx(expected, rel=1e-4)
+    # Rows whose answer is the forced one are cheap; the others pay for their differing tokens.
+    per = {r["sample_id"]: r["nll"] / r["n_tokens"] for r in res.per_sample}
+    assert per["noref"] < per["e1"]
+
+    written = read_per_sample(tmp_path / "eval_forced.jsonl")
+    assert [w["sample_id"] for w in written] == [r["sample_id"] for r in res.per_sample]
+    assert [w["correct"] for w in written] == [r["correct"] for r in res.per_sample]
+
+
+def test_max_samples_caps_in_file_order(forced_model, tmp_path):
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _eval_rows()))
+    res = evaluate_model(forced_model, str(path), _cfg(max_samples=4), name="capped", use_ray=False)
+    assert res.n == 4
+    assert [r["sample_id"] for r in res.per_sample] == ["e0", "e1", "e2", "e3"]
+    assert res.accuracy == pytest.approx(0.5)
+
+
+def test_evaluate_models_writes_summary(forced_model, tmp_path):
+    rows = _eval_rows()[:3]
+    results = evaluate_models({"M1": forced_model, "WMSS": forced_model}, rows, _cfg(), tmp_path)
+    summary = json.loads((tmp_path / "eval_results.json").read_text())
+    assert set(summary["models"]) == {"M1", "WMSS"}
+    for name, res in results.items():
+        entry = summary["models"][name]
+        assert entry["n"] == 3 and entry["accuracy"] == pytest.approx(res.accuracy)
+        assert math.isclose(entry["loss"], res.loss)
+        assert len(read_per_sample(entry["per_sample_path"])) == 3
+
+
+@pytest.mark.integration
+def test_ray_data_path_matches_in_process(forced_model, ray_cluster, tmp_path):
+    rows = _eval_rows()
+    local = evaluate_model(forced_model, rows, _cfg(), name="local", use_ray=False)
+    remote = evaluate_model(forced_model, rows, _cfg(num_actors=1), name="ray", use_ray=True)
+    assert remote.n == local.n
+    for a, b in zip(local.per_sample, remote.per_sample):
+        assert (a["sample_id"], a["correct"], a["generated"], a["n_tokens"]) == (
+            b["sample_id"], b["correct"], b["generated"], b["n_tokens"])
+        assert a["nll"] == pytest.approx(b["nll"], rel=1e-5)
+    assert remote.accuracy == local.accuracy
+    assert remote.loss == pytest.approx(local.loss, rel=1e-5)
