@@ -144,3 +144,29 @@ def test_ray_data_path_matches_in_process(forced_model, ray_cluster, tmp_path):
         assert a["nll"] == pytest.approx(b["nll"], rel=1e-5)
     assert remote.accuracy == local.accuracy
     assert remote.loss == pytest.approx(local.loss, rel=1e-5)
+
+
+def test_rows_read_and_normalised_from_any_schema(tmp_path):
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from wmss_ray.evaluation import load_eval_rows, normalise_eval_row, read_rows
+
+    rows = _eval_rows()[:2]
+    with gzip.open(tmp_path / "e.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "e.parquet")
+    for name in ("e.jsonl.gz", "e.parquet"):
+        got = load_eval_rows(str(tmp_path / name), _cfg())
+        assert [g["sample_id"] for g in got] == ["e0", "e1"]
+        assert got[1]["final_answer"] == "8" and got[1]["prompt_messages"] == _prompt(21)
+    assert read_rows(str(tmp_path / "e.parquet"))[0]["messages"][1]["role"] == "assistant"
+
+    cfg = config_from_dict({"data": {"id_column": "uid", "prompt_column": "q", "response_column": "a"}})
+    r = normalise_eval_row({"uid": 5, "q": "What is 2+2?", "a": "2+2=4\n#### 4"}, 0, cfg)
+    assert r == {"sample_id": "5", "prompt_messages": [{"role": "user", "content": "What is 2+2?"}],
+                 "answer": "2+2=4\n#### 4", "final_answer": "4"}
+    with pytest.raises(ValueError, match="no assistant"):
+        normalise_eval_row({"messages": [{"role": "user", "content": "hi"}]}, 0, _cfg())

@@ -71,7 +71,10 @@ def read_rows(path: str) -> list[dict[str, Any]]:
     """
     import pyarrow.fs as pafs
 
-    fs, p = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), str(Path(path).resolve()))
+    if "://" in path:
+        fs, p = pafs.FileSystem.from_uri(path)
+    else:
+        fs, p = pafs.LocalFileSystem(), str(Path(path).resolve())
     info = fs.get_file_info(p)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"eval corpus not found: {path}")
@@ -97,7 +100,8 @@ def normalise_eval_row(row: dict[str, Any], index: int, cfg: WMSSConfig) -> dict
     the row's own field when present, else the "#### N" parsed from the answer (None if neither).
     """
     d = cfg.data
-    sid = row.get("sample_id", row.get(d.id_column) if d.id_column else None)
+    # data.id_column first (as data.corpus does), then the demo world's own "sample_id" field.
+    sid = row.get(d.id_column) if d.id_column else row.get("sample_id")
     sid = str(sid) if sid is not None else f"eval-{index}"
     msgs = row.get(d.messages_column)
     if msgs is not None:
@@ -192,8 +196,9 @@ class Evaluator:
 
     def __call__(self, rows: Sequence[dict]) -> list[dict[str, Any]]:
         # One call per pre-cut batch: batch_size=len(rows) keeps the padding identical on both paths.
+        prompts = [r["prompt_messages"] for r in rows]
         generated = greedy_generate(
-            self.model, self.tokenizer, [r["prompt_messages"] for r in rows], self.max_new_tokens, batch_size=max(1, len(rows))
+            self.model, self.tokenizer, prompts, self.max_new_tokens, batch_size=max(1, len(rows))
         )
         nll = self.answer_nll(rows)
         results = []
@@ -303,8 +308,10 @@ def evaluate_model(
     if use_ray is None:
         use_ray = len(rows) > e.ray_min_rows or e.num_actors > 1
     ev_kwargs = _evaluator_kwargs(model_dir, cfg)
+    # "_idx" restores eval order after the Ray path (Ray Data does not keep it by default).
     chunks = [
-        [{**r, "_idx": i + j} for j, r in enumerate(rows[i:i + e.batch_size])] for i in range(0, len(rows), e.batch_size)
+        [{**r, "_idx": i + j} for j, r in enumerate(rows[i:i + e.batch_size])]
+        for i in range(0, len(rows), e.batch_size)
     ]
     if not rows:
         per_sample: list[dict[str, Any]] = []
@@ -315,7 +322,8 @@ def evaluate_model(
         per_sample = [res for chunk in chunks for res in evaluator(chunk)]
     n_missing = sum(r["reference"] is None for r in per_sample)
     if n_missing:
-        log.warning("%s: %d of %d eval rows have no reference final answer (counted wrong)", name, n_missing, len(rows))
+        log.warning("%s: %d of %d eval rows have no reference final answer (counted wrong)",
+                    name, n_missing, len(rows))
     tokens = sum(r["n_tokens"] for r in per_sample)
     nll = sum(r["nll"] for r in per_sample if r["nll"] is not None)
     result = EvalResult(
