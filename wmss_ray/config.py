@@ -97,6 +97,8 @@ class DataConfig(_Section):
     max_seq_len: int = Field(256, ge=8)
     truncation: Literal["left", "reject"] = "left"
     on_bad_row: Literal["error", "skip"] = "error"
+    tokenize_actors: int = Field(1, ge=1, description="max tokenizer actors (Ray Data actor pool)")
+    tokenize_cpus: float = Field(0.5, gt=0, description="logical CPUs reserved per tokenizer actor")
     demo: DemoDataConfig = DemoDataConfig()
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)

@@ -1,0 +1,306 @@
+"""Ray Data side of the corpus: streaming read -> tokenise -> ``tokenized/`` parquet, once.
+
+Pipeline (streaming; the corpus is never collected in the driver)::
+
+    CorpusDatasource (one read task per file, line-numbered blocks of ``block_rows``)
+      -> map_batches(TokenizeBatch, ActorPool: the tokenizer is loaded once per actor)
+      -> write_datasink(TokenizedSink): good rows -> tokenized/part-*.parquet
+                                        bad rows  -> _rejects_parts/*.jsonl, counted
+
+Outputs under ``out_dir``: ``tokenized/`` (``sample_id, input_ids, labels``; int32 lists),
+``rejects.jsonl``, ``tokenize_manifest.json`` and ``_tokenize_index/`` (``sample_id,
+source_file, source_row, part, pos, n_tokens`` per kept row: the small table the driver uses to
+find duplicate ids without reading the tokens).
+
+Bad rows travel as rows with a ``reject_reason`` until the sink, so a row can only leave the
+pipeline by being written to one of the two outputs; ``rows_in == rows_ok + rows_rejected``
+is checked at the end. Sink parts are named by write-task index, so a retried task overwrites
+its own part (no duplicates after a failure).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+from ray.data.datasource import Datasink, FileBasedDatasource
+
+from wmss_ray.config import DataConfig, WMSSConfig
+from wmss_ray.data import rejects as R
+from wmss_ray.data.corpus import READ_SCHEMA, Corpus, _names, iter_file_rows, open_corpus
+
+TOKEN_SCHEMA = pa.schema([
+    ("sample_id", pa.string()),
+    ("input_ids", pa.list_(pa.int32())),
+    ("labels", pa.list_(pa.int32())),
+    ("source_file", pa.string()),
+    ("source_row", pa.int64()),
+    ("reject_reason", pa.string()),
+    ("reject_detail", pa.string()),
+])
+TOKENIZED_COLUMNS = ["sample_id", "input_ids", "labels"]
+
+
+def ensure_ray() -> None:
+    """``ray.init()`` only when no Ray is running (``ray job submit`` and the demo both work)."""
+    if not ray.is_initialized():
+        ray.init(logging_level="WARNING")
+
+
+class CorpusDatasource(FileBasedDatasource):
+    """Streams corpus files as line-numbered ``READ_SCHEMA`` blocks of ``block_rows`` rows."""
+
+    def __init__(self, corpus: Corpus, data: DataConfig, block_rows: int = 256):
+        super().__init__(list(corpus.files))
+        self.corpus, self.data, self.block_rows = corpus, data, block_rows
+
+    def _open_input_source(self, filesystem, path, **open_args):
+        if self.corpus.format == "jsonl":  # sequential stream; .gz inferred from the name
+            return super()._open_input_source(filesystem, path, **open_args)
+        return filesystem.open_input_file(path)  # Parquet / Arrow need random access
+
+    def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
+        file, name = _names(self.corpus, path)
+        rows: list[dict[str, Any]] = []
+        for rec in iter_file_rows(f, file, name, self.corpus.format, self.corpus.schema, self.data, self.block_rows):
+            if rec["reject_reason"] and self.data.on_bad_row == "error":
+                raise R.bad_row_error(file, rec["source_row"], rec["reject_reason"], rec["reject_detail"])
+            rows.append(rec)
+            if len(rows) >= self.block_rows:
+                yield pa.Table.from_pylist(rows, schema=READ_SCHEMA)
+                rows = []
+        if rows:
+            yield pa.Table.from_pylist(rows, schema=READ_SCHEMA)
+
+
+class TokenizeBatch:
+    """Ray Data UDF: ``READ_SCHEMA`` table -> ``TOKEN_SCHEMA`` table (one tokenizer per actor)."""
+
+    def __init__(self, tokenizer_path: str, data: DataConfig, trust_remote_code: bool = False):
+        from wmss_ray.models.loading import load_tokenizer
+
+        self.tok = load_tokenizer(tokenizer_path, trust_remote_code)
+        self.data = data
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        from wmss_ray.data.tokenize import BadRowError, tokenize_example
+
+        out = []
+        for rec in table.to_pylist():
+            row = {k: rec[k] for k in ("sample_id", "source_file", "source_row", "reject_reason", "reject_detail")}
+            row["input_ids"] = row["labels"] = None
+            if row["reject_reason"] is None:
+                try:
+                    t = tokenize_example(self.tok, rec["prompt_messages"], rec["answer"],
+                                         self.data.max_seq_len, self.data.truncation)
+                    row["input_ids"], row["labels"] = t["input_ids"], t["labels"]
+                except BadRowError as e:
+                    if e.reason == "no_chat_template":  # a property of the model, not of a row
+                        raise
+                    detail = str(e).removeprefix(f"{e.reason}: ")
+                    if self.data.on_bad_row == "error":
+                        raise R.bad_row_error(rec["source_file"], rec["source_row"], e.reason, detail) from None
+                    row["reject_reason"], row["reject_detail"] = e.reason, detail
+            out.append(row)
+        return pa.Table.from_pylist(out, schema=TOKEN_SCHEMA)
+
+
+class TokenizedSink(Datasink):
+    """Splits ``TOKEN_SCHEMA`` blocks: good rows to ``tokenized/``, bad rows to reject parts."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.returns: list[dict[str, Any]] = []
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return 8192  # fewer, larger parquet parts
+
+    def write(self, blocks: Iterable[pa.Table], ctx) -> dict[str, Any]:
+        tables = [b for b in blocks if b.num_rows]
+        counts: dict[str, Any] = {"rows_in": 0, "rows_ok": 0, "rejected": {}}
+        if not tables:
+            return counts
+        t = pa.concat_tables(tables)
+        part = f"part-{ctx.task_idx:06d}"
+        ok = pc.is_null(t["reject_reason"])
+        good, bad = t.filter(ok), t.filter(pc.invert(ok))
+        counts.update(rows_in=t.num_rows, rows_ok=good.num_rows,
+                      rejected=dict(Counter(bad["reject_reason"].to_pylist())))
+        if good.num_rows:
+            _write_parquet(good.select(TOKENIZED_COLUMNS), R.join(self.out_dir, "tokenized", part + ".parquet"))
+            index = pa.table({
+                "sample_id": good["sample_id"], "source_file": good["source_file"],
+                "source_row": good["source_row"], "part": pa.array([part] * good.num_rows),
+                "pos": pa.array(np.arange(good.num_rows, dtype=np.int32)),
+                "n_tokens": pc.list_value_length(good["input_ids"]).cast(pa.int32()),
+            })
+            _write_parquet(index, R.join(self.out_dir, "_tokenize_index", part + ".parquet"))
+        if bad.num_rows:
+            R.write_reject_part(R.join(self.out_dir, "_rejects_parts", part + ".jsonl"), (
+                R.reject_record(r["sample_id"], r["source_file"], r["source_row"], r["reject_reason"], r["reject_detail"])
+                for r in bad.to_pylist()))
+        return counts
+
+    def on_write_complete(self, write_result) -> None:
+        self.returns = [r for r in write_result.write_returns if r]
+
+
+def _write_parquet(table: pa.Table, uri: str) -> None:
+    fs, path = R.resolve_fs(uri)
+    pq.write_table(table, path, filesystem=fs)
+
+
+def _read_dir(uri: str, columns: list[str] | None = None) -> pa.Table:
+    parts = R.list_files(uri, ".parquet")
+    if not parts:
+        return pa.table({c: pa.array([], type=pa.string()) for c in (columns or ["sample_id"])})
+    fs, _ = R.resolve_fs(uri)
+    return pa.concat_tables([pq.read_table(R.resolve_fs(p)[1], columns=columns, filesystem=fs) for p in parts])
+
+
+def _drop_duplicates(out_dir: str, on_bad_row: str) -> list[dict[str, Any]]:
+    """Keep each sample_id's first occurrence (by file, row); returns reject records of the rest.
+
+    Reads only the small index table; rewrites only the parts that held a duplicate.
+    """
+    idx_dir = R.join(out_dir, "_tokenize_index")
+    index = _read_dir(idx_dir)
+    if index.num_rows == 0:
+        return []
+    index = index.sort_by([("sample_id", "ascending"), ("source_file", "ascending"), ("source_row", "ascending")])
+    ids = index["sample_id"].to_numpy(zero_copy_only=False)
+    dup = np.zeros(len(ids), dtype=bool)
+    dup[1:] = ids[1:] == ids[:-1]
+    if not dup.any():
+        return []
+    rows = index.to_pylist()
+    first = {}
+    records = []
+    for r, d in zip(rows, dup):
+        if not d:
+            first[r["sample_id"]] = r
+            continue
+        f = first[r["sample_id"]]
+        detail = f"sample_id {r['sample_id']!r} already at {R.location(f['source_file'], f['source_row'])}"
+        if on_bad_row == "error":
+            raise R.bad_row_error(r["source_file"], r["source_row"], R.DUPLICATE_SAMPLE_ID, detail)
+        records.append({**R.reject_record(r["sample_id"], r["source_file"], r["source_row"],
+                                          R.DUPLICATE_SAMPLE_ID, detail), "_part": r["part"], "_pos": r["pos"]})
+    drop: dict[str, set[int]] = {}
+    for rec in records:
+        drop.setdefault(rec.pop("_part"), set()).add(rec.pop("_pos"))
+    fs, _ = R.resolve_fs(out_dir)
+    for part, positions in drop.items():
+        for sub in ("tokenized", "_tokenize_index"):
+            uri = R.join(out_dir, sub, part + ".parquet")
+            t = pq.read_table(R.resolve_fs(uri)[1], filesystem=fs)
+            keep = np.ones(t.num_rows, dtype=bool)
+            keep[list(positions)] = False
+            _write_parquet(t.filter(pa.array(keep)), uri)
+    return records
+
+
+@dataclass
+class TokenizeResult:
+    tokenized_path: str
+    rejects_path: str
+    manifest_path: str
+    counts: dict[str, Any] = field(default_factory=dict)
+    elapsed: float = 0.0
+
+
+def tokenize_corpus(cfg: WMSSConfig, tokenizer_path: str, corpus: str, out_dir: str,
+                    block_rows: int | None = None) -> TokenizeResult:
+    """Stream ``corpus`` through normalisation and the chat template into ``out_dir/tokenized``.
+
+    Args:
+        tokenizer_path: a local HF directory with the tokenizer (the model's own).
+        block_rows: rows per read block (default ``cfg.scoring.batch_size``).
+
+    Returns:
+        ``TokenizeResult``; ``counts = {rows_in, rows_ok, rows_rejected, rejected_by_reason}``.
+
+    Raises:
+        CorpusError: under ``data.on_bad_row: error``, naming file, row and reason of a bad row.
+    """
+    t0 = time.perf_counter()
+    ensure_ray()
+    data = cfg.data
+    c = open_corpus(corpus, data)
+    for sub in ("tokenized", "_tokenize_index", "_rejects_parts"):
+        R.reset_dir(R.join(out_dir, sub))
+    ds = ray.data.read_datasource(CorpusDatasource(c, data, block_rows or cfg.scoring.batch_size))
+    ds = ds.map_batches(
+        TokenizeBatch, fn_constructor_args=(tokenizer_path, data, cfg.models.trust_remote_code),
+        batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=data.tokenize_actors),
+        num_cpus=data.tokenize_cpus,
+    )
+    sink = TokenizedSink(out_dir)
+    try:
+        ds.write_datasink(sink)
+    except Exception as e:  # Ray wraps task errors; surface ours with its own message
+        err = R.find_corpus_error(e)
+        if err is not None:
+            raise err from None
+        raise
+    dup_records = _drop_duplicates(out_dir, data.on_bad_row)
+    rejects_path = R.join(out_dir, "rejects.jsonl")
+    by_reason = R.merge_rejects(R.join(out_dir, "_rejects_parts"), dup_records, rejects_path)
+    R.reset_dir(R.join(out_dir, "_rejects_parts"))
+    rows_in = sum(r["rows_in"] for r in sink.returns)
+    kept = _read_dir(R.join(out_dir, "_tokenize_index"), ["sample_id"]).num_rows
+    counts = {"rows_in": rows_in, "rows_ok": kept, "rows_rejected": sum(by_reason.values()),
+              "rejected_by_reason": dict(sorted(by_reason.items()))}
+    if rows_in != kept + counts["rows_rejected"]:  # a row vanished or was duplicated: a bug
+        raise RuntimeError(f"row accounting broken: rows_in {rows_in} != kept {kept} + rejected "
+                           f"{counts['rows_rejected']}")
+    elapsed = time.perf_counter() - t0
+    manifest = R.join(out_dir, "tokenize_manifest.json")
+    R.write_text(manifest, json.dumps({
+        "phase": "tokenize", "status": "completed", "corpus": corpus, "format": c.format,
+        "schema": c.schema, "files": len(c.files), "tokenizer": tokenizer_path,
+        "max_seq_len": data.max_seq_len, "truncation": data.truncation, "on_bad_row": data.on_bad_row,
+        "config_hash": cfg.config_hash(), "counts": counts, "elapsed_s": round(elapsed, 3),
+    }, indent=2, sort_keys=True))
+    return TokenizeResult(R.join(out_dir, "tokenized"), rejects_path, manifest, counts, elapsed)
+
+
+class TokenizedDatasource(FileBasedDatasource):
+    """Streams ``tokenized/`` parquet parts as blocks of ``block_rows`` rows.
+
+    Small, even blocks (not one block per part) let an actor pool share the work evenly and
+    keep the work lost to a killed actor small.
+    """
+
+    def __init__(self, path: str, block_rows: int, columns: list[str] | None = None):
+        super().__init__(path, file_extensions=["parquet"])
+        self.block_rows, self.columns = block_rows, columns or TOKENIZED_COLUMNS
+
+    def _open_input_source(self, filesystem, path, **open_args):
+        return filesystem.open_input_file(path)
+
+    def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=self.block_rows, columns=self.columns):
+            yield pa.Table.from_batches([batch])
+
+
+def read_tokenized(path: str, block_rows: int = 256) -> "ray.data.Dataset":
+    """The tokenised corpus as a Ray Dataset of ``{sample_id, input_ids, labels}`` rows."""
+    return ray.data.read_datasource(TokenizedDatasource(path, block_rows))
+
+
+def count_rows(path: str) -> int:
+    """Rows of a parquet directory from file footers only (no data read)."""
+    fs, _ = R.resolve_fs(path)
+    return sum(pq.ParquetFile(R.resolve_fs(p)[1], filesystem=fs).metadata.num_rows
+               for p in R.list_files(path, ".parquet"))
