@@ -176,6 +176,11 @@ class Phase0Config(_Section):
     steps: int = Field(300, ge=0)
     lr: float = Field(3e-3, gt=0)
     batch_size: int = Field(32, ge=1)
+    seq_len: int = Field(128, ge=8, description="packed window length (capped by max_position_embeddings)")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.01, ge=0)
+    log_every: int = Field(50, ge=1)
 
 
 class ScalingConfig(_Section):

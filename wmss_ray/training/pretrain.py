@@ -1,0 +1,116 @@
+"""Phase 0 (demo world only): brief pre-training of the base model M0.
+
+Single process, plain torch, no Ray: the demo tokenizer and a tiny model are built from
+config and trained for ``cfg.phase0.steps`` AdamW steps on ``pretrain_texts`` (equations and
+plain-format worked problems, no chat template). The result is a competent-but-weak M0: it has
+learnt some arithmetic and the worked-answer style but has never seen the chat format that
+SFT (phase 1) then teaches, which is the regime WMSS starts from.
+
+Documents are packed into one token stream separated by ``<|endoftext|>``; each step reads
+``batch_size`` windows of ``seq_len + 1`` tokens at seeded random offsets (inputs ``[B, S]``,
+next-token targets ``[B, S]``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from wmss_ray.config import WMSSConfig
+from wmss_ray.data.synthetic import pretrain_texts
+from wmss_ray.models.tiny import build_tiny_model, save_pretrained_model
+from wmss_ray.models.tokenizer import EOT, build_demo_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def pack_texts(tokenizer, texts: list[str]) -> torch.Tensor:
+    """One int64 stream ``[N]``: ``<|endoftext|> text <|endoftext|> text ...``."""
+    eot = tokenizer.convert_tokens_to_ids(EOT)
+    enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    stream: list[int] = [eot]
+    for ids in enc:
+        stream.extend(ids)
+        stream.append(eot)
+    return torch.tensor(stream, dtype=torch.long)
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total`` (step is 0-based)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def pretrain_base(cfg: WMSSConfig, out_dir: str | Path) -> str:
+    """Build, pre-train and save M0 into ``out_dir``; returns ``out_dir``.
+
+    Also writes ``out_dir/phase0_metrics.json``: ``{"steps", "seconds", "cpu_seconds", "tokens_seen",
+    "n_params", "losses": [[step, loss], ...], "final_loss"}``.
+    """
+    p0, seed = cfg.phase0, cfg.run.seed
+    prev_threads = torch.get_num_threads()
+    # Phase 0 runs alone in its process; use every core, then give the setting back.
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return _train(cfg, Path(out_dir), p0, seed)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _train(cfg: WMSSConfig, out: Path, p0, seed: int) -> str:
+    start, cpu_start = time.perf_counter(), time.process_time()
+    tok = build_demo_tokenizer()
+    model = build_tiny_model(cfg.models.demo_model, tok, seed)
+    seq_len = min(p0.seq_len, cfg.models.demo_model.max_position_embeddings)
+    stream = pack_texts(tok, pretrain_texts(cfg.data.demo.n_pretrain, seed, cfg.data.demo))
+    if p0.steps > 0 and len(stream) < seq_len + 2:
+        raise ValueError(
+            f"phase 0 corpus has {len(stream)} tokens, fewer than phase0.seq_len + 2 = {seq_len + 2}; "
+            "raise data.demo.n_pretrain"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=p0.lr, betas=(0.9, 0.95), weight_decay=p0.weight_decay)
+    warmup = max(1, round(p0.warmup_ratio * p0.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, p0.steps, warmup, p0.min_lr_ratio))
+    offsets = torch.arange(seq_len + 1)
+    losses: list[list[float]] = []
+    model.train()
+    for step in range(p0.steps):
+        starts = torch.randint(0, len(stream) - seq_len - 1, (p0.batch_size,), generator=gen)
+        window = stream[starts[:, None] + offsets]  # [B, S+1]
+        logits = model(input_ids=window[:, :-1]).logits  # [B, S, V]
+        # Targets are already the next tokens, so no further shift (unlike HF's labels=).
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), window[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.training.grad_clip)
+        opt.step()
+        sched.step()
+        if step % p0.log_every == 0 or step == p0.steps - 1:
+            losses.append([step, round(loss.item(), 5)])
+            log.info("phase0 step %d/%d loss %.4f lr %.2e", step + 1, p0.steps, loss.item(), sched.get_last_lr()[0])
+    model.eval()
+    save_pretrained_model(model, tok, out)
+    metrics = {
+        "steps": p0.steps,
+        "seconds": round(time.perf_counter() - start, 2),
+        # CPU seconds of this process: a load-independent cost figure on a shared machine.
+        "cpu_seconds": round(time.process_time() - cpu_start, 2),
+        "tokens_seen": p0.steps * p0.batch_size * seq_len,
+        "corpus_tokens": len(stream),
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "losses": losses,
+        "final_loss": losses[-1][1] if losses else None,
+    }
+    (out / "phase0_metrics.json").write_text(json.dumps(metrics, indent=1))
+    return str(out)
