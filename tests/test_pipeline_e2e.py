@@ -46,9 +46,9 @@ def test_phase_outputs_are_consistent(tiny_run):
 
     cfg, out = tiny_run
     counts = _manifest(cfg, "tokenize")["counts"]
-    assert counts["rows_in"] == cfg.data.demo.n_train == counts["rows_used"] + counts["rows_rejected"]
+    assert counts["rows_in"] == cfg.data.demo.n_train == counts["rows_ok"] + counts["rows_rejected"]
     scores = pq.read_table(out["score_1"]["scores"]).to_pandas()
-    assert len(scores) == counts["rows_used"] and scores["sample_id"].is_unique
+    assert len(scores) == counts["rows_ok"] and scores["sample_id"].is_unique
     assert abs(scores["weight"].sum() - 1.0) < 1e-9
     sampled = pq.read_table(out["curriculum_1"]["sampled_ids"]).to_pandas()
     assert len(sampled) == round(len(scores) * cfg.curriculum.sample_multiplier)
