@@ -96,29 +96,39 @@ def _fused_forward(h_s, w_s, h_w, w_w, labels, lam, chunk_size, ignore_index, di
     use_weak = lam != 1.0
     acc = _acc_dtype(h_s.dtype)
     device = h_s.device
-
-    def zeros_like_acc(t, need):  # gradient accumulator for a weight, or h's gradient
-        return torch.zeros(t.shape, dtype=_acc_dtype(t.dtype), device=device) if need else None
-
-    grads = [
-        torch.zeros_like(h_s) if needs[0] else None,
-        zeros_like_acc(w_s, needs[1]),
-        torch.zeros_like(h_w) if needs[2] else None,
-        zeros_like_acc(w_w, needs[3]),
-    ]
     valid = (labels != ignore_index).nonzero().squeeze(1)  # [n_valid]; masked rows cost nothing
+    n_valid = valid.numel()
+
+    def weight_grad(t, need):
+        # Uninitialised: the first chunk's addmm_ writes it with beta=0 (no V*D zero-fill pass).
+        alloc = torch.empty if n_valid > 0 else torch.zeros
+        return alloc(t.shape, dtype=_acc_dtype(t.dtype), device=device) if need else None
+
+    grads = [  # grad_h rows of masked tokens stay 0
+        torch.zeros_like(h_s) if needs[0] else None,
+        weight_grad(w_s, needs[1]),
+        torch.zeros_like(h_w) if needs[2] else None,
+        weight_grad(w_w, needs[3]),
+    ]
+    # One [chunk, V] logits buffer reused by every chunk: a fresh one per chunk costs page
+    # faults on CPU (large allocations are mmap'ed and returned on free).
+    buf = torch.empty(min(chunk_size, n_valid), w_s.shape[0], dtype=acc, device=device)
     loss_sum = torch.zeros((), dtype=acc, device=device)
     if stats is not None:
         sums = torch.zeros(6, dtype=torch.float64, device=device)  # STATS_KEYS[:6]
-    scale = 1.0 / divisor if valid.numel() > 0 else 0.0
+    scale = 1.0 / divisor if n_valid > 0 else 0.0
     coef = (lam * scale, (1.0 - lam) * scale)  # d loss / d z_strong, d z_weak = coef * g
 
-    for start in range(0, valid.numel(), chunk_size):
+    for start in range(0, n_valid, chunk_size):
         idx = valid[start : start + chunk_size]  # [c]
         y = labels.index_select(0, idx)  # [c]
         rows = torch.arange(idx.numel(), device=device)
         hs = h_s.index_select(0, idx)  # [c, D_s]
-        z = torch.mm(hs, w_s.t()).to(acc)  # [c, V]: the only [c, V] buffer (plus a bf16 copy)
+        z = buf[: idx.numel()]  # [c, V], contiguous
+        if h_s.dtype == acc:
+            torch.mm(hs, w_s.t(), out=z)
+        else:  # half/bf16 matmul, softmax in fp32
+            z.copy_(torch.mm(hs, w_s.t()))
         if stats is not None:  # strong-alone CE needs z_strong before it is mixed in place
             ce_s = torch.logsumexp(z, dim=1) - z[rows, y]  # [c]
             p_s = torch.exp(-ce_s)
@@ -154,7 +164,8 @@ def _fused_forward(h_s, w_s, h_w, w_w, labels, lam, chunk_size, ignore_index, di
             if need_h:  # grad_h rows = coef * g @ W   [c, D]
                 grads[2 * side].index_copy_(0, idx, torch.mm(g_in, w).mul_(coef[side]))
             if need_w:  # grad_W += coef * g^T @ h   [V, D], accumulated in acc dtype
-                grads[2 * side + 1].addmm_(z.t(), hc.to(acc), alpha=coef[side])
+                beta = 0.0 if start == 0 else 1.0  # beta=0 ignores the uninitialised memory
+                grads[2 * side + 1].addmm_(z.t(), hc.to(acc), beta=beta, alpha=coef[side])
 
     if stats is not None:
         stats.update({k: sums[i].detach() for i, k in enumerate(STATS_KEYS[:6])})
@@ -182,10 +193,14 @@ class _ChunkedMixedCE(torch.autograd.Function):
                 "by the first backward (retain_graph is not supported)"
             )
         grads, ctx.grads = ctx.grads, None
+        # The usual case (loss.backward() on this loss alone) needs no extra pass over V*D.
+        unit = bool((grad_loss == 1).all())
         out = []
         for g, dtype in zip(grads, ctx.dtypes):
             if g is not None:
-                g = g.mul_(grad_loss.to(g.dtype)).to(dtype)  # in place: no second V*D buffer
+                if not unit:
+                    g.mul_(grad_loss.to(g.dtype))  # in place: no second V*D buffer
+                g = g.to(dtype)
             out.append(g)
         return (*out, None, None, None, None, None, None, None)
 
