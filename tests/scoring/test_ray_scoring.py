@@ -1,0 +1,131 @@
+"""The Ray Data scoring path equals a single-process loop; scores.parquet, manifest, curriculum."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from wmss_ray.data.corpus import iter_corpus, open_corpus
+from wmss_ray.data.tokenize import tokenize_example
+from wmss_ray.scoring.ray_scoring import curriculum_weights, sample_curriculum
+
+from .conftest import N_ROWS, tiny_cfg
+
+
+def _assert_matches_reference(scores: pa.Table, reference: dict) -> None:
+    assert scores.num_rows == len(reference) == N_ROWS
+    ids = scores["sample_id"].to_pylist()
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)  # sorted, one row per sample
+    ref = np.array([reference[i] for i in ids])  # [N, 3]: h_weak, h_strong, n
+    np.testing.assert_allclose(scores["h_weak"].to_numpy(), ref[:, 0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(scores["h_strong"].to_numpy(), ref[:, 1], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(scores["dh"].to_numpy(), ref[:, 1] - ref[:, 0], atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(scores["n_answer_tokens"].to_numpy(), ref[:, 2].astype(int))
+
+
+@pytest.mark.integration
+def test_ray_tokenisation_equals_plain(tiny_world, tokenized_world):
+    cfg = tiny_world.cfg
+    plain = {}
+    for rec in iter_corpus(open_corpus(tiny_world.corpus, cfg.data), cfg.data):
+        plain[rec["sample_id"]] = tokenize_example(tiny_world.tok, rec["prompt_messages"], rec["answer"],
+                                                   cfg.data.max_seq_len)
+    got = pq.read_table(tokenized_world.tokenized_path).to_pylist()
+    assert len(got) == len(plain) == N_ROWS
+    for r in got:
+        assert r["input_ids"] == plain[r["sample_id"]]["input_ids"]
+        assert r["labels"] == plain[r["sample_id"]]["labels"]
+    assert tokenized_world.counts == {"rows_in": N_ROWS, "rows_ok": N_ROWS, "rows_rejected": 0, "rejected_by_reason": {}}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("actors,batch", [(1, 8), (2, 3)])
+def test_ray_scores_equal_single_process_loop(tiny_world, tokenized_world, reference_scores, tmp_path, actors, batch):
+    from wmss_ray.scoring.ray_scoring import score_tokenized
+
+    cfg = tiny_cfg(f"scoring.num_actors={actors}", f"scoring.batch_size={batch}")
+    seen = []
+    res = score_tokenized(cfg, tiny_world.weak, tiny_world.strong, tokenized_world.tokenized_path,
+                          str(tmp_path), progress_callback=seen.append)
+    scores = pq.read_table(res.scores_path)
+    assert scores.column_names == ["sample_id", "h_weak", "h_strong", "dh", "n_answer_tokens", "weight"]
+    _assert_matches_reference(scores, reference_scores)
+    w = scores["weight"].to_numpy()
+    assert w.sum() == pytest.approx(1.0) and (w >= 0).all()
+    np.testing.assert_allclose(w, curriculum_weights(cfg, scores["h_weak"].to_numpy(), scores["h_strong"].to_numpy()))
+    assert seen[-1] == N_ROWS and seen == sorted(seen)
+    manifest = json.loads(Path(res.manifest_path).read_text())
+    assert manifest["counts"]["rows_scored"] == N_ROWS and manifest["scoring"]["num_actors"] == actors
+
+
+@pytest.mark.integration
+def test_score_corpus_end_to_end_counts_and_outputs(tiny_world, reference_scores, tmp_path):
+    from wmss_ray.scoring.ray_scoring import score_corpus
+
+    corpus = tmp_path / "train.jsonl"
+    shutil.copy(tiny_world.corpus, corpus)
+    with corpus.open("a") as f:
+        f.write('{"messages": [{"role": "user", "content": "q"}]}\n{not json\n')
+    cfg = tiny_cfg("data.on_bad_row=skip", "scoring.num_actors=2", "scoring.batch_size=16")
+    res = score_corpus(cfg, tiny_world.weak, tiny_world.strong, str(corpus), str(tmp_path / "out"), progress=False)
+    assert res.counts["rows_in"] == N_ROWS + 2
+    assert res.counts["rows_scored"] == N_ROWS and res.counts["rows_rejected"] == 2
+    assert res.counts["rejected_by_reason"] == {"malformed_json": 1, "no_answer": 1}
+    assert res.counts["rows_in"] == res.counts["rows_scored"] + res.counts["rows_rejected"]
+    _assert_matches_reference(pq.read_table(res.scores_path), reference_scores)
+    manifest = json.loads(Path(res.manifest_path).read_text())
+    assert manifest["counts"] == res.counts and manifest["corpus"] == str(corpus)
+    assert manifest["models"] == {"weak": tiny_world.weak, "strong": tiny_world.strong}
+    assert manifest["config_hash"] == cfg.config_hash()
+    assert pq.read_table(res.tokenized_path).num_rows == N_ROWS
+    assert len(Path(res.rejects_path).read_text().splitlines()) == 2
+
+
+def test_incompatible_pair_fails_before_any_work(tiny_world, tmp_path):
+    from wmss_ray.models.loading import IncompatibleModelsError
+    from wmss_ray.scoring.ray_scoring import score_corpus
+
+    other = Path(shutil.copytree(tiny_world.weak, tmp_path / "other"))
+    cfg_json = json.loads((other / "config.json").read_text())
+    cfg_json["vocab_size"] += 8
+    (other / "config.json").write_text(json.dumps(cfg_json))
+    with pytest.raises(IncompatibleModelsError, match="vocab_size"):
+        score_corpus(tiny_cfg(), str(other), tiny_world.strong, tiny_world.corpus, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def _scores_file(path: Path, n: int = 50) -> str:
+    rng = np.random.default_rng(0)
+    hw, hs = rng.uniform(0.5, 3, n), rng.uniform(0.5, 3, n)
+    ids = [f"s{i:03d}" for i in range(n)]
+    pq.write_table(pa.table({"sample_id": ids, "h_weak": hw, "h_strong": hs, "dh": hs - hw,
+                             "n_answer_tokens": np.full(n, 10), "weight": np.full(n, 1 / n)}), path)
+    return str(path)
+
+
+def test_sample_curriculum_seeded_counts_and_modes(tmp_path):
+    scores = _scores_file(tmp_path / "scores.parquet")
+    cfg = tiny_cfg("curriculum.sample_multiplier=1.5")
+    a = pq.read_table(sample_curriculum(cfg, scores, str(tmp_path / "a.parquet"), seed=3))["sample_id"].to_pylist()
+    b = pq.read_table(sample_curriculum(cfg, scores, str(tmp_path / "b"), seed=3))["sample_id"].to_pylist()
+    c = pq.read_table(sample_curriculum(cfg, scores, str(tmp_path / "c.parquet"), seed=4))["sample_id"].to_pylist()
+    assert len(a) == 75 and a == b and a != c  # round(50 * 1.5) draws, same seed same draw
+    assert (tmp_path / "b" / "sampled_ids.parquet").exists()
+    assert len(set(a)) < len(a)  # with replacement
+    dedup = pq.read_table(sample_curriculum(tiny_cfg("curriculum.dedup=true"), scores, str(tmp_path / "d.parquet"), 3))
+    assert dedup.num_rows == len(set(dedup["sample_id"].to_pylist()))
+    # Disabled curriculum: uniform draw, independent of the entropies.
+    off = tiny_cfg("curriculum.enabled=false", "curriculum.sample_multiplier=200")
+    drawn = pq.read_table(sample_curriculum(off, scores, str(tmp_path / "u.parquet"), 0))["sample_id"].to_pylist()
+    counts = np.unique(drawn, return_counts=True)[1]
+    assert len(drawn) == 10000 and len(counts) == 50 and counts.min() > 120  # ~200 each
+    # Weights follow this cfg's curriculum, not the stored column (Tune may change beta).
+    t = pq.read_table(scores)
+    w = curriculum_weights(tiny_cfg("curriculum.beta=0.0"), t["h_weak"].to_numpy(), t["h_strong"].to_numpy())
+    assert not np.allclose(w, t["weight"].to_numpy())

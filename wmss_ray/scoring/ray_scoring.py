@@ -1,0 +1,209 @@
+"""Distributed weak/strong entropy scoring with Ray Data, and the curriculum draw.
+
+``score_corpus`` = pair check -> ``tokenize_corpus`` (once; reused by training) ->
+``score_tokenized``::
+
+    TokenizedDatasource (blocks of scoring.batch_size rows)
+      -> map_batches(EntropyScorer, ActorPoolStrategy(size=scoring.num_actors),
+                     batch_size=scoring.batch_size, num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)
+      -> driver: iter_batches of the small score rows (N x 5 numbers; never the corpus)
+      -> scores.parquet {sample_id, h_weak, h_strong, dh, n_answer_tokens, weight} sorted by
+         sample_id, + scoring_manifest.json
+
+Fault tolerance: Ray Data's actor pool map defaults to ``max_restarts=-1`` and
+``max_task_retries=-1`` (ray 2.60, ``ActorPoolMapOperator._apply_default_remote_args``), so a
+killed scorer is restarted and its in-flight batch retried; the driver then checks that every
+tokenised row got exactly one score.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from wmss_ray.config import WMSSConfig
+from wmss_ray.core.curriculum import sample_indices, sampling_weights
+from wmss_ray.data import rejects as R
+from wmss_ray.data.ray_corpus import count_rows, ensure_ray, read_tokenized, tokenize_corpus
+from wmss_ray.scoring.scorer import SCORE_COLUMNS, EntropyScorer
+
+SCORES_FILE = "scores.parquet"
+
+
+@dataclass
+class ScoringResult:
+    scores_path: str
+    rejects_path: str | None
+    counts: dict[str, Any] = field(default_factory=dict)
+    elapsed: float = 0.0
+    manifest_path: str | None = None
+    tokenized_path: str | None = None
+
+
+def curriculum_weights(cfg: WMSSConfig, h_weak: np.ndarray, h_strong: np.ndarray) -> np.ndarray:
+    """``[N]`` float64 sampling weights summing to 1 (uniform when the curriculum is off)."""
+    c = cfg.curriculum
+    if not c.enabled:
+        return np.full(len(h_weak), 1.0 / len(h_weak))
+    return sampling_weights(h_weak, h_strong, c.alpha, c.beta, c.gamma, c.formula, c.normalize)
+
+
+def scorer_kwargs(cfg: WMSSConfig, weak_model: str, strong_model: str) -> dict[str, Any]:
+    s = cfg.scoring
+    return {
+        "weak_model": weak_model, "strong_model": strong_model,
+        "device": "cuda" if s.gpus_per_actor > 0 else "cpu", "dtype": cfg.models.dtype,
+        "chunk_size": s.chunk_size, "trust_remote_code": cfg.models.trust_remote_code,
+        # On CPU an actor computes with as many threads as logical CPUs it reserved.
+        "num_threads": max(1, int(s.cpus_per_actor)) if s.gpus_per_actor == 0 else None,
+    }
+
+
+def score_dataset(ds: "ray.data.Dataset", cfg: WMSSConfig, weak_model: str, strong_model: str) -> "ray.data.Dataset":
+    """``{sample_id, input_ids, labels}`` rows -> score rows (``SCORE_COLUMNS``), lazily."""
+    s = cfg.scoring
+    return ds.map_batches(
+        EntropyScorer,
+        fn_constructor_kwargs=scorer_kwargs(cfg, weak_model, strong_model),
+        batch_size=s.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=s.num_actors),
+        num_cpus=s.cpus_per_actor,
+        num_gpus=s.gpus_per_actor or None,
+        udf_modifying_row_count=False,
+    )
+
+
+def score_tokenized(cfg: WMSSConfig, weak_model: str, strong_model: str, tokenized_path: str, out_dir: str,
+                    progress_callback: Callable[[int], None] | None = None,
+                    check_pair: bool = True) -> ScoringResult:
+    """Score a tokenised corpus (``tokenize_corpus`` output) with both models; write scores.
+
+    Args:
+        progress_callback: called in the driver with the number of rows scored so far, after
+            each batch of scores arrives (CLI progress, tests).
+
+    Returns:
+        ``ScoringResult`` with ``scores_path = out_dir/scores.parquet``; ``counts["rows_scored"]``.
+
+    Raises:
+        IncompatibleModelsError: weak and strong do not share the tokenizer and vocabulary.
+        RuntimeError: a tokenised row got no score or more than one (never expected).
+    """
+    t0 = time.perf_counter()
+    if check_pair:
+        from wmss_ray.models.loading import check_pair_compatible
+
+        check_pair_compatible(weak_model, strong_model, cfg.models.trust_remote_code)
+    ensure_ray()
+    ds = score_dataset(read_tokenized(tokenized_path, cfg.scoring.batch_size), cfg, weak_model, strong_model)
+    tables, done = [], 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        tables.append(batch.select(list(SCORE_COLUMNS)))
+        done += batch.num_rows
+        if progress_callback is not None:
+            progress_callback(done)
+    expected = count_rows(tokenized_path)
+    if not tables:
+        raise R.CorpusError(f"{tokenized_path}: no rows to score")
+    scores = pa.concat_tables(tables).sort_by("sample_id")
+    n_unique = len(pc.unique(scores["sample_id"]))
+    if scores.num_rows != expected or n_unique != expected:
+        raise RuntimeError(f"scoring returned {scores.num_rows} scores ({n_unique} distinct ids) for "
+                           f"{expected} tokenised rows")
+    h_weak = scores["h_weak"].to_numpy()
+    h_strong = scores["h_strong"].to_numpy()
+    scores = scores.append_column("weight", pa.array(curriculum_weights(cfg, h_weak, h_strong)))
+    scores_path = R.join(out_dir, SCORES_FILE)
+    fs, path = R.resolve_fs(scores_path)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(scores, path, filesystem=fs)
+    elapsed = time.perf_counter() - t0
+    counts = {"rows_scored": scores.num_rows,
+              "mean_h_weak": float(h_weak.mean()), "mean_h_strong": float(h_strong.mean()),
+              "frac_dh_negative": float((scores["dh"].to_numpy() < 0).mean())}
+    manifest = R.join(out_dir, "scoring_manifest.json")
+    R.write_text(manifest, json.dumps({
+        "phase": "score", "status": "completed", "models": {"weak": weak_model, "strong": strong_model},
+        "tokenized": tokenized_path, "config_hash": cfg.config_hash(), "counts": counts,
+        "scoring": cfg.scoring.model_dump(), "curriculum": cfg.curriculum.model_dump(),
+        "elapsed_s": round(elapsed, 3), "samples_per_s": round(scores.num_rows / max(elapsed, 1e-9), 2),
+    }, indent=2, sort_keys=True))
+    return ScoringResult(scores_path, None, counts, elapsed, manifest, tokenized_path)
+
+
+def score_corpus(cfg: WMSSConfig, weak_model: str, strong_model: str, corpus: str, out_dir: str,
+                 progress: bool | None = None,
+                 progress_callback: Callable[[int], None] | None = None) -> ScoringResult:
+    """Check the pair, tokenise ``corpus`` once (with the strong model's tokenizer) and score it.
+
+    Writes ``out_dir/{tokenized/, rejects.jsonl, tokenize_manifest.json, scores.parquet,
+    scoring_manifest.json}``. ``progress`` turns Ray Data's progress bars on/off (None: leave).
+
+    Returns:
+        ``ScoringResult``; ``counts = {rows_in, rows_scored, rows_rejected, rejected_by_reason,
+        ...}`` with ``rows_in == rows_scored + rows_rejected``.
+    """
+    t0 = time.perf_counter()
+    from wmss_ray.models.loading import check_pair_compatible
+
+    check_pair_compatible(weak_model, strong_model, cfg.models.trust_remote_code)
+    ensure_ray()
+    if progress is not None:
+        ray.data.DataContext.get_current().enable_progress_bars = progress
+    tok = tokenize_corpus(cfg, strong_model, corpus, out_dir)
+    res = score_tokenized(cfg, weak_model, strong_model, tok.tokenized_path, out_dir,
+                          progress_callback=progress_callback, check_pair=False)
+    counts = {"rows_in": tok.counts["rows_in"], "rows_scored": res.counts["rows_scored"],
+              "rows_rejected": tok.counts["rows_rejected"],
+              "rejected_by_reason": tok.counts["rejected_by_reason"],
+              **{k: v for k, v in res.counts.items() if k != "rows_scored"}}
+    elapsed = time.perf_counter() - t0
+    manifest = json.loads(_read_text(res.manifest_path))
+    manifest.update(corpus=corpus, counts=counts, elapsed_s=round(elapsed, 3),
+                    tokenize_elapsed_s=round(tok.elapsed, 3), score_elapsed_s=round(res.elapsed, 3))
+    R.write_text(res.manifest_path, json.dumps(manifest, indent=2, sort_keys=True))
+    return ScoringResult(res.scores_path, tok.rejects_path, counts, elapsed, res.manifest_path, tok.tokenized_path)
+
+
+def _read_text(uri: str) -> str:
+    fs, path = R.resolve_fs(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def sample_curriculum(cfg: WMSSConfig, scores_path: str, out_path: str, seed: int) -> str:
+    """Draw ``round(N * curriculum.sample_multiplier)`` sample ids with replacement (seeded).
+
+    Weights are recomputed from ``h_weak``/``h_strong`` with *this* ``cfg.curriculum`` (a Tune
+    trial may change alpha/beta/gamma without rescoring); uniform when ``curriculum.enabled`` is
+    false; ``dedup`` keeps first draws only. ``scores.parquet`` is sorted by sample_id, so the
+    same (scores, cfg, seed) always gives the same draw.
+
+    Args:
+        out_path: the parquet file to write, or a directory (then ``<dir>/sampled_ids.parquet``).
+
+    Returns:
+        The path written: one column ``sample_id`` with repeats, in draw order.
+    """
+    fs, path = R.resolve_fs(scores_path)
+    scores = pq.read_table(path, columns=["sample_id", "h_weak", "h_strong"], filesystem=fs)
+    n = scores.num_rows
+    if n == 0:
+        raise ValueError(f"{scores_path} holds no scores")
+    weights = curriculum_weights(cfg, scores["h_weak"].to_numpy(), scores["h_strong"].to_numpy())
+    draws = max(1, round(n * cfg.curriculum.sample_multiplier))
+    idx = sample_indices(weights, draws, seed=seed, dedup=cfg.curriculum.dedup)
+    out = out_path if out_path.endswith(".parquet") else R.join(out_path, "sampled_ids.parquet")
+    ofs, opath = R.resolve_fs(out)
+    ofs.create_dir(opath.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(pa.table({"sample_id": scores["sample_id"].take(pa.array(idx))}), opath, filesystem=ofs)
+    return out
