@@ -1,0 +1,63 @@
+# syntax=docker/dockerfile:1
+# The wmss-ray image: the package, its shipped configs and the jobs/ entrypoints, run as uid 1000.
+# The k8s/ manifests use it for the Ray head, the workers and the job submitter.
+#
+#   CPU: docker build -t ghcr.io/wmss-ray/wmss-ray:0.1.0-cpu .
+#   GPU: docker build --build-arg VARIANT=gpu -t ghcr.io/wmss-ray/wmss-ray:0.1.0-gpu .
+#
+# Ray inside must equal the manifests' rayVersion (RAY_VERSION below; tests check both against the
+# installed Ray). No secrets at build time or in the image: Ray's auth token comes at run time
+# from the Kubernetes Secret `wmss-ray-auth` (docs/CLUSTER.md).
+ARG VARIANT=cpu
+
+# ---- CPU: slim Python, the CPU torch wheel
+FROM python:3.11-slim AS base-cpu
+ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends wget \
+ && rm -rf /var/lib/apt/lists/* \
+ && python -m venv /opt/venv
+
+# ---- GPU: CUDA 12.8 devel (nvcc for DeepSpeed's JIT ops, e.g. CPU Adam with offload), CUDA torch
+FROM nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04 AS base-gpu
+ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential wget ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && (userdel --remove ubuntu 2>/dev/null || true) \
+ && python3 -m venv /opt/venv
+
+# ---- the image
+FROM base-${VARIANT}
+ARG RAY_VERSION=2.60.0
+ARG TORCH_VERSION=2.13.0
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    TOKENIZERS_PARALLELISM=false \
+    RAY_USAGE_STATS_ENABLED=0
+
+RUN groupadd --gid 1000 wmss \
+ && useradd --uid 1000 --gid 1000 --create-home --home-dir /home/wmss --shell /bin/bash wmss
+
+# Dependencies first (cached across code changes): torch from the variant's index, then Ray.
+RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}" \
+ && pip install "ray[data,train,tune,default]==${RAY_VERSION}"
+
+# The code lives in /app, owned by root and read-only to the runtime user. The manifests name
+# configs by absolute path (/app/configs/...), and Ray jobs start in /app.
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY wmss_ray ./wmss_ray
+COPY jobs ./jobs
+COPY tune ./tune
+COPY configs ./configs
+RUN pip install . \
+ && rm -rf build ./*.egg-info \
+ && python -c "import ray, wmss_ray, jobs.pipeline, jobs.check_cluster; assert ray.__version__ == '${RAY_VERSION}', ray.__version__"
+
+USER 1000:1000
+ENV HOME=/home/wmss
+CMD ["bash"]
