@@ -168,6 +168,9 @@ class TrainingConfig(_Section):
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0: only at the end)")
     max_failures: int = Field(0, ge=-1)
     log_every: int = Field(10, ge=1)
+    ds_config_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="deep-merged into the generated DeepSpeed config (expert knobs)"
+    )
 
 
 class Phase0Config(_Section):

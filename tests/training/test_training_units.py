@@ -1,0 +1,266 @@
+"""Training building blocks without Ray: data plan, schedule, DeepSpeed config, and the real
+step code (PhaseWorker) in one process against a plain-torch reference loop.
+
+Also home of the shared helpers (tiny artefacts, the reference loop) used by
+``test_training_ray.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+
+from wmss_ray.config import DemoModelConfig, config_from_dict
+from wmss_ray.training.dataset import DataPlan, RowTable, epoch_sample_ids
+from wmss_ray.training.ds_config import build_ds_config, lr_factor, warmup_steps_for
+
+N_ROWS = 40
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def make_artifacts(root: Path, tie: bool = False, n_rows: int = N_ROWS, seed: int = 0) -> dict[str, str]:
+    """Tiny strong/weak models (hidden 32, 2 layers), tokenised rows and sampled ids in ``root``."""
+    from wmss_ray.models.tiny import build_tiny_model, save_pretrained_model
+    from wmss_ray.models.tokenizer import build_demo_tokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    tok = build_demo_tokenizer()
+    mc = DemoModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                         max_position_embeddings=64, tie_word_embeddings=tie)
+    paths = {}
+    for name, s in (("strong", seed + 1), ("weak", seed + 2)):
+        paths[name] = save_pretrained_model(build_tiny_model(mc, tok, s), tok, root / name)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_rows):  # varied lengths and answer spans: ranks see unequal token counts
+        length = int(rng.integers(8, 24))
+        prompt = int(rng.integers(2, length - 2))
+        ids = rng.integers(5, len(tok), length).tolist()
+        rows.append({"sample_id": f"s{i:04d}", "input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    (root / "tokenized").mkdir(exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), root / "tokenized" / "part-0.parquet")
+    sampled = [f"s{i:04d}" for i in rng.integers(0, n_rows, n_rows)]  # with repeats, draw order
+    pq.write_table(pa.table({"sample_id": sampled}), root / "sampled_ids.parquet")
+    paths.update(tokenized=str(root / "tokenized"), sampled=str(root / "sampled_ids.parquet"), root=str(root))
+    return paths
+
+
+def tiny_cfg(**training):
+    t = {"micro_batch_size": 2, "grad_accum": 2, "lr": 3e-3, "warmup_ratio": 0.2, "min_lr_ratio": 0.1,
+         "log_every": 1, "grad_clip": 1.0,
+         # the tiny heads are below DeepSpeed's default persistence threshold: force partitioning
+         "ds_config_overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}}
+    t.update(training)
+    workers = t.pop("num_workers", 1)
+    return config_from_dict({"training": t, "mix": {"lam": 0.5}, "scaling": {"num_workers": workers}})
+
+
+def reference_run(paths: dict[str, str], cfg, phase: str, mode: str, steps: int) -> dict:
+    """Plain torch, one process, whole global batch at once: the ground truth trajectory.
+
+    Same data order (``DataPlan``), AdamW, warm-up + cosine schedule, clipping; naive full-logit
+    mixed CE averaged over the global batch's answer tokens.
+    """
+    from wmss_ray.models.loading import load_causal_lm, load_tokenizer
+
+    t = cfg.training
+    ids = epoch_sample_ids(paths["tokenized"], paths["sampled"] if phase == "wmss" else None)
+    plan = DataPlan(len(ids), t.sft_epochs if phase == "sft" else t.wmss_epochs, cfg.run.seed,
+                    t.micro_batch_size, t.grad_accum, cfg.scaling.num_workers, t.max_steps)
+    rows = RowTable.from_parquet(paths["tokenized"])
+    pad = load_tokenizer(paths["strong"]).pad_token_id
+    strong = load_causal_lm(paths["strong"], dtype="float32")
+    weak = load_causal_lm(paths["weak"], dtype="float32") if phase == "wmss" else None
+    lam = 1.0 if phase == "sft" else cfg.mix.lam
+    groups = [{"params": list(strong.parameters()), "lr": t.lr}]
+    if weak is not None and mode == "joint":
+        groups.append({"params": list(weak.parameters()), "lr": t.weak_lr or t.lr})
+    elif weak is not None:
+        weak.requires_grad_(False)
+    opt = torch.optim.AdamW(groups, lr=t.lr, weight_decay=0.0)
+    total, warm = plan.total_steps, warmup_steps_for(plan.total_steps, t.warmup_ratio)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warm, t.min_lr_ratio))
+    losses, norms = [], []
+    for step in range(steps):
+        b = rows.batch([ids[i] for i in plan.step_indices(step)], pad)
+        y = b["labels"][:, 1:]
+        mask = y != -100
+        z = strong(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+        if weak is not None and lam != 1.0:
+            with torch.set_grad_enabled(mode == "joint"):
+                zw = weak(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+            z = lam * z + (1 - lam) * zw
+        loss = F.cross_entropy(z[mask], y[mask], reduction="sum") / mask.sum()
+        opt.zero_grad()
+        loss.backward()
+        params = [p for g in groups for p in g["params"]]
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, t.grad_clip)))
+        losses.append(float(loss.detach()))
+        opt.step()
+        sched.step()
+    return {"losses": losses, "grad_norms": norms, "strong": strong, "weak": weak, "total_steps": total}
+
+
+def assert_trajectory(metrics: list[dict], ref: dict, rtol: float = 2e-4) -> None:
+    got = [m["loss"] for m in metrics]
+    assert np.allclose(got, ref["losses"][: len(got)], rtol=rtol, atol=1e-6), (got, ref["losses"])
+    gn = [m["grad_norm"] for m in metrics]
+    assert np.allclose(gn, ref["grad_norms"][: len(gn)], rtol=1e-3, atol=1e-6), (gn, ref["grad_norms"])
+
+
+def assert_same_weights(sd_a: dict[str, torch.Tensor], model_b, atol: float = 1e-5) -> None:
+    sd_b = model_b.state_dict()
+    for key, value in sd_a.items():
+        assert torch.allclose(value.float(), sd_b[key].float(), atol=atol), key
+
+
+# ----------------------------------------------------------------------------- plan, schedule, config
+
+
+def test_plan_is_deterministic_and_covers_epochs():
+    plan = DataPlan(n_per_epoch=10, epochs=2.0, seed=3, micro_batch_size=2, grad_accum=1, world_size=2)
+    assert plan.global_batch == 4 and plan.total_steps == 5  # ceil(10 * 2 / 4)
+    stream = np.concatenate([plan.step_indices(s) for s in range(5)])
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
+    again = DataPlan(10, 2.0, 3, 2, 1, 2)
+    assert all((again.step_indices(s) == plan.step_indices(s)).all() for s in range(5))
+    # micro-batches of (accum a, rank r) tile the step's global batch
+    tiles = np.concatenate([plan.micro_batch(2, 0, r) for r in range(2)])
+    assert (tiles == plan.step_indices(2)).all()
+    assert not (DataPlan(10, 2.0, 4, 2, 1, 2).step_indices(0) == plan.step_indices(0)).all()
+
+
+def test_plan_step_count_caps_and_fractions():
+    assert DataPlan(10, 1.0, 0, 4, 1, 1).total_steps == 3  # partial last batch wraps into epoch 2
+    assert DataPlan(10, 0.5, 0, 4, 1, 1).total_steps == 2
+    assert DataPlan(100, 1.0, 0, 4, 1, 1, max_steps=7).total_steps == 7
+    assert DataPlan(10, 1.0, 0, 4, 1, 1, max_steps=7, exact_steps=11).total_steps == 11
+    plan = DataPlan(10, 1.0, 0, 4, 1, 1)
+    assert len(plan.rank_indices(0, start_step=2)) == len(set(plan.step_indices(2)))
+
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    f = [lr_factor(s, 10, 2, 0.1) for s in range(10)]
+    assert f[:2] == [0.5, 1.0]
+    assert f[2] == pytest.approx(1.0) and f[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[2:], f[3:]))
+    assert f[6] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 4 / 7)))
+    assert warmup_steps_for(10, 0.05) == 0 and lr_factor(0, 1, 0, 0.1) == pytest.approx(1.0)
+
+
+def test_ds_config_batch_geometry_zero_and_overrides():
+    cfg = tiny_cfg(zero_stage=3, offload_params=True, offload_optimizer=True, grad_accum=4)
+    ds = build_ds_config(cfg.training, world_size=8, dtype=torch.bfloat16, on_gpu=True)
+    assert ds["train_batch_size"] == 2 * 4 * 8 and ds["gradient_accumulation_steps"] == 4
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    z = ds["zero_optimization"]
+    assert z["stage"] == 3 and z["offload_param"]["device"] == "cpu" and z["offload_optimizer"]["pin_memory"]
+    assert z["stage3_param_persistence_threshold"] == 0  # deep-merged override
+    with pytest.raises(ValueError, match="zero_stage: 3"):
+        build_ds_config(tiny_cfg(zero_stage=2, offload_params=True).training, 1, torch.float32, False)
+
+
+def test_row_table_batches_and_missing_ids(tmp_path):
+    paths = make_artifacts(tmp_path, n_rows=6)
+    table = RowTable.from_parquet(paths["tokenized"], keep={"s0001", "s0003"})
+    assert len(table) == 2
+    b = table.batch(["s0003", "s0001"], pad_id=0)
+    assert b["input_ids"].shape == b["labels"].shape == b["attention_mask"].shape
+    with pytest.raises(ValueError, match="not in the dataset"):
+        RowTable.from_parquet(paths["tokenized"], keep={"nope"})
+    with pytest.raises(ValueError, match="not in"):
+        pq.write_table(pa.table({"sample_id": ["zzz"]}), tmp_path / "bad.parquet")
+        epoch_sample_ids(paths["tokenized"], str(tmp_path / "bad.parquet"))
+
+
+# ----------------------------------------------------------------------------- real step code, one process
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    return make_artifacts(tmp_path_factory.mktemp("train_units"))
+
+
+def _run_worker(paths, cfg, phase, mode, steps, out_dir):
+    from wmss_ray.training.trainer import build_spec
+    from wmss_ray.training.worker import PhaseWorker, init_single_process
+
+    init_single_process()
+    spec = build_spec(cfg, phase, paths["strong"], paths["weak"] if phase == "wmss" else None,
+                      paths["tokenized"], paths["sampled"] if phase == "wmss" else None, str(out_dir), mode)
+    worker = PhaseWorker(cfg, spec, 0, 1, torch.device("cpu"))
+    worker.rows = RowTable.from_parquet(paths["tokenized"], worker.needed_ids(0))
+    metrics = [worker.train_step(s) for s in range(steps)]
+    return worker, metrics
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("mode", ["joint", "frozen"])
+def test_worker_matches_reference_and_updates_the_right_models(artifacts, tmp_path, mode):
+    """ZeRO-3 (frozen) / ZeRO-0 (joint), grad_accum 2 with unequal token counts: the global-token
+    loss, its gradient norm and the updates equal the reference; frozen leaves the weak intact."""
+    from wmss_ray.models.loading import load_causal_lm
+
+    stage = 3 if mode == "frozen" else 0
+    cfg = tiny_cfg(zero_stage=stage, max_steps=3, num_workers=1)
+    worker, metrics = _run_worker(artifacts, cfg, "wmss", mode, 3, tmp_path)
+    ref = reference_run(artifacts, cfg, "wmss", mode, 3)
+    assert_trajectory(metrics, ref)
+    strong = worker.strong_state_dict()
+    assert_same_weights(strong, ref["strong"])
+    init_strong = load_causal_lm(artifacts["strong"], dtype="float32").state_dict()
+    init_weak = load_causal_lm(artifacts["weak"], dtype="float32").state_dict()
+    assert any(not torch.equal(strong[k], init_strong[k]) for k in strong)
+    from wmss_ray.training.checkpointing import gather_state_dict
+
+    weak = gather_state_dict(worker.pair.weak, worker.zero3, 0)
+    changed = [k for k in weak if not torch.equal(weak[k], init_weak[k])]
+    assert (len(changed) > 0) == (mode == "joint")
+    if stage == 3:  # the heads really are partitioned outside forward (gathered only inside it)
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        for model in (worker.pair.strong, worker.pair.weak):
+            assert model.lm_head.weight.ds_status == ZeroParamStatus.NOT_AVAILABLE
+
+
+def test_wmss_lambda_one_equals_sft(artifacts, tmp_path):
+    cfg = tiny_cfg(zero_stage=0, max_steps=3)
+    cfg.mix.lam = 1.0
+    # same epoch list for both phases: sampled ids = every id once, sorted
+    ids = epoch_sample_ids(artifacts["tokenized"])
+    one_each = dict(artifacts, sampled=str(tmp_path / "all.parquet"))
+    pq.write_table(pa.table({"sample_id": ids}), one_each["sampled"])
+    _, wmss = _run_worker(one_each, cfg, "wmss", "joint", 3, tmp_path / "w")
+    _, sft = _run_worker(one_each, cfg, "sft", "sft", 3, tmp_path / "s")
+    assert [m["loss"] for m in wmss] == pytest.approx([m["loss"] for m in sft], rel=1e-6)
+    assert [m["grad_norm"] for m in wmss] == pytest.approx([m["grad_norm"] for m in sft], rel=1e-6)
+    assert all(m["nontarget_ratio"] == pytest.approx(1.0) for m in wmss)
+
+
+def test_mismatched_tokenizers_fail_before_training(artifacts, tmp_path):
+    from wmss_ray.models.loading import IncompatibleModelsError, load_causal_lm, load_tokenizer
+    from wmss_ray.training.trainer import train_phase
+
+    tok = load_tokenizer(artifacts["weak"])
+    tok.add_tokens(["<extra>"])
+    model = load_causal_lm(artifacts["weak"])
+    model.resize_token_embeddings(len(tok))
+    other = tmp_path / "other_weak"
+    model.save_pretrained(other)
+    tok.save_pretrained(other)
+    with pytest.raises(IncompatibleModelsError, match="vocab"):
+        train_phase(tiny_cfg(), "wmss", artifacts["strong"], str(other), artifacts["tokenized"],
+                    artifacts["sampled"], str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,128 @@
+"""Training checkpoints (DeepSpeed state + data position + RNG) and the strong model export.
+
+A checkpoint directory, as each rank writes it locally before ``ray.train.report`` merges the
+ranks' directories into one in the run's storage::
+
+    ds/                      DeepSpeed: module, optimizer, lr scheduler (per-rank ZeRO shards;
+                             file names carry the rank, so the merge never collides)
+    latest                   DeepSpeed's tag pointer (rank 0)
+    trainer_state.json       rank 0: step, samples seen, plan fingerprint
+    rng_rank<r>.pt           each rank's torch / python RNG state
+
+The frozen weak model is left out (``exclude_frozen_parameters``): it never changes, so a resumed
+run rebuilds it from its init directory. A checkpoint only loads into the same world size and
+ZeRO stage (DeepSpeed's per-rank shards).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DS_TAG = "ds"
+TRAINER_STATE = "trainer_state.json"
+_RANK0_ONLY = ("zero_to_fp32.py", "zero_to_torch.py", "latest")
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(engine, ckpt_dir: str, rank: int, trainer_state: dict[str, Any], exclude_frozen: bool) -> str:
+    """Write this rank's part of a checkpoint into the local directory ``ckpt_dir`` (collective)."""
+    Path(ckpt_dir, DS_TAG).mkdir(parents=True, exist_ok=True)
+    engine.save_checkpoint(ckpt_dir, tag=DS_TAG, client_state={"wmss_step": trainer_state["step"]},
+                           exclude_frozen_parameters=exclude_frozen)
+    torch.save(_rng_state(), os.path.join(ckpt_dir, f"rng_rank{rank}.pt"))
+    if rank == 0:
+        with open(os.path.join(ckpt_dir, TRAINER_STATE), "w") as f:
+            json.dump(trainer_state, f, indent=1)
+    else:  # files every rank may write with the same name: only rank 0's copy is uploaded
+        for name in _RANK0_ONLY:
+            for path in (Path(ckpt_dir, name), Path(ckpt_dir, DS_TAG, name)):
+                path.unlink(missing_ok=True)
+    return ckpt_dir
+
+
+def read_trainer_state(ckpt_dir: str) -> dict[str, Any]:
+    with open(os.path.join(ckpt_dir, TRAINER_STATE)) as f:
+        return json.load(f)
+
+
+def load_checkpoint(engine, ckpt_dir: str, rank: int, exclude_frozen: bool,
+                    expect: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Restore model(s), optimizer, scheduler and RNG from ``ckpt_dir``; return the trainer state.
+
+    ``expect``: plan fingerprint fields that must match the checkpoint's (world size, batch
+    geometry, seed, ...); a mismatch raises ``ValueError`` naming the field instead of silently
+    resuming a different run.
+    """
+    state = read_trainer_state(ckpt_dir)
+    for key, value in (expect or {}).items():
+        if state.get("plan", {}).get(key) != value:
+            raise ValueError(f"checkpoint {ckpt_dir} was written with {key}={state.get('plan', {}).get(key)!r}, "
+                             f"this run has {key}={value!r}; resume needs the same data plan and world size")
+    # Frozen weak weights are not in the checkpoint: non-strict module load keeps the fresh ones.
+    load_path, _ = engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_module_strict=not exclude_frozen)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt_dir}")
+    rng_path = os.path.join(ckpt_dir, f"rng_rank{rank}.pt")
+    if os.path.exists(rng_path):
+        _set_rng_state(torch.load(rng_path, weights_only=False))
+    return state
+
+
+def gather_state_dict(model: torch.nn.Module, zero3: bool, rank: int) -> dict[str, torch.Tensor] | None:
+    """Full CPU state dict of ``model`` on rank 0 (``None`` elsewhere); collective under ZeRO-3.
+
+    ZeRO-3 parameters are gathered one module at a time (peak extra memory: one layer). A
+    parameter shared by two modules (tied embeddings) is stored once, under its first name;
+    ``save_pretrained`` knows the tied name.
+    """
+    if not zero3:
+        if rank != 0:
+            return None
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    import deepspeed
+
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for prefix, module in model.named_modules():
+        params = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for _, p in params)
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None, enabled=bool(params)):
+            if rank == 0:
+                for name, p in params:
+                    out[f"{prefix}.{name}" if prefix else name] = p.detach().cpu().clone()
+                for name, buf in module.named_buffers(recurse=False):
+                    if buf is not None and name not in module._non_persistent_buffers_set:
+                        out[f"{prefix}.{name}" if prefix else name] = buf.detach().cpu().clone()
+    return out if rank == 0 else None
+
+
+def export_strong(strong: torch.nn.Module, tokenizer, out_dir: str, zero3: bool, rank: int) -> str | None:
+    """Write the strong model as a plain HF directory (safetensors + tokenizer); collective.
+
+    Returns ``out_dir`` on rank 0, ``None`` elsewhere.
+    """
+    from wmss_ray.models.loading import export_model
+
+    state_dict = gather_state_dict(strong, zero3, rank)
+    if rank != 0:
+        return None
+    return export_model(strong, tokenizer, out_dir, state_dict=state_dict if zero3 else None)

@@ -1,0 +1,108 @@
+"""Per-step training metrics: global reduction, ``metrics.jsonl`` and TensorBoard.
+
+Each micro-batch's loss returns sums over its answer tokens (``pair.STAT_NAMES``); a step adds
+them over its micro-batches and all-reduces them over ranks, so every metric is a global
+token-weighted mean, identical on all ranks (rank 0 writes it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: Keys of one ``metrics.jsonl`` line (plus ``samples_seen`` and ``n_tokens``).
+METRIC_KEYS = ("step", "loss", "ce_strong", "p_mix", "p_strong", "nontarget_ratio", "grad_norm", "lr",
+               "tokens_per_s", "phase")
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place SUM over the default process group (no-op when not distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t
+
+
+def step_metrics(stats: torch.Tensor, *, step: int, phase: str, grad_norm: float | None, lr: float,
+                 step_time: float, input_tokens: float, samples_seen: int) -> dict[str, Any]:
+    """Metrics of one optimizer step from the globally summed stats vector.
+
+    ``stats``: float64 ``[7]`` = (ce_mix_sum, ce_strong_sum, p_mix_sum, p_strong_sum,
+    nontarget_grad_mix_sum, nontarget_grad_strong_sum, n_tokens) over the global batch.
+    ``nontarget_ratio`` is the non-target gradient mass the strong logits receive under the
+    mix divided by plain CE's (DESIGN.md §1: < 1 means the mix damps the push on wrong tokens).
+    """
+    s = stats.tolist()
+    n = max(s[6], 1.0)
+    return {
+        "step": step,
+        "loss": s[0] / n,
+        "ce_strong": s[1] / n,
+        "p_mix": s[2] / n,
+        "p_strong": s[3] / n,
+        "nontarget_ratio": s[4] / s[5] if s[5] > 0 else float("nan"),
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "lr": lr,
+        "tokens_per_s": input_tokens / step_time if step_time > 0 else float("nan"),
+        "phase": phase,
+        "samples_seen": samples_seen,
+        "n_tokens": int(s[6]),
+    }
+
+
+class MetricsWriter:
+    """Rank 0's writer of ``<out_dir>/metrics.jsonl`` and ``<out_dir>/tb/``.
+
+    On resume from step ``start_step`` the lines of later steps (written before a crash, after
+    the checkpoint) are dropped and TensorBoard purges its events past ``start_step``, so the
+    files hold exactly one record per logged step.
+    """
+
+    def __init__(self, out_dir: str, start_step: int = 0):
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        self._truncate_after(start_step)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb = SummaryWriter(os.path.join(out_dir, "tb"), purge_step=start_step + 1 if start_step else None)
+
+    def _truncate_after(self, start_step: int) -> None:
+        if not os.path.exists(self.path):
+            return
+        keep = []
+        with open(self.path) as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a crash
+                    continue
+                if rec.get("step", 0) <= start_step:
+                    keep.append(line)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write("".join(k + "\n" for k in keep))
+        os.replace(tmp, self.path)
+
+    def write(self, metrics: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        step = metrics["step"]
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and key != "step":
+                self._tb.add_scalar(f"{metrics['phase']}/{key}", value, step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        self._tb.close()
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,110 @@
+"""The weak/strong pair as one ``nn.Module`` whose forward computes the WMSS loss.
+
+Why the loss lives inside a module's forward: under ZeRO-3 every parameter is partitioned and
+is only whole between its owning module's pre-forward gather and post-forward release. The
+mixed loss multiplies the final hidden states by the LM-head weights *outside* the heads' own
+``forward`` (``core.mixing.chunked_mixed_ce`` never materialises ``[N, V]`` logits), so the head
+weights are registered as external parameters of this module: DeepSpeed gathers them for
+:meth:`PairLM.forward` (and again for its backward) on every rank. Tied embeddings need nothing
+special: the head weight *is* the embedding weight, registered the same way.
+
+Modes: ``sft`` (strong only), ``joint`` (both trained, one optimizer with per-model lr),
+``frozen`` (weak under ``no_grad``, its parameters ``requires_grad=False``: never in the
+optimizer, partitioned alongside the strong one at ZeRO-3, a plain replica at stages 0-2).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from wmss_ray.core.mixing import STATS_KEYS, chunked_mixed_ce
+from wmss_ray.models.loading import output_head
+
+IGNORE_INDEX = -100
+#: Order of the per-micro-batch statistics vector returned by :meth:`PairLM.forward`.
+STAT_NAMES = STATS_KEYS  # ce_mix_sum, ce_strong_sum, p_mix_sum, p_strong_sum, nt_mix, nt_strong, n_tokens
+
+
+class PairLM(nn.Module):
+    """Strong causal LM (+ optional weak one) and the chunked mixed CE in one forward.
+
+    Args:
+        strong, weak: HF causal LMs sharing the vocabulary; ``weak`` is None for SFT.
+        mode: "sft" | "joint" | "frozen".
+        lam: mixing weight (1.0 is plain SFT even with a weak model).
+        chunk_size: answer tokens per chunk of the loss.
+        zero3: register the heads as ZeRO-3 external parameters.
+    """
+
+    def __init__(self, strong: nn.Module, weak: nn.Module | None, mode: str, lam: float,
+                 chunk_size: int = 1024, zero3: bool = False):
+        super().__init__()
+        if mode not in ("sft", "joint", "frozen"):
+            raise ValueError(f"mode must be sft, joint or frozen, got {mode!r}")
+        if (mode == "sft") != (weak is None):
+            raise ValueError(f"mode {mode!r} {'takes no' if mode == 'sft' else 'needs a'} weak model")
+        self.strong = strong
+        self.weak = weak
+        self.mode = mode
+        self.lam = 1.0 if mode == "sft" else float(lam)
+        self.chunk_size = chunk_size
+        if weak is not None and mode == "frozen":
+            weak.requires_grad_(False)
+            weak.eval()  # no dropout in the frozen model
+        if zero3:
+            import deepspeed
+
+            for model in (strong, weak):
+                if model is not None:
+                    deepspeed.zero.register_external_parameter(self, output_head(model)[1])
+
+    # The decoder is looked up on each call, never stored as a second attribute: registering the
+    # same submodule twice would give ZeRO-3 two owners for its parameters.
+    @staticmethod
+    def _hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden states ``[B, T, D]`` (after the final norm)."""
+        decoder, _ = output_head(model)
+        return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                num_tokens: float, loss_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixed CE of one micro-batch.
+
+        Args:
+            input_ids, attention_mask, labels: ``[B, T]`` (labels unshifted, -100 off-answer).
+            num_tokens: the divisor: answer tokens of the whole optimizer step (all ranks, all
+                micro-batches), so that the summed gradients are those of the global token mean.
+            loss_scale: multiplies the returned loss only for backward (undoes DeepSpeed's own
+                averaging over ranks and micro-batches; see ``worker.PhaseWorker.train_step``).
+
+        Returns:
+            ``(loss, stats)``: 0-dim loss ``sum(token CE) / num_tokens * loss_scale`` and a
+            detached float64 ``[7]`` vector of sums over this micro-batch (:data:`STAT_NAMES`).
+        """
+        # Position t predicts token t+1: shift, then keep only answer positions so that the
+        # decoders' outputs feed the loss for those rows alone.  sel, y: [B, T-1], [N]
+        targets = labels[:, 1:]
+        sel = targets != IGNORE_INDEX
+        y = targets[sel]
+        h_s = self._hidden(self.strong, input_ids, attention_mask)[:, :-1][sel]  # [N, D_s]
+        w_s = output_head(self.strong)[1]  # [V, D_s]
+        h_w = w_w = None
+        if self.weak is not None and self.lam != 1.0:
+            if self.mode == "frozen":
+                with torch.no_grad():
+                    h_w = self._hidden(self.weak, input_ids, attention_mask)[:, :-1][sel]  # [N, D_w]
+            else:
+                h_w = self._hidden(self.weak, input_ids, attention_mask)[:, :-1][sel]
+            w_w = output_head(self.weak)[1]  # [V, D_w]
+        loss, stats = chunked_mixed_ce(h_s, w_s, h_w, w_w, y, self.lam, chunk_size=self.chunk_size,
+                                       num_tokens=num_tokens, return_stats=True)
+        vec = torch.stack([stats[k].to(torch.float64) for k in STAT_NAMES]).detach()
+        return loss * loss_scale, vec
+
+    def trainable_groups(self, lr: float, weak_lr: float | None) -> dict[str, tuple[nn.Module, float]]:
+        """``{"strong": (module, lr), "weak": (module, weak_lr or lr)}`` for the optimizer (joint only)."""
+        groups = {"strong": (self.strong, lr)}
+        if self.weak is not None and self.mode == "joint":
+            groups["weak"] = (self.weak, weak_lr if weak_lr is not None else lr)
+        return groups

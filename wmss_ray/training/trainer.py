@@ -1,0 +1,255 @@
+"""``train_phase``: phase 1 (SFT) and phase 2B (WMSS) on Ray Train + DeepSpeed.
+
+The driver validates the inputs (weak/strong compatibility first, so a mismatch fails before any
+worker starts), computes the data plan, and runs a ``TorchTrainer`` whose workers run
+:func:`train_loop_per_worker`: the Ray edge around the plain :class:`~.worker.PhaseWorker`.
+
+Run storage: Ray Train's ``RunConfig(storage_path=<out_dir>, name="ray_train")``, so checkpoints
+are ``<out_dir>/ray_train/checkpoint_<step>/``; re-running ``train_phase`` on the same
+``out_dir`` resumes from the latest one (Ray Train V2 restores its checkpoint manager from the
+storage), as does Ray Train itself after a worker failure (``FailureConfig.max_failures``).
+``out_dir`` must be reachable by every node (local disk on one machine, a shared filesystem on a
+cluster): rank 0 writes ``metrics.jsonl``, ``tb/`` and the exported ``model/`` there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wmss_ray.config import WMSSConfig
+from wmss_ray.training.dataset import DataPlan, build_train_dataset, epoch_sample_ids
+from wmss_ray.training.metrics import read_metrics
+from wmss_ray.training.worker import PhaseSpec
+
+RUN_NAME = "ray_train"
+#: Test hook: ``"<rank>:<step>"`` makes that rank SIGKILL itself once, after that optimizer step.
+FAULT_ENV = "WMSS_TRAIN_FAULT_KILL"
+
+
+@dataclass
+class TrainResult:
+    """What a training phase produced.
+
+    ``model_dir`` is the exported strong model (None when the run was stopped early with
+    ``stop_after``); ``final_metrics`` the last logged metrics line.
+    """
+
+    model_dir: str | None
+    metrics_path: str
+    steps: int
+    final_metrics: dict[str, Any] = field(default_factory=dict)
+    checkpoint_path: str | None = None
+    total_steps: int = 0
+
+
+def _resolve_mode(cfg: WMSSConfig, phase: str, mode: str | None) -> str:
+    if phase == "sft":
+        return "sft"
+    mode = mode or cfg.mix.mode
+    if mode not in ("joint", "frozen"):
+        raise ValueError(f"WMSS mode must be 'joint' or 'frozen', got {mode!r}")
+    if cfg.mix.placement != "colocated":
+        raise NotImplementedError(f"mix.placement {cfg.mix.placement!r}: train_phase supports 'colocated' only")
+    return mode
+
+
+def build_spec(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | None, tokenized_path: str,
+               sampled_ids_path: str | None, out_dir: str, mode: str | None = None, *,
+               epochs: float | None = None, exact_steps: int | None = None,
+               stop_after: int | None = None) -> PhaseSpec:
+    """Validate a phase's inputs and compute its data plan (driver side, no Ray)."""
+    if phase not in ("sft", "wmss"):
+        raise ValueError(f"phase must be 'sft' or 'wmss', got {phase!r}")
+    mode = _resolve_mode(cfg, phase, mode)
+    if phase == "wmss":
+        if weak_init is None or sampled_ids_path is None:
+            raise ValueError("phase 'wmss' needs weak_init and sampled_ids_path")
+        from wmss_ray.models.loading import check_pair_compatible
+
+        check_pair_compatible(weak_init, strong_init, cfg.models.trust_remote_code)
+    ids = epoch_sample_ids(tokenized_path, sampled_ids_path if phase == "wmss" else None)
+    t = cfg.training
+    if epochs is None:
+        epochs = t.sft_epochs if phase == "sft" else t.wmss_epochs
+    plan = DataPlan(n_per_epoch=len(ids), epochs=float(epochs), seed=cfg.run.seed,
+                    micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
+                    world_size=cfg.scaling.num_workers, max_steps=t.max_steps, exact_steps=exact_steps)
+    fault: dict[str, int] = {}
+    if os.environ.get(FAULT_ENV):
+        rank, step = os.environ[FAULT_ENV].split(":")
+        fault = {"rank": int(rank), "step": int(step)}
+    return PhaseSpec(phase=phase, mode=mode, strong_init=str(strong_init),
+                     weak_init=str(weak_init) if weak_init and phase == "wmss" else None,
+                     out_dir=str(out_dir), sample_ids=ids, plan=plan, stop_after=stop_after, fault=fault)
+
+
+# ----------------------------------------------------------------------------- Ray worker
+
+
+def _maybe_inject_fault(spec: PhaseSpec, rank: int, done: int) -> None:
+    """Test hook: SIGKILL this process once (a marker file makes the restarted worker pass)."""
+    if not spec.fault or spec.fault["rank"] != rank or spec.fault["step"] != done:
+        return
+    marker = Path(spec.out_dir, ".fault_injected")
+    if marker.exists():
+        return
+    marker.write_text(str(os.getpid()))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _log_worker(spec: PhaseSpec, record: dict[str, Any]) -> None:
+    """Append to ``<out_dir>/workers.jsonl``: which process ran which rank from which step, timings."""
+    with open(os.path.join(spec.out_dir, "workers.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: resume if a checkpoint exists, train to the end step, checkpoint, export."""
+    import ray.data
+    import ray.train
+    import ray.train.torch
+    import torch
+    from ray.train import Checkpoint
+
+    from wmss_ray.training.dataset import RowTable
+    from wmss_ray.training.metrics import MetricsWriter
+    from wmss_ray.training.worker import PhaseWorker
+
+    warnings.filterwarnings("ignore", message=".*is deprecated. Please use `torch.distributed.*")
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        timings[name] = round(time.perf_counter() - t_start - sum(timings.values()), 3)
+
+    cfg: WMSSConfig = config["cfg"]
+    spec: PhaseSpec = config["spec"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+    worker = PhaseWorker(cfg, spec, rank, world, device)
+    lap("init")
+
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            start = worker.load(ckpt_dir)
+    end = spec.end_step
+    _log_worker(spec, {"event": "start", "rank": rank, "pid": os.getpid(), "start_step": start})
+    lap("resume")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    shard = ray.train.get_dataset_shard("train")
+    worker.rows = RowTable.from_batches(shard.iter_batches(batch_size=1024, batch_format="pyarrow"),
+                                        keep=worker.needed_ids(start))
+    lap("data")
+    writer = MetricsWriter(spec.out_dir, start) if rank == 0 else None
+    t = cfg.training
+    try:
+        for step in range(start, end):
+            metrics = worker.train_step(step)
+            done = step + 1
+            log = done % t.log_every == 0 or done == end or done == 1
+            ckpt = done == end or (t.checkpoint_every and done % t.checkpoint_every == 0)
+            if writer is not None and log:
+                writer.write(metrics)
+            if ckpt:
+                with tempfile.TemporaryDirectory(prefix=f"wmss-ckpt-r{rank}-") as tmp:
+                    worker.save(tmp, done, metrics["samples_seen"])
+                    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
+                                     checkpoint_dir_name=f"checkpoint_{done:06d}")
+            elif log:
+                ray.train.report(metrics)
+            _maybe_inject_fault(spec, rank, done)
+        lap("train")
+        if end == spec.plan.total_steps:
+            worker.export(os.path.join(spec.out_dir, "model"))
+        lap("export")
+        _log_worker(spec, {"event": "end", "rank": rank, "pid": os.getpid(), "end_step": end, "seconds": timings})
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | None, tokenized_path: str,
+                sampled_ids_path: str | None, out_dir: str, mode: str | None = None, *,
+                epochs: float | None = None, exact_steps: int | None = None,
+                stop_after: int | None = None) -> TrainResult:
+    """Train one phase on Ray Train and export the strong model to ``<out_dir>/model``.
+
+    Args:
+        cfg: the run config (``training``, ``mix``, ``scaling``, ``models``, ``run.seed``).
+        phase: "sft" (strong only, all tokenised rows, ``sft_epochs``) or "wmss" (weak + strong,
+            the curriculum's sampled ids, ``wmss_epochs``).
+        strong_init, weak_init: local HF model directories (``weak_init`` for WMSS only).
+        tokenized_path: Parquet dataset of ``{sample_id, input_ids, labels}`` rows.
+        sampled_ids_path: WMSS only: Parquet ``{sample_id}`` with repeats (draw order).
+        out_dir: the phase directory (metrics.jsonl, tb/, ray_train/ checkpoints, model/).
+        mode: WMSS "joint" | "frozen" (default ``cfg.mix.mode``).
+        epochs: overrides the config's epochs for this phase.
+        exact_steps: train exactly this many optimizer steps (equal-compute baselines).
+        stop_after: stop (with a checkpoint, without export) after this many steps; a later call
+            with the same ``out_dir`` resumes.
+
+    Returns:
+        :class:`TrainResult`. Optimizer steps: ``ceil(n_samples * epochs / global_batch)`` capped
+        by ``training.max_steps``, ``global_batch = micro_batch_size * grad_accum * num_workers``.
+
+    Raises:
+        IncompatibleModelsError: WMSS weak and strong tokenizers / vocabularies differ.
+    """
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    spec = build_spec(cfg, phase, strong_init, weak_init, tokenized_path, sampled_ids_path, out_dir, mode,
+                      epochs=epochs, exact_steps=exact_steps, stop_after=stop_after)
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    spec.out_dir = str(out)
+    if not ray.is_initialized():
+        ray.init()
+    sc = cfg.scaling
+    resources = {"CPU": sc.cpus_per_worker}
+    if sc.use_gpu:
+        resources["GPU"] = sc.gpus_per_worker or 1.0
+    dataset = build_train_dataset(tokenized_path)  # read once, not once per worker (or restart)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg, "spec": spec},
+        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=RUN_NAME, storage_path=str(out),
+            failure_config=FailureConfig(max_failures=cfg.training.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": dataset},
+        # No split: the data plan decides which rows each rank reads (see dataset.py).
+        dataset_config=DataConfig(datasets_to_split=[]),
+    )
+    result = trainer.fit()
+    metrics_path = str(out / "metrics.jsonl")
+    records = read_metrics(metrics_path) if os.path.exists(metrics_path) else []
+    ckpt = result.checkpoint
+    steps = spec.end_step
+    finished = steps == spec.plan.total_steps
+    return TrainResult(
+        model_dir=str(out / "model") if finished else None,
+        metrics_path=metrics_path,
+        steps=steps,
+        final_metrics=records[-1] if records else {},
+        checkpoint_path=ckpt.path if ckpt is not None else None,
+        total_steps=spec.plan.total_steps,
+    )

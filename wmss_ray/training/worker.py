@@ -1,0 +1,206 @@
+"""The training step and loop of one rank: plain code, no Ray.
+
+:class:`PhaseWorker` owns one DeepSpeed engine over a :class:`~wmss_ray.training.pair.PairLM`
+and runs optimizer steps from a :class:`~wmss_ray.training.dataset.DataPlan`. It needs an
+initialised ``torch.distributed`` process group (Ray Train's TorchTrainer makes one; tests
+and the benchmark use :func:`init_single_process`). The Ray glue is in ``trainer.py``.
+
+The loss scaling, in one place. DeepSpeed turns the per-micro-batch losses ``l_{r,a}`` of rank
+``r`` and accumulation step ``a`` into the gradient ``(1 / W) * sum_r sum_a grad(l_{r,a}) / A``
+(``engine.backward`` divides by ``A = grad_accum``, the all-reduce averages over ``W`` ranks).
+WMSS wants the gradient of ``sum of token losses over the global batch / N`` where ``N`` is the
+global answer-token count of the step. So each step first prefetches its ``A`` micro-batches,
+all-reduces their token count to get ``N``, and every micro-batch returns
+``l_{r,a} = (sum of its token losses) / N * W * A``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from wmss_ray.config import WMSSConfig
+from wmss_ray.training.dataset import DataPlan, RowTable, answer_tokens
+from wmss_ray.training.metrics import all_reduce_sum, step_metrics
+from wmss_ray.training.pair import PairLM
+
+
+@dataclass
+class PhaseSpec:
+    """What one phase trains; identical on every rank (sent through ``train_loop_config``)."""
+
+    phase: str  # "sft" | "wmss"
+    mode: str  # "sft" | "joint" | "frozen"
+    strong_init: str
+    weak_init: str | None
+    out_dir: str
+    sample_ids: list[str]  # the epoch list (see dataset.epoch_sample_ids)
+    plan: DataPlan
+    stop_after: int | None = None  # end (checkpointed, not exported) after this many steps
+    fault: dict[str, int] = field(default_factory=dict)  # test hook: {"rank": r, "step": s}
+
+    @property
+    def end_step(self) -> int:
+        total = self.plan.total_steps
+        return min(total, self.stop_after) if self.stop_after else total
+
+    def plan_fingerprint(self) -> dict[str, Any]:
+        p = self.plan
+        return {"world_size": p.world_size, "micro_batch_size": p.micro_batch_size, "grad_accum": p.grad_accum,
+                "seed": p.seed, "n_per_epoch": p.n_per_epoch, "total_steps": p.total_steps, "mode": self.mode}
+
+
+def init_single_process(backend: str = "gloo", port: int | None = None) -> None:
+    """A world-size-1 process group for running :class:`PhaseWorker` without Ray."""
+    if torch.distributed.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if port is None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    os.environ.setdefault("MASTER_PORT", str(port))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    torch.distributed.init_process_group(backend=backend, rank=0, world_size=1)
+
+
+class PhaseWorker:
+    """One rank's models, engine and optimizer step.
+
+    Args:
+        cfg: the run config (``training``, ``mix``, ``models`` sections are used).
+        spec: the phase (models, mode, data plan).
+        rank, world_size: this process's data-parallel rank and the number of ranks.
+        device: ``torch.device`` of this rank (``cuda:<i>`` or ``cpu``).
+    """
+
+    def __init__(self, cfg: WMSSConfig, spec: PhaseSpec, rank: int, world_size: int, device: torch.device):
+        from wmss_ray.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
+        from wmss_ray.training.ds_config import init_engine, param_groups
+
+        if spec.plan.world_size != world_size:
+            raise ValueError(f"data plan is for {spec.plan.world_size} ranks, this group has {world_size}")
+        self.cfg, self.spec, self.rank, self.world_size = cfg, spec, rank, world_size
+        self.device = torch.device(device)
+        self.on_gpu = self.device.type == "cuda"
+        self.dtype = resolve_dtype(cfg.models.dtype, self.device)
+        self.zero3 = cfg.training.zero_stage == 3
+        self.tokenizer = load_tokenizer(spec.strong_init, cfg.models.trust_remote_code)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        load = dict(dtype=self.dtype, device="cpu", trust_remote_code=cfg.models.trust_remote_code)
+        strong = load_causal_lm(spec.strong_init, **load)
+        weak = load_causal_lm(spec.weak_init, **load) if spec.mode != "sft" else None
+        for m in (strong, weak):
+            if m is not None:
+                m.config.use_cache = False
+                m.train()
+        self.pair = PairLM(strong, weak, spec.mode, cfg.mix.lam, cfg.mix.chunk_size, zero3=self.zero3)
+        groups = param_groups(self.pair.trainable_groups(cfg.training.lr, cfg.training.weak_lr),
+                              cfg.training.weight_decay)
+        self.engine = init_engine(self.pair, groups, cfg.training, world_size, spec.plan.total_steps,
+                                  self.dtype, self.on_gpu)
+        self.rows: RowTable | None = None
+
+    # ------------------------------------------------------------------ data
+
+    def needed_ids(self, start_step: int) -> set[str]:
+        """Sample ids this rank reads from ``start_step`` on (to keep in its row table)."""
+        idx = self.spec.plan.rank_indices(self.rank, start_step)
+        ids = self.spec.sample_ids
+        return {ids[i] for i in idx}
+
+    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """The ``grad_accum`` padded micro-batches of this rank for optimizer step ``step``."""
+        ids, plan = self.spec.sample_ids, self.spec.plan
+        return [self.rows.batch([ids[i] for i in plan.micro_batch(step, a, self.rank)], self.pad_id)
+                for a in range(plan.grad_accum)]
+
+    # ------------------------------------------------------------------ step
+
+    @property
+    def _own_grad_norm(self) -> bool:
+        # DeepSpeed's fp32 stage-0 path clips without keeping the norm; the ZeRO / bf16
+        # optimizers record it (engine.get_global_grad_norm).
+        return self.cfg.training.zero_stage == 0 and self.dtype == torch.float32
+
+    def _grad_norm(self) -> float:
+        """2-norm of the (already all-reduced) gradients, before clipping; stage 0 only."""
+        norms = [p.grad.detach().float().norm() for p in self.pair.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+    @property
+    def lr(self) -> float:
+        """Current lr of the strong model's parameters (the first param group)."""
+        return float(self.engine.optimizer.param_groups[0]["lr"])
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        """One optimizer step (``step`` is 0-based); returns its globally reduced metrics."""
+        t0 = time.perf_counter()
+        mbs = self.micro_batches(step)
+        # Prefetched: the global answer-token count must be known before the first backward.
+        counts = torch.tensor([sum(answer_tokens(b) for b in mbs),
+                               sum(int(b["attention_mask"].sum()) for b in mbs)], dtype=torch.float64,
+                              device=self.device)
+        all_reduce_sum(counts)
+        n_global = float(counts[0])
+        loss_scale = float(self.world_size * self.spec.plan.grad_accum)
+        lr = self.lr
+        stats = torch.zeros(7, dtype=torch.float64, device=self.device)
+        grad_norm = None
+        for i, b in enumerate(mbs):
+            b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
+            loss, vec = self.engine(b["input_ids"], b["attention_mask"], b["labels"],
+                                    num_tokens=n_global, loss_scale=loss_scale)
+            self.engine.backward(loss)
+            if i == len(mbs) - 1 and self._own_grad_norm:
+                grad_norm = self._grad_norm()
+            self.engine.step()
+            stats += vec
+        all_reduce_sum(stats)
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
+        if torch.is_tensor(grad_norm):
+            grad_norm = float(grad_norm)
+        if self.on_gpu:
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
+        return step_metrics(stats.cpu(), step=step + 1, phase=self.spec.phase, grad_norm=grad_norm, lr=lr,
+                            step_time=dt, input_tokens=float(counts[1]),
+                            samples_seen=(step + 1) * self.spec.plan.global_batch)
+
+    # ------------------------------------------------------------------ state
+
+    def save(self, ckpt_dir: str, step: int, samples_seen: int) -> str:
+        from wmss_ray.training.checkpointing import save_checkpoint
+
+        state = {"step": step, "samples_seen": samples_seen, "phase": self.spec.phase,
+                 "plan": self.spec.plan_fingerprint()}
+        return save_checkpoint(self.engine, ckpt_dir, self.rank, state, exclude_frozen=self.spec.mode == "frozen")
+
+    def load(self, ckpt_dir: str) -> int:
+        """Restore from a checkpoint directory; returns the number of completed steps."""
+        from wmss_ray.training.checkpointing import load_checkpoint
+
+        state = load_checkpoint(self.engine, ckpt_dir, self.rank, exclude_frozen=self.spec.mode == "frozen",
+                                expect=self.spec.plan_fingerprint())
+        return int(state["step"])
+
+    def export(self, out_dir: str) -> str | None:
+        """Export the strong model as a plain HF directory (collective; rank 0 writes)."""
+        from wmss_ray.training.checkpointing import export_strong
+
+        return export_strong(self.pair.strong, self.tokenizer, out_dir, self.zero3, self.rank)
+
+    def strong_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full strong state dict on rank 0 (collective under ZeRO-3)."""
+        from wmss_ray.training.checkpointing import gather_state_dict
+
+        return gather_state_dict(self.pair.strong, self.zero3, self.rank)
