@@ -94,10 +94,17 @@ def test_main_calls_the_api_after_connecting(name, monkeypatch, capsys):
     pipeline_api = pytest.importorskip("wmss_ray.pipeline")
     calls: list[tuple] = []
     monkeypatch.setattr(common, "connect", lambda address="auto": calls.append(("connect", address)))
-    monkeypatch.setattr(pipeline_api, "run_pipeline",
-                        lambda cfg, from_phase=None: calls.append(("run_pipeline", cfg.mix.lam, from_phase)) or {"ok": 1})
-    monkeypatch.setattr(pipeline_api, "run_phase",
-                        lambda cfg, phase: calls.append(("run_phase", cfg.mix.lam, phase)) or {"ok": 1})
+
+    def run_pipeline(cfg, from_phase=None):
+        calls.append(("run_pipeline", cfg.mix.lam, from_phase))
+        return {"ok": 1}
+
+    def run_phase(cfg, phase):
+        calls.append(("run_phase", cfg.mix.lam, phase))
+        return {"ok": 1}
+
+    monkeypatch.setattr(pipeline_api, "run_pipeline", run_pipeline)
+    monkeypatch.setattr(pipeline_api, "run_phase", run_phase)
     mod = importlib.import_module(f"jobs.{name}")
     argv = ["--config", str(TINY), "--set", "mix.lam=0.25"] + (["--from-phase", "eval"] if name == "pipeline" else [])
     assert mod.main(argv) == 0
