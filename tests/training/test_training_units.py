@@ -117,10 +117,13 @@ def assert_trajectory(metrics: list[dict], ref: dict, rtol: float = 2e-4) -> Non
     assert np.allclose(gn, ref["grad_norms"][: len(gn)], rtol=1e-3, atol=1e-6), (gn, ref["grad_norms"])
 
 
-def assert_same_weights(sd_a: dict[str, torch.Tensor], model_b, atol: float = 1e-5) -> None:
+def assert_same_weights(sd_a: dict[str, torch.Tensor], model_b, atol: float = 1e-4) -> None:
+    """Equal up to float reordering. Adam amplifies it where gradients are ~0 (the update is
+    ~lr * sign there), so the bound is a small fraction of one lr=3e-3 step, not 1e-6."""
     sd_b = model_b.state_dict()
     for key, value in sd_a.items():
-        assert torch.allclose(value.float(), sd_b[key].float(), atol=atol), key
+        diff = (value.float() - sd_b[key].float()).abs().max().item()
+        assert diff <= atol, f"{key}: max abs diff {diff:.2e}"
 
 
 # ----------------------------------------------------------------------------- plan, schedule, config
@@ -264,3 +267,23 @@ def test_mismatched_tokenizers_fail_before_training(artifacts, tmp_path):
         train_phase(tiny_cfg(), "wmss", artifacts["strong"], str(other), artifacts["tokenized"],
                     artifacts["sampled"], str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_roundtrip_continues_exactly_zero3_frozen(artifacts, tmp_path):
+    """A fresh worker loading the step-1 checkpoint (ZeRO-3 shards, optimizer, schedule, RNG;
+    frozen weak left out) takes the same step 2 as the worker that never stopped."""
+    cfg = tiny_cfg(zero_stage=3, max_steps=2)
+    first, metrics = _run_worker(artifacts, cfg, "wmss", "frozen", 1, tmp_path / "a")
+    first.save(str(tmp_path / "ckpt"), step=1, samples_seen=metrics[0]["samples_seen"])
+    assert not any("weak." in k for k in torch.load(
+        next((tmp_path / "ckpt" / "ds").glob("*model_states.pt")), weights_only=False)["module"])
+    uninterrupted = first.train_step(1)
+    second, _ = _run_worker(artifacts, cfg, "wmss", "frozen", 0, tmp_path / "b")
+    assert second.load(str(tmp_path / "ckpt")) == 1
+    resumed = second.train_step(1)
+    for key in ("loss", "grad_norm", "lr", "ce_strong"):
+        assert resumed[key] == pytest.approx(uninterrupted[key], rel=1e-6), key
+    bad = tiny_cfg(zero_stage=3, max_steps=2, micro_batch_size=1)
+    third, _ = _run_worker(artifacts, bad, "wmss", "frozen", 0, tmp_path / "c")
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        third.load(str(tmp_path / "ckpt"))

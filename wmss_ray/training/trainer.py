@@ -124,11 +124,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from wmss_ray.training.worker import PhaseWorker
 
     warnings.filterwarnings("ignore", message=".*is deprecated. Please use `torch.distributed.*")
-    t_start = time.perf_counter()
     timings: dict[str, float] = {}
+    last = [time.perf_counter()]
 
-    def lap(name: str) -> None:
-        timings[name] = round(time.perf_counter() - t_start - sum(timings.values()), 3)
+    def lap(name: str) -> None:  # seconds since the previous lap
+        now = time.perf_counter()
+        timings[name], last[0] = round(now - last[0], 3), now
 
     cfg: WMSSConfig = config["cfg"]
     spec: PhaseSpec = config["spec"]

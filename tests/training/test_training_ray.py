@@ -1,0 +1,154 @@
+"""``train_phase`` on a real local Ray cluster with 2 DeepSpeed workers (gloo, CPU).
+
+Each run is compared with the single-process plain-torch reference of ``test_training_units``
+(same data order, AdamW, schedule): the loss and gradient-norm trajectories must match, which
+holds only if the loss is divided by the global answer-token count and DeepSpeed's rank and
+micro-batch averaging is undone exactly. Runs are module-scoped and shared between tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.training.test_training_units import (
+    assert_same_weights,
+    assert_trajectory,
+    make_artifacts,
+    reference_run,
+    tiny_cfg,
+)
+from wmss_ray.training.metrics import METRIC_KEYS, read_metrics
+from wmss_ray.training.trainer import FAULT_ENV, train_phase
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+STEPS = 6  # 40 rows, global batch 2 x 2 x 2 = 8: 5 steps per epoch, so step 6 is in epoch 2
+
+
+def _cfg(stage: int, **kw):
+    return tiny_cfg(zero_stage=stage, sft_epochs=1.5, wmss_epochs=1.5, max_steps=STEPS, checkpoint_every=2,
+                    num_workers=2, **kw)
+
+
+def _load_hf(model_dir: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoTokenizer.from_pretrained(model_dir)
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    return make_artifacts(tmp_path_factory.mktemp("ray_art"))
+
+
+@pytest.fixture(scope="module")
+def art_tied(tmp_path_factory):
+    return make_artifacts(tmp_path_factory.mktemp("ray_art_tied"), tie=True)
+
+
+@pytest.fixture(scope="module")
+def sft_zero0(ray_cluster, art, tmp_path_factory):
+    cfg = _cfg(0)
+    res = train_phase(cfg, "sft", art["strong"], None, art["tokenized"], None,
+                      str(tmp_path_factory.mktemp("sft_z0")))
+    return cfg, res
+
+
+def test_sft_zero0_matches_reference_logs_and_exports(sft_zero0, art):
+    cfg, res = sft_zero0
+    assert res.steps == res.total_steps == STEPS
+    metrics = read_metrics(res.metrics_path)
+    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
+    assert set(METRIC_KEYS) <= set(metrics[0]) and metrics[0]["phase"] == "sft"
+    assert res.final_metrics == metrics[-1]
+    assert metrics[-1]["samples_seen"] == STEPS * 8 and metrics[0]["tokens_per_s"] > 0
+    ref = reference_run(art, cfg, "sft", "sft", STEPS)
+    assert_trajectory(metrics, ref)
+    assert any(Path(res.metrics_path).parent.joinpath("tb").glob("events.out.tfevents.*"))
+    # The export loads in plain transformers, equals the reference's weights, and equals the
+    # final checkpoint's module weights exactly.
+    exported = _load_hf(res.model_dir)
+    assert_same_weights(ref["strong"].state_dict(), exported)
+    ckpt = torch.load(Path(res.checkpoint_path, "ds", "mp_rank_00_model_states.pt"), weights_only=False)
+    sd = exported.state_dict()
+    for key, value in ckpt["module"].items():
+        assert torch.equal(value, sd[key.removeprefix("strong.")]), key
+    assert Path(res.checkpoint_path).name == f"checkpoint_{STEPS:06d}"
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_wmss_joint_matches_reference_under_zero(ray_cluster, art, art_tied, tmp_path, stage):
+    """Stage 2 (untied) and stage 3 (tied embeddings: the head is the embedding matrix, gathered
+    as an external parameter of the pair module) give the reference trajectory."""
+    paths = art if stage == 2 else art_tied
+    cfg = _cfg(stage, weak_lr=1e-3)
+    res = train_phase(cfg, "wmss", paths["strong"], paths["weak"], paths["tokenized"], paths["sampled"],
+                      str(tmp_path / "out"), mode="joint")
+    metrics = read_metrics(res.metrics_path)
+    ref = reference_run(paths, cfg, "wmss", "joint", STEPS)
+    assert_trajectory(metrics, ref)
+    assert all(m["phase"] == "wmss" and 0 < m["nontarget_ratio"] for m in metrics)
+    exported = _load_hf(res.model_dir)
+    assert_same_weights(ref["strong"].state_dict(), exported)
+    if stage == 3:  # the gathered export equals DeepSpeed's own consolidation of the fp32 shards
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        full = get_fp32_state_dict_from_zero_checkpoint(res.checkpoint_path, tag="ds")
+        sd = exported.state_dict()
+        for key, value in full.items():
+            if key.startswith("strong."):
+                assert torch.equal(value, sd[key.removeprefix("strong.")]), key
+
+
+@pytest.fixture(scope="module")
+def interrupted(ray_cluster, art, tmp_path_factory):
+    """WMSS frozen, ZeRO-0: stopped after step 2, resumed by a second call in which rank 1
+    SIGKILLs itself after step 5 (once); Ray Train replaces the group and resumes again."""
+    out = str(tmp_path_factory.mktemp("interrupted"))
+    cfg = _cfg(0, max_failures=1)
+    args = (cfg, "wmss", art["strong"], art["weak"], art["tokenized"], art["sampled"], out)
+    first = train_phase(*args, mode="frozen", stop_after=2)
+    os.environ[FAULT_ENV] = "1:5"
+    try:
+        second = train_phase(*args, mode="frozen")
+    finally:
+        del os.environ[FAULT_ENV]
+    return cfg, first, second, out
+
+
+def _worker_events(out: str) -> list[dict]:
+    with open(os.path.join(out, "workers.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_stop_and_resume_reproduces_uninterrupted_run(interrupted, art):
+    cfg, first, second, out = interrupted
+    assert first.steps == 2 and first.model_dir is None
+    assert Path(first.checkpoint_path).name == "checkpoint_000002"
+    assert second.steps == STEPS and second.model_dir is not None
+    metrics = read_metrics(second.metrics_path)  # one line per step, across all attempts
+    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
+    ref = reference_run(art, cfg, "wmss", "frozen", STEPS)
+    assert_trajectory(metrics, ref)
+    assert_same_weights(ref["strong"].state_dict(), _load_hf(second.model_dir))
+
+
+def test_sigkilled_worker_is_replaced_and_resumes_from_checkpoint(interrupted):
+    _, _, second, out = interrupted
+    killed_pid = int(Path(out, ".fault_injected").read_text())
+    starts = [e for e in _worker_events(out) if e["event"] == "start"]
+    assert [e["start_step"] for e in starts[:4]] == [0, 0, 2, 2]
+    # after the kill: a new group (new processes) resumed from the last checkpoint (2 or 4)
+    restarted = starts[4:]
+    assert len(restarted) == 2 and {e["rank"] for e in restarted} == {0, 1}
+    assert restarted[0]["start_step"] == restarted[1]["start_step"] in (2, 4)
+    assert killed_pid not in {e["pid"] for e in restarted}
+    ends = [e for e in _worker_events(out) if e["event"] == "end"]
+    assert {e["end_step"] for e in ends} == {2, STEPS}
+    assert Path(second.checkpoint_path).name == f"checkpoint_{STEPS:06d}"
