@@ -37,7 +37,7 @@ from typing import Any, Iterator
 log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-ENTRYPOINTS = ("pipeline", "score", "train", "eval")
+ENTRYPOINTS = ("pipeline", "score", "train", "eval", "tune")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 INLINE_CONFIG_ENV = "WMSS_CONFIG_YAML"
 MAX_INLINE_CONFIG_BYTES = 64 * 1024

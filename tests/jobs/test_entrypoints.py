@@ -13,7 +13,7 @@ from jobs import common
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "test-tiny.yaml"
-NAMES = ("pipeline", "score", "train", "eval")
+NAMES = ("pipeline", "score", "train", "eval", "tune")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -89,7 +89,7 @@ def test_main_returns_2_on_setup_errors(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ("pipeline", "score", "train", "eval"))
 def test_main_calls_the_api_after_connecting(name, monkeypatch, capsys):
     pipeline_api = pytest.importorskip("wmss_ray.pipeline")
     calls: list[tuple] = []
@@ -111,3 +111,25 @@ def test_main_calls_the_api_after_connecting(name, monkeypatch, capsys):
     expected = ("run_pipeline", 0.25, "eval") if name == "pipeline" else ("run_phase", 0.25, name)
     assert calls == [("connect", "auto"), expected]
     assert 'wmss-job-result: {"ok": 1}' in capsys.readouterr().out
+
+
+def test_tune_main_runs_the_sweep_after_connecting(monkeypatch, capsys):
+    sweep = pytest.importorskip("tune.sweep")
+    from jobs import tune as tune_job
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(common, "connect", lambda address="auto": calls.append(("connect", address)))
+
+    class Best:
+        config = {"mix.lam": 0.3}
+        metrics = {"eval_accuracy": 0.5}
+
+    class Grid(list):
+        def get_best_result(self):
+            return Best()
+
+    monkeypatch.setattr(sweep, "run_sweep", lambda cfg: calls.append(("run_sweep", cfg.mix.lam)) or Grid())
+    monkeypatch.setattr(sweep, "summarize", lambda grid: "table")
+    assert tune_job.main(["--config", str(TINY), "--set", "mix.lam=0.25"]) == 0
+    assert calls == [("connect", "auto"), ("run_sweep", 0.25)]
+    assert '"best_config": {"mix.lam": 0.3}' in capsys.readouterr().out

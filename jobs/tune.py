@@ -1,0 +1,40 @@
+"""``ray job submit`` entrypoint: a Ray Tune sweep over mix.* / curriculum.* (``tune.search_space``).
+
+    python -m jobs.tune --config PATH [--set tune.num_samples=8 ...]
+
+Thin over ``tune.sweep.run_sweep(cfg)``: the shared phases (up to scoring) run once, then one
+trial per sampled setting (curriculum -> WMSS -> eval of the WMSS model); see ``jobs/common.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from jobs import common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return common.build_parser(
+        prog="python -m jobs.tune",
+        description="Run a Ray Tune sweep of the WMSS knobs on the Ray cluster this job runs in.",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def body() -> None:
+        cfg = common.load_job_config(args.config, args.overrides)
+        common.connect(args.address)
+        from tune.sweep import run_sweep, summarize
+
+        grid = run_sweep(cfg)
+        print(summarize(grid), flush=True)
+        best = grid.get_best_result()
+        common.print_result({"best_config": best.config, "best_metrics": best.metrics})
+
+    return common.run(body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
