@@ -89,3 +89,24 @@ def test_exported_wmss_model_generates_in_plain_transformers(tiny_run):
     with torch.no_grad():
         gen = model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert gen.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_tune_sweep_reuses_the_shared_phases(tiny_run):
+    """One Ray Tune trial on top of the finished run: only curriculum -> WMSS -> eval run in it."""
+    from tune.sweep import SHARED_PHASES, run_sweep
+
+    cfg, out = tiny_run
+    sweep_cfg = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={
+        "num_samples": 1, "search_space": {"mix.lam": {"choice": [0.3]}}})})
+    grid = run_sweep(sweep_cfg)
+    assert len(grid) == 1 and grid.errors == []
+    result = grid[0]
+    assert result.config == {"mix.lam": 0.3}
+    assert 0.0 <= result.metrics["eval_accuracy"] <= 1.0 and result.metrics["n_eval"] == cfg.data.demo.n_eval
+    trial_dirs = [d for d in (Path(cfg.run_dir()) / "tune").iterdir() if d.name != "sweep"]
+    assert len(trial_dirs) == 1
+    for phase in SHARED_PHASES:
+        assert (trial_dirs[0] / phase).is_symlink()
+    trial_wmss = json.loads((trial_dirs[0] / "wmss_1" / "manifest.json").read_text())
+    assert trial_wmss["status"] == "completed"
+    assert trial_wmss["fingerprint"] != _manifest(cfg, "wmss_1")["fingerprint"]  # λ differs
