@@ -83,6 +83,7 @@ class DemoDataConfig(_Section):
     max_operand: int = Field(99, ge=2)
     max_multiplier: int = Field(9, ge=2, description="multiplication steps use a factor in 2..max_multiplier")
     pretrain_equation_fraction: float = Field(0.5, ge=0, le=1, description="phase 0: share of single equations")
+    pretrain_chat_fraction: float = Field(0.1, ge=0, le=1, description="phase 0: share of problems in chat format")
 
 
 class DataConfig(_Section):

@@ -118,3 +118,13 @@ def test_write_demo_corpus(tmp_path):
 def test_impossible_request_fails_clearly():
     with pytest.raises(ValueError, match="max_operand"):
         generate_split("eval", 50, 0, DemoDataConfig(max_operand=2, max_multiplier=2, min_steps=1, max_steps=1))
+
+
+def test_pretrain_texts_chat_share():
+    cfg = DemoDataConfig(pretrain_chat_fraction=0.5, pretrain_equation_fraction=0.0)
+    render = lambda msgs: "".join(f"<{m['role']}>{m['content']}" for m in msgs)  # noqa: E731
+    texts = pretrain_texts(200, 0, cfg, render_chat=render)
+    chat = [t for t in texts if t.startswith("<user>")]
+    assert 60 < len(chat) < 140 and len(chat) + sum(t.startswith("Q: ") for t in texts) == 200
+    assert all("<assistant>" in t and extract_final_answer(t) for t in chat)
+    assert not any(t.startswith("<user>") for t in pretrain_texts(200, 0, cfg))  # no renderer: all plain

@@ -36,10 +36,11 @@ def test_pretrain_base_writes_loadable_m0(tmp_path):
 
 def test_pack_texts_separates_with_endoftext():
     tok = build_demo_tokenizer()
-    stream = pack_texts(tok, ["1+1=2", "Q: x"])
+    stream, starts = pack_texts(tok, ["1+1=2", "Q: x"])
     eot = tok.convert_tokens_to_ids("<|endoftext|>")
     assert tok.decode(stream.tolist()) == "<|endoftext|>1+1=2<|endoftext|>Q: x<|endoftext|>"
     assert (stream == eot).sum() == 3
+    assert starts.tolist() == [0, 6] and (stream[starts] == eot).all()
 
 
 def test_lr_schedule_warmup_then_cosine():

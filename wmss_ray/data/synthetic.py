@@ -22,6 +22,7 @@ import hashlib
 import json
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -120,14 +121,18 @@ def generate_split(split: str, n: int, seed: int, cfg: DemoDataConfig) -> list[d
     return rows
 
 
-def pretrain_texts(n: int, seed: int, cfg: DemoDataConfig) -> list[str]:
-    """``n`` phase-0 documents: single equations ("23+45=68") and plain worked problems.
+def pretrain_texts(
+    n: int, seed: int, cfg: DemoDataConfig, render_chat: Callable[[list[dict[str, str]]], str] | None = None
+) -> list[str]:
+    """``n`` phase-0 documents: single equations ("23+45=68") and worked problems.
 
-    Worked problems come from the ``pretrain`` split and use a plain format, not the chat
-    template ("Q: Compute ...\\nA: 23+45=68\\n...\\n#### 187"): M0 learns arithmetic and the
-    worked-answer style but not the chat format, which SFT teaches later.
-    A share ``cfg.pretrain_equation_fraction`` of the documents are equations whose
-    operands follow the same distribution as the steps of a problem.
+    Worked problems come from the ``pretrain`` split in a plain format, not the chat template
+    ("Q: Compute ...\nA: 23+45=68\n...\n#### 187"): M0 learns arithmetic and the worked-answer
+    style, SFT later teaches the chat format. A share ``cfg.pretrain_equation_fraction`` of the
+    documents are equations whose operands follow the distribution of a problem's steps. When
+    ``render_chat`` is given (messages -> text, e.g. the tokenizer's chat template), a share
+    ``cfg.pretrain_chat_fraction`` of the problems is rendered with it instead, like the little
+    chat-formatted text a real base model has seen.
     """
     rng = random.Random(f"wmss-demo/{seed}/pretrain-texts")
     n_eq = round(n * cfg.pretrain_equation_fraction)
@@ -137,8 +142,11 @@ def pretrain_texts(n: int, seed: int, cfg: DemoDataConfig) -> list[str]:
         a, op, b, r = rng.choice(steps)
         texts.append(f"{a}{op}{b}={r}")
     for row in generate_split("pretrain", n - n_eq, seed, cfg):
-        q, a = row["messages"][0]["content"], row["messages"][1]["content"]
-        texts.append(f"Q: {q}\nA: {a}")
+        if render_chat is not None and rng.random() < cfg.pretrain_chat_fraction:
+            texts.append(render_chat(row["messages"]))
+        else:
+            q, a = row["messages"][0]["content"], row["messages"][1]["content"]
+            texts.append(f"Q: {q}\nA: {a}")
     rng.shuffle(texts)
     return texts
 

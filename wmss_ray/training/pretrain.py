@@ -7,7 +7,7 @@ learnt some arithmetic and the worked-answer style but has never seen the chat f
 SFT (phase 1) then teaches, which is the regime WMSS starts from.
 
 Documents are packed into one token stream separated by ``<|endoftext|>``; each step reads
-``batch_size`` windows of ``seq_len + 1`` tokens at seeded random offsets (inputs ``[B, S]``,
+``batch_size`` windows of ``seq_len + 1`` tokens starting at seeded random document boundaries (inputs ``[B, S]``,
 next-token targets ``[B, S]``).
 """
 
@@ -30,15 +30,22 @@ from wmss_ray.models.tokenizer import EOT, build_demo_tokenizer
 log = logging.getLogger(__name__)
 
 
-def pack_texts(tokenizer, texts: list[str]) -> torch.Tensor:
-    """One int64 stream ``[N]``: ``<|endoftext|> text <|endoftext|> text ...``."""
+def pack_texts(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack documents into one stream: ``<|endoftext|> text <|endoftext|> text ... <|endoftext|>``.
+
+    Returns ``(stream [N] int64, doc_starts [D] int64)``; ``doc_starts[d]`` is the index of the
+    ``<|endoftext|>`` that precedes document ``d`` (a window starting there sees it whole).
+    """
     eot = tokenizer.convert_tokens_to_ids(EOT)
     enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    stream: list[int] = [eot]
+    stream: list[int] = []
+    starts: list[int] = []
     for ids in enc:
-        stream.extend(ids)
+        starts.append(len(stream))
         stream.append(eot)
-    return torch.tensor(stream, dtype=torch.long)
+        stream.extend(ids)
+    stream.append(eot)
+    return torch.tensor(stream, dtype=torch.long), torch.tensor(starts, dtype=torch.long)
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -72,10 +79,17 @@ def _train(cfg: WMSSConfig, out: Path, p0, seed: int) -> str:
     tok = build_demo_tokenizer()
     model = build_tiny_model(cfg.models.demo_model, tok, seed)
     seq_len = min(p0.seq_len, cfg.models.demo_model.max_position_embeddings)
-    stream = pack_texts(tok, pretrain_texts(cfg.data.demo.n_pretrain, seed, cfg.data.demo))
-    if p0.steps > 0 and len(stream) < seq_len + 2:
+    texts = pretrain_texts(
+        cfg.data.demo.n_pretrain, seed, cfg.data.demo,
+        render_chat=lambda msgs: tok.apply_chat_template(msgs, tokenize=False),
+    )
+    stream, doc_starts = pack_texts(tok, texts)
+    # Windows start at document boundaries (never mid-question); those too close to the end
+    # of the stream for a full window are dropped.
+    doc_starts = doc_starts[doc_starts <= len(stream) - seq_len - 1]
+    if p0.steps > 0 and len(doc_starts) == 0:
         raise ValueError(
-            f"phase 0 corpus has {len(stream)} tokens, fewer than phase0.seq_len + 2 = {seq_len + 2}; "
+            f"phase 0 corpus has {len(stream)} tokens, fewer than phase0.seq_len + 1 = {seq_len + 1}; "
             "raise data.demo.n_pretrain"
         )
     gen = torch.Generator().manual_seed(seed)
@@ -86,7 +100,7 @@ def _train(cfg: WMSSConfig, out: Path, p0, seed: int) -> str:
     losses: list[list[float]] = []
     model.train()
     for step in range(p0.steps):
-        starts = torch.randint(0, len(stream) - seq_len - 1, (p0.batch_size,), generator=gen)
+        starts = doc_starts[torch.randint(0, len(doc_starts), (p0.batch_size,), generator=gen)]
         window = stream[starts[:, None] + offsets]  # [B, S+1]
         logits = model(input_ids=window[:, :-1]).logits  # [B, S, V]
         # Targets are already the next tokens, so no further shift (unlike HF's labels=).
