@@ -19,11 +19,10 @@ place with a reason (see ``data.rejects``) so it is counted, never lost. ``sampl
 ``str(row[data.id_column])`` or, without an id column, ``"<file relative to corpus root>:<row>"``
 (e.g. ``"train.jsonl:17"``), and travels through every later phase.
 
-Why a custom datasource: Ray's ``read_json`` / ``read_text`` drop line numbers (and
-``read_json`` fails a whole file on one bad line), so ``CorpusDatasource`` streams each file
-itself and yields line-numbered blocks of ``block_rows`` rows; one read task per file (shard
-big corpora for parallel reads). The same row generator, :func:`iter_file_rows`, serves the
-Ray-free path (:func:`iter_corpus`) used by tests and the benchmark's plain loop.
+This module is Ray-free. Its Ray Data side, ``data.ray_corpus.CorpusDatasource``, streams each
+file through the same row generator, :func:`iter_file_rows`, that the Ray-free
+:func:`iter_corpus` (tests, the benchmark's plain loop) uses; see docs/SCORING.md for why a
+custom datasource rather than ``read_json`` / ``read_text``.
 """
 
 from __future__ import annotations

@@ -47,6 +47,11 @@ TOKEN_SCHEMA = pa.schema([
     ("reject_detail", pa.string()),
 ])
 TOKENIZED_COLUMNS = ["sample_id", "input_ids", "labels"]
+# Logical CPUs reserved per read / write task: none. They are light (parse, I/O) next to the
+# model work, and any reservation lets scorer actors that own every CPU starve them: with
+# 1 scorer x 2 CPUs on a 2-CPU node a 0.25-CPU read task is never scheduled and the run hangs.
+# Their concurrency stays bounded by the number of files and Ray Data's backpressure.
+IO_TASK_CPUS = 0
 
 
 def ensure_ray() -> None:
@@ -238,7 +243,8 @@ def tokenize_corpus(cfg: WMSSConfig, tokenizer_path: str, corpus: str, out_dir: 
     c = open_corpus(corpus, data)
     for sub in ("tokenized", "_tokenize_index", "_rejects_parts"):
         R.reset_dir(R.join(out_dir, sub))
-    ds = ray.data.read_datasource(CorpusDatasource(c, data, block_rows or cfg.scoring.batch_size))
+    ds = ray.data.read_datasource(CorpusDatasource(c, data, block_rows or cfg.scoring.batch_size),
+                                  num_cpus=IO_TASK_CPUS)
     ds = ds.map_batches(
         TokenizeBatch, fn_constructor_args=(tokenizer_path, data, cfg.models.trust_remote_code),
         batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
@@ -247,7 +253,7 @@ def tokenize_corpus(cfg: WMSSConfig, tokenizer_path: str, corpus: str, out_dir: 
     )
     sink = TokenizedSink(out_dir)
     try:
-        ds.write_datasink(sink)
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": IO_TASK_CPUS})
     except Exception as e:  # Ray wraps task errors; surface ours with its own message
         err = R.find_corpus_error(e)
         if err is not None:
@@ -296,7 +302,7 @@ class TokenizedDatasource(FileBasedDatasource):
 
 def read_tokenized(path: str, block_rows: int = 256) -> "ray.data.Dataset":
     """The tokenised corpus as a Ray Dataset of ``{sample_id, input_ids, labels}`` rows."""
-    return ray.data.read_datasource(TokenizedDatasource(path, block_rows))
+    return ray.data.read_datasource(TokenizedDatasource(path, block_rows), num_cpus=IO_TASK_CPUS)
 
 
 def count_rows(path: str) -> int:

@@ -19,6 +19,7 @@ tokenised row got exactly one score.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -36,6 +37,7 @@ from wmss_ray.data.ray_corpus import count_rows, ensure_ray, read_tokenized, tok
 from wmss_ray.scoring.scorer import SCORE_COLUMNS, EntropyScorer
 
 SCORES_FILE = "scores.parquet"
+log = logging.getLogger("wmss_ray.scoring")
 
 
 @dataclass
@@ -67,9 +69,19 @@ def scorer_kwargs(cfg: WMSSConfig, weak_model: str, strong_model: str) -> dict[s
     }
 
 
+def _warn_if_pool_cannot_fit(cfg: WMSSConfig) -> None:
+    """A fixed pool larger than the cluster waits forever (unless an autoscaler adds nodes)."""
+    s, have = cfg.scoring, ray.cluster_resources()
+    for res, per in (("CPU", s.cpus_per_actor), ("GPU", s.gpus_per_actor)):
+        if per and s.num_actors * per > have.get(res, 0):
+            log.warning("scoring pool needs %g %s (%d actors x %g) but the cluster has %g; it will wait "
+                        "for more nodes", s.num_actors * per, res, s.num_actors, per, have.get(res, 0))
+
+
 def score_dataset(ds: "ray.data.Dataset", cfg: WMSSConfig, weak_model: str, strong_model: str) -> "ray.data.Dataset":
     """``{sample_id, input_ids, labels}`` rows -> score rows (``SCORE_COLUMNS``), lazily."""
     s = cfg.scoring
+    _warn_if_pool_cannot_fit(cfg)
     return ds.map_batches(
         EntropyScorer,
         fn_constructor_kwargs=scorer_kwargs(cfg, weak_model, strong_model),
