@@ -12,11 +12,14 @@ Three figures per path:
 - ``end_to_end``: corpus file -> ``scores.parquet`` (read, normalise, tokenise, both models,
   write; for Ray this includes starting the tokenizer and scorer actors, not ``ray.init``).
 - ``scoring``: tokenised rows -> scores, model loading (and actor start) included.
-- ``steady``: scoring throughput between the first and the last batch of scores, i.e. without
-  the fixed start-up cost; this is the figure that carries over to long runs.
+- ``steady``: scoring throughput without the fixed start-up cost: per worker (actor, or the
+  plain loop), the rows of its batches after the first over the time from its first to its last
+  batch, summed over workers (Ray: a second scoring pass with a scorer that stamps each batch
+  with its pid and finish time). This is the figure that carries over to long runs, and it
+  includes Ray Data's per-batch costs (moving blocks, batching, the actor call).
 
-The plain loop runs twice (before and after the Ray runs) and the mean of its times is the
-baseline, which damps drift from other processes on a shared machine; each row also shows the
+Each plain run happens in a fresh interpreter. The 1-thread plain loop runs twice (before and
+after the Ray runs) and the mean of its times is the baseline, which damps drift from other processes on a shared machine; each row also shows the
 1-minute load average when that run ended.
 
 Usage::
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -73,29 +77,73 @@ def run_plain(cfg, paths: dict[str, str], threads: int) -> dict[str, float]:
     for start in range(0, len(rows), bs):
         chunk = rows[start:start + bs]
         scorer.score_rows([r["input_ids"] for r in chunk], [r["labels"] for r in chunk])
-        stamps.append((time.perf_counter(), start + len(chunk)))
+        stamps.append((0, time.perf_counter(), len(chunk)))
     t1 = time.perf_counter()
-    (t_first, n_first) = stamps[0]
+    steady_rows, steady_s = steady_rate(stamps)
     return {"rows": len(rows), "end_to_end_s": t1 - t0, "scoring_s": t1 - t_tok, "tokenize_s": t_tok - t0,
-            "steady_rows": len(rows) - n_first, "steady_s": t1 - t_first, "load": os.getloadavg()[0]}
+            "steady_rows": steady_rows, "steady_s": steady_s, "load": os.getloadavg()[0]}
+
+
+def plain_in_subprocess(base_cfg: str | None, overrides: list[str], paths: dict[str, str], threads: int):
+    """``run_plain`` in a fresh interpreter: no Ray, no leftovers of building the models."""
+    spec = json.dumps({"base_cfg": base_cfg, "overrides": overrides, "paths": paths, "threads": threads})
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--plain-worker", spec],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+class TimedScorer:
+    """Mixin for EntropyScorer that stamps each output row with its process and finish time."""
+
+    def __call__(self, batch):
+        out = super().__call__(batch)
+        n = len(out["sample_id"])
+        return {**out, "pid": [os.getpid()] * n, "t_done": [time.time()] * n}
+
+
+def steady_rate(stamps: list[tuple[int, float, int]]) -> tuple[int, float]:
+    """``(rows, seconds)`` of start-up-free work from ``(worker, t_done, rows)`` per batch.
+
+    Per worker: the rows of its batches after the first over the time from its first to its last
+    batch; workers run in parallel, so rates add up: returns (total rows, rows / summed rate).
+    """
+    by_worker: dict[int, list[tuple[float, int]]] = {}
+    for worker, t, rows in stamps:
+        by_worker.setdefault(worker, []).append((t, rows))
+    rate, rows_total = 0.0, 0
+    for items in by_worker.values():
+        items.sort()
+        if len(items) > 1:
+            rows = sum(r for _, r in items[1:])
+            rate += rows / max(items[-1][0] - items[0][0], 1e-9)
+            rows_total += rows
+    return rows_total, rows_total / max(rate, 1e-9)
 
 
 def run_ray(cfg, paths: dict[str, str], out_dir: str) -> dict[str, float]:
-    from wmss_ray.scoring.ray_scoring import score_corpus
+    """``score_corpus`` end to end, then a second scoring pass over its ``tokenized/`` with a
+    timed scorer for the steady rate (per actor, from its first to its last batch)."""
+    import pyarrow as pa
 
-    stamps: list[tuple[float, int]] = []
-    res = score_corpus(cfg, paths["weak"], paths["strong"], paths["corpus"], out_dir,
-                       progress=False, progress_callback=lambda done: stamps.append((time.perf_counter(), done)))
+    from wmss_ray.data.ray_corpus import read_tokenized
+    from wmss_ray.scoring.ray_scoring import score_corpus, score_dataset
+    from wmss_ray.scoring.scorer import EntropyScorer
+
+    res = score_corpus(cfg, paths["weak"], paths["strong"], paths["corpus"], out_dir, progress=False)
     manifest = json.loads(open(res.manifest_path).read())
-    n = res.counts["rows_scored"]
-    (t_first, n_first), (t_last, _) = stamps[0], stamps[-1]
-    return {"rows": n, "end_to_end_s": res.elapsed, "scoring_s": manifest["score_elapsed_s"],
-            "tokenize_s": manifest["tokenize_elapsed_s"], "steady_rows": n - n_first,
-            "steady_s": t_last - t_first, "load": os.getloadavg()[0]}
+    timed = type("TimedEntropyScorer", (TimedScorer, EntropyScorer), {})
+    ds = score_dataset(read_tokenized(res.tokenized_path, cfg.scoring.batch_size), cfg,
+                       paths["weak"], paths["strong"], scorer_cls=timed)
+    t = pa.concat_tables(ds.iter_batches(batch_size=None, batch_format="pyarrow")).select(["pid", "t_done"])
+    groups = t.group_by(["pid", "t_done"]).aggregate([([], "count_all")]).to_pylist()
+    steady_rows, steady_s = steady_rate([(g["pid"], g["t_done"], g["count_all"]) for g in groups])
+    return {"rows": res.counts["rows_scored"], "end_to_end_s": res.elapsed, "scoring_s": manifest["score_elapsed_s"],
+            "tokenize_s": manifest["tokenize_elapsed_s"], "steady_rows": steady_rows, "steady_s": steady_s,
+            "load": os.getloadavg()[0]}
 
 
 def rates(r: dict[str, float]) -> dict[str, float]:
-    """samples/s: end-to-end, scoring (start-up included), steady (first to last score batch)."""
+    """samples/s: end-to-end, scoring (start-up included), steady (start-up excluded)."""
     return {"end_to_end": r["rows"] / r["end_to_end_s"], "scoring": r["rows"] / r["scoring_s"],
             "steady": r["steady_rows"] / max(r["steady_s"], 1e-9)}
 
@@ -120,7 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--quick", action="store_true", help="smoke test: 300 rows, the test-tiny model")
     ap.add_argument("--out", default=None, help="also write the raw timings as JSON here")
+    ap.add_argument("--plain-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.plain_worker:  # internal: one plain run in this fresh process
+        spec = json.loads(args.plain_worker)
+        print(json.dumps(run_plain(load_config(spec["base_cfg"], spec["overrides"]), spec["paths"], spec["threads"])))
+        return 0
     n, N = (300 if args.quick else args.rows), args.cpus
     base_cfg = "configs/test-tiny.yaml" if args.quick else None
     overrides = [f"data.demo.n_train={n}", "data.demo.n_eval=1", f"scoring.batch_size={args.batch_size}"]
@@ -132,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     paths = build_world(cfg, root)
     print(f"world: {n} rows, model {cfg.models.demo_model.model_dump()}, batch {args.batch_size}, N={N}", flush=True)
     results: list[tuple[str, int, dict[str, float]]] = []
-    plain_1a = run_plain(cfg, paths, 1)
-    plain_n = run_plain(cfg, paths, N)
+    plain_1a = plain_in_subprocess(base_cfg, overrides, paths, 1)
+    plain_n = plain_in_subprocess(base_cfg, overrides, paths, N)
     ray.init(num_cpus=N, include_dashboard=False, logging_level="WARNING",
              _temp_dir=tempfile.mkdtemp(prefix="rb-", dir="/tmp"),
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
@@ -145,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  done: {results[-1][0]}", flush=True)
     finally:
         ray.shutdown()
-    plain_1b = run_plain(cfg, paths, 1)
+    plain_1b = plain_in_subprocess(base_cfg, overrides, paths, 1)
     plain_1 = {k: (plain_1a[k] + plain_1b[k]) / 2 for k in plain_1a}  # mean times of the two runs
     # Baseline at N CPUs: the faster plain configuration that uses at most N CPUs.
     best_n = min((plain_1, plain_n), key=lambda r: r["scoring_s"])

@@ -78,12 +78,16 @@ def _warn_if_pool_cannot_fit(cfg: WMSSConfig) -> None:
                         "for more nodes", s.num_actors * per, res, s.num_actors, per, have.get(res, 0))
 
 
-def score_dataset(ds: "ray.data.Dataset", cfg: WMSSConfig, weak_model: str, strong_model: str) -> "ray.data.Dataset":
-    """``{sample_id, input_ids, labels}`` rows -> score rows (``SCORE_COLUMNS``), lazily."""
+def score_dataset(ds: "ray.data.Dataset", cfg: WMSSConfig, weak_model: str, strong_model: str,
+                  scorer_cls: type = EntropyScorer) -> "ray.data.Dataset":
+    """``{sample_id, input_ids, labels}`` rows -> score rows (``SCORE_COLUMNS``), lazily.
+
+    ``scorer_cls``: ``EntropyScorer`` or a subclass (the benchmark adds per-batch timings).
+    """
     s = cfg.scoring
     _warn_if_pool_cannot_fit(cfg)
     return ds.map_batches(
-        EntropyScorer,
+        scorer_cls,
         fn_constructor_kwargs=scorer_kwargs(cfg, weak_model, strong_model),
         batch_size=s.batch_size,
         batch_format="numpy",
