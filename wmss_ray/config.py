@@ -80,8 +80,8 @@ class DemoDataConfig(_Section):
     n_eval: int = Field(500, ge=1)
     min_steps: int = Field(2, ge=1)
     max_steps: int = Field(3, ge=1)
-    max_operand: int = Field(99, ge=2)
-    max_multiplier: int = Field(9, ge=2, description="multiplication steps use a factor in 2..max_multiplier")
+    max_operand: int = Field(20, ge=2)
+    max_multiplier: int = Field(5, ge=2, description="multiplication steps use a factor in 2..max_multiplier")
     pretrain_equation_fraction: float = Field(0.5, ge=0, le=1, description="phase 0: share of single equations")
     pretrain_chat_fraction: float = Field(0.1, ge=0, le=1, description="phase 0: share of problems in chat format")
 
@@ -185,6 +185,7 @@ class Phase0Config(_Section):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     weight_decay: float = Field(0.01, ge=0)
     log_every: int = Field(50, ge=1)
+    num_threads: int = Field(0, ge=0, description="torch threads for phase 0; 0: every usable CPU (1 is faster on a busy machine)")
 
 
 class ScalingConfig(_Section):

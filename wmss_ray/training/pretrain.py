@@ -56,16 +56,26 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _usable_cpus() -> int:
+    """CPUs this process may run on (the affinity mask, not the host's count, in containers)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS / Windows
+        return max(1, os.cpu_count() or 1)
+
+
 def pretrain_base(cfg: WMSSConfig, out_dir: str | Path) -> str:
     """Build, pre-train and save M0 into ``out_dir``; returns ``out_dir``.
 
-    Also writes ``out_dir/phase0_metrics.json``: ``{"steps", "seconds", "cpu_seconds", "tokens_seen",
-    "n_params", "losses": [[step, loss], ...], "final_loss"}``.
+    Also writes ``out_dir/phase0_metrics.json``: ``{"steps", "seconds", "cpu_seconds", "threads",
+    "tokens_seen", "corpus_tokens", "n_params", "losses": [[step, loss], ...], "final_loss"}``.
     """
     p0, seed = cfg.phase0, cfg.run.seed
     prev_threads = torch.get_num_threads()
-    # Phase 0 runs alone in its process; use every core, then give the setting back.
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    # Phase 0 runs alone in its process: by default use every core, then give the setting back.
+    # On a machine shared with other busy processes, intra-op threads stall each other (measured
+    # 5x slower per step with 2 threads than 1 on 2 loaded cores); phase0.num_threads=1 avoids it.
+    torch.set_num_threads(p0.num_threads or _usable_cpus())
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -118,8 +128,10 @@ def _train(cfg: WMSSConfig, out: Path, p0, seed: int) -> str:
     metrics = {
         "steps": p0.steps,
         "seconds": round(time.perf_counter() - start, 2),
-        # CPU seconds of this process: a load-independent cost figure on a shared machine.
+        # CPU seconds of this process; with one thread, close to the cost on an idle machine
+        # (with more, threads spinning while they wait for each other inflate it under load).
         "cpu_seconds": round(time.process_time() - cpu_start, 2),
+        "threads": torch.get_num_threads(),
         "tokens_seen": p0.steps * p0.batch_size * seq_len,
         "corpus_tokens": len(stream),
         "n_params": sum(p.numel() for p in model.parameters()),
