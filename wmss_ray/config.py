@@ -76,8 +76,8 @@ class DemoDataConfig(_Section):
     """The built-in synthetic multi-step arithmetic task."""
 
     n_pretrain: int = Field(20000, ge=0)
-    n_train: int = Field(20000, ge=1)
-    n_eval: int = Field(500, ge=1)
+    n_train: int = Field(10000, ge=1)
+    n_eval: int = Field(300, ge=1)
     min_steps: int = Field(2, ge=1)
     max_steps: int = Field(3, ge=1)
     max_operand: int = Field(20, ge=2)
