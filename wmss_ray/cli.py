@@ -125,16 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed subcommand; a config error is one clear line and exit code 2."""
     try:
         return int(args.func(args) or 0)
     except ConfigError as err:
         print(f"wmss: {err}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return run_command(args)
 
 
 if __name__ == "__main__":

@@ -202,16 +202,23 @@ def plot_training_curves(metrics: dict[str, list[dict]], path: Path) -> Path | N
     curves = [("sft_continued", "loss", "SFT-continued loss", "-"), ("wmss", "loss", "WMSS loss (mixed)", "-"),
               ("wmss", "ce_strong", "WMSS CE of strong alone", "--")]
     fig = _figure()
+    series = [(metrics.get(phase) or [], key, label, style) for phase, key, label, style in curves]
+    return _line_plot(fig, series, path, ylabel="answer-token CE (nats)", title="Training curves")
+
+
+def _line_plot(fig, series: list[tuple[list[dict], str, str, str]], path: Path, ylabel: str,
+               title: str) -> Path | None:
+    """One line per (rows, key, label, style) over the optimizer step; None when nothing to draw."""
     ax = fig.add_subplot()
     drawn = 0
-    for phase, key, label, style in curves:
-        xs, ys = _series(metrics.get(phase) or [], key)
+    for rows, key, label, style in series:
+        xs, ys = _series(rows, key)
         if xs:
             ax.plot(xs, ys, style, label=label)
             drawn += 1
     if not drawn:
         return None
-    ax.set(xlabel="optimizer step", ylabel="answer-token CE (nats)", title="Training curves")
+    ax.set(xlabel="optimizer step", ylabel=ylabel, title=title)
     ax.legend()
     ax.grid(alpha=0.3)
     return _save(fig, path)
@@ -220,20 +227,9 @@ def plot_training_curves(metrics: dict[str, list[dict]], path: Path) -> Path | N
 def plot_target_probs(metrics: dict[str, list[dict]], path: Path) -> Path | None:
     """Mean P_mix(y) and P_strong(y) of the target token over WMSS training."""
     rows = metrics.get("wmss") or []
-    fig = _figure()
-    ax = fig.add_subplot()
-    drawn = 0
-    for key, label in (("p_mix", "P_mix(y)"), ("p_strong", "P_strong(y)")):
-        xs, ys = _series(rows, key)
-        if xs:
-            ax.plot(xs, ys, label=label)
-            drawn += 1
-    if not drawn:
-        return None
-    ax.set(xlabel="optimizer step", ylabel="mean target probability", title="WMSS: target-token probability")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
+    series = [(rows, "p_mix", "P_mix(y)", "-"), (rows, "p_strong", "P_strong(y)", "-")]
+    return _line_plot(_figure(), series, path, ylabel="mean target probability",
+                      title="WMSS: target-token probability")
 
 
 def plot_entropy_scatter(h_weak: np.ndarray, h_strong: np.ndarray, dh: np.ndarray, path: Path) -> Path:

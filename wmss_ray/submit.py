@@ -367,13 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wmss_ray.submit")
     add_cli_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    from wmss_ray.config import ConfigError
+    from wmss_ray.cli import run_command
 
-    try:
-        return int(args.func(args) or 0)
-    except ConfigError as err:
-        print(f"wmss: {err}", file=sys.stderr)
-        return 2
+    return run_command(args)
 
 
 if __name__ == "__main__":
