@@ -198,7 +198,7 @@ def run_isolated(a, impl: str, mode: str, tmp: str) -> tuple[dict, dict]:
     for k in SIZE_ARGS:
         cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1]), torch.load(fp_path)
+    return json.loads(out.strip().splitlines()[-1]), torch.load(fp_path, weights_only=True)
 
 
 def max_rel_err(fa: dict, fb: dict) -> float:

@@ -83,7 +83,7 @@ def load_checkpoint(engine, ckpt_dir: str, rank: int, exclude_frozen: bool,
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt_dir}")
     rng_path = os.path.join(ckpt_dir, f"rng_rank{rank}.pt")
     if os.path.exists(rng_path):
-        _set_rng_state(torch.load(rng_path, weights_only=False))
+        _set_rng_state(torch.load(rng_path, weights_only=True))  # tensors, ints and tuples only
     return state
 
 
