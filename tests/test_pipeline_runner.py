@@ -5,7 +5,9 @@ The end-to-end run of the real phases lives in tests/test_pipeline_e2e.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 
 import pytest
 
@@ -25,7 +27,7 @@ def _fake_phases(calls, fail_at=None):
 
     def phases(cfg):
         real = build_phases(cfg)
-        return [Phase(p.name, p.needs, p.sections, make(p.name)) for p in real]
+        return [dataclasses.replace(p, run=make(p.name)) for p in real]
 
     return phases
 
@@ -102,3 +104,47 @@ def test_a_crash_is_recorded_and_the_next_run_resumes_there(cfg, monkeypatch):
 def test_unknown_phase_names_are_refused(cfg):
     with pytest.raises(ValueError, match="unknown phase 'wmss'.*score_1"):
         run_pipeline(cfg, from_phase="wmss")
+
+
+def test_a_weak_override_reruns_from_score_1_only(cfg, monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(pipeline, "build_phases", _fake_phases(calls))
+    monkeypatch.setattr(pipeline, "ensure_ray", lambda: None)
+    run_pipeline(cfg)
+    calls.clear()
+    with_weak = load_config(None, [f"run.storage={tmp_path}", "run.name=r", "models.weak=/models/half-sft"])
+    run_pipeline(with_weak)
+    assert calls == ["score_1", "curriculum_1", "wmss_1", "baseline", "eval", "report"]
+
+
+def test_the_weak_override_is_the_weak_agent_of_iteration_1_only(tmp_path):
+    c = load_config(None, ["run.iterations=2", "models.weak=/w"])
+    ctx = pipeline.RunContext(c)
+    ctx.outputs = {"phase0": {"model_dir": "/m0"}, "sft": {"model_dir": "/m1"}, "wmss_1": {"model_dir": "/m2"}}
+    assert ctx.weak_model(1) == "/w" and ctx.weak_model(2) == "/m1"
+    assert ctx.tokenizer_source() == "/m0"
+
+
+def test_a_strong_model_without_base_needs_a_weak_one():
+    with pytest.raises(Exception, match="models.weak must name the weak model"):
+        load_config(None, ["models.demo=false", "models.strong=/m1", "data.train=/d.jsonl"])
+    c = load_config(None, ["models.demo=false", "models.strong=/m1", "models.weak=/m0", "data.train=/d.jsonl"])
+    ctx = pipeline.RunContext(c)
+    ctx.outputs = {"sft": {"model_dir": "/m1"}}
+    assert ctx.tokenizer_source() == "/m1" and ctx.weak_model(1) == "/m0"
+
+
+def test_a_linked_phase_is_never_rerun_in_place(cfg, monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(pipeline, "build_phases", _fake_phases(calls))
+    monkeypatch.setattr(pipeline, "ensure_ray", lambda: None)
+    run_pipeline(cfg)  # the base run
+    trial = load_config(None, [f"run.storage={tmp_path}/trials", "run.name=t", "scoring.batch_size=7"])
+    os.makedirs(trial.run_dir())
+    for phase in ("data", "phase0", "tokenize", "sft", "score_1"):
+        os.symlink(f"{cfg.run_dir()}/{phase}", f"{trial.run_dir()}/{phase}")
+    before = open(f"{cfg.run_dir()}/score_1/manifest.json").read()
+    calls.clear()
+    with pytest.raises(RuntimeError, match="phase score_1 is linked from .* has other inputs here"):
+        run_pipeline(trial)  # scoring changed, so score_1 would rerun inside the base run
+    assert calls == [] and open(f"{cfg.run_dir()}/score_1/manifest.json").read() == before

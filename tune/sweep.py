@@ -37,9 +37,10 @@ def trial_config(base: WMSSConfig, params: dict[str, Any], trial_name: str) -> W
     return config_from_dict(base.to_dict(), overrides, source=f"tune trial {trial_name}")
 
 
-def link_shared_phases(base_run_dir: Path, trial_run_dir: Path) -> None:
+def link_shared_phases(base_run_dir: Path, trial_run_dir: Path, phases: tuple[str, ...] = SHARED_PHASES) -> None:
+    """Symlink ``phases`` of the base run into the trial's run dir (the pipeline never reruns a link)."""
     trial_run_dir.mkdir(parents=True, exist_ok=True)
-    for phase in SHARED_PHASES:
+    for phase in phases:
         src, dst = base_run_dir / phase, trial_run_dir / phase
         if src.exists() and not dst.exists():
             os.symlink(src, dst, target_is_directory=True)

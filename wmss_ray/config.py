@@ -54,7 +54,9 @@ class ModelsConfig(_Section):
 
     ``demo: true`` builds a tiny model and tokenizer locally and pre-trains it (phase 0).
     Otherwise ``base`` is a local HF causal-LM directory (safetensors). ``strong`` may be given
-    to skip phase 1 (an already fine-tuned M1); ``weak`` then defaults to ``base``.
+    to skip phase 1 (an already fine-tuned M1). ``weak``, when set, replaces M0 as the weak agent
+    of the first WMSS iteration (demo or not: how the weak-strong gap is varied); it must share
+    the strong model's tokenizer. Without ``base``, ``weak`` is required.
     """
 
     demo: bool = True
@@ -69,6 +71,8 @@ class ModelsConfig(_Section):
     def _need_a_model(self) -> "ModelsConfig":
         if not self.demo and not (self.base or self.strong):
             raise ValueError("models.demo is false, so models.base (or models.strong) must name a model directory")
+        if not self.demo and self.strong and not (self.base or self.weak):
+            raise ValueError("models.strong is given without models.base, so models.weak must name the weak model")
         return self
 
 

@@ -18,6 +18,7 @@ Ray Train checkpoint.
 
 from __future__ import annotations
 
+import copy
 import logging
 import traceback
 from dataclasses import dataclass
@@ -36,6 +37,9 @@ class Phase:
     needs: list[str]  # upstream phases whose outputs this one reads
     sections: list[str]  # config sections its result depends on
     run: Callable[["RunContext"], dict[str, Any]]  # returns {"outputs": {...}, "counts": {...}}
+    # dotted keys inside ``sections`` that do not change this phase's result; they are nulled
+    # (not dropped) before hashing, so a run that never set them keeps its fingerprints
+    ignores: tuple[str, ...] = ()
 
 
 class RunContext:
@@ -61,6 +65,16 @@ class RunContext:
         if index == 1:
             return self.out("sft", "model_dir")
         return self.out(f"wmss_{index - 1}", "model_dir")
+
+    def weak_model(self, t: int) -> str:
+        """The weak agent of iteration ``t``: M_{t-1}, or ``models.weak`` for t = 1 when it is set."""
+        if t == 1 and self.cfg.models.weak:
+            return self.cfg.models.weak
+        return self.model(t - 1)
+
+    def tokenizer_source(self) -> str:
+        """The model directory whose tokenizer the corpus is tokenised with (M0, else M1)."""
+        return self.model(0) or self.cfg.models.strong
 
 
 # ----------------------------------------------------------------------------- phases
@@ -91,7 +105,7 @@ def _eval_corpus(ctx: RunContext) -> str | None:
 def _phase_tokenize(ctx: RunContext) -> dict[str, Any]:
     from wmss_ray.data.corpus import tokenize_corpus
 
-    res = tokenize_corpus(ctx.cfg, ctx.model(0), _train_corpus(ctx), str(ctx.phase_dir("tokenize")))
+    res = tokenize_corpus(ctx.cfg, ctx.tokenizer_source(), _train_corpus(ctx), str(ctx.phase_dir("tokenize")))
     return {"outputs": {"tokenized": res.tokenized_path, "rejects": res.rejects_path}, "counts": res.counts}
 
 
@@ -120,7 +134,7 @@ def _phase_score(t: int) -> Callable[[RunContext], dict[str, Any]]:
         from wmss_ray.scoring.ray_scoring import score_tokenized
 
         res = score_tokenized(
-            ctx.cfg, weak_model=ctx.model(t - 1), strong_model=ctx.model(t),
+            ctx.cfg, weak_model=ctx.weak_model(t), strong_model=ctx.model(t),
             tokenized_path=ctx.out("tokenize", "tokenized"), out_dir=str(ctx.phase_dir(f"score_{t}")),
         )
         return {"outputs": {"scores": res.scores_path}, "counts": res.counts}
@@ -144,7 +158,7 @@ def _phase_wmss(t: int) -> Callable[[RunContext], dict[str, Any]]:
         from wmss_ray.training.trainer import train_phase
 
         res = train_phase(
-            ctx.cfg, "wmss", strong_init=ctx.model(t), weak_init=ctx.model(t - 1),
+            ctx.cfg, "wmss", strong_init=ctx.model(t), weak_init=ctx.weak_model(t),
             tokenized_path=ctx.out("tokenize", "tokenized"),
             sampled_ids_path=ctx.out(f"curriculum_{t}", "sampled_ids"),
             out_dir=str(ctx.phase_dir(f"wmss_{t}")), epochs=ctx.cfg.training.wmss_epochs,
@@ -175,7 +189,10 @@ def _phase_eval(ctx: RunContext) -> dict[str, Any]:
     if not eval_path:
         return {"outputs": {"skipped": "no data.eval corpus"}}
     k = ctx.cfg.run.iterations
-    models = {"M0": ctx.model(0), "M1": ctx.model(1)}
+    models = {"M0": ctx.model(0)} if ctx.model(0) else {}
+    if ctx.cfg.models.weak and ctx.cfg.models.weak != ctx.model(0):
+        models["weak"] = ctx.cfg.models.weak
+    models["M1"] = ctx.model(1)
     if "baseline" in ctx.outputs:
         models["SFT-continued"] = ctx.out("baseline", "model_dir")
     models["WMSS"] = ctx.model(k + 1)
@@ -207,20 +224,23 @@ def build_phases(cfg: WMSSConfig) -> list[Phase]:
     """The ordered phase list for this config."""
     demo = cfg.models.demo
     k = cfg.run.iterations
+    no_weak = ("models.weak",)  # the weak override only matters from score_1 on
     phases: list[Phase] = []
     if demo:
         phases.append(Phase("data", [], ["run.seed", "data.demo"], _phase_data))
-        phases.append(Phase("phase0", ["data"], ["run.seed", "models", "phase0", "data.demo"], _phase0))
+        phases.append(Phase("phase0", ["data"], ["run.seed", "models", "phase0", "data.demo"], _phase0, no_weak))
     first = ["data", "phase0"] if demo else []
-    phases.append(Phase("tokenize", first, ["data", "models"], _phase_tokenize))
-    phases.append(Phase("sft", ["tokenize"], ["run.seed", "models", "training", "scaling"], _phase_sft))
+    phases.append(Phase("tokenize", first, ["data", "models"], _phase_tokenize, no_weak))
+    phases.append(Phase("sft", ["tokenize"], ["run.seed", "models", "training", "scaling"], _phase_sft, no_weak))
     prev_model = "sft"
     for t in range(1, k + 1):
         weak_src = "sft" if t == 2 else (f"wmss_{t - 2}" if t > 2 else first[-1] if first else "tokenize")
-        phases.append(Phase(f"score_{t}", ["tokenize", prev_model, weak_src], ["scoring"], _phase_score(t)))
+        # Listed only when set, so runs without the override keep their fingerprints.
+        weak_key = ["models.weak"] if t == 1 and cfg.models.weak else []
+        phases.append(Phase(f"score_{t}", ["tokenize", prev_model, weak_src], ["scoring", *weak_key], _phase_score(t)))
         phases.append(Phase(f"curriculum_{t}", [f"score_{t}"], ["run.seed", "curriculum"], _phase_curriculum(t)))
         phases.append(Phase(f"wmss_{t}", [f"curriculum_{t}", prev_model, weak_src],
-                            ["run.seed", "mix", "training", "scaling"], _phase_wmss(t)))
+                            ["run.seed", "mix", "training", "scaling", *weak_key], _phase_wmss(t)))
         prev_model = f"wmss_{t}"
     if cfg.evaluation.baseline:
         phases.append(Phase("baseline", ["sft", prev_model], ["run.seed", "training", "scaling"], _phase_baseline))
@@ -240,7 +260,22 @@ def _section(cfg_dict: dict[str, Any], dotted: str) -> Any:
     return node
 
 
+def _nulled(cfg_dict: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    if not keys:
+        return cfg_dict
+    out = copy.deepcopy(cfg_dict)
+    for dotted in keys:
+        *parents, leaf = dotted.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict) and leaf in node:
+            node[leaf] = None
+    return out
+
+
 def _phase_fingerprint(phase: Phase, cfg_dict: dict[str, Any], prints: dict[str, str]) -> str:
+    cfg_dict = _nulled(cfg_dict, phase.ignores)
     return fingerprint({
         "phase": phase.name,
         "config": {s: _section(cfg_dict, s) for s in phase.sections},
@@ -281,6 +316,13 @@ def run_pipeline(cfg: WMSSConfig, from_phase: str | None = None, until: str | No
         if not forced and old and old.status == "completed" and old.fingerprint == fp:
             log.info("phase %-13s skipped (completed, same inputs)", phase.name)
             ctx.outputs[phase.name] = old.outputs
+        elif phase_dir.is_symlink():
+            # Linked from another run (a tune trial or an ablation): never rerun it in place, that
+            # would overwrite the other run's results.
+            done = old is not None and old.status == "completed"
+            why = "was forced" if forced else "has other inputs here" if done else "did not complete there"
+            raise RuntimeError(f"phase {phase.name} is linked from {phase_dir.resolve()} and {why}; "
+                               f"refusing to overwrite it (remove the link to run it in this run dir)")
         else:
             _run_one(phase, ctx, fp, phase_dir)
         if phase.name == until:

@@ -40,7 +40,7 @@ from wmss_ray import stats
 
 log = logging.getLogger("wmss_ray.report")
 
-MODEL_ORDER = ("M0", "M1", "SFT-continued", "WMSS")
+MODEL_ORDER = ("M0", "weak", "M1", "SFT-continued", "WMSS")
 PAIRS = (("WMSS", "SFT-continued"), ("WMSS", "M1"))
 _MAX_SCATTER = 20000  # points; a subsample keeps the PNG small on million-row corpora
 
