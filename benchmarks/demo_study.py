@@ -211,6 +211,11 @@ def _seed_row(s: dict) -> str:
             + f" | {_pct(d['SFT-continued']['accuracy'])} / {_pct(d['WMSS']['accuracy'])} | {secs:.0f} |")
 
 
+def _pooled(runs: list[dict], key: str | None = "eval") -> dict:
+    """Per-problem outcomes of several seeds' runs as one paired-test input (ids made unique by seed)."""
+    return {"correct": {f"{r['seed']}/{k}": v for r in runs for k, v in (r[key] if key else r)["correct"].items()}}
+
+
 def write_up(seeds: list[dict], ablations: list[dict], n_eval: int, command: str,
              saturated: dict | None = None) -> str:
     lines = ["# Demo study: WMSS vs SFT-continued", "", f"Command: `{command}`", "",
@@ -247,15 +252,22 @@ def write_up(seeds: list[dict], ablations: list[dict], n_eval: int, command: str
                 weak = f"{label} ({_pct((a.get('weak_eval') or base['evals']['M0'])['accuracy'])})"
                 lines.append(f"| {seed} | {a['name']} | {weak} | {_pct(a['eval']['accuracy'])} | {a['eval']['loss']:.4f} "
                              f"| {_diff(a['vs_sft'])} | {_diff(a['vs_wmss'])} |")
+        multi = {}  # variant -> its runs, for variants run on more than one seed
         for name in dict.fromkeys(a["name"] for a in ablations):
             runs = [a for a in ablations if a["name"] == name]
             if len(runs) > 1:  # pooled per problem over the seeds it ran on
-                ours = {f"{a['seed']}/{k}": v for a in runs for k, v in a["eval"]["correct"].items()}
-                sft = {f"{a['seed']}/{k}": v for a in runs for k, v in by_seed[a["seed"]]["evals"]["SFT-continued"]["correct"].items()}
-                p = paired({"correct": ours}, {"correct": sft}, name, "SFT-continued").to_dict()
+                multi[name] = runs
+                sft = [by_seed[a["seed"]]["evals"]["SFT-continued"] | {"seed": a["seed"]} for a in runs]
+                p = paired(_pooled(runs), _pooled(sft, key=None), name, "SFT-continued").to_dict()
                 acc = mean_and_spread(a["eval"]["accuracy"] for a in runs)
                 lines += ["", f"{name} over seeds {', '.join(str(a['seed']) for a in runs)}: accuracy "
                           f"{_pct(acc[0])} ± {100 * acc[1]:.1f}; pooled ({p['n']} problem-runs) − SFT-continued {_diff(p)}."]
+        names = list(multi)
+        for i, a_name in enumerate(names):  # variants on the same seeds, against each other
+            for b_name in names[i + 1:]:
+                if [r["seed"] for r in multi[a_name]] == [r["seed"] for r in multi[b_name]]:
+                    p = paired(_pooled(multi[a_name]), _pooled(multi[b_name]), a_name, b_name).to_dict()
+                    lines += ["", f"{a_name} − {b_name}, pooled over the same seeds ({p['n']} problem-runs): {_diff(p)}."]
     return "\n".join(lines) + "\n"
 
 
