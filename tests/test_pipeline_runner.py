@@ -75,15 +75,19 @@ def test_rerun_skips_completed_phases_and_from_reruns(cfg, monkeypatch):
     assert calls == ["wmss_1", "baseline", "eval", "report"]
 
 
-def test_changing_lambda_reruns_wmss_but_not_pretraining(cfg, monkeypatch, tmp_path):
+@pytest.mark.parametrize("override, reruns", [
+    ("mix.lam=0.3", ["wmss_1", "baseline", "eval", "report"]),
+    # the weak override: pre-training, tokenising and SFT keep their fingerprints
+    ("models.weak=/models/half-sft", ["score_1", "curriculum_1", "wmss_1", "baseline", "eval", "report"]),
+])
+def test_a_changed_key_reruns_only_the_phases_it_feeds(override, reruns, cfg, monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(pipeline, "build_phases", _fake_phases(calls))
     monkeypatch.setattr(pipeline, "ensure_ray", lambda: None)
     run_pipeline(cfg)
     calls.clear()
-    changed = load_config(None, [f"run.storage={tmp_path}", "run.name=r", "mix.lam=0.3"])
-    run_pipeline(changed)
-    assert calls == ["wmss_1", "baseline", "eval", "report"]
+    run_pipeline(load_config(None, [f"run.storage={tmp_path}", "run.name=r", override]))
+    assert calls == reruns
 
 
 def test_a_crash_is_recorded_and_the_next_run_resumes_there(cfg, monkeypatch):
@@ -104,17 +108,6 @@ def test_a_crash_is_recorded_and_the_next_run_resumes_there(cfg, monkeypatch):
 def test_unknown_phase_names_are_refused(cfg):
     with pytest.raises(ValueError, match="unknown phase 'wmss'.*score_1"):
         run_pipeline(cfg, from_phase="wmss")
-
-
-def test_a_weak_override_reruns_from_score_1_only(cfg, monkeypatch, tmp_path):
-    calls = []
-    monkeypatch.setattr(pipeline, "build_phases", _fake_phases(calls))
-    monkeypatch.setattr(pipeline, "ensure_ray", lambda: None)
-    run_pipeline(cfg)
-    calls.clear()
-    with_weak = load_config(None, [f"run.storage={tmp_path}", "run.name=r", "models.weak=/models/half-sft"])
-    run_pipeline(with_weak)
-    assert calls == ["score_1", "curriculum_1", "wmss_1", "baseline", "eval", "report"]
 
 
 def test_the_weak_override_is_the_weak_agent_of_iteration_1_only(tmp_path):
