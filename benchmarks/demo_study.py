@@ -40,6 +40,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from wmss_ray.config import WMSSConfig, config_from_dict, load_config  # noqa: E402
+from tune.sweep import link_shared_phases  # noqa: E402
 from wmss_ray.stats import PairedTest, mean_and_spread, paired_test_per_sample  # noqa: E402
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -93,10 +94,9 @@ def evaluate_cached(cfg: WMSSConfig, name: str, model_dir: str, eval_path: str, 
             return cached
     # One process: at a few thousand problems the actor pool's start-up costs more than it saves.
     res = evaluate_model(model_dir, eval_path, cfg, name=slug, out_dir=out_dir, use_ray=False)
-    per_sample = [json.loads(line) for line in (out_dir / f"eval_{slug}.jsonl").read_text().splitlines()]
     summary = {"name": name, "model_dir": model_dir, "eval_path": eval_path, "n": res.n,
                "accuracy": res.accuracy, "loss": res.loss,
-               "correct": {r["sample_id"]: bool(r["correct"]) for r in per_sample}}
+               "correct": {r["sample_id"]: bool(r["correct"]) for r in res.per_sample}}
     summary_path.write_text(json.dumps(summary))
     return summary
 
@@ -122,7 +122,7 @@ def run_seed(config: str, storage: Path, seed: int, n_eval: int, link: str | Non
         cfg = config_from_dict(seed_cfg.to_dict(), [f"run.name=seed{seed}-sft{sft_epochs:g}ep",
                                                     f"training.sft_epochs={sft_epochs}"])
         run_dir = Path(cfg.run_dir())
-        _link_upstream(Path(seed_cfg.run_dir()).resolve(), run_dir, ("data", "phase0", "tokenize"))
+        link_shared_phases(Path(seed_cfg.run_dir()).resolve(), run_dir, ("data", "phase0", "tokenize"))
     elif link and not run_dir.exists():
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(Path(link).resolve(), run_dir, target_is_directory=True)
@@ -143,19 +143,13 @@ def run_seed(config: str, storage: Path, seed: int, n_eval: int, link: str | Non
             "wmss_vs_sft": paired(evals["WMSS"], evals["SFT-continued"], "WMSS", "SFT-continued").to_dict()}
 
 
-def _link_upstream(base_run: Path, run_dir: Path, phases: tuple[str, ...]) -> None:
-    from tune.sweep import link_shared_phases
-
-    link_shared_phases(base_run, run_dir, phases)
-
-
 def half_sft_model(base: WMSSConfig) -> str:
     """An SFT model trained for half an epoch from the same M0 (a weak agent closer to M1)."""
     from wmss_ray.pipeline import run_pipeline
 
     cfg = config_from_dict(base.to_dict(), [f"run.storage={Path(base.run_dir()).resolve() / 'ablations'}",
                                             "run.name=_half_epoch_sft", "training.sft_epochs=0.5"])
-    _link_upstream(Path(base.run_dir()).resolve(), Path(cfg.run_dir()), ("data", "phase0", "tokenize"))
+    link_shared_phases(Path(base.run_dir()).resolve(), Path(cfg.run_dir()), ("data", "phase0", "tokenize"))
     return run_pipeline(cfg, until="sft")["sft"]["model_dir"]
 
 
@@ -164,15 +158,16 @@ def run_variant(base: WMSSConfig, name: str, seed_result: dict, n_eval: int) -> 
 
     overrides, weak = VARIANTS[name]
     base_run = Path(base.run_dir()).resolve()
-    weak_dir = {None: None, "M1": seed_result["evals"]["M1"]["model_dir"], "half-sft": None}[weak]
-    if weak == "half-sft":
-        weak_dir = half_sft_model(base)
+    if weak == "M1":
+        weak_dir = seed_result["evals"]["M1"]["model_dir"]
+    else:
+        weak_dir = half_sft_model(base) if weak == "half-sft" else None
     slug = slugify(name)
     cfg = config_from_dict(base.to_dict(), overrides + [
         f"run.storage={base_run / 'ablations'}", f"run.name={slug}", "evaluation.baseline=false",
         *([f"models.weak={weak_dir}"] if weak_dir else [])])
     # A new weak model means new entropy scores, so score_1 is linked only when the weak is M0.
-    _link_upstream(base_run, Path(cfg.run_dir()), UPSTREAM if weak_dir else (*UPSTREAM, "score_1"))
+    link_shared_phases(base_run, Path(cfg.run_dir()), UPSTREAM if weak_dir else (*UPSTREAM, "score_1"))
     t0 = time.time()
     outputs = run_pipeline(cfg, until="wmss_1")
     eval_path = large_eval_set(base, n_eval)
