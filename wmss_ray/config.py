@@ -173,6 +173,11 @@ class TrainingConfig(_Section):
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0: only at the end)")
     max_failures: int = Field(0, ge=-1)
     log_every: int = Field(10, ge=1)
+    packing: bool = Field(
+        False, description="pack each micro-batch's rows into one sequence (no padding; attention and labels "
+        "never cross rows; same rows per step, same losses). Off by default because under sdpa/eager the "
+        "packed mask is dense [L, L] over L = sum of the row lengths, which costs more attention than it saves "
+        "on short CPU rows; on by choice with flash-attention (varlen) or long, unequal rows")
     ds_config_overrides: dict[str, Any] = Field(
         default_factory=dict, description="deep-merged into the generated DeepSpeed config (expert knobs)"
     )

@@ -210,15 +210,22 @@ class RowTable:
         tbl = pads.dataset(path, format="parquet").to_table(columns=_COLUMNS)
         return cls.from_batches([tbl], keep)
 
+    def rows(self, sample_ids: Iterable[str]) -> list[dict[str, np.ndarray]]:
+        """``{input_ids, labels}`` int32 arrays of these ids, in order."""
+        return [{"input_ids": self._tokens[i], "labels": self._labels[i]}
+                for i in (self._index[sid] for sid in sample_ids)]
+
     def batch(self, sample_ids: Iterable[str], pad_id: int) -> dict[str, torch.Tensor]:
         """Right-padded ``{input_ids, attention_mask, labels}`` ``[B, T]`` for these ids."""
-        rows = []
-        for sid in sample_ids:
-            i = self._index[sid]
-            rows.append({"input_ids": self._tokens[i], "labels": self._labels[i]})
-        return collate(rows, pad_id)
+        return collate(self.rows(sample_ids), pad_id)
 
 
 def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Supervised (shifted) positions of a padded batch: ``labels[:, 1:] != -100``."""
+    """Supervised (shifted) positions of a padded or packed batch: ``labels[:, 1:] != -100``."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def input_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Non-pad tokens of a padded batch (its attention mask) or of a packed one (all of them)."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()

@@ -62,17 +62,23 @@ class PairLM(nn.Module):
     # The decoder is looked up on each call, never stored as a second attribute: registering the
     # same submodule twice would give ZeRO-3 two owners for its parameters.
     @staticmethod
-    def _hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                position_ids: torch.Tensor | None) -> torch.Tensor:
         """Final hidden states ``[B, T, D]`` (after the final norm)."""
         decoder, _ = output_head(model)
-        return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).last_hidden_state
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                num_tokens: float, loss_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mixed CE of one micro-batch.
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
+                num_tokens: float, loss_scale: float = 1.0,
+                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixed CE of one micro-batch, padded or packed.
 
         Args:
             input_ids, attention_mask, labels: ``[B, T]`` (labels unshifted, -100 off-answer).
+                A packed micro-batch (``training/packing.py``) is ``[1, L]`` with no attention
+                mask and ``position_ids [1, L]`` restarting per row: the decoders then keep
+                attention inside each row.
             num_tokens: the divisor: answer tokens of the whole optimizer step (all ranks, all
                 micro-batches), so that the summed gradients are those of the global token mean.
             loss_scale: multiplies the returned loss only for backward (undoes DeepSpeed's own
@@ -87,15 +93,15 @@ class PairLM(nn.Module):
         targets = labels[:, 1:]
         sel = targets != IGNORE_INDEX
         y = targets[sel]
-        h_s = self._hidden(self.strong, input_ids, attention_mask)[:, :-1][sel]  # [N, D_s]
+        h_s = self._hidden(self.strong, input_ids, attention_mask, position_ids)[:, :-1][sel]  # [N, D_s]
         w_s = output_head(self.strong)[1]  # [V, D_s]
         h_w = w_w = None
         if self.weak is not None and self.lam != 1.0:
             if self.mode == "frozen":
                 with torch.no_grad():
-                    h_w = self._hidden(self.weak, input_ids, attention_mask)[:, :-1][sel]  # [N, D_w]
+                    h_w = self._hidden(self.weak, input_ids, attention_mask, position_ids)[:, :-1][sel]  # [N, D_w]
             else:
-                h_w = self._hidden(self.weak, input_ids, attention_mask)[:, :-1][sel]
+                h_w = self._hidden(self.weak, input_ids, attention_mask, position_ids)[:, :-1][sel]
             w_w = output_head(self.weak)[1]  # [V, D_w]
         loss, stats = chunked_mixed_ce(h_s, w_s, h_w, w_w, y, self.lam, chunk_size=self.chunk_size,
                                        num_tokens=num_tokens, return_stats=True)

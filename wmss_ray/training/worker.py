@@ -24,8 +24,10 @@ from typing import Any
 import torch
 
 from wmss_ray.config import WMSSConfig
-from wmss_ray.training.dataset import DataPlan, RowTable, answer_tokens
+from wmss_ray.data.tokenize import collate
+from wmss_ray.training.dataset import DataPlan, RowTable, answer_tokens, input_tokens
 from wmss_ray.training.metrics import all_reduce_sum, step_metrics
+from wmss_ray.training.packing import pack_rows
 from wmss_ray.training.pair import PairLM
 
 
@@ -118,10 +120,15 @@ class PhaseWorker:
         return {ids[i] for i in idx}
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
-        """The ``grad_accum`` padded micro-batches of this rank for optimizer step ``step``."""
+        """The ``grad_accum`` micro-batches of this rank for optimizer step ``step``: padded
+        ``{input_ids, attention_mask, labels} [B, T]``, or packed ``{input_ids, position_ids,
+        labels} [1, L]`` with ``training.packing`` (same rows either way)."""
         ids, plan = self.spec.sample_ids, self.spec.plan
-        return [self.rows.batch([ids[i] for i in plan.micro_batch(step, a, self.rank)], self.pad_id)
-                for a in range(plan.grad_accum)]
+        out = []
+        for a in range(plan.grad_accum):
+            rows = self.rows.rows([ids[i] for i in plan.micro_batch(step, a, self.rank)])
+            out.append(pack_rows(rows) if self.cfg.training.packing else collate(rows, self.pad_id))
+        return out
 
     # ------------------------------------------------------------------ step
 
@@ -146,9 +153,8 @@ class PhaseWorker:
         t0 = time.perf_counter()
         mbs = self.micro_batches(step)
         # Prefetched: the global answer-token count must be known before the first backward.
-        counts = torch.tensor([sum(answer_tokens(b) for b in mbs),
-                               sum(int(b["attention_mask"].sum()) for b in mbs)], dtype=torch.float64,
-                              device=self.device)
+        counts = torch.tensor([sum(answer_tokens(b) for b in mbs), sum(input_tokens(b) for b in mbs)],
+                              dtype=torch.float64, device=self.device)
         all_reduce_sum(counts)
         n_global = float(counts[0])
         loss_scale = float(self.world_size * self.spec.plan.grad_accum)
@@ -157,8 +163,8 @@ class PhaseWorker:
         grad_norm = None
         for i, b in enumerate(mbs):
             b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
-            loss, vec = self.engine(b["input_ids"], b["attention_mask"], b["labels"],
-                                    num_tokens=n_global, loss_scale=loss_scale)
+            loss, vec = self.engine(b["input_ids"], b.get("attention_mask"), b["labels"],
+                                    num_tokens=n_global, loss_scale=loss_scale, position_ids=b.get("position_ids"))
             self.engine.backward(loss)
             if i == len(mbs) - 1 and self._own_grad_norm:
                 grad_norm = self._grad_norm()
