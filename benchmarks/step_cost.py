@@ -92,7 +92,7 @@ def run_mode(mode: str, paths: dict[str, str], args) -> dict:
     import torch
 
     from wmss_ray.config import config_from_dict
-    from wmss_ray.training.dataset import DataPlan, RowTable, epoch_sample_ids
+    from wmss_ray.training.dataset import DataPlan, write_epoch_rows
     from wmss_ray.training.worker import PhaseSpec, PhaseWorker, init_single_process
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
@@ -102,16 +102,17 @@ def run_mode(mode: str, paths: dict[str, str], args) -> dict:
         "mix": {"lam": 0.5, "chunk_size": args.chunk},
         "models": {"dtype": "auto"},
     })
-    ids = epoch_sample_ids(paths["tokenized"])
+    out_dir = tempfile.mkdtemp(prefix="step-cost-")
+    epoch_rows = os.path.join(out_dir, "epoch_rows.parquet")
+    n_rows = write_epoch_rows(paths["tokenized"], None, epoch_rows)
     n_steps = args.warmup + args.steps
-    plan = DataPlan(len(ids), 1.0, 0, args.micro_batch, 1, 1, exact_steps=n_steps)
+    plan = DataPlan(n_rows, 1.0, 0, args.micro_batch, 1, 1, exact_steps=n_steps)
     phase = "sft" if mode == "sft" else "wmss"
     spec = PhaseSpec(phase, mode, paths["strong"], paths["weak"] if mode != "sft" else None,
-                     tempfile.mkdtemp(prefix="step-cost-"), ids, plan)
+                     out_dir, paths["tokenized"], epoch_rows, plan)
     init_single_process("nccl" if args.device == "cuda" else "gloo")
     device = torch.device("cuda:0" if args.device == "cuda" else "cpu")
     worker = PhaseWorker(cfg, spec, 0, 1, device)
-    worker.rows = RowTable.from_parquet(paths["tokenized"], worker.needed_ids(0))
     walls, cpus, losses = [], [], []
     for step in range(n_steps):
         if device.type == "cuda" and step == args.warmup:

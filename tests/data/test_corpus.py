@@ -10,6 +10,7 @@ import gzip
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -275,3 +276,16 @@ def test_ray_formats_skip(ray_cluster, tmp_path, tok_dir, kind):
     assert res.counts["rows_ok"] == n - sum(expected.values())
     assert pq.read_table(res.tokenized_path).num_rows == res.counts["rows_ok"]
     assert len(_read_rejects(res.rejects_path)) == sum(expected.values())
+
+
+def test_tokenized_parts_are_written_in_row_groups_of_a_few_mb(tmp_path):
+    """Training ranks read tokenised rows one row group at a time: groups must be small."""
+    from wmss_ray.data.ray_corpus import ROW_GROUP_BYTES, _write_parquet
+
+    ids = np.arange(2000 * 1024, dtype=np.int64).reshape(2000, 1024)
+    table = pa.table({"sample_id": [f"s{i}" for i in range(2000)], "input_ids": list(ids), "labels": list(ids)})
+    _write_parquet(table, str(tmp_path / "part.parquet"))
+    md = pq.read_metadata(tmp_path / "part.parquet")
+    assert md.num_rows == 2000 and md.num_row_groups >= table.nbytes // ROW_GROUP_BYTES
+    per_row = table.nbytes / 2000
+    assert all(md.row_group(g).num_rows * per_row <= 1.01 * ROW_GROUP_BYTES for g in range(md.num_row_groups))

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from wmss_ray.config import DemoModelConfig, config_from_dict
-from wmss_ray.training.dataset import DataPlan, RowTable, epoch_sample_ids
+from wmss_ray.training.dataset import DataPlan, RowReader, epoch_sample_ids, write_epoch_rows
 from wmss_ray.training.ds_config import build_ds_config, lr_factor, warmup_steps_for
 
 N_ROWS = 40
@@ -70,13 +70,15 @@ def reference_run(paths: dict[str, str], cfg, phase: str, mode: str, steps: int)
     Same data order (``DataPlan``), AdamW, warm-up + cosine schedule, clipping; naive full-logit
     mixed CE averaged over the global batch's answer tokens.
     """
+    from wmss_ray.data.tokenize import collate
     from wmss_ray.models.loading import load_causal_lm, load_tokenizer
 
     t = cfg.training
     ids = epoch_sample_ids(paths["tokenized"], paths["sampled"] if phase == "wmss" else None)
     plan = DataPlan(len(ids), t.sft_epochs if phase == "sft" else t.wmss_epochs, cfg.run.seed,
                     t.micro_batch_size, t.grad_accum, cfg.scaling.num_workers, t.max_steps)
-    rows = RowTable.from_parquet(paths["tokenized"])
+    table = pq.read_table(paths["tokenized"]).to_pylist()  # the whole corpus in memory: the naive reader
+    rows = {r["sample_id"]: r for r in table}
     pad = load_tokenizer(paths["strong"]).pad_token_id
     strong = load_causal_lm(paths["strong"], dtype="float32")
     weak = load_causal_lm(paths["weak"], dtype="float32") if phase == "wmss" else None
@@ -91,7 +93,7 @@ def reference_run(paths: dict[str, str], cfg, phase: str, mode: str, steps: int)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warm, t.min_lr_ratio))
     losses, norms = [], []
     for step in range(steps):
-        b = rows.batch([ids[i] for i in plan.step_indices(step)], pad)
+        b = collate([rows[ids[i]] for i in plan.step_indices(step)], pad)
         y = b["labels"][:, 1:]
         mask = y != -100
         z = strong(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
@@ -147,8 +149,8 @@ def test_plan_step_count_caps_and_fractions():
     assert DataPlan(10, 0.5, 0, 4, 1, 1).total_steps == 2
     assert DataPlan(100, 1.0, 0, 4, 1, 1, max_steps=7).total_steps == 7
     assert DataPlan(10, 1.0, 0, 4, 1, 1, max_steps=7, exact_steps=11).total_steps == 11
-    plan = DataPlan(10, 1.0, 0, 4, 1, 1)
-    assert len(plan.rank_indices(0, start_step=2)) == len(set(plan.step_indices(2)))
+    plan = DataPlan(10, 1.0, 0, 2, 2, 2)
+    assert (plan.rank_step(1, 1) == np.concatenate([plan.micro_batch(1, a, 1) for a in range(2)])).all()
 
 
 def test_lr_schedule_warmup_then_cosine_to_min():
@@ -172,17 +174,48 @@ def test_ds_config_batch_geometry_zero_and_overrides():
         build_ds_config(tiny_cfg(zero_stage=2, offload_params=True).training, 1, torch.float32, False)
 
 
-def test_row_table_batches_and_missing_ids(tmp_path):
+def test_row_reader_reads_rows_by_global_number_across_files_and_row_groups(tmp_path):
+    """Rows come back as written, in the order asked, whichever file and row group hold them;
+    only the row groups needed are read; the epoch list maps sample ids to those row numbers."""
+    rng = np.random.default_rng(0)
+    rows = [{"sample_id": f"s{i:03d}", "input_ids": rng.integers(1, 50, n).tolist()}
+            for i, n in enumerate(rng.integers(1, 9, 23))]
+    for r in rows:
+        r["labels"] = [-100] + r["input_ids"][1:]
+    (tmp_path / "tok").mkdir()
+    order = rng.permutation(23)  # files hold the ids out of order
+    pq.write_table(pa.Table.from_pylist([rows[i] for i in order[:10]]), tmp_path / "tok" / "a.parquet", row_group_size=3)
+    pq.write_table(pa.Table.from_pylist([rows[i] for i in order[10:]]), tmp_path / "tok" / "b.parquet", row_group_size=4)
+    reader = RowReader(str(tmp_path / "tok"), cache_bytes=0)
+    assert reader.num_rows == 23 and len(reader._groups) == 4 + 4
+    want = [22, 0, 5, 5, 11]
+    got = reader.rows(want)
+    for g, w in zip(got, want):
+        r = rows[order[w]]
+        assert g["input_ids"].tolist() == r["input_ids"] and g["labels"].tolist() == r["labels"]
+    assert reader.groups_read == 4  # rows 22 / 0 / 5 / 11 live in 4 row groups, each read once
+    n = write_epoch_rows(str(tmp_path / "tok"), None, str(tmp_path / "epoch.parquet"))
+    epoch = pq.read_table(tmp_path / "epoch.parquet")
+    assert n == 23 and epoch["sample_id"].to_pylist() == sorted(r["sample_id"] for r in rows)
+    for sid, row in zip(epoch["sample_id"].to_pylist(), epoch["row"].to_pylist()):
+        assert reader.rows([row])[0]["input_ids"].tolist() == next(r for r in rows if r["sample_id"] == sid)["input_ids"]
+    with pytest.raises(IndexError, match="out of range"):
+        reader.rows([23])
+
+
+def test_row_reader_and_epoch_list_errors_name_the_problem(tmp_path):
     paths = make_artifacts(tmp_path, n_rows=6)
-    table = RowTable.from_parquet(paths["tokenized"], keep={"s0001", "s0003"})
-    assert len(table) == 2
-    b = table.batch(["s0003", "s0001"], pad_id=0)
-    assert b["input_ids"].shape == b["labels"].shape == b["attention_mask"].shape
-    with pytest.raises(ValueError, match="not in the dataset"):
-        RowTable.from_parquet(paths["tokenized"], keep={"nope"})
     with pytest.raises(ValueError, match="not in"):
         pq.write_table(pa.table({"sample_id": ["zzz"]}), tmp_path / "bad.parquet")
         epoch_sample_ids(paths["tokenized"], str(tmp_path / "bad.parquet"))
+    pq.write_table(pa.table({"sample_id": ["a", "a"], "input_ids": [[1], [2]], "labels": [[1], [2]]}),
+                   tmp_path / "dup.parquet")
+    with pytest.raises(ValueError, match="duplicate"):
+        epoch_sample_ids(str(tmp_path / "dup.parquet"))
+    pq.write_table(pa.table({"sample_id": ["a", "b"], "input_ids": [[1, 2], [2, 3]], "labels": [[1, 2], [2]]}),
+                   tmp_path / "ragged.parquet")
+    with pytest.raises(ValueError, match=r"ragged.parquet, row 1: input_ids and labels"):
+        RowReader(str(tmp_path / "ragged.parquet")).rows([0])
 
 
 # ----------------------------------------------------------------------------- real step code, one process
@@ -201,7 +234,6 @@ def _run_worker(paths, cfg, phase, mode, steps, out_dir):
     spec = build_spec(cfg, phase, paths["strong"], paths["weak"] if phase == "wmss" else None,
                       paths["tokenized"], paths["sampled"] if phase == "wmss" else None, str(out_dir), mode)
     worker = PhaseWorker(cfg, spec, 0, 1, torch.device("cpu"))
-    worker.rows = RowTable.from_parquet(paths["tokenized"], worker.needed_ids(0))
     metrics = [worker.train_step(s) for s in range(steps)]
     return worker, metrics
 

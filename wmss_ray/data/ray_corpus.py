@@ -159,9 +159,15 @@ class TokenizedSink(Datasink):
         self.returns = [r for r in write_result.write_returns if r]
 
 
+#: Target Parquet row-group size: training ranks read tokenised rows one row group at a time
+#: (``training.dataset.RowReader``), so a group is the I/O unit of a random row.
+ROW_GROUP_BYTES = 4 * 2**20
+
+
 def _write_parquet(table: pa.Table, uri: str) -> None:
     fs, path = R.resolve_fs(uri)
-    pq.write_table(table, path, filesystem=fs)
+    rows_per_group = max(1, ROW_GROUP_BYTES * max(1, table.num_rows) // max(1, table.nbytes))
+    pq.write_table(table, path, filesystem=fs, row_group_size=rows_per_group)
 
 
 def _read_dir(uri: str, columns: list[str] | None = None) -> pa.Table:

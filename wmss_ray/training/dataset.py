@@ -1,10 +1,12 @@
-"""Which rows each rank trains on at each step, and the rows themselves.
+"""Which rows each rank trains on at each step, and how a rank reads just those rows.
 
 The data order is a pure function of ``(seed, epoch)``, computed in plain code, so that a
 resumed run (or a single-process reference) sees exactly the same global batches:
 
 - the phase's *epoch list* is, for SFT, every tokenised ``sample_id`` (sorted); for WMSS, the
-  curriculum's ``sampled_ids.parquet`` (repeats kept, draw order);
+  curriculum's ``sampled_ids.parquet`` (repeats kept, draw order). The driver writes it once as
+  ``<out_dir>/epoch_rows.parquet``: per entry the *global row number* into the tokenised
+  Parquet (files in sorted path order, rows in file order) and the ``sample_id``;
 - epoch ``e`` visits the epoch list in ``numpy.random.default_rng([seed, e]).permutation``
   order; epochs are concatenated into one stream, so a fractional number of epochs (or a
   forced step count) simply cuts the stream, and every global batch is full;
@@ -17,84 +19,112 @@ Data's ``random_shuffle`` + ``streaming_split``: the split hands blocks to which
 first, so neither the rank-to-row assignment nor the global batch of a step is reproducible,
 and exact resume or a reference comparison would be impossible.
 
-Ray Data still does the I/O: each worker reads the tokenised Parquet through its
-``get_dataset_shard`` iterator (no split: every worker sees all rows) and keeps the rows it
-will use in a compact :class:`RowTable` (int32 tokens, one buffer).
+Each rank reads only its own rows, step by step (:class:`RowReader`): the plan names the
+step's global row numbers, the reader maps them to Parquet row groups (from the files' footers)
+and reads only those row groups' ``input_ids`` / ``labels`` with pyarrow (local paths or
+pyarrow URIs), keeping at most :data:`ROW_GROUP_CACHE_BYTES` of decoded row groups. What a rank
+holds per corpus row is 16 bytes (its epoch-list entry and one permutation), never the tokens;
+what the driver ships to the workers is the plan (seed, sizes) and two paths.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
-from typing import Iterable
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import torch
 
-from wmss_ray.data.tokenize import collate
+from wmss_ray.data.rejects import list_files, resolve_fs
 
 IGNORE_INDEX = -100
+_TOKEN_COLUMNS = ["input_ids", "labels"]
+#: Decoded row groups a :class:`RowReader` keeps (LRU): a small corpus is read once, a large
+#: one costs a bounded amount of memory whatever its size.
+ROW_GROUP_CACHE_BYTES = 32 * 2**20
+EPOCH_ROWS_FILE = "epoch_rows.parquet"
 
 
 # ----------------------------------------------------------------------------- epoch list
 
 
-def _read_column(path: str, column: str) -> list:
-    import pyarrow.dataset as pads
+def tokenized_files(tokenized_path: str) -> list[str]:
+    """The tokenised Parquet files in the order that defines global row numbers (sorted paths).
 
-    return pads.dataset(path, format="parquet").to_table(columns=[column]).column(column).to_pylist()
+    ``tokenized_path`` is a file or a directory, local or a pyarrow URI.
+    """
+    fs, path = resolve_fs(tokenized_path)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        return [tokenized_path if "://" in tokenized_path else path]
+    files = list_files(tokenized_path if "://" in tokenized_path else path, ".parquet")
+    if not files:
+        raise FileNotFoundError(f"no .parquet files under {tokenized_path}")
+    return files
 
 
-def epoch_sample_ids(tokenized_path: str, sampled_ids_path: str | None = None) -> list[str]:
-    """The phase's epoch list: sorted tokenised ids (SFT) or the sampled ids (WMSS).
+def _read_ids(files: Sequence[str]) -> pa.Array:
+    parts = []
+    for f in files:
+        fs, path = resolve_fs(f)
+        parts.append(pq.read_table(path, columns=["sample_id"], filesystem=fs).column(0).cast(pa.string()))
+    return pa.chunked_array(parts, type=pa.string()).combine_chunks()
+
+
+def epoch_list(tokenized_path: str, sampled_ids_path: str | None = None) -> tuple[np.ndarray, pa.Array]:
+    """The phase's epoch list: ``(global row numbers [n] int64, sample ids [n])``.
+
+    SFT (``sampled_ids_path`` None): every tokenised row, in sorted ``sample_id`` order; WMSS:
+    the sampled ids in draw order, repeats kept.
 
     Raises:
         ValueError: duplicate tokenised ids, an empty list, or sampled ids missing from the
             tokenised data (naming a few).
     """
-    ids = [str(x) for x in _read_column(tokenized_path, "sample_id")]
-    if len(set(ids)) != len(ids):
+    ids = _read_ids(tokenized_files(tokenized_path))
+    if pc.count_distinct(ids).as_py() != len(ids):
         raise ValueError(f"duplicate sample_id values in {tokenized_path}")
     if sampled_ids_path is None:
-        out = sorted(ids)
+        rows = pc.array_sort_indices(ids)
     else:
-        out = [str(x) for x in _read_column(sampled_ids_path, "sample_id")]
-        missing = sorted(set(out) - set(ids))
-        if missing:
-            raise ValueError(f"{len(missing)} sampled ids are not in {tokenized_path}, e.g. {missing[:5]}")
-    if not out:
+        sampled = _read_ids([sampled_ids_path])
+        rows = pc.index_in(sampled, value_set=ids)
+        if rows.null_count:
+            missing = pc.unique(sampled.filter(pc.is_null(rows))).to_pylist()
+            raise ValueError(f"{len(missing)} sampled ids of {sampled_ids_path} are not in {tokenized_path}, "
+                             f"e.g. {sorted(missing)[:5]}")
+    if len(rows) == 0:
         raise ValueError(f"no training samples (tokenized={tokenized_path}, sampled={sampled_ids_path})")
-    return out
+    rows = rows.to_numpy(zero_copy_only=False).astype(np.int64)
+    return rows, ids.take(pa.array(rows))
 
 
-_COLUMNS = ["sample_id", "input_ids", "labels"]
-#: Local tokenised data up to this size is read by the driver in one pyarrow call.
-INLINE_MAX_BYTES = 256 * 2**20
+def epoch_sample_ids(tokenized_path: str, sampled_ids_path: str | None = None) -> list[str]:
+    """The epoch list as sample ids (see :func:`epoch_list`)."""
+    return epoch_list(tokenized_path, sampled_ids_path)[1].to_pylist()
 
 
-def build_train_dataset(tokenized_path: str, inline_max_bytes: int = INLINE_MAX_BYTES):
-    """The Ray Dataset of tokenised rows handed to the trainer (read once, materialised).
+def write_epoch_rows(tokenized_path: str, sampled_ids_path: str | None, out_path: str) -> int:
+    """Driver side: write the epoch list to ``out_path`` (Parquet ``{row, sample_id}``, via a
+    temporary file and a rename); returns its length."""
+    rows, ids = epoch_list(tokenized_path, sampled_ids_path)
+    tmp = f"{out_path}.tmp"
+    pq.write_table(pa.table({"row": pa.array(rows, pa.int64()), "sample_id": ids}), tmp)
+    os.replace(tmp, out_path)
+    return len(rows)
 
-    Small local data is read here with pyarrow and put in the object store (``from_arrow``):
-    no read tasks, which on a busy machine cost far more than the read. Larger or remote data
-    goes through ``ray.data.read_parquet(...).materialize()``. Either way the trainer's workers
-    (and any restarted worker group) iterate blocks already in the object store.
-    """
-    import ray.data
 
-    local = "://" not in tokenized_path
-    if local:
-        path = Path(tokenized_path).resolve()
-        files = [path] if path.is_file() else list(path.rglob("*.parquet"))
-        if sum(f.stat().st_size for f in files) <= inline_max_bytes:
-            import pyarrow.dataset as pads
-
-            return ray.data.from_arrow(pads.dataset(str(path), format="parquet").to_table(columns=_COLUMNS))
-        tokenized_path = str(path)
-    return ray.data.read_parquet(tokenized_path, columns=_COLUMNS).materialize()
+def read_epoch_rows(path: str) -> np.ndarray:
+    """Worker side: the epoch list's global row numbers ``[n] int64`` (the ids are not read)."""
+    fs, p = resolve_fs(path)
+    return pq.read_table(p, columns=["row"], filesystem=fs).column(0).to_numpy().astype(np.int64)
 
 
 # ----------------------------------------------------------------------------- plan
@@ -148,11 +178,10 @@ class DataPlan:
         start = step * self.global_batch + m * self.micro_batch_size
         return self._stream(start, start + self.micro_batch_size)
 
-    def rank_indices(self, rank: int, start_step: int = 0) -> np.ndarray:
-        """Every epoch-list index ``rank`` consumes from ``start_step`` to the end (unique)."""
-        parts = [self.micro_batch(s, a, rank) for s in range(start_step, self.total_steps)
-                 for a in range(self.grad_accum)]
-        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+    def rank_step(self, step: int, rank: int) -> np.ndarray:
+        """``[grad_accum * micro_batch_size]`` epoch-list indices of ``rank`` at ``step``,
+        accumulation-major (micro-batch ``a`` is slice ``a``)."""
+        return np.concatenate([self.micro_batch(step, a, rank) for a in range(self.grad_accum)])
 
 
 @lru_cache(maxsize=4)
@@ -163,61 +192,85 @@ def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- rows
 
 
-class RowTable:
-    """Tokenised rows by ``sample_id``: all tokens in one int32 buffer plus offsets."""
+class RowReader:
+    """Random access to tokenised rows by global row number, one row group at a time.
 
-    def __init__(self) -> None:
-        self._index: dict[str, int] = {}
-        self._tokens: list[np.ndarray] = []
-        self._labels: list[np.ndarray] = []
-        self._tok = self._lab = self._off = None
+    Args:
+        tokenized_path: the tokenised Parquet (file or directory; local or a pyarrow URI).
+        cache_bytes: decoded row groups kept (LRU, at least the last one read).
 
-    def __len__(self) -> int:
-        return len(self._index)
+    Only the files' footers are read up front (row counts per row group: ``O(row groups)``
+    memory). :meth:`rows` reads each row group it needs once per call, ``input_ids`` and
+    ``labels`` only; I/O per step is therefore ``(row groups touched) x (row-group size)``,
+    which is why the tokenise phase writes row groups of a few MB.
+    """
 
-    def add_arrow(self, table: pa.Table, keep: set[str] | None = None) -> None:
-        """Add rows of an Arrow table ``{sample_id, input_ids, labels}`` (``keep``: ids to keep)."""
-        ids = [str(x) for x in table.column("sample_id").to_pylist()]
-        tok_col = table.column("input_ids").combine_chunks()
-        lab_col = table.column("labels").combine_chunks()
-        offs = tok_col.offsets.to_numpy()
-        toks = tok_col.values.to_numpy(zero_copy_only=False).astype(np.int32)
-        labs = lab_col.values.to_numpy(zero_copy_only=False).astype(np.int32)
-        if not np.array_equal(offs, lab_col.offsets.to_numpy()):
-            raise ValueError("input_ids and labels differ in length in some tokenised rows")
-        for i, sid in enumerate(ids):
-            if (keep is not None and sid not in keep) or sid in self._index:
-                continue
-            self._index[sid] = len(self._tokens)
-            self._tokens.append(toks[offs[i]:offs[i + 1]])
-            self._labels.append(labs[offs[i]:offs[i + 1]])
+    def __init__(self, tokenized_path: str, cache_bytes: int = ROW_GROUP_CACHE_BYTES):
+        self.path = tokenized_path
+        self.files = tokenized_files(tokenized_path)
+        self._meta = []
+        starts, self._groups = [0], []  # (file index, row group) per global row group
+        for fi, f in enumerate(self.files):
+            fs, p = resolve_fs(f)
+            with fs.open_input_file(p) as fh:
+                md = pq.ParquetFile(fh).metadata
+            self._meta.append(md)
+            for g in range(md.num_row_groups):
+                self._groups.append((fi, g))
+                starts.append(starts[-1] + md.row_group(g).num_rows)
+        self._starts = np.asarray(starts, dtype=np.int64)  # [n_groups + 1]
+        self.num_rows = int(self._starts[-1])
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
+        self._cached = 0
+        self.groups_read = 0  # row-group reads so far (I/O accounting for benchmarks/tests)
 
-    @classmethod
-    def from_batches(cls, batches: Iterable[pa.Table], keep: set[str] | None = None) -> "RowTable":
-        table = cls()
-        for batch in batches:
-            table.add_arrow(batch, keep)
-        missing = (keep or set()) - set(table._index)
-        if missing:
-            raise ValueError(f"{len(missing)} needed sample ids were not in the dataset, e.g. {sorted(missing)[:5]}")
-        return table
+    def _group(self, g: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(offsets [n+1], input_ids [sum len] int32, labels [sum len] int32)`` of row group ``g``."""
+        if g in self._cache:
+            self._cache.move_to_end(g)
+            return self._cache[g]
+        fi, rg = self._groups[g]
+        fs, p = resolve_fs(self.files[fi])
+        with fs.open_input_file(p) as fh:
+            table = pq.ParquetFile(fh, metadata=self._meta[fi]).read_row_group(rg, columns=_TOKEN_COLUMNS)
+        self.groups_read += 1
+        tok, lab = (table.column(c).combine_chunks() for c in _TOKEN_COLUMNS)
+        offs = tok.offsets.to_numpy().astype(np.int64)
+        bad = (tok.is_null().to_numpy(zero_copy_only=False) | lab.is_null().to_numpy(zero_copy_only=False))
+        bad |= offs[1:] - offs[:-1] != np.diff(lab.offsets.to_numpy())
+        bad |= offs[1:] == offs[:-1]
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            first = int(self._starts[g] - self._starts[self._groups.index((fi, 0))]) + i
+            raise ValueError(f"{self.files[fi]}, row {first}: input_ids and labels must be non-empty lists of "
+                             f"equal length (got {tok[i].as_py()!r:.80} / {lab[i].as_py()!r:.80})")
+        base = offs[0]
+        entry = (offs - base,
+                 tok.values.to_numpy(zero_copy_only=False)[base:offs[-1]].astype(np.int32),
+                 lab.values.to_numpy(zero_copy_only=False)[base:offs[-1]].astype(np.int32))
+        size = sum(a.nbytes for a in entry)
+        while self._cache and self._cached + size > self.cache_bytes:
+            _, old = self._cache.popitem(last=False)
+            self._cached -= sum(a.nbytes for a in old)
+        self._cache[g] = entry
+        self._cached += size
+        return entry
 
-    @classmethod
-    def from_parquet(cls, path: str, keep: set[str] | None = None) -> "RowTable":
-        """Plain pyarrow read (tests, the single-process reference, the benchmark)."""
-        import pyarrow.dataset as pads
-
-        tbl = pads.dataset(path, format="parquet").to_table(columns=_COLUMNS)
-        return cls.from_batches([tbl], keep)
-
-    def rows(self, sample_ids: Iterable[str]) -> list[dict[str, np.ndarray]]:
-        """``{input_ids, labels}`` int32 arrays of these ids, in order."""
-        return [{"input_ids": self._tokens[i], "labels": self._labels[i]}
-                for i in (self._index[sid] for sid in sample_ids)]
-
-    def batch(self, sample_ids: Iterable[str], pad_id: int) -> dict[str, torch.Tensor]:
-        """Right-padded ``{input_ids, attention_mask, labels}`` ``[B, T]`` for these ids."""
-        return collate(self.rows(sample_ids), pad_id)
+    def rows(self, global_rows: Sequence[int]) -> list[dict[str, np.ndarray]]:
+        """``{input_ids, labels}`` int32 arrays of these rows, in the order given (repeats allowed)."""
+        global_rows = np.asarray(global_rows, dtype=np.int64)
+        if len(global_rows) and (global_rows.min() < 0 or global_rows.max() >= self.num_rows):
+            raise IndexError(f"row {int(global_rows.max())} out of range: {self.path} has {self.num_rows} rows")
+        groups = np.searchsorted(self._starts, global_rows, side="right") - 1
+        out: list[dict[str, np.ndarray] | None] = [None] * len(global_rows)
+        for g in np.unique(groups):  # each needed row group once, then its rows
+            offs, tok, lab = self._group(int(g))
+            for j in np.flatnonzero(groups == g):
+                i = int(global_rows[j] - self._starts[g])
+                a, b = offs[i], offs[i + 1]
+                out[j] = {"input_ids": tok[a:b].copy(), "labels": lab[a:b].copy()}
+        return out
 
 
 def answer_tokens(batch: dict[str, torch.Tensor]) -> int:

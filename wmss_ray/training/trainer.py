@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from wmss_ray.config import WMSSConfig
-from wmss_ray.training.dataset import DataPlan, build_train_dataset, epoch_sample_ids
+from wmss_ray.training.dataset import EPOCH_ROWS_FILE, DataPlan, write_epoch_rows
 from wmss_ray.training.metrics import read_metrics
 from wmss_ray.training.worker import PhaseSpec
 
@@ -75,11 +75,16 @@ def build_spec(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | N
         from wmss_ray.models.loading import check_pair_compatible
 
         check_pair_compatible(weak_init, strong_init, cfg.models.trust_remote_code)
-    ids = epoch_sample_ids(tokenized_path, sampled_ids_path if phase == "wmss" else None)
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    epoch_rows_path = str(out / EPOCH_ROWS_FILE)  # the workers read it; nothing O(corpus) is shipped
+    n = write_epoch_rows(tokenized_path, sampled_ids_path if phase == "wmss" else None, epoch_rows_path)
+    if "://" not in tokenized_path:
+        tokenized_path = str(Path(tokenized_path).resolve())
     t = cfg.training
     if epochs is None:
         epochs = t.sft_epochs if phase == "sft" else t.wmss_epochs
-    plan = DataPlan(n_per_epoch=len(ids), epochs=float(epochs), seed=cfg.run.seed,
+    plan = DataPlan(n_per_epoch=n, epochs=float(epochs), seed=cfg.run.seed,
                     micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
                     world_size=cfg.scaling.num_workers, max_steps=t.max_steps, exact_steps=exact_steps)
     fault: dict[str, int] = {}
@@ -88,7 +93,7 @@ def build_spec(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | N
         fault = {"rank": int(rank), "step": int(step)}
     return PhaseSpec(phase=phase, mode=mode, strong_init=str(strong_init),
                      weak_init=str(weak_init) if weak_init and phase == "wmss" else None,
-                     out_dir=str(out_dir), sample_ids=ids, plan=plan, stop_after=stop_after, fault=fault)
+                     out_dir=str(out), tokenized_path=tokenized_path, epoch_rows_path=epoch_rows_path, plan=plan, stop_after=stop_after, fault=fault)
 
 
 # ----------------------------------------------------------------------------- Ray worker
@@ -113,13 +118,11 @@ def _log_worker(spec: PhaseSpec, record: dict[str, Any]) -> None:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: resume if a checkpoint exists, train to the end step, checkpoint, export."""
-    import ray.data
     import ray.train
     import ray.train.torch
     import torch
     from ray.train import Checkpoint
 
-    from wmss_ray.training.dataset import RowTable
     from wmss_ray.training.metrics import MetricsWriter
     from wmss_ray.training.worker import PhaseWorker
 
@@ -147,11 +150,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     end = spec.end_step
     _log_worker(spec, {"event": "start", "rank": rank, "pid": os.getpid(), "start_step": start})
     lap("resume")
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    shard = ray.train.get_dataset_shard("train")
-    worker.rows = RowTable.from_batches(shard.iter_batches(batch_size=1024, batch_format="pyarrow"),
-                                        keep=worker.needed_ids(start))
-    lap("data")
     writer = MetricsWriter(spec.out_dir, start) if rank == 0 else None
     t = cfg.training
     try:
@@ -211,21 +209,18 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
         IncompatibleModelsError: WMSS weak and strong tokenizers / vocabularies differ.
     """
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     spec = build_spec(cfg, phase, strong_init, weak_init, tokenized_path, sampled_ids_path, out_dir, mode,
                       epochs=epochs, exact_steps=exact_steps, stop_after=stop_after)
-    out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    spec.out_dir = str(out)
+    out = Path(spec.out_dir)
     if not ray.is_initialized():
         ray.init()
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
         resources["GPU"] = sc.gpus_per_worker or 1.0
-    dataset = build_train_dataset(tokenized_path)  # read once, not once per worker (or restart)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "spec": spec},
@@ -236,9 +231,7 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
             failure_config=FailureConfig(max_failures=cfg.training.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": dataset},
-        # No split: the data plan decides which rows each rank reads (see dataset.py).
-        dataset_config=DataConfig(datasets_to_split=[]),
+        # No Ray Dataset: each rank reads its own rows of the tokenised Parquet (dataset.RowReader).
     )
     result = trainer.fit()
     metrics_path = str(out / "metrics.jsonl")

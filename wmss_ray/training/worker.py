@@ -25,7 +25,7 @@ import torch
 
 from wmss_ray.config import WMSSConfig
 from wmss_ray.data.tokenize import collate
-from wmss_ray.training.dataset import DataPlan, RowTable, answer_tokens, input_tokens
+from wmss_ray.training.dataset import DataPlan, RowReader, answer_tokens, input_tokens, read_epoch_rows
 from wmss_ray.training.metrics import all_reduce_sum, step_metrics
 from wmss_ray.training.packing import pack_rows
 from wmss_ray.training.pair import PairLM
@@ -40,7 +40,8 @@ class PhaseSpec:
     strong_init: str
     weak_init: str | None
     out_dir: str
-    sample_ids: list[str]  # the epoch list (see dataset.epoch_sample_ids)
+    tokenized_path: str  # the tokenised Parquet every rank reads its own rows from
+    epoch_rows_path: str  # the epoch list as global row numbers (dataset.write_epoch_rows)
     plan: DataPlan
     stop_after: int | None = None  # end (checkpointed, not exported) after this many steps
     fault: dict[str, int] = field(default_factory=dict)  # test hook: {"rank": r, "step": s}
@@ -109,26 +110,25 @@ class PhaseWorker:
                               cfg.training.weight_decay)
         self.engine = init_engine(self.pair, groups, cfg.training, world_size, spec.plan.total_steps,
                                   self.dtype, self.on_gpu)
-        self.rows: RowTable | None = None
+        # The rows: 8 bytes per epoch-list entry here, tokens read per step (dataset.RowReader).
+        self.epoch_rows = read_epoch_rows(spec.epoch_rows_path)
+        if len(self.epoch_rows) != spec.plan.n_per_epoch:
+            raise ValueError(f"{spec.epoch_rows_path} has {len(self.epoch_rows)} rows, the plan {spec.plan.n_per_epoch}")
+        self.reader = RowReader(spec.tokenized_path)
 
     # ------------------------------------------------------------------ data
-
-    def needed_ids(self, start_step: int) -> set[str]:
-        """Sample ids this rank reads from ``start_step`` on (to keep in its row table)."""
-        idx = self.spec.plan.rank_indices(self.rank, start_step)
-        ids = self.spec.sample_ids
-        return {ids[i] for i in idx}
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         """The ``grad_accum`` micro-batches of this rank for optimizer step ``step``: padded
         ``{input_ids, attention_mask, labels} [B, T]``, or packed ``{input_ids, position_ids,
         labels} [1, L]`` with ``training.packing`` (same rows either way)."""
-        ids, plan = self.spec.sample_ids, self.spec.plan
-        out = []
-        for a in range(plan.grad_accum):
-            rows = self.rows.rows([ids[i] for i in plan.micro_batch(step, a, self.rank)])
-            out.append(pack_rows(rows) if self.cfg.training.packing else collate(rows, self.pad_id))
-        return out
+        plan = self.spec.plan
+        rows = self.reader.rows(self.epoch_rows[plan.rank_step(step, self.rank)])  # one read per step
+        mb = plan.micro_batch_size
+        groups = [rows[a * mb:(a + 1) * mb] for a in range(plan.grad_accum)]
+        if self.cfg.training.packing:
+            return [pack_rows(g) for g in groups]
+        return [collate(g, self.pad_id) for g in groups]
 
     # ------------------------------------------------------------------ step
 
