@@ -87,7 +87,7 @@ class PhaseWorker:
 
     def __init__(self, cfg: WMSSConfig, spec: PhaseSpec, rank: int, world_size: int, device: torch.device):
         from wmss_ray.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
-        from wmss_ray.training.ds_config import init_engine, param_groups
+        from wmss_ray.training.ds_config import build_ds_config, init_engine, param_groups
 
         if spec.plan.world_size != world_size:
             raise ValueError(f"data plan is for {spec.plan.world_size} ranks, this group has {world_size}")
@@ -98,7 +98,10 @@ class PhaseWorker:
         self.zero3 = cfg.training.zero_stage == 3
         self.tokenizer = load_tokenizer(spec.strong_init, cfg.models.trust_remote_code)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        load = dict(dtype=self.dtype, device="cpu", trust_remote_code=cfg.models.trust_remote_code)
+        # ZeRO-3: built under zero.Init, weights scattered into the partitions (no full copy per rank).
+        zero3_config = build_ds_config(cfg.training, world_size, self.dtype, self.on_gpu) if self.zero3 else None
+        load = dict(dtype=self.dtype, device="cpu", trust_remote_code=cfg.models.trust_remote_code,
+                    zero3_config=zero3_config)
         strong = load_causal_lm(spec.strong_init, **load)
         weak = load_causal_lm(spec.weak_init, **load) if spec.mode != "sft" else None
         for m in (strong, weak):
