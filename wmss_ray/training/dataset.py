@@ -249,6 +249,8 @@ class RowReader:
         entry = (offs - base,
                  tok.values.to_numpy(zero_copy_only=False)[base:offs[-1]].astype(np.int32),
                  lab.values.to_numpy(zero_copy_only=False)[base:offs[-1]].astype(np.int32))
+        del table, tok, lab
+        pa.default_memory_pool().release_unused()  # the decoded Arrow buffers: back to the OS, not pooled
         size = sum(a.nbytes for a in entry)
         while self._cache and self._cached + size > self.cache_bytes:
             _, old = self._cache.popitem(last=False)
