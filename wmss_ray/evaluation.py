@@ -246,7 +246,7 @@ class _EvalActor:
 def _run_ray(chunks: list[list[dict]], ev_kwargs: dict[str, Any], cfg: WMSSConfig) -> list[dict[str, Any]]:
     import ray.data
 
-    from wmss_ray.pipeline import ensure_ray
+    from wmss_ray.cluster import ensure_ray
 
     ensure_ray()  # joins a running cluster (ray job submit / tests) or starts a local one
     e = cfg.evaluation

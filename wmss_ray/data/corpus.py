@@ -19,7 +19,9 @@ place with a reason (see ``data.rejects``) so it is counted, never lost. ``sampl
 ``str(row[data.id_column])`` or, without an id column, ``"<file relative to corpus root>:<row>"``
 (e.g. ``"train.jsonl:17"``), and travels through every later phase.
 
-This module is Ray-free. Its Ray Data side, ``data.ray_corpus.CorpusDatasource``, streams each
+This module is Ray-free and sits below ``data.ray_corpus`` (which imports it, never the other
+way round; the Ray Data tokenisation is ``data.ray_corpus.tokenize_corpus``). Its Ray Data
+side, ``data.ray_corpus.CorpusDatasource``, streams each
 file through the same row generator, :func:`iter_file_rows`, that the Ray-free
 :func:`iter_corpus` (tests, the benchmark's plain loop) uses; see docs/SCORING.md for why a
 custom datasource rather than ``read_json`` / ``read_text``.
@@ -37,6 +39,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from wmss_ray import storage
 from wmss_ray.config import DataConfig
 from wmss_ray.data import rejects as R
 
@@ -87,7 +90,7 @@ def discover_corpus(uri: str, fmt: str = "auto") -> Corpus:
     Raises:
         CorpusError: path missing, no readable files, mixed formats, or an HF DatasetDict.
     """
-    fs, path = R.resolve_fs(uri)
+    fs, path = storage.resolve_fs(uri)
     scheme = uri.split("://", 1)[0] + "://" if "://" in uri else ""
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
@@ -102,11 +105,11 @@ def discover_corpus(uri: str, fmt: str = "auto") -> Corpus:
     if "dataset_dict.json" in names:
         splits = sorted(n for n in names if not n.endswith(".json"))
         raise R.CorpusError(f"{uri} is an HF DatasetDict with splits {splits}; point data.train at one "
-                            f"split directory, e.g. {R.join(uri, splits[0] if splits else 'train')}")
+                            f"split directory, e.g. {storage.join(uri, splits[0] if splits else 'train')}")
     if fmt in ("auto", "hf") and "state.json" in names:
         with fs.open_input_stream(posixpath.join(path, "state.json")) as f:
             state = json.loads(f.read())
-        files = tuple(R.join(uri, d["filename"]) for d in state.get("_data_files", []))
+        files = tuple(storage.join(uri, d["filename"]) for d in state.get("_data_files", []))
         if not files:
             raise R.CorpusError(f"{uri}/state.json lists no _data_files")
         return Corpus(uri, "hf", files, path, scheme)
@@ -116,7 +119,7 @@ def discover_corpus(uri: str, fmt: str = "auto") -> Corpus:
         rel = posixpath.relpath(i.path, path)
         kind = _fmt_of(i.base_name)
         if i.type == pafs.FileType.File and _visible(rel) and kind and (fmt == "auto" or kind == fmt):
-            by_fmt.setdefault(kind, []).append(R.join(uri, rel))
+            by_fmt.setdefault(kind, []).append(storage.join(uri, rel))
     if not by_fmt:
         raise R.CorpusError(f"{uri}: no corpus files found (.jsonl, .jsonl.gz, .parquet, or an HF "
                             "save_to_disk directory with state.json)")
@@ -131,7 +134,7 @@ def discover_corpus(uri: str, fmt: str = "auto") -> Corpus:
 
 def _first_keys(corpus: Corpus) -> list[str]:
     """Column names of the corpus: file schema (Parquet / Arrow) or the first JSON object."""
-    fs, path = R.resolve_fs(corpus.files[0])
+    fs, path = storage.resolve_fs(corpus.files[0])
     if corpus.format == "parquet":
         with fs.open_input_file(path) as f:
             return list(pq.read_schema(f).names)
@@ -314,7 +317,7 @@ def _open(fs: pafs.FileSystem, path: str, fmt: str):
     return fs.open_input_file(path)
 
 
-def _names(corpus: Corpus, path: str) -> tuple[str, str]:
+def file_names(corpus: Corpus, path: str) -> tuple[str, str]:
     """``(file as shown in messages, name used in derived sample ids)`` of a resolved path."""
     rel = posixpath.relpath(path, corpus.root) if path.startswith(corpus.root.rstrip("/") + "/") else None
     return corpus.scheme + path, rel or posixpath.basename(path)
@@ -326,8 +329,8 @@ def iter_corpus(corpus: Corpus, data: DataConfig) -> Iterator[dict[str, Any]]:
     Under ``data.on_bad_row: error`` the first bad row raises ``CorpusError``.
     """
     for uri in corpus.files:
-        fs, path = R.resolve_fs(uri)
-        file, name = _names(corpus, path)
+        fs, path = storage.resolve_fs(uri)
+        file, name = file_names(corpus, path)
         with _open(fs, path, corpus.format) as f:
             for rec in iter_file_rows(f, file, name, corpus.format, corpus.schema, data):
                 if rec["reject_reason"] and data.on_bad_row == "error":
@@ -339,13 +342,3 @@ def open_corpus(uri: str, data: DataConfig) -> Corpus:
     """``discover_corpus`` + ``detect_schema`` in one call."""
     return detect_schema(discover_corpus(uri, data.format), data)
 
-
-def tokenize_corpus(cfg, tokenizer_path: str, corpus: str, out_dir: str, **kwargs):
-    """Read, normalise and tokenise a corpus with Ray Data into ``<out_dir>/tokenized/``.
-
-    See :func:`wmss_ray.data.ray_corpus.tokenize_corpus` (kept there so this module stays
-    Ray-free).
-    """
-    from wmss_ray.data.ray_corpus import tokenize_corpus as _run
-
-    return _run(cfg, tokenizer_path, corpus, out_dir, **kwargs)
