@@ -64,3 +64,10 @@ def test_a_named_token_file_that_cannot_be_read_is_an_error(tmp_path):
     (tmp_path / "empty").write_text("  \n")
     with pytest.raises(AuthTokenError, match="is empty"):
         load_auth_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "empty")}, home=tmp_path)
+
+
+def test_an_explicit_address_joins_and_never_starts_a_cluster(tmp_path):
+    plan = plan_ray_init({}, num_cpus=2, home=tmp_path, address="auto")
+    assert plan.mode == "join" and plan.kwargs["address"] == "auto" and "num_cpus" not in plan.kwargs
+    job = plan_ray_init({"RAY_JOB_CONFIG_JSON_ENV_VAR": "{}"}, home=tmp_path, address="auto")
+    assert job.mode == "join-job" and "runtime_env" not in job.kwargs

@@ -84,8 +84,11 @@ def load_auth_token(environ: Mapping[str, str] | None = None, home: str | Path |
 
 
 def plan_ray_init(environ: Mapping[str, str] | None = None, num_cpus: int | None = None,
-                  home: str | Path | None = None) -> RayInitPlan:
+                  home: str | Path | None = None, address: str | None = None) -> RayInitPlan:
     """Decide how to start Ray from the environment alone (no Ray needed; see the module doc).
+
+    ``address`` (e.g. "auto", "10.0.0.1:6379") joins that cluster and never starts one, as the
+    ``jobs/`` entrypoints want; a job's driver still joins its own cluster.
 
     Raises:
         AuthTokenError: joining a cluster with ``RAY_AUTH_MODE=token`` and no token found.
@@ -94,28 +97,30 @@ def plan_ray_init(environ: Mapping[str, str] | None = None, num_cpus: int | None
     base: dict[str, Any] = {"logging_level": "WARNING"}
     runtime_env = {"env_vars": dict(RUNTIME_ENV_VARS)}
     if env.get(JOB_DRIVER_ENV):
-        return RayInitPlan("join-job", {**base, "address": env.get("RAY_ADDRESS") or "auto"})
-    if env.get("RAY_ADDRESS"):
+        return RayInitPlan("join-job", {**base, "address": address or env.get("RAY_ADDRESS") or "auto"})
+    join = address or env.get("RAY_ADDRESS")
+    if join:
         if env.get("RAY_AUTH_MODE", "").lower() == "token" and load_auth_token(env, home) is None:
-            raise AuthTokenError(f"RAY_AUTH_MODE=token but no auth token for {env['RAY_ADDRESS']}; {TOKEN_HELP}")
-        return RayInitPlan("join", {**base, "address": env["RAY_ADDRESS"], "runtime_env": runtime_env})
+            raise AuthTokenError(f"RAY_AUTH_MODE=token but no auth token for {join}; {TOKEN_HELP}")
+        return RayInitPlan("join", {**base, "address": join, "runtime_env": runtime_env})
     kwargs = {**base, "runtime_env": runtime_env}
     if num_cpus is not None:
         kwargs["num_cpus"] = num_cpus
     return RayInitPlan("local", kwargs)
 
 
-def ensure_ray(num_cpus: int | None = None) -> str:
+def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> str:
     """Connect this process to Ray once (the package's only ``ray.init``); returns the mode.
 
-    ``num_cpus`` caps a local cluster only (ignored when joining). Returns "already" when Ray
-    was initialised before, else the :class:`RayInitPlan` mode that ran.
+    ``num_cpus`` caps a local cluster only (ignored when joining); ``address`` joins that
+    cluster only (``ray.init`` raises ``ConnectionError`` when none is there). Returns "already"
+    when Ray was initialised before, else the :class:`RayInitPlan` mode that ran.
     """
     import ray
 
     if ray.is_initialized():
         return "already"
-    plan = plan_ray_init(num_cpus=num_cpus)
+    plan = plan_ray_init(num_cpus=num_cpus, address=address)
     log.info("ray start-up: %s", plan.mode)  # never the kwargs' env: nothing secret, but keep it short
     ray.init(**plan.kwargs)
     return plan.mode
