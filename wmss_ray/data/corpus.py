@@ -156,18 +156,19 @@ def detect_schema(corpus: Corpus, data: DataConfig) -> Corpus:
     """The corpus with ``schema`` set: as configured, or detected from its columns."""
     if data.schema_ != "auto":
         return Corpus(**{**corpus.__dict__, "schema": data.schema_})
-    keys = _first_keys(corpus)
+    return Corpus(**{**corpus.__dict__, "schema": _schema_of(_first_keys(corpus), data, corpus.uri)})
+
+
+def _schema_of(keys: list[str], data: DataConfig, where: str) -> str:
     if data.messages_column in keys:
-        schema = "messages"
-    elif data.prompt_column in keys and data.response_column in keys:
-        schema = "prompt_response"
-    else:
-        raise R.CorpusError(
-            f"{corpus.uri}: cannot tell the row schema from columns {keys}: expected "
-            f"'{data.messages_column}' (chat) or '{data.prompt_column}' + '{data.response_column}'; "
-            "set data.messages_column / prompt_column / response_column or data.schema"
-        )
-    return Corpus(**{**corpus.__dict__, "schema": schema})
+        return "messages"
+    if data.prompt_column in keys and data.response_column in keys:
+        return "prompt_response"
+    raise R.CorpusError(
+        f"{where}: cannot tell the row schema from columns {keys}: expected "
+        f"'{data.messages_column}' (chat) or '{data.prompt_column}' + '{data.response_column}'; "
+        "set data.messages_column / prompt_column / response_column or data.schema"
+    )
 
 
 # ----------------------------------------------------------------------------- rows
@@ -228,8 +229,13 @@ def _sample_id(obj: Any, data: DataConfig, default: str) -> str:
     return str(value)
 
 
-def _record(obj: Any, schema: str, data: DataConfig, file: str, name: str, row: int) -> dict[str, Any]:
-    """One output record; a bad row keeps its place with its reason."""
+def _record(obj: Any, schema: str, data: DataConfig, file: str, name: str, row: int,
+            extra_columns: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One output record; a bad row keeps its place with its reason.
+
+    ``extra_columns``: raw columns a good record also carries, under ``"extra"`` (None when
+    absent), e.g. evaluation's ``final_answer``; the Ray Data path passes none.
+    """
     default_id = f"{name}:{row}"
     sample_id = default_id
     try:
@@ -237,8 +243,11 @@ def _record(obj: Any, schema: str, data: DataConfig, file: str, name: str, row: 
         prompt, answer = normalize_row(obj, schema, data)
     except R.RowError as e:
         return _bad(sample_id, file, row, e)
-    return {"sample_id": sample_id, "prompt_messages": prompt, "answer": answer, "source_file": file,
-            "source_row": row, "reject_reason": None, "reject_detail": None}
+    rec = {"sample_id": sample_id, "prompt_messages": prompt, "answer": answer, "source_file": file,
+           "source_row": row, "reject_reason": None, "reject_detail": None}
+    if extra_columns:
+        rec["extra"] = {c: obj.get(c) for c in extra_columns}
+    return rec
 
 
 def _bad(sample_id: str, file: str, row: int, e: R.RowError) -> dict[str, Any]:
@@ -283,7 +292,7 @@ def _arrow_batches(f, fmt: str, block_rows: int) -> Iterator[pa.RecordBatch]:
 
 
 def iter_file_rows(f, file: str, name: str, fmt: str, schema: str, data: DataConfig,
-                   block_rows: int = 256) -> Iterator[dict[str, Any]]:
+                   block_rows: int = 256, extra_columns: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
     """Records of one opened file (binary stream for JSONL, random-access file otherwise).
 
     ``file`` names the file in messages; ``name`` is its part of derived sample ids.
@@ -302,12 +311,12 @@ def iter_file_rows(f, file: str, name: str, fmt: str, schema: str, data: DataCon
             except ValueError as e:
                 yield _bad(f"{name}:{line_no}", file, line_no, R.RowError(R.MALFORMED_JSON, str(e)))
                 continue
-            yield _record(obj, schema, data, file, name, line_no)
+            yield _record(obj, schema, data, file, name, line_no, extra_columns)
         return
     row = 0
     for batch in _arrow_batches(f, fmt, block_rows):
         for obj in batch.to_pylist():
-            yield _record(obj, schema, data, file, name, row)
+            yield _record(obj, schema, data, file, name, row, extra_columns)
             row += 1
 
 
@@ -323,19 +332,37 @@ def file_names(corpus: Corpus, path: str) -> tuple[str, str]:
     return corpus.scheme + path, rel or posixpath.basename(path)
 
 
-def iter_corpus(corpus: Corpus, data: DataConfig) -> Iterator[dict[str, Any]]:
-    """Every record of a corpus, in file and row order, without Ray (tests, plain loops).
+def iter_corpus(corpus: Corpus, data: DataConfig, extra_columns: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+    """Every record of a corpus, in file and row order, without Ray (evaluation, tests, loops).
 
-    Under ``data.on_bad_row: error`` the first bad row raises ``CorpusError``.
+    Under ``data.on_bad_row: error`` the first bad row raises ``CorpusError``; under ``skip``
+    bad records are yielded with their ``reject_reason`` (the caller counts them).
     """
     for uri in corpus.files:
         fs, path = storage.resolve_fs(uri)
         file, name = file_names(corpus, path)
         with _open(fs, path, corpus.format) as f:
-            for rec in iter_file_rows(f, file, name, corpus.format, corpus.schema, data):
+            for rec in iter_file_rows(f, file, name, corpus.format, corpus.schema, data,
+                                      extra_columns=extra_columns):
                 if rec["reject_reason"] and data.on_bad_row == "error":
                     raise R.bad_row_error(file, rec["source_row"], rec["reject_reason"], rec["reject_detail"])
                 yield rec
+
+
+def iter_row_records(rows: list[Mapping[str, Any]], data: DataConfig, name: str = "rows",
+                     extra_columns: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+    """Records of in-memory raw rows, by the same rules as a file called ``name``.
+
+    Schema as configured or detected from the first row's keys; rows are numbered from 0 (as
+    in a Parquet file), so derived ids are ``"<name>:<row>"``; the same bad-row policy.
+    """
+    keys = list(rows[0]) if rows and isinstance(rows[0], Mapping) else []
+    schema = data.schema_ if data.schema_ != "auto" else _schema_of(keys, data, name)
+    for i, obj in enumerate(rows):
+        rec = _record(obj, schema, data, name, name, i, extra_columns)
+        if rec["reject_reason"] and data.on_bad_row == "error":
+            raise R.bad_row_error(name, i, rec["reject_reason"], rec["reject_detail"])
+        yield rec
 
 
 def open_corpus(uri: str, data: DataConfig) -> Corpus:
