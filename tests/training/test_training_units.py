@@ -7,7 +7,6 @@ Also home of the shared helpers (tiny artefacts, the reference loop) used by
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np

@@ -212,7 +212,6 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
     Raises:
         IncompatibleModelsError: WMSS weak and strong tokenizers / vocabularies differ.
     """
-    import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
