@@ -2,7 +2,7 @@
 
 Every phase calls :func:`ensure_ray` before it touches Ray; it is the only ``ray.init`` call in
 the package (``tests/test_imports.py`` checks). The decision is a pure function of the
-environment, :func:`plan_ray_init`, tested without Ray:
+environment, :func:`plan_ray_start`, tested without Ray:
 
 - Ray already initialised in this process (tests, a phase after another): nothing to do.
 - A job's driver (``ray job submit`` / ``wmss submit`` / a KubeRay RayJob): Ray sets
@@ -53,7 +53,7 @@ class RayInitPlan:
     """What :func:`ensure_ray` will do: ``mode`` is "join-job", "join" or "local"."""
 
     mode: str
-    kwargs: dict[str, Any] = field(default_factory=dict)  # for ray.init(**kwargs)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of Ray's init call
 
 
 def load_auth_token(environ: Mapping[str, str] | None = None, home: str | Path | None = None) -> str | None:
@@ -83,7 +83,7 @@ def load_auth_token(environ: Mapping[str, str] | None = None, home: str | Path |
         return None
 
 
-def plan_ray_init(environ: Mapping[str, str] | None = None, num_cpus: int | None = None,
+def plan_ray_start(environ: Mapping[str, str] | None = None, num_cpus: int | None = None,
                   home: str | Path | None = None, address: str | None = None) -> RayInitPlan:
     """Decide how to start Ray from the environment alone (no Ray needed; see the module doc).
 
@@ -120,7 +120,7 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> str:
 
     if ray.is_initialized():
         return "already"
-    plan = plan_ray_init(num_cpus=num_cpus, address=address)
+    plan = plan_ray_start(num_cpus=num_cpus, address=address)
     log.info("ray start-up: %s", plan.mode)  # never the kwargs' env: nothing secret, but keep it short
     ray.init(**plan.kwargs)
     return plan.mode
