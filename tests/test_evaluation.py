@@ -63,7 +63,8 @@ def _eval_rows() -> list[dict]:
 
 
 def _cfg(**evaluation):
-    return config_from_dict({"data": {"max_seq_len": 64},
+    # The rows carry their ids in "sample_id": name it, as a training corpus would.
+    return config_from_dict({"data": {"max_seq_len": 64, "id_column": "sample_id"},
                              "evaluation": {"batch_size": 3, "max_new_tokens": 10, **evaluation}})
 
 
@@ -152,7 +153,7 @@ def test_rows_read_and_normalised_from_any_schema(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from wmss_ray.evaluation import load_eval_rows, normalise_eval_row, read_rows
+    from wmss_ray.evaluation import load_eval_rows
 
     rows = _eval_rows()[:2]
     with gzip.open(tmp_path / "e.jsonl.gz", "wt") as f:
@@ -162,11 +163,38 @@ def test_rows_read_and_normalised_from_any_schema(tmp_path):
         got = load_eval_rows(str(tmp_path / name), _cfg())
         assert [g["sample_id"] for g in got] == ["e0", "e1"]
         assert got[1]["final_answer"] == "8" and got[1]["prompt_messages"] == _prompt(21)
-    assert read_rows(str(tmp_path / "e.parquet"))[0]["messages"][1]["role"] == "assistant"
 
     cfg = config_from_dict({"data": {"id_column": "uid", "prompt_column": "q", "response_column": "a"}})
-    r = normalise_eval_row({"uid": 5, "q": "What is 2+2?", "a": "2+2=4\n#### 4"}, 0, cfg)
-    assert r == {"sample_id": "5", "prompt_messages": [{"role": "user", "content": "What is 2+2?"}],
-                 "answer": "2+2=4\n#### 4", "final_answer": "4"}
+    r = load_eval_rows([{"uid": 5, "q": "What is 2+2?", "a": "2+2=4\n#### 4"}], cfg)
+    assert r == [{"sample_id": "5", "prompt_messages": [{"role": "user", "content": "What is 2+2?"}],
+                  "answer": "2+2=4\n#### 4", "final_answer": "4"}]
     with pytest.raises(ValueError, match="no assistant"):
-        normalise_eval_row({"messages": [{"role": "user", "content": "hi"}]}, 0, _cfg())
+        load_eval_rows([{"sample_id": "x", "messages": [{"role": "user", "content": "hi"}]}], _cfg())
+
+
+def test_eval_ids_and_bad_rows_follow_the_corpus_rules(tmp_path):
+    """No id column: ``<file>:<line>`` as for the training corpus; bad rows per data.on_bad_row."""
+    from wmss_ray.data.rejects import CorpusError
+    from wmss_ray.evaluation import load_eval_rows
+
+    good = _eval_rows()[:2]
+    path = tmp_path / "eval.jsonl"
+    path.write_text(json.dumps(good[0]) + "\n{not json\n" + json.dumps(good[1]) + "\n")
+    plain = config_from_dict({"data": {"max_seq_len": 64}})
+    with pytest.raises(CorpusError, match=r"eval.jsonl.*3|eval.jsonl.*2"):
+        load_eval_rows(str(path), plain)
+    skip = config_from_dict({"data": {"max_seq_len": 64, "on_bad_row": "skip"}})
+    got = load_eval_rows(str(path), skip)
+    assert [g["sample_id"] for g in got] == ["eval.jsonl:1", "eval.jsonl:3"]
+
+
+def test_evaluate_models_reads_the_eval_file_once(forced_model, tmp_path, monkeypatch):
+    import wmss_ray.evaluation as ev
+
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _eval_rows()[:2]))
+    opened = []
+    real = ev.open_corpus
+    monkeypatch.setattr(ev, "open_corpus", lambda *a, **k: opened.append(a) or real(*a, **k))
+    results = ev.evaluate_models({"A": forced_model, "B": forced_model}, str(path), _cfg(), tmp_path / "out")
+    assert len(opened) == 1 and [r.n for r in results.values()] == [2, 2]

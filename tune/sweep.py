@@ -64,7 +64,8 @@ def run_sweep(base: WMSSConfig):
     """Run the shared phases once, then the Tune trials; returns the Ray Tune ResultGrid."""
     from ray import tune
 
-    from wmss_ray.pipeline import ensure_ray, run_pipeline
+    from wmss_ray.cluster import ensure_ray
+    from wmss_ray.pipeline import run_pipeline
 
     ensure_ray()
     run_pipeline(base, until="score_1")

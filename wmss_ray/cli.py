@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from wmss_ray.config import ConfigError, load_config
+from wmss_ray.submit import add_cli_commands
 
 
 def _add_config_args(p: argparse.ArgumentParser, config_required: bool = True) -> None:
@@ -116,12 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=_cmd_validate)
 
-    try:
-        from wmss_ray.submit import add_cli_commands
-    except ImportError:  # pragma: no cover - submit module missing in a partial install
-        add_cli_commands = None
-    if add_cli_commands is not None:
-        add_cli_commands(sub)
+    add_cli_commands(sub)  # submit / status / logs: an import failure there must surface, not hide them
     return parser
 
 

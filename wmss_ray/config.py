@@ -31,9 +31,19 @@ class _Section(BaseModel):
 
 class RunConfig(_Section):
     name: str = "wmss-demo"
-    storage: str = "runs"  # local directory or URI (s3://, gs://); the run dir is <storage>/<name>
+    storage: str = "runs"  # local or shared-filesystem directory; the run dir is <storage>/<name>
     seed: int = 0
     iterations: int = Field(1, ge=1, description="K: WMSS iterations (paper: 1)")
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_is_a_directory(cls, v: str) -> str:
+        # Until object storage is supported end to end, a URI would be turned into a local folder
+        # named "s3:" by the phases' local paths: refuse it now rather than write somewhere else.
+        if "://" in v:
+            raise ValueError(f"{v!r}: object storage URIs (s3://, gs://, ...) are not supported for run "
+                             "storage yet; use a local or shared-filesystem directory (e.g. a mounted volume)")
+        return v
 
 
 class DemoModelConfig(_Section):
@@ -152,6 +162,9 @@ class MixConfig(_Section):
     def _pool_is_frozen(self) -> "MixConfig":
         if self.placement == "pool" and self.mode != "frozen":
             raise ValueError("mix.placement 'pool' serves a frozen weak model only; set mix.mode: frozen")
+        if self.placement == "pool":  # refused here, not at wmss_1 after SFT and scoring ran
+            raise ValueError("mix.placement 'pool' (a weak inference pool for a frozen weak model) is not "
+                             "implemented yet; use mix.placement: colocated")
         return self
 
 

@@ -1,7 +1,8 @@
 """Held-out evaluation: greedy exact-match accuracy and teacher-forced answer loss.
 
-For every eval problem (a chat row ``{"sample_id", "messages": [..., assistant], "final_answer"}``
-or a prompt/response row) the model generates greedily from the chat-template prompt plus the
+Eval rows are read through ``data.corpus`` (the training corpus's formats, schemas, sample ids
+and bad-row policy), plus an optional ``final_answer`` column. For every eval problem (a chat row
+``{"messages": [..., assistant], "final_answer"}`` or a prompt/response row) the model generates greedily from the chat-template prompt plus the
 generation prompt, left-padded in batches, stopping at the end-of-turn/EOS token; the problem is
 correct when the "#### N" in the generation matches the reference (``data.synthetic.is_correct``).
 The loss is the teacher-forced cross-entropy over the answer tokens only (answer-only labels from
@@ -26,6 +27,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from wmss_ray.config import WMSSConfig
+from wmss_ray.data.corpus import iter_corpus, iter_row_records, open_corpus
 from wmss_ray.data.synthetic import extract_final_answer, is_correct
 from wmss_ray.data.tokenize import IGNORE_INDEX, BadRowError, collate, tokenize_example
 from wmss_ray.models.generate import greedy_generate
@@ -64,69 +66,39 @@ class EvalResult:
 # ----------------------------------------------------------------------------- rows
 
 
-def read_rows(path: str) -> list[dict[str, Any]]:
-    """Read an eval corpus: JSONL(.gz) / JSON list / Parquet file, or an HF ``save_to_disk`` dir.
+def load_eval_rows(eval_path_or_rows: str | Path | Sequence[dict], cfg: WMSSConfig) -> list[dict[str, Any]]:
+    """Eval rows ``{sample_id, prompt_messages, answer, final_answer}``, read through
+    ``data.corpus``: the same formats, schemas, ``sample_id`` rule (``data.id_column``, else
+    ``"<file>:<row>"``) and bad-row policy (``data.on_bad_row``) as the training corpus.
 
-    Local paths or URIs (s3://, gs://) through pyarrow's filesystem layer.
+    Capped at the first ``cfg.evaluation.max_samples`` good rows (reading stops there).
+    ``final_answer`` is the row's own field when present, else the "#### N" parsed from the
+    answer (None if neither). Under ``on_bad_row: skip`` bad rows are left out and counted in a
+    warning naming the first one; under ``error`` the first one raises ``CorpusError``.
     """
-    import pyarrow.fs as pafs
-
-    if "://" in path:
-        fs, p = pafs.FileSystem.from_uri(path)
+    extra = ("final_answer",)
+    if isinstance(eval_path_or_rows, (str, Path)):
+        records = iter_corpus(open_corpus(str(eval_path_or_rows), cfg.data), cfg.data, extra_columns=extra)
     else:
-        fs, p = pafs.LocalFileSystem(), str(Path(path).resolve())
-    info = fs.get_file_info(p)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"eval corpus not found: {path}")
-    if info.type == pafs.FileType.Directory:
-        from datasets import load_from_disk
-
-        return [dict(r) for r in load_from_disk(path)]
-    if p.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        return pq.read_table(p, filesystem=fs).to_pylist()
-    with fs.open_input_stream(p, compression="detect") as f:
-        text = f.read().decode("utf-8")
-    if p.endswith(".json") and text.lstrip().startswith("["):
-        return list(json.loads(text))
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def normalise_eval_row(row: dict[str, Any], index: int, cfg: WMSSConfig) -> dict[str, Any]:
-    """``{sample_id, prompt_messages, answer, final_answer}`` from a chat or prompt/response row.
-
-    The answer is the last assistant message (chat) or the response column; ``final_answer`` is
-    the row's own field when present, else the "#### N" parsed from the answer (None if neither).
-    """
-    d = cfg.data
-    # data.id_column first (as data.corpus does), then the demo world's own "sample_id" field.
-    sid = row.get(d.id_column) if d.id_column else row.get("sample_id")
-    sid = str(sid) if sid is not None else f"eval-{index}"
-    msgs = row.get(d.messages_column)
-    if msgs is not None:
-        msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
-        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
-        if last is None:
-            raise ValueError(f"eval row {sid}: no assistant message to take the answer from")
-        prompt, answer = msgs[:last], msgs[last]["content"]
-    elif d.prompt_column in row and d.response_column in row:
-        prompt, answer = [{"role": "user", "content": str(row[d.prompt_column])}], str(row[d.response_column])
-    else:
-        raise ValueError(
-            f"eval row {sid}: needs '{d.messages_column}' or '{d.prompt_column}'+'{d.response_column}'"
-        )
-    final = row.get("final_answer")
-    final = str(final) if final is not None else extract_final_answer(answer)
-    return {"sample_id": sid, "prompt_messages": prompt, "answer": answer, "final_answer": final}
-
-
-def load_eval_rows(eval_path_or_rows: str | Sequence[dict], cfg: WMSSConfig) -> list[dict[str, Any]]:
-    """Read (if a path), cap at ``cfg.evaluation.max_samples`` (first rows), normalise."""
-    rows = read_rows(eval_path_or_rows) if isinstance(eval_path_or_rows, (str, Path)) else list(eval_path_or_rows)
-    if cfg.evaluation.max_samples is not None:
-        rows = rows[: cfg.evaluation.max_samples]
-    return [normalise_eval_row(r, i, cfg) for i, r in enumerate(rows)]
+        records = iter_row_records(list(eval_path_or_rows), cfg.data, name="eval rows", extra_columns=extra)
+    cap = cfg.evaluation.max_samples
+    rows: list[dict[str, Any]] = []
+    bad: list[dict[str, Any]] = []
+    for rec in records:
+        if cap is not None and len(rows) >= cap:
+            break
+        if rec["reject_reason"]:
+            bad.append(rec)
+            continue
+        final = rec["extra"]["final_answer"]
+        rows.append({"sample_id": rec["sample_id"], "prompt_messages": rec["prompt_messages"],
+                     "answer": rec["answer"],
+                     "final_answer": str(final) if final is not None else extract_final_answer(rec["answer"])})
+    if bad:
+        b = bad[0]
+        log.warning("eval: %d bad rows skipped (data.on_bad_row: skip); first: %s row %s: %s (%s)",
+                    len(bad), b["source_file"], b["source_row"], b["reject_reason"], b["reject_detail"])
+    return rows
 
 
 # ----------------------------------------------------------------------------- the evaluator
@@ -246,7 +218,7 @@ class _EvalActor:
 def _run_ray(chunks: list[list[dict]], ev_kwargs: dict[str, Any], cfg: WMSSConfig) -> list[dict[str, Any]]:
     import ray.data
 
-    from wmss_ray.pipeline import ensure_ray
+    from wmss_ray.cluster import ensure_ray
 
     ensure_ray()  # joins a running cluster (ray job submit / tests) or starts a local one
     e = cfg.evaluation
@@ -303,7 +275,12 @@ def evaluate_model(
     With ``out_dir`` the per-sample results are written to ``<out_dir>/eval_<name>.jsonl``.
     """
     name = name or Path(str(model_dir)).name
-    rows = load_eval_rows(eval_path_or_rows, cfg)
+    return _evaluate_rows(model_dir, load_eval_rows(eval_path_or_rows, cfg), cfg, name, out_dir, use_ray)
+
+
+def _evaluate_rows(model_dir: str, rows: list[dict[str, Any]], cfg: WMSSConfig, name: str,
+                   out_dir: str | Path | None, use_ray: bool | None) -> EvalResult:
+    """:func:`evaluate_model` on rows already read by :func:`load_eval_rows`."""
     e = cfg.evaluation
     if use_ray is None:
         use_ray = len(rows) > e.ray_min_rows or e.num_actors > 1
@@ -344,7 +321,7 @@ def evaluate_model(
 def evaluate_models(
     models: dict[str, str], eval_path: str | Sequence[dict], cfg: WMSSConfig, out_dir: str | Path
 ) -> dict[str, EvalResult]:
-    """Evaluate several models (``{name: model_dir}``) on the same problems.
+    """Evaluate several models (``{name: model_dir}``) on the same problems (read once).
 
     Writes ``<out_dir>/eval_<name>.jsonl`` per model and ``<out_dir>/eval_results.json``:
     ``{"models": {name: {name, model_dir, n, accuracy, loss, n_loss_tokens, per_sample_path}}}``.
@@ -353,8 +330,9 @@ def evaluate_models(
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, EvalResult] = {}
     table: dict[str, dict[str, Any]] = {}
+    rows = load_eval_rows(eval_path, cfg)  # read once for all models
     for name, model_dir in models.items():
-        res = evaluate_model(model_dir, eval_path, cfg, name=name, out_dir=out)
+        res = _evaluate_rows(model_dir, rows, cfg, name, out, None)
         results[name] = res
         table[name] = {**res.summary(), "per_sample_path": str(out / f"eval_{_safe_name(name)}.jsonl")}
     tmp = out / "eval_results.json.tmp"

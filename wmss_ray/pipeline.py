@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from wmss_ray import storage
+from wmss_ray.cluster import ensure_ray
 from wmss_ray.config import WMSSConfig, save_config
 from wmss_ray.manifest import Manifest, fingerprint, now, read_manifest
 
@@ -47,7 +49,7 @@ class RunContext:
 
     def __init__(self, cfg: WMSSConfig):
         self.cfg = cfg
-        self.run_dir = Path(cfg.run_dir()).resolve()
+        self.run_dir = Path(storage.local_dir(cfg.run_dir()))
         self.outputs: dict[str, dict[str, Any]] = {}
 
     def phase_dir(self, name: str) -> Path:
@@ -103,7 +105,7 @@ def _eval_corpus(ctx: RunContext) -> str | None:
 
 
 def _phase_tokenize(ctx: RunContext) -> dict[str, Any]:
-    from wmss_ray.data.corpus import tokenize_corpus
+    from wmss_ray.data.ray_corpus import tokenize_corpus
 
     res = tokenize_corpus(ctx.cfg, ctx.tokenizer_source(), _train_corpus(ctx), str(ctx.phase_dir("tokenize")))
     return {"outputs": {"tokenized": res.tokenized_path, "rejects": res.rejects_path}, "counts": res.counts}
@@ -281,14 +283,6 @@ def _phase_fingerprint(phase: Phase, cfg_dict: dict[str, Any], prints: dict[str,
         "config": {s: _section(cfg_dict, s) for s in phase.sections},
         "upstream": {n: prints.get(n) for n in phase.needs},
     })
-
-
-def ensure_ray() -> None:
-    """``ray.init()`` only when no Ray is connected (so `ray job submit` and the demo both work)."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(logging_level="WARNING", runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
 
 
 def run_pipeline(cfg: WMSSConfig, from_phase: str | None = None, until: str | None = None) -> dict[str, Any]:

@@ -198,7 +198,7 @@ def _read_rejects(path: str) -> list[dict]:
 
 @pytest.mark.integration
 def test_ray_jsonl_skip_counts_rejects_and_tokenized(ray_cluster, tmp_path, tok_dir):
-    from wmss_ray.data.corpus import tokenize_corpus
+    from wmss_ray.data.ray_corpus import tokenize_corpus
 
     cases = JSONL_CASES + [(json.dumps(dict(GOOD[0])).encode(), None)]  # same content, new line id
     path = _write_jsonl(tmp_path / "train.jsonl", cases)
@@ -222,7 +222,7 @@ def test_ray_jsonl_skip_counts_rejects_and_tokenized(ray_cluster, tmp_path, tok_
 
 @pytest.mark.integration
 def test_ray_error_policy_read_and_tokenize_stage(ray_cluster, tmp_path, tok_dir):
-    from wmss_ray.data.corpus import tokenize_corpus
+    from wmss_ray.data.ray_corpus import tokenize_corpus
 
     path = _write_jsonl(tmp_path / "train.jsonl")
     with pytest.raises(R.CorpusError, match=r"train\.jsonl line 2: malformed_json"):
@@ -235,7 +235,7 @@ def test_ray_error_policy_read_and_tokenize_stage(ray_cluster, tmp_path, tok_dir
 
 @pytest.mark.integration
 def test_ray_duplicate_ids_both_policies(ray_cluster, tmp_path, tok_dir):
-    from wmss_ray.data.corpus import tokenize_corpus
+    from wmss_ray.data.ray_corpus import tokenize_corpus
 
     rows = [dict(GOOD[0], uid="a"), dict(GOOD[1], uid="b"), dict(GOOD[2], uid="a"), dict(GOOD[3])]
     path = tmp_path / "d.jsonl"
@@ -255,7 +255,7 @@ def test_ray_duplicate_ids_both_policies(ray_cluster, tmp_path, tok_dir):
 @pytest.mark.integration
 @pytest.mark.parametrize("kind", ["parquet", "hf", "gz_prompt_response"])
 def test_ray_formats_skip(ray_cluster, tmp_path, tok_dir, kind):
-    from wmss_ray.data.corpus import tokenize_corpus
+    from wmss_ray.data.ray_corpus import tokenize_corpus
 
     cfg = _cfg("data.on_bad_row=skip", "scoring.batch_size=2")
     if kind == "gz_prompt_response":

@@ -206,8 +206,7 @@ def test_entrypoints_exist_and_parse(rendered, target):
             continue
         assert ns.config.startswith(APP_DIR + "/"), f"--config {ns.config}: use an absolute path under {APP_DIR}"
         path = REPO / ns.config[len(APP_DIR) + 1:]
-        if not path.is_file():
-            pytest.xfail(f"{target}: {ns.config} is referenced but {path.relative_to(REPO)} is not in the repo yet")
+        assert path.is_file(), f"{target}: {ns.config} is referenced but {path.relative_to(REPO)} is not in the repo"
         cfg = load_config(path, ns.overrides)  # the config, with the manifest's overrides, is valid
         assert cfg.run.storage.startswith(SHARED_MOUNT + "/"), f"run.storage {cfg.run.storage} is not on {SHARED_MOUNT}"
 

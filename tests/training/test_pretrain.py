@@ -9,7 +9,7 @@ import torch
 from wmss_ray.config import config_from_dict
 from wmss_ray.models.loading import load_causal_lm, load_tokenizer
 from wmss_ray.models.tokenizer import build_demo_tokenizer
-from wmss_ray.training.pretrain import _usable_cpus, lr_factor, pack_texts, pretrain_base
+from wmss_ray.training.pretrain import _usable_cpus, pack_texts, pretrain_base
 
 
 TINY = [
@@ -44,10 +44,3 @@ def test_pack_texts_separates_with_endoftext():
     assert tok.decode(stream.tolist()) == "<|endoftext|>1+1=2<|endoftext|>Q: x<|endoftext|>"
     assert (stream == eot).sum() == 3
     assert starts.tolist() == [0, 6] and (stream[starts] == eot).all()
-
-
-def test_lr_schedule_warmup_then_cosine():
-    f = [lr_factor(s, 100, 10, 0.1) for s in range(100)]
-    assert f[0] == 0.1 and f[9] == 1.0
-    assert all(a >= b for a, b in zip(f[10:], f[11:]))
-    assert abs(lr_factor(100, 100, 10, 0.1) - 0.1) < 1e-9

@@ -7,7 +7,6 @@ Also home of the shared helpers (tiny artefacts, the reference loop) used by
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,8 @@ import torch.nn.functional as F
 
 from wmss_ray.config import DemoModelConfig, config_from_dict
 from wmss_ray.training.dataset import DataPlan, RowTable, epoch_sample_ids
-from wmss_ray.training.ds_config import build_ds_config, lr_factor, warmup_steps_for
+from wmss_ray.training.ds_config import build_ds_config
+from wmss_ray.training.schedule import lr_factor, warmup_steps_for
 
 N_ROWS = 40
 
@@ -149,15 +149,6 @@ def test_plan_step_count_caps_and_fractions():
     assert DataPlan(10, 1.0, 0, 4, 1, 1, max_steps=7, exact_steps=11).total_steps == 11
     plan = DataPlan(10, 1.0, 0, 4, 1, 1)
     assert len(plan.rank_indices(0, start_step=2)) == len(set(plan.step_indices(2)))
-
-
-def test_lr_schedule_warmup_then_cosine_to_min():
-    f = [lr_factor(s, 10, 2, 0.1) for s in range(10)]
-    assert f[:2] == [0.5, 1.0]
-    assert f[2] == pytest.approx(1.0) and f[-1] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(f[2:], f[3:]))
-    assert f[6] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 4 / 7)))
-    assert warmup_steps_for(10, 0.05) == 0 and lr_factor(0, 1, 0, 0.1) == pytest.approx(1.0)
 
 
 def test_ds_config_batch_geometry_zero_and_overrides():

@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
+from wmss_ray.core.constants import IGNORE_INDEX, LOW_PRECISION_DTYPES
+
 
 #: Keys of the ``stats`` dict returned by ``chunked_mixed_ce(..., return_stats=True)``.
 STATS_KEYS = (
@@ -37,7 +38,7 @@ STATS_KEYS = (
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype the softmax runs in: fp32 for half/bf16 inputs, else the input dtype (fp32/fp64)."""
-    return torch.float32 if dtype in _LOW_PRECISION else dtype
+    return torch.float32 if dtype in LOW_PRECISION_DTYPES else dtype
 
 
 def _check_lam(lam) -> float:
@@ -57,7 +58,7 @@ def mixed_ce_naive(
     z_weak: torch.Tensor | None,
     labels: torch.Tensor,
     lam: float,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     num_tokens=None,
 ) -> torch.Tensor:
     """Mean CE of the mixed logits over non-ignored rows (the reference implementation).
@@ -213,7 +214,7 @@ def chunked_mixed_ce(
     labels: torch.Tensor,
     lam: float,
     chunk_size: int = 1024,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     num_tokens=None,
     return_stats: bool = False,
 ):

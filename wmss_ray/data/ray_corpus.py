@@ -33,9 +33,11 @@ import pyarrow.parquet as pq
 import ray
 from ray.data.datasource import Datasink, FileBasedDatasource
 
+from wmss_ray import storage
+from wmss_ray.cluster import ensure_ray
 from wmss_ray.config import DataConfig, WMSSConfig
 from wmss_ray.data import rejects as R
-from wmss_ray.data.corpus import READ_SCHEMA, Corpus, _names, iter_file_rows, open_corpus
+from wmss_ray.data.corpus import READ_SCHEMA, Corpus, file_names, iter_file_rows, open_corpus
 
 TOKEN_SCHEMA = pa.schema([
     ("sample_id", pa.string()),
@@ -54,12 +56,6 @@ TOKENIZED_COLUMNS = ["sample_id", "input_ids", "labels"]
 IO_TASK_CPUS = 0
 
 
-def ensure_ray() -> None:
-    """``ray.init()`` only when no Ray is running (``ray job submit`` and the demo both work)."""
-    if not ray.is_initialized():
-        ray.init(logging_level="WARNING")
-
-
 class CorpusDatasource(FileBasedDatasource):
     """Streams corpus files as line-numbered ``READ_SCHEMA`` blocks of ``block_rows`` rows."""
 
@@ -73,7 +69,7 @@ class CorpusDatasource(FileBasedDatasource):
         return filesystem.open_input_file(path)  # Parquet / Arrow need random access
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
-        file, name = _names(self.corpus, path)
+        file, name = file_names(self.corpus, path)
         rows: list[dict[str, Any]] = []
         for rec in iter_file_rows(f, file, name, self.corpus.format, self.corpus.schema, self.data, self.block_rows):
             if rec["reject_reason"] and self.data.on_bad_row == "error":
@@ -141,16 +137,16 @@ class TokenizedSink(Datasink):
         counts.update(rows_in=t.num_rows, rows_ok=good.num_rows,
                       rejected=dict(Counter(bad["reject_reason"].to_pylist())))
         if good.num_rows:
-            _write_parquet(good.select(TOKENIZED_COLUMNS), R.join(self.out_dir, "tokenized", part + ".parquet"))
+            _write_parquet(good.select(TOKENIZED_COLUMNS), storage.join(self.out_dir, "tokenized", part + ".parquet"))
             index = pa.table({
                 "sample_id": good["sample_id"], "source_file": good["source_file"],
                 "source_row": good["source_row"], "part": pa.array([part] * good.num_rows),
                 "pos": pa.array(np.arange(good.num_rows, dtype=np.int32)),
                 "n_tokens": pc.list_value_length(good["input_ids"]).cast(pa.int32()),
             })
-            _write_parquet(index, R.join(self.out_dir, "_tokenize_index", part + ".parquet"))
+            _write_parquet(index, storage.join(self.out_dir, "_tokenize_index", part + ".parquet"))
         if bad.num_rows:
-            R.write_reject_part(R.join(self.out_dir, "_rejects_parts", part + ".jsonl"), (
+            R.write_reject_part(storage.join(self.out_dir, "_rejects_parts", part + ".jsonl"), (
                 R.reject_record(r["sample_id"], r["source_file"], r["source_row"], r["reject_reason"], r["reject_detail"])
                 for r in bad.to_pylist()))
         return counts
@@ -160,16 +156,16 @@ class TokenizedSink(Datasink):
 
 
 def _write_parquet(table: pa.Table, uri: str) -> None:
-    fs, path = R.resolve_fs(uri)
+    fs, path = storage.resolve_fs(uri)
     pq.write_table(table, path, filesystem=fs)
 
 
 def _read_dir(uri: str, columns: list[str] | None = None) -> pa.Table:
-    parts = R.list_files(uri, ".parquet")
+    parts = storage.list_files(uri, ".parquet")
     if not parts:
         return pa.table({c: pa.array([], type=pa.string()) for c in (columns or ["sample_id"])})
-    fs, _ = R.resolve_fs(uri)
-    return pa.concat_tables([pq.read_table(R.resolve_fs(p)[1], columns=columns, filesystem=fs) for p in parts])
+    fs, _ = storage.resolve_fs(uri)
+    return pa.concat_tables([pq.read_table(storage.resolve_fs(p)[1], columns=columns, filesystem=fs) for p in parts])
 
 
 def _drop_duplicates(out_dir: str, on_bad_row: str) -> list[dict[str, Any]]:
@@ -177,7 +173,7 @@ def _drop_duplicates(out_dir: str, on_bad_row: str) -> list[dict[str, Any]]:
 
     Reads only the small index table; rewrites only the parts that held a duplicate.
     """
-    idx_dir = R.join(out_dir, "_tokenize_index")
+    idx_dir = storage.join(out_dir, "_tokenize_index")
     index = _read_dir(idx_dir)
     if index.num_rows == 0:
         return []
@@ -203,11 +199,11 @@ def _drop_duplicates(out_dir: str, on_bad_row: str) -> list[dict[str, Any]]:
     drop: dict[str, set[int]] = {}
     for rec in records:
         drop.setdefault(rec.pop("_part"), set()).add(rec.pop("_pos"))
-    fs, _ = R.resolve_fs(out_dir)
+    fs, _ = storage.resolve_fs(out_dir)
     for part, positions in drop.items():
         for sub in ("tokenized", "_tokenize_index"):
-            uri = R.join(out_dir, sub, part + ".parquet")
-            t = pq.read_table(R.resolve_fs(uri)[1], filesystem=fs)
+            uri = storage.join(out_dir, sub, part + ".parquet")
+            t = pq.read_table(storage.resolve_fs(uri)[1], filesystem=fs)
             keep = np.ones(t.num_rows, dtype=bool)
             keep[list(positions)] = False
             _write_parquet(t.filter(pa.array(keep)), uri)
@@ -242,7 +238,7 @@ def tokenize_corpus(cfg: WMSSConfig, tokenizer_path: str, corpus: str, out_dir: 
     data = cfg.data
     c = open_corpus(corpus, data)
     for sub in ("tokenized", "_tokenize_index", "_rejects_parts"):
-        R.reset_dir(R.join(out_dir, sub))
+        storage.reset_dir(storage.join(out_dir, sub))
     ds = ray.data.read_datasource(CorpusDatasource(c, data, block_rows or cfg.scoring.batch_size),
                                   num_cpus=IO_TASK_CPUS)
     ds = ds.map_batches(
@@ -260,25 +256,25 @@ def tokenize_corpus(cfg: WMSSConfig, tokenizer_path: str, corpus: str, out_dir: 
             raise err from None
         raise
     dup_records = _drop_duplicates(out_dir, data.on_bad_row)
-    rejects_path = R.join(out_dir, "rejects.jsonl")
-    by_reason = R.merge_rejects(R.join(out_dir, "_rejects_parts"), dup_records, rejects_path)
-    R.reset_dir(R.join(out_dir, "_rejects_parts"))
+    rejects_path = storage.join(out_dir, "rejects.jsonl")
+    by_reason = R.merge_rejects(storage.join(out_dir, "_rejects_parts"), dup_records, rejects_path)
+    storage.reset_dir(storage.join(out_dir, "_rejects_parts"))
     rows_in = sum(r["rows_in"] for r in sink.returns)
-    kept = _read_dir(R.join(out_dir, "_tokenize_index"), ["sample_id"]).num_rows
+    kept = _read_dir(storage.join(out_dir, "_tokenize_index"), ["sample_id"]).num_rows
     counts = {"rows_in": rows_in, "rows_ok": kept, "rows_rejected": sum(by_reason.values()),
               "rejected_by_reason": dict(sorted(by_reason.items()))}
     if rows_in != kept + counts["rows_rejected"]:  # a row vanished or was duplicated: a bug
         raise RuntimeError(f"row accounting broken: rows_in {rows_in} != kept {kept} + rejected "
                            f"{counts['rows_rejected']}")
     elapsed = time.perf_counter() - t0
-    manifest = R.join(out_dir, "tokenize_manifest.json")
-    R.write_text(manifest, json.dumps({
+    manifest = storage.join(out_dir, "tokenize_manifest.json")
+    storage.write_text(manifest, json.dumps({
         "phase": "tokenize", "status": "completed", "corpus": corpus, "format": c.format,
         "schema": c.schema, "files": len(c.files), "tokenizer": tokenizer_path,
         "max_seq_len": data.max_seq_len, "truncation": data.truncation, "on_bad_row": data.on_bad_row,
         "config_hash": cfg.config_hash(), "counts": counts, "elapsed_s": round(elapsed, 3),
     }, indent=2, sort_keys=True))
-    return TokenizeResult(R.join(out_dir, "tokenized"), rejects_path, manifest, counts, elapsed)
+    return TokenizeResult(storage.join(out_dir, "tokenized"), rejects_path, manifest, counts, elapsed)
 
 
 class TokenizedDatasource(FileBasedDatasource):
@@ -307,6 +303,6 @@ def read_tokenized(path: str, block_rows: int = 256) -> "ray.data.Dataset":
 
 def count_rows(path: str) -> int:
     """Rows of a parquet directory from file footers only (no data read)."""
-    fs, _ = R.resolve_fs(path)
-    return sum(pq.ParquetFile(R.resolve_fs(p)[1], filesystem=fs).metadata.num_rows
-               for p in R.list_files(path, ".parquet"))
+    fs, _ = storage.resolve_fs(path)
+    return sum(pq.ParquetFile(storage.resolve_fs(p)[1], filesystem=fs).metadata.num_rows
+               for p in storage.list_files(path, ".parquet"))

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from wmss_ray.core.constants import IGNORE_INDEX  # re-exported here; defined once in core
 
 
 class BadRowError(ValueError):

@@ -30,10 +30,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+from wmss_ray import storage
+from wmss_ray.cluster import ensure_ray
 from wmss_ray.config import WMSSConfig
 from wmss_ray.core.curriculum import sample_indices, sampling_weights
 from wmss_ray.data import rejects as R
-from wmss_ray.data.ray_corpus import count_rows, ensure_ray, read_tokenized, tokenize_corpus
+from wmss_ray.data.ray_corpus import count_rows, read_tokenized, tokenize_corpus
 from wmss_ray.scoring.scorer import SCORE_COLUMNS, EntropyScorer
 
 SCORES_FILE = "scores.parquet"
@@ -138,16 +140,16 @@ def score_tokenized(cfg: WMSSConfig, weak_model: str, strong_model: str, tokeniz
     h_weak = scores["h_weak"].to_numpy()
     h_strong = scores["h_strong"].to_numpy()
     scores = scores.append_column("weight", pa.array(curriculum_weights(cfg, h_weak, h_strong)))
-    scores_path = R.join(out_dir, SCORES_FILE)
-    fs, path = R.resolve_fs(scores_path)
+    scores_path = storage.join(out_dir, SCORES_FILE)
+    fs, path = storage.resolve_fs(scores_path)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     pq.write_table(scores, path, filesystem=fs)
     elapsed = time.perf_counter() - t0
     counts = {"rows_scored": scores.num_rows,
               "mean_h_weak": float(h_weak.mean()), "mean_h_strong": float(h_strong.mean()),
               "frac_dh_negative": float((scores["dh"].to_numpy() < 0).mean())}
-    manifest = R.join(out_dir, "scoring_manifest.json")
-    R.write_text(manifest, json.dumps({
+    manifest = storage.join(out_dir, "scoring_manifest.json")
+    storage.write_text(manifest, json.dumps({
         "phase": "score", "status": "completed", "models": {"weak": weak_model, "strong": strong_model},
         "tokenized": tokenized_path, "config_hash": cfg.config_hash(), "counts": counts,
         "scoring": cfg.scoring.model_dump(), "curriculum": cfg.curriculum.model_dump(),
@@ -186,12 +188,12 @@ def score_corpus(cfg: WMSSConfig, weak_model: str, strong_model: str, corpus: st
     manifest = json.loads(_read_text(res.manifest_path))
     manifest.update(corpus=corpus, counts=counts, elapsed_s=round(elapsed, 3),
                     tokenize_elapsed_s=round(tok.elapsed, 3), score_elapsed_s=round(res.elapsed, 3))
-    R.write_text(res.manifest_path, json.dumps(manifest, indent=2, sort_keys=True))
+    storage.write_text(res.manifest_path, json.dumps(manifest, indent=2, sort_keys=True))
     return ScoringResult(res.scores_path, tok.rejects_path, counts, elapsed, res.manifest_path, tok.tokenized_path)
 
 
 def _read_text(uri: str) -> str:
-    fs, path = R.resolve_fs(uri)
+    fs, path = storage.resolve_fs(uri)
     with fs.open_input_stream(path) as f:
         return f.read().decode()
 
@@ -210,7 +212,7 @@ def sample_curriculum(cfg: WMSSConfig, scores_path: str, out_path: str, seed: in
     Returns:
         The path written: one column ``sample_id`` with repeats, in draw order.
     """
-    fs, path = R.resolve_fs(scores_path)
+    fs, path = storage.resolve_fs(scores_path)
     scores = pq.read_table(path, columns=["sample_id", "h_weak", "h_strong"], filesystem=fs)
     n = scores.num_rows
     if n == 0:
@@ -218,8 +220,8 @@ def sample_curriculum(cfg: WMSSConfig, scores_path: str, out_path: str, seed: in
     weights = curriculum_weights(cfg, scores["h_weak"].to_numpy(), scores["h_strong"].to_numpy())
     draws = max(1, round(n * cfg.curriculum.sample_multiplier))
     idx = sample_indices(weights, draws, seed=seed, dedup=cfg.curriculum.dedup)
-    out = out_path if out_path.endswith(".parquet") else R.join(out_path, "sampled_ids.parquet")
-    ofs, opath = R.resolve_fs(out)
+    out = out_path if out_path.endswith(".parquet") else storage.join(out_path, "sampled_ids.parquet")
+    ofs, opath = storage.resolve_fs(out)
     ofs.create_dir(opath.rsplit("/", 1)[0], recursive=True)
     pq.write_table(pa.table({"sample_id": scores["sample_id"].take(pa.array(idx))}), opath, filesystem=ofs)
     return out

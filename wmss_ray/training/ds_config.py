@@ -11,33 +11,15 @@ Everything here is plain code: no Ray.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import torch
 
 from wmss_ray.config import TrainingConfig
+from wmss_ray.training.schedule import lr_factor, warmup_steps_for
 
 
 # ----------------------------------------------------------------------------- schedule
-
-
-def warmup_steps_for(total_steps: int, warmup_ratio: float) -> int:
-    """Warm-up length in optimizer steps: ``round(warmup_ratio * total_steps)``."""
-    return int(round(warmup_ratio * total_steps))
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
-    """Multiplier of the base lr for optimizer step ``step`` (0-based).
-
-    Linear warm-up ``(step + 1) / warmup_steps`` over the first ``warmup_steps`` steps (so the
-    first step already learns), then cosine decay from 1 to ``min_lr_ratio`` at the last step.
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    decay_steps = max(1, total_steps - 1 - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, training: TrainingConfig):

@@ -18,10 +18,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from wmss_ray.core.constants import IGNORE_INDEX
 from wmss_ray.core.mixing import STATS_KEYS, chunked_mixed_ce
 from wmss_ray.models.loading import output_head
 
-IGNORE_INDEX = -100
 #: Order of the per-micro-batch statistics vector returned by :meth:`PairLM.forward`.
 STAT_NAMES = STATS_KEYS  # ce_mix_sum, ce_strong_sum, p_mix_sum, p_strong_sum, nt_mix, nt_strong, n_tokens
 

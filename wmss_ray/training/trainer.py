@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wmss_ray import storage
+from wmss_ray.cluster import ensure_ray
 from wmss_ray.config import WMSSConfig
 from wmss_ray.training.dataset import DataPlan, build_train_dataset, epoch_sample_ids
 from wmss_ray.training.metrics import read_metrics
@@ -210,17 +212,15 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
     Raises:
         IncompatibleModelsError: WMSS weak and strong tokenizers / vocabularies differ.
     """
-    import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     spec = build_spec(cfg, phase, strong_init, weak_init, tokenized_path, sampled_ids_path, out_dir, mode,
                       epochs=epochs, exact_steps=exact_steps, stop_after=stop_after)
-    out = Path(out_dir).resolve()
+    out = Path(storage.local_dir(out_dir))
     out.mkdir(parents=True, exist_ok=True)
     spec.out_dir = str(out)
-    if not ray.is_initialized():
-        ray.init()
+    ensure_ray()
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
