@@ -2,10 +2,13 @@
 
 For every eval problem (a chat row ``{"sample_id", "messages": [..., assistant], "final_answer"}``
 or a prompt/response row) the model generates greedily from the chat-template prompt plus the
-generation prompt, left-padded in batches, stopping at the end-of-turn/EOS token; the problem is
-correct when the "#### N" in the generation matches the reference (``data.synthetic.is_correct``).
-The loss is the teacher-forced cross-entropy over the answer tokens only (answer-only labels from
-``data.tokenize.tokenize_example``), averaged over all answer tokens of the set (token-weighted).
+generation prompt (and the template's own filler before an answer, e.g. an empty think block),
+left-padded in batches, stopping at the end-of-turn/EOS token; the problem is correct when the
+answer checker (``evaluation.checker``, see ``wmss_ray.checkers``) finds the generation's final
+answer equivalent to the reference. The checker runs in the driver, after generation. The loss
+is the teacher-forced cross-entropy over the supervised tokens only (``data.supervise``; labels
+from ``data.tokenize.tokenize_example``), averaged over all of them (token-weighted).
+``evaluation.max_samples`` takes a seeded subsample (``run.seed``, by a hash of ``sample_id``).
 
 Two paths give the same results: in-process (small sets) and a Ray Data actor pool (large sets or
 ``evaluation.num_actors > 1``). Both cut the rows into the same fixed batches of
@@ -25,9 +28,10 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from wmss_ray.checkers import AnswerChecker, checker_from_config
 from wmss_ray.config import WMSSConfig
-from wmss_ray.data.synthetic import extract_final_answer, is_correct
-from wmss_ray.data.tokenize import IGNORE_INDEX, BadRowError, collate, tokenize_example
+from wmss_ray.data.splits import seeded_subsample
+from wmss_ray.data.tokenize import IGNORE_INDEX, BadRowError, collate, generation_prompt_ids, tokenize_example
 from wmss_ray.models.generate import greedy_generate
 
 log = logging.getLogger("wmss_ray.evaluation")
@@ -53,6 +57,8 @@ class EvalResult:
     accuracy: float
     loss: float  # token-weighted mean answer CE (nats/token); NaN when no answer token
     n_loss_tokens: int = 0
+    checker: str = ""  # the answer checker that decided ``correct``
+    n_no_reference: int = 0  # rows without a reference final answer (counted wrong)
     per_sample: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict[str, Any]:
@@ -97,9 +103,16 @@ def normalise_eval_row(row: dict[str, Any], index: int, cfg: WMSSConfig) -> dict
     """``{sample_id, prompt_messages, answer, final_answer}`` from a chat or prompt/response row.
 
     The answer is the last assistant message (chat) or the response column; ``final_answer`` is
-    the row's own field when present, else the "#### N" parsed from the answer (None if neither).
+    the row's ``data.reference_column`` when set, else the final answer the checker extracts
+    from the answer (None if none). A row that is already normalised (``prompt_messages`` and
+    ``answer``, e.g. the carved validation split) keeps them.
     """
     d = cfg.data
+    checker = checker_from_config(cfg)
+    if "prompt_messages" in row and "answer" in row:  # already normalised (validation split)
+        ref = checker.reference(row["answer"], row.get("reference"))
+        return {"sample_id": str(row["sample_id"]), "prompt_messages": list(row["prompt_messages"]),
+                "answer": row["answer"], "final_answer": ref}
     # data.id_column first (as data.corpus does), then the demo world's own "sample_id" field.
     sid = row.get(d.id_column) if d.id_column else row.get("sample_id")
     sid = str(sid) if sid is not None else f"eval-{index}"
@@ -116,17 +129,25 @@ def normalise_eval_row(row: dict[str, Any], index: int, cfg: WMSSConfig) -> dict
         raise ValueError(
             f"eval row {sid}: needs '{d.messages_column}' or '{d.prompt_column}'+'{d.response_column}'"
         )
-    final = row.get("final_answer")
-    final = str(final) if final is not None else extract_final_answer(answer)
+    column_value = None
+    if d.reference_column:
+        if row.get(d.reference_column) is None:
+            raise ValueError(f"eval row {sid}: data.reference_column '{d.reference_column}' is missing")
+        column_value = row[d.reference_column]
+    final = checker.reference(answer, column_value)
     return {"sample_id": sid, "prompt_messages": prompt, "answer": answer, "final_answer": final}
 
 
 def load_eval_rows(eval_path_or_rows: str | Sequence[dict], cfg: WMSSConfig) -> list[dict[str, Any]]:
-    """Read (if a path), cap at ``cfg.evaluation.max_samples`` (first rows), normalise."""
+    """Read (if a path), normalise, then keep a seeded subsample of ``evaluation.max_samples``
+    rows (``run.seed``; chosen by a hash of ``sample_id``, kept in file order)."""
     rows = read_rows(eval_path_or_rows) if isinstance(eval_path_or_rows, (str, Path)) else list(eval_path_or_rows)
-    if cfg.evaluation.max_samples is not None:
-        rows = rows[: cfg.evaluation.max_samples]
-    return [normalise_eval_row(r, i, cfg) for i, r in enumerate(rows)]
+    rows = [normalise_eval_row(r, i, cfg) for i, r in enumerate(rows)]
+    ids = [r["sample_id"] for r in rows]
+    if len(set(ids)) != len(ids):  # repeated ids: subsample by position instead
+        log.warning("eval rows repeat sample ids; max_samples subsamples by row position")
+        ids = [f"{i}:{sid}" for i, sid in enumerate(ids)]
+    return [rows[i] for i in seeded_subsample(ids, cfg.evaluation.max_samples, cfg.run.seed)]
 
 
 # ----------------------------------------------------------------------------- the evaluator
@@ -147,6 +168,7 @@ class Evaluator:
         dtype: str = "auto",
         device: str = "auto",
         trust_remote_code: bool = False,
+        supervise: str = "answer_and_eos",
     ):
         from wmss_ray.models.loading import load_causal_lm, load_tokenizer
 
@@ -157,11 +179,12 @@ class Evaluator:
         self.tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
         self.max_new_tokens = max_new_tokens
         self.max_seq_len = max_seq_len
+        self.supervise = supervise
         self.device = torch.device(device)
 
     @torch.no_grad()
     def answer_nll(self, rows: Sequence[dict]) -> list[tuple[float | None, int]]:
-        """Per row: (sum of answer-token CE in nats, number of answer tokens); (None, 0) when the
+        """Per row: (sum of CE in nats over the supervised tokens, their number); (None, 0) when the
         row cannot be tokenised. Position t's logits score token t+1 (labels shifted here)."""
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -169,7 +192,8 @@ class Evaluator:
         for r in rows:
             try:
                 # "left": evaluation scores every row; a too-long prompt loses its oldest tokens.
-                encoded.append(tokenize_example(tok, r["prompt_messages"], r["answer"], self.max_seq_len, "left"))
+                encoded.append(tokenize_example(tok, r["prompt_messages"], r["answer"], self.max_seq_len, "left",
+                                                self.supervise))
             except BadRowError as err:
                 log.warning("eval row %s not scored for loss: %s", r["sample_id"], err)
                 encoded.append(None)
@@ -195,27 +219,30 @@ class Evaluator:
         return out
 
     def __call__(self, rows: Sequence[dict]) -> list[dict[str, Any]]:
+        """Per row ``{sample_id, generated, nll, n_tokens}``; the answer checker runs later, in
+        the driver (``check_answers``)."""
         # One call per pre-cut batch: batch_size=len(rows) keeps the padding identical on both paths.
         prompts = [r["prompt_messages"] for r in rows]
+        # The same conditioning as in training: the chat prompt + the template's filler, if any.
+        prompt_id_lists = [generation_prompt_ids(self.tokenizer, r["prompt_messages"], r["answer"]) for r in rows]
         generated = greedy_generate(
-            self.model, self.tokenizer, prompts, self.max_new_tokens, batch_size=max(1, len(rows))
+            self.model, self.tokenizer, prompts, self.max_new_tokens, batch_size=max(1, len(rows)),
+            prompt_id_lists=prompt_id_lists,
         )
         nll = self.answer_nll(rows)
-        results = []
-        for r, text, (s, c) in zip(rows, generated, nll):
-            ref = r.get("final_answer")
-            results.append(
-                {
-                    "sample_id": r["sample_id"],
-                    "correct": bool(ref is not None and is_correct(text, ref)),
-                    "generated": text,
-                    "predicted": extract_final_answer(text),
-                    "reference": ref,
-                    "nll": s,
-                    "n_tokens": c,
-                }
-            )
-        return results
+        return [{"sample_id": r["sample_id"], "generated": text, "nll": s, "n_tokens": c}
+                for r, text, (s, c) in zip(rows, generated, nll)]
+
+
+def check_answers(rows: Sequence[dict], generated: Sequence[dict], checker: AnswerChecker) -> list[dict[str, Any]]:
+    """Per-sample results: the evaluator's output plus ``correct``, ``predicted``, ``reference``."""
+    out = []
+    for r, g in zip(rows, generated):
+        correct, predicted = checker.check(g["generated"], r.get("final_answer"))
+        out.append({"sample_id": g["sample_id"], "correct": bool(correct), "generated": g["generated"],
+                    "predicted": predicted, "reference": r.get("final_answer"), "nll": g["nll"],
+                    "n_tokens": g["n_tokens"]})
+    return out
 
 
 def _evaluator_kwargs(model_dir: str, cfg: WMSSConfig) -> dict[str, Any]:
@@ -223,8 +250,9 @@ def _evaluator_kwargs(model_dir: str, cfg: WMSSConfig) -> dict[str, Any]:
         "model_dir": str(model_dir),
         "max_new_tokens": cfg.evaluation.max_new_tokens,
         "max_seq_len": cfg.data.max_seq_len,
-        "dtype": cfg.models.dtype,
+        "dtype": cfg.models.dtype,  # auto: bf16 on GPU, fp32 on CPU (models.loading.resolve_dtype)
         "trust_remote_code": cfg.models.trust_remote_code,
+        "supervise": cfg.data.supervise,
     }
 
 
@@ -299,27 +327,30 @@ def evaluate_model(
     """Evaluate one model directory on an eval corpus (path) or a list of raw eval rows.
 
     ``use_ray``: None picks the Ray Data actor pool when the set has more than
-    ``evaluation.ray_min_rows`` rows or ``evaluation.num_actors > 1``; True/False force a path.
+    ``evaluation.ray_min_rows`` rows, ``evaluation.num_actors > 1`` or ``evaluation.gpus_per_actor
+    > 0`` (the driver may have no GPU); True/False force a path.
     With ``out_dir`` the per-sample results are written to ``<out_dir>/eval_<name>.jsonl``.
     """
     name = name or Path(str(model_dir)).name
     rows = load_eval_rows(eval_path_or_rows, cfg)
     e = cfg.evaluation
     if use_ray is None:
-        use_ray = len(rows) > e.ray_min_rows or e.num_actors > 1
+        use_ray = len(rows) > e.ray_min_rows or e.num_actors > 1 or e.gpus_per_actor > 0
     ev_kwargs = _evaluator_kwargs(model_dir, cfg)
     # "_idx" restores eval order after the Ray path (Ray Data does not keep it by default).
     chunks = [
         [{**r, "_idx": i + j} for j, r in enumerate(rows[i:i + e.batch_size])]
         for i in range(0, len(rows), e.batch_size)
     ]
+    checker = checker_from_config(cfg)
     if not rows:
-        per_sample: list[dict[str, Any]] = []
+        generated: list[dict[str, Any]] = []
     elif use_ray:
-        per_sample = _run_ray(chunks, ev_kwargs, cfg)
+        generated = _run_ray(chunks, ev_kwargs, cfg)
     else:
         evaluator = Evaluator(**ev_kwargs)
-        per_sample = [res for chunk in chunks for res in evaluator(chunk)]
+        generated = [res for chunk in chunks for res in evaluator(chunk)]
+    per_sample = check_answers(rows, generated, checker)
     n_missing = sum(r["reference"] is None for r in per_sample)
     if n_missing:
         log.warning("%s: %d of %d eval rows have no reference final answer (counted wrong)",
@@ -333,6 +364,8 @@ def evaluate_model(
         accuracy=(sum(r["correct"] for r in per_sample) / len(per_sample)) if per_sample else math.nan,
         loss=nll / tokens if tokens else math.nan,
         n_loss_tokens=tokens,
+        checker=checker.name,
+        n_no_reference=n_missing,
         per_sample=per_sample,
     )
     if out_dir is not None:
@@ -341,13 +374,24 @@ def evaluate_model(
     return result
 
 
+def eval_set_info(name: str, source: str, n: int, cfg: WMSSConfig) -> dict[str, Any]:
+    """What ``eval_results.json`` says about the problems: which set, from where, how chosen."""
+    return {"name": name, "source": source, "n": n, "max_samples": cfg.evaluation.max_samples,
+            "subsample_seed": cfg.run.seed if cfg.evaluation.max_samples is not None else None}
+
+
 def evaluate_models(
-    models: dict[str, str], eval_path: str | Sequence[dict], cfg: WMSSConfig, out_dir: str | Path
+    models: dict[str, str], eval_path: str | Sequence[dict], cfg: WMSSConfig, out_dir: str | Path,
+    eval_set: str = "test",
 ) -> dict[str, EvalResult]:
     """Evaluate several models (``{name: model_dir}``) on the same problems.
 
+    ``eval_set`` names the set the numbers come from: ``test`` (``data.eval``, read only after
+    every choice is made) or ``validation`` (what selection, e.g. a tune sweep, uses).
     Writes ``<out_dir>/eval_<name>.jsonl`` per model and ``<out_dir>/eval_results.json``:
-    ``{"models": {name: {name, model_dir, n, accuracy, loss, n_loss_tokens, per_sample_path}}}``.
+    ``{"checker": str, "eval_set": {name, source, n, max_samples, subsample_seed},
+    "models": {name: {name, model_dir, n, accuracy, loss, n_loss_tokens, checker, n_no_reference,
+    per_sample_path}}}``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -357,8 +401,12 @@ def evaluate_models(
         res = evaluate_model(model_dir, eval_path, cfg, name=name, out_dir=out)
         results[name] = res
         table[name] = {**res.summary(), "per_sample_path": str(out / f"eval_{_safe_name(name)}.jsonl")}
+    source = str(eval_path) if isinstance(eval_path, (str, Path)) else f"{len(eval_path)} rows given in memory"
+    n = next(iter(results.values())).n if results else 0
+    summary = {"checker": checker_from_config(cfg).name, "eval_set": eval_set_info(eval_set, source, n, cfg),
+               "models": table}
     tmp = out / "eval_results.json.tmp"
-    tmp.write_text(json.dumps({"models": table}, indent=2, allow_nan=True))
+    tmp.write_text(json.dumps(summary, indent=2, allow_nan=True))
     tmp.replace(out / "eval_results.json")
     return results
 
