@@ -251,7 +251,9 @@ class TuneConfig(_Section):
     num_samples: int = Field(4, ge=1, description="trials (for grid: repeats of the grid)")
     max_concurrent: int = Field(1, ge=1)
     cpus_per_trial: float = Field(0.5, gt=0, description="the trial's driver; Train workers ask for their own")
-    metric: Literal["eval_accuracy", "eval_loss"] = "eval_accuracy"
+    metric: Literal["validation_accuracy", "validation_loss"] = Field(
+        "validation_accuracy", description="trials are compared on the validation split, never on data.eval"
+    )
     mode: Literal["max", "min"] = "max"
     search_space: dict[str, dict[str, list[float]]] = Field(
         default_factory=lambda: {"mix.lam": {"uniform": [0.3, 0.7]}, "curriculum.beta": {"choice": [0.5, 0.8]}},

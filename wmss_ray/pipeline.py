@@ -19,6 +19,7 @@ Ray Train checkpoint.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import traceback
 from dataclasses import dataclass
@@ -84,7 +85,9 @@ def _phase_data(ctx: RunContext) -> dict[str, Any]:
     from wmss_ray.data.synthetic import write_demo_corpus
 
     paths = write_demo_corpus(ctx.cfg.data.demo, ctx.cfg.run.seed, ctx.phase_dir("data"))
-    return {"outputs": {"train": str(paths["train"]), "eval": str(paths["eval"])}}
+    return {"outputs": {"train": str(paths["train"]), "validation": str(paths["validation"]),
+                        "eval": str(paths["eval"])},
+            "counts": {"validation": ctx.cfg.data.demo.n_validation}}
 
 
 def _phase0(ctx: RunContext) -> dict[str, Any]:
@@ -102,11 +105,42 @@ def _eval_corpus(ctx: RunContext) -> str | None:
     return ctx.out("data", "eval") if ctx.cfg.models.demo else ctx.cfg.data.eval
 
 
+def validation_source(cfg: WMSSConfig, outputs: dict[str, dict[str, Any]]) -> str | None:
+    """The validation split (what anything that selects or stops early evaluates on), or None:
+    rows carved by ``data.validation_fraction`` (tokenize's ``validation/``), else
+    ``data.validation``, else the demo world's ``validation.jsonl`` (when it has rows)."""
+    carved = outputs.get("tokenize", {}).get("validation")
+    if carved:
+        return carved
+    if cfg.data.validation:
+        return cfg.data.validation
+    if cfg.models.demo and cfg.data.demo.n_validation > 0:
+        return outputs.get("data", {}).get("validation")
+    return None
+
+
+def has_validation(cfg: WMSSConfig) -> bool:
+    """Whether this config yields a validation split (checked before a sweep starts)."""
+    return bool(cfg.data.validation or cfg.data.validation_fraction > 0
+                or (cfg.models.demo and cfg.data.demo.n_validation > 0))
+
+
+def validation_rows_or_path(source: str) -> str | list[dict[str, Any]]:
+    """What ``evaluation.evaluate_models`` takes for a validation source: the carved split is a
+    parquet directory of normalised rows, read here; a corpus path is passed on as is."""
+    from wmss_ray.data.ray_corpus import read_validation_rows
+
+    if Path(source).is_dir() and not (Path(source) / "state.json").exists():
+        return read_validation_rows(source)
+    return source
+
+
 def _phase_tokenize(ctx: RunContext) -> dict[str, Any]:
     from wmss_ray.data.corpus import tokenize_corpus
 
     res = tokenize_corpus(ctx.cfg, ctx.tokenizer_source(), _train_corpus(ctx), str(ctx.phase_dir("tokenize")))
-    return {"outputs": {"tokenized": res.tokenized_path, "rejects": res.rejects_path}, "counts": res.counts}
+    return {"outputs": {"tokenized": res.tokenized_path, "rejects": res.rejects_path,
+                        "validation": res.validation_path}, "counts": res.counts}
 
 
 def _phase_sft(ctx: RunContext) -> dict[str, Any]:
@@ -196,9 +230,12 @@ def _phase_eval(ctx: RunContext) -> dict[str, Any]:
     if "baseline" in ctx.outputs:
         models["SFT-continued"] = ctx.out("baseline", "model_dir")
     models["WMSS"] = ctx.model(k + 1)
-    results = evaluate_models(models, eval_path, ctx.cfg, str(ctx.phase_dir("eval")))
+    # data.eval is the test set: read here only, after every choice (tune selects on validation).
+    results = evaluate_models(models, eval_path, ctx.cfg, str(ctx.phase_dir("eval")), eval_set="test")
     table = {n: {"accuracy": r.accuracy, "loss": r.loss, "n": r.n, "model_dir": r.model_dir} for n, r in results.items()}
-    return {"outputs": {"results": str(ctx.phase_dir("eval") / "eval_results.json"), "models": table}}
+    summary = json.loads((ctx.phase_dir("eval") / "eval_results.json").read_text())
+    return {"outputs": {"results": str(ctx.phase_dir("eval") / "eval_results.json"), "models": table,
+                        "checker": summary["checker"], "eval_set": summary["eval_set"]}}
 
 
 def _phase_report(ctx: RunContext) -> dict[str, Any]:
@@ -207,6 +244,9 @@ def _phase_report(ctx: RunContext) -> dict[str, Any]:
     k = ctx.cfg.run.iterations
     results = {
         "models": ctx.outputs.get("eval", {}).get("models", {}),
+        "checker": ctx.outputs.get("eval", {}).get("checker"),
+        "eval_set": ctx.outputs.get("eval", {}).get("eval_set"),
+        "counts": {"validation": _validation_count(ctx)},
         "phases": {
             "sft_continued": ctx.outputs.get("baseline", {}).get("metrics"),
             "wmss": ctx.outputs.get(f"wmss_{k}", {}).get("metrics"),
@@ -218,6 +258,16 @@ def _phase_report(ctx: RunContext) -> dict[str, Any]:
     }
     path = write_report(str(ctx.run_dir), results, str(ctx.phase_dir("report") / "report.html"))
     return {"outputs": {"report": str(path)}}
+
+
+def _validation_count(ctx: RunContext) -> int | None:
+    """Rows of the validation split, for the report (None without one)."""
+    tok = read_manifest(ctx.run_dir / "tokenize")
+    if tok and tok.counts.get("rows_validation"):
+        return int(tok.counts["rows_validation"])
+    if ctx.cfg.data.validation:
+        return None  # a user corpus: counted when it is evaluated
+    return ctx.cfg.data.demo.n_validation if ctx.cfg.models.demo else None
 
 
 def build_phases(cfg: WMSSConfig) -> list[Phase]:
@@ -245,7 +295,8 @@ def build_phases(cfg: WMSSConfig) -> list[Phase]:
     if cfg.evaluation.baseline:
         phases.append(Phase("baseline", ["sft", prev_model], ["run.seed", "training", "scaling"], _phase_baseline))
     eval_needs = [p.name for p in phases if p.name in ("sft", "baseline", prev_model)] + first
-    phases.append(Phase("eval", eval_needs, ["evaluation", "data.eval"], _phase_eval))
+    phases.append(Phase("eval", eval_needs, ["evaluation", "data.eval", "data.reference_column", "data.supervise"],
+                        _phase_eval))
     phases.append(Phase("report", ["eval"], [], _phase_report))
     return phases
 
