@@ -185,3 +185,15 @@ def test_rows_read_and_normalised_from_any_schema(tmp_path):
                  "answer": "2+2=4\n#### 4", "final_answer": "4"}
     with pytest.raises(ValueError, match="no assistant"):
         normalise_eval_row({"messages": [{"role": "user", "content": "hi"}]}, 0, _cfg())
+
+
+@pytest.mark.gpu
+def test_gpu_evaluator_generates_in_bf16(forced_model):
+    """models.dtype auto -> bf16 on CUDA; the memorised answer survives bf16 greedy decoding."""
+    from wmss_ray.evaluation import Evaluator, load_eval_rows
+
+    ev = Evaluator(forced_model, max_new_tokens=10, device="cuda")
+    assert ev.model.dtype == torch.bfloat16 and ev.model.device.type == "cuda"
+    out = ev(load_eval_rows(_eval_rows(), _cfg()))
+    assert [o["generated"] for o in out] == [FORCED] * len(out)
+    assert all(o["nll"] is not None and o["n_tokens"] > 0 for o in out)
