@@ -28,6 +28,9 @@ def test_extract_answer_last_boxed_then_hashes_then_answer_is():
     assert extract_answer(GSM8K_ROW["answer"]) == "30,000"
     assert extract_answer("first \\boxed{1}, then \\boxed{\\{1, 2\\}}") == "\\{1, 2\\}"
     assert extract_answer("So 5 + 20 = 25. The answer is 25.") == "25"
+    assert extract_answer("#### 18 dollars") == "18" and extract_answer("The answer is 25 because 5*5.") == "25"
+    assert extract_answer("The answer is $1,000 per week.") == "1,000"
+    assert extract_answer("#### 2 x + 1") == "2 x + 1"  # a one-letter word is algebra, not a unit
     assert extract_answer("The answer is $\\frac{1}{2}$.") == "\\frac{1}{2}"
     assert extract_answer("#### 4\nrest\n#### 5") == "5"
     assert extract_answer("\\boxed{3} and later #### 9") == "3"  # \boxed wins over ####

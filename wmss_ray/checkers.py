@@ -31,6 +31,8 @@ _HASHES_RE = re.compile(r"####[ \t]*([^\n]*)")
 _ANSWER_IS_RE = re.compile(r"answer is[:\s]*([^\n]+)", re.IGNORECASE)
 _TEXT_RE = re.compile(r"\\(?:text|textbf|mathrm)\{([^{}]*)\}")
 _THOUSANDS_RE = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+# "#### 18 dollars", "The answer is 25 because ...": a number followed by words is that number
+_NUMBER_THEN_WORDS_RE = re.compile(r"^(-?\$?\s*[\d,]*\.?\d+)\s+[A-Za-z]{2,}")
 
 
 def _last_boxed(text: str) -> str | None:
@@ -55,7 +57,8 @@ def _strip_sentence(s: str) -> str:
 
 def extract_answer(text: str | None) -> str | None:
     """The final answer of a response: last ``\\boxed{}``, else last ``####``, else last
-    "The answer is X" (trailing period dropped); None when there is none."""
+    "The answer is X" (trailing period dropped; a number followed by words, "18 dollars", is the
+    number); None when there is none."""
     text = text or ""
     boxed = _last_boxed(text)
     if boxed is not None and boxed.strip():
@@ -63,7 +66,9 @@ def extract_answer(text: str | None) -> str | None:
     for pattern in (_HASHES_RE, _ANSWER_IS_RE):
         matches = [m.group(1) for m in pattern.finditer(text)]
         if matches and _strip_sentence(matches[-1]):
-            return _strip_sentence(matches[-1])
+            answer = _strip_sentence(matches[-1])
+            number = _NUMBER_THEN_WORDS_RE.match(answer)
+            return number.group(1).replace("$", "").strip() if number else answer
     return None
 
 
