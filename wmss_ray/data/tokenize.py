@@ -77,11 +77,16 @@ def assistant_turn_parts(tokenizer, prompt_messages: Sequence[Mapping[str, str]]
     Templates whose full rendering does not extend the prompt (e.g. ones that rewrite earlier
     turns) fall back to ``("", answer, eos_token)``.
     """
+    return _rendered_turn(tokenizer, prompt_messages, answer)[1:]
+
+
+def _rendered_turn(tokenizer, prompt_messages: Sequence[Mapping[str, str]], answer: str) -> tuple[str, str, str, str]:
+    """``(prompt text with generation prompt, filler, content, end)``; see assistant_turn_parts."""
     msgs = list(prompt_messages)
     prompt_text = _render(tokenizer, msgs, True)
     full = _render(tokenizer, msgs + [{"role": "assistant", "content": answer}], False)
     if not (full.startswith(prompt_text) and len(full) > len(prompt_text)):
-        return "", answer, tokenizer.eos_token or ""
+        return prompt_text, "", answer, tokenizer.eos_token or ""
     turn = full[len(prompt_text):]
     probe = _render(tokenizer, msgs + [{"role": "assistant", "content": _SENTINEL}], False)
     if probe.startswith(prompt_text) and probe.count(_SENTINEL) == 1:
@@ -89,9 +94,9 @@ def assistant_turn_parts(tokenizer, prompt_messages: Sequence[Mapping[str, str]]
         if turn.endswith(end):
             body = turn[: len(turn) - len(end)]
             if filler and body.startswith(filler):
-                return filler, body[len(filler):], end
-            return "", body, end
-    return "", turn, ""
+                return prompt_text, filler, body[len(filler):], end
+            return prompt_text, "", body, end
+    return prompt_text, "", turn, ""
 
 
 def answer_text(tokenizer, prompt_messages: Sequence[Mapping[str, str]], answer: str) -> str:
@@ -173,10 +178,12 @@ def tokenize_example(
         raise ValueError(f"supervise must be one of {SUPERVISE}, got {supervise!r}")
     if not prompt_messages:
         raise BadRowError("empty_prompt", "the row has no prompt messages")
-    filler, content, end = assistant_turn_parts(tokenizer, prompt_messages, answer)
+    if not getattr(tokenizer, "chat_template", None):
+        raise BadRowError("no_chat_template", f"tokenizer {tokenizer.name_or_path!r} has no chat template")
+    prompt_text, filler, content, end = _rendered_turn(tokenizer, prompt_messages, answer)
     encode = lambda text: _ids(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []  # noqa: E731
-    chat_ids = prompt_ids(tokenizer, prompt_messages)
-    p_ids = chat_ids + encode(filler)
+    # == prompt_ids(): apply_chat_template(tokenize=True) tokenises the rendering the same way
+    p_ids = encode(prompt_text) + encode(filler)
     c_ids, e_ids = encode(content), encode(end)
     if not c_ids:
         raise BadRowError("empty_answer_after_truncation", "the answer renders to no tokens")
