@@ -68,7 +68,8 @@ def byo(tmp_path_factory):
 
 def test_bring_your_own_qwen3_model_and_gsm8k_corpus(ray_cluster, byo):
     from wmss_ray.evaluation import evaluate_models
-    from wmss_ray.pipeline import run_pipeline, validation_rows_or_path
+    from wmss_ray.data.splits import validation_eval_input
+    from wmss_ray.pipeline import run_pipeline
 
     root, base, train, tok = byo
     assert (base / "model.safetensors").exists() and (base / "tokenizer.json").exists()
@@ -119,7 +120,7 @@ def test_bring_your_own_qwen3_model_and_gsm8k_corpus(ray_cluster, byo):
     assert f"validation split ({len(expect_val)} rows" in html
 
     # What a tune trial does: evaluate on the carved validation split (not data.eval).
-    val = evaluate_models({"M1": out["sft"]["model_dir"]}, validation_rows_or_path(out["tokenize"]["validation"]),
+    val = evaluate_models({"M1": out["sft"]["model_dir"]}, validation_eval_input(cfg, out),
                           cfg, str(root / "val_eval"), eval_set="validation")["M1"]
     assert val.n == len(expect_val) and val.checker == "math" and val.n_no_reference == 0
     assert sorted(p["sample_id"] for p in val.per_sample) == expect_val

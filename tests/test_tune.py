@@ -61,7 +61,7 @@ def test_a_sweep_without_a_validation_split_is_refused_before_it_runs(tmp_path, 
 
 
 def test_validation_source_prefers_the_carved_split():
-    from wmss_ray.pipeline import has_validation, validation_source
+    from wmss_ray.data.splits import has_validation, validation_source
 
     demo = load_config(None)
     assert has_validation(demo)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from wmss_ray.config import WMSSConfig, config_from_dict
-from wmss_ray.pipeline import has_validation, validation_rows_or_path, validation_source
+from wmss_ray.data.splits import has_validation, validation_eval_input
 
 SHARED_PHASES = ("data", "phase0", "tokenize", "sft", "score_1")
 NO_VALIDATION = ("a tune sweep selects a trial, so it needs a validation split apart from data.eval (the "
@@ -61,10 +61,10 @@ def run_trial(base: WMSSConfig, params: dict[str, Any], trial_name: str) -> dict
     trial_dir = Path(cfg.run_dir()).resolve()
     link_shared_phases(Path(base.run_dir()).resolve(), trial_dir)
     outputs = run_pipeline(cfg, until="wmss_1")
-    source = validation_source(cfg, outputs)
-    if source is None:
+    validation = validation_eval_input(cfg, outputs)
+    if validation is None:
         raise ValueError(NO_VALIDATION)
-    res = evaluate_models({"WMSS": outputs["wmss_1"]["model_dir"]}, validation_rows_or_path(source), cfg,
+    res = evaluate_models({"WMSS": outputs["wmss_1"]["model_dir"]}, validation, cfg,
                           str(trial_dir / "validation"), eval_set="validation")["WMSS"]
     return {"validation_accuracy": float(res.accuracy), "validation_loss": float(res.loss),
             "n_validation": int(res.n)}

@@ -105,36 +105,6 @@ def _eval_corpus(ctx: RunContext) -> str | None:
     return ctx.out("data", "eval") if ctx.cfg.models.demo else ctx.cfg.data.eval
 
 
-def validation_source(cfg: WMSSConfig, outputs: dict[str, dict[str, Any]]) -> str | None:
-    """The validation split (what anything that selects or stops early evaluates on), or None:
-    rows carved by ``data.validation_fraction`` (tokenize's ``validation/``), else
-    ``data.validation``, else the demo world's ``validation.jsonl`` (when it has rows)."""
-    carved = outputs.get("tokenize", {}).get("validation")
-    if carved:
-        return carved
-    if cfg.data.validation:
-        return cfg.data.validation
-    if cfg.models.demo and cfg.data.demo.n_validation > 0:
-        return outputs.get("data", {}).get("validation")
-    return None
-
-
-def has_validation(cfg: WMSSConfig) -> bool:
-    """Whether this config yields a validation split (checked before a sweep starts)."""
-    return bool(cfg.data.validation or cfg.data.validation_fraction > 0
-                or (cfg.models.demo and cfg.data.demo.n_validation > 0))
-
-
-def validation_rows_or_path(source: str) -> str | list[dict[str, Any]]:
-    """What ``evaluation.evaluate_models`` takes for a validation source: the carved split is a
-    parquet directory of normalised rows, read here; a corpus path is passed on as is."""
-    from wmss_ray.data.ray_corpus import read_validation_rows
-
-    if Path(source).is_dir() and not (Path(source) / "state.json").exists():
-        return read_validation_rows(source)
-    return source
-
-
 def _phase_tokenize(ctx: RunContext) -> dict[str, Any]:
     from wmss_ray.data.corpus import tokenize_corpus
 

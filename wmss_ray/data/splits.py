@@ -10,12 +10,18 @@ does not change when other rows are added.
   every seed of a study selects on the same validation rows.
 - ``seeded_subsample(ids, n, seed)``: the ``n`` ids with the smallest ``u_seed(id)``, returned
   in their original order (``evaluation.max_samples``).
+
+``validation_source`` says where a run's validation split is (carved, a corpus, or the demo
+world's), for anything that selects or stops early (``tune/sweep.py``).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import Any
+
+from wmss_ray.config import WMSSConfig
 
 _VALIDATION_SALT = "wmss-validation"
 
@@ -44,3 +50,35 @@ def seeded_subsample(ids: Sequence[str], n: int | None, seed: int) -> list[int]:
     salt = f"wmss-subsample-{seed}"
     chosen = sorted(range(len(ids)), key=lambda i: hash_unit(str(ids[i]), salt))[:n]
     return sorted(chosen)
+
+
+def validation_source(cfg: WMSSConfig, outputs: dict[str, dict[str, Any]]) -> str | None:
+    """The validation split (what anything that selects or stops early evaluates on), or None:
+    rows carved by ``data.validation_fraction`` (tokenize's ``validation/``), else
+    ``data.validation``, else the demo world's ``validation.jsonl`` (when it has rows)."""
+    carved = outputs.get("tokenize", {}).get("validation")
+    if carved:
+        return carved
+    if cfg.data.validation:
+        return cfg.data.validation
+    if cfg.models.demo and cfg.data.demo.n_validation > 0:
+        return outputs.get("data", {}).get("validation")
+    return None
+
+
+def has_validation(cfg: WMSSConfig) -> bool:
+    """Whether this config yields a validation split (checked before a sweep starts)."""
+    return bool(cfg.data.validation or cfg.data.validation_fraction > 0
+                or (cfg.models.demo and cfg.data.demo.n_validation > 0))
+
+
+def validation_eval_input(cfg: WMSSConfig, outputs: dict[str, dict[str, Any]]) -> str | list[dict[str, Any]] | None:
+    """What ``evaluation.evaluate_models`` takes for the validation split: the carved split's
+    normalised rows (read here: a parquet directory the eval reader does not know), else the
+    corpus path; None without a validation split."""
+    from wmss_ray.data.ray_corpus import read_validation_rows
+
+    source = validation_source(cfg, outputs)
+    if source is not None and source == outputs.get("tokenize", {}).get("validation"):
+        return read_validation_rows(source)
+    return source
