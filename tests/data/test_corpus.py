@@ -297,7 +297,7 @@ def test_ray_validation_split_truncation_counts_and_prompt_cut_away(ray_cluster,
     res = tokenize_corpus(cfg, tok_dir, str(path), str(tmp_path / "out"))
     expect_val = sorted(r["uid"] for r in rows[:41] if in_validation(r["uid"], 0.25))
     assert 0 < len(expect_val) < 41
-    assert res.counts["rejected_by_reason"] == {"prompt_truncated_away": 1}
+    assert res.counts["rejected_by_reason"] == {R.PROMPT_TRUNCATED_AWAY: 1}
     assert res.counts["rows_validation"] == len(expect_val)
     assert res.counts["rows_ok"] == 41 - len(expect_val)
     assert res.counts["rows_truncated"] == 1  # "long-prompt", in whichever split it hashed to
