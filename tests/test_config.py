@@ -123,3 +123,22 @@ def test_relative_run_storage_resolves_to_an_absolute_local_dir(tmp_path, monkey
     ctx = RunContext(cfg)
     assert ctx.run_dir == (tmp_path / "rel" / "runs" / "r1").resolve()
     assert ctx.run_dir.is_absolute() and "s3:" not in str(ctx.run_dir)
+
+
+def test_gpu_runs_need_gpus_for_evaluation():
+    with pytest.raises(ConfigError, match="evaluation.gpus_per_actor"):
+        config_from_dict({"scaling": {"use_gpu": True, "gpus_per_worker": 1}})
+    cfg = config_from_dict({"scaling": {"use_gpu": True, "gpus_per_worker": 1}, "evaluation": {"gpus_per_actor": 1}})
+    assert cfg.evaluation.gpus_per_actor == 1
+    shipped = load_config(REPO / "configs" / "qwen3-4b-math.yaml")
+    assert shipped.evaluation.gpus_per_actor >= 1 and shipped.evaluation.checker == "math"
+    assert shipped.data.validation_fraction > 0 and shipped.evaluation.max_samples is not None
+
+
+def test_validation_sources_are_exclusive():
+    with pytest.raises(ConfigError, match="not both"):
+        config_from_dict({"data": {"validation": "v.jsonl", "validation_fraction": 0.1}})
+    with pytest.raises(ConfigError, match="data.validation_fraction"):
+        config_from_dict({"data": {"validation_fraction": 1.0}})
+    with pytest.raises(ConfigError, match="data.supervise"):
+        config_from_dict({"data": {"supervise": "everything"}})

@@ -62,8 +62,10 @@ def test_phase_outputs_are_consistent(tiny_run):
     assert set(models) == {"M0", "M1", "SFT-continued", "WMSS"}
     for m in models.values():
         assert m["n"] == cfg.data.demo.n_eval and 0.0 <= m["accuracy"] <= 1.0 and m["loss"] > 0
+    assert out["eval"]["checker"] == "demo" and out["eval"]["eval_set"]["name"] == "test"
     html = Path(out["report"]["report"]).read_text()
     assert "WMSS" in html and "SFT-continued" in html and "data:image/png;base64" in html
+    assert "answer checker <b>demo</b>" in html and "test set" in html
 
 
 def test_rerun_skips_and_from_reruns_later_phases(tiny_run, capsys):
@@ -102,7 +104,9 @@ def test_tune_sweep_reuses_the_shared_phases(tiny_run):
     assert len(grid) == 1 and grid.errors == []
     result = grid[0]
     assert result.config == {"mix.lam": 0.3}
-    assert 0.0 <= result.metrics["eval_accuracy"] <= 1.0 and result.metrics["n_eval"] == cfg.data.demo.n_eval
+    # the trial is judged on the validation split, never on data.eval (the test set)
+    assert 0.0 <= result.metrics["validation_accuracy"] <= 1.0
+    assert result.metrics["n_validation"] == cfg.data.demo.n_validation
     trial_dirs = [d for d in (Path(cfg.run_dir()) / "tune").iterdir() if d.name != "sweep"]
     assert len(trial_dirs) == 1
     for phase in SHARED_PHASES:

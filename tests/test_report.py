@@ -42,7 +42,8 @@ def _write_eval(eval_dir, n=40):
                          loss=1.0 - acc, n_loss_tokens=4 * n, per_sample=per)
         write_per_sample(res, eval_dir)
         table[name] = res.summary()
-    (eval_dir / "eval_results.json").write_text(json.dumps({"models": table}))
+    eval_set = {"name": "test", "source": "/data/eval.jsonl", "n": n, "max_samples": n, "subsample_seed": 3}
+    (eval_dir / "eval_results.json").write_text(json.dumps({"checker": "math", "eval_set": eval_set, "models": table}))
     return table
 
 
@@ -94,11 +95,15 @@ def test_full_report(fake_run):
         assert (path.parent / png).read_bytes().startswith(b"\x89PNG")
     assert "WMSS vs SFT-continued" in page and "WMSS vs M1" in page
     assert "class=\"missing\"" not in page
+    # Which set the numbers come from, how it was subsampled, which checker judged them.
+    assert "Numbers on the test set (data.eval" in page and "/data/eval.jsonl, 40 problems" in page
+    assert "seeded subsample of at most 40, seed 3" in page and "answer checker <b>math</b>" in page
     cfg_hash = config_from_dict(collect_results(fake_run)["config"]).config_hash()
     assert cfg_hash in page and "paired_bootstrap: 500" in page
 
     # The paired test in the report is the one stats computes from the per-sample files.
     data = json.loads((path.parent / "report_data.json").read_text())
+    assert data["checker"] == "math" and data["eval_set"]["name"] == "test"
     p = data["paired"][0]
     a = [json.loads(line) for line in (fake_run / "eval" / "eval_WMSS.jsonl").read_text().splitlines()]
     b = [json.loads(line) for line in (fake_run / "eval" / "eval_SFT-continued.jsonl").read_text().splitlines()]

@@ -92,6 +92,7 @@ class DemoDataConfig(_Section):
     n_pretrain: int = Field(20000, ge=0)
     n_train: int = Field(10000, ge=1)
     n_eval: int = Field(300, ge=1)
+    n_validation: int = Field(200, ge=0, description="validation problems drawn after the train ones (same hash split, never in train)")
     min_steps: int = Field(2, ge=1)
     max_steps: int = Field(3, ge=1)
     max_operand: int = Field(20, ge=2)
@@ -102,13 +103,24 @@ class DemoDataConfig(_Section):
 
 class DataConfig(_Section):
     train: str | None = None  # JSONL(.gz) / Parquet / HF save_to_disk dir; local or URI
-    eval: str | None = None
+    eval: str | None = None  # the held-out test set: read only by the eval phase, after every choice
+    validation: str | None = None  # a validation corpus (what tune selects on); or validation_fraction
+    validation_fraction: float = Field(
+        0.0, ge=0, lt=1,
+        description="carve this share of data.train (by a hash of sample_id) into the validation split",
+    )
     format: Literal["auto", "jsonl", "parquet", "hf"] = "auto"
     schema_: Literal["auto", "messages", "prompt_response"] = Field("auto", alias="schema")
     messages_column: str = "messages"
     prompt_column: str = "prompt"
     response_column: str = "response"
     id_column: str | None = None
+    reference_column: str | None = Field(
+        None, description="column holding the reference final answer (default: extracted from the response)"
+    )
+    supervise: Literal["answer_and_eos", "answer_only"] = Field(
+        "answer_and_eos", description="supervised tokens: the answer and the end-of-turn token, or the answer only"
+    )
     max_seq_len: int = Field(256, ge=8)
     truncation: Literal["left", "reject"] = "left"
     on_bad_row: Literal["error", "skip"] = "error"
@@ -117,6 +129,13 @@ class DataConfig(_Section):
     demo: DemoDataConfig = DemoDataConfig()
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _one_validation_source(self) -> "DataConfig":
+        if self.validation and self.validation_fraction > 0:
+            raise ValueError("give data.validation (a corpus) or data.validation_fraction (carved from "
+                             "data.train), not both")
+        return self
 
 
 class ScoringConfig(_Section):
@@ -215,13 +234,28 @@ class ScalingConfig(_Section):
 class EvaluationConfig(_Section):
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(64, ge=1)
-    max_samples: int | None = Field(None, ge=1)
+    max_samples: int | None = Field(None, ge=1, description="a seeded subsample (run.seed, by sample_id hash)")
+    checker: Literal["auto", "demo", "exact", "math", "regex"] = Field(
+        "auto", description="answer checker (wmss_ray.checkers); auto: demo in the demo world, else math"
+    )
+    answer_pattern: str | None = Field(None, description="checker regex: the final answer is group 'answer' or 1")
     num_actors: int = Field(1, ge=1)
     baseline: bool = True  # equal-compute SFT-continued baseline
     ray_min_rows: int = Field(2000, ge=0, description="eval sets larger than this use the Ray Data actor pool")
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
     paired_bootstrap: int = Field(10000, ge=100, description="resamples for the paired bootstrap CI")
+
+    @model_validator(mode="after")
+    def _pattern_compiles(self) -> "EvaluationConfig":
+        from wmss_ray.checkers import compile_answer_pattern
+
+        if self.checker == "regex" or self.answer_pattern is not None:
+            compile_answer_pattern(self.answer_pattern)
+        if self.answer_pattern is not None and self.checker != "regex":
+            raise ValueError(f"evaluation.answer_pattern is set but evaluation.checker is {self.checker!r}; "
+                             "set evaluation.checker: regex")
+        return self
 
 
 class TuneConfig(_Section):
@@ -230,7 +264,9 @@ class TuneConfig(_Section):
     num_samples: int = Field(4, ge=1, description="trials (for grid: repeats of the grid)")
     max_concurrent: int = Field(1, ge=1)
     cpus_per_trial: float = Field(0.5, gt=0, description="the trial's driver; Train workers ask for their own")
-    metric: Literal["eval_accuracy", "eval_loss"] = "eval_accuracy"
+    metric: Literal["validation_accuracy", "validation_loss"] = Field(
+        "validation_accuracy", description="trials are compared on the validation split, never on data.eval"
+    )
     mode: Literal["max", "min"] = "max"
     search_space: dict[str, dict[str, list[float]]] = Field(
         default_factory=lambda: {"mix.lam": {"uniform": [0.3, 0.7]}, "curriculum.beta": {"choice": [0.5, 0.8]}},
@@ -271,6 +307,9 @@ class WMSSConfig(_Section):
     def _data_for_real_models(self) -> "WMSSConfig":
         if not self.models.demo and not self.data.train:
             raise ValueError("models.demo is false, so data.train must name a corpus")
+        if self.scaling.use_gpu and self.evaluation.gpus_per_actor == 0:
+            raise ValueError("scaling.use_gpu is true but evaluation.gpus_per_actor is 0: evaluation would "
+                             "generate on CPU; set evaluation.gpus_per_actor (e.g. 1)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -10,6 +10,9 @@ The ``results`` dict (every key optional; missing ones are looked up under the r
     {
       "models": {name: {"accuracy": float, "loss": float, "n": int, "model_dir": str}},
                       # default: <eval_dir>/eval_results.json
+      "checker": str, "eval_set": {name, source, n, max_samples, subsample_seed},
+                      # default: the same file (which set the numbers come from, how checked)
+      "counts": {"validation": int | None},    # rows of the validation split (selection only)
       "paired": PairedTest dict or a list of them (see wmss_ray.stats.PairedTest.to_dict()),
                       # default: computed from <eval_dir>/eval_<name>.jsonl for
                       # WMSS vs SFT-continued and WMSS vs M1
@@ -55,7 +58,8 @@ def _fmt(v: Any, spec: str) -> str:
     return format(v, spec)
 
 
-_RESULT_KEYS = {"models", "paired", "phases", "scores", "eval_dir", "config", "config_hash"}
+_RESULT_KEYS = {"models", "paired", "phases", "scores", "eval_dir", "config", "config_hash", "checker",
+                "eval_set", "counts"}
 
 
 def _model_entries(results: dict) -> dict[str, dict]:
@@ -127,8 +131,11 @@ def collect_results(run_dir: str | Path, results: dict | None = None) -> dict[st
     r = dict(results or {})
     eval_dir = Path(r.get("eval_dir") or run / "eval")
     r["eval_dir"] = str(eval_dir)
-    if not r.get("models") and (eval_dir / "eval_results.json").exists():
-        r["models"] = json.loads((eval_dir / "eval_results.json").read_text()).get("models", {})
+    if (eval_dir / "eval_results.json").exists():
+        saved = json.loads((eval_dir / "eval_results.json").read_text())
+        for key in ("models", "checker", "eval_set"):
+            if not r.get(key):
+                r[key] = saved.get(key)
     phases = dict(r.get("phases") or {})
     defaults = {
         "sft_continued": _existing(run / "baseline" / "metrics.jsonl"),
@@ -297,8 +304,32 @@ def _results_section(r: dict) -> str:
     rows = [[n, _fmt(m.get("accuracy"), ".4f"), _fmt(m.get("loss"), ".4f"), _fmt(m.get("n"), "d")]
             for n, m in models.items()]
     return (_table(["model", "held-out accuracy", "held-out loss (nats/token)", "n"], rows)
-            + "<p class=meta>Accuracy: greedy exact match of the final answer. Loss: teacher-forced "
-              "cross-entropy over answer tokens, token-weighted mean.</p>")
+            + f"<p class=meta>{eval_set_line(r)}</p>"
+            + "<p class=meta>Accuracy: greedy generation, final answer judged by the answer checker. "
+              "Loss: teacher-forced cross-entropy over the supervised answer tokens, token-weighted "
+              "mean.</p>")
+
+
+def eval_set_line(r: dict) -> str:
+    """Which set the held-out numbers come from, how it was subsampled and checked (HTML)."""
+    es = r.get("eval_set") or {}
+    checker = r.get("checker") or "unknown"
+    name = es.get("name", "test")
+    what = {"test": "the test set (data.eval, read only after training and every choice)",
+            "validation": "the validation split"}.get(name, html.escape(str(name)))
+    line = f"Numbers on {what}"
+    if es.get("source"):
+        line += f": {html.escape(str(es['source']))}"
+    if es.get("n") is not None:
+        line += f", {es['n']} problems"
+    if es.get("max_samples") is not None:
+        line += (f" (a seeded subsample of at most {es['max_samples']}, seed {es.get('subsample_seed')}, "
+                 "chosen by a hash of sample_id)")
+    line += f"; answer checker <b>{html.escape(str(checker))}</b>."
+    n_val = (r.get("counts") or {}).get("validation")
+    if n_val:
+        line += f" The validation split ({n_val} rows, apart from training) is used only for selection (tune)."
+    return line
 
 
 def _paired_section(r: dict) -> str:
@@ -363,7 +394,7 @@ def write_report(run_dir: str | Path, results: dict | None = None, out_path: str
         f"<h1>WMSS run report: {html.escape(str(run_name))}</h1>",
         f"<p class=meta>run dir {html.escape(str(Path(run_dir).resolve()))} · config hash "
         f"{html.escape(r.get('config_hash') or 'unknown')} · generated {stamp}</p>",
-        "<h2>Held-out results</h2>", _results_section(r),
+        "<h2>Held-out results (test set)</h2>", _results_section(r),
         "<h2>Paired test</h2>", _paired_section(r),
         "<h2>Training curves</h2>",
         _img(curves, "training curves") or _missing("No training metrics (baseline / wmss metrics.jsonl not found)."),
@@ -377,6 +408,7 @@ def write_report(run_dir: str | Path, results: dict | None = None, out_path: str
             f"{html.escape(str(run_name))}</title><style>{_CSS}</style></head><body>"
             + "\n".join(body) + "</body></html>\n")
     out_file.write_text(page, encoding="utf-8")
-    data = {k: r.get(k) for k in ("models", "paired", "phases", "scores", "config_hash")}
+    data = {k: r.get(k) for k in ("models", "checker", "eval_set", "counts", "paired", "phases", "scores",
+                                  "config_hash")}
     (out / "report_data.json").write_text(json.dumps(data, indent=2, default=str))
     return out_file

@@ -41,7 +41,8 @@ def test_ray_tokenisation_equals_plain(tiny_world, tokenized_world):
     for r in got:
         assert r["input_ids"] == plain[r["sample_id"]]["input_ids"]
         assert r["labels"] == plain[r["sample_id"]]["labels"]
-    assert tokenized_world.counts == {"rows_in": N_ROWS, "rows_ok": N_ROWS, "rows_rejected": 0, "rejected_by_reason": {}}
+    assert tokenized_world.counts == {"rows_in": N_ROWS, "rows_ok": N_ROWS, "rows_validation": 0, "rows_truncated": 0,
+                                      "rows_rejected": 0, "rejected_by_reason": {}}
 
 
 @pytest.mark.integration
