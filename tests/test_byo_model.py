@@ -68,7 +68,7 @@ def byo(tmp_path_factory):
 
 def test_bring_your_own_qwen3_model_and_gsm8k_corpus(ray_cluster, byo):
     from wmss_ray.evaluation import evaluate_models
-    from wmss_ray.data.splits import validation_eval_input
+    from wmss_ray.data.ray_corpus import validation_eval_input
     from wmss_ray.pipeline import run_pipeline
 
     root, base, train, tok = byo

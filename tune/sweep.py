@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from wmss_ray.config import WMSSConfig, config_from_dict
-from wmss_ray.data.splits import has_validation, validation_eval_input
+from wmss_ray.data.ray_corpus import validation_eval_input
+from wmss_ray.data.splits import has_validation
 
 SHARED_PHASES = ("data", "phase0", "tokenize", "sft", "score_1")
 NO_VALIDATION = ("a tune sweep selects a trial, so it needs a validation split apart from data.eval (the "

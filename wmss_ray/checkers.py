@@ -24,6 +24,8 @@ import re
 import threading
 from dataclasses import dataclass
 
+from wmss_ray.config import compile_answer_pattern
+
 CHECKERS = ("demo", "exact", "math", "regex")
 
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -131,20 +133,6 @@ class AnswerChecker:
             value = str(column_value).strip()
             return value or None
         return self.extract(response)
-
-
-def compile_answer_pattern(pattern: str | None) -> re.Pattern:
-    """Compile ``evaluation.answer_pattern``; it must have a group (named ``answer`` or the 1st)."""
-    if not pattern:
-        raise ValueError("evaluation.checker 'regex' needs evaluation.answer_pattern (a regex with a group)")
-    try:
-        rx = re.compile(pattern)
-    except re.error as err:
-        raise ValueError(f"evaluation.answer_pattern {pattern!r} is not a valid regex: {err}") from None
-    if rx.groups < 1:
-        raise ValueError(f"evaluation.answer_pattern {pattern!r} has no group; mark the answer "
-                         "with (...) or (?P<answer>...)")
-    return rx
 
 
 def _as_latex(answer: str) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +23,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key, value and what is allowed."""
+
+
+def compile_answer_pattern(pattern: str | None) -> re.Pattern:
+    """Compile ``evaluation.answer_pattern``; it must have a group (named ``answer`` or the 1st)."""
+    if not pattern:
+        raise ValueError("evaluation.checker 'regex' needs evaluation.answer_pattern (a regex with a group)")
+    try:
+        rx = re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"evaluation.answer_pattern {pattern!r} is not a valid regex: {err}") from None
+    if rx.groups < 1:
+        raise ValueError(f"evaluation.answer_pattern {pattern!r} has no group; mark the answer "
+                         "with (...) or (?P<answer>...)")
+    return rx
 
 
 class _Section(BaseModel):
@@ -248,8 +263,6 @@ class EvaluationConfig(_Section):
 
     @model_validator(mode="after")
     def _pattern_compiles(self) -> "EvaluationConfig":
-        from wmss_ray.checkers import compile_answer_pattern
-
         if self.checker == "regex" or self.answer_pattern is not None:
             compile_answer_pattern(self.answer_pattern)
         if self.answer_pattern is not None and self.checker != "regex":

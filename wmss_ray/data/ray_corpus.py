@@ -346,3 +346,15 @@ def read_validation_rows(path: str) -> list[dict[str, Any]]:
     reference}`` (small: a share of the corpus), in part and row order."""
     table = _read_dir(path, ["sample_id", "prompt_messages", "answer", "reference"])
     return table.to_pylist() if table.num_rows else []
+
+
+def validation_eval_input(cfg: WMSSConfig, outputs: dict[str, dict[str, Any]]) -> str | list[dict[str, Any]] | None:
+    """What ``evaluation.evaluate_models`` takes for the validation split: the carved split's
+    normalised rows (read here: a parquet directory the eval reader does not know), else the
+    corpus path; None without a validation split."""
+    from wmss_ray.data.splits import validation_source
+
+    source = validation_source(cfg, outputs)
+    if source is not None and source == outputs.get("tokenize", {}).get("validation"):
+        return read_validation_rows(source)
+    return source

@@ -12,7 +12,8 @@ does not change when other rows are added.
   in their original order (``evaluation.max_samples``).
 
 ``validation_source`` says where a run's validation split is (carved, a corpus, or the demo
-world's), for anything that selects or stops early (``tune/sweep.py``).
+world's), for anything that selects or stops early (``tune/sweep.py``); reading it for
+evaluation is ``data.ray_corpus.validation_eval_input``.
 """
 
 from __future__ import annotations
@@ -70,15 +71,3 @@ def has_validation(cfg: WMSSConfig) -> bool:
     """Whether this config yields a validation split (checked before a sweep starts)."""
     return bool(cfg.data.validation or cfg.data.validation_fraction > 0
                 or (cfg.models.demo and cfg.data.demo.n_validation > 0))
-
-
-def validation_eval_input(cfg: WMSSConfig, outputs: dict[str, dict[str, Any]]) -> str | list[dict[str, Any]] | None:
-    """What ``evaluation.evaluate_models`` takes for the validation split: the carved split's
-    normalised rows (read here: a parquet directory the eval reader does not know), else the
-    corpus path; None without a validation split."""
-    from wmss_ray.data.ray_corpus import read_validation_rows
-
-    source = validation_source(cfg, outputs)
-    if source is not None and source == outputs.get("tokenize", {}).get("validation"):
-        return read_validation_rows(source)
-    return source
