@@ -77,7 +77,7 @@ def score_dataset(ds: "ray.data.Dataset", cfg: WMSSConfig, weak_model: str, stro
     """
     s = cfg.scoring
     _warn_if_pool_cannot_fit(cfg)
-    return ds.map_batches(
+    out = ds.map_batches(
         scorer_cls,
         fn_constructor_kwargs=scorer_kwargs(cfg, weak_model, strong_model),
         batch_size=s.batch_size,
@@ -87,6 +87,10 @@ def score_dataset(ds: "ray.data.Dataset", cfg: WMSSConfig, weak_model: str, stro
         num_gpus=s.gpus_per_actor or None,
         udf_modifying_row_count=False,
     )
+    # Batches are cut from blocks in read order, not in arrival order: each sample is scored
+    # in the same padded batch on every run, so the same seed gives bit-identical scores.
+    out.context.execution_options.preserve_order = True
+    return out
 
 
 def score_tokenized(cfg: WMSSConfig, weak_model: str, strong_model: str, tokenized_path: str, out_dir: str,
