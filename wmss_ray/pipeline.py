@@ -150,11 +150,11 @@ def _phase_score(t: int) -> Callable[[RunContext], dict[str, Any]]:
 
 def _phase_curriculum(t: int) -> Callable[[RunContext], dict[str, Any]]:
     def run(ctx: RunContext) -> dict[str, Any]:
-        from wmss_ray.scoring.ray_scoring import sample_curriculum
+        from wmss_ray.scoring.curriculum import sample_curriculum
 
-        out = ctx.phase_dir(f"curriculum_{t}") / "sampled_ids.parquet"
-        path = sample_curriculum(ctx.cfg, ctx.out(f"score_{t}", "scores"), str(out), seed=ctx.cfg.run.seed + t)
-        return {"outputs": {"sampled_ids": str(path)}}
+        res = sample_curriculum(ctx.cfg, ctx.out(f"score_{t}", "scores"), str(ctx.phase_dir(f"curriculum_{t}")),
+                                seed=ctx.cfg.run.seed + t)
+        return {"outputs": {"sampled_ids": res.sampled_ids_path, "weights": res.weights_path}, "counts": res.counts}
 
     return run
 
@@ -224,6 +224,7 @@ def _phase_report(ctx: RunContext) -> dict[str, Any]:
             "wmss": ctx.outputs.get(f"wmss_{k}", {}).get("metrics"),
         },
         "scores": ctx.outputs.get(f"score_{k}", {}).get("scores"),
+        "weights": ctx.outputs.get(f"curriculum_{k}", {}).get("weights"),
         "eval_dir": str(ctx.run_dir / "eval"),
         "config": ctx.cfg.to_dict(),
         "config_hash": ctx.cfg.config_hash(),

@@ -19,6 +19,8 @@ The ``results`` dict (every key optional; missing ones are looked up under the r
       "phases": {"sft_continued": metrics.jsonl path, "wmss": metrics.jsonl path},
                       # default: <run>/baseline/metrics.jsonl, the last <run>/wmss_<t>/metrics.jsonl
       "scores": scores.parquet path,           # default: the last <run>/score_<t>/scores.parquet
+      "weights": weights.parquet path,         # the weights the curriculum phase drew from
+                      # (sample_id, weight, draws); default: the last <run>/curriculum_<t>/weights.parquet
       "eval_dir": dir of the eval phase,       # default: <run>/eval
       "config": dict, "config_hash": str,      # default: <run>/config.yaml and its hash
     }
@@ -58,8 +60,8 @@ def _fmt(v: Any, spec: str) -> str:
     return format(v, spec)
 
 
-_RESULT_KEYS = {"models", "paired", "phases", "scores", "eval_dir", "config", "config_hash", "checker",
-                "eval_set", "counts"}
+_RESULT_KEYS = {"models", "paired", "phases", "scores", "weights", "eval_dir", "config", "config_hash",
+                "checker", "eval_set", "counts"}
 
 
 def _model_entries(results: dict) -> dict[str, dict]:
@@ -143,6 +145,7 @@ def collect_results(run_dir: str | Path, results: dict | None = None) -> dict[st
     }
     r["phases"] = {k: _existing(phases.get(k)) or v for k, v in defaults.items()}
     r["scores"] = _existing(r.get("scores")) or _last_numbered(run, "score", "scores.parquet")
+    r["weights"] = _existing(r.get("weights")) or _last_numbered(run, "curriculum", "weights.parquet")
     if r.get("config") is None and (run / "config.yaml").exists():
         r["config"] = yaml.safe_load((run / "config.yaml").read_text())
     if r.get("config") is not None and not r.get("config_hash"):
@@ -258,10 +261,24 @@ def plot_entropy_scatter(h_weak: np.ndarray, h_strong: np.ndarray, dh: np.ndarra
     return _save(fig, path)
 
 
-def plot_weights_hist(weights: np.ndarray, path: Path) -> Path:
+WEIGHT_BINS = 50
+
+
+def weight_histogram(weights: np.ndarray, draws: np.ndarray) -> dict[str, Any]:
+    """The numbers behind the weight plot (also in ``report_data.json``): ``WEIGHT_BINS`` equal
+    bins over ``[min, max]`` of the ``[N]`` weights, their sample counts, and
+    ``core.curriculum.weight_summary`` of the weights and ``[N]`` draw counts."""
+    from wmss_ray.core.curriculum import weight_summary
+
+    counts, edges = np.histogram(weights, bins=WEIGHT_BINS)
+    return {"bin_edges": edges.tolist(), "counts": counts.tolist(), **weight_summary(weights, draws)}
+
+
+def plot_weights_hist(hist: dict[str, Any], path: Path) -> Path:
+    """Bar plot of a ``weight_histogram``."""
     fig = _figure()
     ax = fig.add_subplot()
-    ax.hist(weights, bins=50, color="#4a7ab5")
+    ax.stairs(hist["counts"], hist["bin_edges"], fill=True, color="#4a7ab5")
     ax.set(xlabel="sampling weight p_i", ylabel="samples", title="Curriculum sampling weights")
     ax.set_yscale("log")
     return _save(fig, path)
@@ -362,15 +379,31 @@ def _scores_section(scores: str | None, out: Path) -> str:
         parts.append(_img(plot_entropy_scatter(hw, hs, dh, out / "entropy_scatter.png"), "entropy scatter"))
     else:
         parts.append(_missing(f"{scores} has no h_weak/h_strong rows."))
-    parts.append("<h2>Sampling weights</h2>")
-    if "weight" in cols and table.num_rows:
-        w = table.column("weight").to_numpy(zero_copy_only=False).astype(np.float64)
-        ess = float(w.sum() ** 2 / (w ** 2).sum()) if (w ** 2).sum() > 0 else float("nan")
-        parts.append(f"<p class=meta>Effective sample size (Σw)²/Σw²: {ess:.1f} of {len(w)}.</p>")
-        parts.append(_img(plot_weights_hist(w, out / "weights_hist.png"), "sampling weights"))
-    else:
-        parts.append(_missing("No weight column in scores.parquet."))
     return "".join(parts)
+
+
+def _read_weights(weights: str | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(weight [N] float64, draws [N] int64)`` of a curriculum ``weights.parquet``, else None."""
+    if not weights:
+        return None
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(weights)
+    if not {"weight", "draws"} <= set(table.column_names) or not table.num_rows:
+        return None
+    return (table.column("weight").to_numpy(zero_copy_only=False).astype(np.float64),
+            table.column("draws").to_numpy(zero_copy_only=False).astype(np.int64))
+
+
+def _weights_section(hist: dict[str, Any] | None, weights: str | None, out: Path) -> str:
+    if hist is None:
+        return _missing(f"No curriculum weights ({weights or 'curriculum_<t>/weights.parquet'} not found "
+                        "or empty; the curriculum phase has not run).")
+    line = (f"Effective sample size (Σw)²/Σw²: {hist['effective_sample_size']:.1f} of {sum(hist['counts'])}; "
+            f"{hist['draws']} draws reached {hist['samples_drawn']} samples, at most "
+            f"{hist['max_draws_per_sample']} draws of one sample")
+    return (f"<p class=meta>{html.escape(line)}. These are the weights the curriculum phase drew "
+            "from.</p>" + _img(plot_weights_hist(hist, out / "weights_hist.png"), "sampling weights"))
 
 
 def write_report(run_dir: str | Path, results: dict | None = None, out_path: str | Path | None = None) -> Path:
@@ -386,6 +419,8 @@ def write_report(run_dir: str | Path, results: dict | None = None, out_path: str
     metrics = {k: read_metrics(p) for k, p in r["phases"].items() if p}
 
     curves = plot_training_curves(metrics, out / "training_curves.png")
+    read = _read_weights(r.get("weights"))
+    hist = weight_histogram(*read) if read is not None else None
     probs = plot_target_probs(metrics, out / "target_probs.png")
     cfg_text = yaml.safe_dump(r["config"], sort_keys=False) if r.get("config") is not None else None
     run_name = ((r.get("config") or {}).get("run") or {}).get("name") or Path(run_dir).name
@@ -401,6 +436,7 @@ def write_report(run_dir: str | Path, results: dict | None = None, out_path: str
         "<h2>Target-token probability during WMSS</h2>",
         _img(probs, "P_mix and P_strong") or _missing("No WMSS metrics with p_mix / p_strong."),
         "<h2>Weak vs strong entropy</h2>", _scores_section(r.get("scores"), out),
+        "<h2>Sampling weights</h2>", _weights_section(hist, r.get("weights"), out),
         "<h2>Config</h2>",
         f"<pre>{html.escape(cfg_text)}</pre>" if cfg_text else _missing("No config found (config.yaml)."),
     ]
@@ -409,6 +445,7 @@ def write_report(run_dir: str | Path, results: dict | None = None, out_path: str
             + "\n".join(body) + "</body></html>\n")
     out_file.write_text(page, encoding="utf-8")
     data = {k: r.get(k) for k in ("models", "checker", "eval_set", "counts", "paired", "phases", "scores",
-                                  "config_hash")}
+                                  "weights", "config_hash")}
+    data["weight_histogram"] = hist
     (out / "report_data.json").write_text(json.dumps(data, indent=2, default=str))
     return out_file

@@ -272,6 +272,10 @@ def tokenize_corpus(cfg: WMSSConfig, tokenizer_path: str, corpus: str, out_dir: 
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=data.tokenize_actors),
         num_cpus=data.tokenize_cpus,
     )
+    # Blocks reach the sink in read order, not in the order actors finish, so the same corpus
+    # always gives the same parts (row order, part boundaries): scoring batches, and with them
+    # the scores' last bits, then do not depend on scheduling.
+    ds.context.execution_options.preserve_order = True
     sink = TokenizedSink(out_dir)
     try:
         ds.write_datasink(sink, ray_remote_args={"num_cpus": IO_TASK_CPUS})
