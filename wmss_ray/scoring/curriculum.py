@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from wmss_ray.config import WMSSConfig
 from wmss_ray.core.curriculum import sample_indices, sampling_weights, weight_summary
-from wmss_ray.data import rejects as R
+from wmss_ray import storage
 
 SAMPLED_IDS_FILE = "sampled_ids.parquet"
 WEIGHTS_FILE = "weights.parquet"
