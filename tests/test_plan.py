@@ -133,14 +133,18 @@ def test_cli_plan_qwen3_4b_says_what_to_change(tmp_path, capsys):
 
     (tmp_path / "config.json").write_text(json.dumps(QWEN3_4B))
     cfg = REPO / "configs" / "qwen3-4b-math.yaml"
-    assert main(["plan", str(cfg), "--set", f"models.base={tmp_path}", "--gpu-memory", "80GiB"]) == 0
+    off = ["--set", "training.gradient_checkpointing=false"]
+    assert main(["plan", str(cfg), "--set", f"models.base={tmp_path}", *off, "--gpu-memory", "80GiB"]) == 0
     out = capsys.readouterr().out
     assert "4.02 B params" in out and "does NOT fit in 80.0 GiB" in out
     first = out.split("apply in order until it does:")[1].strip().splitlines()[0]
     assert "training.gradient_checkpointing=true" in first and "(fits)" in first
-    assert main(["plan", str(cfg), "--set", f"models.base={tmp_path}", "--set", "training.gradient_checkpointing=true",
-                 "--gpu-memory", "80GiB"]) == 0
-    assert "fits in 80.0 GiB" in capsys.readouterr().out
+    assert main(["plan", str(cfg), "--set", f"models.base={tmp_path}", "--gpu-memory", "80GiB"]) == 0
+    assert "fits in 80.0 GiB" in capsys.readouterr().out  # the shipped config checkpoints
+    assert main(["plan", str(cfg), "--set", f"models.base={tmp_path}", *off, "--gpu-memory", "16GiB"]) == 0
+    steps = capsys.readouterr().out.split("apply in order until it does:")[1].strip().splitlines()
+    assert "gradient_checkpointing" in steps[0] and "still short" in steps[0]
+    assert "offload_optimizer" in steps[1] and "(fits)" in steps[-1]
     assert main(["plan", str(cfg), "--gpu-memory", "80 furlongs", "--set", f"models.base={tmp_path}"]) == 2
 
 
