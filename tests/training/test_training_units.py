@@ -363,3 +363,22 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(mode):
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-7, msg=name)
     # checkpointing really ran: the layers' activations are no longer kept for backward
     assert saved_b < 0.5 * saved_a, (saved_a, saved_b)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_bf16_steps_accumulate_in_fp32_and_track_the_fp32_run(artifacts, tmp_path, stage):
+    """bf16 models at ZeRO 1/2/3 (grad_accum 2, checkpointing on): DeepSpeed runs with fp32
+    gradient accumulation, and the loss trajectory stays within bf16 tolerance of fp32's."""
+    t = {"micro_batch_size": 2, "grad_accum": 2, "lr": 3e-3, "warmup_ratio": 0.2, "log_every": 1, "max_steps": 3,
+         "zero_stage": stage, "gradient_checkpointing": True,
+         "ds_config_overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}}
+    runs = {}
+    for dtype in ("bfloat16", "float32"):
+        cfg = config_from_dict({"training": t, "mix": {"lam": 0.5}, "models": {"dtype": dtype}})
+        worker, metrics = _run_worker(artifacts, cfg, "wmss", "joint", 3, tmp_path / dtype)
+        runs[dtype] = [m["loss"] for m in metrics]
+        model_dtype, accum_dtype = worker.engine.get_data_types()
+        assert accum_dtype == torch.float32
+        assert model_dtype == (torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    assert np.allclose(runs["bfloat16"], runs["float32"], rtol=2e-2), runs
+    assert runs["bfloat16"][-1] < runs["bfloat16"][0]  # it learns
