@@ -91,6 +91,9 @@ class ModelsConfig(_Section):
     weak: str | None = None
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="auto: flash_attention_2 on a GPU when flash_attn is installed, else sdpa"
+    )
 
     @model_validator(mode="after")
     def _need_a_model(self) -> "ModelsConfig":
@@ -182,7 +185,12 @@ class MixConfig(_Section):
     lam: float = Field(0.5, description="lambda in (0, 1]; 1 is plain SFT")
     mode: Literal["joint", "frozen"] = "joint"
     placement: Literal["colocated", "pool"] = "colocated"
-    chunk_size: int = Field(1024, ge=1, description="tokens per chunk of the mixed loss")
+    chunk_size: int | None = Field(
+        None, ge=0, description="answer tokens per chunk of the mixed loss; null/0: sized from chunk_mb"
+    )
+    chunk_mb: float = Field(
+        128.0, gt=0, description="MiB of the loss's one [chunk, V] fp32 buffer (chunk = a multiple of 64 tokens)"
+    )
     pool_top_k: int = Field(0, ge=0, description="pool placement: top-k weak log-probs (0 = full vocab)")
 
     @field_validator("lam")
@@ -217,6 +225,10 @@ class TrainingConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] = 0
     offload_optimizer: bool = False
     offload_params: bool = False
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each decoder layer in backward (both models, non-reentrant): "
+        "activation memory ~ one layer's instead of all layers'; ~1/3 more compute"
+    )
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0: only at the end)")
     max_failures: int = Field(0, ge=-1)
     log_every: int = Field(10, ge=1)
@@ -323,6 +335,18 @@ class WMSSConfig(_Section):
         if self.scaling.use_gpu and self.evaluation.gpus_per_actor == 0:
             raise ValueError("scaling.use_gpu is true but evaluation.gpus_per_actor is 0: evaluation would "
                              "generate on CPU; set evaluation.gpus_per_actor (e.g. 1)")
+        return self
+
+    @model_validator(mode="after")
+    def _half_precision_needs_zero(self) -> "WMSSConfig":
+        # models.dtype auto is bf16 on a GPU; DeepSpeed accumulates in fp32 only under ZeRO.
+        half = self.models.dtype in ("bfloat16", "float16") or (self.models.dtype == "auto" and self.scaling.use_gpu)
+        if half and self.training.zero_stage == 0:
+            raise ValueError(
+                "training.zero_stage is 0 but the models train in half precision (models.dtype "
+                f"{self.models.dtype!r}, scaling.use_gpu {self.scaling.use_gpu}): gradients are "
+                "accumulated in fp32 only under ZeRO; set training.zero_stage >= 1 or models.dtype: float32"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

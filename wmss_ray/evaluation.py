@@ -138,12 +138,14 @@ class Evaluator:
         device: str = "auto",
         trust_remote_code: bool = False,
         supervise: str = "answer_and_eos",
+        attn_implementation: str = "auto",
     ):
-        from wmss_ray.models.loading import load_causal_lm, load_tokenizer
+        from wmss_ray.models.loading import load_causal_lm, load_tokenizer, resolve_attn_implementation
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_causal_lm(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        self.model = load_causal_lm(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                                    attn_implementation=resolve_attn_implementation(attn_implementation, device))
         self.model.eval()
         self.tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
         self.max_new_tokens = max_new_tokens
@@ -222,6 +224,7 @@ def _evaluator_kwargs(model_dir: str, cfg: WMSSConfig) -> dict[str, Any]:
         "dtype": cfg.models.dtype,  # auto: bf16 on GPU, fp32 on CPU (models.loading.resolve_dtype)
         "trust_remote_code": cfg.models.trust_remote_code,
         "supervise": cfg.data.supervise,
+        "attn_implementation": cfg.models.attn_implementation,
     }
 
 

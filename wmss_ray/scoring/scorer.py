@@ -47,12 +47,13 @@ class EntropyScorer:
         num_threads: torch intra-op threads on CPU (None leaves torch's default).
         max_rows_per_forward: split a batch into forwards of at most this many rows (GPU memory
             knob; scores do not depend on it).
+        attn_implementation: ``models.attn_implementation`` (resolved for ``device``).
     """
 
     def __init__(self, weak_model: str, strong_model: str, *, device: str = "cpu", dtype: str = "auto",
                  chunk_size: int = 256, trust_remote_code: bool = False, num_threads: int | None = None,
-                 max_rows_per_forward: int | None = None):
-        from wmss_ray.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
+                 max_rows_per_forward: int | None = None, attn_implementation: str = "auto"):
+        from wmss_ray.models.loading import load_causal_lm, load_tokenizer, resolve_attn_implementation, resolve_dtype
 
         if num_threads:
             torch.set_num_threads(int(num_threads))
@@ -60,7 +61,8 @@ class EntropyScorer:
         self.dtype = resolve_dtype(dtype, self.device)
         self.chunk_size = chunk_size
         self.max_rows = max_rows_per_forward
-        load = lambda p: load_causal_lm(p, self.dtype, self.device, trust_remote_code).eval()  # noqa: E731
+        attn = resolve_attn_implementation(attn_implementation, self.device)
+        load = lambda p: load_causal_lm(p, self.dtype, self.device, trust_remote_code, attn).eval()  # noqa: E731
         self.weak = load(weak_model)
         self.strong = self.weak if strong_model == weak_model else load(strong_model)
         self.pad_id = self.weak.config.pad_token_id or 0  # right padding: never attended to
