@@ -127,8 +127,9 @@ def test_relative_run_storage_resolves_to_an_absolute_local_dir(tmp_path, monkey
 
 def test_gpu_runs_need_gpus_for_evaluation():
     with pytest.raises(ConfigError, match="evaluation.gpus_per_actor"):
-        config_from_dict({"scaling": {"use_gpu": True, "gpus_per_worker": 1}})
-    cfg = config_from_dict({"scaling": {"use_gpu": True, "gpus_per_worker": 1}, "evaluation": {"gpus_per_actor": 1}})
+        config_from_dict({"scaling": {"use_gpu": True, "gpus_per_worker": 1}, "training": {"zero_stage": 2}})
+    cfg = config_from_dict({"scaling": {"use_gpu": True, "gpus_per_worker": 1}, "training": {"zero_stage": 2},
+                            "evaluation": {"gpus_per_actor": 1}})
     assert cfg.evaluation.gpus_per_actor == 1
     shipped = load_config(REPO / "configs" / "qwen3-4b-math.yaml")
     assert shipped.evaluation.gpus_per_actor >= 1 and shipped.evaluation.checker == "math"

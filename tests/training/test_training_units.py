@@ -184,10 +184,11 @@ def test_half_precision_without_zero_fails_loudly():
     from wmss_ray.config import ConfigError
 
     with pytest.raises(ConfigError, match="training.zero_stage is 0"):
-        config_from_dict({"scaling": {"use_gpu": True}})
+        config_from_dict({"scaling": {"use_gpu": True}, "evaluation": {"gpus_per_actor": 1}})
     with pytest.raises(ConfigError, match="training.zero_stage is 0"):
         config_from_dict({"models": {"dtype": "bfloat16"}})
-    assert config_from_dict({"scaling": {"use_gpu": True}, "training": {"zero_stage": 1}}).training.zero_stage == 1
+    assert config_from_dict({"scaling": {"use_gpu": True}, "training": {"zero_stage": 1},
+                             "evaluation": {"gpus_per_actor": 1}}).training.zero_stage == 1
 
 
 def test_row_table_batches_and_missing_ids(tmp_path):
