@@ -282,7 +282,7 @@ def test_ray_formats_skip(ray_cluster, tmp_path, tok_dir, kind):
 def test_ray_validation_split_truncation_counts_and_prompt_cut_away(ray_cluster, tmp_path, tok_dir):
     """data.validation_fraction carves rows by sample_id hash, disjoint from training; truncated
     rows are counted; a row whose answer leaves no room for its prompt is rejected, not trained on."""
-    from wmss_ray.data.corpus import tokenize_corpus
+    from wmss_ray.data.ray_corpus import tokenize_corpus
     from wmss_ray.data.ray_corpus import read_validation_rows
     from wmss_ray.data.splits import in_validation
 
@@ -322,7 +322,7 @@ def test_ray_tokenisation_is_the_same_every_run(ray_cluster, tmp_path, tok_dir):
     parts with the same rows in the same order (Ray Data preserves read order), whichever
     actor finished first: the scoring batches built from them are then the same too."""
     from wmss_ray.config import DemoDataConfig
-    from wmss_ray.data.corpus import tokenize_corpus
+    from wmss_ray.data.ray_corpus import tokenize_corpus
     from wmss_ray.data.synthetic import write_demo_corpus
 
     corpus = write_demo_corpus(DemoDataConfig(n_train=120, n_eval=1), 0, tmp_path / "data")["train"]
