@@ -78,6 +78,9 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=20)
     p.add_argument("--intermediate", type=int, default=2816)
     p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--checkpoint-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="dtype the checkpoint is saved in (training is fp32): bfloat16 makes the "
+                        "full-copy path convert, i.e. materialise, a whole fp32 model per rank")
     args = p.parse_args()
     import torch
     import torch.multiprocessing as mp
@@ -91,11 +94,12 @@ def main() -> None:
                        num_key_value_heads=args.hidden // 64, tie_word_embeddings=False)
     model = LlamaForCausalLM(mcfg)
     n_params = sum(q.numel() for q in model.parameters())
-    model.save_pretrained(model_dir)
+    model.to(getattr(torch, args.checkpoint_dtype)).save_pretrained(model_dir)
     del model
     full_mb = n_params * 4 / MB
     print(f"model: Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}: {n_params / 1e6:.0f}M "
-          f"parameters, {full_mb:.0f} MB in fp32; 2 ranks (gloo, CPU)\n", flush=True)
+          f"parameters, {full_mb:.0f} MB in fp32 (checkpoint saved in {args.checkpoint_dtype}); "
+          f"2 ranks (gloo, CPU)\n", flush=True)
     rows = []
     for label, how, stage in WAYS:
         with socket.socket() as s:

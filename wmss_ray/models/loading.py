@@ -33,6 +33,37 @@ def resolve_dtype(name: str | torch.dtype, device: str | torch.device) -> torch.
     return _DTYPES[name]
 
 
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+
+
+def resolve_attn_implementation(name: str, device: str | torch.device) -> str:
+    """``models.attn_implementation`` for models that compute on ``device``.
+
+    "auto" -> "flash_attention_2" on CUDA when the ``flash_attn`` package imports, else "sdpa".
+    An explicit "flash_attention_2" without CUDA or without ``flash_attn`` raises at once
+    (never a silent fallback to another kernel).
+    """
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"models.attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {name!r}")
+    on_gpu = torch.device(device).type == "cuda"
+    if name in ("sdpa", "eager"):
+        return name
+    try:
+        import flash_attn  # noqa: F401
+
+        have_flash = True
+    except ImportError:
+        have_flash = False
+    if name == "auto":
+        return "flash_attention_2" if on_gpu and have_flash else "sdpa"
+    if not on_gpu:
+        raise ValueError(f"models.attn_implementation 'flash_attention_2' needs a CUDA device, got {device}")
+    if not have_flash:
+        raise ImportError("models.attn_implementation 'flash_attention_2' needs the flash-attn package "
+                          "(pip install flash-attn; the GPU image installs it), which is not importable")
+    return name
+
+
 def _local_dir(path: str | Path, what: str) -> Path:
     p = Path(path)
     if not p.is_dir():
@@ -58,12 +89,17 @@ def load_causal_lm(
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
     zero3_config: dict[str, Any] | None = None,
+    attn_implementation: str = "auto",
 ) -> PreTrainedModel:
     """A causal LM from a local HF directory, safetensors weights only, moved to ``device``.
 
+    ``attn_implementation``: "auto" is resolved for ``device``; a model loaded on the CPU for a
+    GPU run gets the name :func:`resolve_attn_implementation` gave for the GPU.
+
     ``zero3_config``: a DeepSpeed config dict with ZeRO stage 3 (needs an initialised
-    ``torch.distributed`` group): see :func:`_load_zero3`; ``device`` is then not used (the
-    partitions live where DeepSpeed puts them: the rank's accelerator, or CPU).
+    ``torch.distributed`` group): the model is built under ``deepspeed.zero.Init`` and its
+    weights scattered into the partitions (:func:`wmss_ray.models.zero3_loading.load_zero3`);
+    ``device`` is then not used (the partitions live where DeepSpeed puts them).
 
     Raises:
         FileNotFoundError: naming ``path`` when it does not exist or has no safetensors weights
@@ -76,71 +112,22 @@ def load_causal_lm(
             f"no safetensors weights in model directory {path} (found: {found}); "
             "convert the checkpoint to safetensors first"
         )
-    kwargs = dict(dtype=resolve_dtype(dtype, device), use_safetensors=True, trust_remote_code=trust_remote_code,
-                  local_files_only=True)
+    dtype = resolve_dtype(dtype, device)
+    attn = (resolve_attn_implementation(attn_implementation, device)
+            if attn_implementation == "auto" else attn_implementation)
     if zero3_config is not None:
-        return _load_zero3(p, kwargs["dtype"], trust_remote_code, zero3_config)
-    return AutoModelForCausalLM.from_pretrained(str(p), **kwargs).to(device)
+        from wmss_ray.models.zero3_loading import load_zero3
 
-
-def _load_zero3(path: Path, dtype: torch.dtype, trust_remote_code: bool, zero3_config: dict[str, Any]) -> PreTrainedModel:
-    """Build the model under ``deepspeed.zero.Init`` and scatter the safetensors weights into it.
-
-    No rank ever holds the whole model: ``zero.Init`` partitions each parameter over the ranks
-    as soon as its module is constructed, then the weights are loaded one module at a time —
-    the module's parameters are gathered (``GatheredParameters(modifier_rank=0)``), rank 0
-    copies them from the safetensors file(s), reading only those tensors, and on exit DeepSpeed
-    broadcasts them and every rank keeps its own partition. Peak host memory per rank: its
-    partitions (~1/W of the model) plus one module whole. (transformers' own ZeRO-3 path needs
-    ``accelerate`` and reads the whole checkpoint into rank 0's memory.)
-
-    Raises:
-        ValueError: ``zero3_config`` is not stage 3, or a parameter is not in the checkpoint
-            (naming it and the directory).
-    """
-    import deepspeed
-    from safetensors import safe_open
-    from transformers import GenerationConfig
-    from transformers.initialization import no_init_weights
-
-    if zero3_config.get("zero_optimization", {}).get("stage") != 3:
-        raise ValueError("load_causal_lm(zero3_config=...) needs a DeepSpeed config with zero_optimization.stage 3")
-    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code, local_files_only=True)
-    # No random init (every weight is overwritten, and the placeholders are empty), so tie by hand.
-    # zero.Init takes the dtype from the config (its dtype argument is ignored on a CPU that lacks
-    # fp16 kernels), so the config must say the same as ``dtype``.
-    cfg_dtype = (torch.bfloat16 if zero3_config.get("bf16", {}).get("enabled") else
-                 torch.float16 if zero3_config.get("fp16", {}).get("enabled") else torch.float32)
-    if cfg_dtype != dtype:
-        raise ValueError(f"zero3_config trains in {cfg_dtype}, but the model is loaded in {dtype}")
-    if not deepspeed.comm.is_initialized():  # zero.Init sizes the partitions from DeepSpeed's view of the group
-        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
-    with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=zero3_config):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    model.tie_weights()
-    where: dict[str, str] = {}  # tensor name -> safetensors file
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            where.update((k, str(f)) for k in st.keys())
-    rank0 = torch.distributed.get_rank() == 0
-    seen: set[int] = set()
-    for prefix, module in model.named_modules():
-        params = [(f"{prefix}.{n}" if prefix else n, q) for n, q in module.named_parameters(recurse=False)
-                  if id(q) not in seen]
-        if not params:
-            continue
-        seen.update(id(q) for _, q in params)
-        missing = [n for n, _ in params if n not in where]
-        if missing:
-            raise ValueError(f"{path}: parameter(s) {missing[:5]} are not in the safetensors checkpoint")
-        with deepspeed.zero.GatheredParameters([q for _, q in params], modifier_rank=0):
-            if rank0:
-                for name, q in params:
-                    with safe_open(where[name], framework="pt") as st, torch.no_grad():
-                        q.copy_(st.get_tensor(name).to(q.dtype))
-    if (path / "generation_config.json").exists():
-        model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
-    return model
+        return load_zero3(p, dtype, trust_remote_code, zero3_config, attn)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(p),
+        dtype=dtype,
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+        local_files_only=True,
+        attn_implementation=attn,
+    )
+    return model.to(device)
 
 
 def _vocab_size(config) -> int | None:

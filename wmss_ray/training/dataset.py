@@ -43,9 +43,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from wmss_ray.data.rejects import list_files, resolve_fs
+from wmss_ray.core.constants import IGNORE_INDEX
+from wmss_ray.storage import list_files, resolve_fs
 
-IGNORE_INDEX = -100
 _TOKEN_COLUMNS = ["input_ids", "labels"]
 #: Decoded row groups a :class:`RowReader` keeps (LRU): a small corpus is read once, a large
 #: one costs a bounded amount of memory whatever its size.

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wmss_ray import storage
+from wmss_ray.cluster import ensure_ray
 from wmss_ray.config import WMSSConfig
 from wmss_ray.training.dataset import EPOCH_ROWS_FILE, DataPlan, write_epoch_rows
 from wmss_ray.training.metrics import read_metrics
@@ -75,12 +77,12 @@ def build_spec(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | N
         from wmss_ray.models.loading import check_pair_compatible
 
         check_pair_compatible(weak_init, strong_init, cfg.models.trust_remote_code)
-    out = Path(out_dir).resolve()
+    out = Path(storage.local_dir(out_dir))
     out.mkdir(parents=True, exist_ok=True)
     epoch_rows_path = str(out / EPOCH_ROWS_FILE)  # the workers read it; nothing O(corpus) is shipped
     n = write_epoch_rows(tokenized_path, sampled_ids_path if phase == "wmss" else None, epoch_rows_path)
-    if "://" not in tokenized_path:
-        tokenized_path = str(Path(tokenized_path).resolve())
+    if not storage.is_uri(tokenized_path):
+        tokenized_path = storage.local_dir(tokenized_path)
     t = cfg.training
     if epochs is None:
         epochs = t.sft_epochs if phase == "sft" else t.wmss_epochs
@@ -208,15 +210,13 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
     Raises:
         IncompatibleModelsError: WMSS weak and strong tokenizers / vocabularies differ.
     """
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     spec = build_spec(cfg, phase, strong_init, weak_init, tokenized_path, sampled_ids_path, out_dir, mode,
                       epochs=epochs, exact_steps=exact_steps, stop_after=stop_after)
-    out = Path(spec.out_dir)
-    if not ray.is_initialized():
-        ray.init()
+    out = Path(spec.out_dir)  # build_spec made it (absolute, local)
+    ensure_ray()
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:

@@ -86,7 +86,9 @@ class PhaseWorker:
     """
 
     def __init__(self, cfg: WMSSConfig, spec: PhaseSpec, rank: int, world_size: int, device: torch.device):
-        from wmss_ray.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
+        from wmss_ray.models.loading import (
+            load_causal_lm, load_tokenizer, resolve_attn_implementation, resolve_dtype,
+        )
         from wmss_ray.training.ds_config import build_ds_config, init_engine, param_groups
 
         if spec.plan.world_size != world_size:
@@ -101,14 +103,15 @@ class PhaseWorker:
         # ZeRO-3: built under zero.Init, weights scattered into the partitions (no full copy per rank).
         zero3_config = build_ds_config(cfg.training, world_size, self.dtype, self.on_gpu) if self.zero3 else None
         load = dict(dtype=self.dtype, device="cpu", trust_remote_code=cfg.models.trust_remote_code,
-                    zero3_config=zero3_config)
+                    zero3_config=zero3_config,
+                    attn_implementation=resolve_attn_implementation(cfg.models.attn_implementation, self.device))
         strong = load_causal_lm(spec.strong_init, **load)
         weak = load_causal_lm(spec.weak_init, **load) if spec.mode != "sft" else None
         for m in (strong, weak):
             if m is not None:
-                m.config.use_cache = False
-                m.train()
-        self.pair = PairLM(strong, weak, spec.mode, cfg.mix.lam, cfg.mix.chunk_size, zero3=self.zero3)
+                PairLM.prepare_for_training(m, cfg.training.gradient_checkpointing)
+        self.pair = PairLM(strong, weak, spec.mode, cfg.mix.lam, cfg.mix.chunk_size, zero3=self.zero3,
+                           chunk_mb=cfg.mix.chunk_mb)
         groups = param_groups(self.pair.trainable_groups(cfg.training.lr, cfg.training.weak_lr),
                               cfg.training.weight_decay)
         self.engine = init_engine(self.pair, groups, cfg.training, world_size, spec.plan.total_steps,
