@@ -26,6 +26,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from wmss_ray import storage
 from wmss_ray.config import WMSSConfig
 from wmss_ray.data.corpus import iter_corpus, iter_row_records, open_corpus
 from wmss_ray.data.synthetic import extract_final_answer, is_correct
@@ -243,21 +244,15 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-def write_per_sample(result: EvalResult, out_dir: str | Path) -> Path:
+def write_per_sample(result: EvalResult, out_dir: str | Path) -> str:
     """``<out_dir>/eval_<name>.jsonl``: one JSON line per problem."""
-    path = Path(out_dir) / f"eval_{_safe_name(result.name)}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".jsonl.tmp")
-    with tmp.open("w") as f:
-        for r in result.per_sample:
-            f.write(json.dumps(r) + "\n")
-    tmp.replace(path)
+    path = storage.join(str(out_dir), f"eval_{_safe_name(result.name)}.jsonl")  # local or a URI
+    storage.write_text(path, "".join(json.dumps(r) + "\n" for r in result.per_sample))
     return path
 
 
 def read_per_sample(path: str | Path) -> list[dict[str, Any]]:
-    with Path(path).open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in storage.read_text(str(path)).splitlines() if line.strip()]
 
 
 def evaluate_model(
@@ -326,18 +321,15 @@ def evaluate_models(
     Writes ``<out_dir>/eval_<name>.jsonl`` per model and ``<out_dir>/eval_results.json``:
     ``{"models": {name: {name, model_dir, n, accuracy, loss, n_loss_tokens, per_sample_path}}}``.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = str(out_dir)  # a local path or a storage URI
     results: dict[str, EvalResult] = {}
     table: dict[str, dict[str, Any]] = {}
     rows = load_eval_rows(eval_path, cfg)  # read once for all models
     for name, model_dir in models.items():
         res = _evaluate_rows(model_dir, rows, cfg, name, out, None)
         results[name] = res
-        table[name] = {**res.summary(), "per_sample_path": str(out / f"eval_{_safe_name(name)}.jsonl")}
-    tmp = out / "eval_results.json.tmp"
-    tmp.write_text(json.dumps({"models": table}, indent=2, allow_nan=True))
-    tmp.replace(out / "eval_results.json")
+        table[name] = {**res.summary(), "per_sample_path": storage.join(out, f"eval_{_safe_name(name)}.jsonl")}
+    storage.write_text(storage.join(out, "eval_results.json"), json.dumps({"models": table}, indent=2, allow_nan=True))
     return results
 
 

@@ -10,7 +10,9 @@ K = cfg.run.iterations (paper: 1). Phase order::
 M_{t+1} from M_t against weak M_{t-1}. ``baseline`` is the equal-compute control: SFT continued
 from M1 for exactly as many optimizer steps as all WMSS iterations together took.
 
-Each phase writes ``<run_dir>/<phase>/manifest.json`` (see ``manifest.py``). A re-run skips every
+Each phase writes ``<run_dir>/<phase>/manifest.json`` (see ``manifest.py``). The run dir is a
+local path or an object-storage URI (``run.storage: s3://bucket/runs``): every output goes
+through ``storage``, and a store that cannot be reached fails before the first phase. A re-run skips every
 phase that completed with the same fingerprint; ``from_phase`` reruns from a phase on; a crashed
 phase (status ``running``/``failed``) runs again, and training phases resume from their last
 Ray Train checkpoint.
@@ -20,9 +22,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import tempfile
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 from wmss_ray import storage
@@ -49,12 +52,13 @@ class RunContext:
 
     def __init__(self, cfg: WMSSConfig):
         self.cfg = cfg
-        self.run_dir = Path(storage.local_dir(cfg.run_dir()))
+        self.run_dir = storage.location(cfg.run_dir())  # absolute local path or URI
         self.outputs: dict[str, dict[str, Any]] = {}
 
-    def phase_dir(self, name: str) -> Path:
-        d = self.run_dir / name
-        d.mkdir(parents=True, exist_ok=True)
+    def phase_dir(self, name: str) -> str:
+        d = storage.join(self.run_dir, name)
+        if not storage.is_remote(d):  # object stores have no directories to create
+            storage.make_dir(d)
         return d
 
     def out(self, phase: str, key: str) -> Any:
@@ -85,15 +89,19 @@ class RunContext:
 def _phase_data(ctx: RunContext) -> dict[str, Any]:
     from wmss_ray.data.synthetic import write_demo_corpus
 
-    paths = write_demo_corpus(ctx.cfg.data.demo, ctx.cfg.run.seed, ctx.phase_dir("data"))
-    return {"outputs": {"train": str(paths["train"]), "eval": str(paths["eval"])}}
+    out = ctx.phase_dir("data")
+    with storage.staged_dir(out) as local:
+        paths = write_demo_corpus(ctx.cfg.data.demo, ctx.cfg.run.seed, local)
+    return {"outputs": {split: storage.join(out, os.path.basename(p)) for split, p in paths.items()}}
 
 
 def _phase0(ctx: RunContext) -> dict[str, Any]:
     from wmss_ray.training.pretrain import pretrain_base
 
-    model_dir = pretrain_base(ctx.cfg, str(ctx.phase_dir("phase0") / "model"))
-    return {"outputs": {"model_dir": str(model_dir)}}
+    out = ctx.phase_dir("phase0")
+    with storage.staged_dir(out) as local:
+        pretrain_base(ctx.cfg, os.path.join(local, "model"))
+    return {"outputs": {"model_dir": storage.join(out, "model")}}
 
 
 def _train_corpus(ctx: RunContext) -> str:
@@ -148,7 +156,7 @@ def _phase_curriculum(t: int) -> Callable[[RunContext], dict[str, Any]]:
     def run(ctx: RunContext) -> dict[str, Any]:
         from wmss_ray.scoring.ray_scoring import sample_curriculum
 
-        out = ctx.phase_dir(f"curriculum_{t}") / "sampled_ids.parquet"
+        out = storage.join(ctx.phase_dir(f"curriculum_{t}"), "sampled_ids.parquet")
         path = sample_curriculum(ctx.cfg, ctx.out(f"score_{t}", "scores"), str(out), seed=ctx.cfg.run.seed + t)
         return {"outputs": {"sampled_ids": str(path)}}
 
@@ -200,7 +208,7 @@ def _phase_eval(ctx: RunContext) -> dict[str, Any]:
     models["WMSS"] = ctx.model(k + 1)
     results = evaluate_models(models, eval_path, ctx.cfg, str(ctx.phase_dir("eval")))
     table = {n: {"accuracy": r.accuracy, "loss": r.loss, "n": r.n, "model_dir": r.model_dir} for n, r in results.items()}
-    return {"outputs": {"results": str(ctx.phase_dir("eval") / "eval_results.json"), "models": table}}
+    return {"outputs": {"results": storage.join(ctx.phase_dir("eval"), "eval_results.json"), "models": table}}
 
 
 def _phase_report(ctx: RunContext) -> dict[str, Any]:
@@ -214,12 +222,46 @@ def _phase_report(ctx: RunContext) -> dict[str, Any]:
             "wmss": ctx.outputs.get(f"wmss_{k}", {}).get("metrics"),
         },
         "scores": ctx.outputs.get(f"score_{k}", {}).get("scores"),
-        "eval_dir": str(ctx.run_dir / "eval"),
+        "eval_dir": storage.join(ctx.run_dir, "eval"),
         "config": ctx.cfg.to_dict(),
         "config_hash": ctx.cfg.config_hash(),
+        "run_dir": ctx.run_dir,
     }
-    path = write_report(str(ctx.run_dir), results, str(ctx.phase_dir("report") / "report.html"))
-    return {"outputs": {"report": str(path)}}
+    out = ctx.phase_dir("report")
+    if not storage.is_remote(ctx.run_dir):
+        return {"outputs": {"report": str(write_report(ctx.run_dir, results, storage.join(out, "report.html")))}}
+    # The report reads and plots local files: mirror the few it reads, write, upload report/.
+    with tempfile.TemporaryDirectory(prefix="wmss-report-") as mirror, storage.staged_dir(out) as local:
+        _mirror_report_inputs(ctx.run_dir, mirror)
+        local_results = {k: _rebase(v, ctx.run_dir, mirror) if k != "run_dir" else v for k, v in results.items()}
+        write_report(mirror, local_results, os.path.join(local, "report.html"))
+    return {"outputs": {"report": storage.join(out, "report.html")}}
+
+
+def _report_input(rel: str) -> bool:
+    """Files of a run dir the report reads (never models, checkpoints or tokenised data)."""
+    parts = rel.split("/")
+    return rel == "config.yaml" or parts[0] == "eval" or (
+        len(parts) == 2 and parts[1] in ("metrics.jsonl", "scores.parquet", "manifest.json"))
+
+
+def _mirror_report_inputs(run_dir: str, local: str) -> None:
+    for uri in storage.list_files(run_dir, ""):
+        rel = uri[len(run_dir.rstrip("/")) + 1:]
+        if _report_input(rel):
+            dst = os.path.join(local, *rel.split("/"))
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            with storage.open_input(uri) as src, open(dst, "wb") as f:
+                f.write(src.read())
+
+
+def _rebase(value: Any, uri: str, local: str) -> Any:
+    """``value`` with paths under ``uri`` pointed at the same files under ``local``."""
+    if isinstance(value, str) and value.startswith(uri.rstrip("/") + "/"):
+        return os.path.join(local, *value[len(uri.rstrip("/")) + 1:].split("/"))
+    if isinstance(value, dict):
+        return {k: _rebase(v, uri, local) for k, v in value.items()}
+    return value
 
 
 def build_phases(cfg: WMSSConfig) -> list[Phase]:
@@ -296,8 +338,8 @@ def run_pipeline(cfg: WMSSConfig, from_phase: str | None = None, until: str | No
         if arg is not None and arg not in names:
             raise ValueError(f"unknown phase '{arg}'; phases of this config: {', '.join(names)}")
     ctx = RunContext(cfg)
-    ctx.run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, ctx.run_dir / "config.yaml")
+    storage.check_reachable(ctx.run_dir)  # an unreachable store fails here, naming the URI
+    save_config(cfg, storage.join(ctx.run_dir, "config.yaml"))
     cfg_dict = cfg.to_dict()
     prints: dict[str, str] = {}
     forced = False
@@ -310,12 +352,12 @@ def run_pipeline(cfg: WMSSConfig, from_phase: str | None = None, until: str | No
         if not forced and old and old.status == "completed" and old.fingerprint == fp:
             log.info("phase %-13s skipped (completed, same inputs)", phase.name)
             ctx.outputs[phase.name] = old.outputs
-        elif phase_dir.is_symlink():
+        elif not storage.is_uri(phase_dir) and os.path.islink(phase_dir):
             # Linked from another run (a tune trial or an ablation): never rerun it in place, that
             # would overwrite the other run's results.
             done = old is not None and old.status == "completed"
             why = "was forced" if forced else "has other inputs here" if done else "did not complete there"
-            raise RuntimeError(f"phase {phase.name} is linked from {phase_dir.resolve()} and {why}; "
+            raise RuntimeError(f"phase {phase.name} is linked from {os.path.realpath(phase_dir)} and {why}; "
                                f"refusing to overwrite it (remove the link to run it in this run dir)")
         else:
             _run_one(phase, ctx, fp, phase_dir)
@@ -324,7 +366,7 @@ def run_pipeline(cfg: WMSSConfig, from_phase: str | None = None, until: str | No
     return ctx.outputs
 
 
-def _run_one(phase: Phase, ctx: RunContext, fp: str, phase_dir: Path) -> None:
+def _run_one(phase: Phase, ctx: RunContext, fp: str, phase_dir: str) -> None:
     if phase.name not in ("data", "phase0", "report"):
         ensure_ray()
     inputs = {n: ctx.outputs.get(n) for n in phase.needs}

@@ -94,7 +94,10 @@ def build_train_dataset(tokenized_path: str, inline_max_bytes: int = INLINE_MAX_
 
             return ray.data.from_arrow(pads.dataset(str(path), format="parquet").to_table(columns=_COLUMNS))
         tokenized_path = str(path)
-    return ray.data.read_parquet(tokenized_path, columns=_COLUMNS).materialize()
+    from wmss_ray import storage
+
+    fs, path = storage.resolve_fs(tokenized_path)  # the storage layer's fs: same endpoint/credentials
+    return ray.data.read_parquet(path, filesystem=fs, columns=_COLUMNS).materialize()
 
 
 # ----------------------------------------------------------------------------- plan
