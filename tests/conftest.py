@@ -58,7 +58,6 @@ def s3_server():
     and for Ray workers when requested before ``ray_cluster``. The server is stopped by its pid.
     Yields ``{"endpoint", "bucket"}``.
     """
-    import shutil
     import signal
     import socket
     import subprocess
@@ -66,15 +65,17 @@ def s3_server():
     import time
     import urllib.request
 
-    server = shutil.which("moto_server") or os.path.join(os.path.dirname(sys.executable), "moto_server")
-    if not os.path.exists(server):
-        pytest.skip("moto[server] is not installed (pip install 'moto[server]')")
+    import importlib.util
+
+    if importlib.util.find_spec("moto.server") is None:
+        pytest.fail("moto[server] is not installed: pip install -e '.[test]' (or 'moto[server]')")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     endpoint = f"http://127.0.0.1:{port}"
     log = tempfile.NamedTemporaryFile(prefix="wmss-moto-", suffix=".log", delete=False)
-    proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
         while True:

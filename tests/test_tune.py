@@ -44,3 +44,11 @@ def test_trial_config_and_links(tmp_path):
         link = tmp_path / "base" / "tune" / "trial_00001" / p
         assert link.is_symlink() and link.resolve() == (base_dir / p).resolve()
     assert not (tmp_path / "base" / "tune" / "trial_00001" / "wmss_1").exists()
+
+
+def test_a_sweep_on_object_storage_is_refused_before_any_work():
+    from tune.sweep import run_sweep
+
+    base = load_config(None, ["run.storage=s3://bucket/runs"])
+    with pytest.raises(ValueError, match="s3://bucket/runs: tune sweeps need a local or shared-filesystem"):
+        run_sweep(base)

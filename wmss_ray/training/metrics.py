@@ -7,6 +7,7 @@ token-weighted mean, identical on all ranks (rank 0 writes it).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -67,10 +68,14 @@ class MetricsWriter:
 
     def __init__(self, out_dir: str, start_step: int = 0):
         # Object storage: write into a local temp dir and upload after each record (metrics) and
-        # at close (tb/); the run's copy is downloaded first so a resumed phase continues it.
+        # at close (tb/); the run's copy is downloaded first so a resumed phase continues it. The
+        # dir is named after the URI, so a restarted writer on this node clears what a killed
+        # one left behind.
         self.remote = out_dir if storage.is_remote(out_dir) else None
         if self.remote:
-            out_dir = tempfile.mkdtemp(prefix="wmss-metrics-")
+            digest = hashlib.sha256(self.remote.encode()).hexdigest()[:16]
+            out_dir = os.path.join(tempfile.gettempdir(), f"wmss-metrics-{digest}")
+            shutil.rmtree(out_dir, ignore_errors=True)
             for sub in ("metrics.jsonl", "tb"):
                 src = storage.join(self.remote, sub)
                 if sub == "tb" and storage.is_dir(src):
