@@ -76,6 +76,7 @@ class MetricsWriter:
             digest = hashlib.sha256(self.remote.encode()).hexdigest()[:16]
             out_dir = os.path.join(tempfile.gettempdir(), f"wmss-metrics-{digest}")
             shutil.rmtree(out_dir, ignore_errors=True)
+            os.makedirs(out_dir)
             for sub in ("metrics.jsonl", "tb"):
                 src = storage.join(self.remote, sub)
                 if sub == "tb" and storage.is_dir(src):
