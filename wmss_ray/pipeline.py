@@ -232,7 +232,7 @@ def _phase_report(ctx: RunContext) -> dict[str, Any]:
         return {"outputs": {"report": str(write_report(ctx.run_dir, results, storage.join(out, "report.html")))}}
     # The report reads and plots local files: mirror the few it reads, write, upload report/.
     with tempfile.TemporaryDirectory(prefix="wmss-report-") as mirror, storage.staged_dir(out) as local:
-        _mirror_report_inputs(ctx.run_dir, mirror)
+        storage.download_dir(ctx.run_dir, mirror, keep=_report_input)
         local_results = {k: _rebase(v, ctx.run_dir, mirror) if k != "run_dir" else v for k, v in results.items()}
         write_report(mirror, local_results, os.path.join(local, "report.html"))
     return {"outputs": {"report": storage.join(out, "report.html")}}
@@ -243,16 +243,6 @@ def _report_input(rel: str) -> bool:
     parts = rel.split("/")
     return rel == "config.yaml" or parts[0] == "eval" or (
         len(parts) == 2 and parts[1] in ("metrics.jsonl", "scores.parquet", "manifest.json"))
-
-
-def _mirror_report_inputs(run_dir: str, local: str) -> None:
-    for uri in storage.list_files(run_dir, ""):
-        rel = uri[len(run_dir.rstrip("/")) + 1:]
-        if _report_input(rel):
-            dst = os.path.join(local, *rel.split("/"))
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            with storage.open_input(uri) as src, open(dst, "wb") as f:
-                f.write(src.read())
 
 
 def _rebase(value: Any, uri: str, local: str) -> Any:

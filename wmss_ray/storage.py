@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pyarrow.fs as pafs
 
@@ -219,12 +219,18 @@ def upload_dir(local: str, uri: str) -> None:
             upload_file(src, join(uri, *os.path.relpath(src, local).split(os.sep)))
 
 
-def download_dir(uri: str, local: str) -> None:
-    """Copy every file under ``uri`` into the local directory ``local``."""
+def download_dir(uri: str, local: str, keep: Callable[[str], bool] | None = None) -> None:
+    """Copy the files under ``uri`` into the local directory ``local``.
+
+    ``keep``: only the files whose path relative to ``uri`` (``/``-separated) it accepts.
+    """
     fs, _ = resolve_fs(uri)
     path, infos = _file_infos(uri)
     for info in infos:
-        dst = os.path.join(local, *posixpath.relpath(info.path, path).split("/"))
+        rel = posixpath.relpath(info.path, path)
+        if keep is not None and not keep(rel):
+            continue
+        dst = os.path.join(local, *rel.split("/"))
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         with fs.open_input_stream(info.path) as src, open(dst, "wb") as out:
             shutil.copyfileobj(src, out, 8 << 20)
