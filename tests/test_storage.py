@@ -40,6 +40,7 @@ def test_location_is_absolute_locally_and_keeps_uris(tmp_path, monkeypatch):
 def test_redact_drops_user_info_and_query():
     assert storage.redact("s3://KEY:SECRET@b/x?access_key=K&secret_key=S") == "s3://b/x"
     assert storage.redact("/local/p") == "/local/p"
+    assert storage.redact("hdfs://user:pw@namenode:8020/runs") == "hdfs://namenode:8020/runs"
 
 
 def test_staged_dir_writes_locally_in_place(tmp_path):

@@ -57,7 +57,7 @@ def redact(uri: str) -> str:
     if not is_uri(uri):
         return str(uri)
     p = urllib.parse.urlsplit(str(uri))
-    return urllib.parse.urlunsplit((p.scheme, p.hostname or "", p.path, "", ""))
+    return urllib.parse.urlunsplit((p.scheme, p.netloc.rpartition("@")[2], p.path, "", ""))
 
 
 def check_scheme(uri: str) -> str:
