@@ -1,9 +1,13 @@
-"""Shared fixtures: a real local Ray cluster (session-scoped), tiny demo artefacts, GPU skips."""
+"""Shared fixtures: a real local Ray cluster (session-scoped), a token-authenticated Ray head for
+job tests, the tiny demo pipeline run once per session as a real Ray job, an S3 server (moto)
+with a model cache of its own, GPU skips."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -14,6 +18,11 @@ try:
 except Exception:  # pragma: no cover
     HAS_GPU = False
 
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "test-tiny.yaml"
+# Measured: the tiny pipeline job took ~7.5 min on 2 cores shared at load average ~20.
+TINY_JOB_DEADLINE_S = 720
+
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -22,8 +31,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def _object_store_env_first(request) -> None:
+    """Start ``s3_server`` and ``model_cache`` before a Ray cluster when any collected test uses
+    them: Ray's workers take their environment (AWS_*, WMSS_MODEL_CACHE) from the process that
+    starts Ray, at the time it starts, whichever test happens to start it."""
+    if any("s3_server" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        request.getfixturevalue("s3_server")
+        request.getfixturevalue("model_cache")
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(request):
     """A real local Ray cluster with its own temp dir, shared by every integration test.
 
     Started in-process with ``ray.init`` (never ``ray stop``: shutdown stops only what we started).
@@ -31,6 +49,7 @@ def ray_cluster():
     """
     import ray
 
+    _object_store_env_first(request)
     if ray.is_initialized():
         yield ray
         return
@@ -55,7 +74,8 @@ def s3_server():
     """A real S3-compatible server (moto's server mode) on a free 127.0.0.1 port, with a bucket.
 
     Sets the standard AWS environment (endpoint, dummy credentials, region) for this process,
-    and for Ray workers when requested before ``ray_cluster``. The server is stopped by its pid.
+    and for Ray workers: ``ray_cluster``/``ray_head`` start it first when any collected test
+    uses it. The server is stopped by its pid.
     Yields ``{"endpoint", "bucket"}``.
     """
     import signal
@@ -111,3 +131,59 @@ def s3_server():
         log.close()
         if not os.environ.get("WMSS_KEEP_MOTO_LOG"):
             os.unlink(log.name)
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    """A per-node model cache of its own (``WMSS_MODEL_CACHE``), never the user's ~/.cache; set
+    before Ray starts (see ``_object_store_env_first``) so that Ray's workers use it too."""
+    from wmss_ray import storage
+
+    cache = str(tmp_path_factory.mktemp("model-cache"))
+    old = os.environ.get(storage.MODEL_CACHE_ENV)
+    os.environ[storage.MODEL_CACHE_ENV] = cache
+    try:
+        yield cache
+    finally:
+        if old is None:
+            os.environ.pop(storage.MODEL_CACHE_ENV, None)
+        else:
+            os.environ[storage.MODEL_CACHE_ENV] = old
+
+
+@pytest.fixture(scope="session")
+def ray_head(request):
+    """A real local Ray head with token auth (``tests/jobs/local_head.py``), stopped by pid."""
+    from tests.jobs.local_head import LocalRayHead
+
+    _object_store_env_first(request)  # the head copies this process's environment
+    head = LocalRayHead(num_cpus=4)
+    try:
+        head.start()
+        yield head
+    finally:
+        head.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_job_run(ray_head, tmp_path_factory):
+    """The shrunken demo (configs/test-tiny.yaml) through every phase, ONCE per session, as
+    ``wmss submit`` sends it: a real ``ray job submit`` with the token to ``ray_head`` running
+    ``python -m jobs.pipeline``. The job test asserts on the submission; the end-to-end tests
+    assert on the run directory it leaves (and rerun parts of it in-process), so the tiny
+    pipeline is trained once, not once per test file.
+
+    Returns ``SimpleNamespace(cfg, job_id, status, logs)``; never fails itself (the tests do).
+    """
+    from tests.jobs.local_head import finish_job
+    from wmss_ray import submit
+    from wmss_ray.config import load_config
+
+    overrides = [f"run.storage={tmp_path_factory.mktemp('tiny_runs')}"]
+    with pytest.MonkeyPatch.context() as mp:  # the client side: the token from a file, as a user would
+        for var in ("RAY_AUTH_TOKEN", "RAY_ADDRESS"):
+            mp.delenv(var, raising=False)
+        mp.setenv("RAY_AUTH_TOKEN_PATH", str(ray_head.token_file))
+        job_id = submit.submit_job(TINY, ray_head.dashboard_url, overrides=overrides, entrypoint="pipeline")
+        status, logs = finish_job(job_id, ray_head, timeout_s=TINY_JOB_DEADLINE_S)
+    return SimpleNamespace(cfg=load_config(TINY, overrides), job_id=job_id, status=status, logs=logs)

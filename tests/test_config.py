@@ -131,3 +131,23 @@ def test_object_storage_uris_load_and_stay_uris(uri):
 
     cfg = load_config(None, [f"run.storage={uri}", "run.name=r1"])
     assert cfg.run_dir() == f"{uri}/r1" and RunContext(cfg).run_dir == f"{uri}/r1"
+
+
+def test_gpu_runs_need_gpus_for_evaluation():
+    with pytest.raises(ConfigError, match="evaluation.gpus_per_actor"):
+        config_from_dict({"scaling": {"use_gpu": True, "gpus_per_worker": 1}, "training": {"zero_stage": 2}})
+    cfg = config_from_dict({"scaling": {"use_gpu": True, "gpus_per_worker": 1}, "training": {"zero_stage": 2},
+                            "evaluation": {"gpus_per_actor": 1}})
+    assert cfg.evaluation.gpus_per_actor == 1
+    shipped = load_config(REPO / "configs" / "qwen3-4b-math.yaml")
+    assert shipped.evaluation.gpus_per_actor >= 1 and shipped.evaluation.checker == "math"
+    assert shipped.data.validation_fraction > 0 and shipped.evaluation.max_samples is not None
+
+
+def test_validation_sources_are_exclusive():
+    with pytest.raises(ConfigError, match="not both"):
+        config_from_dict({"data": {"validation": "v.jsonl", "validation_fraction": 0.1}})
+    with pytest.raises(ConfigError, match="data.validation_fraction"):
+        config_from_dict({"data": {"validation_fraction": 1.0}})
+    with pytest.raises(ConfigError, match="data.supervise"):
+        config_from_dict({"data": {"supervise": "everything"}})

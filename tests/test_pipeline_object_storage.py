@@ -35,19 +35,6 @@ def _manifest(run_dir: str, phase: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def model_cache(s3_server, tmp_path_factory):
-    """A model cache of its own, set before Ray starts so that Ray's workers use it too."""
-    cache = str(tmp_path_factory.mktemp("model-cache"))
-    old = os.environ.get(storage.MODEL_CACHE_ENV)
-    os.environ[storage.MODEL_CACHE_ENV] = cache
-    yield cache
-    if old is None:
-        os.environ.pop(storage.MODEL_CACHE_ENV, None)
-    else:
-        os.environ[storage.MODEL_CACHE_ENV] = old
-
-
-@pytest.fixture(scope="module")
 def s3_run(s3_server, model_cache, ray_cluster, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("cwd")
     before = _temp_leftovers()
@@ -89,8 +76,9 @@ def test_every_phase_completed_in_the_bucket_and_none_ran_twice(s3_run):
 
 def test_outputs_are_uris_in_the_bucket(s3_run):
     out, run_dir = s3_run["outputs"], s3_run["cfg"].run_dir()
-    paths = [out["data"]["train"], out["phase0"]["model_dir"], out["tokenize"]["tokenized"],
+    paths = [out["data"]["train"], out["data"]["validation"], out["phase0"]["model_dir"], out["tokenize"]["tokenized"],
              out["tokenize"]["rejects"], out["score_1"]["scores"], out["curriculum_1"]["sampled_ids"],
+             out["curriculum_1"]["weights"],
              out["sft"]["model_dir"], out["wmss_1"]["model_dir"], out["wmss_1"]["metrics"],
              out["eval"]["results"], out["report"]["report"]]
     for p in paths:
@@ -99,10 +87,17 @@ def test_outputs_are_uris_in_the_bucket(s3_run):
     metrics = [json.loads(x) for x in storage.read_text(out["wmss_1"]["metrics"]).splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3]  # one line per step across the restart
     assert storage.list_files(storage.join(run_dir, "wmss_1", "tb"), "")
-    results = json.loads(storage.read_text(out["eval"]["results"]))["models"]
+    saved = json.loads(storage.read_text(out["eval"]["results"]))
+    results = saved["models"]
     assert set(results) >= {"M1", "WMSS"} and all(r["per_sample_path"].startswith("s3://") for r in results.values())
+    assert saved["checker"] == out["eval"]["checker"] and saved["eval_set"]["name"] == "test"
+    assert saved["eval_set"]["source"] == out["data"]["eval"]
     html = storage.read_text(out["report"]["report"])
     assert "WMSS run report" in html and run_dir in html and "No training metrics" not in html
+    assert "No curriculum weights" not in html and "Effective sample size" in html
+    data = json.loads(storage.read_text(storage.join(run_dir, "report", "report_data.json")))
+    assert data["weights"] == out["curriculum_1"]["weights"] and data["scores"] == out["score_1"]["scores"]
+    assert data["phases"]["wmss"] == out["wmss_1"]["metrics"] and data["weight_histogram"]["draws"] > 0
 
 
 def test_the_killed_worker_resumed_from_the_checkpoint_in_s3(s3_run):

@@ -52,3 +52,29 @@ def test_a_sweep_on_object_storage_is_refused_before_any_work():
     base = load_config(None, ["run.storage=s3://bucket/runs"])
     with pytest.raises(ValueError, match="s3://bucket/runs: tune sweeps need a local or shared-filesystem"):
         run_sweep(base)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["data.demo.n_validation=0"],
+    ["models.demo=false", "models.base=/models/m0", "data.train=t.jsonl", "data.eval=e.jsonl"],
+])
+def test_a_sweep_without_a_validation_split_is_refused_before_it_runs(tmp_path, overrides):
+    """Tune selects a trial: it must not select on data.eval (the test set)."""
+    from tune.sweep import run_sweep
+
+    base = load_config(None, [f"run.storage={tmp_path}", *overrides])
+    with pytest.raises(ValueError, match="validation split apart from data.eval"):
+        run_sweep(base)
+    assert not (tmp_path / base.run.name).exists()  # nothing ran
+
+
+def test_validation_source_prefers_the_carved_split():
+    from wmss_ray.data.splits import has_validation, validation_source
+
+    demo = load_config(None)
+    assert has_validation(demo)
+    assert validation_source(demo, {"data": {"validation": "/r/data/validation.jsonl"}}) == "/r/data/validation.jsonl"
+    carved = {"data": {"validation": "/r/data/validation.jsonl"}, "tokenize": {"validation": "/r/tokenize/validation"}}
+    assert validation_source(demo, carved) == "/r/tokenize/validation"
+    real = load_config(None, ["models.demo=false", "models.base=/m", "data.train=t.jsonl", "data.validation=v.jsonl"])
+    assert has_validation(real) and validation_source(real, {"tokenize": {"validation": None}}) == "v.jsonl"

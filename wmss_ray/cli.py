@@ -5,6 +5,7 @@
     wmss score|train|eval|report CONFIG   the pipeline up to that phase
     wmss tune CONFIG                  Ray Tune sweep over lambda, alpha, beta, gamma
     wmss validate CONFIG              load and validate a config, print it resolved
+    wmss plan CONFIG [--gpu-memory 80GiB]   GPU memory per rank the config needs, and what to change
     wmss submit|status|logs ...       Ray job submission to a running cluster (token auth)
 """
 
@@ -88,6 +89,18 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from wmss_ray.plan import format_plan, parse_memory
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        budget = parse_memory(args.gpu_memory) if args.gpu_memory else None
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    print(format_plan(cfg, budget, source=args.config))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wmss", description="WMSS on Ray: weak agents make strong agents stronger")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -118,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="validate a config and print it resolved")
     _add_config_args(p)
     p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("plan", help="GPU memory per rank the config needs (no model weights are loaded)")
+    _add_config_args(p)
+    p.add_argument("--gpu-memory", default=None, metavar="SIZE", help="memory of one GPU, e.g. 80GiB, 141GB")
+    p.set_defaults(func=_cmd_plan)
 
     add_cli_commands(sub)  # submit / status / logs: an import failure there must surface, not hide them
     return parser

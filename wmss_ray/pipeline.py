@@ -21,9 +21,9 @@ Ray Train checkpoint.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
-import tempfile
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -92,7 +92,8 @@ def _phase_data(ctx: RunContext) -> dict[str, Any]:
     out = ctx.phase_dir("data")
     with storage.staged_dir(out) as local:
         paths = write_demo_corpus(ctx.cfg.data.demo, ctx.cfg.run.seed, local)
-    return {"outputs": {split: storage.join(out, os.path.basename(p)) for split, p in paths.items()}}
+    return {"outputs": {split: storage.join(out, os.path.basename(p)) for split, p in paths.items()},
+            "counts": {"validation": ctx.cfg.data.demo.n_validation}}
 
 
 def _phase0(ctx: RunContext) -> dict[str, Any]:
@@ -116,7 +117,8 @@ def _phase_tokenize(ctx: RunContext) -> dict[str, Any]:
     from wmss_ray.data.ray_corpus import tokenize_corpus
 
     res = tokenize_corpus(ctx.cfg, ctx.tokenizer_source(), _train_corpus(ctx), str(ctx.phase_dir("tokenize")))
-    return {"outputs": {"tokenized": res.tokenized_path, "rejects": res.rejects_path}, "counts": res.counts}
+    return {"outputs": {"tokenized": res.tokenized_path, "rejects": res.rejects_path,
+                        "validation": res.validation_path}, "counts": res.counts}
 
 
 def _phase_sft(ctx: RunContext) -> dict[str, Any]:
@@ -154,11 +156,11 @@ def _phase_score(t: int) -> Callable[[RunContext], dict[str, Any]]:
 
 def _phase_curriculum(t: int) -> Callable[[RunContext], dict[str, Any]]:
     def run(ctx: RunContext) -> dict[str, Any]:
-        from wmss_ray.scoring.ray_scoring import sample_curriculum
+        from wmss_ray.scoring.curriculum import sample_curriculum
 
-        out = storage.join(ctx.phase_dir(f"curriculum_{t}"), "sampled_ids.parquet")
-        path = sample_curriculum(ctx.cfg, ctx.out(f"score_{t}", "scores"), str(out), seed=ctx.cfg.run.seed + t)
-        return {"outputs": {"sampled_ids": str(path)}}
+        res = sample_curriculum(ctx.cfg, ctx.out(f"score_{t}", "scores"), ctx.phase_dir(f"curriculum_{t}"),
+                                seed=ctx.cfg.run.seed + t)
+        return {"outputs": {"sampled_ids": res.sampled_ids_path, "weights": res.weights_path}, "counts": res.counts}
 
     return run
 
@@ -206,52 +208,46 @@ def _phase_eval(ctx: RunContext) -> dict[str, Any]:
     if "baseline" in ctx.outputs:
         models["SFT-continued"] = ctx.out("baseline", "model_dir")
     models["WMSS"] = ctx.model(k + 1)
-    results = evaluate_models(models, eval_path, ctx.cfg, str(ctx.phase_dir("eval")))
+    # data.eval is the test set: read here only, after every choice (tune selects on validation).
+    results = evaluate_models(models, eval_path, ctx.cfg, str(ctx.phase_dir("eval")), eval_set="test")
     table = {n: {"accuracy": r.accuracy, "loss": r.loss, "n": r.n, "model_dir": r.model_dir} for n, r in results.items()}
-    return {"outputs": {"results": storage.join(ctx.phase_dir("eval"), "eval_results.json"), "models": table}}
+    results_path = storage.join(ctx.phase_dir("eval"), "eval_results.json")
+    summary = json.loads(storage.read_text(results_path))
+    return {"outputs": {"results": results_path, "models": table,
+                        "checker": summary["checker"], "eval_set": summary["eval_set"]}}
 
 
 def _phase_report(ctx: RunContext) -> dict[str, Any]:
-    from wmss_ray.report import write_report
+    from wmss_ray.report_storage import write_report_at
 
     k = ctx.cfg.run.iterations
     results = {
         "models": ctx.outputs.get("eval", {}).get("models", {}),
+        "checker": ctx.outputs.get("eval", {}).get("checker"),
+        "eval_set": ctx.outputs.get("eval", {}).get("eval_set"),
+        "counts": {"validation": _validation_count(ctx)},
         "phases": {
             "sft_continued": ctx.outputs.get("baseline", {}).get("metrics"),
             "wmss": ctx.outputs.get(f"wmss_{k}", {}).get("metrics"),
         },
         "scores": ctx.outputs.get(f"score_{k}", {}).get("scores"),
+        "weights": ctx.outputs.get(f"curriculum_{k}", {}).get("weights"),
         "eval_dir": storage.join(ctx.run_dir, "eval"),
         "config": ctx.cfg.to_dict(),
         "config_hash": ctx.cfg.config_hash(),
         "run_dir": ctx.run_dir,
     }
-    out = ctx.phase_dir("report")
-    if not storage.is_remote(ctx.run_dir):
-        return {"outputs": {"report": str(write_report(ctx.run_dir, results, storage.join(out, "report.html")))}}
-    # The report reads and plots local files: mirror the few it reads, write, upload report/.
-    with tempfile.TemporaryDirectory(prefix="wmss-report-") as mirror, storage.staged_dir(out) as local:
-        storage.download_dir(ctx.run_dir, mirror, keep=_report_input)
-        local_results = {k: _rebase(v, ctx.run_dir, mirror) if k != "run_dir" else v for k, v in results.items()}
-        write_report(mirror, local_results, os.path.join(local, "report.html"))
-    return {"outputs": {"report": storage.join(out, "report.html")}}
+    return {"outputs": {"report": write_report_at(ctx.run_dir, results, ctx.phase_dir("report"))}}
 
 
-def _report_input(rel: str) -> bool:
-    """Files of a run dir the report reads (never models, checkpoints or tokenised data)."""
-    parts = rel.split("/")
-    return rel == "config.yaml" or parts[0] == "eval" or (
-        len(parts) == 2 and parts[1] in ("metrics.jsonl", "scores.parquet", "manifest.json"))
-
-
-def _rebase(value: Any, uri: str, local: str) -> Any:
-    """``value`` with paths under ``uri`` pointed at the same files under ``local``."""
-    if isinstance(value, str) and value.startswith(uri.rstrip("/") + "/"):
-        return os.path.join(local, *value[len(uri.rstrip("/")) + 1:].split("/"))
-    if isinstance(value, dict):
-        return {k: _rebase(v, uri, local) for k, v in value.items()}
-    return value
+def _validation_count(ctx: RunContext) -> int | None:
+    """Rows of the validation split, for the report (None without one)."""
+    tok = read_manifest(storage.join(ctx.run_dir, "tokenize"))
+    if tok and tok.counts.get("rows_validation"):
+        return int(tok.counts["rows_validation"])
+    if ctx.cfg.data.validation:
+        return None  # a user corpus: counted when it is evaluated
+    return ctx.cfg.data.demo.n_validation if ctx.cfg.models.demo else None
 
 
 def build_phases(cfg: WMSSConfig) -> list[Phase]:
@@ -279,7 +275,8 @@ def build_phases(cfg: WMSSConfig) -> list[Phase]:
     if cfg.evaluation.baseline:
         phases.append(Phase("baseline", ["sft", prev_model], ["run.seed", "training", "scaling"], _phase_baseline))
     eval_needs = [p.name for p in phases if p.name in ("sft", "baseline", prev_model)] + first
-    phases.append(Phase("eval", eval_needs, ["evaluation", "data.eval"], _phase_eval))
+    phases.append(Phase("eval", eval_needs, ["evaluation", "data.eval", "data.reference_column", "data.supervise"],
+                        _phase_eval))
     phases.append(Phase("report", ["eval"], [], _phase_report))
     return phases
 

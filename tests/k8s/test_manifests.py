@@ -250,6 +250,10 @@ def test_dockerfile_matches_manifests():
     assert "python:3.11-slim" in text
     assert IMAGE_REPO in text  # the build command in its header names the image the manifests use
     assert not [line for line in text.splitlines() if line.strip().startswith(("ENV", "ARG")) and _sensitive(line)]
+    # the GPU variant installs flash-attn (models.attn_implementation auto), the CPU one does not
+    assert "INSTALL_FLASH_ATTN=1" in text.split("AS base-gpu")[1].split("FROM ")[0]
+    assert "INSTALL_FLASH_ATTN=0" in text.split("AS base-cpu")[1].split("FROM ")[0]
+    assert 'pip install "flash-attn==' in text
     ignore = (REPO / ".dockerignore").read_text().split()
     assert {".git", ".venv", "runs"} <= {p.strip("/") for p in ignore}
 

@@ -44,3 +44,14 @@ def test_pack_texts_separates_with_endoftext():
     assert tok.decode(stream.tolist()) == "<|endoftext|>1+1=2<|endoftext|>Q: x<|endoftext|>"
     assert (stream == eot).sum() == 3
     assert starts.tolist() == [0, 6] and (stream[starts] == eot).all()
+
+
+def test_phase0_with_every_cpu_is_bit_identical_run_to_run(tmp_path):
+    """``phase0.num_threads: 0`` (the default: every usable CPU) — same seed, same machine, same
+    thread count: two runs give the same weights bit for bit."""
+    cfg = config_from_dict({}, [*TINY[:-1], "phase0.num_threads=0"])
+    a = load_causal_lm(pretrain_base(cfg, tmp_path / "a")).state_dict()
+    b = load_causal_lm(pretrain_base(cfg, tmp_path / "b")).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = (json.loads((tmp_path / d / "phase0_metrics.json").read_text()) for d in ("a", "b"))
+    assert ma["losses"] == mb["losses"] and ma["threads"] == mb["threads"] == _usable_cpus()

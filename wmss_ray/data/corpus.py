@@ -47,6 +47,7 @@ READ_SCHEMA = pa.schema([
     ("sample_id", pa.string()),
     ("prompt_messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
     ("answer", pa.string()),
+    ("reference", pa.string()),  # data.reference_column's value (None when unset or missing)
     ("source_file", pa.string()),
     ("source_row", pa.int64()),
     ("reject_reason", pa.string()),
@@ -243,7 +244,9 @@ def _record(obj: Any, schema: str, data: DataConfig, file: str, name: str, row: 
         prompt, answer = normalize_row(obj, schema, data)
     except R.RowError as e:
         return _bad(sample_id, file, row, e)
-    rec = {"sample_id": sample_id, "prompt_messages": prompt, "answer": answer, "source_file": file,
+    ref = obj.get(data.reference_column) if data.reference_column else None
+    rec = {"sample_id": sample_id, "prompt_messages": prompt, "answer": answer,
+           "reference": None if ref is None else str(ref), "source_file": file,
            "source_row": row, "reject_reason": None, "reject_detail": None}
     if extra_columns:
         rec["extra"] = {c: obj.get(c) for c in extra_columns}
@@ -251,7 +254,7 @@ def _record(obj: Any, schema: str, data: DataConfig, file: str, name: str, row: 
 
 
 def _bad(sample_id: str, file: str, row: int, e: R.RowError) -> dict[str, Any]:
-    return {"sample_id": sample_id, "prompt_messages": None, "answer": None, "source_file": file,
+    return {"sample_id": sample_id, "prompt_messages": None, "answer": None, "reference": None, "source_file": file,
             "source_row": row, "reject_reason": e.reason, "reject_detail": e.detail}
 
 

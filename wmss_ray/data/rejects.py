@@ -35,10 +35,11 @@ NO_ANSWER = "no_answer"  # a chat row without an assistant message
 EMPTY_PROMPT = "empty_prompt"  # nothing before the answer
 TOO_LONG = "too_long"  # longer than data.max_seq_len under truncation: reject
 EMPTY_ANSWER_AFTER_TRUNCATION = "empty_answer_after_truncation"
+PROMPT_TRUNCATED_AWAY = "prompt_truncated_away"  # left truncation would keep none of the prompt
 DUPLICATE_SAMPLE_ID = "duplicate_sample_id"  # a later occurrence of an id already seen
 REASONS = (
     MALFORMED_JSON, INVALID_UTF8, WRONG_TYPE, MISSING_FIELD, EMPTY_FIELD, NO_ANSWER, EMPTY_PROMPT,
-    TOO_LONG, EMPTY_ANSWER_AFTER_TRUNCATION, DUPLICATE_SAMPLE_ID,
+    TOO_LONG, EMPTY_ANSWER_AFTER_TRUNCATION, PROMPT_TRUNCATED_AWAY, DUPLICATE_SAMPLE_ID,
 )
 _DETAIL_CHARS = 300  # details are truncated so one pathological row cannot bloat the rejects
 

@@ -83,7 +83,9 @@ class PhaseWorker:
     """
 
     def __init__(self, cfg: WMSSConfig, spec: PhaseSpec, rank: int, world_size: int, device: torch.device):
-        from wmss_ray.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
+        from wmss_ray.models.loading import (
+            load_causal_lm, load_tokenizer, resolve_attn_implementation, resolve_dtype,
+        )
         from wmss_ray.training.ds_config import init_engine, param_groups
 
         if spec.plan.world_size != world_size:
@@ -95,14 +97,15 @@ class PhaseWorker:
         self.zero3 = cfg.training.zero_stage == 3
         self.tokenizer = load_tokenizer(spec.strong_init, cfg.models.trust_remote_code)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        load = dict(dtype=self.dtype, device="cpu", trust_remote_code=cfg.models.trust_remote_code)
+        load = dict(dtype=self.dtype, device="cpu", trust_remote_code=cfg.models.trust_remote_code,
+                    attn_implementation=resolve_attn_implementation(cfg.models.attn_implementation, self.device))
         strong = load_causal_lm(spec.strong_init, **load)
         weak = load_causal_lm(spec.weak_init, **load) if spec.mode != "sft" else None
         for m in (strong, weak):
             if m is not None:
-                m.config.use_cache = False
-                m.train()
-        self.pair = PairLM(strong, weak, spec.mode, cfg.mix.lam, cfg.mix.chunk_size, zero3=self.zero3)
+                PairLM.prepare_for_training(m, cfg.training.gradient_checkpointing)
+        self.pair = PairLM(strong, weak, spec.mode, cfg.mix.lam, cfg.mix.chunk_size, zero3=self.zero3,
+                           chunk_mb=cfg.mix.chunk_mb)
         groups = param_groups(self.pair.trainable_groups(cfg.training.lr, cfg.training.weak_lr),
                               cfg.training.weight_decay)
         self.engine = init_engine(self.pair, groups, cfg.training, world_size, spec.plan.total_steps,
