@@ -1,5 +1,6 @@
 """Shared fixtures: a real local Ray cluster (session-scoped), a token-authenticated Ray head for
-job tests, the tiny demo pipeline run once per session as a real Ray job, GPU skips."""
+job tests, the tiny demo pipeline run once per session as a real Ray job, an S3 server (moto)
+with a model cache of its own, GPU skips."""
 
 from __future__ import annotations
 
@@ -30,8 +31,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def _object_store_env_first(request) -> None:
+    """Start ``s3_server`` and ``model_cache`` before a Ray cluster when any collected test uses
+    them: Ray's workers take their environment (AWS_*, WMSS_MODEL_CACHE) from the process that
+    starts Ray, at the time it starts, whichever test happens to start it."""
+    if any("s3_server" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        request.getfixturevalue("s3_server")
+        request.getfixturevalue("model_cache")
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(request):
     """A real local Ray cluster with its own temp dir, shared by every integration test.
 
     Started in-process with ``ray.init`` (never ``ray stop``: shutdown stops only what we started).
@@ -39,6 +49,7 @@ def ray_cluster():
     """
     import ray
 
+    _object_store_env_first(request)
     if ray.is_initialized():
         yield ray
         return
@@ -59,10 +70,93 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
-def ray_head():
+def s3_server():
+    """A real S3-compatible server (moto's server mode) on a free 127.0.0.1 port, with a bucket.
+
+    Sets the standard AWS environment (endpoint, dummy credentials, region) for this process,
+    and for Ray workers: ``ray_cluster``/``ray_head`` start it first when any collected test
+    uses it. The server is stopped by its pid.
+    Yields ``{"endpoint", "bucket"}``.
+    """
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import importlib.util
+
+    if importlib.util.find_spec("moto.server") is None:
+        pytest.fail("moto[server] is not installed: pip install -e '.[test]' (or 'moto[server]')")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    log = tempfile.NamedTemporaryFile(prefix="wmss-moto-", suffix=".log", delete=False)
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server did not start on {endpoint} (log {log.name})")
+                time.sleep(0.2)
+        env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket="wmss-test")
+        try:
+            yield {"endpoint": endpoint, "bucket": "wmss-test"}
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+        if not os.environ.get("WMSS_KEEP_MOTO_LOG"):
+            os.unlink(log.name)
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    """A per-node model cache of its own (``WMSS_MODEL_CACHE``), never the user's ~/.cache; set
+    before Ray starts (see ``_object_store_env_first``) so that Ray's workers use it too."""
+    from wmss_ray import storage
+
+    cache = str(tmp_path_factory.mktemp("model-cache"))
+    old = os.environ.get(storage.MODEL_CACHE_ENV)
+    os.environ[storage.MODEL_CACHE_ENV] = cache
+    try:
+        yield cache
+    finally:
+        if old is None:
+            os.environ.pop(storage.MODEL_CACHE_ENV, None)
+        else:
+            os.environ[storage.MODEL_CACHE_ENV] = old
+
+
+@pytest.fixture(scope="session")
+def ray_head(request):
     """A real local Ray head with token auth (``tests/jobs/local_head.py``), stopped by pid."""
     from tests.jobs.local_head import LocalRayHead
 
+    _object_store_env_first(request)  # the head copies this process's environment
     head = LocalRayHead(num_cpus=4)
     try:
         head.start()

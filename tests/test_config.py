@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -58,9 +59,8 @@ def test_dotted_override_reaches_the_field():
         (["training.zero_stage=4"], ["training.zero_stage", "4"]),
         (["mix.placement=pool"], ["frozen"]),
         (["mix.placement=pool", "mix.mode=frozen"], ["mix.placement", "pool", "not implemented yet", "colocated"]),
-        (["run.storage=s3://bucket/runs"], ["run.storage", "s3://bucket/runs", "not supported"]),
-        (["run.storage=gs://b/r"], ["run.storage", "gs://b/r", "not supported"]),
-        (["run.storage=file:///tmp/r"], ["run.storage", "file:///tmp/r", "not supported"]),
+        (["run.storage=ftp://host/runs"], ["run.storage", "ftp://host/runs", "'ftp' is not a pyarrow filesystem"]),
+        (["run.storage=s3x://b/r"], ["run.storage", "s3x://b/r", "s3://"]),
     ],
 )
 def test_invalid_values_name_key_value_and_allowed(override, must_say):
@@ -121,8 +121,16 @@ def test_relative_run_storage_resolves_to_an_absolute_local_dir(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     cfg = load_config(None, ["run.storage=rel/runs", "run.name=r1"])
     ctx = RunContext(cfg)
-    assert ctx.run_dir == (tmp_path / "rel" / "runs" / "r1").resolve()
-    assert ctx.run_dir.is_absolute() and "s3:" not in str(ctx.run_dir)
+    assert ctx.run_dir == str((tmp_path / "rel" / "runs" / "r1").resolve())
+    assert os.path.isabs(ctx.run_dir) and "s3:" not in ctx.run_dir
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/runs", "gs://b/r", "file:///tmp/r", "abfs://c/r"])
+def test_object_storage_uris_load_and_stay_uris(uri):
+    from wmss_ray.pipeline import RunContext
+
+    cfg = load_config(None, [f"run.storage={uri}", "run.name=r1"])
+    assert cfg.run_dir() == f"{uri}/r1" and RunContext(cfg).run_dir == f"{uri}/r1"
 
 
 def test_gpu_runs_need_gpus_for_evaluation():

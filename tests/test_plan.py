@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -124,6 +125,32 @@ def test_shape_of_a_model_directory_matches_its_real_parameter_count(tmp_path):
         largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
         assert shape.largest_layer_params == largest == 128 * 384  # an MLP projection, above V x D here
         assert shape.qk_norm and shape.layers == 4 and shape.vocab == len(tok)
+
+
+def test_shape_of_a_model_in_object_storage_reads_only_its_config(tmp_path, s3_server, monkeypatch):
+    from wmss_ray import storage
+    from wmss_ray.config import DemoModelConfig
+    from wmss_ray.models.tiny import build_tiny_model, save_pretrained_model
+    from wmss_ray.models.tokenizer import build_demo_tokenizer
+
+    tok = build_demo_tokenizer()
+    model = build_tiny_model(DemoModelConfig(arch="qwen3"), tok, 0)
+    local = save_pretrained_model(model, tok, tmp_path / "m")
+    uri = f"s3://{s3_server['bucket']}/unit/plan-model"
+    storage.upload_dir(str(local), uri)
+    fetched: list[str] = []
+    real_download = storage.download_dir
+
+    def download_and_record(src, dst, keep=None):
+        real_download(src, dst, keep)
+        fetched.extend(os.listdir(dst))
+
+    monkeypatch.setattr(storage, "download_dir", download_and_record)
+    shape = model_shape(uri, config_from_dict({}))
+    assert shape.params == model_shape(str(local), config_from_dict({})).params
+    assert fetched == ["config.json"]  # no weights copied for a plan
+    with pytest.raises(FileNotFoundError, match="no config.json in model directory s3://"):
+        model_shape(f"s3://{s3_server['bucket']}/unit/no-such-model", config_from_dict({}))
 
 
 def test_parse_memory():

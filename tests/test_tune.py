@@ -46,6 +46,14 @@ def test_trial_config_and_links(tmp_path):
     assert not (tmp_path / "base" / "tune" / "trial_00001" / "wmss_1").exists()
 
 
+def test_a_sweep_on_object_storage_is_refused_before_any_work():
+    from tune.sweep import run_sweep
+
+    base = load_config(None, ["run.storage=s3://bucket/runs"])
+    with pytest.raises(ValueError, match="s3://bucket/runs: tune sweeps need a local or shared-filesystem"):
+        run_sweep(base)
+
+
 @pytest.mark.parametrize("overrides", [
     ["data.demo.n_validation=0"],
     ["models.demo=false", "models.base=/models/m0", "data.train=t.jsonl", "data.eval=e.jsonl"],

@@ -75,9 +75,14 @@ def run_sweep(base: WMSSConfig):
     """Run the shared phases once, then the Tune trials; returns the Ray Tune ResultGrid."""
     from ray import tune
 
+    from wmss_ray import storage
     from wmss_ray.cluster import ensure_ray
     from wmss_ray.pipeline import run_pipeline
 
+    if storage.is_remote(base.run_dir()):  # trials symlink the base run's phase directories
+        raise ValueError(f"run.storage {storage.redact(base.run.storage)}: tune sweeps need a local or "
+                         "shared-filesystem run.storage (trials link the base run's phases); "
+                         "object storage works for wmss run / submit")
     if not has_validation(base):
         raise ValueError(NO_VALIDATION)
     ensure_ray()

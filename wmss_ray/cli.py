@@ -18,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+from wmss_ray import storage
 from wmss_ray.config import ConfigError, load_config
 from wmss_ray.submit import add_cli_commands
 
@@ -50,7 +51,8 @@ def _cmd_run(args: argparse.Namespace, demo: bool = False) -> int:
 
     path = _demo_config_path() if demo else args.config
     cfg = load_config(path, args.overrides)
-    print(f"[wmss] run dir: {Path(cfg.run_dir()).resolve()}  (config {path or '<embedded demo default>'})")
+    run_dir = storage.redact(storage.location(cfg.run_dir()))  # a URI never shows credentials
+    print(f"[wmss] run dir: {run_dir}  (config {path or '<embedded demo default>'})")
     outputs = run_pipeline(cfg, from_phase=getattr(args, "from_phase", None))
     _print_results(outputs)
     return 0

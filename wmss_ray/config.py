@@ -46,19 +46,18 @@ class _Section(BaseModel):
 
 class RunConfig(_Section):
     name: str = "wmss-demo"
-    storage: str = "runs"  # local or shared-filesystem directory; the run dir is <storage>/<name>
+    storage: str = "runs"  # local/shared directory or URI (s3://b/runs); the run dir is <storage>/<name>
     seed: int = 0
     iterations: int = Field(1, ge=1, description="K: WMSS iterations (paper: 1)")
 
     @field_validator("storage")
     @classmethod
-    def _storage_is_a_directory(cls, v: str) -> str:
-        # Until object storage is supported end to end, a URI would be turned into a local folder
-        # named "s3:" by the phases' local paths: refuse it now rather than write somewhere else.
-        if "://" in v:
-            raise ValueError(f"{v!r}: object storage URIs (s3://, gs://, ...) are not supported for run "
-                             "storage yet; use a local or shared-filesystem directory (e.g. a mounted volume)")
-        return v
+    def _storage_scheme_is_supported(cls, v: str) -> str:
+        # A local/shared directory or a URI pyarrow opens (s3://, gs://, ...); reachability is
+        # checked at the start of a run (storage.check_reachable), not at load time.
+        from wmss_ray.storage import check_scheme
+
+        return check_scheme(v)
 
 
 class DemoModelConfig(_Section):
@@ -457,4 +456,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(cfg: WMSSConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write ``cfg`` as YAML to a local path or a storage URI."""
+    from wmss_ray.storage import write_text
+
+    write_text(str(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -29,6 +29,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from wmss_ray import storage
 from wmss_ray.checkers import AnswerChecker, checker_from_config
 from wmss_ray.config import WMSSConfig
 from wmss_ray.data.corpus import iter_corpus, iter_row_records, open_corpus
@@ -271,21 +272,15 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-def write_per_sample(result: EvalResult, out_dir: str | Path) -> Path:
+def write_per_sample(result: EvalResult, out_dir: str | Path) -> str:
     """``<out_dir>/eval_<name>.jsonl``: one JSON line per problem."""
-    path = Path(out_dir) / f"eval_{_safe_name(result.name)}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".jsonl.tmp")
-    with tmp.open("w") as f:
-        for r in result.per_sample:
-            f.write(json.dumps(r) + "\n")
-    tmp.replace(path)
+    path = storage.join(str(out_dir), f"eval_{_safe_name(result.name)}.jsonl")  # local or a URI
+    storage.write_text(path, "".join(json.dumps(r) + "\n" for r in result.per_sample))
     return path
 
 
 def read_per_sample(path: str | Path) -> list[dict[str, Any]]:
-    with Path(path).open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in storage.read_text(str(path)).splitlines() if line.strip()]
 
 
 def evaluate_model(
@@ -370,22 +365,19 @@ def evaluate_models(
     "models": {name: {name, model_dir, n, accuracy, loss, n_loss_tokens, checker, n_no_reference,
     per_sample_path}}}``.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = str(out_dir)  # a local path or a storage URI
     results: dict[str, EvalResult] = {}
     table: dict[str, dict[str, Any]] = {}
     rows = load_eval_rows(eval_path, cfg)  # read once for all models
     for name, model_dir in models.items():
         res = _evaluate_rows(model_dir, rows, cfg, name, out, None)
         results[name] = res
-        table[name] = {**res.summary(), "per_sample_path": str(out / f"eval_{_safe_name(name)}.jsonl")}
+        table[name] = {**res.summary(), "per_sample_path": storage.join(out, f"eval_{_safe_name(name)}.jsonl")}
     source = str(eval_path) if isinstance(eval_path, (str, Path)) else f"{len(eval_path)} rows given in memory"
     n = next(iter(results.values())).n if results else 0
     summary = {"checker": checker_from_config(cfg).name, "eval_set": eval_set_info(eval_set, source, n, cfg),
                "models": table}
-    tmp = out / "eval_results.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, allow_nan=True))
-    tmp.replace(out / "eval_results.json")
+    storage.write_text(storage.join(out, "eval_results.json"), json.dumps(summary, indent=2, allow_nan=True))
     return results
 
 

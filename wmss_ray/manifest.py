@@ -1,6 +1,6 @@
 """Phase manifests: what a phase read, what it wrote, and whether it finished.
 
-Every phase writes ``<run_dir>/<phase>/manifest.json``. A phase is skipped on a re-run when its
+Every phase writes ``<run_dir>/<phase>/manifest.json`` (local or object storage, via ``storage``). A phase is skipped on a re-run when its
 manifest says ``completed`` with the same fingerprint; the fingerprint hashes the config sections
 the phase depends on plus the fingerprints of the phases it reads from, so changing ``mix.lam``
 reruns WMSS and what follows but not pre-training or SFT.
@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from wmss_ray import storage
 
 MANIFEST = "manifest.json"
 
@@ -34,20 +35,17 @@ class Manifest:
     error: str | None = None
 
     def write(self, phase_dir: str | Path) -> None:
-        """Write atomically (tmp + rename) so a crash never leaves half a manifest."""
-        path = Path(phase_dir) / MANIFEST
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True, default=str))
-        os.replace(tmp, path)
+        """Write atomically (tmp + rename; one PUT on object stores): never half a manifest."""
+        storage.write_text(storage.join(str(phase_dir), MANIFEST),
+                           json.dumps(asdict(self), indent=2, sort_keys=True, default=str))
 
 
 def read_manifest(phase_dir: str | Path) -> Manifest | None:
-    path = Path(phase_dir) / MANIFEST
-    if not path.exists():
+    path = storage.join(str(phase_dir), MANIFEST)
+    if not storage.exists(path):
         return None
     try:
-        return Manifest(**json.loads(path.read_text()))
+        return Manifest(**json.loads(storage.read_text(path)))
     except (json.JSONDecodeError, TypeError):
         return None  # unreadable manifest: treat the phase as never run
 

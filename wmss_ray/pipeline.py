@@ -10,7 +10,9 @@ K = cfg.run.iterations (paper: 1). Phase order::
 M_{t+1} from M_t against weak M_{t-1}. ``baseline`` is the equal-compute control: SFT continued
 from M1 for exactly as many optimizer steps as all WMSS iterations together took.
 
-Each phase writes ``<run_dir>/<phase>/manifest.json`` (see ``manifest.py``). A re-run skips every
+Each phase writes ``<run_dir>/<phase>/manifest.json`` (see ``manifest.py``). The run dir is a
+local path or an object-storage URI (``run.storage: s3://bucket/runs``): every output goes
+through ``storage``, and a store that cannot be reached fails before the first phase. A re-run skips every
 phase that completed with the same fingerprint; ``from_phase`` reruns from a phase on; a crashed
 phase (status ``running``/``failed``) runs again, and training phases resume from their last
 Ray Train checkpoint.
@@ -21,9 +23,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 from wmss_ray import storage
@@ -50,12 +52,13 @@ class RunContext:
 
     def __init__(self, cfg: WMSSConfig):
         self.cfg = cfg
-        self.run_dir = Path(storage.local_dir(cfg.run_dir()))
+        self.run_dir = storage.location(cfg.run_dir())  # absolute local path or URI
         self.outputs: dict[str, dict[str, Any]] = {}
 
-    def phase_dir(self, name: str) -> Path:
-        d = self.run_dir / name
-        d.mkdir(parents=True, exist_ok=True)
+    def phase_dir(self, name: str) -> str:
+        d = storage.join(self.run_dir, name)
+        if not storage.is_remote(d):  # object stores have no directories to create
+            storage.make_dir(d)
         return d
 
     def out(self, phase: str, key: str) -> Any:
@@ -86,17 +89,20 @@ class RunContext:
 def _phase_data(ctx: RunContext) -> dict[str, Any]:
     from wmss_ray.data.synthetic import write_demo_corpus
 
-    paths = write_demo_corpus(ctx.cfg.data.demo, ctx.cfg.run.seed, ctx.phase_dir("data"))
-    return {"outputs": {"train": str(paths["train"]), "validation": str(paths["validation"]),
-                        "eval": str(paths["eval"])},
+    out = ctx.phase_dir("data")
+    with storage.staged_dir(out) as local:
+        paths = write_demo_corpus(ctx.cfg.data.demo, ctx.cfg.run.seed, local)
+    return {"outputs": {split: storage.join(out, os.path.basename(p)) for split, p in paths.items()},
             "counts": {"validation": ctx.cfg.data.demo.n_validation}}
 
 
 def _phase0(ctx: RunContext) -> dict[str, Any]:
     from wmss_ray.training.pretrain import pretrain_base
 
-    model_dir = pretrain_base(ctx.cfg, str(ctx.phase_dir("phase0") / "model"))
-    return {"outputs": {"model_dir": str(model_dir)}}
+    out = ctx.phase_dir("phase0")
+    with storage.staged_dir(out) as local:
+        pretrain_base(ctx.cfg, os.path.join(local, "model"))
+    return {"outputs": {"model_dir": storage.join(out, "model")}}
 
 
 def _train_corpus(ctx: RunContext) -> str:
@@ -152,7 +158,7 @@ def _phase_curriculum(t: int) -> Callable[[RunContext], dict[str, Any]]:
     def run(ctx: RunContext) -> dict[str, Any]:
         from wmss_ray.scoring.curriculum import sample_curriculum
 
-        res = sample_curriculum(ctx.cfg, ctx.out(f"score_{t}", "scores"), str(ctx.phase_dir(f"curriculum_{t}")),
+        res = sample_curriculum(ctx.cfg, ctx.out(f"score_{t}", "scores"), ctx.phase_dir(f"curriculum_{t}"),
                                 seed=ctx.cfg.run.seed + t)
         return {"outputs": {"sampled_ids": res.sampled_ids_path, "weights": res.weights_path}, "counts": res.counts}
 
@@ -205,13 +211,14 @@ def _phase_eval(ctx: RunContext) -> dict[str, Any]:
     # data.eval is the test set: read here only, after every choice (tune selects on validation).
     results = evaluate_models(models, eval_path, ctx.cfg, str(ctx.phase_dir("eval")), eval_set="test")
     table = {n: {"accuracy": r.accuracy, "loss": r.loss, "n": r.n, "model_dir": r.model_dir} for n, r in results.items()}
-    summary = json.loads((ctx.phase_dir("eval") / "eval_results.json").read_text())
-    return {"outputs": {"results": str(ctx.phase_dir("eval") / "eval_results.json"), "models": table,
+    results_path = storage.join(ctx.phase_dir("eval"), "eval_results.json")
+    summary = json.loads(storage.read_text(results_path))
+    return {"outputs": {"results": results_path, "models": table,
                         "checker": summary["checker"], "eval_set": summary["eval_set"]}}
 
 
 def _phase_report(ctx: RunContext) -> dict[str, Any]:
-    from wmss_ray.report import write_report
+    from wmss_ray.report_storage import write_report_at
 
     k = ctx.cfg.run.iterations
     results = {
@@ -225,17 +232,17 @@ def _phase_report(ctx: RunContext) -> dict[str, Any]:
         },
         "scores": ctx.outputs.get(f"score_{k}", {}).get("scores"),
         "weights": ctx.outputs.get(f"curriculum_{k}", {}).get("weights"),
-        "eval_dir": str(ctx.run_dir / "eval"),
+        "eval_dir": storage.join(ctx.run_dir, "eval"),
         "config": ctx.cfg.to_dict(),
         "config_hash": ctx.cfg.config_hash(),
+        "run_dir": ctx.run_dir,
     }
-    path = write_report(str(ctx.run_dir), results, str(ctx.phase_dir("report") / "report.html"))
-    return {"outputs": {"report": str(path)}}
+    return {"outputs": {"report": write_report_at(ctx.run_dir, results, ctx.phase_dir("report"))}}
 
 
 def _validation_count(ctx: RunContext) -> int | None:
     """Rows of the validation split, for the report (None without one)."""
-    tok = read_manifest(ctx.run_dir / "tokenize")
+    tok = read_manifest(storage.join(ctx.run_dir, "tokenize"))
     if tok and tok.counts.get("rows_validation"):
         return int(tok.counts["rows_validation"])
     if ctx.cfg.data.validation:
@@ -318,8 +325,8 @@ def run_pipeline(cfg: WMSSConfig, from_phase: str | None = None, until: str | No
         if arg is not None and arg not in names:
             raise ValueError(f"unknown phase '{arg}'; phases of this config: {', '.join(names)}")
     ctx = RunContext(cfg)
-    ctx.run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, ctx.run_dir / "config.yaml")
+    storage.check_reachable(ctx.run_dir)  # an unreachable store fails here, naming the URI
+    save_config(cfg, storage.join(ctx.run_dir, "config.yaml"))
     cfg_dict = cfg.to_dict()
     prints: dict[str, str] = {}
     forced = False
@@ -332,12 +339,12 @@ def run_pipeline(cfg: WMSSConfig, from_phase: str | None = None, until: str | No
         if not forced and old and old.status == "completed" and old.fingerprint == fp:
             log.info("phase %-13s skipped (completed, same inputs)", phase.name)
             ctx.outputs[phase.name] = old.outputs
-        elif phase_dir.is_symlink():
+        elif not storage.is_uri(phase_dir) and os.path.islink(phase_dir):
             # Linked from another run (a tune trial or an ablation): never rerun it in place, that
             # would overwrite the other run's results.
             done = old is not None and old.status == "completed"
             why = "was forced" if forced else "has other inputs here" if done else "did not complete there"
-            raise RuntimeError(f"phase {phase.name} is linked from {phase_dir.resolve()} and {why}; "
+            raise RuntimeError(f"phase {phase.name} is linked from {os.path.realpath(phase_dir)} and {why}; "
                                f"refusing to overwrite it (remove the link to run it in this run dir)")
         else:
             _run_one(phase, ctx, fp, phase_dir)
@@ -346,7 +353,7 @@ def run_pipeline(cfg: WMSSConfig, from_phase: str | None = None, until: str | No
     return ctx.outputs
 
 
-def _run_one(phase: Phase, ctx: RunContext, fp: str, phase_dir: Path) -> None:
+def _run_one(phase: Phase, ctx: RunContext, fp: str, phase_dir: str) -> None:
     if phase.name not in ("data", "phase0", "report"):
         ensure_ray()
     inputs = {n: ctx.outputs.get(n) for n in phase.needs}

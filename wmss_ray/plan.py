@@ -80,11 +80,32 @@ def model_shape(path: str | None, cfg: WMSSConfig) -> ModelShape:
 
             model = build_tiny_model(cfg.models.demo_model, build_demo_tokenizer(), 0)
             return shape_from_model(model, f"demo {cfg.models.demo_model.arch}")
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
-        hf = AutoConfig.from_pretrained(path, trust_remote_code=cfg.models.trust_remote_code, local_files_only=True)
+        hf = _model_config(path, cfg.models.trust_remote_code)
         model = AutoModelForCausalLM.from_config(hf, trust_remote_code=cfg.models.trust_remote_code)
     return shape_from_model(model, f"{type(model).__name__} ({path})")
+
+
+def _model_config(path: str, trust_remote_code: bool):
+    """The HF config of the model at ``path``, a local directory or a storage URI (of which only
+    config.json is read: a plan never copies weights; remote code needs the whole directory)."""
+    import os
+    import tempfile
+
+    from transformers import AutoConfig
+
+    from wmss_ray import storage
+
+    if not storage.is_remote(path):
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    if trust_remote_code:
+        return AutoConfig.from_pretrained(storage.local_model_dir(path), trust_remote_code=True, local_files_only=True)
+    with tempfile.TemporaryDirectory(prefix="wmss-plan-") as tmp:
+        storage.download_dir(path, tmp, keep=lambda rel: rel == "config.json")
+        if not os.path.exists(os.path.join(tmp, "config.json")):
+            raise FileNotFoundError(f"no config.json in model directory {storage.redact(path)}")
+        return AutoConfig.from_pretrained(tmp, local_files_only=True)
 
 
 def model_state_bytes(p: int, largest: int, *, half: bool, trained: bool, stage: int,

@@ -427,7 +427,7 @@ def write_report(run_dir: str | Path, results: dict | None = None, out_path: str
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body = [
         f"<h1>WMSS run report: {html.escape(str(run_name))}</h1>",
-        f"<p class=meta>run dir {html.escape(str(Path(run_dir).resolve()))} · config hash "
+        f"<p class=meta>run dir {html.escape(str(r.get('run_dir') or Path(run_dir).resolve()))} · config hash "
         f"{html.escape(r.get('config_hash') or 'unknown')} · generated {stamp}</p>",
         "<h2>Held-out results (test set)</h2>", _results_section(r),
         "<h2>Paired test</h2>", _paired_section(r),

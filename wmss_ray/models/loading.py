@@ -1,6 +1,6 @@
 """Safe loading of HF causal LMs and tokenizers, the weak/strong pair check, strong export.
 
-Local directories only (no hub on the machines this runs on), safetensors only, remote code
+Local directories or storage URIs copied to a per-node cache first (no hub on these machines), safetensors only, remote code
 off unless the caller passes ``trust_remote_code=True`` (``cfg.models.trust_remote_code``).
 """
 
@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from wmss_ray import storage
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -65,7 +67,8 @@ def resolve_attn_implementation(name: str, device: str | torch.device) -> str:
 
 
 def _local_dir(path: str | Path, what: str) -> Path:
-    p = Path(path)
+    """The local HF directory for ``path``; a storage URI is copied to this node's cache first."""
+    p = Path(storage.local_model_dir(str(path)))
     if not p.is_dir():
         raise FileNotFoundError(f"{what} directory not found: {path} (expected a local HF directory)")
     return p
@@ -79,8 +82,8 @@ def has_safetensors(path: str | Path) -> bool:
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     """``AutoTokenizer`` from a local directory (no network, no remote code by default)."""
-    _local_dir(path, "tokenizer")
-    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, local_files_only=True)
+    local = _local_dir(path, "tokenizer")
+    return AutoTokenizer.from_pretrained(str(local), trust_remote_code=trust_remote_code, local_files_only=True)
 
 
 def load_causal_lm(
@@ -88,8 +91,9 @@ def load_causal_lm(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
-    zero3_config: dict[str, Any] | None = None,
     attn_implementation: str = "auto",
+    *,
+    zero3_config: dict[str, Any] | None = None,
 ) -> PreTrainedModel:
     """A causal LM from a local HF directory, safetensors weights only, moved to ``device``.
 
@@ -189,8 +193,8 @@ def check_pair_compatible(
     """
     loaded = []
     for path in (weak_path, strong_path):
-        _local_dir(path, "model")
-        cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code, local_files_only=True)
+        local = _local_dir(path, "model")
+        cfg = AutoConfig.from_pretrained(str(local), trust_remote_code=trust_remote_code, local_files_only=True)
         loaded.append((cfg, load_tokenizer(path, trust_remote_code)))
     diffs = pair_differences(loaded[0][0], loaded[0][1], loaded[1][0], loaded[1][1])
     if diffs:

@@ -30,7 +30,6 @@ what the driver ships to the workers is the plan (seed, sizes) and two paths.
 from __future__ import annotations
 
 import math
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
@@ -44,6 +43,7 @@ import pyarrow.parquet as pq
 import torch
 
 from wmss_ray.core.constants import IGNORE_INDEX
+from wmss_ray import storage
 from wmss_ray.storage import list_files, resolve_fs
 
 _TOKEN_COLUMNS = ["input_ids", "labels"]
@@ -112,12 +112,11 @@ def epoch_sample_ids(tokenized_path: str, sampled_ids_path: str | None = None) -
 
 
 def write_epoch_rows(tokenized_path: str, sampled_ids_path: str | None, out_path: str) -> int:
-    """Driver side: write the epoch list to ``out_path`` (Parquet ``{row, sample_id}``, via a
-    temporary file and a rename); returns its length."""
+    """Driver side: write the epoch list to ``out_path`` (Parquet ``{row, sample_id}``, a local
+    path or a URI of the run storage, written whole then moved in place); returns its length."""
     rows, ids = epoch_list(tokenized_path, sampled_ids_path)
-    tmp = f"{out_path}.tmp"
-    pq.write_table(pa.table({"row": pa.array(rows, pa.int64()), "sample_id": ids}), tmp)
-    os.replace(tmp, out_path)
+    with storage.open_output(out_path) as f:
+        pq.write_table(pa.table({"row": pa.array(rows, pa.int64()), "sample_id": ids}), f)
     return len(rows)
 
 

@@ -7,12 +7,17 @@ token-weighted mean, identical on all ranks (rank 0 writes it).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from wmss_ray import storage
 
 #: Keys of one ``metrics.jsonl`` line (plus ``samples_seen`` and ``n_tokens``).
 METRIC_KEYS = ("step", "loss", "ce_strong", "p_mix", "p_strong", "nontarget_ratio", "grad_norm", "lr",
@@ -62,12 +67,35 @@ class MetricsWriter:
     """
 
     def __init__(self, out_dir: str, start_step: int = 0):
+        # Object storage: write into a local temp dir and upload after each record (metrics) and
+        # at close (tb/); the run's copy is downloaded first so a resumed phase continues it. The
+        # dir is named after the URI, so a restarted writer on this node clears what a killed
+        # one left behind.
+        self.remote = out_dir if storage.is_remote(out_dir) else None
+        if self.remote:
+            digest = hashlib.sha256(self.remote.encode()).hexdigest()[:16]
+            out_dir = os.path.join(tempfile.gettempdir(), f"wmss-metrics-{digest}")
+            shutil.rmtree(out_dir, ignore_errors=True)
+            os.makedirs(out_dir)
+            for sub in ("metrics.jsonl", "tb"):
+                src = storage.join(self.remote, sub)
+                if sub == "tb" and storage.is_dir(src):
+                    storage.download_dir(src, os.path.join(out_dir, "tb"))
+                elif sub != "tb" and storage.exists(src):
+                    with open(os.path.join(out_dir, sub), "wb") as f:
+                        f.write(storage.read_bytes(src))
+        self.local_dir = out_dir
         self.path = os.path.join(out_dir, "metrics.jsonl")
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         self._truncate_after(start_step)
+        self._sync_metrics()
         from torch.utils.tensorboard import SummaryWriter
 
         self._tb = SummaryWriter(os.path.join(out_dir, "tb"), purge_step=start_step + 1 if start_step else None)
+
+    def _sync_metrics(self) -> None:
+        if self.remote and os.path.exists(self.path):
+            storage.upload_file(self.path, storage.join(self.remote, "metrics.jsonl"))
 
     def _truncate_after(self, start_step: int) -> None:
         if not os.path.exists(self.path):
@@ -92,6 +120,7 @@ class MetricsWriter:
     def write(self, metrics: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
+        self._sync_metrics()
         step = metrics["step"]
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and key != "step":
@@ -100,9 +129,19 @@ class MetricsWriter:
 
     def close(self) -> None:
         self._tb.close()
+        if self.remote:
+            try:
+                tb = os.path.join(self.local_dir, "tb")
+                if os.path.isdir(tb):
+                    for root, _dirs, files in os.walk(tb):
+                        for name in files:
+                            src = os.path.join(root, name)
+                            rel = os.path.relpath(src, self.local_dir).split(os.sep)
+                            storage.upload_file(src, storage.join(self.remote, *rel))
+            finally:
+                shutil.rmtree(self.local_dir, ignore_errors=True)
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` file."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a ``metrics.jsonl`` file (local path or storage URI)."""
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]

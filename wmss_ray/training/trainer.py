@@ -21,7 +21,6 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from wmss_ray import storage
@@ -77,12 +76,12 @@ def build_spec(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | N
         from wmss_ray.models.loading import check_pair_compatible
 
         check_pair_compatible(weak_init, strong_init, cfg.models.trust_remote_code)
-    out = Path(storage.local_dir(out_dir))
-    out.mkdir(parents=True, exist_ok=True)
-    epoch_rows_path = str(out / EPOCH_ROWS_FILE)  # the workers read it; nothing O(corpus) is shipped
+    out = storage.location(out_dir)  # absolute local path or URI: every rank must reach it
+    if not storage.is_remote(out):
+        storage.make_dir(out)
+    epoch_rows_path = storage.join(out, EPOCH_ROWS_FILE)  # the workers read it; nothing O(corpus) is shipped
     n = write_epoch_rows(tokenized_path, sampled_ids_path if phase == "wmss" else None, epoch_rows_path)
-    if not storage.is_uri(tokenized_path):
-        tokenized_path = storage.local_dir(tokenized_path)
+    tokenized_path = storage.location(tokenized_path)
     t = cfg.training
     if epochs is None:
         epochs = t.sft_epochs if phase == "sft" else t.wmss_epochs
@@ -105,17 +104,21 @@ def _maybe_inject_fault(spec: PhaseSpec, rank: int, done: int) -> None:
     """Test hook: SIGKILL this process once (a marker file makes the restarted worker pass)."""
     if not spec.fault or spec.fault["rank"] != rank or spec.fault["step"] != done:
         return
-    marker = Path(spec.out_dir, ".fault_injected")
-    if marker.exists():
+    marker = storage.join(spec.out_dir, ".fault_injected")
+    if storage.exists(marker):
         return
-    marker.write_text(str(os.getpid()))
+    storage.write_text(marker, str(os.getpid()))
     os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _log_worker(spec: PhaseSpec, record: dict[str, Any]) -> None:
-    """Append to ``<out_dir>/workers.jsonl``: which process ran which rank from which step, timings."""
-    with open(os.path.join(spec.out_dir, "workers.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Append to ``<out_dir>/workers.jsonl``: which process ran which rank from which step, timings.
+
+    On object storage (no appends: read + rewrite) each rank has its own ``workers_rank<r>.jsonl``
+    so that ranks never overwrite each other's lines.
+    """
+    name = f"workers_rank{record['rank']}.jsonl" if storage.is_remote(spec.out_dir) else "workers.jsonl"
+    storage.append_text(storage.join(spec.out_dir, name), json.dumps(record) + "\n")
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -172,12 +175,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _maybe_inject_fault(spec, rank, done)
         lap("train")
         if end == spec.plan.total_steps:
-            worker.export(os.path.join(spec.out_dir, "model"))
+            _export(worker, spec.out_dir, rank)
         lap("export")
         _log_worker(spec, {"event": "end", "rank": rank, "pid": os.getpid(), "end_step": end, "seconds": timings})
     finally:
         if writer is not None:
             writer.close()
+
+
+def _export(worker: Any, out_dir: str, rank: int) -> None:
+    """Export the strong model to ``<out_dir>/model`` (collective); remote: via a local temp dir."""
+    if not storage.is_remote(out_dir):
+        worker.export(os.path.join(out_dir, "model"))
+        return
+    with tempfile.TemporaryDirectory(prefix=f"wmss-export-r{rank}-") as tmp:
+        written = worker.export(os.path.join(tmp, "model"))
+        if rank == 0 and written:
+            storage.upload_dir(written, storage.join(out_dir, "model"))
 
 
 # ----------------------------------------------------------------------------- driver
@@ -215,7 +229,8 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
 
     spec = build_spec(cfg, phase, strong_init, weak_init, tokenized_path, sampled_ids_path, out_dir, mode,
                       epochs=epochs, exact_steps=exact_steps, stop_after=stop_after)
-    out = Path(spec.out_dir)  # build_spec made it (absolute, local)
+    out = spec.out_dir  # build_spec made it (absolute local path, or URI)
+    ckpt_fs, ckpt_root = storage.resolve_fs(out)  # Ray Train checkpoints go to the same storage
     ensure_ray()
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker}
@@ -227,20 +242,20 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=RUN_NAME, storage_path=str(out),
+            name=RUN_NAME, storage_path=ckpt_root, storage_filesystem=ckpt_fs,
             failure_config=FailureConfig(max_failures=cfg.training.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
         # No Ray Dataset: each rank reads its own rows of the tokenised Parquet (dataset.RowReader).
     )
     result = trainer.fit()
-    metrics_path = str(out / "metrics.jsonl")
-    records = read_metrics(metrics_path) if os.path.exists(metrics_path) else []
+    metrics_path = storage.join(out, "metrics.jsonl")
+    records = read_metrics(metrics_path) if storage.exists(metrics_path) else []
     ckpt = result.checkpoint
     steps = spec.end_step
     finished = steps == spec.plan.total_steps
     return TrainResult(
-        model_dir=str(out / "model") if finished else None,
+        model_dir=storage.join(out, "model") if finished else None,
         metrics_path=metrics_path,
         steps=steps,
         final_metrics=records[-1] if records else {},
