@@ -134,12 +134,32 @@ class CurriculumConfig(_Section):
         return self
 
 
+class WeakPoolConfig(_Section):
+    """``mix.placement: pool``: the frozen weak model served by its own Ray actors (DESIGN.md §3).
+
+    ``replicas`` x ``shards`` actors; a replica's ``shards`` actors hold the weak model
+    ZeRO-3-sharded over their own process group (1: a plain full copy). Each answer position
+    comes back as its ``top_k`` weak log-probs + ids, the label's exact log-prob and the tail
+    log-mass (``top_k: 0``: dense log-probs, exact).
+    """
+
+    replicas: int = Field(1, ge=1, description="R: replicas serving different requests (least-loaded routing)")
+    shards: int = Field(1, ge=1, description="S: actors per replica holding the weak model ZeRO-3-sharded")
+    top_k: int = Field(64, ge=0, description="weak log-probs shipped per answer position (0 = the full vocabulary, exact)")
+    prefetch: int = Field(2, ge=0, description="micro-batches requested ahead of the one being computed")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0, description="fractional allowed (share GPUs with Train workers)")
+    exact_sample: int = Field(16, ge=0, description="answer positions per micro-batch also sent dense (measured truncation error) on logged steps")
+    error_warn: float = Field(0.01, gt=0, description="warn when the truncation error bound of a logged step exceeds this (nats/token)")
+    placement_timeout_s: float = Field(60.0, gt=0, description="fail the phase when the pool cannot be placed within this time")
+
+
 class MixConfig(_Section):
     lam: float = Field(0.5, description="lambda in (0, 1]; 1 is plain SFT")
     mode: Literal["joint", "frozen"] = "joint"
     placement: Literal["colocated", "pool"] = "colocated"
     chunk_size: int = Field(1024, ge=1, description="tokens per chunk of the mixed loss")
-    pool_top_k: int = Field(0, ge=0, description="pool placement: top-k weak log-probs (0 = full vocab)")
+    pool: WeakPoolConfig = WeakPoolConfig()
 
     @field_validator("lam")
     @classmethod
