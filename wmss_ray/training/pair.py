@@ -24,6 +24,9 @@ from wmss_ray.models.loading import output_head
 IGNORE_INDEX = -100
 #: Order of the per-micro-batch statistics vector returned by :meth:`PairLM.forward`.
 STAT_NAMES = STATS_KEYS  # ce_mix_sum, ce_strong_sum, p_mix_sum, p_strong_sum, nt_mix, nt_strong, n_tokens
+#: Order of the third vector of a ``weak_pool`` forward: 5 sums, then 2 maxima.
+POOL_STAT_NAMES = ("tail_mass_sum", "trunc_bound_sum", "sampled_error_sum", "sampled_bound_sum", "n_sampled",
+                   "tail_mass_max", "sampled_error_max")
 
 
 class PairLM(nn.Module):
@@ -38,12 +41,15 @@ class PairLM(nn.Module):
     """
 
     def __init__(self, strong: nn.Module, weak: nn.Module | None, mode: str, lam: float,
-                 chunk_size: int = 1024, zero3: bool = False):
+                 chunk_size: int = 1024, zero3: bool = False, weak_pool: bool = False):
         super().__init__()
         if mode not in ("sft", "joint", "frozen"):
             raise ValueError(f"mode must be sft, joint or frozen, got {mode!r}")
-        if (mode == "sft") != (weak is None):
+        if weak_pool and (mode != "frozen" or weak is not None):
+            raise ValueError("weak_pool: the weak model is served by the pool (mode frozen, weak=None here)")
+        if (mode == "sft") != (weak is None) and not weak_pool:
             raise ValueError(f"mode {mode!r} {'takes no' if mode == 'sft' else 'needs a'} weak model")
+        self.weak_pool = weak_pool  # forward takes the weak side as log-probs (weak_pool/wire.py)
         self.strong = strong
         self.weak = weak
         self.mode = mode
@@ -68,7 +74,7 @@ class PairLM(nn.Module):
         return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                num_tokens: float, loss_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                num_tokens: float, loss_scale: float = 1.0, weak_logp=None, exact=None):
         """Mixed CE of one micro-batch.
 
         Args:
@@ -78,9 +84,15 @@ class PairLM(nn.Module):
             loss_scale: multiplies the returned loss only for backward (undoes DeepSpeed's own
                 averaging over ranks and micro-batches; see ``worker.PhaseWorker.train_step``).
 
+            weak_logp: ``weak_pool`` only: the answer positions' weak side
+                (``core.sparse_mixing.WeakLogProbs``, rows in ``labels[:, 1:] != -100`` order).
+            exact: ``weak_pool`` only, optional: ``(rows [n], exact weak log-probs [n, V])`` of a
+                sample of those positions, to measure the top-k truncation error.
+
         Returns:
             ``(loss, stats)``: 0-dim loss ``sum(token CE) / num_tokens * loss_scale`` and a
-            detached float64 ``[7]`` vector of sums over this micro-batch (:data:`STAT_NAMES`).
+            detached float64 ``[7]`` vector of sums over this micro-batch (:data:`STAT_NAMES`);
+            ``weak_pool`` adds a third, float64 ``[7]`` (:data:`POOL_STAT_NAMES`).
         """
         # Position t predicts token t+1: shift, then keep only answer positions so that the
         # decoders' outputs feed the loss for those rows alone.  sel, y: [B, T-1], [N]
@@ -89,6 +101,8 @@ class PairLM(nn.Module):
         y = targets[sel]
         h_s = self._hidden(self.strong, input_ids, attention_mask)[:, :-1][sel]  # [N, D_s]
         w_s = output_head(self.strong)[1]  # [V, D_s]
+        if self.weak_pool:
+            return self._pool_loss(h_s, w_s, y, num_tokens, loss_scale, weak_logp, exact)
         h_w = w_w = None
         if self.weak is not None and self.lam != 1.0:
             if self.mode == "frozen":
@@ -101,6 +115,25 @@ class PairLM(nn.Module):
                                        num_tokens=num_tokens, return_stats=True)
         vec = torch.stack([stats[k].to(torch.float64) for k in STAT_NAMES]).detach()
         return loss * loss_scale, vec
+
+    def _pool_loss(self, h_s, w_s, y, num_tokens, loss_scale, weak_logp, exact):
+        from wmss_ray.core.sparse_mixing import sparse_mixed_ce, truncation_error
+
+        if weak_logp is None:
+            raise ValueError("PairLM(weak_pool=True).forward needs weak_logp (the pool's reply)")
+        loss, stats = sparse_mixed_ce(h_s, w_s, weak_logp, y, self.lam, chunk_size=self.chunk_size,
+                                      num_tokens=num_tokens, return_stats=True)
+        vec = torch.stack([stats[k].to(torch.float64) for k in STAT_NAMES]).detach()
+        err = torch.zeros(4, dtype=torch.float64, device=h_s.device)  # err_sum, bound_sum, n, err_max
+        if exact is not None and exact[0].numel():
+            rows, exact_logp = exact
+            with torch.no_grad():
+                e, b = truncation_error(h_s.detach()[rows] @ w_s.detach().t(), weak_logp.rows(rows), exact_logp,
+                                        y[rows], self.lam)
+            err = torch.stack([e.sum(), b.sum(), torch.tensor(float(e.numel()), dtype=torch.float64), e.max()])
+        trunc = torch.stack([stats["tail_mass_sum"], stats["trunc_bound_sum"], err[0], err[1], err[2],
+                             stats["tail_mass_max"], err[3]]).to(torch.float64).detach()
+        return loss * loss_scale, vec, trunc
 
     def trainable_groups(self, lr: float, weak_lr: float | None) -> dict[str, tuple[nn.Module, float]]:
         """``{"strong": (module, lr), "weak": (module, weak_lr or lr)}`` for the optimizer (joint only)."""

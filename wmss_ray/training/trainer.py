@@ -56,8 +56,9 @@ def _resolve_mode(cfg: WMSSConfig, phase: str, mode: str | None) -> str:
     mode = mode or cfg.mix.mode
     if mode not in ("joint", "frozen"):
         raise ValueError(f"WMSS mode must be 'joint' or 'frozen', got {mode!r}")
-    if cfg.mix.placement != "colocated":
-        raise NotImplementedError(f"mix.placement {cfg.mix.placement!r}: train_phase supports 'colocated' only")
+    if cfg.mix.placement == "pool" and mode != "frozen":
+        raise ValueError(f"mix.placement 'pool' serves a frozen weak model only; WMSS mode {mode!r} needs "
+                         "mix.placement: colocated")
     return mode
 
 
@@ -136,7 +137,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
-    worker = PhaseWorker(cfg, spec, rank, world, device)
+    worker = PhaseWorker(cfg, spec, rank, world, device, pool_handles=config.get("pool"))
     lap("init")
 
     start = 0
@@ -162,6 +163,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ckpt = done == end or (t.checkpoint_every and done % t.checkpoint_every == 0)
             if writer is not None and log:
                 writer.write(metrics)
+                if metrics.get("trunc_warning"):
+                    warnings.warn(f"step {done}: weak top-k truncation may move the loss by up to "
+                                  f"{metrics['trunc_bound']:.3g} nats/token (> mix.pool.error_warn "
+                                  f"{cfg.mix.pool.error_warn}); raise mix.pool.top_k", stacklevel=1)
             if ckpt:
                 with tempfile.TemporaryDirectory(prefix=f"wmss-ckpt-r{rank}-") as tmp:
                     worker.save(tmp, done, metrics["samples_seen"])
@@ -181,6 +186,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- driver
+
+
+def _start_pool(cfg: WMSSConfig, spec: PhaseSpec, train_resources: dict[str, float]):
+    """The weak pool of a frozen WMSS phase (``mix.placement: pool``), up and answering."""
+    from wmss_ray.weak_pool.group import POOL_FAULT_ENV, ServerArgs, WeakPool
+
+    p = cfg.mix.pool
+    dtype = cfg.models.dtype if cfg.models.dtype != "auto" else ("bfloat16" if p.gpus_per_actor else "float32")
+    overrides = {k: v for k, v in cfg.training.ds_config_overrides.get("zero_optimization", {}).items()
+                 if k.startswith("stage3_")}  # the tiny tests force real partitioning this way
+    args = ServerArgs(model_dir=spec.weak_init, top_k=p.top_k, dtype=dtype,
+                      trust_remote_code=cfg.models.trust_remote_code, chunk_size=cfg.mix.chunk_size,
+                      use_gpu=p.gpus_per_actor > 0, ds_overrides=overrides,
+                      fault=os.environ.get(POOL_FAULT_ENV), fault_marker=os.path.join(spec.out_dir, ".pool_fault_injected"))
+    return WeakPool(args, p.replicas, p.shards, p.cpus_per_actor, p.gpus_per_actor, reserved=train_resources,
+                    timeout_s=p.placement_timeout_s)
 
 
 def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | None, tokenized_path: str,
@@ -226,9 +247,12 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
     if sc.use_gpu:
         resources["GPU"] = sc.gpus_per_worker or 1.0
     dataset = build_train_dataset(tokenized_path)  # read once, not once per worker (or restart)
+    pool = None
+    if spec.mode == "frozen" and cfg.mix.placement == "pool":
+        pool = _start_pool(cfg, spec, {k: v * sc.num_workers for k, v in resources.items()})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "spec": spec},
+        train_loop_config={"cfg": cfg, "spec": spec, "pool": pool.handles if pool else None},
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -240,7 +264,11 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
         # No split: the data plan decides which rows each rank reads (see dataset.py).
         dataset_config=DataConfig(datasets_to_split=[]),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        if pool is not None:
+            pool.shutdown()
     metrics_path = str(out / "metrics.jsonl")
     records = read_metrics(metrics_path) if os.path.exists(metrics_path) else []
     ckpt = result.checkpoint

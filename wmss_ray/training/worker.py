@@ -82,7 +82,8 @@ class PhaseWorker:
         device: ``torch.device`` of this rank (``cuda:<i>`` or ``cpu``).
     """
 
-    def __init__(self, cfg: WMSSConfig, spec: PhaseSpec, rank: int, world_size: int, device: torch.device):
+    def __init__(self, cfg: WMSSConfig, spec: PhaseSpec, rank: int, world_size: int, device: torch.device,
+                 pool_handles: list | None = None):
         from wmss_ray.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
         from wmss_ray.training.ds_config import init_engine, param_groups
 
@@ -97,17 +98,32 @@ class PhaseWorker:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         load = dict(dtype=self.dtype, device="cpu", trust_remote_code=cfg.models.trust_remote_code)
         strong = load_causal_lm(spec.strong_init, **load)
-        weak = load_causal_lm(spec.weak_init, **load) if spec.mode != "sft" else None
+        # mix.placement pool: the weak model lives in the pool's actors, never in this process.
+        self.pooled = spec.mode == "frozen" and cfg.mix.placement == "pool"
+        weak = load_causal_lm(spec.weak_init, **load) if spec.mode != "sft" and not self.pooled else None
         for m in (strong, weak):
             if m is not None:
                 m.config.use_cache = False
                 m.train()
-        self.pair = PairLM(strong, weak, spec.mode, cfg.mix.lam, cfg.mix.chunk_size, zero3=self.zero3)
+        self.pair = PairLM(strong, weak, spec.mode, cfg.mix.lam, cfg.mix.chunk_size, zero3=self.zero3,
+                           weak_pool=self.pooled)
         groups = param_groups(self.pair.trainable_groups(cfg.training.lr, cfg.training.weak_lr),
                               cfg.training.weight_decay)
         self.engine = init_engine(self.pair, groups, cfg.training, world_size, spec.plan.total_steps,
                                   self.dtype, self.on_gpu)
         self.rows: RowTable | None = None
+        self.feed = None
+        if self.pooled:
+            from wmss_ray.weak_pool.feed import WeakFeed
+            from wmss_ray.weak_pool.group import PoolClient
+
+            if not pool_handles:
+                raise ValueError("mix.placement pool: PhaseWorker needs the pool's replica handles")
+            pool = cfg.mix.pool
+            self._mb_cache: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+            self.feed = WeakFeed(PoolClient(pool_handles, rank), self._micro_batch, spec.plan.grad_accum,
+                                 spec.end_step, pool.prefetch,
+                                 lambda step, a: pool.exact_sample if a == 0 and self.is_log_step(step + 1) else 0)
 
     # ------------------------------------------------------------------ data
 
@@ -119,9 +135,24 @@ class PhaseWorker:
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         """The ``grad_accum`` padded micro-batches of this rank for optimizer step ``step``."""
+        if self.feed is not None:  # built once: the pool's request and the step use the same batch
+            return [self._mb_cache.pop((step, a), None) or self._micro_batch(step, a)
+                    for a in range(self.spec.plan.grad_accum)]
         ids, plan = self.spec.sample_ids, self.spec.plan
         return [self.rows.batch([ids[i] for i in plan.micro_batch(step, a, self.rank)], self.pad_id)
                 for a in range(plan.grad_accum)]
+
+    def _micro_batch(self, step: int, a: int) -> dict[str, torch.Tensor]:
+        """Micro-batch ``a`` of ``step`` (pool placement: cached until ``step`` consumes it)."""
+        if (step, a) not in self._mb_cache:
+            ids = self.spec.sample_ids
+            self._mb_cache[(step, a)] = self.rows.batch(
+                [ids[i] for i in self.spec.plan.micro_batch(step, a, self.rank)], self.pad_id)
+        return self._mb_cache[(step, a)]
+
+    def is_log_step(self, done: int) -> bool:
+        """Whether the step that completes ``done`` steps is logged (the trainer's rule)."""
+        return done % self.cfg.training.log_every == 0 or done == self.spec.end_step or done == 1
 
     # ------------------------------------------------------------------ step
 
@@ -154,11 +185,20 @@ class PhaseWorker:
         loss_scale = float(self.world_size * self.spec.plan.grad_accum)
         lr = self.lr
         stats = torch.zeros(7, dtype=torch.float64, device=self.device)
+        pool = torch.zeros(8, dtype=torch.float64, device=self.device) if self.feed is not None else None
         grad_norm = None
         for i, b in enumerate(mbs):
             b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
-            loss, vec = self.engine(b["input_ids"], b["attention_mask"], b["labels"],
-                                    num_tokens=n_global, loss_scale=loss_scale)
+            if self.feed is not None:
+                weak, exact, waited = self.feed.get(step, i, self.device)
+                loss, vec, trunc = self.engine(b["input_ids"], b["attention_mask"], b["labels"], num_tokens=n_global,
+                                               loss_scale=loss_scale, weak_logp=weak, exact=exact)
+                pool[:5] += trunc[:5]
+                pool[5:7] = torch.maximum(pool[5:7], trunc[5:7])
+                pool[7] += waited  # seconds this rank waited for replies
+            else:
+                loss, vec = self.engine(b["input_ids"], b["attention_mask"], b["labels"],
+                                        num_tokens=n_global, loss_scale=loss_scale)
             self.engine.backward(loss)
             if i == len(mbs) - 1 and self._own_grad_norm:
                 grad_norm = self._grad_norm()
@@ -172,9 +212,14 @@ class PhaseWorker:
         if self.on_gpu:
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
-        return step_metrics(stats.cpu(), step=step + 1, phase=self.spec.phase, grad_norm=grad_norm, lr=lr,
-                            step_time=dt, input_tokens=float(counts[1]),
-                            samples_seen=(step + 1) * self.spec.plan.global_batch)
+        metrics = step_metrics(stats.cpu(), step=step + 1, phase=self.spec.phase, grad_norm=grad_norm, lr=lr,
+                               step_time=dt, input_tokens=float(counts[1]),
+                               samples_seen=(step + 1) * self.spec.plan.global_batch)
+        if pool is not None:
+            from wmss_ray.weak_pool.feed import pool_metrics
+
+            metrics.update(pool_metrics(pool, float(stats[6]), self.feed.checkpoint_id, self.cfg.mix.pool.error_warn))
+        return metrics
 
     # ------------------------------------------------------------------ state
 

@@ -79,6 +79,10 @@ class WeakServer:
         self.model = model
         self.forwards = 0  # answered requests (every shard of a replica must count the same)
 
+    def held_numel(self) -> int:
+        """Parameter elements this process holds (its ZeRO-3 partition; everything when S = 1)."""
+        return sum(int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else p.numel() for p in self.model.parameters())
+
     @contextmanager
     def _head_weight(self):
         """``[V, D]``, whole: gathered from the shards under ZeRO-3 for the duration of the block."""
@@ -98,17 +102,17 @@ class WeakServer:
         """The reply for one micro-batch (see ``wire.py`` for the arrays)."""
         from wmss_ray.models.loading import output_head
 
-        ids = torch.from_numpy(req.input_ids).to(self.device, torch.int64)  # [B, T]
+        ids = torch.from_numpy(req.input_ids.astype(np.int64)).to(self.device)  # [B, T] (a copy: writable)
         b, t = ids.shape
         mask = (torch.arange(t, device=self.device).unsqueeze(0)
-                < torch.from_numpy(req.lengths).to(self.device).unsqueeze(1)).long()
+                < torch.from_numpy(req.lengths.astype(np.int64)).to(self.device).unsqueeze(1)).long()
         decoder, _ = output_head(self.model)
         hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # [B, T, D]
-        pos = torch.from_numpy(req.positions).to(self.device, torch.int64)
+        pos = torch.from_numpy(req.positions.astype(np.int64)).to(self.device)
         h = hidden.reshape(b * t, -1).index_select(0, pos)  # [N, D]
-        labels = torch.from_numpy(req.labels).to(self.device, torch.int64)  # [N]
+        labels = torch.from_numpy(req.labels.astype(np.int64)).to(self.device)  # [N]
         n, k, v = pos.numel(), min(self.top_k, self.vocab), self.vocab
-        exact_rows = torch.from_numpy(req.exact_rows).to(torch.int64)
+        exact_rows = torch.from_numpy(req.exact_rows.astype(np.int64))
         reply = WeakReply(self.checkpoint_id, v, self.top_k)
         if self.top_k == 0:
             reply.dense_logp = np.empty((n, v), np.float32)
