@@ -66,6 +66,8 @@ def test_dense_pool_two_replicas_equals_colocated_frozen(art, colocated, tmp_pat
     metrics = _assert_equal_runs(res, colocated)
     assert metrics[0]["weak_checkpoint"] and metrics[0]["n_sampled"] > 0
     assert metrics[0]["trunc_error_sampled_max"] < 1e-5  # dense: the sampled error is rounding only
+    vocab = _load_hf(res.model_dir).config.vocab_size
+    assert all(m["pool_reply_bytes_per_token"] == 4 * vocab for m in metrics)  # dense fp32 rows, nothing else
 
 
 def test_dense_pool_zero3_shards_survive_a_sigkill_and_equal_colocated(art, colocated, tmp_path):
@@ -88,4 +90,5 @@ def test_top_k_pool_error_is_below_the_logged_bound(art, colocated, tmp_path):
     # step 1 runs on identical strong weights: the loss difference is pure truncation error
     assert abs(first["loss"] - ref_first["loss"]) <= first["trunc_bound"]
     for m in metrics:
+        assert m["pool_reply_bytes_per_token"] == 8 * 4 + 8  # k ids + k log-probs + label + tail
         assert m["n_sampled"] > 0 and m["trunc_error_sampled_mean"] <= m["trunc_bound_sampled_mean"]

@@ -179,7 +179,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if end == spec.plan.total_steps:
             worker.export(os.path.join(spec.out_dir, "model"))
         lap("export")
-        _log_worker(spec, {"event": "end", "rank": rank, "pid": os.getpid(), "end_step": end, "seconds": timings})
+        import resource
+
+        _log_worker(spec, {"event": "end", "rank": rank, "pid": os.getpid(), "end_step": end, "seconds": timings,
+                           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
     finally:
         if writer is not None:
             writer.close()

@@ -185,17 +185,18 @@ class PhaseWorker:
         loss_scale = float(self.world_size * self.spec.plan.grad_accum)
         lr = self.lr
         stats = torch.zeros(7, dtype=torch.float64, device=self.device)
-        pool = torch.zeros(8, dtype=torch.float64, device=self.device) if self.feed is not None else None
+        pool = torch.zeros(9, dtype=torch.float64, device=self.device) if self.feed is not None else None
         grad_norm = None
         for i, b in enumerate(mbs):
             b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
             if self.feed is not None:
-                weak, exact, waited = self.feed.get(step, i, self.device)
+                weak, exact, waited, nbytes = self.feed.get(step, i, self.device)
                 loss, vec, trunc = self.engine(b["input_ids"], b["attention_mask"], b["labels"], num_tokens=n_global,
                                                loss_scale=loss_scale, weak_logp=weak, exact=exact)
-                pool[:5] += trunc[:5]
-                pool[5:7] = torch.maximum(pool[5:7], trunc[5:7])
-                pool[7] += waited  # seconds this rank waited for replies
+                pool[:5] += trunc[:5]  # feed.pool_metrics' layout: 6 sums, 3 maxima
+                pool[5] += nbytes
+                pool[6:8] = torch.maximum(pool[6:8], trunc[5:7])
+                pool[8] += waited  # seconds this rank waited for replies
             else:
                 loss, vec = self.engine(b["input_ids"], b["attention_mask"], b["labels"],
                                         num_tokens=n_global, loss_scale=loss_scale)

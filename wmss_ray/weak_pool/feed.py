@@ -42,7 +42,9 @@ class WeakFeed:
         self.pending[m] = (self.client.submit(req), req.exact_rows)
 
     def get(self, step: int, a: int, device) -> tuple:
-        """``(WeakLogProbs, exact or None, seconds waited)`` for micro-batch ``(step, a)``.
+        """``(WeakLogProbs, exact or None, seconds waited, reply bytes)`` for micro-batch ``(step, a)``.
+
+        The bytes are the answer positions' arrays (the sampled dense rows are not counted).
 
         ``exact`` is ``(rows [n] int64, exact log-probs [n, V])`` for the sampled positions.
         """
@@ -62,11 +64,12 @@ class WeakFeed:
         elif reply.checkpoint_id != self.checkpoint_id:
             raise RuntimeError(f"weak pool answered with checkpoint {reply.checkpoint_id}, expected "
                                f"{self.checkpoint_id}: every replica must serve the same weak model")
-        self.bytes_received += reply.nbytes
+        answer_bytes = reply.nbytes - (reply.exact_logp.nbytes if reply.exact_logp is not None else 0)
+        self.bytes_received += answer_bytes
         exact = None
         if reply.exact_logp is not None:
             exact = (torch.from_numpy(np.asarray(rows, np.int64)).to(device), reply.exact(device))
-        return reply.to_weak(device), exact, waited
+        return reply.to_weak(device), exact, waited, answer_bytes
 
 
 def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
@@ -77,21 +80,22 @@ def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
 
 def pool_metrics(pool: torch.Tensor, n_tokens: float, checkpoint_id: str | None,
                  warn_above: float | None = None) -> dict:
-    """The step's weak-pool metrics from this rank's float64 ``[8]`` accumulator (collective).
+    """The step's weak-pool metrics from this rank's float64 ``[9]`` accumulator (collective).
 
-    ``pool`` = ``PairLM.POOL_STAT_NAMES`` summed / maxed over the micro-batches, then the seconds
-    waited for replies. Sums are all-reduced, maxima max-reduced; ``n_tokens`` is the step's
-    global answer-token count. ``trunc_bound`` bounds this step's loss error from top-k
-    truncation (nats per answer token); the ``trunc_error_sampled_*`` keys are measured against
-    the exact weak log-probs on the sampled positions of logged steps.
+    ``pool`` = ``PairLM.POOL_STAT_NAMES``' 5 sums and reply bytes, then its 2 maxima and the
+    seconds waited for replies, over the micro-batches. Sums are all-reduced, maxima
+    max-reduced; ``n_tokens`` is the step's global answer-token count. ``trunc_bound`` bounds
+    this step's loss error from top-k truncation (nats per answer token); the
+    ``trunc_error_sampled_*`` keys are measured against the exact weak log-probs on the sampled
+    positions of logged steps.
     """
     from torch.distributed import ReduceOp
 
-    sums = _all_reduce(pool[:5].clone(), ReduceOp.SUM).tolist()
-    maxes = _all_reduce(pool[5:8].clone(), ReduceOp.MAX).tolist()
+    sums = _all_reduce(pool[:6].clone(), ReduceOp.SUM).tolist()
+    maxes = _all_reduce(pool[6:9].clone(), ReduceOp.MAX).tolist()
     n = max(n_tokens, 1.0)
     out = {"weak_tail_mass_mean": sums[0] / n, "weak_tail_mass_max": maxes[0], "trunc_bound": sums[1] / n,
-           "pool_wait_s": maxes[2], "weak_checkpoint": checkpoint_id}
+           "pool_reply_bytes_per_token": sums[5] / n, "pool_wait_s": maxes[2], "weak_checkpoint": checkpoint_id}
     if sums[4] > 0:
         out.update(trunc_error_sampled_mean=sums[2] / sums[4], trunc_error_sampled_max=maxes[1],
                    trunc_bound_sampled_mean=sums[3] / sums[4], n_sampled=int(sums[4]))
