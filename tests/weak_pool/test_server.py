@@ -81,3 +81,47 @@ def test_byte_arithmetic_at_qwen_vocab():
     per_token_bf16 = 2 * 151_936
     assert reply_bytes(1, 64, 151_936) == 520
     assert per_token_bf16 / reply_bytes(1, 64, 151_936) > 500
+
+
+class _InProcessClient:
+    """PoolClient's interface over a real WeakServer in this process (records what is in flight)."""
+
+    def __init__(self, server):
+        self.server, self.sent, self.in_flight, self.max_in_flight = server, [], 0, 0
+
+    def submit(self, req):
+        self.sent.append(req)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        return self.server.answer(req)
+
+    def get(self, reply):
+        self.in_flight -= 1
+        return reply
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_feed_prefetches_each_micro_batch_once_with_bounded_back_pressure(art, prefetch):
+    from wmss_ray.weak_pool.feed import WeakFeed
+
+    rows = RowTable.from_parquet(art["tokenized"])
+    batches = {(s, a): rows.batch([f"s{(4 * s + 2 * a + j):04d}" for j in range(2)], pad_id=0)
+               for s in range(3) for a in range(2)}
+    client = _InProcessClient(WeakServer(art["weak"], top_k=3))
+    built = []
+
+    def batch(step, a):
+        built.append((step, a))
+        return batches[(step, a)]
+
+    feed = WeakFeed(client, batch, grad_accum=2, end_step=3, prefetch=prefetch, n_exact=lambda s, a: 2 if a == 0 else 0)
+    for step in range(3):
+        for a in range(2):
+            weak, exact, _, nbytes = feed.get(step, a, "cpu")
+            req = WeakRequest.from_batch(batches[(step, a)])
+            assert weak.label_logp.shape == (len(req.labels),) and nbytes == reply_bytes(len(req.labels), 3, weak.vocab)
+            assert (exact is not None) == (a == 0)
+    assert built == sorted(batches)  # each micro-batch requested once, in training order
+    assert client.max_in_flight == prefetch + 1 and len(client.sent) == 6
+    assert feed.bytes_received == sum(reply_bytes(len(WeakRequest.from_batch(b).labels), 3, weak.vocab)
+                                      for b in batches.values())

@@ -136,14 +136,15 @@ class PhaseWorker:
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         """The ``grad_accum`` padded micro-batches of this rank for optimizer step ``step``."""
         if self.feed is not None:  # built once: the pool's request and the step use the same batch
-            return [self._mb_cache.pop((step, a), None) or self._micro_batch(step, a)
-                    for a in range(self.spec.plan.grad_accum)]
+            for key in [k for k in self._mb_cache if k[0] < step]:  # consumed: at most prefetch + A kept
+                del self._mb_cache[key]
+            return [self._micro_batch(step, a) for a in range(self.spec.plan.grad_accum)]
         ids, plan = self.spec.sample_ids, self.spec.plan
         return [self.rows.batch([ids[i] for i in plan.micro_batch(step, a, self.rank)], self.pad_id)
                 for a in range(plan.grad_accum)]
 
     def _micro_batch(self, step: int, a: int) -> dict[str, torch.Tensor]:
-        """Micro-batch ``a`` of ``step`` (pool placement: cached until ``step`` consumes it)."""
+        """Micro-batch ``a`` of ``step`` (pool placement: cached until the step after ``step``)."""
         if (step, a) not in self._mb_cache:
             ids = self.spec.sample_ids
             self._mb_cache[(step, a)] = self.rows.batch(
