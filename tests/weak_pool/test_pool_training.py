@@ -92,3 +92,18 @@ def test_top_k_pool_error_is_below_the_logged_bound(art, colocated, tmp_path):
     for m in metrics:
         assert m["pool_reply_bytes_per_token"] == 8 * 4 + 8  # k ids + k log-probs + label + tail
         assert m["n_sampled"] > 0 and m["trunc_error_sampled_mean"] <= m["trunc_bound_sampled_mean"]
+
+
+def test_pool_refuses_joint_mode_and_a_worker_without_the_pool(art, tmp_path):
+    from wmss_ray.training.trainer import build_spec
+    from wmss_ray.training.worker import PhaseWorker, init_single_process
+
+    cfg = _pool_cfg(top_k=0)
+    cfg.scaling.num_workers = 1
+    args = (cfg, "wmss", art["strong"], art["weak"], art["tokenized"], art["sampled"], str(tmp_path))
+    with pytest.raises(ValueError, match="frozen weak model only"):
+        build_spec(*args, mode="joint")
+    spec = build_spec(*args)
+    init_single_process()
+    with pytest.raises(ValueError, match="pool's replica handles"):
+        PhaseWorker(cfg, spec, 0, 1, "cpu")
