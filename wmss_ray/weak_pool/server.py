@@ -113,7 +113,7 @@ class WeakServer:
         labels = torch.from_numpy(req.labels.astype(np.int64)).to(self.device)  # [N]
         n, k, v = pos.numel(), min(self.top_k, self.vocab), self.vocab
         exact_rows = torch.from_numpy(req.exact_rows.astype(np.int64))
-        reply = WeakReply(self.checkpoint_id, v, self.top_k)
+        reply = WeakReply(self.checkpoint_id, v, k)  # top_k > V ships V (an empty tail)
         if self.top_k == 0:
             reply.dense_logp = np.empty((n, v), np.float32)
         else:
