@@ -8,6 +8,10 @@ Run storage: Ray Train's ``RunConfig(storage_path=<out_dir>, name="ray_train")``
 are ``<out_dir>/ray_train/checkpoint_<step>/``; re-running ``train_phase`` on the same
 ``out_dir`` resumes from the latest one (Ray Train V2 restores its checkpoint manager from the
 storage), as does Ray Train itself after a worker failure (``FailureConfig.max_failures``).
+With ``mix.placement: pool`` (frozen WMSS) the driver first starts the weak pool
+(``weak_pool.group.WeakPool``; it fails at once when it cannot be placed), hands its replica
+handles to the workers, which load no weak model, and shuts it down after ``fit``.
+
 ``out_dir`` must be reachable by every node (local disk on one machine, a shared filesystem on a
 cluster): rank 0 writes ``metrics.jsonl``, ``tb/`` and the exported ``model/`` there.
 """
