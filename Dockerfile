@@ -12,15 +12,18 @@ ARG VARIANT=cpu
 
 # ---- CPU: slim Python, the CPU torch wheel
 FROM python:3.11-slim AS base-cpu
-ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu \
+    INSTALL_FLASH_ATTN=0
 RUN apt-get update \
  && apt-get install -y --no-install-recommends wget \
  && rm -rf /var/lib/apt/lists/* \
  && python -m venv /opt/venv
 
-# ---- GPU: CUDA 12.8 devel (nvcc for DeepSpeed's JIT ops, e.g. CPU Adam with offload), CUDA torch
+# ---- GPU: CUDA 12.8 devel (nvcc for DeepSpeed's JIT ops, e.g. CPU Adam with offload, and for
+# building flash-attn when no prebuilt wheel matches), CUDA torch, flash-attn 2
 FROM nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04 AS base-gpu
-ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 \
+    INSTALL_FLASH_ATTN=1
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential wget ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
@@ -57,6 +60,16 @@ COPY configs ./configs
 RUN pip install . \
  && rm -rf build ./*.egg-info \
  && python -c "import ray, wmss_ray, jobs.pipeline, jobs.check_cluster; assert ray.__version__ == '${RAY_VERSION}', ray.__version__"
+
+# GPU variant: flash-attn 2 (models.attn_implementation auto picks it on a GPU when importable).
+# Built against the torch above (no build isolation); MAX_JOBS bounds the compile's memory.
+ARG FLASH_ATTN_VERSION=2.8.3
+ARG MAX_JOBS=8
+RUN if [ "${INSTALL_FLASH_ATTN}" = "1" ]; then \
+      pip install packaging ninja \
+      && MAX_JOBS=${MAX_JOBS} pip install "flash-attn==${FLASH_ATTN_VERSION}" --no-build-isolation \
+      && python -c "import flash_attn; print('flash-attn', flash_attn.__version__)"; \
+    fi
 
 USER 1000:1000
 ENV HOME=/home/wmss

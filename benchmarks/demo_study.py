@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     storage = Path(args.storage).resolve()
     links = dict(item.split("=", 1) for item in args.link_run)
-    from wmss_ray.pipeline import ensure_ray
+    from wmss_ray.cluster import ensure_ray
 
     ensure_ray()
     seeds = []

@@ -5,7 +5,10 @@ side without grad):
 
 - ``naive``: materialise ``h_s @ W_s^T`` and ``h_w @ W_w^T`` (``[N, V]`` each), mix, then
   ``F.cross_entropy`` and backward (frozen: the weak logits are computed under ``no_grad``).
-- ``ours``: ``wmss_ray.core.mixing.chunked_mixed_ce`` (chunked fused linear CE, two heads).
+- ``ours``: ``wmss_ray.core.mixing.chunked_mixed_ce`` (chunked fused linear CE, two heads), its
+  chunk sized from ``--chunk-mb`` (the default, ``mix.chunk_mb``) unless ``--chunk N`` is given.
+- ``ours@N`` (``--compare-chunks N,...``): the same at an explicit chunk of N tokens, side by side
+  (e.g. 1024, the old default of ``mix.chunk_size``).
 - ``fused``: PyTorch's ``F.linear_cross_entropy`` (chunked path) on the exact identity
   ``lam*z_s + (1-lam)*z_w = [lam*h_s, (1-lam)*h_w] @ [W_s, W_w]^T``; the concatenations run
   inside the timed step.
@@ -27,6 +30,7 @@ Usage::
     python benchmarks/loss_memory.py                      # defaults below, ~30 min on 2 cores
     python benchmarks/loss_memory.py --quick              # smoke test, a few seconds, in-process
     python benchmarks/loss_memory.py --out benchmarks/results_loss_memory.md
+    python benchmarks/loss_memory.py --modes joint --impls naive,ours --compare-chunks 1024
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from wmss_ray.core.mixing import chunked_mixed_ce  # noqa: E402
+from wmss_ray.core.mixing import chunk_rows_for, chunked_mixed_ce  # noqa: E402
 
 IMPLS = ("naive", "ours", "fused")
 MODES = ("joint", "frozen")
@@ -118,8 +122,9 @@ def step_naive(x, y, a):
     return loss
 
 
-def step_ours(x, y, a):
-    loss = chunked_mixed_ce(*x, y, a.lam, chunk_size=a.chunk)
+def step_ours(x, y, a, chunk=None):
+    chunk = chunk if chunk is not None else (None if a.chunk == "auto" else int(a.chunk))
+    loss = chunked_mixed_ce(*x, y, a.lam, chunk_size=chunk, chunk_mb=a.chunk_mb)
     loss.backward()
     return loss
 
@@ -136,7 +141,22 @@ def step_fused(x, y, a):
 
 
 STEPS = {"naive": step_naive, "ours": step_ours, "fused": step_fused}
-SIZE_ARGS = ("tokens", "hidden", "hidden_weak", "vocab", "chunk", "fused_chunk", "reps", "lam", "masked_frac")
+SIZE_ARGS = ("tokens", "hidden", "hidden_weak", "vocab", "chunk", "chunk_mb", "fused_chunk", "reps", "lam",
+             "masked_frac")
+
+
+def step_for(impl: str):
+    """The step function of ``impl``: one of :data:`STEPS` or ``ours@<chunk>``."""
+    if impl.startswith("ours@"):
+        chunk = int(impl.split("@", 1)[1])
+        return lambda x, y, a: step_ours(x, y, a, chunk)
+    return STEPS[impl]
+
+
+def ours_rows(a) -> int:
+    """Tokens per chunk of ``ours`` (resolved from the budget when ``--chunk auto``)."""
+    n_valid = round(a.tokens * (1 - a.masked_frac))
+    return chunk_rows_for(n_valid, a.vocab, a.chunk_mb) if a.chunk == "auto" else int(a.chunk)
 
 
 def grad_floor_bytes(x) -> int:
@@ -166,7 +186,7 @@ def fingerprint(x, loss) -> dict:
 def run_one(a, impl: str, mode: str) -> tuple[dict, dict]:
     """Warm-up + reps steps of one implementation; returns (figures, fingerprint)."""
     x, y = make_inputs(a, mode)
-    step, times, cpu_times, fp = STEPS[impl], [], [], None
+    step, times, cpu_times, fp = step_for(impl), [], [], None
     with PeakRSS() as mem:
         for i in range(1 + a.reps):
             for t in x:
@@ -223,8 +243,9 @@ def machine() -> str:
 def report(a, results: list[dict], errs: dict) -> str:
     lines = [
         f"N = {a.tokens} tokens ({a.masked_frac:.0%} masked), D_s = {a.hidden}, "
-        f"D_w = {a.hidden_weak}, V = {a.vocab}, lam = {a.lam}, fp32, chunk = {a.chunk} (ours) / "
-        f"{a.fused_chunk} (fused), time = median of {a.reps} after 1 warm-up",
+        f"D_w = {a.hidden_weak}, V = {a.vocab}, lam = {a.lam}, fp32, chunk = {ours_rows(a)} (ours"
+        f"{f', from --chunk-mb {a.chunk_mb:g}: [chunk, V] fp32 buffer {4 * ours_rows(a) * a.vocab / MB:.0f} MB' if a.chunk == 'auto' else ''}"
+        f") / {a.fused_chunk} (fused), time = median of {a.reps} after 1 warm-up",
         "",
         "| mode | impl | peak extra MB | grad floor MB | working MB | time s | CPU time s | all steps s |",
         "|---|---|---:|---:|---:|---:|---:|---|",
@@ -244,8 +265,13 @@ def report(a, results: list[dict], errs: dict) -> str:
         "time": lambda r: r["time_s"],
         "CPU time": lambda r: r["cpu_s"],
     }
-    verdicts = []
+    verdicts, chunk_lines = [], []
     for mode in a.modes:
+        for extra in [i for i in a.impls if i.startswith("ours@")]:
+            if (mode, "naive") in by and (mode, "ours") in by:
+                naive, ours, other = by[(mode, "naive")], by[(mode, "ours")], by[(mode, extra)]
+                chunk_lines += [f"| {mode} | {extra} | {k} | {f(ours) / f(naive):.3f} | {f(other) / f(naive):.3f} | "
+                                f"{f(ours) / f(other):.3f} |" for k, f in figures.items()]
         if not all((mode, i) in by for i in IMPLS):
             continue
         naive, ours, fused = (by[(mode, i)] for i in IMPLS)
@@ -260,6 +286,10 @@ def report(a, results: list[dict], errs: dict) -> str:
             ("time <= fused", vs_fused["time"] <= 1.0, vs_fused["time"]),
         ]
         verdicts += [f"- {mode}: {name}: {'met' if ok else 'MISSED'} ({v:.3f})" for name, ok, v in checks]
+    if chunk_lines:
+        lines += ["", f"Chunk comparison: ours = {ours_rows(a)} tokens per chunk against explicit chunks",
+                  "", "| mode | other | figure | ours/naive | other/naive | ours/other |", "|---|---|---|---:|---:|---:|",
+                  *chunk_lines]
     lines += ["", "Targets:", *verdicts, "", "Cross-check (max |a-b| / max|b|, loss and grad fingerprints):"]
     lines += [f"- {k}: {v:.2e}" for k, v in errs.items()]
     return "\n".join(lines)
@@ -271,7 +301,9 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--hidden-weak", type=int, default=None, help="default: --hidden")
     p.add_argument("--vocab", type=int, default=151936)
-    p.add_argument("--chunk", type=int, default=256, help="tokens per chunk (ours)")
+    p.add_argument("--chunk", default="auto", help="tokens per chunk (ours); auto: from --chunk-mb")
+    p.add_argument("--chunk-mb", type=float, default=128.0, help="MiB budget of ours' [chunk, V] buffer")
+    p.add_argument("--compare-chunks", default="", help="also run ours at these explicit chunks (ours@N)")
     p.add_argument("--fused-chunk", type=int, default=None, help="fused batch_chunk_size (default: --chunk)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--lam", type=float, default=0.5)
@@ -284,12 +316,14 @@ def parse_args(argv=None):
     p.add_argument("--fingerprint", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.quick:
-        a.tokens, a.hidden, a.vocab, a.chunk, a.reps = 128, 32, 2048, 32, 1
+        a.tokens, a.hidden, a.vocab, a.chunk, a.chunk_mb, a.reps = 128, 32, 2048, "auto", 0.25, 1
         a.hidden_weak = a.fused_chunk = None
+        a.compare_chunks = a.compare_chunks or "96"
     a.hidden_weak = a.hidden_weak or a.hidden
-    a.fused_chunk = a.fused_chunk or a.chunk
+    a.fused_chunk = a.fused_chunk or ours_rows(a)
     a.modes = [m for m in a.modes.split(",") if m]
-    a.impls = [i for i in IMPLS if i in a.impls.split(",")]
+    extra = [f"ours@{int(c)}" for c in a.compare_chunks.split(",") if c]
+    a.impls = [i for i in IMPLS if i in a.impls.split(",")] + extra
     return a
 
 
@@ -311,10 +345,10 @@ def main(argv=None) -> int:
                 fps[(mode, impl)] = fp
                 mb, t, cpu = r["peak_extra_mb"], r["time_s"], r["cpu_s"]
                 figures = f"peak extra {mb:9.1f} MB  time {t:8.3f} s  cpu {cpu:8.3f} s"
-                print(f"{mode:6s} {impl:5s} {figures}", flush=True)
+                print(f"{mode:6s} {impl:9s} {figures}", flush=True)
     errs = {}
     for mode in a.modes:
-        for other in [i for i in ("naive", "fused") if "ours" in a.impls and i in a.impls]:
+        for other in [i for i in a.impls if i != "ours" and "ours" in a.impls]:
             errs[f"{mode}: ours vs {other}"] = max_rel_err(fps[(mode, "ours")], fps[(mode, other)])
     text = report(a, results, errs)
     print(text)

@@ -1,9 +1,9 @@
 """Shared argument parsing and cluster connection for the ``ray job submit`` entrypoints.
 
 Every entrypoint in ``jobs/`` is ``python -m jobs.<name> --config PATH [--set key=value ...]``
-and runs *inside* an existing Ray cluster: it connects with ``ray.init(address="auto")`` (which
-``ray job submit`` points at the cluster through ``RAY_ADDRESS``) and never starts a cluster of
-its own. Heavy imports (Ray, the wmss_ray API) happen inside ``main`` so ``--help`` and
+and runs *inside* an existing Ray cluster: it connects through the package's one Ray start-up,
+``wmss_ray.cluster.ensure_ray(address="auto")`` (``ray job submit`` points it at the cluster
+through ``RAY_ADDRESS``), and never starts a cluster of its own. Heavy imports (Ray, the wmss_ray API) happen inside ``main`` so ``--help`` and
 ``build_parser()`` work without them.
 
 ``--config`` takes a path (relative to the job's working directory: the uploaded ``working_dir``,
@@ -78,12 +78,12 @@ def load_job_config(config: str, overrides: list[str] | None) -> Any:
 
 def connect(address: str = "auto") -> None:
     """Connect to the running cluster; never start one. Clear error when none is reachable."""
-    import ray
+    from wmss_ray.cluster import AuthTokenError, ensure_ray
 
-    if ray.is_initialized():
-        return
     try:
-        ray.init(address=address, log_to_driver=True)
+        ensure_ray(address=address)  # the package's one ray.init: join only, with its runtime env policy
+    except AuthTokenError as err:
+        raise JobSetupError(str(err)) from None
     except ConnectionError as err:
         raise JobSetupError(
             f"no running Ray cluster reachable at address={address!r} ({err}). "

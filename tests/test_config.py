@@ -57,6 +57,9 @@ def test_dotted_override_reaches_the_field():
         (["curriculum.sample_multiplier=0"], ["curriculum.sample_multiplier", "greater than 0"]),
         (["training.zero_stage=4"], ["training.zero_stage", "4"]),
         (["mix.placement=pool"], ["frozen"]),
+        (["run.storage=s3://bucket/runs"], ["run.storage", "s3://bucket/runs", "not supported"]),
+        (["run.storage=gs://b/r"], ["run.storage", "gs://b/r", "not supported"]),
+        (["run.storage=file:///tmp/r"], ["run.storage", "file:///tmp/r", "not supported"]),
     ],
 )
 def test_invalid_values_name_key_value_and_allowed(override, must_say):
@@ -123,3 +126,33 @@ def test_config_hash_is_stable_and_sensitive():
 def test_override_syntax_errors():
     with pytest.raises(ConfigError, match="key.path=value"):
         load_config(None, ["mix.lam"])
+
+
+def test_relative_run_storage_resolves_to_an_absolute_local_dir(tmp_path, monkeypatch):
+    from wmss_ray.pipeline import RunContext
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["run.storage=rel/runs", "run.name=r1"])
+    ctx = RunContext(cfg)
+    assert ctx.run_dir == (tmp_path / "rel" / "runs" / "r1").resolve()
+    assert ctx.run_dir.is_absolute() and "s3:" not in str(ctx.run_dir)
+
+
+def test_gpu_runs_need_gpus_for_evaluation():
+    with pytest.raises(ConfigError, match="evaluation.gpus_per_actor"):
+        config_from_dict({"scaling": {"use_gpu": True, "gpus_per_worker": 1}, "training": {"zero_stage": 2}})
+    cfg = config_from_dict({"scaling": {"use_gpu": True, "gpus_per_worker": 1}, "training": {"zero_stage": 2},
+                            "evaluation": {"gpus_per_actor": 1}})
+    assert cfg.evaluation.gpus_per_actor == 1
+    shipped = load_config(REPO / "configs" / "qwen3-4b-math.yaml")
+    assert shipped.evaluation.gpus_per_actor >= 1 and shipped.evaluation.checker == "math"
+    assert shipped.data.validation_fraction > 0 and shipped.evaluation.max_samples is not None
+
+
+def test_validation_sources_are_exclusive():
+    with pytest.raises(ConfigError, match="not both"):
+        config_from_dict({"data": {"validation": "v.jsonl", "validation_fraction": 0.1}})
+    with pytest.raises(ConfigError, match="data.validation_fraction"):
+        config_from_dict({"data": {"validation_fraction": 1.0}})
+    with pytest.raises(ConfigError, match="data.supervise"):
+        config_from_dict({"data": {"supervise": "everything"}})

@@ -63,7 +63,8 @@ def _eval_rows() -> list[dict]:
 
 
 def _cfg(**evaluation):
-    return config_from_dict({"data": {"max_seq_len": 64},
+    # The rows carry their ids in "sample_id": name it, as a training corpus would.
+    return config_from_dict({"data": {"max_seq_len": 64, "id_column": "sample_id"},
                              "evaluation": {"batch_size": 3, "max_new_tokens": 10, **evaluation}})
 
 
@@ -79,13 +80,14 @@ def _manual_loss(model_dir: str, rows: list[dict]) -> tuple[float, int]:
         full = tok.apply_chat_template(r["messages"], tokenize=False)
         ids = tok(full, add_special_tokens=False)["input_ids"]
         n_prompt = len(tok(p_text, add_special_tokens=False)["input_ids"])
-        # The supervised tokens are exactly the answer text plus "<|im_end|>\n".
-        assert tok.decode(ids[n_prompt:]) == answer + "<|im_end|>\n"
+        # The supervised tokens are exactly the answer text plus "<|im_end|>" (the "\n" after it
+        # is template filler: generation stops at <|im_end|>).
+        assert tok.decode(ids[n_prompt:-1]) == answer + "<|im_end|>" and tok.decode(ids[-1:]) == "\n"
         with torch.no_grad():
             logits = model(torch.tensor([ids])).logits[0]
-        ce = torch.nn.functional.cross_entropy(logits[n_prompt - 1:-1], torch.tensor(ids[n_prompt:]), reduction="sum")
+        ce = torch.nn.functional.cross_entropy(logits[n_prompt - 1:-2], torch.tensor(ids[n_prompt:-1]), reduction="sum")
         total += ce.item()
-        count += len(ids) - n_prompt
+        count += len(ids) - n_prompt - 1
     return total / count, count
 
 
@@ -111,13 +113,24 @@ def test_exact_match_and_loss_on_answer_tokens(forced_model, tmp_path):
     assert [w["correct"] for w in written] == [r["correct"] for r in res.per_sample]
 
 
-def test_max_samples_caps_in_file_order(forced_model, tmp_path):
+def test_max_samples_is_a_seeded_subsample_in_file_order(forced_model, tmp_path):
+    from wmss_ray.data.splits import seeded_subsample
+
+    rows = _eval_rows()
     path = tmp_path / "eval.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in _eval_rows()))
-    res = evaluate_model(forced_model, str(path), _cfg(max_samples=4), name="capped", use_ray=False)
-    assert res.n == 4
-    assert [r["sample_id"] for r in res.per_sample] == ["e0", "e1", "e2", "e3"]
-    assert res.accuracy == pytest.approx(0.5)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ids = [r["sample_id"] for r in rows]
+    correct = {"e0": True, "e1": False, "e2": True, "e3": False, "e4": True, "e5": True, "noref": True}
+    chosen_by_seed = {}
+    for seed in range(6):
+        cfg = config_from_dict(_cfg(max_samples=4).to_dict(), [f"run.seed={seed}"])
+        res = evaluate_model(forced_model, str(path), cfg, name="capped", use_ray=False)
+        chosen = [r["sample_id"] for r in res.per_sample]
+        assert res.n == 4 and chosen == [ids[i] for i in seeded_subsample(ids, 4, seed)]
+        assert chosen == sorted(chosen, key=ids.index)  # file order kept
+        assert res.accuracy == pytest.approx(sum(correct[c] for c in chosen) / 4)
+        chosen_by_seed[seed] = tuple(chosen)
+    assert len(set(chosen_by_seed.values())) > 1  # the seed matters; it is not "the first 4 rows"
 
 
 def test_evaluate_models_writes_summary(forced_model, tmp_path):
@@ -125,6 +138,9 @@ def test_evaluate_models_writes_summary(forced_model, tmp_path):
     results = evaluate_models({"M1": forced_model, "WMSS": forced_model}, rows, _cfg(), tmp_path)
     summary = json.loads((tmp_path / "eval_results.json").read_text())
     assert set(summary["models"]) == {"M1", "WMSS"}
+    assert summary["checker"] == "demo" and summary["models"]["M1"]["checker"] == "demo"
+    assert summary["eval_set"] == {"name": "test", "source": "3 rows given in memory", "n": 3,
+                                   "max_samples": None, "subsample_seed": None}
     for name, res in results.items():
         entry = summary["models"][name]
         assert entry["n"] == 3 and entry["accuracy"] == pytest.approx(res.accuracy)
@@ -152,7 +168,7 @@ def test_rows_read_and_normalised_from_any_schema(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from wmss_ray.evaluation import load_eval_rows, normalise_eval_row, read_rows
+    from wmss_ray.evaluation import load_eval_rows
 
     rows = _eval_rows()[:2]
     with gzip.open(tmp_path / "e.jsonl.gz", "wt") as f:
@@ -162,11 +178,50 @@ def test_rows_read_and_normalised_from_any_schema(tmp_path):
         got = load_eval_rows(str(tmp_path / name), _cfg())
         assert [g["sample_id"] for g in got] == ["e0", "e1"]
         assert got[1]["final_answer"] == "8" and got[1]["prompt_messages"] == _prompt(21)
-    assert read_rows(str(tmp_path / "e.parquet"))[0]["messages"][1]["role"] == "assistant"
 
     cfg = config_from_dict({"data": {"id_column": "uid", "prompt_column": "q", "response_column": "a"}})
-    r = normalise_eval_row({"uid": 5, "q": "What is 2+2?", "a": "2+2=4\n#### 4"}, 0, cfg)
-    assert r == {"sample_id": "5", "prompt_messages": [{"role": "user", "content": "What is 2+2?"}],
-                 "answer": "2+2=4\n#### 4", "final_answer": "4"}
+    r = load_eval_rows([{"uid": 5, "q": "What is 2+2?", "a": "2+2=4\n#### 4"}], cfg)
+    assert r == [{"sample_id": "5", "prompt_messages": [{"role": "user", "content": "What is 2+2?"}],
+                  "answer": "2+2=4\n#### 4", "final_answer": "4"}]
     with pytest.raises(ValueError, match="no assistant"):
-        normalise_eval_row({"messages": [{"role": "user", "content": "hi"}]}, 0, _cfg())
+        load_eval_rows([{"sample_id": "x", "messages": [{"role": "user", "content": "hi"}]}], _cfg())
+
+
+def test_eval_ids_and_bad_rows_follow_the_corpus_rules(tmp_path):
+    """No id column: ``<file>:<line>`` as for the training corpus; bad rows per data.on_bad_row."""
+    from wmss_ray.data.rejects import CorpusError
+    from wmss_ray.evaluation import load_eval_rows
+
+    good = _eval_rows()[:2]
+    path = tmp_path / "eval.jsonl"
+    path.write_text(json.dumps(good[0]) + "\n{not json\n" + json.dumps(good[1]) + "\n")
+    plain = config_from_dict({"data": {"max_seq_len": 64}})
+    with pytest.raises(CorpusError, match=r"eval.jsonl.*3|eval.jsonl.*2"):
+        load_eval_rows(str(path), plain)
+    skip = config_from_dict({"data": {"max_seq_len": 64, "on_bad_row": "skip"}})
+    got = load_eval_rows(str(path), skip)
+    assert [g["sample_id"] for g in got] == ["eval.jsonl:1", "eval.jsonl:3"]
+
+
+def test_evaluate_models_reads_the_eval_file_once(forced_model, tmp_path, monkeypatch):
+    import wmss_ray.evaluation as ev
+
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _eval_rows()[:2]))
+    opened = []
+    real = ev.open_corpus
+    monkeypatch.setattr(ev, "open_corpus", lambda *a, **k: opened.append(a) or real(*a, **k))
+    results = ev.evaluate_models({"A": forced_model, "B": forced_model}, str(path), _cfg(), tmp_path / "out")
+    assert len(opened) == 1 and [r.n for r in results.values()] == [2, 2]
+
+
+@pytest.mark.gpu
+def test_gpu_evaluator_generates_in_bf16(forced_model):
+    """models.dtype auto -> bf16 on CUDA; the memorised answer survives bf16 greedy decoding."""
+    from wmss_ray.evaluation import Evaluator, load_eval_rows
+
+    ev = Evaluator(forced_model, max_new_tokens=10, device="cuda")
+    assert ev.model.dtype == torch.bfloat16 and ev.model.device.type == "cuda"
+    out = ev(load_eval_rows(_eval_rows(), _cfg()))
+    assert [o["generated"] for o in out] == [FORCED] * len(out)
+    assert all(o["nll"] is not None and o["n_tokens"] > 0 for o in out)

@@ -1,37 +1,49 @@
-"""End to end: the shrunken demo (configs/test-tiny.yaml) through every phase on a real local Ray.
+"""End to end: the shrunken demo (configs/test-tiny.yaml) through every phase on a real Ray.
 
-Checks each phase's outputs and manifest, that a re-run skips everything, that ``--from`` reruns
-exactly the later phases, and that the exported WMSS model loads in plain transformers and generates.
+The run itself is the session fixture ``tiny_job_run`` (tests/conftest.py): the pipeline
+submitted once as a real Ray job with token auth (what tests/jobs/test_submit_real.py checks).
+Here: what every phase must have produced (counts that add up, finite metrics, steps, eval rows),
+that an in-process re-run skips everything, that ``--from`` reruns exactly the later phases, that
+the exported WMSS model reloads in plain transformers and generates, that a changed
+``curriculum.beta`` changes the report's weights without rescoring, and a Tune trial.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 
-from wmss_ray.config import load_config
+from wmss_ray.config import config_from_dict
 from wmss_ray.pipeline import build_phases, run_pipeline
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def tiny_run(ray_cluster, tmp_path_factory):
-    storage = tmp_path_factory.mktemp("runs")
-    cfg = load_config(REPO / "configs" / "test-tiny.yaml", [f"run.storage={storage}"])
-    outputs = run_pipeline(cfg)
-    return cfg, outputs
+def tiny_run(tiny_job_run, ray_cluster):
+    """``(cfg, outputs, finished_at before the in-process re-run)``; outputs from that re-run."""
+    if tiny_job_run.status != "SUCCEEDED":
+        pytest.fail(f"the tiny pipeline job {tiny_job_run.job_id} ended {tiny_job_run.status}:\n"
+                    f"{tiny_job_run.logs[-6000:]}")
+    cfg = tiny_job_run.cfg
+    before = {p.name: _manifest(cfg, p.name)["finished_at"] for p in build_phases(cfg)}
+    outputs = run_pipeline(cfg)  # every phase completed in the job: all are skipped here
+    return cfg, outputs, before
 
 
 def _manifest(cfg, phase):
     return json.loads((Path(cfg.run_dir()) / phase / "manifest.json").read_text())
 
 
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
 def test_every_phase_completed_with_outputs(tiny_run):
-    cfg, outputs = tiny_run
+    cfg, outputs, before = tiny_run
     names = [p.name for p in build_phases(cfg)]
     assert list(outputs) == names
     for name in names:
@@ -39,38 +51,78 @@ def test_every_phase_completed_with_outputs(tiny_run):
         assert man["status"] == "completed", name
         assert man["config_hash"] == cfg.config_hash()
         assert man["outputs"] == outputs[name]
+    assert {p: _manifest(cfg, p)["finished_at"] for p in names} == before  # the re-run skipped all
 
 
-def test_phase_outputs_are_consistent(tiny_run):
+def test_every_phase_counts_add_up(tiny_run):
     import pyarrow.parquet as pq
 
-    cfg, out = tiny_run
-    counts = _manifest(cfg, "tokenize")["counts"]
-    assert counts["rows_in"] == cfg.data.demo.n_train == counts["rows_ok"] + counts["rows_rejected"]
+    cfg, out, _ = tiny_run
+    tok = _manifest(cfg, "tokenize")["counts"]
+    assert tok["rows_in"] == cfg.data.demo.n_train == tok["rows_ok"] + tok["rows_rejected"]
+    assert tok["rows_rejected"] == sum(tok["rejected_by_reason"].values())
+    n = tok["rows_ok"]
+    assert n > 0 and pq.read_table(out["tokenize"]["tokenized"]).num_rows == n
     scores = pq.read_table(out["score_1"]["scores"]).to_pandas()
-    assert len(scores) == counts["rows_ok"] and scores["sample_id"].is_unique
-    assert abs(scores["weight"].sum() - 1.0) < 1e-9
+    assert _manifest(cfg, "score_1")["counts"]["rows_scored"] == len(scores) == n and scores["sample_id"].is_unique
+    assert "weight" not in scores  # weights depend on curriculum.*, scores do not
+    assert scores[["h_weak", "h_strong"]].map(math.isfinite).all().all() and (scores["n_answer_tokens"] > 0).all()
+    cur = _manifest(cfg, "curriculum_1")["counts"]
+    draws = round(n * cfg.curriculum.sample_multiplier)
     sampled = pq.read_table(out["curriculum_1"]["sampled_ids"]).to_pandas()
-    assert len(sampled) == round(len(scores) * cfg.curriculum.sample_multiplier)
+    assert len(sampled) == draws == cur["draws"] and cur["rows_scored"] == n
     assert set(sampled["sample_id"]) <= set(scores["sample_id"])
+    weights = pq.read_table(out["curriculum_1"]["weights"]).to_pandas()
+    assert len(weights) == n and abs(weights["weight"].sum() - 1.0) < 1e-9
+    assert weights["draws"].max() == cur["max_draws_per_sample"] and weights["draws"].sum() == draws
+    assert 1.0 <= cur["effective_sample_size"] <= n
+    # steps: ceil(N * epochs / global batch) capped by training.max_steps (3 in the tiny config);
     # equal compute: the baseline ran exactly as many optimizer steps as WMSS
-    assert out["baseline"]["steps"] == out["wmss_1"]["steps"] > 0
-    for phase in ("sft", "wmss_1", "baseline"):
-        lines = Path(out[phase]["metrics"]).read_text().splitlines()
-        assert lines and all(json.loads(line)["loss"] == json.loads(line)["loss"] for line in lines)  # no NaN
+    t = cfg.training
+    batch = t.micro_batch_size * t.grad_accum * cfg.scaling.num_workers
+    expect = {"sft": min(t.max_steps, math.ceil(n * t.sft_epochs / batch)),
+              "wmss_1": min(t.max_steps, math.ceil(draws * t.wmss_epochs / batch))}
+    expect["baseline"] = expect["wmss_1"]
+    for phase, steps in expect.items():
+        assert out[phase]["steps"] == _manifest(cfg, phase)["counts"]["steps"] == steps > 0, phase
+        lines = [json.loads(line) for line in Path(out[phase]["metrics"]).read_text().splitlines()]
+        assert [m["step"] for m in lines] == list(range(1, steps + 1)), phase  # log_every: 1
+        keys = ["loss", "ce_strong", "p_mix", "p_strong", "grad_norm", "lr", "tokens_per_s"]
+        keys += ["nontarget_ratio"] if phase == "wmss_1" else []  # only defined for the mix
+        for m in lines:
+            assert all(_finite(m[k]) for k in keys), (phase, m)
+            assert m["loss"] > 0 and 0 < m["p_mix"] < 1 and m["grad_norm"] > 0
+    p0 = json.loads((Path(out["phase0"]["model_dir"]) / "phase0_metrics.json").read_text())
+    assert p0["steps"] == cfg.phase0.steps and _finite(p0["final_loss"]) and p0["final_loss"] > 0
+
+
+def test_eval_rows_and_report(tiny_run):
+    cfg, out, _ = tiny_run
     models = out["eval"]["models"]
     assert set(models) == {"M0", "M1", "SFT-continued", "WMSS"}
-    for m in models.values():
-        assert m["n"] == cfg.data.demo.n_eval and 0.0 <= m["accuracy"] <= 1.0 and m["loss"] > 0
+    results = json.loads(Path(out["eval"]["results"]).read_text())["models"]
+    for name, m in models.items():
+        rows = [json.loads(line) for line in Path(results[name]["per_sample_path"]).read_text().splitlines()]
+        assert m["n"] == len(rows) == cfg.data.demo.n_eval
+        assert m["accuracy"] == sum(r["correct"] for r in rows) / len(rows)  # the table is the rows
+        assert len({r["sample_id"] for r in rows}) == len(rows)
+        tokens = sum(r["n_tokens"] for r in rows)
+        assert tokens > 0 and m["loss"] == pytest.approx(sum(r["nll"] for r in rows) / tokens)
+    assert out["eval"]["checker"] == "demo" and out["eval"]["eval_set"]["name"] == "test"
     html = Path(out["report"]["report"]).read_text()
     assert "WMSS" in html and "SFT-continued" in html and "data:image/png;base64" in html
+    assert "answer checker <b>demo</b>" in html and "test set" in html
+    data = json.loads((Path(out["report"]["report"]).parent / "report_data.json").read_text())
+    assert data["weights"] == out["curriculum_1"]["weights"]  # the weights the draw used
+    cur = _manifest(cfg, "curriculum_1")["counts"]
+    hist = data["weight_histogram"]
+    assert sum(hist["counts"]) == cur["rows_scored"]
+    assert hist["effective_sample_size"] == pytest.approx(cur["effective_sample_size"])
+    assert hist["max_draws_per_sample"] == cur["max_draws_per_sample"]
 
 
-def test_rerun_skips_and_from_reruns_later_phases(tiny_run, capsys):
-    cfg, out = tiny_run
-    before = {p: _manifest(cfg, p)["finished_at"] for p in out}
-    run_pipeline(cfg)
-    assert {p: _manifest(cfg, p)["finished_at"] for p in out} == before  # nothing ran again
+def test_from_reruns_exactly_the_later_phases(tiny_run):
+    cfg, out, before = tiny_run
     run_pipeline(cfg, from_phase="eval")
     after = {p: _manifest(cfg, p)["finished_at"] for p in out}
     assert [p for p in out if after[p] != before[p]] == ["eval", "report"]
@@ -80,7 +132,7 @@ def test_exported_wmss_model_generates_in_plain_transformers(tiny_run):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _, out = tiny_run
+    _, out, _ = tiny_run
     model_dir = out["wmss_1"]["model_dir"]
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -91,22 +143,59 @@ def test_exported_wmss_model_generates_in_plain_transformers(tiny_run):
     assert gen.shape[1] > ids["input_ids"].shape[1]
 
 
+def test_changed_beta_changes_the_reports_weights_without_rescoring(tiny_run):
+    """curriculum.beta is not an input of scoring: a run with another beta links data ... score_1
+    (a linked phase is never rerun: the runner would raise) and redraws; its report's weight
+    histogram describes the new weights, not the ones scoring time would have stored."""
+    from tune.sweep import link_shared_phases
+    from wmss_ray.report import write_report
+
+    cfg, out, _ = tiny_run
+    run_dir = Path(cfg.run_dir())
+    beta = config_from_dict(cfg.to_dict(), ["curriculum.beta=0.05", f"run.name={cfg.run.name}-beta"])
+    shared = ("data", "phase0", "tokenize", "sft", "score_1")
+    link_shared_phases(run_dir.resolve(), Path(beta.run_dir()), shared)
+    got = run_pipeline(beta, until="curriculum_1")
+    assert got["score_1"] == out["score_1"]  # the same scores, not rescored
+    assert _manifest(beta, "score_1")["finished_at"] == _manifest(cfg, "score_1")["finished_at"]
+    page = write_report(beta.run_dir())
+    new = json.loads((page.parent / "report_data.json").read_text())
+    old = json.loads((run_dir / "report" / "report_data.json").read_text())
+    assert new["weights"] == str(Path(beta.run_dir()) / "curriculum_1" / "weights.parquet")
+    assert new["weight_histogram"] != old["weight_histogram"]
+    assert new["weight_histogram"]["effective_sample_size"] != old["weight_histogram"]["effective_sample_size"]
+    assert new["weight_histogram"]["effective_sample_size"] == pytest.approx(
+        _manifest(beta, "curriculum_1")["counts"]["effective_sample_size"])
+
+
 def test_tune_sweep_reuses_the_shared_phases(tiny_run):
     """One Ray Tune trial on top of the finished run: only curriculum -> WMSS -> eval run in it."""
+    import pyarrow.parquet as pq
+
     from tune.sweep import SHARED_PHASES, run_sweep
 
-    cfg, out = tiny_run
+    cfg, out, _ = tiny_run
     sweep_cfg = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={
-        "num_samples": 1, "search_space": {"mix.lam": {"choice": [0.3]}}})})
+        "num_samples": 1, "search_space": {"curriculum.beta": {"choice": [0.3]}, "mix.lam": {"choice": [0.3]}}})})
     grid = run_sweep(sweep_cfg)
     assert len(grid) == 1 and grid.errors == []
     result = grid[0]
-    assert result.config == {"mix.lam": 0.3}
-    assert 0.0 <= result.metrics["eval_accuracy"] <= 1.0 and result.metrics["n_eval"] == cfg.data.demo.n_eval
+    assert result.config == {"curriculum.beta": 0.3, "mix.lam": 0.3}
+    # the trial is judged on the validation split, never on data.eval (the test set)
+    assert result.metrics["n_validation"] == cfg.data.demo.n_validation
+    assert _finite(result.metrics["validation_loss"]) and result.metrics["validation_loss"] > 0
     trial_dirs = [d for d in (Path(cfg.run_dir()) / "tune").iterdir() if d.name != "sweep"]
     assert len(trial_dirs) == 1
+    trial = trial_dirs[0]
     for phase in SHARED_PHASES:
-        assert (trial_dirs[0] / phase).is_symlink()
-    trial_wmss = json.loads((trial_dirs[0] / "wmss_1" / "manifest.json").read_text())
+        assert (trial / phase).is_symlink()
+    rows = [json.loads(line) for line in (trial / "validation" / "eval_WMSS.jsonl").read_text().splitlines()]
+    assert len(rows) == cfg.data.demo.n_validation
+    assert result.metrics["validation_accuracy"] == sum(r["correct"] for r in rows) / len(rows)
+    trial_wmss = json.loads((trial / "wmss_1" / "manifest.json").read_text())
     assert trial_wmss["status"] == "completed"
     assert trial_wmss["fingerprint"] != _manifest(cfg, "wmss_1")["fingerprint"]  # λ differs
+    # the trial's curriculum drew from its own beta's weights, not the base run's
+    trial_w = pq.read_table(trial / "curriculum_1" / "weights.parquet")["weight"].to_numpy()
+    base_w = pq.read_table(out["curriculum_1"]["weights"])["weight"].to_numpy()
+    assert not (trial_w == base_w).all()

@@ -42,7 +42,8 @@ def _write_eval(eval_dir, n=40):
                          loss=1.0 - acc, n_loss_tokens=4 * n, per_sample=per)
         write_per_sample(res, eval_dir)
         table[name] = res.summary()
-    (eval_dir / "eval_results.json").write_text(json.dumps({"models": table}))
+    eval_set = {"name": "test", "source": "/data/eval.jsonl", "n": n, "max_samples": n, "subsample_seed": 3}
+    (eval_dir / "eval_results.json").write_text(json.dumps({"checker": "math", "eval_set": eval_set, "models": table}))
     return table
 
 
@@ -50,10 +51,19 @@ def _write_scores(path, n=300):
     rng = np.random.default_rng(0)
     hw = rng.uniform(0.2, 2.0, n)
     hs = np.clip(hw + rng.normal(-0.2, 0.3, n), 0.01, None)
-    w = rng.dirichlet(np.ones(n))
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"sample_id": [f"train-{i}" for i in range(n)], "h_weak": hw, "h_strong": hs,
-                             "dh": hs - hw, "n_answer_tokens": rng.integers(5, 30, n), "weight": w}), path)
+                             "dh": hs - hw, "n_answer_tokens": rng.integers(5, 30, n)}), path)
+
+
+def _write_weights(path, n=300, seed=0):
+    """A curriculum phase's weights.parquet: weights and the draw counts of n draws from them."""
+    rng = np.random.default_rng(seed)
+    w = rng.dirichlet(np.ones(n))
+    draws = np.bincount(rng.choice(n, n, p=w), minlength=n)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"sample_id": [f"train-{i}" for i in range(n)], "weight": w, "draws": draws}), path)
+    return w, draws
 
 
 @pytest.fixture()
@@ -65,6 +75,7 @@ def fake_run(tmp_path):
     _write_metrics(run / "baseline" / "metrics.jsonl", "baseline", mixed=False)
     _write_metrics(run / "wmss_1" / "metrics.jsonl", "wmss")
     _write_scores(run / "score_1" / "scores.parquet")
+    _write_weights(run / "curriculum_1" / "weights.parquet")
     _write_eval(run / "eval")
     return run
 
@@ -94,16 +105,36 @@ def test_full_report(fake_run):
         assert (path.parent / png).read_bytes().startswith(b"\x89PNG")
     assert "WMSS vs SFT-continued" in page and "WMSS vs M1" in page
     assert "class=\"missing\"" not in page
+    # Which set the numbers come from, how it was subsampled, which checker judged them.
+    assert "Numbers on the test set (data.eval" in page and "/data/eval.jsonl, 40 problems" in page
+    assert "seeded subsample of at most 40, seed 3" in page and "answer checker <b>math</b>" in page
     cfg_hash = config_from_dict(collect_results(fake_run)["config"]).config_hash()
     assert cfg_hash in page and "paired_bootstrap: 500" in page
 
     # The paired test in the report is the one stats computes from the per-sample files.
     data = json.loads((path.parent / "report_data.json").read_text())
+    assert data["checker"] == "math" and data["eval_set"]["name"] == "test"
     p = data["paired"][0]
     a = [json.loads(line) for line in (fake_run / "eval" / "eval_WMSS.jsonl").read_text().splitlines()]
     b = [json.loads(line) for line in (fake_run / "eval" / "eval_SFT-continued.jsonl").read_text().splitlines()]
     direct = stats.paired_test_per_sample(a, b, "WMSS", "SFT-continued", n_boot=500, seed=0)
     assert p["p_value"] == pytest.approx(direct.p_value) and p["ci_low"] == pytest.approx(direct.ci_low)
+
+
+def test_weight_histogram_is_the_curriculum_phases_weights(fake_run):
+    """The histogram and its summary come from curriculum_<t>/weights.parquet (what was drawn
+    from), the last iteration's when there are several; a new draw changes them."""
+    w, draws = _write_weights(fake_run / "curriculum_2" / "weights.parquet", seed=5)
+    path = write_report(fake_run)
+    data = json.loads((path.parent / "report_data.json").read_text())
+    hist = data["weight_histogram"]
+    assert data["weights"] == str(fake_run / "curriculum_2" / "weights.parquet")
+    counts, edges = np.histogram(w, bins=len(hist["counts"]))
+    assert hist["counts"] == counts.tolist() and hist["bin_edges"] == pytest.approx(edges.tolist())
+    assert hist["effective_sample_size"] == pytest.approx(w.sum() ** 2 / (w ** 2).sum())
+    assert hist["max_draws_per_sample"] == draws.max() and hist["draws"] == draws.sum() == 300
+    assert hist["samples_drawn"] == (draws > 0).sum()
+    assert f"{hist['effective_sample_size']:.1f} of 300" in path.read_text()
 
 
 def test_report_from_pipeline_results_dict(fake_run, tmp_path):
@@ -113,6 +144,7 @@ def test_report_from_pipeline_results_dict(fake_run, tmp_path):
         "models": {n: {k: m[k] for k in ("accuracy", "loss", "n", "model_dir")} for n, m in models.items()},
         "phases": {"sft_continued": str(fake_run / "baseline" / "metrics.jsonl"), "wmss": None},
         "scores": str(fake_run / "score_1" / "scores.parquet"),
+        "weights": str(fake_run / "curriculum_1" / "weights.parquet"),
         "eval_dir": str(fake_run / "eval"),
         "config": {"run": {"name": "given"}},
         "config_hash": "abc123hash",
@@ -131,7 +163,7 @@ def test_report_from_empty_run_dir(tmp_path):
     _assert_self_contained(page)
     assert _images(page) == []
     for msg in ("No evaluation results", "No paired comparison", "No training metrics", "No WMSS metrics",
-                "No scores.parquet", "No config found"):
+                "No scores.parquet", "No curriculum weights", "No config found"):
         assert msg in page
 
 
@@ -139,10 +171,11 @@ def test_report_with_some_parts_missing(tmp_path):
     run = tmp_path / "partial"
     _write_eval(run / "eval")
     _write_scores(run / "score_2" / "scores.parquet")
-    _write_metrics(run / "wmss_1" / "metrics.jsonl", "wmss")  # no baseline, no config
+    _write_metrics(run / "wmss_1" / "metrics.jsonl", "wmss")  # no baseline, no config, no curriculum
     page = write_report(run).read_text()
     _assert_self_contained(page)
-    assert len(_images(page)) == 4  # curves (WMSS only), probs, scatter, weights
+    assert len(_images(page)) == 3  # curves (WMSS only), probs, scatter
+    assert "No curriculum weights" in page
     assert "No config found" in page and "config hash unknown" in page
     assert "<td>WMSS</td>" in page
 

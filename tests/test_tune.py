@@ -44,3 +44,29 @@ def test_trial_config_and_links(tmp_path):
         link = tmp_path / "base" / "tune" / "trial_00001" / p
         assert link.is_symlink() and link.resolve() == (base_dir / p).resolve()
     assert not (tmp_path / "base" / "tune" / "trial_00001" / "wmss_1").exists()
+
+
+@pytest.mark.parametrize("overrides", [
+    ["data.demo.n_validation=0"],
+    ["models.demo=false", "models.base=/models/m0", "data.train=t.jsonl", "data.eval=e.jsonl"],
+])
+def test_a_sweep_without_a_validation_split_is_refused_before_it_runs(tmp_path, overrides):
+    """Tune selects a trial: it must not select on data.eval (the test set)."""
+    from tune.sweep import run_sweep
+
+    base = load_config(None, [f"run.storage={tmp_path}", *overrides])
+    with pytest.raises(ValueError, match="validation split apart from data.eval"):
+        run_sweep(base)
+    assert not (tmp_path / base.run.name).exists()  # nothing ran
+
+
+def test_validation_source_prefers_the_carved_split():
+    from wmss_ray.data.splits import has_validation, validation_source
+
+    demo = load_config(None)
+    assert has_validation(demo)
+    assert validation_source(demo, {"data": {"validation": "/r/data/validation.jsonl"}}) == "/r/data/validation.jsonl"
+    carved = {"data": {"validation": "/r/data/validation.jsonl"}, "tokenize": {"validation": "/r/tokenize/validation"}}
+    assert validation_source(demo, carved) == "/r/tokenize/validation"
+    real = load_config(None, ["models.demo=false", "models.base=/m", "data.train=t.jsonl", "data.validation=v.jsonl"])
+    assert has_validation(real) and validation_source(real, {"tokenize": {"validation": None}}) == "v.jsonl"

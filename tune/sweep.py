@@ -4,7 +4,10 @@ Everything before the curriculum (data, pre-training, tokenisation, SFT, scoring
 on the swept keys (``mix.*`` and ``curriculum.*``, enforced by the config schema), so it runs once
 in the base run directory. Each trial gets its own run directory ``<run_dir>/tune/<trial>/`` whose
 upstream phase directories are symbolic links to the base run's: the pipeline's fingerprints then
-match and it runs only curriculum -> WMSS, after which the trial evaluates the WMSS model alone.
+match and it runs only curriculum -> WMSS, after which the trial evaluates the WMSS model alone
+on the validation split (``data.validation_fraction`` / ``data.validation`` / the demo world's
+``validation.jsonl``), never on ``data.eval``: the test set is read only by the final eval phase,
+after the choice. A config without a validation split is refused before anything runs.
 
 Usage: ``wmss tune CONFIG`` or ``python -m jobs.tune --config CONFIG`` on a cluster.
 """
@@ -16,8 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from wmss_ray.config import WMSSConfig, config_from_dict
+from wmss_ray.data.ray_corpus import validation_eval_input
+from wmss_ray.data.splits import has_validation
 
 SHARED_PHASES = ("data", "phase0", "tokenize", "sft", "score_1")
+NO_VALIDATION = ("a tune sweep selects a trial, so it needs a validation split apart from data.eval (the "
+                 "test set): set data.validation_fraction (carved from data.train) or data.validation")
 
 
 def build_param_space(search_space: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
@@ -55,17 +62,24 @@ def run_trial(base: WMSSConfig, params: dict[str, Any], trial_name: str) -> dict
     trial_dir = Path(cfg.run_dir()).resolve()
     link_shared_phases(Path(base.run_dir()).resolve(), trial_dir)
     outputs = run_pipeline(cfg, until="wmss_1")
-    eval_path = outputs["data"]["eval"] if cfg.models.demo else cfg.data.eval
-    res = evaluate_models({"WMSS": outputs["wmss_1"]["model_dir"]}, eval_path, cfg, str(trial_dir / "eval"))["WMSS"]
-    return {"eval_accuracy": float(res.accuracy), "eval_loss": float(res.loss), "n_eval": int(res.n)}
+    validation = validation_eval_input(cfg, outputs)
+    if validation is None:
+        raise ValueError(NO_VALIDATION)
+    res = evaluate_models({"WMSS": outputs["wmss_1"]["model_dir"]}, validation, cfg,
+                          str(trial_dir / "validation"), eval_set="validation")["WMSS"]
+    return {"validation_accuracy": float(res.accuracy), "validation_loss": float(res.loss),
+            "n_validation": int(res.n)}
 
 
 def run_sweep(base: WMSSConfig):
     """Run the shared phases once, then the Tune trials; returns the Ray Tune ResultGrid."""
     from ray import tune
 
-    from wmss_ray.pipeline import ensure_ray, run_pipeline
+    from wmss_ray.cluster import ensure_ray
+    from wmss_ray.pipeline import run_pipeline
 
+    if not has_validation(base):
+        raise ValueError(NO_VALIDATION)
     ensure_ray()
     run_pipeline(base, until="score_1")
     base_dict = base.to_dict()
@@ -91,9 +105,11 @@ def summarize(grid) -> str:
     for r in grid:
         if r.metrics:
             params = {k: v for k, v in (r.config or {}).items()}
-            rows.append((r.metrics.get("eval_accuracy", float("nan")), r.metrics.get("eval_loss", float("nan")), params))
+            rows.append((r.metrics.get("validation_accuracy", float("nan")),
+                         r.metrics.get("validation_loss", float("nan")), params))
     rows.sort(key=lambda x: -x[0])
-    lines = [f"{'accuracy':>9} {'loss':>8}  params"]
+    lines = ["trials on the validation split (data.eval, the test set, is not read by the sweep)",
+             f"{'accuracy':>9} {'loss':>8}  params"]
     lines += [f"{a:9.3f} {l:8.4f}  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                              for k, v in p.items()) for a, l, p in rows]
     return "\n".join(lines)

@@ -5,6 +5,7 @@
     wmss score|train|eval|report CONFIG   the pipeline up to that phase
     wmss tune CONFIG                  Ray Tune sweep over lambda, alpha, beta, gamma
     wmss validate CONFIG              load and validate a config, print it resolved
+    wmss plan CONFIG [--gpu-memory 80GiB]   GPU memory per rank the config needs, and what to change
     wmss submit|status|logs ...       Ray job submission to a running cluster (token auth)
 """
 
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 
 from wmss_ray.config import ConfigError, load_config
+from wmss_ray.submit import add_cli_commands
 
 
 def _add_config_args(p: argparse.ArgumentParser, config_required: bool = True) -> None:
@@ -85,6 +87,18 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from wmss_ray.plan import format_plan, parse_memory
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        budget = parse_memory(args.gpu_memory) if args.gpu_memory else None
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    print(format_plan(cfg, budget, source=args.config))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wmss", description="WMSS on Ray: weak agents make strong agents stronger")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -116,12 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=_cmd_validate)
 
-    try:
-        from wmss_ray.submit import add_cli_commands
-    except ImportError:  # pragma: no cover - submit module missing in a partial install
-        add_cli_commands = None
-    if add_cli_commands is not None:
-        add_cli_commands(sub)
+    p = sub.add_parser("plan", help="GPU memory per rank the config needs (no model weights are loaded)")
+    _add_config_args(p)
+    p.add_argument("--gpu-memory", default=None, metavar="SIZE", help="memory of one GPU, e.g. 80GiB, 141GB")
+    p.set_defaults(func=_cmd_plan)
+
+    add_cli_commands(sub)  # submit / status / logs: an import failure there must surface, not hide them
     return parser
 
 

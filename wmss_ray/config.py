@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +25,20 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key, value and what is allowed."""
 
 
+def compile_answer_pattern(pattern: str | None) -> re.Pattern:
+    """Compile ``evaluation.answer_pattern``; it must have a group (named ``answer`` or the 1st)."""
+    if not pattern:
+        raise ValueError("evaluation.checker 'regex' needs evaluation.answer_pattern (a regex with a group)")
+    try:
+        rx = re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"evaluation.answer_pattern {pattern!r} is not a valid regex: {err}") from None
+    if rx.groups < 1:
+        raise ValueError(f"evaluation.answer_pattern {pattern!r} has no group; mark the answer "
+                         "with (...) or (?P<answer>...)")
+    return rx
+
+
 class _Section(BaseModel):
     # extra="forbid": a typo in a YAML key must fail loudly, never be silently ignored.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -31,9 +46,19 @@ class _Section(BaseModel):
 
 class RunConfig(_Section):
     name: str = "wmss-demo"
-    storage: str = "runs"  # local directory or URI (s3://, gs://); the run dir is <storage>/<name>
+    storage: str = "runs"  # local or shared-filesystem directory; the run dir is <storage>/<name>
     seed: int = 0
     iterations: int = Field(1, ge=1, description="K: WMSS iterations (paper: 1)")
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_is_a_directory(cls, v: str) -> str:
+        # Until object storage is supported end to end, a URI would be turned into a local folder
+        # named "s3:" by the phases' local paths: refuse it now rather than write somewhere else.
+        if "://" in v:
+            raise ValueError(f"{v!r}: object storage URIs (s3://, gs://, ...) are not supported for run "
+                             "storage yet; use a local or shared-filesystem directory (e.g. a mounted volume)")
+        return v
 
 
 class DemoModelConfig(_Section):
@@ -66,6 +91,9 @@ class ModelsConfig(_Section):
     weak: str | None = None
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="auto: flash_attention_2 on a GPU when flash_attn is installed, else sdpa"
+    )
 
     @model_validator(mode="after")
     def _need_a_model(self) -> "ModelsConfig":
@@ -82,6 +110,7 @@ class DemoDataConfig(_Section):
     n_pretrain: int = Field(20000, ge=0)
     n_train: int = Field(10000, ge=1)
     n_eval: int = Field(300, ge=1)
+    n_validation: int = Field(200, ge=0, description="validation problems drawn after the train ones (same hash split, never in train)")
     min_steps: int = Field(2, ge=1)
     max_steps: int = Field(3, ge=1)
     max_operand: int = Field(20, ge=2)
@@ -92,13 +121,24 @@ class DemoDataConfig(_Section):
 
 class DataConfig(_Section):
     train: str | None = None  # JSONL(.gz) / Parquet / HF save_to_disk dir; local or URI
-    eval: str | None = None
+    eval: str | None = None  # the held-out test set: read only by the eval phase, after every choice
+    validation: str | None = None  # a validation corpus (what tune selects on); or validation_fraction
+    validation_fraction: float = Field(
+        0.0, ge=0, lt=1,
+        description="carve this share of data.train (by a hash of sample_id) into the validation split",
+    )
     format: Literal["auto", "jsonl", "parquet", "hf"] = "auto"
     schema_: Literal["auto", "messages", "prompt_response"] = Field("auto", alias="schema")
     messages_column: str = "messages"
     prompt_column: str = "prompt"
     response_column: str = "response"
     id_column: str | None = None
+    reference_column: str | None = Field(
+        None, description="column holding the reference final answer (default: extracted from the response)"
+    )
+    supervise: Literal["answer_and_eos", "answer_only"] = Field(
+        "answer_and_eos", description="supervised tokens: the answer and the end-of-turn token, or the answer only"
+    )
     max_seq_len: int = Field(256, ge=8)
     truncation: Literal["left", "reject"] = "left"
     on_bad_row: Literal["error", "skip"] = "error"
@@ -107,6 +147,13 @@ class DataConfig(_Section):
     demo: DemoDataConfig = DemoDataConfig()
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _one_validation_source(self) -> "DataConfig":
+        if self.validation and self.validation_fraction > 0:
+            raise ValueError("give data.validation (a corpus) or data.validation_fraction (carved from "
+                             "data.train), not both")
+        return self
 
 
 class ScoringConfig(_Section):
@@ -158,7 +205,12 @@ class MixConfig(_Section):
     lam: float = Field(0.5, description="lambda in (0, 1]; 1 is plain SFT")
     mode: Literal["joint", "frozen"] = "joint"
     placement: Literal["colocated", "pool"] = "colocated"
-    chunk_size: int = Field(1024, ge=1, description="tokens per chunk of the mixed loss")
+    chunk_size: int | None = Field(
+        None, ge=0, description="answer tokens per chunk of the mixed loss; null/0: sized from chunk_mb"
+    )
+    chunk_mb: float = Field(
+        128.0, gt=0, description="MiB of the loss's one [chunk, V] fp32 buffer (chunk = a multiple of 64 tokens)"
+    )
     pool: WeakPoolConfig = WeakPoolConfig()
 
     @field_validator("lam")
@@ -190,6 +242,10 @@ class TrainingConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] = 0
     offload_optimizer: bool = False
     offload_params: bool = False
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each decoder layer in backward (both models, non-reentrant): "
+        "activation memory ~ one layer's instead of all layers'; ~1/3 more compute"
+    )
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0: only at the end)")
     max_failures: int = Field(0, ge=-1)
     log_every: int = Field(10, ge=1)
@@ -222,13 +278,26 @@ class ScalingConfig(_Section):
 class EvaluationConfig(_Section):
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(64, ge=1)
-    max_samples: int | None = Field(None, ge=1)
+    max_samples: int | None = Field(None, ge=1, description="a seeded subsample (run.seed, by sample_id hash)")
+    checker: Literal["auto", "demo", "exact", "math", "regex"] = Field(
+        "auto", description="answer checker (wmss_ray.checkers); auto: demo in the demo world, else math"
+    )
+    answer_pattern: str | None = Field(None, description="checker regex: the final answer is group 'answer' or 1")
     num_actors: int = Field(1, ge=1)
     baseline: bool = True  # equal-compute SFT-continued baseline
     ray_min_rows: int = Field(2000, ge=0, description="eval sets larger than this use the Ray Data actor pool")
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
     paired_bootstrap: int = Field(10000, ge=100, description="resamples for the paired bootstrap CI")
+
+    @model_validator(mode="after")
+    def _pattern_compiles(self) -> "EvaluationConfig":
+        if self.checker == "regex" or self.answer_pattern is not None:
+            compile_answer_pattern(self.answer_pattern)
+        if self.answer_pattern is not None and self.checker != "regex":
+            raise ValueError(f"evaluation.answer_pattern is set but evaluation.checker is {self.checker!r}; "
+                             "set evaluation.checker: regex")
+        return self
 
 
 class TuneConfig(_Section):
@@ -237,7 +306,9 @@ class TuneConfig(_Section):
     num_samples: int = Field(4, ge=1, description="trials (for grid: repeats of the grid)")
     max_concurrent: int = Field(1, ge=1)
     cpus_per_trial: float = Field(0.5, gt=0, description="the trial's driver; Train workers ask for their own")
-    metric: Literal["eval_accuracy", "eval_loss"] = "eval_accuracy"
+    metric: Literal["validation_accuracy", "validation_loss"] = Field(
+        "validation_accuracy", description="trials are compared on the validation split, never on data.eval"
+    )
     mode: Literal["max", "min"] = "max"
     search_space: dict[str, dict[str, list[float]]] = Field(
         default_factory=lambda: {"mix.lam": {"uniform": [0.3, 0.7]}, "curriculum.beta": {"choice": [0.5, 0.8]}},
@@ -278,6 +349,21 @@ class WMSSConfig(_Section):
     def _data_for_real_models(self) -> "WMSSConfig":
         if not self.models.demo and not self.data.train:
             raise ValueError("models.demo is false, so data.train must name a corpus")
+        if self.scaling.use_gpu and self.evaluation.gpus_per_actor == 0:
+            raise ValueError("scaling.use_gpu is true but evaluation.gpus_per_actor is 0: evaluation would "
+                             "generate on CPU; set evaluation.gpus_per_actor (e.g. 1)")
+        return self
+
+    @model_validator(mode="after")
+    def _half_precision_needs_zero(self) -> "WMSSConfig":
+        # models.dtype auto is bf16 on a GPU; DeepSpeed accumulates in fp32 only under ZeRO.
+        half = self.models.dtype in ("bfloat16", "float16") or (self.models.dtype == "auto" and self.scaling.use_gpu)
+        if half and self.training.zero_stage == 0:
+            raise ValueError(
+                "training.zero_stage is 0 but the models train in half precision (models.dtype "
+                f"{self.models.dtype!r}, scaling.use_gpu {self.scaling.use_gpu}): gradients are "
+                "accumulated in fp32 only under ZeRO; set training.zero_stage >= 1 or models.dtype: float32"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,11 +1,15 @@
 """Held-out evaluation: greedy exact-match accuracy and teacher-forced answer loss.
 
-For every eval problem (a chat row ``{"sample_id", "messages": [..., assistant], "final_answer"}``
-or a prompt/response row) the model generates greedily from the chat-template prompt plus the
-generation prompt, left-padded in batches, stopping at the end-of-turn/EOS token; the problem is
-correct when the "#### N" in the generation matches the reference (``data.synthetic.is_correct``).
-The loss is the teacher-forced cross-entropy over the answer tokens only (answer-only labels from
-``data.tokenize.tokenize_example``), averaged over all answer tokens of the set (token-weighted).
+Eval rows are read through ``data.corpus`` (the training corpus's formats, schemas, sample ids
+and bad-row policy). For every eval problem (a chat row ``{"messages": [..., assistant]}`` or a
+prompt/response row) the model generates greedily from the chat-template prompt plus the
+generation prompt (and the template's own filler before an answer, e.g. an empty think block),
+left-padded in batches, stopping at the end-of-turn/EOS token; the problem is correct when the
+answer checker (``evaluation.checker``, see ``wmss_ray.checkers``) finds the generation's final
+answer equivalent to the reference. The checker runs in the driver, after generation. The loss
+is the teacher-forced cross-entropy over the supervised tokens only (``data.supervise``; labels
+from ``data.tokenize.tokenize_example``), averaged over all of them (token-weighted).
+``evaluation.max_samples`` takes a seeded subsample (``run.seed``, by a hash of ``sample_id``).
 
 Two paths give the same results: in-process (small sets) and a Ray Data actor pool (large sets or
 ``evaluation.num_actors > 1``). Both cut the rows into the same fixed batches of
@@ -25,9 +29,11 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from wmss_ray.checkers import AnswerChecker, checker_from_config
 from wmss_ray.config import WMSSConfig
-from wmss_ray.data.synthetic import extract_final_answer, is_correct
-from wmss_ray.data.tokenize import IGNORE_INDEX, BadRowError, collate, tokenize_example
+from wmss_ray.data.corpus import iter_corpus, iter_row_records, open_corpus
+from wmss_ray.data.splits import seeded_subsample
+from wmss_ray.data.tokenize import IGNORE_INDEX, BadRowError, collate, generation_prompt_ids, tokenize_example
 from wmss_ray.models.generate import greedy_generate
 
 log = logging.getLogger("wmss_ray.evaluation")
@@ -53,6 +59,8 @@ class EvalResult:
     accuracy: float
     loss: float  # token-weighted mean answer CE (nats/token); NaN when no answer token
     n_loss_tokens: int = 0
+    checker: str = ""  # the answer checker that decided ``correct``
+    n_no_reference: int = 0  # rows without a reference final answer (counted wrong)
     per_sample: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict[str, Any]:
@@ -64,69 +72,51 @@ class EvalResult:
 # ----------------------------------------------------------------------------- rows
 
 
-def read_rows(path: str) -> list[dict[str, Any]]:
-    """Read an eval corpus: JSONL(.gz) / JSON list / Parquet file, or an HF ``save_to_disk`` dir.
+def load_eval_rows(eval_path_or_rows: str | Path | Sequence[dict], cfg: WMSSConfig) -> list[dict[str, Any]]:
+    """Eval rows ``{sample_id, prompt_messages, answer, final_answer}``, read through
+    ``data.corpus``: the same formats, schemas, ``sample_id`` rule (``data.id_column``, else
+    ``"<file>:<row>"``) and bad-row policy (``data.on_bad_row``) as the training corpus.
 
-    Local paths or URIs (s3://, gs://) through pyarrow's filesystem layer.
+    ``final_answer`` is the reference the checker compares with: the row's
+    ``data.reference_column`` when set (a row without it is an error naming file and row), else
+    the final answer the checker extracts from the answer (None if none). Rows that are already
+    normalised (``prompt_messages`` and ``answer``: the carved validation split) are kept as they
+    are. Then ``evaluation.max_samples`` keeps a seeded subsample (``run.seed``; chosen by a hash
+    of ``sample_id``, kept in file order). Under ``on_bad_row: skip`` bad rows are left out and
+    counted in a warning naming the first one; under ``error`` the first one raises
+    ``CorpusError``.
     """
-    import pyarrow.fs as pafs
-
-    if "://" in path:
-        fs, p = pafs.FileSystem.from_uri(path)
+    if isinstance(eval_path_or_rows, (str, Path)):
+        records = iter_corpus(open_corpus(str(eval_path_or_rows), cfg.data), cfg.data)
     else:
-        fs, p = pafs.LocalFileSystem(), str(Path(path).resolve())
-    info = fs.get_file_info(p)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"eval corpus not found: {path}")
-    if info.type == pafs.FileType.Directory:
-        from datasets import load_from_disk
-
-        return [dict(r) for r in load_from_disk(path)]
-    if p.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        return pq.read_table(p, filesystem=fs).to_pylist()
-    with fs.open_input_stream(p, compression="detect") as f:
-        text = f.read().decode("utf-8")
-    if p.endswith(".json") and text.lstrip().startswith("["):
-        return list(json.loads(text))
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def normalise_eval_row(row: dict[str, Any], index: int, cfg: WMSSConfig) -> dict[str, Any]:
-    """``{sample_id, prompt_messages, answer, final_answer}`` from a chat or prompt/response row.
-
-    The answer is the last assistant message (chat) or the response column; ``final_answer`` is
-    the row's own field when present, else the "#### N" parsed from the answer (None if neither).
-    """
-    d = cfg.data
-    # data.id_column first (as data.corpus does), then the demo world's own "sample_id" field.
-    sid = row.get(d.id_column) if d.id_column else row.get("sample_id")
-    sid = str(sid) if sid is not None else f"eval-{index}"
-    msgs = row.get(d.messages_column)
-    if msgs is not None:
-        msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
-        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
-        if last is None:
-            raise ValueError(f"eval row {sid}: no assistant message to take the answer from")
-        prompt, answer = msgs[:last], msgs[last]["content"]
-    elif d.prompt_column in row and d.response_column in row:
-        prompt, answer = [{"role": "user", "content": str(row[d.prompt_column])}], str(row[d.response_column])
-    else:
-        raise ValueError(
-            f"eval row {sid}: needs '{d.messages_column}' or '{d.prompt_column}'+'{d.response_column}'"
-        )
-    final = row.get("final_answer")
-    final = str(final) if final is not None else extract_final_answer(answer)
-    return {"sample_id": sid, "prompt_messages": prompt, "answer": answer, "final_answer": final}
-
-
-def load_eval_rows(eval_path_or_rows: str | Sequence[dict], cfg: WMSSConfig) -> list[dict[str, Any]]:
-    """Read (if a path), cap at ``cfg.evaluation.max_samples`` (first rows), normalise."""
-    rows = read_rows(eval_path_or_rows) if isinstance(eval_path_or_rows, (str, Path)) else list(eval_path_or_rows)
-    if cfg.evaluation.max_samples is not None:
-        rows = rows[: cfg.evaluation.max_samples]
-    return [normalise_eval_row(r, i, cfg) for i, r in enumerate(rows)]
+        rows = list(eval_path_or_rows)
+        if rows and all("prompt_messages" in r and "answer" in r for r in rows):
+            # Already normalised (the carved validation split): keep them as they are.
+            records = ({**r, "sample_id": str(r["sample_id"]), "reject_reason": None} for r in rows)
+        else:
+            records = iter_row_records(rows, cfg.data, name="eval rows")
+    checker = checker_from_config(cfg)
+    out: list[dict[str, Any]] = []
+    bad: list[dict[str, Any]] = []
+    for rec in records:
+        if rec["reject_reason"]:
+            bad.append(rec)
+            continue
+        if cfg.data.reference_column and rec.get("reference") is None:
+            raise ValueError(f"eval row {rec['sample_id']} ({rec.get('source_file')} row {rec.get('source_row')}): "
+                             f"data.reference_column '{cfg.data.reference_column}' is missing")
+        out.append({"sample_id": rec["sample_id"], "prompt_messages": list(rec["prompt_messages"]),
+                    "answer": rec["answer"],
+                    "final_answer": checker.reference(rec["answer"], rec.get("reference"))})
+    if bad:
+        b = bad[0]
+        log.warning("eval: %d bad rows skipped (data.on_bad_row: skip); first: %s row %s: %s (%s)",
+                    len(bad), b["source_file"], b["source_row"], b["reject_reason"], b["reject_detail"])
+    ids = [r["sample_id"] for r in out]
+    if len(set(ids)) != len(ids):  # repeated ids: subsample by position instead
+        log.warning("eval rows repeat sample ids; max_samples subsamples by row position")
+        ids = [f"{i}:{sid}" for i, sid in enumerate(ids)]
+    return [out[i] for i in seeded_subsample(ids, cfg.evaluation.max_samples, cfg.run.seed)]
 
 
 # ----------------------------------------------------------------------------- the evaluator
@@ -147,21 +137,25 @@ class Evaluator:
         dtype: str = "auto",
         device: str = "auto",
         trust_remote_code: bool = False,
+        supervise: str = "answer_and_eos",
+        attn_implementation: str = "auto",
     ):
-        from wmss_ray.models.loading import load_causal_lm, load_tokenizer
+        from wmss_ray.models.loading import load_causal_lm, load_tokenizer, resolve_attn_implementation
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_causal_lm(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        self.model = load_causal_lm(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                                    attn_implementation=resolve_attn_implementation(attn_implementation, device))
         self.model.eval()
         self.tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
         self.max_new_tokens = max_new_tokens
         self.max_seq_len = max_seq_len
+        self.supervise = supervise
         self.device = torch.device(device)
 
     @torch.no_grad()
     def answer_nll(self, rows: Sequence[dict]) -> list[tuple[float | None, int]]:
-        """Per row: (sum of answer-token CE in nats, number of answer tokens); (None, 0) when the
+        """Per row: (sum of CE in nats over the supervised tokens, their number); (None, 0) when the
         row cannot be tokenised. Position t's logits score token t+1 (labels shifted here)."""
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -169,7 +163,8 @@ class Evaluator:
         for r in rows:
             try:
                 # "left": evaluation scores every row; a too-long prompt loses its oldest tokens.
-                encoded.append(tokenize_example(tok, r["prompt_messages"], r["answer"], self.max_seq_len, "left"))
+                encoded.append(tokenize_example(tok, r["prompt_messages"], r["answer"], self.max_seq_len, "left",
+                                                self.supervise))
             except BadRowError as err:
                 log.warning("eval row %s not scored for loss: %s", r["sample_id"], err)
                 encoded.append(None)
@@ -195,27 +190,30 @@ class Evaluator:
         return out
 
     def __call__(self, rows: Sequence[dict]) -> list[dict[str, Any]]:
+        """Per row ``{sample_id, generated, nll, n_tokens}``; the answer checker runs later, in
+        the driver (``check_answers``)."""
         # One call per pre-cut batch: batch_size=len(rows) keeps the padding identical on both paths.
         prompts = [r["prompt_messages"] for r in rows]
+        # The same conditioning as in training: the chat prompt + the template's filler, if any.
+        prompt_id_lists = [generation_prompt_ids(self.tokenizer, r["prompt_messages"], r["answer"]) for r in rows]
         generated = greedy_generate(
-            self.model, self.tokenizer, prompts, self.max_new_tokens, batch_size=max(1, len(rows))
+            self.model, self.tokenizer, prompts, self.max_new_tokens, batch_size=max(1, len(rows)),
+            prompt_id_lists=prompt_id_lists,
         )
         nll = self.answer_nll(rows)
-        results = []
-        for r, text, (s, c) in zip(rows, generated, nll):
-            ref = r.get("final_answer")
-            results.append(
-                {
-                    "sample_id": r["sample_id"],
-                    "correct": bool(ref is not None and is_correct(text, ref)),
-                    "generated": text,
-                    "predicted": extract_final_answer(text),
-                    "reference": ref,
-                    "nll": s,
-                    "n_tokens": c,
-                }
-            )
-        return results
+        return [{"sample_id": r["sample_id"], "generated": text, "nll": s, "n_tokens": c}
+                for r, text, (s, c) in zip(rows, generated, nll)]
+
+
+def check_answers(rows: Sequence[dict], generated: Sequence[dict], checker: AnswerChecker) -> list[dict[str, Any]]:
+    """Per-sample results: the evaluator's output plus ``correct``, ``predicted``, ``reference``."""
+    out = []
+    for r, g in zip(rows, generated):
+        correct, predicted = checker.check(g["generated"], r.get("final_answer"))
+        out.append({"sample_id": g["sample_id"], "correct": bool(correct), "generated": g["generated"],
+                    "predicted": predicted, "reference": r.get("final_answer"), "nll": g["nll"],
+                    "n_tokens": g["n_tokens"]})
+    return out
 
 
 def _evaluator_kwargs(model_dir: str, cfg: WMSSConfig) -> dict[str, Any]:
@@ -223,8 +221,10 @@ def _evaluator_kwargs(model_dir: str, cfg: WMSSConfig) -> dict[str, Any]:
         "model_dir": str(model_dir),
         "max_new_tokens": cfg.evaluation.max_new_tokens,
         "max_seq_len": cfg.data.max_seq_len,
-        "dtype": cfg.models.dtype,
+        "dtype": cfg.models.dtype,  # auto: bf16 on GPU, fp32 on CPU (models.loading.resolve_dtype)
         "trust_remote_code": cfg.models.trust_remote_code,
+        "supervise": cfg.data.supervise,
+        "attn_implementation": cfg.models.attn_implementation,
     }
 
 
@@ -246,7 +246,7 @@ class _EvalActor:
 def _run_ray(chunks: list[list[dict]], ev_kwargs: dict[str, Any], cfg: WMSSConfig) -> list[dict[str, Any]]:
     import ray.data
 
-    from wmss_ray.pipeline import ensure_ray
+    from wmss_ray.cluster import ensure_ray
 
     ensure_ray()  # joins a running cluster (ray job submit / tests) or starts a local one
     e = cfg.evaluation
@@ -299,27 +299,35 @@ def evaluate_model(
     """Evaluate one model directory on an eval corpus (path) or a list of raw eval rows.
 
     ``use_ray``: None picks the Ray Data actor pool when the set has more than
-    ``evaluation.ray_min_rows`` rows or ``evaluation.num_actors > 1``; True/False force a path.
+    ``evaluation.ray_min_rows`` rows, ``evaluation.num_actors > 1`` or ``evaluation.gpus_per_actor
+    > 0`` (the driver may have no GPU); True/False force a path.
     With ``out_dir`` the per-sample results are written to ``<out_dir>/eval_<name>.jsonl``.
     """
     name = name or Path(str(model_dir)).name
-    rows = load_eval_rows(eval_path_or_rows, cfg)
+    return _evaluate_rows(model_dir, load_eval_rows(eval_path_or_rows, cfg), cfg, name, out_dir, use_ray)
+
+
+def _evaluate_rows(model_dir: str, rows: list[dict[str, Any]], cfg: WMSSConfig, name: str,
+                   out_dir: str | Path | None, use_ray: bool | None) -> EvalResult:
+    """:func:`evaluate_model` on rows already read by :func:`load_eval_rows`."""
     e = cfg.evaluation
     if use_ray is None:
-        use_ray = len(rows) > e.ray_min_rows or e.num_actors > 1
+        use_ray = len(rows) > e.ray_min_rows or e.num_actors > 1 or e.gpus_per_actor > 0
     ev_kwargs = _evaluator_kwargs(model_dir, cfg)
     # "_idx" restores eval order after the Ray path (Ray Data does not keep it by default).
     chunks = [
         [{**r, "_idx": i + j} for j, r in enumerate(rows[i:i + e.batch_size])]
         for i in range(0, len(rows), e.batch_size)
     ]
+    checker = checker_from_config(cfg)
     if not rows:
-        per_sample: list[dict[str, Any]] = []
+        generated: list[dict[str, Any]] = []
     elif use_ray:
-        per_sample = _run_ray(chunks, ev_kwargs, cfg)
+        generated = _run_ray(chunks, ev_kwargs, cfg)
     else:
         evaluator = Evaluator(**ev_kwargs)
-        per_sample = [res for chunk in chunks for res in evaluator(chunk)]
+        generated = [res for chunk in chunks for res in evaluator(chunk)]
+    per_sample = check_answers(rows, generated, checker)
     n_missing = sum(r["reference"] is None for r in per_sample)
     if n_missing:
         log.warning("%s: %d of %d eval rows have no reference final answer (counted wrong)",
@@ -333,6 +341,8 @@ def evaluate_model(
         accuracy=(sum(r["correct"] for r in per_sample) / len(per_sample)) if per_sample else math.nan,
         loss=nll / tokens if tokens else math.nan,
         n_loss_tokens=tokens,
+        checker=checker.name,
+        n_no_reference=n_missing,
         per_sample=per_sample,
     )
     if out_dir is not None:
@@ -341,24 +351,40 @@ def evaluate_model(
     return result
 
 
-def evaluate_models(
-    models: dict[str, str], eval_path: str | Sequence[dict], cfg: WMSSConfig, out_dir: str | Path
-) -> dict[str, EvalResult]:
-    """Evaluate several models (``{name: model_dir}``) on the same problems.
+def eval_set_info(name: str, source: str, n: int, cfg: WMSSConfig) -> dict[str, Any]:
+    """What ``eval_results.json`` says about the problems: which set, from where, how chosen."""
+    return {"name": name, "source": source, "n": n, "max_samples": cfg.evaluation.max_samples,
+            "subsample_seed": cfg.run.seed if cfg.evaluation.max_samples is not None else None}
 
+
+def evaluate_models(
+    models: dict[str, str], eval_path: str | Sequence[dict], cfg: WMSSConfig, out_dir: str | Path,
+    eval_set: str = "test",
+) -> dict[str, EvalResult]:
+    """Evaluate several models (``{name: model_dir}``) on the same problems (read once).
+
+    ``eval_set`` names the set the numbers come from: ``test`` (``data.eval``, read only after
+    every choice is made) or ``validation`` (what selection, e.g. a tune sweep, uses).
     Writes ``<out_dir>/eval_<name>.jsonl`` per model and ``<out_dir>/eval_results.json``:
-    ``{"models": {name: {name, model_dir, n, accuracy, loss, n_loss_tokens, per_sample_path}}}``.
+    ``{"checker": str, "eval_set": {name, source, n, max_samples, subsample_seed},
+    "models": {name: {name, model_dir, n, accuracy, loss, n_loss_tokens, checker, n_no_reference,
+    per_sample_path}}}``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, EvalResult] = {}
     table: dict[str, dict[str, Any]] = {}
+    rows = load_eval_rows(eval_path, cfg)  # read once for all models
     for name, model_dir in models.items():
-        res = evaluate_model(model_dir, eval_path, cfg, name=name, out_dir=out)
+        res = _evaluate_rows(model_dir, rows, cfg, name, out, None)
         results[name] = res
         table[name] = {**res.summary(), "per_sample_path": str(out / f"eval_{_safe_name(name)}.jsonl")}
+    source = str(eval_path) if isinstance(eval_path, (str, Path)) else f"{len(eval_path)} rows given in memory"
+    n = next(iter(results.values())).n if results else 0
+    summary = {"checker": checker_from_config(cfg).name, "eval_set": eval_set_info(eval_set, source, n, cfg),
+               "models": table}
     tmp = out / "eval_results.json.tmp"
-    tmp.write_text(json.dumps({"models": table}, indent=2, allow_nan=True))
+    tmp.write_text(json.dumps(summary, indent=2, allow_nan=True))
     tmp.replace(out / "eval_results.json")
     return results
 

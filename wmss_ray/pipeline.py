@@ -19,12 +19,15 @@ Ray Train checkpoint.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from wmss_ray import storage
+from wmss_ray.cluster import ensure_ray
 from wmss_ray.config import WMSSConfig, save_config
 from wmss_ray.manifest import Manifest, fingerprint, now, read_manifest
 
@@ -47,7 +50,7 @@ class RunContext:
 
     def __init__(self, cfg: WMSSConfig):
         self.cfg = cfg
-        self.run_dir = Path(cfg.run_dir()).resolve()
+        self.run_dir = Path(storage.local_dir(cfg.run_dir()))
         self.outputs: dict[str, dict[str, Any]] = {}
 
     def phase_dir(self, name: str) -> Path:
@@ -84,7 +87,9 @@ def _phase_data(ctx: RunContext) -> dict[str, Any]:
     from wmss_ray.data.synthetic import write_demo_corpus
 
     paths = write_demo_corpus(ctx.cfg.data.demo, ctx.cfg.run.seed, ctx.phase_dir("data"))
-    return {"outputs": {"train": str(paths["train"]), "eval": str(paths["eval"])}}
+    return {"outputs": {"train": str(paths["train"]), "validation": str(paths["validation"]),
+                        "eval": str(paths["eval"])},
+            "counts": {"validation": ctx.cfg.data.demo.n_validation}}
 
 
 def _phase0(ctx: RunContext) -> dict[str, Any]:
@@ -103,10 +108,11 @@ def _eval_corpus(ctx: RunContext) -> str | None:
 
 
 def _phase_tokenize(ctx: RunContext) -> dict[str, Any]:
-    from wmss_ray.data.corpus import tokenize_corpus
+    from wmss_ray.data.ray_corpus import tokenize_corpus
 
     res = tokenize_corpus(ctx.cfg, ctx.tokenizer_source(), _train_corpus(ctx), str(ctx.phase_dir("tokenize")))
-    return {"outputs": {"tokenized": res.tokenized_path, "rejects": res.rejects_path}, "counts": res.counts}
+    return {"outputs": {"tokenized": res.tokenized_path, "rejects": res.rejects_path,
+                        "validation": res.validation_path}, "counts": res.counts}
 
 
 def _phase_sft(ctx: RunContext) -> dict[str, Any]:
@@ -144,11 +150,11 @@ def _phase_score(t: int) -> Callable[[RunContext], dict[str, Any]]:
 
 def _phase_curriculum(t: int) -> Callable[[RunContext], dict[str, Any]]:
     def run(ctx: RunContext) -> dict[str, Any]:
-        from wmss_ray.scoring.ray_scoring import sample_curriculum
+        from wmss_ray.scoring.curriculum import sample_curriculum
 
-        out = ctx.phase_dir(f"curriculum_{t}") / "sampled_ids.parquet"
-        path = sample_curriculum(ctx.cfg, ctx.out(f"score_{t}", "scores"), str(out), seed=ctx.cfg.run.seed + t)
-        return {"outputs": {"sampled_ids": str(path)}}
+        res = sample_curriculum(ctx.cfg, ctx.out(f"score_{t}", "scores"), str(ctx.phase_dir(f"curriculum_{t}")),
+                                seed=ctx.cfg.run.seed + t)
+        return {"outputs": {"sampled_ids": res.sampled_ids_path, "weights": res.weights_path}, "counts": res.counts}
 
     return run
 
@@ -196,9 +202,12 @@ def _phase_eval(ctx: RunContext) -> dict[str, Any]:
     if "baseline" in ctx.outputs:
         models["SFT-continued"] = ctx.out("baseline", "model_dir")
     models["WMSS"] = ctx.model(k + 1)
-    results = evaluate_models(models, eval_path, ctx.cfg, str(ctx.phase_dir("eval")))
+    # data.eval is the test set: read here only, after every choice (tune selects on validation).
+    results = evaluate_models(models, eval_path, ctx.cfg, str(ctx.phase_dir("eval")), eval_set="test")
     table = {n: {"accuracy": r.accuracy, "loss": r.loss, "n": r.n, "model_dir": r.model_dir} for n, r in results.items()}
-    return {"outputs": {"results": str(ctx.phase_dir("eval") / "eval_results.json"), "models": table}}
+    summary = json.loads((ctx.phase_dir("eval") / "eval_results.json").read_text())
+    return {"outputs": {"results": str(ctx.phase_dir("eval") / "eval_results.json"), "models": table,
+                        "checker": summary["checker"], "eval_set": summary["eval_set"]}}
 
 
 def _phase_report(ctx: RunContext) -> dict[str, Any]:
@@ -207,17 +216,31 @@ def _phase_report(ctx: RunContext) -> dict[str, Any]:
     k = ctx.cfg.run.iterations
     results = {
         "models": ctx.outputs.get("eval", {}).get("models", {}),
+        "checker": ctx.outputs.get("eval", {}).get("checker"),
+        "eval_set": ctx.outputs.get("eval", {}).get("eval_set"),
+        "counts": {"validation": _validation_count(ctx)},
         "phases": {
             "sft_continued": ctx.outputs.get("baseline", {}).get("metrics"),
             "wmss": ctx.outputs.get(f"wmss_{k}", {}).get("metrics"),
         },
         "scores": ctx.outputs.get(f"score_{k}", {}).get("scores"),
+        "weights": ctx.outputs.get(f"curriculum_{k}", {}).get("weights"),
         "eval_dir": str(ctx.run_dir / "eval"),
         "config": ctx.cfg.to_dict(),
         "config_hash": ctx.cfg.config_hash(),
     }
     path = write_report(str(ctx.run_dir), results, str(ctx.phase_dir("report") / "report.html"))
     return {"outputs": {"report": str(path)}}
+
+
+def _validation_count(ctx: RunContext) -> int | None:
+    """Rows of the validation split, for the report (None without one)."""
+    tok = read_manifest(ctx.run_dir / "tokenize")
+    if tok and tok.counts.get("rows_validation"):
+        return int(tok.counts["rows_validation"])
+    if ctx.cfg.data.validation:
+        return None  # a user corpus: counted when it is evaluated
+    return ctx.cfg.data.demo.n_validation if ctx.cfg.models.demo else None
 
 
 def build_phases(cfg: WMSSConfig) -> list[Phase]:
@@ -245,7 +268,8 @@ def build_phases(cfg: WMSSConfig) -> list[Phase]:
     if cfg.evaluation.baseline:
         phases.append(Phase("baseline", ["sft", prev_model], ["run.seed", "training", "scaling"], _phase_baseline))
     eval_needs = [p.name for p in phases if p.name in ("sft", "baseline", prev_model)] + first
-    phases.append(Phase("eval", eval_needs, ["evaluation", "data.eval"], _phase_eval))
+    phases.append(Phase("eval", eval_needs, ["evaluation", "data.eval", "data.reference_column", "data.supervise"],
+                        _phase_eval))
     phases.append(Phase("report", ["eval"], [], _phase_report))
     return phases
 
@@ -281,14 +305,6 @@ def _phase_fingerprint(phase: Phase, cfg_dict: dict[str, Any], prints: dict[str,
         "config": {s: _section(cfg_dict, s) for s in phase.sections},
         "upstream": {n: prints.get(n) for n in phase.needs},
     })
-
-
-def ensure_ray() -> None:
-    """``ray.init()`` only when no Ray is connected (so `ray job submit` and the demo both work)."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(logging_level="WARNING", runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
 
 
 def run_pipeline(cfg: WMSSConfig, from_phase: str | None = None, until: str | None = None) -> dict[str, Any]:

@@ -10,12 +10,17 @@ The ``results`` dict (every key optional; missing ones are looked up under the r
     {
       "models": {name: {"accuracy": float, "loss": float, "n": int, "model_dir": str}},
                       # default: <eval_dir>/eval_results.json
+      "checker": str, "eval_set": {name, source, n, max_samples, subsample_seed},
+                      # default: the same file (which set the numbers come from, how checked)
+      "counts": {"validation": int | None},    # rows of the validation split (selection only)
       "paired": PairedTest dict or a list of them (see wmss_ray.stats.PairedTest.to_dict()),
                       # default: computed from <eval_dir>/eval_<name>.jsonl for
                       # WMSS vs SFT-continued and WMSS vs M1
       "phases": {"sft_continued": metrics.jsonl path, "wmss": metrics.jsonl path},
                       # default: <run>/baseline/metrics.jsonl, the last <run>/wmss_<t>/metrics.jsonl
       "scores": scores.parquet path,           # default: the last <run>/score_<t>/scores.parquet
+      "weights": weights.parquet path,         # the weights the curriculum phase drew from
+                      # (sample_id, weight, draws); default: the last <run>/curriculum_<t>/weights.parquet
       "eval_dir": dir of the eval phase,       # default: <run>/eval
       "config": dict, "config_hash": str,      # default: <run>/config.yaml and its hash
     }
@@ -55,7 +60,8 @@ def _fmt(v: Any, spec: str) -> str:
     return format(v, spec)
 
 
-_RESULT_KEYS = {"models", "paired", "phases", "scores", "eval_dir", "config", "config_hash"}
+_RESULT_KEYS = {"models", "paired", "phases", "scores", "weights", "eval_dir", "config", "config_hash",
+                "checker", "eval_set", "counts"}
 
 
 def _model_entries(results: dict) -> dict[str, dict]:
@@ -127,8 +133,11 @@ def collect_results(run_dir: str | Path, results: dict | None = None) -> dict[st
     r = dict(results or {})
     eval_dir = Path(r.get("eval_dir") or run / "eval")
     r["eval_dir"] = str(eval_dir)
-    if not r.get("models") and (eval_dir / "eval_results.json").exists():
-        r["models"] = json.loads((eval_dir / "eval_results.json").read_text()).get("models", {})
+    if (eval_dir / "eval_results.json").exists():
+        saved = json.loads((eval_dir / "eval_results.json").read_text())
+        for key in ("models", "checker", "eval_set"):
+            if not r.get(key):
+                r[key] = saved.get(key)
     phases = dict(r.get("phases") or {})
     defaults = {
         "sft_continued": _existing(run / "baseline" / "metrics.jsonl"),
@@ -136,6 +145,7 @@ def collect_results(run_dir: str | Path, results: dict | None = None) -> dict[st
     }
     r["phases"] = {k: _existing(phases.get(k)) or v for k, v in defaults.items()}
     r["scores"] = _existing(r.get("scores")) or _last_numbered(run, "score", "scores.parquet")
+    r["weights"] = _existing(r.get("weights")) or _last_numbered(run, "curriculum", "weights.parquet")
     if r.get("config") is None and (run / "config.yaml").exists():
         r["config"] = yaml.safe_load((run / "config.yaml").read_text())
     if r.get("config") is not None and not r.get("config_hash"):
@@ -251,10 +261,24 @@ def plot_entropy_scatter(h_weak: np.ndarray, h_strong: np.ndarray, dh: np.ndarra
     return _save(fig, path)
 
 
-def plot_weights_hist(weights: np.ndarray, path: Path) -> Path:
+WEIGHT_BINS = 50
+
+
+def weight_histogram(weights: np.ndarray, draws: np.ndarray) -> dict[str, Any]:
+    """The numbers behind the weight plot (also in ``report_data.json``): ``WEIGHT_BINS`` equal
+    bins over ``[min, max]`` of the ``[N]`` weights, their sample counts, and
+    ``core.curriculum.weight_summary`` of the weights and ``[N]`` draw counts."""
+    from wmss_ray.core.curriculum import weight_summary
+
+    counts, edges = np.histogram(weights, bins=WEIGHT_BINS)
+    return {"bin_edges": edges.tolist(), "counts": counts.tolist(), **weight_summary(weights, draws)}
+
+
+def plot_weights_hist(hist: dict[str, Any], path: Path) -> Path:
+    """Bar plot of a ``weight_histogram``."""
     fig = _figure()
     ax = fig.add_subplot()
-    ax.hist(weights, bins=50, color="#4a7ab5")
+    ax.stairs(hist["counts"], hist["bin_edges"], fill=True, color="#4a7ab5")
     ax.set(xlabel="sampling weight p_i", ylabel="samples", title="Curriculum sampling weights")
     ax.set_yscale("log")
     return _save(fig, path)
@@ -297,8 +321,32 @@ def _results_section(r: dict) -> str:
     rows = [[n, _fmt(m.get("accuracy"), ".4f"), _fmt(m.get("loss"), ".4f"), _fmt(m.get("n"), "d")]
             for n, m in models.items()]
     return (_table(["model", "held-out accuracy", "held-out loss (nats/token)", "n"], rows)
-            + "<p class=meta>Accuracy: greedy exact match of the final answer. Loss: teacher-forced "
-              "cross-entropy over answer tokens, token-weighted mean.</p>")
+            + f"<p class=meta>{eval_set_line(r)}</p>"
+            + "<p class=meta>Accuracy: greedy generation, final answer judged by the answer checker. "
+              "Loss: teacher-forced cross-entropy over the supervised answer tokens, token-weighted "
+              "mean.</p>")
+
+
+def eval_set_line(r: dict) -> str:
+    """Which set the held-out numbers come from, how it was subsampled and checked (HTML)."""
+    es = r.get("eval_set") or {}
+    checker = r.get("checker") or "unknown"
+    name = es.get("name", "test")
+    what = {"test": "the test set (data.eval, read only after training and every choice)",
+            "validation": "the validation split"}.get(name, html.escape(str(name)))
+    line = f"Numbers on {what}"
+    if es.get("source"):
+        line += f": {html.escape(str(es['source']))}"
+    if es.get("n") is not None:
+        line += f", {es['n']} problems"
+    if es.get("max_samples") is not None:
+        line += (f" (a seeded subsample of at most {es['max_samples']}, seed {es.get('subsample_seed')}, "
+                 "chosen by a hash of sample_id)")
+    line += f"; answer checker <b>{html.escape(str(checker))}</b>."
+    n_val = (r.get("counts") or {}).get("validation")
+    if n_val:
+        line += f" The validation split ({n_val} rows, apart from training) is used only for selection (tune)."
+    return line
 
 
 def _paired_section(r: dict) -> str:
@@ -331,15 +379,31 @@ def _scores_section(scores: str | None, out: Path) -> str:
         parts.append(_img(plot_entropy_scatter(hw, hs, dh, out / "entropy_scatter.png"), "entropy scatter"))
     else:
         parts.append(_missing(f"{scores} has no h_weak/h_strong rows."))
-    parts.append("<h2>Sampling weights</h2>")
-    if "weight" in cols and table.num_rows:
-        w = table.column("weight").to_numpy(zero_copy_only=False).astype(np.float64)
-        ess = float(w.sum() ** 2 / (w ** 2).sum()) if (w ** 2).sum() > 0 else float("nan")
-        parts.append(f"<p class=meta>Effective sample size (Σw)²/Σw²: {ess:.1f} of {len(w)}.</p>")
-        parts.append(_img(plot_weights_hist(w, out / "weights_hist.png"), "sampling weights"))
-    else:
-        parts.append(_missing("No weight column in scores.parquet."))
     return "".join(parts)
+
+
+def _read_weights(weights: str | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(weight [N] float64, draws [N] int64)`` of a curriculum ``weights.parquet``, else None."""
+    if not weights:
+        return None
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(weights)
+    if not {"weight", "draws"} <= set(table.column_names) or not table.num_rows:
+        return None
+    return (table.column("weight").to_numpy(zero_copy_only=False).astype(np.float64),
+            table.column("draws").to_numpy(zero_copy_only=False).astype(np.int64))
+
+
+def _weights_section(hist: dict[str, Any] | None, weights: str | None, out: Path) -> str:
+    if hist is None:
+        return _missing(f"No curriculum weights ({weights or 'curriculum_<t>/weights.parquet'} not found "
+                        "or empty; the curriculum phase has not run).")
+    line = (f"Effective sample size (Σw)²/Σw²: {hist['effective_sample_size']:.1f} of {sum(hist['counts'])}; "
+            f"{hist['draws']} draws reached {hist['samples_drawn']} samples, at most "
+            f"{hist['max_draws_per_sample']} draws of one sample")
+    return (f"<p class=meta>{html.escape(line)}. These are the weights the curriculum phase drew "
+            "from.</p>" + _img(plot_weights_hist(hist, out / "weights_hist.png"), "sampling weights"))
 
 
 def _pool_section(rows: list[dict]) -> str:
@@ -378,6 +442,8 @@ def write_report(run_dir: str | Path, results: dict | None = None, out_path: str
     metrics = {k: read_metrics(p) for k, p in r["phases"].items() if p}
 
     curves = plot_training_curves(metrics, out / "training_curves.png")
+    read = _read_weights(r.get("weights"))
+    hist = weight_histogram(*read) if read is not None else None
     probs = plot_target_probs(metrics, out / "target_probs.png")
     cfg_text = yaml.safe_dump(r["config"], sort_keys=False) if r.get("config") is not None else None
     run_name = ((r.get("config") or {}).get("run") or {}).get("name") or Path(run_dir).name
@@ -386,7 +452,7 @@ def write_report(run_dir: str | Path, results: dict | None = None, out_path: str
         f"<h1>WMSS run report: {html.escape(str(run_name))}</h1>",
         f"<p class=meta>run dir {html.escape(str(Path(run_dir).resolve()))} · config hash "
         f"{html.escape(r.get('config_hash') or 'unknown')} · generated {stamp}</p>",
-        "<h2>Held-out results</h2>", _results_section(r),
+        "<h2>Held-out results (test set)</h2>", _results_section(r),
         "<h2>Paired test</h2>", _paired_section(r),
         "<h2>Training curves</h2>",
         _img(curves, "training curves") or _missing("No training metrics (baseline / wmss metrics.jsonl not found)."),
@@ -394,6 +460,7 @@ def write_report(run_dir: str | Path, results: dict | None = None, out_path: str
         _img(probs, "P_mix and P_strong") or _missing("No WMSS metrics with p_mix / p_strong."),
         _pool_section(metrics.get("wmss") or []),
         "<h2>Weak vs strong entropy</h2>", _scores_section(r.get("scores"), out),
+        "<h2>Sampling weights</h2>", _weights_section(hist, r.get("weights"), out),
         "<h2>Config</h2>",
         f"<pre>{html.escape(cfg_text)}</pre>" if cfg_text else _missing("No config found (config.yaml)."),
     ]
@@ -401,6 +468,8 @@ def write_report(run_dir: str | Path, results: dict | None = None, out_path: str
             f"{html.escape(str(run_name))}</title><style>{_CSS}</style></head><body>"
             + "\n".join(body) + "</body></html>\n")
     out_file.write_text(page, encoding="utf-8")
-    data = {k: r.get(k) for k in ("models", "paired", "phases", "scores", "config_hash")}
+    data = {k: r.get(k) for k in ("models", "checker", "eval_set", "counts", "paired", "phases", "scores",
+                                  "weights", "config_hash")}
+    data["weight_histogram"] = hist
     (out / "report_data.json").write_text(json.dumps(data, indent=2, default=str))
     return out_file

@@ -34,6 +34,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from wmss_ray.cluster import AuthTokenError, load_auth_token
+from wmss_ray.config import ConfigError, load_config
+
 log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -78,23 +81,11 @@ def resolve_address(address: str | None = None) -> str:
 
 
 def _load_token() -> str | None:
-    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
-    if token:
-        return token
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    if path:  # like Ray: a named token file that cannot be read is an error, not a fallback
-        try:
-            token = Path(path).expanduser().read_text().strip()
-        except OSError as err:
-            raise AuthError(f"RAY_AUTH_TOKEN_PATH={path} cannot be read ({err.strerror})") from None
-        if not token:
-            raise AuthError(f"RAY_AUTH_TOKEN_PATH={path} is empty")
-        return token
-    default = Path.home() / ".ray" / "auth_token"
+    """The token in Ray's order (``wmss_ray.cluster.load_auth_token``), as an ``AuthError``."""
     try:
-        return default.read_text().strip() or None
-    except OSError:
-        return None
+        return load_auth_token()
+    except AuthTokenError as err:
+        raise AuthError(str(err)) from None
 
 
 @contextmanager
@@ -188,7 +179,6 @@ def submit_job(config_path: str | Path, address: str | None = None, overrides: l
     ``wait=True`` blocks until the job ends (at most ``timeout_s``) and raises ``JobFailedError``
     unless it SUCCEEDED. ``extra_args`` go after the config args (e.g. ``["--from-phase", "eval"]``).
     """
-    from wmss_ray.config import load_config
 
     if entrypoint not in ENTRYPOINTS:
         raise ValueError(f"entrypoint {entrypoint!r}: expected one of {', '.join(ENTRYPOINTS)}")
@@ -328,7 +318,7 @@ def _guarded(fn: Any) -> Any:
         except JobFailedError as err:
             print(f"wmss: {err}", file=sys.stderr)
             return 1
-        except SubmitError as err:
+        except (SubmitError, ConfigError) as err:
             print(f"wmss: {err}", file=sys.stderr)
             return 2
     return run
@@ -367,9 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wmss_ray.submit")
     add_cli_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    from wmss_ray.cli import run_command
-
-    return run_command(args)
+    return int(args.func(args) or 0)  # each command is _guarded: errors are one line + exit code
 
 
 if __name__ == "__main__":

@@ -129,3 +129,21 @@ def test_sample_indices_dedup_keeps_first_draw_order():
         sample_indices([0.0, 0.0], 5, seed=0)
     with pytest.raises(ValueError):
         sample_indices(w, -1, seed=0)
+
+
+def test_weight_summary_against_naive():
+    from wmss_ray.core.curriculum import weight_summary
+
+    rng = np.random.default_rng(7)
+    w = rng.dirichlet(np.ones(40))
+    draws = np.bincount(rng.choice(40, 60, p=w), minlength=40)
+    s = weight_summary(w, draws)
+    assert s["effective_sample_size"] == pytest.approx(sum(w) ** 2 / sum(x * x for x in w), rel=1e-12)
+    assert s["max_draws_per_sample"] == max(draws) and s["draws"] == 60
+    assert s["samples_drawn"] == sum(1 for d in draws if d > 0)
+    # uniform weights: N; all mass on one sample: 1; scale-free
+    assert weight_summary(np.ones(8), np.ones(8, int))["effective_sample_size"] == pytest.approx(8)
+    assert weight_summary(np.eye(5)[2], np.eye(5, dtype=int)[2])["effective_sample_size"] == pytest.approx(1)
+    assert weight_summary(w * 1e300, draws)["effective_sample_size"] == pytest.approx(s["effective_sample_size"])
+    with pytest.raises(ValueError, match="differ in shape"):
+        weight_summary(w, draws[:-1])

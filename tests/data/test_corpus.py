@@ -198,7 +198,7 @@ def _read_rejects(path: str) -> list[dict]:
 
 @pytest.mark.integration
 def test_ray_jsonl_skip_counts_rejects_and_tokenized(ray_cluster, tmp_path, tok_dir):
-    from wmss_ray.data.corpus import tokenize_corpus
+    from wmss_ray.data.ray_corpus import tokenize_corpus
 
     cases = JSONL_CASES + [(json.dumps(dict(GOOD[0])).encode(), None)]  # same content, new line id
     path = _write_jsonl(tmp_path / "train.jsonl", cases)
@@ -206,8 +206,9 @@ def test_ray_jsonl_skip_counts_rejects_and_tokenized(ray_cluster, tmp_path, tok_
     res = tokenize_corpus(cfg, tok_dir, str(path), str(tmp_path / "out"))
     expected = _expected_reasons(cases) | {R.TOO_LONG: 1}
     n_in = N_ROWS + 1
-    assert res.counts == {"rows_in": n_in, "rows_ok": n_in - sum(expected.values()),
-                          "rows_rejected": sum(expected.values()), "rejected_by_reason": dict(sorted(expected.items()))}
+    assert res.counts == {"rows_in": n_in, "rows_ok": n_in - sum(expected.values()), "rows_validation": 0,
+                          "rows_truncated": 0, "rows_rejected": sum(expected.values()),
+                          "rejected_by_reason": dict(sorted(expected.items()))}
     rej = _read_rejects(res.rejects_path)
     assert len(rej) == sum(expected.values())
     assert {"sample_id": "train.jsonl:2", "file": str(path), "row": 2, "reason": R.MALFORMED_JSON} == {
@@ -222,7 +223,7 @@ def test_ray_jsonl_skip_counts_rejects_and_tokenized(ray_cluster, tmp_path, tok_
 
 @pytest.mark.integration
 def test_ray_error_policy_read_and_tokenize_stage(ray_cluster, tmp_path, tok_dir):
-    from wmss_ray.data.corpus import tokenize_corpus
+    from wmss_ray.data.ray_corpus import tokenize_corpus
 
     path = _write_jsonl(tmp_path / "train.jsonl")
     with pytest.raises(R.CorpusError, match=r"train\.jsonl line 2: malformed_json"):
@@ -235,7 +236,7 @@ def test_ray_error_policy_read_and_tokenize_stage(ray_cluster, tmp_path, tok_dir
 
 @pytest.mark.integration
 def test_ray_duplicate_ids_both_policies(ray_cluster, tmp_path, tok_dir):
-    from wmss_ray.data.corpus import tokenize_corpus
+    from wmss_ray.data.ray_corpus import tokenize_corpus
 
     rows = [dict(GOOD[0], uid="a"), dict(GOOD[1], uid="b"), dict(GOOD[2], uid="a"), dict(GOOD[3])]
     path = tmp_path / "d.jsonl"
@@ -255,7 +256,7 @@ def test_ray_duplicate_ids_both_policies(ray_cluster, tmp_path, tok_dir):
 @pytest.mark.integration
 @pytest.mark.parametrize("kind", ["parquet", "hf", "gz_prompt_response"])
 def test_ray_formats_skip(ray_cluster, tmp_path, tok_dir, kind):
-    from wmss_ray.data.corpus import tokenize_corpus
+    from wmss_ray.data.ray_corpus import tokenize_corpus
 
     cfg = _cfg("data.on_bad_row=skip", "scoring.batch_size=2")
     if kind == "gz_prompt_response":
@@ -275,3 +276,64 @@ def test_ray_formats_skip(ray_cluster, tmp_path, tok_dir, kind):
     assert res.counts["rows_ok"] == n - sum(expected.values())
     assert pq.read_table(res.tokenized_path).num_rows == res.counts["rows_ok"]
     assert len(_read_rejects(res.rejects_path)) == sum(expected.values())
+
+
+@pytest.mark.integration
+def test_ray_validation_split_truncation_counts_and_prompt_cut_away(ray_cluster, tmp_path, tok_dir):
+    """data.validation_fraction carves rows by sample_id hash, disjoint from training; truncated
+    rows are counted; a row whose answer leaves no room for its prompt is rejected, not trained on."""
+    from wmss_ray.data.ray_corpus import tokenize_corpus
+    from wmss_ray.data.ray_corpus import read_validation_rows
+    from wmss_ray.data.splits import in_validation
+
+    rows = [dict(_chat(f"What is {i} + 1?", f"{i}+1={i + 1}\n#### {i + 1}"), uid=f"q{i}", gold=str(i + 1))
+            for i in range(40)]
+    rows.append(dict(_chat("x" * 300, "#### 1"), uid="long-prompt", gold="1"))  # left-truncated, kept
+    rows.append(dict(_chat("What is 1?", "y" * 120), uid="long-answer", gold="1"))  # prompt cut away
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _cfg("data.on_bad_row=skip", "data.id_column=uid", "data.validation_fraction=0.25",
+               "data.reference_column=gold", "scoring.batch_size=8")
+    res = tokenize_corpus(cfg, tok_dir, str(path), str(tmp_path / "out"))
+    expect_val = sorted(r["uid"] for r in rows[:41] if in_validation(r["uid"], 0.25))
+    assert 0 < len(expect_val) < 41
+    assert res.counts["rejected_by_reason"] == {R.PROMPT_TRUNCATED_AWAY: 1}
+    assert res.counts["rows_validation"] == len(expect_val)
+    assert res.counts["rows_ok"] == 41 - len(expect_val)
+    assert res.counts["rows_truncated"] == 1  # "long-prompt", in whichever split it hashed to
+    train_ids = set(pq.read_table(res.tokenized_path)["sample_id"].to_pylist())
+    val = read_validation_rows(res.validation_path)
+    assert sorted(r["sample_id"] for r in val) == expect_val and not train_ids & set(expect_val)
+    by_id = {r["uid"]: r for r in rows}
+    for r in val:  # the validation rows keep what evaluation needs: prompt, answer, reference
+        assert r["answer"] == by_id[r["sample_id"]]["messages"][1]["content"]
+        assert r["reference"] == by_id[r["sample_id"]]["gold"]
+        assert r["prompt_messages"][0]["content"] == by_id[r["sample_id"]]["messages"][0]["content"]
+    manifest = json.loads(Path(res.manifest_path).read_text())
+    assert manifest["counts"] == res.counts and manifest["validation"] == res.validation_path
+    # The same corpus gives the same split (a pure function of the ids).
+    again = tokenize_corpus(cfg, tok_dir, str(path), str(tmp_path / "out2"))
+    assert sorted(r["sample_id"] for r in read_validation_rows(again.validation_path)) == expect_val
+
+
+@pytest.mark.integration
+def test_ray_tokenisation_is_the_same_every_run(ray_cluster, tmp_path, tok_dir):
+    """Two tokenisations of one corpus by a pool of 2 actors, in small blocks, write the same
+    parts with the same rows in the same order (Ray Data preserves read order), whichever
+    actor finished first: the scoring batches built from them are then the same too."""
+    from wmss_ray.config import DemoDataConfig
+    from wmss_ray.data.ray_corpus import tokenize_corpus
+    from wmss_ray.data.synthetic import write_demo_corpus
+
+    corpus = write_demo_corpus(DemoDataConfig(n_train=120, n_eval=1), 0, tmp_path / "data")["train"]
+    cfg = _cfg("data.tokenize_actors=2", "data.tokenize_cpus=0.5", "scoring.batch_size=8")
+    parts = []
+    for run in ("a", "b"):
+        res = tokenize_corpus(cfg, tok_dir, corpus, str(tmp_path / run))
+        assert res.counts["rows_ok"] == 120
+        files = sorted(Path(res.tokenized_path).glob("*.parquet"))
+        parts.append([(f.name, pq.read_table(f)) for f in files])
+    assert [n for n, _ in parts[0]] == [n for n, _ in parts[1]]
+    assert all(a.equals(b) for (_, a), (_, b) in zip(*parts))
+    rows = pa.concat_tables([t for _, t in parts[0]])["sample_id"].to_pylist()
+    assert rows == [f"train.jsonl:{i}" for i in range(1, 121)]  # file order

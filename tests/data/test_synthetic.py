@@ -110,8 +110,14 @@ def test_write_demo_corpus(tmp_path):
     cfg = DemoDataConfig(n_train=30, n_eval=10)
     paths = write_demo_corpus(cfg, 0, tmp_path)
     rows = {k: [json.loads(line) for line in open(p)] for k, p in paths.items()}
-    assert set(rows) == {"train", "eval"} and len(rows["train"]) == 30 and len(rows["eval"]) == 10
+    assert set(rows) == {"train", "validation", "eval"}
+    assert len(rows["train"]) == 30 and len(rows["eval"]) == 10 and len(rows["validation"]) == cfg.n_validation
     assert rows["eval"] == generate_split("eval", 10, 0, cfg)
+    # Training rows do not depend on the validation size; validation never repeats a train problem.
+    assert rows["train"] == generate_split("train", 30, 0, cfg)
+    questions = lambda split: {r["messages"][0]["content"] for r in rows[split]}  # noqa: E731
+    assert not questions("train") & questions("validation")
+    assert all(r["sample_id"].startswith("validation-") for r in rows["validation"])
     assert [m["role"] for m in rows["train"][0]["messages"]] == ["user", "assistant"]
 
 

@@ -164,3 +164,21 @@ class LocalRayHead:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def finish_job(job_id: str, head: LocalRayHead, timeout_s: float) -> tuple[str, str]:
+    """Wait for a job; ``(final status, logs)``. Past ``timeout_s`` the job is stopped and the
+    test fails with the job's ``[wmss]`` progress lines and its log tail."""
+    import pytest
+
+    from wmss_ray import submit
+
+    try:
+        status = submit.wait_for_job(job_id, head.dashboard_url, timeout_s=timeout_s, poll_s=1.0)
+    except TimeoutError:
+        logs = submit.job_logs(job_id, head.dashboard_url)
+        submit.stop_job(job_id, head.dashboard_url)
+        progress = "\n".join(line for line in logs.splitlines() if line.startswith("[wmss]"))
+        pytest.fail(f"job {job_id} did not finish in {timeout_s:.0f}s; progress:\n{progress}\n"
+                    f"log tail:\n{logs[-3000:]}")
+    return status, submit.job_logs(job_id, head.dashboard_url)

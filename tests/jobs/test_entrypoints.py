@@ -122,7 +122,7 @@ def test_tune_main_runs_the_sweep_after_connecting(monkeypatch, capsys):
 
     class Best:
         config = {"mix.lam": 0.3}
-        metrics = {"eval_accuracy": 0.5}
+        metrics = {"validation_accuracy": 0.5}
 
     class Grid(list):
         def get_best_result(self):

@@ -1,43 +1,33 @@
 """Real Ray job submission against a real local head with token authentication.
 
-One head (tests/jobs/local_head.py) for the module: ``ray start --head --block`` with
+One head (tests/jobs/local_head.py, the session fixture ``ray_head``): ``ray start --head --block`` with
 RAY_AUTH_MODE=token and a generated token in a temp file, its own temp dir and ports, stopped by
 pid in a finally. Jobs are submitted through wmss_ray.submit with the repo as working_dir.
 
 - the mechanics, always: ``python -m jobs.check_cluster`` (connects with address="auto", runs
   tasks, writes files through every node and a JSON summary) must SUCCEED and leave its outputs;
 - requests without the token (or with a wrong one) are refused: 401/403, AuthError;
-- the shrunken demo pipeline (configs/test-tiny.yaml) end to end, as ``wmss submit`` sends it.
+- the shrunken demo pipeline (configs/test-tiny.yaml) end to end, as ``wmss submit`` sends it
+  (the session fixture ``tiny_job_run``, whose run directory tests/test_pipeline_e2e.py checks).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.jobs.local_head import LocalRayHead
+from tests.jobs.local_head import finish_job
 from wmss_ray import submit
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "configs" / "test-tiny.yaml"
-# Measured: the tiny pipeline job took ~7.5 min on 2 cores shared at load average ~20.
-PIPELINE_DEADLINE_S = 720
 
-
-@pytest.fixture(scope="module")
-def head():
-    h = LocalRayHead(num_cpus=4)
-    try:
-        h.start()
-        yield h
-    finally:
-        h.stop()
+@pytest.fixture
+def head(ray_head):
+    return ray_head
 
 
 @pytest.fixture
@@ -49,18 +39,6 @@ def with_token(head, monkeypatch):
     return head
 
 
-def _finish(job_id: str, head: LocalRayHead, timeout_s: float) -> tuple[str, str]:
-    try:
-        status = submit.wait_for_job(job_id, head.dashboard_url, timeout_s=timeout_s, poll_s=1.0)
-    except TimeoutError:
-        logs = submit.job_logs(job_id, head.dashboard_url)
-        submit.stop_job(job_id, head.dashboard_url)
-        progress = "\n".join(line for line in logs.splitlines() if line.startswith("[wmss]"))
-        pytest.fail(f"job {job_id} did not finish in {timeout_s:.0f}s; progress:\n{progress}\n"
-                    f"log tail:\n{logs[-3000:]}")
-    return status, submit.job_logs(job_id, head.dashboard_url)
-
-
 def test_check_cluster_job_succeeds_with_token(with_token, tmp_path):
     head = with_token
     out, storage = tmp_path / "check.json", tmp_path / "shared"
@@ -68,7 +46,7 @@ def test_check_cluster_job_succeeds_with_token(with_token, tmp_path):
         f"python -m jobs.check_cluster --out {out} --storage {storage} --tasks 3",
         head.dashboard_url, runtime_env=submit.default_runtime_env(),
     )
-    status, logs = _finish(job_id, head, timeout_s=180)
+    status, logs = finish_job(job_id, head, timeout_s=180)
     assert status == "SUCCEEDED", logs[-6000:]
     assert submit.job_status(job_id, head.dashboard_url) == "SUCCEEDED"
 
@@ -102,24 +80,21 @@ def test_requests_without_the_token_are_refused(head, monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("wmss_ray.pipeline") is None or not TINY.is_file(),
-                    reason="needs wmss_ray.pipeline and configs/test-tiny.yaml")
-def test_tiny_pipeline_as_a_ray_job(with_token, tmp_path):
-    from wmss_ray.config import load_config
+def test_tiny_pipeline_as_a_ray_job(tiny_job_run):
+    """The session's tiny pipeline run (tests/conftest.py::tiny_job_run) is a real job: submitted
+    with the token, it ran every phase inside the job and left a completed run directory.
+    What the run must contain is checked in tests/test_pipeline_e2e.py."""
     from wmss_ray.manifest import read_manifest
     from wmss_ray.pipeline import build_phases
 
-    head = with_token
-    overrides = [f"run.storage={tmp_path / 'runs'}"]
-    job_id = submit.submit_job(TINY, head.dashboard_url, overrides=overrides, entrypoint="pipeline")
-    status, logs = _finish(job_id, head, timeout_s=PIPELINE_DEADLINE_S)
-    assert status == "SUCCEEDED", logs[-8000:]
-
+    run = tiny_job_run
+    assert run.status == "SUCCEEDED", run.logs[-8000:]
     # what `wmss submit` sends: the config by its path inside the uploaded working_dir
-    assert "python -m jobs.pipeline --config configs/test-tiny.yaml --set run.storage=" in logs
-    cfg = load_config(TINY, overrides)
-    run_dir = Path(cfg.run_dir())
+    assert "python -m jobs.pipeline --config configs/test-tiny.yaml --set run.storage=" in run.logs
+    run_dir = Path(run.cfg.run_dir())
     assert (run_dir / "config.yaml").is_file()
-    for phase in build_phases(cfg):
+    for phase in build_phases(run.cfg):
         man = read_manifest(run_dir / phase.name)
         assert man is not None and man.status == "completed", f"phase {phase.name}: {man}"
+        # it ran in this job (not skipped): the job printed its start and end
+        assert f"[wmss] phase {phase.name} ..." in run.logs and f"[wmss] phase {phase.name} done" in run.logs

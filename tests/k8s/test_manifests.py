@@ -207,8 +207,7 @@ def test_entrypoints_exist_and_parse(rendered, target):
             continue
         assert ns.config.startswith(APP_DIR + "/"), f"--config {ns.config}: use an absolute path under {APP_DIR}"
         path = REPO / ns.config[len(APP_DIR) + 1:]
-        if not path.is_file():
-            pytest.xfail(f"{target}: {ns.config} is referenced but {path.relative_to(REPO)} is not in the repo yet")
+        assert path.is_file(), f"{target}: {ns.config} is referenced but {path.relative_to(REPO)} is not in the repo"
         cfg = load_config(path, ns.overrides)  # the config, with the manifest's overrides, is valid
         assert cfg.run.storage.startswith(SHARED_MOUNT + "/"), f"run.storage {cfg.run.storage} is not on {SHARED_MOUNT}"
 
@@ -266,6 +265,10 @@ def test_dockerfile_matches_manifests():
     assert "python:3.11-slim" in text
     assert IMAGE_REPO in text  # the build command in its header names the image the manifests use
     assert not [line for line in text.splitlines() if line.strip().startswith(("ENV", "ARG")) and _sensitive(line)]
+    # the GPU variant installs flash-attn (models.attn_implementation auto), the CPU one does not
+    assert "INSTALL_FLASH_ATTN=1" in text.split("AS base-gpu")[1].split("FROM ")[0]
+    assert "INSTALL_FLASH_ATTN=0" in text.split("AS base-cpu")[1].split("FROM ")[0]
+    assert 'pip install "flash-attn==' in text
     ignore = (REPO / ".dockerignore").read_text().split()
     assert {".git", ".venv", "runs"} <= {p.strip("/") for p in ignore}
 

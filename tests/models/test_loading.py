@@ -131,3 +131,48 @@ def test_greedy_generate_batched_matches_single(saved):
     batched = greedy_generate(model, tok, prompts, max_new_tokens=8)
     single = [greedy_generate(model, tok, [p], max_new_tokens=8)[0] for p in prompts]
     assert batched == single and all(isinstance(s, str) for s in batched)
+
+
+def test_resolve_attn_implementation(monkeypatch):
+    import builtins
+
+    from wmss_ray.models.loading import resolve_attn_implementation
+
+    real_import = builtins.__import__
+
+    def no_flash(name, *args, **kwargs):
+        if name == "flash_attn":
+            raise ImportError("no flash_attn here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_flash)
+    assert resolve_attn_implementation("auto", "cpu") == "sdpa"
+    assert resolve_attn_implementation("auto", "cuda:0") == "sdpa"  # no flash_attn: sdpa
+    assert resolve_attn_implementation("eager", "cuda") == "eager"
+    assert resolve_attn_implementation("sdpa", "cpu") == "sdpa"
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        resolve_attn_implementation("flash_attention_2", "cpu")
+    with pytest.raises(ImportError, match="flash-attn"):
+        resolve_attn_implementation("flash_attention_2", "cuda:0")
+    with pytest.raises(ValueError, match="must be one of"):
+        resolve_attn_implementation("flash", "cpu")
+    monkeypatch.setitem(__import__("sys").modules, "flash_attn", type(__import__("sys"))("flash_attn"))
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    assert resolve_attn_implementation("auto", "cuda:0") == "flash_attention_2"
+    assert resolve_attn_implementation("auto", "cpu") == "sdpa"
+    assert resolve_attn_implementation("flash_attention_2", "cuda") == "flash_attention_2"
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_load_causal_lm_uses_the_attention_kernel(tmp_path, attn):
+    from wmss_ray.config import DemoModelConfig
+    from wmss_ray.models.tiny import build_tiny_model, save_pretrained_model
+    from wmss_ray.models.tokenizer import build_demo_tokenizer
+
+    tok = build_demo_tokenizer()
+    cfg = DemoModelConfig(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
+    built = build_tiny_model(cfg, tok, 0, attn_implementation=attn)
+    assert built.config._attn_implementation == attn
+    path = save_pretrained_model(built, tok, tmp_path / "m")
+    assert load_causal_lm(path, attn_implementation=attn).config._attn_implementation == attn
+    assert load_causal_lm(path).config._attn_implementation == "sdpa"  # auto on the CPU

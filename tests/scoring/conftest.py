@@ -52,7 +52,7 @@ def tiny_world(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tokenized_world(ray_cluster, tiny_world):
     """The corpus tokenised once by the Ray Data path (``tokenize_corpus``)."""
-    from wmss_ray.data.corpus import tokenize_corpus
+    from wmss_ray.data.ray_corpus import tokenize_corpus
 
     res = tokenize_corpus(tiny_world.cfg, tiny_world.strong, tiny_world.corpus, str(tiny_world.root / "tok"))
     return res

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from wmss_ray.data.corpus import iter_corpus, open_corpus
-from wmss_ray.data.tokenize import IGNORE_INDEX, tokenize_example
+from wmss_ray.data.tokenize import IGNORE_INDEX, end_of_turn_ids, tokenize_example
 from wmss_ray.scoring.scorer import SCORE_COLUMNS, EntropyScorer
 
 N = 12  # rows used here: enough for several padded batches
@@ -31,27 +31,31 @@ def scorer(tiny_world):
     return EntropyScorer(tiny_world.weak, tiny_world.strong, chunk_size=7)
 
 
-def _naive_entropy(model, ids: list[int], labels: list[int]) -> tuple[float, int]:
-    """Mean over answer positions of -sum p log p, one position at a time, float64."""
+def _naive_entropy(model, ids: list[int], labels: list[int], skip: frozenset = frozenset()) -> tuple[float, int]:
+    """Mean over answer positions of -sum p log p, one position at a time, float64; positions
+    predicting a token in ``skip`` (end-of-turn) are not answer content."""
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids])).logits[0].double()  # [T, V]
     hs = []
     for t in range(len(ids) - 1):
-        if labels[t + 1] != IGNORE_INDEX:  # position t predicts token t+1
+        if labels[t + 1] != IGNORE_INDEX and labels[t + 1] not in skip:  # position t predicts token t+1
             p = torch.softmax(logits[t], -1)
             hs.append(float(-(p * torch.log(p)).sum()))
     return float(np.mean(hs)), len(hs)
 
 
-def test_scores_equal_naive_loop(scorer, rows):
+def test_scores_equal_naive_loop(scorer, rows, tiny_world):
     got = scorer.score_rows([r["input_ids"] for r in rows[:4]], [r["labels"] for r in rows[:4]])
+    eot = end_of_turn_ids(tiny_world.tok)
+    assert eot == {tiny_world.tok.convert_tokens_to_ids("<|im_end|>")}
     for i, r in enumerate(rows[:4]):
-        hw, n = _naive_entropy(scorer.weak, r["input_ids"], r["labels"])
-        hs, _ = _naive_entropy(scorer.strong, r["input_ids"], r["labels"])
+        hw, n = _naive_entropy(scorer.weak, r["input_ids"], r["labels"], eot)
+        hs, _ = _naive_entropy(scorer.strong, r["input_ids"], r["labels"], eot)
         assert got["h_weak"][i] == pytest.approx(hw, abs=1e-5)
         assert got["h_strong"][i] == pytest.approx(hs, abs=1e-5)
         assert got["dh"][i] == pytest.approx(hs - hw, abs=1e-5)
-        assert got["n_answer_tokens"][i] == n == sum(1 for x in r["labels"] if x != IGNORE_INDEX)
+        # the supervised <|im_end|> is trained on but not scored
+        assert got["n_answer_tokens"][i] == n == sum(1 for x in r["labels"] if x != IGNORE_INDEX) - 1
     assert got["h_weak"].std() > 1e-3  # scores differ by far more than the 1e-5 tolerance
 
 

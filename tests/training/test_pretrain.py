@@ -9,7 +9,7 @@ import torch
 from wmss_ray.config import config_from_dict
 from wmss_ray.models.loading import load_causal_lm, load_tokenizer
 from wmss_ray.models.tokenizer import build_demo_tokenizer
-from wmss_ray.training.pretrain import _usable_cpus, lr_factor, pack_texts, pretrain_base
+from wmss_ray.training.pretrain import _usable_cpus, pack_texts, pretrain_base
 
 
 TINY = [
@@ -46,8 +46,12 @@ def test_pack_texts_separates_with_endoftext():
     assert starts.tolist() == [0, 6] and (stream[starts] == eot).all()
 
 
-def test_lr_schedule_warmup_then_cosine():
-    f = [lr_factor(s, 100, 10, 0.1) for s in range(100)]
-    assert f[0] == 0.1 and f[9] == 1.0
-    assert all(a >= b for a, b in zip(f[10:], f[11:]))
-    assert abs(lr_factor(100, 100, 10, 0.1) - 0.1) < 1e-9
+def test_phase0_with_every_cpu_is_bit_identical_run_to_run(tmp_path):
+    """``phase0.num_threads: 0`` (the default: every usable CPU) — same seed, same machine, same
+    thread count: two runs give the same weights bit for bit."""
+    cfg = config_from_dict({}, [*TINY[:-1], "phase0.num_threads=0"])
+    a = load_causal_lm(pretrain_base(cfg, tmp_path / "a")).state_dict()
+    b = load_causal_lm(pretrain_base(cfg, tmp_path / "b")).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = (json.loads((tmp_path / d / "phase0_metrics.json").read_text()) for d in ("a", "b"))
+    assert ma["losses"] == mb["losses"] and ma["threads"] == mb["threads"] == _usable_cpus()

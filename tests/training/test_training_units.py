@@ -7,7 +7,6 @@ Also home of the shared helpers (tiny artefacts, the reference loop) used by
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,8 @@ import torch.nn.functional as F
 
 from wmss_ray.config import DemoModelConfig, config_from_dict
 from wmss_ray.training.dataset import DataPlan, RowTable, epoch_sample_ids
-from wmss_ray.training.ds_config import build_ds_config, lr_factor, warmup_steps_for
+from wmss_ray.training.ds_config import build_ds_config
+from wmss_ray.training.schedule import lr_factor, warmup_steps_for
 
 N_ROWS = 40
 
@@ -119,8 +119,9 @@ def assert_trajectory(metrics: list[dict], ref: dict, rtol: float = 2e-4) -> Non
 
 def assert_same_weights(sd_a: dict[str, torch.Tensor], model_b, atol: float = 1e-4) -> None:
     """Equal up to float reordering. Adam amplifies it where gradients are ~0 (the update is
-    ~lr * sign there), so the bound is a small fraction of one lr=3e-3 step, not 1e-6."""
-    sd_b = model_b.state_dict()
+    ~lr * sign there), so the bound is a small fraction of one lr=3e-3 step, not 1e-6.
+    ``model_b``: a model or a state dict."""
+    sd_b = model_b.state_dict() if hasattr(model_b, "state_dict") else model_b
     for key, value in sd_a.items():
         diff = (value.float() - sd_b[key].float()).abs().max().item()
         assert diff <= atol, f"{key}: max abs diff {diff:.2e}"
@@ -151,15 +152,6 @@ def test_plan_step_count_caps_and_fractions():
     assert len(plan.rank_indices(0, start_step=2)) == len(set(plan.step_indices(2)))
 
 
-def test_lr_schedule_warmup_then_cosine_to_min():
-    f = [lr_factor(s, 10, 2, 0.1) for s in range(10)]
-    assert f[:2] == [0.5, 1.0]
-    assert f[2] == pytest.approx(1.0) and f[-1] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(f[2:], f[3:]))
-    assert f[6] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 4 / 7)))
-    assert warmup_steps_for(10, 0.05) == 0 and lr_factor(0, 1, 0, 0.1) == pytest.approx(1.0)
-
-
 def test_ds_config_batch_geometry_zero_and_overrides():
     cfg = tiny_cfg(zero_stage=3, offload_params=True, offload_optimizer=True, grad_accum=4)
     ds = build_ds_config(cfg.training, world_size=8, dtype=torch.bfloat16, on_gpu=True)
@@ -170,6 +162,33 @@ def test_ds_config_batch_geometry_zero_and_overrides():
     assert z["stage3_param_persistence_threshold"] == 0  # deep-merged override
     with pytest.raises(ValueError, match="zero_stage: 3"):
         build_ds_config(tiny_cfg(zero_stage=2, offload_params=True).training, 1, torch.float32, False)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_ds_config_half_precision_accumulates_and_reduces_in_fp32(stage):
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    ds = build_ds_config(tiny_cfg(zero_stage=stage).training, world_size=1, dtype=torch.bfloat16, on_gpu=True)
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["communication_data_type"] == "fp32"
+    parsed = DeepSpeedConfig(ds)  # DeepSpeed's own parser reads the keys we meant
+    assert parsed.grad_accum_dtype == "fp32" and parsed.communication_data_type == torch.float32
+    assert parsed.bfloat16_config.enabled
+    fp32 = build_ds_config(tiny_cfg(zero_stage=stage).training, world_size=1, dtype=torch.float32, on_gpu=False)
+    assert "data_types" not in fp32 and "communication_data_type" not in fp32
+    assert DeepSpeedConfig(fp32).grad_accum_dtype is None
+
+
+def test_half_precision_without_zero_fails_loudly():
+    with pytest.raises(ValueError, match="training.zero_stage: 0"):
+        build_ds_config(tiny_cfg(zero_stage=0).training, 1, torch.bfloat16, True)
+    from wmss_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="training.zero_stage is 0"):
+        config_from_dict({"scaling": {"use_gpu": True}, "evaluation": {"gpus_per_actor": 1}})
+    with pytest.raises(ConfigError, match="training.zero_stage is 0"):
+        config_from_dict({"models": {"dtype": "bfloat16"}})
+    assert config_from_dict({"scaling": {"use_gpu": True}, "training": {"zero_stage": 1},
+                             "evaluation": {"gpus_per_actor": 1}}).training.zero_stage == 1
 
 
 def test_row_table_batches_and_missing_ids(tmp_path):
@@ -229,8 +248,11 @@ def test_worker_matches_reference_and_updates_the_right_models(artifacts, tmp_pa
     from wmss_ray.training.checkpointing import gather_state_dict
 
     weak = gather_state_dict(worker.pair.weak, worker.zero3, 0)
-    changed = [k for k in weak if not torch.equal(weak[k], init_weak[k])]
-    assert (len(changed) > 0) == (mode == "joint")
+    if mode == "joint":  # trained with the strong: its updates equal the reference's weak updates
+        assert_same_weights(ref["weak"].state_dict(), weak)
+        assert any(not torch.equal(weak[k], init_weak[k]) for k in weak)
+    else:  # frozen: bit-identical to its checkpoint
+        assert all(torch.equal(weak[k], init_weak[k]) for k in init_weak)
     if stage == 3:  # the heads really are partitioned outside forward (gathered only inside it)
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
@@ -287,3 +309,72 @@ def test_checkpoint_roundtrip_continues_exactly_zero3_frozen(artifacts, tmp_path
     third, _ = _run_worker(artifacts, bad, "wmss", "frozen", 0, tmp_path / "c")
     with pytest.raises(ValueError, match="micro_batch_size"):
         third.load(str(tmp_path / "ckpt"))
+
+
+# ----------------------------------------------------------------------------- gradient checkpointing
+
+
+@pytest.mark.parametrize("mode", ["joint", "frozen", "sft"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(mode):
+    """fp32, one process: checkpointed (non-reentrant) and plain PairLM agree on loss and every grad."""
+    from wmss_ray.models.tiny import build_tiny_model
+    from wmss_ray.models.tokenizer import build_demo_tokenizer
+    from wmss_ray.training.pair import PairLM
+
+    tok = build_demo_tokenizer()
+    mc = DemoModelConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
+                         max_position_embeddings=64)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, len(tok), (3, 20), generator=g)
+    mask = torch.ones_like(ids)
+    mask[2, 15:] = 0
+    labels = ids.clone()
+    labels[:, :6] = -100
+    labels[mask == 0] = -100
+    runs = []
+    for ckpt in (False, True):
+        strong = build_tiny_model(mc, tok, 1)
+        weak = build_tiny_model(mc, tok, 2) if mode != "sft" else None
+        for m in (strong, weak):
+            if m is not None:
+                PairLM.prepare_for_training(m, ckpt)
+                assert m.is_activation_checkpointing == ckpt and m.config.use_cache is False
+        pair = PairLM(strong, weak, mode, 0.4)
+        saved = [0]  # bytes autograd keeps for backward outside checkpointed regions
+
+        def pack(t):
+            saved[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _ = pair(ids, mask, labels, num_tokens=float((labels[:, 1:] != -100).sum()))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in pair.named_parameters() if p.grad is not None}
+        runs.append((loss.detach(), grads, saved[0]))
+    (loss_a, grads_a, saved_a), (loss_b, grads_b, saved_b) = runs
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=0)
+    assert grads_a.keys() == grads_b.keys() and any(k.startswith("strong.") for k in grads_a)
+    assert any(k.startswith("weak.") for k in grads_a) == (mode == "joint")
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-7, msg=name)
+    # checkpointing really ran: the layers' activations are no longer kept for backward
+    assert saved_b < 0.5 * saved_a, (saved_a, saved_b)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_bf16_steps_accumulate_in_fp32_and_track_the_fp32_run(artifacts, tmp_path, stage):
+    """bf16 models at ZeRO 1/2/3 (grad_accum 2, checkpointing on): DeepSpeed runs with fp32
+    gradient accumulation, and the loss trajectory stays within bf16 tolerance of fp32's."""
+    t = {"micro_batch_size": 2, "grad_accum": 2, "lr": 3e-3, "warmup_ratio": 0.2, "log_every": 1, "max_steps": 3,
+         "zero_stage": stage, "gradient_checkpointing": True,
+         "ds_config_overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}}
+    runs = {}
+    for dtype in ("bfloat16", "float32"):
+        cfg = config_from_dict({"training": t, "mix": {"lam": 0.5}, "models": {"dtype": dtype}})
+        worker, metrics = _run_worker(artifacts, cfg, "wmss", "joint", 3, tmp_path / dtype)
+        runs[dtype] = [m["loss"] for m in metrics]
+        model_dtype, accum_dtype = worker.engine.get_data_types()
+        assert accum_dtype == torch.float32
+        assert model_dtype == (torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    assert np.allclose(runs["bfloat16"], runs["float32"], rtol=2e-2), runs
+    assert runs["bfloat16"][-1] < runs["bfloat16"][0]  # it learns

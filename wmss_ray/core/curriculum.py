@@ -126,3 +126,28 @@ def sample_indices(weights, n: int, seed: int, dedup: bool = False) -> np.ndarra
         _, first = np.unique(idx, return_index=True)
         idx = idx[np.sort(first)]
     return idx
+
+
+def weight_summary(weights, draws) -> dict[str, float]:
+    """What a curriculum draw did, as the curriculum phase's manifest and the report state it.
+
+    Args:
+        weights: ``[N]`` sampling weights (any non-negative scale).
+        draws: ``[N]`` integer counts, how often each sample was drawn.
+
+    Returns:
+        ``{"effective_sample_size": (Σw)²/Σw² (N for uniform, 1 when one sample holds all mass),
+        "max_draws_per_sample": max(draws), "samples_drawn": #(draws > 0), "draws": Σdraws}``.
+    """
+    w = _as_array(weights, "weights")
+    d = np.asarray(draws, dtype=np.int64)
+    if d.shape != w.shape:
+        raise ValueError(f"weights and draws differ in shape: {w.shape} vs {d.shape}")
+    p = w / w.max() if w.max() > 0 else w  # scale-free; avoids overflow of the squares
+    sq = float((p ** 2).sum())
+    return {
+        "effective_sample_size": float(p.sum() ** 2 / sq) if sq > 0 else float("nan"),
+        "max_draws_per_sample": int(d.max()),
+        "samples_drawn": int((d > 0).sum()),
+        "draws": int(d.sum()),
+    }

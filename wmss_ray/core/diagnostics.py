@@ -17,9 +17,10 @@ import math
 
 import torch
 
+from wmss_ray.core.constants import IGNORE_INDEX, LOW_PRECISION_DTYPES
+
 from .mixing import mix_logits
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 SUMMARY_KEYS = (
     "n_tokens",
@@ -45,7 +46,7 @@ _SUM_OF = {
 
 
 def _upcast(z: torch.Tensor) -> torch.Tensor:
-    return z.float() if z.dtype in _LOW_PRECISION else z
+    return z.float() if z.dtype in LOW_PRECISION_DTYPES else z
 
 
 def _valid_logprobs(z_strong, z_weak, labels, lam, ignore_index):
@@ -66,13 +67,13 @@ def _ratio(num: float, den: float) -> float:
     return num / den
 
 
-def target_probs(z_strong, z_weak, labels, lam, ignore_index: int = -100):
+def target_probs(z_strong, z_weak, labels, lam, ignore_index: int = IGNORE_INDEX):
     """``(P_mix(y) [n], P_strong(y) [n])`` at the ``n`` non-ignored rows of ``[N, V]`` logits."""
     logp_mix, logp_strong = _valid_logprobs(z_strong, z_weak, labels, float(lam), ignore_index)
     return logp_mix.exp(), logp_strong.exp()
 
 
-def nontarget_grad_mass(z_strong, z_weak, labels, lam, ignore_index: int = -100) -> dict:
+def nontarget_grad_mass(z_strong, z_weak, labels, lam, ignore_index: int = IGNORE_INDEX) -> dict:
     """Mean per-token non-target gradient mass on the strong logits.
 
     Returns a dict of floats: ``mixed`` (mixed CE: ``lam * (1 - P_mix(y))``), ``plain`` (plain
@@ -86,7 +87,7 @@ def nontarget_grad_mass(z_strong, z_weak, labels, lam, ignore_index: int = -100)
     return {"mixed": mixed, "plain": plain, "amplification": _ratio(mixed, plain)}
 
 
-def batch_diagnostics(z_strong, z_weak, labels, lam, ignore_index: int = -100) -> dict:
+def batch_diagnostics(z_strong, z_weak, labels, lam, ignore_index: int = IGNORE_INDEX) -> dict:
     """Per-token means over the non-ignored rows of ``[N, V]`` logits (keys: SUMMARY_KEYS).
 
     ``ce_mix`` / ``ce_strong``: CE of the mixed / strong-alone logits; ``p_mix_y`` /

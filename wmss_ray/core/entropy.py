@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
+from wmss_ray.core.constants import IGNORE_INDEX, LOW_PRECISION_DTYPES
+
 
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -19,7 +20,7 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     Uses log_softmax for stability; vocabulary entries with probability 0 (e.g. ``-inf``
     logits) contribute 0 rather than ``0 * -inf = NaN``.
     """
-    x = logits.float() if logits.dtype in _LOW_PRECISION else logits
+    x = logits.float() if logits.dtype in LOW_PRECISION_DTYPES else logits
     logp = torch.log_softmax(x, dim=-1)
     p = logp.exp()
     return -(p * logp).masked_fill_(p == 0, 0.0).sum(dim=-1)
@@ -28,7 +29,7 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
 def sample_entropy(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     chunk_size: int = 256,
     return_counts: bool = False,
 ):

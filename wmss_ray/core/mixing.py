@@ -9,8 +9,13 @@ Two implementations with the same value:
 - :func:`mixed_ce_naive` takes ``[N, V]`` logits (reference, small batches, diagnostics).
 - :func:`chunked_mixed_ce` takes hidden states and head weights and never holds ``[N, V]``
   logits: it loops over chunks of answer tokens and computes loss and gradients in one pass
-  (the Liger-style fused linear cross-entropy, extended to two heads), so peak extra memory is
-  O(chunk * V) on top of the gradients themselves.
+  (the Liger-style fused linear cross-entropy, extended to two heads). Beyond the gradients it
+  returns it holds one ``[chunk, V]`` fp32 buffer (``4 * chunk * V`` bytes; 111 MiB at the
+  default 128 MiB budget and V = 151,936) plus ``O(chunk * D)`` rows and row-block temporaries
+  of at most 1/8 of the buffer each. Its GEMMs run in the input dtype (bf16 on bf16 inputs,
+  with the GEMM's own fp32 accumulation); the softmax and the weight-gradient sums over chunks
+  are fp32. The chunk is sized from a memory budget (:func:`chunk_rows_for`, ``mix.chunk_mb``)
+  unless given.
 
 Labels are already aligned with the rows (no shifting here): row ``n`` is scored against
 ``labels[n]`` and rows with ``labels[n] == ignore_index`` are skipped.
@@ -21,7 +26,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
+from wmss_ray.core.constants import IGNORE_INDEX, LOW_PRECISION_DTYPES
+
+#: Chunk rows are a multiple of this (GEMM tiles) unless one chunk holds all answer tokens.
+CHUNK_ROW_MULTIPLE = 64
+#: Default budget of the ``[chunk, V]`` fp32 buffer, MiB (``mix.chunk_mb``).
+DEFAULT_CHUNK_MB = 128.0
 
 #: Keys of the ``stats`` dict returned by ``chunked_mixed_ce(..., return_stats=True)``.
 STATS_KEYS = (
@@ -37,7 +47,7 @@ STATS_KEYS = (
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype the softmax runs in: fp32 for half/bf16 inputs, else the input dtype (fp32/fp64)."""
-    return torch.float32 if dtype in _LOW_PRECISION else dtype
+    return torch.float32 if dtype in LOW_PRECISION_DTYPES else dtype
 
 
 def _check_lam(lam) -> float:
@@ -57,7 +67,7 @@ def mixed_ce_naive(
     z_weak: torch.Tensor | None,
     labels: torch.Tensor,
     lam: float,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     num_tokens=None,
 ) -> torch.Tensor:
     """Mean CE of the mixed logits over non-ignored rows (the reference implementation).
@@ -84,6 +94,90 @@ def mixed_ce_naive(
     return total / divisor if n_valid > 0 else total
 
 
+def chunk_rows_for(n_tokens: int, vocab: int, chunk_mb: float) -> int:
+    """Answer tokens per chunk so that the ``[chunk, V]`` fp32 buffer takes about ``chunk_mb`` MiB.
+
+    The budget gives a cap of ``floor(chunk_mb MiB / (4 V))`` rows, rounded down to a multiple of
+    :data:`CHUNK_ROW_MULTIPLE` (at least one multiple: at V = 151,936 the minimum of 64 rows is
+    37 MiB). ``n_tokens`` that fit under the cap are one chunk of exactly ``n_tokens`` rows;
+    otherwise the rows are split into ``ceil(n_tokens / cap)`` equal chunks, each rounded up to
+    the multiple (never above the cap), so no chunk is a thin remainder of a few rows and every
+    GEMM keeps a ``[>= 64, D] x [D, V]`` shape. E.g. V = 151,936, 128 MiB: cap 192 rows (111 MiB).
+    """
+    if vocab < 1 or chunk_mb <= 0:
+        raise ValueError(f"vocab must be >= 1 and chunk_mb > 0, got {vocab} and {chunk_mb}")
+    m = CHUNK_ROW_MULTIPLE
+    cap = max(m, int(chunk_mb * 2**20) // (4 * vocab) // m * m)
+    if n_tokens <= cap:
+        return max(1, n_tokens)
+    n_chunks = -(-n_tokens // cap)
+    return min(cap, -(-(-(-n_tokens // n_chunks)) // m) * m)
+
+
+def _expand_in_place(flat32: torch.Tensor, flat16: torch.Tensor, n: int) -> None:
+    """Widen ``n`` half/bf16 values stored in the first half of a buffer to fp32, in place.
+
+    ``flat16`` is the same storage as ``flat32`` viewed as 2-byte elements. fp32 element ``i``
+    (bytes ``[4i, 4i+4)``) is read from 2-byte element ``i`` (bytes ``[2i, 2i+2)``); walking
+    down in halving blocks ``[ceil(e/2), e)`` makes every copy's source and destination bytes
+    disjoint and never overwrites a value not yet read. About log2(n) copies, no temporary.
+    """
+    end = n
+    while end > 1:
+        start = (end + 1) // 2
+        flat32[start:end].copy_(flat16[start:end])
+        end = start
+    if n:
+        flat32[:1].copy_(flat16[:1].clone())  # element 0 overlaps itself: a 1-element copy
+
+
+def _narrow_in_place(flat32: torch.Tensor, flat16: torch.Tensor, n: int) -> None:
+    """The inverse of :func:`_expand_in_place`: ``n`` fp32 values -> half/bf16 in the first half.
+
+    Walks up in doubling blocks ``[s, 2s)`` (destination bytes ``[2s, 4s)``, source
+    ``[4s, 8s)``: disjoint, and only bytes of elements already narrowed are overwritten).
+    """
+    if n:
+        flat16[:1].copy_(flat32[:1].clone())
+    start = 1
+    while start < n:
+        end = min(2 * start, n)
+        flat16[start:end].copy_(flat32[start:end])
+        start = end
+
+
+def _row_logsumexp(z: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``logsumexp(z, dim=1)`` in ``acc`` over row blocks of ``z [c, V]`` (``[c]`` out).
+
+    ``torch.logsumexp`` on the whole chunk would allocate ``[c, V]`` temporaries; blocks of
+    ``c // 16`` rows bound them to 1/8 of the buffer (upcast + exp, 2 x ``[c/16, V]``).
+    """
+    rows = max(1, z.shape[0] // 16)
+    return torch.cat([torch.logsumexp(z[r : r + rows].to(acc), dim=1) for r in range(0, z.shape[0], rows)])
+
+
+def _accumulate_weight_grad(out: torch.Tensor, g: torch.Tensor, h: torch.Tensor, alpha: float, first: bool) -> None:
+    """``out (+)= alpha * g^T @ h``: ``out [V, D]`` in acc dtype, ``g [c, V]``, ``h [c, D]``.
+
+    Same dtype (fp32/fp64 inputs): one in-place ``addmm_`` (``beta = 0`` on the first chunk, so
+    the uninitialised accumulator is never read). Half/bf16 ``g, h``: the GEMM runs in the input
+    dtype (fp32 accumulation inside the GEMM), in blocks of vocabulary rows whose
+    ``[rows, D]`` half-precision product is added into the fp32 accumulator; a block is at most
+    1/8 of the ``[c, V]`` fp32 buffer's bytes, so no ``[V, D]`` temporary exists.
+    """
+    if g.dtype == out.dtype:
+        out.addmm_(g.t(), h, beta=0.0 if first else 1.0, alpha=alpha)
+        return
+    v, d = out.shape
+    rows = max(CHUNK_ROW_MULTIPLE, (g.numel() * 4 // 8) // (2 * d) // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE)
+    for r in range(0, v, rows):
+        block = torch.mm(g[:, r : r + rows].t(), h)  # [rows, D] in the input dtype
+        if first:
+            out[r : r + rows].copy_(block).mul_(alpha)
+        else:
+            out[r : r + rows].add_(block, alpha=alpha)  # promoted: computed in fp32
+
+
 def _fused_forward(h_s, w_s, h_w, w_w, labels, lam, chunk_size, ignore_index, divisor, needs, stats):
     """One pass over answer-token chunks: loss and (where ``needs``) the input gradients.
 
@@ -92,15 +186,24 @@ def _fused_forward(h_s, w_s, h_w, w_w, labels, lam, chunk_size, ignore_index, di
     filled with :data:`STATS_KEYS`. Returns ``(loss 0-dim, (grad_h_s, grad_w_s, grad_h_w,
     grad_w_w))``; gradients are for a loss gradient of 1 and None where not needed. Weight
     gradients of half/bf16 weights are accumulated in fp32 (many chunks add into them).
+
+    Memory: ONE ``[chunk, V]`` buffer in the accumulation dtype (fp32 for half/bf16 and fp32
+    inputs: ``4 * chunk * V`` bytes), reused by every chunk. Half/bf16 inputs: the logit GEMMs
+    write their half-precision output into the first half of that buffer's bytes, which is
+    widened to fp32 in place for the softmax; the gradient ``softmax - onehot`` is narrowed back
+    in place for the gradient GEMMs. No other ``[chunk, V]`` tensor is allocated; the remaining
+    temporaries are ``O(chunk * D)`` rows, the stats' row blocks (1/8 of the buffer) and the
+    weight-gradient blocks (1/8 of the buffer, half/bf16 only).
     """
     use_weak = lam != 1.0
+    low = h_s.dtype in LOW_PRECISION_DTYPES
     acc = _acc_dtype(h_s.dtype)
     device = h_s.device
     valid = (labels != ignore_index).nonzero().squeeze(1)  # [n_valid]; masked rows cost nothing
     n_valid = valid.numel()
 
     def weight_grad(t, need):
-        # Uninitialised: the first chunk's addmm_ writes it with beta=0 (no V*D zero-fill pass).
+        # Uninitialised: the first chunk writes it without reading (no V*D zero-fill pass).
         alloc = torch.empty if n_valid > 0 else torch.zeros
         return alloc(t.shape, dtype=_acc_dtype(t.dtype), device=device) if need else None
 
@@ -110,9 +213,12 @@ def _fused_forward(h_s, w_s, h_w, w_w, labels, lam, chunk_size, ignore_index, di
         torch.zeros_like(h_w) if needs[2] else None,
         weight_grad(w_w, needs[3]),
     ]
-    # One [chunk, V] logits buffer reused by every chunk: a fresh one per chunk costs page
-    # faults on CPU (large allocations are mmap'ed and returned on free).
-    buf = torch.empty(min(chunk_size, n_valid), w_s.shape[0], dtype=acc, device=device)
+    vocab = w_s.shape[0]
+    # The one [chunk, V] buffer, reused by every chunk (a fresh one per chunk costs page faults
+    # on CPU: large allocations are mmap'ed and returned on free). flat16 is the same bytes seen
+    # as 2-byte elements (half/bf16 inputs only).
+    buf32 = torch.empty(min(chunk_size, n_valid) * vocab, dtype=acc, device=device)
+    buf16 = buf32.view(h_s.dtype) if low else None
     loss_sum = torch.zeros((), dtype=acc, device=device)
     if stats is not None:
         sums = torch.zeros(6, dtype=torch.float64, device=device)  # STATS_KEYS[:6]
@@ -121,33 +227,30 @@ def _fused_forward(h_s, w_s, h_w, w_w, labels, lam, chunk_size, ignore_index, di
 
     for start in range(0, n_valid, chunk_size):
         idx = valid[start : start + chunk_size]  # [c]
+        c = idx.numel()
         y = labels.index_select(0, idx)  # [c]
-        rows = torch.arange(idx.numel(), device=device)
+        rows = torch.arange(c, device=device)
         hs = h_s.index_select(0, idx)  # [c, D_s]
-        z = buf[: idx.numel()]  # [c, V], contiguous
-        if h_s.dtype == acc:
-            torch.mm(hs, w_s.t(), out=z)
-        else:  # half/bf16 matmul, softmax in fp32
-            z.copy_(torch.mm(hs, w_s.t()))
+        hw = h_w.index_select(0, idx) if use_weak else None  # [c, D_w]
+        z = buf32[: c * vocab].view(c, vocab)  # [c, V] in acc, contiguous
+        zl = buf16[: c * vocab].view(c, vocab) if low else z  # where the GEMMs write
+        torch.mm(hs, w_s.t(), out=zl)  # z_strong, GEMM in the input dtype
         if stats is not None:  # strong-alone CE needs z_strong before it is mixed in place
-            ce_s = torch.logsumexp(z, dim=1) - z[rows, y]  # [c]
+            ce_s = _row_logsumexp(zl, acc) - zl[rows, y].to(acc)  # [c]
             p_s = torch.exp(-ce_s)
             sums[1] += ce_s.sum()
             sums[3] += p_s.sum()
             sums[5] += (1.0 - p_s).sum()
-        if use_weak:
-            hw = h_w.index_select(0, idx)  # [c, D_w]
-            if h_w.dtype == acc:  # z <- lam * z + (1 - lam) * hw @ w_w^T, in place
-                z.addmm_(hw, w_w.t(), beta=lam, alpha=1.0 - lam)
-            else:
-                z.mul_(lam).add_(torch.mm(hw, w_w.t()).to(acc), alpha=1.0 - lam)
+        if use_weak:  # z <- lam * z + (1 - lam) * hw @ w_w^T, in place, in the GEMM
+            zl.addmm_(hw, w_w.t(), beta=lam, alpha=1.0 - lam)
+        if low:
+            _expand_in_place(buf32, buf16, c * vocab)  # z_mix in fp32 for the softmax
         # Stable log-sum-exp, in place: z becomes exp(z - max), then softmax.
         z.sub_(z.amax(dim=1, keepdim=True))
         z_y = z[rows, y]  # [c] shifted target logits (a copy)
         z.exp_()
         sumexp = z.sum(dim=1)  # [c]
-        log_sumexp = sumexp.log()
-        ce_mix = log_sumexp - z_y  # [c]
+        ce_mix = sumexp.log() - z_y  # [c]
         loss_sum += ce_mix.sum()
         if stats is not None:
             p_mix = torch.exp(-ce_mix)
@@ -158,14 +261,14 @@ def _fused_forward(h_s, w_s, h_w, w_w, labels, lam, chunk_size, ignore_index, di
             continue
         z.div_(sumexp.unsqueeze(1))
         z[rows, y] -= 1.0  # z is now g = softmax(z_mix) - onehot(y), unscaled  [c, V]
-        g_in = z if z.dtype == h_s.dtype else z.to(h_s.dtype)  # for grad_h's matmul
-        for side, (h, w, hc) in enumerate(((h_s, w_s, hs), (h_w, w_w, hw if use_weak else None))):
+        if low:
+            _narrow_in_place(buf32, buf16, c * vocab)  # g in the input dtype for its GEMMs
+        for side, (h, w, hc) in enumerate(((h_s, w_s, hs), (h_w, w_w, hw))):
             need_h, need_w = needs[2 * side], needs[2 * side + 1]
             if need_h:  # grad_h rows = coef * g @ W   [c, D]
-                grads[2 * side].index_copy_(0, idx, torch.mm(g_in, w).mul_(coef[side]))
+                grads[2 * side].index_copy_(0, idx, torch.mm(zl, w).mul_(coef[side]))
             if need_w:  # grad_W += coef * g^T @ h   [V, D], accumulated in acc dtype
-                beta = 0.0 if start == 0 else 1.0  # beta=0 ignores the uninitialised memory
-                grads[2 * side + 1].addmm_(z.t(), hc.to(acc), beta=beta, alpha=coef[side])
+                _accumulate_weight_grad(grads[2 * side + 1], zl, hc, coef[side], first=start == 0)
 
     if stats is not None:
         stats.update({k: sums[i].detach() for i, k in enumerate(STATS_KEYS[:6])})
@@ -212,16 +315,20 @@ def chunked_mixed_ce(
     w_weak: torch.Tensor | None,
     labels: torch.Tensor,
     lam: float,
-    chunk_size: int = 1024,
-    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    ignore_index: int = IGNORE_INDEX,
     num_tokens=None,
     return_stats: bool = False,
+    chunk_mb: float = DEFAULT_CHUNK_MB,
 ):
     """Mixed-logit CE from hidden states and LM-head weights, chunked over answer tokens.
 
     Equals ``mixed_ce_naive(h_strong @ w_strong.T, h_weak @ w_weak.T, labels, lam)`` in value
-    and gradients, without materialising ``[N, V]`` logits: extra memory is O(chunk_size * V)
-    plus the gradients of the inputs that require grad.
+    and gradients, without materialising ``[N, V]`` logits. Memory beyond the inputs and the
+    gradients it returns: one ``[chunk, V]`` fp32 buffer (``4 * chunk * V`` bytes; fp64 inputs:
+    8) plus temporaries of at most 1/8 of it (see ``_fused_forward``). The returned weight
+    gradients of half/bf16 weights are accumulated in fp32 (``[V, D]`` fp32 each) and cast to
+    the weight dtype at backward.
 
     Args:
         h_strong: ``[N, D_s]`` final hidden states of the strong model (flatten ``[B, T, D]``
@@ -231,7 +338,7 @@ def chunked_mixed_ce(
             must match). Both may be None when ``lam == 1`` (plain SFT).
         labels: ``[N]`` int64; ``ignore_index`` rows are skipped before any matmul.
         lam: mixing weight in [0, 1].
-        chunk_size: answer tokens per chunk.
+        chunk_size: answer tokens per chunk; None (or 0): :func:`chunk_rows_for` from ``chunk_mb``.
         num_tokens: divisor (python int or 0-dim tensor), e.g. the global count of answer
             tokens over ranks and micro-batches so that summed losses and gradients equal the
             full batch's. Default: the number of non-ignored rows here.
@@ -242,6 +349,7 @@ def chunked_mixed_ce(
             (non-target gradient mass the strong logits receive, ``lam * (1 - P_mix(y))``),
             ``nontarget_grad_strong_sum`` (plain CE's, ``1 - P_strong(y)``), ``n_tokens``.
             Costs one extra logsumexp over the strong logits per chunk.
+        chunk_mb: MiB budget of the ``[chunk, V]`` fp32 buffer when ``chunk_size`` is None.
 
     Returns:
         0-dim loss (fp32 for half/bf16 inputs), or ``(loss, stats)``. Gradients flow to every
@@ -249,8 +357,8 @@ def chunked_mixed_ce(
         Backward may run once (the gradients are precomputed and consumed).
     """
     lam = _check_lam(lam)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if chunk_size is not None and chunk_size < 0:
+        raise ValueError(f"chunk_size must be >= 1 (or None/0: sized from chunk_mb), got {chunk_size}")
     if h_strong.dim() != 2 or w_strong.dim() != 2 or h_strong.shape[1] != w_strong.shape[1]:
         raise ValueError(
             f"h_strong must be [N, D] and w_strong [V, D]; got {tuple(h_strong.shape)} and "
@@ -278,6 +386,8 @@ def chunked_mixed_ce(
     divisor = float(n_valid if num_tokens is None else num_tokens)
     if n_valid > 0 and divisor <= 0:
         raise ValueError(f"num_tokens must be > 0 when there are answer tokens, got {num_tokens}")
+    if not chunk_size:
+        chunk_size = chunk_rows_for(n_valid, w_strong.shape[0], chunk_mb)
 
     grad_on = torch.is_grad_enabled()
     needs = tuple(

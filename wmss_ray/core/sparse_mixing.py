@@ -46,7 +46,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from wmss_ray.core.mixing import STATS_KEYS, _acc_dtype, _check_lam, mixed_ce_naive
+from wmss_ray.core.constants import IGNORE_INDEX
+from wmss_ray.core.mixing import DEFAULT_CHUNK_MB, STATS_KEYS, _acc_dtype, _check_lam, chunk_rows_for, mixed_ce_naive
 
 #: Extra keys of the stats of :func:`sparse_mixed_ce` (summed / max over valid rows).
 TRUNC_STATS_KEYS = ("tail_mass_sum", "tail_mass_max", "trunc_bound_sum")
@@ -145,7 +146,7 @@ def dense_weak_logp(weak: WeakLogProbs, labels: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def sparse_mixed_ce_naive(z_strong, weak: WeakLogProbs, labels, lam, ignore_index=-100, num_tokens=None):
+def sparse_mixed_ce_naive(z_strong, weak: WeakLogProbs, labels, lam, ignore_index=IGNORE_INDEX, num_tokens=None):
     """Reference: :func:`mixed_ce_naive` of ``[N, V]`` strong logits and the reconstructed weak."""
     safe = labels.clamp_min(0)  # ignored rows: any id, they are skipped by the CE
     return mixed_ce_naive(z_strong, dense_weak_logp(weak, safe).to(z_strong.dtype), labels, lam,
@@ -289,8 +290,8 @@ class _SparseMixedCE(torch.autograd.Function):
 
 
 def sparse_mixed_ce(h_strong: torch.Tensor, w_strong: torch.Tensor, weak: WeakLogProbs, labels: torch.Tensor,
-                    lam: float, chunk_size: int = 1024, ignore_index: int = -100, num_tokens=None,
-                    return_stats: bool = False):
+                    lam: float, chunk_size: int | None = None, ignore_index: int = IGNORE_INDEX, num_tokens=None,
+                    return_stats: bool = False, chunk_mb: float = DEFAULT_CHUNK_MB):
     """Mixed CE of strong hidden states and a frozen weak side given as log-probs, chunked.
 
     Args:
@@ -298,7 +299,8 @@ def sparse_mixed_ce(h_strong: torch.Tensor, w_strong: torch.Tensor, weak: WeakLo
         w_strong: ``[V, D]`` strong LM-head weight.
         weak: :class:`WeakLogProbs` of the same N rows (dense or top-k); never trained.
         labels: ``[N]`` int64, ``ignore_index`` rows skipped.
-        lam, chunk_size, num_tokens: as :func:`~wmss_ray.core.mixing.chunked_mixed_ce`.
+        lam, chunk_size, num_tokens, chunk_mb: as :func:`~wmss_ray.core.mixing.chunked_mixed_ce`
+            (``chunk_size`` None/0: :func:`~wmss_ray.core.mixing.chunk_rows_for` from ``chunk_mb``).
         return_stats: also return :data:`~wmss_ray.core.mixing.STATS_KEYS` plus
             :data:`TRUNC_STATS_KEYS` (tail mass sum / max and the summed per-row error bound;
             zero for a dense weak side or ``lam == 1``).
@@ -309,8 +311,8 @@ def sparse_mixed_ce(h_strong: torch.Tensor, w_strong: torch.Tensor, weak: WeakLo
         ignored). Dense weak log-probs give chunked_mixed_ce's frozen loss and gradients.
     """
     lam = _check_lam(lam)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if chunk_size is not None and chunk_size < 0:
+        raise ValueError(f"chunk_size must be >= 1 (or None/0: sized from chunk_mb), got {chunk_size}")
     if h_strong.dim() != 2 or w_strong.dim() != 2 or h_strong.shape[1] != w_strong.shape[1]:
         raise ValueError(f"h_strong must be [N, D] and w_strong [V, D]; got {tuple(h_strong.shape)}, "
                          f"{tuple(w_strong.shape)}")
@@ -324,6 +326,8 @@ def sparse_mixed_ce(h_strong: torch.Tensor, w_strong: torch.Tensor, weak: WeakLo
     divisor = float(n_valid if num_tokens is None else num_tokens)
     if n_valid > 0 and divisor <= 0:
         raise ValueError(f"num_tokens must be > 0 when there are answer tokens, got {num_tokens}")
+    if not chunk_size:
+        chunk_size = chunk_rows_for(n_valid, w_strong.shape[0], chunk_mb)
     grad_on = torch.is_grad_enabled()
     needs = tuple(bool(grad_on and t.requires_grad) for t in (h_strong, w_strong))
     stats = {} if return_stats else None

@@ -19,7 +19,9 @@ place with a reason (see ``data.rejects``) so it is counted, never lost. ``sampl
 ``str(row[data.id_column])`` or, without an id column, ``"<file relative to corpus root>:<row>"``
 (e.g. ``"train.jsonl:17"``), and travels through every later phase.
 
-This module is Ray-free. Its Ray Data side, ``data.ray_corpus.CorpusDatasource``, streams each
+This module is Ray-free and sits below ``data.ray_corpus`` (which imports it, never the other
+way round; the Ray Data tokenisation is ``data.ray_corpus.tokenize_corpus``). Its Ray Data
+side, ``data.ray_corpus.CorpusDatasource``, streams each
 file through the same row generator, :func:`iter_file_rows`, that the Ray-free
 :func:`iter_corpus` (tests, the benchmark's plain loop) uses; see docs/SCORING.md for why a
 custom datasource rather than ``read_json`` / ``read_text``.
@@ -37,6 +39,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from wmss_ray import storage
 from wmss_ray.config import DataConfig
 from wmss_ray.data import rejects as R
 
@@ -44,6 +47,7 @@ READ_SCHEMA = pa.schema([
     ("sample_id", pa.string()),
     ("prompt_messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
     ("answer", pa.string()),
+    ("reference", pa.string()),  # data.reference_column's value (None when unset or missing)
     ("source_file", pa.string()),
     ("source_row", pa.int64()),
     ("reject_reason", pa.string()),
@@ -87,7 +91,7 @@ def discover_corpus(uri: str, fmt: str = "auto") -> Corpus:
     Raises:
         CorpusError: path missing, no readable files, mixed formats, or an HF DatasetDict.
     """
-    fs, path = R.resolve_fs(uri)
+    fs, path = storage.resolve_fs(uri)
     scheme = uri.split("://", 1)[0] + "://" if "://" in uri else ""
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
@@ -102,11 +106,11 @@ def discover_corpus(uri: str, fmt: str = "auto") -> Corpus:
     if "dataset_dict.json" in names:
         splits = sorted(n for n in names if not n.endswith(".json"))
         raise R.CorpusError(f"{uri} is an HF DatasetDict with splits {splits}; point data.train at one "
-                            f"split directory, e.g. {R.join(uri, splits[0] if splits else 'train')}")
+                            f"split directory, e.g. {storage.join(uri, splits[0] if splits else 'train')}")
     if fmt in ("auto", "hf") and "state.json" in names:
         with fs.open_input_stream(posixpath.join(path, "state.json")) as f:
             state = json.loads(f.read())
-        files = tuple(R.join(uri, d["filename"]) for d in state.get("_data_files", []))
+        files = tuple(storage.join(uri, d["filename"]) for d in state.get("_data_files", []))
         if not files:
             raise R.CorpusError(f"{uri}/state.json lists no _data_files")
         return Corpus(uri, "hf", files, path, scheme)
@@ -116,7 +120,7 @@ def discover_corpus(uri: str, fmt: str = "auto") -> Corpus:
         rel = posixpath.relpath(i.path, path)
         kind = _fmt_of(i.base_name)
         if i.type == pafs.FileType.File and _visible(rel) and kind and (fmt == "auto" or kind == fmt):
-            by_fmt.setdefault(kind, []).append(R.join(uri, rel))
+            by_fmt.setdefault(kind, []).append(storage.join(uri, rel))
     if not by_fmt:
         raise R.CorpusError(f"{uri}: no corpus files found (.jsonl, .jsonl.gz, .parquet, or an HF "
                             "save_to_disk directory with state.json)")
@@ -131,7 +135,7 @@ def discover_corpus(uri: str, fmt: str = "auto") -> Corpus:
 
 def _first_keys(corpus: Corpus) -> list[str]:
     """Column names of the corpus: file schema (Parquet / Arrow) or the first JSON object."""
-    fs, path = R.resolve_fs(corpus.files[0])
+    fs, path = storage.resolve_fs(corpus.files[0])
     if corpus.format == "parquet":
         with fs.open_input_file(path) as f:
             return list(pq.read_schema(f).names)
@@ -153,18 +157,19 @@ def detect_schema(corpus: Corpus, data: DataConfig) -> Corpus:
     """The corpus with ``schema`` set: as configured, or detected from its columns."""
     if data.schema_ != "auto":
         return Corpus(**{**corpus.__dict__, "schema": data.schema_})
-    keys = _first_keys(corpus)
+    return Corpus(**{**corpus.__dict__, "schema": _schema_of(_first_keys(corpus), data, corpus.uri)})
+
+
+def _schema_of(keys: list[str], data: DataConfig, where: str) -> str:
     if data.messages_column in keys:
-        schema = "messages"
-    elif data.prompt_column in keys and data.response_column in keys:
-        schema = "prompt_response"
-    else:
-        raise R.CorpusError(
-            f"{corpus.uri}: cannot tell the row schema from columns {keys}: expected "
-            f"'{data.messages_column}' (chat) or '{data.prompt_column}' + '{data.response_column}'; "
-            "set data.messages_column / prompt_column / response_column or data.schema"
-        )
-    return Corpus(**{**corpus.__dict__, "schema": schema})
+        return "messages"
+    if data.prompt_column in keys and data.response_column in keys:
+        return "prompt_response"
+    raise R.CorpusError(
+        f"{where}: cannot tell the row schema from columns {keys}: expected "
+        f"'{data.messages_column}' (chat) or '{data.prompt_column}' + '{data.response_column}'; "
+        "set data.messages_column / prompt_column / response_column or data.schema"
+    )
 
 
 # ----------------------------------------------------------------------------- rows
@@ -225,8 +230,13 @@ def _sample_id(obj: Any, data: DataConfig, default: str) -> str:
     return str(value)
 
 
-def _record(obj: Any, schema: str, data: DataConfig, file: str, name: str, row: int) -> dict[str, Any]:
-    """One output record; a bad row keeps its place with its reason."""
+def _record(obj: Any, schema: str, data: DataConfig, file: str, name: str, row: int,
+            extra_columns: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One output record; a bad row keeps its place with its reason.
+
+    ``extra_columns``: raw columns a good record also carries, under ``"extra"`` (None when
+    absent), e.g. evaluation's ``final_answer``; the Ray Data path passes none.
+    """
     default_id = f"{name}:{row}"
     sample_id = default_id
     try:
@@ -234,12 +244,17 @@ def _record(obj: Any, schema: str, data: DataConfig, file: str, name: str, row: 
         prompt, answer = normalize_row(obj, schema, data)
     except R.RowError as e:
         return _bad(sample_id, file, row, e)
-    return {"sample_id": sample_id, "prompt_messages": prompt, "answer": answer, "source_file": file,
-            "source_row": row, "reject_reason": None, "reject_detail": None}
+    ref = obj.get(data.reference_column) if data.reference_column else None
+    rec = {"sample_id": sample_id, "prompt_messages": prompt, "answer": answer,
+           "reference": None if ref is None else str(ref), "source_file": file,
+           "source_row": row, "reject_reason": None, "reject_detail": None}
+    if extra_columns:
+        rec["extra"] = {c: obj.get(c) for c in extra_columns}
+    return rec
 
 
 def _bad(sample_id: str, file: str, row: int, e: R.RowError) -> dict[str, Any]:
-    return {"sample_id": sample_id, "prompt_messages": None, "answer": None, "source_file": file,
+    return {"sample_id": sample_id, "prompt_messages": None, "answer": None, "reference": None, "source_file": file,
             "source_row": row, "reject_reason": e.reason, "reject_detail": e.detail}
 
 
@@ -280,7 +295,7 @@ def _arrow_batches(f, fmt: str, block_rows: int) -> Iterator[pa.RecordBatch]:
 
 
 def iter_file_rows(f, file: str, name: str, fmt: str, schema: str, data: DataConfig,
-                   block_rows: int = 256) -> Iterator[dict[str, Any]]:
+                   block_rows: int = 256, extra_columns: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
     """Records of one opened file (binary stream for JSONL, random-access file otherwise).
 
     ``file`` names the file in messages; ``name`` is its part of derived sample ids.
@@ -299,12 +314,12 @@ def iter_file_rows(f, file: str, name: str, fmt: str, schema: str, data: DataCon
             except ValueError as e:
                 yield _bad(f"{name}:{line_no}", file, line_no, R.RowError(R.MALFORMED_JSON, str(e)))
                 continue
-            yield _record(obj, schema, data, file, name, line_no)
+            yield _record(obj, schema, data, file, name, line_no, extra_columns)
         return
     row = 0
     for batch in _arrow_batches(f, fmt, block_rows):
         for obj in batch.to_pylist():
-            yield _record(obj, schema, data, file, name, row)
+            yield _record(obj, schema, data, file, name, row, extra_columns)
             row += 1
 
 
@@ -314,38 +329,46 @@ def _open(fs: pafs.FileSystem, path: str, fmt: str):
     return fs.open_input_file(path)
 
 
-def _names(corpus: Corpus, path: str) -> tuple[str, str]:
+def file_names(corpus: Corpus, path: str) -> tuple[str, str]:
     """``(file as shown in messages, name used in derived sample ids)`` of a resolved path."""
     rel = posixpath.relpath(path, corpus.root) if path.startswith(corpus.root.rstrip("/") + "/") else None
     return corpus.scheme + path, rel or posixpath.basename(path)
 
 
-def iter_corpus(corpus: Corpus, data: DataConfig) -> Iterator[dict[str, Any]]:
-    """Every record of a corpus, in file and row order, without Ray (tests, plain loops).
+def iter_corpus(corpus: Corpus, data: DataConfig, extra_columns: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+    """Every record of a corpus, in file and row order, without Ray (evaluation, tests, loops).
 
-    Under ``data.on_bad_row: error`` the first bad row raises ``CorpusError``.
+    Under ``data.on_bad_row: error`` the first bad row raises ``CorpusError``; under ``skip``
+    bad records are yielded with their ``reject_reason`` (the caller counts them).
     """
     for uri in corpus.files:
-        fs, path = R.resolve_fs(uri)
-        file, name = _names(corpus, path)
+        fs, path = storage.resolve_fs(uri)
+        file, name = file_names(corpus, path)
         with _open(fs, path, corpus.format) as f:
-            for rec in iter_file_rows(f, file, name, corpus.format, corpus.schema, data):
+            for rec in iter_file_rows(f, file, name, corpus.format, corpus.schema, data,
+                                      extra_columns=extra_columns):
                 if rec["reject_reason"] and data.on_bad_row == "error":
                     raise R.bad_row_error(file, rec["source_row"], rec["reject_reason"], rec["reject_detail"])
                 yield rec
+
+
+def iter_row_records(rows: list[Mapping[str, Any]], data: DataConfig, name: str = "rows",
+                     extra_columns: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+    """Records of in-memory raw rows, by the same rules as a file called ``name``.
+
+    Schema as configured or detected from the first row's keys; rows are numbered from 0 (as
+    in a Parquet file), so derived ids are ``"<name>:<row>"``; the same bad-row policy.
+    """
+    keys = list(rows[0]) if rows and isinstance(rows[0], Mapping) else []
+    schema = data.schema_ if data.schema_ != "auto" else _schema_of(keys, data, name)
+    for i, obj in enumerate(rows):
+        rec = _record(obj, schema, data, name, name, i, extra_columns)
+        if rec["reject_reason"] and data.on_bad_row == "error":
+            raise R.bad_row_error(name, i, rec["reject_reason"], rec["reject_detail"])
+        yield rec
 
 
 def open_corpus(uri: str, data: DataConfig) -> Corpus:
     """``discover_corpus`` + ``detect_schema`` in one call."""
     return detect_schema(discover_corpus(uri, data.format), data)
 
-
-def tokenize_corpus(cfg, tokenizer_path: str, corpus: str, out_dir: str, **kwargs):
-    """Read, normalise and tokenise a corpus with Ray Data into ``<out_dir>/tokenized/``.
-
-    See :func:`wmss_ray.data.ray_corpus.tokenize_corpus` (kept there so this module stays
-    Ray-free).
-    """
-    from wmss_ray.data.ray_corpus import tokenize_corpus as _run
-
-    return _run(cfg, tokenizer_path, corpus, out_dir, **kwargs)

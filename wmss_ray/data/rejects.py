@@ -1,4 +1,4 @@
-"""Bad rows: reason codes, the two errors, storage helpers, and the merged ``rejects.jsonl``.
+"""Bad rows: reason codes, the two errors, and the merged ``rejects.jsonl``.
 
 A bad row never vanishes. Under ``data.on_bad_row: error`` (the default) the first one stops
 the run with a :class:`CorpusError` naming file, row and reason; under ``skip`` it becomes one
@@ -11,20 +11,19 @@ and every run reports ``rows_in = rows_ok + rows_rejected`` with a per-reason br
 ``row`` is the 1-based line number for JSONL and the 0-based row index for Parquet / Arrow.
 
 Paths may be local or any URI pyarrow understands (``file://``, ``s3://``, ``gs://``); every
-read and write here goes through ``pyarrow.fs`` so remote tasks and the driver agree.
+read and write here goes through :mod:`wmss_ray.storage` (``pyarrow.fs``) so remote tasks and
+the driver agree.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import posixpath
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import pyarrow.fs as pafs
+from wmss_ray.storage import list_files, resolve_fs, write_text
 
 # Reason codes (machine-readable; the per-reason counts use these keys).
 MALFORMED_JSON = "malformed_json"  # a JSONL line that is not JSON
@@ -36,10 +35,11 @@ NO_ANSWER = "no_answer"  # a chat row without an assistant message
 EMPTY_PROMPT = "empty_prompt"  # nothing before the answer
 TOO_LONG = "too_long"  # longer than data.max_seq_len under truncation: reject
 EMPTY_ANSWER_AFTER_TRUNCATION = "empty_answer_after_truncation"
+PROMPT_TRUNCATED_AWAY = "prompt_truncated_away"  # left truncation would keep none of the prompt
 DUPLICATE_SAMPLE_ID = "duplicate_sample_id"  # a later occurrence of an id already seen
 REASONS = (
     MALFORMED_JSON, INVALID_UTF8, WRONG_TYPE, MISSING_FIELD, EMPTY_FIELD, NO_ANSWER, EMPTY_PROMPT,
-    TOO_LONG, EMPTY_ANSWER_AFTER_TRUNCATION, DUPLICATE_SAMPLE_ID,
+    TOO_LONG, EMPTY_ANSWER_AFTER_TRUNCATION, PROMPT_TRUNCATED_AWAY, DUPLICATE_SAMPLE_ID,
 )
 _DETAIL_CHARS = 300  # details are truncated so one pathological row cannot bloat the rejects
 
@@ -93,48 +93,6 @@ def find_corpus_error(exc: BaseException) -> CorpusError | None:
     # Actor task errors may reach the driver with the chain flattened into the traceback text.
     m = re.search(r"CorpusError: (.+)", str(exc))
     return CorpusError(m.group(1).strip()) if m else None
-
-
-# ----------------------------------------------------------------------------- storage
-
-
-def resolve_fs(path: str) -> tuple[pafs.FileSystem, str]:
-    """``(filesystem, path inside it)`` for a local path or a URI (s3://, gs://, file://)."""
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(path)
-
-
-def join(base: str, *parts: str) -> str:
-    """Join path parts, keeping a URI's scheme (``s3://b/x`` + ``y`` -> ``s3://b/x/y``)."""
-    if "://" in base:
-        return posixpath.join(base, *parts)
-    return os.path.join(base, *parts)
-
-
-def reset_dir(uri: str) -> None:
-    """Create ``uri`` as an empty directory (stale parts of a crashed run must not mix in)."""
-    fs, path = resolve_fs(uri)
-    fs.create_dir(path, recursive=True)
-    fs.delete_dir_contents(path, missing_dir_ok=True)
-
-
-def write_text(uri: str, text: str) -> None:
-    """Write a whole small file (manifests, merged rejects); tmp + move where the fs allows."""
-    fs, path = resolve_fs(uri)
-    fs.create_dir(posixpath.dirname(path) or "/", recursive=True)
-    tmp = path + ".tmp"
-    with fs.open_output_stream(tmp) as f:
-        f.write(text.encode())
-    fs.move(tmp, path)
-
-
-def list_files(uri: str, suffix: str) -> list[str]:
-    """Files under directory ``uri`` ending in ``suffix``, sorted, as URIs/paths like ``uri``."""
-    fs, path = resolve_fs(uri)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
-    names = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
-    return [join(uri, posixpath.relpath(n, path)) for n in names]
 
 
 def reject_record(sample_id: str, file: str, row: int, reason: str, detail: str) -> dict[str, Any]:

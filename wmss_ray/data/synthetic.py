@@ -152,18 +152,27 @@ def pretrain_texts(
 
 
 def write_demo_corpus(cfg: DemoDataConfig, seed: int, out_dir: str | Path) -> dict[str, str]:
-    """Write ``train.jsonl`` (cfg.n_train rows) and ``eval.jsonl`` (cfg.n_eval) in the chat schema.
+    """Write ``train.jsonl`` (cfg.n_train rows), ``validation.jsonl`` (cfg.n_validation) and
+    ``eval.jsonl`` (cfg.n_eval) in the chat schema.
 
-    Returns ``{"train": path, "eval": path}``.
+    The validation problems are the train split's next ``n_validation`` unique problems after
+    the first ``n_train`` (one generator run), so they never repeat a training expression and the
+    training rows are the same whatever ``n_validation`` is.
+
+    Returns ``{"train": path, "validation": path, "eval": path}``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    train_rows = generate_split("train", cfg.n_train + cfg.n_validation, seed, cfg)
+    validation = [{**r, "sample_id": f"validation-{k}"} for k, r in enumerate(train_rows[cfg.n_train:])]
+    splits = {"train": train_rows[: cfg.n_train], "validation": validation,
+              "eval": generate_split("eval", cfg.n_eval, seed, cfg)}
     paths = {}
-    for split, n in (("train", cfg.n_train), ("eval", cfg.n_eval)):
+    for split, rows in splits.items():
         path = out / f"{split}.jsonl"
         tmp = path.with_suffix(".jsonl.tmp")  # write-then-rename: no half-written corpus
         with tmp.open("w") as f:
-            for row in generate_split(split, n, seed, cfg):
+            for row in rows:
                 f.write(json.dumps(row) + "\n")
         tmp.replace(path)
         paths[split] = str(path)

@@ -6,15 +6,16 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from wmss_ray.data.tokenize import left_pad_prompts, prompt_ids
+from wmss_ray.data.tokenize import end_of_turn_ids, left_pad_prompts, prompt_ids
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
-    """Generation stops: the model's generation_config eos ids plus the tokenizer's eos."""
+    """Generation stops: the model's generation_config eos ids plus the tokenizer's end-of-turn
+    ids (its eos and the chat template's end-of-turn token, e.g. ``<|im_end|>`` for a base-model
+    tokenizer whose eos is ``<|endoftext|>``)."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
+    ids += sorted(t for t in end_of_turn_ids(tokenizer) if t not in ids)
     return ids
 
 
@@ -25,11 +26,13 @@ def greedy_generate(
     prompts_messages: Sequence[Sequence[Mapping[str, str]]],
     max_new_tokens: int = 64,
     batch_size: int = 64,
+    prompt_id_lists: Sequence[Sequence[int]] | None = None,
 ) -> list[str]:
     """Greedy completions (special tokens stripped), one per prompt conversation.
 
-    Each prompt is rendered with the chat template and the generation prompt, batches are
-    left-padded (``[B, T]``) so that generation starts at the same position for every row.
+    Each prompt is rendered with the chat template and the generation prompt (or given as token
+    ids in ``prompt_id_lists``, e.g. ``data.tokenize.generation_prompt_ids`` with the template's
+    filler), batches are left-padded (``[B, T]``) so generation starts at the same position.
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
@@ -38,7 +41,8 @@ def greedy_generate(
     out: list[str] = []
     try:
         for start in range(0, len(prompts_messages), batch_size):
-            chunk = [prompt_ids(tokenizer, m) for m in prompts_messages[start:start + batch_size]]
+            chunk = ([list(p) for p in prompt_id_lists[start:start + batch_size]] if prompt_id_lists is not None
+                     else [prompt_ids(tokenizer, m) for m in prompts_messages[start:start + batch_size]])
             ids, mask = left_pad_prompts(chunk, pad_id)
             gen = model.generate(
                 input_ids=ids.to(device),

@@ -33,6 +33,37 @@ def resolve_dtype(name: str | torch.dtype, device: str | torch.device) -> torch.
     return _DTYPES[name]
 
 
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+
+
+def resolve_attn_implementation(name: str, device: str | torch.device) -> str:
+    """``models.attn_implementation`` for models that compute on ``device``.
+
+    "auto" -> "flash_attention_2" on CUDA when the ``flash_attn`` package imports, else "sdpa".
+    An explicit "flash_attention_2" without CUDA or without ``flash_attn`` raises at once
+    (never a silent fallback to another kernel).
+    """
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"models.attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {name!r}")
+    on_gpu = torch.device(device).type == "cuda"
+    if name in ("sdpa", "eager"):
+        return name
+    try:
+        import flash_attn  # noqa: F401
+
+        have_flash = True
+    except ImportError:
+        have_flash = False
+    if name == "auto":
+        return "flash_attention_2" if on_gpu and have_flash else "sdpa"
+    if not on_gpu:
+        raise ValueError(f"models.attn_implementation 'flash_attention_2' needs a CUDA device, got {device}")
+    if not have_flash:
+        raise ImportError("models.attn_implementation 'flash_attention_2' needs the flash-attn package "
+                          "(pip install flash-attn; the GPU image installs it), which is not importable")
+    return name
+
+
 def _local_dir(path: str | Path, what: str) -> Path:
     p = Path(path)
     if not p.is_dir():
@@ -57,8 +88,12 @@ def load_causal_lm(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
+    attn_implementation: str = "auto",
 ) -> PreTrainedModel:
     """A causal LM from a local HF directory, safetensors weights only, moved to ``device``.
+
+    ``attn_implementation``: "auto" is resolved for ``device``; a model loaded on the CPU for a
+    GPU run gets the name :func:`resolve_attn_implementation` gave for the GPU.
 
     Raises:
         FileNotFoundError: naming ``path`` when it does not exist or has no safetensors weights
@@ -77,6 +112,8 @@ def load_causal_lm(
         use_safetensors=True,
         trust_remote_code=trust_remote_code,
         local_files_only=True,
+        attn_implementation=(resolve_attn_implementation(attn_implementation, device)
+                             if attn_implementation == "auto" else attn_implementation),
     )
     return model.to(device)
 

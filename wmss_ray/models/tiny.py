@@ -35,8 +35,11 @@ def special_token_ids(tokenizer) -> dict[str, int | list[int] | None]:
     }
 
 
-def build_tiny_model(cfg: DemoModelConfig, tokenizer, seed: int) -> PreTrainedModel:
+def build_tiny_model(cfg: DemoModelConfig, tokenizer, seed: int, attn_implementation: str = "sdpa") -> PreTrainedModel:
     """A freshly initialised tiny causal LM (fp32) with ``vocab_size = len(tokenizer)``.
+
+    ``attn_implementation``: a name resolved by ``models.loading.resolve_attn_implementation``
+    (the demo builds and pre-trains on the CPU: sdpa).
 
     Weights are drawn from a seeded torch generator scope, so the same (cfg, tokenizer, seed)
     always gives the same weights without touching the caller's global RNG state.
@@ -60,6 +63,7 @@ def build_tiny_model(cfg: DemoModelConfig, tokenizer, seed: int) -> PreTrainedMo
         pad_token_id=ids["pad_token_id"],
         bos_token_id=ids["bos_token_id"],
         eos_token_id=ids["eos_token_id"],
+        attn_implementation=attn_implementation,
     )
     if cfg.arch == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM

@@ -2,11 +2,13 @@
 
 - ``scorer.EntropyScorer`` — the plain class (no Ray): both models, padded batches, fp32 entropy.
 - ``ray_scoring`` — its Ray Data wiring: ``score_corpus``, ``score_tokenized``,
-  ``sample_curriculum``, ``ScoringResult`` (imported lazily: ``import wmss_ray.scoring`` does not
-  start or import Ray).
+  ``ScoringResult`` (imported lazily: ``import wmss_ray.scoring`` does not start or import Ray).
+- ``curriculum`` — the curriculum phase (Ray-free): ``sample_curriculum`` writes the weights it
+  drew from and the sampled ids; ``curriculum_weights``.
 """
 
-_RAY_NAMES = ("score_corpus", "score_tokenized", "sample_curriculum", "ScoringResult", "curriculum_weights")
+_RAY_NAMES = ("score_corpus", "score_tokenized", "ScoringResult")
+_CURRICULUM_NAMES = ("sample_curriculum", "curriculum_weights", "CurriculumResult")
 
 
 def __getattr__(name):
@@ -14,6 +16,10 @@ def __getattr__(name):
         from wmss_ray.scoring import ray_scoring
 
         return getattr(ray_scoring, name)
+    if name in _CURRICULUM_NAMES:
+        from wmss_ray.scoring import curriculum
+
+        return getattr(curriculum, name)
     if name == "EntropyScorer":
         from wmss_ray.scoring.scorer import EntropyScorer
 

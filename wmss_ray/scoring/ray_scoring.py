@@ -1,14 +1,15 @@
 """Distributed weak/strong entropy scoring with Ray Data, and the curriculum draw.
 
 ``score_corpus`` = pair check -> ``tokenize_corpus`` (once; reused by training) ->
-``score_tokenized``::
+``score_tokenized``; the curriculum draw is ``scoring/curriculum.py``::
 
     TokenizedDatasource (blocks of scoring.batch_size rows)
       -> map_batches(EntropyScorer, ActorPoolStrategy(size=scoring.num_actors),
                      batch_size=scoring.batch_size, num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)
       -> driver: iter_batches of the small score rows (N x 5 numbers; never the corpus)
-      -> scores.parquet {sample_id, h_weak, h_strong, dh, n_answer_tokens, weight} sorted by
-         sample_id, + scoring_manifest.json
+      -> scores.parquet {sample_id, h_weak, h_strong, dh, n_answer_tokens} sorted by
+         sample_id, + scoring_manifest.json (no curriculum weights: those depend on
+         curriculum.*, which scoring does not, and are written by the curriculum phase)
 
 Fault tolerance: Ray Data's actor pool map defaults to ``max_restarts=-1`` and
 ``max_task_retries=-1`` (ray 2.60, ``ActorPoolMapOperator._apply_default_remote_args``), so a
@@ -24,16 +25,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+from wmss_ray import storage
+from wmss_ray.cluster import ensure_ray
 from wmss_ray.config import WMSSConfig
-from wmss_ray.core.curriculum import sample_indices, sampling_weights
 from wmss_ray.data import rejects as R
-from wmss_ray.data.ray_corpus import count_rows, ensure_ray, read_tokenized, tokenize_corpus
+from wmss_ray.data.ray_corpus import count_rows, read_tokenized, tokenize_corpus
 from wmss_ray.scoring.scorer import SCORE_COLUMNS, EntropyScorer
 
 SCORES_FILE = "scores.parquet"
@@ -50,20 +51,13 @@ class ScoringResult:
     tokenized_path: str | None = None
 
 
-def curriculum_weights(cfg: WMSSConfig, h_weak: np.ndarray, h_strong: np.ndarray) -> np.ndarray:
-    """``[N]`` float64 sampling weights summing to 1 (uniform when the curriculum is off)."""
-    c = cfg.curriculum
-    if not c.enabled:
-        return np.full(len(h_weak), 1.0 / len(h_weak))
-    return sampling_weights(h_weak, h_strong, c.alpha, c.beta, c.gamma, c.formula, c.normalize)
-
-
 def scorer_kwargs(cfg: WMSSConfig, weak_model: str, strong_model: str) -> dict[str, Any]:
     s = cfg.scoring
     return {
         "weak_model": weak_model, "strong_model": strong_model,
         "device": "cuda" if s.gpus_per_actor > 0 else "cpu", "dtype": cfg.models.dtype,
         "chunk_size": s.chunk_size, "trust_remote_code": cfg.models.trust_remote_code,
+        "attn_implementation": cfg.models.attn_implementation,
         # On CPU an actor computes with as many threads as logical CPUs it reserved.
         "num_threads": max(1, int(s.cpus_per_actor)) if s.gpus_per_actor == 0 else None,
     }
@@ -86,7 +80,7 @@ def score_dataset(ds: "ray.data.Dataset", cfg: WMSSConfig, weak_model: str, stro
     """
     s = cfg.scoring
     _warn_if_pool_cannot_fit(cfg)
-    return ds.map_batches(
+    out = ds.map_batches(
         scorer_cls,
         fn_constructor_kwargs=scorer_kwargs(cfg, weak_model, strong_model),
         batch_size=s.batch_size,
@@ -96,6 +90,10 @@ def score_dataset(ds: "ray.data.Dataset", cfg: WMSSConfig, weak_model: str, stro
         num_gpus=s.gpus_per_actor or None,
         udf_modifying_row_count=False,
     )
+    # Batches are cut from blocks in read order, not in arrival order: each sample is scored
+    # in the same padded batch on every run, so the same seed gives bit-identical scores.
+    out.context.execution_options.preserve_order = True
+    return out
 
 
 def score_tokenized(cfg: WMSSConfig, weak_model: str, strong_model: str, tokenized_path: str, out_dir: str,
@@ -137,20 +135,19 @@ def score_tokenized(cfg: WMSSConfig, weak_model: str, strong_model: str, tokeniz
                            f"{expected} tokenised rows")
     h_weak = scores["h_weak"].to_numpy()
     h_strong = scores["h_strong"].to_numpy()
-    scores = scores.append_column("weight", pa.array(curriculum_weights(cfg, h_weak, h_strong)))
-    scores_path = R.join(out_dir, SCORES_FILE)
-    fs, path = R.resolve_fs(scores_path)
+    scores_path = storage.join(out_dir, SCORES_FILE)
+    fs, path = storage.resolve_fs(scores_path)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     pq.write_table(scores, path, filesystem=fs)
     elapsed = time.perf_counter() - t0
     counts = {"rows_scored": scores.num_rows,
               "mean_h_weak": float(h_weak.mean()), "mean_h_strong": float(h_strong.mean()),
               "frac_dh_negative": float((scores["dh"].to_numpy() < 0).mean())}
-    manifest = R.join(out_dir, "scoring_manifest.json")
-    R.write_text(manifest, json.dumps({
+    manifest = storage.join(out_dir, "scoring_manifest.json")
+    storage.write_text(manifest, json.dumps({
         "phase": "score", "status": "completed", "models": {"weak": weak_model, "strong": strong_model},
         "tokenized": tokenized_path, "config_hash": cfg.config_hash(), "counts": counts,
-        "scoring": cfg.scoring.model_dump(), "curriculum": cfg.curriculum.model_dump(),
+        "scoring": cfg.scoring.model_dump(),
         "elapsed_s": round(elapsed, 3), "samples_per_s": round(scores.num_rows / max(elapsed, 1e-9), 2),
     }, indent=2, sort_keys=True))
     return ScoringResult(scores_path, None, counts, elapsed, manifest, tokenized_path)
@@ -186,40 +183,11 @@ def score_corpus(cfg: WMSSConfig, weak_model: str, strong_model: str, corpus: st
     manifest = json.loads(_read_text(res.manifest_path))
     manifest.update(corpus=corpus, counts=counts, elapsed_s=round(elapsed, 3),
                     tokenize_elapsed_s=round(tok.elapsed, 3), score_elapsed_s=round(res.elapsed, 3))
-    R.write_text(res.manifest_path, json.dumps(manifest, indent=2, sort_keys=True))
+    storage.write_text(res.manifest_path, json.dumps(manifest, indent=2, sort_keys=True))
     return ScoringResult(res.scores_path, tok.rejects_path, counts, elapsed, res.manifest_path, tok.tokenized_path)
 
 
 def _read_text(uri: str) -> str:
-    fs, path = R.resolve_fs(uri)
+    fs, path = storage.resolve_fs(uri)
     with fs.open_input_stream(path) as f:
         return f.read().decode()
-
-
-def sample_curriculum(cfg: WMSSConfig, scores_path: str, out_path: str, seed: int) -> str:
-    """Draw ``round(N * curriculum.sample_multiplier)`` sample ids with replacement (seeded).
-
-    Weights are recomputed from ``h_weak``/``h_strong`` with *this* ``cfg.curriculum`` (a Tune
-    trial may change alpha/beta/gamma without rescoring); uniform when ``curriculum.enabled`` is
-    false; ``dedup`` keeps first draws only. ``scores.parquet`` is sorted by sample_id, so the
-    same (scores, cfg, seed) always gives the same draw.
-
-    Args:
-        out_path: the parquet file to write, or a directory (then ``<dir>/sampled_ids.parquet``).
-
-    Returns:
-        The path written: one column ``sample_id`` with repeats, in draw order.
-    """
-    fs, path = R.resolve_fs(scores_path)
-    scores = pq.read_table(path, columns=["sample_id", "h_weak", "h_strong"], filesystem=fs)
-    n = scores.num_rows
-    if n == 0:
-        raise ValueError(f"{scores_path} holds no scores")
-    weights = curriculum_weights(cfg, scores["h_weak"].to_numpy(), scores["h_strong"].to_numpy())
-    draws = max(1, round(n * cfg.curriculum.sample_multiplier))
-    idx = sample_indices(weights, draws, seed=seed, dedup=cfg.curriculum.dedup)
-    out = out_path if out_path.endswith(".parquet") else R.join(out_path, "sampled_ids.parquet")
-    ofs, opath = R.resolve_fs(out)
-    ofs.create_dir(opath.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(pa.table({"sample_id": scores["sample_id"].take(pa.array(idx))}), opath, filesystem=ofs)
-    return out

@@ -5,6 +5,12 @@ strong model back to back, so both scores of a sample are produced together (one
 join) and the tokenised corpus crosses the object store once instead of twice. The cost is the
 memory of two models per scorer; see docs/SCORING.md for how this changes on GPUs.
 
+What is scored: the answer's content tokens only. Labels are -100 on the prompt and template
+filler already (``data.tokenize``); the end-of-turn token that ``data.supervise:
+answer_and_eos`` trains on is excluded here too (``data.tokenize.end_of_turn_ids`` of the strong
+model's tokenizer): after SFT it is near-certain, and counting it would pull every row's mean
+towards 0 by a share that depends on the answer's length, not on its difficulty.
+
 Precision: the models run in ``resolve_dtype(dtype, device)`` (fp32 on CPU, bf16 on CUDA for
 "auto"); ``core.entropy.sample_entropy`` upcasts each logits chunk to fp32, so the entropy math
 is fp32 whatever the model dtype.
@@ -19,7 +25,7 @@ import numpy as np
 import torch
 
 from wmss_ray.core.entropy import sample_entropy
-from wmss_ray.data.tokenize import IGNORE_INDEX, collate
+from wmss_ray.data.tokenize import IGNORE_INDEX, collate, end_of_turn_ids
 
 SCORE_COLUMNS = ("sample_id", "h_weak", "h_strong", "dh", "n_answer_tokens")
 
@@ -41,12 +47,13 @@ class EntropyScorer:
         num_threads: torch intra-op threads on CPU (None leaves torch's default).
         max_rows_per_forward: split a batch into forwards of at most this many rows (GPU memory
             knob; scores do not depend on it).
+        attn_implementation: ``models.attn_implementation`` (resolved for ``device``).
     """
 
     def __init__(self, weak_model: str, strong_model: str, *, device: str = "cpu", dtype: str = "auto",
                  chunk_size: int = 256, trust_remote_code: bool = False, num_threads: int | None = None,
-                 max_rows_per_forward: int | None = None):
-        from wmss_ray.models.loading import load_causal_lm, resolve_dtype
+                 max_rows_per_forward: int | None = None, attn_implementation: str = "auto"):
+        from wmss_ray.models.loading import load_causal_lm, load_tokenizer, resolve_attn_implementation, resolve_dtype
 
         if num_threads:
             torch.set_num_threads(int(num_threads))
@@ -54,10 +61,13 @@ class EntropyScorer:
         self.dtype = resolve_dtype(dtype, self.device)
         self.chunk_size = chunk_size
         self.max_rows = max_rows_per_forward
-        load = lambda p: load_causal_lm(p, self.dtype, self.device, trust_remote_code).eval()  # noqa: E731
+        attn = resolve_attn_implementation(attn_implementation, self.device)
+        load = lambda p: load_causal_lm(p, self.dtype, self.device, trust_remote_code, attn).eval()  # noqa: E731
         self.weak = load(weak_model)
         self.strong = self.weak if strong_model == weak_model else load(strong_model)
         self.pad_id = self.weak.config.pad_token_id or 0  # right padding: never attended to
+        # weak and strong share the tokenizer (models.check_pair_compatible)
+        self.unscored_ids = sorted(end_of_turn_ids(load_tokenizer(strong_model, trust_remote_code)))
 
     @staticmethod
     def _takes_logits_to_keep(model) -> bool:
@@ -89,11 +99,14 @@ class EntropyScorer:
         return h.float().cpu(), n.cpu()
 
     def score_rows(self, input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
-        """Scores of tokenised rows: ``h_weak, h_strong, dh [N] float64, n_answer_tokens [N] int64``.
+        """Scores of tokenised rows: ``h_weak, h_strong, dh [N] float64, n_answer_tokens [N] int64``
+        (answer content tokens: supervised labels that are not end-of-turn tokens).
 
         Padding never changes a score (right padding + causal attention; see core.entropy).
         """
-        rows = [{"input_ids": list(i), "labels": list(lab)} for i, lab in zip(input_ids, labels)]
+        skip = set(self.unscored_ids)
+        rows = [{"input_ids": list(i), "labels": [IGNORE_INDEX if t in skip else t for t in lab]}
+                for i, lab in zip(input_ids, labels)]
         step = self.max_rows or max(1, len(rows))
         hw, hs, ns = [], [], []
         for start in range(0, len(rows), step):

@@ -77,14 +77,41 @@ def load_checkpoint(engine, ckpt_dir: str, rank: int, exclude_frozen: bool,
         if state.get("plan", {}).get(key) != value:
             raise ValueError(f"checkpoint {ckpt_dir} was written with {key}={state.get('plan', {}).get(key)!r}, "
                              f"this run has {key}={value!r}; resume needs the same data plan and world size")
-    # Frozen weak weights are not in the checkpoint: non-strict module load keeps the fresh ones.
-    load_path, _ = engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_module_strict=not exclude_frozen)
+    # Frozen weak weights are not in the checkpoint (the fresh ones are kept); everything else,
+    # the strong model above all, must match key for key.
+    load_path, _ = engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_module_strict=True,
+                                          custom_load_fn=load_module_except_frozen if exclude_frozen else None)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt_dir}")
     rng_path = os.path.join(ckpt_dir, f"rng_rank{rank}.pt")
     if os.path.exists(rng_path):
         _set_rng_state(torch.load(rng_path, weights_only=True))  # tensors, ints and tuples only
     return state
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint's module state does not fit the model (keys missing or unexpected)."""
+
+
+def load_module_except_frozen(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:
+    """Load ``src`` into ``dst`` strictly, except that frozen parameters may be absent.
+
+    DeepSpeed's ``custom_load_fn`` for a checkpoint saved with ``exclude_frozen_parameters``
+    (frozen mode: the weak model). Only parameters of ``dst`` with ``requires_grad=False`` (every
+    name of a tied one) may be missing; a missing trainable key (the strong model) or an
+    unexpected key raises instead of silently keeping fresh weights.
+
+    Raises:
+        CheckpointMismatchError: naming up to 5 offending keys of each kind.
+    """
+    frozen = {n for n, p in dst.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    result = dst.load_state_dict(src, strict=False)
+    missing = sorted(k for k in result.missing_keys if k not in frozen)
+    unexpected = sorted(result.unexpected_keys)
+    if missing or unexpected:
+        raise CheckpointMismatchError(
+            f"checkpoint does not fit the model: {len(missing)} missing keys {missing[:5]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:5]} (only frozen weak parameters may be absent)")
 
 
 def gather_state_dict(model: torch.nn.Module, zero3: bool, rank: int) -> dict[str, torch.Tensor] | None:

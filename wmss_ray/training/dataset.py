@@ -34,9 +34,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from wmss_ray.core.constants import IGNORE_INDEX
 from wmss_ray.data.tokenize import collate
 
-IGNORE_INDEX = -100
 
 
 # ----------------------------------------------------------------------------- epoch list

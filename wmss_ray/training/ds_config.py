@@ -11,33 +11,15 @@ Everything here is plain code: no Ray.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import torch
 
 from wmss_ray.config import TrainingConfig
+from wmss_ray.training.schedule import lr_factor, warmup_steps_for
 
 
 # ----------------------------------------------------------------------------- schedule
-
-
-def warmup_steps_for(total_steps: int, warmup_ratio: float) -> int:
-    """Warm-up length in optimizer steps: ``round(warmup_ratio * total_steps)``."""
-    return int(round(warmup_ratio * total_steps))
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
-    """Multiplier of the base lr for optimizer step ``step`` (0-based).
-
-    Linear warm-up ``(step + 1) / warmup_steps`` over the first ``warmup_steps`` steps (so the
-    first step already learns), then cosine decay from 1 to ``min_lr_ratio`` at the last step.
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    decay_steps = max(1, total_steps - 1 - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, training: TrainingConfig):
@@ -106,7 +88,23 @@ def build_ds_config(training: TrainingConfig, world_size: int, dtype: torch.dtyp
     ``train_batch_size = micro_batch_size * grad_accum * world_size``; ZeRO stage, offload and
     clipping from ``training``; bf16 / fp16 from ``dtype`` (the models' compute dtype: bf16 on
     GPU, fp32 on CPU by default). ``training.ds_config_overrides`` is deep-merged last.
+
+    Under bf16 / fp16 the gradients are accumulated over micro-batches and reduced over ranks
+    in fp32 (``data_types.grad_accum_dtype`` and ``communication_data_type``): summing many
+    micro-batches' bf16 gradients in bf16 loses their low bits (8 mantissa bits). DeepSpeed 0.19
+    offers fp32 accumulation only with ZeRO (stage 0 would update the bf16 weights with bf16
+    gradients directly), so half precision needs ``zero_stage >= 1``.
+
+    Raises:
+        ValueError: naming the ``training`` key that cannot be honoured.
     """
+    half = dtype in (torch.bfloat16, torch.float16)
+    if half and training.zero_stage == 0:
+        raise ValueError(
+            f"training.zero_stage: 0 with {dtype} models: DeepSpeed accumulates gradients in fp32 only "
+            "under ZeRO; set training.zero_stage >= 1 (stage 1 on one GPU costs no more memory than "
+            "stage 0 and keeps fp32 master weights) or models.dtype: float32"
+        )
     if training.offload_params and training.zero_stage != 3:
         raise ValueError("training.offload_params needs training.zero_stage: 3 (parameters are only partitioned at stage 3)")
     if training.offload_optimizer and training.zero_stage == 0:
@@ -130,6 +128,7 @@ def build_ds_config(training: TrainingConfig, world_size: int, dtype: torch.dtyp
         "bf16": {"enabled": dtype == torch.bfloat16},
         "fp16": {"enabled": dtype == torch.float16, "loss_scale": 0},
         "steps_per_print": 10**9,
+        **({"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"} if half else {}),
         "wall_clock_breakdown": False,
     }
     return _deep_merge(config, training.ds_config_overrides)

@@ -18,10 +18,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from wmss_ray.core.mixing import STATS_KEYS, chunked_mixed_ce
+from wmss_ray.core.constants import IGNORE_INDEX
+from wmss_ray.core.mixing import DEFAULT_CHUNK_MB, STATS_KEYS, chunked_mixed_ce
 from wmss_ray.models.loading import output_head
 
-IGNORE_INDEX = -100
 #: Order of the per-micro-batch statistics vector returned by :meth:`PairLM.forward`.
 STAT_NAMES = STATS_KEYS  # ce_mix_sum, ce_strong_sum, p_mix_sum, p_strong_sum, nt_mix, nt_strong, n_tokens
 #: Order of the third vector of a ``weak_pool`` forward: 5 sums, then 2 maxima.
@@ -36,12 +36,16 @@ class PairLM(nn.Module):
         strong, weak: HF causal LMs sharing the vocabulary; ``weak`` is None for SFT.
         mode: "sft" | "joint" | "frozen".
         lam: mixing weight (1.0 is plain SFT even with a weak model).
-        chunk_size: answer tokens per chunk of the loss.
+        chunk_size: answer tokens per chunk of the loss (None/0: sized from ``chunk_mb``).
         zero3: register the heads as ZeRO-3 external parameters.
+        chunk_mb: MiB budget of the loss's ``[chunk, V]`` fp32 buffer (``mix.chunk_mb``).
+        weak_pool: ``mix.placement: pool``: no weak model here (``weak`` None, mode frozen);
+            :meth:`forward` takes the weak side as the pool's log-probs.
     """
 
     def __init__(self, strong: nn.Module, weak: nn.Module | None, mode: str, lam: float,
-                 chunk_size: int = 1024, zero3: bool = False, weak_pool: bool = False):
+                 chunk_size: int | None = None, zero3: bool = False, chunk_mb: float = DEFAULT_CHUNK_MB,
+                 weak_pool: bool = False):
         super().__init__()
         if mode not in ("sft", "joint", "frozen"):
             raise ValueError(f"mode must be sft, joint or frozen, got {mode!r}")
@@ -55,6 +59,7 @@ class PairLM(nn.Module):
         self.mode = mode
         self.lam = 1.0 if mode == "sft" else float(lam)
         self.chunk_size = chunk_size
+        self.chunk_mb = chunk_mb
         if weak is not None and mode == "frozen":
             weak.requires_grad_(False)
             weak.eval()  # no dropout in the frozen model
@@ -112,7 +117,7 @@ class PairLM(nn.Module):
                 h_w = self._hidden(self.weak, input_ids, attention_mask)[:, :-1][sel]
             w_w = output_head(self.weak)[1]  # [V, D_w]
         loss, stats = chunked_mixed_ce(h_s, w_s, h_w, w_w, y, self.lam, chunk_size=self.chunk_size,
-                                       num_tokens=num_tokens, return_stats=True)
+                                       num_tokens=num_tokens, return_stats=True, chunk_mb=self.chunk_mb)
         vec = torch.stack([stats[k].to(torch.float64) for k in STAT_NAMES]).detach()
         return loss * loss_scale, vec
 
@@ -122,7 +127,7 @@ class PairLM(nn.Module):
         if weak_logp is None:
             raise ValueError("PairLM(weak_pool=True).forward needs weak_logp (the pool's reply)")
         loss, stats = sparse_mixed_ce(h_s, w_s, weak_logp, y, self.lam, chunk_size=self.chunk_size,
-                                      num_tokens=num_tokens, return_stats=True)
+                                      num_tokens=num_tokens, return_stats=True, chunk_mb=self.chunk_mb)
         vec = torch.stack([stats[k].to(torch.float64) for k in STAT_NAMES]).detach()
         err = torch.zeros(4, dtype=torch.float64, device=h_s.device)  # err_sum, bound_sum, n, err_max
         if exact is not None and exact[0].numel():
@@ -134,6 +139,22 @@ class PairLM(nn.Module):
         trunc = torch.stack([stats["tail_mass_sum"], stats["trunc_bound_sum"], err[0], err[1], err[2],
                              stats["tail_mass_max"], err[3]]).to(torch.float64).detach()
         return loss * loss_scale, vec, trunc
+
+    @staticmethod
+    def prepare_for_training(model: nn.Module, gradient_checkpointing: bool) -> None:
+        """Train mode, no KV cache, and (``training.gradient_checkpointing``) non-reentrant
+        activation checkpointing of every decoder layer: the layer is recomputed in backward
+        from its input, so only layer inputs stay alive across the forward. Non-reentrant
+        (``torch.utils.checkpoint(use_reentrant=False)``) works with inputs that need no grad
+        and with ZeRO-3's parameter hooks."""
+        model.config.use_cache = False
+        model.train()
+        if gradient_checkpointing:
+            kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def trainable_groups(self, lr: float, weak_lr: float | None) -> dict[str, tuple[nn.Module, float]]:
         """``{"strong": (module, lr), "weak": (module, weak_lr or lr)}`` for the optimizer (joint only)."""

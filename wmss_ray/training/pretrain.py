@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from wmss_ray.config import WMSSConfig
 from wmss_ray.data.synthetic import pretrain_texts
 from wmss_ray.models.tiny import build_tiny_model, save_pretrained_model
 from wmss_ray.models.tokenizer import EOT, build_demo_tokenizer
+from wmss_ray.training.schedule import lr_factor, warmup_steps_for
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +46,6 @@ def pack_texts(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]
         stream.extend(ids)
     stream.append(eot)
     return torch.tensor(stream, dtype=torch.long), torch.tensor(starts, dtype=torch.long)
-
-
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total`` (step is 0-based)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _usable_cpus() -> int:
@@ -104,7 +96,7 @@ def _train(cfg: WMSSConfig, out: Path, p0, seed: int) -> str:
         )
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=p0.lr, betas=(0.9, 0.95), weight_decay=p0.weight_decay)
-    warmup = max(1, round(p0.warmup_ratio * p0.steps))
+    warmup = warmup_steps_for(p0.steps, p0.warmup_ratio)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, p0.steps, warmup, p0.min_lr_ratio))
     offsets = torch.arange(seq_len + 1)
     losses: list[list[float]] = []

@@ -28,9 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wmss_ray import storage
+from wmss_ray.cluster import ensure_ray
 from wmss_ray.config import WMSSConfig
 from wmss_ray.training.dataset import DataPlan, build_train_dataset, epoch_sample_ids
-from wmss_ray.training.metrics import read_metrics
+from wmss_ray.training.metrics import is_log_step, read_metrics
 from wmss_ray.training.worker import PhaseSpec
 
 RUN_NAME = "ray_train"
@@ -163,7 +165,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for step in range(start, end):
             metrics = worker.train_step(step)
             done = step + 1
-            log = done % t.log_every == 0 or done == end or done == 1
+            log = is_log_step(done, t.log_every, end)
             ckpt = done == end or (t.checkpoint_every and done % t.checkpoint_every == 0)
             if writer is not None and log:
                 writer.write(metrics)
@@ -195,17 +197,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- driver
 
 
-def _start_pool(cfg: WMSSConfig, spec: PhaseSpec, train_resources: dict[str, float]):
-    """The weak pool of a frozen WMSS phase (``mix.placement: pool``), up and answering."""
+def _start_pool(cfg: WMSSConfig, spec: PhaseSpec):
+    """The weak pool of a frozen WMSS phase (``mix.placement: pool``), up and answering; None for
+    any other phase. It fails at once when it cannot be placed next to the Train workers."""
+    if not (spec.mode == "frozen" and cfg.mix.placement == "pool"):
+        return None
     from wmss_ray.weak_pool.group import POOL_FAULT_ENV, ServerArgs, WeakPool
+    from wmss_ray.weak_pool.server import pool_dtype
 
-    p = cfg.mix.pool
-    dtype = cfg.models.dtype if cfg.models.dtype != "auto" else ("bfloat16" if p.gpus_per_actor else "float32")
+    p, sc = cfg.mix.pool, cfg.scaling
+    train_resources = {"CPU": sc.cpus_per_worker * sc.num_workers}  # what the TorchTrainer asks for
+    if sc.use_gpu:
+        train_resources["GPU"] = (sc.gpus_per_worker or 1.0) * sc.num_workers
+    dtype = pool_dtype(cfg.models.dtype, p.gpus_per_actor)
     overrides = {k: v for k, v in cfg.training.ds_config_overrides.get("zero_optimization", {}).items()
                  if k.startswith("stage3_")}  # the tiny tests force real partitioning this way
     args = ServerArgs(model_dir=spec.weak_init, top_k=p.top_k, dtype=dtype,
                       trust_remote_code=cfg.models.trust_remote_code, chunk_size=cfg.mix.chunk_size,
-                      use_gpu=p.gpus_per_actor > 0, ds_overrides=overrides,
+                      chunk_mb=cfg.mix.chunk_mb, use_gpu=p.gpus_per_actor > 0, ds_overrides=overrides,
                       fault=os.environ.get(POOL_FAULT_ENV), fault_marker=os.path.join(spec.out_dir, ".pool_fault_injected"))
     return WeakPool(args, p.replicas, p.shards, p.cpus_per_actor, p.gpus_per_actor, reserved=train_resources,
                     timeout_s=p.placement_timeout_s)
@@ -238,25 +247,21 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
     Raises:
         IncompatibleModelsError: WMSS weak and strong tokenizers / vocabularies differ.
     """
-    import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     spec = build_spec(cfg, phase, strong_init, weak_init, tokenized_path, sampled_ids_path, out_dir, mode,
                       epochs=epochs, exact_steps=exact_steps, stop_after=stop_after)
-    out = Path(out_dir).resolve()
+    out = Path(storage.local_dir(out_dir))
     out.mkdir(parents=True, exist_ok=True)
     spec.out_dir = str(out)
-    if not ray.is_initialized():
-        ray.init()
+    ensure_ray()
+    pool = _start_pool(cfg, spec)  # mix.placement pool only; shut down after fit
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
         resources["GPU"] = sc.gpus_per_worker or 1.0
     dataset = build_train_dataset(tokenized_path)  # read once, not once per worker (or restart)
-    pool = None
-    if spec.mode == "frozen" and cfg.mix.placement == "pool":
-        pool = _start_pool(cfg, spec, {k: v * sc.num_workers for k, v in resources.items()})
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "spec": spec, "pool": pool.handles if pool else None},

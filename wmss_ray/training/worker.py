@@ -84,7 +84,9 @@ class PhaseWorker:
 
     def __init__(self, cfg: WMSSConfig, spec: PhaseSpec, rank: int, world_size: int, device: torch.device,
                  pool_handles: list | None = None):
-        from wmss_ray.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
+        from wmss_ray.models.loading import (
+            load_causal_lm, load_tokenizer, resolve_attn_implementation, resolve_dtype,
+        )
         from wmss_ray.training.ds_config import init_engine, param_groups
 
         if spec.plan.world_size != world_size:
@@ -96,34 +98,35 @@ class PhaseWorker:
         self.zero3 = cfg.training.zero_stage == 3
         self.tokenizer = load_tokenizer(spec.strong_init, cfg.models.trust_remote_code)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        load = dict(dtype=self.dtype, device="cpu", trust_remote_code=cfg.models.trust_remote_code)
+        load = dict(dtype=self.dtype, device="cpu", trust_remote_code=cfg.models.trust_remote_code,
+                    attn_implementation=resolve_attn_implementation(cfg.models.attn_implementation, self.device))
         strong = load_causal_lm(spec.strong_init, **load)
         # mix.placement pool: the weak model lives in the pool's actors, never in this process.
         self.pooled = spec.mode == "frozen" and cfg.mix.placement == "pool"
         weak = load_causal_lm(spec.weak_init, **load) if spec.mode != "sft" and not self.pooled else None
         for m in (strong, weak):
             if m is not None:
-                m.config.use_cache = False
-                m.train()
+                PairLM.prepare_for_training(m, cfg.training.gradient_checkpointing)
         self.pair = PairLM(strong, weak, spec.mode, cfg.mix.lam, cfg.mix.chunk_size, zero3=self.zero3,
-                           weak_pool=self.pooled)
+                           chunk_mb=cfg.mix.chunk_mb, weak_pool=self.pooled)
         groups = param_groups(self.pair.trainable_groups(cfg.training.lr, cfg.training.weak_lr),
                               cfg.training.weight_decay)
         self.engine = init_engine(self.pair, groups, cfg.training, world_size, spec.plan.total_steps,
                                   self.dtype, self.on_gpu)
         self.rows: RowTable | None = None
-        self.feed = None
-        if self.pooled:
-            from wmss_ray.weak_pool.feed import WeakFeed
-            from wmss_ray.weak_pool.group import PoolClient
+        self.pool = self._pooled_weak_side(pool_handles) if self.pooled else None
 
-            if not pool_handles:
-                raise ValueError("mix.placement pool: PhaseWorker needs the pool's replica handles")
-            pool = cfg.mix.pool
-            self._mb_cache: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-            self.feed = WeakFeed(PoolClient(pool_handles, rank), self._micro_batch, spec.plan.grad_accum,
-                                 spec.end_step, pool.prefetch,
-                                 lambda step, a: pool.exact_sample if a == 0 and self.is_log_step(step + 1) else 0)
+    def _pooled_weak_side(self, pool_handles: list | None):
+        """``mix.placement: pool``: the weak side as the pool's replies (``weak_pool.feed``)."""
+        from wmss_ray.weak_pool.feed import PooledWeakSide
+        from wmss_ray.weak_pool.group import PoolClient
+
+        if not pool_handles:
+            raise ValueError("mix.placement pool: PhaseWorker needs the pool's replica handles")
+        p = self.cfg.mix.pool
+        return PooledWeakSide(PoolClient(pool_handles, self.rank), self.micro_batches, self.spec.plan.grad_accum,
+                              self.spec.end_step, self.cfg.training.log_every, p.prefetch, p.exact_sample,
+                              p.error_warn, self.device)
 
     # ------------------------------------------------------------------ data
 
@@ -135,25 +138,9 @@ class PhaseWorker:
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         """The ``grad_accum`` padded micro-batches of this rank for optimizer step ``step``."""
-        if self.feed is not None:  # built once: the pool's request and the step use the same batch
-            for key in [k for k in self._mb_cache if k[0] < step]:  # consumed: at most prefetch + A kept
-                del self._mb_cache[key]
-            return [self._micro_batch(step, a) for a in range(self.spec.plan.grad_accum)]
         ids, plan = self.spec.sample_ids, self.spec.plan
         return [self.rows.batch([ids[i] for i in plan.micro_batch(step, a, self.rank)], self.pad_id)
                 for a in range(plan.grad_accum)]
-
-    def _micro_batch(self, step: int, a: int) -> dict[str, torch.Tensor]:
-        """Micro-batch ``a`` of ``step`` (pool placement: cached until the step after ``step``)."""
-        if (step, a) not in self._mb_cache:
-            ids = self.spec.sample_ids
-            self._mb_cache[(step, a)] = self.rows.batch(
-                [ids[i] for i in self.spec.plan.micro_batch(step, a, self.rank)], self.pad_id)
-        return self._mb_cache[(step, a)]
-
-    def is_log_step(self, done: int) -> bool:
-        """Whether the step that completes ``done`` steps is logged (the trainer's rule)."""
-        return done % self.cfg.training.log_every == 0 or done == self.spec.end_step or done == 1
 
     # ------------------------------------------------------------------ step
 
@@ -176,7 +163,7 @@ class PhaseWorker:
     def train_step(self, step: int) -> dict[str, Any]:
         """One optimizer step (``step`` is 0-based); returns its globally reduced metrics."""
         t0 = time.perf_counter()
-        mbs = self.micro_batches(step)
+        mbs = self.pool.micro_batches(step) if self.pool else self.micro_batches(step)  # pool: the requested ones
         # Prefetched: the global answer-token count must be known before the first backward.
         counts = torch.tensor([sum(answer_tokens(b) for b in mbs),
                                sum(int(b["attention_mask"].sum()) for b in mbs)], dtype=torch.float64,
@@ -186,18 +173,11 @@ class PhaseWorker:
         loss_scale = float(self.world_size * self.spec.plan.grad_accum)
         lr = self.lr
         stats = torch.zeros(7, dtype=torch.float64, device=self.device)
-        pool = torch.zeros(9, dtype=torch.float64, device=self.device) if self.feed is not None else None
         grad_norm = None
         for i, b in enumerate(mbs):
             b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
-            if self.feed is not None:
-                weak, exact, waited, nbytes = self.feed.get(step, i, self.device)
-                loss, vec, trunc = self.engine(b["input_ids"], b["attention_mask"], b["labels"], num_tokens=n_global,
-                                               loss_scale=loss_scale, weak_logp=weak, exact=exact)
-                pool[:5] += trunc[:5]  # feed.pool_metrics' layout: 6 sums, 3 maxima
-                pool[5] += nbytes
-                pool[6:8] = torch.maximum(pool[6:8], trunc[5:7])
-                pool[8] += waited  # seconds this rank waited for replies
+            if self.pool:
+                loss, vec = self.pool.forward(self.engine, b, step, i, num_tokens=n_global, loss_scale=loss_scale)
             else:
                 loss, vec = self.engine(b["input_ids"], b["attention_mask"], b["labels"],
                                         num_tokens=n_global, loss_scale=loss_scale)
@@ -217,10 +197,8 @@ class PhaseWorker:
         metrics = step_metrics(stats.cpu(), step=step + 1, phase=self.spec.phase, grad_norm=grad_norm, lr=lr,
                                step_time=dt, input_tokens=float(counts[1]),
                                samples_seen=(step + 1) * self.spec.plan.global_batch)
-        if pool is not None:
-            from wmss_ray.weak_pool.feed import pool_metrics
-
-            metrics.update(pool_metrics(pool, float(stats[6]), self.feed.checkpoint_id, self.cfg.mix.pool.error_warn))
+        if self.pool:
+            metrics.update(self.pool.step_metrics(float(stats[6])))
         return metrics
 
     # ------------------------------------------------------------------ state

@@ -72,6 +72,65 @@ class WeakFeed:
         return reply.to_weak(device), exact, waited, answer_bytes
 
 
+class PooledWeakSide:
+    """A Train worker's weak side under ``mix.placement: pool`` (``PhaseWorker`` delegates to it).
+
+    It keeps the micro-batches of each step it sent requests for, so that the step trains on the
+    very tensors the pool answered (read once per step by the worker's own ``read_step``, kept
+    until that step has run: at most ``1 + ceil(prefetch / grad_accum)`` steps), runs each
+    micro-batch's forward with the pool's reply, and accumulates the step's pool metrics.
+
+    Args:
+        client: the pool's :class:`~.group.PoolClient`.
+        read_step: ``step -> [grad_accum micro-batches]`` of this rank (the worker's reader).
+        grad_accum, end_step, log_every: the plan's micro-batches per step, the step to stop at,
+            ``training.log_every`` (logged steps also ask for ``exact_sample`` dense rows).
+        prefetch, exact_sample, error_warn: ``mix.pool``'s settings.
+        device: this rank's device.
+    """
+
+    def __init__(self, client: PoolClient, read_step: Callable[[int], list[dict]], grad_accum: int, end_step: int,
+                 log_every: int, prefetch: int, exact_sample: int, error_warn: float, device) -> None:
+        from wmss_ray.training.metrics import is_log_step
+
+        self._read, self._steps = read_step, {}
+        self.error_warn, self.device = error_warn, torch.device(device)
+
+        def n_exact(step: int, a: int) -> int:
+            return exact_sample if a == 0 and is_log_step(step + 1, log_every, end_step) else 0
+
+        self.feed = WeakFeed(client, lambda step, a: self._batches(step)[a], grad_accum, end_step, prefetch, n_exact)
+        self.acc = torch.zeros(9, dtype=torch.float64, device=self.device)
+
+    def _batches(self, step: int) -> list[dict]:
+        if step not in self._steps:
+            self._steps[step] = self._read(step)
+        return self._steps[step]
+
+    def micro_batches(self, step: int) -> list[dict]:
+        """Step ``step``'s micro-batches (those its requests were built from); starts the step."""
+        for old in [s for s in self._steps if s < step]:  # consumed
+            del self._steps[old]
+        self.acc.zero_()
+        return self._batches(step)
+
+    def forward(self, engine, b: dict, step: int, a: int, num_tokens: float, loss_scale: float):
+        """``engine``'s ``(loss, stats)`` of micro-batch ``a`` of ``step`` with the pool's reply."""
+        weak, exact, waited, nbytes = self.feed.get(step, a, self.device)
+        loss, vec, trunc = engine(b["input_ids"], b["attention_mask"], b["labels"], num_tokens=num_tokens,
+                                  loss_scale=loss_scale, weak_logp=weak, exact=exact)
+        acc = self.acc  # pool_metrics' layout: 6 sums, 3 maxima
+        acc[:5] += trunc[:5]
+        acc[5] += nbytes
+        acc[6:8] = torch.maximum(acc[6:8], trunc[5:7])
+        acc[8] += waited  # seconds this rank waited for replies
+        return loss, vec
+
+    def step_metrics(self, n_tokens: float) -> dict:
+        """The step's pool metrics (collective: every rank calls it once per step)."""
+        return pool_metrics(self.acc, n_tokens, self.feed.checkpoint_id, self.error_warn)
+
+
 def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(t, op=op)

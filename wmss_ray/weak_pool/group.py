@@ -33,6 +33,7 @@ from typing import Any
 
 import ray
 
+from wmss_ray.core.mixing import DEFAULT_CHUNK_MB
 from wmss_ray.weak_pool.server import WeakServer
 from wmss_ray.weak_pool.wire import WeakReply, WeakRequest
 
@@ -52,7 +53,8 @@ class ServerArgs:
     top_k: int
     dtype: str = "float32"
     trust_remote_code: bool = False
-    chunk_size: int = 1024
+    chunk_size: int | None = None  # None: sized from chunk_mb (mix.chunk_mb), as the training loss
+    chunk_mb: float = DEFAULT_CHUNK_MB
     use_gpu: bool = False
     ds_overrides: dict | None = None
     fault: str | None = None  # POOL_FAULT_ENV value
@@ -80,7 +82,7 @@ class _Shard:
                 world_size=world, timeout=timedelta(seconds=120))
         self.server = WeakServer(args.model_dir, args.top_k, dtype=args.dtype, device=device,
                                  trust_remote_code=args.trust_remote_code, chunk_size=args.chunk_size,
-                                 zero3=world > 1, ds_overrides=args.ds_overrides)
+                                 chunk_mb=args.chunk_mb, zero3=world > 1, ds_overrides=args.ds_overrides)
 
     def _forward(self, req: WeakRequest) -> WeakReply:
         reply = self.server.answer(req)

@@ -20,8 +20,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from wmss_ray.core.mixing import DEFAULT_CHUNK_MB, _row_logsumexp, chunk_rows_for
 from wmss_ray.core.sparse_mixing import weak_from_logp
 from wmss_ray.weak_pool.wire import WeakReply, WeakRequest
+
+
+def pool_dtype(models_dtype: str, gpus_per_actor: float) -> str:
+    """The pool's forward dtype: ``models.dtype``; for "auto", bf16 on GPU actors, fp32 on CPU."""
+    if models_dtype != "auto":
+        return models_dtype
+    return "bfloat16" if gpus_per_actor > 0 else "float32"
 
 
 def checkpoint_id(model_dir: str | Path) -> str:
@@ -44,19 +52,22 @@ class WeakServer:
         top_k: log-probs per answer position (0: dense ``[N, V]``, exact).
         dtype: "auto" | "float32" | "bfloat16" | "float16" (the forward's dtype; replies are fp32).
         device: where the forward runs.
-        chunk_size: answer positions per ``[chunk, V]`` logits block.
+        chunk_size: answer positions per ``[chunk, V]`` logits block; None/0: sized from
+            ``chunk_mb`` (``mix.chunk_mb``, as the training loss) by ``core.mixing.chunk_rows_for``.
         zero3: shard the model with DeepSpeed ZeRO-3 over the default process group.
         ds_overrides: merged into the ZeRO-3 config (e.g. ``stage3_param_persistence_threshold``).
     """
 
     def __init__(self, model_dir: str, top_k: int, dtype: str = "float32", device: str = "cpu",
-                 trust_remote_code: bool = False, chunk_size: int = 1024, zero3: bool = False,
-                 ds_overrides: dict | None = None):
+                 trust_remote_code: bool = False, chunk_size: int | None = None, zero3: bool = False,
+                 ds_overrides: dict | None = None, chunk_mb: float = DEFAULT_CHUNK_MB):
         from wmss_ray.models.loading import load_causal_lm, output_head, resolve_dtype
 
         if top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {top_k}")
-        self.top_k, self.chunk_size, self.zero3 = int(top_k), int(chunk_size), zero3
+        if chunk_size is not None and chunk_size < 0:
+            raise ValueError(f"chunk_size must be >= 1 (or None/0: sized from chunk_mb), got {chunk_size}")
+        self.top_k, self.chunk_size, self.chunk_mb, self.zero3 = int(top_k), chunk_size or None, chunk_mb, zero3
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.checkpoint_id = checkpoint_id(model_dir)
@@ -121,10 +132,14 @@ class WeakServer:
             reply.label_logp, reply.tail_logmass = np.empty(n, np.float32), np.empty(n, np.float32)
         if exact_rows.numel():
             reply.exact_logp = np.empty((exact_rows.numel(), v), np.float32)
+        chunk = self.chunk_size or chunk_rows_for(n, v, self.chunk_mb)
         with self._head_weight() as w:
-            for start in range(0, n, self.chunk_size):
-                stop = min(n, start + self.chunk_size)
-                logp = torch.log_softmax(torch.mm(h[start:stop], w.t()).float(), dim=-1)  # [c, V] fp32
+            for start in range(0, n, chunk):
+                stop = min(n, start + chunk)
+                # [c, V] logits in the model dtype, one fp32 copy normalised in place (row-blocked
+                # logsumexp): no further [c, V] temporaries.
+                logp = torch.mm(h[start:stop], w.t()).float()
+                logp.sub_(_row_logsumexp(logp, logp.dtype).unsqueeze(1))  # [c, V] fp32 log-probs
                 weak = weak_from_logp(logp, labels[start:stop], self.top_k)
                 if self.top_k == 0:
                     reply.dense_logp[start:stop] = weak.dense.cpu().numpy()

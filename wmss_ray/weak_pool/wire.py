@@ -30,9 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from wmss_ray.core.constants import IGNORE_INDEX
 from wmss_ray.core.sparse_mixing import WeakLogProbs
-
-IGNORE_INDEX = -100
 
 
 def reply_bytes(n_positions: int, top_k: int, vocab: int, n_exact: int = 0) -> int:

@@ -1,0 +1,158 @@
+"""``wmss plan``: model-state figures against DeepSpeed's estimators, activations, the CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from wmss_ray.config import config_from_dict, load_config
+from wmss_ray.plan import (
+    GiB,
+    ModelShape,
+    activation_bytes,
+    model_shape,
+    model_state_bytes,
+    parse_memory,
+    phase_bytes,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+QWEN3_4B = {  # Qwen3-4B's config.json shape (no weights needed)
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 2560, "intermediate_size": 9728,
+    "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+    "vocab_size": 151936, "tie_word_embeddings": True, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+}
+
+
+def _ds_rows(capsys, fn, *args, **kwargs) -> dict[str, float]:
+    """Run a DeepSpeed ``*_all_cold`` estimator; its printed table as {options: per-GPU GiB}."""
+    fn(*args, **kwargs)
+    rows = {}
+    for line in capsys.readouterr().out.splitlines():
+        m = re.match(r"\s*([0-9.]+)GB \|\s*([0-9.]+)GB \| (.+)", line)
+        if m:
+            # DeepSpeed formats the device enum as "OffloadDeviceEnum.cpu" on Python 3.11
+            rows[m.group(3).replace(" ", "").replace("OffloadDeviceEnum.", "")] = float(m.group(2))
+    assert rows, "DeepSpeed's estimator printed no table"
+    return rows
+
+
+def _ours(p, ll, stage, off_opt, off_par, world) -> float:
+    b = model_state_bytes(p, ll, half=True, trained=True, stage=stage, offload_optimizer=off_opt,
+                          offload_params=off_par, world=world)
+    return sum(b.values()) + (4 * ll if stage == 3 else 0)
+
+
+@pytest.mark.parametrize("nodes,per_node", [(1, 1), (1, 8), (2, 8)])
+def test_model_states_match_deepspeed_estimators(capsys, nodes, per_node):
+    from deepspeed.runtime.zero.stage3 import (
+        estimate_zero3_model_states_mem_needs,
+        estimate_zero3_model_states_mem_needs_all_cold,
+    )
+    from deepspeed.runtime.zero.stage_1_and_2 import (
+        estimate_zero2_model_states_mem_needs,
+        estimate_zero2_model_states_mem_needs_all_cold,
+    )
+
+    p, ll, world = 4_022_468_096, 388_956_160, nodes * per_node  # Qwen3-4B: total, embedding
+    # exact, from the functions that return bytes
+    for off in (False, True):
+        _, gpu = estimate_zero2_model_states_mem_needs(p, per_node, nodes, cpu_offload=off)
+        assert _ours(p, ll, 2, off, False, world) == pytest.approx(gpu, abs=1)
+    for off_opt, off_par in ((False, False), (True, False), (True, True)):
+        _, gpu, _ = estimate_zero3_model_states_mem_needs(p, ll, per_node, nodes, cpu_offload=off_opt,
+                                                          cpu_offload_params=off_par)
+        assert _ours(p, ll, 3, off_opt, off_par, world) == pytest.approx(gpu, abs=1)
+    # and the printed *_all_cold tables (2 decimals of GB = GiB there)
+    z2 = _ds_rows(capsys, estimate_zero2_model_states_mem_needs_all_cold, p, per_node, nodes)
+    assert z2["offload_optimizer=cpu"] == pytest.approx(_ours(p, ll, 2, True, False, world) / GiB, abs=0.006)
+    assert z2["offload_optimizer=none"] == pytest.approx(_ours(p, ll, 2, False, False, world) / GiB, abs=0.006)
+    z3 = _ds_rows(capsys, estimate_zero3_model_states_mem_needs_all_cold, p, ll, per_node, nodes)
+    for key, (off_opt, off_par) in {"offload_param=cpu,offload_optimizer=cpu,zero_init=1": (True, True),
+                                    "offload_param=none,offload_optimizer=cpu,zero_init=1": (True, False),
+                                    "offload_param=none,offload_optimizer=none,zero_init=1": (False, False)}.items():
+        assert z3[key] == pytest.approx(_ours(p, ll, 3, off_opt, off_par, world) / GiB, abs=0.006), key
+
+
+def test_frozen_weak_has_params_only_and_pool_weak_nothing():
+    s = ModelShape("m", 10**9, 10**8, 2048, 24, 16, 8, 128, 8192, 151936, True)
+    base = {"scaling": {"num_workers": 8, "use_gpu": True}, "training": {"zero_stage": 3},
+            "evaluation": {"gpus_per_actor": 1}}
+    get = lambda mix: phase_bytes(config_from_dict({**base, "mix": mix}), "wmss", s, s)  # noqa: E731
+    sft = phase_bytes(config_from_dict(base), "sft", s, s)
+    joint, frozen = get({"mode": "joint"}), get({"mode": "frozen"})
+    pool = get({"mode": "frozen", "placement": "pool"})  # the weak model lives on the pool's actors
+    assert joint["params"] == 2 * sft["params"] and joint["optimizer"] == 2 * sft["optimizer"]
+    assert frozen["params"] == 2 * sft["params"] and frozen["optimizer"] == sft["optimizer"]
+    assert frozen["grads"] == sft["grads"] and frozen["activations"] < joint["activations"]
+    for key in ("params", "grads", "optimizer", "activations", "loss_head_grads"):
+        assert pool[key] == sft[key], key
+
+
+def test_activation_formula_and_checkpointing():
+    s = ModelShape("qwen3-4b", 4_022_468_096, 388_956_160, 2560, 36, 32, 8, 128, 9728, 151936, True)
+    e = 4 * 2560 + 2 * 4096 + 2 * 1024 + 4 * 9728 + (4096 + 1024)  # per token per layer
+    tokens = 2 * 4096
+    plain = activation_bytes(s, tokens, 4096, 2, 2, checkpointing=False, eager=False)
+    ckpt = activation_bytes(s, tokens, 4096, 2, 2, checkpointing=True, eager=False)
+    assert plain == 36 * e * tokens * 2
+    assert ckpt == (36 * 2560 + e) * tokens * 2 and ckpt < plain / 10
+    frozen = activation_bytes(s, tokens, 4096, 2, 2, checkpointing=False, eager=False, trained=False)
+    assert frozen == e * tokens * 2
+    eager = activation_bytes(s, tokens, 4096, 2, 2, checkpointing=False, eager=True)
+    assert eager == plain + 36 * 2 * 32 * 4096**2 * 2 * 2
+
+
+def test_shape_of_a_model_directory_matches_its_real_parameter_count(tmp_path):
+    from wmss_ray.config import DemoModelConfig
+    from wmss_ray.models.tiny import build_tiny_model, save_pretrained_model
+    from wmss_ray.models.tokenizer import build_demo_tokenizer
+
+    tok = build_demo_tokenizer()
+    for tie in (False, True):
+        model = build_tiny_model(DemoModelConfig(arch="qwen3", tie_word_embeddings=tie), tok, 0)
+        path = save_pretrained_model(model, tok, tmp_path / f"m{tie}")
+        shape = model_shape(path, config_from_dict({}))
+        assert shape.params == sum(p.numel() for p in model.parameters())  # tied weight counted once
+        largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+        assert shape.largest_layer_params == largest == 128 * 384  # an MLP projection, above V x D here
+        assert shape.qk_norm and shape.layers == 4 and shape.vocab == len(tok)
+
+
+def test_parse_memory():
+    assert parse_memory("80GiB") == 80 * GiB and parse_memory("80GB") == 80e9
+    assert parse_memory("141G") == 141 * GiB and parse_memory("81920MiB") == 80 * GiB
+    with pytest.raises(ValueError, match="--gpu-memory"):
+        parse_memory("lots")
+
+
+def test_cli_plan_qwen3_4b_says_what_to_change(tmp_path, capsys):
+    from wmss_ray.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_4B))
+    cfg = REPO / "configs" / "qwen3-4b-math.yaml"
+    off = ["--set", "training.gradient_checkpointing=false"]
+    assert main(["plan", str(cfg), "--set", f"models.base={tmp_path}", *off, "--gpu-memory", "80GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "4.02 B params" in out and "does NOT fit in 80.0 GiB" in out
+    first = out.split("apply in order until it does:")[1].strip().splitlines()[0]
+    assert "training.gradient_checkpointing=true" in first and "(fits)" in first
+    assert main(["plan", str(cfg), "--set", f"models.base={tmp_path}", "--gpu-memory", "80GiB"]) == 0
+    assert "fits in 80.0 GiB" in capsys.readouterr().out  # the shipped config checkpoints
+    assert main(["plan", str(cfg), "--set", f"models.base={tmp_path}", *off, "--gpu-memory", "16GiB"]) == 0
+    steps = capsys.readouterr().out.split("apply in order until it does:")[1].strip().splitlines()
+    assert "gradient_checkpointing" in steps[0] and "still short" in steps[0]
+    assert "offload_optimizer" in steps[1] and "(fits)" in steps[-1]
+    assert main(["plan", str(cfg), "--gpu-memory", "80 furlongs", "--set", f"models.base={tmp_path}"]) == 2
+
+
+def test_plan_demo_config_runs_without_model_files(capsys):
+    from wmss_ray.cli import main
+
+    assert main(["plan", str(REPO / "configs" / "demo.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "demo llama" in out and "total" in out and "fp32" in out
+    assert load_config(REPO / "configs" / "demo.yaml").scaling.use_gpu is False

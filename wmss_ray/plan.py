@@ -1,0 +1,276 @@
+"""``wmss plan``: the GPU memory a config needs, per GPU, before anything is launched.
+
+Figures are estimates from the models' shapes (``config.json`` read from the model directory,
+parameters counted on the meta device: no weights are loaded) and the training settings. Model
+states follow DeepSpeed's own estimators (``estimate_zero2/3_model_states_mem_needs``) for mixed
+precision with AdamW; activations follow the formula in :func:`activation_bytes`. See
+docs/TRAINING.md, "The memory picture".
+
+Per trained model with P parameters on G data-parallel ranks, bf16/fp16 (bytes):
+
+=========  ==================  ===================  ==================
+ZeRO       parameters          gradients            optimizer states
+=========  ==================  ===================  ==================
+1          2P                  6P (bf16 + fp32)     12P/G (fp32 master, Adam m, v)
+2          2P                  6P/G                 12P/G
+3          2P/G (+4 x largest  4P/G (fp32)          12P/G
+           layer, gathered)
+=========  ==================  ===================  ==================
+
+Offloading the optimizer moves gradients and optimizer states to the CPU; offloading the
+parameters (ZeRO-3) moves the parameter partitions too. fp32 training: parameters 4P,
+gradients 4P, optimizer 8P, partitioned the same way. A frozen weak model has parameters only
+(partitioned at ZeRO-3 alongside the strong one); a weak model in the inference pool
+(``mix.placement: pool``) takes nothing on the Train GPUs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from wmss_ray.config import WMSSConfig, config_from_dict
+from wmss_ray.core.mixing import chunk_rows_for
+
+GiB = 2**30
+#: CUDA context, NCCL buffers and allocator fragmentation, per GPU (a rule of thumb).
+OVERHEAD_BYTES = 2 * GiB
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory figures need to know about one causal LM."""
+
+    name: str
+    params: int
+    largest_layer_params: int  # largest parameter count of one module (its own parameters)
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    qk_norm: bool
+
+
+def shape_from_model(model, name: str) -> ModelShape:
+    """:class:`ModelShape` of an ``nn.Module`` causal LM (real or on the meta device)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    params = sum({id(p): p.numel() for p in model.parameters()}.values())  # tied weights once
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    heads = cfg.num_attention_heads
+    return ModelShape(
+        name=name, params=params, largest_layer_params=largest, hidden=cfg.hidden_size,
+        layers=cfg.num_hidden_layers, heads=heads, kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        intermediate=cfg.intermediate_size, vocab=cfg.vocab_size,
+        qk_norm=any(n.endswith("q_norm") for n, _ in model.named_modules()),
+    )
+
+
+def model_shape(path: str | None, cfg: WMSSConfig) -> ModelShape:
+    """Shape of the model in directory ``path`` (its config.json), or of the demo model."""
+    import torch
+
+    with torch.device("meta"):  # parameters without storage: any size costs nothing
+        if path is None:
+            from wmss_ray.models.tiny import build_tiny_model
+            from wmss_ray.models.tokenizer import build_demo_tokenizer
+
+            model = build_tiny_model(cfg.models.demo_model, build_demo_tokenizer(), 0)
+            return shape_from_model(model, f"demo {cfg.models.demo_model.arch}")
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        hf = AutoConfig.from_pretrained(path, trust_remote_code=cfg.models.trust_remote_code, local_files_only=True)
+        model = AutoModelForCausalLM.from_config(hf, trust_remote_code=cfg.models.trust_remote_code)
+    return shape_from_model(model, f"{type(model).__name__} ({path})")
+
+
+def model_state_bytes(p: int, largest: int, *, half: bool, trained: bool, stage: int,
+                      offload_optimizer: bool, offload_params: bool, world: int) -> dict[str, float]:
+    """Per-GPU bytes of one model's parameters, gradients and optimizer states (table above)."""
+    w = 2 if half else 4
+    params = 0.0 if (stage == 3 and offload_params) else (w * p / world if stage == 3 else w * p)
+    out = {"params": params, "grads": 0.0, "optimizer": 0.0}
+    if trained and not offload_optimizer:
+        if half:
+            out["grads"] = {0: 6 * p, 1: 6 * p, 2: 6 * p / world, 3: 4 * p / world}[stage]
+            out["optimizer"] = 12 * p / (world if stage >= 1 else 1)
+        else:
+            out["grads"] = 4 * p / (world if stage >= 2 else 1)
+            out["optimizer"] = 8 * p / (world if stage >= 1 else 1)
+    return out
+
+
+def activation_bytes(s: ModelShape, tokens: int, seq_len: int, micro_batch: int, act_bytes: int, *,
+                     checkpointing: bool, eager: bool, trained: bool = True) -> float:
+    """Activations one model keeps for backward (or, frozen, the transient of one layer).
+
+    Elements kept per token per decoder layer (bf16: 2 bytes each), flash/sdpa attention:
+    ``e = 4 h + 2 h_q + 2 d_kv + 4 I (+ h_q + d_kv with q/k norms)`` where ``h`` = hidden size,
+    ``h_q`` = heads x head_dim, ``d_kv`` = kv heads x head_dim, ``I`` = intermediate size: the
+    two RMSNorm inputs and outputs (4h), rotated q and k and v (h_q + 2 d_kv), the attention
+    output (h_q), and SwiGLU's gate, up, silu(gate) and product (4I). Eager attention also keeps
+    the ``[heads, s, s]`` scores and probabilities per row (2 x heads x s^2).
+
+    - no checkpointing: ``layers x e x tokens``;
+    - checkpointing: each layer's input (``layers x h x tokens``) plus one layer recomputed in
+      backward (``e x tokens``);
+    - frozen weak model (no grad): one layer's transient, ``e x tokens``.
+    """
+    e = 4 * s.hidden + 2 * s.heads * s.head_dim + 2 * s.kv_heads * s.head_dim + 4 * s.intermediate
+    if s.qk_norm:
+        e += (s.heads + s.kv_heads) * s.head_dim
+    per_layer = e * tokens * act_bytes
+    scores = 2 * s.heads * seq_len**2 * micro_batch * act_bytes if eager else 0
+    if not trained:
+        return per_layer + scores
+    if checkpointing:
+        return s.layers * s.hidden * tokens * act_bytes + per_layer + scores
+    return s.layers * (per_layer + scores)
+
+
+def is_half(cfg: WMSSConfig) -> bool:
+    """The models train in bf16/fp16 (``models.dtype`` auto is bf16 with ``scaling.use_gpu``)."""
+    return cfg.models.dtype in ("bfloat16", "float16") or (cfg.models.dtype == "auto" and cfg.scaling.use_gpu)
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+def phase_bytes(cfg: WMSSConfig, phase: str, strong: ModelShape, weak: ModelShape) -> dict[str, float]:
+    """Per-GPU bytes by component for ``phase`` ("sft" or "wmss") under ``cfg``."""
+    t, mix = cfg.training, cfg.mix
+    half = is_half(cfg)
+    act_b = 2 if half else 4
+    world = cfg.scaling.num_workers
+    seq, mb = cfg.data.max_seq_len, t.micro_batch_size
+    tokens = seq * mb  # padded micro-batch (packing keeps the same token count)
+    eager = cfg.models.attn_implementation == "eager"
+    weak_on_gpu = phase == "wmss" and mix.placement == "colocated" and mix.lam != 1.0
+    weak_trained = weak_on_gpu and mix.mode == "joint"
+    states = dict(half=half, stage=t.zero_stage, offload_optimizer=t.offload_optimizer,
+                  offload_params=t.offload_params, world=world)
+    out = dict.fromkeys(("params", "grads", "optimizer"), 0.0)
+    models = [(strong, True)] + ([(weak, weak_trained)] if weak_on_gpu else [])
+    for shape, trained in models:
+        for k, v in model_state_bytes(shape.params, shape.largest_layer_params, trained=trained, **states).items():
+            out[k] += v
+    out["zero3_gather"] = 4.0 * max(m.largest_layer_params for m, _ in models) if t.zero_stage == 3 else 0.0
+    for key, ckpt in (("activations", t.gradient_checkpointing), ("activations_alt", not t.gradient_checkpointing)):
+        out[key] = sum(activation_bytes(m, tokens, seq, mb, act_b, checkpointing=ckpt, eager=eager, trained=tr)
+                       for m, tr in models)
+    chunk = mix.chunk_size or chunk_rows_for(tokens, strong.vocab, mix.chunk_mb)
+    out["loss_chunk"] = 4.0 * min(chunk, tokens) * strong.vocab
+    out["loss_chunk_rows"] = float(min(chunk, tokens))
+    # fp32 accumulators of the head-weight gradients (+ their cast to bf16 at backward)
+    out["loss_head_grads"] = sum((4 + (2 if half else 0)) * m.vocab * m.hidden for m, tr in models if tr)
+    out["overhead"] = float(OVERHEAD_BYTES)
+    out["total"] = sum(out[k] for k in COMPONENTS)
+    return out
+
+
+#: Components summed into the total, with their labels.
+COMPONENTS = {
+    "params": "parameters",
+    "grads": "gradients",
+    "optimizer": "optimizer states",
+    "zero3_gather": "ZeRO-3 gathered layer",
+    "activations": "activations",
+    "loss_chunk": "loss [chunk, V] fp32 buffer",
+    "loss_head_grads": "loss head-gradient accumulators",
+    "overhead": "CUDA context, NCCL, fragmentation",
+}
+
+
+def parse_memory(text: str) -> float:
+    """``"80GiB"`` / ``"80GB"`` / ``"141G"`` / ``"81920MiB"`` -> bytes (GB = 1e9, G = GiB)."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B?|)\s*", text, flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"--gpu-memory must look like 80GiB, 80GB or 141G, got {text!r}")
+    value, unit = float(m.group(1)), m.group(2).upper()
+    if not unit:
+        return value * GiB
+    power = "KMGT".index(unit[0]) + 1
+    return value * (1000**power if unit.endswith("B") and "I" not in unit else 1024**power)
+
+
+def _with(cfg: WMSSConfig, overrides: list[str]) -> WMSSConfig:
+    return config_from_dict(cfg.to_dict(), overrides, "<plan>")
+
+
+def suggestions(cfg: WMSSConfig, strong: ModelShape, weak: ModelShape, budget: float) -> list[tuple[str, float]]:
+    """Changes tried in order, each on top of the previous ones: (override, peak bytes after)."""
+    t, steps, out = cfg.training, [], []
+    if not t.gradient_checkpointing:
+        steps.append(["training.gradient_checkpointing=true"])
+    if t.zero_stage < 3:
+        steps.append(["training.zero_stage=3"])
+    if not t.offload_optimizer:
+        steps.append(["training.offload_optimizer=true"])
+    if not t.offload_params:
+        steps.append(["training.offload_params=true"])
+    if cfg.mix.placement == "colocated":  # changes the method in joint mode: the weak model stops training
+        steps.append(["mix.mode=frozen", "mix.placement=pool"])
+    current = cfg
+    for change in steps:
+        current = _with(current, change)
+        peak = max(phase_bytes(current, p, strong, weak)["total"] for p in ("sft", "wmss"))
+        note = " (weak model frozen, served by the pool)" if "mix.placement=pool" in change else ""
+        out.append((" ".join(f"--set {c}" for c in change) + note, peak))
+        if peak <= budget:
+            return out
+    mb = current.training.micro_batch_size
+    while mb > 1:  # halve the micro batch (raise grad_accum to keep the global batch)
+        mb //= 2
+        trial = _with(current, [f"training.micro_batch_size={mb}"])
+        peak = max(phase_bytes(trial, p, strong, weak)["total"] for p in ("sft", "wmss"))
+        if peak <= budget or mb == 1:
+            out.append((f"--set training.micro_batch_size={mb} (raise training.grad_accum to keep the batch)", peak))
+            break
+    return out
+
+
+def format_plan(cfg: WMSSConfig, gpu_memory: float | None, source: str = "") -> str:
+    """The ``wmss plan`` report (a plain-text table)."""
+    m, t = cfg.models, cfg.training
+    strong_dir = m.strong or m.base
+    weak_dir = m.weak or m.base
+    strong = model_shape(strong_dir, cfg)
+    weak = strong if weak_dir == strong_dir else model_shape(weak_dir, cfg)
+    phases = {p: phase_bytes(cfg, p, strong, weak) for p in ("sft", "wmss")}
+    prec = "fp16" if m.dtype == "float16" else ("bf16" if is_half(cfg) else "fp32")
+    offload = [n for n, on in (("optimizer", t.offload_optimizer), ("params", t.offload_params)) if on]
+    lines = [] if cfg.scaling.use_gpu else ["note: scaling.use_gpu is false; the figures are per rank as if on GPUs"]
+    lines += [
+        f"wmss plan {source}: memory per GPU, {cfg.scaling.num_workers} data-parallel ranks, {prec}, "
+        f"ZeRO-{t.zero_stage}{' offload ' + '+'.join(offload) if offload else ''}, micro batch "
+        f"{t.micro_batch_size} x {cfg.data.max_seq_len} tokens, checkpointing "
+        f"{'on' if t.gradient_checkpointing else 'off'}",
+    ]
+    for role, s in (("strong", strong), ("weak", weak)):
+        lines.append(f"  {role}: {s.name}: {_count(s.params)} params (largest layer {_count(s.largest_layer_params)}),"
+                     f" hidden {s.hidden}, {s.layers} layers, {s.heads}/{s.kv_heads} heads, vocab {s.vocab}")
+    wmss_label = f"wmss ({cfg.mix.mode}, {cfg.mix.placement})"
+    lines += ["", f"  {'GiB per GPU':40s} {'sft':>10s} {wmss_label:>28s}"]
+    for key, label in COMPONENTS.items():
+        if key == "loss_chunk":
+            label = f"loss [{int(phases['wmss']['loss_chunk_rows'])}, V] fp32 buffer"
+        lines.append(f"  {label:40s} {phases['sft'][key] / GiB:10.2f} {phases['wmss'][key] / GiB:28.2f}")
+    alt = f"  (activations with checkpointing {'off' if t.gradient_checkpointing else 'on'})"
+    lines.append(f"{alt:42s} {phases['sft']['activations_alt'] / GiB:10.2f} {phases['wmss']['activations_alt'] / GiB:28.2f}")
+    lines.append(f"  {'total':40s} {phases['sft']['total'] / GiB:10.2f} {phases['wmss']['total'] / GiB:28.2f}")
+    peak = max(p["total"] for p in phases.values())
+    if gpu_memory is not None:
+        lines.append("")
+        if peak <= gpu_memory:
+            lines.append(f"fits in {gpu_memory / GiB:.1f} GiB per GPU ({(gpu_memory - peak) / GiB:.1f} GiB to spare)")
+        else:
+            lines.append(f"does NOT fit in {gpu_memory / GiB:.1f} GiB per GPU (short by {(peak - gpu_memory) / GiB:.1f} GiB);"
+                         " to make it fit, apply in order until it does:")
+            for change, after in suggestions(cfg, strong, weak, gpu_memory):
+                verdict = "fits" if after <= gpu_memory else "still short"
+                lines.append(f"  {change:60s} -> peak {after / GiB:7.2f} GiB ({verdict})")
+    return "\n".join(lines)
