@@ -190,3 +190,73 @@ def test_validation_and_no_valid_rows():
     loss, stats = sparse_mixed_ce(hs, ws, weak, torch.full_like(y, IGN), 0.5, return_stats=True)
     loss.backward()
     assert loss.item() == 0 and hs.grad.abs().max() == 0 and stats["trunc_bound_sum"].item() == 0
+
+
+@pytest.mark.parametrize("top_k", [0, 5])
+@pytest.mark.parametrize("lam", [0.3, 1.0])
+def test_bf16_within_bf16_tolerance_of_fp64_naive(top_k, lam):
+    """bf16 strong GEMMs + fp32 weak log-probs, softmax and accumulation vs the fp64 naive loss
+    on the same (bf16-rounded) strong inputs and the same weak log-probs."""
+    tensors, y = make_inputs(n=300, d_s=64, d_w=48, v=1000, masked_every=4, seed=3)
+    hs16, ws16 = (t.bfloat16() for t in tensors[:2])
+    weak = weak_from_logp(weak_logp(tensors), y.clamp_min(0), top_k)
+    rh, rw = leaves([hs16.double(), ws16.double()])
+    weak64 = WeakLogProbs(weak.vocab, **{k: (getattr(weak, k).double() if k != "topk_ids" else weak.topk_ids)
+                                         for k in ("dense", "topk_logp", "topk_ids", "label_logp", "tail_logmass")
+                                         if getattr(weak, k) is not None})
+    ref = sparse_mixed_ce_naive(rh @ rw.T, weak64, y, lam)
+    ref.backward()
+    hs, ws = leaves([hs16, ws16])
+    loss, stats = sparse_mixed_ce(hs, ws, weak, y, lam, chunk_size=64, return_stats=True)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(ref.item(), rel=4e-3)
+    assert stats["ce_mix_sum"].item() / int((y != IGN).sum()) == pytest.approx(ref.item(), rel=4e-3)
+    loss.backward()
+    for t, r in ((hs, rh.grad), (ws, rw.grad)):
+        assert t.grad.dtype == torch.bfloat16
+        err = (t.grad.double() - r).abs().max() / r.abs().max()
+        assert err < 2e-2, err  # bf16 has 8 mantissa bits: 2^-8 = 3.9e-3 per rounding
+    if top_k and lam != 1.0:  # the bound from bf16 logits agrees with the fp64 one
+        valid = (y != IGN).nonzero().squeeze(1)
+        bound = truncation_bound((rh @ rw.T).detach()[valid], weak64.rows(valid), y[valid], lam).sum()
+        assert stats["trunc_bound_sum"].item() == pytest.approx(bound.item(), rel=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("top_k, masked_every", [(0, 0), (0, 3), (5, 0), (5, 3)])
+@pytest.mark.parametrize("stats", [False, True])
+def test_one_chunk_buffer_and_no_other_chunk_sized_temporary(dtype, top_k, masked_every, stats):
+    """As chunked_mixed_ce: the only [chunk, V]-sized allocation is the one fp32 buffer (dense weak
+    rows are sliced, or gathered in row blocks when some rows are ignored)."""
+    from tests.core.test_mixing import _fresh_allocations
+
+    n, v, d, chunk = 256, 512, 8, 64
+    tensors, y = make_inputs(n=n, d_s=d, d_w=d, v=v, masked_every=masked_every)
+    weak = weak_from_logp(weak_logp(tensors), y.clamp_min(0), top_k)
+    hs, ws = leaves([t.to(dtype) for t in tensors[:2]])
+
+    def step():
+        out = sparse_mixed_ce(hs, ws, weak, y, 0.5, chunk_size=chunk, return_stats=stats)
+        (out[0] if stats else out).backward()
+
+    allocs = _fresh_allocations(step)
+    buffer_bytes = 4 * chunk * v
+    big = [a for a in allocs if a[2] >= buffer_bytes // 4]
+    gradient_shapes = {(v, d), (n, d)}  # fp32 accumulator, its dtype cast, grad_h
+    assert [a for a in big if a[0] not in gradient_shapes] == [((chunk * v,), torch.float32, buffer_bytes)]
+
+
+def test_chunk_from_budget_equals_explicit_chunk():
+    from wmss_ray.core.mixing import chunk_rows_for
+
+    tensors, y = make_inputs(n=300, d_s=16, d_w=12, v=2048, masked_every=0)
+    weak = weak_from_logp(weak_logp(tensors), y, 7)
+    rows = chunk_rows_for(300, 2048, 0.5)  # 0.5 MiB / 8 KiB per row = 64 rows
+    a, b = leaves(tensors[:2]), leaves(tensors[:2])
+    la = sparse_mixed_ce(*a, weak, y, 0.5, chunk_mb=0.5)
+    lb = sparse_mixed_ce(*b, weak, y, 0.5, chunk_size=rows)
+    assert rows == 64 and torch.equal(la, lb)
+    la.backward()
+    lb.backward()
+    for s, t in zip(a, b):
+        assert torch.equal(s.grad, t.grad)

@@ -46,8 +46,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from wmss_ray.core.constants import IGNORE_INDEX
-from wmss_ray.core.mixing import DEFAULT_CHUNK_MB, STATS_KEYS, _acc_dtype, _check_lam, chunk_rows_for, mixed_ce_naive
+from wmss_ray.core.constants import IGNORE_INDEX, LOW_PRECISION_DTYPES
+from wmss_ray.core.mixing import (
+    DEFAULT_CHUNK_MB,
+    STATS_KEYS,
+    _acc_dtype,
+    _accumulate_weight_grad,
+    _check_lam,
+    _expand_in_place,
+    _narrow_in_place,
+    _row_logsumexp,
+    chunk_rows_for,
+    mixed_ce_naive,
+)
 
 #: Extra keys of the stats of :func:`sparse_mixed_ce` (summed / max over valid rows).
 TRUNC_STATS_KEYS = ("tail_mass_sum", "tail_mass_max", "trunc_bound_sum")
@@ -172,24 +183,48 @@ def truncation_bound(z_strong: torch.Tensor, weak: WeakLogProbs, labels: torch.T
     return F.softplus(_scaled(lam, log_st) + _scaled(1 - lam, weak.tail_logmass.double()) - log_a)
 
 
+def _mix_dense_weak(z: torch.Tensor, dense: torch.Tensor, start: int, idx: torch.Tensor, contiguous: bool,
+                    lam: float) -> None:
+    """``z <- lam * z + (1 - lam) * dense[rows]`` in place, ``z [c, V]`` in the acc dtype.
+
+    Contiguous rows are a slice (no copy); otherwise the rows are gathered in blocks of
+    ``c // 16`` rows, so the gather is at most 1/16 of the ``[c, V]`` buffer.
+    """
+    c = z.shape[0]
+    step = c if contiguous else max(1, c // 16)
+    for r in range(0, c, step):
+        w = dense[start + r : start + r + step] if contiguous else dense.index_select(0, idx[r : r + step])
+        z[r : r + step].mul_(lam).add_(w, alpha=1.0 - lam)
+
+
 def _fused_forward(h_s, w_s, weak, labels, lam, chunk_size, ignore_index, divisor, needs, stats):
     """One pass over answer-token chunks; ``needs`` = (h_s, w_s). Mirrors mixing._fused_forward.
 
     Shapes: ``h_s [N, D]``, ``w_s [V, D]``, ``labels [N]``; weak rows aligned with them.
     Returns ``(loss, (grad_h_s, grad_w_s))`` for a loss gradient of 1 (None where not needed).
+
+    Memory, as in :func:`wmss_ray.core.mixing._fused_forward`: ONE ``[chunk, V]`` buffer in the
+    accumulation dtype (fp32 for half/bf16 and fp32 inputs), reused by every chunk. Half/bf16:
+    the strong logit GEMM runs in the input dtype into the first half of the buffer's bytes,
+    which is widened to fp32 in place; the fp32 weak log-probs are mixed in there, the softmax
+    runs in fp32, and ``softmax - onehot`` is narrowed back in place for the gradient GEMMs
+    (weight gradient accumulated in fp32). Other temporaries: ``[chunk, k]``, ``O(chunk * D)``
+    rows and row blocks of at most 1/8 of the buffer.
     """
     use_weak = lam != 1.0
+    low = h_s.dtype in LOW_PRECISION_DTYPES
     acc = _acc_dtype(h_s.dtype)
     device = h_s.device
-    n = labels.shape[0]
+    n, vocab = labels.shape[0], w_s.shape[0]
     valid = (labels != ignore_index).nonzero().squeeze(1)
     n_valid = valid.numel()
-    contiguous = n_valid == n  # every row valid: chunk rows are slices (no [c, V] gather of dense)
+    contiguous = n_valid == n  # every row valid: chunk rows are slices (no gather of weak rows)
     grad_h = torch.zeros_like(h_s) if needs[0] else None
     grad_w = None
     if needs[1]:
         grad_w = (torch.empty if n_valid > 0 else torch.zeros)(w_s.shape, dtype=_acc_dtype(w_s.dtype), device=device)
-    buf = torch.empty(min(chunk_size, n_valid), w_s.shape[0], dtype=acc, device=device)
+    buf32 = torch.empty(min(chunk_size, n_valid) * vocab, dtype=acc, device=device)
+    buf16 = buf32.view(h_s.dtype) if low else None  # the same bytes as 2-byte elements
     loss_sum = torch.zeros((), dtype=acc, device=device)
     if stats is not None:
         sums = torch.zeros(8, dtype=torch.float64, device=device)  # STATS_KEYS[:6] + tail, bound
@@ -202,20 +237,19 @@ def _fused_forward(h_s, w_s, weak, labels, lam, chunk_size, ignore_index, diviso
         y = labels.index_select(0, idx)
         rows = torch.arange(c, device=device)
         hs = h_s.index_select(0, idx)
-        z = buf[:c]
-        if h_s.dtype == acc:
-            torch.mm(hs, w_s.t(), out=z)
-        else:
-            z.copy_(torch.mm(hs, w_s.t()))
+        z = buf32[: c * vocab].view(c, vocab)  # [c, V] in acc
+        zl = buf16[: c * vocab].view(c, vocab) if low else z  # where the GEMMs read and write
+        torch.mm(hs, w_s.t(), out=zl)  # z_strong, GEMM in the input dtype
         if stats is not None:
-            ce_s = torch.logsumexp(z, dim=1) - z[rows, y]
+            ce_s = _row_logsumexp(zl, acc) - zl[rows, y].to(acc)
             p_s = torch.exp(-ce_s)
             sums[1] += ce_s.sum()
             sums[3] += p_s.sum()
             sums[5] += (1.0 - p_s).sum()
-        if use_weak and weak.is_dense:  # z <- lam * z + (1 - lam) * w, in place
-            w = weak.dense[start : start + c] if contiguous else weak.dense.index_select(0, idx)
-            z.mul_(lam).add_(w.to(acc), alpha=1.0 - lam)
+        if low:
+            _expand_in_place(buf32, buf16, c * vocab)  # exact: bf16/half values widened to fp32
+        if use_weak and weak.is_dense:
+            _mix_dense_weak(z, weak.dense, start, idx, contiguous, lam)
         elif use_weak:
             wk = weak.rows(idx) if not contiguous else WeakLogProbs(
                 weak.vocab, topk_logp=weak.topk_logp[start : start + c], topk_ids=weak.topk_ids[start : start + c],
@@ -228,7 +262,7 @@ def _fused_forward(h_s, w_s, weak, labels, lam, chunk_size, ignore_index, diviso
             if stats is not None:  # S_t: strong exp-sum over the tail (K masked out)
                 z.scatter_(1, wk.topk_ids, -math.inf)
                 z[rows, y] = -math.inf
-                log_st = torch.logsumexp(z, dim=1)
+                log_st = _row_logsumexp(z, acc)
                 log_a = torch.logsumexp(torch.cat([z_k, z_lab.masked_fill(in_topk, -math.inf).unsqueeze(1)], 1), 1)
                 tail = wk.tail_logmass.double()
                 bound = F.softplus(_scaled(lam, log_st.double()) + _scaled(1 - lam, tail) - log_a.double())
@@ -254,11 +288,12 @@ def _fused_forward(h_s, w_s, weak, labels, lam, chunk_size, ignore_index, diviso
             continue
         z.div_(sumexp.unsqueeze(1))
         z[rows, y] -= 1.0  # g = softmax(z_mix) - onehot(y)  [c, V]
-        if needs[0]:
-            g_in = z if z.dtype == h_s.dtype else z.to(h_s.dtype)
-            grad_h.index_copy_(0, idx, torch.mm(g_in, w_s).mul_(coef))
-        if needs[1]:
-            grad_w.addmm_(z.t(), hs.to(acc), beta=0.0 if start == 0 else 1.0, alpha=coef)
+        if low:
+            _narrow_in_place(buf32, buf16, c * vocab)  # g in the input dtype for its GEMMs
+        if needs[0]:  # grad_h rows = coef * g @ W   [c, D]
+            grad_h.index_copy_(0, idx, torch.mm(zl, w_s).mul_(coef))
+        if needs[1]:  # grad_W += coef * g^T @ h   [V, D], accumulated in acc dtype
+            _accumulate_weight_grad(grad_w, zl, hs, coef, first=start == 0)
     if stats is not None:
         stats.update({k: sums[i].detach() for i, k in enumerate(STATS_KEYS[:6])})
         stats["n_tokens"] = torch.tensor(n_valid, dtype=torch.int64, device=device)
@@ -306,9 +341,10 @@ def sparse_mixed_ce(h_strong: torch.Tensor, w_strong: torch.Tensor, weak: WeakLo
             zero for a dense weak side or ``lam == 1``).
 
     Returns:
-        0-dim loss or ``(loss, stats)``. Memory beyond the inputs and gradients: one
-        ``[chunk, V]`` buffer (plus a ``[chunk, V]`` gather of dense rows when some rows are
-        ignored). Dense weak log-probs give chunked_mixed_ce's frozen loss and gradients.
+        0-dim loss (fp32 for half/bf16 inputs) or ``(loss, stats)``. Memory beyond the inputs and
+        gradients: one ``[chunk, V]`` fp32 buffer and temporaries of at most 1/8 of it, as
+        chunked_mixed_ce (GEMMs in the input dtype, softmax and weight-gradient sums in fp32).
+        Dense weak log-probs give chunked_mixed_ce's frozen loss and gradients.
     """
     lam = _check_lam(lam)
     if chunk_size is not None and chunk_size < 0:
