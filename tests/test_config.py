@@ -58,7 +58,7 @@ def test_dotted_override_reaches_the_field():
         (["curriculum.sample_multiplier=0"], ["curriculum.sample_multiplier", "greater than 0"]),
         (["training.zero_stage=4"], ["training.zero_stage", "4"]),
         (["mix.placement=pool"], ["frozen"]),
-        (["mix.placement=pool", "mix.mode=frozen"], ["mix.placement", "pool", "not implemented yet", "colocated"]),
+        (["mix.placement=pool", "mix.mode=frozen", "training.packing=true"], ["training.packing", "mix.placement 'pool'"]),
         (["run.storage=ftp://host/runs"], ["run.storage", "ftp://host/runs", "'ftp' is not a pyarrow filesystem"]),
         (["run.storage=s3x://b/r"], ["run.storage", "s3x://b/r", "s3://"]),
     ],
@@ -68,6 +68,20 @@ def test_invalid_values_name_key_value_and_allowed(override, must_say):
         load_config(None, override)
     for text in must_say:
         assert text in str(err.value)
+
+
+def test_pool_placement_is_frozen_only_and_takes_its_own_section():
+    cfg = load_config(None, ["mix.mode=frozen", "mix.placement=pool", "mix.pool.replicas=2",
+                             "mix.pool.shards=2", "mix.pool.top_k=0", "mix.pool.gpus_per_actor=0.25"])
+    p = cfg.mix.pool
+    assert (p.replicas, p.shards, p.top_k, p.prefetch, p.gpus_per_actor) == (2, 2, 0, 2, 0.25)
+    assert WMSSConfig().mix.pool.top_k == 64  # the default ships the top-64, not [N, V]
+    with pytest.raises(ConfigError, match="frozen"):
+        load_config(None, ["mix.mode=joint", "mix.placement=pool"])
+    with pytest.raises(ConfigError, match="unknown key 'mix.pool_top_k'"):
+        load_config(None, ["mix.pool_top_k=8"])
+    with pytest.raises(ConfigError, match="mix.pool.shards"):
+        load_config(None, ["mix.pool.shards=0"])
 
 
 def test_unknown_key_suggests_the_right_one():

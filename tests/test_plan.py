@@ -85,16 +85,39 @@ def test_frozen_weak_has_params_only_and_pool_weak_nothing():
     get = lambda mix: phase_bytes(config_from_dict({**base, "mix": mix}), "wmss", s, s)  # noqa: E731
     sft = phase_bytes(config_from_dict(base), "sft", s, s)
     joint, frozen = get({"mode": "joint"}), get({"mode": "frozen"})
-    # placement pool is refused at config load until the pool lands (issue 11); the plan already
-    # accounts for it, so build that config past the refusal
-    frozen_cfg = config_from_dict({**base, "mix": {"mode": "frozen"}})
-    pool_cfg = frozen_cfg.model_copy(update={"mix": frozen_cfg.mix.model_copy(update={"placement": "pool"})})
-    pool = phase_bytes(pool_cfg, "wmss", s, s)
+    pool = get({"mode": "frozen", "placement": "pool"})  # the weak model lives on the pool's actors
     assert joint["params"] == 2 * sft["params"] and joint["optimizer"] == 2 * sft["optimizer"]
     assert frozen["params"] == 2 * sft["params"] and frozen["optimizer"] == sft["optimizer"]
     assert frozen["grads"] == sft["grads"] and frozen["activations"] < joint["activations"]
     for key in ("params", "grads", "optimizer", "activations", "loss_head_grads"):
         assert pool[key] == sft[key], key
+
+
+def test_pool_actor_holds_the_weak_model_sharded_and_the_cli_prints_it(tmp_path, capsys):
+    from wmss_ray.cli import main
+    from wmss_ray.plan import OVERHEAD_BYTES, pool_actor_bytes
+
+    s = ModelShape("m", 10**9, 10**8, 2048, 24, 16, 8, 128, 8192, 151936, True)
+    mix = {"mode": "frozen", "placement": "pool", "chunk_size": 256}
+    base = {"data": {"max_seq_len": 1024}, "training": {"micro_batch_size": 2}}
+    one = pool_actor_bytes(config_from_dict({**base, "mix": {**mix, "pool": {"gpus_per_actor": 1}}}), s)
+    four = pool_actor_bytes(config_from_dict({**base, "mix": {**mix, "pool": {"gpus_per_actor": 1, "shards": 4}}}), s)
+    assert one["params"] == 2 * 10**9 and one["zero3_gather"] == 0  # bf16 on GPU actors, a full copy
+    assert four["params"] == one["params"] / 4 and four["zero3_gather"] == 4 * 10**8
+    assert one["logits_chunk"] == (2 + 4) * 256 * 151936 and one["overhead"] == OVERHEAD_BYTES
+    assert one["activations"] == activation_bytes(s, 2048, 1024, 2, 2, checkpointing=False, eager=False, trained=False)
+    cpu = pool_actor_bytes(config_from_dict({**base, "mix": mix}), s)
+    assert cpu["params"] == 4 * 10**9 and cpu["overhead"] == 0  # fp32 CPU actors: host memory
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_4B))
+    cfg = REPO / "configs" / "qwen3-4b-math.yaml"
+    sets = ["--set", f"models.base={tmp_path}", "--set", "mix.mode=frozen", "--set", "mix.placement=pool",
+            "--set", "mix.pool.gpus_per_actor=0.5", "--set", "mix.pool.shards=2", "--set", "training.packing=false"]
+    assert main(["plan", str(cfg), *sets, "--gpu-memory", "80GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "wmss (frozen, pool)" in out and "1 replica(s) x 2 shard(s), 0.5 GPU each, bfloat16" in out
+    assert "GiB per GPU, 2 actors sharing it" in out and "the pool fits in 80.0 GiB" in out
+    assert main(["plan", str(cfg), "--set", f"models.base={tmp_path}"]) == 0
+    assert "weak pool" not in capsys.readouterr().out  # colocated: no pool lines
 
 
 def test_activation_formula_and_checkpointing():

@@ -196,3 +196,17 @@ def test_format_results_table():
     assert "WMSS vs SFT-continued: +0.3333" in format_results_table({"models": res, "paired": t})
     assert format_results_table({}) == "(no evaluation results)"
     assert not math.isnan(t["p_value"])
+
+
+def test_report_shows_the_weak_pool_truncation_when_present(fake_run):
+    assert "Weak pool" not in write_report(fake_run).read_text()  # colocated run: no section
+    path = fake_run / "wmss_1" / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for i, m in enumerate(rows):
+        m.update(trunc_bound=0.01 * (i + 1), weak_tail_mass_mean=0.1, weak_tail_mass_max=0.4,
+                 pool_reply_bytes_per_token=520.0, trunc_warning=i == 0, n_sampled=16,
+                 trunc_error_sampled_mean=0.001, trunc_bound_sampled_mean=0.02)
+    path.write_text("".join(json.dumps(m) + "\n" for m in rows))
+    page = write_report(fake_run).read_text()
+    assert "Weak pool: top-k truncation" in page and f"{0.01 * len(rows):.3g}" in page and "520" in page
+    assert "<td>steps over mix.pool.error_warn</td><td>1</td>" in page

@@ -180,6 +180,26 @@ class CurriculumConfig(_Section):
         return self
 
 
+class WeakPoolConfig(_Section):
+    """``mix.placement: pool``: the frozen weak model served by its own Ray actors (DESIGN.md §3).
+
+    ``replicas`` x ``shards`` actors; a replica's ``shards`` actors hold the weak model
+    ZeRO-3-sharded over their own process group (1: a plain full copy). Each answer position
+    comes back as its ``top_k`` weak log-probs + ids, the label's exact log-prob and the tail
+    log-mass (``top_k: 0``: dense log-probs, exact).
+    """
+
+    replicas: int = Field(1, ge=1, description="R: replicas serving different requests (least-loaded routing)")
+    shards: int = Field(1, ge=1, description="S: actors per replica holding the weak model ZeRO-3-sharded")
+    top_k: int = Field(64, ge=0, description="weak log-probs shipped per answer position (0 = the full vocabulary, exact)")
+    prefetch: int = Field(2, ge=0, description="micro-batches requested ahead of the one being computed")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0, description="fractional allowed (share GPUs with Train workers)")
+    exact_sample: int = Field(16, ge=0, description="answer positions per micro-batch also sent dense (measured truncation error) on logged steps")
+    error_warn: float = Field(0.01, gt=0, description="warn when the truncation error bound of a logged step exceeds this (nats/token)")
+    placement_timeout_s: float = Field(60.0, gt=0, description="fail the phase when the pool cannot be placed within this time")
+
+
 class MixConfig(_Section):
     lam: float = Field(0.5, description="lambda in (0, 1]; 1 is plain SFT")
     mode: Literal["joint", "frozen"] = "joint"
@@ -190,7 +210,7 @@ class MixConfig(_Section):
     chunk_mb: float = Field(
         128.0, gt=0, description="MiB of the loss's one [chunk, V] fp32 buffer (chunk = a multiple of 64 tokens)"
     )
-    pool_top_k: int = Field(0, ge=0, description="pool placement: top-k weak log-probs (0 = full vocab)")
+    pool: WeakPoolConfig = WeakPoolConfig()
 
     @field_validator("lam")
     @classmethod
@@ -203,9 +223,6 @@ class MixConfig(_Section):
     def _pool_is_frozen(self) -> "MixConfig":
         if self.placement == "pool" and self.mode != "frozen":
             raise ValueError("mix.placement 'pool' serves a frozen weak model only; set mix.mode: frozen")
-        if self.placement == "pool":  # refused here, not at wmss_1 after SFT and scoring ran
-            raise ValueError("mix.placement 'pool' (a weak inference pool for a frozen weak model) is not "
-                             "implemented yet; use mix.placement: colocated")
         return self
 
 
@@ -351,6 +368,10 @@ class WMSSConfig(_Section):
                 f"{self.models.dtype!r}, scaling.use_gpu {self.scaling.use_gpu}): gradients are "
                 "accumulated in fp32 only under ZeRO; set training.zero_stage >= 1 or models.dtype: float32"
             )
+        if self.training.packing and self.mix.placement == "pool":
+            # The pool's wire carries padded [B, T] rows and their attention mask, not packed rows.
+            raise ValueError("training.packing is not supported with mix.placement 'pool' yet; "
+                             "set training.packing: false or mix.placement: colocated")
         return self
 
     def to_dict(self) -> dict[str, Any]:

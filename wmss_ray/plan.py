@@ -21,7 +21,8 @@ Offloading the optimizer moves gradients and optimizer states to the CPU; offloa
 parameters (ZeRO-3) moves the parameter partitions too. fp32 training: parameters 4P,
 gradients 4P, optimizer 8P, partitioned the same way. A frozen weak model has parameters only
 (partitioned at ZeRO-3 alongside the strong one); a weak model in the inference pool
-(``mix.placement: pool``) takes nothing on the Train GPUs.
+(``mix.placement: pool``) takes nothing on the Train GPUs: it is on the pool's actors
+(:func:`pool_actor_bytes`, printed as its own line).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 
 from wmss_ray.config import WMSSConfig, config_from_dict
 from wmss_ray.core.mixing import chunk_rows_for
+from wmss_ray.weak_pool.server import pool_dtype
 
 GiB = 2**30
 #: CUDA context, NCCL buffers and allocator fragmentation, per GPU (a rule of thumb).
@@ -193,6 +195,51 @@ def phase_bytes(cfg: WMSSConfig, phase: str, strong: ModelShape, weak: ModelShap
     return out
 
 
+def pool_actor_bytes(cfg: WMSSConfig, weak: ModelShape) -> dict[str, float]:
+    """Bytes of one weak-pool actor (``mix.placement: pool``), one micro-batch request at a time.
+
+    Inference only (``weak_pool.server.WeakServer``): the weights (a full copy when
+    ``mix.pool.shards`` S is 1; a ZeRO-3 partition ``1/S`` plus one gathered layer, 4 x its
+    parameter count, for S > 1), one decoder layer's transient activations, and the logits of
+    one answer chunk (``[chunk, V]`` in the model dtype plus its fp32 log-softmax copy; the chunk
+    from ``mix.chunk_size`` / ``mix.chunk_mb`` as the loss's). Replies go to host memory.
+    """
+    p = cfg.mix.pool
+    w = 2 if pool_dtype(cfg.models.dtype, p.gpus_per_actor) in ("bfloat16", "float16") else 4
+    seq, mb = cfg.data.max_seq_len, cfg.training.micro_batch_size
+    tokens = seq * mb
+    out = {"params": w * weak.params / p.shards,
+           "zero3_gather": 4.0 * weak.largest_layer_params if p.shards > 1 else 0.0,
+           "activations": activation_bytes(weak, tokens, seq, mb, w, checkpointing=False,
+                                           eager=cfg.models.attn_implementation == "eager", trained=False)}
+    chunk = min(cfg.mix.chunk_size or chunk_rows_for(tokens, weak.vocab, cfg.mix.chunk_mb), tokens)
+    out["logits_chunk"] = (4.0 + (w if w != 4 else 0)) * chunk * weak.vocab
+    out["overhead"] = float(OVERHEAD_BYTES) if p.gpus_per_actor > 0 else 0.0
+    out["total"] = sum(out.values())
+    return out
+
+
+def _pool_lines(cfg: WMSSConfig, weak: ModelShape, gpu_memory: float | None) -> list[str]:
+    p = cfg.mix.pool
+    b = pool_actor_bytes(cfg, weak)
+    parts = ", ".join(f"{label} {b[k] / GiB:.2f}" for k, label in (
+        ("params", "weights"), ("zero3_gather", "gathered layer"), ("activations", "activations"),
+        ("logits_chunk", "logits chunk"), ("overhead", "overhead")) if b[k])
+    where = f"{p.gpus_per_actor:g} GPU each" if p.gpus_per_actor > 0 else "CPU actors (host memory)"
+    lines = ["", f"weak pool (mix.placement: pool): {p.replicas} replica(s) x {p.shards} shard(s), {where}, "
+             f"{pool_dtype(cfg.models.dtype, p.gpus_per_actor)}; the weak model takes nothing on the Train GPUs above",
+             f"  {'GiB per pool actor':40s} {b['total'] / GiB:10.2f}  ({parts})"]
+    if 0 < p.gpus_per_actor < 1:  # Ray does not split memory: a GPU holds up to 1/f such actors
+        per_gpu = int(1 / p.gpus_per_actor + 1e-9)
+        lines.append(f"  {'GiB per GPU, ' + str(per_gpu) + ' actors sharing it':40s} {per_gpu * b['total'] / GiB:10.2f}"
+                     "  (plus whatever else Ray places on that GPU)")
+    if gpu_memory is not None and p.gpus_per_actor > 0:
+        need = b["total"] * (int(1 / p.gpus_per_actor + 1e-9) if p.gpus_per_actor < 1 else 1)
+        verdict = "fits" if need <= gpu_memory else "does NOT fit; raise mix.pool.shards or mix.pool.gpus_per_actor"
+        lines.append(f"  the pool {verdict} in {gpu_memory / GiB:.1f} GiB per GPU")
+    return lines
+
+
 #: Components summed into the total, with their labels.
 COMPONENTS = {
     "params": "parameters",
@@ -294,4 +341,6 @@ def format_plan(cfg: WMSSConfig, gpu_memory: float | None, source: str = "") -> 
             for change, after in suggestions(cfg, strong, weak, gpu_memory):
                 verdict = "fits" if after <= gpu_memory else "still short"
                 lines.append(f"  {change:60s} -> peak {after / GiB:7.2f} GiB ({verdict})")
+    if cfg.mix.placement == "pool" and cfg.mix.mode == "frozen":
+        lines += _pool_lines(cfg, weak, gpu_memory)
     return "\n".join(lines)

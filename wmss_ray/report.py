@@ -406,6 +406,29 @@ def _weights_section(hist: dict[str, Any] | None, weights: str | None, out: Path
             "from.</p>" + _img(plot_weights_hist(hist, out / "weights_hist.png"), "sampling weights"))
 
 
+def _pool_section(rows: list[dict]) -> str:
+    """The weak pool's top-k truncation over the WMSS steps (``mix.placement: pool`` only)."""
+    rows = [m for m in rows if "trunc_bound" in m]
+    if not rows:
+        return ""
+    sampled = [m for m in rows if m.get("n_sampled")]
+
+    def worst(key, among):
+        vals = [m[key] for m in among if m.get(key) is not None]
+        return f"{max(vals):.3g}" if vals else "n/a"
+
+    cells = [("logged steps", str(len(rows))),
+             ("weak tail mass (mean over steps / max)",
+              f"{sum(m['weak_tail_mass_mean'] for m in rows) / len(rows):.3g} / {worst('weak_tail_mass_max', rows)}"),
+             ("loss error bound, nats/token (max over steps)", worst("trunc_bound", rows)),
+             ("measured error on sampled positions vs its bound (mean per token, worst step)",
+              f"{worst('trunc_error_sampled_mean', sampled)} vs {worst('trunc_bound_sampled_mean', sampled)}"),
+             ("reply bytes per answer token", worst("pool_reply_bytes_per_token", rows)),
+             ("steps over mix.pool.error_warn", str(sum(bool(m.get("trunc_warning")) for m in rows)))]
+    trs = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in cells)
+    return f"<h2>Weak pool: top-k truncation</h2><table>{trs}</table>"
+
+
 def write_report(run_dir: str | Path, results: dict | None = None, out_path: str | Path | None = None) -> Path:
     """Write ``report.html`` (default ``<run_dir>/report/report.html``) with PNGs beside it.
 
@@ -435,6 +458,7 @@ def write_report(run_dir: str | Path, results: dict | None = None, out_path: str
         _img(curves, "training curves") or _missing("No training metrics (baseline / wmss metrics.jsonl not found)."),
         "<h2>Target-token probability during WMSS</h2>",
         _img(probs, "P_mix and P_strong") or _missing("No WMSS metrics with p_mix / p_strong."),
+        _pool_section(metrics.get("wmss") or []),
         "<h2>Weak vs strong entropy</h2>", _scores_section(r.get("scores"), out),
         "<h2>Sampling weights</h2>", _weights_section(hist, r.get("weights"), out),
         "<h2>Config</h2>",

@@ -64,7 +64,8 @@ def _version() -> str:
 
 
 def test_layout():
-    assert {"k8s/base", "k8s/base/shared", "k8s/cluster", "k8s/overlays/cpu-demo", "k8s/overlays/gpu"} <= set(TARGETS)
+    assert {"k8s/base", "k8s/base/shared", "k8s/cluster", "k8s/overlays/cpu-demo", "k8s/overlays/gpu",
+            "k8s/overlays/gpu-pool"} <= set(TARGETS)
     assert kv.crd_dir() is not None, f"KubeRay CRDs missing: expected them in {kv.CRD_DIR_CANDIDATES[0]}"
 
 
@@ -234,6 +235,20 @@ def test_gpu_overlay_shape(rendered):
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     head = job["spec"]["rayClusterSpec"]["headGroupSpec"]
     assert "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"]["limits"]
+
+
+def test_gpu_pool_overlay_gives_the_weak_pool_its_own_gpus(rendered):
+    from wmss_ray.config import load_config
+
+    job = next(o for o in rendered["k8s/overlays/gpu-pool"] if o["kind"] == "RayJob")
+    _, args = _entrypoint(job)
+    ns = importlib.import_module("jobs.pipeline").build_parser().parse_args(args)
+    cfg = load_config(REPO / ns.config[len(APP_DIR) + 1:], ns.overrides)
+    assert cfg.mix.placement == "pool" and cfg.mix.mode == "frozen"
+    group = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    gpus = group["replicas"] * group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    p, sc = cfg.mix.pool, cfg.scaling
+    assert p.gpus_per_actor > 0 and sc.num_workers * sc.gpus_per_worker + p.replicas * p.shards * p.gpus_per_actor == gpus
 
 
 def test_long_lived_cluster_matches_the_rayjob_cluster(rendered):

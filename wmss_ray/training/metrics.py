@@ -24,6 +24,12 @@ METRIC_KEYS = ("step", "loss", "ce_strong", "p_mix", "p_strong", "nontarget_rati
                "tokens_per_s", "phase")
 
 
+def is_log_step(done: int, log_every: int, end_step: int) -> bool:
+    """Whether the step that completes ``done`` steps is logged: every ``log_every``-th, the first
+    and the last of the run (the trainer writes those lines; the weak pool samples them)."""
+    return done % log_every == 0 or done == end_step or done == 1
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """In-place SUM over the default process group (no-op when not distributed)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():

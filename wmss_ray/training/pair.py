@@ -24,6 +24,9 @@ from wmss_ray.models.loading import output_head
 
 #: Order of the per-micro-batch statistics vector returned by :meth:`PairLM.forward`.
 STAT_NAMES = STATS_KEYS  # ce_mix_sum, ce_strong_sum, p_mix_sum, p_strong_sum, nt_mix, nt_strong, n_tokens
+#: Order of the third vector of a ``weak_pool`` forward: 5 sums, then 2 maxima.
+POOL_STAT_NAMES = ("tail_mass_sum", "trunc_bound_sum", "sampled_error_sum", "sampled_bound_sum", "n_sampled",
+                   "tail_mass_max", "sampled_error_max")
 
 
 class PairLM(nn.Module):
@@ -36,15 +39,21 @@ class PairLM(nn.Module):
         chunk_size: answer tokens per chunk of the loss (None/0: sized from ``chunk_mb``).
         zero3: register the heads as ZeRO-3 external parameters.
         chunk_mb: MiB budget of the loss's ``[chunk, V]`` fp32 buffer (``mix.chunk_mb``).
+        weak_pool: ``mix.placement: pool``: no weak model here (``weak`` None, mode frozen);
+            :meth:`forward` takes the weak side as the pool's log-probs.
     """
 
     def __init__(self, strong: nn.Module, weak: nn.Module | None, mode: str, lam: float,
-                 chunk_size: int | None = None, zero3: bool = False, chunk_mb: float = DEFAULT_CHUNK_MB):
+                 chunk_size: int | None = None, zero3: bool = False, chunk_mb: float = DEFAULT_CHUNK_MB,
+                 weak_pool: bool = False):
         super().__init__()
         if mode not in ("sft", "joint", "frozen"):
             raise ValueError(f"mode must be sft, joint or frozen, got {mode!r}")
-        if (mode == "sft") != (weak is None):
+        if weak_pool and (mode != "frozen" or weak is not None):
+            raise ValueError("weak_pool: the weak model is served by the pool (mode frozen, weak=None here)")
+        if (mode == "sft") != (weak is None) and not weak_pool:
             raise ValueError(f"mode {mode!r} {'takes no' if mode == 'sft' else 'needs a'} weak model")
+        self.weak_pool = weak_pool  # forward takes the weak side as log-probs (weak_pool/wire.py)
         self.strong = strong
         self.weak = weak
         self.mode = mode
@@ -72,8 +81,8 @@ class PairLM(nn.Module):
                        use_cache=False).last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
-                num_tokens: float, loss_scale: float = 1.0,
-                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                num_tokens: float, loss_scale: float = 1.0, position_ids: torch.Tensor | None = None,
+                weak_logp=None, exact=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixed CE of one micro-batch, padded or packed.
 
         Args:
@@ -86,9 +95,15 @@ class PairLM(nn.Module):
             loss_scale: multiplies the returned loss only for backward (undoes DeepSpeed's own
                 averaging over ranks and micro-batches; see ``worker.PhaseWorker.train_step``).
 
+            weak_logp: ``weak_pool`` only: the answer positions' weak side
+                (``core.sparse_mixing.WeakLogProbs``, rows in ``labels[:, 1:] != -100`` order).
+            exact: ``weak_pool`` only, optional: ``(rows [n], exact weak log-probs [n, V])`` of a
+                sample of those positions, to measure the top-k truncation error.
+
         Returns:
             ``(loss, stats)``: 0-dim loss ``sum(token CE) / num_tokens * loss_scale`` and a
-            detached float64 ``[7]`` vector of sums over this micro-batch (:data:`STAT_NAMES`).
+            detached float64 ``[7]`` vector of sums over this micro-batch (:data:`STAT_NAMES`);
+            ``weak_pool`` adds a third, float64 ``[7]`` (:data:`POOL_STAT_NAMES`).
         """
         # Position t predicts token t+1: shift, then keep only answer positions so that the
         # decoders' outputs feed the loss for those rows alone.  sel, y: [B, T-1], [N]
@@ -97,6 +112,8 @@ class PairLM(nn.Module):
         y = targets[sel]
         h_s = self._hidden(self.strong, input_ids, attention_mask, position_ids)[:, :-1][sel]  # [N, D_s]
         w_s = output_head(self.strong)[1]  # [V, D_s]
+        if self.weak_pool:
+            return self._pool_loss(h_s, w_s, y, num_tokens, loss_scale, weak_logp, exact)
         h_w = w_w = None
         if self.weak is not None and self.lam != 1.0:
             if self.mode == "frozen":
@@ -109,6 +126,25 @@ class PairLM(nn.Module):
                                        num_tokens=num_tokens, return_stats=True, chunk_mb=self.chunk_mb)
         vec = torch.stack([stats[k].to(torch.float64) for k in STAT_NAMES]).detach()
         return loss * loss_scale, vec
+
+    def _pool_loss(self, h_s, w_s, y, num_tokens, loss_scale, weak_logp, exact):
+        from wmss_ray.core.sparse_mixing import sparse_mixed_ce, truncation_error
+
+        if weak_logp is None:
+            raise ValueError("PairLM(weak_pool=True).forward needs weak_logp (the pool's reply)")
+        loss, stats = sparse_mixed_ce(h_s, w_s, weak_logp, y, self.lam, chunk_size=self.chunk_size,
+                                      num_tokens=num_tokens, return_stats=True, chunk_mb=self.chunk_mb)
+        vec = torch.stack([stats[k].to(torch.float64) for k in STAT_NAMES]).detach()
+        err = torch.zeros(4, dtype=torch.float64, device=h_s.device)  # err_sum, bound_sum, n, err_max
+        if exact is not None and exact[0].numel():
+            rows, exact_logp = exact
+            with torch.no_grad():
+                e, b = truncation_error(h_s.detach()[rows] @ w_s.detach().t(), weak_logp.rows(rows), exact_logp,
+                                        y[rows], self.lam)
+            err = torch.stack([e.sum(), b.sum(), torch.tensor(float(e.numel()), dtype=torch.float64), e.max()])
+        trunc = torch.stack([stats["tail_mass_sum"], stats["trunc_bound_sum"], err[0], err[1], err[2],
+                             stats["tail_mass_max"], err[3]]).to(torch.float64).detach()
+        return loss * loss_scale, vec, trunc
 
     @staticmethod
     def prepare_for_training(model: nn.Module, gradient_checkpointing: bool) -> None:

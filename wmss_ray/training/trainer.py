@@ -8,6 +8,10 @@ Run storage: Ray Train's ``RunConfig(storage_path=<out_dir>, name="ray_train")``
 are ``<out_dir>/ray_train/checkpoint_<step>/``; re-running ``train_phase`` on the same
 ``out_dir`` resumes from the latest one (Ray Train V2 restores its checkpoint manager from the
 storage), as does Ray Train itself after a worker failure (``FailureConfig.max_failures``).
+With ``mix.placement: pool`` (frozen WMSS) the driver first starts the weak pool
+(``weak_pool.group.WeakPool``; it fails at once when it cannot be placed), hands its replica
+handles to the workers, which load no weak model, and shuts it down after ``fit``.
+
 ``out_dir`` must be reachable by every node (local disk on one machine, a shared filesystem on a
 cluster): rank 0 writes ``metrics.jsonl``, ``tb/`` and the exported ``model/`` there.
 """
@@ -27,7 +31,7 @@ from wmss_ray import storage
 from wmss_ray.cluster import ensure_ray
 from wmss_ray.config import WMSSConfig
 from wmss_ray.training.dataset import EPOCH_ROWS_FILE, DataPlan, write_epoch_rows
-from wmss_ray.training.metrics import read_metrics
+from wmss_ray.training.metrics import is_log_step, read_metrics
 from wmss_ray.training.worker import PhaseSpec
 
 RUN_NAME = "ray_train"
@@ -57,8 +61,9 @@ def _resolve_mode(cfg: WMSSConfig, phase: str, mode: str | None) -> str:
     mode = mode or cfg.mix.mode
     if mode not in ("joint", "frozen"):
         raise ValueError(f"WMSS mode must be 'joint' or 'frozen', got {mode!r}")
-    if cfg.mix.placement != "colocated":
-        raise NotImplementedError(f"mix.placement {cfg.mix.placement!r}: train_phase supports 'colocated' only")
+    if cfg.mix.placement == "pool" and mode != "frozen":
+        raise ValueError(f"mix.placement 'pool' serves a frozen weak model only; WMSS mode {mode!r} needs "
+                         "mix.placement: colocated")
     return mode
 
 
@@ -144,7 +149,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
-    worker = PhaseWorker(cfg, spec, rank, world, device)
+    worker = PhaseWorker(cfg, spec, rank, world, device, pool_handles=config.get("pool"))
     lap("init")
 
     start = 0
@@ -161,10 +166,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for step in range(start, end):
             metrics = worker.train_step(step)
             done = step + 1
-            log = done % t.log_every == 0 or done == end or done == 1
+            log = is_log_step(done, t.log_every, end)
             ckpt = done == end or (t.checkpoint_every and done % t.checkpoint_every == 0)
             if writer is not None and log:
                 writer.write(metrics)
+                if metrics.get("trunc_warning"):
+                    warnings.warn(f"step {done}: weak top-k truncation may move the loss by up to "
+                                  f"{metrics['trunc_bound']:.3g} nats/token (> mix.pool.error_warn "
+                                  f"{cfg.mix.pool.error_warn}); raise mix.pool.top_k", stacklevel=1)
             if ckpt:
                 with tempfile.TemporaryDirectory(prefix=f"wmss-ckpt-r{rank}-") as tmp:
                     worker.save(tmp, done, metrics["samples_seen"])
@@ -177,7 +186,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if end == spec.plan.total_steps:
             _export(worker, spec.out_dir, rank)
         lap("export")
-        _log_worker(spec, {"event": "end", "rank": rank, "pid": os.getpid(), "end_step": end, "seconds": timings})
+        import resource
+
+        _log_worker(spec, {"event": "end", "rank": rank, "pid": os.getpid(), "end_step": end, "seconds": timings,
+                           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
     finally:
         if writer is not None:
             writer.close()
@@ -195,6 +207,29 @@ def _export(worker: Any, out_dir: str, rank: int) -> None:
 
 
 # ----------------------------------------------------------------------------- driver
+
+
+def _start_pool(cfg: WMSSConfig, spec: PhaseSpec):
+    """The weak pool of a frozen WMSS phase (``mix.placement: pool``), up and answering; None for
+    any other phase. It fails at once when it cannot be placed next to the Train workers."""
+    if not (spec.mode == "frozen" and cfg.mix.placement == "pool"):
+        return None
+    from wmss_ray.weak_pool.group import POOL_FAULT_ENV, ServerArgs, WeakPool
+    from wmss_ray.weak_pool.server import pool_dtype
+
+    p, sc = cfg.mix.pool, cfg.scaling
+    train_resources = {"CPU": sc.cpus_per_worker * sc.num_workers}  # what the TorchTrainer asks for
+    if sc.use_gpu:
+        train_resources["GPU"] = (sc.gpus_per_worker or 1.0) * sc.num_workers
+    dtype = pool_dtype(cfg.models.dtype, p.gpus_per_actor)
+    overrides = {k: v for k, v in cfg.training.ds_config_overrides.get("zero_optimization", {}).items()
+                 if k.startswith("stage3_")}  # the tiny tests force real partitioning this way
+    args = ServerArgs(model_dir=spec.weak_init, top_k=p.top_k, dtype=dtype,
+                      trust_remote_code=cfg.models.trust_remote_code, chunk_size=cfg.mix.chunk_size,
+                      chunk_mb=cfg.mix.chunk_mb, use_gpu=p.gpus_per_actor > 0, ds_overrides=overrides,
+                      fault=os.environ.get(POOL_FAULT_ENV), fault_marker=os.path.join(spec.out_dir, ".pool_fault_injected"))
+    return WeakPool(args, p.replicas, p.shards, p.cpus_per_actor, p.gpus_per_actor, reserved=train_resources,
+                    timeout_s=p.placement_timeout_s)
 
 
 def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | None, tokenized_path: str,
@@ -232,13 +267,14 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
     out = spec.out_dir  # build_spec made it (absolute local path, or URI)
     ckpt_fs, ckpt_root = storage.resolve_fs(out)  # Ray Train checkpoints go to the same storage
     ensure_ray()
+    pool = _start_pool(cfg, spec)  # mix.placement pool only; shut down after fit
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
         resources["GPU"] = sc.gpus_per_worker or 1.0
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "spec": spec},
+        train_loop_config={"cfg": cfg, "spec": spec, "pool": pool.handles if pool else None},
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -248,7 +284,11 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
         ),
         # No Ray Dataset: each rank reads its own rows of the tokenised Parquet (dataset.RowReader).
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        if pool is not None:
+            pool.shutdown()
     metrics_path = storage.join(out, "metrics.jsonl")
     records = read_metrics(metrics_path) if storage.exists(metrics_path) else []
     ckpt = result.checkpoint

@@ -85,7 +85,8 @@ class PhaseWorker:
         device: ``torch.device`` of this rank (``cuda:<i>`` or ``cpu``).
     """
 
-    def __init__(self, cfg: WMSSConfig, spec: PhaseSpec, rank: int, world_size: int, device: torch.device):
+    def __init__(self, cfg: WMSSConfig, spec: PhaseSpec, rank: int, world_size: int, device: torch.device,
+                 pool_handles: list | None = None):
         from wmss_ray.models.loading import (
             load_causal_lm, load_tokenizer, resolve_attn_implementation, resolve_dtype,
         )
@@ -106,12 +107,14 @@ class PhaseWorker:
                     zero3_config=zero3_config,
                     attn_implementation=resolve_attn_implementation(cfg.models.attn_implementation, self.device))
         strong = load_causal_lm(spec.strong_init, **load)
-        weak = load_causal_lm(spec.weak_init, **load) if spec.mode != "sft" else None
+        # mix.placement pool: the weak model lives in the pool's actors, never in this process.
+        self.pooled = spec.mode == "frozen" and cfg.mix.placement == "pool"
+        weak = load_causal_lm(spec.weak_init, **load) if spec.mode != "sft" and not self.pooled else None
         for m in (strong, weak):
             if m is not None:
                 PairLM.prepare_for_training(m, cfg.training.gradient_checkpointing)
         self.pair = PairLM(strong, weak, spec.mode, cfg.mix.lam, cfg.mix.chunk_size, zero3=self.zero3,
-                           chunk_mb=cfg.mix.chunk_mb)
+                           chunk_mb=cfg.mix.chunk_mb, weak_pool=self.pooled)
         groups = param_groups(self.pair.trainable_groups(cfg.training.lr, cfg.training.weak_lr),
                               cfg.training.weight_decay)
         self.engine = init_engine(self.pair, groups, cfg.training, world_size, spec.plan.total_steps,
@@ -121,6 +124,19 @@ class PhaseWorker:
         if len(self.epoch_rows) != spec.plan.n_per_epoch:
             raise ValueError(f"{spec.epoch_rows_path} has {len(self.epoch_rows)} rows, the plan {spec.plan.n_per_epoch}")
         self.reader = RowReader(spec.tokenized_path)
+        self.pool = self._pooled_weak_side(pool_handles) if self.pooled else None
+
+    def _pooled_weak_side(self, pool_handles: list | None):
+        """``mix.placement: pool``: the weak side as the pool's replies (``weak_pool.feed``)."""
+        from wmss_ray.weak_pool.feed import PooledWeakSide
+        from wmss_ray.weak_pool.group import PoolClient
+
+        if not pool_handles:
+            raise ValueError("mix.placement pool: PhaseWorker needs the pool's replica handles")
+        p = self.cfg.mix.pool
+        return PooledWeakSide(PoolClient(pool_handles, self.rank), self.micro_batches, self.spec.plan.grad_accum,
+                              self.spec.end_step, self.cfg.training.log_every, p.prefetch, p.exact_sample,
+                              p.error_warn, self.device)
 
     # ------------------------------------------------------------------ data
 
@@ -157,7 +173,7 @@ class PhaseWorker:
     def train_step(self, step: int) -> dict[str, Any]:
         """One optimizer step (``step`` is 0-based); returns its globally reduced metrics."""
         t0 = time.perf_counter()
-        mbs = self.micro_batches(step)
+        mbs = self.pool.micro_batches(step) if self.pool else self.micro_batches(step)  # pool: the requested ones
         # Prefetched: the global answer-token count must be known before the first backward.
         counts = torch.tensor([sum(answer_tokens(b) for b in mbs), sum(input_tokens(b) for b in mbs)],
                               dtype=torch.float64, device=self.device)
@@ -169,8 +185,11 @@ class PhaseWorker:
         grad_norm = None
         for i, b in enumerate(mbs):
             b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
-            loss, vec = self.engine(b["input_ids"], b.get("attention_mask"), b["labels"],
-                                    num_tokens=n_global, loss_scale=loss_scale, position_ids=b.get("position_ids"))
+            if self.pool:
+                loss, vec = self.pool.forward(self.engine, b, step, i, num_tokens=n_global, loss_scale=loss_scale)
+            else:
+                loss, vec = self.engine(b["input_ids"], b.get("attention_mask"), b["labels"], num_tokens=n_global,
+                                        loss_scale=loss_scale, position_ids=b.get("position_ids"))
             self.engine.backward(loss)
             if i == len(mbs) - 1 and self._own_grad_norm:
                 grad_norm = self._grad_norm()
@@ -184,9 +203,12 @@ class PhaseWorker:
         if self.on_gpu:
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
-        return step_metrics(stats.cpu(), step=step + 1, phase=self.spec.phase, grad_norm=grad_norm, lr=lr,
-                            step_time=dt, input_tokens=float(counts[1]),
-                            samples_seen=(step + 1) * self.spec.plan.global_batch)
+        metrics = step_metrics(stats.cpu(), step=step + 1, phase=self.spec.phase, grad_norm=grad_norm, lr=lr,
+                               step_time=dt, input_tokens=float(counts[1]),
+                               samples_seen=(step + 1) * self.spec.plan.global_batch)
+        if self.pool:
+            metrics.update(self.pool.step_metrics(float(stats[6])))
+        return metrics
 
     # ------------------------------------------------------------------ state
 

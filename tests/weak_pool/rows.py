@@ -1,0 +1,24 @@
+"""Padded micro-batches of chosen sample ids from a tokenised Parquet (the pool tests' input)."""
+
+from __future__ import annotations
+
+import torch
+
+from wmss_ray.data.tokenize import collate
+from wmss_ray.training.dataset import RowReader, epoch_list
+
+
+class RowsById:
+    """``batch(ids, pad_id)`` -> ``{input_ids, attention_mask, labels} [B, T]``, read as a rank reads."""
+
+    def __init__(self, tokenized_path: str):
+        self.reader = RowReader(tokenized_path)
+        global_rows, ids = epoch_list(tokenized_path)
+        self.row_of = dict(zip(ids.to_pylist(), global_rows.tolist()))
+
+    @classmethod
+    def from_parquet(cls, tokenized_path: str) -> "RowsById":
+        return cls(tokenized_path)
+
+    def batch(self, ids: list[str], pad_id: int) -> dict[str, torch.Tensor]:
+        return collate(self.reader.rows([self.row_of[i] for i in ids]), pad_id)

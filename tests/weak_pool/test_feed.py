@@ -1,0 +1,85 @@
+"""``PooledWeakSide`` without Ray: a Train worker's pool side over an in-process WeakServer.
+
+The step trains on the very micro-batches its requests were built from (read once per step,
+dropped once the step has run), and with ``top_k: 0`` its loss and statistics equal the
+colocated frozen ``PairLM``'s on the same batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tests.weak_pool.test_server import _InProcessClient
+from tests.weak_pool.rows import RowsById
+from wmss_ray.training.pair import PairLM
+from wmss_ray.weak_pool.feed import PooledWeakSide
+from wmss_ray.weak_pool.server import WeakServer
+from wmss_ray.weak_pool.wire import WeakRequest
+
+STEPS, ACCUM = 3, 2
+
+
+def _side(art, top_k, prefetch, reads):
+    rows = RowsById(art["tokenized"])
+
+    def read_step(step):
+        reads.append(step)
+        return [rows.batch([f"s{(4 * step + 2 * a + j):04d}" for j in range(2)], pad_id=0) for a in range(ACCUM)]
+
+    client = _InProcessClient(WeakServer(art["weak"], top_k=top_k))
+    side = PooledWeakSide(client, read_step, ACCUM, STEPS, log_every=2, prefetch=prefetch, exact_sample=3,
+                          error_warn=0.01, device="cpu")
+    return side, client
+
+
+def _pairs(art):
+    from wmss_ray.models.loading import load_causal_lm
+
+    strong, weak = (load_causal_lm(art[k], dtype="float32") for k in ("strong", "weak"))
+    pooled = PairLM(strong, None, "frozen", 0.5, chunk_size=5, weak_pool=True)
+    colocated = PairLM(strong, weak, "frozen", 0.5, chunk_size=5)
+    return pooled, colocated
+
+
+def test_dense_pool_side_equals_colocated_and_trains_on_the_requested_batches(tmp_path):
+    from tests.training.test_training_units import make_artifacts
+
+    art = make_artifacts(tmp_path)
+    reads: list[int] = []
+    side, client = _side(art, top_k=0, prefetch=3, reads=reads)
+    pooled, colocated = _pairs(art)
+    for step in range(STEPS):
+        mbs = side.micro_batches(step)
+        assert set(side._steps) <= set(range(step, STEPS))  # consumed steps dropped
+        for a, b in enumerate(mbs):
+            with torch.no_grad():
+                loss, vec = side.forward(pooled, b, step, a, num_tokens=40.0, loss_scale=1.0)
+                ref_loss, ref_vec = colocated(b["input_ids"], b["attention_mask"], b["labels"], num_tokens=40.0)
+            torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(vec, ref_vec, atol=1e-6, rtol=1e-6)
+            req = client.sent[step * ACCUM + a]  # the request of this micro-batch: built from b itself
+            assert torch.equal(torch.from_numpy(req.input_ids).long(), b["input_ids"])
+        metrics = side.step_metrics(float(vec[6]))
+        assert metrics["trunc_bound"] == 0 and metrics["weak_checkpoint"] == client.server.checkpoint_id
+        assert ("n_sampled" in metrics) == (step + 1 in (1, 2, STEPS))  # logged steps: first, every 2nd, last
+    assert reads == list(range(STEPS))  # each step read once, although requests ran ahead of it
+
+
+def test_top_k_side_accumulates_the_truncation_metrics(tmp_path):
+    from tests.training.test_training_units import make_artifacts
+
+    art = make_artifacts(tmp_path)
+    side, _ = _side(art, top_k=4, prefetch=0, reads=[])
+    pooled, _ = _pairs(art)
+    mbs = side.micro_batches(0)
+    n = 0.0
+    for a, b in enumerate(mbs):
+        with torch.no_grad():
+            _, vec = side.forward(pooled, b, 0, a, num_tokens=40.0, loss_scale=1.0)
+        n += float(vec[6])
+    metrics = side.step_metrics(n)
+    assert 0 < metrics["weak_tail_mass_mean"] <= metrics["weak_tail_mass_max"] < 1
+    assert metrics["trunc_bound"] > 0 and metrics["trunc_warning"]  # above error_warn = 0.01
+    assert metrics["n_sampled"] == 3 and metrics["trunc_error_sampled_mean"] <= metrics["trunc_bound_sampled_mean"]
+    assert metrics["pool_reply_bytes_per_token"] == 8 * 4 + 8
+    assert WeakRequest.from_batch(mbs[0]).labels.size > 0

@@ -1,0 +1,127 @@
+"""WeakServer and the wire without Ray: replies equal the model's own log-probs at the answer
+positions, sizes are exactly as specified, and the reconstruction gives back the exact loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.training.test_training_units import make_artifacts
+from wmss_ray.core.sparse_mixing import dense_weak_logp
+from tests.weak_pool.rows import RowsById
+from wmss_ray.weak_pool.server import WeakServer, checkpoint_id
+from wmss_ray.weak_pool.wire import WeakRequest, reply_bytes, request_bytes
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    return make_artifacts(tmp_path_factory.mktemp("pool_server"))
+
+
+def _batch(art, n=4):
+    rows = RowsById.from_parquet(art["tokenized"])
+    return rows.batch([f"s{i:04d}" for i in range(n)], pad_id=0)
+
+
+def _reference_logp(art, batch):
+    """The weak model's full log-probs at the answer positions ``[N, V]`` and their labels."""
+    from wmss_ray.models.loading import load_causal_lm
+
+    model = load_causal_lm(art["weak"], dtype="float32")
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    sel = batch["labels"][:, 1:] != -100
+    return torch.log_softmax(logits[sel], -1), batch["labels"][:, 1:][sel]
+
+
+@pytest.mark.parametrize("top_k", [0, 1, 8])
+def test_reply_holds_the_weak_log_probs_of_the_answer_positions(art, top_k):
+    batch = _batch(art)
+    ref, labels = _reference_logp(art, batch)
+    server = WeakServer(art["weak"], top_k=top_k, chunk_size=7)
+    req = WeakRequest.from_batch(batch, n_exact=5)
+    reply = server.answer(req)
+    n, v = ref.shape
+    assert reply.n_positions == n and reply.vocab == v and reply.checkpoint_id == checkpoint_id(art["weak"])
+    assert np.array_equal(req.labels, labels.numpy().astype(np.int32))
+    # exact sizes: 8k + 8 bytes per answer position (dense: 4V), exact rows 4V each
+    assert reply.nbytes == reply_bytes(n, top_k, v, n_exact=5)
+    assert reply.nbytes == n * (4 * v if top_k == 0 else 8 * top_k + 8) + 5 * 4 * v
+    b, t = batch["input_ids"].shape
+    assert req.nbytes == request_bytes(b, t, n, 5) == 4 * b * t + 4 * b + 8 * n + 4 * 5
+    weak = reply.to_weak()
+    torch.testing.assert_close(reply.exact(), ref[torch.from_numpy(req.exact_rows).long()], atol=1e-5, rtol=0)
+    if top_k == 0:
+        assert reply.topk_ids is None
+        torch.testing.assert_close(weak.dense, ref, atol=1e-5, rtol=0)
+        return
+    assert reply.topk_ids.dtype == np.int32 and reply.topk_logp.dtype == np.float32
+    vals, ids = ref.topk(top_k, dim=1)
+    torch.testing.assert_close(weak.topk_logp, vals, atol=1e-5, rtol=0)
+    torch.testing.assert_close(weak.label_logp, ref.gather(1, labels[:, None]).squeeze(1), atol=1e-5, rtol=0)
+    keep = torch.zeros_like(ref, dtype=torch.bool).scatter_(1, ids, True).scatter_(1, labels[:, None], True)
+    torch.testing.assert_close(weak.tail_logmass, torch.logsumexp(ref.masked_fill(keep, -float("inf")), 1),
+                               atol=1e-5, rtol=0)
+    rec = dense_weak_logp(weak, labels)
+    torch.testing.assert_close(rec.exp().sum(1), torch.ones(n), atol=1e-5, rtol=0)
+
+
+def test_empty_answer_and_bad_padding(art):
+    batch = _batch(art, 2)
+    batch["labels"][:] = -100
+    reply = WeakServer(art["weak"], top_k=4).answer(WeakRequest.from_batch(batch, n_exact=3))
+    assert reply.n_positions == 0 and reply.nbytes == 0 and reply.exact_logp is None
+    batch["attention_mask"][0, 0] = 0  # left padding: refused, not silently misread
+    with pytest.raises(ValueError, match="right-padded"):
+        WeakRequest.from_batch(batch)
+
+
+def test_byte_arithmetic_at_qwen_vocab():
+    per_token_bf16 = 2 * 151_936
+    assert reply_bytes(1, 64, 151_936) == 520
+    assert per_token_bf16 / reply_bytes(1, 64, 151_936) > 500
+
+
+class _InProcessClient:
+    """PoolClient's interface over a real WeakServer in this process (records what is in flight)."""
+
+    def __init__(self, server):
+        self.server, self.sent, self.in_flight, self.max_in_flight = server, [], 0, 0
+
+    def submit(self, req):
+        self.sent.append(req)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        return self.server.answer(req)
+
+    def get(self, reply):
+        self.in_flight -= 1
+        return reply
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_feed_prefetches_each_micro_batch_once_with_bounded_back_pressure(art, prefetch):
+    from wmss_ray.weak_pool.feed import WeakFeed
+
+    rows = RowsById.from_parquet(art["tokenized"])
+    batches = {(s, a): rows.batch([f"s{(4 * s + 2 * a + j):04d}" for j in range(2)], pad_id=0)
+               for s in range(3) for a in range(2)}
+    client = _InProcessClient(WeakServer(art["weak"], top_k=3))
+    built = []
+
+    def batch(step, a):
+        built.append((step, a))
+        return batches[(step, a)]
+
+    feed = WeakFeed(client, batch, grad_accum=2, end_step=3, prefetch=prefetch, n_exact=lambda s, a: 2 if a == 0 else 0)
+    for step in range(3):
+        for a in range(2):
+            weak, exact, _, nbytes = feed.get(step, a, "cpu")
+            req = WeakRequest.from_batch(batches[(step, a)])
+            assert weak.label_logp.shape == (len(req.labels),) and nbytes == reply_bytes(len(req.labels), 3, weak.vocab)
+            assert (exact is not None) == (a == 0)
+    assert built == sorted(batches)  # each micro-batch requested once, in training order
+    assert client.max_in_flight == prefetch + 1 and len(client.sent) == 6
+    assert feed.bytes_received == sum(reply_bytes(len(WeakRequest.from_batch(b).labels), 3, weak.vocab)
+                                      for b in batches.values())

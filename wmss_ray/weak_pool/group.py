@@ -1,0 +1,257 @@
+"""The weak pool on Ray: ``R`` replicas x ``S`` shard actors, routing, restarts.
+
+Each replica is one :class:`ReplicaCoordinator` actor (shard 0) that creates its ``S - 1``
+:class:`ShardFollower` actors itself. For ``S > 1`` the replica's actors form their own
+``torch.distributed`` group (gloo on CPU, nccl on GPU; not Ray Train's, which lives in other
+processes) and hold the weak model ZeRO-3-sharded (:class:`~.server.WeakServer`,
+``zero3=True``). The coordinator is the only caller of its followers and broadcasts every
+request to all of them before running its own forward, so every shard runs the same forwards
+in the same order (ZeRO-3's gathers are collectives: a shard that skipped one would hang the
+rest), whatever the Train ranks send; only the coordinator replies.
+
+Faults: the coordinator runs with ``max_restarts=-1, max_task_retries=-1``. When a follower
+dies, the coordinator's forward or its ``ray.get`` on the followers fails, and it exits; Ray
+restarts it, which kills the old followers (actors are fate-shared with their owner) and
+re-forms the replica from scratch, and re-submits the request that was in flight. The weak
+model is frozen, so the retried reply is the same: no training step is lost or repeated.
+
+Placement: one placement group per replica (``S`` bundles of ``cpus_per_actor`` /
+``gpus_per_actor``). A pool that cannot fit the cluster next to the Train workers, or whose
+placement groups are not ready within ``placement_timeout_s``, fails at once with the
+resources asked for and available (never a silent hang).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from wmss_ray.core.mixing import DEFAULT_CHUNK_MB
+from wmss_ray.weak_pool.server import WeakServer
+from wmss_ray.weak_pool.wire import WeakReply, WeakRequest
+
+#: Test hook: ``"<replica>:<shard>:<n>"`` makes that shard SIGKILL itself once, after its n-th forward.
+POOL_FAULT_ENV = "WMSS_POOL_FAULT_KILL"
+
+
+class PoolPlacementError(RuntimeError):
+    """The pool's actors cannot be placed on this cluster."""
+
+
+@dataclass
+class ServerArgs:
+    """How every shard builds its :class:`WeakServer` (identical within a pool)."""
+
+    model_dir: str
+    top_k: int
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    chunk_size: int | None = None  # None: sized from chunk_mb (mix.chunk_mb), as the training loss
+    chunk_mb: float = DEFAULT_CHUNK_MB
+    use_gpu: bool = False
+    ds_overrides: dict | None = None
+    fault: str | None = None  # POOL_FAULT_ENV value
+    fault_marker: str | None = None  # the kill happens once: a marker file records it
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class _Shard:
+    """One process of a replica: its slice of the process group and its WeakServer."""
+
+    def _setup(self, args: ServerArgs, replica: int, rank: int, world: int, addr: str, port: int) -> None:
+        import torch
+
+        self.args, self.replica, self.rank = args, replica, rank
+        device = "cuda" if args.use_gpu else "cpu"
+        if world > 1:
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it; one device per actor
+            torch.distributed.init_process_group(
+                "nccl" if args.use_gpu else "gloo", init_method=f"tcp://{addr}:{port}", rank=rank,
+                world_size=world, timeout=timedelta(seconds=120))
+        self.server = WeakServer(args.model_dir, args.top_k, dtype=args.dtype, device=device,
+                                 trust_remote_code=args.trust_remote_code, chunk_size=args.chunk_size,
+                                 chunk_mb=args.chunk_mb, zero3=world > 1, ds_overrides=args.ds_overrides)
+
+    def _forward(self, req: WeakRequest) -> WeakReply:
+        reply = self.server.answer(req)
+        a = self.args
+        if a.fault and a.fault_marker and not Path(a.fault_marker).exists():
+            replica, shard, after = (int(x) for x in a.fault.split(":"))
+            if (replica, shard, after) == (self.replica, self.rank, self.server.forwards):
+                Path(a.fault_marker).write_text(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGKILL)
+        return reply
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def forwards(self) -> int:
+        return self.server.forwards
+
+    def held_numel(self) -> int:
+        return self.server.held_numel()
+
+
+class ShardFollower(_Shard):
+    """Shard ``rank >= 1`` of a replica: runs the forwards its coordinator sends, replies nothing."""
+
+    def __init__(self, args: ServerArgs, replica: int, rank: int, world: int, addr: str, port: int):
+        self._setup(args, replica, rank, world, addr, port)
+
+    def follow(self, req: WeakRequest) -> int:
+        self._forward(req)
+        return self.server.forwards
+
+
+class ReplicaCoordinator(_Shard):
+    """Shard 0 of a replica: creates the followers, broadcasts each request, replies."""
+
+    def __init__(self, args: ServerArgs, replica: int, shards: int, resources: dict[str, float], pg=None):
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        addr, port = ray.util.get_node_ip_address(), _free_port()
+        follower_cls = ray.remote(max_restarts=0)(ShardFollower)
+        self.followers = []
+        for rank in range(1, shards):
+            strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank) if pg else None
+            self.followers.append(follower_cls.options(
+                num_cpus=resources.get("CPU", 1.0), num_gpus=resources.get("GPU", 0.0),
+                scheduling_strategy=strategy).remote(args, replica, rank, shards, addr, port))
+        # Own group + model first: the followers' __init__ block on the same collectives.
+        self._setup(args, replica, 0, shards, addr, port)
+        ray.get([f.forwards.remote() for f in self.followers])
+
+    def answer(self, wrapped: list) -> WeakReply:
+        """``wrapped = [ObjectRef of a WeakRequest]`` (a list, so the request is put once and
+        handed on to the followers by reference)."""
+        ref = wrapped[0]
+        req = ray.get(ref)
+        pending = [f.follow.remote(ref) for f in self.followers]
+        try:
+            reply = self._forward(req)
+            counts = ray.get(pending)
+        except Exception as err:  # a shard died: exit, Ray re-forms the replica and retries
+            print(f"weak pool replica {self.replica}: shard failure ({type(err).__name__}: {err}); re-forming",
+                  flush=True)
+            os._exit(1)
+        if any(c != self.server.forwards for c in counts):  # pragma: no cover - would hang first
+            raise RuntimeError(f"replica {self.replica}: forward counts diverged {counts} vs {self.server.forwards}")
+        return reply
+
+    def shard_pids(self) -> list[int]:
+        return [os.getpid()] + ray.get([f.pid.remote() for f in self.followers])
+
+    def shard_held_numel(self) -> list[int]:
+        return [self.server.held_numel()] + ray.get([f.held_numel.remote() for f in self.followers])
+
+    def shard_forwards(self) -> list[int]:
+        return [self.server.forwards] + ray.get([f.forwards.remote() for f in self.followers])
+
+
+def _resource_text(res: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in sorted(res.items()) if k in ("CPU", "GPU") or v) or "nothing"
+
+
+class WeakPool:
+    """Driver-side handle of a started pool: ``R`` coordinators (``handles``) and their groups.
+
+    Args:
+        args: how the shards build their servers.
+        replicas, shards: R and S.
+        cpus_per_actor, gpus_per_actor: each actor's Ray resources.
+        reserved: resources the phase needs besides the pool (the Train workers), checked
+            against the cluster's totals so an impossible set-up fails before anything waits.
+        timeout_s: how long the placement groups may take to become ready.
+    """
+
+    def __init__(self, args: ServerArgs, replicas: int, shards: int, cpus_per_actor: float, gpus_per_actor: float,
+                 reserved: dict[str, float] | None = None, timeout_s: float = 60.0):
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        self.replicas, self.shards = replicas, shards
+        bundle = {"CPU": float(cpus_per_actor)}
+        if gpus_per_actor:
+            bundle["GPU"] = float(gpus_per_actor)
+        n = replicas * shards
+        asked = {k: v * n for k, v in bundle.items()}
+        total = ray.cluster_resources()
+        need = {k: asked.get(k, 0.0) + (reserved or {}).get(k, 0.0) for k in set(asked) | set(reserved or {})}
+        short = [k for k, v in need.items() if v > total.get(k, 0.0) + 1e-9]
+        if short:
+            raise PoolPlacementError(
+                f"weak pool ({replicas} replicas x {shards} shards, each actor {_resource_text(bundle)}) asks for "
+                f"{_resource_text(asked)}, plus {_resource_text(reserved or {})} for the Train workers = "
+                f"{_resource_text(need)}; the cluster has {_resource_text(total)} in all "
+                f"({_resource_text(ray.available_resources())} available now). Lower mix.pool.replicas/shards/"
+                "cpus_per_actor/gpus_per_actor or add nodes.")
+        self.pgs = [placement_group([dict(bundle) for _ in range(shards)], strategy="PACK") for _ in range(replicas)]
+        ready, _ = ray.wait([pg.ready() for pg in self.pgs], num_returns=replicas, timeout=timeout_s)
+        if len(ready) < replicas:
+            avail = ray.available_resources()
+            for pg in self.pgs:
+                remove_placement_group(pg)
+            raise PoolPlacementError(
+                f"weak pool could not be placed within {timeout_s:g} s: asked for {replicas} x {shards} actors of "
+                f"{_resource_text(bundle)} ({_resource_text(asked)}); available {_resource_text(avail)} of "
+                f"{_resource_text(total)}")
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        coord_cls = ray.remote(max_restarts=-1, max_task_retries=-1)(ReplicaCoordinator)
+        self.handles = [
+            coord_cls.options(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0.0),
+                              scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0))
+            .remote(args, r, shards, bundle, pg)
+            for r, pg in enumerate(self.pgs)
+        ]
+        ray.get([h.shard_pids.remote() for h in self.handles])  # every replica up (or its error raised)
+
+    def shutdown(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for h in self.handles:
+            ray.kill(h, no_restart=True)
+        for pg in self.pgs:
+            remove_placement_group(pg)
+
+
+class PoolClient:
+    """A Train worker's view of the pool: least-loaded routing over the replicas it knows.
+
+    ``submit`` puts a request in the object store once and sends it to the replica with the
+    fewest of *this client's* requests in flight (ties broken by ``rank`` so the Train ranks
+    start on different replicas); ``get`` waits for the reply.
+    """
+
+    def __init__(self, handles: list, rank: int = 0):
+        if not handles:
+            raise ValueError("PoolClient needs at least one replica handle")
+        self.handles, self.rank = list(handles), rank
+        self.in_flight = [0] * len(handles)
+        self.sent = [0] * len(handles)
+
+    def submit(self, req: WeakRequest) -> tuple[Any, int]:
+        r = len(self.handles)
+        replica = min(range(r), key=lambda i: (self.in_flight[i], (i - self.rank) % r))
+        ref = self.handles[replica].answer.remote([ray.put(req)])
+        self.in_flight[replica] += 1
+        self.sent[replica] += 1
+        return ref, replica
+
+    def get(self, ticket: tuple[Any, int]) -> WeakReply:
+        ref, replica = ticket
+        try:
+            return ray.get(ref)
+        finally:
+            self.in_flight[replica] -= 1

@@ -1,0 +1,156 @@
+"""``WeakServer``: the frozen weak model answering :class:`~.wire.WeakRequest` s (plain, no Ray).
+
+The model is loaded safely (``models.loading``: local directory, safetensors, no remote code
+unless asked). With ``zero3=True`` it is wrapped in a DeepSpeed ZeRO-3 engine with no optimizer
+(ZeRO inference: each rank holds ``1/S`` of every parameter, gathered module by module during
+the forward) over the *current default* ``torch.distributed`` process group, which the caller
+(``group.py``'s shard actors) creates for the replica alone. Every rank of that group must call
+:meth:`WeakServer.answer` the same number of times (ZeRO-3's gathers are collectives).
+
+The logits are computed chunk by chunk over the answer positions (``[chunk, V]`` at a time),
+as the training loss does; only the reply's arrays are ``[N, ...]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wmss_ray.core.mixing import DEFAULT_CHUNK_MB, _row_logsumexp, chunk_rows_for
+from wmss_ray.core.sparse_mixing import weak_from_logp
+from wmss_ray.weak_pool.wire import WeakReply, WeakRequest
+
+
+def pool_dtype(models_dtype: str, gpus_per_actor: float) -> str:
+    """The pool's forward dtype: ``models.dtype``; for "auto", bf16 on GPU actors, fp32 on CPU."""
+    if models_dtype != "auto":
+        return models_dtype
+    return "bfloat16" if gpus_per_actor > 0 else "float32"
+
+
+def checkpoint_id(model_dir: str | Path) -> str:
+    """A short content id of a model directory: sha256 of each safetensors file's name, size and
+    first MiB (cheap on multi-GB shards, and changes whenever the weights are rewritten)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        h.update(f.name.encode())
+        h.update(str(f.stat().st_size).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(2**20))
+    return h.hexdigest()[:16]
+
+
+class WeakServer:
+    """The frozen weak model; :meth:`answer` turns a request into a reply.
+
+    Args:
+        model_dir: local HF causal-LM directory (safetensors).
+        top_k: log-probs per answer position (0: dense ``[N, V]``, exact).
+        dtype: "auto" | "float32" | "bfloat16" | "float16" (the forward's dtype; replies are fp32).
+        device: where the forward runs.
+        chunk_size: answer positions per ``[chunk, V]`` logits block; None/0: sized from
+            ``chunk_mb`` (``mix.chunk_mb``, as the training loss) by ``core.mixing.chunk_rows_for``.
+        zero3: shard the model with DeepSpeed ZeRO-3 over the default process group.
+        ds_overrides: merged into the ZeRO-3 config (e.g. ``stage3_param_persistence_threshold``).
+    """
+
+    def __init__(self, model_dir: str, top_k: int, dtype: str = "float32", device: str = "cpu",
+                 trust_remote_code: bool = False, chunk_size: int | None = None, zero3: bool = False,
+                 ds_overrides: dict | None = None, chunk_mb: float = DEFAULT_CHUNK_MB):
+        from wmss_ray.models.loading import load_causal_lm, output_head, resolve_dtype
+
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        if chunk_size is not None and chunk_size < 0:
+            raise ValueError(f"chunk_size must be >= 1 (or None/0: sized from chunk_mb), got {chunk_size}")
+        self.top_k, self.chunk_size, self.chunk_mb, self.zero3 = int(top_k), chunk_size or None, chunk_mb, zero3
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.checkpoint_id = checkpoint_id(model_dir)
+        model = load_causal_lm(model_dir, dtype=self.dtype, device="cpu" if zero3 else self.device,
+                               trust_remote_code=trust_remote_code)
+        model.requires_grad_(False)
+        model.eval()
+        model.config.use_cache = False
+        self.vocab = int(output_head(model)[1].shape[0])
+        if zero3:
+            import deepspeed
+
+            zero = {"stage": 3, **(ds_overrides or {})}
+            config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero,
+                      "bf16": {"enabled": self.dtype == torch.bfloat16},
+                      "fp16": {"enabled": self.dtype == torch.float16}, "steps_per_print": 10**9}
+            engine, *_ = deepspeed.initialize(model=model, config=config)
+            engine.eval()
+            model = engine.module
+        self.model = model
+        self.forwards = 0  # answered requests (every shard of a replica must count the same)
+
+    def held_numel(self) -> int:
+        """Parameter elements this process holds (its ZeRO-3 partition; everything when S = 1)."""
+        return sum(int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else p.numel() for p in self.model.parameters())
+
+    @contextmanager
+    def _head_weight(self):
+        """``[V, D]``, whole: gathered from the shards under ZeRO-3 for the duration of the block."""
+        from wmss_ray.models.loading import output_head
+
+        w = output_head(self.model)[1]
+        if not self.zero3:
+            yield w
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([w]):
+            yield w
+
+    @torch.no_grad()
+    def answer(self, req: WeakRequest) -> WeakReply:
+        """The reply for one micro-batch (see ``wire.py`` for the arrays)."""
+        from wmss_ray.models.loading import output_head
+
+        ids = torch.from_numpy(req.input_ids.astype(np.int64)).to(self.device)  # [B, T] (a copy: writable)
+        b, t = ids.shape
+        mask = (torch.arange(t, device=self.device).unsqueeze(0)
+                < torch.from_numpy(req.lengths.astype(np.int64)).to(self.device).unsqueeze(1)).long()
+        decoder, _ = output_head(self.model)
+        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # [B, T, D]
+        pos = torch.from_numpy(req.positions.astype(np.int64)).to(self.device)
+        h = hidden.reshape(b * t, -1).index_select(0, pos)  # [N, D]
+        labels = torch.from_numpy(req.labels.astype(np.int64)).to(self.device)  # [N]
+        n, k, v = pos.numel(), min(self.top_k, self.vocab), self.vocab
+        exact_rows = torch.from_numpy(req.exact_rows.astype(np.int64))
+        reply = WeakReply(self.checkpoint_id, v, k)  # top_k > V ships V (an empty tail)
+        if self.top_k == 0:
+            reply.dense_logp = np.empty((n, v), np.float32)
+        else:
+            reply.topk_logp, reply.topk_ids = np.empty((n, k), np.float32), np.empty((n, k), np.int32)
+            reply.label_logp, reply.tail_logmass = np.empty(n, np.float32), np.empty(n, np.float32)
+        if exact_rows.numel():
+            reply.exact_logp = np.empty((exact_rows.numel(), v), np.float32)
+        chunk = self.chunk_size or chunk_rows_for(n, v, self.chunk_mb)
+        with self._head_weight() as w:
+            for start in range(0, n, chunk):
+                stop = min(n, start + chunk)
+                # [c, V] logits in the model dtype, one fp32 copy normalised in place (row-blocked
+                # logsumexp): no further [c, V] temporaries.
+                logp = torch.mm(h[start:stop], w.t()).float()
+                logp.sub_(_row_logsumexp(logp, logp.dtype).unsqueeze(1))  # [c, V] fp32 log-probs
+                weak = weak_from_logp(logp, labels[start:stop], self.top_k)
+                if self.top_k == 0:
+                    reply.dense_logp[start:stop] = weak.dense.cpu().numpy()
+                else:
+                    reply.topk_logp[start:stop] = weak.topk_logp.cpu().numpy()
+                    reply.topk_ids[start:stop] = weak.topk_ids.cpu().numpy()
+                    reply.label_logp[start:stop] = weak.label_logp.cpu().numpy()
+                    reply.tail_logmass[start:stop] = weak.tail_logmass.cpu().numpy()
+                here = ((exact_rows >= start) & (exact_rows < stop)).nonzero().squeeze(1)
+                if here.numel():
+                    rows = (exact_rows[here] - start).to(self.device)
+                    reply.exact_logp[here.numpy()] = logp.index_select(0, rows).cpu().numpy()
+        self.forwards += 1
+        return reply

@@ -1,0 +1,121 @@
+"""What travels between a Train worker and the weak pool: numpy arrays, never ``[B, T, V]``.
+
+A :class:`WeakRequest` is one micro-batch: its int32 token ids, row lengths (right padding, as
+``data.tokenize.collate`` makes it) and the *answer positions* (flat ``b * T + t`` of the
+position ``t`` that predicts the answer token ``t + 1``) with their labels. A
+:class:`WeakReply` holds, for those positions only and in the same order:
+
+====================  =======  ==========  =============================================
+array                 dtype    shape       meaning
+====================  =======  ==========  =============================================
+``topk_logp``         float32  ``[N, k]``  the k largest weak log-probs
+``topk_ids``          int32    ``[N, k]``  their token ids
+``label_logp``        float32  ``[N]``     the label's weak log-prob (exact, in top-k or not)
+``tail_logmass``      float32  ``[N]``     logsumexp of the log-probs outside top-k and label
+``dense_logp``        float32  ``[N, V]``  ``top_k: 0`` only, instead of the four above
+``exact_logp``        float32  ``[n, V]``  dense rows of ``exact_rows`` (measured error)
+====================  =======  ==========  =============================================
+
+plus ``checkpoint_id`` (which weak model answered). So an answer position costs
+``8 k + 8`` bytes (520 B at k = 64) against ``2 V`` for bf16 logits (303,872 B at
+V = 151,936: 584x less); see :func:`reply_bytes`. The reconstruction of the weak side from a
+reply (top-k in place, tail mass spread uniformly, label exact) is
+``core.sparse_mixing``'s, chunk by chunk inside the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from wmss_ray.core.constants import IGNORE_INDEX
+from wmss_ray.core.sparse_mixing import WeakLogProbs
+
+
+def reply_bytes(n_positions: int, top_k: int, vocab: int, n_exact: int = 0) -> int:
+    """Exact array bytes of a reply (``top_k == 0``: dense); ``checkpoint_id`` not counted."""
+    per = 4 * vocab if top_k == 0 else 8 * top_k + 8
+    return n_positions * per + n_exact * 4 * vocab
+
+
+def request_bytes(batch: int, seq: int, n_positions: int, n_exact: int = 0) -> int:
+    """Exact array bytes of a request: ids ``4 B T``, lengths ``4 B``, positions + labels ``8 N``."""
+    return 4 * batch * seq + 4 * batch + 8 * n_positions + 4 * n_exact
+
+
+@dataclass
+class WeakRequest:
+    """One micro-batch for the weak model (int32 numpy arrays)."""
+
+    input_ids: np.ndarray  # [B, T]
+    lengths: np.ndarray  # [B] tokens per row (right-padded)
+    positions: np.ndarray  # [N] flat b * T + t, t predicts token t + 1
+    labels: np.ndarray  # [N] the answer tokens
+    exact_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # [n] rows of N sent dense too
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.input_ids, self.lengths, self.positions, self.labels, self.exact_rows))
+
+    @classmethod
+    def from_batch(cls, batch: dict[str, torch.Tensor], n_exact: int = 0) -> "WeakRequest":
+        """From a collated micro-batch ``{input_ids, attention_mask, labels}`` ``[B, T]``.
+
+        Answer positions are those of ``PairLM.forward``: ``labels[:, 1:] != -100``, row-major.
+        ``n_exact`` answer positions, evenly spaced, are also requested dense.
+        """
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        lengths = mask.sum(1)
+        prefix = torch.arange(mask.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
+        if not torch.equal(mask.bool(), prefix):
+            raise ValueError("weak pool requests need right-padded micro-batches (attention_mask a prefix per row)")
+        sel = labels[:, 1:] != IGNORE_INDEX  # [B, T-1]
+        b, t = sel.nonzero(as_tuple=True)
+        n = b.numel()
+        exact = np.unique(np.linspace(0, n - 1, min(n_exact, n)).round().astype(np.int32)) if n else np.zeros(0, np.int32)
+        return cls(input_ids=ids.numpy().astype(np.int32), lengths=lengths.numpy().astype(np.int32),
+                   positions=(b * ids.shape[1] + t).numpy().astype(np.int32),
+                   labels=labels[:, 1:][sel].numpy().astype(np.int32), exact_rows=exact.astype(np.int32))
+
+
+@dataclass
+class WeakReply:
+    """The weak side of a request's answer positions (see the module table)."""
+
+    checkpoint_id: str
+    vocab: int
+    top_k: int
+    topk_logp: np.ndarray | None = None
+    topk_ids: np.ndarray | None = None
+    label_logp: np.ndarray | None = None
+    tail_logmass: np.ndarray | None = None
+    dense_logp: np.ndarray | None = None
+    exact_logp: np.ndarray | None = None
+
+    @property
+    def arrays(self) -> list[np.ndarray]:
+        return [a for a in (self.topk_logp, self.topk_ids, self.label_logp, self.tail_logmass, self.dense_logp,
+                            self.exact_logp) if a is not None]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays)
+
+    @property
+    def n_positions(self) -> int:
+        return (self.dense_logp if self.top_k == 0 else self.label_logp).shape[0]
+
+    def to_weak(self, device: torch.device | str = "cpu") -> WeakLogProbs:
+        """The reply as :class:`~wmss_ray.core.sparse_mixing.WeakLogProbs` tensors (ids int64)."""
+        if self.top_k == 0:
+            return WeakLogProbs(self.vocab, dense=torch.from_numpy(self.dense_logp).to(device))
+        return WeakLogProbs(self.vocab, topk_logp=torch.from_numpy(self.topk_logp).to(device),
+                            topk_ids=torch.from_numpy(self.topk_ids).to(device, torch.int64),
+                            label_logp=torch.from_numpy(self.label_logp).to(device),
+                            tail_logmass=torch.from_numpy(self.tail_logmass).to(device))
+
+    def exact(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """Dense weak log-probs ``[n, V]`` of the request's ``exact_rows`` (None when none)."""
+        return None if self.exact_logp is None else torch.from_numpy(self.exact_logp).to(device)
