@@ -39,7 +39,9 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from wmss_ray.config import WMSSConfig, config_from_dict, load_config  # noqa: E402
+from wmss_ray.config import WMSSConfig  # noqa: E402
+
+from wmss_ray.config_loading import config_from_dict, load_config
 from tune.sweep import link_shared_phases  # noqa: E402
 from wmss_ray.stats import PairedTest, mean_and_spread, paired_test_per_sample  # noqa: E402
 

@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from wmss_ray.config import TrainingConfig, config_from_dict  # noqa: E402
+from wmss_ray.config import TrainingConfig  # noqa: E402
+from wmss_ray.config_loading import config_from_dict
 from wmss_ray.core.mixing import chunk_rows_for, chunked_mixed_ce  # noqa: E402
 
 #: Dense bf16 peak FLOP/s by device-name substring (H200 = H100 SXM's tensor cores).

@@ -87,7 +87,7 @@ def build(root: str, args) -> dict[str, str]:
 def make_worker(paths: dict, corpus: str, packing: bool, args, n_steps: int):
     import torch
 
-    from wmss_ray.config import config_from_dict
+    from wmss_ray.config_loading import config_from_dict
     from wmss_ray.training.dataset import DataPlan, write_epoch_rows
     from wmss_ray.training.worker import PhaseSpec, PhaseWorker
 

@@ -41,7 +41,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from wmss_ray.config import load_config  # noqa: E402
+from wmss_ray.config_loading import load_config  # noqa: E402
 
 
 def build_world(cfg, root: str) -> dict[str, str]:

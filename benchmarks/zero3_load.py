@@ -50,7 +50,7 @@ def rank_main(rank: int, port: int, model_dir: str, how: str, stage: int, out: s
                       WORLD_SIZE="2")
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    from wmss_ray.config import config_from_dict
+    from wmss_ray.config_loading import config_from_dict
     from wmss_ray.models.loading import load_causal_lm
     from wmss_ray.training.ds_config import build_ds_config, init_engine, param_groups
     from wmss_ray.training.pair import PairLM

@@ -57,8 +57,9 @@ def build_parser(prog: str, description: str, config_required: bool = True) -> a
 
 
 def load_job_config(config: str, overrides: list[str] | None) -> Any:
-    """Load the config through ``wmss_ray.config.load_config``; ``env:NAME`` reads inline YAML."""
-    from wmss_ray.config import ConfigError, load_config
+    """Load the config through ``wmss_ray.config_loading.load_config``; ``env:NAME`` reads inline YAML."""
+    from wmss_ray.config import ConfigError
+    from wmss_ray.config_loading import load_config
 
     try:
         if config.startswith(INLINE_PREFIX):

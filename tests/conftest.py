@@ -177,7 +177,7 @@ def tiny_job_run(ray_head, tmp_path_factory):
     """
     from tests.jobs.local_head import finish_job
     from wmss_ray import submit
-    from wmss_ray.config import load_config
+    from wmss_ray.config_loading import load_config
 
     overrides = [f"run.storage={tmp_path_factory.mktemp('tiny_runs')}"]
     with pytest.MonkeyPatch.context() as mp:  # the client side: the token from a file, as a user would

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tests.qwen3_style import build_qwen3_style_tokenizer
-from wmss_ray.config import config_from_dict
+from wmss_ray.config_loading import config_from_dict
 from wmss_ray.data.splits import in_validation
 from wmss_ray.data.tokenize import IGNORE_INDEX
 

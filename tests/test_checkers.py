@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from wmss_ray.checkers import AnswerChecker, checker_from_config, extract_answer, normalise_exact
-from wmss_ray.config import ConfigError, config_from_dict
+from wmss_ray.config import ConfigError
+from wmss_ray.config_loading import config_from_dict
 from wmss_ray.evaluation import load_eval_rows
 
 MATH = AnswerChecker("math")

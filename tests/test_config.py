@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from wmss_ray.config import ConfigError, WMSSConfig, config_from_dict, load_config, save_config
+from wmss_ray.config import ConfigError, WMSSConfig
+
+from wmss_ray.config_loading import config_from_dict, load_config, save_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))

@@ -13,7 +13,9 @@ import math
 import pytest
 import torch
 
-from wmss_ray.config import DemoModelConfig, config_from_dict
+from wmss_ray.config import DemoModelConfig
+
+from wmss_ray.config_loading import config_from_dict
 from wmss_ray.data.tokenize import collate, tokenize_example
 from wmss_ray.evaluation import evaluate_model, evaluate_models, read_per_sample
 from wmss_ray.models.tiny import build_tiny_model, save_pretrained_model

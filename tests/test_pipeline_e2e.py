@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from wmss_ray.config import config_from_dict
+from wmss_ray.config_loading import config_from_dict
 from wmss_ray.pipeline import build_phases, run_pipeline
 
 pytestmark = pytest.mark.integration

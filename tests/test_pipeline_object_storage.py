@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from wmss_ray import storage
-from wmss_ray.config import load_config
+from wmss_ray.config_loading import load_config
 from wmss_ray.pipeline import build_phases, run_pipeline
 from wmss_ray.training.trainer import FAULT_ENV, RUN_NAME
 

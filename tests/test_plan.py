@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from wmss_ray.config import config_from_dict, load_config
+from wmss_ray.config_loading import config_from_dict, load_config
 from wmss_ray.plan import (
     GiB,
     ModelShape,

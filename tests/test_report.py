@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from wmss_ray import stats
-from wmss_ray.config import config_from_dict, save_config
+from wmss_ray.config_loading import config_from_dict, save_config
 from wmss_ray.evaluation import EvalResult, write_per_sample
 from wmss_ray.report import collect_results, format_results_table, write_report
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tune.sweep import SHARED_PHASES, build_param_space, link_shared_phases, trial_config
-from wmss_ray.config import ConfigError, load_config
+from wmss_ray.config import ConfigError
+from wmss_ray.config_loading import load_config
 
 
 def test_param_space_kinds():
@@ -26,7 +27,7 @@ def test_param_space_kinds():
 ])
 def test_bad_search_spaces_are_refused(space, msg):
     with pytest.raises(ConfigError, match=msg):
-        from wmss_ray.config import config_from_dict
+        from wmss_ray.config_loading import config_from_dict
         config_from_dict({"tune": {"search_space": space}})
 
 

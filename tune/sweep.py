@@ -18,7 +18,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from wmss_ray.config import WMSSConfig, config_from_dict
+from wmss_ray.config import WMSSConfig
+
+from wmss_ray.config_loading import config_from_dict
 from wmss_ray.data.ray_corpus import validation_eval_input
 from wmss_ray.data.splits import has_validation
 

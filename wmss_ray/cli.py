@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 from wmss_ray import storage
-from wmss_ray.config import ConfigError, load_config
+from wmss_ray.config import ConfigError
+from wmss_ray.config_loading import load_config
 from wmss_ray.submit import add_cli_commands
 
 

@@ -30,7 +30,8 @@ from typing import Any, Callable
 
 from wmss_ray import storage
 from wmss_ray.cluster import ensure_ray
-from wmss_ray.config import WMSSConfig, save_config
+from wmss_ray.config import WMSSConfig
+from wmss_ray.config_loading import save_config
 from wmss_ray.manifest import Manifest, fingerprint, now, read_manifest
 
 log = logging.getLogger("wmss_ray.pipeline")

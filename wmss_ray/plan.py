@@ -30,7 +30,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from wmss_ray.config import WMSSConfig, config_from_dict
+from wmss_ray.config import WMSSConfig
+
+from wmss_ray.config_loading import config_from_dict
 from wmss_ray.core.mixing import chunk_rows_for
 from wmss_ray.weak_pool.server import pool_dtype
 

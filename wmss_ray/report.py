@@ -152,7 +152,7 @@ def collect_results(run_dir: str | Path, results: dict | None = None) -> dict[st
         r["config"] = yaml.safe_load((run / "config.yaml").read_text())
     if r.get("config") is not None and not r.get("config_hash"):
         try:
-            from wmss_ray.config import config_from_dict
+            from wmss_ray.config_loading import config_from_dict
 
             r["config_hash"] = config_from_dict(r["config"]).config_hash()
         except Exception as err:  # a config from another version still gets a report

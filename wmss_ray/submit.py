@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from wmss_ray.cluster import AuthTokenError, load_auth_token
-from wmss_ray.config import ConfigError, load_config
+from wmss_ray.config import ConfigError
+from wmss_ray.config_loading import load_config
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from wmss_ray.config import load_config
+from wmss_ray.config_loading import load_config
 from wmss_ray.data import rejects as R
 from wmss_ray.data.corpus import discover_corpus, iter_corpus, normalize_row, open_corpus
 from wmss_ray.models.tokenizer import build_demo_tokenizer

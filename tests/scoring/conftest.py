@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from wmss_ray.config import load_config
+from wmss_ray.config_loading import load_config
 from wmss_ray.models.tiny import build_tiny_model, save_pretrained_model
 from wmss_ray.models.tokenizer import build_demo_tokenizer
 

@@ -16,7 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wmss_ray.config import DemoModelConfig, config_from_dict
+from wmss_ray.config import DemoModelConfig
+
+from wmss_ray.config_loading import config_from_dict
 from wmss_ray.training.dataset import DataPlan, RowReader, epoch_sample_ids, write_epoch_rows
 from wmss_ray.training.ds_config import build_ds_config
 from wmss_ray.training.schedule import lr_factor, warmup_steps_for
