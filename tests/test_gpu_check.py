@@ -13,7 +13,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
     out = tmp_path / "gpu_check.md"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # Not this process's torch.distributed rendezvous (an earlier test's init_single_process set
+    # MASTER_PORT to a port this process still holds): the check makes its own.
+    dist_vars = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+    env = {**{k: v for k, v in os.environ.items() if k not in dist_vars}, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--out", str(out)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
