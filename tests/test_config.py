@@ -60,7 +60,6 @@ def test_dotted_override_reaches_the_field():
         (["curriculum.sample_multiplier=0"], ["curriculum.sample_multiplier", "greater than 0"]),
         (["training.zero_stage=4"], ["training.zero_stage", "4"]),
         (["mix.placement=pool"], ["frozen"]),
-        (["mix.placement=pool", "mix.mode=frozen", "training.packing=true"], ["training.packing", "mix.placement 'pool'"]),
         (["run.storage=ftp://host/runs"], ["run.storage", "ftp://host/runs", "'ftp' is not a pyarrow filesystem"]),
         (["run.storage=s3x://b/r"], ["run.storage", "s3x://b/r", "s3://"]),
     ],
@@ -80,6 +79,8 @@ def test_pool_placement_is_frozen_only_and_takes_its_own_section():
     assert WMSSConfig().mix.pool.top_k == 64  # the default ships the top-64, not [N, V]
     with pytest.raises(ConfigError, match="frozen"):
         load_config(None, ["mix.mode=joint", "mix.placement=pool"])
+    packed = load_config(None, ["mix.mode=frozen", "mix.placement=pool", "training.packing=true"])
+    assert packed.training.packing and packed.mix.placement == "pool"  # the wire carries packed rows
     with pytest.raises(ConfigError, match="unknown key 'mix.pool_top_k'"):
         load_config(None, ["mix.pool_top_k=8"])
     with pytest.raises(ConfigError, match="mix.pool.shards"):

@@ -111,7 +111,7 @@ def test_pool_actor_holds_the_weak_model_sharded_and_the_cli_prints_it(tmp_path,
     (tmp_path / "config.json").write_text(json.dumps(QWEN3_4B))
     cfg = REPO / "configs" / "qwen3-4b-math.yaml"
     sets = ["--set", f"models.base={tmp_path}", "--set", "mix.mode=frozen", "--set", "mix.placement=pool",
-            "--set", "mix.pool.gpus_per_actor=0.5", "--set", "mix.pool.shards=2", "--set", "training.packing=false"]
+            "--set", "mix.pool.gpus_per_actor=0.5", "--set", "mix.pool.shards=2"]
     assert main(["plan", str(cfg), *sets, "--gpu-memory", "80GiB"]) == 0
     out = capsys.readouterr().out
     assert "wmss (frozen, pool)" in out and "1 replica(s) x 2 shard(s), 0.5 GPU each, bfloat16" in out

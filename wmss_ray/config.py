@@ -365,10 +365,6 @@ class WMSSConfig(_Section):
                 f"{self.models.dtype!r}, scaling.use_gpu {self.scaling.use_gpu}): gradients are "
                 "accumulated in fp32 only under ZeRO; set training.zero_stage >= 1 or models.dtype: float32"
             )
-        if self.training.packing and self.mix.placement == "pool":
-            # The pool's wire carries padded [B, T] rows and their attention mask, not packed rows.
-            raise ValueError("training.packing is not supported with mix.placement 'pool' yet; "
-                             "set training.packing: false or mix.placement: colocated")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Padded micro-batches of chosen sample ids from a tokenised Parquet (the pool tests' input)."""
+"""Padded or packed micro-batches of chosen sample ids from a tokenised Parquet (the pool tests' input)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import torch
 
 from wmss_ray.data.tokenize import collate
 from wmss_ray.training.dataset import RowReader, epoch_list
+from wmss_ray.training.packing import pack_rows
 
 
 class RowsById:
@@ -22,3 +23,7 @@ class RowsById:
 
     def batch(self, ids: list[str], pad_id: int) -> dict[str, torch.Tensor]:
         return collate(self.reader.rows([self.row_of[i] for i in ids]), pad_id)
+
+    def packed(self, ids: list[str]) -> dict[str, torch.Tensor]:
+        """``{input_ids, position_ids, labels} [1, L]`` of the same rows (``training.packing``)."""
+        return pack_rows(self.reader.rows([self.row_of[i] for i in ids]))

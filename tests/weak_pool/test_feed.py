@@ -2,7 +2,8 @@
 
 The step trains on the very micro-batches its requests were built from (read once per step,
 dropped once the step has run), and with ``top_k: 0`` its loss and statistics equal the
-colocated frozen ``PairLM``'s on the same batch.
+colocated frozen ``PairLM``'s on the same batch; a packed micro-batch (``training.packing``)
+through the pool side gives the padded micro-batch's loss and statistics.
 """
 
 from __future__ import annotations
@@ -19,12 +20,17 @@ from wmss_ray.weak_pool.wire import WeakRequest
 STEPS, ACCUM = 3, 2
 
 
-def _side(art, top_k, prefetch, reads):
+def _ids(step, a, per=2):
+    return [f"s{(2 * per * step + per * a + j):04d}" for j in range(per)]
+
+
+def _side(art, top_k, prefetch, reads, packed=False, per=2):
     rows = RowsById(art["tokenized"])
 
     def read_step(step):
         reads.append(step)
-        return [rows.batch([f"s{(4 * step + 2 * a + j):04d}" for j in range(2)], pad_id=0) for a in range(ACCUM)]
+        return [rows.packed(_ids(step, a, per)) if packed else rows.batch(_ids(step, a, per), pad_id=0)
+                for a in range(ACCUM)]
 
     client = _InProcessClient(WeakServer(art["weak"], top_k=top_k))
     side = PooledWeakSide(client, read_step, ACCUM, STEPS, log_every=2, prefetch=prefetch, exact_sample=3,
@@ -83,3 +89,31 @@ def test_top_k_side_accumulates_the_truncation_metrics(tmp_path):
     assert metrics["n_sampled"] == 3 and metrics["trunc_error_sampled_mean"] <= metrics["trunc_bound_sampled_mean"]
     assert metrics["pool_reply_bytes_per_token"] == 8 * 4 + 8
     assert WeakRequest.from_batch(mbs[0]).labels.size > 0
+
+
+def test_packed_pool_side_equals_padded_colocated(tmp_path):
+    """The exactness claim for ``training.packing`` over the pool: per micro-batch, the packed rows
+    through the pool side (top_k 0) give the loss and statistics of the same rows padded through
+    the colocated frozen PairLM (fp32, 1e-5)."""
+    from tests.training.test_training_units import make_artifacts
+
+    art = make_artifacts(tmp_path)
+    side, client = _side(art, top_k=0, prefetch=2, reads=[], packed=True, per=3)
+    pooled, colocated = _pairs(art)
+    rows = RowsById(art["tokenized"])
+    for step in range(STEPS):
+        n = 0.0
+        for a, b in enumerate(side.micro_batches(step)):
+            assert b["input_ids"].shape[0] == 1 and "attention_mask" not in b  # really packed
+            padded = rows.batch(_ids(step, a, 3), pad_id=0)
+            with torch.no_grad():
+                loss, vec = side.forward(pooled, b, step, a, num_tokens=40.0, loss_scale=1.0)
+                ref_loss, ref_vec = colocated(padded["input_ids"], padded["attention_mask"], padded["labels"],
+                                              num_tokens=40.0)
+            torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=0)
+            torch.testing.assert_close(vec, ref_vec, atol=1e-5, rtol=0)
+            req = client.sent[step * ACCUM + a]
+            assert req.packed and torch.equal(torch.from_numpy(req.position_ids).long(), b["position_ids"])
+            n += float(vec[6])
+        metrics = side.step_metrics(n)
+        assert metrics["trunc_bound"] == 0 and metrics["pool_reply_bytes_per_token"] == 4 * client.server.vocab

@@ -3,7 +3,7 @@
 ``top_k: 0`` is exact: its per-step losses equal colocated frozen training's within 1e-5 and the
 exported weights match, for R = 2 x S = 1 and for R = 1 x S = 2 (ZeRO-3 shards) — the latter
 with a pool shard SIGKILLed mid-run (the replica is re-formed, the request retried: no step
-lost or repeated). ``top_k < V``: the step-1 loss (same weights in both runs) differs from the
+lost or repeated) — and packed (``training.packing``) on S = 2 against the padded colocated run. ``top_k < V``: the step-1 loss (same weights in both runs) differs from the
 exact one by less than the logged bound, and the sampled measured error is below its bound.
 """
 
@@ -79,6 +79,14 @@ def test_dense_pool_zero3_shards_survive_a_sigkill_and_equal_colocated(art, colo
         del os.environ[POOL_FAULT_ENV]
     assert Path(out, ".pool_fault_injected").exists()  # the kill happened
     _assert_equal_runs(res, colocated)
+
+
+def test_packed_pool_zero3_shards_equal_padded_colocated(art, colocated, tmp_path):
+    """training.packing over the pool: packed [1, L] requests (ids + position_ids, no mask) on a
+    ZeRO-3-sharded replica give the padded colocated run's per-step losses and weights."""
+    cfg = _pool_cfg(top_k=0, replicas=1, shards=2, prefetch=1)
+    cfg.training.packing = True
+    _assert_equal_runs(_train(cfg, art, tmp_path / "out"), colocated)
 
 
 def test_top_k_pool_error_is_below_the_logged_bound(art, colocated, tmp_path):

@@ -77,6 +77,45 @@ def test_empty_answer_and_bad_padding(art):
         WeakRequest.from_batch(batch)
 
 
+@pytest.mark.parametrize("top_k", [0, 8])
+def test_packed_request_round_trips_and_answers_like_the_padded_one(art, top_k):
+    """A packed micro-batch travels as ids + position_ids [1, L] (no mask, no lengths) and gets the
+    padded micro-batch's reply for the same rows: same answer positions, same log-probs."""
+    rows = RowsById.from_parquet(art["tokenized"])
+    ids = [f"s{i:04d}" for i in range(4)]
+    padded, packed = rows.batch(ids, pad_id=0), rows.packed(ids)
+    req, ref_req = WeakRequest.from_batch(packed, n_exact=5), WeakRequest.from_batch(padded, n_exact=5)
+    assert req.packed and not ref_req.packed and req.lengths is None
+    assert req.input_ids.dtype == req.position_ids.dtype == np.int32
+    assert np.array_equal(req.input_ids, packed["input_ids"].numpy()) and req.input_ids.shape == (1, packed["input_ids"].shape[1])
+    assert np.array_equal(req.position_ids, packed["position_ids"].numpy())
+    assert np.array_equal(req.labels, ref_req.labels) and np.array_equal(req.exact_rows, ref_req.exact_rows)
+    n, length = len(req.labels), req.input_ids.shape[1]
+    assert length == int(padded["attention_mask"].sum()) < padded["input_ids"].numel()  # no pad travels
+    assert req.nbytes == request_bytes(1, length, n, 5, packed=True) == 8 * length + 8 * n + 4 * 5
+    server = WeakServer(art["weak"], top_k=top_k, chunk_size=7)
+    reply, ref = server.answer(req), server.answer(ref_req)
+    assert reply.nbytes == ref.nbytes == reply_bytes(n, top_k, reply.vocab, n_exact=5)
+    for got, want in zip(reply.arrays, ref.arrays):
+        if got.dtype == np.int32:
+            assert np.array_equal(got, want)  # top-k ids
+        else:
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_bad_packed_batches_are_refused(art):
+    rows = RowsById.from_parquet(art["tokenized"])
+    packed = rows.packed(["s0000", "s0001"])
+    with pytest.raises(ValueError, match="got both"):
+        WeakRequest.from_batch({**packed, "attention_mask": torch.ones_like(packed["input_ids"])})
+    with pytest.raises(ValueError, match=r"\[1, L\]"):
+        WeakRequest.from_batch({k: v.repeat(2, 1) for k, v in packed.items()})
+    bad = packed["position_ids"].clone()
+    bad[0, 3] += 5  # neither + 1 nor a restart at 0
+    with pytest.raises(ValueError, match="restart at 0"):
+        WeakRequest.from_batch({**packed, "position_ids": bad})
+
+
 def test_byte_arithmetic_at_qwen_vocab():
     per_token_bf16 = 2 * 151_936
     assert reply_bytes(1, 64, 151_936) == 520

@@ -117,8 +117,10 @@ class PooledWeakSide:
     def forward(self, engine, b: dict, step: int, a: int, num_tokens: float, loss_scale: float):
         """``engine``'s ``(loss, stats)`` of micro-batch ``a`` of ``step`` with the pool's reply."""
         weak, exact, waited, nbytes = self.feed.get(step, a, self.device)
-        loss, vec, trunc = engine(b["input_ids"], b["attention_mask"], b["labels"], num_tokens=num_tokens,
-                                  loss_scale=loss_scale, weak_logp=weak, exact=exact)
+        # padded {input_ids, attention_mask, labels} or packed {input_ids, position_ids, labels}
+        loss, vec, trunc = engine(b["input_ids"], b.get("attention_mask"), b["labels"], num_tokens=num_tokens,
+                                  loss_scale=loss_scale, position_ids=b.get("position_ids"), weak_logp=weak,
+                                  exact=exact)
         acc = self.acc  # pool_metrics' layout: 6 sums, 3 maxima
         acc[:5] += trunc[:5]
         acc[5] += nbytes

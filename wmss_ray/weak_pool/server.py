@@ -7,6 +7,10 @@ the forward) over the *current default* ``torch.distributed`` process group, whi
 (``group.py``'s shard actors) creates for the replica alone. Every rank of that group must call
 :meth:`WeakServer.answer` the same number of times (ZeRO-3's gathers are collectives).
 
+A packed request (``[1, L]`` with ``position_ids``, no mask) is forwarded as
+``training.pair.PairLM._hidden`` forwards the strong model: transformers keeps attention inside
+each row from the position ids.
+
 The logits are computed chunk by chunk over the answer positions (``[chunk, V]`` at a time),
 as the training loss does; only the reply's arrays are ``[N, ...]``.
 """
@@ -115,10 +119,15 @@ class WeakServer:
 
         ids = torch.from_numpy(req.input_ids.astype(np.int64)).to(self.device)  # [B, T] (a copy: writable)
         b, t = ids.shape
-        mask = (torch.arange(t, device=self.device).unsqueeze(0)
-                < torch.from_numpy(req.lengths.astype(np.int64)).to(self.device).unsqueeze(1)).long()
+        if req.packed:  # [1, L], no mask: the decoder keeps attention inside each row (as PairLM._hidden)
+            mask, position_ids = None, torch.from_numpy(req.position_ids.astype(np.int64)).to(self.device)
+        else:
+            mask = (torch.arange(t, device=self.device).unsqueeze(0)
+                    < torch.from_numpy(req.lengths.astype(np.int64)).to(self.device).unsqueeze(1)).long()
+            position_ids = None
         decoder, _ = output_head(self.model)
-        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # [B, T, D]
+        hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                         use_cache=False).last_hidden_state  # [B, T, D]
         pos = torch.from_numpy(req.positions.astype(np.int64)).to(self.device)
         h = hidden.reshape(b * t, -1).index_select(0, pos)  # [N, D]
         labels = torch.from_numpy(req.labels.astype(np.int64)).to(self.device)  # [N]

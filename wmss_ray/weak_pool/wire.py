@@ -1,8 +1,10 @@
 """What travels between a Train worker and the weak pool: numpy arrays, never ``[B, T, V]``.
 
-A :class:`WeakRequest` is one micro-batch: its int32 token ids, row lengths (right padding, as
-``data.tokenize.collate`` makes it) and the *answer positions* (flat ``b * T + t`` of the
-position ``t`` that predicts the answer token ``t + 1``) with their labels. A
+A :class:`WeakRequest` is one micro-batch: its int32 token ids, either row lengths (padded
+``[B, T]``, right padding as ``data.tokenize.collate`` makes it) or, for a packed micro-batch
+(``training/packing.py``: ``[1, L]``, no mask), its int32 ``position_ids [1, L]`` restarting per
+row, and the *answer positions* (flat ``b * T + t`` of the position ``t`` that predicts the
+answer token ``t + 1``) with their labels. A
 :class:`WeakReply` holds, for those positions only and in the same order:
 
 ====================  =======  ==========  =============================================
@@ -40,44 +42,81 @@ def reply_bytes(n_positions: int, top_k: int, vocab: int, n_exact: int = 0) -> i
     return n_positions * per + n_exact * 4 * vocab
 
 
-def request_bytes(batch: int, seq: int, n_positions: int, n_exact: int = 0) -> int:
-    """Exact array bytes of a request: ids ``4 B T``, lengths ``4 B``, positions + labels ``8 N``."""
-    return 4 * batch * seq + 4 * batch + 8 * n_positions + 4 * n_exact
+def request_bytes(batch: int, seq: int, n_positions: int, n_exact: int = 0, packed: bool = False) -> int:
+    """Exact array bytes of a request: ids ``4 B T``, then lengths ``4 B`` (padded) or
+    position_ids ``4 B T`` (packed, ``B = 1``), positions + labels ``8 N``, exact rows ``4 n``."""
+    layout = 4 * batch * seq if packed else 4 * batch
+    return 4 * batch * seq + layout + 8 * n_positions + 4 * n_exact
+
+
+def _check_packed_positions(position_ids: torch.Tensor) -> None:
+    """``[1, L]``: 0 first, then each position either the previous + 1 or 0 (a new row)."""
+    pos = position_ids[0]
+    step = pos[1:] - pos[:-1]
+    if pos.numel() and (pos[0] != 0 or not bool(((step == 1) | (pos[1:] == 0)).all())):
+        raise ValueError("weak pool requests of a packed micro-batch need position_ids [1, L] that start at 0 "
+                         "and either grow by 1 or restart at 0 (a new row), as training.packing.pack_rows makes them")
 
 
 @dataclass
 class WeakRequest:
     """One micro-batch for the weak model (int32 numpy arrays)."""
 
-    input_ids: np.ndarray  # [B, T]
-    lengths: np.ndarray  # [B] tokens per row (right-padded)
+    input_ids: np.ndarray  # [B, T] (packed: [1, L])
+    lengths: np.ndarray | None  # [B] tokens per row (right-padded); None when packed
     positions: np.ndarray  # [N] flat b * T + t, t predicts token t + 1
     labels: np.ndarray  # [N] the answer tokens
     exact_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # [n] rows of N sent dense too
+    position_ids: np.ndarray | None = None  # [1, L] packed only: restarting at 0 per row, no mask
+
+    def __post_init__(self) -> None:
+        if (self.lengths is None) == (self.position_ids is None):
+            raise ValueError("a WeakRequest has either lengths (padded) or position_ids (packed), not both or neither")
+
+    @property
+    def packed(self) -> bool:
+        return self.position_ids is not None
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.input_ids, self.lengths, self.positions, self.labels, self.exact_rows))
+        return sum(a.nbytes for a in (self.input_ids, self.lengths, self.position_ids, self.positions, self.labels,
+                                      self.exact_rows) if a is not None)
 
     @classmethod
     def from_batch(cls, batch: dict[str, torch.Tensor], n_exact: int = 0) -> "WeakRequest":
-        """From a collated micro-batch ``{input_ids, attention_mask, labels}`` ``[B, T]``.
+        """From a micro-batch as the worker trains on it: padded ``{input_ids, attention_mask,
+        labels} [B, T]`` or packed ``{input_ids, position_ids, labels} [1, L]`` (no mask).
 
         Answer positions are those of ``PairLM.forward``: ``labels[:, 1:] != -100``, row-major.
         ``n_exact`` answer positions, evenly spaced, are also requested dense.
         """
-        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        lengths = mask.sum(1)
-        prefix = torch.arange(mask.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
-        if not torch.equal(mask.bool(), prefix):
-            raise ValueError("weak pool requests need right-padded micro-batches (attention_mask a prefix per row)")
+        ids, labels = batch["input_ids"], batch["labels"]
+        mask, position_ids = batch.get("attention_mask"), batch.get("position_ids")
+        if (mask is None) == (position_ids is None):
+            raise ValueError("weak pool requests need a padded micro-batch (attention_mask, no position_ids) or a "
+                             "packed one (position_ids, no attention_mask); got "
+                             f"{'both' if mask is not None else 'neither'}")
+        lengths = None
+        if mask is not None:
+            lengths = mask.sum(1)
+            prefix = torch.arange(mask.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
+            if not torch.equal(mask.bool(), prefix):
+                raise ValueError("weak pool requests need right-padded micro-batches (attention_mask a prefix per row)")
+            lengths = lengths.numpy().astype(np.int32)
+        else:
+            if ids.shape[0] != 1 or position_ids.shape != ids.shape:
+                raise ValueError(f"a packed micro-batch is input_ids and position_ids [1, L]; got "
+                                 f"{tuple(ids.shape)} and {tuple(position_ids.shape)}")
+            _check_packed_positions(position_ids)
+            position_ids = position_ids.numpy().astype(np.int32)
         sel = labels[:, 1:] != IGNORE_INDEX  # [B, T-1]
         b, t = sel.nonzero(as_tuple=True)
         n = b.numel()
         exact = np.unique(np.linspace(0, n - 1, min(n_exact, n)).round().astype(np.int32)) if n else np.zeros(0, np.int32)
-        return cls(input_ids=ids.numpy().astype(np.int32), lengths=lengths.numpy().astype(np.int32),
+        return cls(input_ids=ids.numpy().astype(np.int32), lengths=lengths,
                    positions=(b * ids.shape[1] + t).numpy().astype(np.int32),
-                   labels=labels[:, 1:][sel].numpy().astype(np.int32), exact_rows=exact.astype(np.int32))
+                   labels=labels[:, 1:][sel].numpy().astype(np.int32), exact_rows=exact.astype(np.int32),
+                   position_ids=position_ids)
 
 
 @dataclass
