@@ -57,6 +57,7 @@ class ServerArgs:
     chunk_mb: float = DEFAULT_CHUNK_MB
     use_gpu: bool = False
     ds_overrides: dict | None = None
+    attn_implementation: str = "auto"  # models.attn_implementation
     fault: str | None = None  # POOL_FAULT_ENV value
     fault_marker: str | None = None  # the kill happens once: a marker file records it
 
@@ -82,7 +83,8 @@ class _Shard:
                 world_size=world, timeout=timedelta(seconds=120))
         self.server = WeakServer(args.model_dir, args.top_k, dtype=args.dtype, device=device,
                                  trust_remote_code=args.trust_remote_code, chunk_size=args.chunk_size,
-                                 chunk_mb=args.chunk_mb, zero3=world > 1, ds_overrides=args.ds_overrides)
+                                 chunk_mb=args.chunk_mb, zero3=world > 1, ds_overrides=args.ds_overrides,
+                                 attn_implementation=args.attn_implementation)
 
     def _forward(self, req: WeakRequest) -> WeakReply:
         reply = self.server.answer(req)

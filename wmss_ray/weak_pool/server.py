@@ -60,12 +60,16 @@ class WeakServer:
             ``chunk_mb`` (``mix.chunk_mb``, as the training loss) by ``core.mixing.chunk_rows_for``.
         zero3: shard the model with DeepSpeed ZeRO-3 over the default process group.
         ds_overrides: merged into the ZeRO-3 config (e.g. ``stage3_param_persistence_threshold``).
+        attn_implementation: ``models.attn_implementation``; "auto" is resolved for ``device``
+            (flash-attention 2 on a GPU when installed: packed rows then run varlen).
     """
 
     def __init__(self, model_dir: str, top_k: int, dtype: str = "float32", device: str = "cpu",
                  trust_remote_code: bool = False, chunk_size: int | None = None, zero3: bool = False,
-                 ds_overrides: dict | None = None, chunk_mb: float = DEFAULT_CHUNK_MB):
-        from wmss_ray.models.loading import load_causal_lm, output_head, resolve_dtype
+                 ds_overrides: dict | None = None, chunk_mb: float = DEFAULT_CHUNK_MB,
+                 attn_implementation: str = "auto"):
+        from wmss_ray import storage
+        from wmss_ray.models.loading import load_causal_lm, output_head, resolve_attn_implementation, resolve_dtype
 
         if top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {top_k}")
@@ -74,9 +78,12 @@ class WeakServer:
         self.top_k, self.chunk_size, self.chunk_mb, self.zero3 = int(top_k), chunk_size or None, chunk_mb, zero3
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        model_dir = storage.local_model_dir(model_dir)  # a storage URI: this node's cached copy
         self.checkpoint_id = checkpoint_id(model_dir)
+        # Resolved for the forward's device, not the CPU a ZeRO-3 shard loads on.
+        attn = resolve_attn_implementation(attn_implementation, self.device)
         model = load_causal_lm(model_dir, dtype=self.dtype, device="cpu" if zero3 else self.device,
-                               trust_remote_code=trust_remote_code)
+                               trust_remote_code=trust_remote_code, attn_implementation=attn)
         model.requires_grad_(False)
         model.eval()
         model.config.use_cache = False
