@@ -35,6 +35,8 @@ from wmss_ray.training.metrics import is_log_step, read_metrics
 from wmss_ray.training.worker import PhaseSpec
 
 RUN_NAME = "ray_train"
+#: Where ``export_at_stop`` puts the model of a stopped (not finished) run, overwritten each time.
+INTERIM_MODEL = "interim_model"
 #: Test hook: ``"<rank>:<step>"`` makes that rank SIGKILL itself once, after that optimizer step.
 FAULT_ENV = "WMSS_TRAIN_FAULT_KILL"
 
@@ -70,7 +72,7 @@ def _resolve_mode(cfg: WMSSConfig, phase: str, mode: str | None) -> str:
 def build_spec(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | None, tokenized_path: str,
                sampled_ids_path: str | None, out_dir: str, mode: str | None = None, *,
                epochs: float | None = None, exact_steps: int | None = None,
-               stop_after: int | None = None) -> PhaseSpec:
+               stop_after: int | None = None, export_at_stop: bool = False) -> PhaseSpec:
     """Validate a phase's inputs and compute its data plan (driver side, no Ray)."""
     if phase not in ("sft", "wmss"):
         raise ValueError(f"phase must be 'sft' or 'wmss', got {phase!r}")
@@ -99,7 +101,8 @@ def build_spec(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | N
         fault = {"rank": int(rank), "step": int(step)}
     return PhaseSpec(phase=phase, mode=mode, strong_init=str(strong_init),
                      weak_init=str(weak_init) if weak_init and phase == "wmss" else None,
-                     out_dir=str(out), tokenized_path=tokenized_path, epoch_rows_path=epoch_rows_path, plan=plan, stop_after=stop_after, fault=fault)
+                     out_dir=str(out), tokenized_path=tokenized_path, epoch_rows_path=epoch_rows_path, plan=plan, stop_after=stop_after,
+                     export_at_stop=export_at_stop, fault=fault)
 
 
 # ----------------------------------------------------------------------------- Ray worker
@@ -185,6 +188,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         lap("train")
         if end == spec.plan.total_steps:
             _export(worker, spec.out_dir, rank)
+        elif spec.export_at_stop:  # a tune trial evaluates the model between chunks of its phase
+            _export(worker, spec.out_dir, rank, INTERIM_MODEL)
         lap("export")
         import resource
 
@@ -195,15 +200,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             writer.close()
 
 
-def _export(worker: Any, out_dir: str, rank: int) -> None:
-    """Export the strong model to ``<out_dir>/model`` (collective); remote: via a local temp dir."""
+def _export(worker: Any, out_dir: str, rank: int, name: str = "model") -> None:
+    """Export the strong model to ``<out_dir>/<name>`` (collective); remote: via a local temp dir."""
     if not storage.is_remote(out_dir):
-        worker.export(os.path.join(out_dir, "model"))
+        worker.export(os.path.join(out_dir, name))
         return
     with tempfile.TemporaryDirectory(prefix=f"wmss-export-r{rank}-") as tmp:
-        written = worker.export(os.path.join(tmp, "model"))
+        written = worker.export(os.path.join(tmp, name))
         if rank == 0 and written:
-            storage.upload_dir(written, storage.join(out_dir, "model"))
+            storage.upload_dir(written, storage.join(out_dir, name))
 
 
 # ----------------------------------------------------------------------------- driver
@@ -236,7 +241,7 @@ def _start_pool(cfg: WMSSConfig, spec: PhaseSpec):
 def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | None, tokenized_path: str,
                 sampled_ids_path: str | None, out_dir: str, mode: str | None = None, *,
                 epochs: float | None = None, exact_steps: int | None = None,
-                stop_after: int | None = None) -> TrainResult:
+                stop_after: int | None = None, export_at_stop: bool = False) -> TrainResult:
     """Train one phase on Ray Train and export the strong model to ``<out_dir>/model``.
 
     Args:
@@ -252,6 +257,8 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
         exact_steps: train exactly this many optimizer steps (equal-compute baselines).
         stop_after: stop (with a checkpoint, without export) after this many steps; a later call
             with the same ``out_dir`` resumes.
+        export_at_stop: with ``stop_after`` short of the end, also export the strong model to
+            ``<out_dir>/interim_model`` (a tune trial's intermediate evaluation).
 
     Returns:
         :class:`TrainResult`. Optimizer steps: ``ceil(n_samples * epochs / global_batch)`` capped
@@ -264,7 +271,8 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
     from ray.train.torch import TorchConfig, TorchTrainer
 
     spec = build_spec(cfg, phase, strong_init, weak_init, tokenized_path, sampled_ids_path, out_dir, mode,
-                      epochs=epochs, exact_steps=exact_steps, stop_after=stop_after)
+                      epochs=epochs, exact_steps=exact_steps, stop_after=stop_after,
+                      export_at_stop=export_at_stop)
     out = spec.out_dir  # build_spec made it (absolute local path, or URI)
     ckpt_fs, ckpt_root = storage.resolve_fs(out)  # Ray Train checkpoints go to the same storage
     ensure_ray()

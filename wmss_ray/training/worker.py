@@ -44,6 +44,7 @@ class PhaseSpec:
     epoch_rows_path: str  # the epoch list as global row numbers (dataset.write_epoch_rows)
     plan: DataPlan
     stop_after: int | None = None  # end (checkpointed, not exported) after this many steps
+    export_at_stop: bool = False  # with stop_after: also export the strong model to <out_dir>/interim_model
     fault: dict[str, int] = field(default_factory=dict)  # test hook: {"rank": r, "step": s}
 
     @property
