@@ -184,7 +184,7 @@ def test_tune_sweep_reuses_the_shared_phases(tiny_run):
     # the trial is judged on the validation split, never on data.eval (the test set)
     assert result.metrics["n_validation"] == cfg.data.demo.n_validation
     assert _finite(result.metrics["validation_loss"]) and result.metrics["validation_loss"] > 0
-    trial_dirs = [d for d in (Path(cfg.run_dir()) / "tune").iterdir() if d.name != "sweep"]
+    trial_dirs = [d for d in (Path(cfg.run_dir()) / "tune").iterdir() if d.name.startswith("trial_")]
     assert len(trial_dirs) == 1
     trial = trial_dirs[0]
     for phase in SHARED_PHASES:

@@ -79,3 +79,136 @@ def test_validation_source_prefers_the_carved_split():
     assert validation_source(demo, carved) == "/r/tokenize/validation"
     real = load_config(None, ["models.demo=false", "models.base=/m", "data.train=t.jsonl", "data.validation=v.jsonl"])
     assert has_validation(real) and validation_source(real, {"tokenize": {"validation": None}}) == "v.jsonl"
+
+
+# ----------------------------------------------------------------------------- schema of the space
+
+
+def test_space_values_keep_their_types_and_the_default_covers_the_four_knobs():
+    from wmss_ray.config_loading import config_from_dict
+
+    cfg = config_from_dict({"tune": {"search_space": {"mix.mode": {"choice": ["joint", "frozen"]},
+                                                      "curriculum.formula": {"choice": ["seed", "v2"]},
+                                                      "mix.lam": {"choice": [0.5, 1]}}}})
+    assert cfg.tune.search_space["mix.mode"]["choice"] == ["joint", "frozen"]
+    assert [type(v) for v in cfg.tune.search_space["mix.lam"]["choice"]] == [float, int]
+    assert set(load_config(None).tune.search_space) == {"mix.lam", "curriculum.alpha", "curriculum.beta",
+                                                        "curriculum.gamma"}
+    assert config_from_dict({"tune": {"metric": "validation_loss"}}).tune.resolved_mode == "min"
+
+
+@pytest.mark.parametrize("tune_section, msg", [
+    ({"search_space": {"mix.lamb": {"uniform": [0.1, 0.2]}}}, "'mix.lamb': unknown key"),
+    ({"search_space": {"mix.mode": {"choice": ["joint", "bogus"]}}}, "value 'bogus' is refused"),
+    ({"search_space": {"mix.lam": {"choice": [1.5]}}}, "value 1.5 is refused"),
+    ({"search_space": {"mix.lam": {"uniform": ["a", "b"]}}}, "needs \\[low, high\\] \\(numbers\\)"),
+    ({"search_space": {"mix.lam": {"loguniform": [0.0, 0.5]}}}, "loguniform needs low > 0"),
+    ({"search_space": {"mix.lam": {"grid": [0.3, 0.5]}}}, "optuna cannot enumerate a grid"),
+    ({"search": "grid", "search_space": {"mix.lam": {"uniform": [0.3, 0.5]}}}, "mix.lam is a range"),
+    ({"scheduler": "asha", "eval_every": 0}, "set tune.eval_every > 0"),
+])
+def test_bad_tune_settings_are_refused_at_load(tune_section, msg):
+    from wmss_ray.config_loading import config_from_dict
+
+    with pytest.raises(ConfigError, match=msg):
+        config_from_dict({"tune": tune_section})
+
+
+def test_grid_search_enumerates_choices():
+    space = build_param_space({"curriculum.formula": {"choice": ["seed", "v2"]}}, search="grid")
+    assert space["curriculum.formula"] == {"grid_search": ["seed", "v2"]}
+
+
+def test_a_cross_section_conflict_is_refused_before_any_work(tmp_path):
+    """mix.placement pool needs mix.mode frozen: the sweep refuses mode joint before running anything."""
+    from tune.sweep import run_sweep
+
+    base = load_config(None, [f"run.storage={tmp_path}", "mix.placement=pool", "mix.mode=frozen",
+                              'tune.search_space={"mix.mode": {"choice": ["frozen", "joint"]}}'])
+    with pytest.raises(ConfigError, match="tune.search_space mix.mode='joint': invalid config"):
+        run_sweep(base)
+    assert not (tmp_path / base.run.name).exists()
+
+
+def test_max_concurrent_counts_the_train_workers_and_fails_naming_resources():
+    from tune.sweep import derive_max_concurrent, trial_resources
+
+    cfg = load_config(None, ["scaling.num_workers=2", "scaling.cpus_per_worker=1", "tune.cpus_per_trial=0.5"])
+    assert trial_resources(cfg) == {"CPU": 2.5, "GPU": 0.0}
+    assert derive_max_concurrent(cfg, {"CPU": 8.0}) == 3
+    assert derive_max_concurrent(cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"max_concurrent": 1})}),
+                                 {"CPU": 8.0}) == 1
+    with pytest.raises(ValueError, match="needs CPU 2.5, GPU 0 .* cluster has CPU 2, GPU 0"):
+        derive_max_concurrent(cfg, {"CPU": 2.0})
+    gpu = load_config(None, ["scaling.use_gpu=true", "evaluation.gpus_per_actor=1", "scaling.num_workers=2",
+                             "training.zero_stage=2"])
+    with pytest.raises(ValueError, match="GPU 2"):
+        derive_max_concurrent(gpu, {"CPU": 64.0, "GPU": 1.0})
+
+
+# ----------------------------------------------------------------------------- a real sweep (Ray)
+
+TINY_SWEEP = ["training.max_steps=2", "tune.num_samples=4", "tune.search=optuna", "tune.scheduler=asha",
+              "tune.eval_every=1", "tune.grace_period=1", "tune.reduction_factor=2", "tune.max_steps=2",
+              "tune.eval_samples=8", "tune.metric=validation_loss", "tune.max_concurrent=1",
+              'tune.search_space={"mix.lam": {"uniform": [0.05, 1.0]}, "curriculum.formula": {"choice": ["seed", "v2"]}}']
+
+
+@pytest.fixture(scope="module")
+def asha_sweep(ray_cluster, tmp_path_factory):
+    from tune.sweep import run_sweep
+
+    root = tmp_path_factory.mktemp("sweep")
+    cfg = load_config("configs/test-tiny.yaml", [f"run.storage={root}", *TINY_SWEEP])
+    return cfg, run_sweep(cfg)
+
+
+def test_an_asha_sweep_with_optuna_stops_a_trial_early(asha_sweep):
+    import csv
+    from pathlib import Path
+
+    cfg, grid = asha_sweep
+    assert len(grid) == 4 and grid.errors == []
+    rows = list(csv.DictReader(open(Path(cfg.run_dir()) / "tune" / "results.csv")))
+    assert len(rows) == 4
+    status = [r["status"] for r in rows]
+    assert "stopped" in status and "completed" in status, status
+    for r in grid:  # every trial reported after step 1 on the seeded subsample
+        steps = list(r.metrics_dataframe["step"])
+        assert steps[0] == 1 and r.metrics_dataframe["n_validation"].iloc[0] == 8
+        if r.metrics.get("final"):
+            assert steps == [1, 2] and r.metrics["n_validation"] == cfg.data.demo.n_validation
+        else:
+            assert steps == [1]
+    for r in rows:
+        assert r["curriculum.formula"] in ("seed", "v2") and 0.05 <= float(r["mix.lam"]) <= 1.0
+
+
+def test_best_yaml_is_a_complete_config_of_the_best_completed_trial(asha_sweep):
+    from pathlib import Path
+
+    cfg, grid = asha_sweep
+    best = load_config(Path(cfg.run_dir()) / "tune" / "best.yaml")
+    done = [r for r in grid if r.metrics.get("final")]
+    top = min(done, key=lambda r: r.metrics["validation_loss"])
+    assert best.mix.lam == top.config["mix.lam"] and best.curriculum.formula == top.config["curriculum.formula"]
+    assert best.run.name == f"{cfg.run.name}-best" and best.run.storage == cfg.run.storage
+    assert best.training == cfg.training and best.data == cfg.data  # everything else is the base config
+
+
+def test_running_the_sweep_again_continues_it_without_rerunning_trials(asha_sweep):
+    import json
+    from pathlib import Path
+
+    from tune.sweep import run_sweep
+
+    cfg, grid = asha_sweep
+    trials = sorted(p for p in (Path(cfg.run_dir()) / "tune").iterdir() if p.name.startswith("trial_"))
+    assert len(trials) == 4
+    before = {t.name: json.loads((t / "curriculum_1" / "manifest.json").read_text())["finished_at"] for t in trials}
+    again = run_sweep(cfg)
+    assert sorted(Path(r.path).name for r in again) == sorted(Path(r.path).name for r in grid)
+    after = {t.name: json.loads((t / "curriculum_1" / "manifest.json").read_text())["finished_at"] for t in trials}
+    assert after == before  # no trial ran again
+    assert sorted(p.name for p in (Path(cfg.run_dir()) / "tune").iterdir() if p.name.startswith("trial_")) \
+        == [t.name for t in trials]

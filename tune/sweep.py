@@ -2,81 +2,116 @@
 
 Everything before the curriculum (data, pre-training, tokenisation, SFT, scoring) does not depend
 on the swept keys (``mix.*`` and ``curriculum.*``, enforced by the config schema), so it runs once
-in the base run directory. Each trial gets its own run directory ``<run_dir>/tune/<trial>/`` whose
-upstream phase directories are symbolic links to the base run's: the pipeline's fingerprints then
-match and it runs only curriculum -> WMSS, after which the trial evaluates the WMSS model alone
-on the validation split (``data.validation_fraction`` / ``data.validation`` / the demo world's
-``validation.jsonl``), never on ``data.eval``: the test set is read only by the final eval phase,
-after the choice. A config without a validation split is refused before anything runs.
+in the base run directory. Each trial gets its own run directory ``<run_dir>/tune/trial_<id>/``
+whose upstream phase directories are symbolic links to the base run's: the pipeline's
+fingerprints then match and it runs only curriculum -> WMSS (in reported chunks, ``tune/trial.py``)
+-> the WMSS model on the validation split (``data.validation_fraction`` / ``data.validation`` /
+the demo world's ``validation.jsonl``), never on ``data.eval``: the test set is read only by the
+final eval phase, after the choice. A config without a validation split is refused before
+anything runs.
 
-Usage: ``wmss tune CONFIG`` or ``python -m jobs.tune --config CONFIG`` on a cluster.
+Search: ``tune.search`` random (Ray's variant generator), grid (every key enumerated) or optuna
+(TPE, ``OptunaSearch``, seeded with ``run.seed``); ``tune.scheduler: asha`` stops trials on their
+intermediate reports (``time_attr`` = the optimizer step). Concurrency: ``tune.max_concurrent``,
+else as many trials as the cluster holds, each counted as its driver plus its Train workers
+(Tune reserves only the driver; Train V2 asks for the workers later, so more trials than that
+would wait on each other forever). Running ``wmss tune CONFIG`` again continues the same
+experiment (``<run>/tune/sweep``, ``Tuner.restore``): finished trials are not rerun; errored ones
+only with ``retry_errored``. Outputs: ``<run>/tune/results.csv``, ``<run>/tune/best.yaml``
+(``tune/results.py``).
+
+Usage: ``wmss tune CONFIG [--retry-errored]`` or ``python -m jobs.tune --config CONFIG``.
 """
 
 from __future__ import annotations
 
-import os
+import math
 from pathlib import Path
 from typing import Any
 
+from tune.trial import NO_VALIDATION, SHARED_PHASES, link_shared_phases, run_trial, trial_config
 from wmss_ray.config import WMSSConfig
-
 from wmss_ray.config_loading import config_from_dict
-from wmss_ray.data.ray_corpus import validation_eval_input
 from wmss_ray.data.splits import has_validation
 
-SHARED_PHASES = ("data", "phase0", "tokenize", "sft", "score_1")
-NO_VALIDATION = ("a tune sweep selects a trial, so it needs a validation split apart from data.eval (the "
-                 "test set): set data.validation_fraction (carved from data.train) or data.validation")
+__all__ = ["SHARED_PHASES", "NO_VALIDATION", "build_param_space", "link_shared_phases", "trial_config",
+           "run_trial", "run_sweep", "summarize", "trial_resources", "derive_max_concurrent"]
+EXPERIMENT = "sweep"
 
 
-def build_param_space(search_space: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
-    """Config ``tune.search_space`` -> Ray Tune param space (keys stay dotted)."""
+def build_param_space(search_space: dict[str, dict[str, list[Any]]], search: str = "random") -> dict[str, Any]:
+    """Config ``tune.search_space`` -> Ray Tune param space (keys stay dotted). Under
+    ``search: grid`` a ``choice`` is enumerated like a ``grid``."""
     from ray import tune
 
     make = {"uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v),
-            "choice": tune.choice, "grid": tune.grid_search}
+            "choice": tune.grid_search if search == "grid" else tune.choice, "grid": tune.grid_search}
     return {key: make[kind](values) for key, spec in search_space.items() for kind, values in spec.items()}
 
 
-def trial_config(base: WMSSConfig, params: dict[str, Any], trial_name: str) -> WMSSConfig:
-    """The base config with the trial's values and its own run directory under the base run."""
-    overrides = [f"{k}={v}" for k, v in params.items()]
-    overrides += [f"run.storage={Path(base.run_dir()).resolve() / 'tune'}", f"run.name={trial_name}",
-                  "run.iterations=1", "evaluation.baseline=false"]
-    return config_from_dict(base.to_dict(), overrides, source=f"tune trial {trial_name}")
+def make_search_alg(cfg: WMSSConfig):
+    """OptunaSearch (TPE, seeded) for ``tune.search: optuna``; None: Ray's variant generator."""
+    if cfg.tune.search != "optuna":
+        return None
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(seed=cfg.run.seed)
 
 
-def link_shared_phases(base_run_dir: Path, trial_run_dir: Path, phases: tuple[str, ...] = SHARED_PHASES) -> None:
-    """Symlink ``phases`` of the base run into the trial's run dir (the pipeline never reruns a link)."""
-    trial_run_dir.mkdir(parents=True, exist_ok=True)
-    for phase in phases:
-        src, dst = base_run_dir / phase, trial_run_dir / phase
-        if src.exists() and not dst.exists():
-            os.symlink(src, dst, target_is_directory=True)
+def make_scheduler(cfg: WMSSConfig):
+    """ASHA on the optimizer step for ``tune.scheduler: asha``; None: run every trial to its end."""
+    if cfg.tune.scheduler != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    t = cfg.tune
+    max_t = t.max_steps or cfg.training.max_steps or 10_000
+    return ASHAScheduler(time_attr="step", max_t=max_t, grace_period=min(t.grace_period, max_t),
+                         reduction_factor=t.reduction_factor)
 
 
-def run_trial(base: WMSSConfig, params: dict[str, Any], trial_name: str) -> dict[str, float]:
-    """One trial, without Ray Tune around it (tests call this directly)."""
-    from wmss_ray.evaluation import evaluate_models
-    from wmss_ray.pipeline import run_pipeline
-
-    cfg = trial_config(base, params, trial_name)
-    trial_dir = Path(cfg.run_dir()).resolve()
-    link_shared_phases(Path(base.run_dir()).resolve(), trial_dir)
-    outputs = run_pipeline(cfg, until="wmss_1")
-    validation = validation_eval_input(cfg, outputs)
-    if validation is None:
-        raise ValueError(NO_VALIDATION)
-    res = evaluate_models({"WMSS": outputs["wmss_1"]["model_dir"]}, validation, cfg,
-                          str(trial_dir / "validation"), eval_set="validation")["WMSS"]
-    return {"validation_accuracy": float(res.accuracy), "validation_loss": float(res.loss),
-            "n_validation": int(res.n)}
+def trial_resources(cfg: WMSSConfig) -> dict[str, float]:
+    """What one trial holds at its peak: its driver plus its Train workers (plus a weak pool), or
+    plus its evaluation actors when they ask for more (they run after training, not with it)."""
+    sc, ev, p = cfg.scaling, cfg.evaluation, cfg.mix.pool
+    train = {"CPU": sc.num_workers * sc.cpus_per_worker,
+             "GPU": sc.num_workers * ((sc.gpus_per_worker or 1.0) if sc.use_gpu else 0.0)}
+    if cfg.mix.placement == "pool":
+        train["CPU"] += p.replicas * p.shards * p.cpus_per_actor
+        train["GPU"] += p.replicas * p.shards * p.gpus_per_actor
+    evaluation = {"CPU": ev.num_actors * ev.cpus_per_actor, "GPU": ev.num_actors * ev.gpus_per_actor}
+    return {k: cfg.tune.cpus_per_trial * (k == "CPU") + max(train[k], evaluation[k]) for k in ("CPU", "GPU")}
 
 
-def run_sweep(base: WMSSConfig):
-    """Run the shared phases once, then the Tune trials; returns the Ray Tune ResultGrid."""
+def derive_max_concurrent(cfg: WMSSConfig, cluster: dict[str, float]) -> int:
+    """``tune.max_concurrent``, else the trials that fit the cluster at once; a cluster that cannot
+    hold a single trial is an error naming what is missing."""
+    need = trial_resources(cfg)
+    fits = [math.floor(cluster.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0]
+    n = min(fits) if fits else 1
+    if n < 1:
+        have = ", ".join(f"{k} {cluster.get(k, 0.0):g}" for k in need)
+        want = ", ".join(f"{k} {v:g}" for k, v in need.items())
+        raise ValueError(f"a tune trial needs {want} (tune.cpus_per_trial + scaling.num_workers x "
+                         f"scaling.cpus_per_worker/gpus_per_worker, or the evaluation actors) but the Ray "
+                         f"cluster has {have}: not even one trial can be placed")
+    return cfg.tune.max_concurrent or n
+
+
+def _check_trial_values(base: WMSSConfig) -> None:
+    """Every swept value with the whole config (cross-section rules), before anything runs."""
+    for key, spec in base.tune.search_space.items():
+        for value in next(iter(spec.values())):
+            config_from_dict(base.to_dict(), [f"{key}={value}"], source=f"tune.search_space {key}={value!r}")
+
+
+def run_sweep(base: WMSSConfig, retry_errored: bool = False):
+    """Run the shared phases once, then the Tune trials (or continue the sweep of this run dir);
+    writes results.csv and best.yaml and returns the Ray Tune ResultGrid."""
+    import ray
     from ray import tune
 
+    from tune.results import write_outputs
     from wmss_ray import storage
     from wmss_ray.cluster import ensure_ray
     from wmss_ray.pipeline import run_pipeline
@@ -87,36 +122,59 @@ def run_sweep(base: WMSSConfig):
                          "object storage works for wmss run / submit")
     if not has_validation(base):
         raise ValueError(NO_VALIDATION)
+    _check_trial_values(base)
     ensure_ray()
+    max_concurrent = derive_max_concurrent(base, ray.cluster_resources())
     run_pipeline(base, until="score_1")
     base_dict = base.to_dict()
 
-    def trainable(params: dict[str, Any]) -> dict[str, float]:
+    def trainable(params: dict[str, Any]) -> None:
         name = tune.get_context().get_trial_name()
-        return run_trial(config_from_dict(base_dict), params, name)
+        run_trial(config_from_dict(base_dict), params, name, report=tune.report)
 
-    storage = str(Path(base.run_dir()).resolve() / "tune")
-    tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": base.tune.cpus_per_trial}),
-        param_space=build_param_space(base.tune.search_space),
-        tune_config=tune.TuneConfig(num_samples=base.tune.num_samples, metric=base.tune.metric,
-                                    mode=base.tune.mode, max_concurrent_trials=base.tune.max_concurrent),
-        run_config=tune.RunConfig(storage_path=storage, name="sweep"),
-    )
-    return tuner.fit()
+    root = Path(base.run_dir()).resolve() / "tune"
+    trainable_with_resources = tune.with_resources(trainable, {"cpu": base.tune.cpus_per_trial})
+    path = str(root / EXPERIMENT)
+    if tune.Tuner.can_restore(path):
+        print(f"[wmss] tune: continuing the sweep in {path}" + (" (retrying errored trials)" if retry_errored else ""),
+              flush=True)
+        tuner = tune.Tuner.restore(path, trainable=trainable_with_resources, resume_unfinished=True,
+                                   restart_errored=retry_errored)
+    else:
+        tuner = tune.Tuner(
+            trainable_with_resources,
+            param_space=build_param_space(base.tune.search_space, base.tune.search),
+            tune_config=tune.TuneConfig(
+                num_samples=base.tune.num_samples, metric=base.tune.metric, mode=base.tune.resolved_mode,
+                search_alg=make_search_alg(base), scheduler=make_scheduler(base),
+                max_concurrent_trials=max_concurrent,
+                trial_name_creator=lambda trial: f"trial_{trial.trial_id}",
+                trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
+            run_config=tune.RunConfig(storage_path=str(root), name=EXPERIMENT),
+        )
+    grid = tuner.fit()
+    write_outputs(base, grid, root)
+    return grid
 
 
-def summarize(grid) -> str:
-    """A fixed-width table of the trials, best first."""
-    rows = []
-    for r in grid:
-        if r.metrics:
-            params = {k: v for k, v in (r.config or {}).items()}
-            rows.append((r.metrics.get("validation_accuracy", float("nan")),
-                         r.metrics.get("validation_loss", float("nan")), params))
-    rows.sort(key=lambda x: -x[0])
-    lines = ["trials on the validation split (data.eval, the test set, is not read by the sweep)",
-             f"{'accuracy':>9} {'loss':>8}  params"]
-    lines += [f"{a:9.3f} {l:8.4f}  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                             for k, v in p.items()) for a, l, p in rows]
+def summarize(grid, cfg: WMSSConfig | None = None) -> str:
+    """A fixed-width table of the trials, best first by ``tune.metric`` (completed trials first)."""
+    from tune.results import trial_rows
+
+    metric = cfg.tune.metric if cfg else "validation_accuracy"
+    mode = cfg.tune.resolved_mode if cfg else "max"
+    rows = trial_rows(grid)
+    sign = -1.0 if mode == "max" else 1.0
+
+    def key(r: dict[str, Any]) -> tuple:
+        v = r.get(metric)
+        return (r["status"] != "completed", sign * v if isinstance(v, float) and not math.isnan(v) else math.inf)
+
+    rows.sort(key=key)
+    lines = [f"trials on the validation split, by {metric} ({mode}); data.eval, the test set, is not read",
+             f"{'status':>9} {'step':>5} {'accuracy':>9} {'loss':>8}  params"]
+    for r in rows:
+        p = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
+        lines.append(f"{r['status']:>9} {r.get('step') or 0:>5} {r.get('validation_accuracy', math.nan):9.3f} "
+                     f"{r.get('validation_loss', math.nan):8.4f}  {p}")
     return "\n".join(lines)

@@ -76,8 +76,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from tune.sweep import run_sweep, summarize
 
     cfg = load_config(args.config, args.overrides)
-    grid = run_sweep(cfg)
-    print(summarize(grid))
+    grid = run_sweep(cfg, retry_errored=args.retry_errored)
+    print(summarize(grid, cfg))
+    best = Path(cfg.run_dir()).resolve() / "tune" / "best.yaml"
+    print(f"best configuration: {best}" if best.exists() else "no trial completed: no best.yaml")
     return 0
 
 
@@ -127,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", help="Ray Tune sweep over mix.* / curriculum.* (tune.search_space)")
     _add_config_args(p)
+    p.add_argument("--retry-errored", action="store_true", help="continuing a sweep: run errored trials again")
     p.set_defaults(func=_cmd_tune)
 
     p = sub.add_parser("validate", help="validate a config and print it resolved")
