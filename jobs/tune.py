@@ -26,12 +26,16 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         cfg = common.load_job_config(args.config, args.overrides)
         common.connect(args.address)
+        from tune.results import best_row, trial_rows
         from tune.sweep import run_sweep, summarize
 
         grid = run_sweep(cfg)
-        print(summarize(grid), flush=True)
-        best = grid.get_best_result()
-        common.print_result({"best_config": best.config, "best_metrics": best.metrics})
+        print(summarize(grid, cfg), flush=True)
+        # the best *completed* trial (a stopped one's last report is on a subsample); best.yaml has it
+        best = best_row(trial_rows(grid), cfg.tune.metric, cfg.tune.resolved_mode) or {}
+        common.print_result({"best_config": best.get("params"), "best_metrics": {k: best.get(k) for k in
+                             ("validation_accuracy", "validation_loss", "n_validation", "step")},
+                             "best_trial": best.get("trial")})
 
     return common.run(body)
 

@@ -197,18 +197,49 @@ def test_best_yaml_is_a_complete_config_of_the_best_completed_trial(asha_sweep):
 
 
 def test_running_the_sweep_again_continues_it_without_rerunning_trials(asha_sweep):
-    import json
     from pathlib import Path
 
     from tune.sweep import run_sweep
 
     cfg, grid = asha_sweep
-    trials = sorted(p for p in (Path(cfg.run_dir()) / "tune").iterdir() if p.name.startswith("trial_"))
+    root = Path(cfg.run_dir()) / "tune"
+    trials = sorted(p for p in root.iterdir() if p.name.startswith("trial_"))
     assert len(trials) == 4
-    before = {t.name: json.loads((t / "curriculum_1" / "manifest.json").read_text())["finished_at"] for t in trials}
+
+    def traces() -> dict[str, tuple]:  # a rerun would append a train start and rewrite an eval
+        return {t.name: ((t / "wmss_1" / "workers.jsonl").read_text(),
+                         sorted((e.parent.name, e.stat().st_mtime_ns) for e in t.glob("validation*/eval_results.json")))
+                for t in trials}
+
+    before = traces()
     again = run_sweep(cfg)
     assert sorted(Path(r.path).name for r in again) == sorted(Path(r.path).name for r in grid)
-    after = {t.name: json.loads((t / "curriculum_1" / "manifest.json").read_text())["finished_at"] for t in trials}
-    assert after == before  # no trial ran again
-    assert sorted(p.name for p in (Path(cfg.run_dir()) / "tune").iterdir() if p.name.startswith("trial_")) \
-        == [t.name for t in trials]
+    assert traces() == before  # no trial ran again, finished or stopped
+    assert sorted(p for p in root.iterdir() if p.name.startswith("trial_")) == trials
+
+
+def test_wmss_tune_passes_retry_errored_and_prints_the_table(monkeypatch, capsys, tmp_path):
+    import tune.sweep as sweep
+    from wmss_ray import cli
+
+    calls = []
+    monkeypatch.setattr(sweep, "run_sweep", lambda cfg, retry_errored=False: calls.append(retry_errored) or [])
+    for argv in (["tune", "configs/test-tiny.yaml", "--set", f"run.storage={tmp_path}"],
+                 ["tune", "configs/test-tiny.yaml", "--set", f"run.storage={tmp_path}", "--retry-errored"]):
+        assert cli.main(argv) == 0
+    assert calls == [False, True]
+    out = capsys.readouterr().out
+    assert "trials on the validation split, by validation_accuracy (max)" in out and "no trial completed" in out
+
+
+def test_continuing_a_sweep_with_another_config_is_refused(tmp_path):
+    from wmss_ray.config_loading import save_config
+    from tune.sweep import SWEEP_CONFIG, check_same_sweep
+
+    base = load_config(None, [f"run.storage={tmp_path}"])
+    check_same_sweep(base, tmp_path)  # nothing saved yet: a new sweep
+    save_config(base, tmp_path / SWEEP_CONFIG)
+    check_same_sweep(load_config(None, [f"run.storage={tmp_path}"]), tmp_path)  # the same sweep
+    other = load_config(None, [f"run.storage={tmp_path}", "tune.num_samples=3", "training.lr=0.01"])
+    with pytest.raises(ValueError, match="training.lr, tune.num_samples differ"):
+        check_same_sweep(other, tmp_path)

@@ -31,11 +31,12 @@ from typing import Any
 
 from tune.trial import NO_VALIDATION, SHARED_PHASES, link_shared_phases, run_trial, trial_config
 from wmss_ray.config import WMSSConfig
-from wmss_ray.config_loading import config_from_dict
+from wmss_ray.config_loading import config_from_dict, save_config
 from wmss_ray.data.splits import has_validation
 
 __all__ = ["SHARED_PHASES", "NO_VALIDATION", "build_param_space", "link_shared_phases", "trial_config",
-           "run_trial", "run_sweep", "summarize", "trial_resources", "derive_max_concurrent"]
+           "run_trial", "run_sweep", "summarize", "trial_resources", "derive_max_concurrent",
+           "check_same_sweep"]
 EXPERIMENT = "sweep"
 
 
@@ -105,6 +106,33 @@ def _check_trial_values(base: WMSSConfig) -> None:
             config_from_dict(base.to_dict(), [f"{key}={value}"], source=f"tune.search_space {key}={value!r}")
 
 
+SWEEP_CONFIG = "sweep_config.yaml"
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v and k != "search_space"
+                   else {f"{prefix}{k}": v})
+    return out
+
+
+def check_same_sweep(base: WMSSConfig, root: Path) -> None:
+    """A continued sweep must be the one that was started: the config saved at its start
+    (``<run>/tune/sweep_config.yaml``) and this one must agree, else the error names the keys."""
+    from wmss_ray.config_loading import load_config
+
+    saved_path = root / SWEEP_CONFIG
+    if not saved_path.exists():
+        return
+    saved, now = _flat(load_config(saved_path).to_dict()), _flat(base.to_dict())
+    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    if changed:
+        raise ValueError(f"{root / EXPERIMENT} is a sweep started with another config ({', '.join(changed)} "
+                         f"differ from {saved_path}); continuing it would mix the two: restore those values, "
+                         "or choose another run.name")
+
+
 def run_sweep(base: WMSSConfig, retry_errored: bool = False):
     """Run the shared phases once, then the Tune trials (or continue the sweep of this run dir);
     writes results.csv and best.yaml and returns the Ray Tune ResultGrid."""
@@ -136,11 +164,13 @@ def run_sweep(base: WMSSConfig, retry_errored: bool = False):
     trainable_with_resources = tune.with_resources(trainable, {"cpu": base.tune.cpus_per_trial})
     path = str(root / EXPERIMENT)
     if tune.Tuner.can_restore(path):
+        check_same_sweep(base, root)
         print(f"[wmss] tune: continuing the sweep in {path}" + (" (retrying errored trials)" if retry_errored else ""),
               flush=True)
         tuner = tune.Tuner.restore(path, trainable=trainable_with_resources, resume_unfinished=True,
                                    restart_errored=retry_errored)
     else:
+        save_config(base, root / SWEEP_CONFIG)
         tuner = tune.Tuner(
             trainable_with_resources,
             param_space=build_param_space(base.tune.search_space, base.tune.search),

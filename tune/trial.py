@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -75,6 +76,7 @@ def _wmss_chunks(cfg: WMSSConfig, outputs: dict[str, Any], rows: list[dict[str, 
         train_phase(cfg, "wmss", **args, epochs=epochs, stop_after=stop, export_at_stop=True)
         metrics = _evaluate(str(trial_dir / "wmss_1" / INTERIM_MODEL), rows, cfg, trial_dir / f"validation_step{stop}")
         report({**metrics, "step": stop, "final": False})
+    shutil.rmtree(trial_dir / "wmss_1" / INTERIM_MODEL, ignore_errors=True)  # a full model copy per trial
 
 
 def run_trial(base: WMSSConfig, params: dict[str, Any], trial_name: str,

@@ -120,16 +120,15 @@ def test_tune_main_runs_the_sweep_after_connecting(monkeypatch, capsys):
     calls: list[tuple] = []
     monkeypatch.setattr(common, "connect", lambda address="auto": calls.append(("connect", address)))
 
-    class Best:
-        config = {"mix.lam": 0.3}
-        metrics = {"validation_accuracy": 0.5}
+    class Trial:
+        def __init__(self, lam, acc, final):
+            self.config, self.error, self.path = {"mix.lam": lam}, None, f"/r/tune/trial_{lam}"
+            self.metrics = {"validation_accuracy": acc, "final": final}
 
-    class Grid(list):
-        def get_best_result(self):
-            return Best()
-
-    monkeypatch.setattr(sweep, "run_sweep", lambda cfg: calls.append(("run_sweep", cfg.mix.lam)) or Grid())
-    monkeypatch.setattr(sweep, "summarize", lambda grid: "table")
+    # the stopped trial's (subsample) accuracy is higher, but only completed trials are chosen
+    grid = [Trial(0.3, 0.5, True), Trial(0.6, 0.9, False), Trial(0.4, 0.2, True)]
+    monkeypatch.setattr(sweep, "run_sweep", lambda cfg: calls.append(("run_sweep", cfg.mix.lam)) or grid)
+    monkeypatch.setattr(sweep, "summarize", lambda grid, cfg=None: "table")
     assert tune_job.main(["--config", str(TINY), "--set", "mix.lam=0.25"]) == 0
     assert calls == [("connect", "auto"), ("run_sweep", 0.25)]
     assert '"best_config": {"mix.lam": 0.3}' in capsys.readouterr().out

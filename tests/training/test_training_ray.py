@@ -24,7 +24,7 @@ from tests.training.test_training_units import (
     tiny_cfg,
 )
 from wmss_ray.training.metrics import METRIC_KEYS, read_metrics
-from wmss_ray.training.trainer import FAULT_ENV, train_phase
+from wmss_ray.training.trainer import FAULT_ENV, INTERIM_MODEL, train_phase
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -145,7 +145,7 @@ def interrupted(ray_cluster, art, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("interrupted"))
     cfg = _cfg(0, max_failures=1)
     args = (cfg, "wmss", art["strong"], art["weak"], art["tokenized"], art["sampled"], out)
-    first = train_phase(*args, mode="frozen", stop_after=2)
+    first = train_phase(*args, mode="frozen", stop_after=2, export_at_stop=True)
     os.environ[FAULT_ENV] = "1:5"
     try:
         second = train_phase(*args, mode="frozen")
@@ -169,6 +169,13 @@ def test_stop_and_resume_reproduces_uninterrupted_run(interrupted, art):
     ref = reference_run(art, cfg, "wmss", "frozen", STEPS)
     assert_trajectory(metrics, ref)
     assert_same_weights(ref["strong"].state_dict(), _load_hf(second.model_dir))
+
+
+def test_export_at_stop_exports_the_model_of_the_stop_step(interrupted, art):
+    """What a tune trial evaluates between chunks is the strong model after exactly that step."""
+    cfg, first, _, out = interrupted
+    ref = reference_run(art, cfg, "wmss", "frozen", 2)
+    assert_same_weights(ref["strong"].state_dict(), _load_hf(os.path.join(out, INTERIM_MODEL)))
 
 
 def test_sigkilled_worker_is_replaced_and_resumes_from_checkpoint(interrupted):
