@@ -151,6 +151,11 @@ def run_sweep(base: WMSSConfig, retry_errored: bool = False):
     if not has_validation(base):
         raise ValueError(NO_VALIDATION)
     _check_trial_values(base)
+    root = Path(base.run_dir()).resolve() / "tune"
+    path = str(root / EXPERIMENT)
+    restoring = tune.Tuner.can_restore(path)
+    if restoring:  # before any work: a changed config must not continue the old sweep
+        check_same_sweep(base, root)
     ensure_ray()
     max_concurrent = derive_max_concurrent(base, ray.cluster_resources())
     run_pipeline(base, until="score_1")
@@ -160,11 +165,8 @@ def run_sweep(base: WMSSConfig, retry_errored: bool = False):
         name = tune.get_context().get_trial_name()
         run_trial(config_from_dict(base_dict), params, name, report=tune.report)
 
-    root = Path(base.run_dir()).resolve() / "tune"
     trainable_with_resources = tune.with_resources(trainable, {"cpu": base.tune.cpus_per_trial})
-    path = str(root / EXPERIMENT)
-    if tune.Tuner.can_restore(path):
-        check_same_sweep(base, root)
+    if restoring:
         print(f"[wmss] tune: continuing the sweep in {path}" + (" (retrying errored trials)" if retry_errored else ""),
               flush=True)
         tuner = tune.Tuner.restore(path, trainable=trainable_with_resources, resume_unfinished=True,
