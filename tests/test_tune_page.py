@@ -104,7 +104,11 @@ def test_full_sweep_page(tmp_path):
     assert "<td>0.5750</td>" in final and "<td>0.5625</td>" in final and "<td>0.5125</td>" in final
     # the validation diff of a trial in the table
     assert "+0.1500 [+0.0800, +0.2200]" in page and "+0.0500 [+0.0100, +0.0900]" in page
-    assert "No final held-out evaluation" not in page
+    assert "No final held-out evaluation" not in page and "mix.lam is not a swept" not in page
+    # a re-render without string params removes the stale categories.png
+    _write_results(root, [(*t[:4], *t[5:]) for t in TRIALS], params=[k for k in PARAMS if k != "curriculum.formula"])
+    write_sweep_page(root)
+    assert not (root / "page" / "categories.png").exists() and (root / "page" / "knobs.png").exists()
 
 
 def test_mode_min_on_loss_orders_by_lowest_loss(tmp_path):
@@ -155,6 +159,7 @@ def test_metric_plot_falls_back_to_first_numeric_param_and_knobs_degenerate(tmp_
                    params=["curriculum.beta", "mix.mode"])
     page = write_sweep_page(root).read_text()
     assert "<td>a</td>" in page and "<td>b</td>" in page  # the string param in the table
+    assert "mix.lam is not a swept numeric parameter: plotted against curriculum.beta" in page
     rows, numeric, _ = read_results(root / "results.csv")
     _, drawn = plot_metric_vs_param(rows, "validation_accuracy", numeric, tmp_path / "a.png")
     assert drawn["x"] == "curriculum.beta"
@@ -218,6 +223,10 @@ def test_bad_cells_name_file_row_and_field(tmp_path):
         write_sweep_page(root)
     _write_results(root, [("t0", "done", *TRIALS[0][2:])])
     with pytest.raises(ValueError, match=r"row 2 field status: 'done'"):
+        write_sweep_page(root)
+    _write_results(root, [TRIALS[0]])
+    (root / "final.json").write_text(json.dumps(dict(FINAL, wmss={"seed": 0})))
+    with pytest.raises(ValueError, match=r"final.json field wmss: expected a list"):
         write_sweep_page(root)
     with pytest.raises(FileNotFoundError, match="results.csv"):
         write_sweep_page(tmp_path / "nothing")

@@ -207,6 +207,13 @@ def _read_final(path: Path) -> dict | None:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(final, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(final).__name__}")
+    for field in ("params", "eval_set", "sft_continued"):
+        if not isinstance(final.get(field) or {}, dict):
+            raise ValueError(f"{path} field {field}: expected an object, got {final[field]!r}")
+    for field in ("wmss", "paired"):
+        items = final.get(field) or []
+        if not isinstance(items, list) or not all(isinstance(x, dict) for x in items):
+            raise ValueError(f"{path} field {field}: expected a list of objects, got {items!r}")
     return final
 
 
@@ -241,6 +248,8 @@ def write_sweep_page(root: str | Path, metric: str = "validation_accuracy", mode
 
     lam_png, lam = plot_metric_vs_param(rows, metric, numeric, out / "metric_vs_lam.png")
     body.append("<h2>Metric vs λ</h2>")
+    if lam["x"] not in (None, "mix.lam"):
+        body.append(_missing(f"mix.lam is not a swept numeric parameter: plotted against {lam['x']}."))
     body.append(_img(lam_png, f"{metric} vs {lam['x']}") + "<p class=meta>Filled circles: completed "
                 "(whole validation split); crosses: stopped by ASHA (their last report, on a subsample); "
                 "error bars: the spread over seeds where tune.seeds > 1.</p>" if lam_png else
@@ -252,8 +261,8 @@ def write_sweep_page(root: str | Path, metric: str = "validation_accuracy", mode
                 f"({html.escape(', '.join(knobs['keys']))}), coloured by {html.escape(metric)}.</p>" if knob_png else
                 _missing(f"No parameter view: no numeric parameter swept ({', '.join(numeric) or 'none'}) "
                          f"with a reported {metric}."))
+    cat_png, _ = plot_categories(rows, metric, categorical, out / "categories.png")  # also clears a stale one
     if categorical:
-        cat_png, _ = plot_categories(rows, metric, categorical, out / "categories.png")
         body.append("<h2>String parameters</h2>")
         body.append(_img(cat_png, "metric by category") or _missing(f"No {metric} to show by category."))
     body.append("<h2>Learning curves</h2>")
