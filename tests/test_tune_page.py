@@ -11,7 +11,7 @@ import re
 import numpy as np
 import pytest
 
-from tune.page import main, rank_rows, read_results, write_sweep_page
+from tune.page import main, rank_rows, read_curves, read_results, write_sweep_page
 from tune.page_plots import plot_knobs, plot_learning_curves, plot_metric_vs_param
 
 FIXED_TAIL = ["validation_accuracy", "validation_loss", "n_validation", "step", "seeds", "accuracy_std",
@@ -140,8 +140,6 @@ def test_plots_draw_the_trials_data(tmp_path):
     _, knobs = plot_knobs(rows, "validation_accuracy", numeric, tmp_path / "k.png")
     assert knobs["keys"] == ["mix.lam", "curriculum.alpha", "curriculum.beta", "curriculum.gamma"]
     assert {p[0]: p[2] for p in knobs["points"]}["trial_e5"] is None  # drawn grey, not dropped
-
-    from tune.page import read_curves
 
     status = {t[0]: t[1] for t in TRIALS}
     _, lines = plot_learning_curves(read_curves(root / "curves.csv"), status, tmp_path / "c.png")
