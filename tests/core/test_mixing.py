@@ -8,11 +8,10 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from wmss_ray.core.chunk_ops import expand_in_place, narrow_in_place
 from wmss_ray.core.mixing import (
     CHUNK_ROW_MULTIPLE,
     STATS_KEYS,
-    _expand_in_place,
-    _narrow_in_place,
     chunk_rows_for,
     chunked_mixed_ce,
     mix_logits,
@@ -279,9 +278,9 @@ def test_in_place_widen_and_narrow_are_exact(dtype, n):
     buf32 = torch.full((n,), float("nan"))
     buf16 = buf32.view(dtype)
     buf16[:n].copy_(vals)
-    _expand_in_place(buf32, buf16, n)
+    expand_in_place(buf32, buf16, n)
     assert torch.equal(buf32, vals.float())
-    _narrow_in_place(buf32, buf16, n)
+    narrow_in_place(buf32, buf16, n)
     assert torch.equal(buf16[:n], vals)
 
 

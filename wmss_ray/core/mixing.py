@@ -26,10 +26,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from wmss_ray.core.chunk_ops import (CHUNK_ROW_MULTIPLE, accumulate_weight_grad, ce_grad_in_place, expand_in_place,
+                                     mixed_ce_in_place, narrow_in_place, row_logsumexp)
 from wmss_ray.core.constants import IGNORE_INDEX, LOW_PRECISION_DTYPES
 
-#: Chunk rows are a multiple of this (GEMM tiles) unless one chunk holds all answer tokens.
-CHUNK_ROW_MULTIPLE = 64
 #: Default budget of the ``[chunk, V]`` fp32 buffer, MiB (``mix.chunk_mb``).
 DEFAULT_CHUNK_MB = 128.0
 
@@ -114,70 +114,6 @@ def chunk_rows_for(n_tokens: int, vocab: int, chunk_mb: float) -> int:
     return min(cap, -(-(-(-n_tokens // n_chunks)) // m) * m)
 
 
-def _expand_in_place(flat32: torch.Tensor, flat16: torch.Tensor, n: int) -> None:
-    """Widen ``n`` half/bf16 values stored in the first half of a buffer to fp32, in place.
-
-    ``flat16`` is the same storage as ``flat32`` viewed as 2-byte elements. fp32 element ``i``
-    (bytes ``[4i, 4i+4)``) is read from 2-byte element ``i`` (bytes ``[2i, 2i+2)``); walking
-    down in halving blocks ``[ceil(e/2), e)`` makes every copy's source and destination bytes
-    disjoint and never overwrites a value not yet read. About log2(n) copies, no temporary.
-    """
-    end = n
-    while end > 1:
-        start = (end + 1) // 2
-        flat32[start:end].copy_(flat16[start:end])
-        end = start
-    if n:
-        flat32[:1].copy_(flat16[:1].clone())  # element 0 overlaps itself: a 1-element copy
-
-
-def _narrow_in_place(flat32: torch.Tensor, flat16: torch.Tensor, n: int) -> None:
-    """The inverse of :func:`_expand_in_place`: ``n`` fp32 values -> half/bf16 in the first half.
-
-    Walks up in doubling blocks ``[s, 2s)`` (destination bytes ``[2s, 4s)``, source
-    ``[4s, 8s)``: disjoint, and only bytes of elements already narrowed are overwritten).
-    """
-    if n:
-        flat16[:1].copy_(flat32[:1].clone())
-    start = 1
-    while start < n:
-        end = min(2 * start, n)
-        flat16[start:end].copy_(flat32[start:end])
-        start = end
-
-
-def _row_logsumexp(z: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """``logsumexp(z, dim=1)`` in ``acc`` over row blocks of ``z [c, V]`` (``[c]`` out).
-
-    ``torch.logsumexp`` on the whole chunk would allocate ``[c, V]`` temporaries; blocks of
-    ``c // 16`` rows bound them to 1/8 of the buffer (upcast + exp, 2 x ``[c/16, V]``).
-    """
-    rows = max(1, z.shape[0] // 16)
-    return torch.cat([torch.logsumexp(z[r : r + rows].to(acc), dim=1) for r in range(0, z.shape[0], rows)])
-
-
-def _accumulate_weight_grad(out: torch.Tensor, g: torch.Tensor, h: torch.Tensor, alpha: float, first: bool) -> None:
-    """``out (+)= alpha * g^T @ h``: ``out [V, D]`` in acc dtype, ``g [c, V]``, ``h [c, D]``.
-
-    Same dtype (fp32/fp64 inputs): one in-place ``addmm_`` (``beta = 0`` on the first chunk, so
-    the uninitialised accumulator is never read). Half/bf16 ``g, h``: the GEMM runs in the input
-    dtype (fp32 accumulation inside the GEMM), in blocks of vocabulary rows whose
-    ``[rows, D]`` half-precision product is added into the fp32 accumulator; a block is at most
-    1/8 of the ``[c, V]`` fp32 buffer's bytes, so no ``[V, D]`` temporary exists.
-    """
-    if g.dtype == out.dtype:
-        out.addmm_(g.t(), h, beta=0.0 if first else 1.0, alpha=alpha)
-        return
-    v, d = out.shape
-    rows = max(CHUNK_ROW_MULTIPLE, (g.numel() * 4 // 8) // (2 * d) // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE)
-    for r in range(0, v, rows):
-        block = torch.mm(g[:, r : r + rows].t(), h)  # [rows, D] in the input dtype
-        if first:
-            out[r : r + rows].copy_(block).mul_(alpha)
-        else:
-            out[r : r + rows].add_(block, alpha=alpha)  # promoted: computed in fp32
-
-
 def _fused_forward(h_s, w_s, h_w, w_w, labels, lam, chunk_size, ignore_index, divisor, needs, stats):
     """One pass over answer-token chunks: loss and (where ``needs``) the input gradients.
 
@@ -236,7 +172,7 @@ def _fused_forward(h_s, w_s, h_w, w_w, labels, lam, chunk_size, ignore_index, di
         zl = buf16[: c * vocab].view(c, vocab) if low else z  # where the GEMMs write
         torch.mm(hs, w_s.t(), out=zl)  # z_strong, GEMM in the input dtype
         if stats is not None:  # strong-alone CE needs z_strong before it is mixed in place
-            ce_s = _row_logsumexp(zl, acc) - zl[rows, y].to(acc)  # [c]
+            ce_s = row_logsumexp(zl, acc) - zl[rows, y].to(acc)  # [c]
             p_s = torch.exp(-ce_s)
             sums[1] += ce_s.sum()
             sums[3] += p_s.sum()
@@ -244,31 +180,20 @@ def _fused_forward(h_s, w_s, h_w, w_w, labels, lam, chunk_size, ignore_index, di
         if use_weak:  # z <- lam * z + (1 - lam) * hw @ w_w^T, in place, in the GEMM
             zl.addmm_(hw, w_w.t(), beta=lam, alpha=1.0 - lam)
         if low:
-            _expand_in_place(buf32, buf16, c * vocab)  # z_mix in fp32 for the softmax
-        # Stable log-sum-exp, in place: z becomes exp(z - max), then softmax.
-        z.sub_(z.amax(dim=1, keepdim=True))
-        z_y = z[rows, y]  # [c] shifted target logits (a copy)
-        z.exp_()
-        sumexp = z.sum(dim=1)  # [c]
-        ce_mix = sumexp.log() - z_y  # [c]
+            expand_in_place(buf32, buf16, c * vocab)  # z_mix in fp32 for the softmax
+        sumexp, ce_mix = mixed_ce_in_place(z, rows, y, lam, sums if stats is not None else None)
         loss_sum += ce_mix.sum()
-        if stats is not None:
-            p_mix = torch.exp(-ce_mix)
-            sums[0] += ce_mix.sum()
-            sums[2] += p_mix.sum()
-            sums[4] += (lam * (1.0 - p_mix)).sum()
         if not any(needs):
             continue
-        z.div_(sumexp.unsqueeze(1))
-        z[rows, y] -= 1.0  # z is now g = softmax(z_mix) - onehot(y), unscaled  [c, V]
+        ce_grad_in_place(z, sumexp, rows, y)  # z is now g = softmax(z_mix) - onehot(y), unscaled  [c, V]
         if low:
-            _narrow_in_place(buf32, buf16, c * vocab)  # g in the input dtype for its GEMMs
+            narrow_in_place(buf32, buf16, c * vocab)  # g in the input dtype for its GEMMs
         for side, (h, w, hc) in enumerate(((h_s, w_s, hs), (h_w, w_w, hw))):
             need_h, need_w = needs[2 * side], needs[2 * side + 1]
             if need_h:  # grad_h rows = coef * g @ W   [c, D]
                 grads[2 * side].index_copy_(0, idx, torch.mm(zl, w).mul_(coef[side]))
             if need_w:  # grad_W += coef * g^T @ h   [V, D], accumulated in acc dtype
-                _accumulate_weight_grad(grads[2 * side + 1], zl, hc, coef[side], first=start == 0)
+                accumulate_weight_grad(grads[2 * side + 1], zl, hc, coef[side], first=start == 0)
 
     if stats is not None:
         stats.update({k: sums[i].detach() for i, k in enumerate(STATS_KEYS[:6])})

@@ -47,18 +47,9 @@ import torch
 import torch.nn.functional as F
 
 from wmss_ray.core.constants import IGNORE_INDEX, LOW_PRECISION_DTYPES
-from wmss_ray.core.mixing import (
-    DEFAULT_CHUNK_MB,
-    STATS_KEYS,
-    _acc_dtype,
-    _accumulate_weight_grad,
-    _check_lam,
-    _expand_in_place,
-    _narrow_in_place,
-    _row_logsumexp,
-    chunk_rows_for,
-    mixed_ce_naive,
-)
+from wmss_ray.core.chunk_ops import (accumulate_weight_grad, ce_grad_in_place, expand_in_place, mixed_ce_in_place,
+                                     narrow_in_place, row_logsumexp)
+from wmss_ray.core.mixing import DEFAULT_CHUNK_MB, STATS_KEYS, _acc_dtype, _check_lam, chunk_rows_for, mixed_ce_naive
 
 #: Extra keys of the stats of :func:`sparse_mixed_ce` (summed / max over valid rows).
 TRUNC_STATS_KEYS = ("tail_mass_sum", "tail_mass_max", "trunc_bound_sum")
@@ -241,13 +232,13 @@ def _fused_forward(h_s, w_s, weak, labels, lam, chunk_size, ignore_index, diviso
         zl = buf16[: c * vocab].view(c, vocab) if low else z  # where the GEMMs read and write
         torch.mm(hs, w_s.t(), out=zl)  # z_strong, GEMM in the input dtype
         if stats is not None:
-            ce_s = _row_logsumexp(zl, acc) - zl[rows, y].to(acc)
+            ce_s = row_logsumexp(zl, acc) - zl[rows, y].to(acc)
             p_s = torch.exp(-ce_s)
             sums[1] += ce_s.sum()
             sums[3] += p_s.sum()
             sums[5] += (1.0 - p_s).sum()
         if low:
-            _expand_in_place(buf32, buf16, c * vocab)  # exact: bf16/half values widened to fp32
+            expand_in_place(buf32, buf16, c * vocab)  # exact: bf16/half values widened to fp32
         if use_weak and weak.is_dense:
             _mix_dense_weak(z, weak.dense, start, idx, contiguous, lam)
         elif use_weak:
@@ -262,7 +253,7 @@ def _fused_forward(h_s, w_s, weak, labels, lam, chunk_size, ignore_index, diviso
             if stats is not None:  # S_t: strong exp-sum over the tail (K masked out)
                 z.scatter_(1, wk.topk_ids, -math.inf)
                 z[rows, y] = -math.inf
-                log_st = _row_logsumexp(z, acc)
+                log_st = row_logsumexp(z, acc)
                 log_a = torch.logsumexp(torch.cat([z_k, z_lab.masked_fill(in_topk, -math.inf).unsqueeze(1)], 1), 1)
                 tail = wk.tail_logmass.double()
                 bound = F.softplus(_scaled(lam, log_st.double()) + _scaled(1 - lam, tail) - log_a.double())
@@ -273,27 +264,17 @@ def _fused_forward(h_s, w_s, weak, labels, lam, chunk_size, ignore_index, diviso
             z.mul_(lam).add_(((1.0 - lam) * _tail_fill(wk, in_topk)).to(acc).unsqueeze(1))
             z.scatter_(1, wk.topk_ids, z_k)
             z[rows, y] = z_lab
-        z.sub_(z.amax(dim=1, keepdim=True))
-        z_y = z[rows, y]
-        z.exp_()
-        sumexp = z.sum(dim=1)
-        ce_mix = sumexp.log() - z_y
+        sumexp, ce_mix = mixed_ce_in_place(z, rows, y, lam, sums if stats is not None else None)
         loss_sum += ce_mix.sum()
-        if stats is not None:
-            p_mix = torch.exp(-ce_mix)
-            sums[0] += ce_mix.sum()
-            sums[2] += p_mix.sum()
-            sums[4] += (lam * (1.0 - p_mix)).sum()
         if not any(needs):
             continue
-        z.div_(sumexp.unsqueeze(1))
-        z[rows, y] -= 1.0  # g = softmax(z_mix) - onehot(y)  [c, V]
+        ce_grad_in_place(z, sumexp, rows, y)  # g = softmax(z_mix) - onehot(y)  [c, V]
         if low:
-            _narrow_in_place(buf32, buf16, c * vocab)  # g in the input dtype for its GEMMs
+            narrow_in_place(buf32, buf16, c * vocab)  # g in the input dtype for its GEMMs
         if needs[0]:  # grad_h rows = coef * g @ W   [c, D]
             grad_h.index_copy_(0, idx, torch.mm(zl, w_s).mul_(coef))
         if needs[1]:  # grad_W += coef * g^T @ h   [V, D], accumulated in acc dtype
-            _accumulate_weight_grad(grad_w, zl, hs, coef, first=start == 0)
+            accumulate_weight_grad(grad_w, zl, hs, coef, first=start == 0)
     if stats is not None:
         stats.update({k: sums[i].detach() for i, k in enumerate(STATS_KEYS[:6])})
         stats["n_tokens"] = torch.tensor(n_valid, dtype=torch.int64, device=device)

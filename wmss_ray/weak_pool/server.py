@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wmss_ray.core.mixing import DEFAULT_CHUNK_MB, _row_logsumexp, chunk_rows_for
+from wmss_ray.core.chunk_ops import row_logsumexp
+from wmss_ray.core.mixing import DEFAULT_CHUNK_MB, chunk_rows_for
 from wmss_ray.core.sparse_mixing import weak_from_logp
 from wmss_ray.weak_pool.wire import WeakReply, WeakRequest
 
@@ -155,7 +156,7 @@ class WeakServer:
                 # [c, V] logits in the model dtype, one fp32 copy normalised in place (row-blocked
                 # logsumexp): no further [c, V] temporaries.
                 logp = torch.mm(h[start:stop], w.t()).float()
-                logp.sub_(_row_logsumexp(logp, logp.dtype).unsqueeze(1))  # [c, V] fp32 log-probs
+                logp.sub_(row_logsumexp(logp, logp.dtype).unsqueeze(1))  # [c, V] fp32 log-probs
                 weak = weak_from_logp(logp, labels[start:stop], self.top_k)
                 if self.top_k == 0:
                     reply.dense_logp[start:stop] = weak.dense.cpu().numpy()
