@@ -9,6 +9,7 @@ trial per sampled setting (curriculum -> WMSS -> eval of the WMSS model); see ``
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from jobs import common
 
@@ -26,16 +27,19 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         cfg = common.load_job_config(args.config, args.overrides)
         common.connect(args.address)
-        from tune.results import best_row, trial_rows
+        from tune.baseline import read_final
+        from tune.results import best_row, read_results
         from tune.sweep import run_sweep, summarize
 
-        grid = run_sweep(cfg)
-        print(summarize(grid, cfg), flush=True)
+        run_sweep(cfg)
+        print(summarize(cfg), flush=True)
         # the best *completed* trial (a stopped one's last report is on a subsample); best.yaml has it
-        best = best_row(trial_rows(grid), cfg.tune.metric, cfg.tune.resolved_mode) or {}
+        root = Path(cfg.run_dir()).resolve() / "tune"
+        best = best_row(read_results(root), cfg.tune.metric, cfg.tune.resolved_mode) or {}
         common.print_result({"best_config": best.get("params"), "best_metrics": {k: best.get(k) for k in
-                             ("validation_accuracy", "validation_loss", "n_validation", "step")},
-                             "best_trial": best.get("trial")})
+                             ("validation_accuracy", "validation_loss", "n_validation", "step", "seeds",
+                              "accuracy_std", "diff_vs_sft", "diff_ci_low", "diff_ci_high")},
+                             "best_trial": best.get("trial"), "heldout_test": read_final(root)})
 
     return common.run(body)
 

@@ -168,3 +168,12 @@ def test_validation_sources_are_exclusive():
         config_from_dict({"data": {"validation_fraction": 1.0}})
     with pytest.raises(ConfigError, match="data.supervise"):
         config_from_dict({"data": {"supervise": "everything"}})
+
+
+def test_curriculum_seed_defaults_to_run_seed_and_tune_seeds_cannot_also_sweep_it():
+    from wmss_ray.config_loading import load_config
+
+    assert load_config(None, ["run.seed=7"]).curriculum_seed == 7
+    assert load_config(None, ["run.seed=7", "curriculum.seed=9"]).curriculum_seed == 9
+    with pytest.raises(ConfigError, match="do not also sweep curriculum.seed"):
+        load_config(None, ["tune.seeds=2", 'tune.search_space={"curriculum.seed": {"choice": [1, 2]}}'])

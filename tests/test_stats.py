@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
+import numpy as np
 import pytest
 
 from wmss_ray import stats
@@ -80,3 +81,32 @@ def test_mean_and_spread():
     assert stats.mean_and_spread([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0, 1.0, 3.0))
     assert stats.mean_and_spread([0.5]) == (0.5, 0.0, 0.5, 0.5)
     assert all(math.isnan(x) for x in stats.mean_and_spread([]))
+
+
+@pytest.mark.parametrize("only_a,only_b", [(0, 0), (3, 0), (5, 5), (9, 2), (1, 7), (12, 4)])
+def test_sign_flip_on_0_1_outcomes_is_the_exact_mcnemar_test(only_a, only_b):
+    d = np.array([1.0] * only_a + [-1.0] * only_b + [0.0] * 7)  # the concordant problems carry no sign
+    assert stats.sign_flip_p_value(d) == pytest.approx(stats.mcnemar_exact(only_a, only_b), rel=1e-12)
+    if only_a + only_b:  # the enumeration of every sign pattern (the general path) agrees
+        signs = np.array(np.meshgrid(*[[-1, 1]] * (only_a + only_b))).reshape(only_a + only_b, -1).T
+        nz = d[d != 0]
+        assert np.mean(np.abs(signs @ nz) >= abs(nz.sum()) - 1e-12) == pytest.approx(
+            stats.mcnemar_exact(only_a, only_b), rel=1e-12)
+
+
+def test_sign_flip_monte_carlo_agrees_with_the_exact_test_and_is_seeded():
+    rng = np.random.default_rng(3)
+    d = rng.choice([-1.0, -0.5, 0.0, 0.5, 1.0], size=14, p=[0.15, 0.15, 0.2, 0.2, 0.3])  # mean over 2 seeds
+    exact = stats.sign_flip_p_value(d)
+    big = np.tile(d, 3)  # 42 non-zero-ish values: past the exact limit
+    mc = stats.sign_flip_p_value(big, n_perm=20000, seed=1)
+    assert mc == stats.sign_flip_p_value(big, n_perm=20000, seed=1)
+    # the naive reference: enumerate all 2^m patterns of d directly
+    nz = d[d != 0]
+    signs = np.array(np.meshgrid(*[[-1, 1]] * nz.size)).reshape(nz.size, -1).T
+    ref = np.mean(np.abs(signs @ nz) >= abs(nz.sum()) - 1e-12)
+    assert exact == pytest.approx(ref, rel=1e-12)
+    many = rng.normal(0.02, 0.3, 400)
+    ref_mc = np.mean(np.abs((rng.integers(0, 2, (40000, 400)) * 2 - 1) @ many) >= abs(many.sum()))
+    assert stats.sign_flip_p_value(many, n_perm=20000, seed=2) == pytest.approx(ref_mc, abs=0.01)
+    assert 0.0 < mc <= 1.0

@@ -184,6 +184,56 @@ def test_an_asha_sweep_with_optuna_stops_a_trial_early(asha_sweep):
         assert r["curriculum.formula"] in ("seed", "v2") and 0.05 <= float(r["mix.lam"]) <= 1.0
 
 
+def test_completed_trials_are_paired_with_one_shared_control_and_the_best_is_tested_once(asha_sweep):
+    import csv
+    import json
+    from pathlib import Path
+
+    from wmss_ray.evaluation import read_per_sample
+    from wmss_ray.manifest import read_manifest
+    from wmss_ray.stats import paired_test_per_sample
+
+    cfg, grid = asha_sweep
+    root = Path(cfg.run_dir()) / "tune"
+    control = read_manifest(str(root / "baseline"))  # one SFT-continued for all trials, equal compute
+    assert control.status == "completed" and control.counts["steps"] == 2
+    control_rows = read_per_sample(root / "baseline" / "validation" / "eval_SFT-continued.jsonl")
+    assert len(control_rows) == cfg.data.demo.n_validation
+    rows = {r["trial"]: r for r in csv.DictReader(open(root / "results.csv"))}
+    for name, r in rows.items():
+        if r["status"] != "completed":
+            assert r["diff_vs_sft"] == "" and r["p_value"] == ""
+            continue
+        ref = paired_test_per_sample(read_per_sample(root / name / "validation" / "eval_WMSS.jsonl"), control_rows)
+        diff, lo, hi, p = (float(r[k]) for k in ("diff_vs_sft", "diff_ci_low", "diff_ci_high", "p_value"))
+        assert diff == pytest.approx(ref.diff) and p == pytest.approx(ref.p_value)  # one seed: McNemar
+        assert lo <= diff <= hi and r["seeds"] == "1"
+    curves = list(csv.DictReader(open(root / "curves.csv")))
+    assert len(curves) == sum(len(r.metrics_dataframe) for r in grid)
+    final = json.loads((root / "final.json").read_text())
+    best = min((r for r in rows.values() if r["status"] == "completed"), key=lambda r: float(r["validation_loss"]))
+    assert final["trial"] == best["trial"] and final["eval_set"]["name"] == "test"
+    assert final["paired"][0]["n"] == final["eval_set"]["n"] == min(cfg.data.demo.n_eval, cfg.evaluation.max_samples
+                                                                     or cfg.data.demo.n_eval)
+    eval_files = sorted(p.name for p in (root / "final").glob("eval_*.jsonl"))
+    assert eval_files == ["eval_SFT-continued.jsonl", "eval_WMSS_seed_0.jsonl"]
+    page = (root / "page" / "index.html").read_text()  # the sweep page, from these very files
+    assert all(name in page for name in rows) and f"{final['paired'][0]['diff']:+.4f}" in page
+    assert all((root / "page" / png).stat().st_size > 1000 for png in
+               ("metric_vs_lam.png", "knobs.png", "learning_curves.png", "categories.png"))
+
+
+def test_the_sweep_prints_the_table_then_the_held_out_result_last(asha_sweep):
+    from tune.sweep import summarize
+
+    cfg, _ = asha_sweep
+    lines = summarize(cfg).splitlines()
+    assert lines[0].startswith("trials on the validation split, by validation_loss (min)")
+    assert sum(" completed " in f" {line} " for line in lines) >= 1 and any("stopped" in line for line in lines)
+    assert lines[-2].startswith("held-out test (") and "best trial trial_" in lines[-2]
+    assert lines[-1].strip().startswith("WMSS seed 0:") and "McNemar p" in lines[-1]
+
+
 def test_best_yaml_is_a_complete_config_of_the_best_completed_trial(asha_sweep):
     from pathlib import Path
 
@@ -211,10 +261,16 @@ def test_running_the_sweep_again_continues_it_without_rerunning_trials(asha_swee
                          sorted((e.parent.name, e.stat().st_mtime_ns) for e in t.glob("validation*/eval_results.json")))
                 for t in trials}
 
-    before = traces()
+    def shared() -> tuple:  # the control is not trained again, the test set not read again
+        return ((root / "baseline" / "workers.jsonl").read_text(),
+                (root / "baseline" / "validation" / "eval_results.json").stat().st_mtime_ns,
+                (root / "final" / "eval_results.json").stat().st_mtime_ns)
+
+    before, before_shared = traces(), shared()
     again = run_sweep(cfg)
     assert sorted(Path(r.path).name for r in again) == sorted(Path(r.path).name for r in grid)
     assert traces() == before  # no trial ran again, finished or stopped
+    assert shared() == before_shared
     assert sorted(p for p in root.iterdir() if p.name.startswith("trial_")) == trials
 
 
@@ -224,6 +280,7 @@ def test_wmss_tune_passes_retry_errored_and_prints_the_table(monkeypatch, capsys
 
     calls = []
     monkeypatch.setattr(sweep, "run_sweep", lambda cfg, retry_errored=False: calls.append(retry_errored) or [])
+    # no results.csv: the table is empty and says so
     for argv in (["tune", "configs/test-tiny.yaml", "--set", f"run.storage={tmp_path}"],
                  ["tune", "configs/test-tiny.yaml", "--set", f"run.storage={tmp_path}", "--retry-errored"]):
         assert cli.main(argv) == 0
@@ -243,3 +300,66 @@ def test_continuing_a_sweep_with_another_config_is_refused(tmp_path):
     other = load_config(None, [f"run.storage={tmp_path}", "tune.num_samples=3", "training.lr=0.01"])
     with pytest.raises(ValueError, match="training.lr, tune.num_samples differ"):
         check_same_sweep(other, tmp_path)
+
+
+def test_a_trial_over_two_seeds_reports_their_mean_in_lockstep(asha_sweep):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from pathlib import Path
+
+    from tune.trial import run_trial, seed_run_dirs
+    from wmss_ray.stats import mean_and_spread
+
+    sweep_cfg, _ = asha_sweep  # its base run's shared phases (up to scoring) serve this trial too
+    cfg = load_config("configs/test-tiny.yaml", [f"run.storage={sweep_cfg.run.storage}", *TINY_SWEEP, "tune.seeds=2"])
+    reports: list[dict] = []
+    final = run_trial(cfg, {"mix.lam": 0.5}, "seeds_trial", report=reports.append)
+    dirs = seed_run_dirs(Path(cfg.run_dir()) / "tune", "seeds_trial", 2)
+    assert [d.name for d in dirs] == ["seeds_trial", "seeds_trial-seed1"] and all(d.is_dir() for d in dirs)
+    draws = [pq.read_table(d / "curriculum_1" / "sampled_ids.parquet")["sample_id"].to_pylist() for d in dirs]
+    assert draws[0] != draws[1]  # curriculum.seed = run.seed + i: another draw (and data order)
+    assert [(r["step"], r["final"], r["seeds"], r["n_validation"]) for r in reports] == \
+        [(1, False, 2, 8), (2, True, 2, cfg.data.demo.n_validation)]
+    accs = [json.loads((d / "validation" / "eval_results.json").read_text())["models"]["WMSS"]["accuracy"]
+            for d in dirs]
+    mean, std, _, _ = mean_and_spread(accs)
+    assert final == reports[-1] and final["validation_accuracy"] == pytest.approx(mean)
+    assert final["accuracy_std"] == pytest.approx(std) and final["equal_steps"]
+    losses = [[json.loads(line)["loss"] for line in (d / "wmss_1" / "metrics.jsonl").read_text().splitlines()]
+              for d in dirs]
+    assert len(losses[0]) == len(losses[1]) == 2 and losses[0] != losses[1]
+    assert not any((d / "wmss_1" / "interim_model").exists() for d in dirs)
+
+
+def test_paired_difference_averages_the_seeds_per_problem_against_the_control(tmp_path):
+    import json
+
+    import numpy as np
+
+    from tune.baseline import control_steps, paired_vs_control
+    from wmss_ray.stats import paired_test, sign_flip_p_value
+
+    rng = np.random.default_rng(0)
+    n = 60
+    control, s0, s1 = rng.random(n) < 0.5, rng.random(n) < 0.7, rng.random(n) < 0.6
+
+    def write(name, correct, drop=()):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"sample_id": f"id{i}", "correct": bool(c)}) + "\n"
+                                for i, c in enumerate(correct) if i not in drop))
+        return path
+
+    one = paired_vs_control([write("s0.jsonl", s0)], str(write("c.jsonl", control)))
+    ref = paired_test(s0, control)  # one seed: the exact McNemar test and the same bootstrap
+    assert one["diff_vs_sft"] == pytest.approx(ref.diff) and one["p_value"] == pytest.approx(ref.p_value)
+    assert (one["diff_ci_low"], one["diff_ci_high"]) == pytest.approx((ref.ci_low, ref.ci_high))
+    two = paired_vs_control([write("s0.jsonl", s0), write("s1.jsonl", s1, drop={3})], str(tmp_path / "c.jsonl"))
+    keep = np.arange(n) != 3  # a problem missing from one seed's file is left out, not counted wrong
+    d = (s0[keep].astype(float) + s1[keep]) / 2 - control[keep]
+    assert two["diff_vs_sft"] == pytest.approx(d.mean()) and two["p_value"] == pytest.approx(sign_flip_p_value(d))
+    assert two["diff_ci_low"] < d.mean() < two["diff_ci_high"]
+    rows = [{"status": "completed", "step": 9}, {"status": "completed", "step": 9}, {"status": "completed", "step": 7},
+            {"status": "stopped", "step": 3}]
+    assert control_steps(rows) == 9 and control_steps(rows[3:]) is None

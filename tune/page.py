@@ -143,7 +143,7 @@ STATUS_LABEL = {"stopped": "stopped by ASHA", "error": "error", "pending": "pend
 
 def _trial_table(ranked: list[dict], keys: list[str], metric: str) -> str:
     header = ["#", "trial", "status", *keys, "validation accuracy", "validation loss", "n", "step", "seeds",
-              "accuracy std", "diff vs SFT-continued [95% CI]", "p (McNemar)"]
+              "accuracy std", "diff vs SFT-continued [95% CI]", "p (sign-flip; = McNemar for 1 seed)"]
     body = [[i + 1, r["trial"], STATUS_LABEL[r["status"]], *(_param(r["params"].get(k)) for k in keys),
              _f(r["validation_accuracy"]), _f(r["validation_loss"]), _f(r["n_validation"], ".0f"),
              _f(r["step"], ".0f"), _f(r["seeds"], ".0f"), _f(r["accuracy_std"]),

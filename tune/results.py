@@ -1,6 +1,8 @@
 """What a sweep leaves behind: ``<run>/tune/results.csv`` (one row per trial: parameters,
-metrics, status) and ``<run>/tune/best.yaml`` (the base config with the best completed trial's
-values: ``wmss run best.yaml`` runs it as is, into ``<run.name>-best``).
+metrics, the paired difference with the shared SFT-continued control, status),
+``<run>/tune/curves.csv`` (every report of every trial: the learning curves) and
+``<run>/tune/best.yaml`` (the base config with the best completed trial's values: ``wmss run
+best.yaml`` runs it as is, into ``<run.name>-best``).
 
 A trial's status: ``completed`` (its last report is the whole validation split), ``stopped``
 (ASHA ended it; its last report is an intermediate one on ``tune.eval_samples`` rows, so it is
@@ -17,7 +19,9 @@ from typing import Any
 from wmss_ray.config import WMSSConfig
 from wmss_ray.config_loading import config_from_dict, save_config
 
-METRICS = ("validation_accuracy", "validation_loss", "n_validation", "step")
+METRICS = ("validation_accuracy", "validation_loss", "n_validation", "step", "seeds", "accuracy_std")
+PAIRED = ("diff_vs_sft", "diff_ci_low", "diff_ci_high", "p_value")  # tune/baseline.py fills them
+CURVE_KEYS = ("validation_accuracy", "validation_loss", "n_validation", "final")
 
 
 def _status(result) -> str:
@@ -28,14 +32,34 @@ def _status(result) -> str:
     return "completed" if result.metrics.get("final") else "stopped"
 
 
+def _trial_name(result) -> str:
+    return Path(result.path).name if result.path else (result.metrics or {}).get("trial_id", "?")
+
+
 def trial_rows(grid) -> list[dict[str, Any]]:
-    """``[{trial, status, params, validation_accuracy, validation_loss, n_validation, step}]``."""
+    """``[{trial, status, params, validation_accuracy, validation_loss, n_validation, step, seeds,
+    accuracy_std}]``: one per trial, its last report."""
     rows = []
     for r in grid:
         m = r.metrics or {}
-        rows.append({"trial": Path(r.path).name if r.path else m.get("trial_id", "?"), "status": _status(r),
-                     "params": dict(r.config or {}), **{k: m.get(k) for k in METRICS}})
+        rows.append({"trial": _trial_name(r), "status": _status(r), "params": dict(r.config or {}),
+                     **{k: m.get(k) for k in METRICS}})
     return rows
+
+
+def curve_rows(grid) -> list[dict[str, Any]]:
+    """``[{trial, status, step, validation_accuracy, validation_loss, n_validation, final}]``: every
+    report of every trial, in order (intermediate ones are on the ``tune.eval_samples`` subsample)."""
+    out = []
+    for r in grid:
+        df = r.metrics_dataframe
+        if df is None or "step" not in df:
+            continue
+        status = _status(r)
+        for rec in df.to_dict("records"):
+            out.append({"trial": _trial_name(r), "status": status, "step": rec.get("step"),
+                        **{k: rec.get(k) for k in CURVE_KEYS}})
+    return out
 
 
 def best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
@@ -53,17 +77,45 @@ def best_config(base: WMSSConfig, params: dict[str, Any]) -> WMSSConfig:
     return config_from_dict(base.to_dict(), overrides, source="tune best trial")
 
 
-def write_outputs(base: WMSSConfig, grid, root: Path) -> dict[str, Any] | None:
-    """Write results.csv and (when a trial completed) best.yaml under ``root``; returns the best row."""
-    rows = trial_rows(grid)
+def write_outputs(base: WMSSConfig, rows: list[dict[str, Any]], curves: list[dict[str, Any]],
+                  root: Path) -> dict[str, Any] | None:
+    """Write results.csv, curves.csv and (when a trial completed) best.yaml under ``root``;
+    returns the best row."""
     keys = sorted({k for r in rows for k in r["params"]})
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["trial", "status", *keys, *METRICS])
+        w.writerow(["trial", "status", *keys, *METRICS, *PAIRED])
         for r in rows:
-            w.writerow([r["trial"], r["status"], *(r["params"].get(k) for k in keys), *(r.get(k) for k in METRICS)])
+            w.writerow([r["trial"], r["status"], *(r["params"].get(k) for k in keys),
+                        *(r.get(k) for k in (*METRICS, *PAIRED))])
+    with open(root / "curves.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["trial", "status", "step", *CURVE_KEYS])
+        for c in curves:
+            w.writerow([c["trial"], c["status"], c["step"], *(c.get(k) for k in CURVE_KEYS)])
     best = best_row(rows, base.tune.metric, base.tune.resolved_mode)
     if best is not None:
         save_config(best_config(base, best["params"]), root / "best.yaml")
     return best
+
+
+def _number(text: str) -> Any:
+    if text == "":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def read_results(root: Path) -> list[dict[str, Any]]:
+    """results.csv back as :func:`trial_rows`' rows (numbers parsed, empty cells None); [] without one."""
+    path = root / "results.csv"
+    if not path.exists():
+        return []
+    fixed = {"trial", "status", *METRICS, *PAIRED}
+    with open(path, newline="") as f:
+        return [{"trial": r["trial"], "status": r["status"],
+                 "params": {k: _number(v) for k, v in r.items() if k not in fixed},
+                 **{k: _number(r.get(k, "")) for k in (*METRICS, *PAIRED)}} for r in csv.DictReader(f)]

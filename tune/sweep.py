@@ -17,8 +17,11 @@ else as many trials as the cluster holds, each counted as its driver plus its Tr
 (Tune reserves only the driver; Train V2 asks for the workers later, so more trials than that
 would wait on each other forever). Running ``wmss tune CONFIG`` again continues the same
 experiment (``<run>/tune/sweep``, ``Tuner.restore``): finished trials are not rerun; errored ones
-only with ``retry_errored``. Outputs: ``<run>/tune/results.csv``, ``<run>/tune/best.yaml``
-(``tune/results.py``).
+only with ``retry_errored``. ``tune.seeds`` runs each configuration over several curriculum
+seeds (``tune/trial.py``). After the trials: one SFT-continued control and each trial's paired
+difference with it on validation, then the best configuration once on ``data.eval``
+(``tune/baseline.py``). Outputs: ``<run>/tune/results.csv``, ``curves.csv``, ``best.yaml``
+(``tune/results.py``), ``final.json`` and the page ``page/index.html`` (``tune/page.py``).
 
 Usage: ``wmss tune CONFIG [--retry-errored]`` or ``python -m jobs.tune --config CONFIG``.
 """
@@ -135,11 +138,11 @@ def check_same_sweep(base: WMSSConfig, root: Path) -> None:
 
 def run_sweep(base: WMSSConfig, retry_errored: bool = False):
     """Run the shared phases once, then the Tune trials (or continue the sweep of this run dir);
-    writes results.csv and best.yaml and returns the Ray Tune ResultGrid."""
+    then :func:`finish_sweep` (the shared control, results, the held-out test, the page); returns
+    the Ray Tune ResultGrid."""
     import ray
     from ray import tune
 
-    from tune.results import write_outputs
     from wmss_ray import storage
     from wmss_ray.cluster import ensure_ray
     from wmss_ray.pipeline import run_pipeline
@@ -185,28 +188,60 @@ def run_sweep(base: WMSSConfig, retry_errored: bool = False):
             run_config=tune.RunConfig(storage_path=str(root), name=EXPERIMENT),
         )
     grid = tuner.fit()
-    write_outputs(base, grid, root)
+    finish_sweep(base, grid, root)
     return grid
 
 
-def summarize(grid, cfg: WMSSConfig | None = None) -> str:
-    """A fixed-width table of the trials, best first by ``tune.metric`` (completed trials first)."""
-    from tune.results import trial_rows
+def finish_sweep(base: WMSSConfig, grid, root: Path) -> dict[str, Any] | None:
+    """After the trials: the shared SFT-continued control and each trial's paired difference with
+    it on validation, results.csv / curves.csv / best.yaml, then the best configuration once on
+    ``data.eval`` (final.json), and the sweep page (``<run>/tune/page/index.html``). Returns the final held-out result (None when there is none)."""
+    from tune.baseline import add_paired, final_heldout
+    from tune.results import curve_rows, trial_rows, write_outputs
 
-    metric = cfg.tune.metric if cfg else "validation_accuracy"
-    mode = cfg.tune.resolved_mode if cfg else "max"
+    from tune.page import write_sweep_page
+
     rows = trial_rows(grid)
+    add_paired(base, rows, root)
+    best = write_outputs(base, rows, curve_rows(grid), root)
+    final = final_heldout(base, best, root) if best is not None else None
+    page = write_sweep_page(root, metric=base.tune.metric, mode=base.tune.resolved_mode)
+    print(f"[wmss] tune: sweep page {page}", flush=True)
+    return final
+
+
+def summarize(cfg: WMSSConfig) -> str:
+    """The sweep's table from ``<run>/tune/results.csv`` (best first by ``tune.metric``, completed
+    trials first; the paired difference with SFT-continued on validation), then the best
+    configuration's held-out test result (final.json) last."""
+    from tune.baseline import final_lines, read_final
+    from tune.results import read_results
+
+    root = Path(cfg.run_dir()).resolve() / "tune"
+    metric, mode = cfg.tune.metric, cfg.tune.resolved_mode
+    rows = read_results(root)
     sign = -1.0 if mode == "max" else 1.0
 
     def key(r: dict[str, Any]) -> tuple:
         v = r.get(metric)
         return (r["status"] != "completed", sign * v if isinstance(v, float) and not math.isnan(v) else math.inf)
 
+    def num(r: dict[str, Any], k: str, spec: str, scale: float = 1.0) -> str:
+        v = r.get(k)
+        return format(scale * v, spec) if isinstance(v, float) and not math.isnan(v) else "-"
+
     rows.sort(key=key)
-    lines = [f"trials on the validation split, by {metric} ({mode}); data.eval, the test set, is not read",
-             f"{'status':>9} {'step':>5} {'accuracy':>9} {'loss':>8}  params"]
+    lines = [f"trials on the validation split, by {metric} ({mode}); data.eval, the test set, is read once "
+             "after the choice",
+             f"{'status':>9} {'step':>5} {'accuracy':>9} {'± std':>6} {'loss':>8} {'vs SFT-cont. [95% CI]':>23}  params"]
     for r in rows:
         p = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
-        lines.append(f"{r['status']:>9} {r.get('step') or 0:>5} {r.get('validation_accuracy', math.nan):9.3f} "
-                     f"{r.get('validation_loss', math.nan):8.4f}  {p}")
-    return "\n".join(lines)
+        diff = (f"{num(r, 'diff_vs_sft', '+.1f', 100)} [{num(r, 'diff_ci_low', '+.1f', 100)}, "
+                f"{num(r, 'diff_ci_high', '+.1f', 100)}]") if r.get("diff_vs_sft") is not None else "-"
+        lines.append(f"{r['status']:>9} {num(r, 'step', '.0f'):>5} {num(r, 'validation_accuracy', '.3f'):>9} "
+                     f"{num(r, 'accuracy_std', '.3f'):>6} {num(r, 'validation_loss', '.4f'):>8} {diff:>23}  {p}")
+    if not any(r["status"] == "completed" for r in rows):
+        lines.append("no trial completed: no best.yaml")
+    else:
+        lines.append(f"best configuration: {root / 'best.yaml'} (differences in accuracy points)")
+    return "\n".join(lines + final_lines(read_final(root)))

@@ -6,6 +6,12 @@ step N and exports ``wmss_1/interim_model``; the next chunk (same ``out_dir``) r
 checkpoint exactly. The last stretch runs inside the pipeline's own ``wmss_1`` phase (which
 resumes the same way), so the trial's manifests are those of a plain run. Intermediate reports
 use a seeded subsample of ``tune.eval_samples`` validation rows; the final one the whole split.
+
+``tune.seeds`` S > 1: the trial runs its configuration S times, ``curriculum.seed = run.seed + i``
+(another curriculum draw and WMSS data order) in ``<run>/tune/<trial>-seed<i>``, the chunks in
+lockstep; every report is the seeds' mean, with ``accuracy_std``. Each seed's per-problem
+validation outcomes stay in ``<seed run dir>/validation/eval_WMSS.jsonl`` for the paired
+comparison with the sweep's control (``tune/baseline.py``).
 """
 
 from __future__ import annotations
@@ -26,12 +32,24 @@ NO_VALIDATION = ("a tune sweep selects a trial, so it needs a validation split a
 Report = Callable[[dict[str, Any]], None]
 
 
-def trial_config(base: WMSSConfig, params: dict[str, Any], trial_name: str) -> WMSSConfig:
-    """The base config with the trial's values and its own run directory under the base run."""
+def trial_config(base: WMSSConfig, params: dict[str, Any], trial_name: str, seed_index: int = 0) -> WMSSConfig:
+    """The base config with the trial's values and its own run directory under the base run.
+
+    ``seed_index`` i > 0 (``tune.seeds``): ``curriculum.seed = run.seed + i`` in
+    ``<run>/tune/<trial>-seed<i>``; i = 0 keeps ``curriculum.seed`` as given (null: run.seed), so
+    it is the run ``wmss run best.yaml`` makes."""
     overrides = [f"{k}={v}" for k, v in params.items()]
-    overrides += [f"run.storage={Path(base.run_dir()).resolve() / 'tune'}", f"run.name={trial_name}",
+    name = trial_name if seed_index == 0 else f"{trial_name}-seed{seed_index}"
+    overrides += [f"run.storage={Path(base.run_dir()).resolve() / 'tune'}", f"run.name={name}",
                   "run.iterations=1", "evaluation.baseline=false"]
-    return config_from_dict(base.to_dict(), overrides, source=f"tune trial {trial_name}")
+    if seed_index:
+        overrides.append(f"curriculum.seed={base.run.seed + seed_index}")
+    return config_from_dict(base.to_dict(), overrides, source=f"tune trial {name}")
+
+
+def seed_run_dirs(root: Path, trial_name: str, seeds: int) -> list[Path]:
+    """The run directories of a trial's seeds under ``root`` = ``<run>/tune`` (see :func:`trial_config`)."""
+    return [root / (trial_name if i == 0 else f"{trial_name}-seed{i}") for i in range(seeds)]
 
 
 def link_shared_phases(base_run_dir: Path, trial_run_dir: Path, phases: tuple[str, ...] = SHARED_PHASES) -> None:
@@ -51,6 +69,9 @@ def subsample(rows: list[dict[str, Any]], n: int, seed: int) -> list[dict[str, A
     return [rows[i] for i in keep]
 
 
+VALIDATION_DIR = "validation"  # <trial run dir>/validation/eval_WMSS.jsonl: the per-problem outcomes
+
+
 def _evaluate(model_dir: str, rows: list[dict[str, Any]], cfg: WMSSConfig, out_dir: Path) -> dict[str, Any]:
     from wmss_ray.evaluation import evaluate_models
 
@@ -58,54 +79,89 @@ def _evaluate(model_dir: str, rows: list[dict[str, Any]], cfg: WMSSConfig, out_d
     return {"validation_accuracy": float(res.accuracy), "validation_loss": float(res.loss), "n_validation": int(res.n)}
 
 
-def _wmss_chunks(cfg: WMSSConfig, outputs: dict[str, Any], rows: list[dict[str, Any]], trial_dir: Path,
-                 report: Report) -> None:
-    """Train ``wmss_1`` up to the last multiple of ``eval_every`` below its end, reporting after each
-    chunk; the pipeline's ``wmss_1`` then trains the rest (resuming from the last checkpoint)."""
-    from wmss_ray.pipeline import RunContext
+def mean_over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report from the seeds' metrics: mean accuracy and loss, ``accuracy_std`` (ddof 1; 0 for one
+    seed), ``seeds``, and the (shared) ``n_validation``."""
+    from wmss_ray.stats import mean_and_spread
+
+    acc, std, _, _ = mean_and_spread(m["validation_accuracy"] for m in per_seed)
+    loss = mean_and_spread(m["validation_loss"] for m in per_seed)[0]
+    return {"validation_accuracy": acc, "validation_loss": loss, "accuracy_std": std, "seeds": len(per_seed),
+            "n_validation": per_seed[0]["n_validation"]}
+
+
+class _Seed:
+    """One seed of a trial: its config, run dir and the pipeline outputs up to its curriculum."""
+
+    def __init__(self, base: WMSSConfig, params: dict[str, Any], trial_name: str, index: int):
+        from wmss_ray.pipeline import run_pipeline
+
+        self.cfg = trial_config(base, params, trial_name, index)
+        self.dir = Path(self.cfg.run_dir()).resolve()
+        link_shared_phases(Path(base.run_dir()).resolve(), self.dir)
+        self.outputs = run_pipeline(self.cfg, until="curriculum_1")
+
+    def train_args(self) -> dict[str, Any]:
+        from wmss_ray.pipeline import RunContext
+
+        ctx = RunContext(self.cfg)
+        ctx.outputs = self.outputs
+        return dict(strong_init=ctx.model(1), weak_init=ctx.weak_model(1), tokenized_path=ctx.out("tokenize", "tokenized"),
+                    sampled_ids_path=ctx.out("curriculum_1", "sampled_ids"), out_dir=str(self.dir / "wmss_1"),
+                    epochs=self.cfg.training.wmss_epochs)
+
+    def wmss_done(self) -> bool:
+        from wmss_ray.manifest import read_manifest
+
+        old = read_manifest(str(self.dir / "wmss_1"))
+        return bool(old and old.status == "completed")
+
+
+def _wmss_chunks(seeds: list[_Seed], rows: list[dict[str, Any]], report: Report) -> None:
+    """Train every seed's ``wmss_1`` up to the last multiple of ``eval_every`` below its end, in
+    lockstep, reporting the seeds' mean after each chunk; the pipeline's ``wmss_1`` then trains
+    the rest (resuming from the last checkpoint)."""
     from wmss_ray.training.trainer import INTERIM_MODEL, build_spec, train_phase
 
-    ctx = RunContext(cfg)
-    ctx.outputs = outputs
-    args = dict(strong_init=ctx.model(1), weak_init=ctx.weak_model(1), tokenized_path=ctx.out("tokenize", "tokenized"),
-                sampled_ids_path=ctx.out("curriculum_1", "sampled_ids"), out_dir=str(trial_dir / "wmss_1"))
-    epochs = cfg.training.wmss_epochs
-    total = build_spec(cfg, "wmss", **args, epochs=epochs).plan.total_steps
-    every = cfg.tune.eval_every
-    for stop in range(every, total, every):
-        train_phase(cfg, "wmss", **args, epochs=epochs, stop_after=stop, export_at_stop=True)
-        metrics = _evaluate(str(trial_dir / "wmss_1" / INTERIM_MODEL), rows, cfg, trial_dir / f"validation_step{stop}")
-        report({**metrics, "step": stop, "final": False})
-    shutil.rmtree(trial_dir / "wmss_1" / INTERIM_MODEL, ignore_errors=True)  # a full model copy per trial
+    cfg = seeds[0].cfg  # a swept dedup can draw another number of samples per seed: chunk to the shortest
+    total = min(build_spec(s.cfg, "wmss", **s.train_args()).plan.total_steps for s in seeds)
+    for stop in range(cfg.tune.eval_every, total, cfg.tune.eval_every):
+        per_seed = []
+        for seed in seeds:
+            train_phase(seed.cfg, "wmss", **seed.train_args(), stop_after=stop, export_at_stop=True)
+            per_seed.append(_evaluate(str(seed.dir / "wmss_1" / INTERIM_MODEL), rows, seed.cfg,
+                                      seed.dir / f"validation_step{stop}"))
+        report({**mean_over_seeds(per_seed), "step": stop, "final": False})
+    for seed in seeds:
+        shutil.rmtree(seed.dir / "wmss_1" / INTERIM_MODEL, ignore_errors=True)  # a full model copy per seed
 
 
 def run_trial(base: WMSSConfig, params: dict[str, Any], trial_name: str,
               report: Report | None = None) -> dict[str, Any]:
-    """One trial: curriculum -> WMSS (in reported chunks when ``report`` and ``tune.eval_every``
-    are given) -> the WMSS model on the whole validation split. Returns the final metrics (also
-    passed to ``report``). Tests call it without Ray Tune."""
+    """One trial: for each of ``tune.seeds`` seeds, curriculum -> WMSS (in reported chunks when
+    ``report`` and ``tune.eval_every`` are given) -> the WMSS model on the whole validation split
+    (``<seed run dir>/validation/eval_WMSS.jsonl``). Returns the final metrics, the seeds' mean
+    (also passed to ``report``). Tests call it without Ray Tune."""
     from wmss_ray.data.ray_corpus import validation_eval_input
     from wmss_ray.evaluation import load_eval_rows
     from wmss_ray.pipeline import run_pipeline
 
-    cfg = trial_config(base, params, trial_name)
-    trial_dir = Path(cfg.run_dir()).resolve()
-    link_shared_phases(Path(base.run_dir()).resolve(), trial_dir)
-    outputs = run_pipeline(cfg, until="curriculum_1")
-    validation = validation_eval_input(cfg, outputs)
+    seeds = [_Seed(base, params, trial_name, i) for i in range(base.tune.seeds)]
+    validation = validation_eval_input(seeds[0].cfg, seeds[0].outputs)
     if validation is None:
         raise ValueError(NO_VALIDATION)
-    rows = load_eval_rows(validation, cfg)
-    if report is not None and cfg.tune.eval_every:
-        from wmss_ray.manifest import read_manifest
-
-        old = read_manifest(str(trial_dir / "wmss_1"))
-        if not (old and old.status == "completed"):  # a restarted trial whose WMSS is done: no chunks
-            _wmss_chunks(cfg, outputs, subsample(rows, cfg.tune.eval_samples, cfg.run.seed), trial_dir, report)
-    outputs = run_pipeline(cfg, until="wmss_1")
-    steps = int(outputs["wmss_1"].get("steps") or 0)
-    metrics = {**_evaluate(outputs["wmss_1"]["model_dir"], rows, cfg, trial_dir / "validation"),
-               "step": steps, "final": True}
+    rows = load_eval_rows(validation, seeds[0].cfg)
+    if report is not None and base.tune.eval_every:
+        todo = [s for s in seeds if not s.wmss_done()]  # a restarted trial whose WMSS is done: no chunks
+        if todo:
+            _wmss_chunks(todo, subsample(rows, base.tune.eval_samples, base.run.seed), report)
+    per_seed, steps = [], set()
+    for seed in seeds:
+        outputs = run_pipeline(seed.cfg, until="wmss_1")
+        steps.add(int(outputs["wmss_1"].get("steps") or 0))
+        per_seed.append(_evaluate(outputs["wmss_1"]["model_dir"], rows, seed.cfg, seed.dir / VALIDATION_DIR))
+    # "step" is what ASHA and the equal-compute control compare; seeds differ only under a swept dedup
+    metrics = {**mean_over_seeds(per_seed), "step": max(steps), "equal_steps": len(steps) == 1, "final": True}
     if report is not None:
         report(metrics)
     return metrics

@@ -76,10 +76,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from tune.sweep import run_sweep, summarize
 
     cfg = load_config(args.config, args.overrides)
-    grid = run_sweep(cfg, retry_errored=args.retry_errored)
-    print(summarize(grid, cfg))
-    best = Path(cfg.run_dir()).resolve() / "tune" / "best.yaml"
-    print(f"best configuration: {best}" if best.exists() else "no trial completed: no best.yaml")
+    run_sweep(cfg, retry_errored=args.retry_errored)
+    print(summarize(cfg))  # the table, then the best configuration's held-out result, last
     return 0
 
 

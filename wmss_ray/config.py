@@ -169,6 +169,9 @@ class CurriculumConfig(_Section):
     normalize: Literal["per_term"] = "per_term"
     sample_multiplier: float = Field(1.0, gt=0)
     dedup: bool = False
+    seed: int | None = Field(
+        None, description="seed of the curriculum draw and of the WMSS phase's data order; null: run.seed "
+                          "(tune.seeds repeats a trial over run.seed + i)")
 
     @model_validator(mode="after")
     def _not_all_zero(self) -> "CurriculumConfig":
@@ -355,6 +358,8 @@ class TuneConfig(_Section):
     """
 
     num_samples: int = Field(8, ge=1, description="trials (for search grid: repeats of the grid)")
+    seeds: int = Field(1, ge=1, description="runs of each trial's configuration, curriculum.seed = run.seed + i; "
+                                            "reports their mean (and std)")
     max_concurrent: int | None = Field(
         None, ge=1, description="null: as many trials as the cluster's CPUs/GPUs hold (driver + Train workers)")
     cpus_per_trial: float = Field(0.5, gt=0, description="the trial's driver; Train workers ask for their own")
@@ -399,6 +404,8 @@ class TuneConfig(_Section):
         if self.search == "grid" and any(kind not in ("grid", "choice") for kind in kinds.values()):
             ranged = [k for k, kind in kinds.items() if kind not in ("grid", "choice")]
             raise ValueError(f"tune.search grid needs every key as grid or choice; {', '.join(ranged)} is a range")
+        if self.seeds > 1 and "curriculum.seed" in self.search_space:
+            raise ValueError("tune.seeds repeats each trial over curriculum.seed: do not also sweep curriculum.seed")
         if self.scheduler == "asha" and self.eval_every == 0:
             raise ValueError("tune.scheduler asha stops trials on intermediate reports: set tune.eval_every > 0 "
                              "(or tune.scheduler: none)")
@@ -452,3 +459,8 @@ class WMSSConfig(_Section):
 
     def run_dir(self) -> str:
         return f"{self.run.storage.rstrip('/')}/{self.run.name}"
+
+    @property
+    def curriculum_seed(self) -> int:
+        """The seed of the curriculum draw and of WMSS's data order (``curriculum.seed``, else ``run.seed``)."""
+        return self.run.seed if self.curriculum.seed is None else self.curriculum.seed

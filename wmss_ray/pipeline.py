@@ -160,7 +160,7 @@ def _phase_curriculum(t: int) -> Callable[[RunContext], dict[str, Any]]:
         from wmss_ray.scoring.curriculum import sample_curriculum
 
         res = sample_curriculum(ctx.cfg, ctx.out(f"score_{t}", "scores"), ctx.phase_dir(f"curriculum_{t}"),
-                                seed=ctx.cfg.run.seed + t)
+                                seed=ctx.cfg.curriculum_seed + t)
         return {"outputs": {"sampled_ids": res.sampled_ids_path, "weights": res.weights_path}, "counts": res.counts}
 
     return run

@@ -185,3 +185,34 @@ def mean_and_spread(values: Iterable[float]) -> tuple[float, float, float, float
         return (nan, nan, nan, nan)
     std = float(v.std(ddof=1)) if v.size > 1 else 0.0
     return (float(v.mean()), std, float(v.min()), float(v.max()))
+
+
+_EXACT_FLIPS = 16  # up to 2**16 sign patterns are enumerated; beyond, a seeded Monte Carlo
+
+
+def sign_flip_p_value(diffs: Sequence[float] | np.ndarray, n_perm: int = 10000, seed: int = 0) -> float:
+    """Two-sided paired randomisation test of ``mean(diffs) == 0``.
+
+    Under H0 each problem's difference ``d_i`` (e.g. A's accuracy over seeds minus B's, in
+    [-1, 1]) is as likely negated, so ``p = P[|sum s_i d_i| >= |sum d_i|]`` over random signs
+    ``s``. For 0/1 outcomes (every ``d_i`` in {-1, 0, 1}) this is the exact McNemar test, computed
+    as such at any size; otherwise exact over the ``m`` non-zero differences when ``m <= 16``, else
+    a seeded Monte Carlo, ``(hits + 1) / (n_perm + 1)``.
+    Shapes: ``diffs`` [n].
+    """
+    d = np.asarray(diffs, dtype=np.float64)
+    d = d[d != 0]
+    if d.size == 0:
+        return 1.0
+    if np.all(np.abs(d) == 1.0):  # 0/1 outcomes: the same test, exact at any size
+        return mcnemar_exact(int(np.sum(d > 0)), int(np.sum(d < 0)))
+    observed = abs(float(d.sum())) - 1e-9 * float(np.abs(d).sum())  # ties count as extreme
+    if d.size <= _EXACT_FLIPS:
+        patterns = ((np.arange(2 ** d.size)[:, None] >> np.arange(d.size)) & 1) * 2 - 1  # [2^m, m]
+        return float(np.mean(np.abs(patterns @ d) >= observed))
+    rng = np.random.default_rng(seed)
+    hits, chunk = 0, max(1, min(n_perm, 4_000_000 // d.size))
+    for start in range(0, n_perm, chunk):
+        signs = rng.integers(0, 2, size=(min(chunk, n_perm - start), d.size)) * 2 - 1
+        hits += int(np.sum(np.abs(signs @ d) >= observed))
+    return (hits + 1) / (n_perm + 1)

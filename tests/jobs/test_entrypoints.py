@@ -113,9 +113,10 @@ def test_main_calls_the_api_after_connecting(name, monkeypatch, capsys):
     assert 'wmss-job-result: {"ok": 1}' in capsys.readouterr().out
 
 
-def test_tune_main_runs_the_sweep_after_connecting(monkeypatch, capsys):
+def test_tune_main_runs_the_sweep_after_connecting(monkeypatch, capsys, tmp_path):
     sweep = pytest.importorskip("tune.sweep")
     from jobs import tune as tune_job
+    from tune.results import trial_rows, write_outputs
 
     calls: list[tuple] = []
     monkeypatch.setattr(common, "connect", lambda address="auto": calls.append(("connect", address)))
@@ -127,8 +128,16 @@ def test_tune_main_runs_the_sweep_after_connecting(monkeypatch, capsys):
 
     # the stopped trial's (subsample) accuracy is higher, but only completed trials are chosen
     grid = [Trial(0.3, 0.5, True), Trial(0.6, 0.9, False), Trial(0.4, 0.2, True)]
-    monkeypatch.setattr(sweep, "run_sweep", lambda cfg: calls.append(("run_sweep", cfg.mix.lam)) or grid)
-    monkeypatch.setattr(sweep, "summarize", lambda grid, cfg=None: "table")
-    assert tune_job.main(["--config", str(TINY), "--set", "mix.lam=0.25"]) == 0
+    from pathlib import Path
+
+    def run_sweep(cfg):  # what the sweep leaves behind: results.csv (no control, no final.json)
+        calls.append(("run_sweep", cfg.mix.lam))
+        write_outputs(cfg, trial_rows(grid), [], Path(cfg.run_dir()).resolve() / "tune")
+        return grid
+
+    monkeypatch.setattr(sweep, "run_sweep", run_sweep)
+    assert tune_job.main(["--config", str(TINY), "--set", "mix.lam=0.25", "--set", f"run.storage={tmp_path}"]) == 0
     assert calls == [("connect", "auto"), ("run_sweep", 0.25)]
-    assert '"best_config": {"mix.lam": 0.3}' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert '"best_config": {"mix.lam": 0.3}' in out and '"heldout_test": null' in out
+    assert "held-out test: not evaluated" in out  # the table, then the final line

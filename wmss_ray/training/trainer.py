@@ -92,7 +92,9 @@ def build_spec(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | N
     t = cfg.training
     if epochs is None:
         epochs = t.sft_epochs if phase == "sft" else t.wmss_epochs
-    plan = DataPlan(n_per_epoch=n, epochs=float(epochs), seed=cfg.run.seed,
+    # WMSS visits the curriculum's draw in an order of the curriculum's seed (tune.seeds varies it)
+    seed = cfg.curriculum_seed if phase == "wmss" else cfg.run.seed
+    plan = DataPlan(n_per_epoch=n, epochs=float(epochs), seed=seed,
                     micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
                     world_size=cfg.scaling.num_workers, max_steps=t.max_steps, exact_steps=exact_steps)
     fault: dict[str, int] = {}
