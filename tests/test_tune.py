@@ -246,6 +246,36 @@ def test_best_yaml_is_a_complete_config_of_the_best_completed_trial(asha_sweep):
     assert best.training == cfg.training and best.data == cfg.data  # everything else is the base config
 
 
+def test_wmss_run_best_yaml_reproduces_the_chosen_trial_and_its_control(asha_sweep):
+    import json
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    from tune.trial import SHARED_PHASES
+    from wmss_ray import cli
+    from wmss_ray.manifest import read_manifest
+
+    cfg, _ = asha_sweep
+    root = Path(cfg.run_dir()) / "tune"
+    assert cli.main(["run", str(root / "best.yaml")]) == 0
+    run = Path(load_config(root / "best.yaml").run_dir())
+    assert all((run / p).is_symlink() for p in SHARED_PHASES)  # the sweep's shared phases, not rerun
+    final = json.loads((root / "final.json").read_text())
+
+    def weights(model_dir: str) -> dict:
+        return {k: v for f in sorted(Path(model_dir).glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    for ours, theirs in ((run / "wmss_1", root / final["trial"] / "wmss_1"), (run / "baseline", root / "baseline")):
+        a, b = (weights(read_manifest(str(d)).outputs["model_dir"]) for d in (ours, theirs))
+        assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), ours.name  # bit-identical
+    models = json.loads((run / "eval" / "eval_results.json").read_text())["models"]
+    assert models["WMSS"]["accuracy"] == final["wmss"][0]["accuracy"]  # the same test set, the same answer
+    assert models["SFT-continued"]["accuracy"] == final["sft_continued"]["accuracy"]
+    assert (run / "report" / "report.html").exists()
+
+
 def test_running_the_sweep_again_continues_it_without_rerunning_trials(asha_sweep):
     from pathlib import Path
 

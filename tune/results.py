@@ -2,7 +2,8 @@
 metrics, the paired difference with the shared SFT-continued control, status),
 ``<run>/tune/curves.csv`` (every report of every trial: the learning curves) and
 ``<run>/tune/best.yaml`` (the base config with the best completed trial's values: ``wmss run
-best.yaml`` runs it as is, into ``<run.name>-best``).
+best.yaml`` runs it as is, into ``<run.name>-best``, whose phases up to scoring are links to the
+sweep's, so only curriculum -> WMSS -> SFT-continued -> eval -> report run).
 
 A trial's status: ``completed`` (its last report is the whole validation split), ``stopped``
 (ASHA ended it; its last report is an intermediate one on ``tune.eval_samples`` rows, so it is
@@ -16,6 +17,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tune.trial import link_shared_phases
 from wmss_ray.config import WMSSConfig
 from wmss_ray.config_loading import config_from_dict, save_config
 
@@ -96,7 +98,10 @@ def write_outputs(base: WMSSConfig, rows: list[dict[str, Any]], curves: list[dic
             w.writerow([c["trial"], c["status"], c["step"], *(c.get(k) for k in CURVE_KEYS)])
     best = best_row(rows, base.tune.metric, base.tune.resolved_mode)
     if best is not None:
-        save_config(best_config(base, best["params"]), root / "best.yaml")
+        cfg = best_config(base, best["params"])
+        save_config(cfg, root / "best.yaml")
+        # `wmss run best.yaml` then reruns nothing the sweep shares (same fingerprints): from the curriculum on
+        link_shared_phases(Path(base.run_dir()).resolve(), Path(cfg.run_dir()).resolve())
     return best
 
 
