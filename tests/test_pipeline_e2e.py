@@ -168,34 +168,3 @@ def test_changed_beta_changes_the_reports_weights_without_rescoring(tiny_run):
         _manifest(beta, "curriculum_1")["counts"]["effective_sample_size"])
 
 
-def test_tune_sweep_reuses_the_shared_phases(tiny_run):
-    """One Ray Tune trial on top of the finished run: only curriculum -> WMSS -> eval run in it."""
-    import pyarrow.parquet as pq
-
-    from tune.sweep import SHARED_PHASES, run_sweep
-
-    cfg, out, _ = tiny_run
-    sweep_cfg = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={
-        "num_samples": 1, "search_space": {"curriculum.beta": {"choice": [0.3]}, "mix.lam": {"choice": [0.3]}}})})
-    grid = run_sweep(sweep_cfg)
-    assert len(grid) == 1 and grid.errors == []
-    result = grid[0]
-    assert result.config == {"curriculum.beta": 0.3, "mix.lam": 0.3}
-    # the trial is judged on the validation split, never on data.eval (the test set)
-    assert result.metrics["n_validation"] == cfg.data.demo.n_validation
-    assert _finite(result.metrics["validation_loss"]) and result.metrics["validation_loss"] > 0
-    trial_dirs = [d for d in (Path(cfg.run_dir()) / "tune").iterdir() if d.name.startswith("trial_")]
-    assert len(trial_dirs) == 1
-    trial = trial_dirs[0]
-    for phase in SHARED_PHASES:
-        assert (trial / phase).is_symlink()
-    rows = [json.loads(line) for line in (trial / "validation" / "eval_WMSS.jsonl").read_text().splitlines()]
-    assert len(rows) == cfg.data.demo.n_validation
-    assert result.metrics["validation_accuracy"] == sum(r["correct"] for r in rows) / len(rows)
-    trial_wmss = json.loads((trial / "wmss_1" / "manifest.json").read_text())
-    assert trial_wmss["status"] == "completed"
-    assert trial_wmss["fingerprint"] != _manifest(cfg, "wmss_1")["fingerprint"]  # λ differs
-    # the trial's curriculum drew from its own beta's weights, not the base run's
-    trial_w = pq.read_table(trial / "curriculum_1" / "weights.parquet")["weight"].to_numpy()
-    base_w = pq.read_table(out["curriculum_1"]["weights"])["weight"].to_numpy()
-    assert not (trial_w == base_w).all()

@@ -184,6 +184,32 @@ def test_an_asha_sweep_with_optuna_stops_a_trial_early(asha_sweep):
         assert r["curriculum.formula"] in ("seed", "v2") and 0.05 <= float(r["mix.lam"]) <= 1.0
 
 
+def test_trials_link_the_shared_phases_and_run_their_own_curriculum_on_validation(asha_sweep):
+    import json
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from tune.trial import SHARED_PHASES
+
+    cfg, grid = asha_sweep
+    base = Path(cfg.run_dir())
+    weights = {}
+    for r in grid:
+        trial = base / "tune" / Path(r.path).name
+        assert all((trial / p).is_symlink() and (trial / p).resolve() == (base / p).resolve() for p in SHARED_PHASES)
+        manifest = json.loads((trial / "curriculum_1" / "manifest.json").read_text())
+        weights[r.config["curriculum.formula"]] = pq.read_table(trial / "curriculum_1" / "weights.parquet")["weight"]
+        assert manifest["status"] == "completed"
+        if r.metrics.get("final"):  # judged on the whole validation split, never on data.eval
+            rows = [json.loads(x) for x in (trial / "validation" / "eval_WMSS.jsonl").read_text().splitlines()]
+            assert len(rows) == r.metrics["n_validation"] == cfg.data.demo.n_validation
+            assert r.metrics["validation_accuracy"] == sum(x["correct"] for x in rows) / len(rows)
+            assert r.metrics["validation_loss"] > 0 and not (trial / "eval").exists()
+    if len(weights) == 2:  # each trial drew from its own curriculum formula's weights
+        assert weights["seed"].to_pylist() != weights["v2"].to_pylist()
+
+
 def test_completed_trials_are_paired_with_one_shared_control_and_the_best_is_tested_once(asha_sweep):
     import csv
     import json
