@@ -96,6 +96,9 @@ def plot_knobs(rows: list[dict], metric: str, numeric: list[str], path: Path) ->
     drawn = {"keys": keys, "points": pts}
     c = np.array([np.nan if p[2] is None else p[2] for p in pts])
     grey = np.isnan(c)
+    status = {r["trial"]: r.get("status") for r in rows}
+    # a stopped trial's value is an earlier, subsample report: an x, not a dot like the finished ones
+    done = np.array([status.get(p[0]) == "completed" for p in pts])
     n = len(keys)
     if not pts or grey.all():  # without a single metric value the view shows nothing
         return _done(path, drawn)
@@ -112,7 +115,9 @@ def plot_knobs(rows: list[dict], metric: str, numeric: list[str], path: Path) ->
             y = c if i == j else ys
             if i != j:
                 ax.scatter(xs[grey], ys[grey], c="lightgrey", s=18)
-            sc = ax.scatter(xs[~grey], y[~grey], c=c[~grey], cmap="viridis", norm=norm, s=24)
+            for sel, marker in ((~grey & done, "o"), (~grey & ~done, "x")):
+                if sel.any():
+                    sc = ax.scatter(xs[sel], y[sel], c=c[sel], cmap="viridis", norm=norm, s=30, marker=marker)
             ax.grid(alpha=0.3)
             if i == n - 1:
                 ax.set_xlabel(kx)
@@ -125,7 +130,8 @@ def plot_knobs(rows: list[dict], metric: str, numeric: list[str], path: Path) ->
         fig.axes[0].set_title(f"the only numeric param: {keys[0]}", fontsize="medium")
     else:
         fig.colorbar(sc, cax=fig.add_axes((0.88, 0.1, 0.025, 0.82)), label=metric)
-        fig.suptitle(f"Swept parameters, coloured by {metric} (grey: no value; diagonal: {metric})")
+        fig.suptitle(f"Swept parameters, coloured by {metric} (x: stopped, its last subsample report; "
+                     f"grey: no value; diagonal: {metric})")
     return _done(path, drawn, fig)
 
 

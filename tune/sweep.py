@@ -239,7 +239,7 @@ def summarize(cfg: WMSSConfig) -> str:
         diff = (f"{num(r, 'diff_vs_sft', '+.1f', 100)} [{num(r, 'diff_ci_low', '+.1f', 100)}, "
                 f"{num(r, 'diff_ci_high', '+.1f', 100)}]") if r.get("diff_vs_sft") is not None else "-"
         lines.append(f"{r['status']:>9} {num(r, 'step', '.0f'):>5} {num(r, 'validation_accuracy', '.3f'):>9} "
-                     f"{num(r, 'accuracy_std', '.3f'):>6} {num(r, 'validation_loss', '.4f'):>8} {diff:>23}  {p}")
+                     f"{num(r, 'accuracy_std', '.3f') if (r.get('seeds') or 1) > 1 else '-':>6} {num(r, 'validation_loss', '.4f'):>8} {diff:>23}  {p}")
     if not any(r["status"] == "completed" for r in rows):
         lines.append("no trial completed: no best.yaml")
     else:
