@@ -28,14 +28,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg = common.load_job_config(args.config, args.overrides)
         common.connect(args.address)
         from tune.baseline import read_final
-        from tune.results import best_row, read_results
+        from tune.page import read_results
+        from tune.results import best_row
         from tune.sweep import run_sweep, summarize
 
         run_sweep(cfg)
         print(summarize(cfg), flush=True)
         # the best *completed* trial (a stopped one's last report is on a subsample); best.yaml has it
         root = Path(cfg.run_dir()).resolve() / "tune"
-        best = best_row(read_results(root), cfg.tune.metric, cfg.tune.resolved_mode) or {}
+        best = best_row(read_results(root / "results.csv")[0], cfg.tune.metric, cfg.tune.resolved_mode) or {}
         common.print_result({"best_config": best.get("params"), "best_metrics": {k: best.get(k) for k in
                              ("validation_accuracy", "validation_loss", "n_validation", "step", "seeds",
                               "accuracy_std", "diff_vs_sft", "diff_ci_low", "diff_ci_high")},

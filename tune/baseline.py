@@ -31,10 +31,11 @@ FINAL = "final.json"
 PAIRED_KEYS = ("diff_vs_sft", "diff_ci_low", "diff_ci_high", "p_value")
 
 
-def _base_outputs(base: WMSSConfig) -> dict[str, Any]:
+def base_outputs(base: WMSSConfig) -> dict[str, Any]:
+    """The base run's phase outputs up to scoring (completed before the trials: only read here)."""
     from wmss_ray.pipeline import run_pipeline
 
-    return run_pipeline(base, until="score_1")  # completed before the trials: only read here
+    return run_pipeline(base, until="score_1")
 
 
 def control_steps(rows: list[dict[str, Any]]) -> int | None:
@@ -43,7 +44,7 @@ def control_steps(rows: list[dict[str, Any]]) -> int | None:
     return steps.most_common(1)[0][0] if steps else None
 
 
-def ensure_control(base: WMSSConfig, root: Path, steps: int) -> str:
+def ensure_control(base: WMSSConfig, outputs: dict[str, Any], root: Path, steps: int) -> str:
     """Train SFT-continued for ``steps`` steps once (reused when done with the same inputs) and
     evaluate it on the whole validation split; returns its per-problem validation file."""
     from wmss_ray.data.ray_corpus import validation_eval_input
@@ -53,7 +54,7 @@ def ensure_control(base: WMSSConfig, root: Path, steps: int) -> str:
     from wmss_ray.training.trainer import train_phase
 
     ctx = RunContext(base)
-    ctx.outputs = _base_outputs(base)
+    ctx.outputs = outputs
     out = root / BASELINE_DIR
     per_sample = out / VALIDATION_DIR / f"eval_{CONTROL}.jsonl"
     fp = fingerprint({"steps": steps, "sft": read_manifest(ctx.phase_dir("sft")).fingerprint,
@@ -100,13 +101,13 @@ def paired_vs_control(seed_files: list[Path], control_file: str, seed: int = 0) 
             "p_value": sign_flip_p_value(a - b, seed=seed)}
 
 
-def add_paired(base: WMSSConfig, rows: list[dict[str, Any]], root: Path) -> str | None:
+def add_paired(base: WMSSConfig, outputs: dict[str, Any], rows: list[dict[str, Any]], root: Path) -> str | None:
     """Train/evaluate the control if a trial completed and add :data:`PAIRED_KEYS` to each
     completed, equal-compute row (in place); returns the control's validation file."""
     steps = control_steps(rows)
     if steps is None:
         return None
-    control = ensure_control(base, root, steps)
+    control = ensure_control(base, outputs, root, steps)
     for r in rows:
         files = [d / VALIDATION_DIR / "eval_WMSS.jsonl" for d in seed_run_dirs(root, r["trial"], base.tune.seeds)]
         if r["status"] == "completed" and int(r.get("step") or 0) == steps and all(f.exists() for f in files):
@@ -114,7 +115,8 @@ def add_paired(base: WMSSConfig, rows: list[dict[str, Any]], root: Path) -> str 
     return control
 
 
-def final_heldout(base: WMSSConfig, best: dict[str, Any], root: Path) -> dict[str, Any] | None:
+def final_heldout(base: WMSSConfig, outputs: dict[str, Any], best: dict[str, Any],
+                  root: Path) -> dict[str, Any] | None:
     """The best trial's models (one per seed) and the control, once on ``data.eval`` with a paired
     test per seed; written to ``<root>/final.json`` (reused when it is for the same trial). None
     without a ``data.eval`` or a control."""
@@ -126,7 +128,6 @@ def final_heldout(base: WMSSConfig, best: dict[str, Any], root: Path) -> dict[st
     old = read_final(root)
     if old is not None and old.get("trial") == best["trial"]:
         return old
-    outputs = _base_outputs(base)
     eval_path = outputs["data"]["eval"] if base.models.demo else base.data.eval
     control = read_manifest(str(root / BASELINE_DIR))
     if not eval_path or control is None or control.status != "completed":

@@ -28,11 +28,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from tune.results import METRICS, PAIRED
 from tune.page_plots import finite, plot_categories, plot_knobs, plot_learning_curves, plot_metric_vs_param
 from wmss_ray.report import _CSS, _img, _missing, _table
 
-FIXED = ("trial", "status", "validation_accuracy", "validation_loss", "n_validation", "step", "seeds",
-         "accuracy_std", "diff_vs_sft", "diff_ci_low", "diff_ci_high", "p_value")
+FIXED = ("trial", "status", *METRICS, *PAIRED)  # results.csv's columns that are not parameters
 STATUSES = ("completed", "stopped", "error", "pending")
 CURVE_NUMBERS = ("step", "validation_accuracy", "validation_loss", "n_validation")
 

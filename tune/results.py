@@ -103,24 +103,3 @@ def write_outputs(base: WMSSConfig, rows: list[dict[str, Any]], curves: list[dic
         # `wmss run best.yaml` then reruns nothing the sweep shares (same fingerprints): from the curriculum on
         link_shared_phases(Path(base.run_dir()).resolve(), Path(cfg.run_dir()).resolve())
     return best
-
-
-def _number(text: str) -> Any:
-    if text == "":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
-def read_results(root: Path) -> list[dict[str, Any]]:
-    """results.csv back as :func:`trial_rows`' rows (numbers parsed, empty cells None); [] without one."""
-    path = root / "results.csv"
-    if not path.exists():
-        return []
-    fixed = {"trial", "status", *METRICS, *PAIRED}
-    with open(path, newline="") as f:
-        return [{"trial": r["trial"], "status": r["status"],
-                 "params": {k: _number(v) for k, v in r.items() if k not in fixed},
-                 **{k: _number(r.get(k, "")) for k in (*METRICS, *PAIRED)}} for r in csv.DictReader(f)]

@@ -195,16 +195,17 @@ def run_sweep(base: WMSSConfig, retry_errored: bool = False):
 def finish_sweep(base: WMSSConfig, grid, root: Path) -> dict[str, Any] | None:
     """After the trials: the shared SFT-continued control and each trial's paired difference with
     it on validation, results.csv / curves.csv / best.yaml, then the best configuration once on
-    ``data.eval`` (final.json), and the sweep page (``<run>/tune/page/index.html``). Returns the final held-out result (None when there is none)."""
-    from tune.baseline import add_paired, final_heldout
+    ``data.eval`` (final.json), and the sweep page (``<run>/tune/page/index.html``). Returns the
+    final held-out result (None when there is none)."""
+    from tune.baseline import add_paired, base_outputs, final_heldout
     from tune.results import curve_rows, trial_rows, write_outputs
 
     from tune.page import write_sweep_page
 
-    rows = trial_rows(grid)
-    add_paired(base, rows, root)
+    rows, outputs = trial_rows(grid), base_outputs(base)
+    add_paired(base, outputs, rows, root)
     best = write_outputs(base, rows, curve_rows(grid), root)
-    final = final_heldout(base, best, root) if best is not None else None
+    final = final_heldout(base, outputs, best, root) if best is not None else None
     page = write_sweep_page(root, metric=base.tune.metric, mode=base.tune.resolved_mode)
     print(f"[wmss] tune: sweep page {page}", flush=True)
     return final
@@ -215,31 +216,28 @@ def summarize(cfg: WMSSConfig) -> str:
     trials first; the paired difference with SFT-continued on validation), then the best
     configuration's held-out test result (final.json) last."""
     from tune.baseline import final_lines, read_final
-    from tune.results import read_results
+    from tune.page import rank_rows, read_results
+    from tune.page_plots import finite
 
     root = Path(cfg.run_dir()).resolve() / "tune"
     metric, mode = cfg.tune.metric, cfg.tune.resolved_mode
-    rows = read_results(root)
-    sign = -1.0 if mode == "max" else 1.0
-
-    def key(r: dict[str, Any]) -> tuple:
-        v = r.get(metric)
-        return (r["status"] != "completed", sign * v if isinstance(v, float) and not math.isnan(v) else math.inf)
+    rows = rank_rows(read_results(root / "results.csv")[0], metric, mode) if (root / "results.csv").exists() else []
 
     def num(r: dict[str, Any], k: str, spec: str, scale: float = 1.0) -> str:
         v = r.get(k)
-        return format(scale * v, spec) if isinstance(v, float) and not math.isnan(v) else "-"
+        return format(scale * v, spec) if finite(v) else "-"
 
-    rows.sort(key=key)
     lines = [f"trials on the validation split, by {metric} ({mode}); data.eval, the test set, is read once "
              "after the choice",
              f"{'status':>9} {'step':>5} {'accuracy':>9} {'± std':>6} {'loss':>8} {'vs SFT-cont. [95% CI]':>23}  params"]
     for r in rows:
-        p = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
+        p = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items()
+                      if v is not None)
         diff = (f"{num(r, 'diff_vs_sft', '+.1f', 100)} [{num(r, 'diff_ci_low', '+.1f', 100)}, "
-                f"{num(r, 'diff_ci_high', '+.1f', 100)}]") if r.get("diff_vs_sft") is not None else "-"
+                f"{num(r, 'diff_ci_high', '+.1f', 100)}]") if finite(r.get("diff_vs_sft")) else "-"
         lines.append(f"{r['status']:>9} {num(r, 'step', '.0f'):>5} {num(r, 'validation_accuracy', '.3f'):>9} "
-                     f"{num(r, 'accuracy_std', '.3f') if (r.get('seeds') or 1) > 1 else '-':>6} {num(r, 'validation_loss', '.4f'):>8} {diff:>23}  {p}")
+                     f"{num(r, 'accuracy_std', '.3f') if finite(r.get('seeds')) and r['seeds'] > 1 else '-':>6} "
+                     f"{num(r, 'validation_loss', '.4f'):>8} {diff:>23}  {p}")
     if not any(r["status"] == "completed" for r in rows):
         lines.append("no trial completed: no best.yaml")
     else:
