@@ -1,0 +1,120 @@
+"""The data plan (epoch order as a pure function of seed and epoch), the per-rank row reader and
+epoch list, and the DeepSpeed config's batch geometry and fp32 accumulation; no Ray, no model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tests.training.test_training_units import make_artifacts, tiny_cfg
+from wmss_ray.config_loading import config_from_dict
+from wmss_ray.training.dataset import DataPlan, RowReader, epoch_sample_ids, write_epoch_rows
+from wmss_ray.training.ds_config import build_ds_config
+
+
+def test_plan_is_deterministic_and_covers_epochs():
+    plan = DataPlan(n_per_epoch=10, epochs=2.0, seed=3, micro_batch_size=2, grad_accum=1, world_size=2)
+    assert plan.global_batch == 4 and plan.total_steps == 5  # ceil(10 * 2 / 4)
+    stream = np.concatenate([plan.step_indices(s) for s in range(5)])
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
+    again = DataPlan(10, 2.0, 3, 2, 1, 2)
+    assert all((again.step_indices(s) == plan.step_indices(s)).all() for s in range(5))
+    # micro-batches of (accum a, rank r) tile the step's global batch
+    tiles = np.concatenate([plan.micro_batch(2, 0, r) for r in range(2)])
+    assert (tiles == plan.step_indices(2)).all()
+    assert not (DataPlan(10, 2.0, 4, 2, 1, 2).step_indices(0) == plan.step_indices(0)).all()
+
+
+def test_plan_step_count_caps_and_fractions():
+    assert DataPlan(10, 1.0, 0, 4, 1, 1).total_steps == 3  # partial last batch wraps into epoch 2
+    assert DataPlan(10, 0.5, 0, 4, 1, 1).total_steps == 2
+    assert DataPlan(100, 1.0, 0, 4, 1, 1, max_steps=7).total_steps == 7
+    assert DataPlan(10, 1.0, 0, 4, 1, 1, max_steps=7, exact_steps=11).total_steps == 11
+    plan = DataPlan(10, 1.0, 0, 2, 2, 2)
+    assert (plan.rank_step(1, 1) == np.concatenate([plan.micro_batch(1, a, 1) for a in range(2)])).all()
+
+
+def test_ds_config_batch_geometry_zero_and_overrides():
+    cfg = tiny_cfg(zero_stage=3, offload_params=True, offload_optimizer=True, grad_accum=4)
+    ds = build_ds_config(cfg.training, world_size=8, dtype=torch.bfloat16, on_gpu=True)
+    assert ds["train_batch_size"] == 2 * 4 * 8 and ds["gradient_accumulation_steps"] == 4
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    z = ds["zero_optimization"]
+    assert z["stage"] == 3 and z["offload_param"]["device"] == "cpu" and z["offload_optimizer"]["pin_memory"]
+    assert z["stage3_param_persistence_threshold"] == 0  # deep-merged override
+    with pytest.raises(ValueError, match="zero_stage: 3"):
+        build_ds_config(tiny_cfg(zero_stage=2, offload_params=True).training, 1, torch.float32, False)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_ds_config_half_precision_accumulates_and_reduces_in_fp32(stage):
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    ds = build_ds_config(tiny_cfg(zero_stage=stage).training, world_size=1, dtype=torch.bfloat16, on_gpu=True)
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["communication_data_type"] == "fp32"
+    parsed = DeepSpeedConfig(ds)  # DeepSpeed's own parser reads the keys we meant
+    assert parsed.grad_accum_dtype == "fp32" and parsed.communication_data_type == torch.float32
+    assert parsed.bfloat16_config.enabled
+    fp32 = build_ds_config(tiny_cfg(zero_stage=stage).training, world_size=1, dtype=torch.float32, on_gpu=False)
+    assert "data_types" not in fp32 and "communication_data_type" not in fp32
+    assert DeepSpeedConfig(fp32).grad_accum_dtype is None
+
+
+def test_half_precision_without_zero_fails_loudly():
+    with pytest.raises(ValueError, match="training.zero_stage: 0"):
+        build_ds_config(tiny_cfg(zero_stage=0).training, 1, torch.bfloat16, True)
+    from wmss_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="training.zero_stage is 0"):
+        config_from_dict({"scaling": {"use_gpu": True}, "evaluation": {"gpus_per_actor": 1}})
+    with pytest.raises(ConfigError, match="training.zero_stage is 0"):
+        config_from_dict({"models": {"dtype": "bfloat16"}})
+    assert config_from_dict({"scaling": {"use_gpu": True}, "training": {"zero_stage": 1},
+                             "evaluation": {"gpus_per_actor": 1}}).training.zero_stage == 1
+
+
+def test_row_reader_reads_rows_by_global_number_across_files_and_row_groups(tmp_path):
+    """Rows come back as written, in the order asked, whichever file and row group hold them;
+    only the row groups needed are read; the epoch list maps sample ids to those row numbers."""
+    rng = np.random.default_rng(0)
+    rows = [{"sample_id": f"s{i:03d}", "input_ids": rng.integers(1, 50, n).tolist()}
+            for i, n in enumerate(rng.integers(1, 9, 23))]
+    for r in rows:
+        r["labels"] = [-100] + r["input_ids"][1:]
+    (tmp_path / "tok").mkdir()
+    order = rng.permutation(23)  # files hold the ids out of order
+    pq.write_table(pa.Table.from_pylist([rows[i] for i in order[:10]]), tmp_path / "tok" / "a.parquet", row_group_size=3)
+    pq.write_table(pa.Table.from_pylist([rows[i] for i in order[10:]]), tmp_path / "tok" / "b.parquet", row_group_size=4)
+    reader = RowReader(str(tmp_path / "tok"), cache_bytes=0)
+    assert reader.num_rows == 23 and len(reader._groups) == 4 + 4
+    want = [22, 0, 5, 5, 11]
+    got = reader.rows(want)
+    for g, w in zip(got, want):
+        r = rows[order[w]]
+        assert g["input_ids"].tolist() == r["input_ids"] and g["labels"].tolist() == r["labels"]
+    assert reader.groups_read == 4  # rows 22 / 0 / 5 / 11 live in 4 row groups, each read once
+    n = write_epoch_rows(str(tmp_path / "tok"), None, str(tmp_path / "epoch.parquet"))
+    epoch = pq.read_table(tmp_path / "epoch.parquet")
+    assert n == 23 and epoch["sample_id"].to_pylist() == sorted(r["sample_id"] for r in rows)
+    for sid, row in zip(epoch["sample_id"].to_pylist(), epoch["row"].to_pylist()):
+        assert reader.rows([row])[0]["input_ids"].tolist() == next(r for r in rows if r["sample_id"] == sid)["input_ids"]
+    with pytest.raises(IndexError, match="out of range"):
+        reader.rows([23])
+
+
+def test_row_reader_and_epoch_list_errors_name_the_problem(tmp_path):
+    paths = make_artifacts(tmp_path, n_rows=6)
+    with pytest.raises(ValueError, match="not in"):
+        pq.write_table(pa.table({"sample_id": ["zzz"]}), tmp_path / "bad.parquet")
+        epoch_sample_ids(paths["tokenized"], str(tmp_path / "bad.parquet"))
+    pq.write_table(pa.table({"sample_id": ["a", "a"], "input_ids": [[1], [2]], "labels": [[1], [2]]}),
+                   tmp_path / "dup.parquet")
+    with pytest.raises(ValueError, match="duplicate"):
+        epoch_sample_ids(str(tmp_path / "dup.parquet"))
+    pq.write_table(pa.table({"sample_id": ["a", "b"], "input_ids": [[1, 2], [2, 3]], "labels": [[1, 2], [2]]}),
+                   tmp_path / "ragged.parquet")
+    with pytest.raises(ValueError, match=r"ragged.parquet, row 1: input_ids and labels"):
+        RowReader(str(tmp_path / "ragged.parquet")).rows([0])
