@@ -24,6 +24,11 @@ except Exception:  # pragma: no cover
 # before any Ray starts, so the in-process cluster, `ray start` heads and `wmss` subprocesses all
 # inherit it. A slow poll is only a missed health check (fatal after 10 min), never a failure.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# Two helper actors Ray Train starts per run, each a fresh process on these 2 cores, that no test
+# uses: the preemption watcher (node drains) and Train's Prometheus metrics. Off in the test
+# session only (a 2-worker empty fit: 15.6 -> 13.2 s, 3 fits each way, side by side; ~40 fits).
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "test-tiny.yaml"

@@ -1,36 +1,50 @@
-"""The tune sweep on a real local Ray cluster (the tiny demo world): a 4-trial ASHA + Optuna sweep,
-run once for the module, with its shared control, held-out test, page and best.yaml; a rerun that
-continues it; a 2-seed trial on the same base run. The checks without Ray: test_tune.py."""
+"""The tune sweep on a real local Ray cluster (the tiny demo world): a 3-trial ASHA + Optuna sweep,
+run once for the module on the session's tiny run (whose shared phases it reuses), with its shared
+control, held-out test, page and best.yaml; a rerun that continues it; a 2-seed trial on the same
+base run. The checks without Ray: test_tune.py."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from tune.trial import SHARED_PHASES
 from wmss_ray.config_loading import load_config
+from wmss_ray.manifest import read_manifest
 
-TINY_SWEEP = ["training.max_steps=2", "tune.num_samples=4", "tune.search=optuna", "tune.scheduler=asha",
+# 3 trials: with this seed (Optuna, run.seed 0) the first completes and the other two are stopped at
+# step 1 by ASHA; every trial costs ~15-30 s of Ray Train start-up on the 2-core machine.
+TINY_SWEEP = ["tune.num_samples=3", "tune.search=optuna", "tune.scheduler=asha",
               "tune.eval_every=1", "tune.grace_period=1", "tune.reduction_factor=2", "tune.max_steps=2",
               "tune.eval_samples=8", "tune.metric=validation_loss", "tune.max_concurrent=1",
               'tune.search_space={"mix.lam": {"uniform": [0.05, 1.0]}, "curriculum.formula": {"choice": ["seed", "v2"]}}']
 
 
 @pytest.fixture(scope="module")
-def asha_sweep(ray_cluster, tmp_path_factory):
+def asha_sweep(tiny_job_run, ray_cluster):
+    """The sweep on the session's tiny run (tests/conftest.py::tiny_job_run): tune.* is in no
+    phase's fingerprint, so its shared phases (data ... score_1) are that run's, not trained again
+    (as a user sweeping after `wmss run` would see); the sweep writes only under <run>/tune and
+    <name>-best."""
     from tune.sweep import run_sweep
 
-    root = tmp_path_factory.mktemp("sweep")
-    cfg = load_config("configs/test-tiny.yaml", [f"run.storage={root}", *TINY_SWEEP])
-    return cfg, run_sweep(cfg)
+    if tiny_job_run.status != "SUCCEEDED":
+        pytest.fail(f"the tiny pipeline job {tiny_job_run.job_id} ended {tiny_job_run.status}")
+    cfg = load_config("configs/test-tiny.yaml", [f"run.storage={tiny_job_run.cfg.run.storage}", *TINY_SWEEP])
+    before = {p: read_manifest(str(Path(cfg.run_dir()) / p)).finished_at for p in SHARED_PHASES}
+    grid = run_sweep(cfg)
+    assert {p: read_manifest(str(Path(cfg.run_dir()) / p)).finished_at for p in SHARED_PHASES} == before
+    return cfg, grid
 
 
 def test_an_asha_sweep_with_optuna_stops_a_trial_early(asha_sweep):
     import csv
-    from pathlib import Path
 
     cfg, grid = asha_sweep
-    assert len(grid) == 4 and grid.errors == []
+    assert len(grid) == 3 and grid.errors == []
     rows = list(csv.DictReader(open(Path(cfg.run_dir()) / "tune" / "results.csv")))
-    assert len(rows) == 4
+    assert len(rows) == 3
     status = [r["status"] for r in rows]
     assert "stopped" in status and "completed" in status, status
     for r in grid:  # every trial reported after step 1 on the seeded subsample
@@ -46,7 +60,6 @@ def test_an_asha_sweep_with_optuna_stops_a_trial_early(asha_sweep):
 
 def test_trials_link_the_shared_phases_and_run_their_own_curriculum_on_validation(asha_sweep):
     import json
-    from pathlib import Path
 
     import pyarrow.parquet as pq
 
@@ -73,7 +86,6 @@ def test_trials_link_the_shared_phases_and_run_their_own_curriculum_on_validatio
 def test_completed_trials_are_paired_with_one_shared_control_and_the_best_is_tested_once(asha_sweep):
     import csv
     import json
-    from pathlib import Path
 
     from wmss_ray.evaluation import read_per_sample
     from wmss_ray.manifest import read_manifest
@@ -121,7 +133,6 @@ def test_the_sweep_prints_the_table_then_the_held_out_result_last(asha_sweep):
 
 
 def test_best_yaml_is_a_complete_config_of_the_best_completed_trial(asha_sweep):
-    from pathlib import Path
 
     cfg, grid = asha_sweep
     best = load_config(Path(cfg.run_dir()) / "tune" / "best.yaml")
@@ -134,7 +145,6 @@ def test_best_yaml_is_a_complete_config_of_the_best_completed_trial(asha_sweep):
 
 def test_wmss_run_best_yaml_reproduces_the_chosen_trial_and_its_control(asha_sweep):
     import json
-    from pathlib import Path
 
     import torch
     from safetensors.torch import load_file
@@ -163,14 +173,13 @@ def test_wmss_run_best_yaml_reproduces_the_chosen_trial_and_its_control(asha_swe
 
 
 def test_running_the_sweep_again_continues_it_without_rerunning_trials(asha_sweep):
-    from pathlib import Path
 
     from tune.sweep import run_sweep
 
     cfg, grid = asha_sweep
     root = Path(cfg.run_dir()) / "tune"
     trials = sorted(p for p in root.iterdir() if p.name.startswith("trial_"))
-    assert len(trials) == 4
+    assert len(trials) == 3
 
     def traces() -> dict[str, tuple]:  # a rerun would append a train start and rewrite an eval
         return {t.name: ((t / "wmss_1" / "workers.jsonl").read_text(),
@@ -195,7 +204,6 @@ def test_a_trial_over_two_seeds_reports_their_mean_in_lockstep(asha_sweep):
 
     import pyarrow.parquet as pq
 
-    from pathlib import Path
 
     from tune.trial import run_trial, seed_run_dirs
     from wmss_ray.stats import mean_and_spread

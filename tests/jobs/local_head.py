@@ -125,7 +125,12 @@ class LocalRayHead:
                 continue
         return found
 
-    def stop(self, grace_s: float = 30.0) -> None:
+    def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM the head's process group, SIGKILL what is left after ``grace_s``.
+
+        A short grace: ``ray start --block`` never exits on SIGTERM while its gcs_server and
+        dashboard linger, so a long grace was only waited out (30 s measured, every session);
+        this head is disposable, nothing of it needs a clean shutdown."""
         if self.proc is None:
             return
         self._record_descendants()

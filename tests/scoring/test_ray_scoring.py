@@ -43,15 +43,31 @@ def test_ray_tokenisation_equals_plain(tiny_world, tokenized_world):
                                       "rows_rejected": 0, "rejected_by_reason": {}}
 
 
-@pytest.mark.integration
-@pytest.mark.parametrize("actors,batch", [(1, 8), (2, 3)])
-def test_ray_scores_equal_single_process_loop(tiny_world, tokenized_world, reference_scores, tmp_path, actors, batch):
+def _score(tiny_world, tokenized_world, out: str, actors: int, batch: int):
+    """``(result, progress counts seen)`` of one Ray scoring run."""
     from wmss_ray.scoring.ray_scoring import score_tokenized
 
     cfg = tiny_cfg(f"scoring.num_actors={actors}", f"scoring.batch_size={batch}")
-    seen = []
-    res = score_tokenized(cfg, tiny_world.weak, tiny_world.strong, tokenized_world.tokenized_path,
-                          str(tmp_path), progress_callback=seen.append)
+    seen: list[int] = []
+    res = score_tokenized(cfg, tiny_world.weak, tiny_world.strong, tokenized_world.tokenized_path, out,
+                          progress_callback=seen.append)
+    return res, seen
+
+
+@pytest.fixture(scope="module")
+def scored_2x3(tiny_world, tokenized_world, tmp_path_factory):
+    """2 actors in batches of 3: checked against the loop and as the first of two runs below."""
+    return _score(tiny_world, tokenized_world, str(tmp_path_factory.mktemp("scored_2x3")), 2, 3)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("actors,batch", [(1, 8), (2, 3)])
+def test_ray_scores_equal_single_process_loop(tiny_world, tokenized_world, reference_scores, tmp_path, actors, batch,
+                                              request):
+    if (actors, batch) == (2, 3):
+        res, seen = request.getfixturevalue("scored_2x3")
+    else:
+        res, seen = _score(tiny_world, tokenized_world, str(tmp_path), actors, batch)
     scores = pq.read_table(res.scores_path)
     # no curriculum weights: they depend on curriculum.*, scores do not (the curriculum phase writes them)
     assert scores.column_names == ["sample_id", "h_weak", "h_strong", "dh", "n_answer_tokens"]
@@ -62,16 +78,14 @@ def test_ray_scores_equal_single_process_loop(tiny_world, tokenized_world, refer
 
 
 @pytest.mark.integration
-def test_ray_scores_are_bit_identical_run_to_run(tiny_world, tokenized_world, tmp_path):
+def test_ray_scores_are_bit_identical_run_to_run(tiny_world, tokenized_world, scored_2x3, tmp_path):
     """Same models, same tokenised corpus, 2 actors in batches of 3: the same scores to the last
     bit on every run (each sample is scored in the same padded batch), so the same seed gives
     the same curriculum weights."""
-    from wmss_ray.scoring.ray_scoring import score_tokenized
-
-    cfg = tiny_cfg("scoring.num_actors=2", "scoring.batch_size=3")
-    runs = [pq.read_table(score_tokenized(cfg, tiny_world.weak, tiny_world.strong, tokenized_world.tokenized_path,
-                                          str(tmp_path / r)).scores_path) for r in ("a", "b")]
-    assert runs[0].equals(runs[1])
+    again, _ = _score(tiny_world, tokenized_world, str(tmp_path), 2, 3)
+    first = scored_2x3[0]
+    assert again.scores_path != first.scores_path
+    assert pq.read_table(first.scores_path).equals(pq.read_table(again.scores_path))
 
 
 @pytest.mark.integration

@@ -97,14 +97,25 @@ def test_sft_twice_gives_bit_identical_weights(sft_zero0, art, tmp_path):
     assert [(m["loss"], m["grad_norm"]) for m in ma] == [(m["loss"], m["grad_norm"]) for m in mb]
 
 
+def _joint(stage: int, paths: dict, out: str, **kw):
+    cfg = _cfg(stage, weak_lr=1e-3, **kw)
+    return cfg, train_phase(cfg, "wmss", paths["strong"], paths["weak"], paths["tokenized"], paths["sampled"],
+                            out, mode="joint")
+
+
+@pytest.fixture(scope="module")
+def joint_zero3(ray_cluster, art_tied, tmp_path_factory):
+    """WMSS joint at ZeRO-3 with tied embeddings, padded: checked against the reference below and
+    the padded side of the packing test (one run for both)."""
+    return _joint(3, art_tied, str(tmp_path_factory.mktemp("joint_z3")))
+
+
 @pytest.mark.parametrize("stage", [2, 3])
-def test_wmss_joint_matches_reference_under_zero(ray_cluster, art, art_tied, tmp_path, stage):
+def test_wmss_joint_matches_reference_under_zero(ray_cluster, art, art_tied, tmp_path, stage, request):
     """Stage 2 (untied) and stage 3 (tied embeddings: the head is the embedding matrix, gathered
     as an external parameter of the pair module) give the reference trajectory."""
     paths = art if stage == 2 else art_tied
-    cfg = _cfg(stage, weak_lr=1e-3)
-    res = train_phase(cfg, "wmss", paths["strong"], paths["weak"], paths["tokenized"], paths["sampled"],
-                      str(tmp_path / "out"), mode="joint")
+    cfg, res = _joint(2, art, str(tmp_path / "out")) if stage == 2 else request.getfixturevalue("joint_zero3")
     metrics = read_metrics(res.metrics_path)
     ref = reference_run(paths, cfg, "wmss", "joint", STEPS)
     assert_trajectory(metrics, ref)
@@ -121,15 +132,14 @@ def test_wmss_joint_matches_reference_under_zero(ray_cluster, art, art_tied, tmp
                 assert torch.equal(value, sd[key.removeprefix("strong.")]), key
 
 
-def test_packed_wmss_joint_zero3_matches_the_padded_reference(ray_cluster, art_tied, tmp_path):
+def test_packed_wmss_joint_zero3_matches_the_padded_reference(joint_zero3, art_tied, tmp_path):
     """Packing on 2 workers at ZeRO-3 (mix on, tied embeddings): per-step losses and gradient
     norms equal the padded run's within 1e-5, and follow the full-batch reference."""
-    runs = {}
-    for packing in (False, True):
-        cfg = _cfg(3, weak_lr=1e-3, packing=packing)
-        res = train_phase(cfg, "wmss", art_tied["strong"], art_tied["weak"], art_tied["tokenized"],
-                          art_tied["sampled"], str(tmp_path / f"packing_{packing}"), mode="joint")
-        runs[packing] = (res, read_metrics(res.metrics_path))
+    padded_cfg, padded_res = joint_zero3
+    assert not padded_cfg.training.packing
+    cfg, packed_res = _joint(3, art_tied, str(tmp_path / "packed"), packing=True)
+    runs = {False: (padded_res, read_metrics(padded_res.metrics_path)),
+            True: (packed_res, read_metrics(packed_res.metrics_path))}
     for key in ("loss", "ce_strong", "grad_norm", "n_tokens", "p_mix"):
         padded, packed = ([m[key] for m in runs[p][1]] for p in (False, True))
         assert np.allclose(packed, padded, rtol=1e-5, atol=1e-7), (key, padded, packed)
