@@ -5,6 +5,7 @@ with a model cache of its own, GPU skips."""
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,6 +30,14 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # session only (a 2-worker empty fit: 15.6 -> 13.2 s, 3 fits each way, side by side; ~40 fits).
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
+
+# The venv's bin first on PATH, as in an activated venv and in the job head (local_head.py): DeepSpeed
+# JIT-builds its CPU shm-comm op with the first `ninja` on PATH, and the venv's ninja (1.13, pip)
+# and a system one (1.11, Debian) read each other's build logs as stale: each switch between the
+# two rebuilt the op (~30 s), which happened twice per session (job head, then in-process tests).
+_VENV_BIN = str(Path(sys.executable).parent)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _VENV_BIN:
+    os.environ["PATH"] = _VENV_BIN + os.pathsep + os.environ.get("PATH", "")
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "test-tiny.yaml"

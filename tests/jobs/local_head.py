@@ -4,7 +4,8 @@ Started as ``ray start --head --block`` in its own session (process group) with:
 - its own short temp dir and free ports for every head service, so it never meets another Ray
   cluster on the machine (and ``address="auto"`` inside its jobs resolves to it via RAY_ADDRESS);
 - ``RAY_AUTH_MODE=token`` and a freshly generated token in a temp file (``RAY_AUTH_TOKEN_PATH``)
-  and ``HOME`` pointed at the temp dir: the user's ``~/.ray/auth_token`` is never read or written;
+  and ``HOME`` pointed at the temp dir: the user's ``~/.ray/auth_token`` is never read or written
+  (``XDG_CACHE_HOME`` stays the user's: compiled DeepSpeed ops are cached there);
 - the venv's ``ray``/``python`` first on PATH, so jobs run with this interpreter.
 
 ``stop()`` ends only what this head started: the process group, then every recorded descendant
@@ -66,6 +67,9 @@ class LocalRayHead:
         (self.tmp / "home").mkdir(exist_ok=True)
         env.update(
             RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token_file), HOME=str(self.tmp / "home"),
+            # the real cache, not one under the fake HOME: DeepSpeed's JIT-built CPU ops (shm comm)
+            # live there, and a fresh cache rebuilt them in the job's first Train run (~30 s)
+            XDG_CACHE_HOME=os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache"),
             PATH=bindir + os.pathsep + env.get("PATH", ""), RAY_USAGE_STATS_ENABLED="0",
             TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", RAY_DEDUP_LOGS="0",
         )
