@@ -88,7 +88,6 @@ def test_completed_trials_are_paired_with_one_shared_control_and_the_best_is_tes
     import json
 
     from wmss_ray.evaluation import read_per_sample
-    from wmss_ray.manifest import read_manifest
     from wmss_ray.stats import paired_test_per_sample
 
     cfg, grid = asha_sweep
@@ -133,7 +132,6 @@ def test_the_sweep_prints_the_table_then_the_held_out_result_last(asha_sweep):
 
 
 def test_best_yaml_is_a_complete_config_of_the_best_completed_trial(asha_sweep):
-
     cfg, grid = asha_sweep
     best = load_config(Path(cfg.run_dir()) / "tune" / "best.yaml")
     done = [r for r in grid if r.metrics.get("final")]
@@ -151,7 +149,6 @@ def test_wmss_run_best_yaml_reproduces_the_chosen_trial_and_its_control(asha_swe
 
     from tune.trial import SHARED_PHASES
     from wmss_ray import cli
-    from wmss_ray.manifest import read_manifest
 
     cfg, _ = asha_sweep
     root = Path(cfg.run_dir()) / "tune"
@@ -173,7 +170,6 @@ def test_wmss_run_best_yaml_reproduces_the_chosen_trial_and_its_control(asha_swe
 
 
 def test_running_the_sweep_again_continues_it_without_rerunning_trials(asha_sweep):
-
     from tune.sweep import run_sweep
 
     cfg, grid = asha_sweep
@@ -203,7 +199,6 @@ def test_a_trial_over_two_seeds_reports_their_mean_in_lockstep(asha_sweep):
     import json
 
     import pyarrow.parquet as pq
-
 
     from tune.trial import run_trial, seed_run_dirs
     from wmss_ray.stats import mean_and_spread
