@@ -7,7 +7,10 @@
 Connects with ``ray.init(address="auto")`` (never starts a cluster), runs ``--tasks`` small remote
 tasks, and with ``--storage DIR`` has one task pinned to every alive node write a file under
 ``DIR/.wmss-check/`` that the driver then reads back: this proves the volume is really shared
-(ReadWriteMany) and writable by the job's user on every node. Prints a JSON summary (cluster
+(ReadWriteMany) and writable by the job's user on every node. ``DIR`` may be an object-store URI
+(``s3://bucket/runs``, as ``run.storage``): then it proves every node reaches the store with its
+own credentials; the files go through ``wmss_ray.storage``, never to a local folder named
+``s3:``. A node that cannot write is named in ``storage.errors`` (the check fails, exit 1). Prints a JSON summary (cluster
 resources, nodes, Ray version, whether token auth is on; never the token) and writes it to
 ``--out`` when given. Exit code 0 when every check passed, 1 otherwise.
 """
@@ -33,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Smoke-test the Ray cluster this job runs in (tasks, resources, shared storage).",
     )
     parser.add_argument("--out", metavar="PATH", help="also write the JSON summary here")
-    parser.add_argument("--storage", metavar="DIR", help="shared directory every node must see (e.g. /mnt/wmss)")
+    parser.add_argument("--storage", metavar="DIR",
+                        help="shared directory or object-store URI every node must reach (e.g. /mnt/wmss, s3://bucket/runs)")
     parser.add_argument("--tasks", type=int, default=4, help="number of tiny remote tasks (default 4)")
     parser.add_argument("--address", default="auto", help="Ray address (default: auto)")
     return parser
@@ -44,18 +48,45 @@ def _square(x: int) -> dict[str, Any]:
 
 
 def _write_marker(directory: str, run_id: str) -> dict[str, Any]:
+    """On one node: write ``<directory>/.wmss-check/<run_id>/<node_id>.txt``; the error, if any."""
     import ray
 
+    from wmss_ray import storage
+
     node_id = ray.get_runtime_context().get_node_id()
-    path = Path(directory) / ".wmss-check" / run_id / f"{node_id}.txt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{node_id} {socket.gethostname()} uid={os.getuid()}\n")
-    return {"node_id": node_id, "path": str(path)}
+    path = storage.join(directory, ".wmss-check", run_id, f"{node_id}.txt")
+    try:
+        storage.write_text(path, f"{node_id} {socket.gethostname()} uid={os.getuid()}\n")
+    except Exception as err:  # noqa: BLE001 - reported per node in the summary, not raised
+        return {"node_id": node_id, "path": path, "error": f"{type(err).__name__}: {err}"}
+    return {"node_id": node_id, "path": path}
+
+
+def check_storage(directory: str, nodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """One task pinned to every node in ``nodes`` writes a marker under ``directory`` (a local path
+    or a URI); the driver reads each back and deletes them. ``ok``: every node's file is visible."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from wmss_ray import storage
+
+    storage.check_scheme(directory)  # an unsupported scheme fails here, naming it
+    run_id = uuid.uuid4().hex[:12]
+    marker = ray.remote(num_cpus=0)(_write_marker)
+    pinned = [NodeAffinitySchedulingStrategy(n["NodeID"], soft=False) for n in nodes]
+    written = ray.get([marker.options(scheduling_strategy=s).remote(directory, run_id) for s in pinned], timeout=300)
+    errors = {w["node_id"]: w["error"] for w in written if "error" in w}
+    seen = [w for w in written if "error" not in w and storage.exists(w["path"])]  # read back by the driver
+    try:
+        storage.delete_dir(storage.join(directory, ".wmss-check", run_id))
+    except Exception:  # noqa: BLE001 - cleanup only; the check's answer is already known
+        pass
+    return {"dir": storage.redact(directory), "nodes_written": len(written) - len(errors),
+            "visible_to_driver": len(seen), "errors": errors, "ok": len(seen) == len(nodes) and not errors}
 
 
 def check(tasks: int, storage: str | None) -> dict[str, Any]:
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     t0 = time.monotonic()
     square = ray.remote(num_cpus=0.1)(_square)
@@ -72,20 +103,7 @@ def check(tasks: int, storage: str | None) -> dict[str, Any]:
         "tasks": {"count": tasks, "ok": ok_tasks, "hosts": sorted({r["host"] for r in results})},
     }
     if storage:
-        run_id = uuid.uuid4().hex[:12]
-        marker = ray.remote(num_cpus=0)(_write_marker)
-        pinned = [NodeAffinitySchedulingStrategy(n["NodeID"], soft=False) for n in nodes]
-        refs = [marker.options(scheduling_strategy=s).remote(storage, run_id) for s in pinned]
-        written = ray.get(refs, timeout=300)
-        seen = [w for w in written if Path(w["path"]).is_file()]  # read back on the driver's node
-        summary["storage"] = {"dir": storage, "nodes_written": len(written), "visible_to_driver": len(seen),
-                              "ok": len(seen) == len(nodes)}
-        for w in seen:
-            Path(w["path"]).unlink()
-        try:
-            (Path(storage) / ".wmss-check" / run_id).rmdir()
-        except OSError:
-            pass
+        summary["storage"] = check_storage(storage, nodes)
     summary["ok"] = ok_tasks and summary.get("storage", {}).get("ok", True)
     summary["seconds"] = round(time.monotonic() - t0, 3)
     return summary
