@@ -116,6 +116,36 @@ def test_bad_packed_batches_are_refused(art):
         WeakRequest.from_batch({**packed, "position_ids": bad})
 
 
+def test_zero3_shard_loads_partitioned_and_answers_like_the_plain_server(art, monkeypatch):
+    """A ZeRO-3 shard builds its weak model under zero.Init (transformers' whole-model
+    from_pretrained is never called: no shard holds the full model on its host) and its replies
+    equal the plain server's. One process (W = 1) with every parameter partitioned: the
+    multi-shard replica is checked against the plain server in test_group.py."""
+    import transformers
+
+    from wmss_ray.training.worker import init_single_process
+
+    init_single_process()
+    req = WeakRequest.from_batch(_batch(art), n_exact=3)
+    plain = WeakServer(art["weak"], top_k=4, chunk_size=7)
+    want = plain.answer(req)
+
+    def whole_model(*args, **kwargs):
+        raise AssertionError("a ZeRO-3 shard loaded the whole model with from_pretrained")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", whole_model)
+    shard = WeakServer(art["weak"], top_k=4, chunk_size=7, zero3=True,
+                       ds_overrides={"stage3_param_persistence_threshold": 0})
+    assert shard.vocab == plain.vocab and shard.held_numel() == plain.held_numel()  # W = 1 holds all of it
+    assert all(hasattr(p, "ds_id") for p in shard.model.parameters())
+    got = shard.answer(req)
+    for a, b in zip(got.arrays, want.arrays):
+        if a.dtype == np.int32:
+            assert np.array_equal(a, b)
+        else:
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
 def test_byte_arithmetic_at_qwen_vocab():
     per_token_bf16 = 2 * 151_936
     assert reply_bytes(1, 64, 151_936) == 520

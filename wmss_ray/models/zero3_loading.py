@@ -1,7 +1,7 @@
 """ZeRO-3 loading without a full copy per rank: build under ``deepspeed.zero.Init``, scatter weights.
 
 Used by :func:`wmss_ray.models.loading.load_causal_lm` when it is given a stage-3 DeepSpeed
-config (the Train workers at ``training.zero_stage: 3``).
+config (the Train workers at ``training.zero_stage: 3``, the weak pool's ZeRO-3 shards).
 """
 
 from __future__ import annotations

@@ -81,21 +81,26 @@ class WeakServer:
         self.dtype = resolve_dtype(dtype, self.device)
         model_dir = storage.local_model_dir(model_dir)  # a storage URI: this node's cached copy
         self.checkpoint_id = checkpoint_id(model_dir)
-        # Resolved for the forward's device, not the CPU a ZeRO-3 shard loads on.
+        # Resolved for the forward's device (a ZeRO-3 shard's partitions live there too).
         attn = resolve_attn_implementation(attn_implementation, self.device)
-        model = load_causal_lm(model_dir, dtype=self.dtype, device="cpu" if zero3 else self.device,
-                               trust_remote_code=trust_remote_code, attn_implementation=attn)
-        model.requires_grad_(False)
-        model.eval()
-        model.config.use_cache = False
-        self.vocab = int(output_head(model)[1].shape[0])
+        config = None
         if zero3:
-            import deepspeed
-
             zero = {"stage": 3, **(ds_overrides or {})}
             config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero,
                       "bf16": {"enabled": self.dtype == torch.bfloat16},
                       "fp16": {"enabled": self.dtype == torch.float16}, "steps_per_print": 10**9}
+        # ZeRO-3: built under zero.Init and scattered module by module (models/zero3_loading.py),
+        # so no shard ever holds the whole weak model on its host (S shards: ~1/S each).
+        model = load_causal_lm(model_dir, dtype=self.dtype, device=self.device, trust_remote_code=trust_remote_code,
+                               attn_implementation=attn, zero3_config=config)
+        model.requires_grad_(False)
+        model.eval()
+        model.config.use_cache = False
+        head = output_head(model)[1]  # [V, D]; under zero.Init a placeholder whose full shape is ds_shape
+        self.vocab = int(getattr(head, "ds_shape", head.shape)[0])
+        if zero3:
+            import deepspeed
+
             engine, *_ = deepspeed.initialize(model=model, config=config)
             engine.eval()
             model = engine.module
