@@ -38,7 +38,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from wmss_ray.config import TrainingConfig  # noqa: E402
 from wmss_ray.config_loading import config_from_dict
-from wmss_ray.core.mixing import chunk_rows_for, chunked_mixed_ce  # noqa: E402
+from wmss_ray.core.mixing import DEFAULT_CHUNK_MB, chunk_rows_for, chunked_mixed_ce  # noqa: E402
 
 #: Dense bf16 peak FLOP/s by device-name substring (H200 = H100 SXM's tensor cores).
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
@@ -148,7 +148,7 @@ def loss_kernel_check(a) -> list[dict]:
     ref_loss.backward()
     ref_loss = ref_loss.detach()
     ref_grads = [t.grad for t in ref]
-    variants = {"naive": naive, f"chunked (chunk_mb 128 -> {chunk_rows_for(n, v, 128)} tokens)":
+    variants = {"naive": naive, f"chunked (chunk_mb {DEFAULT_CHUNK_MB:g} -> {chunk_rows_for(n, v, DEFAULT_CHUNK_MB)} tokens)":
                 lambda x: chunked_mixed_ce(*x, y, 0.5)}
     for chunk in a.loss_chunks:
         variants[f"chunked (chunk {chunk})"] = lambda x, c=chunk: chunked_mixed_ce(*x, y, 0.5, chunk_size=c)

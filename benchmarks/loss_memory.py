@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from wmss_ray.core.mixing import chunk_rows_for, chunked_mixed_ce  # noqa: E402
+from wmss_ray.core.mixing import DEFAULT_CHUNK_MB, chunk_rows_for, chunked_mixed_ce  # noqa: E402
 
 IMPLS = ("naive", "ours", "fused")
 MODES = ("joint", "frozen")
@@ -302,7 +302,7 @@ def parse_args(argv=None):
     p.add_argument("--hidden-weak", type=int, default=None, help="default: --hidden")
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--chunk", default="auto", help="tokens per chunk (ours); auto: from --chunk-mb")
-    p.add_argument("--chunk-mb", type=float, default=128.0, help="MiB budget of ours' [chunk, V] buffer")
+    p.add_argument("--chunk-mb", type=float, default=DEFAULT_CHUNK_MB, help="MiB budget of ours' [chunk, V] buffer")
     p.add_argument("--compare-chunks", default="", help="also run ours at these explicit chunks (ours@N)")
     p.add_argument("--fused-chunk", type=int, default=None, help="fused batch_chunk_size (default: --chunk)")
     p.add_argument("--reps", type=int, default=3)

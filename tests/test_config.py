@@ -45,6 +45,14 @@ def test_defaults_follow_the_paper():
     assert cfg.models.trust_remote_code is False
 
 
+def test_loss_chunk_budget_has_one_default():
+    """The config (torch-free) and the kernels' keyword default name the same budget."""
+    from wmss_ray.core.mixing import DEFAULT_CHUNK_MB, chunk_rows_for
+
+    assert WMSSConfig().mix.chunk_mb == DEFAULT_CHUNK_MB
+    assert chunk_rows_for(10**6, 151_936, DEFAULT_CHUNK_MB) == 384  # BENCHMARKS: 0.056x naive working memory
+
+
 def test_dotted_override_reaches_the_field():
     cfg = load_config(REPO / "configs" / "demo.yaml", ["mix.lam=0.45", "training.zero_stage=3", "run.name=x"])
     assert cfg.mix.lam == 0.45 and cfg.training.zero_stage == 3 and cfg.run.name == "x"

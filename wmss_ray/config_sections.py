@@ -200,7 +200,8 @@ class MixConfig(_Section):
         None, ge=0, description="answer tokens per chunk of the mixed loss; null/0: sized from chunk_mb"
     )
     chunk_mb: float = Field(
-        128.0, gt=0, description="MiB of the loss's one [chunk, V] fp32 buffer (chunk = a multiple of 64 tokens)"
+        256.0, gt=0, description="MiB of the loss's one [chunk, V] fp32 buffer (chunk = a multiple of 64 tokens; "
+                                 "256: 384 tokens at V = 151,936)"
     )
     pool: WeakPoolConfig = WeakPoolConfig()
 

@@ -10,9 +10,9 @@ Two implementations with the same value:
 - :func:`chunked_mixed_ce` takes hidden states and head weights and never holds ``[N, V]``
   logits: it loops over chunks of answer tokens and computes loss and gradients in one pass
   (the Liger-style fused linear cross-entropy, extended to two heads). Beyond the gradients it
-  returns it holds one ``[chunk, V]`` fp32 buffer (``4 * chunk * V`` bytes; 111 MiB at the
-  default 128 MiB budget and V = 151,936) plus ``O(chunk * D)`` rows and row-block temporaries
-  of at most 1/8 of the buffer each. Its GEMMs run in the input dtype (bf16 on bf16 inputs,
+  returns it holds one ``[chunk, V]`` fp32 buffer (``4 * chunk * V`` bytes; 223 MiB at the
+  default 256 MiB budget and V = 151,936: 384 tokens) plus ``O(chunk * D)`` rows and row-block
+  temporaries of at most 1/8 of the buffer each. Its GEMMs run in the input dtype (bf16 on bf16 inputs,
   with the GEMM's own fp32 accumulation); the softmax and the weight-gradient sums over chunks
   are fp32. The chunk is sized from a memory budget (:func:`chunk_rows_for`, ``mix.chunk_mb``)
   unless given.
@@ -30,8 +30,10 @@ from wmss_ray.core.chunk_ops import (CHUNK_ROW_MULTIPLE, accumulate_weight_grad,
                                      mixed_ce_in_place, narrow_in_place, row_logsumexp)
 from wmss_ray.core.constants import IGNORE_INDEX, LOW_PRECISION_DTYPES
 
-#: Default budget of the ``[chunk, V]`` fp32 buffer, MiB (``mix.chunk_mb``).
-DEFAULT_CHUNK_MB = 128.0
+#: Default budget of the ``[chunk, V]`` fp32 buffer, MiB (``mix.chunk_mb``; the config's default,
+#: a test keeps them equal). 256 MiB: 384 tokens at V = 151,936, the loss's working memory 0.056x
+#: the naive loss's and its time 1.00-1.06x the old 1,024-token chunk's (BENCHMARKS.md).
+DEFAULT_CHUNK_MB = 256.0
 
 #: Keys of the ``stats`` dict returned by ``chunked_mixed_ce(..., return_stats=True)``.
 STATS_KEYS = (
@@ -102,7 +104,8 @@ def chunk_rows_for(n_tokens: int, vocab: int, chunk_mb: float) -> int:
     37 MiB). ``n_tokens`` that fit under the cap are one chunk of exactly ``n_tokens`` rows;
     otherwise the rows are split into ``ceil(n_tokens / cap)`` equal chunks, each rounded up to
     the multiple (never above the cap), so no chunk is a thin remainder of a few rows and every
-    GEMM keeps a ``[>= 64, D] x [D, V]`` shape. E.g. V = 151,936, 128 MiB: cap 192 rows (111 MiB).
+    GEMM keeps a ``[>= 64, D] x [D, V]`` shape. E.g. V = 151,936: 128 MiB -> cap 192 rows
+    (111 MiB); 256 MiB (the default) -> 384 rows (223 MiB).
     """
     if vocab < 1 or chunk_mb <= 0:
         raise ValueError(f"vocab must be >= 1 and chunk_mb > 0, got {vocab} and {chunk_mb}")
