@@ -210,3 +210,20 @@ def test_plan_demo_config_runs_without_model_files(capsys):
     out = capsys.readouterr().out
     assert "demo llama" in out and "total" in out and "fp32" in out
     assert load_config(REPO / "configs" / "demo.yaml").scaling.use_gpu is False
+
+
+def test_deepspeed_gradient_bucket_follows_the_built_deepspeed_config():
+    """The bucket line reads the DeepSpeed config the workers build (overrides included); the
+    figures are checked against real engines' buffers in tests/training/test_training_units.py."""
+    s = ModelShape("m", 10**9, 10**8, 2048, 24, 16, 8, 128, 8192, 151936, True)
+    gpu = {"scaling": {"num_workers": 8, "use_gpu": True}, "evaluation": {"gpus_per_actor": 1}}
+    bucket = lambda training: phase_bytes(config_from_dict({**gpu, "training": training}), "sft", s, s)  # noqa: E731
+    z3 = bucket({"zero_stage": 3})
+    assert z3["grad_bucket"] == 5e8 * 4  # bf16 models, fp32 reduction at stage 3
+    assert z3["total"] == pytest.approx(sum(v for k, v in z3.items() if k not in ("total", "activations_alt",
+                                                                                   "loss_chunk_rows")))
+    assert bucket({"zero_stage": 2})["grad_bucket"] == 5e8 * 2  # stage 2 stages in the model dtype
+    assert bucket({"zero_stage": 1})["grad_bucket"] == 0  # DeepSpeed's BF16_Optimizer: no bucket
+    small = {"zero_optimization": {"reduce_bucket_size": 10**8, "overlap_comm": True}}
+    assert bucket({"zero_stage": 2, "ds_config_overrides": small})["grad_bucket"] == 2 * 10**8 * 2
+    assert bucket({"zero_stage": 3, "ds_config_overrides": small})["grad_bucket"] == 10**8 * 4

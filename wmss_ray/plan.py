@@ -39,6 +39,9 @@ from wmss_ray.weak_pool.server import pool_dtype
 GiB = 2**30
 #: CUDA context, NCCL buffers and allocator fragmentation, per GPU (a rule of thumb).
 OVERHEAD_BYTES = 2 * GiB
+#: DeepSpeed's default ``zero_optimization.reduce_bucket_size`` (elements; deepspeed/runtime/zero/config.py).
+DS_REDUCE_BUCKET_SIZE = 500_000_000
+_DTYPE_BYTES = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2}
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,38 @@ def activation_bytes(s: ModelShape, tokens: int, seq_len: int, micro_batch: int,
     return s.layers * (per_layer + scores)
 
 
+def gradient_bucket_bytes(ds_config: dict) -> float:
+    """Device bytes of DeepSpeed's gradient-reduction (IPG) bucket, allocated whole per GPU: at
+    engine build (stage 3) or at the first backward (stage 1/2). ``ds_config``: the DeepSpeed
+    config the trainer builds (``training.ds_config.build_ds_config``, overrides included).
+
+    - stage 3: one buffer of ``reduce_bucket_size`` elements in ``communication_data_type``
+      (under bf16 our config reduces in fp32: 5e8 x 4 B = 1.86 GiB by default);
+    - stage 1 with bf16 models, fp32 accumulation and no optimizer offload: none (DeepSpeed
+      uses its BF16_Optimizer, whose full fp32 gradient buffer is in the gradients line);
+    - other stage 1: in the gradient-accumulation dtype when it differs from the model's, stage 2:
+      in the model dtype; twice with ``overlap_comm`` (off below stage 3 by default); none with
+      ``contiguous_gradients: false`` and no optimizer offload;
+    - stage 0: none (DeepSpeed's plain all-reduce flattens per bucket, transient).
+    Read from deepspeed/runtime/zero/stage3.py and stage_1_and_2.py (0.19) and checked against
+    real engines' buffers in ``tests/training/test_training_units.py``.
+    """
+    zero = ds_config.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    model = 2 if (ds_config.get("bf16", {}).get("enabled") or ds_config.get("fp16", {}).get("enabled")) else 4
+    accum = _DTYPE_BYTES[ds_config.get("data_types", {}).get("grad_accum_dtype") or ("fp32" if model == 4 else "bf16")]
+    n = float(zero.get("reduce_bucket_size", DS_REDUCE_BUCKET_SIZE))
+    if stage == 3:
+        comm = ds_config.get("communication_data_type")
+        return n * (_DTYPE_BYTES[comm] if comm else model) if zero.get("contiguous_gradients", True) else 0.0
+    offload = "offload_optimizer" in zero
+    bf16_optimizer = stage == 1 and ds_config.get("bf16", {}).get("enabled") and accum == 4 and not offload
+    if stage == 0 or bf16_optimizer or not (zero.get("contiguous_gradients", True) or offload):
+        return 0.0
+    width = accum if (stage == 1 and accum != model) else model
+    return n * width * (2 if zero.get("overlap_comm", False) else 1)
+
+
 def is_half(cfg: WMSSConfig) -> bool:
     """The models train in bf16/fp16 (``models.dtype`` auto is bf16 with ``scaling.use_gpu``)."""
     return cfg.models.dtype in ("bfloat16", "float16") or (cfg.models.dtype == "auto" and cfg.scaling.use_gpu)
@@ -192,9 +227,20 @@ def phase_bytes(cfg: WMSSConfig, phase: str, strong: ModelShape, weak: ModelShap
     out["loss_chunk_rows"] = float(min(chunk, tokens))
     # fp32 accumulators of the head-weight gradients (+ their cast to bf16 at backward)
     out["loss_head_grads"] = sum((4 + (2 if half else 0)) * m.vocab * m.hidden for m, tr in models if tr)
+    out["grad_bucket"] = gradient_bucket_bytes(_ds_config(cfg, half))
     out["overhead"] = float(OVERHEAD_BYTES)
     out["total"] = sum(out[k] for k in COMPONENTS)
     return out
+
+
+def _ds_config(cfg: WMSSConfig, half: bool) -> dict:
+    """The DeepSpeed config the Train workers would build for ``cfg`` (one definition of it)."""
+    import torch
+
+    from wmss_ray.training.ds_config import build_ds_config
+
+    dtype = (torch.float16 if cfg.models.dtype == "float16" else torch.bfloat16) if half else torch.float32
+    return build_ds_config(cfg.training, cfg.scaling.num_workers, dtype, cfg.scaling.use_gpu)
 
 
 def pool_actor_bytes(cfg: WMSSConfig, weak: ModelShape) -> dict[str, float]:
@@ -251,6 +297,7 @@ COMPONENTS = {
     "activations": "activations",
     "loss_chunk": "loss [chunk, V] fp32 buffer",
     "loss_head_grads": "loss head-gradient accumulators",
+    "grad_bucket": "DeepSpeed gradient bucket",
     "overhead": "CUDA context, NCCL, fragmentation",
 }
 

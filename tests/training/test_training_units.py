@@ -138,7 +138,7 @@ def artifacts(tmp_path_factory):
     return make_artifacts(tmp_path_factory.mktemp("train_units"))
 
 
-def _run_worker(paths, cfg, phase, mode, steps, out_dir):
+def _run_worker(paths, cfg, phase, mode, steps, out_dir, before_steps=None):
     from wmss_ray.training.trainer import build_spec
     from wmss_ray.training.worker import PhaseWorker, init_single_process
 
@@ -146,6 +146,8 @@ def _run_worker(paths, cfg, phase, mode, steps, out_dir):
     spec = build_spec(cfg, phase, paths["strong"], paths["weak"] if phase == "wmss" else None,
                       paths["tokenized"], paths["sampled"] if phase == "wmss" else None, str(out_dir), mode)
     worker = PhaseWorker(cfg, spec, 0, 1, torch.device("cpu"))
+    if before_steps is not None:
+        before_steps(worker)
     metrics = [worker.train_step(s) for s in range(steps)]
     return worker, metrics
 
@@ -286,18 +288,49 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(mode):
     assert saved_b < 0.5 * saved_a, (saved_a, saved_b)
 
 
+def _ipg_buffers(optimizer) -> list[tuple[int, int]]:
+    """(bytes per element, elements) of a DeepSpeed ZeRO optimizer's gradient (IPG) buffers."""
+    buffers = [b for bucket in getattr(optimizer, "ipg_buckets", {}).values()
+               for b in (bucket.buffer if isinstance(bucket.buffer, list) else [bucket.buffer]) if b is not None]
+    return [(b.element_size(), b.numel()) for b in buffers]
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_bf16_steps_accumulate_in_fp32_and_track_the_fp32_run(artifacts, tmp_path, stage):
     """bf16 models at ZeRO 1/2/3 (grad_accum 2, checkpointing on): DeepSpeed runs with fp32
-    gradient accumulation, and the loss trajectory stays within bf16 tolerance of fp32's."""
-    t = {"micro_batch_size": 2, "grad_accum": 2, "lr": 3e-3, "warmup_ratio": 0.2, "log_every": 1, "max_steps": 3,
-         "zero_stage": stage, "gradient_checkpointing": True,
-         "ds_config_overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}}
+    gradient accumulation, and the loss trajectory stays within bf16 tolerance of fp32's.
+    ``wmss plan``'s gradient-bucket figure equals the buffers these engines allocated (bf16 with
+    DeepSpeed's defaults; fp32 with another bucket size and overlap_comm on: two buffers below stage 3)."""
+    from wmss_ray.plan import gradient_bucket_bytes
+    from wmss_ray.training.ds_config import build_ds_config
+
+    zero = {"stage3_param_persistence_threshold": 0}
     runs = {}
     for dtype in ("bfloat16", "float32"):
+        extra = {} if dtype == "bfloat16" else {"reduce_bucket_size": 12_288, "overlap_comm": True}
+        t = {"micro_batch_size": 2, "grad_accum": 2, "lr": 3e-3, "warmup_ratio": 0.2, "log_every": 1, "max_steps": 3,
+             "zero_stage": stage, "gradient_checkpointing": True,
+             "ds_config_overrides": {"zero_optimization": {**zero, **extra}}}
         cfg = config_from_dict({"training": t, "mix": {"lam": 0.5}, "models": {"dtype": dtype}})
-        worker, metrics = _run_worker(artifacts, cfg, "wmss", "joint", 3, tmp_path / dtype)
+        seen: list[tuple[int, int]] = []  # (bytes per element, elements) of the IPG buffers before a release
+
+        def watch_buckets(worker) -> None:
+            opt = worker.engine.optimizer
+            release = getattr(opt, "_release_ipg_buffers", None)  # stage 1/2: freed after each step
+
+            def read_then_release() -> None:
+                seen[:] = max(seen, _ipg_buffers(opt), key=lambda bs: sum(n * b for b, n in bs))
+                release()
+            if release is not None:
+                opt._release_ipg_buffers = read_then_release
+
+        worker, metrics = _run_worker(artifacts, cfg, "wmss", "joint", 3, tmp_path / dtype, watch_buckets)
         runs[dtype] = [m["loss"] for m in metrics]
+        buffers = seen or _ipg_buffers(worker.engine.optimizer)  # stage 3 keeps its buffer
+        allocated = sum(n * b for b, n in buffers)
+        ds_config = build_ds_config(cfg.training, 1, getattr(torch, dtype), on_gpu=False)
+        assert allocated == gradient_bucket_bytes(ds_config), (stage, dtype, buffers)
+        assert allocated > 0 or (stage == 1 and dtype == "bfloat16")  # stage 1 + bf16: DeepSpeed's BF16_Optimizer
         model_dtype, accum_dtype = worker.engine.get_data_types()
         assert accum_dtype == torch.float32
         assert model_dtype == (torch.bfloat16 if dtype == "bfloat16" else torch.float32)
