@@ -195,18 +195,28 @@ def test_running_the_sweep_again_continues_it_without_rerunning_trials(asha_swee
     assert sorted(p for p in root.iterdir() if p.name.startswith("trial_")) == trials
 
 
-def test_a_trial_over_two_seeds_reports_their_mean_in_lockstep(asha_sweep):
+@pytest.fixture(scope="module")
+def two_seed_trial(asha_sweep):
+    """A 2-seed trial (lam 0.5) on the sweep's base run, whose shared phases (up to scoring) serve
+    it too: (config, reports, final metrics)."""
+    from tune.trial import run_trial
+
+    sweep_cfg, _ = asha_sweep
+    cfg = load_config("configs/test-tiny.yaml", [f"run.storage={sweep_cfg.run.storage}", *TINY_SWEEP, "tune.seeds=2"])
+    reports: list[dict] = []
+    final = run_trial(cfg, {"mix.lam": 0.5}, "seeds_trial", report=reports.append)
+    return cfg, reports, final
+
+
+def test_a_trial_over_two_seeds_reports_their_mean_in_lockstep(two_seed_trial):
     import json
 
     import pyarrow.parquet as pq
 
-    from tune.trial import run_trial, seed_run_dirs
+    from tune.trial import seed_run_dirs
     from wmss_ray.stats import mean_and_spread
 
-    sweep_cfg, _ = asha_sweep  # its base run's shared phases (up to scoring) serve this trial too
-    cfg = load_config("configs/test-tiny.yaml", [f"run.storage={sweep_cfg.run.storage}", *TINY_SWEEP, "tune.seeds=2"])
-    reports: list[dict] = []
-    final = run_trial(cfg, {"mix.lam": 0.5}, "seeds_trial", report=reports.append)
+    cfg, reports, final = two_seed_trial
     dirs = seed_run_dirs(Path(cfg.run_dir()) / "tune", "seeds_trial", 2)
     assert [d.name for d in dirs] == ["seeds_trial", "seeds_trial-seed1"] and all(d.is_dir() for d in dirs)
     draws = [pq.read_table(d / "curriculum_1" / "sampled_ids.parquet")["sample_id"].to_pylist() for d in dirs]
@@ -222,3 +232,44 @@ def test_a_trial_over_two_seeds_reports_their_mean_in_lockstep(asha_sweep):
               for d in dirs]
     assert len(losses[0]) == len(losses[1]) == 2 and losses[0] != losses[1]
     assert not any((d / "wmss_1" / "interim_model").exists() for d in dirs)
+
+
+def test_a_one_seed_trial_is_one_train_run_and_reports_what_the_chunked_seed_reports(two_seed_trial):
+    """tune.seeds 1: WMSS validates itself inside one Train run; the 2-seed trial's seed 0 (the
+    same curriculum draw and data order) trained in chunks, one Train run per report. Same
+    training losses, same validation outcomes at every report, one worker-group start."""
+    import json
+
+    from tune.trial import run_trial
+
+    two_cfg, two_reports, _ = two_seed_trial
+    cfg = load_config("configs/test-tiny.yaml", [f"run.storage={two_cfg.run.storage}", *TINY_SWEEP, "tune.seeds=1"])
+    reports: list[dict] = []
+    final = run_trial(cfg, {"mix.lam": 0.5}, "one_run_trial", report=reports.append)
+    root = Path(cfg.run_dir()) / "tune"
+    one, chunked = root / "one_run_trial", root / "seeds_trial"
+
+    def starts(trial: Path) -> list[dict]:
+        events = [json.loads(x) for x in (trial / "wmss_1" / "workers.jsonl").read_text().splitlines()]
+        return [e for e in events if e["event"] == "start"]
+
+    assert len(starts(one)) == cfg.scaling.num_workers  # one worker group, from step 0
+    assert len(starts(chunked)) == 2 * cfg.scaling.num_workers  # one per chunk
+    assert [(r["step"], r["final"], r["seeds"], r["n_validation"]) for r in reports] == \
+        [(1, False, 1, 8), (2, True, 1, cfg.data.demo.n_validation)] and final == reports[-1]
+
+    def losses(trial: Path) -> list[float]:
+        return [json.loads(x)["loss"] for x in (trial / "wmss_1" / "metrics.jsonl").read_text().splitlines()]
+
+    def outcomes(path: Path) -> tuple[list[tuple], list[float]]:
+        rows = [json.loads(x) for x in path.read_text().splitlines()]
+        return [(r["sample_id"], r["generated"], r["correct"], r["n_tokens"]) for r in rows], [r["nll"] for r in rows]
+
+    assert losses(one) == pytest.approx(losses(chunked), rel=1e-5)
+    for sub in ("validation_step1", "validation"):  # the report after step 1, the final one
+        (ours, our_nll), (theirs, their_nll) = (outcomes(t / sub / "eval_WMSS.jsonl") for t in (one, chunked))
+        assert ours == theirs and our_nll == pytest.approx(their_nll, rel=1e-5), sub
+    step1 = json.loads((one / "validation_step1" / "eval_results.json").read_text())
+    assert step1["eval_set"]["name"] == "validation" and step1["models"]["WMSS"]["n"] == 8
+    assert reports[0]["validation_loss"] == pytest.approx(step1["models"]["WMSS"]["loss"])
+    assert not (one / "wmss_1" / "interim_model").exists()

@@ -4,7 +4,7 @@ Everything before the curriculum (data, pre-training, tokenisation, SFT, scoring
 on the swept keys (``mix.*`` and ``curriculum.*``, enforced by the config schema), so it runs once
 in the base run directory. Each trial gets its own run directory ``<run_dir>/tune/trial_<id>/``
 whose upstream phase directories are symbolic links to the base run's: the pipeline's
-fingerprints then match and it runs only curriculum -> WMSS (in reported chunks, ``tune/trial.py``)
+fingerprints then match and it runs only curriculum -> WMSS (with its reports, ``tune/trial.py``)
 -> the WMSS model on the validation split (``data.validation_fraction`` / ``data.validation`` /
 the demo world's ``validation.jsonl``), never on ``data.eval``: the test set is read only by the
 final eval phase, after the choice. A config without a validation split is refused before
@@ -166,7 +166,7 @@ def run_sweep(base: WMSSConfig, retry_errored: bool = False):
 
     def trainable(params: dict[str, Any]) -> None:
         name = tune.get_context().get_trial_name()
-        run_trial(config_from_dict(base_dict), params, name, report=tune.report)
+        run_trial(config_from_dict(base_dict), params, name, report=tune.report, to_tune=True)
 
     trainable_with_resources = tune.with_resources(trainable, {"cpu": base.tune.cpus_per_trial})
     if restoring:

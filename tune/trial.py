@@ -1,21 +1,29 @@
-"""One tune trial: its config and run directory, the shared-phase links, and its WMSS phase in
-chunks of ``tune.eval_every`` steps with a validation report after each (what ASHA acts on).
+"""One tune trial: its config and run directory, the shared-phase links, and its WMSS phase with
+a validation report every ``tune.eval_every`` steps (what ASHA acts on).
 
-A chunk is ``train_phase(..., stop_after=N, export_at_stop=True)``: Ray Train checkpoints at
-step N and exports ``wmss_1/interim_model``; the next chunk (same ``out_dir``) resumes from that
-checkpoint exactly. The last stretch runs inside the pipeline's own ``wmss_1`` phase (which
-resumes the same way), so the trial's manifests are those of a plain run. Intermediate reports
-use a seeded subsample of ``tune.eval_samples`` validation rows; the final one the whole split.
+One seed (``tune.seeds: 1``, the default): the pipeline's ``wmss_1`` is one Train run that
+validates itself (``wmss_ray/training/validation.py``: the ranks export
+``wmss_1/interim_model``, generate for their share of the rows, and the step is checkpointed);
+under Tune each report reaches ASHA while the run goes on (``tune/reports.py``), without Tune
+(tests) ``report`` gets them, in order, when the run ends.
 
 ``tune.seeds`` S > 1: the trial runs its configuration S times, ``curriculum.seed = run.seed + i``
-(another curriculum draw and WMSS data order) in ``<run>/tune/<trial>-seed<i>``, the chunks in
-lockstep; every report is the seeds' mean, with ``accuracy_std``. Each seed's per-problem
-validation outcomes stay in ``<seed run dir>/validation/eval_WMSS.jsonl`` for the paired
-comparison with the sweep's control (``tune/baseline.py``).
+(another curriculum draw and WMSS data order) in ``<run>/tune/<trial>-seed<i>``, and every report
+is the seeds' mean, with ``accuracy_std``; the seeds train in lockstep chunks:
+``train_phase(..., stop_after=N, export_at_stop=True)`` per seed (a checkpoint at step N and
+``wmss_1/interim_model``), the seeds' evaluation, the next chunk resuming from the checkpoint;
+the last stretch runs inside the pipeline's ``wmss_1`` (which resumes the same way). So a
+multi-seed trial restarts its Train runs once per report; a one-seed trial never does.
+
+Either way the trial's manifests are those of a plain run; intermediate reports use a seeded
+subsample of ``tune.eval_samples`` validation rows (``<trial>/validation_step<k>/``), the final
+one the whole split (``<seed run dir>/validation/eval_WMSS.jsonl``, kept for the paired
+comparison with the sweep's control, ``tune/baseline.py``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -136,12 +144,35 @@ def _wmss_chunks(seeds: list[_Seed], rows: list[dict[str, Any]], report: Report)
         shutil.rmtree(seed.dir / "wmss_1" / INTERIM_MODEL, ignore_errors=True)  # a full model copy per seed
 
 
+def _wmss_one_run(seed: _Seed, rows: list[dict[str, Any]], report: Report, to_tune: bool) -> None:
+    """One seed's ``wmss_1`` as one Train run validating itself every ``eval_every`` steps on
+    ``rows``: to Tune as it goes (``to_tune``), else to ``report`` in step order at the end."""
+    from tune.reports import ValidationToTune, intermediate_report
+    from wmss_ray.pipeline import run_pipeline
+    from wmss_ray.training.trainer import INTERIM_MODEL
+    from wmss_ray.training.validation import ValidationPoints, write_rows
+
+    rows_path = str(seed.dir / "validation_rows.jsonl")
+    write_rows(rows, rows_path)
+    points = ValidationPoints(every=seed.cfg.tune.eval_every, rows_path=rows_path, out_root=str(seed.dir))
+    options = {"validation": points, "callbacks": [ValidationToTune()] if to_tune else []}
+    outputs = run_pipeline(seed.cfg, until="wmss_1", train_options={"wmss_1": options})
+    if not to_tune:
+        for step in range(points.every, int(outputs["wmss_1"].get("steps") or 0), points.every):
+            summary = json.loads(Path(points.step_dir(step), "eval_results.json").read_text())["models"]["WMSS"]
+            report(intermediate_report({"validation_accuracy": summary["accuracy"], "validation_loss": summary["loss"],
+                                        "n_validation": summary["n"], "step": step}))
+    shutil.rmtree(seed.dir / "wmss_1" / INTERIM_MODEL, ignore_errors=True)  # a full model copy
+
+
 def run_trial(base: WMSSConfig, params: dict[str, Any], trial_name: str,
-              report: Report | None = None) -> dict[str, Any]:
-    """One trial: for each of ``tune.seeds`` seeds, curriculum -> WMSS (in reported chunks when
-    ``report`` and ``tune.eval_every`` are given) -> the WMSS model on the whole validation split
-    (``<seed run dir>/validation/eval_WMSS.jsonl``). Returns the final metrics, the seeds' mean
-    (also passed to ``report``). Tests call it without Ray Tune."""
+              report: Report | None = None, to_tune: bool = False) -> dict[str, Any]:
+    """One trial: for each of ``tune.seeds`` seeds, curriculum -> WMSS (with intermediate reports
+    when ``report`` and ``tune.eval_every`` are given) -> the WMSS model on the whole validation
+    split (``<seed run dir>/validation/eval_WMSS.jsonl``). Returns the final metrics, the seeds'
+    mean (also passed to ``report``). ``to_tune``: inside a Tune trial (``report`` is
+    ``tune.report``), a one-seed trial's intermediate reports go to Tune from its Train run.
+    Tests call it without Ray Tune."""
     from wmss_ray.data.ray_corpus import validation_eval_input
     from wmss_ray.evaluation import load_eval_rows
     from wmss_ray.pipeline import run_pipeline
@@ -152,9 +183,12 @@ def run_trial(base: WMSSConfig, params: dict[str, Any], trial_name: str,
         raise ValueError(NO_VALIDATION)
     rows = load_eval_rows(validation, seeds[0].cfg)
     if report is not None and base.tune.eval_every:
-        todo = [s for s in seeds if not s.wmss_done()]  # a restarted trial whose WMSS is done: no chunks
-        if todo:
-            _wmss_chunks(todo, subsample(rows, base.tune.eval_samples, base.run.seed), report)
+        todo = [s for s in seeds if not s.wmss_done()]  # a restarted trial whose WMSS is done: no reports
+        few = subsample(rows, base.tune.eval_samples, base.run.seed)
+        if len(seeds) == 1 and todo:
+            _wmss_one_run(todo[0], few, report, to_tune)
+        elif todo:
+            _wmss_chunks(todo, few, report)
     per_seed, steps = [], set()
     for seed in seeds:
         outputs = run_pipeline(seed.cfg, until="wmss_1")

@@ -25,7 +25,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -217,7 +217,8 @@ def check_answers(rows: Sequence[dict], generated: Sequence[dict], checker: Answ
     return out
 
 
-def _evaluator_kwargs(model_dir: str, cfg: WMSSConfig) -> dict[str, Any]:
+def evaluator_kwargs(model_dir: str, cfg: WMSSConfig) -> dict[str, Any]:
+    """:class:`Evaluator` arguments for ``model_dir`` under ``cfg`` (device: auto)."""
     return {
         "model_dir": str(model_dir),
         "max_new_tokens": cfg.evaluation.max_new_tokens,
@@ -302,21 +303,32 @@ def evaluate_model(
     return _evaluate_rows(model_dir, load_eval_rows(eval_path_or_rows, cfg), cfg, name, out_dir, use_ray)
 
 
+#: ``generate(model_dir, chunks)`` -> the :class:`Evaluator` outputs of every row of ``chunks``
+#: (the pre-cut batches of :func:`eval_chunks`), in order: another way to run the evaluator
+#: (a training run's ranks, ``training/validation.py``).
+Generate = Callable[[str, list[list[dict[str, Any]]]], list[dict[str, Any]]]
+
+
+def eval_chunks(rows: Sequence[dict[str, Any]], batch_size: int) -> list[list[dict[str, Any]]]:
+    """Rows cut into the evaluator's batches (``evaluation.batch_size``); each row gets ``_idx``,
+    its position, which restores eval order after the Ray path (Ray Data does not keep it)."""
+    return [[{**r, "_idx": i + j} for j, r in enumerate(rows[i:i + batch_size])]
+            for i in range(0, len(rows), batch_size)]
+
+
 def _evaluate_rows(model_dir: str, rows: list[dict[str, Any]], cfg: WMSSConfig, name: str,
-                   out_dir: str | Path | None, use_ray: bool | None) -> EvalResult:
+                   out_dir: str | Path | None, use_ray: bool | None, generate: Generate | None = None) -> EvalResult:
     """:func:`evaluate_model` on rows already read by :func:`load_eval_rows`."""
     e = cfg.evaluation
     if use_ray is None:
         use_ray = len(rows) > e.ray_min_rows or e.num_actors > 1 or e.gpus_per_actor > 0
-    ev_kwargs = _evaluator_kwargs(model_dir, cfg)
-    # "_idx" restores eval order after the Ray path (Ray Data does not keep it by default).
-    chunks = [
-        [{**r, "_idx": i + j} for j, r in enumerate(rows[i:i + e.batch_size])]
-        for i in range(0, len(rows), e.batch_size)
-    ]
+    ev_kwargs = evaluator_kwargs(model_dir, cfg)
+    chunks = eval_chunks(rows, e.batch_size)
     checker = checker_from_config(cfg)
     if not rows:
         generated: list[dict[str, Any]] = []
+    elif generate is not None:
+        generated = generate(str(model_dir), chunks)
     elif use_ray:
         generated = _run_ray(chunks, ev_kwargs, cfg)
     else:
@@ -354,9 +366,12 @@ def eval_set_info(name: str, source: str, n: int, cfg: WMSSConfig) -> dict[str, 
 
 def evaluate_models(
     models: dict[str, str], eval_path: str | Sequence[dict], cfg: WMSSConfig, out_dir: str | Path,
-    eval_set: str = "test",
+    eval_set: str = "test", generate: Generate | None = None,
 ) -> dict[str, EvalResult]:
     """Evaluate several models (``{name: model_dir}``) on the same problems (read once).
+
+    ``generate`` replaces the evaluator's run (in process or Ray Data actors) by another one over
+    the same pre-cut batches (a training run's ranks); checking, sums and files are the same.
 
     ``eval_set`` names the set the numbers come from: ``test`` (``data.eval``, read only after
     every choice is made) or ``validation`` (what selection, e.g. a tune sweep, uses).
@@ -370,7 +385,7 @@ def evaluate_models(
     table: dict[str, dict[str, Any]] = {}
     rows = load_eval_rows(eval_path, cfg)  # read once for all models
     for name, model_dir in models.items():
-        res = _evaluate_rows(model_dir, rows, cfg, name, out, None)
+        res = _evaluate_rows(model_dir, rows, cfg, name, out, None, generate)
         results[name] = res
         table[name] = {**res.summary(), "per_sample_path": storage.join(out, f"eval_{_safe_name(name)}.jsonl")}
     source = str(eval_path) if isinstance(eval_path, (str, Path)) else f"{len(eval_path)} rows given in memory"

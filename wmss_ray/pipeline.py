@@ -51,10 +51,13 @@ class Phase:
 class RunContext:
     """What phases share: the config, the run dir, and finished phases' outputs."""
 
-    def __init__(self, cfg: WMSSConfig):
+    def __init__(self, cfg: WMSSConfig, train_options: dict[str, dict[str, Any]] | None = None):
         self.cfg = cfg
         self.run_dir = storage.location(cfg.run_dir())  # absolute local path or URI
         self.outputs: dict[str, dict[str, Any]] = {}
+        # extra train_phase arguments by phase name that do not change its result (a tune
+        # trial's in-run validation and its report to Tune): not part of any fingerprint
+        self.train_options = train_options or {}
 
     def phase_dir(self, name: str) -> str:
         d = storage.join(self.run_dir, name)
@@ -175,6 +178,7 @@ def _phase_wmss(t: int) -> Callable[[RunContext], dict[str, Any]]:
             tokenized_path=ctx.out("tokenize", "tokenized"),
             sampled_ids_path=ctx.out(f"curriculum_{t}", "sampled_ids"),
             out_dir=str(ctx.phase_dir(f"wmss_{t}")), epochs=ctx.cfg.training.wmss_epochs,
+            **ctx.train_options.get(f"wmss_{t}", {}),
         )
         return _train_outputs(res)
 
@@ -315,17 +319,20 @@ def _phase_fingerprint(phase: Phase, cfg_dict: dict[str, Any], prints: dict[str,
     })
 
 
-def run_pipeline(cfg: WMSSConfig, from_phase: str | None = None, until: str | None = None) -> dict[str, Any]:
+def run_pipeline(cfg: WMSSConfig, from_phase: str | None = None, until: str | None = None,
+                 train_options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Run every phase in order (skipping completed ones); returns each phase's outputs.
 
     ``from_phase`` forces that phase and all later ones to run again; ``until`` stops after it.
+    ``train_options``: ``{"wmss_<t>": {...}}`` extra ``train_phase`` arguments that leave the
+    phase's result as it is (``validation``, ``callbacks``: a tune trial's reports).
     """
     phases = build_phases(cfg)
     names = [p.name for p in phases]
     for arg in (from_phase, until):
         if arg is not None and arg not in names:
             raise ValueError(f"unknown phase '{arg}'; phases of this config: {', '.join(names)}")
-    ctx = RunContext(cfg)
+    ctx = RunContext(cfg, train_options)
     storage.check_reachable(ctx.run_dir)  # an unreachable store fails here, naming the URI
     save_config(cfg, storage.join(ctx.run_dir, "config.yaml"))
     cfg_dict = cfg.to_dict()

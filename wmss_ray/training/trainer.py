@@ -32,6 +32,7 @@ from wmss_ray.cluster import ensure_ray
 from wmss_ray.config import WMSSConfig
 from wmss_ray.training.dataset import EPOCH_ROWS_FILE, DataPlan, write_epoch_rows
 from wmss_ray.training.metrics import is_log_step, read_metrics
+from wmss_ray.training.validation import ValidationPoints, validate_on_ranks
 from wmss_ray.training.worker import PhaseSpec
 
 RUN_NAME = "ray_train"
@@ -72,7 +73,8 @@ def _resolve_mode(cfg: WMSSConfig, phase: str, mode: str | None) -> str:
 def build_spec(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | None, tokenized_path: str,
                sampled_ids_path: str | None, out_dir: str, mode: str | None = None, *,
                epochs: float | None = None, exact_steps: int | None = None,
-               stop_after: int | None = None, export_at_stop: bool = False) -> PhaseSpec:
+               stop_after: int | None = None, export_at_stop: bool = False,
+               validation: ValidationPoints | None = None) -> PhaseSpec:
     """Validate a phase's inputs and compute its data plan (driver side, no Ray)."""
     if phase not in ("sft", "wmss"):
         raise ValueError(f"phase must be 'sft' or 'wmss', got {phase!r}")
@@ -84,6 +86,11 @@ def build_spec(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | N
 
         check_pair_compatible(weak_init, strong_init, cfg.models.trust_remote_code)
     out = storage.location(out_dir)  # absolute local path or URI: every rank must reach it
+    if validation is not None and storage.is_remote(out):
+        # the ranks reload each interim export; a model URI is cached per node by its listing,
+        # which every export of the same shapes repeats (and tune refuses URI storage anyway)
+        raise ValueError(f"validation inside a run needs a local or shared-filesystem out_dir, got "
+                         f"{storage.redact(out)}")
     if not storage.is_remote(out):
         storage.make_dir(out)
     epoch_rows_path = storage.join(out, EPOCH_ROWS_FILE)  # the workers read it; nothing O(corpus) is shipped
@@ -104,7 +111,7 @@ def build_spec(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | N
     return PhaseSpec(phase=phase, mode=mode, strong_init=str(strong_init),
                      weak_init=str(weak_init) if weak_init and phase == "wmss" else None,
                      out_dir=str(out), tokenized_path=tokenized_path, epoch_rows_path=epoch_rows_path, plan=plan, stop_after=stop_after,
-                     export_at_stop=export_at_stop, fault=fault)
+                     export_at_stop=export_at_stop, validation=validation, fault=fault)
 
 
 # ----------------------------------------------------------------------------- Ray worker
@@ -172,13 +179,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics = worker.train_step(step)
             done = step + 1
             log = is_log_step(done, t.log_every, end)
-            ckpt = done == end or (t.checkpoint_every and done % t.checkpoint_every == 0)
+            validate = spec.validation is not None and spec.validation.due(done, spec.plan.total_steps)
+            # a validation point is also a checkpoint: a restarted trial resumes after its last report
+            ckpt = done == end or validate or (t.checkpoint_every and done % t.checkpoint_every == 0)
             if writer is not None and log:
                 writer.write(metrics)
                 if metrics.get("trunc_warning"):
                     warnings.warn(f"step {done}: weak top-k truncation may move the loss by up to "
                                   f"{metrics['trunc_bound']:.3g} nats/token (> mix.pool.error_warn "
                                   f"{cfg.mix.pool.error_warn}); raise mix.pool.top_k", stacklevel=1)
+            if validate:
+                _export(worker, spec.out_dir, rank, INTERIM_MODEL)
+                metrics = {**metrics, **validate_on_ranks(cfg, spec.validation, storage.join(spec.out_dir, INTERIM_MODEL),
+                                                          done, rank, world, device)}
             if ckpt:
                 with tempfile.TemporaryDirectory(prefix=f"wmss-ckpt-r{rank}-") as tmp:
                     worker.save(tmp, done, metrics["samples_seen"])
@@ -243,7 +256,8 @@ def _start_pool(cfg: WMSSConfig, spec: PhaseSpec):
 def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | None, tokenized_path: str,
                 sampled_ids_path: str | None, out_dir: str, mode: str | None = None, *,
                 epochs: float | None = None, exact_steps: int | None = None,
-                stop_after: int | None = None, export_at_stop: bool = False) -> TrainResult:
+                stop_after: int | None = None, export_at_stop: bool = False,
+                validation: ValidationPoints | None = None, callbacks: list | None = None) -> TrainResult:
     """Train one phase on Ray Train and export the strong model to ``<out_dir>/model``.
 
     Args:
@@ -261,6 +275,10 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
             with the same ``out_dir`` resumes.
         export_at_stop: with ``stop_after`` short of the end, also export the strong model to
             ``<out_dir>/interim_model`` (a tune trial's intermediate evaluation).
+        validation: validate inside the run every ``validation.every`` steps (a tune trial's
+            intermediate reports, ``training/validation.py``); each such step is checkpointed
+            and its ``ray.train.report`` carries the validation metrics.
+        callbacks: Ray Train ``UserCallback``s for the controller (a tune trial's report to Tune).
 
     Returns:
         :class:`TrainResult`. Optimizer steps: ``ceil(n_samples * epochs / global_batch)`` capped
@@ -274,7 +292,7 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
 
     spec = build_spec(cfg, phase, strong_init, weak_init, tokenized_path, sampled_ids_path, out_dir, mode,
                       epochs=epochs, exact_steps=exact_steps, stop_after=stop_after,
-                      export_at_stop=export_at_stop)
+                      export_at_stop=export_at_stop, validation=validation)
     out = spec.out_dir  # build_spec made it (absolute local path, or URI)
     ckpt_fs, ckpt_root = storage.resolve_fs(out)  # Ray Train checkpoints go to the same storage
     ensure_ray()
@@ -292,6 +310,7 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
             name=RUN_NAME, storage_path=ckpt_root, storage_filesystem=ckpt_fs,
             failure_config=FailureConfig(max_failures=cfg.training.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks or []),
         ),
         # No Ray Dataset: each rank reads its own rows of the tokenised Parquet (dataset.RowReader).
     )

@@ -29,6 +29,7 @@ from wmss_ray.training.dataset import DataPlan, RowReader, answer_tokens, input_
 from wmss_ray.training.metrics import all_reduce_sum, step_metrics
 from wmss_ray.training.packing import pack_rows
 from wmss_ray.training.pair import PairLM
+from wmss_ray.training.validation import ValidationPoints
 
 
 @dataclass
@@ -45,6 +46,7 @@ class PhaseSpec:
     plan: DataPlan
     stop_after: int | None = None  # end (checkpointed, not exported) after this many steps
     export_at_stop: bool = False  # with stop_after: also export the strong model to <out_dir>/interim_model
+    validation: ValidationPoints | None = None  # validate (and checkpoint) every k steps inside the run
     fault: dict[str, int] = field(default_factory=dict)  # test hook: {"rank": r, "step": s}
 
     @property

@@ -1,0 +1,54 @@
+"""Validation inside a training run (``training/validation.py``) on 2 gloo ranks: each rank
+generates for its share of the evaluator's batches, rank 0 gathers them, and the outcome is the
+in-process evaluation's, row for row, with the same files."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch.multiprocessing as mp
+
+from tests.test_evaluation import _cfg, _eval_rows, forced_model  # noqa: F401  (a fixture)
+from wmss_ray.evaluation import evaluate_models, load_eval_rows, read_per_sample
+from wmss_ray.training.validation import ValidationPoints, write_rows
+
+
+def _rank(rank: int, world: int, port: int, points: ValidationPoints, model_dir: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from wmss_ray.training.validation import validate_on_ranks
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        metrics = validate_on_ranks(_cfg(), points, model_dir, 3, rank, world, "cpu")
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+            json.dump(metrics, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_validate_like_the_in_process_evaluation(forced_model, tmp_path):  # noqa: F811
+    rows = load_eval_rows(_eval_rows(), _cfg())  # 7 rows, batch_size 3: batches 0, 2 on rank 0, 1 on rank 1
+    points = ValidationPoints(every=3, rows_path=str(tmp_path / "rows.jsonl"), out_root=str(tmp_path / "trial"))
+    write_rows(rows, points.rows_path)
+    assert points.due(3, 10) and not points.due(4, 10) and not points.due(9, 9)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank, args=(2, port, points, forced_model, str(tmp_path)), nprocs=2, join=True)
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert got[0] == got[1]  # every rank reports the same metrics
+    ref = evaluate_models({"WMSS": forced_model}, rows, _cfg(), tmp_path / "ref", eval_set="validation")["WMSS"]
+    assert got[0]["n_validation"] == ref.n == 7 and got[0]["step"] == 3
+    assert got[0]["validation_accuracy"] == ref.accuracy and got[0]["validation_loss"] == pytest.approx(ref.loss)
+    step_dir = tmp_path / "trial" / "validation_step3"
+    ours, theirs = read_per_sample(step_dir / "eval_WMSS.jsonl"), ref.per_sample
+    assert [(r["sample_id"], r["generated"], r["correct"]) for r in ours] == \
+        [(r["sample_id"], r["generated"], r["correct"]) for r in theirs]
+    assert [r["nll"] for r in ours] == pytest.approx([r["nll"] for r in theirs], rel=1e-5)
+    summary = json.loads((step_dir / "eval_results.json").read_text())
+    assert summary["eval_set"]["name"] == "validation" and summary["models"]["WMSS"]["n"] == 7

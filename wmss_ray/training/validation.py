@@ -1,0 +1,96 @@
+"""Validation inside a training run: a tune trial's intermediate reports without restarting it.
+
+Every ``every`` optimizer steps short of the end the ranks export the strong model to
+``<out_dir>/interim_model`` (the collective export of the finished model), and each rank loads
+it with the plain :class:`~wmss_ray.evaluation.Evaluator` and generates for its share of the
+evaluator's pre-cut batches (batch ``i`` on rank ``i mod W``: the batches, hence the padding and
+the outputs, are those of the evaluation phase). Rank 0 gathers the outputs and runs the same
+checking, sums and writers as :func:`wmss_ray.evaluation.evaluate_models`
+(``<out_root>/validation_step<k>/eval_results.json`` and ``eval_WMSS.jsonl``); the metrics go to
+every rank and into that step's ``ray.train.report``.
+
+Without this a tune trial trained in chunks, one Train run per report: each reloaded both models
+and the optimizer states from a checkpoint (for two 4B models on 16 GPUs, minutes per report).
+Memory: each rank holds the evaluator's model copy next to its training state while it
+generates (2 bytes per parameter in bf16), then frees it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from wmss_ray import storage
+from wmss_ray.config import WMSSConfig
+
+#: The metrics a validation point adds to its step's report.
+VALIDATION_KEYS = ("validation_accuracy", "validation_loss", "n_validation")
+
+
+@dataclass(frozen=True)
+class ValidationPoints:
+    """When and on what a training run validates itself.
+
+    ``every``: optimizer steps between validations (at each multiple short of the last step; the
+    trial evaluates the finished model on the whole split itself). ``rows_path``: JSON lines of
+    normalised eval rows (:func:`wmss_ray.evaluation.load_eval_rows` output). ``out_root``: where
+    ``validation_step<k>/`` goes.
+    """
+
+    every: int
+    rows_path: str
+    out_root: str
+
+    def due(self, done: int, total: int) -> bool:
+        return self.every > 0 and done % self.every == 0 and done < total
+
+    def step_dir(self, step: int) -> str:
+        return storage.join(self.out_root, f"validation_step{step}")
+
+
+def write_rows(rows: list[dict[str, Any]], path: str) -> None:
+    storage.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_rows(path: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+
+
+def validate_on_ranks(cfg: WMSSConfig, points: ValidationPoints, model_dir: str, step: int, rank: int, world: int,
+                      device: Any) -> dict[str, Any]:
+    """Collective (every rank calls it): the model at ``model_dir`` on ``points.rows_path``.
+
+    Returns, on every rank, ``{validation_accuracy, validation_loss, n_validation, step}``; rank 0
+    writes ``points.step_dir(step)``.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from wmss_ray.evaluation import Evaluator, eval_chunks, evaluate_models, evaluator_kwargs, load_eval_rows
+
+    def generate(path: str, chunks: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+        mine = [i for i in range(len(chunks)) if i % world == rank]
+        outputs: dict[int, list[dict[str, Any]]] = {}
+        if mine:
+            evaluator = Evaluator(**{**evaluator_kwargs(path, cfg), "device": str(device)})
+            outputs = {i: evaluator(chunks[i]) for i in mine}
+            del evaluator
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the copy goes before training resumes
+        gathered: list[dict[int, list[dict[str, Any]]] | None] = [None] * world
+        dist.all_gather_object(gathered, outputs)
+        merged = {i: out for part in gathered for i, out in (part or {}).items()}
+        return [res for i in range(len(chunks)) for res in merged[i]]
+
+    rows = read_rows(points.rows_path)
+    metrics: list[dict[str, Any] | None] = [None]
+    if rank == 0:
+        res = evaluate_models({"WMSS": model_dir}, rows, cfg, points.step_dir(step), eval_set="validation",
+                              generate=generate)["WMSS"]
+        metrics[0] = {"validation_accuracy": float(res.accuracy), "validation_loss": float(res.loss),
+                      "n_validation": int(res.n), "step": step}
+    else:  # the same batches as rank 0's evaluate_models cuts
+        generate(model_dir, eval_chunks(load_eval_rows(rows, cfg), cfg.evaluation.batch_size))
+    dist.broadcast_object_list(metrics, src=0)
+    return metrics[0]
