@@ -67,6 +67,10 @@ def ray_cluster(request):
 
     Started in-process with ``ray.init`` (never ``ray stop``: shutdown stops only what we started).
     4 logical CPUs on a 2-core machine so that 2 train workers plus Ray Data operators fit.
+    With the dashboard, as every real cluster runs: Ray's State API lives there, and Ray Train's
+    PlacementGroupCleaner needs it to free the worker placement group of a run whose controller
+    was killed (an ASHA-stopped tune trial); without it that group held CPUs for the rest of the
+    session.
     """
     import ray
 
@@ -77,17 +81,42 @@ def ray_cluster(request):
     # Short path: Ray's unix sockets live under the temp dir and have a ~107-char limit.
     temp_dir = tempfile.mkdtemp(prefix="wmss-ray-", dir="/tmp")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        _temp_dir=temp_dir,
-        logging_level="WARNING",
-        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}},
-    )
+    # The job tests run a second cluster on this machine; the State API finds "its" cluster from
+    # RAY_ADDRESS only (else it refuses to choose), so the workers get this cluster's GCS address,
+    # on a port chosen here.
+    from ray._private.services import get_node_ip_address
+
+    gcs_port = _free_port()
+    saved = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)
+    try:
+        ray.init(
+            num_cpus=4,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            _temp_dir=temp_dir,
+            logging_level="WARNING",
+            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+                                      "RAY_ADDRESS": f"{get_node_ip_address()}:{gcs_port}"}},
+        )
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = saved
+    assert ray.get_runtime_context().gcs_address.endswith(f":{gcs_port}")
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

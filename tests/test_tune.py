@@ -207,3 +207,20 @@ def test_paired_difference_averages_the_seeds_per_problem_against_the_control(tm
     rows = [{"status": "completed", "step": 9}, {"status": "completed", "step": 9}, {"status": "completed", "step": 7},
             {"status": "stopped", "step": 3}]
     assert control_steps(rows) == 9 and control_steps(rows[3:]) is None
+
+
+def test_asha_refuses_a_cluster_without_the_state_api():
+    """ASHA ends stopped trials' Train runs; Ray Train frees their placement groups only through
+    the State API, so a cluster without it is refused at sweep start, naming the fix."""
+    from tune.sweep import check_state_api
+
+    def no_dashboard(**kwargs):
+        raise ConnectionError("Failed to connect to API server at 127.0.0.1:8265")
+
+    asha = load_config("configs/test-tiny.yaml", ["tune.scheduler=asha", "tune.eval_every=1", "tune.grace_period=1"])
+    with pytest.raises(RuntimeError, match=r"State API .* \(ConnectionError: Failed to connect .* its dashboard"):
+        check_state_api(asha, list_actors=no_dashboard)
+    seen = []
+    check_state_api(asha, list_actors=lambda **kw: seen.append(kw))  # served: nothing to say
+    assert seen and seen[0]["limit"] == 1 and "address" in seen[0]  # this process's cluster, by its GCS
+    check_state_api(load_config("configs/test-tiny.yaml", ["tune.scheduler=none"]), list_actors=no_dashboard)

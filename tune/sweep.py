@@ -39,7 +39,7 @@ from wmss_ray.data.splits import has_validation
 
 __all__ = ["SHARED_PHASES", "NO_VALIDATION", "build_param_space", "link_shared_phases", "trial_config",
            "run_trial", "run_sweep", "summarize", "trial_resources", "derive_max_concurrent",
-           "check_same_sweep"]
+           "check_same_sweep", "check_state_api"]
 EXPERIMENT = "sweep"
 
 
@@ -102,6 +102,28 @@ def derive_max_concurrent(cfg: WMSSConfig, cluster: dict[str, float]) -> int:
     return cfg.tune.max_concurrent or n
 
 
+STATE_API_NEEDED = (
+    "tune.scheduler asha stops trials while their Train runs are going; Ray Train frees a stopped "
+    "run's worker placement group through Ray's State API (a PlacementGroupCleaner watching the "
+    "controller), which this cluster does not serve ({error}), so every stopped trial would keep "
+    "its CPUs/GPUs until the sweep ends: run Ray with its dashboard (ray.init / ray start default, "
+    "KubeRay's head), or set tune.scheduler: none")
+
+
+def check_state_api(cfg: WMSSConfig, list_actors=None) -> None:
+    """Under ASHA, refuse a Ray cluster without the State API (see ``STATE_API_NEEDED``)."""
+    if cfg.tune.scheduler != "asha":
+        return
+    if list_actors is None:
+        from ray.util.state import list_actors
+    import ray
+
+    try:  # this process's cluster (several may run on one machine), asked for its dashboard
+        list_actors(address=ray.get_runtime_context().gcs_address, limit=1, timeout=30, raise_on_missing_output=False)
+    except Exception as err:  # RayStateApiException, or a connection error naming the dashboard
+        raise RuntimeError(STATE_API_NEEDED.format(error=f"{type(err).__name__}: {str(err)[:200]}")) from err
+
+
 def _check_trial_values(base: WMSSConfig) -> None:
     """Every swept value with the whole config (cross-section rules), before anything runs."""
     for key, spec in base.tune.search_space.items():
@@ -160,6 +182,7 @@ def run_sweep(base: WMSSConfig, retry_errored: bool = False):
     if restoring:  # before any work: a changed config must not continue the old sweep
         check_same_sweep(base, root)
     ensure_ray()
+    check_state_api(base)
     max_concurrent = derive_max_concurrent(base, ray.cluster_resources())
     run_pipeline(base, until="score_1")
     base_dict = base.to_dict()
