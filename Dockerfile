@@ -45,19 +45,22 @@ ENV PATH=/opt/venv/bin:$PATH \
 RUN groupadd --gid 1000 wmss \
  && useradd --uid 1000 --gid 1000 --create-home --home-dir /home/wmss --shell /bin/bash wmss
 
-# Dependencies first (cached across code changes): torch from the variant's index, then Ray.
+# Dependencies first (cached across code changes): torch from the variant's index, then Ray and
+# everything else at the versions of requirements.lock (the set the CPU test suite passed with;
+# torch is locked without a local tag, so the variant's CPU or CUDA build satisfies it).
+WORKDIR /app
+COPY requirements.lock ./
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}" \
- && pip install "ray[data,train,tune,default]==${RAY_VERSION}"
+ && pip install -c requirements.lock "ray[data,train,tune,default]==${RAY_VERSION}"
 
 # The code lives in /app, owned by root and read-only to the runtime user. The manifests name
 # configs by absolute path (/app/configs/...), and Ray jobs start in /app.
-WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY wmss_ray ./wmss_ray
 COPY jobs ./jobs
 COPY tune ./tune
 COPY configs ./configs
-RUN pip install . \
+RUN pip install -c requirements.lock . \
  && rm -rf build ./*.egg-info \
  && python -c "import ray, wmss_ray, jobs.pipeline, jobs.check_cluster; assert ray.__version__ == '${RAY_VERSION}', ray.__version__"
 

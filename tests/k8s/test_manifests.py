@@ -269,7 +269,13 @@ def test_dockerfile_matches_manifests():
     assert "INSTALL_FLASH_ATTN=1" in text.split("AS base-gpu")[1].split("FROM ")[0]
     assert "INSTALL_FLASH_ATTN=0" in text.split("AS base-cpu")[1].split("FROM ")[0]
     assert 'pip install "flash-attn==' in text
+    # the image installs the tested set: every pip install but torch's and the GPU build tools is
+    # constrained by the lock, and the lock is in the build context
+    installs = [c for c in re.findall(r"pip install [^\\&\n]*", text) if "torch==" not in c and "ninja" not in c
+                and "flash-attn" not in c]
+    assert installs and all("-c requirements.lock" in c for c in installs), installs
     ignore = (REPO / ".dockerignore").read_text().split()
+    assert "!requirements.lock" in ignore
     assert {".git", ".venv", "runs"} <= {p.strip("/") for p in ignore}
 
 

@@ -207,3 +207,36 @@ def test_load_causal_lm_uses_the_attention_kernel(tmp_path, attn):
     path = save_pretrained_model(built, tok, tmp_path / "m")
     assert load_causal_lm(path, attn_implementation=attn).config._attn_implementation == attn
     assert load_causal_lm(path).config._attn_implementation == "sdpa"  # auto on the CPU
+
+
+_TWO_ZERO3_LOADS = """
+import sys, deepspeed, torch
+from wmss_ray.models.loading import load_causal_lm
+from wmss_ray.training.worker import init_single_process
+init_single_process()
+ds = {"train_batch_size": 1, "zero_optimization": {"stage": 3}}
+for path in sys.argv[1:]:
+    for _ in range(2):  # the second build is the one a class patched inside zero.Init breaks
+        model = load_causal_lm(path, dtype="float32", zero3_config=ds)
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            model(torch.tensor([[1, 2, 3]]))
+print("forwards ok")
+"""
+
+
+def test_zero3_loads_survive_transformers_hub_kernels(saved, tmp_path):
+    """With the ``kernels`` package installed (transformers >= 5.25 requires it), a model class
+    whose module is first imported inside ``zero.Init`` lost its hub-kernel ``__init__``, and the
+    next model built in that process failed at its first forward (``'LlamaAttention' object has no
+    attribute '_kernel_funcs'``). A fresh interpreter, as a Train worker is: two loads each of a
+    Llama and a Qwen3 model, each forwarded."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    assert importlib.util.find_spec("kernels") is not None, "the lock installs kernels (transformers requires it)"
+    tok = build_demo_tokenizer()
+    qwen3 = save_pretrained_model(build_tiny_model(DemoModelConfig(arch="qwen3", **TINY), tok, 0), tok, tmp_path / "q")
+    proc = subprocess.run([sys.executable, "-c", _TWO_ZERO3_LOADS, str(saved[1]), str(qwen3)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "forwards ok" in proc.stdout, proc.stderr[-3000:]

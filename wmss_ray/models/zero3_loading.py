@@ -47,9 +47,10 @@ def load_zero3(path: Path, dtype: torch.dtype, trust_remote_code: bool, zero3_co
         raise ValueError(f"zero3_config trains in {cfg_dtype}, but the model is loaded in {dtype}")
     if not deepspeed.comm.is_initialized():  # zero.Init sizes the partitions from DeepSpeed's view of the group
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    build = dict(dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
+    import_model_code(config, **build)
     with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=zero3_config):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                 attn_implementation=attn_implementation)
+        model = AutoModelForCausalLM.from_config(config, **build)
     model.tie_weights()
     where: dict[str, str] = {}  # tensor name -> safetensors file
     for f in sorted(path.glob("*.safetensors")):
@@ -75,6 +76,25 @@ def load_zero3(path: Path, dtype: torch.dtype, trust_remote_code: bool, zero3_co
         model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
     release_freed_host_memory()
     return model
+
+
+def import_model_code(config: Any, **from_config_kwargs: Any) -> None:
+    """Import every module the model's classes live in, before ``zero.Init`` patches classes.
+
+    ``zero.Init`` wraps ``__init__`` of each ``nn.Module`` subclass, including classes *created*
+    while it is active, and on exit puts back the ``__init__`` it saw at that moment. A class
+    whose module is first imported inside it therefore loses any ``__init__`` a decorator set
+    after class creation: transformers' hub-kernel hooks (``use_kernelized_func``, active when the
+    ``kernels`` package is installed, which transformers >= 5.25 requires) set ``_kernel_funcs``
+    in such an ``__init__`` and read it in ``forward``, so every model built later in the process
+    (the second of a strong/weak pair, the next load) fails at its first forward with
+    ``AttributeError: ... '_kernel_funcs'``. Building the same model on the meta device runs the
+    very ``from_config`` path (built-in or remote code) and allocates nothing.
+    """
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights(), torch.device("meta"):
+        AutoModelForCausalLM.from_config(config, **from_config_kwargs)
 
 
 def release_freed_host_memory() -> None:
