@@ -141,3 +141,76 @@ def test_a_linked_phase_is_never_rerun_in_place(cfg, monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="phase score_1 is linked from .* has other inputs here"):
         run_pipeline(trial)  # scoring changed, so score_1 would rerun inside the base run
     assert calls == [] and open(f"{cfg.run_dir()}/score_1/manifest.json").read() == before
+
+
+# Every phase of the demo pipeline: the input to change that feeds it (the phase's own section).
+_FEEDS = {"data": "data.demo.n_train=40", "phase0": "phase0.steps=3", "tokenize": "data.max_seq_len=90",
+          "sft": "training.lr=0.002", "score_1": "scoring.batch_size=7", "curriculum_1": "curriculum.beta=0.5",
+          "wmss_1": "mix.lam=0.9", "baseline": "training.lr=0.002", "eval": "evaluation.max_new_tokens=9"}
+
+
+@pytest.mark.parametrize("phase", list(_FEEDS))
+def test_a_phase_keeps_its_work_only_for_an_interrupted_run_of_the_same_inputs(phase, cfg, monkeypatch, tmp_path):
+    """The stale-resume rule, for every phase that keeps partial work: what a run left in the
+    phase directory (checkpoints, parts, metrics) is resumed only by a rerun of the same inputs
+    after a crash; a change of an input that feeds the phase, or ``--from``, starts it empty."""
+    calls = []
+    monkeypatch.setattr(pipeline, "ensure_ray", lambda: None)
+    leftover = os.path.join(cfg.run_dir(), phase, "ray_train", "checkpoint_000002")
+
+    def crash_leaving_work(cfg_, fail=True):
+        phases = _fake_phases(calls, fail_at=phase if fail else None)
+
+        def with_leftover(c):
+            out = []
+            for p in phases(c):
+                def run(ctx, _run=p.run, _name=p.name):
+                    if _name == phase and fail:
+                        os.makedirs(leftover, exist_ok=True)
+                    return _run(ctx)
+                out.append(dataclasses.replace(p, run=run))
+            return out
+        monkeypatch.setattr(pipeline, "build_phases", with_leftover)
+
+    crash_leaving_work(cfg)
+    with pytest.raises(RuntimeError, match=f"boom in {phase}"):
+        run_pipeline(cfg)
+    crash_leaving_work(cfg, fail=False)
+    run_pipeline(cfg, until=phase)  # same inputs: the interrupted run's work is resumed
+    assert os.path.isdir(leftover), "an interrupted run of the same inputs must keep its checkpoints"
+
+    changed = load_config(None, [f"run.storage={tmp_path}", "run.name=r", _FEEDS[phase]])
+    run_pipeline(changed, until=phase)
+    assert not os.path.exists(os.path.dirname(leftover)), "another run's work must be cleared"
+    man = json.loads(open(os.path.join(cfg.run_dir(), phase, "manifest.json")).read())
+    assert man["status"] == "completed"
+
+    os.makedirs(leftover)
+    run_pipeline(changed, from_phase=phase, until=phase)  # forced: starts empty too
+    assert not os.path.exists(os.path.dirname(leftover))
+
+
+def test_a_stopped_phase_ends_the_run_and_resumes(cfg, monkeypatch):
+    """A phase that stops short of its end on purpose (a tune trial's chunk) is ``stopped``: the
+    run ends there, and the next run of the same inputs resumes it (its work kept)."""
+    calls = []
+    monkeypatch.setattr(pipeline, "ensure_ray", lambda: None)
+    phases = _fake_phases(calls)
+
+    def stopping(c):
+        def stop(ctx):
+            calls.append("wmss_1")
+            os.makedirs(os.path.join(ctx.run_dir, "wmss_1", "ray_train"), exist_ok=True)
+            return {"outputs": {"model_dir": None, "steps": 1}, "status": "stopped"}
+        return [dataclasses.replace(p, run=stop) if p.name == "wmss_1" else p for p in phases(c)]
+
+    monkeypatch.setattr(pipeline, "build_phases", stopping)
+    out = run_pipeline(cfg)
+    assert calls[-1] == "wmss_1" and "baseline" not in out
+    man = json.loads(open(f"{cfg.run_dir()}/wmss_1/manifest.json").read())
+    assert man["status"] == "stopped"
+    calls.clear()
+    monkeypatch.setattr(pipeline, "build_phases", phases)
+    run_pipeline(cfg)
+    assert calls == ["wmss_1", "baseline", "eval", "report"]
+    assert os.path.isdir(f"{cfg.run_dir()}/wmss_1/ray_train")  # resumed, not cleared

@@ -49,7 +49,7 @@ def ensure_control(base: WMSSConfig, outputs: dict[str, Any], root: Path, steps:
     evaluate it on the whole validation split; returns its per-problem validation file."""
     from wmss_ray.data.ray_corpus import validation_eval_input
     from wmss_ray.evaluation import evaluate_models
-    from wmss_ray.manifest import Manifest, fingerprint, now, read_manifest
+    from wmss_ray.manifest import Manifest, fingerprint, now, prepare_phase_dir, read_manifest
     from wmss_ray.pipeline import RunContext
     from wmss_ray.training.trainer import train_phase
 
@@ -66,10 +66,11 @@ def ensure_control(base: WMSSConfig, outputs: dict[str, Any], root: Path, steps:
     man = Manifest(phase=BASELINE_DIR, status="running", fingerprint=fp, config_hash=base.config_hash(),
                    started_at=now())
     out.mkdir(parents=True, exist_ok=True)
+    prepare_phase_dir(str(out), f"tune/{BASELINE_DIR}", fp)  # another control's checkpoints are deleted
     man.write(str(out))
     res = train_phase(base, "sft", strong_init=ctx.model(1), weak_init=None,
                       tokenized_path=ctx.out("tokenize", "tokenized"), sampled_ids_path=None, out_dir=str(out),
-                      epochs=base.training.wmss_epochs, exact_steps=steps)
+                      epochs=base.training.wmss_epochs, exact_steps=steps, fingerprint=fp)
     evaluate_models({CONTROL: res.model_dir}, validation_eval_input(base, ctx.outputs), base,
                     str(out / VALIDATION_DIR), eval_set="validation")
     man.outputs, man.counts = {"model_dir": res.model_dir, "validation": str(per_sample)}, {"steps": res.steps}

@@ -9,10 +9,10 @@ under Tune each report reaches ASHA while the run goes on (``tune/reports.py``),
 
 ``tune.seeds`` S > 1: the trial runs its configuration S times, ``curriculum.seed = run.seed + i``
 (another curriculum draw and WMSS data order) in ``<run>/tune/<trial>-seed<i>``, and every report
-is the seeds' mean, with ``accuracy_std``; the seeds train in lockstep chunks:
-``train_phase(..., stop_after=N, export_at_stop=True)`` per seed (a checkpoint at step N and
-``wmss_1/interim_model``), the seeds' evaluation, the next chunk resuming from the checkpoint;
-the last stretch runs inside the pipeline's ``wmss_1`` (which resumes the same way). So a
+is the seeds' mean, with ``accuracy_std``; the seeds train in lockstep chunks: the pipeline's
+``wmss_1`` with ``stop_after=N, export_at_stop=True`` per seed (a checkpoint at step N,
+``wmss_1/interim_model``, the phase ``stopped``), the seeds' evaluation, the next chunk resuming
+from the checkpoint (the same fingerprint); the last stretch finishes the phase the same way. So a
 multi-seed trial restarts its Train runs once per report; a one-seed trial never does.
 
 Either way the trial's manifests are those of a plain run; intermediate reports use a seeded
@@ -129,14 +129,16 @@ def _wmss_chunks(seeds: list[_Seed], rows: list[dict[str, Any]], report: Report)
     """Train every seed's ``wmss_1`` up to the last multiple of ``eval_every`` below its end, in
     lockstep, reporting the seeds' mean after each chunk; the pipeline's ``wmss_1`` then trains
     the rest (resuming from the last checkpoint)."""
-    from wmss_ray.training.trainer import INTERIM_MODEL, build_spec, train_phase
+    from wmss_ray.pipeline import run_pipeline
+    from wmss_ray.training.trainer import INTERIM_MODEL, build_spec
 
     cfg = seeds[0].cfg  # a swept dedup can draw another number of samples per seed: chunk to the shortest
     total = min(build_spec(s.cfg, "wmss", **s.train_args()).plan.total_steps for s in seeds)
     for stop in range(cfg.tune.eval_every, total, cfg.tune.eval_every):
         per_seed = []
         for seed in seeds:
-            train_phase(seed.cfg, "wmss", **seed.train_args(), stop_after=stop, export_at_stop=True)
+            chunk = {"stop_after": stop, "export_at_stop": True}  # the phase ends "stopped", resumable
+            run_pipeline(seed.cfg, until="wmss_1", train_options={"wmss_1": chunk})
             per_seed.append(_evaluate(str(seed.dir / "wmss_1" / INTERIM_MODEL), rows, seed.cfg,
                                       seed.dir / f"validation_step{stop}"))
         report({**mean_over_seeds(per_seed), "step": stop, "final": False})

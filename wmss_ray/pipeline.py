@@ -14,8 +14,11 @@ Each phase writes ``<run_dir>/<phase>/manifest.json`` (see ``manifest.py``). The
 local path or an object-storage URI (``run.storage: s3://bucket/runs``): every output goes
 through ``storage``, and a store that cannot be reached fails before the first phase. A re-run skips every
 phase that completed with the same fingerprint; ``from_phase`` reruns from a phase on; a crashed
-phase (status ``running``/``failed``) runs again, and training phases resume from their last
-Ray Train checkpoint.
+phase (status ``running``/``failed``) of the same fingerprint runs again, and training phases
+resume from their last Ray Train checkpoint. A phase that runs with other inputs, or is forced,
+starts from an empty directory (``manifest.prepare_phase_dir``): a checkpoint resumes only the
+run that wrote it, and a training phase checks at its end that every step of its plan was
+trained by runs of its fingerprint.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from wmss_ray import storage
 from wmss_ray.cluster import ensure_ray
 from wmss_ray.config import WMSSConfig
 from wmss_ray.config_loading import save_config
-from wmss_ray.manifest import Manifest, fingerprint, now, read_manifest
+from wmss_ray.manifest import Manifest, fingerprint, now, prepare_phase_dir, read_manifest
 
 log = logging.getLogger("wmss_ray.pipeline")
 
@@ -55,6 +58,7 @@ class RunContext:
         self.cfg = cfg
         self.run_dir = storage.location(cfg.run_dir())  # absolute local path or URI
         self.outputs: dict[str, dict[str, Any]] = {}
+        self.fingerprints: dict[str, str] = {}  # by phase name: a training phase binds its checkpoints to it
         # extra train_phase arguments by phase name that do not change its result (a tune
         # trial's in-run validation and its report to Tune): not part of any fingerprint
         self.train_options = train_options or {}
@@ -133,16 +137,19 @@ def _phase_sft(ctx: RunContext) -> dict[str, Any]:
     res = train_phase(
         ctx.cfg, "sft", strong_init=ctx.model(0), weak_init=None,
         tokenized_path=ctx.out("tokenize", "tokenized"), sampled_ids_path=None,
-        out_dir=str(ctx.phase_dir("sft")), epochs=ctx.cfg.training.sft_epochs,
+        out_dir=str(ctx.phase_dir("sft")), epochs=ctx.cfg.training.sft_epochs, fingerprint=ctx.fingerprints["sft"],
     )
     return _train_outputs(res)
 
 
 def _train_outputs(res: Any) -> dict[str, Any]:
-    return {
+    out = {
         "outputs": {"model_dir": res.model_dir, "metrics": res.metrics_path, "steps": res.steps},
         "counts": {"steps": res.steps, **{k: v for k, v in (res.final_metrics or {}).items()}},
     }
+    if res.model_dir is None:  # stopped short of its end (train_options stop_after): resumable, not done
+        out["status"] = "stopped"
+    return out
 
 
 def _phase_score(t: int) -> Callable[[RunContext], dict[str, Any]]:
@@ -178,7 +185,7 @@ def _phase_wmss(t: int) -> Callable[[RunContext], dict[str, Any]]:
             tokenized_path=ctx.out("tokenize", "tokenized"),
             sampled_ids_path=ctx.out(f"curriculum_{t}", "sampled_ids"),
             out_dir=str(ctx.phase_dir(f"wmss_{t}")), epochs=ctx.cfg.training.wmss_epochs,
-            **ctx.train_options.get(f"wmss_{t}", {}),
+            fingerprint=ctx.fingerprints[f"wmss_{t}"], **ctx.train_options.get(f"wmss_{t}", {}),
         )
         return _train_outputs(res)
 
@@ -195,6 +202,7 @@ def _phase_baseline(ctx: RunContext) -> dict[str, Any]:
         ctx.cfg, "sft", strong_init=ctx.model(1), weak_init=None,
         tokenized_path=ctx.out("tokenize", "tokenized"), sampled_ids_path=None,
         out_dir=str(ctx.phase_dir("baseline")), epochs=ctx.cfg.training.wmss_epochs * k, exact_steps=steps,
+        fingerprint=ctx.fingerprints["baseline"],
     )
     return _train_outputs(res)
 
@@ -260,13 +268,16 @@ def build_phases(cfg: WMSSConfig) -> list[Phase]:
     demo = cfg.models.demo
     k = cfg.run.iterations
     no_weak = ("models.weak",)  # the weak override only matters from score_1 on
+    # How a training run is executed, not what it computes: changing them resumes a crashed run
+    # (say, with checkpoints more often) instead of discarding its checkpoints.
+    how = ("training.checkpoint_every", "training.max_failures")
     phases: list[Phase] = []
     if demo:
         phases.append(Phase("data", [], ["run.seed", "data.demo"], _phase_data))
         phases.append(Phase("phase0", ["data"], ["run.seed", "models", "phase0", "data.demo"], _phase0, no_weak))
     first = ["data", "phase0"] if demo else []
     phases.append(Phase("tokenize", first, ["data", "models"], _phase_tokenize, no_weak))
-    phases.append(Phase("sft", ["tokenize"], ["run.seed", "models", "training", "scaling"], _phase_sft, no_weak))
+    phases.append(Phase("sft", ["tokenize"], ["run.seed", "models", "training", "scaling"], _phase_sft, no_weak + how))
     prev_model = "sft"
     for t in range(1, k + 1):
         weak_src = "sft" if t == 2 else (f"wmss_{t - 2}" if t > 2 else first[-1] if first else "tokenize")
@@ -275,10 +286,10 @@ def build_phases(cfg: WMSSConfig) -> list[Phase]:
         phases.append(Phase(f"score_{t}", ["tokenize", prev_model, weak_src], ["scoring", *weak_key], _phase_score(t)))
         phases.append(Phase(f"curriculum_{t}", [f"score_{t}"], ["run.seed", "curriculum"], _phase_curriculum(t)))
         phases.append(Phase(f"wmss_{t}", [f"curriculum_{t}", prev_model, weak_src],
-                            ["run.seed", "mix", "training", "scaling", *weak_key], _phase_wmss(t)))
+                            ["run.seed", "mix", "training", "scaling", *weak_key], _phase_wmss(t), how))
         prev_model = f"wmss_{t}"
     if cfg.evaluation.baseline:
-        phases.append(Phase("baseline", ["sft", prev_model], ["run.seed", "training", "scaling"], _phase_baseline))
+        phases.append(Phase("baseline", ["sft", prev_model], ["run.seed", "training", "scaling"], _phase_baseline, how))
     eval_needs = [p.name for p in phases if p.name in ("sft", "baseline", prev_model)] + first
     phases.append(Phase("eval", eval_needs, ["evaluation", "data.eval", "data.reference_column", "data.supervise"],
                         _phase_eval))
@@ -325,7 +336,9 @@ def run_pipeline(cfg: WMSSConfig, from_phase: str | None = None, until: str | No
 
     ``from_phase`` forces that phase and all later ones to run again; ``until`` stops after it.
     ``train_options``: ``{"wmss_<t>": {...}}`` extra ``train_phase`` arguments that leave the
-    phase's result as it is (``validation``, ``callbacks``: a tune trial's reports).
+    phase's result as it is (``validation``, ``callbacks``: a tune trial's reports; ``stop_after``,
+    ``export_at_stop``: a chunk of it, after which the phase is ``stopped`` and the run ends there;
+    the next call resumes it).
     """
     phases = build_phases(cfg)
     names = [p.name for p in phases]
@@ -341,7 +354,7 @@ def run_pipeline(cfg: WMSSConfig, from_phase: str | None = None, until: str | No
     for phase in phases:
         forced = forced or phase.name == from_phase
         fp = _phase_fingerprint(phase, cfg_dict, prints)
-        prints[phase.name] = fp
+        prints[phase.name] = ctx.fingerprints[phase.name] = fp
         phase_dir = ctx.phase_dir(phase.name)
         old = read_manifest(phase_dir)
         if not forced and old and old.status == "completed" and old.fingerprint == fp:
@@ -354,16 +367,18 @@ def run_pipeline(cfg: WMSSConfig, from_phase: str | None = None, until: str | No
             why = "was forced" if forced else "has other inputs here" if done else "did not complete there"
             raise RuntimeError(f"phase {phase.name} is linked from {os.path.realpath(phase_dir)} and {why}; "
                                f"refusing to overwrite it (remove the link to run it in this run dir)")
-        else:
-            _run_one(phase, ctx, fp, phase_dir)
+        elif _run_one(phase, ctx, fp, phase_dir, forced) != "completed":
+            break  # stopped short of its end on purpose: later phases need what it did not make yet
         if phase.name == until:
             break
     return ctx.outputs
 
 
-def _run_one(phase: Phase, ctx: RunContext, fp: str, phase_dir: str) -> None:
+def _run_one(phase: Phase, ctx: RunContext, fp: str, phase_dir: str, forced: bool) -> str:
+    """Run one phase (resuming an interrupted run of the same fingerprint); returns its status."""
     if phase.name not in ("data", "phase0", "report"):
         ensure_ray()
+    prepare_phase_dir(phase_dir, phase.name, fp, forced)  # another run's leftovers are deleted here
     inputs = {n: ctx.outputs.get(n) for n in phase.needs}
     man = Manifest(phase=phase.name, status="running", fingerprint=fp, config_hash=ctx.cfg.config_hash(),
                    inputs=inputs, started_at=now())
@@ -378,11 +393,13 @@ def _run_one(phase: Phase, ctx: RunContext, fp: str, phase_dir: str) -> None:
         man.write(phase_dir)
         raise
     man.outputs, man.counts = result.get("outputs", {}), result.get("counts", {})
-    man.status, man.finished_at = "completed", now()
+    man.status, man.finished_at = result.get("status", "completed"), now()
     man.seconds = round(man.finished_at - man.started_at, 2)
     man.write(phase_dir)
     ctx.outputs[phase.name] = man.outputs
-    print(f"[wmss] phase {phase.name} done in {man.seconds:.1f}s", flush=True)
+    print(f"[wmss] phase {phase.name} {'done' if man.status == 'completed' else man.status} in {man.seconds:.1f}s",
+          flush=True)
+    return man.status
 
 
 PHASE_GROUPS = {"score": "score_1", "train": "wmss_1", "eval": "eval", "report": "report"}

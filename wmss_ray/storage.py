@@ -136,6 +136,13 @@ def reset_dir(uri: str) -> None:
     fs.delete_dir_contents(path, missing_dir_ok=True)
 
 
+def list_entries(uri: str) -> list[str]:
+    """Names of the files and folders directly in directory ``uri``, sorted ([] if it is missing)."""
+    fs, path = resolve_fs(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+    return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos)
+
+
 def delete_dir(uri: str) -> None:
     fs, path = resolve_fs(uri)
     if fs.get_file_info(path).type == pafs.FileType.Directory:

@@ -54,3 +54,22 @@ def test_a_trainable_weak_must_be_in_the_checkpoint():
     dst.weak.requires_grad_(True)  # joint-mode pair: nothing is frozen, nothing may be absent
     with pytest.raises(CheckpointMismatchError, match="weak.0.weight"):
         load_module_except_frozen(_saved(_Pair(tied=False)), dst)
+
+
+def test_a_checkpoint_resumes_only_its_own_run_and_a_result_needs_every_step():
+    from wmss_ray.training.checkpointing import (
+        ForeignCheckpointError, UntrainedStepsError, check_same_run, check_trained_all_steps,
+    )
+
+    mine = {"step": 4, "fingerprint": "abc", "segments": [[0, 2], [2, 4]]}  # killed after 2, resumed
+    check_same_run(mine, "ckpt", "abc")
+    check_trained_all_steps(mine, "ckpt", "abc", end=4)
+    with pytest.raises(ForeignCheckpointError, match="other inputs \\(fingerprint abc\\); this run is xyz"):
+        check_same_run(mine, "ckpt", "xyz")
+    with pytest.raises(ForeignCheckpointError, match="older wmss-ray"):
+        check_same_run({"step": 4}, "ckpt", "abc")
+    # the stale-resume bug: a run that resumed a finished checkpoint trained no step of its own
+    for bad in ({**mine, "segments": [[2, 4]]}, {**mine, "segments": [[0, 2], [3, 4]]},
+                {**mine, "segments": [[0, 2]]}, {**mine, "step": 2, "segments": [[0, 2]]}):
+        with pytest.raises(UntrainedStepsError, match="refusing to report"):
+            check_trained_all_steps(bad, "ckpt", "abc", end=4)

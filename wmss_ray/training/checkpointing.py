@@ -6,8 +6,15 @@ ranks' directories into one in the run's storage::
     ds/                      DeepSpeed: module, optimizer, lr scheduler (per-rank ZeRO shards;
                              file names carry the rank, so the merge never collides)
     latest                   DeepSpeed's tag pointer (rank 0)
-    trainer_state.json       rank 0: step, samples seen, plan fingerprint
+    trainer_state.json       rank 0: step, samples seen, plan fingerprint, the run's fingerprint
+                             and the step ranges each of its processes trained (``segments``)
     rng_rank<r>.pt           each rank's torch / python RNG state
+
+A checkpoint belongs to one run: ``fingerprint`` is the phase's (the pipeline's phase
+fingerprint, or one derived from a direct ``train_phase`` call's inputs). It resumes only a run
+of the same fingerprint (:func:`check_same_run`), and a finished run proves from its last
+checkpoint that its steps ``[0, end)`` were all trained by runs of that fingerprint
+(:func:`check_trained_all_steps`).
 
 The frozen weak model is left out (``exclude_frozen_parameters``): it never changes, so a resumed
 run rebuilds it from its init directory. A checkpoint only loads into the same world size and
@@ -91,6 +98,43 @@ def load_checkpoint(engine, ckpt_dir: str, rank: int, exclude_frozen: bool,
 
 class CheckpointMismatchError(RuntimeError):
     """A checkpoint's module state does not fit the model (keys missing or unexpected)."""
+
+
+class ForeignCheckpointError(RuntimeError):
+    """A checkpoint written by a run of other inputs (another fingerprint) was about to be resumed."""
+
+
+class UntrainedStepsError(RuntimeError):
+    """A training run ended without having trained every step of its plan under its fingerprint."""
+
+
+def check_same_run(state: dict[str, Any], where: str, fingerprint: str) -> None:
+    """Raise :class:`ForeignCheckpointError` unless the checkpoint's ``state`` is of run ``fingerprint``."""
+    theirs = state.get("fingerprint")
+    if theirs != fingerprint:
+        written = f"a run with other inputs (fingerprint {theirs})" if theirs else "an older wmss-ray (no fingerprint)"
+        raise ForeignCheckpointError(
+            f"{where} was written by {written}; this run is {fingerprint} and resumes only its own checkpoints. "
+            f"Rerun the phase through the pipeline (it clears another run's checkpoints) or delete them")
+
+
+def check_trained_all_steps(state: dict[str, Any], where: str, fingerprint: str, end: int) -> None:
+    """The last checkpoint of a finished run: every step in ``[0, end)`` trained, once, by runs of
+    ``fingerprint`` (``segments`` are contiguous from 0 to ``end``).
+
+    Raises:
+        ForeignCheckpointError, UntrainedStepsError: naming the checkpoint and what it shows.
+    """
+    check_same_run(state, where, fingerprint)
+    segments = state.get("segments") or []
+    pos = 0
+    for start, stop in segments:
+        if start != pos or stop < start:
+            break
+        pos = stop
+    if pos != end or int(state.get("step", -1)) != end:
+        raise UntrainedStepsError(f"{where}: the plan has {end} steps, but the runs of this phase trained "
+                                  f"{segments} (step {state.get('step')}); refusing to report a model it did not train")
 
 
 def load_module_except_frozen(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:

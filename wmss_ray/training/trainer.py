@@ -7,7 +7,11 @@ worker starts), computes the data plan, and runs a ``TorchTrainer`` whose worker
 Run storage: Ray Train's ``RunConfig(storage_path=<out_dir>, name="ray_train")``, so checkpoints
 are ``<out_dir>/ray_train/checkpoint_<step>/``; re-running ``train_phase`` on the same
 ``out_dir`` resumes from the latest one (Ray Train V2 restores its checkpoint manager from the
-storage), as does Ray Train itself after a worker failure (``FailureConfig.max_failures``).
+storage), as does Ray Train itself after a worker failure (``FailureConfig.max_failures``). A
+checkpoint resumes only the run that wrote it: ``train_phase(fingerprint=...)`` names the run
+(the pipeline passes its phase fingerprint), every checkpoint records it, a checkpoint of another
+fingerprint in ``out_dir`` stops the call before any worker starts, and at the end the last
+checkpoint must show every step of the plan trained by runs of that fingerprint.
 With ``mix.placement: pool`` (frozen WMSS) the driver first starts the weak pool
 (``weak_pool.group.WeakPool``; it fails at once when it cannot be placed), hands its replica
 handles to the workers, which load no weak model, and shuts it down after ``fit``.
@@ -30,6 +34,10 @@ from typing import Any
 from wmss_ray import storage
 from wmss_ray.cluster import ensure_ray
 from wmss_ray.config import WMSSConfig
+from wmss_ray.manifest import fingerprint as _fingerprint
+from wmss_ray.training.checkpointing import (
+    TRAINER_STATE, UntrainedStepsError, check_same_run, check_trained_all_steps,
+)
 from wmss_ray.training.dataset import EPOCH_ROWS_FILE, DataPlan, write_epoch_rows
 from wmss_ray.training.metrics import is_log_step, read_metrics
 from wmss_ray.training.validation import ValidationPoints, validate_on_ranks
@@ -74,8 +82,11 @@ def build_spec(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | N
                sampled_ids_path: str | None, out_dir: str, mode: str | None = None, *,
                epochs: float | None = None, exact_steps: int | None = None,
                stop_after: int | None = None, export_at_stop: bool = False,
-               validation: ValidationPoints | None = None) -> PhaseSpec:
-    """Validate a phase's inputs and compute its data plan (driver side, no Ray)."""
+               validation: ValidationPoints | None = None, fingerprint: str | None = None) -> PhaseSpec:
+    """Validate a phase's inputs and compute its data plan (driver side, no Ray).
+
+    ``fingerprint``: the run the checkpoints belong to; None derives one from this call's inputs
+    (the whole config, the model and data paths, epochs and step counts)."""
     if phase not in ("sft", "wmss"):
         raise ValueError(f"phase must be 'sft' or 'wmss', got {phase!r}")
     mode = _resolve_mode(cfg, phase, mode)
@@ -104,26 +115,40 @@ def build_spec(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | N
     plan = DataPlan(n_per_epoch=n, epochs=float(epochs), seed=seed,
                     micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
                     world_size=cfg.scaling.num_workers, max_steps=t.max_steps, exact_steps=exact_steps)
+    if fingerprint is None:
+        fingerprint = _fingerprint({"config": cfg.config_hash(), "phase": phase, "mode": mode,
+                                    "inputs": [str(strong_init), str(weak_init), tokenized_path, str(sampled_ids_path)],
+                                    "epochs": epochs, "exact_steps": exact_steps})
     fault: dict[str, int] = {}
     if os.environ.get(FAULT_ENV):
         rank, step = os.environ[FAULT_ENV].split(":")
         fault = {"rank": int(rank), "step": int(step)}
     return PhaseSpec(phase=phase, mode=mode, strong_init=str(strong_init),
                      weak_init=str(weak_init) if weak_init and phase == "wmss" else None,
-                     out_dir=str(out), tokenized_path=tokenized_path, epoch_rows_path=epoch_rows_path, plan=plan, stop_after=stop_after,
+                     out_dir=str(out), tokenized_path=tokenized_path, epoch_rows_path=epoch_rows_path, plan=plan,
+                     fingerprint=fingerprint, stop_after=stop_after,
                      export_at_stop=export_at_stop, validation=validation, fault=fault)
 
 
 # ----------------------------------------------------------------------------- Ray worker
 
 
-def _maybe_inject_fault(spec: PhaseSpec, rank: int, done: int) -> None:
-    """Test hook: SIGKILL this process once (a marker file makes the restarted worker pass)."""
+def _maybe_inject_fault(spec: PhaseSpec, rank: int, done: int, checkpointed: bool) -> None:
+    """Test hook: SIGKILL this process once (a marker file makes the restarted worker pass).
+
+    After a checkpoint step it first waits (up to 60 s) until Ray Train's controller has recorded
+    that checkpoint in its snapshot: a worker killed at once races the controller's next poll,
+    and a checkpoint the controller never registered is not restored (Ray Train V2)."""
     if not spec.fault or spec.fault["rank"] != rank or spec.fault["step"] != done:
         return
     marker = storage.join(spec.out_dir, ".fault_injected")
     if storage.exists(marker):
         return
+    snapshot = storage.join(spec.out_dir, RUN_NAME, "checkpoint_manager_snapshot.json")
+    deadline = time.monotonic() + 60
+    while checkpointed and time.monotonic() < deadline and not (
+            storage.exists(snapshot) and f"checkpoint_{done:06d}" in storage.read_text(snapshot)):
+        time.sleep(0.1)
     storage.write_text(marker, str(os.getpid()))
     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -199,7 +224,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                      checkpoint_dir_name=f"checkpoint_{done:06d}")
             elif log:
                 ray.train.report(metrics)
-            _maybe_inject_fault(spec, rank, done)
+            _maybe_inject_fault(spec, rank, done, checkpointed=bool(ckpt))
         lap("train")
         if end == spec.plan.total_steps:
             _export(worker, spec.out_dir, rank)
@@ -213,6 +238,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     finally:
         if writer is not None:
             writer.close()
+
+
+def checkpoint_states(out_dir: str) -> list[tuple[str, dict[str, Any]]]:
+    """``(checkpoint dir, trainer state)`` of every Ray Train checkpoint under ``<out_dir>/ray_train``."""
+    states = []
+    for path in storage.list_files(storage.join(out_dir, RUN_NAME), TRAINER_STATE):
+        where = path[: -len(TRAINER_STATE) - 1]
+        states.append((storage.redact(where), json.loads(storage.read_text(path))))
+    return states
 
 
 def _export(worker: Any, out_dir: str, rank: int, name: str = "model") -> None:
@@ -257,7 +291,8 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
                 sampled_ids_path: str | None, out_dir: str, mode: str | None = None, *,
                 epochs: float | None = None, exact_steps: int | None = None,
                 stop_after: int | None = None, export_at_stop: bool = False,
-                validation: ValidationPoints | None = None, callbacks: list | None = None) -> TrainResult:
+                validation: ValidationPoints | None = None, callbacks: list | None = None,
+                fingerprint: str | None = None) -> TrainResult:
     """Train one phase on Ray Train and export the strong model to ``<out_dir>/model``.
 
     Args:
@@ -279,6 +314,9 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
             intermediate reports, ``training/validation.py``); each such step is checkpointed
             and its ``ray.train.report`` carries the validation metrics.
         callbacks: Ray Train ``UserCallback``s for the controller (a tune trial's report to Tune).
+        fingerprint: the run this call continues or starts (the pipeline's phase fingerprint);
+            None derives one from the inputs. Checkpoints in ``out_dir`` of another fingerprint
+            are never resumed: the call fails before any worker starts.
 
     Returns:
         :class:`TrainResult`. Optimizer steps: ``ceil(n_samples * epochs / global_batch)`` capped
@@ -286,14 +324,18 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
 
     Raises:
         IncompatibleModelsError: WMSS weak and strong tokenizers / vocabularies differ.
+        ForeignCheckpointError: ``out_dir`` holds checkpoints of another run.
+        UntrainedStepsError: the run ended without every planned step trained under ``fingerprint``.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     spec = build_spec(cfg, phase, strong_init, weak_init, tokenized_path, sampled_ids_path, out_dir, mode,
                       epochs=epochs, exact_steps=exact_steps, stop_after=stop_after,
-                      export_at_stop=export_at_stop, validation=validation)
+                      export_at_stop=export_at_stop, validation=validation, fingerprint=fingerprint)
     out = spec.out_dir  # build_spec made it (absolute local path, or URI)
+    for where, state in checkpoint_states(out):  # before any worker: never resume another run's work
+        check_same_run(state, where, spec.fingerprint)
     ckpt_fs, ckpt_root = storage.resolve_fs(out)  # Ray Train checkpoints go to the same storage
     ensure_ray()
     pool = _start_pool(cfg, spec)  # mix.placement pool only; shut down after fit
@@ -323,6 +365,11 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
     records = read_metrics(metrics_path) if storage.exists(metrics_path) else []
     ckpt = result.checkpoint
     steps = spec.end_step
+    states = checkpoint_states(out)
+    if not states:
+        raise UntrainedStepsError(f"{storage.redact(out)}: the run ended without a checkpoint of step {steps}")
+    where, last = max(states, key=lambda ws: int(ws[1].get("step", -1)))
+    check_trained_all_steps(last, where, spec.fingerprint, steps)  # a result it did not train is refused
     finished = steps == spec.plan.total_steps
     return TrainResult(
         model_dir=storage.join(out, "model") if finished else None,

@@ -44,6 +44,7 @@ class PhaseSpec:
     tokenized_path: str  # the tokenised Parquet every rank reads its own rows from
     epoch_rows_path: str  # the epoch list as global row numbers (dataset.write_epoch_rows)
     plan: DataPlan
+    fingerprint: str = ""  # the run its checkpoints belong to (the pipeline's phase fingerprint)
     stop_after: int | None = None  # end (checkpointed, not exported) after this many steps
     export_at_stop: bool = False  # with stop_after: also export the strong model to <out_dir>/interim_model
     validation: ValidationPoints | None = None  # validate (and checkpoint) every k steps inside the run
@@ -128,6 +129,10 @@ class PhaseWorker:
             raise ValueError(f"{spec.epoch_rows_path} has {len(self.epoch_rows)} rows, the plan {spec.plan.n_per_epoch}")
         self.reader = RowReader(spec.tokenized_path)
         self.pool = self._pooled_weak_side(pool_handles) if self.pooled else None
+        # [start, stop) step ranges trained by earlier processes of this run (from the checkpoint),
+        # and where this process started: each checkpoint records them (checkpointing.check_trained_all_steps)
+        self.segments: list[list[int]] = []
+        self.resumed_from = 0
 
     def _pooled_weak_side(self, pool_handles: list | None):
         """``mix.placement: pool``: the weak side as the pool's replies (``weak_pool.feed``)."""
@@ -219,15 +224,19 @@ class PhaseWorker:
         from wmss_ray.training.checkpointing import save_checkpoint
 
         state = {"step": step, "samples_seen": samples_seen, "phase": self.spec.phase,
-                 "plan": self.spec.plan_fingerprint()}
+                 "plan": self.spec.plan_fingerprint(), "fingerprint": self.spec.fingerprint,
+                 "segments": self.segments + [[self.resumed_from, step]]}
         return save_checkpoint(self.engine, ckpt_dir, self.rank, state, exclude_frozen=self.spec.mode == "frozen")
 
     def load(self, ckpt_dir: str) -> int:
-        """Restore from a checkpoint directory; returns the number of completed steps."""
-        from wmss_ray.training.checkpointing import load_checkpoint
+        """Restore from a checkpoint directory of this run (same fingerprint); returns the number of
+        completed steps."""
+        from wmss_ray.training.checkpointing import check_same_run, load_checkpoint, read_trainer_state
 
+        check_same_run(read_trainer_state(ckpt_dir), f"checkpoint {ckpt_dir}", self.spec.fingerprint)
         state = load_checkpoint(self.engine, ckpt_dir, self.rank, exclude_frozen=self.spec.mode == "frozen",
                                 expect=self.spec.plan_fingerprint())
+        self.segments, self.resumed_from = [list(s) for s in state.get("segments", [])], int(state["step"])
         return int(state["step"])
 
     def export(self, out_dir: str) -> str | None:
