@@ -62,7 +62,7 @@ COPY tune ./tune
 COPY configs ./configs
 RUN pip install -c requirements.lock . \
  && rm -rf build ./*.egg-info \
- && python -c "import ray, wmss_ray, jobs.pipeline, jobs.check_cluster; assert ray.__version__ == '${RAY_VERSION}', ray.__version__"
+ && python -c "import ray, wmss_ray, jobs.pipeline, wmss_ray.cli.check_cluster; assert ray.__version__ == '${RAY_VERSION}', ray.__version__"
 
 # GPU variant: flash-attn 2 (models.attn_implementation auto picks it on a GPU when importable).
 # Built against the torch above (no build isolation); MAX_JOBS bounds the compile's memory.

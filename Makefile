@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(BIN)/wmss demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/loss_memory.py

@@ -37,7 +37,7 @@ MB = 2**20
 
 
 def build(a, ckpt: bool):
-    from wmss_ray.config import DemoModelConfig
+    from wmss_ray.config.schema import DemoModelConfig
     from wmss_ray.models.tiny import build_tiny_model
     from wmss_ray.models.tokenizer import build_demo_tokenizer
     from wmss_ray.training.pair import PairLM

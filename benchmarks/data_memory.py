@@ -50,7 +50,7 @@ def build(root: str, sizes: list[int]) -> dict[int, str]:
     import pyarrow as pa
 
     from benchmarks.packing import demo_rows
-    from wmss_ray.data.ray_corpus import _write_parquet
+    from wmss_ray.stages.tokenize import _write_parquet
     from wmss_ray.models.tokenizer import build_demo_tokenizer
 
     base = demo_rows(min(10_000, max(sizes)), build_demo_tokenizer(), 256)
@@ -72,7 +72,7 @@ def _plan(n: int, args):
 
 
 def child_streamed(tok_dir: str, epoch_rows_path: str, n: int, args) -> None:
-    from wmss_ray.data.tokenize import collate
+    from wmss_ray.data.chat_tokens import collate
     from wmss_ray.training.dataset import RowReader, read_epoch_rows
 
     plan = _plan(n, args)
@@ -87,7 +87,7 @@ def child_whole(tok_dir: str, ids_pickle: str, n: int, args) -> None:
     import numpy as np
     import pyarrow.dataset as pads
 
-    from wmss_ray.data.tokenize import collate
+    from wmss_ray.data.chat_tokens import collate
 
     with open(ids_pickle, "rb") as f:
         sample_ids = pickle.load(f)  # what the driver shipped in PhaseSpec.sample_ids

@@ -39,11 +39,11 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from wmss_ray.config import WMSSConfig  # noqa: E402
+from wmss_ray.config.schema import WMSSConfig  # noqa: E402
 
-from wmss_ray.config_loading import config_from_dict, load_config
-from tune.sweep import link_shared_phases  # noqa: E402
-from wmss_ray.stats import PairedTest, mean_and_spread, paired_test_per_sample  # noqa: E402
+from wmss_ray.config.loading import config_from_dict, load_config
+from wmss_ray.sweep.driver import link_shared_phases  # noqa: E402
+from wmss_ray.stages.stats import PairedTest, mean_and_spread, paired_test_per_sample  # noqa: E402
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 MODELS = ("M0", "M1", "SFT-continued", "WMSS")
@@ -85,7 +85,7 @@ def large_eval_set(cfg: WMSSConfig, n: int) -> str:
 
 def evaluate_cached(cfg: WMSSConfig, name: str, model_dir: str, eval_path: str, out_dir: Path) -> dict[str, Any]:
     """Accuracy, loss and per-problem outcomes of one model; reused when model and set match."""
-    from wmss_ray.evaluation import evaluate_model
+    from wmss_ray.stages.evaluate import evaluate_model
 
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = slugify(name)

@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from wmss_ray.config import TrainingConfig  # noqa: E402
-from wmss_ray.config_loading import config_from_dict
-from wmss_ray.core.mixing import DEFAULT_CHUNK_MB, chunk_rows_for, chunked_mixed_ce  # noqa: E402
+from wmss_ray.config.schema import TrainingConfig  # noqa: E402
+from wmss_ray.config.loading import config_from_dict
+from wmss_ray.losses.mixing import DEFAULT_CHUNK_MB, chunk_rows_for, chunked_mixed_ce  # noqa: E402
 
 #: Dense bf16 peak FLOP/s by device-name substring (H200 = H100 SXM's tensor cores).
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}

@@ -5,7 +5,7 @@ side without grad):
 
 - ``naive``: materialise ``h_s @ W_s^T`` and ``h_w @ W_w^T`` (``[N, V]`` each), mix, then
   ``F.cross_entropy`` and backward (frozen: the weak logits are computed under ``no_grad``).
-- ``ours``: ``wmss_ray.core.mixing.chunked_mixed_ce`` (chunked fused linear CE, two heads), its
+- ``ours``: ``wmss_ray.losses.mixing.chunked_mixed_ce`` (chunked fused linear CE, two heads), its
   chunk sized from ``--chunk-mb`` (the default, ``mix.chunk_mb``) unless ``--chunk N`` is given.
 - ``ours@N`` (``--compare-chunks N,...``): the same at an explicit chunk of N tokens, side by side
   (e.g. 1024, the old default of ``mix.chunk_size``).
@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from wmss_ray.core.mixing import DEFAULT_CHUNK_MB, chunk_rows_for, chunked_mixed_ce  # noqa: E402
+from wmss_ray.losses.mixing import DEFAULT_CHUNK_MB, chunk_rows_for, chunked_mixed_ce  # noqa: E402
 
 IMPLS = ("naive", "ours", "fused")
 MODES = ("joint", "frozen")

@@ -34,9 +34,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def demo_rows(n: int, tok, max_len: int) -> list[dict]:
-    from wmss_ray.config import DemoDataConfig
+    from wmss_ray.config.schema import DemoDataConfig
     from wmss_ray.data.synthetic import generate_split
-    from wmss_ray.data.tokenize import tokenize_example
+    from wmss_ray.data.chat_tokens import tokenize_example
 
     rows = []
     for i, r in enumerate(generate_split("train", n, 0, DemoDataConfig())):
@@ -87,7 +87,7 @@ def build(root: str, args) -> dict[str, str]:
 def make_worker(paths: dict, corpus: str, packing: bool, args, n_steps: int):
     import torch
 
-    from wmss_ray.config_loading import config_from_dict
+    from wmss_ray.config.loading import config_from_dict
     from wmss_ray.training.dataset import DataPlan, write_epoch_rows
     from wmss_ray.training.worker import PhaseSpec, PhaseWorker
 

@@ -26,9 +26,9 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from wmss_ray.config import WMSSConfig  # noqa: E402
+from wmss_ray.config.schema import WMSSConfig  # noqa: E402
 
-from wmss_ray.config_loading import config_from_dict, load_config
+from wmss_ray.config.loading import config_from_dict, load_config
 
 TINY = Path(__file__).resolve().parent.parent / "configs" / "test-tiny.yaml"
 # per-step metrics that are measurements of time, not results
@@ -112,7 +112,7 @@ def phase0_spread(cfg: WMSSConfig, storage: Path, steps: int, variants: list[str
     import subprocess
 
     from wmss_ray.data.synthetic import generate_split
-    from wmss_ray.evaluation import evaluate_model
+    from wmss_ray.stages.evaluate import evaluate_model
 
     eval_rows = generate_split("eval", cfg.data.demo.n_eval, cfg.run.seed, cfg.data.demo)
     out: dict[str, Any] = {}
@@ -132,7 +132,7 @@ def phase0_spread(cfg: WMSSConfig, storage: Path, steps: int, variants: list[str
 
 
 def cfg_path(cfg: WMSSConfig, storage: Path) -> str:
-    from wmss_ray.config_loading import save_config
+    from wmss_ray.config.loading import save_config
 
     path = storage / "phase0_config.yaml"
     storage.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from wmss_ray.config_loading import load_config  # noqa: E402
+from wmss_ray.config.loading import load_config  # noqa: E402
 
 
 def build_world(cfg, root: str) -> dict[str, str]:
@@ -62,9 +62,9 @@ def run_plain(cfg, paths: dict[str, str], threads: int) -> dict[str, float]:
     import torch
 
     from wmss_ray.data.corpus import iter_corpus, open_corpus
-    from wmss_ray.data.tokenize import tokenize_example
+    from wmss_ray.data.chat_tokens import tokenize_example
     from wmss_ray.models.loading import load_tokenizer
-    from wmss_ray.scoring.scorer import EntropyScorer
+    from wmss_ray.stages.scorer import EntropyScorer
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -125,9 +125,9 @@ def run_ray(cfg, paths: dict[str, str], out_dir: str) -> dict[str, float]:
     timed scorer for the steady rate (per actor, from its first to its last batch)."""
     import pyarrow as pa
 
-    from wmss_ray.data.ray_corpus import read_tokenized
-    from wmss_ray.scoring.ray_scoring import score_corpus, score_dataset
-    from wmss_ray.scoring.scorer import EntropyScorer
+    from wmss_ray.stages.tokenize import read_tokenized
+    from wmss_ray.stages.score import score_corpus, score_dataset
+    from wmss_ray.stages.scorer import EntropyScorer
 
     res = score_corpus(cfg, paths["weak"], paths["strong"], paths["corpus"], out_dir, progress=False)
     manifest = json.loads(open(res.manifest_path).read())

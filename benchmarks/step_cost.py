@@ -91,7 +91,7 @@ def run_mode(mode: str, paths: dict[str, str], args) -> dict:
     """One mode in this process: build the worker, warm up, time ``args.steps`` steps."""
     import torch
 
-    from wmss_ray.config_loading import config_from_dict
+    from wmss_ray.config.loading import config_from_dict
     from wmss_ray.training.dataset import DataPlan, write_epoch_rows
     from wmss_ray.training.worker import PhaseSpec, PhaseWorker, init_single_process
 

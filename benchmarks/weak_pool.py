@@ -37,7 +37,7 @@ def make_models_and_data(root: Path, hidden: int, layers: int, n_rows: int, seq:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from wmss_ray.config import DemoModelConfig
+    from wmss_ray.config.schema import DemoModelConfig
     from wmss_ray.models.tiny import build_tiny_model, save_pretrained_model
     from wmss_ray.models.tokenizer import build_demo_tokenizer
 
@@ -60,7 +60,7 @@ def make_models_and_data(root: Path, hidden: int, layers: int, n_rows: int, seq:
 
 
 def run(art: dict, out: Path, cpus: float, steps: int, micro_batch: int, pool: dict | None) -> dict:
-    from wmss_ray.config_loading import config_from_dict
+    from wmss_ray.config.loading import config_from_dict
     from wmss_ray.training.metrics import read_metrics
     from wmss_ray.training.trainer import train_phase
 

@@ -70,7 +70,7 @@ def rank_main(rank: int, port: int, model_dir: str, how: str, stage: int, out: s
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    from wmss_ray.config_loading import config_from_dict
+    from wmss_ray.config.loading import config_from_dict
     from wmss_ray.models.loading import load_causal_lm
     from wmss_ray.training.ds_config import build_ds_config, init_engine, param_groups
     from wmss_ray.training.pair import PairLM

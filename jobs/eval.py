@@ -4,12 +4,12 @@ Evaluation of the exported strong model (and the SFT baseline)).
 
     python -m jobs.eval --config PATH [--set key=value ...]
 
-Thin over ``wmss_ray.pipeline.run_phase(cfg, "eval")``; see ``jobs/common.py``.
+Thin over ``wmss_ray.pipeline.run_phase(cfg, "eval")``; see ``wmss_ray/cli/jobs.py``.
 """
 
 from __future__ import annotations
 
-from jobs.common import phase_entrypoint
+from wmss_ray.cli.jobs import phase_entrypoint
 
 build_parser, main = phase_entrypoint("eval")
 

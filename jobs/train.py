@@ -4,12 +4,12 @@ WMSS joint training (mixed-logit loss, curriculum sampling)).
 
     python -m jobs.train --config PATH [--set key=value ...]
 
-Thin over ``wmss_ray.pipeline.run_phase(cfg, "train")``; see ``jobs/common.py``.
+Thin over ``wmss_ray.pipeline.run_phase(cfg, "train")``; see ``wmss_ray/cli/jobs.py``.
 """
 
 from __future__ import annotations
 
-from jobs.common import phase_entrypoint
+from wmss_ray.cli.jobs import phase_entrypoint
 
 build_parser, main = phase_entrypoint("train")
 

@@ -128,14 +128,13 @@ def s3_server():
     uses it. The server is stopped by its pid.
     Yields ``{"endpoint", "bucket"}``.
     """
+    import importlib.util
     import signal
     import socket
     import subprocess
     import sys
     import time
     import urllib.request
-
-    import importlib.util
 
     if importlib.util.find_spec("moto.server") is None:
         pytest.fail("moto[server] is not installed: pip install -e '.[test]' (or 'moto[server]')")
@@ -187,7 +186,7 @@ def s3_server():
 def model_cache(tmp_path_factory):
     """A per-node model cache of its own (``WMSS_MODEL_CACHE``), never the user's ~/.cache; set
     before Ray starts (see ``_object_store_env_first``) so that Ray's workers use it too."""
-    from wmss_ray import storage
+    from wmss_ray.io import storage
 
     cache = str(tmp_path_factory.mktemp("model-cache"))
     old = os.environ.get(storage.MODEL_CACHE_ENV)
@@ -203,8 +202,8 @@ def model_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_head(request):
-    """A real local Ray head with token auth (``tests/jobs/local_head.py``), stopped by pid."""
-    from tests.jobs.local_head import LocalRayHead
+    """A real local Ray head with token auth (``tests/cli/local_head.py``), stopped by pid."""
+    from tests.cli.local_head import LocalRayHead
 
     _object_store_env_first(request)  # the head copies this process's environment
     head = LocalRayHead(num_cpus=4)
@@ -225,9 +224,9 @@ def tiny_job_run(ray_head, tmp_path_factory):
 
     Returns ``SimpleNamespace(cfg, job_id, status, logs)``; never fails itself (the tests do).
     """
-    from tests.jobs.local_head import finish_job
-    from wmss_ray import submit
-    from wmss_ray.config_loading import load_config
+    from tests.cli.local_head import finish_job
+    from wmss_ray.cli import submit
+    from wmss_ray.config.loading import load_config
 
     overrides = [f"run.storage={tmp_path_factory.mktemp('tiny_runs')}"]
     with pytest.MonkeyPatch.context() as mp:  # the client side: the token from a file, as a user would

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from tests.qwen3_style import build_qwen3_style_tokenizer
-from wmss_ray.config_loading import config_from_dict
+from wmss_ray.config.loading import config_from_dict
+from wmss_ray.data.chat_tokens import IGNORE_INDEX
 from wmss_ray.data.splits import in_validation
-from wmss_ray.data.tokenize import IGNORE_INDEX
 
 pytestmark = pytest.mark.integration
 N_TRAIN, N_EVAL, VAL_FRACTION = 48, 8, 0.25
@@ -67,9 +67,9 @@ def byo(tmp_path_factory):
 
 
 def test_bring_your_own_qwen3_model_and_gsm8k_corpus(ray_cluster, byo):
-    from wmss_ray.evaluation import evaluate_models
-    from wmss_ray.data.ray_corpus import validation_eval_input
     from wmss_ray.pipeline import run_pipeline
+    from wmss_ray.stages.evaluate import evaluate_models
+    from wmss_ray.stages.tokenize import validation_eval_input
 
     root, base, train, tok = byo
     assert (base / "model.safetensors").exists() and (base / "tokenizer.json").exists()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from wmss_ray.config_loading import config_from_dict, load_config
+from wmss_ray.config.loading import config_from_dict, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("demo_study", REPO / "benchmarks" / "demo_study.py")

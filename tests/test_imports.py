@@ -1,8 +1,10 @@
-"""The package's import graph: no cycles between wmss_ray modules, and the layer rules.
+"""The repository's import graph: no cycles between any of its modules, and the layer rules.
 
-Every module is parsed with ``ast`` (no import runs): top-level and lazy imports inside
+Every module of every package of the repository (``wmss_ray`` and the thin ``jobs/`` and
+``tune/`` entrypoints) is parsed with ``ast`` (no import runs): top-level and lazy imports inside
 functions count alike, relative imports are resolved, and ``from pkg import name`` counts as an
-import of ``pkg.name`` when that is a module. Layers are in docs/ARCHITECTURE.md.
+import of ``pkg.name`` when that is a module. The layers (what each folder may import) are in
+docs/ARCHITECTURE.md and in ``LAYERS`` below.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ from pathlib import Path
 
 import pytest
 
-PKG_DIR = Path(__file__).resolve().parents[1] / "wmss_ray"
+REPO = Path(__file__).resolve().parents[1]
+PKG_DIR = REPO / "wmss_ray"
 PKG = "wmss_ray"
+PACKAGES = ("wmss_ray", "jobs", "tune")  # every package of the repository (tests and benchmarks aside)
 
 
 def _module_name(path: Path) -> str:
-    rel = path.relative_to(PKG_DIR.parent).with_suffix("")
+    rel = path.relative_to(REPO).with_suffix("")
     parts = list(rel.parts)
     if parts[-1] == "__init__":
         parts.pop()
@@ -26,7 +30,7 @@ def _module_name(path: Path) -> str:
 
 
 def _modules() -> dict[str, Path]:
-    return {_module_name(p): p for p in sorted(PKG_DIR.rglob("*.py"))}
+    return {_module_name(p): p for pkg in PACKAGES for p in sorted((REPO / pkg).rglob("*.py"))}
 
 
 def _imports(name: str, path: Path, known: set[str]) -> set[str]:
@@ -105,27 +109,73 @@ def test_lazy_and_relative_imports_are_seen(tmp_path):
     assert {"wmss_ray.data", "wmss_ray.data.sib", "wmss_ray.up", "x.y"} <= got
 
 
-def test_no_import_cycles_between_wmss_ray_modules():
+def test_every_package_of_the_repository_is_covered():
+    names = set(_graph())
+    assert {"wmss_ray.pipeline", "jobs.pipeline", "jobs.check_cluster", "tune.page", "wmss_ray.sweep.trial"} <= names
+
+
+def test_no_import_cycles_between_modules():
     cycle = find_cycle(_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-def test_core_imports_only_torch_numpy_stdlib_and_core():
+def _room(module: str) -> str:
+    """The folder (or top-level module) a module belongs to: ``wmss_ray.training.worker`` -> ``training``."""
+    parts = module.split(".")
+    if parts[0] != PKG:
+        return parts[0]  # jobs, tune
+    return parts[1] if len(parts) > 1 else PKG
+
+
+#: What each room may import, bottom to top (docs/ARCHITECTURE.md, "Layers").
+LAYERS = {
+    "losses": set(),
+    "io": set(),
+    "config": {"io"},
+    "cluster": {"config", "io"},
+    "data": {"losses", "config", "io"},
+    "models": {"data", "config", "io"},
+    "stages": {"losses", "config", "io", "cluster", "data", "models"},
+    "weak_pool": {"losses", "config", "io", "cluster", "models"},
+    "training": {"losses", "config", "io", "cluster", "data", "models", "stages", "weak_pool"},
+    "pipeline": {"config", "io", "cluster", "data", "stages", "training"},
+    "plan": {"losses", "config", "io", "models", "training", "weak_pool"},
+    "sweep": {"config", "io", "cluster", "data", "stages", "training", "pipeline"},
+    "cli": {"config", "io", "cluster", "stages", "pipeline", "plan", "sweep"},
+    "jobs": {"cli"},
+    "tune": {"sweep"},
+}
+
+
+def test_each_room_imports_only_the_rooms_below_it():
+    graph = _graph()
+    assert {_room(m) for m in graph} - {PKG} == set(LAYERS), "a room without a layer: add it to LAYERS and the docs"
+    bad = sorted(f"{a} imports {b}" for a, deps in graph.items() for b in deps
+                 if _room(a) != _room(b) and _room(b) not in LAYERS.get(_room(a), set()))
+    assert not bad, bad
+
+
+def test_rooms_form_no_cycle():
+    assert find_cycle({room: set(deps) for room, deps in LAYERS.items()}) is None
+
+
+def test_losses_import_only_torch_numpy_stdlib_and_losses():
     mods = _modules()
     bad = []
     for name, path in mods.items():
-        if not (name == f"{PKG}.core" or name.startswith(f"{PKG}.core.")):
+        if not name.startswith(f"{PKG}.losses"):
             continue
         for target in _imports(name, path, set(mods)):
             top = target.split(".")[0]
-            ok = (target == f"{PKG}.core" or target.startswith(f"{PKG}.core.") or top in ("torch", "numpy")
+            ok = (target.startswith(f"{PKG}.losses") or top in ("torch", "numpy")
                   or top in sys.stdlib_module_names or top == "__future__")
             if not ok:
                 bad.append(f"{name} imports {target}")
     assert not bad, bad
 
 
-BOTTOM = {"wmss_ray.cluster", "wmss_ray.storage", "wmss_ray.config", "wmss_ray.config_sections"}
+BOTTOM = {"wmss_ray.cluster", "wmss_ray.io", "wmss_ray.io.storage", "wmss_ray.config", "wmss_ray.config.schema",
+          "wmss_ray.config.sections"}
 
 
 @pytest.mark.parametrize("module", sorted(BOTTOM))

@@ -1,7 +1,7 @@
 """End to end: the shrunken demo (configs/test-tiny.yaml) through every phase on a real Ray.
 
 The run itself is the session fixture ``tiny_job_run`` (tests/conftest.py): the pipeline
-submitted once as a real Ray job with token auth (what tests/jobs/test_submit_real.py checks).
+submitted once as a real Ray job with token auth (what tests/cli/test_submit_real.py checks).
 Here: what every phase must have produced (counts that add up, finite metrics, steps, eval rows),
 that an in-process re-run skips everything, that ``--from`` reruns exactly the later phases, that
 the exported WMSS model reloads in plain transformers and generates, that a changed
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from wmss_ray.config_loading import config_from_dict
+from wmss_ray.config.loading import config_from_dict
 from wmss_ray.pipeline import build_phases, run_pipeline
 
 pytestmark = pytest.mark.integration
@@ -147,8 +147,8 @@ def test_changed_beta_changes_the_reports_weights_without_rescoring(tiny_run):
     """curriculum.beta is not an input of scoring: a run with another beta links data ... score_1
     (a linked phase is never rerun: the runner would raise) and redraws; its report's weight
     histogram describes the new weights, not the ones scoring time would have stored."""
-    from tune.sweep import link_shared_phases
-    from wmss_ray.report import write_report
+    from wmss_ray.stages.report import write_report
+    from wmss_ray.sweep.driver import link_shared_phases
 
     cfg, out, _ = tiny_run
     run_dir = Path(cfg.run_dir())

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from wmss_ray import storage
-from wmss_ray.config_loading import load_config
+from wmss_ray.config.loading import load_config
+from wmss_ray.io import storage
 from wmss_ray.pipeline import build_phases, run_pipeline
 from wmss_ray.training.trainer import FAULT_ENV, RUN_NAME
 

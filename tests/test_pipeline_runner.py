@@ -12,7 +12,7 @@ import os
 import pytest
 
 from wmss_ray import pipeline
-from wmss_ray.config_loading import load_config
+from wmss_ray.config.loading import load_config
 from wmss_ray.pipeline import Phase, build_phases, run_pipeline
 
 

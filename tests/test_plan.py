@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from wmss_ray.config_loading import config_from_dict, load_config
+from wmss_ray.config.loading import config_from_dict, load_config
 from wmss_ray.plan import (
     GiB,
     ModelShape,
@@ -94,7 +94,7 @@ def test_frozen_weak_has_params_only_and_pool_weak_nothing():
 
 
 def test_pool_actor_holds_the_weak_model_sharded_and_the_cli_prints_it(tmp_path, capsys):
-    from wmss_ray.cli import main
+    from wmss_ray.cli.main import main
     from wmss_ray.plan import OVERHEAD_BYTES, pool_actor_bytes
 
     s = ModelShape("m", 10**9, 10**8, 2048, 24, 16, 8, 128, 8192, 151936, True)
@@ -135,7 +135,7 @@ def test_activation_formula_and_checkpointing():
 
 
 def test_shape_of_a_model_directory_matches_its_real_parameter_count(tmp_path):
-    from wmss_ray.config import DemoModelConfig
+    from wmss_ray.config.schema import DemoModelConfig
     from wmss_ray.models.tiny import build_tiny_model, save_pretrained_model
     from wmss_ray.models.tokenizer import build_demo_tokenizer
 
@@ -151,8 +151,8 @@ def test_shape_of_a_model_directory_matches_its_real_parameter_count(tmp_path):
 
 
 def test_shape_of_a_model_in_object_storage_reads_only_its_config(tmp_path, s3_server, monkeypatch):
-    from wmss_ray import storage
-    from wmss_ray.config import DemoModelConfig
+    from wmss_ray.config.schema import DemoModelConfig
+    from wmss_ray.io import storage
     from wmss_ray.models.tiny import build_tiny_model, save_pretrained_model
     from wmss_ray.models.tokenizer import build_demo_tokenizer
 
@@ -184,7 +184,7 @@ def test_parse_memory():
 
 
 def test_cli_plan_qwen3_4b_says_what_to_change(tmp_path, capsys):
-    from wmss_ray.cli import main
+    from wmss_ray.cli.main import main
 
     (tmp_path / "config.json").write_text(json.dumps(QWEN3_4B))
     cfg = REPO / "configs" / "qwen3-4b-math.yaml"
@@ -204,7 +204,7 @@ def test_cli_plan_qwen3_4b_says_what_to_change(tmp_path, capsys):
 
 
 def test_plan_demo_config_runs_without_model_files(capsys):
-    from wmss_ray.cli import main
+    from wmss_ray.cli.main import main
 
     assert main(["plan", str(REPO / "configs" / "demo.yaml")]) == 0
     out = capsys.readouterr().out

@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from wmss_ray.config_loading import config_from_dict
+from wmss_ray.config.loading import config_from_dict
 from wmss_ray.pipeline import run_pipeline
 from wmss_ray.training.trainer import FAULT_ENV
 

@@ -7,7 +7,7 @@ environment, :func:`plan_ray_start`, tested without Ray:
 - Ray already initialised in this process (tests, a phase after another): nothing to do.
 - A job's driver (``ray job submit`` / ``wmss submit`` / a KubeRay RayJob): Ray sets
   ``RAY_JOB_CONFIG_JSON_ENV_VAR`` and ``RAY_ADDRESS``; join that cluster and pass no
-  ``runtime_env``: the job's own (``wmss_ray.submit.default_runtime_env``: working dir, env
+  ``runtime_env``: the job's own (``wmss_ray.cli.submit.default_runtime_env``: working dir, env
   vars) applies, and a second one here would replace it.
 - ``RAY_ADDRESS`` set (a driver started by hand next to a cluster): join it, with the runtime
   env below.

@@ -31,11 +31,11 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from wmss_ray import storage
 from wmss_ray.cluster import ensure_ray
-from wmss_ray.config import WMSSConfig
-from wmss_ray.config_loading import save_config
-from wmss_ray.manifest import Manifest, fingerprint, now, prepare_phase_dir, read_manifest
+from wmss_ray.config.loading import save_config
+from wmss_ray.config.schema import WMSSConfig
+from wmss_ray.io import storage
+from wmss_ray.io.manifest import Manifest, fingerprint, now, prepare_phase_dir, read_manifest
 
 log = logging.getLogger("wmss_ray.pipeline")
 
@@ -122,7 +122,7 @@ def _eval_corpus(ctx: RunContext) -> str | None:
 
 
 def _phase_tokenize(ctx: RunContext) -> dict[str, Any]:
-    from wmss_ray.data.ray_corpus import tokenize_corpus
+    from wmss_ray.stages.tokenize import tokenize_corpus
 
     res = tokenize_corpus(ctx.cfg, ctx.tokenizer_source(), _train_corpus(ctx), str(ctx.phase_dir("tokenize")))
     return {"outputs": {"tokenized": res.tokenized_path, "rejects": res.rejects_path,
@@ -154,7 +154,7 @@ def _train_outputs(res: Any) -> dict[str, Any]:
 
 def _phase_score(t: int) -> Callable[[RunContext], dict[str, Any]]:
     def run(ctx: RunContext) -> dict[str, Any]:
-        from wmss_ray.scoring.ray_scoring import score_tokenized
+        from wmss_ray.stages.score import score_tokenized
 
         res = score_tokenized(
             ctx.cfg, weak_model=ctx.weak_model(t), strong_model=ctx.model(t),
@@ -167,7 +167,7 @@ def _phase_score(t: int) -> Callable[[RunContext], dict[str, Any]]:
 
 def _phase_curriculum(t: int) -> Callable[[RunContext], dict[str, Any]]:
     def run(ctx: RunContext) -> dict[str, Any]:
-        from wmss_ray.scoring.curriculum import sample_curriculum
+        from wmss_ray.stages.curriculum import sample_curriculum
 
         res = sample_curriculum(ctx.cfg, ctx.out(f"score_{t}", "scores"), ctx.phase_dir(f"curriculum_{t}"),
                                 seed=ctx.cfg.curriculum_seed + t)
@@ -208,7 +208,7 @@ def _phase_baseline(ctx: RunContext) -> dict[str, Any]:
 
 
 def _phase_eval(ctx: RunContext) -> dict[str, Any]:
-    from wmss_ray.evaluation import evaluate_models
+    from wmss_ray.stages.evaluate import evaluate_models
 
     eval_path = _eval_corpus(ctx)
     if not eval_path:
@@ -231,7 +231,7 @@ def _phase_eval(ctx: RunContext) -> dict[str, Any]:
 
 
 def _phase_report(ctx: RunContext) -> dict[str, Any]:
-    from wmss_ray.report_storage import write_report_at
+    from wmss_ray.stages.report_storage import write_report_at
 
     k = ctx.cfg.run.iterations
     results = {

@@ -30,10 +30,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from wmss_ray.config import WMSSConfig
-
-from wmss_ray.config_loading import config_from_dict
-from wmss_ray.core.mixing import chunk_rows_for
+from wmss_ray.config.loading import config_from_dict
+from wmss_ray.config.schema import WMSSConfig
+from wmss_ray.losses.mixing import chunk_rows_for
 from wmss_ray.weak_pool.server import pool_dtype
 
 GiB = 2**30
@@ -102,7 +101,7 @@ def _model_config(path: str, trust_remote_code: bool):
 
     from transformers import AutoConfig
 
-    from wmss_ray import storage
+    from wmss_ray.io import storage
 
     if not storage.is_remote(path):
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)

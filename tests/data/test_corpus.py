@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from wmss_ray.config_loading import load_config
+from wmss_ray.config.loading import load_config
 from wmss_ray.data import rejects as R
 from wmss_ray.data.corpus import discover_corpus, iter_corpus, normalize_row, open_corpus
 from wmss_ray.models.tokenizer import build_demo_tokenizer
@@ -199,7 +199,7 @@ def _read_rejects(path: str) -> list[dict]:
 
 @pytest.mark.integration
 def test_ray_jsonl_skip_counts_rejects_and_tokenized(ray_cluster, tmp_path, tok_dir):
-    from wmss_ray.data.ray_corpus import tokenize_corpus
+    from wmss_ray.stages.tokenize import tokenize_corpus
 
     cases = JSONL_CASES + [(json.dumps(dict(GOOD[0])).encode(), None)]  # same content, new line id
     path = _write_jsonl(tmp_path / "train.jsonl", cases)
@@ -224,7 +224,7 @@ def test_ray_jsonl_skip_counts_rejects_and_tokenized(ray_cluster, tmp_path, tok_
 
 @pytest.mark.integration
 def test_ray_error_policy_read_and_tokenize_stage(ray_cluster, tmp_path, tok_dir):
-    from wmss_ray.data.ray_corpus import tokenize_corpus
+    from wmss_ray.stages.tokenize import tokenize_corpus
 
     path = _write_jsonl(tmp_path / "train.jsonl")
     with pytest.raises(R.CorpusError, match=r"train\.jsonl line 2: malformed_json"):
@@ -237,7 +237,7 @@ def test_ray_error_policy_read_and_tokenize_stage(ray_cluster, tmp_path, tok_dir
 
 @pytest.mark.integration
 def test_ray_duplicate_ids_both_policies(ray_cluster, tmp_path, tok_dir):
-    from wmss_ray.data.ray_corpus import tokenize_corpus
+    from wmss_ray.stages.tokenize import tokenize_corpus
 
     rows = [dict(GOOD[0], uid="a"), dict(GOOD[1], uid="b"), dict(GOOD[2], uid="a"), dict(GOOD[3])]
     path = tmp_path / "d.jsonl"
@@ -257,7 +257,7 @@ def test_ray_duplicate_ids_both_policies(ray_cluster, tmp_path, tok_dir):
 @pytest.mark.integration
 @pytest.mark.parametrize("kind", ["parquet", "hf", "gz_prompt_response"])
 def test_ray_formats_skip(ray_cluster, tmp_path, tok_dir, kind):
-    from wmss_ray.data.ray_corpus import tokenize_corpus
+    from wmss_ray.stages.tokenize import tokenize_corpus
 
     cfg = _cfg("data.on_bad_row=skip", "scoring.batch_size=2")
     if kind == "gz_prompt_response":
@@ -281,7 +281,7 @@ def test_ray_formats_skip(ray_cluster, tmp_path, tok_dir, kind):
 
 def test_tokenized_parts_are_written_in_row_groups_of_a_few_mb(tmp_path):
     """Training ranks read tokenised rows one row group at a time: groups must be small."""
-    from wmss_ray.data.ray_corpus import ROW_GROUP_BYTES, _write_parquet
+    from wmss_ray.stages.tokenize import ROW_GROUP_BYTES, _write_parquet
 
     ids = np.arange(2000 * 1024, dtype=np.int64).reshape(2000, 1024)
     table = pa.table({"sample_id": [f"s{i}" for i in range(2000)], "input_ids": list(ids), "labels": list(ids)})
@@ -296,9 +296,8 @@ def test_tokenized_parts_are_written_in_row_groups_of_a_few_mb(tmp_path):
 def test_ray_validation_split_truncation_counts_and_prompt_cut_away(ray_cluster, tmp_path, tok_dir):
     """data.validation_fraction carves rows by sample_id hash, disjoint from training; truncated
     rows are counted; a row whose answer leaves no room for its prompt is rejected, not trained on."""
-    from wmss_ray.data.ray_corpus import tokenize_corpus
-    from wmss_ray.data.ray_corpus import read_validation_rows
     from wmss_ray.data.splits import in_validation
+    from wmss_ray.stages.tokenize import read_validation_rows, tokenize_corpus
 
     rows = [dict(_chat(f"What is {i} + 1?", f"{i}+1={i + 1}\n#### {i + 1}"), uid=f"q{i}", gold=str(i + 1))
             for i in range(40)]
@@ -335,9 +334,9 @@ def test_ray_tokenisation_is_the_same_every_run(ray_cluster, tmp_path, tok_dir):
     """Two tokenisations of one corpus by a pool of 2 actors, in small blocks, write the same
     parts with the same rows in the same order (Ray Data preserves read order), whichever
     actor finished first: the scoring batches built from them are then the same too."""
-    from wmss_ray.config import DemoDataConfig
-    from wmss_ray.data.ray_corpus import tokenize_corpus
+    from wmss_ray.config.schema import DemoDataConfig
     from wmss_ray.data.synthetic import write_demo_corpus
+    from wmss_ray.stages.tokenize import tokenize_corpus
 
     corpus = write_demo_corpus(DemoDataConfig(n_train=120, n_eval=1), 0, tmp_path / "data")["train"]
     cfg = _cfg("data.tokenize_actors=2", "data.tokenize_cpus=0.5", "scoring.batch_size=8")

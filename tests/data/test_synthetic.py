@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from wmss_ray.config import DemoDataConfig
+from wmss_ray.config.schema import DemoDataConfig
 from wmss_ray.data.synthetic import (
     extract_final_answer,
     generate_split,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.qwen3_style import build_qwen3_style_tokenizer
-from wmss_ray.data.tokenize import (
+from wmss_ray.data.chat_tokens import (
     IGNORE_INDEX,
     BadRowError,
     assistant_turn_parts,

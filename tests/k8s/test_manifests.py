@@ -197,7 +197,7 @@ def _entrypoint(job: dict) -> tuple[str, list[str]]:
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_entrypoints_exist_and_parse(rendered, target):
-    from wmss_ray.config_loading import load_config
+    from wmss_ray.config.loading import load_config
 
     for job in (o for o in rendered[target] if o["kind"] == "RayJob"):
         module, args = _entrypoint(job)
@@ -238,7 +238,7 @@ def test_gpu_overlay_shape(rendered):
 
 
 def test_gpu_pool_overlay_gives_the_weak_pool_its_own_gpus(rendered):
-    from wmss_ray.config_loading import load_config
+    from wmss_ray.config.loading import load_config
 
     job = next(o for o in rendered["k8s/overlays/gpu-pool"] if o["kind"] == "RayJob")
     _, args = _entrypoint(job)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from wmss_ray.config import DemoModelConfig
+from wmss_ray.config.schema import DemoModelConfig
 from wmss_ray.models.generate import greedy_generate
 from wmss_ray.models.loading import (
     IncompatibleModelsError,
@@ -139,6 +139,7 @@ def test_zero3_load_builds_partitioned_and_scatters_the_checkpoint(saved, tmp_pa
     nothing whole outside a gather) and gathering it gives exactly the checkpoint's weights."""
     import deepspeed
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
     from wmss_ray.training.worker import init_single_process
 
     init_single_process()
@@ -196,7 +197,7 @@ def test_resolve_attn_implementation(monkeypatch):
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_load_causal_lm_uses_the_attention_kernel(tmp_path, attn):
-    from wmss_ray.config import DemoModelConfig
+    from wmss_ray.config.schema import DemoModelConfig
     from wmss_ray.models.tiny import build_tiny_model, save_pretrained_model
     from wmss_ray.models.tokenizer import build_demo_tokenizer
 
@@ -231,12 +232,15 @@ def test_zero3_loads_survive_transformers_hub_kernels(saved, tmp_path):
     attribute '_kernel_funcs'``). A fresh interpreter, as a Train worker is: two loads each of a
     Llama and a Qwen3 model, each forwarded."""
     import importlib.util
+    import os
     import subprocess
     import sys
 
     assert importlib.util.find_spec("kernels") is not None, "the lock installs kernels (transformers requires it)"
     tok = build_demo_tokenizer()
     qwen3 = save_pretrained_model(build_tiny_model(DemoModelConfig(arch="qwen3", **TINY), tok, 0), tok, tmp_path / "q")
+    env = {k: v for k, v in os.environ.items()  # the child makes its own process group, on a free port
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
     proc = subprocess.run([sys.executable, "-c", _TWO_ZERO3_LOADS, str(saved[1]), str(qwen3)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0 and "forwards ok" in proc.stdout, proc.stderr[-3000:]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from wmss_ray.config import DemoModelConfig
+from wmss_ray.config.schema import DemoModelConfig
 from wmss_ray.models.tiny import build_tiny_model, save_pretrained_model
 from wmss_ray.models.tokenizer import EOT, IM_END, build_demo_tokenizer
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.training.test_training_units import make_artifacts, tiny_cfg
-from wmss_ray.config_loading import config_from_dict
+from wmss_ray.config.loading import config_from_dict
 from wmss_ray.training.dataset import DataPlan, RowReader, epoch_sample_ids, write_epoch_rows
 from wmss_ray.training.ds_config import build_ds_config
 
@@ -66,7 +66,7 @@ def test_ds_config_half_precision_accumulates_and_reduces_in_fp32(stage):
 def test_half_precision_without_zero_fails_loudly():
     with pytest.raises(ValueError, match="training.zero_stage: 0"):
         build_ds_config(tiny_cfg(zero_stage=0).training, 1, torch.bfloat16, True)
-    from wmss_ray.config import ConfigError
+    from wmss_ray.config.schema import ConfigError
 
     with pytest.raises(ConfigError, match="training.zero_stage is 0"):
         config_from_dict({"scaling": {"use_gpu": True}, "evaluation": {"gpus_per_actor": 1}})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from wmss_ray import storage
+from wmss_ray.io import storage
 from wmss_ray.training.metrics import MetricsWriter, read_metrics
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.training.test_training_units import _run_worker, make_artifacts, tiny_cfg
-from wmss_ray.config import DemoModelConfig
+from wmss_ray.config.schema import DemoModelConfig
 from wmss_ray.training.packing import pack_rows, padding_fraction
 
 

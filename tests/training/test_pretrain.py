@@ -6,11 +6,10 @@ import json
 
 import torch
 
-from wmss_ray.config_loading import config_from_dict
+from wmss_ray.config.loading import config_from_dict
 from wmss_ray.models.loading import load_causal_lm, load_tokenizer
 from wmss_ray.models.tokenizer import build_demo_tokenizer
 from wmss_ray.training.pretrain import _usable_cpus, pack_texts, pretrain_base
-
 
 TINY = [
     "models.demo_model.hidden_size=32", "models.demo_model.intermediate_size=64",

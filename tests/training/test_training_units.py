@@ -16,9 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wmss_ray.config import DemoModelConfig
-
-from wmss_ray.config_loading import config_from_dict
+from wmss_ray.config.loading import config_from_dict
+from wmss_ray.config.schema import DemoModelConfig
 from wmss_ray.training.dataset import DataPlan, epoch_sample_ids
 from wmss_ray.training.schedule import lr_factor, warmup_steps_for
 
@@ -71,7 +70,7 @@ def reference_run(paths: dict[str, str], cfg, phase: str, mode: str, steps: int)
     Same data order (``DataPlan``), AdamW, warm-up + cosine schedule, clipping; naive full-logit
     mixed CE averaged over the global batch's answer tokens.
     """
-    from wmss_ray.data.tokenize import collate
+    from wmss_ray.data.chat_tokens import collate
     from wmss_ray.models.loading import load_causal_lm, load_tokenizer
 
     t = cfg.training

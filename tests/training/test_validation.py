@@ -11,8 +11,8 @@ import socket
 import pytest
 import torch.multiprocessing as mp
 
-from tests.test_evaluation import _cfg, _eval_rows, forced_model  # noqa: F401  (a fixture)
-from wmss_ray.evaluation import evaluate_models, load_eval_rows, read_per_sample
+from tests.stages.test_evaluation import _cfg, _eval_rows, forced_model  # noqa: F401  (a fixture)
+from wmss_ray.stages.evaluate import evaluate_models, load_eval_rows, read_per_sample
 from wmss_ray.training.validation import ValidationPoints, write_rows
 
 

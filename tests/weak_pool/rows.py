@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from wmss_ray.data.tokenize import collate
+from wmss_ray.data.chat_tokens import collate
 from wmss_ray.training.dataset import RowReader, epoch_list
 from wmss_ray.training.packing import pack_rows
 

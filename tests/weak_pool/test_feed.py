@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from tests.weak_pool.test_server import _InProcessClient
 from tests.weak_pool.rows import RowsById
+from tests.weak_pool.test_server import _InProcessClient
+from wmss_ray.training.metrics import is_log_step
 from wmss_ray.training.pair import PairLM
 from wmss_ray.weak_pool.feed import PooledWeakSide
 from wmss_ray.weak_pool.server import WeakServer
@@ -33,7 +34,8 @@ def _side(art, top_k, prefetch, reads, packed=False, per=2):
                 for a in range(ACCUM)]
 
     client = _InProcessClient(WeakServer(art["weak"], top_k=top_k))
-    side = PooledWeakSide(client, read_step, ACCUM, STEPS, log_every=2, prefetch=prefetch, exact_sample=3,
+    side = PooledWeakSide(client, read_step, ACCUM, STEPS, is_logged=lambda step: is_log_step(step + 1, 2, STEPS),
+                          prefetch=prefetch, exact_sample=3,
                           error_warn=0.01, device="cpu")
     return side, client
 

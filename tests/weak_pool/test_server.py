@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tests.training.test_training_units import make_artifacts
-from wmss_ray.core.sparse_mixing import dense_weak_logp
 from tests.weak_pool.rows import RowsById
+from wmss_ray.losses.sparse_mixing import dense_weak_logp
 from wmss_ray.weak_pool.server import WeakServer, checkpoint_id
 from wmss_ray.weak_pool.wire import WeakRequest, reply_bytes, request_bytes
 

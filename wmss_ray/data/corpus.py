@@ -39,9 +39,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from wmss_ray import storage
-from wmss_ray.config import DataConfig
+from wmss_ray.config.schema import DataConfig
 from wmss_ray.data import rejects as R
+from wmss_ray.io import storage
 
 READ_SCHEMA = pa.schema([
     ("sample_id", pa.string()),

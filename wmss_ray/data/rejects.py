@@ -11,7 +11,7 @@ and every run reports ``rows_in = rows_ok + rows_rejected`` with a per-reason br
 ``row`` is the 1-based line number for JSONL and the 0-based row index for Parquet / Arrow.
 
 Paths may be local or any URI pyarrow understands (``file://``, ``s3://``, ``gs://``); every
-read and write here goes through :mod:`wmss_ray.storage` (``pyarrow.fs``) so remote tasks and
+read and write here goes through :mod:`wmss_ray.io.storage` (``pyarrow.fs``) so remote tasks and
 the driver agree.
 """
 
@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from wmss_ray.storage import list_files, resolve_fs, write_text
+from wmss_ray.io.storage import list_files, resolve_fs, write_text
 
 # Reason codes (machine-readable; the per-reason counts use these keys).
 MALFORMED_JSON = "malformed_json"  # a JSONL line that is not JSON

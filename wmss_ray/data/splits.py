@@ -12,7 +12,7 @@ does not change when other rows are added.
   in their original order (``evaluation.max_samples``).
 
 ``validation_source`` says where a run's validation split is (carved, a corpus, or the demo
-world's), for anything that selects or stops early (``tune/sweep.py``); reading it for
+world's), for anything that selects or stops early (``wmss_ray/sweep/driver.py``); reading it for
 evaluation is ``data.ray_corpus.validation_eval_input``.
 """
 
@@ -22,7 +22,7 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
-from wmss_ray.config import WMSSConfig
+from wmss_ray.config.schema import WMSSConfig
 
 _VALIDATION_SALT = "wmss-validation"
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from wmss_ray.config import DemoDataConfig
+from wmss_ray.config.schema import DemoDataConfig
 
 SPLITS = ("pretrain", "train", "eval")
 _N_BUCKETS = 20

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from wmss_ray.data.tokenize import end_of_turn_ids, left_pad_prompts, prompt_ids
+from wmss_ray.data.chat_tokens import end_of_turn_ids, left_pad_prompts, prompt_ids
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:

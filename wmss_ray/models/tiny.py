@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, PreTrainedModel
 
-from wmss_ray.config import DemoModelConfig
+from wmss_ray.config.schema import DemoModelConfig
 from wmss_ray.models.tokenizer import EOT
 
 

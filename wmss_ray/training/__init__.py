@@ -1,17 +1,3 @@
-"""Phase 1 (SFT) and phase 2B (WMSS) training on Ray Train + DeepSpeed (docs/TRAINING.md).
-
-Public entry: :func:`train_phase` -> :class:`TrainResult`. Imported lazily so that
-``import wmss_ray.training.<module>`` does not pull in Ray Train.
-"""
-
-from __future__ import annotations
-
-__all__ = ["TrainResult", "train_phase"]
-
-
-def __getattr__(name: str):
-    if name in __all__:
-        from wmss_ray.training import trainer
-
-        return getattr(trainer, name)
-    raise AttributeError(f"module 'wmss_ray.training' has no attribute {name!r}")
+"""Phase 1 (SFT) and phase 2B (WMSS) on Ray Train + DeepSpeed (docs/TRAINING.md): ``trainer``
+(``train_phase``, the Ray edge), ``worker`` (one rank's step, plain code), ``pair``, ``dataset``,
+``packing``, ``ds_config``, ``schedule``, ``checkpointing``, ``metrics``, ``validation``."""

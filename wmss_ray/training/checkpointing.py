@@ -72,18 +72,21 @@ def read_trainer_state(ckpt_dir: str) -> dict[str, Any]:
 
 
 def load_checkpoint(engine, ckpt_dir: str, rank: int, exclude_frozen: bool,
-                    expect: dict[str, Any] | None = None) -> dict[str, Any]:
+                    expect: dict[str, Any] | None = None, fingerprint: str | None = None) -> dict[str, Any]:
     """Restore model(s), optimizer, scheduler and RNG from ``ckpt_dir``; return the trainer state.
 
     ``expect``: plan fingerprint fields that must match the checkpoint's (world size, batch
     geometry, seed, ...); a mismatch raises ``ValueError`` naming the field instead of silently
-    resuming a different run.
+    resuming a different run. ``fingerprint``: the run's; a checkpoint of another run raises
+    :class:`ForeignCheckpointError` (after the plan fields, which name what differs).
     """
     state = read_trainer_state(ckpt_dir)
     for key, value in (expect or {}).items():
         if state.get("plan", {}).get(key) != value:
             raise ValueError(f"checkpoint {ckpt_dir} was written with {key}={state.get('plan', {}).get(key)!r}, "
                              f"this run has {key}={value!r}; resume needs the same data plan and world size")
+    if fingerprint is not None:
+        check_same_run(state, f"checkpoint {ckpt_dir}", fingerprint)
     # Frozen weak weights are not in the checkpoint (the fresh ones are kept); everything else,
     # the strong model above all, must match key for key.
     load_path, _ = engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_module_strict=True,

@@ -42,9 +42,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from wmss_ray.core.constants import IGNORE_INDEX
-from wmss_ray import storage
-from wmss_ray.storage import list_files, resolve_fs
+from wmss_ray.io import storage
+from wmss_ray.io.storage import list_files, resolve_fs
+from wmss_ray.losses.constants import IGNORE_INDEX
 
 _TOKEN_COLUMNS = ["input_ids", "labels"]
 #: Decoded row groups a :class:`RowReader` keeps (LRU): a small corpus is read once, a large

@@ -15,9 +15,8 @@ from typing import Any
 
 import torch
 
-from wmss_ray.config import TrainingConfig
+from wmss_ray.config.schema import TrainingConfig
 from wmss_ray.training.schedule import lr_factor, warmup_steps_for
-
 
 # ----------------------------------------------------------------------------- schedule
 

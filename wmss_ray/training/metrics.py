@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from wmss_ray import storage
+from wmss_ray.io import storage
 
 #: Keys of one ``metrics.jsonl`` line (plus ``samples_seen`` and ``n_tokens``).
 METRIC_KEYS = ("step", "loss", "ce_strong", "p_mix", "p_strong", "nontarget_ratio", "grad_norm", "lr",

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from wmss_ray.core.constants import IGNORE_INDEX
-from wmss_ray.core.mixing import DEFAULT_CHUNK_MB, STATS_KEYS, chunked_mixed_ce
+from wmss_ray.losses.constants import IGNORE_INDEX
+from wmss_ray.losses.mixing import DEFAULT_CHUNK_MB, STATS_KEYS, chunked_mixed_ce
 from wmss_ray.models.loading import output_head
 
 #: Order of the per-micro-batch statistics vector returned by :meth:`PairLM.forward`.
@@ -128,7 +128,7 @@ class PairLM(nn.Module):
         return loss * loss_scale, vec
 
     def _pool_loss(self, h_s, w_s, y, num_tokens, loss_scale, weak_logp, exact):
-        from wmss_ray.core.sparse_mixing import sparse_mixed_ce, truncation_error
+        from wmss_ray.losses.sparse_mixing import sparse_mixed_ce, truncation_error
 
         if weak_logp is None:
             raise ValueError("PairLM(weak_pool=True).forward needs weak_logp (the pool's reply)")

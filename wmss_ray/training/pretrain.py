@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from wmss_ray.config import WMSSConfig
+from wmss_ray.config.schema import WMSSConfig
 from wmss_ray.data.synthetic import pretrain_texts
 from wmss_ray.models.tiny import build_tiny_model, save_pretrained_model
 from wmss_ray.models.tokenizer import EOT, build_demo_tokenizer

@@ -31,12 +31,15 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from wmss_ray import storage
 from wmss_ray.cluster import ensure_ray
-from wmss_ray.config import WMSSConfig
-from wmss_ray.manifest import fingerprint as _fingerprint
+from wmss_ray.config.schema import WMSSConfig
+from wmss_ray.io import storage
+from wmss_ray.io.manifest import fingerprint as _fingerprint
 from wmss_ray.training.checkpointing import (
-    TRAINER_STATE, UntrainedStepsError, check_same_run, check_trained_all_steps,
+    TRAINER_STATE,
+    UntrainedStepsError,
+    check_same_run,
+    check_trained_all_steps,
 )
 from wmss_ray.training.dataset import EPOCH_ROWS_FILE, DataPlan, write_epoch_rows
 from wmss_ray.training.metrics import is_log_step, read_metrics

@@ -2,10 +2,10 @@
 
 Every ``every`` optimizer steps short of the end the ranks export the strong model to
 ``<out_dir>/interim_model`` (the collective export of the finished model), and each rank loads
-it with the plain :class:`~wmss_ray.evaluation.Evaluator` and generates for its share of the
+it with the plain :class:`~wmss_ray.stages.evaluate.Evaluator` and generates for its share of the
 evaluator's pre-cut batches (batch ``i`` on rank ``i mod W``: the batches, hence the padding and
 the outputs, are those of the evaluation phase). Rank 0 gathers the outputs and runs the same
-checking, sums and writers as :func:`wmss_ray.evaluation.evaluate_models`
+checking, sums and writers as :func:`wmss_ray.stages.evaluate.evaluate_models`
 (``<out_root>/validation_step<k>/eval_results.json`` and ``eval_WMSS.jsonl``); the metrics go to
 every rank and into that step's ``ray.train.report``.
 
@@ -21,8 +21,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from wmss_ray import storage
-from wmss_ray.config import WMSSConfig
+from wmss_ray.config.schema import WMSSConfig
+from wmss_ray.io import storage
 
 #: The metrics a validation point adds to its step's report.
 VALIDATION_KEYS = ("validation_accuracy", "validation_loss", "n_validation")
@@ -34,7 +34,7 @@ class ValidationPoints:
 
     ``every``: optimizer steps between validations (at each multiple short of the last step; the
     trial evaluates the finished model on the whole split itself). ``rows_path``: JSON lines of
-    normalised eval rows (:func:`wmss_ray.evaluation.load_eval_rows` output). ``out_root``: where
+    normalised eval rows (:func:`wmss_ray.stages.evaluate.load_eval_rows` output). ``out_root``: where
     ``validation_step<k>/`` goes.
     """
 
@@ -67,7 +67,7 @@ def validate_on_ranks(cfg: WMSSConfig, points: ValidationPoints, model_dir: str,
     import torch
     import torch.distributed as dist
 
-    from wmss_ray.evaluation import Evaluator, eval_chunks, evaluate_models, evaluator_kwargs, load_eval_rows
+    from wmss_ray.stages.evaluate import Evaluator, eval_chunks, evaluate_models, evaluator_kwargs, load_eval_rows
 
     def generate(path: str, chunks: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         mine = [i for i in range(len(chunks)) if i % world == rank]

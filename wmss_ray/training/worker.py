@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from wmss_ray.config import WMSSConfig
-from wmss_ray.data.tokenize import collate
+from wmss_ray.config.schema import WMSSConfig
+from wmss_ray.data.chat_tokens import collate
 from wmss_ray.training.dataset import DataPlan, RowReader, answer_tokens, input_tokens, read_epoch_rows
-from wmss_ray.training.metrics import all_reduce_sum, step_metrics
+from wmss_ray.training.metrics import all_reduce_sum, is_log_step, step_metrics
 from wmss_ray.training.packing import pack_rows
 from wmss_ray.training.pair import PairLM
 from wmss_ray.training.validation import ValidationPoints
@@ -92,7 +92,10 @@ class PhaseWorker:
     def __init__(self, cfg: WMSSConfig, spec: PhaseSpec, rank: int, world_size: int, device: torch.device,
                  pool_handles: list | None = None):
         from wmss_ray.models.loading import (
-            load_causal_lm, load_tokenizer, resolve_attn_implementation, resolve_dtype,
+            load_causal_lm,
+            load_tokenizer,
+            resolve_attn_implementation,
+            resolve_dtype,
         )
         from wmss_ray.training.ds_config import build_ds_config, init_engine, param_groups
 
@@ -142,8 +145,9 @@ class PhaseWorker:
         if not pool_handles:
             raise ValueError("mix.placement pool: PhaseWorker needs the pool's replica handles")
         p = self.cfg.mix.pool
+        end, every = self.spec.end_step, self.cfg.training.log_every
         return PooledWeakSide(PoolClient(pool_handles, self.rank), self.micro_batches, self.spec.plan.grad_accum,
-                              self.spec.end_step, self.cfg.training.log_every, p.prefetch, p.exact_sample,
+                              end, lambda step: is_log_step(step + 1, every, end), p.prefetch, p.exact_sample,
                               p.error_warn, self.device)
 
     # ------------------------------------------------------------------ data
@@ -231,11 +235,10 @@ class PhaseWorker:
     def load(self, ckpt_dir: str) -> int:
         """Restore from a checkpoint directory of this run (same fingerprint); returns the number of
         completed steps."""
-        from wmss_ray.training.checkpointing import check_same_run, load_checkpoint, read_trainer_state
+        from wmss_ray.training.checkpointing import load_checkpoint
 
-        check_same_run(read_trainer_state(ckpt_dir), f"checkpoint {ckpt_dir}", self.spec.fingerprint)
         state = load_checkpoint(self.engine, ckpt_dir, self.rank, exclude_frozen=self.spec.mode == "frozen",
-                                expect=self.spec.plan_fingerprint())
+                                expect=self.spec.plan_fingerprint(), fingerprint=self.spec.fingerprint)
         self.segments, self.resumed_from = [list(s) for s in state.get("segments", [])], int(state["step"])
         return int(state["step"])
 

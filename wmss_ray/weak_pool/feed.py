@@ -83,21 +83,21 @@ class PooledWeakSide:
     Args:
         client: the pool's :class:`~.group.PoolClient`.
         read_step: ``step -> [grad_accum micro-batches]`` of this rank (the worker's reader).
-        grad_accum, end_step, log_every: the plan's micro-batches per step, the step to stop at,
-            ``training.log_every`` (logged steps also ask for ``exact_sample`` dense rows).
+        grad_accum, end_step: the plan's micro-batches per step, the step to stop at.
+        is_logged: ``step (0-based) -> bool``, whether the trainer logs that step (logged steps
+            also ask for ``exact_sample`` dense rows).
         prefetch, exact_sample, error_warn: ``mix.pool``'s settings.
         device: this rank's device.
     """
 
     def __init__(self, client: PoolClient, read_step: Callable[[int], list[dict]], grad_accum: int, end_step: int,
-                 log_every: int, prefetch: int, exact_sample: int, error_warn: float, device) -> None:
-        from wmss_ray.training.metrics import is_log_step
-
+                 is_logged: Callable[[int], bool], prefetch: int, exact_sample: int, error_warn: float,
+                 device) -> None:
         self._read, self._steps = read_step, {}
         self.error_warn, self.device = error_warn, torch.device(device)
 
         def n_exact(step: int, a: int) -> int:
-            return exact_sample if a == 0 and is_log_step(step + 1, log_every, end_step) else 0
+            return exact_sample if a == 0 and is_logged(step) else 0
 
         self.feed = WeakFeed(client, lambda step, a: self._batches(step)[a], grad_accum, end_step, prefetch, n_exact)
         self.acc = torch.zeros(9, dtype=torch.float64, device=self.device)

@@ -33,7 +33,7 @@ from typing import Any
 
 import ray
 
-from wmss_ray.core.mixing import DEFAULT_CHUNK_MB
+from wmss_ray.losses.mixing import DEFAULT_CHUNK_MB
 from wmss_ray.weak_pool.server import WeakServer
 from wmss_ray.weak_pool.wire import WeakReply, WeakRequest
 

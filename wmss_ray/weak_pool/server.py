@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wmss_ray.core.chunk_ops import row_logsumexp
-from wmss_ray.core.mixing import DEFAULT_CHUNK_MB, chunk_rows_for
-from wmss_ray.core.sparse_mixing import weak_from_logp
+from wmss_ray.losses.chunk_ops import row_logsumexp
+from wmss_ray.losses.mixing import DEFAULT_CHUNK_MB, chunk_rows_for
+from wmss_ray.losses.sparse_mixing import weak_from_logp
 from wmss_ray.weak_pool.wire import WeakReply, WeakRequest
 
 
@@ -69,7 +69,7 @@ class WeakServer:
                  trust_remote_code: bool = False, chunk_size: int | None = None, zero3: bool = False,
                  ds_overrides: dict | None = None, chunk_mb: float = DEFAULT_CHUNK_MB,
                  attn_implementation: str = "auto"):
-        from wmss_ray import storage
+        from wmss_ray.io import storage
         from wmss_ray.models.loading import load_causal_lm, output_head, resolve_attn_implementation, resolve_dtype
 
         if top_k < 0:

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from wmss_ray.core.constants import IGNORE_INDEX
-from wmss_ray.core.sparse_mixing import WeakLogProbs
+from wmss_ray.losses.constants import IGNORE_INDEX
+from wmss_ray.losses.sparse_mixing import WeakLogProbs
 
 
 def reply_bytes(n_positions: int, top_k: int, vocab: int, n_exact: int = 0) -> int:
@@ -147,7 +147,7 @@ class WeakReply:
         return (self.dense_logp if self.top_k == 0 else self.label_logp).shape[0]
 
     def to_weak(self, device: torch.device | str = "cpu") -> WeakLogProbs:
-        """The reply as :class:`~wmss_ray.core.sparse_mixing.WeakLogProbs` tensors (ids int64)."""
+        """The reply as :class:`~wmss_ray.losses.sparse_mixing.WeakLogProbs` tensors (ids int64)."""
         if self.top_k == 0:
             return WeakLogProbs(self.vocab, dense=torch.from_numpy(self.dense_logp).to(device))
         return WeakLogProbs(self.vocab, topk_logp=torch.from_numpy(self.topk_logp).to(device),

@@ -1,0 +1,376 @@
+"""The mixed-logit CE: gradient formula, sanity identities (DESIGN.md §1.4), chunked == naive."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from wmss_ray.losses.chunk_ops import expand_in_place, narrow_in_place
+from wmss_ray.losses.mixing import (
+    CHUNK_ROW_MULTIPLE,
+    STATS_KEYS,
+    chunk_rows_for,
+    chunked_mixed_ce,
+    mix_logits,
+    mixed_ce_naive,
+)
+
+IGN = -100
+
+
+def make_inputs(n=37, d_s=16, d_w=12, v=50, dtype=torch.float32, masked_every=3, seed=0):
+    """Hidden states and head weights of both sides plus labels with some ignored rows."""
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(n, d_s, generator=g, dtype=torch.float64)
+    ws = torch.randn(v, d_s, generator=g, dtype=torch.float64) / d_s**0.5
+    hw = torch.randn(n, d_w, generator=g, dtype=torch.float64)
+    ww = torch.randn(v, d_w, generator=g, dtype=torch.float64) / d_w**0.5
+    y = torch.randint(0, v, (n,), generator=g)
+    if masked_every:
+        y[::masked_every] = IGN
+    return [t.to(dtype) for t in (hs, ws, hw, ww)], y
+
+
+def leaves(tensors, requires=(True, True, True, True)):
+    return [t.detach().clone().requires_grad_(r) for t, r in zip(tensors, requires)]
+
+
+def naive_reference(tensors, y, lam, num_tokens=None):
+    """float64 naive loss and its 4 gradients, from the same hidden states."""
+    hs, ws, hw, ww = leaves([t.double() for t in tensors])
+    loss = mixed_ce_naive(hs @ ws.T, hw @ ww.T, y, lam, num_tokens=num_tokens)
+    return loss.detach(), torch.autograd.grad(loss, (hs, ws, hw, ww))
+
+
+def assert_close(actual, ref, rtol=1e-5):
+    """rtol on every entry, with an absolute floor scaled to the tensor (entries near 0)."""
+    ref = ref.double()
+    atol = rtol * max(ref.abs().max().item(), 1e-12)
+    torch.testing.assert_close(actual.double(), ref, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.3, 0.5, 1.0])
+def test_naive_gradient_is_lam_times_softmax_minus_onehot(lam):
+    g = torch.Generator().manual_seed(1)
+    zs = torch.randn(11, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    zw = torch.randn(11, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 7, (11,), generator=g)
+    y[[2, 5]] = IGN
+    valid = y != IGN
+    gs, gw = torch.autograd.grad(mixed_ce_naive(zs, zw, y, lam), (zs, zw))
+    base = torch.softmax(mix_logits(zs, zw, lam), dim=-1).detach()
+    base[valid] -= F.one_hot(y[valid], 7).double()
+    base[~valid] = 0.0
+    base /= int(valid.sum())
+    torch.testing.assert_close(gs, lam * base)
+    torch.testing.assert_close(gw, (1 - lam) * base)
+
+
+def test_lam_one_is_plain_cross_entropy():
+    (hs, ws, hw, ww), y = make_inputs(dtype=torch.float64)
+    zs, zw = hs @ ws.T, hw @ ww.T
+    ref = F.cross_entropy(zs, y, ignore_index=IGN)
+    torch.testing.assert_close(mixed_ce_naive(zs, zw, y, 1.0), ref)
+    torch.testing.assert_close(mixed_ce_naive(zs, None, y, 1.0), ref)
+    # chunked: the weak side may be absent; gradients equal plain CE's.
+    a, b = leaves([hs, ws]), leaves([hs, ws])
+    loss = chunked_mixed_ce(a[0], a[1], None, None, y, 1.0, chunk_size=8)
+    torch.testing.assert_close(loss, ref)
+    loss.backward()
+    F.cross_entropy(b[0] @ b[1].T, y, ignore_index=IGN).backward()
+    for x, r in zip(a, b):
+        torch.testing.assert_close(x.grad, r.grad)
+
+
+def test_weak_logprobs_may_replace_weak_logits():
+    (hs, ws, hw, ww), y = make_inputs(dtype=torch.float64)
+    zs, zw = hs @ ws.T, hw @ ww.T
+    ref = mixed_ce_naive(zs, zw, y, 0.4)
+    shift = torch.randn(zw.shape[0], 1, dtype=torch.float64) * 10
+    torch.testing.assert_close(mixed_ce_naive(zs, torch.log_softmax(zw, -1), y, 0.4), ref)
+    torch.testing.assert_close(mixed_ce_naive(zs, zw + shift, y, 0.4), ref)
+
+
+@pytest.mark.parametrize("chunk", [8, 37, 64])
+@pytest.mark.parametrize("masked_every", [0, 3])
+@pytest.mark.parametrize("lam", [0.0, 0.42, 0.9])
+def test_chunked_equals_naive_value_and_all_gradients(chunk, masked_every, lam):
+    tensors, y = make_inputs(n=37, d_s=16, d_w=12, masked_every=masked_every)
+    ref_loss, ref_grads = naive_reference(tensors, y, lam)
+    x = leaves(tensors)
+    loss = chunked_mixed_ce(*x[:2], *x[2:], y, lam, chunk_size=chunk)
+    assert loss.dtype == torch.float32
+    assert_close(loss.detach(), ref_loss)
+    loss.backward()
+    for t, r in zip(x, ref_grads):
+        assert t.grad.dtype == torch.float32
+        assert_close(t.grad, r)
+
+
+def test_frozen_weak_gives_same_strong_grads_and_no_weak_grad_work():
+    tensors, y = make_inputs()
+    joint, frozen = leaves(tensors), leaves(tensors, (True, True, False, False))
+    chunked_mixed_ce(*joint, y, 0.5, chunk_size=8).backward()
+
+    class CountMatmuls(TorchFunctionMode):
+        n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("mm", "addmm_", "addmm"):
+                CountMatmuls.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with CountMatmuls():
+        loss = chunked_mixed_ce(*frozen, y, 0.5, chunk_size=8)
+    loss.backward()
+    n_chunks = -(-int((y != IGN).sum()) // 8)
+    # Per chunk: 2 forward matmuls (one per side) + 2 for the strong side's gradients only.
+    assert CountMatmuls.n == 4 * n_chunks
+    assert frozen[2].grad is None and frozen[3].grad is None
+    for a, b in zip(joint[:2], frozen[:2]):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_all_masked_gives_zero_loss_and_zero_grads():
+    tensors, y = make_inputs()
+    y = torch.full_like(y, IGN)
+    x = leaves(tensors)
+    loss = chunked_mixed_ce(*x, y, 0.5, chunk_size=8)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    for t in x:
+        assert torch.equal(t.grad, torch.zeros_like(t))
+    zs = torch.randn(5, 9, requires_grad=True)
+    naive = mixed_ce_naive(zs, torch.randn(5, 9), torch.full((5,), IGN), 0.5)
+    naive.backward()
+    assert naive.item() == 0.0 and torch.equal(zs.grad, torch.zeros_like(zs))
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_rank_and_microbatch_split_invariance(as_tensor):
+    """Each part divides by the global token count; summed losses and grads equal the whole."""
+    tensors, y = make_inputs(n=40)
+    ref_loss, ref_grads = naive_reference(tensors, y, 0.5)
+    total = int((y != IGN).sum())
+    num_tokens = torch.tensor(total) if as_tensor else total
+    x = leaves(tensors)
+    loss_sum = 0.0
+    # Uneven split, and a third part with no answer tokens at all (a prompt-only micro-batch).
+    y_parts = [y[:13], y[13:], torch.full((4,), IGN)]
+    for rows, yp in zip([slice(0, 13), slice(13, 40), slice(0, 4)], y_parts):
+        part = chunked_mixed_ce(
+            x[0][rows], x[1], x[2][rows], x[3], yp, 0.5, chunk_size=8, num_tokens=num_tokens
+        )
+        part.backward()
+        loss_sum += part.item()
+    assert loss_sum == pytest.approx(ref_loss.item(), rel=1e-5)
+    for t, r in zip(x, ref_grads):
+        assert_close(t.grad, r)
+
+
+def test_bf16_inputs():
+    tensors, y = make_inputs(d_s=32, d_w=24, v=64)
+    ref_loss, ref_grads = naive_reference(tensors, y, 0.5)
+    x = leaves([t.bfloat16() for t in tensors])
+    loss = chunked_mixed_ce(*x, y, 0.5, chunk_size=8)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=2e-2)
+    loss.backward()
+    for t, r in zip(x, ref_grads):
+        assert t.grad.dtype == torch.bfloat16
+        assert_close(t.grad, r, rtol=5e-2)
+
+
+def test_return_stats_match_naive_sums():
+    tensors, y = make_inputs(dtype=torch.float64)
+    lam = 0.3
+    loss, stats = chunked_mixed_ce(*leaves(tensors), y, lam, chunk_size=8, return_stats=True)
+    assert set(stats) == set(STATS_KEYS)
+    hs, ws, hw, ww = tensors
+    valid = y != IGN
+    zs, zm = (hs @ ws.T)[valid], mix_logits(hs @ ws.T, hw @ ww.T, lam)[valid]
+    yv = y[valid]
+    p_s = torch.softmax(zs, -1).gather(1, yv[:, None]).squeeze(1)
+    p_m = torch.softmax(zm, -1).gather(1, yv[:, None]).squeeze(1)
+    expected = {
+        "ce_mix_sum": F.cross_entropy(zm, yv, reduction="sum"),
+        "ce_strong_sum": F.cross_entropy(zs, yv, reduction="sum"),
+        "p_mix_sum": p_m.sum(),
+        "p_strong_sum": p_s.sum(),
+        "nontarget_grad_mix_sum": (lam * (1 - p_m)).sum(),
+        "nontarget_grad_strong_sum": (1 - p_s).sum(),
+    }
+    for k, v in expected.items():
+        assert not stats[k].requires_grad
+        assert stats[k].item() == pytest.approx(v.item(), rel=1e-9), k
+    assert stats["n_tokens"].item() == int(valid.sum())
+    assert loss.item() == pytest.approx(stats["ce_mix_sum"].item() / int(valid.sum()), rel=1e-12)
+
+
+def test_never_materialises_full_logits():
+    """No op output is bigger than one [chunk, V] buffer or one gradient (N*V is far bigger)."""
+    n, v, d, chunk = 96, 400, 8, 8
+    tensors, y = make_inputs(n=n, d_s=d, d_w=d, v=v, masked_every=0)
+    x = leaves(tensors)
+
+    class MaxNumel(TorchDispatchMode):
+        biggest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(o, torch.Tensor):
+                    MaxNumel.biggest = max(MaxNumel.biggest, o.numel())
+            return out
+
+    with MaxNumel():
+        chunked_mixed_ce(*x, y, 0.5, chunk_size=chunk).backward()
+    assert MaxNumel.biggest <= max(chunk * v, v * d, n * d) < n * v
+
+
+def test_no_grad_path_and_grad_output_scaling():
+    tensors, y = make_inputs()
+    with torch.no_grad():
+        plain = chunked_mixed_ce(*leaves(tensors), y, 0.5, chunk_size=8)
+    assert plain.grad_fn is None
+    a, b = leaves(tensors), leaves(tensors)
+    chunked_mixed_ce(*a, y, 0.5, chunk_size=8).backward()
+    loss = chunked_mixed_ce(*b, y, 0.5, chunk_size=8)
+    torch.testing.assert_close(loss.detach(), plain)
+    (3.0 * loss).backward()
+    for s, t in zip(a, b):
+        torch.testing.assert_close(3.0 * s.grad, t.grad)
+
+
+def test_second_backward_raises_clearly():
+    tensors, y = make_inputs()
+    loss = chunked_mixed_ce(*leaves(tensors), y, 0.5, chunk_size=8)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+def test_argument_validation():
+    (hs, ws, hw, ww), y = make_inputs()
+    with pytest.raises(ValueError, match="lam"):
+        chunked_mixed_ce(hs, ws, hw, ww, y, 1.5)
+    with pytest.raises(ValueError, match="lam != 1"):
+        chunked_mixed_ce(hs, ws, None, None, y, 0.5)
+    with pytest.raises(ValueError, match="vocabulary"):
+        chunked_mixed_ce(hs, ws, hw, ww[:-1], y, 0.5)
+    with pytest.raises(ValueError, match="labels"):
+        chunked_mixed_ce(hs, ws, hw, ww, y[:-1], 0.5)
+    with pytest.raises(ValueError, match="num_tokens"):
+        chunked_mixed_ce(hs, ws, hw, ww, y, 0.5, num_tokens=0)
+
+
+# ----------------------------------------------------------------------------- bf16, one buffer, chunk budget
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 64, 1001])
+def test_in_place_widen_and_narrow_are_exact(dtype, n):
+    g = torch.Generator().manual_seed(n)
+    vals = torch.randn(n, generator=g).to(dtype)
+    buf32 = torch.full((n,), float("nan"))
+    buf16 = buf32.view(dtype)
+    buf16[:n].copy_(vals)
+    expand_in_place(buf32, buf16, n)
+    assert torch.equal(buf32, vals.float())
+    narrow_in_place(buf32, buf16, n)
+    assert torch.equal(buf16[:n], vals)
+
+
+@pytest.mark.parametrize("lam", [0.3, 1.0])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_bf16_within_bf16_tolerance_of_fp64(lam, frozen):
+    """bf16 GEMMs + fp32 softmax/accumulation vs fp64 on the same (bf16-rounded) inputs."""
+    tensors, y = make_inputs(n=300, d_s=64, d_w=48, v=1000, masked_every=4, seed=3)
+    tensors = [t.bfloat16() for t in tensors]  # the reference sees exactly these values
+    ref_loss, ref_grads = naive_reference(tensors, y, lam)
+    x = leaves(tensors, (True, True, not frozen, not frozen))
+    loss, stats = chunked_mixed_ce(*x, y, lam, chunk_size=64, return_stats=True)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=4e-3)
+    n = int((y != IGN).sum())
+    assert stats["ce_mix_sum"].item() / n == pytest.approx(ref_loss.item(), rel=4e-3)
+    loss.backward()
+    trained = (True, True, not frozen and lam != 1.0, not frozen and lam != 1.0)  # lam=1: no weak side
+    for t, r, need in zip(x, ref_grads, trained):
+        if not need:
+            assert t.grad is None
+            continue
+        assert t.grad.dtype == torch.bfloat16
+        err = (t.grad.double() - r).abs().max() / r.abs().max()
+        assert err < 2e-2, err  # bf16 has 8 mantissa bits: 2^-8 = 3.9e-3 per rounding
+
+
+def _fresh_allocations(fn):
+    """(shape, dtype, nbytes) of every op output that owns new storage while ``fn`` runs."""
+    seen = []
+
+    class Allocations(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                      if isinstance(a, torch.Tensor)}
+            out = func(*args, **(kwargs or {}))
+            for o in torch.utils._pytree.tree_leaves(out):
+                if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs:
+                    seen.append((tuple(o.shape), o.dtype, o.untyped_storage().nbytes()))
+            return out
+
+    with Allocations():
+        fn()
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("stats", [False, True])
+def test_one_chunk_buffer_and_no_other_chunk_sized_temporary(dtype, stats):
+    """The only allocation of [chunk, V] size is the fp32 buffer; the rest are gradients or small."""
+    n, v, d, chunk = 256, 512, 8, 64
+    tensors, y = make_inputs(n=n, d_s=d, d_w=d, v=v, masked_every=0, dtype=dtype)
+    x = leaves(tensors)
+
+    def step():
+        out = chunked_mixed_ce(*x, y, 0.5, chunk_size=chunk, return_stats=stats)
+        (out[0] if stats else out).backward()
+
+    allocs = _fresh_allocations(step)
+    buffer_bytes = 4 * chunk * v
+    big = [a for a in allocs if a[2] >= buffer_bytes // 4]
+    gradient_shapes = {(v, d), (n, d)}  # fp32 accumulators, their dtype casts, grad_h
+    assert [a for a in big if a[0] not in gradient_shapes] == [((chunk * v,), torch.float32, buffer_bytes)]
+    assert max(a[2] for a in big) <= max(buffer_bytes, 4 * v * d, 4 * n * d)
+
+
+def test_chunk_rows_for_budget_rounding_and_balance():
+    v = 151_936
+    assert chunk_rows_for(10_000, v, 128) == 192  # floor(128 MiB / 4V) = 220 -> 192
+    assert 4 * 192 * v <= 128 * 2**20
+    assert chunk_rows_for(10_000, v, 1) == CHUNK_ROW_MULTIPLE  # never below one multiple
+    assert chunk_rows_for(150, v, 128) == 150  # all answer tokens in one chunk
+    assert chunk_rows_for(200, v, 128) == 128  # 2 balanced chunks of 100 -> 128, not 192 + 8
+    for n in range(1, 3000, 37):
+        rows = chunk_rows_for(n, v, 128)
+        assert rows <= 192 and (rows == n or rows % CHUNK_ROW_MULTIPLE == 0)
+        assert -(-n // rows) == -(-n // 192)  # as few chunks as the cap allows
+    with pytest.raises(ValueError, match="chunk_mb"):
+        chunk_rows_for(10, v, 0)
+
+
+def test_chunk_from_budget_equals_explicit_chunk():
+    tensors, y = make_inputs(n=300, d_s=16, d_w=12, v=2048, masked_every=0)
+    rows = chunk_rows_for(300, 2048, 0.5)  # 0.5 MiB / 8 KiB per row = 64 rows
+    assert rows == 64
+    a, b = leaves(tensors), leaves(tensors)
+    la = chunked_mixed_ce(*a, y, 0.5, chunk_mb=0.5)
+    lb = chunked_mixed_ce(*b, y, 0.5, chunk_size=rows)
+    assert torch.equal(la, lb)
+    la.backward()
+    lb.backward()
+    for s, t in zip(a, b):
+        assert torch.equal(s.grad, t.grad)

@@ -1,0 +1,125 @@
+"""The Ray Data scoring path equals a single-process loop; scores.parquet, manifest, curriculum."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from wmss_ray.data.chat_tokens import tokenize_example
+from wmss_ray.data.corpus import iter_corpus, open_corpus
+
+from .conftest import N_ROWS, tiny_cfg
+
+
+def _assert_matches_reference(scores: pa.Table, reference: dict) -> None:
+    assert scores.num_rows == len(reference) == N_ROWS
+    ids = scores["sample_id"].to_pylist()
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)  # sorted, one row per sample
+    ref = np.array([reference[i] for i in ids])  # [N, 3]: h_weak, h_strong, n
+    np.testing.assert_allclose(scores["h_weak"].to_numpy(), ref[:, 0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(scores["h_strong"].to_numpy(), ref[:, 1], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(scores["dh"].to_numpy(), ref[:, 1] - ref[:, 0], atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(scores["n_answer_tokens"].to_numpy(), ref[:, 2].astype(int))
+
+
+@pytest.mark.integration
+def test_ray_tokenisation_equals_plain(tiny_world, tokenized_world):
+    cfg = tiny_world.cfg
+    plain = {}
+    for rec in iter_corpus(open_corpus(tiny_world.corpus, cfg.data), cfg.data):
+        plain[rec["sample_id"]] = tokenize_example(tiny_world.tok, rec["prompt_messages"], rec["answer"],
+                                                   cfg.data.max_seq_len)
+    got = pq.read_table(tokenized_world.tokenized_path).to_pylist()
+    assert len(got) == len(plain) == N_ROWS
+    for r in got:
+        assert r["input_ids"] == plain[r["sample_id"]]["input_ids"]
+        assert r["labels"] == plain[r["sample_id"]]["labels"]
+    assert tokenized_world.counts == {"rows_in": N_ROWS, "rows_ok": N_ROWS, "rows_validation": 0, "rows_truncated": 0,
+                                      "rows_rejected": 0, "rejected_by_reason": {}}
+
+
+def _score(tiny_world, tokenized_world, out: str, actors: int, batch: int):
+    """``(result, progress counts seen)`` of one Ray scoring run."""
+    from wmss_ray.stages.score import score_tokenized
+
+    cfg = tiny_cfg(f"scoring.num_actors={actors}", f"scoring.batch_size={batch}")
+    seen: list[int] = []
+    res = score_tokenized(cfg, tiny_world.weak, tiny_world.strong, tokenized_world.tokenized_path, out,
+                          progress_callback=seen.append)
+    return res, seen
+
+
+@pytest.fixture(scope="module")
+def scored_2x3(tiny_world, tokenized_world, tmp_path_factory):
+    """2 actors in batches of 3: checked against the loop and as the first of two runs below."""
+    return _score(tiny_world, tokenized_world, str(tmp_path_factory.mktemp("scored_2x3")), 2, 3)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("actors,batch", [(1, 8), (2, 3)])
+def test_ray_scores_equal_single_process_loop(tiny_world, tokenized_world, reference_scores, tmp_path, actors, batch,
+                                              request):
+    if (actors, batch) == (2, 3):
+        res, seen = request.getfixturevalue("scored_2x3")
+    else:
+        res, seen = _score(tiny_world, tokenized_world, str(tmp_path), actors, batch)
+    scores = pq.read_table(res.scores_path)
+    # no curriculum weights: they depend on curriculum.*, scores do not (the curriculum phase writes them)
+    assert scores.column_names == ["sample_id", "h_weak", "h_strong", "dh", "n_answer_tokens"]
+    _assert_matches_reference(scores, reference_scores)
+    assert seen[-1] == N_ROWS and seen == sorted(seen)
+    manifest = json.loads(Path(res.manifest_path).read_text())
+    assert manifest["counts"]["rows_scored"] == N_ROWS and manifest["scoring"]["num_actors"] == actors
+
+
+@pytest.mark.integration
+def test_ray_scores_are_bit_identical_run_to_run(tiny_world, tokenized_world, scored_2x3, tmp_path):
+    """Same models, same tokenised corpus, 2 actors in batches of 3: the same scores to the last
+    bit on every run (each sample is scored in the same padded batch), so the same seed gives
+    the same curriculum weights."""
+    again, _ = _score(tiny_world, tokenized_world, str(tmp_path), 2, 3)
+    first = scored_2x3[0]
+    assert again.scores_path != first.scores_path
+    assert pq.read_table(first.scores_path).equals(pq.read_table(again.scores_path))
+
+
+@pytest.mark.integration
+def test_score_corpus_end_to_end_counts_and_outputs(tiny_world, reference_scores, tmp_path):
+    from wmss_ray.stages.score import score_corpus
+
+    corpus = tmp_path / "train.jsonl"
+    shutil.copy(tiny_world.corpus, corpus)
+    with corpus.open("a") as f:
+        f.write('{"messages": [{"role": "user", "content": "q"}]}\n{not json\n')
+    cfg = tiny_cfg("data.on_bad_row=skip", "scoring.num_actors=2", "scoring.batch_size=16")
+    res = score_corpus(cfg, tiny_world.weak, tiny_world.strong, str(corpus), str(tmp_path / "out"), progress=False)
+    assert res.counts["rows_in"] == N_ROWS + 2
+    assert res.counts["rows_scored"] == N_ROWS and res.counts["rows_rejected"] == 2
+    assert res.counts["rejected_by_reason"] == {"malformed_json": 1, "no_answer": 1}
+    assert res.counts["rows_in"] == res.counts["rows_scored"] + res.counts["rows_rejected"]
+    _assert_matches_reference(pq.read_table(res.scores_path), reference_scores)
+    manifest = json.loads(Path(res.manifest_path).read_text())
+    assert manifest["counts"] == res.counts and manifest["corpus"] == str(corpus)
+    assert manifest["models"] == {"weak": tiny_world.weak, "strong": tiny_world.strong}
+    assert manifest["config_hash"] == cfg.config_hash()
+    assert pq.read_table(res.tokenized_path).num_rows == N_ROWS
+    assert len(Path(res.rejects_path).read_text().splitlines()) == 2
+
+
+def test_incompatible_pair_fails_before_any_work(tiny_world, tmp_path):
+    from wmss_ray.models.loading import IncompatibleModelsError
+    from wmss_ray.stages.score import score_corpus
+
+    other = Path(shutil.copytree(tiny_world.weak, tmp_path / "other"))
+    cfg_json = json.loads((other / "config.json").read_text())
+    cfg_json["vocab_size"] += 8
+    (other / "config.json").write_text(json.dumps(cfg_json))
+    with pytest.raises(IncompatibleModelsError, match="vocab_size"):
+        score_corpus(tiny_cfg(), str(other), tiny_world.strong, tiny_world.corpus, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,164 @@
+"""The ``wmss`` command.
+
+    wmss demo                         the embedded default: demo world, local Ray, tiny models
+    wmss run CONFIG [--set k=v ...]   the whole pipeline (skips completed phases)
+    wmss score|train|eval|report CONFIG   the pipeline up to that phase
+    wmss tune CONFIG                  Ray Tune sweep over lambda, alpha, beta, gamma
+    wmss validate CONFIG              load and validate a config, print it resolved
+    wmss plan CONFIG [--gpu-memory 80GiB]   GPU memory per rank the config needs, and what to change
+    wmss submit|status|logs ...       Ray job submission to a running cluster (token auth)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from wmss_ray.cli.submit import add_cli_commands
+from wmss_ray.config.loading import load_config
+from wmss_ray.config.schema import ConfigError
+from wmss_ray.io import storage
+
+
+def _add_config_args(p: argparse.ArgumentParser, config_required: bool = True) -> None:
+    if config_required:
+        p.add_argument("config", help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. --set mix.lam=0.45 (repeatable)")
+
+
+def _demo_config_path() -> Path | None:
+    here = Path.cwd() / "configs" / "demo.yaml"
+    return here if here.exists() else None
+
+
+def _print_results(outputs: dict) -> None:
+    from wmss_ray.stages.report import format_results_table
+
+    models = outputs.get("eval", {}).get("models")
+    if models:
+        print(format_results_table({"models": models}))
+    report = outputs.get("report", {}).get("report")
+    if report:
+        print(f"report: {report}")
+
+
+def _cmd_run(args: argparse.Namespace, demo: bool = False) -> int:
+    from wmss_ray.pipeline import run_pipeline
+
+    path = _demo_config_path() if demo else args.config
+    cfg = load_config(path, args.overrides)
+    run_dir = storage.redact(storage.location(cfg.run_dir()))  # a URI never shows credentials
+    print(f"[wmss] run dir: {run_dir}  (config {path or '<embedded demo default>'})")
+    outputs = run_pipeline(cfg, from_phase=getattr(args, "from_phase", None))
+    _print_results(outputs)
+    return 0
+
+
+def _cmd_phase(args: argparse.Namespace) -> int:
+    from wmss_ray.pipeline import run_phase
+
+    cfg = load_config(args.config, args.overrides)
+    outputs = run_phase(cfg, args.command, force=args.force)
+    if args.command in ("eval", "report"):
+        _print_results(outputs)
+    else:
+        last = list(outputs)[-1] if outputs else None
+        print(json.dumps({last: outputs.get(last)}, indent=2, default=str))
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from wmss_ray.sweep.driver import run_sweep, summarize
+
+    cfg = load_config(args.config, args.overrides)
+    run_sweep(cfg, retry_errored=args.retry_errored)
+    print(summarize(cfg))  # the table, then the best configuration's held-out result, last
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    import yaml
+
+    cfg = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    print(f"# valid; config hash {cfg.config_hash()}")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from wmss_ray.plan import format_plan, parse_memory
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        budget = parse_memory(args.gpu_memory) if args.gpu_memory else None
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    print(format_plan(cfg, budget, source=args.config))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wmss", description="WMSS on Ray: weak agents make strong agents stronger")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="run the embedded demo (configs/demo.yaml)")
+    _add_config_args(p, config_required=False)
+    p.add_argument("--from", dest="from_phase", help="rerun from this phase on")
+    p.set_defaults(func=lambda a: _cmd_run(a, demo=True))
+
+    p = sub.add_parser("run", help="run the whole pipeline")
+    _add_config_args(p)
+    p.add_argument("--from", dest="from_phase", help="rerun from this phase on")
+    p.set_defaults(func=_cmd_run)
+
+    for name, text in [("score", "tokenise and score the corpus (weak and strong entropies, curriculum)"),
+                       ("train", "run through WMSS training"), ("eval", "run through evaluation"),
+                       ("report", "run through the report")]:
+        p = sub.add_parser(name, help=text)
+        _add_config_args(p)
+        p.add_argument("--force", action="store_true", help="rerun this phase even if completed")
+        p.set_defaults(func=_cmd_phase)
+
+    p = sub.add_parser("tune", help="Ray Tune sweep over mix.* / curriculum.* (tune.search_space)")
+    _add_config_args(p)
+    p.add_argument("--retry-errored", action="store_true", help="continuing a sweep: run errored trials again")
+    p.set_defaults(func=_cmd_tune)
+
+    p = sub.add_parser("validate", help="validate a config and print it resolved")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("plan", help="GPU memory per rank the config needs (no model weights are loaded)")
+    _add_config_args(p)
+    p.add_argument("--gpu-memory", default=None, metavar="SIZE", help="memory of one GPU, e.g. 80GiB, 141GB")
+    p.set_defaults(func=_cmd_plan)
+
+    add_cli_commands(sub)  # submit / status / logs: an import failure there must surface, not hide them
+    return parser
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed subcommand; a config error is one clear line and exit code 2."""
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        print(f"wmss: {err}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return run_command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

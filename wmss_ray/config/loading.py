@@ -1,0 +1,112 @@
+"""Building a :class:`~wmss_ray.config.schema.WMSSConfig`: YAML file, dotted overrides, clear errors.
+
+A config is built from (in order): the schema defaults, an optional YAML file, then dotted
+overrides (``--set mix.lam=0.45``). Unknown keys are rejected with a did-you-mean suggestion
+before pydantic validates; validation errors name the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from wmss_ray.config.schema import ConfigError, WMSSConfig
+
+
+def _known_keys(model: type[BaseModel]) -> list[str]:
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _check_unknown(data: Any, model: type[BaseModel], prefix: str, source: str) -> None:
+    """Reject unknown keys with a did-you-mean, before pydantic's less helpful message."""
+    if not isinstance(data, dict):
+        return
+    known = _known_keys(model)
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; allowed: {', '.join(known)}"
+            raise ConfigError(f"{source}: unknown key '{path}'{hint}")
+        field = model.model_fields.get(key) or next(
+            f for f in model.model_fields.values() if f.alias == key
+        )
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            _check_unknown(value, sub, f"{path}.", source)
+
+
+def _format_validation_error(err: ValidationError, source: str, data: dict[str, Any]) -> str:
+    lines = [f"{source}: invalid config"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        value: Any = data
+        for p in e["loc"]:
+            value = value.get(p, "<missing>") if isinstance(value, dict) else "<missing>"
+        msg = e["msg"].removeprefix("Value error, ")
+        shown = f" = {value!r}" if loc and value != "<missing>" else ""
+        lines.append(f"  {loc or '<root>'}{shown}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``'mix.lam=0.45'`` -> (['mix', 'lam'], 0.45); the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key.path=value")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override '{item}' has an empty key")
+    return parts, yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    for item in overrides or []:
+        parts, value = parse_override(item)
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{p}' is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None, source: str = "<dict>") -> WMSSConfig:
+    data = apply_overrides(json.loads(json.dumps(data or {})), overrides)
+    _check_unknown(data, WMSSConfig, "", source)
+    try:
+        return WMSSConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source, data)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> WMSSConfig:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return config_from_dict(data, overrides, source)
+
+
+def save_config(cfg: WMSSConfig, path: str | Path) -> None:
+    """Write ``cfg`` as YAML to a local path or a storage URI."""
+    from wmss_ray.io.storage import write_text
+
+    write_text(str(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,204 @@
+"""One typed configuration for every phase of wmss-ray.
+
+A config is built from (in order): the schema defaults, an optional YAML file, then dotted
+overrides (``--set mix.lam=0.45``). The same object flows from the CLI down to the line of math
+that uses it (``cfg.mix.lam`` -> ``core.mixing.chunked_mixed_ce(..., lam=...)``).
+
+This module is the schema (the sections live in :mod:`wmss_ray.config.sections`, re-exported
+here; the tune section and ``WMSSConfig`` are defined here); :mod:`wmss_ray.config.loading`
+builds it from YAML and overrides (unknown keys rejected with a did-you-mean, errors naming the key, the value and what is allowed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from wmss_ray.config.sections import (  # re-exported: the schema has one import path
+    ConfigError,
+    CurriculumConfig,
+    DataConfig,
+    DemoDataConfig,
+    DemoModelConfig,
+    EvaluationConfig,
+    MixConfig,
+    ModelsConfig,
+    Phase0Config,
+    RunConfig,
+    ScalingConfig,
+    ScoringConfig,
+    TrainingConfig,
+    WeakPoolConfig,
+    _Section,
+    compile_answer_pattern,
+)
+
+__all__ = [
+    "ConfigError", "CurriculumConfig", "DataConfig", "DemoDataConfig", "DemoModelConfig", "EvaluationConfig",
+    "MixConfig", "ModelsConfig", "Phase0Config", "RunConfig", "ScalingConfig", "ScoringConfig",
+    "TrainingConfig", "TuneConfig", "WMSSConfig", "WeakPoolConfig", "SPACE_KINDS", "compile_answer_pattern",
+]
+
+SpaceValue = bool | int | float | str  # YAML's own types: 0.5 stays a float, "joint" a string
+SPACE_KINDS = ("uniform", "loguniform", "choice", "grid")
+
+
+def _check_space_entry(key: str, spec: dict[str, list[Any]]) -> None:
+    """One ``tune.search_space`` entry: a known mix.* / curriculum.* key, one kind, values that
+    the key's section accepts (each choice, each bound), so a bad space fails at config load."""
+    if not key.startswith(("mix.", "curriculum.")):
+        raise ValueError(f"'{key}': only mix.* and curriculum.* keys can be swept "
+                         "(the phases before scoring are shared by all trials)")
+    if len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
+        raise ValueError(f"'{key}': give exactly one of uniform, loguniform, choice, grid; got {spec}")
+    kind, values = next(iter(spec.items()))
+    if not values:
+        raise ValueError(f"'{key}': {kind} needs at least one value")
+    if kind in ("uniform", "loguniform"):
+        if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) \
+                or values[0] >= values[1]:
+            raise ValueError(f"'{key}': {kind} needs [low, high] (numbers) with low < high; got {values}")
+        if kind == "loguniform" and values[0] <= 0:
+            raise ValueError(f"'{key}': loguniform needs low > 0; got {values}")
+    section_name, *path = key.split(".")
+    section_cls = {"mix": MixConfig, "curriculum": CurriculumConfig}[section_name]
+    node_cls: Any = section_cls
+    for part in path[:-1]:
+        field = node_cls.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            raise ValueError(f"'{key}': {section_name} has no section '{part}'")
+        node_cls = field.annotation
+    if not path or path[-1] not in node_cls.model_fields:
+        known = ", ".join(f"{section_name}.{f}" for f in section_cls.model_fields)
+        raise ValueError(f"'{key}': unknown key; {section_name} has {known}")
+    for value in values:  # the section's own validators judge each value (cross-section rules: at sweep start)
+        data = section_cls().model_dump()
+        node = data
+        for part in path[:-1]:
+            node = node[part]
+        node[path[-1]] = value
+        try:
+            section_cls.model_validate(data)
+        except ValidationError as err:
+            msg = "; ".join(e["msg"] for e in err.errors())
+            raise ValueError(f"'{key}': value {value!r} is refused: {msg}") from None
+
+
+class TuneConfig(_Section):
+    """Ray Tune sweep over WMSS-phase knobs (the upstream phases run once and are shared).
+
+    Trials report validation accuracy and loss every ``eval_every`` optimizer steps of their WMSS
+    phase (on a seeded subsample of ``eval_samples`` validation rows), so ``scheduler: asha``
+    can stop the bad ones; each trial's last report uses the whole validation split.
+    """
+
+    num_samples: int = Field(8, ge=1, description="trials (for search grid: repeats of the grid)")
+    seeds: int = Field(1, ge=1, description="runs of each trial's configuration, curriculum.seed = run.seed + i; "
+                                            "reports their mean (and std)")
+    max_concurrent: int | None = Field(
+        None, ge=1, description="null: as many trials as the cluster's CPUs/GPUs hold (driver + Train workers)")
+    cpus_per_trial: float = Field(0.5, gt=0, description="the trial's driver; Train workers ask for their own")
+    metric: Literal["validation_accuracy", "validation_loss"] = Field(
+        "validation_accuracy", description="trials are compared on the validation split, never on data.eval"
+    )
+    mode: Literal["max", "min"] | None = Field(None, description="null: max for accuracy, min for loss")
+    search: Literal["random", "grid", "optuna"] = Field(
+        "optuna", description="optuna: TPE (Ray Tune's OptunaSearch); grid: every key a grid/choice, enumerated")
+    scheduler: Literal["none", "asha"] = Field("asha", description="asha: stop trials early on intermediate reports")
+    eval_every: int = Field(50, ge=0, description="optimizer steps between intermediate reports (0: final only)")
+    eval_samples: int = Field(128, ge=1, description="validation rows (seeded subsample) of an intermediate report")
+    grace_period: int = Field(100, ge=1, description="asha: optimizer steps before a trial can be stopped")
+    reduction_factor: float = Field(3.0, gt=1, description="asha: keep 1/reduction_factor of trials per rung")
+    max_steps: int | None = Field(
+        None, ge=1, description="asha: the top rung in optimizer steps; null: training.max_steps, else 10000")
+    search_space: dict[str, dict[str, list[SpaceValue]]] = Field(
+        default_factory=lambda: {"mix.lam": {"uniform": [0.3, 0.7]}, "curriculum.alpha": {"uniform": [0.0, 0.3]},
+                                 "curriculum.beta": {"uniform": [0.3, 1.0]},
+                                 "curriculum.gamma": {"uniform": [0.0, 0.3]}},
+        description="dotted key (mix.* or curriculum.*) -> {uniform|loguniform: [low, high]} | {choice|grid: [...]}",
+    )
+
+    @field_validator("search_space")
+    @classmethod
+    def _check_space(cls, space: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, list[Any]]]:
+        for key, spec in space.items():
+            _check_space_entry(key, spec)
+        return space
+
+    @property
+    def resolved_mode(self) -> str:
+        return self.mode or ("min" if self.metric == "validation_loss" else "max")
+
+    @model_validator(mode="after")
+    def _search_and_scheduler_fit(self) -> "TuneConfig":
+        kinds = {key: next(iter(spec)) for key, spec in self.search_space.items()}
+        if self.search == "optuna" and "grid" in kinds.values():
+            grid = [k for k, kind in kinds.items() if kind == "grid"]
+            raise ValueError(f"tune.search optuna cannot enumerate a grid ({', '.join(grid)}); use choice, "
+                             "or tune.search: grid")
+        if self.search == "grid" and any(kind not in ("grid", "choice") for kind in kinds.values()):
+            ranged = [k for k, kind in kinds.items() if kind not in ("grid", "choice")]
+            raise ValueError(f"tune.search grid needs every key as grid or choice; {', '.join(ranged)} is a range")
+        if self.seeds > 1 and "curriculum.seed" in self.search_space:
+            raise ValueError("tune.seeds repeats each trial over curriculum.seed: do not also sweep curriculum.seed")
+        if self.scheduler == "asha" and self.eval_every == 0:
+            raise ValueError("tune.scheduler asha stops trials on intermediate reports: set tune.eval_every > 0 "
+                             "(or tune.scheduler: none)")
+        if self.scheduler == "asha" and self.grace_period < self.eval_every:
+            raise ValueError(f"tune.grace_period {self.grace_period} is shorter than tune.eval_every "
+                             f"{self.eval_every}: the first report would already be past the grace period")
+        return self
+
+
+class WMSSConfig(_Section):
+    run: RunConfig = RunConfig()
+    models: ModelsConfig = ModelsConfig()
+    data: DataConfig = DataConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    curriculum: CurriculumConfig = CurriculumConfig()
+    mix: MixConfig = MixConfig()
+    training: TrainingConfig = TrainingConfig()
+    phase0: Phase0Config = Phase0Config()
+    scaling: ScalingConfig = ScalingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    tune: TuneConfig = TuneConfig()
+
+    @model_validator(mode="after")
+    def _data_for_real_models(self) -> "WMSSConfig":
+        if not self.models.demo and not self.data.train:
+            raise ValueError("models.demo is false, so data.train must name a corpus")
+        if self.scaling.use_gpu and self.evaluation.gpus_per_actor == 0:
+            raise ValueError("scaling.use_gpu is true but evaluation.gpus_per_actor is 0: evaluation would "
+                             "generate on CPU; set evaluation.gpus_per_actor (e.g. 1)")
+        return self
+
+    @model_validator(mode="after")
+    def _half_precision_needs_zero(self) -> "WMSSConfig":
+        # models.dtype auto is bf16 on a GPU; DeepSpeed accumulates in fp32 only under ZeRO.
+        half = self.models.dtype in ("bfloat16", "float16") or (self.models.dtype == "auto" and self.scaling.use_gpu)
+        if half and self.training.zero_stage == 0:
+            raise ValueError(
+                "training.zero_stage is 0 but the models train in half precision (models.dtype "
+                f"{self.models.dtype!r}, scaling.use_gpu {self.scaling.use_gpu}): gradients are "
+                "accumulated in fp32 only under ZeRO; set training.zero_stage >= 1 or models.dtype: float32"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def config_hash(self) -> str:
+        """Stable short hash of the full config (used in phase manifests)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def run_dir(self) -> str:
+        return f"{self.run.storage.rstrip('/')}/{self.run.name}"
+
+    @property
+    def curriculum_seed(self) -> int:
+        """The seed of the curriculum draw and of WMSS's data order (``curriculum.seed``, else ``run.seed``)."""
+        return self.run.seed if self.curriculum.seed is None else self.curriculum.seed

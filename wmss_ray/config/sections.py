@@ -1,0 +1,298 @@
+"""The sections of the wmss-ray config schema (run, models, data, scoring, curriculum, mix, training,
+phase0, scaling, evaluation), each a strict pydantic model; :mod:`wmss_ray.config.schema` adds the tune
+section and assembles them into ``WMSSConfig`` (import from there: it re-exports every name).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key, value and what is allowed."""
+
+
+def compile_answer_pattern(pattern: str | None) -> re.Pattern:
+    """Compile ``evaluation.answer_pattern``; it must have a group (named ``answer`` or the 1st)."""
+    if not pattern:
+        raise ValueError("evaluation.checker 'regex' needs evaluation.answer_pattern (a regex with a group)")
+    try:
+        rx = re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"evaluation.answer_pattern {pattern!r} is not a valid regex: {err}") from None
+    if rx.groups < 1:
+        raise ValueError(f"evaluation.answer_pattern {pattern!r} has no group; mark the answer "
+                         "with (...) or (?P<answer>...)")
+    return rx
+
+
+class _Section(BaseModel):
+    # extra="forbid": a typo in a YAML key must fail loudly, never be silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Section):
+    name: str = "wmss-demo"
+    storage: str = "runs"  # local/shared directory or URI (s3://b/runs); the run dir is <storage>/<name>
+    seed: int = 0
+    iterations: int = Field(1, ge=1, description="K: WMSS iterations (paper: 1)")
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_scheme_is_supported(cls, v: str) -> str:
+        # A local/shared directory or a URI pyarrow opens (s3://, gs://, ...); reachability is
+        # checked at the start of a run (storage.check_reachable), not at load time.
+        from wmss_ray.io.storage import check_scheme
+
+        return check_scheme(v)
+
+
+class DemoModelConfig(_Section):
+    """Tiny models created from config for the embedded demo world."""
+
+    arch: Literal["llama", "qwen3"] = "llama"
+    hidden_size: int = Field(128, ge=8)
+    intermediate_size: int = Field(384, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    max_position_embeddings: int = Field(256, ge=16)
+    tie_word_embeddings: bool = False
+
+
+class ModelsConfig(_Section):
+    """Where M0 (base / first weak model) comes from.
+
+    ``demo: true`` builds a tiny model and tokenizer locally and pre-trains it (phase 0).
+    Otherwise ``base`` is a local HF causal-LM directory (safetensors). ``strong`` may be given
+    to skip phase 1 (an already fine-tuned M1). ``weak``, when set, replaces M0 as the weak agent
+    of the first WMSS iteration (demo or not: how the weak-strong gap is varied); it must share
+    the strong model's tokenizer. Without ``base``, ``weak`` is required.
+    """
+
+    demo: bool = True
+    demo_model: DemoModelConfig = DemoModelConfig()
+    base: str | None = None
+    strong: str | None = None
+    weak: str | None = None
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="auto: flash_attention_2 on a GPU when flash_attn is installed, else sdpa"
+    )
+
+    @model_validator(mode="after")
+    def _need_a_model(self) -> "ModelsConfig":
+        if not self.demo and not (self.base or self.strong):
+            raise ValueError("models.demo is false, so models.base (or models.strong) must name a model directory")
+        if not self.demo and self.strong and not (self.base or self.weak):
+            raise ValueError("models.strong is given without models.base, so models.weak must name the weak model")
+        return self
+
+
+class DemoDataConfig(_Section):
+    """The built-in synthetic multi-step arithmetic task."""
+
+    n_pretrain: int = Field(20000, ge=0)
+    n_train: int = Field(10000, ge=1)
+    n_eval: int = Field(300, ge=1)
+    n_validation: int = Field(200, ge=0, description="validation problems drawn after the train ones (same hash split, never in train)")
+    min_steps: int = Field(2, ge=1)
+    max_steps: int = Field(3, ge=1)
+    max_operand: int = Field(20, ge=2)
+    max_multiplier: int = Field(5, ge=2, description="multiplication steps use a factor in 2..max_multiplier")
+    pretrain_equation_fraction: float = Field(0.5, ge=0, le=1, description="phase 0: share of single equations")
+    pretrain_chat_fraction: float = Field(0.1, ge=0, le=1, description="phase 0: share of problems in chat format")
+
+
+class DataConfig(_Section):
+    train: str | None = None  # JSONL(.gz) / Parquet / HF save_to_disk dir; local or URI
+    eval: str | None = None  # the held-out test set: read only by the eval phase, after every choice
+    validation: str | None = None  # a validation corpus (what tune selects on); or validation_fraction
+    validation_fraction: float = Field(
+        0.0, ge=0, lt=1,
+        description="carve this share of data.train (by a hash of sample_id) into the validation split",
+    )
+    format: Literal["auto", "jsonl", "parquet", "hf"] = "auto"
+    schema_: Literal["auto", "messages", "prompt_response"] = Field("auto", alias="schema")
+    messages_column: str = "messages"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    id_column: str | None = None
+    reference_column: str | None = Field(
+        None, description="column holding the reference final answer (default: extracted from the response)"
+    )
+    supervise: Literal["answer_and_eos", "answer_only"] = Field(
+        "answer_and_eos", description="supervised tokens: the answer and the end-of-turn token, or the answer only"
+    )
+    max_seq_len: int = Field(256, ge=8)
+    truncation: Literal["left", "reject"] = "left"
+    on_bad_row: Literal["error", "skip"] = "error"
+    tokenize_actors: int = Field(1, ge=1, description="max tokenizer actors (Ray Data actor pool)")
+    tokenize_cpus: float = Field(0.5, gt=0, description="logical CPUs reserved per tokenizer actor")
+    demo: DemoDataConfig = DemoDataConfig()
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _one_validation_source(self) -> "DataConfig":
+        if self.validation and self.validation_fraction > 0:
+            raise ValueError("give data.validation (a corpus) or data.validation_fraction (carved from "
+                             "data.train), not both")
+        return self
+
+
+class ScoringConfig(_Section):
+    num_actors: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    chunk_size: int = Field(256, ge=1, description="positions per entropy chunk")
+
+
+class CurriculumConfig(_Section):
+    enabled: bool = True  # false: uniform sampling (the ablation)
+    alpha: float = Field(0.1, ge=0)
+    beta: float = Field(0.8, ge=0)
+    gamma: float = Field(0.1, ge=0)
+    formula: Literal["seed", "v2"] = "seed"
+    normalize: Literal["per_term"] = "per_term"
+    sample_multiplier: float = Field(1.0, gt=0)
+    dedup: bool = False
+    seed: int | None = Field(
+        None, description="seed of the curriculum draw and of the WMSS phase's data order; null: run.seed "
+                          "(tune.seeds repeats a trial over run.seed + i)")
+
+    @model_validator(mode="after")
+    def _not_all_zero(self) -> "CurriculumConfig":
+        if self.alpha == 0 and self.beta == 0 and self.gamma == 0:
+            raise ValueError("curriculum.alpha, beta and gamma are all 0; at least one must be > 0")
+        return self
+
+
+class WeakPoolConfig(_Section):
+    """``mix.placement: pool``: the frozen weak model served by its own Ray actors (DESIGN.md §3).
+
+    ``replicas`` x ``shards`` actors; a replica's ``shards`` actors hold the weak model
+    ZeRO-3-sharded over their own process group (1: a plain full copy). Each answer position
+    comes back as its ``top_k`` weak log-probs + ids, the label's exact log-prob and the tail
+    log-mass (``top_k: 0``: dense log-probs, exact).
+    """
+
+    replicas: int = Field(1, ge=1, description="R: replicas serving different requests (least-loaded routing)")
+    shards: int = Field(1, ge=1, description="S: actors per replica holding the weak model ZeRO-3-sharded")
+    top_k: int = Field(64, ge=0, description="weak log-probs shipped per answer position (0 = the full vocabulary, exact)")
+    prefetch: int = Field(2, ge=0, description="micro-batches requested ahead of the one being computed")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0, description="fractional allowed (share GPUs with Train workers)")
+    exact_sample: int = Field(16, ge=0, description="answer positions per micro-batch also sent dense (measured truncation error) on logged steps")
+    error_warn: float = Field(0.01, gt=0, description="warn when the truncation error bound of a logged step exceeds this (nats/token)")
+    placement_timeout_s: float = Field(60.0, gt=0, description="fail the phase when the pool cannot be placed within this time")
+
+
+class MixConfig(_Section):
+    lam: float = Field(0.5, description="lambda in (0, 1]; 1 is plain SFT")
+    mode: Literal["joint", "frozen"] = "joint"
+    placement: Literal["colocated", "pool"] = "colocated"
+    chunk_size: int | None = Field(
+        None, ge=0, description="answer tokens per chunk of the mixed loss; null/0: sized from chunk_mb"
+    )
+    chunk_mb: float = Field(
+        256.0, gt=0, description="MiB of the loss's one [chunk, V] fp32 buffer (chunk = a multiple of 64 tokens; "
+                                 "256: 384 tokens at V = 151,936)"
+    )
+    pool: WeakPoolConfig = WeakPoolConfig()
+
+    @field_validator("lam")
+    @classmethod
+    def _lam_range(cls, v: float) -> float:
+        if not (0.0 < v <= 1.0):
+            raise ValueError(f"must be in (0, 1], got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _pool_is_frozen(self) -> "MixConfig":
+        if self.placement == "pool" and self.mode != "frozen":
+            raise ValueError("mix.placement 'pool' serves a frozen weak model only; set mix.mode: frozen")
+        return self
+
+
+class TrainingConfig(_Section):
+    lr: float = Field(1e-3, gt=0)
+    weak_lr: float | None = Field(None, gt=0, description="joint mode: weak model lr (default: lr)")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    sft_epochs: float = Field(1.0, gt=0)
+    wmss_epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="cap on optimizer steps per phase")
+    micro_batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    grad_clip: float = Field(1.0, gt=0)
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each decoder layer in backward (both models, non-reentrant): "
+        "activation memory ~ one layer's instead of all layers'; ~1/3 more compute"
+    )
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0: only at the end)")
+    max_failures: int = Field(0, ge=-1)
+    log_every: int = Field(10, ge=1)
+    packing: bool = Field(
+        False, description="pack each micro-batch's rows into one sequence (no padding; attention and labels "
+        "never cross rows; same rows per step, same losses). Off by default because under sdpa/eager the "
+        "packed mask is dense [L, L] over L = sum of the row lengths, which costs more attention than it saves "
+        "on short CPU rows; on by choice with flash-attention (varlen) or long, unequal rows")
+    ds_config_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="deep-merged into the generated DeepSpeed config (expert knobs)"
+    )
+
+
+class Phase0Config(_Section):
+    """Demo world only: brief pre-training of the base model M0."""
+
+    steps: int = Field(300, ge=0)
+    lr: float = Field(3e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+    seq_len: int = Field(128, ge=8, description="packed window length (capped by max_position_embeddings)")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.01, ge=0)
+    log_every: int = Field(50, ge=1)
+    num_threads: int = Field(0, ge=0, description="torch threads for phase 0; 0: every usable CPU (1 is faster on a busy machine)")
+
+
+class ScalingConfig(_Section):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+
+
+class EvaluationConfig(_Section):
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1)
+    max_samples: int | None = Field(None, ge=1, description="a seeded subsample (run.seed, by sample_id hash)")
+    checker: Literal["auto", "demo", "exact", "math", "regex"] = Field(
+        "auto", description="answer checker (wmss_ray.stages.checkers); auto: demo in the demo world, else math"
+    )
+    answer_pattern: str | None = Field(None, description="checker regex: the final answer is group 'answer' or 1")
+    num_actors: int = Field(1, ge=1)
+    baseline: bool = True  # equal-compute SFT-continued baseline
+    ray_min_rows: int = Field(2000, ge=0, description="eval sets larger than this use the Ray Data actor pool")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    paired_bootstrap: int = Field(10000, ge=100, description="resamples for the paired bootstrap CI")
+
+    @model_validator(mode="after")
+    def _pattern_compiles(self) -> "EvaluationConfig":
+        if self.checker == "regex" or self.answer_pattern is not None:
+            compile_answer_pattern(self.answer_pattern)
+        if self.answer_pattern is not None and self.checker != "regex":
+            raise ValueError(f"evaluation.answer_pattern is set but evaluation.checker is {self.checker!r}; "
+                             "set evaluation.checker: regex")
+        return self

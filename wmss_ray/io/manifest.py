@@ -1,0 +1,106 @@
+"""Phase manifests: what a phase read, what it wrote, and whether it finished.
+
+Every phase writes ``<run_dir>/<phase>/manifest.json`` (local or object storage, via ``storage``). A phase is skipped on a re-run when its
+manifest says ``completed`` with the same fingerprint; the fingerprint hashes the config sections
+the phase depends on plus the fingerprints of the phases it reads from, so changing ``mix.lam``
+reruns WMSS and what follows but not pre-training or SFT.
+
+A phase that runs keeps what its directory holds only to resume an interrupted run of the same
+fingerprint (:func:`prepare_phase_dir`); anything else there (another run's checkpoints,
+metrics, model, parts) is deleted first, so a rerun with new settings never resumes, reports or
+mixes in the old run's work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wmss_ray.io import storage
+
+log = logging.getLogger("wmss_ray.io.manifest")
+
+MANIFEST = "manifest.json"
+#: Statuses of a phase that started and did not finish; its work resumes only under the same fingerprint.
+#: ``stopped``: ended on purpose short of its end (a tune trial's chunk), resumable like a crash.
+UNFINISHED = ("running", "failed", "stopped")
+
+
+@dataclass
+class Manifest:
+    phase: str
+    status: str  # "running" | "completed" | "failed"
+    fingerprint: str
+    config_hash: str
+    inputs: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)
+    counts: dict[str, Any] = field(default_factory=dict)
+    started_at: float = 0.0
+    finished_at: float | None = None
+    seconds: float | None = None
+    error: str | None = None
+
+    def write(self, phase_dir: str | Path) -> None:
+        """Write atomically (tmp + rename; one PUT on object stores): never half a manifest."""
+        storage.write_text(storage.join(str(phase_dir), MANIFEST),
+                           json.dumps(asdict(self), indent=2, sort_keys=True, default=str))
+
+
+def read_manifest(phase_dir: str | Path) -> Manifest | None:
+    path = storage.join(str(phase_dir), MANIFEST)
+    if not storage.exists(path):
+        return None
+    try:
+        return Manifest(**json.loads(storage.read_text(path)))
+    except (json.JSONDecodeError, TypeError):
+        return None  # unreadable manifest: treat the phase as never run
+
+
+def fingerprint(parts: dict[str, Any]) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def now() -> float:
+    return time.time()
+
+
+def stale_reason(old: Manifest | None, fingerprint: str, forced: bool) -> str | None:
+    """Why a phase directory's contents must not be resumed; None when they may be (an unfinished
+    run of the same fingerprint, not forced)."""
+    if forced:
+        return "the phase was forced (--from)"
+    if old is None:
+        return "no readable manifest says which run wrote them"
+    if old.fingerprint != fingerprint:
+        return f"they belong to a run with other inputs (fingerprint {old.fingerprint}, now {fingerprint})"
+    if old.status not in UNFINISHED:
+        return f"that run ended {old.status}"
+    return None
+
+
+def prepare_phase_dir(phase_dir: str, name: str, fingerprint: str, forced: bool = False) -> bool:
+    """Make ``phase_dir`` ready for a run of ``fingerprint``; True when it resumes the work there.
+
+    An unfinished run of the same fingerprint (crashed, killed, stopped) keeps everything: its
+    training phase resumes from its last checkpoint. Otherwise everything in the directory is
+    deleted first (Ray Train checkpoints, ``metrics.jsonl``, ``tb/``, ``workers.jsonl``,
+    ``model/``, parts, the manifest), and one line says what and why.
+    """
+    old = read_manifest(phase_dir)
+    entries = storage.list_entries(phase_dir)
+    reason = stale_reason(old, fingerprint, forced)
+    if reason is None:
+        print(f"[wmss] phase {name}: resuming the interrupted run of the same inputs ({old.status})", flush=True)
+        return True
+    if entries:
+        shown = ", ".join(entries[:8]) + (f", ... ({len(entries)} entries)" if len(entries) > 8 else "")
+        print(f"[wmss] phase {name}: cleared {storage.redact(str(phase_dir))} ({shown}): {reason}", flush=True)
+        log.info("phase %s: cleared %d entries: %s", name, len(entries), reason)
+        storage.reset_dir(phase_dir)
+    return False

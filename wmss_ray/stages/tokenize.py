@@ -1,0 +1,370 @@
+"""Ray Data side of the corpus: streaming read -> tokenise -> ``tokenized/`` parquet, once.
+
+Pipeline (streaming; the corpus is never collected in the driver)::
+
+    CorpusDatasource (one read task per file, line-numbered blocks of ``block_rows``)
+      -> map_batches(TokenizeBatch, ActorPool: the tokenizer is loaded once per actor)
+      -> write_datasink(TokenizedSink): good rows -> tokenized/part-*.parquet
+                                        bad rows  -> _rejects_parts/*.jsonl, counted
+
+Outputs under ``out_dir``: ``tokenized/`` (``sample_id, input_ids, labels``; int32 lists),
+``rejects.jsonl``, ``tokenize_manifest.json`` and ``_tokenize_index/`` (``sample_id,
+source_file, source_row, part, pos, n_tokens`` per kept row: the small table the driver uses to
+find duplicate ids without reading the tokens). With ``data.validation_fraction`` > 0 the rows
+whose ``sample_id`` hashes into the validation split (``data.splits.in_validation``) go to
+``validation/`` instead (``sample_id, prompt_messages, answer, reference, input_ids, labels``,
+index ``_validation_index/``): never into ``tokenized/``, so training cannot see them.
+
+Bad rows travel as rows with a ``reject_reason`` until the sink, so a row can only leave the
+pipeline by being written to one of the two outputs; ``rows_in == rows_ok + rows_rejected``
+is checked at the end. Sink parts are named by write-task index, so a retried task overwrites
+its own part (no duplicates after a failure).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+from ray.data.datasource import Datasink, FileBasedDatasource
+
+from wmss_ray.cluster import ensure_ray
+from wmss_ray.config.schema import DataConfig, WMSSConfig
+from wmss_ray.data import rejects as R
+from wmss_ray.data.corpus import READ_SCHEMA, Corpus, file_names, iter_file_rows, open_corpus
+from wmss_ray.io import storage
+
+TOKEN_SCHEMA = pa.schema([
+    ("sample_id", pa.string()),
+    ("input_ids", pa.list_(pa.int32())),
+    ("labels", pa.list_(pa.int32())),
+    ("truncated", pa.bool_()),
+    ("validation", pa.bool_()),
+    # kept for validation rows only (evaluation generates from them); None on training rows
+    ("prompt_messages", READ_SCHEMA.field("prompt_messages").type),
+    ("answer", pa.string()),
+    ("reference", pa.string()),
+    ("source_file", pa.string()),
+    ("source_row", pa.int64()),
+    ("reject_reason", pa.string()),
+    ("reject_detail", pa.string()),
+])
+TOKENIZED_COLUMNS = ["sample_id", "input_ids", "labels"]
+VALIDATION_COLUMNS = ["sample_id", "prompt_messages", "answer", "reference", "input_ids", "labels"]
+SPLIT_DIRS = {"train": ("tokenized", "_tokenize_index"), "validation": ("validation", "_validation_index")}
+# Logical CPUs reserved per read / write task: none. They are light (parse, I/O) next to the
+# model work, and any reservation lets scorer actors that own every CPU starve them: with
+# 1 scorer x 2 CPUs on a 2-CPU node a 0.25-CPU read task is never scheduled and the run hangs.
+# Their concurrency stays bounded by the number of files and Ray Data's backpressure.
+IO_TASK_CPUS = 0
+
+
+class CorpusDatasource(FileBasedDatasource):
+    """Streams corpus files as line-numbered ``READ_SCHEMA`` blocks of ``block_rows`` rows."""
+
+    def __init__(self, corpus: Corpus, data: DataConfig, block_rows: int = 256):
+        super().__init__(list(corpus.files))
+        self.corpus, self.data, self.block_rows = corpus, data, block_rows
+
+    def _open_input_source(self, filesystem, path, **open_args):
+        if self.corpus.format == "jsonl":  # sequential stream; .gz inferred from the name
+            return super()._open_input_source(filesystem, path, **open_args)
+        return filesystem.open_input_file(path)  # Parquet / Arrow need random access
+
+    def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
+        file, name = file_names(self.corpus, path)
+        rows: list[dict[str, Any]] = []
+        for rec in iter_file_rows(f, file, name, self.corpus.format, self.corpus.schema, self.data, self.block_rows):
+            if rec["reject_reason"] and self.data.on_bad_row == "error":
+                raise R.bad_row_error(file, rec["source_row"], rec["reject_reason"], rec["reject_detail"])
+            rows.append(rec)
+            if len(rows) >= self.block_rows:
+                yield pa.Table.from_pylist(rows, schema=READ_SCHEMA)
+                rows = []
+        if rows:
+            yield pa.Table.from_pylist(rows, schema=READ_SCHEMA)
+
+
+class TokenizeBatch:
+    """Ray Data UDF: ``READ_SCHEMA`` table -> ``TOKEN_SCHEMA`` table (one tokenizer per actor)."""
+
+    def __init__(self, tokenizer_path: str, data: DataConfig, trust_remote_code: bool = False):
+        from wmss_ray.models.loading import load_tokenizer
+
+        self.tok = load_tokenizer(tokenizer_path, trust_remote_code)
+        self.data = data
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        from wmss_ray.data.chat_tokens import BadRowError, tokenize_example
+        from wmss_ray.data.splits import in_validation
+
+        out = []
+        for rec in table.to_pylist():
+            row = {k: rec[k] for k in ("sample_id", "source_file", "source_row", "reject_reason", "reject_detail")}
+            row["input_ids"] = row["labels"] = row["truncated"] = None
+            row["validation"] = in_validation(rec["sample_id"], self.data.validation_fraction)
+            if row["validation"]:
+                row.update({k: rec[k] for k in ("prompt_messages", "answer", "reference")})
+            if row["reject_reason"] is None:
+                try:
+                    t = tokenize_example(self.tok, rec["prompt_messages"], rec["answer"],
+                                         self.data.max_seq_len, self.data.truncation, self.data.supervise)
+                    row["input_ids"], row["labels"], row["truncated"] = t["input_ids"], t["labels"], t["truncated"]
+                except BadRowError as e:
+                    if e.reason == "no_chat_template":  # a property of the model, not of a row
+                        raise
+                    detail = str(e).removeprefix(f"{e.reason}: ")
+                    if self.data.on_bad_row == "error":
+                        raise R.bad_row_error(rec["source_file"], rec["source_row"], e.reason, detail) from None
+                    row["reject_reason"], row["reject_detail"] = e.reason, detail
+            out.append(row)
+        return pa.Table.from_pylist(out, schema=TOKEN_SCHEMA)
+
+
+class TokenizedSink(Datasink):
+    """Splits ``TOKEN_SCHEMA`` blocks: good rows to ``tokenized/``, bad rows to reject parts."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.returns: list[dict[str, Any]] = []
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return 8192  # fewer, larger parquet parts
+
+    def write(self, blocks: Iterable[pa.Table], ctx) -> dict[str, Any]:
+        tables = [b for b in blocks if b.num_rows]
+        counts: dict[str, Any] = {"rows_in": 0, "rows_ok": 0, "rows_truncated": 0, "rejected": {}}
+        if not tables:
+            return counts
+        t = pa.concat_tables(tables)
+        part = f"part-{ctx.task_idx:06d}"
+        ok = pc.is_null(t["reject_reason"])
+        good, bad = t.filter(ok), t.filter(pc.invert(ok))
+        counts.update(rows_in=t.num_rows, rows_ok=good.num_rows,
+                      rows_truncated=int(pc.sum(good["truncated"].cast(pa.int64())).as_py() or 0),
+                      rejected=dict(Counter(bad["reject_reason"].to_pylist())))
+        is_val = pc.fill_null(good["validation"], False)
+        for split, rows, columns in (("train", good.filter(pc.invert(is_val)), TOKENIZED_COLUMNS),
+                                     ("validation", good.filter(is_val), VALIDATION_COLUMNS)):
+            if not rows.num_rows:
+                continue
+            data_dir, index_dir = SPLIT_DIRS[split]
+            _write_parquet(rows.select(columns), storage.join(self.out_dir, data_dir, part + ".parquet"))
+            index = pa.table({
+                "sample_id": rows["sample_id"], "source_file": rows["source_file"],
+                "source_row": rows["source_row"], "part": pa.array([part] * rows.num_rows),
+                "pos": pa.array(np.arange(rows.num_rows, dtype=np.int32)),
+                "n_tokens": pc.list_value_length(rows["input_ids"]).cast(pa.int32()),
+                "truncated": rows["truncated"],
+            })
+            _write_parquet(index, storage.join(self.out_dir, index_dir, part + ".parquet"))
+        if bad.num_rows:
+            R.write_reject_part(storage.join(self.out_dir, "_rejects_parts", part + ".jsonl"), (
+                R.reject_record(r["sample_id"], r["source_file"], r["source_row"], r["reject_reason"], r["reject_detail"])
+                for r in bad.to_pylist()))
+        return counts
+
+    def on_write_complete(self, write_result) -> None:
+        self.returns = [r for r in write_result.write_returns if r]
+
+
+#: Target Parquet row-group size: training ranks read tokenised rows one row group at a time
+#: (``training.dataset.RowReader``), so a group is the I/O unit of a random row.
+ROW_GROUP_BYTES = 4 * 2**20
+
+
+def _write_parquet(table: pa.Table, uri: str) -> None:
+    fs, path = storage.resolve_fs(uri)
+    rows_per_group = max(1, ROW_GROUP_BYTES * max(1, table.num_rows) // max(1, table.nbytes))
+    pq.write_table(table, path, filesystem=fs, row_group_size=rows_per_group)
+
+
+def _read_dir(uri: str, columns: list[str] | None = None) -> pa.Table:
+    parts = storage.list_files(uri, ".parquet")
+    if not parts:
+        return pa.table({c: pa.array([], type=pa.string()) for c in (columns or ["sample_id"])})
+    fs, _ = storage.resolve_fs(uri)
+    return pa.concat_tables([pq.read_table(storage.resolve_fs(p)[1], columns=columns, filesystem=fs) for p in parts])
+
+
+def _drop_duplicates(out_dir: str, on_bad_row: str, split: str = "train") -> list[dict[str, Any]]:
+    """Keep each sample_id's first occurrence (by file, row); returns reject records of the rest.
+
+    Reads only the small index table; rewrites only the parts that held a duplicate. The splits
+    are by sample_id, so duplicates never cross them and each split is deduplicated on its own.
+    """
+    data_dir, index_dir = SPLIT_DIRS[split]
+    idx_dir = storage.join(out_dir, index_dir)
+    index = _read_dir(idx_dir)
+    if index.num_rows == 0:
+        return []
+    index = index.sort_by([("sample_id", "ascending"), ("source_file", "ascending"), ("source_row", "ascending")])
+    ids = index["sample_id"].to_numpy(zero_copy_only=False)
+    dup = np.zeros(len(ids), dtype=bool)
+    dup[1:] = ids[1:] == ids[:-1]
+    if not dup.any():
+        return []
+    rows = index.to_pylist()
+    first = {}
+    records = []
+    for r, d in zip(rows, dup):
+        if not d:
+            first[r["sample_id"]] = r
+            continue
+        f = first[r["sample_id"]]
+        detail = f"sample_id {r['sample_id']!r} already at {R.location(f['source_file'], f['source_row'])}"
+        if on_bad_row == "error":
+            raise R.bad_row_error(r["source_file"], r["source_row"], R.DUPLICATE_SAMPLE_ID, detail)
+        records.append({**R.reject_record(r["sample_id"], r["source_file"], r["source_row"],
+                                          R.DUPLICATE_SAMPLE_ID, detail), "_part": r["part"], "_pos": r["pos"]})
+    drop: dict[str, set[int]] = {}
+    for rec in records:
+        drop.setdefault(rec.pop("_part"), set()).add(rec.pop("_pos"))
+    fs, _ = storage.resolve_fs(out_dir)
+    for part, positions in drop.items():
+        for sub in (data_dir, index_dir):
+            uri = storage.join(out_dir, sub, part + ".parquet")
+            t = pq.read_table(storage.resolve_fs(uri)[1], filesystem=fs)
+            keep = np.ones(t.num_rows, dtype=bool)
+            keep[list(positions)] = False
+            _write_parquet(t.filter(pa.array(keep)), uri)
+    return records
+
+
+@dataclass
+class TokenizeResult:
+    tokenized_path: str
+    rejects_path: str
+    manifest_path: str
+    counts: dict[str, Any] = field(default_factory=dict)
+    elapsed: float = 0.0
+    validation_path: str | None = None  # the carved validation split (None without one)
+
+
+def tokenize_corpus(cfg: WMSSConfig, tokenizer_path: str, corpus: str, out_dir: str,
+                    block_rows: int | None = None) -> TokenizeResult:
+    """Stream ``corpus`` through normalisation and the chat template into ``out_dir/tokenized``.
+
+    Args:
+        tokenizer_path: a local HF directory with the tokenizer (the model's own).
+        block_rows: rows per read block (default ``cfg.scoring.batch_size``).
+
+    Returns:
+        ``TokenizeResult``; ``counts = {rows_in, rows_ok, rows_rejected, rejected_by_reason}``.
+
+    Raises:
+        CorpusError: under ``data.on_bad_row: error``, naming file, row and reason of a bad row.
+    """
+    t0 = time.perf_counter()
+    ensure_ray()
+    data = cfg.data
+    c = open_corpus(corpus, data)
+    for sub in ("tokenized", "_tokenize_index", "validation", "_validation_index", "_rejects_parts"):
+        storage.reset_dir(storage.join(out_dir, sub))
+    ds = ray.data.read_datasource(CorpusDatasource(c, data, block_rows or cfg.scoring.batch_size),
+                                  num_cpus=IO_TASK_CPUS)
+    ds = ds.map_batches(
+        TokenizeBatch, fn_constructor_args=(tokenizer_path, data, cfg.models.trust_remote_code),
+        batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=data.tokenize_actors),
+        num_cpus=data.tokenize_cpus,
+    )
+    # Blocks reach the sink in read order, not in the order actors finish, so the same corpus
+    # always gives the same parts (row order, part boundaries): scoring batches, and with them
+    # the scores' last bits, then do not depend on scheduling.
+    ds.context.execution_options.preserve_order = True
+    sink = TokenizedSink(out_dir)
+    try:
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": IO_TASK_CPUS})
+    except Exception as e:  # Ray wraps task errors; surface ours with its own message
+        err = R.find_corpus_error(e)
+        if err is not None:
+            raise err from None
+        raise
+    dup_records = _drop_duplicates(out_dir, data.on_bad_row) + _drop_duplicates(out_dir, data.on_bad_row, "validation")
+    rejects_path = storage.join(out_dir, "rejects.jsonl")
+    by_reason = R.merge_rejects(storage.join(out_dir, "_rejects_parts"), dup_records, rejects_path)
+    storage.reset_dir(storage.join(out_dir, "_rejects_parts"))
+    rows_in = sum(r["rows_in"] for r in sink.returns)
+    train_index = _read_dir(storage.join(out_dir, "_tokenize_index"), ["sample_id", "truncated"])
+    val_index = _read_dir(storage.join(out_dir, "_validation_index"), ["sample_id", "truncated"])
+    kept, n_val = train_index.num_rows, val_index.num_rows
+    n_trunc = sum(int(pc.sum(t["truncated"].cast(pa.int64())).as_py() or 0)
+                  for t in (train_index, val_index) if t.num_rows)
+    # rows_ok: the training rows; rows_validation: held out by data.validation_fraction.
+    counts = {"rows_in": rows_in, "rows_ok": kept, "rows_validation": n_val, "rows_truncated": n_trunc,
+              "rows_rejected": sum(by_reason.values()), "rejected_by_reason": dict(sorted(by_reason.items()))}
+    if rows_in != kept + n_val + counts["rows_rejected"]:  # a row vanished or was duplicated: a bug
+        raise RuntimeError(f"row accounting broken: rows_in {rows_in} != kept {kept} + validation {n_val} "
+                           f"+ rejected {counts['rows_rejected']}")
+    elapsed = time.perf_counter() - t0
+    manifest = storage.join(out_dir, "tokenize_manifest.json")
+    storage.write_text(manifest, json.dumps({
+        "phase": "tokenize", "status": "completed", "corpus": corpus, "format": c.format,
+        "schema": c.schema, "files": len(c.files), "tokenizer": tokenizer_path,
+        "max_seq_len": data.max_seq_len, "truncation": data.truncation, "on_bad_row": data.on_bad_row,
+        "supervise": data.supervise, "validation_fraction": data.validation_fraction,
+        "validation": storage.join(out_dir, "validation") if n_val else None,
+        "config_hash": cfg.config_hash(), "counts": counts, "elapsed_s": round(elapsed, 3),
+    }, indent=2, sort_keys=True))
+    return TokenizeResult(storage.join(out_dir, "tokenized"), rejects_path, manifest, counts, elapsed,
+                          storage.join(out_dir, "validation") if n_val else None)
+
+
+class TokenizedDatasource(FileBasedDatasource):
+    """Streams ``tokenized/`` parquet parts as blocks of ``block_rows`` rows.
+
+    Small, even blocks (not one block per part) let an actor pool share the work evenly and
+    keep the work lost to a killed actor small.
+    """
+
+    def __init__(self, path: str, block_rows: int, columns: list[str] | None = None):
+        super().__init__(path, file_extensions=["parquet"])
+        self.block_rows, self.columns = block_rows, columns or TOKENIZED_COLUMNS
+
+    def _open_input_source(self, filesystem, path, **open_args):
+        return filesystem.open_input_file(path)
+
+    def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=self.block_rows, columns=self.columns):
+            yield pa.Table.from_batches([batch])
+
+
+def read_tokenized(path: str, block_rows: int = 256) -> "ray.data.Dataset":
+    """The tokenised corpus as a Ray Dataset of ``{sample_id, input_ids, labels}`` rows."""
+    return ray.data.read_datasource(TokenizedDatasource(path, block_rows), num_cpus=IO_TASK_CPUS)
+
+
+def count_rows(path: str) -> int:
+    """Rows of a parquet directory from file footers only (no data read)."""
+    fs, _ = storage.resolve_fs(path)
+    return sum(pq.ParquetFile(storage.resolve_fs(p)[1], filesystem=fs).metadata.num_rows
+               for p in storage.list_files(path, ".parquet"))
+
+
+def read_validation_rows(path: str) -> list[dict[str, Any]]:
+    """The carved validation split as normalised rows ``{sample_id, prompt_messages, answer,
+    reference}`` (small: a share of the corpus), in part and row order."""
+    table = _read_dir(path, ["sample_id", "prompt_messages", "answer", "reference"])
+    return table.to_pylist() if table.num_rows else []
+
+
+def validation_eval_input(cfg: WMSSConfig, outputs: dict[str, dict[str, Any]]) -> str | list[dict[str, Any]] | None:
+    """What ``evaluation.evaluate_models`` takes for the validation split: the carved split's
+    normalised rows (read here: a parquet directory the eval reader does not know), else the
+    corpus path; None without a validation split."""
+    from wmss_ray.data.splits import validation_source
+
+    source = validation_source(cfg, outputs)
+    if source is not None and source == outputs.get("tokenize", {}).get("validation"):
+        return read_validation_rows(source)
+    return source

@@ -1,0 +1,168 @@
+"""The sweep's one SFT-continued control, shared by every trial, and the paired comparisons with it.
+
+SFT-continued is SFT from M1 for exactly as many optimizer steps as a trial's WMSS phase took
+(equal compute, like the pipeline's ``baseline`` phase). It is trained once, after the trials,
+in ``<run>/tune/baseline/`` (resumable: a finished one with the same inputs is reused) and
+evaluated once on the whole validation split (``baseline/validation/eval_SFT-continued.jsonl``).
+Each completed trial is then compared problem by problem with it: ``d_i`` = the trial's
+accuracy on problem ``i`` (mean over its ``tune.seeds``) minus the control's; the table gets
+``mean(d)`` with a paired bootstrap 95 % CI and the sign-flip p-value (= exact McNemar for one
+seed). A trial whose WMSS took another number of steps (a swept ``curriculum.sample_multiplier``
+or ``dedup``) is not equal compute and gets no difference.
+
+After selection, :func:`final_heldout` evaluates the best configuration (each seed's model) and
+the control once on ``data.eval``, the test set no choice has seen: ``<run>/tune/final.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from wmss_ray.config.schema import WMSSConfig
+from wmss_ray.sweep.trial import VALIDATION_DIR, seed_run_dirs
+
+BASELINE_DIR = "baseline"
+CONTROL = "SFT-continued"
+FINAL = "final.json"
+PAIRED_KEYS = ("diff_vs_sft", "diff_ci_low", "diff_ci_high", "p_value")
+
+
+def base_outputs(base: WMSSConfig) -> dict[str, Any]:
+    """The base run's phase outputs up to scoring (completed before the trials: only read here)."""
+    from wmss_ray.pipeline import run_pipeline
+
+    return run_pipeline(base, until="score_1")
+
+
+def control_steps(rows: list[dict[str, Any]]) -> int | None:
+    """The step count of most completed trials (the control's equal compute); None without one."""
+    steps = Counter(int(r["step"]) for r in rows if r["status"] == "completed" and r.get("step"))
+    return steps.most_common(1)[0][0] if steps else None
+
+
+def ensure_control(base: WMSSConfig, outputs: dict[str, Any], root: Path, steps: int) -> str:
+    """Train SFT-continued for ``steps`` steps once (reused when done with the same inputs) and
+    evaluate it on the whole validation split; returns its per-problem validation file."""
+    from wmss_ray.io.manifest import Manifest, fingerprint, now, prepare_phase_dir, read_manifest
+    from wmss_ray.pipeline import RunContext
+    from wmss_ray.stages.evaluate import evaluate_models
+    from wmss_ray.stages.tokenize import validation_eval_input
+    from wmss_ray.training.trainer import train_phase
+
+    ctx = RunContext(base)
+    ctx.outputs = outputs
+    out = root / BASELINE_DIR
+    per_sample = out / VALIDATION_DIR / f"eval_{CONTROL}.jsonl"
+    fp = fingerprint({"steps": steps, "sft": read_manifest(ctx.phase_dir("sft")).fingerprint,
+                      "config": {k: base.to_dict()[k] for k in ("run", "training", "scaling", "evaluation")}})
+    old = read_manifest(str(out))
+    if old and old.status == "completed" and old.fingerprint == fp and per_sample.exists():
+        return str(per_sample)
+    print(f"[wmss] tune: the shared control, SFT-continued for {steps} steps ...", flush=True)
+    man = Manifest(phase=BASELINE_DIR, status="running", fingerprint=fp, config_hash=base.config_hash(),
+                   started_at=now())
+    out.mkdir(parents=True, exist_ok=True)
+    prepare_phase_dir(str(out), f"tune/{BASELINE_DIR}", fp)  # another control's checkpoints are deleted
+    man.write(str(out))
+    res = train_phase(base, "sft", strong_init=ctx.model(1), weak_init=None,
+                      tokenized_path=ctx.out("tokenize", "tokenized"), sampled_ids_path=None, out_dir=str(out),
+                      epochs=base.training.wmss_epochs, exact_steps=steps, fingerprint=fp)
+    evaluate_models({CONTROL: res.model_dir}, validation_eval_input(base, ctx.outputs), base,
+                    str(out / VALIDATION_DIR), eval_set="validation")
+    man.outputs, man.counts = {"model_dir": res.model_dir, "validation": str(per_sample)}, {"steps": res.steps}
+    man.status, man.finished_at = "completed", now()
+    man.write(str(out))
+    return str(per_sample)
+
+
+def _correct_by_id(path: Path | str) -> dict[str, bool]:
+    from wmss_ray.stages.evaluate import read_per_sample
+
+    return {str(r["sample_id"]): bool(r["correct"]) for r in read_per_sample(path)}
+
+
+def paired_vs_control(seed_files: list[Path], control_file: str, seed: int = 0) -> dict[str, float]:
+    """``diff_vs_sft`` (mean per-problem accuracy difference, trial over its seeds minus the
+    control), its paired bootstrap 95 % CI and the sign-flip p-value, over the shared problems."""
+    import numpy as np
+
+    from wmss_ray.stages.stats import paired_bootstrap_ci, sign_flip_p_value
+
+    control = _correct_by_id(control_file)
+    seeds = [_correct_by_id(f) for f in seed_files]
+    ids = [i for i in control if all(i in s for s in seeds)]
+    a = np.array([np.mean([s[i] for s in seeds]) for i in ids], dtype=np.float64)  # [n] in [0, 1]
+    b = np.array([control[i] for i in ids], dtype=np.float64)
+    lo, hi = paired_bootstrap_ci(a, b, seed=seed)
+    return {"diff_vs_sft": float(a.mean() - b.mean()) if ids else math.nan, "diff_ci_low": lo, "diff_ci_high": hi,
+            "p_value": sign_flip_p_value(a - b, seed=seed)}
+
+
+def add_paired(base: WMSSConfig, outputs: dict[str, Any], rows: list[dict[str, Any]], root: Path) -> str | None:
+    """Train/evaluate the control if a trial completed and add :data:`PAIRED_KEYS` to each
+    completed, equal-compute row (in place); returns the control's validation file."""
+    steps = control_steps(rows)
+    if steps is None:
+        return None
+    control = ensure_control(base, outputs, root, steps)
+    for r in rows:
+        files = [d / VALIDATION_DIR / "eval_WMSS.jsonl" for d in seed_run_dirs(root, r["trial"], base.tune.seeds)]
+        if r["status"] == "completed" and int(r.get("step") or 0) == steps and all(f.exists() for f in files):
+            r.update(paired_vs_control(files, control, seed=base.run.seed))
+    return control
+
+
+def final_heldout(base: WMSSConfig, outputs: dict[str, Any], best: dict[str, Any],
+                  root: Path) -> dict[str, Any] | None:
+    """The best trial's models (one per seed) and the control, once on ``data.eval`` with a paired
+    test per seed; written to ``<root>/final.json`` (reused when it is for the same trial). None
+    without a ``data.eval`` or a control."""
+    from wmss_ray.io.manifest import read_manifest
+    from wmss_ray.stages.evaluate import evaluate_models
+    from wmss_ray.stages.stats import paired_test_per_sample
+
+    path = root / FINAL
+    old = read_final(root)
+    if old is not None and old.get("trial") == best["trial"]:
+        return old
+    eval_path = outputs["data"]["eval"] if base.models.demo else base.data.eval
+    control = read_manifest(str(root / BASELINE_DIR))
+    if not eval_path or control is None or control.status != "completed":
+        return None
+    models = {CONTROL: control.outputs["model_dir"]}
+    for i, d in enumerate(seed_run_dirs(root, best["trial"], base.tune.seeds)):
+        models[f"WMSS seed {i}"] = read_manifest(str(d / "wmss_1")).outputs["model_dir"]
+    print(f"[wmss] tune: the best configuration ({best['trial']}) and {CONTROL} on data.eval, once ...", flush=True)
+    res = evaluate_models(models, eval_path, base, str(root / "final"), eval_set="test")
+    summary = json.loads((root / "final" / "eval_results.json").read_text())
+    wmss = [(name, r) for name, r in res.items() if name != CONTROL]
+    final = {"trial": best["trial"], "params": best["params"], "eval_set": summary["eval_set"],
+             "sft_continued": {"accuracy": res[CONTROL].accuracy, "loss": res[CONTROL].loss},
+             "wmss": [{"seed": i, "accuracy": r.accuracy, "loss": r.loss} for i, (_, r) in enumerate(wmss)],
+             "paired": [paired_test_per_sample(r.per_sample, res[CONTROL].per_sample, name_a=name, name_b=CONTROL,
+                                               seed=base.run.seed).to_dict() for name, r in wmss]}
+    path.write_text(json.dumps(final, indent=2, allow_nan=True))
+    return final
+
+
+def read_final(root: Path) -> dict[str, Any] | None:
+    """``<root>/final.json`` (None before a final held-out evaluation)."""
+    path = root / FINAL
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def final_lines(final: dict[str, Any] | None) -> list[str]:
+    """What the sweep prints last: the best configuration on the held-out test set."""
+    if not final:
+        return ["held-out test: not evaluated (no completed trial, no control, or no data.eval)"]
+    es = final["eval_set"]
+    lines = [f"held-out test ({es['n']} problems of data.eval, read once, after the choice): best trial "
+             f"{final['trial']}, SFT-continued {final['sft_continued']['accuracy']:.3f}"]
+    for p in final["paired"]:
+        lines.append(f"  {p['name_a']}: {p['acc_a']:.3f}, {p['name_a']} - {p['name_b']} = {100 * p['diff']:+.1f} points "
+                     f"[{100 * p['ci_low']:+.1f}, {100 * p['ci_high']:+.1f}] 95% CI, McNemar p = {p['p_value']:.3g}")
+    return lines

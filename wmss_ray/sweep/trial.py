@@ -1,0 +1,194 @@
+"""One tune trial: its config and run directory, the shared-phase links, and its WMSS phase with
+a validation report every ``tune.eval_every`` steps (what ASHA acts on).
+
+One seed (``tune.seeds: 1``, the default): the pipeline's ``wmss_1`` is one Train run that
+validates itself (``wmss_ray/training/validation.py``: the ranks export
+``wmss_1/interim_model``, generate for their share of the rows, and the step is checkpointed);
+under Tune each report reaches ASHA while the run goes on (``wmss_ray/sweep/reports.py``), without Tune
+(tests) ``report`` gets them, in order, when the run ends.
+
+``tune.seeds`` S > 1: the trial runs its configuration S times, ``curriculum.seed = run.seed + i``
+(another curriculum draw and WMSS data order) in ``<run>/tune/<trial>-seed<i>``, and every report
+is the seeds' mean, with ``accuracy_std``; the seeds train in lockstep chunks: the pipeline's
+``wmss_1`` with ``stop_after=N, export_at_stop=True`` per seed (a checkpoint at step N,
+``wmss_1/interim_model``, the phase ``stopped``), the seeds' evaluation, the next chunk resuming
+from the checkpoint (the same fingerprint); the last stretch finishes the phase the same way. So a
+multi-seed trial restarts its Train runs once per report; a one-seed trial never does.
+
+Either way the trial's manifests are those of a plain run; intermediate reports use a seeded
+subsample of ``tune.eval_samples`` validation rows (``<trial>/validation_step<k>/``), the final
+one the whole split (``<seed run dir>/validation/eval_WMSS.jsonl``, kept for the paired
+comparison with the sweep's control, ``wmss_ray/sweep/control.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from wmss_ray.config.loading import config_from_dict
+from wmss_ray.config.schema import WMSSConfig
+
+SHARED_PHASES = ("data", "phase0", "tokenize", "sft", "score_1")
+NO_VALIDATION = ("a tune sweep selects a trial, so it needs a validation split apart from data.eval (the "
+                 "test set): set data.validation_fraction (carved from data.train) or data.validation")
+
+Report = Callable[[dict[str, Any]], None]
+
+
+def trial_config(base: WMSSConfig, params: dict[str, Any], trial_name: str, seed_index: int = 0) -> WMSSConfig:
+    """The base config with the trial's values and its own run directory under the base run.
+
+    ``seed_index`` i > 0 (``tune.seeds``): ``curriculum.seed = run.seed + i`` in
+    ``<run>/tune/<trial>-seed<i>``; i = 0 keeps ``curriculum.seed`` as given (null: run.seed), so
+    it is the run ``wmss run best.yaml`` makes."""
+    overrides = [f"{k}={v}" for k, v in params.items()]
+    name = trial_name if seed_index == 0 else f"{trial_name}-seed{seed_index}"
+    overrides += [f"run.storage={Path(base.run_dir()).resolve() / 'tune'}", f"run.name={name}",
+                  "run.iterations=1", "evaluation.baseline=false"]
+    if seed_index:
+        overrides.append(f"curriculum.seed={base.run.seed + seed_index}")
+    return config_from_dict(base.to_dict(), overrides, source=f"tune trial {name}")
+
+
+def seed_run_dirs(root: Path, trial_name: str, seeds: int) -> list[Path]:
+    """The run directories of a trial's seeds under ``root`` = ``<run>/tune`` (see :func:`trial_config`)."""
+    return [root / (trial_name if i == 0 else f"{trial_name}-seed{i}") for i in range(seeds)]
+
+
+def link_shared_phases(base_run_dir: Path, trial_run_dir: Path, phases: tuple[str, ...] = SHARED_PHASES) -> None:
+    """Symlink ``phases`` of the base run into the trial's run dir (the pipeline never reruns a link)."""
+    trial_run_dir.mkdir(parents=True, exist_ok=True)
+    for phase in phases:
+        src, dst = base_run_dir / phase, trial_run_dir / phase
+        if src.exists() and not dst.exists():
+            os.symlink(src, dst, target_is_directory=True)
+
+
+def subsample(rows: list[dict[str, Any]], n: int, seed: int) -> list[dict[str, Any]]:
+    """``n`` rows drawn with ``seed`` (the same rows for every trial), kept in file order."""
+    if n >= len(rows):
+        return list(rows)
+    keep = sorted(random.Random(seed).sample(range(len(rows)), n))
+    return [rows[i] for i in keep]
+
+
+VALIDATION_DIR = "validation"  # <trial run dir>/validation/eval_WMSS.jsonl: the per-problem outcomes
+
+
+def _evaluate(model_dir: str, rows: list[dict[str, Any]], cfg: WMSSConfig, out_dir: Path) -> dict[str, Any]:
+    from wmss_ray.stages.evaluate import evaluate_models
+
+    res = evaluate_models({"WMSS": model_dir}, rows, cfg, str(out_dir), eval_set="validation")["WMSS"]
+    return {"validation_accuracy": float(res.accuracy), "validation_loss": float(res.loss), "n_validation": int(res.n)}
+
+
+class _Seed:
+    """One seed of a trial: its config, run dir and the pipeline outputs up to its curriculum."""
+
+    def __init__(self, base: WMSSConfig, params: dict[str, Any], trial_name: str, index: int):
+        from wmss_ray.pipeline import run_pipeline
+
+        self.cfg = trial_config(base, params, trial_name, index)
+        self.dir = Path(self.cfg.run_dir()).resolve()
+        link_shared_phases(Path(base.run_dir()).resolve(), self.dir)
+        self.outputs = run_pipeline(self.cfg, until="curriculum_1")
+
+    def train_args(self) -> dict[str, Any]:
+        from wmss_ray.pipeline import RunContext
+
+        ctx = RunContext(self.cfg)
+        ctx.outputs = self.outputs
+        return dict(strong_init=ctx.model(1), weak_init=ctx.weak_model(1), tokenized_path=ctx.out("tokenize", "tokenized"),
+                    sampled_ids_path=ctx.out("curriculum_1", "sampled_ids"), out_dir=str(self.dir / "wmss_1"),
+                    epochs=self.cfg.training.wmss_epochs)
+
+    def wmss_done(self) -> bool:
+        from wmss_ray.io.manifest import read_manifest
+
+        old = read_manifest(str(self.dir / "wmss_1"))
+        return bool(old and old.status == "completed")
+
+
+def _wmss_chunks(seeds: list[_Seed], rows: list[dict[str, Any]], report: Report) -> None:
+    """Train every seed's ``wmss_1`` up to the last multiple of ``eval_every`` below its end, in
+    lockstep, reporting the seeds' mean after each chunk; the pipeline's ``wmss_1`` then trains
+    the rest (resuming from the last checkpoint)."""
+    from wmss_ray.pipeline import run_pipeline
+    from wmss_ray.sweep.reports import mean_over_seeds
+    from wmss_ray.training.trainer import INTERIM_MODEL, build_spec
+
+    cfg = seeds[0].cfg  # a swept dedup can draw another number of samples per seed: chunk to the shortest
+    total = min(build_spec(s.cfg, "wmss", **s.train_args()).plan.total_steps for s in seeds)
+    for stop in range(cfg.tune.eval_every, total, cfg.tune.eval_every):
+        per_seed = []
+        for seed in seeds:
+            chunk = {"stop_after": stop, "export_at_stop": True}  # the phase ends "stopped", resumable
+            run_pipeline(seed.cfg, until="wmss_1", train_options={"wmss_1": chunk})
+            per_seed.append(_evaluate(str(seed.dir / "wmss_1" / INTERIM_MODEL), rows, seed.cfg,
+                                      seed.dir / f"validation_step{stop}"))
+        report({**mean_over_seeds(per_seed), "step": stop, "final": False})
+    for seed in seeds:
+        shutil.rmtree(seed.dir / "wmss_1" / INTERIM_MODEL, ignore_errors=True)  # a full model copy per seed
+
+
+def _wmss_one_run(seed: _Seed, rows: list[dict[str, Any]], report: Report, to_tune: bool) -> None:
+    """One seed's ``wmss_1`` as one Train run validating itself every ``eval_every`` steps on
+    ``rows``: to Tune as it goes (``to_tune``), else to ``report`` in step order at the end."""
+    from wmss_ray.pipeline import run_pipeline
+    from wmss_ray.sweep.reports import ValidationToTune, intermediate_report
+    from wmss_ray.training.trainer import INTERIM_MODEL
+    from wmss_ray.training.validation import ValidationPoints, write_rows
+
+    rows_path = str(seed.dir / "validation_rows.jsonl")
+    write_rows(rows, rows_path)
+    points = ValidationPoints(every=seed.cfg.tune.eval_every, rows_path=rows_path, out_root=str(seed.dir))
+    options = {"validation": points, "callbacks": [ValidationToTune()] if to_tune else []}
+    outputs = run_pipeline(seed.cfg, until="wmss_1", train_options={"wmss_1": options})
+    if not to_tune:
+        for step in range(points.every, int(outputs["wmss_1"].get("steps") or 0), points.every):
+            summary = json.loads(Path(points.step_dir(step), "eval_results.json").read_text())["models"]["WMSS"]
+            report(intermediate_report({"validation_accuracy": summary["accuracy"], "validation_loss": summary["loss"],
+                                        "n_validation": summary["n"], "step": step}))
+    shutil.rmtree(seed.dir / "wmss_1" / INTERIM_MODEL, ignore_errors=True)  # a full model copy
+
+
+def run_trial(base: WMSSConfig, params: dict[str, Any], trial_name: str,
+              report: Report | None = None, to_tune: bool = False) -> dict[str, Any]:
+    """One trial: for each of ``tune.seeds`` seeds, curriculum -> WMSS (with intermediate reports
+    when ``report`` and ``tune.eval_every`` are given) -> the WMSS model on the whole validation
+    split (``<seed run dir>/validation/eval_WMSS.jsonl``). Returns the final metrics, the seeds'
+    mean (also passed to ``report``). ``to_tune``: inside a Tune trial (``report`` is
+    ``tune.report``), a one-seed trial's intermediate reports go to Tune from its Train run.
+    Tests call it without Ray Tune."""
+    from wmss_ray.pipeline import run_pipeline
+    from wmss_ray.stages.evaluate import load_eval_rows
+    from wmss_ray.stages.tokenize import validation_eval_input
+    from wmss_ray.sweep.reports import mean_over_seeds
+
+    seeds = [_Seed(base, params, trial_name, i) for i in range(base.tune.seeds)]
+    validation = validation_eval_input(seeds[0].cfg, seeds[0].outputs)
+    if validation is None:
+        raise ValueError(NO_VALIDATION)
+    rows = load_eval_rows(validation, seeds[0].cfg)
+    if report is not None and base.tune.eval_every:
+        todo = [s for s in seeds if not s.wmss_done()]  # a restarted trial whose WMSS is done: no reports
+        few = subsample(rows, base.tune.eval_samples, base.run.seed)
+        if len(seeds) == 1 and todo:
+            _wmss_one_run(todo[0], few, report, to_tune)
+        elif todo:
+            _wmss_chunks(todo, few, report)
+    per_seed, steps = [], set()
+    for seed in seeds:
+        outputs = run_pipeline(seed.cfg, until="wmss_1")
+        steps.add(int(outputs["wmss_1"].get("steps") or 0))
+        per_seed.append(_evaluate(outputs["wmss_1"]["model_dir"], rows, seed.cfg, seed.dir / VALIDATION_DIR))
+    # "step" is what ASHA and the equal-compute control compare; seeds differ only under a swept dedup
+    metrics = {**mean_over_seeds(per_seed), "step": max(steps), "equal_steps": len(steps) == 1, "final": True}
+    if report is not None:
+        report(metrics)
+    return metrics
