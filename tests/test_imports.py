@@ -192,3 +192,18 @@ def test_ray_init_has_one_call_site():
                     and isinstance(node.func.value, ast.Name) and node.func.value.id == "ray"):
                 sites.append(f"{name}:{node.lineno}")
     assert len(sites) == 1 and sites[0].startswith("wmss_ray.cluster:"), sites
+
+
+def test_jobs_and_tune_are_not_installed_packages(tmp_path):
+    """``jobs/`` and ``tune/`` are thin entrypoints run from the repository root; installed, the
+    project provides ``wmss_ray`` only (PyPI has a package called ``tune``)."""
+    import os
+    import subprocess
+
+    code = ("import importlib.util as u; "
+            "print([n for n in ('tune', 'jobs', 'wmss_ray') if u.find_spec(n) is not None])")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['wmss_ray']"
