@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from wmss_ray.io.files import read_metrics
 from wmss_ray.stages import stats
 from wmss_ray.stages.report_plots import (
     plot_entropy_scatter,
@@ -178,13 +179,6 @@ def _paired_from_eval_dir(eval_dir: Path, config: dict) -> list[dict]:
             t = stats.paired_test_per_sample(read_per_sample(pa), read_per_sample(pb), a, b, n_boot=n_boot, seed=seed)
             out.append(t.to_dict())
     return out
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` (NaN allowed), sorted by step."""
-    with Path(path).open() as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return sorted(rows, key=lambda m: m.get("step", 0))
 
 
 # ----------------------------------------------------------------------------- plots
@@ -343,7 +337,7 @@ def write_report(run_dir: str | Path, results: dict | None = None, out_path: str
     out_file = Path(out_path) if out_path else Path(run_dir) / "report" / "report.html"
     out = out_file.parent
     out.mkdir(parents=True, exist_ok=True)
-    metrics = {k: read_metrics(p) for k, p in r["phases"].items() if p}
+    metrics = {k: read_metrics(str(p)) for k, p in r["phases"].items() if p}
 
     curves = plot_training_curves(metrics, out / "training_curves.png")
     read = _read_weights(r.get("weights"))

@@ -27,13 +27,13 @@ from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 
 from wmss_ray.cluster import ensure_ray
 from wmss_ray.config.schema import WMSSConfig
 from wmss_ray.data import rejects as R
 from wmss_ray.io import storage
+from wmss_ray.io.files import write_parquet
 from wmss_ray.stages.scorer import SCORE_COLUMNS, EntropyScorer
 from wmss_ray.stages.tokenize import count_rows, read_tokenized, tokenize_corpus
 
@@ -136,9 +136,8 @@ def score_tokenized(cfg: WMSSConfig, weak_model: str, strong_model: str, tokeniz
     h_weak = scores["h_weak"].to_numpy()
     h_strong = scores["h_strong"].to_numpy()
     scores_path = storage.join(out_dir, SCORES_FILE)
-    fs, path = storage.resolve_fs(scores_path)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(scores, path, filesystem=fs)
+    storage.make_dir(out_dir)
+    write_parquet(scores, scores_path)
     elapsed = time.perf_counter() - t0
     counts = {"rows_scored": scores.num_rows,
               "mean_h_weak": float(h_weak.mean()), "mean_h_strong": float(h_strong.mean()),
@@ -180,14 +179,8 @@ def score_corpus(cfg: WMSSConfig, weak_model: str, strong_model: str, corpus: st
               "rejected_by_reason": tok.counts["rejected_by_reason"],
               **{k: v for k, v in res.counts.items() if k != "rows_scored"}}
     elapsed = time.perf_counter() - t0
-    manifest = json.loads(_read_text(res.manifest_path))
+    manifest = json.loads(storage.read_text(res.manifest_path))
     manifest.update(corpus=corpus, counts=counts, elapsed_s=round(elapsed, 3),
                     tokenize_elapsed_s=round(tok.elapsed, 3), score_elapsed_s=round(res.elapsed, 3))
     storage.write_text(res.manifest_path, json.dumps(manifest, indent=2, sort_keys=True))
     return ScoringResult(res.scores_path, tok.rejects_path, counts, elapsed, res.manifest_path, tok.tokenized_path)
-
-
-def _read_text(uri: str) -> str:
-    fs, path = storage.resolve_fs(uri)
-    with fs.open_input_stream(path) as f:
-        return f.read().decode()
