@@ -25,7 +25,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -396,8 +396,3 @@ def evaluate_models(
                "models": table}
     storage.write_text(storage.join(out, "eval_results.json"), json.dumps(summary, indent=2, allow_nan=True))
     return results
-
-
-def results_table(results: Iterable[EvalResult]) -> dict[str, dict[str, Any]]:
-    """``{name: {accuracy, loss, n, model_dir}}``: the ``models`` part of the report's input."""
-    return {r.name: {"accuracy": r.accuracy, "loss": r.loss, "n": r.n, "model_dir": r.model_dir} for r in results}
