@@ -2,7 +2,7 @@
 
 Builds tokenised Parquet of the demo world (10,000 demo rows tokenised with the demo
 tokenizer, repeated under new sample ids to reach the larger sizes; written in parts of 8,192
-rows with the tokenise phase's writer, ``data.ray_corpus._write_parquet``), lets the driver
+rows with the tokenise phase's writer, ``stages.tokenize.write_part``), lets the driver
 write the epoch list (``write_epoch_rows``), then runs, in a fresh process per (size, path),
 rank 0 of 2 for ``--steps`` optimizer steps of the data path only (rows -> padded micro-batches;
 no model), after importing what a worker imports (torch, DeepSpeed, transformers):
@@ -50,7 +50,7 @@ def build(root: str, sizes: list[int]) -> dict[int, str]:
     import pyarrow as pa
 
     from benchmarks.packing import demo_rows
-    from wmss_ray.stages.tokenize import _write_parquet
+    from wmss_ray.stages.tokenize import write_part
     from wmss_ray.models.tokenizer import build_demo_tokenizer
 
     base = demo_rows(min(10_000, max(sizes)), build_demo_tokenizer(), 256)
@@ -60,7 +60,7 @@ def build(root: str, sizes: list[int]) -> dict[int, str]:
         os.makedirs(d)
         for start in range(0, n, PART_ROWS):
             rows = [{**base[i % len(base)], "sample_id": f"r{i:07d}"} for i in range(start, min(n, start + PART_ROWS))]
-            _write_parquet(pa.Table.from_pylist(rows), os.path.join(d, f"part-{start // PART_ROWS:06d}.parquet"))
+            write_part(pa.Table.from_pylist(rows), os.path.join(d, f"part-{start // PART_ROWS:06d}.parquet"))
         out[n] = d
     return out
 

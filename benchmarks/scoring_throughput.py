@@ -121,24 +121,33 @@ def steady_rate(stamps: list[tuple[int, float, int]]) -> tuple[int, float]:
 
 
 def run_ray(cfg, paths: dict[str, str], out_dir: str) -> dict[str, float]:
-    """``score_corpus`` end to end, then a second scoring pass over its ``tokenized/`` with a
-    timed scorer for the steady rate (per actor, from its first to its last batch)."""
+    """Pair check, tokenisation and scoring end to end (the pipeline's tokenize and score phases),
+    then a second scoring pass over the ``tokenized/`` with a timed scorer for the steady rate
+    (per actor, from its first to its last batch)."""
     import pyarrow as pa
+    import ray
 
-    from wmss_ray.stages.tokenize import read_tokenized
-    from wmss_ray.stages.score import score_corpus, score_dataset
+    from wmss_ray.cluster import ensure_ray
+    from wmss_ray.models.loading import check_pair_compatible
+    from wmss_ray.stages.score import score_dataset, score_tokenized
     from wmss_ray.stages.scorer import EntropyScorer
+    from wmss_ray.stages.tokenize import read_tokenized, tokenize_corpus
 
-    res = score_corpus(cfg, paths["weak"], paths["strong"], paths["corpus"], out_dir, progress=False)
-    manifest = json.loads(open(res.manifest_path).read())
+    t0 = time.perf_counter()
+    check_pair_compatible(paths["weak"], paths["strong"], cfg.models.trust_remote_code)
+    ensure_ray()
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    tok = tokenize_corpus(cfg, paths["strong"], paths["corpus"], out_dir)
+    res = score_tokenized(cfg, paths["weak"], paths["strong"], tok.tokenized_path, out_dir, check_pair=False)
+    end_to_end_s = time.perf_counter() - t0
     timed = type("TimedEntropyScorer", (TimedScorer, EntropyScorer), {})
     ds = score_dataset(read_tokenized(res.tokenized_path, cfg.scoring.batch_size), cfg,
                        paths["weak"], paths["strong"], scorer_cls=timed)
     t = pa.concat_tables(ds.iter_batches(batch_size=None, batch_format="pyarrow")).select(["pid", "t_done"])
     groups = t.group_by(["pid", "t_done"]).aggregate([([], "count_all")]).to_pylist()
     steady_rows, steady_s = steady_rate([(g["pid"], g["t_done"], g["count_all"]) for g in groups])
-    return {"rows": res.counts["rows_scored"], "end_to_end_s": res.elapsed, "scoring_s": manifest["score_elapsed_s"],
-            "tokenize_s": manifest["tokenize_elapsed_s"], "steady_rows": steady_rows, "steady_s": steady_s,
+    return {"rows": res.counts["rows_scored"], "end_to_end_s": end_to_end_s, "scoring_s": res.elapsed,
+            "tokenize_s": tok.elapsed, "steady_rows": steady_rows, "steady_s": steady_s,
             "load": os.getloadavg()[0]}
 
 

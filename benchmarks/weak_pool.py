@@ -61,7 +61,7 @@ def make_models_and_data(root: Path, hidden: int, layers: int, n_rows: int, seq:
 
 def run(art: dict, out: Path, cpus: float, steps: int, micro_batch: int, pool: dict | None) -> dict:
     from wmss_ray.config.loading import config_from_dict
-    from wmss_ray.training.metrics import read_metrics
+    from wmss_ray.io.files import read_metrics
     from wmss_ray.training.trainer import train_phase
 
     mix = {"lam": 0.5, "mode": "frozen"}

@@ -40,8 +40,10 @@ log = logging.getLogger("wmss_ray.cluster")
 
 RUNTIME_ENV_VARS = {"TOKENIZERS_PARALLELISM": "false"}
 JOB_DRIVER_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for a job's driver
+#: How to give a driver or ``wmss submit`` the cluster's token (every "token missing or wrong" message).
 TOKEN_HELP = ("set RAY_AUTH_TOKEN to the cluster's token (or RAY_AUTH_TOKEN_PATH to a file holding it, "
-              "or write it to ~/.ray/auth_token); see docs/CLUSTER.md")
+              "or write it to ~/.ray/auth_token). On Kubernetes: export RAY_AUTH_TOKEN=\"$(kubectl get secret "
+              "wmss-ray-auth -o jsonpath='{.data.auth_token}' | base64 -d)\"; see docs/CLUSTER.md")
 
 
 class AuthTokenError(RuntimeError):

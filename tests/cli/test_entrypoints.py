@@ -82,6 +82,24 @@ def test_connect_without_a_cluster_says_so(monkeypatch):
         common.connect()
 
 
+def test_a_refused_token_says_how_to_pass_one(monkeypatch):
+    import ray
+
+    from wmss_ray.cluster import TOKEN_HELP
+
+    class AuthenticationError(Exception):  # what Ray raises, matched by name
+        pass
+
+    def refused(**kwargs):
+        raise AuthenticationError("401")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refused)
+    with pytest.raises(common.JobSetupError) as err:
+        common.connect()
+    assert "auth token is missing or wrong" in str(err.value) and TOKEN_HELP in str(err.value)
+
+
 def test_main_returns_2_on_setup_errors(tmp_path, capsys):
     from jobs import pipeline, score
 

@@ -54,6 +54,17 @@ def test_named_token_file_must_be_readable(clean_env, tmp_path):
         submit._load_token()
 
 
+def test_a_refused_request_says_how_to_pass_the_token():
+    from wmss_ray.cluster import TOKEN_HELP
+
+    class AuthenticationError(Exception):  # what Ray's job client raises, matched by name
+        pass
+
+    with pytest.raises(submit.AuthError) as err, submit._errors("http://h:8265"):
+        raise AuthenticationError("Authentication failed")
+    assert "HTTP 403, token wrong" in str(err.value) and TOKEN_HELP in str(err.value)
+
+
 def test_config_path_inside_the_upload_or_inline(tmp_path):
     wd = tmp_path / "wd"
     for rel in ("configs/a.yaml", "runs/b.yaml", "private/c.yaml"):

@@ -281,11 +281,11 @@ def test_ray_formats_skip(ray_cluster, tmp_path, tok_dir, kind):
 
 def test_tokenized_parts_are_written_in_row_groups_of_a_few_mb(tmp_path):
     """Training ranks read tokenised rows one row group at a time: groups must be small."""
-    from wmss_ray.stages.tokenize import ROW_GROUP_BYTES, _write_parquet
+    from wmss_ray.stages.tokenize import ROW_GROUP_BYTES, write_part
 
     ids = np.arange(2000 * 1024, dtype=np.int64).reshape(2000, 1024)
     table = pa.table({"sample_id": [f"s{i}" for i in range(2000)], "input_ids": list(ids), "labels": list(ids)})
-    _write_parquet(table, str(tmp_path / "part.parquet"))
+    write_part(table, str(tmp_path / "part.parquet"))
     md = pq.read_metadata(tmp_path / "part.parquet")
     assert md.num_rows == 2000 and md.num_row_groups >= table.nbytes // ROW_GROUP_BYTES
     per_row = table.nbytes / 2000

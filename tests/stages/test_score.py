@@ -90,36 +90,42 @@ def test_ray_scores_are_bit_identical_run_to_run(tiny_world, tokenized_world, sc
 
 
 @pytest.mark.integration
-def test_score_corpus_end_to_end_counts_and_outputs(tiny_world, reference_scores, tmp_path):
-    from wmss_ray.stages.score import score_corpus
+def test_tokenize_then_score_end_to_end_counts_and_outputs(tiny_world, reference_scores, tmp_path):
+    """The pipeline's tokenize and score phases on a corpus with bad rows: every row accounted for."""
+    from wmss_ray.stages.score import score_tokenized
+    from wmss_ray.stages.tokenize import tokenize_corpus
 
     corpus = tmp_path / "train.jsonl"
     shutil.copy(tiny_world.corpus, corpus)
     with corpus.open("a") as f:
         f.write('{"messages": [{"role": "user", "content": "q"}]}\n{not json\n')
     cfg = tiny_cfg("data.on_bad_row=skip", "scoring.num_actors=2", "scoring.batch_size=16")
-    res = score_corpus(cfg, tiny_world.weak, tiny_world.strong, str(corpus), str(tmp_path / "out"), progress=False)
-    assert res.counts["rows_in"] == N_ROWS + 2
-    assert res.counts["rows_scored"] == N_ROWS and res.counts["rows_rejected"] == 2
-    assert res.counts["rejected_by_reason"] == {"malformed_json": 1, "no_answer": 1}
-    assert res.counts["rows_in"] == res.counts["rows_scored"] + res.counts["rows_rejected"]
+    out = str(tmp_path / "out")
+    tok = tokenize_corpus(cfg, tiny_world.strong, str(corpus), out)
+    res = score_tokenized(cfg, tiny_world.weak, tiny_world.strong, tok.tokenized_path, out)
+    assert tok.counts["rows_in"] == N_ROWS + 2
+    assert res.counts["rows_scored"] == N_ROWS and tok.counts["rows_rejected"] == 2
+    assert tok.counts["rejected_by_reason"] == {"malformed_json": 1, "no_answer": 1}
+    assert tok.counts["rows_in"] == res.counts["rows_scored"] + tok.counts["rows_rejected"]
     _assert_matches_reference(pq.read_table(res.scores_path), reference_scores)
     manifest = json.loads(Path(res.manifest_path).read_text())
-    assert manifest["counts"] == res.counts and manifest["corpus"] == str(corpus)
+    assert manifest["counts"] == res.counts
+    assert json.loads(Path(tok.manifest_path).read_text())["corpus"] == str(corpus)
     assert manifest["models"] == {"weak": tiny_world.weak, "strong": tiny_world.strong}
     assert manifest["config_hash"] == cfg.config_hash()
-    assert pq.read_table(res.tokenized_path).num_rows == N_ROWS
-    assert len(Path(res.rejects_path).read_text().splitlines()) == 2
+    assert pq.read_table(tok.tokenized_path).num_rows == N_ROWS
+    assert len(Path(tok.rejects_path).read_text().splitlines()) == 2
 
 
-def test_incompatible_pair_fails_before_any_work(tiny_world, tmp_path):
+def test_incompatible_pair_fails_before_any_work(tiny_world, tokenized_world, tmp_path):
     from wmss_ray.models.loading import IncompatibleModelsError
-    from wmss_ray.stages.score import score_corpus
+    from wmss_ray.stages.score import score_tokenized
 
     other = Path(shutil.copytree(tiny_world.weak, tmp_path / "other"))
     cfg_json = json.loads((other / "config.json").read_text())
     cfg_json["vocab_size"] += 8
     (other / "config.json").write_text(json.dumps(cfg_json))
     with pytest.raises(IncompatibleModelsError, match="vocab_size"):
-        score_corpus(tiny_cfg(), str(other), tiny_world.strong, tiny_world.corpus, str(tmp_path / "out"))
+        score_tokenized(tiny_cfg(), str(other), tiny_world.strong, tokenized_world.tokenized_path,
+                        str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()

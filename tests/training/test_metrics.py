@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 from wmss_ray.io import storage
-from wmss_ray.training.metrics import MetricsWriter, read_metrics
+from wmss_ray.io.files import read_metrics
+from wmss_ray.training.metrics import MetricsWriter
 
 
 def test_metrics_on_s3_are_uploaded_and_truncated_on_resume(s3_server):

@@ -23,7 +23,8 @@ from tests.training.test_training_units import (
     reference_run,
     tiny_cfg,
 )
-from wmss_ray.training.metrics import METRIC_KEYS, read_metrics
+from wmss_ray.io.files import read_metrics
+from wmss_ray.training.metrics import METRIC_KEYS
 from wmss_ray.training.trainer import FAULT_ENV, INTERIM_MODEL, train_phase
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -27,6 +27,13 @@ N_ROWS = 40
 # ----------------------------------------------------------------------------- shared helpers
 
 
+def step_indices(plan: DataPlan, step: int) -> np.ndarray:
+    """``[G]`` epoch-list indices of optimizer step ``step`` (0-based), micro-batch-major: the
+    plan's stream (epoch after epoch, each in ``plan.epoch_order``), cut at the step."""
+    pos = np.arange(step * plan.global_batch, (step + 1) * plan.global_batch)
+    return np.array([plan.epoch_order(int(p // plan.n_per_epoch))[p % plan.n_per_epoch] for p in pos], dtype=np.int64)
+
+
 def make_artifacts(root: Path, tie: bool = False, n_rows: int = N_ROWS, seed: int = 0) -> dict[str, str]:
     """Tiny strong/weak models (hidden 32, 2 layers), tokenised rows and sampled ids in ``root``."""
     from wmss_ray.models.tiny import build_tiny_model, save_pretrained_model
@@ -93,7 +100,7 @@ def reference_run(paths: dict[str, str], cfg, phase: str, mode: str, steps: int)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warm, t.min_lr_ratio))
     losses, norms = [], []
     for step in range(steps):
-        b = collate([rows[ids[i]] for i in plan.step_indices(step)], pad)
+        b = collate([rows[ids[i]] for i in step_indices(plan, step)], pad)
         y = b["labels"][:, 1:]
         mask = y != -100
         z = strong(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]

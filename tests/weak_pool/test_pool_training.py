@@ -17,7 +17,7 @@ import pytest
 
 from tests.training.test_training_ray import _load_hf
 from tests.training.test_training_units import assert_same_weights, make_artifacts, tiny_cfg
-from wmss_ray.training.metrics import read_metrics
+from wmss_ray.io.files import read_metrics
 from wmss_ray.training.trainer import train_phase
 from wmss_ray.weak_pool.group import POOL_FAULT_ENV
 

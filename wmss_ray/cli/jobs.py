@@ -84,7 +84,7 @@ def load_job_config(config: str, overrides: list[str] | None) -> Any:
 
 def connect(address: str = "auto") -> None:
     """Connect to the running cluster; never start one. Clear error when none is reachable."""
-    from wmss_ray.cluster import AuthTokenError, ensure_ray
+    from wmss_ray.cluster import TOKEN_HELP, AuthTokenError, ensure_ray
 
     try:
         ensure_ray(address=address)  # the package's one ray.init: join only, with its runtime env policy
@@ -100,8 +100,7 @@ def connect(address: str = "auto") -> None:
     except Exception as err:  # ray.exceptions.AuthenticationError and friends
         if type(err).__name__ == "AuthenticationError":
             raise JobSetupError(
-                "the Ray cluster refused the connection: its auth token is missing or wrong; "
-                "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token"
+                f"the Ray cluster refused the connection: its auth token is missing or wrong; {TOKEN_HELP}"
             ) from None
         raise
 

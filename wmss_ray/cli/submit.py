@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from wmss_ray.cluster import AuthTokenError, load_auth_token
+from wmss_ray.cluster import TOKEN_HELP, AuthTokenError, load_auth_token
 from wmss_ray.config.loading import load_config
 from wmss_ray.config.schema import ConfigError
 
@@ -51,11 +51,6 @@ WORKING_DIR_EXCLUDES = [
     ".hypothesis/", "build/", "dist/", "benchmarks/results/", "benchmarks/out/", "tmp/",
 ]
 DEFAULT_JOB_ENV = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-TOKEN_HELP = (
-    "set RAY_AUTH_TOKEN to the cluster's token (or RAY_AUTH_TOKEN_PATH to a file holding it). "
-    "On Kubernetes: export RAY_AUTH_TOKEN=\"$(kubectl get secret wmss-ray-auth "
-    "-o jsonpath='{.data.auth_token}' | base64 -d)\""
-)
 
 
 class SubmitError(RuntimeError):

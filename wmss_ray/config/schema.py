@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from wmss_ray.config.sections import (  # re-exported: the schema has one import path
     ConfigError,
+    ConfigSection,
     CurriculumConfig,
     DataConfig,
     DemoDataConfig,
@@ -32,7 +33,6 @@ from wmss_ray.config.sections import (  # re-exported: the schema has one import
     ScoringConfig,
     TrainingConfig,
     WeakPoolConfig,
-    _Section,
     compile_answer_pattern,
 )
 
@@ -87,7 +87,7 @@ def _check_space_entry(key: str, spec: dict[str, list[Any]]) -> None:
             raise ValueError(f"'{key}': value {value!r} is refused: {msg}") from None
 
 
-class TuneConfig(_Section):
+class TuneConfig(ConfigSection):
     """Ray Tune sweep over WMSS-phase knobs (the upstream phases run once and are shared).
 
     Trials report validation accuracy and loss every ``eval_every`` optimizer steps of their WMSS
@@ -153,7 +153,7 @@ class TuneConfig(_Section):
         return self
 
 
-class WMSSConfig(_Section):
+class WMSSConfig(ConfigSection):
     run: RunConfig = RunConfig()
     models: ModelsConfig = ModelsConfig()
     data: DataConfig = DataConfig()

@@ -29,12 +29,14 @@ def compile_answer_pattern(pattern: str | None) -> re.Pattern:
     return rx
 
 
-class _Section(BaseModel):
+class ConfigSection(BaseModel):
+    """The base of every config section (and of the whole config): unknown keys are errors."""
+
     # extra="forbid": a typo in a YAML key must fail loudly, never be silently ignored.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class RunConfig(_Section):
+class RunConfig(ConfigSection):
     name: str = "wmss-demo"
     storage: str = "runs"  # local/shared directory or URI (s3://b/runs); the run dir is <storage>/<name>
     seed: int = 0
@@ -50,7 +52,7 @@ class RunConfig(_Section):
         return check_scheme(v)
 
 
-class DemoModelConfig(_Section):
+class DemoModelConfig(ConfigSection):
     """Tiny models created from config for the embedded demo world."""
 
     arch: Literal["llama", "qwen3"] = "llama"
@@ -63,7 +65,7 @@ class DemoModelConfig(_Section):
     tie_word_embeddings: bool = False
 
 
-class ModelsConfig(_Section):
+class ModelsConfig(ConfigSection):
     """Where M0 (base / first weak model) comes from.
 
     ``demo: true`` builds a tiny model and tokenizer locally and pre-trains it (phase 0).
@@ -93,7 +95,7 @@ class ModelsConfig(_Section):
         return self
 
 
-class DemoDataConfig(_Section):
+class DemoDataConfig(ConfigSection):
     """The built-in synthetic multi-step arithmetic task."""
 
     n_pretrain: int = Field(20000, ge=0)
@@ -108,7 +110,7 @@ class DemoDataConfig(_Section):
     pretrain_chat_fraction: float = Field(0.1, ge=0, le=1, description="phase 0: share of problems in chat format")
 
 
-class DataConfig(_Section):
+class DataConfig(ConfigSection):
     train: str | None = None  # JSONL(.gz) / Parquet / HF save_to_disk dir; local or URI
     eval: str | None = None  # the held-out test set: read only by the eval phase, after every choice
     validation: str | None = None  # a validation corpus (what tune selects on); or validation_fraction
@@ -145,7 +147,7 @@ class DataConfig(_Section):
         return self
 
 
-class ScoringConfig(_Section):
+class ScoringConfig(ConfigSection):
     num_actors: int = Field(1, ge=1)
     batch_size: int = Field(32, ge=1)
     cpus_per_actor: float = Field(1.0, gt=0)
@@ -153,7 +155,7 @@ class ScoringConfig(_Section):
     chunk_size: int = Field(256, ge=1, description="positions per entropy chunk")
 
 
-class CurriculumConfig(_Section):
+class CurriculumConfig(ConfigSection):
     enabled: bool = True  # false: uniform sampling (the ablation)
     alpha: float = Field(0.1, ge=0)
     beta: float = Field(0.8, ge=0)
@@ -173,7 +175,7 @@ class CurriculumConfig(_Section):
         return self
 
 
-class WeakPoolConfig(_Section):
+class WeakPoolConfig(ConfigSection):
     """``mix.placement: pool``: the frozen weak model served by its own Ray actors (DESIGN.md §3).
 
     ``replicas`` x ``shards`` actors; a replica's ``shards`` actors hold the weak model
@@ -193,7 +195,7 @@ class WeakPoolConfig(_Section):
     placement_timeout_s: float = Field(60.0, gt=0, description="fail the phase when the pool cannot be placed within this time")
 
 
-class MixConfig(_Section):
+class MixConfig(ConfigSection):
     lam: float = Field(0.5, description="lambda in (0, 1]; 1 is plain SFT")
     mode: Literal["joint", "frozen"] = "joint"
     placement: Literal["colocated", "pool"] = "colocated"
@@ -220,7 +222,7 @@ class MixConfig(_Section):
         return self
 
 
-class TrainingConfig(_Section):
+class TrainingConfig(ConfigSection):
     lr: float = Field(1e-3, gt=0)
     weak_lr: float | None = Field(None, gt=0, description="joint mode: weak model lr (default: lr)")
     weight_decay: float = Field(0.0, ge=0)
@@ -252,7 +254,7 @@ class TrainingConfig(_Section):
     )
 
 
-class Phase0Config(_Section):
+class Phase0Config(ConfigSection):
     """Demo world only: brief pre-training of the base model M0."""
 
     steps: int = Field(300, ge=0)
@@ -266,14 +268,14 @@ class Phase0Config(_Section):
     num_threads: int = Field(0, ge=0, description="torch threads for phase 0; 0: every usable CPU (1 is faster on a busy machine)")
 
 
-class ScalingConfig(_Section):
+class ScalingConfig(ConfigSection):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
 
 
-class EvaluationConfig(_Section):
+class EvaluationConfig(ConfigSection):
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(64, ge=1)
     max_samples: int | None = Field(None, ge=1, description="a seeded subsample (run.seed, by sample_id hash)")

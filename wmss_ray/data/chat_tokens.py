@@ -99,12 +99,6 @@ def _rendered_turn(tokenizer, prompt_messages: Sequence[Mapping[str, str]], answ
     return prompt_text, "", turn, ""
 
 
-def answer_text(tokenizer, prompt_messages: Sequence[Mapping[str, str]], answer: str) -> str:
-    """The text the model writes for the assistant turn: content + end-of-turn (no filler)."""
-    _, content, end = assistant_turn_parts(tokenizer, prompt_messages, answer)
-    return content + end
-
-
 def end_of_turn_ids(tokenizer) -> frozenset[int]:
     """Token ids that end an assistant turn: the eos token and the special tokens of the
     template's end-of-turn text (``<|im_end|>`` even where ``eos_token`` is ``<|endoftext|>``, as

@@ -17,13 +17,13 @@ the driver agree.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from wmss_ray.io.storage import list_files, resolve_fs, write_text
+from wmss_ray.io.files import read_jsonl, write_jsonl
+from wmss_ray.io.storage import list_files
 
 # Reason codes (machine-readable; the per-reason counts use these keys).
 MALFORMED_JSON = "malformed_json"  # a JSONL line that is not JSON
@@ -102,10 +102,7 @@ def reject_record(sample_id: str, file: str, row: int, reason: str, detail: str)
 def write_reject_part(uri: str, records: Iterable[Mapping[str, Any]]) -> None:
     """One JSONL part of rejects (written by a Ray write task; named per task, so a retried
     task overwrites its own part instead of adding a second copy)."""
-    fs, path = resolve_fs(uri)
-    with fs.open_output_stream(path) as f:
-        for r in records:
-            f.write((json.dumps(dict(r), ensure_ascii=False) + "\n").encode())
+    write_jsonl(uri, records, ensure_ascii=False)
 
 
 def merge_rejects(parts_dir: str, extra: Iterable[Mapping[str, Any]], out_uri: str) -> Counter:
@@ -115,11 +112,8 @@ def merge_rejects(parts_dir: str, extra: Iterable[Mapping[str, Any]], out_uri: s
     Rejects are held in the driver to sort them: they are small (one short line per bad row).
     """
     records = list(extra)
-    fs, _ = resolve_fs(parts_dir)
     for part in list_files(parts_dir, ".jsonl"):
-        _, p = resolve_fs(part)
-        with fs.open_input_stream(p) as f:
-            records.extend(json.loads(line) for line in f.read().decode().splitlines() if line)
+        records.extend(read_jsonl(part))
     records.sort(key=lambda r: (r["file"], r["row"], r["reason"]))
-    write_text(out_uri, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_jsonl(out_uri, records, ensure_ascii=False)
     return Counter(r["reason"] for r in records)

@@ -19,7 +19,6 @@ the same rows.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import re
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from wmss_ray.config.schema import DemoDataConfig
+from wmss_ray.io.files import write_jsonl
 
 SPLITS = ("pretrain", "train", "eval")
 _N_BUCKETS = 20
@@ -169,13 +169,9 @@ def write_demo_corpus(cfg: DemoDataConfig, seed: int, out_dir: str | Path) -> di
               "eval": generate_split("eval", cfg.n_eval, seed, cfg)}
     paths = {}
     for split, rows in splits.items():
-        path = out / f"{split}.jsonl"
-        tmp = path.with_suffix(".jsonl.tmp")  # write-then-rename: no half-written corpus
-        with tmp.open("w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        tmp.replace(path)
-        paths[split] = str(path)
+        path = str(out / f"{split}.jsonl")
+        write_jsonl(path, rows)  # write-then-rename: no half-written corpus
+        paths[split] = path
     return paths
 
 

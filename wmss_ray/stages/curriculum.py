@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from wmss_ray.config.schema import WMSSConfig
 from wmss_ray.io import storage
+from wmss_ray.io.files import write_parquet
 
 FORMULAS = ("seed", "v2")
 NORMALIZE = ("per_term",)
@@ -191,12 +192,6 @@ def curriculum_weights(cfg: WMSSConfig, h_weak: np.ndarray, h_strong: np.ndarray
     return sampling_weights(h_weak, h_strong, c.alpha, c.beta, c.gamma, c.formula, c.normalize)
 
 
-def _write(table: pa.Table, uri: str) -> None:
-    fs, path = storage.resolve_fs(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(table, path, filesystem=fs)
-
-
 def sample_curriculum(cfg: WMSSConfig, scores_path: str, out_dir: str, seed: int) -> CurriculumResult:
     """Draw ``round(N * curriculum.sample_multiplier)`` sample ids with replacement (seeded).
 
@@ -219,8 +214,9 @@ def sample_curriculum(cfg: WMSSConfig, scores_path: str, out_dir: str, seed: int
     idx = sample_indices(weights, draws, seed=seed, dedup=cfg.curriculum.dedup)
     per_sample = np.bincount(idx, minlength=n)
     sampled_path, weights_path = storage.join(out_dir, SAMPLED_IDS_FILE), storage.join(out_dir, WEIGHTS_FILE)
-    _write(pa.table({"sample_id": scores["sample_id"].take(pa.array(idx))}), sampled_path)
-    _write(pa.table({"sample_id": scores["sample_id"], "weight": pa.array(weights, pa.float64()),
+    storage.make_dir(out_dir)
+    write_parquet(pa.table({"sample_id": scores["sample_id"].take(pa.array(idx))}), sampled_path)
+    write_parquet(pa.table({"sample_id": scores["sample_id"], "weight": pa.array(weights, pa.float64()),
                      "draws": pa.array(per_sample, pa.int64())}), weights_path)
     counts = {"rows_scored": n, **weight_summary(weights, per_sample)}
     return CurriculumResult(sampled_path, weights_path, counts)

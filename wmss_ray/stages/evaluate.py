@@ -25,7 +25,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -34,6 +34,7 @@ from wmss_ray.data.chat_tokens import IGNORE_INDEX, BadRowError, collate, genera
 from wmss_ray.data.corpus import iter_corpus, iter_row_records, open_corpus
 from wmss_ray.data.splits import seeded_subsample
 from wmss_ray.io import storage
+from wmss_ray.io.files import read_jsonl, write_jsonl
 from wmss_ray.models.generate import greedy_generate
 from wmss_ray.stages.checkers import AnswerChecker, checker_from_config
 
@@ -276,12 +277,13 @@ def _safe_name(name: str) -> str:
 def write_per_sample(result: EvalResult, out_dir: str | Path) -> str:
     """``<out_dir>/eval_<name>.jsonl``: one JSON line per problem."""
     path = storage.join(str(out_dir), f"eval_{_safe_name(result.name)}.jsonl")  # local or a URI
-    storage.write_text(path, "".join(json.dumps(r) + "\n" for r in result.per_sample))
+    write_jsonl(path, result.per_sample)
     return path
 
 
 def read_per_sample(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in storage.read_text(str(path)).splitlines() if line.strip()]
+    """The per-sample results of one ``eval_<name>.jsonl``, in eval order."""
+    return read_jsonl(str(path))
 
 
 def evaluate_model(
@@ -394,8 +396,3 @@ def evaluate_models(
                "models": table}
     storage.write_text(storage.join(out, "eval_results.json"), json.dumps(summary, indent=2, allow_nan=True))
     return results
-
-
-def results_table(results: Iterable[EvalResult]) -> dict[str, dict[str, Any]]:
-    """``{name: {accuracy, loss, n, model_dir}}``: the ``models`` part of the report's input."""
-    return {r.name: {"accuracy": r.accuracy, "loss": r.loss, "n": r.n, "model_dir": r.model_dir} for r in results}

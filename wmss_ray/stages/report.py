@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from wmss_ray.io.files import read_metrics
 from wmss_ray.stages import stats
 from wmss_ray.stages.report_plots import (
     plot_entropy_scatter,
@@ -180,17 +181,11 @@ def _paired_from_eval_dir(eval_dir: Path, config: dict) -> list[dict]:
     return out
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` (NaN allowed), sorted by step."""
-    with Path(path).open() as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return sorted(rows, key=lambda m: m.get("step", 0))
-
-
 # ----------------------------------------------------------------------------- plots
 
 
-_CSS = """
+#: The stylesheet of the report page (and of the sweep page): inline, no network.
+PAGE_CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:60rem;margin:2rem auto;
 padding:0 1rem;color:#222;line-height:1.45}
 h1{font-size:1.6rem}h2{font-size:1.2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem;margin-top:2rem}
@@ -201,18 +196,21 @@ pre{background:#f7f7f7;padding:.6rem;overflow-x:auto;font-size:.85rem}.meta{colo
 """
 
 
-def _img(path: Path | None, alt: str) -> str:
+def embedded_png(path: Path | None, alt: str) -> str:
+    """The PNG at ``path`` as an ``<img>`` with a base64 data URI ("" when ``path`` is None)."""
     if path is None:
         return ""
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
     return f'<p><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></p>'
 
 
-def _missing(what: str) -> str:
+def missing_note(what: str) -> str:
+    """A highlighted paragraph saying what a section lacks."""
     return f'<p class="missing">{html.escape(what)}</p>'
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
+def html_table(header: list[str], rows: list[list[Any]]) -> str:
+    """An HTML table of ``header`` and ``rows`` (every cell escaped)."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -221,10 +219,10 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 def _results_section(r: dict) -> str:
     models = _model_entries(r)
     if not models:
-        return _missing(f"No evaluation results (looked for {r['eval_dir']}/eval_results.json).")
+        return missing_note(f"No evaluation results (looked for {r['eval_dir']}/eval_results.json).")
     rows = [[n, _fmt(m.get("accuracy"), ".4f"), _fmt(m.get("loss"), ".4f"), _fmt(m.get("n"), "d")]
             for n, m in models.items()]
-    return (_table(["model", "held-out accuracy", "held-out loss (nats/token)", "n"], rows)
+    return (html_table(["model", "held-out accuracy", "held-out loss (nats/token)", "n"], rows)
             + f"<p class=meta>{eval_set_line(r)}</p>"
             + "<p class=meta>Accuracy: greedy generation, final answer judged by the answer checker. "
               "Loss: teacher-forced cross-entropy over the supervised answer tokens, token-weighted "
@@ -256,11 +254,11 @@ def eval_set_line(r: dict) -> str:
 def _paired_section(r: dict) -> str:
     pairs = _pairs(r)
     if not pairs:
-        return _missing("No paired comparison (needs per-sample results of WMSS and SFT-continued or M1).")
+        return missing_note("No paired comparison (needs per-sample results of WMSS and SFT-continued or M1).")
     rows = [[f"{p['name_a']} vs {p['name_b']}", p["n"], f"{p['diff']:+.4f}",
              f"[{p['ci_low']:+.4f}, {p['ci_high']:+.4f}]", p["only_a"], p["only_b"], f"{p['p_value']:.3g}"]
             for p in pairs]
-    return (_table(["comparison", "n", "accuracy diff", f"{pairs[0]['ci_level']:.0%} bootstrap CI",
+    return (html_table(["comparison", "n", "accuracy diff", f"{pairs[0]['ci_level']:.0%} bootstrap CI",
                     "only A right", "only B right", "McNemar p (exact)"], rows)
             + "<p class=meta>Paired per problem: exact McNemar test on the discordant problems; CI from a "
               "seeded paired bootstrap over problems.</p>")
@@ -268,7 +266,7 @@ def _paired_section(r: dict) -> str:
 
 def _scores_section(scores: str | None, out: Path) -> str:
     if not scores:
-        return _missing("No scores.parquet found (entropy scoring has not run).")
+        return missing_note("No scores.parquet found (entropy scoring has not run).")
     import pyarrow.parquet as pq
 
     table = pq.read_table(scores)
@@ -278,11 +276,11 @@ def _scores_section(scores: str | None, out: Path) -> str:
         hw = table.column("h_weak").to_numpy(zero_copy_only=False).astype(np.float64)
         hs = table.column("h_strong").to_numpy(zero_copy_only=False).astype(np.float64)
         dh = table.column("dh").to_numpy(zero_copy_only=False).astype(np.float64) if "dh" in cols else hs - hw
-        parts.append(_table(["samples", "mean H_weak", "mean H_strong", "share dH < 0"],
+        parts.append(html_table(["samples", "mean H_weak", "mean H_strong", "share dH < 0"],
                             [[len(dh), f"{hw.mean():.4f}", f"{hs.mean():.4f}", f"{(dh < 0).mean():.3f}"]]))
-        parts.append(_img(plot_entropy_scatter(hw, hs, dh, out / "entropy_scatter.png"), "entropy scatter"))
+        parts.append(embedded_png(plot_entropy_scatter(hw, hs, dh, out / "entropy_scatter.png"), "entropy scatter"))
     else:
-        parts.append(_missing(f"{scores} has no h_weak/h_strong rows."))
+        parts.append(missing_note(f"{scores} has no h_weak/h_strong rows."))
     return "".join(parts)
 
 
@@ -301,13 +299,13 @@ def _read_weights(weights: str | None) -> tuple[np.ndarray, np.ndarray] | None:
 
 def _weights_section(hist: dict[str, Any] | None, weights: str | None, out: Path) -> str:
     if hist is None:
-        return _missing(f"No curriculum weights ({weights or 'curriculum_<t>/weights.parquet'} not found "
+        return missing_note(f"No curriculum weights ({weights or 'curriculum_<t>/weights.parquet'} not found "
                         "or empty; the curriculum phase has not run).")
     line = (f"Effective sample size (Σw)²/Σw²: {hist['effective_sample_size']:.1f} of {sum(hist['counts'])}; "
             f"{hist['draws']} draws reached {hist['samples_drawn']} samples, at most "
             f"{hist['max_draws_per_sample']} draws of one sample")
     return (f"<p class=meta>{html.escape(line)}. These are the weights the curriculum phase drew "
-            "from.</p>" + _img(plot_weights_hist(hist, out / "weights_hist.png"), "sampling weights"))
+            "from.</p>" + embedded_png(plot_weights_hist(hist, out / "weights_hist.png"), "sampling weights"))
 
 
 def _pool_section(rows: list[dict]) -> str:
@@ -343,7 +341,7 @@ def write_report(run_dir: str | Path, results: dict | None = None, out_path: str
     out_file = Path(out_path) if out_path else Path(run_dir) / "report" / "report.html"
     out = out_file.parent
     out.mkdir(parents=True, exist_ok=True)
-    metrics = {k: read_metrics(p) for k, p in r["phases"].items() if p}
+    metrics = {k: read_metrics(str(p)) for k, p in r["phases"].items() if p}
 
     curves = plot_training_curves(metrics, out / "training_curves.png")
     read = _read_weights(r.get("weights"))
@@ -359,17 +357,18 @@ def write_report(run_dir: str | Path, results: dict | None = None, out_path: str
         "<h2>Held-out results (test set)</h2>", _results_section(r),
         "<h2>Paired test</h2>", _paired_section(r),
         "<h2>Training curves</h2>",
-        _img(curves, "training curves") or _missing("No training metrics (baseline / wmss metrics.jsonl not found)."),
+        embedded_png(curves, "training curves")
+        or missing_note("No training metrics (baseline / wmss metrics.jsonl not found)."),
         "<h2>Target-token probability during WMSS</h2>",
-        _img(probs, "P_mix and P_strong") or _missing("No WMSS metrics with p_mix / p_strong."),
+        embedded_png(probs, "P_mix and P_strong") or missing_note("No WMSS metrics with p_mix / p_strong."),
         _pool_section(metrics.get("wmss") or []),
         "<h2>Weak vs strong entropy</h2>", _scores_section(r.get("scores"), out),
         "<h2>Sampling weights</h2>", _weights_section(hist, r.get("weights"), out),
         "<h2>Config</h2>",
-        f"<pre>{html.escape(cfg_text)}</pre>" if cfg_text else _missing("No config found (config.yaml)."),
+        f"<pre>{html.escape(cfg_text)}</pre>" if cfg_text else missing_note("No config found (config.yaml)."),
     ]
     page = ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>WMSS report "
-            f"{html.escape(str(run_name))}</title><style>{_CSS}</style></head><body>"
+            f"{html.escape(str(run_name))}</title><style>{PAGE_CSS}</style></head><body>"
             + "\n".join(body) + "</body></html>\n")
     out_file.write_text(page, encoding="utf-8")
     data = {k: r.get(k) for k in ("models", "checker", "eval_set", "counts", "paired", "phases", "scores",
@@ -377,3 +376,7 @@ def write_report(run_dir: str | Path, results: dict | None = None, out_path: str
     data["weight_histogram"] = hist
     (out / "report_data.json").write_text(json.dumps(data, indent=2, default=str))
     return out_file
+
+
+# The old private names, only until wmss_ray/sweep/page.py imports the public ones above; then delete.
+_CSS, _img, _missing, _table = PAGE_CSS, embedded_png, missing_note, html_table

@@ -1,7 +1,8 @@
 """The run report's figures (PNG, matplotlib's Agg canvas without pyplot) and the weight histogram.
 
 Pure functions of the run's data: each takes arrays or metric rows and a path and returns the
-path written (or None when there is nothing to draw). Used by :mod:`wmss_ray.stages.report`.
+path written (or None when there is nothing to draw). Used by :mod:`wmss_ray.stages.report`;
+``new_figure`` and ``save_png`` also by the sweep page's plots.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ import numpy as np
 _MAX_SCATTER = 20000  # points; a subsample keeps the PNG small on million-row corpora
 
 
-def _figure(w: float = 6.4, h: float = 4.0):
+def new_figure(w: float = 6.4, h: float = 4.0):
+    """A matplotlib Figure of ``w`` x ``h`` inches at 100 dpi, tight layout."""
     from matplotlib.figure import Figure
 
     # Figure + its Agg canvas directly: no pyplot, no global backend switch, thread-safe.
     return Figure(figsize=(w, h), dpi=100, layout="tight")
 
 
-def _save(fig, path: Path) -> Path:
+def save_png(fig, path: Path) -> Path:
+    """Write ``fig`` to ``path`` as PNG (no software stamp in its metadata); returns ``path``."""
     # Software=None: no URL in the PNG's metadata.
     fig.savefig(path, format="png", metadata={"Software": None})
     return path
@@ -42,7 +45,7 @@ def plot_training_curves(metrics: dict[str, list[dict]], path: Path) -> Path | N
     """Loss over steps for SFT-continued and WMSS, plus WMSS's ce_strong (strong alone)."""
     curves = [("sft_continued", "loss", "SFT-continued loss", "-"), ("wmss", "loss", "WMSS loss (mixed)", "-"),
               ("wmss", "ce_strong", "WMSS CE of strong alone", "--")]
-    fig = _figure()
+    fig = new_figure()
     series = [(metrics.get(phase) or [], key, label, style) for phase, key, label, style in curves]
     return _line_plot(fig, series, path, ylabel="answer-token CE (nats)", title="Training curves")
 
@@ -62,14 +65,14 @@ def _line_plot(fig, series: list[tuple[list[dict], str, str, str]], path: Path, 
     ax.set(xlabel="optimizer step", ylabel=ylabel, title=title)
     ax.legend()
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_target_probs(metrics: dict[str, list[dict]], path: Path) -> Path | None:
     """Mean P_mix(y) and P_strong(y) of the target token over WMSS training."""
     rows = metrics.get("wmss") or []
     series = [(rows, "p_mix", "P_mix(y)", "-"), (rows, "p_strong", "P_strong(y)", "-")]
-    return _line_plot(_figure(), series, path, ylabel="mean target probability",
+    return _line_plot(new_figure(), series, path, ylabel="mean target probability",
                       title="WMSS: target-token probability")
 
 
@@ -80,7 +83,7 @@ def plot_entropy_scatter(h_weak: np.ndarray, h_strong: np.ndarray, dh: np.ndarra
     if len(dh) > _MAX_SCATTER:
         idx = np.random.default_rng(0).choice(len(dh), _MAX_SCATTER, replace=False)
         h_weak, h_strong, dh = h_weak[idx], h_strong[idx], dh[idx]
-    fig = _figure(6.0, 5.0)
+    fig = new_figure(6.0, 5.0)
     ax = fig.add_subplot()
     lim = float(max(abs(dh.min()), abs(dh.max()), 1e-9))
     sc = ax.scatter(h_weak, h_strong, c=dh, cmap="coolwarm", norm=TwoSlopeNorm(0.0, -lim, lim), s=6, alpha=0.7)
@@ -89,7 +92,7 @@ def plot_entropy_scatter(h_weak: np.ndarray, h_strong: np.ndarray, dh: np.ndarra
     fig.colorbar(sc, ax=ax, label="dH = H_strong - H_weak")
     ax.set(xlabel="H_weak (nats/token)", ylabel="H_strong (nats/token)", title="Answer entropy per sample")
     ax.legend(loc="upper left")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 WEIGHT_BINS = 50
@@ -107,12 +110,16 @@ def weight_histogram(weights: np.ndarray, draws: np.ndarray) -> dict[str, Any]:
 
 def plot_weights_hist(hist: dict[str, Any], path: Path) -> Path:
     """Bar plot of a ``weight_histogram``."""
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     ax.stairs(hist["counts"], hist["bin_edges"], fill=True, color="#4a7ab5")
     ax.set(xlabel="sampling weight p_i", ylabel="samples", title="Curriculum sampling weights")
     ax.set_yscale("log")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # ----------------------------------------------------------------------------- HTML
+
+
+# The old private names, only until wmss_ray/sweep/page_plots.py imports the public ones above; then delete.
+_figure, _save = new_figure, save_png

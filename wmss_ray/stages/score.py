@@ -1,7 +1,7 @@
-"""Distributed weak/strong entropy scoring with Ray Data, and the curriculum draw.
+"""Distributed weak/strong entropy scoring with Ray Data (the pipeline's ``score_<t>`` phases).
 
-``score_corpus`` = pair check -> ``tokenize_corpus`` (once; reused by training) ->
-``score_tokenized``; the curriculum draw is ``scoring/curriculum.py``::
+``score_tokenized`` = pair check -> score the corpus ``tokenize_corpus`` wrote once (the
+``tokenize`` phase; reused by training); the curriculum draw is ``stages/curriculum.py``::
 
     TokenizedDatasource (blocks of scoring.batch_size rows)
       -> map_batches(EntropyScorer, ActorPoolStrategy(size=scoring.num_actors),
@@ -27,13 +27,13 @@ from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 
 from wmss_ray.cluster import ensure_ray
 from wmss_ray.config.schema import WMSSConfig
 from wmss_ray.data import rejects as R
 from wmss_ray.io import storage
+from wmss_ray.io.files import write_parquet
 from wmss_ray.stages.scorer import SCORE_COLUMNS, EntropyScorer
 from wmss_ray.stages.tokenize import count_rows, read_tokenized, tokenize_corpus
 
@@ -44,7 +44,6 @@ log = logging.getLogger("wmss_ray.scoring")
 @dataclass
 class ScoringResult:
     scores_path: str
-    rejects_path: str | None
     counts: dict[str, Any] = field(default_factory=dict)
     elapsed: float = 0.0
     manifest_path: str | None = None
@@ -136,9 +135,8 @@ def score_tokenized(cfg: WMSSConfig, weak_model: str, strong_model: str, tokeniz
     h_weak = scores["h_weak"].to_numpy()
     h_strong = scores["h_strong"].to_numpy()
     scores_path = storage.join(out_dir, SCORES_FILE)
-    fs, path = storage.resolve_fs(scores_path)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(scores, path, filesystem=fs)
+    storage.make_dir(out_dir)
+    write_parquet(scores, scores_path)
     elapsed = time.perf_counter() - t0
     counts = {"rows_scored": scores.num_rows,
               "mean_h_weak": float(h_weak.mean()), "mean_h_strong": float(h_strong.mean()),
@@ -150,44 +148,4 @@ def score_tokenized(cfg: WMSSConfig, weak_model: str, strong_model: str, tokeniz
         "scoring": cfg.scoring.model_dump(),
         "elapsed_s": round(elapsed, 3), "samples_per_s": round(scores.num_rows / max(elapsed, 1e-9), 2),
     }, indent=2, sort_keys=True))
-    return ScoringResult(scores_path, None, counts, elapsed, manifest, tokenized_path)
-
-
-def score_corpus(cfg: WMSSConfig, weak_model: str, strong_model: str, corpus: str, out_dir: str,
-                 progress: bool | None = None,
-                 progress_callback: Callable[[int], None] | None = None) -> ScoringResult:
-    """Check the pair, tokenise ``corpus`` once (with the strong model's tokenizer) and score it.
-
-    Writes ``out_dir/{tokenized/, rejects.jsonl, tokenize_manifest.json, scores.parquet,
-    scoring_manifest.json}``. ``progress`` turns Ray Data's progress bars on/off (None: leave).
-
-    Returns:
-        ``ScoringResult``; ``counts = {rows_in, rows_scored, rows_rejected, rejected_by_reason,
-        ...}`` with ``rows_in == rows_scored + rows_rejected``.
-    """
-    t0 = time.perf_counter()
-    from wmss_ray.models.loading import check_pair_compatible
-
-    check_pair_compatible(weak_model, strong_model, cfg.models.trust_remote_code)
-    ensure_ray()
-    if progress is not None:
-        ray.data.DataContext.get_current().enable_progress_bars = progress
-    tok = tokenize_corpus(cfg, strong_model, corpus, out_dir)
-    res = score_tokenized(cfg, weak_model, strong_model, tok.tokenized_path, out_dir,
-                          progress_callback=progress_callback, check_pair=False)
-    counts = {"rows_in": tok.counts["rows_in"], "rows_scored": res.counts["rows_scored"],
-              "rows_rejected": tok.counts["rows_rejected"],
-              "rejected_by_reason": tok.counts["rejected_by_reason"],
-              **{k: v for k, v in res.counts.items() if k != "rows_scored"}}
-    elapsed = time.perf_counter() - t0
-    manifest = json.loads(_read_text(res.manifest_path))
-    manifest.update(corpus=corpus, counts=counts, elapsed_s=round(elapsed, 3),
-                    tokenize_elapsed_s=round(tok.elapsed, 3), score_elapsed_s=round(res.elapsed, 3))
-    storage.write_text(res.manifest_path, json.dumps(manifest, indent=2, sort_keys=True))
-    return ScoringResult(res.scores_path, tok.rejects_path, counts, elapsed, res.manifest_path, tok.tokenized_path)
-
-
-def _read_text(uri: str) -> str:
-    fs, path = storage.resolve_fs(uri)
-    with fs.open_input_stream(path) as f:
-        return f.read().decode()
+    return ScoringResult(scores_path, counts, elapsed, manifest, tokenized_path)

@@ -41,6 +41,7 @@ from wmss_ray.config.schema import DataConfig, WMSSConfig
 from wmss_ray.data import rejects as R
 from wmss_ray.data.corpus import READ_SCHEMA, Corpus, file_names, iter_file_rows, open_corpus
 from wmss_ray.io import storage
+from wmss_ray.io.files import write_parquet
 
 TOKEN_SCHEMA = pa.schema([
     ("sample_id", pa.string()),
@@ -158,7 +159,7 @@ class TokenizedSink(Datasink):
             if not rows.num_rows:
                 continue
             data_dir, index_dir = SPLIT_DIRS[split]
-            _write_parquet(rows.select(columns), storage.join(self.out_dir, data_dir, part + ".parquet"))
+            write_part(rows.select(columns), storage.join(self.out_dir, data_dir, part + ".parquet"))
             index = pa.table({
                 "sample_id": rows["sample_id"], "source_file": rows["source_file"],
                 "source_row": rows["source_row"], "part": pa.array([part] * rows.num_rows),
@@ -166,7 +167,7 @@ class TokenizedSink(Datasink):
                 "n_tokens": pc.list_value_length(rows["input_ids"]).cast(pa.int32()),
                 "truncated": rows["truncated"],
             })
-            _write_parquet(index, storage.join(self.out_dir, index_dir, part + ".parquet"))
+            write_part(index, storage.join(self.out_dir, index_dir, part + ".parquet"))
         if bad.num_rows:
             R.write_reject_part(storage.join(self.out_dir, "_rejects_parts", part + ".jsonl"), (
                 R.reject_record(r["sample_id"], r["source_file"], r["source_row"], r["reject_reason"], r["reject_detail"])
@@ -182,10 +183,9 @@ class TokenizedSink(Datasink):
 ROW_GROUP_BYTES = 4 * 2**20
 
 
-def _write_parquet(table: pa.Table, uri: str) -> None:
-    fs, path = storage.resolve_fs(uri)
-    rows_per_group = max(1, ROW_GROUP_BYTES * max(1, table.num_rows) // max(1, table.nbytes))
-    pq.write_table(table, path, filesystem=fs, row_group_size=rows_per_group)
+def write_part(table: pa.Table, uri: str) -> None:
+    """One part of ``tokenized/`` (or of its index), in row groups of about ``ROW_GROUP_BYTES``."""
+    write_parquet(table, uri, row_group_bytes=ROW_GROUP_BYTES)
 
 
 def _read_dir(uri: str, columns: list[str] | None = None) -> pa.Table:
@@ -236,7 +236,7 @@ def _drop_duplicates(out_dir: str, on_bad_row: str, split: str = "train") -> lis
             t = pq.read_table(storage.resolve_fs(uri)[1], filesystem=fs)
             keep = np.ones(t.num_rows, dtype=bool)
             keep[list(positions)] = False
-            _write_parquet(t.filter(pa.array(keep)), uri)
+            write_part(t.filter(pa.array(keep)), uri)
     return records
 
 

@@ -167,10 +167,6 @@ class DataPlan:
             out[mask] = self.epoch_order(int(e))[within[mask]]
         return out
 
-    def step_indices(self, step: int) -> np.ndarray:
-        """``[G]`` epoch-list indices of optimizer step ``step`` (0-based), micro-batch-major."""
-        return self._stream(step * self.global_batch, (step + 1) * self.global_batch)
-
     def micro_batch(self, step: int, accum: int, rank: int) -> np.ndarray:
         """``[micro_batch_size]`` epoch-list indices for one micro-batch."""
         m = accum * self.world_size + rank

@@ -146,8 +146,3 @@ class MetricsWriter:
                             storage.upload_file(src, storage.join(self.remote, *rel))
             finally:
                 shutil.rmtree(self.local_dir, ignore_errors=True)
-
-
-def read_metrics(path: str) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` file (local path or storage URI)."""
-    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]

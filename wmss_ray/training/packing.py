@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from wmss_ray.losses.constants import IGNORE_INDEX
 
 
 def pack_rows(rows: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, torch.Tensor]:

@@ -34,6 +34,7 @@ from typing import Any
 from wmss_ray.cluster import ensure_ray
 from wmss_ray.config.schema import WMSSConfig
 from wmss_ray.io import storage
+from wmss_ray.io.files import read_metrics
 from wmss_ray.io.manifest import fingerprint as _fingerprint
 from wmss_ray.training.checkpointing import (
     TRAINER_STATE,
@@ -42,7 +43,7 @@ from wmss_ray.training.checkpointing import (
     check_trained_all_steps,
 )
 from wmss_ray.training.dataset import EPOCH_ROWS_FILE, DataPlan, write_epoch_rows
-from wmss_ray.training.metrics import is_log_step, read_metrics
+from wmss_ray.training.metrics import is_log_step
 from wmss_ray.training.validation import ValidationPoints, validate_on_ranks
 from wmss_ray.training.worker import PhaseSpec
 

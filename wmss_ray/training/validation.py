@@ -17,12 +17,12 @@ generates (2 bytes per parameter in bf16), then frees it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from wmss_ray.config.schema import WMSSConfig
 from wmss_ray.io import storage
+from wmss_ray.io.files import read_jsonl, write_jsonl
 
 #: The metrics a validation point adds to its step's report.
 VALIDATION_KEYS = ("validation_accuracy", "validation_loss", "n_validation")
@@ -50,11 +50,8 @@ class ValidationPoints:
 
 
 def write_rows(rows: list[dict[str, Any]], path: str) -> None:
-    storage.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def read_rows(path: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+    """``rows`` (normalised eval rows) as the JSON lines of ``points.rows_path``."""
+    write_jsonl(path, rows)
 
 
 def validate_on_ranks(cfg: WMSSConfig, points: ValidationPoints, model_dir: str, step: int, rank: int, world: int,
@@ -83,7 +80,7 @@ def validate_on_ranks(cfg: WMSSConfig, points: ValidationPoints, model_dir: str,
         merged = {i: out for part in gathered for i, out in (part or {}).items()}
         return [res for i in range(len(chunks)) for res in merged[i]]
 
-    rows = read_rows(points.rows_path)
+    rows = read_jsonl(points.rows_path)
     metrics: list[dict[str, Any] | None] = [None]
     if rank == 0:
         res = evaluate_models({"WMSS": model_dir}, rows, cfg, points.step_dir(step), eval_set="validation",
