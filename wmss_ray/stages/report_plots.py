@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from wmss_ray.config.names import SFT_CONTINUED, SFT_CONTINUED_LABEL
+
 _MAX_SCATTER = 20000  # points; a subsample keeps the PNG small on million-row corpora
 
 
@@ -40,7 +42,7 @@ def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
 
 def plot_training_curves(metrics: dict[str, list[dict]], path: Path) -> Path | None:
     """Loss over steps for SFT-continued and WMSS, plus WMSS's ce_strong (strong alone)."""
-    curves = [("sft_continued", "loss", "SFT-continued loss", "-"), ("wmss", "loss", "WMSS loss (mixed)", "-"),
+    curves = [(SFT_CONTINUED, "loss", f"{SFT_CONTINUED_LABEL} loss", "-"), ("wmss", "loss", "WMSS loss (mixed)", "-"),
               ("wmss", "ce_strong", "WMSS CE of strong alone", "--")]
     fig = _figure()
     series = [(metrics.get(phase) or [], key, label, style) for phase, key, label, style in curves]

@@ -28,6 +28,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from wmss_ray.config.names import SFT_CONTINUED, SFT_CONTINUED_LABEL
 from wmss_ray.stages.report import _CSS, _img, _missing, _table
 from wmss_ray.sweep.page_plots import finite, plot_categories, plot_knobs, plot_learning_curves, plot_metric_vs_param
 from wmss_ray.sweep.results import METRICS, PAIRED
@@ -143,7 +144,7 @@ STATUS_LABEL = {"stopped": "stopped by ASHA", "error": "error", "pending": "pend
 
 def _trial_table(ranked: list[dict], keys: list[str], metric: str) -> str:
     header = ["#", "trial", "status", *keys, "validation accuracy", "validation loss", "n", "step", "seeds",
-              "accuracy std", "diff vs SFT-continued [95% CI]", "p (sign-flip; = McNemar for 1 seed)"]
+              "accuracy std", f"diff vs {SFT_CONTINUED_LABEL} [95% CI]", "p (sign-flip; = McNemar for 1 seed)"]
     body = [[i + 1, r["trial"], STATUS_LABEL[r["status"]], *(_param(r["params"].get(k)) for k in keys),
              _f(r["validation_accuracy"]), _f(r["validation_loss"]), _f(r["n_validation"], ".0f"),
              _f(r["step"], ".0f"), _f(r["seeds"], ".0f"), _f(r["accuracy_std"]),
@@ -152,7 +153,7 @@ def _trial_table(ranked: list[dict], keys: list[str], metric: str) -> str:
     note = (f"<p class=meta>Best first by {html.escape(metric)}; completed trials first (their last "
             "report is the whole validation split), then those stopped by ASHA (last report on a subsample, "
             "never chosen as best), errored and pending ones. The diff is the trial's validation accuracy minus "
-            "SFT-continued's (one baseline run shared by all trials), paired over the validation rows.</p>")
+            f"{SFT_CONTINUED_LABEL}'s (one control run shared by all trials), paired over the validation rows.</p>")
     return _table(header, body) + note
 
 
@@ -171,12 +172,12 @@ def _final_section(final: dict | None, path: Path) -> str:
              + f", evaluated once on {html.escape(str(es.get('name', 'test')))}"
              + (f" ({html.escape(str(es['source']))})" if es.get("source") else "")
              + (f", n = {html.escape(str(es['n']))}" if es.get("n") is not None else "") + ".</p>"]
-    sft = final.get("sft_continued") or {}
-    models = [["SFT-continued", "-", _f(_num(sft, "accuracy")), _f(_num(sft, "loss"))]] if sft else []
+    sft = final.get(SFT_CONTINUED) or {}
+    models = [[SFT_CONTINUED_LABEL, "-", _f(_num(sft, "accuracy")), _f(_num(sft, "loss"))]] if sft else []
     models += [["WMSS", str(w.get("seed", "-")), _f(_num(w, "accuracy")), _f(_num(w, "loss"))]
                for w in final.get("wmss") or []]
     parts.append(_table(["model", "seed", "held-out accuracy", "held-out loss"], models) if models
-                 else _missing(f"{path} has no sft_continued / wmss results."))
+                 else _missing(f"{path} has no {SFT_CONTINUED} / wmss results."))
     paired = final.get("paired") or []
     rows = [[f"{p.get('name_a', '?')} vs {p.get('name_b', '?')}", _f(_num(p, "n"), ".0f"),
              _f(_num(p, "acc_a")), _f(_num(p, "acc_b")),
@@ -207,7 +208,7 @@ def _read_final(path: Path) -> dict | None:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(final, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(final).__name__}")
-    for field in ("params", "eval_set", "sft_continued"):
+    for field in ("params", "eval_set", SFT_CONTINUED):
         if not isinstance(final.get(field) or {}, dict):
             raise ValueError(f"{path} field {field}: expected an object, got {final[field]!r}")
     for field in ("wmss", "paired"):

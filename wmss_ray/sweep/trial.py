@@ -49,7 +49,7 @@ def trial_config(base: WMSSConfig, params: dict[str, Any], trial_name: str, seed
     overrides = [f"{k}={v}" for k, v in params.items()]
     name = trial_name if seed_index == 0 else f"{trial_name}-seed{seed_index}"
     overrides += [f"run.storage={Path(base.run_dir()).resolve() / 'tune'}", f"run.name={name}",
-                  "run.iterations=1", "evaluation.baseline=false"]
+                  "run.iterations=1", "evaluation.sft_continued=false"]
     if seed_index:
         overrides.append(f"curriculum.seed={base.run.seed + seed_index}")
     return config_from_dict(base.to_dict(), overrides, source=f"tune trial {name}")
