@@ -132,7 +132,7 @@ def run_seed(config: str, storage: Path, seed: int, n_eval: int, link: str | Non
     outputs = run_pipeline(cfg)
     eval_path = large_eval_set(seed_cfg, n_eval)
     dirs = {"M0": outputs["phase0"]["model_dir"], "M1": outputs["sft"]["model_dir"],
-            "SFT-continued": outputs["baseline"]["model_dir"], "WMSS": outputs["wmss_1"]["model_dir"]}
+            "SFT-continued": outputs["sft_continued"]["model_dir"], "WMSS": outputs["wmss_1"]["model_dir"]}
     evals = {m: evaluate_cached(cfg, m, d, eval_path, run_dir / "study" / "eval") for m, d in dirs.items()}
     demo_eval = {m: {k: v[k] for k in ("accuracy", "loss", "n")} for m, v in outputs["eval"]["models"].items()}
     phase_seconds = {}
@@ -166,7 +166,7 @@ def run_variant(base: WMSSConfig, name: str, seed_result: dict, n_eval: int) -> 
         weak_dir = half_sft_model(base) if weak == "half-sft" else None
     slug = slugify(name)
     cfg = config_from_dict(base.to_dict(), overrides + [
-        f"run.storage={base_run / 'ablations'}", f"run.name={slug}", "evaluation.baseline=false",
+        f"run.storage={base_run / 'ablations'}", f"run.name={slug}", "evaluation.sft_continued=false",
         *([f"models.weak={weak_dir}"] if weak_dir else [])])
     # A new weak model means new entropy scores, so score_1 is linked only when the weak is M0.
     link_shared_phases(base_run, Path(cfg.run_dir()), UPSTREAM if weak_dir else (*UPSTREAM, "score_1"))

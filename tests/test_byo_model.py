@@ -85,7 +85,7 @@ def test_bring_your_own_qwen3_model_and_gsm8k_corpus(ray_cluster, byo):
         "scaling": {"num_workers": 1},
     })
     out = run_pipeline(cfg)
-    assert list(out) == ["tokenize", "sft", "score_1", "curriculum_1", "wmss_1", "baseline", "eval", "report"]
+    assert list(out) == ["tokenize", "sft", "score_1", "curriculum_1", "wmss_1", "sft_continued", "eval", "report"]
 
     # Tokenize: the validation split is carved by sample_id hash, apart from training.
     expect_val = sorted(r["id"] for r in train if in_validation(r["id"], VAL_FRACTION))

@@ -39,7 +39,7 @@ def _seed(seed: int, wmss: list[bool], sft: list[bool]) -> dict:
 
 
 def test_the_write_up_pools_seeds_per_problem_and_lists_ablations():
-    # seed 0: WMSS wins 3 problems the baseline loses; seed 1: loses 1; 10 problems each
+    # seed 0: WMSS wins 3 problems SFT-continued loses; seed 1: loses 1; 10 problems each
     s0 = _seed(0, [True] * 8 + [False] * 2, [True] * 5 + [False] * 5)
     s1 = _seed(1, [True] * 4 + [False] * 6, [True] * 5 + [False] * 5)
     variant_eval = _evals({"v": [True] * 10})["v"]
@@ -49,12 +49,12 @@ def test_the_write_up_pools_seeds_per_problem_and_lists_ablations():
     text = study.write_up([s0, s1], abl, 10, "python benchmarks/demo_study.py", saturated=None)
     assert "| 0 | 0.0 % | 0.0 % | 50.0 % | 80.0 % | +30.0 [" in text
     assert "3 vs 0, p=0.25" in text  # exact McNemar: 2 * 0.5**3
-    # pooled: 20 problem-runs, WMSS right only 3 (seed 0), baseline right only 1 (seed 1)
+    # pooled: 20 problem-runs, WMSS right only 3 (seed 0), SFT-continued right only 1 (seed 1)
     assert "Pooled over 2 seeds (20 problem-runs): WMSS − SFT-continued +10.0 [" in text and "3 vs 1" in text
     assert "| SFT-continued | 50.0 % ± 0.0 [50.0 %, 50.0 %]" in text
     assert "| WMSS | 60.0 % ± 28.3 [40.0 %, 80.0 %]" in text
     assert "| 0 | lambda 0.3 | M0 (0.0 %) | 100.0 % |" in text and "| 1 | lambda 0.3 |" in text
-    # a variant run on two seeds gets a pooled line: 10 + 10 problem-runs, baseline right on 5 + 5
+    # a variant run on two seeds gets a pooled line: 10 + 10 problem-runs, SFT-continued right on 5 + 5
     assert "lambda 0.3 over seeds 0, 1: accuracy 100.0 % ± 0.0; pooled (20 problem-runs) − SFT-continued +50.0" in text
 
 

@@ -77,12 +77,12 @@ def test_every_phase_counts_add_up(tiny_run):
     assert weights["draws"].max() == cur["max_draws_per_sample"] and weights["draws"].sum() == draws
     assert 1.0 <= cur["effective_sample_size"] <= n
     # steps: ceil(N * epochs / global batch) capped by training.max_steps (3 in the tiny config);
-    # equal compute: the baseline ran exactly as many optimizer steps as WMSS
+    # equal compute: sft_continued ran exactly as many optimizer steps as WMSS
     t = cfg.training
     batch = t.micro_batch_size * t.grad_accum * cfg.scaling.num_workers
     expect = {"sft": min(t.max_steps, math.ceil(n * t.sft_epochs / batch)),
               "wmss_1": min(t.max_steps, math.ceil(draws * t.wmss_epochs / batch))}
-    expect["baseline"] = expect["wmss_1"]
+    expect["sft_continued"] = expect["wmss_1"]
     for phase, steps in expect.items():
         assert out[phase]["steps"] == _manifest(cfg, phase)["counts"]["steps"] == steps > 0, phase
         lines = [json.loads(line) for line in Path(out[phase]["metrics"]).read_text().splitlines()]

@@ -44,7 +44,7 @@ def s3_run(s3_server, model_cache, ray_cluster, tmp_path_factory):
         "training.max_steps=3",  # the worker killed after step 2 leaves a step to resume
         # no SFT-continued phase: it trains and exports through the same code as wmss_1 (checked
         # here) and would add a Ray Train run and an evaluated model (~15 s) for nothing new
-        "evaluation.baseline=false",
+        "evaluation.sft_continued=false",
     ])
     old_cwd = os.getcwd()
     os.chdir(cwd)  # a relative path written by mistake would land here

@@ -39,7 +39,7 @@ def cfg(tmp_path):
 
 def test_phase_order_for_the_demo_and_for_k_iterations(cfg):
     assert [p.name for p in build_phases(cfg)] == [
-        "data", "phase0", "tokenize", "sft", "score_1", "curriculum_1", "wmss_1", "baseline", "eval", "report"]
+        "data", "phase0", "tokenize", "sft", "score_1", "curriculum_1", "wmss_1", "sft_continued", "eval", "report"]
     k2 = load_config(None, ["run.iterations=2"])
     names = [p.name for p in build_phases(k2)]
     assert names[4:10] == ["score_1", "curriculum_1", "wmss_1", "score_2", "curriculum_2", "wmss_2"]
@@ -72,13 +72,13 @@ def test_rerun_skips_completed_phases_and_from_reruns(cfg, monkeypatch):
 
     calls.clear()
     run_pipeline(cfg, from_phase="wmss_1")
-    assert calls == ["wmss_1", "baseline", "eval", "report"]
+    assert calls == ["wmss_1", "sft_continued", "eval", "report"]
 
 
 @pytest.mark.parametrize("override, reruns", [
-    ("mix.lam=0.3", ["wmss_1", "baseline", "eval", "report"]),
+    ("mix.lam=0.3", ["wmss_1", "sft_continued", "eval", "report"]),
     # the weak override: pre-training, tokenising and SFT keep their fingerprints
-    ("models.weak=/models/half-sft", ["score_1", "curriculum_1", "wmss_1", "baseline", "eval", "report"]),
+    ("models.weak=/models/half-sft", ["score_1", "curriculum_1", "wmss_1", "sft_continued", "eval", "report"]),
 ])
 def test_a_changed_key_reruns_only_the_phases_it_feeds(override, reruns, cfg, monkeypatch, tmp_path):
     calls = []
@@ -146,7 +146,7 @@ def test_a_linked_phase_is_never_rerun_in_place(cfg, monkeypatch, tmp_path):
 # Every phase of the demo pipeline: the input to change that feeds it (the phase's own section).
 _FEEDS = {"data": "data.demo.n_train=40", "phase0": "phase0.steps=3", "tokenize": "data.max_seq_len=90",
           "sft": "training.lr=0.002", "score_1": "scoring.batch_size=7", "curriculum_1": "curriculum.beta=0.5",
-          "wmss_1": "mix.lam=0.9", "baseline": "training.lr=0.002", "eval": "evaluation.max_new_tokens=9"}
+          "wmss_1": "mix.lam=0.9", "sft_continued": "training.lr=0.002", "eval": "evaluation.max_new_tokens=9"}
 
 
 @pytest.mark.parametrize("phase", list(_FEEDS))
@@ -206,11 +206,45 @@ def test_a_stopped_phase_ends_the_run_and_resumes(cfg, monkeypatch):
 
     monkeypatch.setattr(pipeline, "build_phases", stopping)
     out = run_pipeline(cfg)
-    assert calls[-1] == "wmss_1" and "baseline" not in out
+    assert calls[-1] == "wmss_1" and "sft_continued" not in out
     man = json.loads(open(f"{cfg.run_dir()}/wmss_1/manifest.json").read())
     assert man["status"] == "stopped"
     calls.clear()
     monkeypatch.setattr(pipeline, "build_phases", phases)
     run_pipeline(cfg)
-    assert calls == ["wmss_1", "baseline", "eval", "report"]
+    assert calls == ["wmss_1", "sft_continued", "eval", "report"]
     assert os.path.isdir(f"{cfg.run_dir()}/wmss_1/ray_train")  # resumed, not cleared
+
+
+def test_run_phases_runs_any_phase_list_with_the_same_skip_resume_and_clear_rules(cfg, monkeypatch, tmp_path):
+    """The sweep's control is a Phase run by the same runner in another run dir, reading phases run
+    elsewhere: skipped when done with the same inputs, rerun from an empty dir when its extra inputs
+    (the step count) change, resumed when interrupted."""
+    monkeypatch.setattr(pipeline, "ensure_ray", lambda: None)
+    calls = []
+
+    def control(steps, fail=False):
+        def run(ctx):
+            calls.append(steps)
+            os.makedirs(os.path.join(ctx.phase_dir("sft_continued"), "ray_train"), exist_ok=True)
+            if fail:
+                raise RuntimeError("boom")
+            return {"outputs": {"model_dir": ctx.out("sft", "model_dir") + f"+{steps}"}}
+        return Phase("sft_continued", ["sft"], ["training"], run, extra={"steps": steps})
+
+    def run(steps, fail=False):
+        ctx = pipeline.RunContext(cfg, run_dir=str(tmp_path / "tune"))
+        ctx.outputs, ctx.fingerprints = {"sft": {"model_dir": "/m1"}}, {"sft": "abc"}
+        return pipeline.run_phases(ctx, [control(steps, fail)])
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run(2, fail=True)
+    assert run(2)["sft_continued"]["model_dir"] == "/m1+2" and calls == [2, 2]
+    assert os.path.isdir(tmp_path / "tune" / "sft_continued" / "ray_train")  # resumed, not cleared
+    run(2)
+    assert calls == [2, 2]  # completed with the same inputs: skipped
+    (tmp_path / "tune" / "sft_continued" / "ray_train" / "x").mkdir()
+    run(3)
+    assert calls == [2, 2, 3] and not (tmp_path / "tune" / "sft_continued" / "ray_train" / "x").exists()
+    man = json.loads((tmp_path / "tune" / "sft_continued" / "manifest.json").read_text())
+    assert man["status"] == "completed" and man["inputs"] == {"sft": {"model_dir": "/m1"}}

@@ -3,11 +3,11 @@
 K = cfg.run.iterations (paper: 1). Phase order::
 
     data -> phase0 -> tokenize -> sft -> score_1 -> curriculum_1 -> wmss_1
-         [-> score_2 -> curriculum_2 -> wmss_2 ...] -> baseline -> eval -> report
+         [-> score_2 -> curriculum_2 -> wmss_2 ...] -> sft_continued -> eval -> report
 
 ``data`` and ``phase0`` exist only in the demo world (the synthetic task; pre-training M0).
 ``score_t`` scores the train corpus with weak = M_{t-1} and strong = M_t; ``wmss_t`` trains
-M_{t+1} from M_t against weak M_{t-1}. ``baseline`` is the equal-compute control: SFT continued
+M_{t+1} from M_t against weak M_{t-1}. ``sft_continued`` is the equal-compute control: SFT continued
 from M1 for exactly as many optimizer steps as all WMSS iterations together took.
 
 Each phase writes ``<run_dir>/<phase>/manifest.json`` (see ``manifest.py``). The run dir is a
@@ -18,12 +18,13 @@ phase (status ``running``/``failed``) of the same fingerprint runs again, and tr
 resume from their last Ray Train checkpoint. A phase that runs with other inputs, or is forced,
 starts from an empty directory (``manifest.prepare_phase_dir``): a checkpoint resumes only the
 run that wrote it, and a training phase checks at its end that every step of its plan was
-trained by runs of its fingerprint.
+trained by runs of its fingerprint. :func:`run_phases` is that runner for any list of phases:
+``wmss run``, each seed of a tune trial (through :func:`run_pipeline`) and the sweep's shared
+control (``wmss_ray/sweep/control.py``, a :class:`Phase` under ``<run>/tune``) all use it.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -33,9 +34,10 @@ from typing import Any, Callable
 
 from wmss_ray.cluster import ensure_ray
 from wmss_ray.config.loading import save_config
+from wmss_ray.config.names import SFT_CONTINUED, SFT_CONTINUED_LABEL
 from wmss_ray.config.schema import WMSSConfig
 from wmss_ray.io import storage
-from wmss_ray.io.manifest import Manifest, fingerprint, now, prepare_phase_dir, read_manifest
+from wmss_ray.io.manifest import Manifest, now, phase_fingerprint, prepare_phase_dir, read_manifest
 
 log = logging.getLogger("wmss_ray.pipeline")
 
@@ -49,14 +51,18 @@ class Phase:
     # dotted keys inside ``sections`` that do not change this phase's result; they are nulled
     # (not dropped) before hashing, so a run that never set them keeps its fingerprints
     ignores: tuple[str, ...] = ()
+    # inputs from outside the config and the phases (the sweep control's step count): hashed
+    # only when given, so the pipeline's phases keep their fingerprints
+    extra: dict[str, Any] | None = None
 
 
 class RunContext:
     """What phases share: the config, the run dir, and finished phases' outputs."""
 
-    def __init__(self, cfg: WMSSConfig, train_options: dict[str, dict[str, Any]] | None = None):
+    def __init__(self, cfg: WMSSConfig, train_options: dict[str, dict[str, Any]] | None = None,
+                 run_dir: str | None = None):
         self.cfg = cfg
-        self.run_dir = storage.location(cfg.run_dir())  # absolute local path or URI
+        self.run_dir = storage.location(run_dir or cfg.run_dir())  # absolute local path or URI
         self.outputs: dict[str, dict[str, Any]] = {}
         self.fingerprints: dict[str, str] = {}  # by phase name: a training phase binds its checkpoints to it
         # extra train_phase arguments by phase name that do not change its result (a tune
@@ -192,17 +198,23 @@ def _phase_wmss(t: int) -> Callable[[RunContext], dict[str, Any]]:
     return run
 
 
-def _phase_baseline(ctx: RunContext) -> dict[str, Any]:
+def _phase_sft_continued(ctx: RunContext) -> dict[str, Any]:
     """Equal compute: SFT from M1 for exactly the optimizer steps all WMSS iterations took."""
-    from wmss_ray.training.trainer import train_phase
-
     k = ctx.cfg.run.iterations
     steps = sum(int(ctx.out(f"wmss_{t}", "steps")) for t in range(1, k + 1))
+    return train_sft_continued(ctx, steps, epochs=ctx.cfg.training.wmss_epochs * k)
+
+
+def train_sft_continued(ctx: RunContext, steps: int, epochs: int) -> dict[str, Any]:
+    """The equal-compute control's training, in ``<ctx.run_dir>/sft_continued/``: SFT from M1 for
+    exactly ``steps`` optimizer steps (the pipeline's phase, and the sweep's shared control)."""
+    from wmss_ray.training.trainer import train_phase
+
     res = train_phase(
         ctx.cfg, "sft", strong_init=ctx.model(1), weak_init=None,
         tokenized_path=ctx.out("tokenize", "tokenized"), sampled_ids_path=None,
-        out_dir=str(ctx.phase_dir("baseline")), epochs=ctx.cfg.training.wmss_epochs * k, exact_steps=steps,
-        fingerprint=ctx.fingerprints["baseline"],
+        out_dir=str(ctx.phase_dir(SFT_CONTINUED)), epochs=epochs, exact_steps=steps,
+        fingerprint=ctx.fingerprints[SFT_CONTINUED],
     )
     return _train_outputs(res)
 
@@ -218,8 +230,8 @@ def _phase_eval(ctx: RunContext) -> dict[str, Any]:
     if ctx.cfg.models.weak and ctx.cfg.models.weak != ctx.model(0):
         models["weak"] = ctx.cfg.models.weak
     models["M1"] = ctx.model(1)
-    if "baseline" in ctx.outputs:
-        models["SFT-continued"] = ctx.out("baseline", "model_dir")
+    if SFT_CONTINUED in ctx.outputs:
+        models[SFT_CONTINUED_LABEL] = ctx.out(SFT_CONTINUED, "model_dir")
     models["WMSS"] = ctx.model(k + 1)
     # data.eval is the test set: read here only, after every choice (tune selects on validation).
     results = evaluate_models(models, eval_path, ctx.cfg, str(ctx.phase_dir("eval")), eval_set="test")
@@ -240,7 +252,7 @@ def _phase_report(ctx: RunContext) -> dict[str, Any]:
         "eval_set": ctx.outputs.get("eval", {}).get("eval_set"),
         "counts": {"validation": _validation_count(ctx)},
         "phases": {
-            "sft_continued": ctx.outputs.get("baseline", {}).get("metrics"),
+            SFT_CONTINUED: ctx.outputs.get(SFT_CONTINUED, {}).get("metrics"),
             "wmss": ctx.outputs.get(f"wmss_{k}", {}).get("metrics"),
         },
         "scores": ctx.outputs.get(f"score_{k}", {}).get("scores"),
@@ -288,9 +300,10 @@ def build_phases(cfg: WMSSConfig) -> list[Phase]:
         phases.append(Phase(f"wmss_{t}", [f"curriculum_{t}", prev_model, weak_src],
                             ["run.seed", "mix", "training", "scaling", *weak_key], _phase_wmss(t), how))
         prev_model = f"wmss_{t}"
-    if cfg.evaluation.baseline:
-        phases.append(Phase("baseline", ["sft", prev_model], ["run.seed", "training", "scaling"], _phase_baseline, how))
-    eval_needs = [p.name for p in phases if p.name in ("sft", "baseline", prev_model)] + first
+    if cfg.evaluation.sft_continued:
+        phases.append(Phase(SFT_CONTINUED, ["sft", prev_model], ["run.seed", "training", "scaling"],
+                            _phase_sft_continued, how))
+    eval_needs = [p.name for p in phases if p.name in ("sft", SFT_CONTINUED, prev_model)] + first
     phases.append(Phase("eval", eval_needs, ["evaluation", "data.eval", "data.reference_column", "data.supervise"],
                         _phase_eval))
     phases.append(Phase("report", ["eval"], [], _phase_report))
@@ -300,34 +313,8 @@ def build_phases(cfg: WMSSConfig) -> list[Phase]:
 # ----------------------------------------------------------------------------- runner
 
 
-def _section(cfg_dict: dict[str, Any], dotted: str) -> Any:
-    node: Any = cfg_dict
-    for part in dotted.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
-
-
-def _nulled(cfg_dict: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
-    if not keys:
-        return cfg_dict
-    out = copy.deepcopy(cfg_dict)
-    for dotted in keys:
-        *parents, leaf = dotted.split(".")
-        node = out
-        for part in parents:
-            node = node.get(part, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict) and leaf in node:
-            node[leaf] = None
-    return out
-
-
 def _phase_fingerprint(phase: Phase, cfg_dict: dict[str, Any], prints: dict[str, str]) -> str:
-    cfg_dict = _nulled(cfg_dict, phase.ignores)
-    return fingerprint({
-        "phase": phase.name,
-        "config": {s: _section(cfg_dict, s) for s in phase.sections},
-        "upstream": {n: prints.get(n) for n in phase.needs},
-    })
+    return phase_fingerprint(phase.name, phase.sections, phase.needs, cfg_dict, prints, phase.ignores, phase.extra)
 
 
 def run_pipeline(cfg: WMSSConfig, from_phase: str | None = None, until: str | None = None,
@@ -341,20 +328,39 @@ def run_pipeline(cfg: WMSSConfig, from_phase: str | None = None, until: str | No
     the next call resumes it).
     """
     phases = build_phases(cfg)
-    names = [p.name for p in phases]
-    for arg in (from_phase, until):
-        if arg is not None and arg not in names:
-            raise ValueError(f"unknown phase '{arg}'; phases of this config: {', '.join(names)}")
+    check_phase_names(phases, from_phase, until)
     ctx = RunContext(cfg, train_options)
     storage.check_reachable(ctx.run_dir)  # an unreachable store fails here, naming the URI
     save_config(cfg, storage.join(ctx.run_dir, "config.yaml"))
-    cfg_dict = cfg.to_dict()
-    prints: dict[str, str] = {}
+    return run_phases(ctx, phases, from_phase, until)
+
+
+def check_phase_names(phases: list[Phase], *names: str | None) -> None:
+    """Refuse a ``from_phase`` / ``until`` that is not one of ``phases``, naming those there are."""
+    known = [p.name for p in phases]
+    for arg in names:
+        if arg is not None and arg not in known:
+            raise ValueError(f"unknown phase '{arg}'; phases of this config: {', '.join(known)}")
+
+
+def run_phases(ctx: RunContext, phases: list[Phase], from_phase: str | None = None,
+               until: str | None = None) -> dict[str, Any]:
+    """The one resumable runner: run ``phases`` in order, each in ``<ctx.run_dir>/<phase>/``.
+
+    A phase completed with the same fingerprint is skipped (its outputs reused); an unfinished one
+    (``running``/``failed``/``stopped``) of the same fingerprint resumes from what its directory
+    holds; any other, or one forced by ``from_phase`` (and every later one), runs from an emptied
+    directory (``manifest.prepare_phase_dir``). A linked phase directory is never rerun. The run
+    ends after ``until``, or at a phase that ends ``stopped``. Phases run elsewhere may be given in
+    ``ctx.outputs`` and ``ctx.fingerprints`` (the sweep's control reads the base run's SFT this
+    way). Returns ``ctx.outputs``.
+    """
+    check_phase_names(phases, from_phase, until)
+    cfg_dict = ctx.cfg.to_dict()
     forced = False
     for phase in phases:
         forced = forced or phase.name == from_phase
-        fp = _phase_fingerprint(phase, cfg_dict, prints)
-        prints[phase.name] = ctx.fingerprints[phase.name] = fp
+        fp = ctx.fingerprints[phase.name] = _phase_fingerprint(phase, cfg_dict, ctx.fingerprints)
         phase_dir = ctx.phase_dir(phase.name)
         old = read_manifest(phase_dir)
         if not forced and old and old.status == "completed" and old.fingerprint == fp:

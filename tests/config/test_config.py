@@ -109,6 +109,16 @@ def test_unknown_key_in_a_yaml_file_names_the_file(tmp_path):
     assert str(p) in str(err.value) and "curriculum.alpha" in str(err.value)
 
 
+def test_a_renamed_key_fails_naming_its_new_name(tmp_path):
+    p = tmp_path / "old.yaml"
+    p.write_text("evaluation:\n  baseline: false\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'evaluation.baseline'; did you mean 'evaluation.sft_continued'"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"did you mean 'evaluation.sft_continued'"):
+        load_config(None, ["evaluation.baseline=false"])
+    assert load_config(None, ["evaluation.sft_continued=false"]).evaluation.sft_continued is False
+
+
 def test_bad_yaml_and_missing_file_are_clear(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")

@@ -72,7 +72,7 @@ def fake_run(tmp_path):
     run.mkdir(parents=True)
     save_config(config_from_dict({"run": {"name": "demo", "storage": str(tmp_path / "runs")},
                                   "evaluation": {"paired_bootstrap": 500}}), run / "config.yaml")
-    _write_metrics(run / "baseline" / "metrics.jsonl", "baseline", mixed=False)
+    _write_metrics(run / "sft_continued" / "metrics.jsonl", "sft_continued", mixed=False)
     _write_metrics(run / "wmss_1" / "metrics.jsonl", "wmss")
     _write_scores(run / "score_1" / "scores.parquet")
     _write_weights(run / "curriculum_1" / "weights.parquet")
@@ -142,7 +142,7 @@ def test_report_from_pipeline_results_dict(fake_run, tmp_path):
     models = json.loads((fake_run / "eval" / "eval_results.json").read_text())["models"]
     results = {
         "models": {n: {k: m[k] for k in ("accuracy", "loss", "n", "model_dir")} for n, m in models.items()},
-        "phases": {"sft_continued": str(fake_run / "baseline" / "metrics.jsonl"), "wmss": None},
+        "phases": {"sft_continued": str(fake_run / "sft_continued" / "metrics.jsonl"), "wmss": None},
         "scores": str(fake_run / "score_1" / "scores.parquet"),
         "weights": str(fake_run / "curriculum_1" / "weights.parquet"),
         "eval_dir": str(fake_run / "eval"),
@@ -171,7 +171,7 @@ def test_report_with_some_parts_missing(tmp_path):
     run = tmp_path / "partial"
     _write_eval(run / "eval")
     _write_scores(run / "score_2" / "scores.parquet")
-    _write_metrics(run / "wmss_1" / "metrics.jsonl", "wmss")  # no baseline, no config, no curriculum
+    _write_metrics(run / "wmss_1" / "metrics.jsonl", "wmss")  # no sft_continued, no config, no curriculum
     page = write_report(run).read_text()
     _assert_self_contained(page)
     assert len(_images(page)) == 3  # curves (WMSS only), probs, scatter

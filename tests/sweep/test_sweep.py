@@ -92,9 +92,9 @@ def test_completed_trials_are_paired_with_one_shared_control_and_the_best_is_tes
 
     cfg, grid = asha_sweep
     root = Path(cfg.run_dir()) / "tune"
-    control = read_manifest(str(root / "baseline"))  # one SFT-continued for all trials, equal compute
+    control = read_manifest(str(root / "sft_continued"))  # one SFT-continued for all trials, equal compute
     assert control.status == "completed" and control.counts["steps"] == 2
-    control_rows = read_per_sample(root / "baseline" / "validation" / "eval_SFT-continued.jsonl")
+    control_rows = read_per_sample(root / "sft_continued" / "validation" / "eval_SFT-continued.jsonl")
     assert len(control_rows) == cfg.data.demo.n_validation
     rows = {r["trial"]: r for r in csv.DictReader(open(root / "results.csv"))}
     for name, r in rows.items():
@@ -160,7 +160,7 @@ def test_wmss_run_best_yaml_reproduces_the_chosen_trial_and_its_control(asha_swe
     def weights(model_dir: str) -> dict:
         return {k: v for f in sorted(Path(model_dir).glob("*.safetensors")) for k, v in load_file(f).items()}
 
-    for ours, theirs in ((run / "wmss_1", root / final["trial"] / "wmss_1"), (run / "baseline", root / "baseline")):
+    for ours, theirs in ((run / "wmss_1", root / final["trial"] / "wmss_1"), (run / "sft_continued", root / "sft_continued")):
         a, b = (weights(read_manifest(str(d)).outputs["model_dir"]) for d in (ours, theirs))
         assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), ours.name  # bit-identical
     models = json.loads((run / "eval" / "eval_results.json").read_text())["models"]
@@ -183,8 +183,8 @@ def test_running_the_sweep_again_continues_it_without_rerunning_trials(asha_swee
                 for t in trials}
 
     def shared() -> tuple:  # the control is not trained again, the test set not read again
-        return ((root / "baseline" / "workers.jsonl").read_text(),
-                (root / "baseline" / "validation" / "eval_results.json").stat().st_mtime_ns,
+        return ((root / "sft_continued" / "workers.jsonl").read_text(),
+                (root / "sft_continued" / "validation" / "eval_results.json").stat().st_mtime_ns,
                 (root / "final" / "eval_results.json").stat().st_mtime_ns)
 
     before, before_shared = traces(), shared()

@@ -36,7 +36,7 @@ def test_trial_config_and_links(tmp_path):
     cfg = trial_config(base, {"mix.lam": 0.42, "curriculum.beta": 0.5}, "trial_00001")
     assert cfg.mix.lam == 0.42 and cfg.curriculum.beta == 0.5
     assert cfg.run_dir() == str(tmp_path / "base" / "tune" / "trial_00001")
-    assert cfg.evaluation.baseline is False
+    assert cfg.evaluation.sft_continued is False
     base_dir = tmp_path / "base"
     for p in SHARED_PHASES:
         (base_dir / p).mkdir(parents=True)

@@ -18,6 +18,10 @@ from pydantic import BaseModel, ValidationError
 from wmss_ray.config.schema import ConfigError, WMSSConfig
 
 
+#: Renamed keys, old dotted key -> new one: a config that still uses the old key fails naming the new one.
+RENAMED_KEYS = {"evaluation.baseline": "evaluation.sft_continued"}
+
+
 def _known_keys(model: type[BaseModel]) -> list[str]:
     return [f.alias or name for name, f in model.model_fields.items()]
 
@@ -29,6 +33,9 @@ def _check_unknown(data: Any, model: type[BaseModel], prefix: str, source: str) 
     known = _known_keys(model)
     for key, value in data.items():
         path = f"{prefix}{key}"
+        if path in RENAMED_KEYS:
+            raise ConfigError(f"{source}: unknown key '{path}'; did you mean '{RENAMED_KEYS[path]}'? "
+                              f"('{path}' was renamed)")
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; allowed: {', '.join(known)}"

@@ -284,7 +284,8 @@ class EvaluationConfig(ConfigSection):
     )
     answer_pattern: str | None = Field(None, description="checker regex: the final answer is group 'answer' or 1")
     num_actors: int = Field(1, ge=1)
-    baseline: bool = True  # equal-compute SFT-continued baseline
+    sft_continued: bool = Field(True, description="train the equal-compute control: SFT continued from M1 for as "
+                                "many steps as WMSS took (was evaluation.baseline)")
     ray_min_rows: int = Field(2000, ge=0, description="eval sets larger than this use the Ray Data actor pool")
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)

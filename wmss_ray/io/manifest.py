@@ -13,6 +13,7 @@ mixes in the old run's work.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -64,6 +65,38 @@ def read_manifest(phase_dir: str | Path) -> Manifest | None:
 def fingerprint(parts: dict[str, Any]) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _section(cfg_dict: dict[str, Any], dotted: str) -> Any:
+    node: Any = cfg_dict
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _nulled(cfg_dict: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    if not keys:
+        return cfg_dict
+    out = copy.deepcopy(cfg_dict)
+    for dotted in keys:
+        *parents, leaf = dotted.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict) and leaf in node:
+            node[leaf] = None
+    return out
+
+
+def phase_fingerprint(name: str, sections: list[str], needs: list[str], cfg_dict: dict[str, Any],
+                      prints: dict[str, str], ignores: tuple[str, ...] = (), extra: dict[str, Any] | None = None) -> str:
+    """A phase's fingerprint: its name, the config ``sections`` it depends on (``ignores`` nulled,
+    not dropped), the fingerprints of the phases it ``needs``, and ``extra`` inputs (hashed only
+    when given, so phases without them keep their fingerprints)."""
+    cfg_dict = _nulled(cfg_dict, ignores)
+    parts = {"phase": name, "config": {s: _section(cfg_dict, s) for s in sections},
+             "upstream": {n: prints.get(n) for n in needs}}
+    return fingerprint({**parts, "extra": extra} if extra is not None else parts)
 
 
 def now() -> float:

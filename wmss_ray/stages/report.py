@@ -15,9 +15,9 @@ The ``results`` dict (every key optional; missing ones are looked up under the r
       "counts": {"validation": int | None},    # rows of the validation split (selection only)
       "paired": PairedTest dict or a list of them (see wmss_ray.stages.stats.PairedTest.to_dict()),
                       # default: computed from <eval_dir>/eval_<name>.jsonl for
-                      # WMSS vs SFT-continued and WMSS vs M1
+                      # WMSS vs SFT-continued (SFT_CONTINUED_LABEL) and WMSS vs M1
       "phases": {"sft_continued": metrics.jsonl path, "wmss": metrics.jsonl path},
-                      # default: <run>/baseline/metrics.jsonl, the last <run>/wmss_<t>/metrics.jsonl
+                      # default: <run>/sft_continued/metrics.jsonl, the last <run>/wmss_<t>/metrics.jsonl
       "scores": scores.parquet path,           # default: the last <run>/score_<t>/scores.parquet
       "weights": weights.parquet path,         # the weights the curriculum phase drew from
                       # (sample_id, weight, draws); default: the last <run>/curriculum_<t>/weights.parquet
@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from wmss_ray.config.names import SFT_CONTINUED, SFT_CONTINUED_LABEL
 from wmss_ray.io.files import read_metrics
 from wmss_ray.stages import stats
 from wmss_ray.stages.report_plots import (
@@ -53,8 +54,8 @@ from wmss_ray.stages.report_plots import (
 
 log = logging.getLogger("wmss_ray.stages.report")
 
-MODEL_ORDER = ("M0", "weak", "M1", "SFT-continued", "WMSS")
-PAIRS = (("WMSS", "SFT-continued"), ("WMSS", "M1"))
+MODEL_ORDER = ("M0", "weak", "M1", SFT_CONTINUED_LABEL, "WMSS")
+PAIRS = (("WMSS", SFT_CONTINUED_LABEL), ("WMSS", "M1"))
 
 
 # ----------------------------------------------------------------------------- text table
@@ -147,7 +148,7 @@ def collect_results(run_dir: str | Path, results: dict | None = None) -> dict[st
                 r[key] = saved.get(key)
     phases = dict(r.get("phases") or {})
     defaults = {
-        "sft_continued": _existing(run / "baseline" / "metrics.jsonl"),
+        SFT_CONTINUED: _existing(run / SFT_CONTINUED / "metrics.jsonl"),
         "wmss": _last_numbered(run, "wmss", "metrics.jsonl"),
     }
     r["phases"] = {k: _existing(phases.get(k)) or v for k, v in defaults.items()}
@@ -254,7 +255,7 @@ def eval_set_line(r: dict) -> str:
 def _paired_section(r: dict) -> str:
     pairs = _pairs(r)
     if not pairs:
-        return missing_note("No paired comparison (needs per-sample results of WMSS and SFT-continued or M1).")
+        return missing_note(f"No paired comparison (needs per-sample results of WMSS and {SFT_CONTINUED_LABEL} or M1).")
     rows = [[f"{p['name_a']} vs {p['name_b']}", p["n"], f"{p['diff']:+.4f}",
              f"[{p['ci_low']:+.4f}, {p['ci_high']:+.4f}]", p["only_a"], p["only_b"], f"{p['p_value']:.3g}"]
             for p in pairs]
@@ -358,7 +359,7 @@ def write_report(run_dir: str | Path, results: dict | None = None, out_path: str
         "<h2>Paired test</h2>", _paired_section(r),
         "<h2>Training curves</h2>",
         embedded_png(curves, "training curves")
-        or missing_note("No training metrics (baseline / wmss metrics.jsonl not found)."),
+        or missing_note(f"No training metrics ({SFT_CONTINUED} / wmss metrics.jsonl not found)."),
         "<h2>Target-token probability during WMSS</h2>",
         embedded_png(probs, "P_mix and P_strong") or missing_note("No WMSS metrics with p_mix / p_strong."),
         _pool_section(metrics.get("wmss") or []),
@@ -376,7 +377,3 @@ def write_report(run_dir: str | Path, results: dict | None = None, out_path: str
     data["weight_histogram"] = hist
     (out / "report_data.json").write_text(json.dumps(data, indent=2, default=str))
     return out_file
-
-
-# The old private names, only until wmss_ray/sweep/page.py imports the public ones above; then delete.
-_CSS, _img, _missing, _table = PAGE_CSS, embedded_png, missing_note, html_table

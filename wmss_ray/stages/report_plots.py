@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from wmss_ray.config.names import SFT_CONTINUED, SFT_CONTINUED_LABEL
+
 _MAX_SCATTER = 20000  # points; a subsample keeps the PNG small on million-row corpora
 
 
@@ -43,7 +45,7 @@ def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
 
 def plot_training_curves(metrics: dict[str, list[dict]], path: Path) -> Path | None:
     """Loss over steps for SFT-continued and WMSS, plus WMSS's ce_strong (strong alone)."""
-    curves = [("sft_continued", "loss", "SFT-continued loss", "-"), ("wmss", "loss", "WMSS loss (mixed)", "-"),
+    curves = [(SFT_CONTINUED, "loss", f"{SFT_CONTINUED_LABEL} loss", "-"), ("wmss", "loss", "WMSS loss (mixed)", "-"),
               ("wmss", "ce_strong", "WMSS CE of strong alone", "--")]
     fig = new_figure()
     series = [(metrics.get(phase) or [], key, label, style) for phase, key, label, style in curves]
@@ -119,7 +121,3 @@ def plot_weights_hist(hist: dict[str, Any], path: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- HTML
-
-
-# The old private names, only until wmss_ray/sweep/page_plots.py imports the public ones above; then delete.
-_figure, _save = new_figure, save_png

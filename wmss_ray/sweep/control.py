@@ -1,9 +1,13 @@
 """The sweep's one SFT-continued control, shared by every trial, and the paired comparisons with it.
 
-SFT-continued is SFT from M1 for exactly as many optimizer steps as a trial's WMSS phase took
-(equal compute, like the pipeline's ``baseline`` phase). It is trained once, after the trials,
-in ``<run>/tune/baseline/`` (resumable: a finished one with the same inputs is reused) and
-evaluated once on the whole validation split (``baseline/validation/eval_SFT-continued.jsonl``).
+The control is SFT from M1 for exactly as many optimizer steps as a trial's WMSS phase took
+(equal compute, like the pipeline's ``sft_continued`` phase, whose training it shares:
+``pipeline.train_sft_continued``). It is a :class:`~wmss_ray.pipeline.Phase` like any other,
+``sft_continued`` under the run dir ``<run>/tune`` (``<run>/tune/sft_continued/``), run by the
+pipeline's runner (``pipeline.run_phases``): trained once, after the trials, skipped when it
+completed with the same inputs (the base run's SFT, ``run``/``training``/``scaling``/``evaluation``
+and the step count), resumed when interrupted; then evaluated once on the whole validation split
+(``sft_continued/validation/eval_SFT-continued.jsonl``).
 Each completed trial is then compared problem by problem with it: ``d_i`` = the trial's
 accuracy on problem ``i`` (mean over its ``tune.seeds``) minus the control's; the table gets
 ``mean(d)`` with a paired bootstrap 95 % CI and the sign-flip p-value (= exact McNemar for one
@@ -22,11 +26,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from wmss_ray.config.names import SFT_CONTINUED, SFT_CONTINUED_LABEL
 from wmss_ray.config.schema import WMSSConfig
 from wmss_ray.sweep.trial import VALIDATION_DIR, seed_run_dirs
 
-BASELINE_DIR = "baseline"
-CONTROL = "SFT-continued"
 FINAL = "final.json"
 PAIRED_KEYS = ("diff_vs_sft", "diff_ci_low", "diff_ci_high", "p_value")
 
@@ -44,39 +47,37 @@ def control_steps(rows: list[dict[str, Any]]) -> int | None:
     return steps.most_common(1)[0][0] if steps else None
 
 
-def ensure_control(base: WMSSConfig, outputs: dict[str, Any], root: Path, steps: int) -> str:
-    """Train SFT-continued for ``steps`` steps once (reused when done with the same inputs) and
-    evaluate it on the whole validation split; returns its per-problem validation file."""
-    from wmss_ray.io.manifest import Manifest, fingerprint, now, prepare_phase_dir, read_manifest
-    from wmss_ray.pipeline import RunContext
-    from wmss_ray.stages.evaluate import evaluate_models
-    from wmss_ray.stages.tokenize import validation_eval_input
-    from wmss_ray.training.trainer import train_phase
+def control_phase(steps: int):
+    """The control as a pipeline phase: SFT-continued for ``steps`` steps from the base run's M1,
+    then its whole-validation-split evaluation (output ``validation``: the per-problem file)."""
+    from wmss_ray.pipeline import Phase, train_sft_continued
 
-    ctx = RunContext(base)
-    ctx.outputs = outputs
-    out = root / BASELINE_DIR
-    per_sample = out / VALIDATION_DIR / f"eval_{CONTROL}.jsonl"
-    fp = fingerprint({"steps": steps, "sft": read_manifest(ctx.phase_dir("sft")).fingerprint,
-                      "config": {k: base.to_dict()[k] for k in ("run", "training", "scaling", "evaluation")}})
-    old = read_manifest(str(out))
-    if old and old.status == "completed" and old.fingerprint == fp and per_sample.exists():
-        return str(per_sample)
-    print(f"[wmss] tune: the shared control, SFT-continued for {steps} steps ...", flush=True)
-    man = Manifest(phase=BASELINE_DIR, status="running", fingerprint=fp, config_hash=base.config_hash(),
-                   started_at=now())
-    out.mkdir(parents=True, exist_ok=True)
-    prepare_phase_dir(str(out), f"tune/{BASELINE_DIR}", fp)  # another control's checkpoints are deleted
-    man.write(str(out))
-    res = train_phase(base, "sft", strong_init=ctx.model(1), weak_init=None,
-                      tokenized_path=ctx.out("tokenize", "tokenized"), sampled_ids_path=None, out_dir=str(out),
-                      epochs=base.training.wmss_epochs, exact_steps=steps, fingerprint=fp)
-    evaluate_models({CONTROL: res.model_dir}, validation_eval_input(base, ctx.outputs), base,
-                    str(out / VALIDATION_DIR), eval_set="validation")
-    man.outputs, man.counts = {"model_dir": res.model_dir, "validation": str(per_sample)}, {"steps": res.steps}
-    man.status, man.finished_at = "completed", now()
-    man.write(str(out))
-    return str(per_sample)
+    def run(ctx) -> dict[str, Any]:
+        from wmss_ray.stages.evaluate import evaluate_models
+        from wmss_ray.stages.tokenize import validation_eval_input
+
+        print(f"[wmss] tune: the shared control, {SFT_CONTINUED_LABEL} for {steps} steps ...", flush=True)
+        result = train_sft_continued(ctx, steps, epochs=ctx.cfg.training.wmss_epochs)
+        out = Path(ctx.phase_dir(SFT_CONTINUED)) / VALIDATION_DIR
+        evaluate_models({SFT_CONTINUED_LABEL: result["outputs"]["model_dir"]},
+                        validation_eval_input(ctx.cfg, ctx.outputs), ctx.cfg, str(out), eval_set="validation")
+        result["outputs"]["validation"] = str(out / f"eval_{SFT_CONTINUED_LABEL}.jsonl")
+        return result
+
+    return Phase(SFT_CONTINUED, ["sft"], ["run", "training", "scaling", "evaluation"], run, extra={"steps": steps})
+
+
+def ensure_control(base: WMSSConfig, outputs: dict[str, Any], root: Path, steps: int) -> str:
+    """Run the control phase in ``root`` (= ``<run>/tune``) with the pipeline's runner (skipped
+    when done with the same inputs, resumed when interrupted); returns its per-problem
+    validation file. ``outputs``: the base run's phases up to scoring."""
+    from wmss_ray.io.manifest import read_manifest
+    from wmss_ray.pipeline import RunContext, run_phases
+
+    ctx = RunContext(base, run_dir=str(root))
+    ctx.outputs = dict(outputs)
+    ctx.fingerprints["sft"] = read_manifest(str(Path(base.run_dir()) / "sft")).fingerprint
+    return run_phases(ctx, [control_phase(steps)])[SFT_CONTINUED]["validation"]
 
 
 def _correct_by_id(path: Path | str) -> dict[str, bool]:
@@ -130,20 +131,22 @@ def final_heldout(base: WMSSConfig, outputs: dict[str, Any], best: dict[str, Any
     if old is not None and old.get("trial") == best["trial"]:
         return old
     eval_path = outputs["data"]["eval"] if base.models.demo else base.data.eval
-    control = read_manifest(str(root / BASELINE_DIR))
+    control = read_manifest(str(root / SFT_CONTINUED))
     if not eval_path or control is None or control.status != "completed":
         return None
-    models = {CONTROL: control.outputs["model_dir"]}
+    models = {SFT_CONTINUED_LABEL: control.outputs["model_dir"]}
     for i, d in enumerate(seed_run_dirs(root, best["trial"], base.tune.seeds)):
         models[f"WMSS seed {i}"] = read_manifest(str(d / "wmss_1")).outputs["model_dir"]
-    print(f"[wmss] tune: the best configuration ({best['trial']}) and {CONTROL} on data.eval, once ...", flush=True)
+    print(f"[wmss] tune: the best configuration ({best['trial']}) and {SFT_CONTINUED_LABEL} on data.eval, once ...",
+          flush=True)
     res = evaluate_models(models, eval_path, base, str(root / "final"), eval_set="test")
     summary = json.loads((root / "final" / "eval_results.json").read_text())
-    wmss = [(name, r) for name, r in res.items() if name != CONTROL]
+    ctrl = res[SFT_CONTINUED_LABEL]
+    wmss = [(name, r) for name, r in res.items() if name != SFT_CONTINUED_LABEL]
     final = {"trial": best["trial"], "params": best["params"], "eval_set": summary["eval_set"],
-             "sft_continued": {"accuracy": res[CONTROL].accuracy, "loss": res[CONTROL].loss},
+             SFT_CONTINUED: {"accuracy": ctrl.accuracy, "loss": ctrl.loss},
              "wmss": [{"seed": i, "accuracy": r.accuracy, "loss": r.loss} for i, (_, r) in enumerate(wmss)],
-             "paired": [paired_test_per_sample(r.per_sample, res[CONTROL].per_sample, name_a=name, name_b=CONTROL,
+             "paired": [paired_test_per_sample(r.per_sample, ctrl.per_sample, name_a=name, name_b=SFT_CONTINUED_LABEL,
                                                seed=base.run.seed).to_dict() for name, r in wmss]}
     path.write_text(json.dumps(final, indent=2, allow_nan=True))
     return final
@@ -161,7 +164,7 @@ def final_lines(final: dict[str, Any] | None) -> list[str]:
         return ["held-out test: not evaluated (no completed trial, no control, or no data.eval)"]
     es = final["eval_set"]
     lines = [f"held-out test ({es['n']} problems of data.eval, read once, after the choice): best trial "
-             f"{final['trial']}, SFT-continued {final['sft_continued']['accuracy']:.3f}"]
+             f"{final['trial']}, {SFT_CONTINUED_LABEL} {final[SFT_CONTINUED]['accuracy']:.3f}"]
     for p in final["paired"]:
         lines.append(f"  {p['name_a']}: {p['acc_a']:.3f}, {p['name_a']} - {p['name_b']} = {100 * p['diff']:+.1f} points "
                      f"[{100 * p['ci_low']:+.1f}, {100 * p['ci_high']:+.1f}] 95% CI, McNemar p = {p['p_value']:.3g}")

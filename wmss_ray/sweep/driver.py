@@ -237,6 +237,7 @@ def summarize(cfg: WMSSConfig) -> str:
     """The sweep's table from ``<run>/tune/results.csv`` (best first by ``tune.metric``, completed
     trials first; the paired difference with SFT-continued on validation), then the best
     configuration's held-out test result (final.json) last."""
+    from wmss_ray.config.names import SFT_CONTINUED_LABEL
     from wmss_ray.sweep.control import final_lines, read_final
     from wmss_ray.sweep.page import rank_rows, read_results
     from wmss_ray.sweep.page_plots import finite
@@ -249,9 +250,10 @@ def summarize(cfg: WMSSConfig) -> str:
         v = r.get(k)
         return format(scale * v, spec) if finite(v) else "-"
 
+    vs_control = f"vs {SFT_CONTINUED_LABEL} [95% CI]"
     lines = [f"trials on the validation split, by {metric} ({mode}); data.eval, the test set, is read once "
              "after the choice",
-             f"{'status':>9} {'step':>5} {'accuracy':>9} {'± std':>6} {'loss':>8} {'vs SFT-cont. [95% CI]':>23}  params"]
+             f"{'status':>9} {'step':>5} {'accuracy':>9} {'± std':>6} {'loss':>8} {vs_control:>26}  params"]
     for r in rows:
         p = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items()
                       if v is not None)
@@ -259,7 +261,7 @@ def summarize(cfg: WMSSConfig) -> str:
                 f"{num(r, 'diff_ci_high', '+.1f', 100)}]") if finite(r.get("diff_vs_sft")) else "-"
         lines.append(f"{r['status']:>9} {num(r, 'step', '.0f'):>5} {num(r, 'validation_accuracy', '.3f'):>9} "
                      f"{num(r, 'accuracy_std', '.3f') if finite(r.get('seeds')) and r['seeds'] > 1 else '-':>6} "
-                     f"{num(r, 'validation_loss', '.4f'):>8} {diff:>23}  {p}")
+                     f"{num(r, 'validation_loss', '.4f'):>8} {diff:>26}  {p}")
     if not any(r["status"] == "completed" for r in rows):
         lines.append("no trial completed: no best.yaml")
     else:

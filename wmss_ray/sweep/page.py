@@ -28,7 +28,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from wmss_ray.stages.report import _CSS, _img, _missing, _table
+from wmss_ray.config.names import SFT_CONTINUED, SFT_CONTINUED_LABEL
+from wmss_ray.stages.report import PAGE_CSS, embedded_png, html_table, missing_note
 from wmss_ray.sweep.page_plots import finite, plot_categories, plot_knobs, plot_learning_curves, plot_metric_vs_param
 from wmss_ray.sweep.results import METRICS, PAIRED
 
@@ -143,7 +144,7 @@ STATUS_LABEL = {"stopped": "stopped by ASHA", "error": "error", "pending": "pend
 
 def _trial_table(ranked: list[dict], keys: list[str], metric: str) -> str:
     header = ["#", "trial", "status", *keys, "validation accuracy", "validation loss", "n", "step", "seeds",
-              "accuracy std", "diff vs SFT-continued [95% CI]", "p (sign-flip; = McNemar for 1 seed)"]
+              "accuracy std", f"diff vs {SFT_CONTINUED_LABEL} [95% CI]", "p (sign-flip; = McNemar for 1 seed)"]
     body = [[i + 1, r["trial"], STATUS_LABEL[r["status"]], *(_param(r["params"].get(k)) for k in keys),
              _f(r["validation_accuracy"]), _f(r["validation_loss"]), _f(r["n_validation"], ".0f"),
              _f(r["step"], ".0f"), _f(r["seeds"], ".0f"), _f(r["accuracy_std"]),
@@ -152,8 +153,8 @@ def _trial_table(ranked: list[dict], keys: list[str], metric: str) -> str:
     note = (f"<p class=meta>Best first by {html.escape(metric)}; completed trials first (their last "
             "report is the whole validation split), then those stopped by ASHA (last report on a subsample, "
             "never chosen as best), errored and pending ones. The diff is the trial's validation accuracy minus "
-            "SFT-continued's (one baseline run shared by all trials), paired over the validation rows.</p>")
-    return _table(header, body) + note
+            f"{SFT_CONTINUED_LABEL}'s (one control run shared by all trials), paired over the validation rows.</p>")
+    return html_table(header, body) + note
 
 
 def _num(d: dict, k: str) -> Any:
@@ -164,26 +165,26 @@ def _num(d: dict, k: str) -> Any:
 def _final_section(final: dict | None, path: Path) -> str:
     """The held-out (``data.eval``) result of the best configuration, or a line saying none is recorded."""
     if final is None:
-        return _missing(f"No final held-out evaluation is recorded ({path} not found).")
+        return missing_note(f"No final held-out evaluation is recorded ({path} not found).")
     es = final.get("eval_set") or {}
     parts = [f"<p>Best trial <b>{html.escape(str(final.get('trial', '?')))}</b>, params "
              + html.escape(", ".join(f"{k}={_param(v)}" for k, v in (final.get("params") or {}).items()) or "-")
              + f", evaluated once on {html.escape(str(es.get('name', 'test')))}"
              + (f" ({html.escape(str(es['source']))})" if es.get("source") else "")
              + (f", n = {html.escape(str(es['n']))}" if es.get("n") is not None else "") + ".</p>"]
-    sft = final.get("sft_continued") or {}
-    models = [["SFT-continued", "-", _f(_num(sft, "accuracy")), _f(_num(sft, "loss"))]] if sft else []
+    sft = final.get(SFT_CONTINUED) or {}
+    models = [[SFT_CONTINUED_LABEL, "-", _f(_num(sft, "accuracy")), _f(_num(sft, "loss"))]] if sft else []
     models += [["WMSS", str(w.get("seed", "-")), _f(_num(w, "accuracy")), _f(_num(w, "loss"))]
                for w in final.get("wmss") or []]
-    parts.append(_table(["model", "seed", "held-out accuracy", "held-out loss"], models) if models
-                 else _missing(f"{path} has no sft_continued / wmss results."))
+    parts.append(html_table(["model", "seed", "held-out accuracy", "held-out loss"], models) if models
+                 else missing_note(f"{path} has no {SFT_CONTINUED} / wmss results."))
     paired = final.get("paired") or []
     rows = [[f"{p.get('name_a', '?')} vs {p.get('name_b', '?')}", _f(_num(p, "n"), ".0f"),
              _f(_num(p, "acc_a")), _f(_num(p, "acc_b")),
              _diff_ci(_num(p, "diff"), _num(p, "ci_low"), _num(p, "ci_high")),
              _f(_num(p, "ci_level"), ".0%"), _f(_num(p, "p_value"), ".3g")] for p in paired if isinstance(p, dict)]
-    parts.append(_table(["pair", "n", "acc A", "acc B", "diff A - B [CI]", "CI level", "p (exact McNemar)"], rows)
-                 if rows else _missing(f"{path} has no paired test."))
+    parts.append(html_table(["pair", "n", "acc A", "acc B", "diff A - B [CI]", "CI level", "p (exact McNemar)"], rows)
+                 if rows else missing_note(f"{path} has no paired test."))
     return "".join(parts)
 
 
@@ -207,7 +208,7 @@ def _read_final(path: Path) -> dict | None:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(final, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(final).__name__}")
-    for field in ("params", "eval_set", "sft_continued"):
+    for field in ("params", "eval_set", SFT_CONTINUED):
         if not isinstance(final.get(field) or {}, dict):
             raise ValueError(f"{path} field {field}: expected an object, got {final[field]!r}")
     for field in ("wmss", "paired"):
@@ -238,45 +239,45 @@ def write_sweep_page(root: str | Path, metric: str = "validation_accuracy", mode
     body = [_header(root, rows, metric, mode), "<h2>Final held-out result (test set, read once)</h2>",
             _final_section(final, final_json), "<h2>Trials (validation split)</h2>"]
     if not rows:
-        body.append(_missing(f"{results_csv} has no trials."))
+        body.append(missing_note(f"{results_csv} has no trials."))
     else:
         if not any(r["status"] == "completed" for r in rows):
-            body.append(_missing("No trial completed: nothing can be chosen as best."))
+            body.append(missing_note("No trial completed: nothing can be chosen as best."))
         if not any(finite(r[metric]) for r in rows):
-            body.append(_missing(f"No trial reported {metric} (the column is empty in {results_csv})."))
+            body.append(missing_note(f"No trial reported {metric} (the column is empty in {results_csv})."))
         body.append(_trial_table(ranked, numeric + categorical, metric))
 
     lam_png, lam = plot_metric_vs_param(rows, metric, numeric, out / "metric_vs_lam.png")
     body.append("<h2>Metric vs λ</h2>")
     if lam["x"] not in (None, "mix.lam"):
-        body.append(_missing(f"mix.lam is not a swept numeric parameter: plotted against {lam['x']}."))
-    body.append(_img(lam_png, f"{metric} vs {lam['x']}") + "<p class=meta>Filled circles: completed "
+        body.append(missing_note(f"mix.lam is not a swept numeric parameter: plotted against {lam['x']}."))
+    body.append(embedded_png(lam_png, f"{metric} vs {lam['x']}") + "<p class=meta>Filled circles: completed "
                 "(whole validation split); crosses: stopped by ASHA (their last report, on a subsample); "
                 "error bars: the spread over seeds where tune.seeds > 1.</p>" if lam_png else
-                _missing(f"Nothing to plot: no numeric parameter swept ({', '.join(numeric) or 'none'})"
+                missing_note(f"Nothing to plot: no numeric parameter swept ({', '.join(numeric) or 'none'})"
                          f" with a reported {metric}."))
     knob_png, knobs = plot_knobs(rows, metric, numeric, out / "knobs.png")
     body.append("<h2>α / β / γ view</h2>")
-    body.append(_img(knob_png, "swept parameters") + "<p class=meta>Each point a trial "
+    body.append(embedded_png(knob_png, "swept parameters") + "<p class=meta>Each point a trial "
                 f"({html.escape(', '.join(knobs['keys']))}), coloured by {html.escape(metric)}.</p>" if knob_png else
-                _missing(f"No parameter view: no numeric parameter swept ({', '.join(numeric) or 'none'}) "
+                missing_note(f"No parameter view: no numeric parameter swept ({', '.join(numeric) or 'none'}) "
                          f"with a reported {metric}."))
     cat_png, _ = plot_categories(rows, metric, categorical, out / "categories.png")  # also clears a stale one
     if categorical:
         body.append("<h2>String parameters</h2>")
-        body.append(_img(cat_png, "metric by category") or _missing(f"No {metric} to show by category."))
+        body.append(embedded_png(cat_png, "metric by category") or missing_note(f"No {metric} to show by category."))
     body.append("<h2>Learning curves</h2>")
     if curves is None:
-        body.append(_missing(f"No learning curves ({curves_csv} not found)."))
+        body.append(missing_note(f"No learning curves ({curves_csv} not found)."))
     else:
         status = {t: pts[-1]["status"] for t, pts in curves.items()} | {r["trial"]: r["status"] for r in rows}
         curve_png, _ = plot_learning_curves(curves, status, out / "learning_curves.png")
-        body.append(_img(curve_png, "learning curves") + "<p class=meta>Intermediate reports are on a seeded "
+        body.append(embedded_png(curve_png, "learning curves") + "<p class=meta>Intermediate reports are on a seeded "
                     "subsample of the validation split (tune.eval_samples rows); the diamond is a completed "
                     "trial's final report on the whole split. Dashed lines ending in x: stopped by ASHA.</p>"
-                    if curve_png else _missing(f"{curves_csv} has no reports with a metric."))
+                    if curve_png else missing_note(f"{curves_csv} has no reports with a metric."))
     page = ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>WMSS sweep "
-            f"{html.escape(root.resolve().parent.name)}</title><style>{_CSS}</style></head><body>"
+            f"{html.escape(root.resolve().parent.name)}</title><style>{PAGE_CSS}</style></head><body>"
             + "\n".join(body) + "</body></html>\n")
     index = out / "index.html"
     index.write_text(page, encoding="utf-8")

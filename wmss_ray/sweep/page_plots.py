@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from wmss_ray.stages.report_plots import _figure, _save
+from wmss_ray.stages.report_plots import new_figure, save_png
 
 KNOBS = ("mix.lam", "curriculum.alpha", "curriculum.beta", "curriculum.gamma")
 MAX_DIMS = 5  # scatter-matrix size cap: beyond it the panels get too small to read
@@ -31,7 +31,7 @@ def _done(path: Path, drawn: Any, fig=None) -> tuple[Path | None, Any]:
     if fig is None:
         path.unlink(missing_ok=True)  # no stale figure from an earlier render
         return None, drawn
-    return _save(fig, path), drawn
+    return save_png(fig, path), drawn
 
 
 def x_param(rows: list[dict], numeric: list[str]) -> str | None:
@@ -61,7 +61,7 @@ def plot_metric_vs_param(rows: list[dict], metric: str, numeric: list[str],
             series.setdefault(r["status"], []).append((r["trial"], x, y, err if finite(err) else None))
     if not series:
         return _done(path, {"x": key, "series": series})
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     for status, pts in series.items():
         marker, filled = MARKERS[status]
@@ -103,7 +103,7 @@ def plot_knobs(rows: list[dict], metric: str, numeric: list[str], path: Path) ->
     if not pts or grey.all():  # without a single metric value the view shows nothing
         return _done(path, drawn)
     norm = Normalize(np.nanmin(c), np.nanmax(c) + (0 if np.nanmax(c) > np.nanmin(c) else 1e-9))
-    fig = _figure(max(4.8, 2.3 * n + 1.2), max(3.2, 2.3 * n))
+    fig = new_figure(max(4.8, 2.3 * n + 1.2), max(3.2, 2.3 * n))
     if n > 1:  # fixed margins: tight/constrained layout of a grid with a shared colour bar takes seconds
         fig.set_layout_engine("none")
         fig.subplots_adjust(left=0.1, right=0.85, bottom=0.1, top=0.92, wspace=0.3, hspace=0.3)
@@ -149,7 +149,7 @@ def plot_categories(rows: list[dict], metric: str, categorical: list[str],
             drawn[k] = by
     if not drawn:
         return _done(path, drawn)
-    fig = _figure(max(4.0, 3.2 * len(drawn)), 3.6)
+    fig = new_figure(max(4.0, 3.2 * len(drawn)), 3.6)
     for i, (k, by) in enumerate(drawn.items()):
         ax = fig.add_subplot(1, len(drawn), i + 1)
         for c, (cat, ys) in enumerate(sorted(by.items())):
@@ -182,7 +182,7 @@ def plot_learning_curves(curves: dict[str, list[dict]], status: dict[str, str],
     trials = sorted(curves)
     many = len(trials) > LEGEND_MAX
     cmap = matplotlib.colormaps["viridis"]
-    fig = _figure(6.4 * len(panels), 4.4)
+    fig = new_figure(6.4 * len(panels), 4.4)
     if many:  # fixed margins leave room for the colour bar (tight layout cannot place a shared one)
         fig.set_layout_engine("none")
         fig.subplots_adjust(left=0.07, right=0.9, bottom=0.12, top=0.9, wspace=0.25)

@@ -1,4 +1,6 @@
-"""A tune trial's intermediate reports, from inside its Train run to Ray Tune.
+"""A tune trial's reports: :func:`trial_report`, the one shape of every report a trial makes
+(one seed or several, in-run, chunked or final; ``wmss_ray/sweep/trial.py``), and the route of a
+one-seed trial's intermediate reports from inside its Train run to Ray Tune.
 
 The trial's WMSS phase validates itself every ``tune.eval_every`` steps
 (``wmss_ray/training/validation.py``) and puts the metrics into that step's
@@ -27,11 +29,12 @@ def mean_over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
             "n_validation": per_seed[0]["n_validation"]}
 
 
-def intermediate_report(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The Tune report of one validation point of a one-seed trial (the keys of
-    :func:`mean_over_seeds` plus ``step`` and ``final``)."""
-    return {**mean_over_seeds([{k: metrics[k] for k in VALIDATION_KEYS}]), "step": int(metrics["step"]),
-            "final": False}
+def trial_report(per_seed: list[dict[str, Any]], step: int, final: bool, **extra: Any) -> dict[str, Any]:
+    """Every report a trial makes, whatever its path (in-run, chunked, final): the keys of
+    :func:`mean_over_seeds` over ``per_seed`` (one dict of :data:`VALIDATION_KEYS` per seed), the
+    optimizer ``step`` (ASHA's time), ``final`` (the whole validation split) and ``extra`` keys."""
+    return {**mean_over_seeds([{k: m[k] for k in VALIDATION_KEYS} for m in per_seed]), "step": int(step),
+            **extra, "final": final}
 
 
 class ValidationToTune(TuneReportCallback):
@@ -39,4 +42,4 @@ class ValidationToTune(TuneReportCallback):
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         if metrics and VALIDATION_KEYS[0] in metrics[0]:
-            super().after_report(run_context, [intermediate_report(metrics[0])], None)
+            super().after_report(run_context, [trial_report([metrics[0]], metrics[0]["step"], final=False)], None)

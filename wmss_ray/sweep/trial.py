@@ -1,24 +1,36 @@
 """One tune trial: its config and run directory, the shared-phase links, and its WMSS phase with
 a validation report every ``tune.eval_every`` steps (what ASHA acts on).
 
-One seed (``tune.seeds: 1``, the default): the pipeline's ``wmss_1`` is one Train run that
-validates itself (``wmss_ray/training/validation.py``: the ranks export
-``wmss_1/interim_model``, generate for their share of the rows, and the step is checkpointed);
-under Tune each report reaches ASHA while the run goes on (``wmss_ray/sweep/reports.py``), without Tune
-(tests) ``report`` gets them, in order, when the run ends.
+Every run a trial makes is the pipeline's, through its one runner (``pipeline.run_pipeline`` ->
+``run_phases``): a seed's run dir links the base run's phases, runs ``curriculum_1`` and
+``wmss_1`` with the same skip / resume / clear rules and leaves the manifests of a plain run.
+Every report goes through one function, ``sweep.reports.trial_report`` (the seeds' mean,
+``accuracy_std``, ``step``, ``final``), on one of two routes:
 
-``tune.seeds`` S > 1: the trial runs its configuration S times, ``curriculum.seed = run.seed + i``
-(another curriculum draw and WMSS data order) in ``<run>/tune/<trial>-seed<i>``, and every report
-is the seeds' mean, with ``accuracy_std``; the seeds train in lockstep chunks: the pipeline's
-``wmss_1`` with ``stop_after=N, export_at_stop=True`` per seed (a checkpoint at step N,
-``wmss_1/interim_model``, the phase ``stopped``), the seeds' evaluation, the next chunk resuming
-from the checkpoint (the same fingerprint); the last stretch finishes the phase the same way. So a
-multi-seed trial restarts its Train runs once per report; a one-seed trial never does.
+- one seed (``tune.seeds: 1``, the default): the pipeline's ``wmss_1`` is one Train run that
+  validates itself (``wmss_ray/training/validation.py``: the ranks export
+  ``wmss_1/interim_model``, generate for their share of the rows, and the step is checkpointed);
+  under Tune each report reaches ASHA while the run goes on (``wmss_ray/sweep/reports.py``),
+  without Tune (tests) ``report`` gets them, in order, when the run ends.
+- ``tune.seeds`` S > 1: the trial runs its configuration S times, ``curriculum.seed = run.seed + i``
+  (another curriculum draw and WMSS data order) in ``<run>/tune/<trial>-seed<i>``, and every
+  report is the seeds' mean; the seeds train in lockstep chunks: the pipeline's ``wmss_1`` with
+  ``stop_after=N, export_at_stop=True`` per seed (a checkpoint at step N,
+  ``wmss_1/interim_model``, the phase ``stopped``), the seeds' evaluation, the next chunk resuming
+  from the checkpoint (the same fingerprint); the last stretch finishes the phase the same way.
 
-Either way the trial's manifests are those of a plain run; intermediate reports use a seeded
-subsample of ``tune.eval_samples`` validation rows (``<trial>/validation_step<k>/``), the final
-one the whole split (``<seed run dir>/validation/eval_WMSS.jsonl``, kept for the paired
-comparison with the sweep's control, ``wmss_ray/sweep/control.py``).
+Why multi-seed trials keep lockstep chunks rather than validating in-run like one seed: a report
+at step k needs every seed's step k. In-run, that needs the S Train runs at once, i.e. S times
+the workers ``driver.trial_resources`` reserves per trial (more than it reserves is the Tune +
+Train V2 hang), or one seed after another, so that the first mean exists only once every seed has
+trained to its end and ASHA could stop nothing early. Chunks keep one Train run at a time and
+the reports where ASHA needs them; they cost a worker-group start per report, and tests prove
+that chunked and in-run training give the same losses and validation outcomes.
+
+Intermediate reports use a seeded subsample of ``tune.eval_samples`` validation rows
+(``<seed run dir>/validation_step<k>/``), the final one the whole split (``<seed run
+dir>/validation/eval_WMSS.jsonl``, kept for the paired comparison with the sweep's control,
+``wmss_ray/sweep/control.py``).
 """
 
 from __future__ import annotations
@@ -49,7 +61,7 @@ def trial_config(base: WMSSConfig, params: dict[str, Any], trial_name: str, seed
     overrides = [f"{k}={v}" for k, v in params.items()]
     name = trial_name if seed_index == 0 else f"{trial_name}-seed{seed_index}"
     overrides += [f"run.storage={Path(base.run_dir()).resolve() / 'tune'}", f"run.name={name}",
-                  "run.iterations=1", "evaluation.baseline=false"]
+                  "run.iterations=1", "evaluation.sft_continued=false"]
     if seed_index:
         overrides.append(f"curriculum.seed={base.run.seed + seed_index}")
     return config_from_dict(base.to_dict(), overrides, source=f"tune trial {name}")
@@ -70,7 +82,11 @@ def link_shared_phases(base_run_dir: Path, trial_run_dir: Path, phases: tuple[st
 
 
 def subsample(rows: list[dict[str, Any]], n: int, seed: int) -> list[dict[str, Any]]:
-    """``n`` rows drawn with ``seed`` (the same rows for every trial), kept in file order."""
+    """``n`` rows drawn with ``seed`` (the same rows for every trial), kept in file order.
+
+    A draw by position (``random.Random(seed).sample``), not ``data.splits.seeded_subsample``'s
+    draw by sample-id hash (``evaluation.max_samples``): the two pick other rows, and each is what
+    its results so far were computed on; changing either changes them."""
     if n >= len(rows):
         return list(rows)
     keep = sorted(random.Random(seed).sample(range(len(rows)), n))
@@ -119,7 +135,7 @@ def _wmss_chunks(seeds: list[_Seed], rows: list[dict[str, Any]], report: Report)
     lockstep, reporting the seeds' mean after each chunk; the pipeline's ``wmss_1`` then trains
     the rest (resuming from the last checkpoint)."""
     from wmss_ray.pipeline import run_pipeline
-    from wmss_ray.sweep.reports import mean_over_seeds
+    from wmss_ray.sweep.reports import trial_report
     from wmss_ray.training.trainer import INTERIM_MODEL, build_spec
 
     cfg = seeds[0].cfg  # a swept dedup can draw another number of samples per seed: chunk to the shortest
@@ -131,7 +147,7 @@ def _wmss_chunks(seeds: list[_Seed], rows: list[dict[str, Any]], report: Report)
             run_pipeline(seed.cfg, until="wmss_1", train_options={"wmss_1": chunk})
             per_seed.append(_evaluate(str(seed.dir / "wmss_1" / INTERIM_MODEL), rows, seed.cfg,
                                       seed.dir / f"validation_step{stop}"))
-        report({**mean_over_seeds(per_seed), "step": stop, "final": False})
+        report(trial_report(per_seed, stop, final=False))
     for seed in seeds:
         shutil.rmtree(seed.dir / "wmss_1" / INTERIM_MODEL, ignore_errors=True)  # a full model copy per seed
 
@@ -140,7 +156,7 @@ def _wmss_one_run(seed: _Seed, rows: list[dict[str, Any]], report: Report, to_tu
     """One seed's ``wmss_1`` as one Train run validating itself every ``eval_every`` steps on
     ``rows``: to Tune as it goes (``to_tune``), else to ``report`` in step order at the end."""
     from wmss_ray.pipeline import run_pipeline
-    from wmss_ray.sweep.reports import ValidationToTune, intermediate_report
+    from wmss_ray.sweep.reports import ValidationToTune, trial_report
     from wmss_ray.training.trainer import INTERIM_MODEL
     from wmss_ray.training.validation import ValidationPoints, write_rows
 
@@ -152,8 +168,8 @@ def _wmss_one_run(seed: _Seed, rows: list[dict[str, Any]], report: Report, to_tu
     if not to_tune:
         for step in range(points.every, int(outputs["wmss_1"].get("steps") or 0), points.every):
             summary = json.loads(Path(points.step_dir(step), "eval_results.json").read_text())["models"]["WMSS"]
-            report(intermediate_report({"validation_accuracy": summary["accuracy"], "validation_loss": summary["loss"],
-                                        "n_validation": summary["n"], "step": step}))
+            report(trial_report([{"validation_accuracy": summary["accuracy"], "validation_loss": summary["loss"],
+                                  "n_validation": summary["n"]}], step, final=False))
     shutil.rmtree(seed.dir / "wmss_1" / INTERIM_MODEL, ignore_errors=True)  # a full model copy
 
 
@@ -168,7 +184,7 @@ def run_trial(base: WMSSConfig, params: dict[str, Any], trial_name: str,
     from wmss_ray.pipeline import run_pipeline
     from wmss_ray.stages.evaluate import load_eval_rows
     from wmss_ray.stages.tokenize import validation_eval_input
-    from wmss_ray.sweep.reports import mean_over_seeds
+    from wmss_ray.sweep.reports import trial_report
 
     seeds = [_Seed(base, params, trial_name, i) for i in range(base.tune.seeds)]
     validation = validation_eval_input(seeds[0].cfg, seeds[0].outputs)
@@ -188,7 +204,7 @@ def run_trial(base: WMSSConfig, params: dict[str, Any], trial_name: str,
         steps.add(int(outputs["wmss_1"].get("steps") or 0))
         per_seed.append(_evaluate(outputs["wmss_1"]["model_dir"], rows, seed.cfg, seed.dir / VALIDATION_DIR))
     # "step" is what ASHA and the equal-compute control compare; seeds differ only under a swept dedup
-    metrics = {**mean_over_seeds(per_seed), "step": max(steps), "equal_steps": len(steps) == 1, "final": True}
+    metrics = trial_report(per_seed, max(steps), final=True, equal_steps=len(steps) == 1)
     if report is not None:
         report(metrics)
     return metrics

@@ -309,7 +309,7 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
         out_dir: the phase directory (metrics.jsonl, tb/, ray_train/ checkpoints, model/).
         mode: WMSS "joint" | "frozen" (default ``cfg.mix.mode``).
         epochs: overrides the config's epochs for this phase.
-        exact_steps: train exactly this many optimizer steps (equal-compute baselines).
+        exact_steps: train exactly this many optimizer steps (the equal-compute control, sft_continued).
         stop_after: stop (with a checkpoint, without export) after this many steps; a later call
             with the same ``out_dir`` resumes.
         export_at_stop: with ``stop_after`` short of the end, also export the strong model to
