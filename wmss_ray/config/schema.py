@@ -2,7 +2,7 @@
 
 A config is built from (in order): the schema defaults, an optional YAML file, then dotted
 overrides (``--set mix.lam=0.45``). The same object flows from the CLI down to the line of math
-that uses it (``cfg.mix.lam`` -> ``core.mixing.chunked_mixed_ce(..., lam=...)``).
+that uses it (``cfg.mix.lam`` -> ``losses.mixing.chunked_mixed_ce(..., lam=...)``).
 
 This module is the schema (the sections live in :mod:`wmss_ray.config.sections`, re-exported
 here; the tune section and ``WMSSConfig`` are defined here); :mod:`wmss_ray.config.loading`
