@@ -1,4 +1,4 @@
-"""The WMSS mixed-logit cross-entropy (DESIGN.md §1.3 and §4), chunked: one loop, one autograd Function.
+"""The WMSS mixed-logit cross-entropy (DESIGN.md §1.3 and §4), chunked: one loop, one ``_MixedCE``.
 
 ``z_mix = lam * z_strong + (1 - lam) * z_weak`` and the loss is ``CE(z_mix, y)`` averaged over
 answer tokens. Its gradient w.r.t. the logits is ``g = softmax(z_mix) - onehot(y)``; the strong
@@ -77,7 +77,7 @@ def chunk_rows_for(n_tokens: int, vocab: int, chunk_mb: float) -> int:
 
 @dataclass
 class _Loop:
-    """What the loop needs besides the differentiable inputs (the autograd Function's constants).
+    """What the loop needs besides the differentiable inputs (``_MixedCE``'s constants).
 
     ``weak_logp``: the pool's weak side (None: hidden states, or no weak side at ``lam == 1``).
     ``needs``: 4 bools, whether (h_s, w_s, h_w, w_w) want gradients. ``stats``: filled by the
