@@ -6,9 +6,9 @@ all-reduces them over ranks (``training.metrics.all_reduce_stats``: one SUM and 
 collective over the tensors of :meth:`LossStats.pack`); ``training.metrics`` reads the fields
 by name. Packing into tensors happens here and nowhere else.
 
-How a field combines (``_HOW``): added over micro-batches and ranks (the default), maximum
-over both (``*_max``), or added over a rank's micro-batches and maximum over ranks
-(``pool_wait_s``: the slowest rank's wait).
+How a field combines: added over micro-batches and ranks (the default), maximum over both
+(``*_max``), or added over a rank's micro-batches and maximum over ranks (``pool_wait_s``: the
+slowest rank's wait).
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from typing import NamedTuple
 
 import torch
 
-#: How a field combines over a rank's micro-batches and over ranks (fields not named: "sum", "sum").
-_MAX = ("max", "max")
-_RANK_MAX = ("sum", "max")  # the slowest rank's total
-_HOW = {"tail_mass_max": _MAX, "sampled_error_max": _MAX, "pool_wait_s": _RANK_MAX}
+#: Fields kept as a maximum over a rank's micro-batches (every other field is added).
+_MAX_OVER_MICRO_BATCHES = frozenset({"tail_mass_max", "sampled_error_max"})
+#: Fields max-reduced over ranks (every other field is summed): the maxima, and ``pool_wait_s``
+#: (each rank's total over its micro-batches; the step waited as long as the slowest rank).
+_MAX_OVER_RANKS = _MAX_OVER_MICRO_BATCHES | {"pool_wait_s"}
 
 
 class LossStats(NamedTuple):
@@ -105,10 +106,10 @@ class LossStats(NamedTuple):
     def add_(self, other: "LossStats") -> "LossStats":
         """Fold ``other`` (another micro-batch of this rank) in, field by field; returns self."""
         for name, mine, theirs in zip(self._fields, self, other):
-            if _HOW.get(name, ("sum",))[0] == "sum":
-                mine.add_(theirs)
-            else:
+            if name in _MAX_OVER_MICRO_BATCHES:
                 _max_into(mine, theirs)
+            else:
+                mine.add_(theirs)
         return self
 
     def detach(self) -> "LossStats":
@@ -136,7 +137,7 @@ def _max_into(acc: torch.Tensor, x: torch.Tensor) -> None:
 
 def _names(reduce: str) -> tuple[str, ...]:
     """The fields reduced over ranks by ``reduce`` ("sum" | "max"), in declaration order."""
-    return tuple(n for n in LossStats._fields if _HOW.get(n, ("sum", "sum"))[1] == reduce)
+    return tuple(n for n in LossStats._fields if (n in _MAX_OVER_RANKS) == (reduce == "max"))
 
 
 #: The statistics every mixed CE fills (the rest: a top-k weak side and the pool's transport).
