@@ -98,7 +98,7 @@ def run_phase(a, mode: str, dtype: torch.dtype, steps: int) -> dict:
             PairLM.prepare_for_training(m, cfg.training.gradient_checkpointing)
     n_strong = sum(p.numel() for p in strong.parameters())
     n_weak = sum(p.numel() for p in weak.parameters()) if weak is not None else 0
-    pair = PairLM(strong, weak, mode, cfg.mix.lam, cfg.mix.chunk_size, zero3=True, chunk_mb=cfg.mix.chunk_mb)
+    pair = PairLM(strong, weak, mode, cfg.mix.lam, zero3=True, chunk_mb=cfg.mix.chunk_mb)
     groups = param_groups(pair.trainable_groups(cfg.training.lr, None), cfg.training.weight_decay)
     engine = init_engine(pair, groups, cfg.training, 1, a.warmup + steps, dtype, a.device.type == "cuda")
     batches = make_batches(a.n_batches, a.micro_batch, a.seq_len, a.shape["vocab_size"], a.device)

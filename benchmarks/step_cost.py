@@ -99,7 +99,7 @@ def run_mode(mode: str, paths: dict[str, str], args) -> dict:
     base_rss = _rss()
     cfg = config_from_dict({
         "training": {"micro_batch_size": args.micro_batch, "grad_accum": 1, "zero_stage": args.zero, "lr": 1e-4},
-        "mix": {"lam": 0.5, "chunk_size": args.chunk},
+        "mix": {"lam": 0.5, "chunk_mb": args.chunk_mb},
         "models": {"dtype": "auto"},
     })
     out_dir = tempfile.mkdtemp(prefix="step-cost-")
@@ -143,7 +143,8 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--answer-frac", type=float, default=0.5, help="share of each row that is supervised")
     p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--chunk", type=int, default=1024)
+    p.add_argument("--chunk-mb", type=float, default=16.0,
+                   help="mix.chunk_mb (16: 1,024 answer tokens per loss chunk at the default --vocab 4096)")
     p.add_argument("--rows", type=int, default=64)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=4)

@@ -98,7 +98,7 @@ def test_pool_actor_holds_the_weak_model_sharded_and_the_cli_prints_it(tmp_path,
     from wmss_ray.plan import OVERHEAD_BYTES, pool_actor_bytes
 
     s = ModelShape("m", 10**9, 10**8, 2048, 24, 16, 8, 128, 8192, 151936, True)
-    mix = {"mode": "frozen", "placement": "pool", "chunk_size": 256}
+    mix = {"mode": "frozen", "placement": "pool", "chunk_mb": 148.375}  # 256 tokens at V = 151,936
     base = {"data": {"max_seq_len": 1024}, "training": {"micro_batch_size": 2}}
     one = pool_actor_bytes(config_from_dict({**base, "mix": {**mix, "pool": {"gpus_per_actor": 1}}}), s)
     four = pool_actor_bytes(config_from_dict({**base, "mix": {**mix, "pool": {"gpus_per_actor": 1, "shards": 4}}}), s)

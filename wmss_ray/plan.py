@@ -221,7 +221,7 @@ def phase_bytes(cfg: WMSSConfig, phase: str, strong: ModelShape, weak: ModelShap
     for key, ckpt in (("activations", t.gradient_checkpointing), ("activations_alt", not t.gradient_checkpointing)):
         out[key] = sum(activation_bytes(m, tokens, seq, mb, act_b, checkpointing=ckpt, eager=eager, trained=tr)
                        for m, tr in models)
-    chunk = mix.chunk_size or chunk_rows_for(tokens, strong.vocab, mix.chunk_mb)
+    chunk = chunk_rows_for(tokens, strong.vocab, mix.chunk_mb)
     out["loss_chunk"] = 4.0 * min(chunk, tokens) * strong.vocab
     out["loss_chunk_rows"] = float(min(chunk, tokens))
     # fp32 accumulators of the head-weight gradients (+ their cast to bf16 at backward)
@@ -249,7 +249,7 @@ def pool_actor_bytes(cfg: WMSSConfig, weak: ModelShape) -> dict[str, float]:
     ``mix.pool.shards`` S is 1; a ZeRO-3 partition ``1/S`` plus one gathered layer, 4 x its
     parameter count, for S > 1), one decoder layer's transient activations, and the logits of
     one answer chunk (``[chunk, V]`` in the model dtype plus its fp32 log-softmax copy; the chunk
-    from ``mix.chunk_size`` / ``mix.chunk_mb`` as the loss's). Replies go to host memory.
+    from ``mix.chunk_mb`` as the loss's). Replies go to host memory.
     """
     p = cfg.mix.pool
     w = 2 if pool_dtype(cfg.models.dtype, p.gpus_per_actor) in ("bfloat16", "float16") else 4
@@ -259,7 +259,7 @@ def pool_actor_bytes(cfg: WMSSConfig, weak: ModelShape) -> dict[str, float]:
            "zero3_gather": 4.0 * weak.largest_layer_params if p.shards > 1 else 0.0,
            "activations": activation_bytes(weak, tokens, seq, mb, w, checkpointing=False,
                                            eager=cfg.models.attn_implementation == "eager", trained=False)}
-    chunk = min(cfg.mix.chunk_size or chunk_rows_for(tokens, weak.vocab, cfg.mix.chunk_mb), tokens)
+    chunk = min(chunk_rows_for(tokens, weak.vocab, cfg.mix.chunk_mb), tokens)
     out["logits_chunk"] = (4.0 + (w if w != 4 else 0)) * chunk * weak.vocab
     out["overhead"] = float(OVERHEAD_BYTES) if p.gpus_per_actor > 0 else 0.0
     out["total"] = sum(out.values())

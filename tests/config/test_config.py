@@ -101,6 +101,27 @@ def test_unknown_key_suggests_the_right_one():
         config_from_dict({"trainig": {"lr": 1.0}})
 
 
+def test_a_removed_key_fails_naming_its_replacement(tmp_path):
+    """Every renamed/removed key (schema.RENAMED_KEYS) fails at load with a did-you-mean naming the
+    key that replaced it, from a YAML file and from an override alike; the replacement loads."""
+    from wmss_ray.config.schema import RENAMED_KEYS
+
+    assert "mix.chunk_size" in RENAMED_KEYS
+    for old, (new, _why) in RENAMED_KEYS.items():
+        section, key = old.split(".")
+        p = tmp_path / f"{key}.yaml"
+        p.write_text(f"{section}:\n  {key}: 2048\n")  # the key fails before its value is read
+        with pytest.raises(ConfigError, match=rf"unknown key '{old}' \(removed\); did you mean '{new}'\?") as err:
+            load_config(p)
+        assert str(p) in str(err.value)
+        with pytest.raises(ConfigError, match=rf"did you mean '{new}'"):
+            load_config(None, [f"{old}=2048"])
+        assert old.split(".")[-1] not in WMSSConfig.model_fields[section].annotation.model_fields
+    with pytest.raises(ConfigError, match=r"chunk_mb MiB of the \[chunk, V\] fp32 buffer"):
+        load_config(None, ["mix.chunk_size=2048"])
+    assert load_config(None, ["mix.chunk_mb=1188"]).mix.chunk_mb == 1188
+
+
 def test_unknown_key_in_a_yaml_file_names_the_file(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("curriculum:\n  alfa: 0.2\n")
@@ -112,7 +133,7 @@ def test_unknown_key_in_a_yaml_file_names_the_file(tmp_path):
 def test_a_renamed_key_fails_naming_its_new_name(tmp_path):
     p = tmp_path / "old.yaml"
     p.write_text("evaluation:\n  baseline: false\n")
-    with pytest.raises(ConfigError, match=r"unknown key 'evaluation.baseline'; did you mean 'evaluation.sft_continued'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'evaluation.baseline' \(removed\); did you mean 'evaluation.sft_continued'"):
         load_config(p)
     with pytest.raises(ConfigError, match=r"did you mean 'evaluation.sft_continued'"):
         load_config(None, ["evaluation.baseline=false"])

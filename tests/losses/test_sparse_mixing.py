@@ -10,13 +10,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.losses.test_mixing import IGN, assert_close, leaves, make_inputs
-from wmss_ray.losses.mixing import STATS_KEYS, chunked_mixed_ce
-from wmss_ray.losses.sparse_mixing import (
-    TRUNC_STATS_KEYS,
+from wmss_ray.losses.mixing import chunked_mixed_ce, sparse_mixed_ce
+from wmss_ray.losses.reference import sparse_mixed_ce_naive
+from wmss_ray.losses.stats import CE_FIELDS, TRUNCATION_FIELDS
+from wmss_ray.losses.weak_side import (
     WeakLogProbs,
     dense_weak_logp,
-    sparse_mixed_ce,
-    sparse_mixed_ce_naive,
     truncation_bound,
     truncation_error,
     weak_from_logp,
@@ -44,9 +43,9 @@ def test_dense_and_top_v_equal_frozen_chunked_exactly(top_k, masked_every, chunk
     assert abs(got.item() - ref.item()) <= 1e-6 * max(1.0, abs(ref.item()))
     assert_close(hs.grad, ref_in[0].grad, rtol=1e-6)
     assert_close(ws.grad, ref_in[1].grad, rtol=1e-6)
-    for k in STATS_KEYS:
-        assert stats[k].item() == pytest.approx(ref_stats[k].item(), rel=1e-6, abs=1e-6), k
-    assert stats["trunc_bound_sum"].item() == pytest.approx(0.0, abs=1e-6)  # empty tail: exact
+    for k in CE_FIELDS:
+        assert getattr(stats, k).item() == pytest.approx(getattr(ref_stats, k).item(), rel=1e-6, abs=1e-6), k
+    assert stats.trunc_bound_sum.item() == pytest.approx(0.0, abs=1e-6)  # empty tail: exact
 
 
 @pytest.mark.parametrize("lam", [0.2, 0.5, 0.9])
@@ -68,12 +67,12 @@ def test_top_k_equals_its_naive_reference_values_and_grads(lam, k):
     valid = y != IGN
     zs = (tensors[0] @ tensors[1].T)[valid]
     wv = weak.rows(valid.nonzero().squeeze(1))
-    assert stats["trunc_bound_sum"].item() == pytest.approx(
+    assert stats.trunc_bound_sum.item() == pytest.approx(
         truncation_bound(zs, wv, y[valid], lam).sum().item(), rel=1e-9)
     tail = wv.tail_logmass.exp()
-    assert stats["tail_mass_sum"].item() == pytest.approx(tail.sum().item(), rel=1e-9)
-    assert stats["tail_mass_max"].item() == pytest.approx(tail.max().item(), rel=1e-12)
-    assert set(TRUNC_STATS_KEYS) <= set(stats)
+    assert stats.tail_mass_sum.item() == pytest.approx(tail.sum().item(), rel=1e-9)
+    assert stats.tail_mass_max.item() == pytest.approx(tail.max().item(), rel=1e-12)
+    assert all(hasattr(stats, k) for k in TRUNCATION_FIELDS)
 
 
 def test_reconstruction_keeps_top_k_label_and_total_mass():
@@ -189,7 +188,7 @@ def test_validation_and_no_valid_rows():
         sparse_mixed_ce(hs, ws, bad, y, 0.5)
     loss, stats = sparse_mixed_ce(hs, ws, weak, torch.full_like(y, IGN), 0.5, return_stats=True)
     loss.backward()
-    assert loss.item() == 0 and hs.grad.abs().max() == 0 and stats["trunc_bound_sum"].item() == 0
+    assert loss.item() == 0 and hs.grad.abs().max() == 0 and stats.trunc_bound_sum.item() == 0
 
 
 @pytest.mark.parametrize("top_k", [0, 5])
@@ -210,7 +209,7 @@ def test_bf16_within_bf16_tolerance_of_fp64_naive(top_k, lam):
     loss, stats = sparse_mixed_ce(hs, ws, weak, y, lam, chunk_size=64, return_stats=True)
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(ref.item(), rel=4e-3)
-    assert stats["ce_mix_sum"].item() / int((y != IGN).sum()) == pytest.approx(ref.item(), rel=4e-3)
+    assert stats.ce_mix_sum.item() / int((y != IGN).sum()) == pytest.approx(ref.item(), rel=4e-3)
     loss.backward()
     for t, r in ((hs, rh.grad), (ws, rw.grad)):
         assert t.grad.dtype == torch.bfloat16
@@ -219,7 +218,7 @@ def test_bf16_within_bf16_tolerance_of_fp64_naive(top_k, lam):
     if top_k and lam != 1.0:  # the bound from bf16 logits agrees with the fp64 one
         valid = (y != IGN).nonzero().squeeze(1)
         bound = truncation_bound((rh @ rw.T).detach()[valid], weak64.rows(valid), y[valid], lam).sum()
-        assert stats["trunc_bound_sum"].item() == pytest.approx(bound.item(), rel=2e-2)
+        assert stats.trunc_bound_sum.item() == pytest.approx(bound.item(), rel=2e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

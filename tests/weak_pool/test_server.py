@@ -9,7 +9,7 @@ import torch
 
 from tests.training.test_training_units import make_artifacts
 from tests.weak_pool.rows import RowsById
-from wmss_ray.losses.sparse_mixing import dense_weak_logp
+from wmss_ray.losses.weak_side import dense_weak_logp
 from wmss_ray.weak_pool.server import WeakServer, checkpoint_id
 from wmss_ray.weak_pool.wire import WeakRequest, reply_bytes, request_bytes
 
@@ -186,7 +186,8 @@ def test_feed_prefetches_each_micro_batch_once_with_bounded_back_pressure(art, p
     feed = WeakFeed(client, batch, grad_accum=2, end_step=3, prefetch=prefetch, n_exact=lambda s, a: 2 if a == 0 else 0)
     for step in range(3):
         for a in range(2):
-            weak, exact, _, nbytes = feed.get(step, a, "cpu")
+            reply = feed.get(step, a, "cpu")
+            weak, exact, nbytes = reply.weak, reply.exact, reply.nbytes
             req = WeakRequest.from_batch(batches[(step, a)])
             assert weak.label_logp.shape == (len(req.labels),) and nbytes == reply_bytes(len(req.labels), 3, weak.vocab)
             assert (exact is not None) == (a == 0)

@@ -2,7 +2,8 @@
 
 A config is built from (in order): the schema defaults, an optional YAML file, then dotted
 overrides (``--set mix.lam=0.45``). Unknown keys are rejected with a did-you-mean suggestion
-before pydantic validates; validation errors name the key, the value and what is allowed.
+before pydantic validates (a key that was renamed or removed names its replacement,
+``schema.RENAMED_KEYS``); validation errors name the key, the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -15,11 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from wmss_ray.config.schema import ConfigError, WMSSConfig
-
-
-#: Renamed keys, old dotted key -> new one: a config that still uses the old key fails naming the new one.
-RENAMED_KEYS = {"evaluation.baseline": "evaluation.sft_continued"}
+from wmss_ray.config.schema import RENAMED_KEYS, ConfigError, WMSSConfig
 
 
 def _known_keys(model: type[BaseModel]) -> list[str]:
@@ -33,9 +30,9 @@ def _check_unknown(data: Any, model: type[BaseModel], prefix: str, source: str) 
     known = _known_keys(model)
     for key, value in data.items():
         path = f"{prefix}{key}"
-        if path in RENAMED_KEYS:
-            raise ConfigError(f"{source}: unknown key '{path}'; did you mean '{RENAMED_KEYS[path]}'? "
-                              f"('{path}' was renamed)")
+        if key not in known and path in RENAMED_KEYS:
+            new, why = RENAMED_KEYS[path]
+            raise ConfigError(f"{source}: unknown key '{path}' (removed); did you mean '{new}'? {why}")
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; allowed: {', '.join(known)}"

@@ -2,7 +2,7 @@
 
 A config is built from (in order): the schema defaults, an optional YAML file, then dotted
 overrides (``--set mix.lam=0.45``). The same object flows from the CLI down to the line of math
-that uses it (``cfg.mix.lam`` -> ``core.mixing.chunked_mixed_ce(..., lam=...)``).
+that uses it (``cfg.mix.lam`` -> ``losses.mixing.chunked_mixed_ce(..., lam=...)``).
 
 This module is the schema (the sections live in :mod:`wmss_ray.config.sections`, re-exported
 here; the tune section and ``WMSSConfig`` are defined here); :mod:`wmss_ray.config.loading`
@@ -39,8 +39,19 @@ from wmss_ray.config.sections import (  # re-exported: the schema has one import
 __all__ = [
     "ConfigError", "CurriculumConfig", "DataConfig", "DemoDataConfig", "DemoModelConfig", "EvaluationConfig",
     "MixConfig", "ModelsConfig", "Phase0Config", "RunConfig", "ScalingConfig", "ScoringConfig",
-    "TrainingConfig", "TuneConfig", "WMSSConfig", "WeakPoolConfig", "SPACE_KINDS", "compile_answer_pattern",
+    "TrainingConfig", "TuneConfig", "WMSSConfig", "WeakPoolConfig", "RENAMED_KEYS", "SPACE_KINDS",
+    "compile_answer_pattern",
 ]
+
+#: Keys that existed once, dotted -> (the key that replaces them, what to do). A config that still
+#: sets one fails at load naming its replacement (``loading._check_unknown``).
+RENAMED_KEYS: dict[str, tuple[str, str]] = {
+    "mix.chunk_size": ("mix.chunk_mb", "the loss chunk is sized by its memory budget only: chunk_mb MiB of the "
+                                       "[chunk, V] fp32 buffer, 4 x V bytes per answer token (e.g. 2,048 tokens "
+                                       "at V = 151,936: chunk_mb 1188)"),
+    "evaluation.baseline": ("evaluation.sft_continued", "the equal-compute control has one name everywhere: "
+                                                         "sft_continued (phase, directory, config key)"),
+}
 
 SpaceValue = bool | int | float | str  # YAML's own types: 0.5 stays a float, "joint" a string
 SPACE_KINDS = ("uniform", "loguniform", "choice", "grid")

@@ -199,12 +199,10 @@ class MixConfig(ConfigSection):
     lam: float = Field(0.5, description="lambda in (0, 1]; 1 is plain SFT")
     mode: Literal["joint", "frozen"] = "joint"
     placement: Literal["colocated", "pool"] = "colocated"
-    chunk_size: int | None = Field(
-        None, ge=0, description="answer tokens per chunk of the mixed loss; null/0: sized from chunk_mb"
-    )
     chunk_mb: float = Field(
-        256.0, gt=0, description="MiB of the loss's one [chunk, V] fp32 buffer (chunk = a multiple of 64 tokens; "
-                                 "256: 384 tokens at V = 151,936)"
+        256.0, gt=0, description="MiB of the loss's one [chunk, V] fp32 buffer, the one way to size the loss chunk "
+                                 "(and the weak pool's logits chunk): a multiple of 64 answer tokens, 4 V bytes "
+                                 "each; 256: 384 tokens at V = 151,936"
     )
     pool: WeakPoolConfig = WeakPoolConfig()
 

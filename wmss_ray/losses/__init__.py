@@ -1,7 +1,10 @@
 """The math of the loss, pure torch/numpy: no Ray, no DeepSpeed, no I/O (tests/test_imports.py).
 
-- ``mixing``: the chunked mixed-logit CE over dense weak logits (colocated weak model).
-- ``sparse_mixing``: the same CE with the weak side as log-probs (the weak pool's top-k replies).
-- ``chunk_ops``: the in-place chunk kernels both share. ``entropy``: answer-token entropy.
-- ``constants``: ``IGNORE_INDEX``. ``diagnostics``: naive references of the logged statistics.
+- ``mixing``: the chunked mixed-logit CE, one loop and one gradient Function for every weak side
+  (``chunked_mixed_ce``: hidden states, colocated; ``sparse_mixed_ce``: the pool's log-probs).
+- ``weak_side``: the two weak sides per chunk, ``WeakLogProbs`` and the top-k truncation bound.
+- ``stats``: ``LossStats``, the loss's named statistics (and their packing for all-reduce).
+- ``reference``: the naive ``[N, V]`` references. ``chunk_ops``: the in-place chunk kernels.
+- ``entropy``: answer-token entropy. ``constants``: ``IGNORE_INDEX``. ``diagnostics``: naive
+  references of the logged statistics.
 """

@@ -1,15 +1,31 @@
-"""In-place kernels of the chunked mixed CE, shared by ``core.mixing`` (dense weak logits) and
-``core.sparse_mixing`` (the pool's sparse weak log-probs): dtype widening/narrowing inside one
-buffer, a row log-sum-exp, the weight-gradient GEMM, and the CE and its gradient in place on a
-``[c, V]`` fp32 chunk. Plain torch, no allocation beyond ``[c]`` vectors unless stated.
+"""In-place kernels of the chunked mixed CE (``losses.mixing``) and the dtype rules it shares
+with the weak sides (``losses.weak_side``) and the naive references (``losses.reference``):
+dtype widening/narrowing inside one buffer, a row log-sum-exp, the weight-gradient GEMM, and the
+CE and its gradient in place on a ``[c, V]`` fp32 chunk. Plain torch, no allocation beyond
+``[c]`` vectors unless stated.
 """
 
 from __future__ import annotations
 
 import torch
 
+from wmss_ray.losses.constants import LOW_PRECISION_DTYPES
+
 #: Chunk rows are a multiple of this (GEMM tiles) unless one chunk holds all answer tokens.
 CHUNK_ROW_MULTIPLE = 64
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype the softmax runs in: fp32 for half/bf16 inputs, else the input dtype (fp32/fp64)."""
+    return torch.float32 if dtype in LOW_PRECISION_DTYPES else dtype
+
+
+def check_lam(lam) -> float:
+    """``lam`` as a float, refused outside [0, 1] (0 is the weak model alone, 1 plain SFT)."""
+    lam = float(lam)
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must be in [0, 1], got {lam}")
+    return lam
 
 
 def expand_in_place(flat32: torch.Tensor, flat16: torch.Tensor, n: int) -> None:
@@ -76,25 +92,17 @@ def accumulate_weight_grad(out: torch.Tensor, g: torch.Tensor, h: torch.Tensor, 
             out[r : r + rows].add_(block, alpha=alpha)  # promoted: computed in fp32
 
 
-def mixed_ce_in_place(z: torch.Tensor, rows: torch.Tensor, y: torch.Tensor, lam: float,
-                      sums: list[torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """CE of mixed logits by a stable log-sum-exp, in place (shared with ``core.sparse_mixing``).
+def mixed_ce_in_place(z: torch.Tensor, rows: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CE of mixed logits by a stable log-sum-exp, in place.
 
     ``z`` [c, V] fp32 mixed logits becomes ``exp(z - rowmax)``; ``rows`` [c] = ``arange(c)``,
-    ``y`` [c] labels. Returns ``(sumexp [c], ce [c])``. With ``sums`` (the stats accumulators)
-    adds sum CE (0), sum p(y) (2) and sum lam * (1 - p(y)) (4).
+    ``y`` [c] labels. Returns ``(sumexp [c], ce [c])``.
     """
     z.sub_(z.amax(dim=1, keepdim=True))
     z_y = z[rows, y]  # [c] shifted target logits (a copy)
     z.exp_()
     sumexp = z.sum(dim=1)  # [c]
-    ce = sumexp.log() - z_y  # [c]
-    if sums is not None:
-        p = torch.exp(-ce)
-        sums[0] += ce.sum()
-        sums[2] += p.sum()
-        sums[4] += (lam * (1.0 - p)).sum()
-    return sumexp, ce
+    return sumexp, sumexp.log() - z_y
 
 
 def ce_grad_in_place(z: torch.Tensor, sumexp: torch.Tensor, rows: torch.Tensor, y: torch.Tensor) -> None:

@@ -7,8 +7,9 @@ lower and the non-target mass ``sum_{k != y} |grad_k| = lam * (1 - P_mix(y))`` c
 CE's ``1 - P_strong(y)``. The ratio is the "amplification".
 
 These functions take ``[N, V]`` logits (small batches, tests, notebooks). The trainer gets the
-same numbers without a second forward from ``chunked_mixed_ce(..., return_stats=True)`` and
-:func:`summarize_stats`; both return dicts with the same keys (:data:`SUMMARY_KEYS`).
+same numbers without a second forward from the loss's ``LossStats``
+(``chunked_mixed_ce(..., return_stats=True)``) and :func:`summarize_stats`; both return dicts with
+the same keys (:data:`SUMMARY_KEYS`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch
 
 from wmss_ray.losses.constants import IGNORE_INDEX, LOW_PRECISION_DTYPES
 
-from .mixing import mix_logits
+from wmss_ray.losses.reference import mix_logits
+from wmss_ray.losses.stats import LossStats
 
 SUMMARY_KEYS = (
     "n_tokens",
@@ -33,7 +35,7 @@ SUMMARY_KEYS = (
 )
 
 
-# Summary key -> the stats key holding its sum over tokens.
+# Summary key -> the LossStats field holding its sum over tokens.
 _SUM_OF = {
     "ce_mix": "ce_mix_sum",
     "ce_strong": "ce_strong_sum",
@@ -96,23 +98,17 @@ def batch_diagnostics(z_strong, z_weak, labels, lam, ignore_index: int = IGNORE_
     lam = float(lam)
     with torch.no_grad():
         logp_mix, logp_strong = _valid_logprobs(z_strong, z_weak, labels, lam, ignore_index)
-        p_mix, p_strong = logp_mix.exp(), logp_strong.exp()
-        sums = {
-            "ce_mix_sum": -logp_mix.sum(),
-            "ce_strong_sum": -logp_strong.sum(),
-            "p_mix_sum": p_mix.sum(),
-            "p_strong_sum": p_strong.sum(),
-            "nontarget_grad_mix_sum": (lam * (1.0 - p_mix)).sum(),
-            "nontarget_grad_strong_sum": (1.0 - p_strong).sum(),
-            "n_tokens": p_mix.numel(),
-        }
+        sums = LossStats.zeros(logp_mix.device)  # the loss's own accumulation of the same rows
+        sums.add_mixed_rows(-logp_mix, lam)
+        sums.add_strong_rows(-logp_strong)
+        sums.n_tokens.add_(logp_mix.numel())
     return summarize_stats(sums)
 
 
-def summarize_stats(stats: dict) -> dict:
+def summarize_stats(stats: LossStats) -> dict:
     """Turn summed stats (``chunked_mixed_ce(..., return_stats=True)``, possibly all-reduced
     over ranks and added over micro-batches) into per-token means (keys: SUMMARY_KEYS)."""
-    n = int(stats["n_tokens"])
-    mean = {k: (float(stats[src]) / n if n else 0.0) for k, src in _SUM_OF.items()}
+    n = int(stats.n_tokens)
+    mean = {k: (float(getattr(stats, src)) / n if n else 0.0) for k, src in _SUM_OF.items()}
     mean["amplification"] = _ratio(mean["nontarget_grad_mix"], mean["nontarget_grad_strong"])
     return {"n_tokens": float(n), **mean}

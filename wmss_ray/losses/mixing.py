@@ -1,21 +1,25 @@
-"""The WMSS mixed-logit cross-entropy (DESIGN.md §1.3 and §4).
+"""The WMSS mixed-logit cross-entropy (DESIGN.md §1.3 and §4), chunked: one loop, one ``_MixedCE``.
 
 ``z_mix = lam * z_strong + (1 - lam) * z_weak`` and the loss is ``CE(z_mix, y)`` averaged over
 answer tokens. Its gradient w.r.t. the logits is ``g = softmax(z_mix) - onehot(y)``; the strong
 logits receive ``lam * g`` and the weak ones ``(1 - lam) * g``.
 
-Two implementations with the same value:
+Two entry points onto the same loop (:func:`_fused_forward`, :class:`_MixedCE`):
 
-- :func:`mixed_ce_naive` takes ``[N, V]`` logits (reference, small batches, diagnostics).
-- :func:`chunked_mixed_ce` takes hidden states and head weights and never holds ``[N, V]``
-  logits: it loops over chunks of answer tokens and computes loss and gradients in one pass
-  (the Liger-style fused linear cross-entropy, extended to two heads). Beyond the gradients it
-  returns it holds one ``[chunk, V]`` fp32 buffer (``4 * chunk * V`` bytes; 223 MiB at the
-  default 256 MiB budget and V = 151,936: 384 tokens) plus ``O(chunk * D)`` rows and row-block
-  temporaries of at most 1/8 of the buffer each. Its GEMMs run in the input dtype (bf16 on bf16 inputs,
-  with the GEMM's own fp32 accumulation); the softmax and the weight-gradient sums over chunks
-  are fp32. The chunk is sized from a memory budget (:func:`chunk_rows_for`, ``mix.chunk_mb``)
-  unless given.
+- :func:`chunked_mixed_ce`: the weak side as hidden states and LM head (colocated weak model,
+  joint or frozen; ``losses.weak_side.HiddenWeakSide``).
+- :func:`sparse_mixed_ce`: the weak side as log-probs, dense or top-k (the weak pool's reply,
+  frozen; ``losses.weak_side.LogProbWeakSide``).
+
+Neither holds ``[N, V]`` logits: the loop runs over chunks of answer tokens and computes loss and
+gradients in one pass (the Liger-style fused linear cross-entropy, extended to two sides).
+Beyond the gradients it returns it holds one ``[chunk, V]`` fp32 buffer (``4 * chunk * V``
+bytes; 223 MiB at the default 256 MiB budget and V = 151,936: 384 tokens) plus ``O(chunk * D)``
+rows and row-block temporaries of at most 1/8 of the buffer each. Its GEMMs run in the input
+dtype (bf16 on bf16 inputs, with the GEMM's own fp32 accumulation); the softmax and the
+weight-gradient sums over chunks are fp32. The chunk is sized from a memory budget
+(:func:`chunk_rows_for`, ``mix.chunk_mb``) unless given. The naive references are in
+``losses.reference``; the statistics are a ``losses.stats.LossStats``.
 
 Labels are already aligned with the rows (no shifting here): row ``n`` is scored against
 ``labels[n]`` and rows with ``labels[n] == ignore_index`` are skipped.
@@ -23,84 +27,31 @@ Labels are already aligned with the rows (no shifting here): row ``n`` is scored
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
 
 from wmss_ray.losses.chunk_ops import (
     CHUNK_ROW_MULTIPLE,
+    acc_dtype,
     accumulate_weight_grad,
     ce_grad_in_place,
+    check_lam,
     expand_in_place,
     mixed_ce_in_place,
     narrow_in_place,
     row_logsumexp,
 )
 from wmss_ray.losses.constants import IGNORE_INDEX, LOW_PRECISION_DTYPES
+from wmss_ray.losses.stats import LossStats
+from wmss_ray.losses.weak_side import Chunk, HiddenWeakSide, LogProbWeakSide, WeakLogProbs
+
+__all__ = ["CHUNK_ROW_MULTIPLE", "DEFAULT_CHUNK_MB", "chunk_rows_for", "chunked_mixed_ce", "sparse_mixed_ce"]
 
 #: Default budget of the ``[chunk, V]`` fp32 buffer, MiB (``mix.chunk_mb``; the config's default,
 #: a test keeps them equal). 256 MiB: 384 tokens at V = 151,936, the loss's working memory 0.056x
 #: the naive loss's and its time 1.00-1.06x the old 1,024-token chunk's (BENCHMARKS.md).
 DEFAULT_CHUNK_MB = 256.0
-
-#: Keys of the ``stats`` dict returned by ``chunked_mixed_ce(..., return_stats=True)``.
-STATS_KEYS = (
-    "ce_mix_sum",
-    "ce_strong_sum",
-    "p_mix_sum",
-    "p_strong_sum",
-    "nontarget_grad_mix_sum",
-    "nontarget_grad_strong_sum",
-    "n_tokens",
-)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype the softmax runs in: fp32 for half/bf16 inputs, else the input dtype (fp32/fp64)."""
-    return torch.float32 if dtype in LOW_PRECISION_DTYPES else dtype
-
-
-def _check_lam(lam) -> float:
-    lam = float(lam)
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lam must be in [0, 1], got {lam}")
-    return lam
-
-
-def mix_logits(z_strong: torch.Tensor, z_weak: torch.Tensor, lam: float) -> torch.Tensor:
-    """``lam * z_strong + (1 - lam) * z_weak``; any matching shapes, e.g. ``[N, V]``."""
-    return lam * z_strong + (1.0 - lam) * z_weak
-
-
-def mixed_ce_naive(
-    z_strong: torch.Tensor,
-    z_weak: torch.Tensor | None,
-    labels: torch.Tensor,
-    lam: float,
-    ignore_index: int = IGNORE_INDEX,
-    num_tokens=None,
-) -> torch.Tensor:
-    """Mean CE of the mixed logits over non-ignored rows (the reference implementation).
-
-    Args:
-        z_strong, z_weak: ``[N, V]`` logits (``z_weak`` may be None when ``lam == 1``).
-            Weak log-probs may replace weak logits: softmax is shift-invariant per row.
-        labels: ``[N]`` int64, aligned with the rows; ``ignore_index`` rows are skipped.
-        num_tokens: divisor override (global answer-token count); default: valid rows here.
-
-    Returns:
-        0-dim loss (fp32 for half/bf16 inputs). All rows ignored -> 0.0 with a graph, no NaN.
-    """
-    lam = _check_lam(lam)
-    z = z_strong.to(_acc_dtype(z_strong.dtype))
-    if z_weak is not None:  # mixed even at lam == 1, so the weak side gets its (zero) gradient
-        z = mix_logits(z, z_weak.to(z.dtype), lam)
-    elif lam != 1.0:
-        raise ValueError("z_weak is None but lam != 1; only pure SFT (lam=1) needs no weak model")
-    n_valid = int((labels != ignore_index).sum())
-    divisor = n_valid if num_tokens is None else float(num_tokens)
-    # reduction="sum" over zero rows is 0 with a graph; "mean" would be 0/0 = NaN.
-    total = F.cross_entropy(z, labels, ignore_index=ignore_index, reduction="sum")
-    return total / divisor if n_valid > 0 else total
 
 
 def chunk_rows_for(n_tokens: int, vocab: int, chunk_mb: float) -> int:
@@ -124,101 +75,124 @@ def chunk_rows_for(n_tokens: int, vocab: int, chunk_mb: float) -> int:
     return min(cap, -(-(-(-n_tokens // n_chunks)) // m) * m)
 
 
-def _fused_forward(h_s, w_s, h_w, w_w, labels, lam, chunk_size, ignore_index, divisor, needs, stats):
-    """One pass over answer-token chunks: loss and (where ``needs``) the input gradients.
+@dataclass
+class _Loop:
+    """What the loop needs besides the differentiable inputs (``_MixedCE``'s constants).
 
-    Shapes: ``h_s [N, D_s]``, ``w_s [V, D_s]``, ``h_w [N, D_w]``, ``w_w [V, D_w]``,
-    ``labels [N]``. ``needs`` = 4 bools (h_s, w_s, h_w, w_w). ``stats`` is None or a dict
-    filled with :data:`STATS_KEYS`. Returns ``(loss 0-dim, (grad_h_s, grad_w_s, grad_h_w,
-    grad_w_w))``; gradients are for a loss gradient of 1 and None where not needed. Weight
-    gradients of half/bf16 weights are accumulated in fp32 (many chunks add into them).
+    ``weak_logp``: the pool's weak side (None: hidden states, or no weak side at ``lam == 1``).
+    ``needs``: 4 bools, whether (h_s, w_s, h_w, w_w) want gradients. ``stats``: filled by the
+    loop when ``want_stats``.
+    """
+
+    weak_logp: WeakLogProbs | None
+    labels: torch.Tensor
+    lam: float
+    chunk_size: int
+    ignore_index: int
+    divisor: float
+    needs: tuple[bool, bool, bool, bool]
+    want_stats: bool
+    stats: LossStats | None = None
+
+
+def _weak_side(h_w, w_w, loop: _Loop, n_valid: int):
+    """The chunk-wise weak side, or None when the weak side has no weight (``lam == 1``)."""
+    if loop.lam == 1.0:
+        return None
+    if loop.weak_logp is not None:
+        return LogProbWeakSide(loop.weak_logp)
+    return HiddenWeakSide(h_w, w_w, loop.needs[2], loop.needs[3], n_valid)
+
+
+def _fused_forward(h_s, w_s, h_w, w_w, loop: _Loop):
+    """One pass over answer-token chunks: loss and (where ``loop.needs``) the input gradients.
+
+    Shapes: ``h_s [N, D_s]``, ``w_s [V, D_s]``, ``labels [N]``; the weak side's rows aligned
+    with them (``h_w [N, D_w]``, ``w_w [V, D_w]``, or ``loop.weak_logp``). Returns ``(loss
+    0-dim, (grad_h_s, grad_w_s, grad_h_w, grad_w_w))``; gradients are for a loss gradient of 1
+    and None where not needed. Weight gradients of half/bf16 weights are accumulated in fp32
+    (many chunks add into them). Sets ``loop.stats`` when ``loop.want_stats``.
 
     Memory: ONE ``[chunk, V]`` buffer in the accumulation dtype (fp32 for half/bf16 and fp32
     inputs: ``4 * chunk * V`` bytes), reused by every chunk. Half/bf16 inputs: the logit GEMMs
     write their half-precision output into the first half of that buffer's bytes, which is
-    widened to fp32 in place for the softmax; the gradient ``softmax - onehot`` is narrowed back
-    in place for the gradient GEMMs. No other ``[chunk, V]`` tensor is allocated; the remaining
-    temporaries are ``O(chunk * D)`` rows, the stats' row blocks (1/8 of the buffer) and the
-    weight-gradient blocks (1/8 of the buffer, half/bf16 only).
+    widened to fp32 in place for the softmax (the hidden weak side mixes in inside the GEMM,
+    before widening; weak log-probs are fp32 and mix in after); the gradient ``softmax - onehot``
+    is narrowed back in place for the gradient GEMMs. No other ``[chunk, V]`` tensor is
+    allocated; the remaining temporaries are ``O(chunk * D)`` rows, the stats' row blocks (1/8 of
+    the buffer) and the weight-gradient blocks (1/8 of the buffer, half/bf16 only).
     """
-    use_weak = lam != 1.0
+    labels, lam, chunk_size, needs = loop.labels, loop.lam, loop.chunk_size, loop.needs
     low = h_s.dtype in LOW_PRECISION_DTYPES
-    acc = _acc_dtype(h_s.dtype)
+    acc = acc_dtype(h_s.dtype)
     device = h_s.device
-    valid = (labels != ignore_index).nonzero().squeeze(1)  # [n_valid]; masked rows cost nothing
+    valid = (labels != loop.ignore_index).nonzero().squeeze(1)  # [n_valid]; masked rows cost nothing
     n_valid = valid.numel()
-
-    def weight_grad(t, need):
-        # Uninitialised: the first chunk writes it without reading (no V*D zero-fill pass).
-        alloc = torch.empty if n_valid > 0 else torch.zeros
-        return alloc(t.shape, dtype=_acc_dtype(t.dtype), device=device) if need else None
-
-    grads = [  # grad_h rows of masked tokens stay 0
-        torch.zeros_like(h_s) if needs[0] else None,
-        weight_grad(w_s, needs[1]),
-        torch.zeros_like(h_w) if needs[2] else None,
-        weight_grad(w_w, needs[3]),
-    ]
+    contiguous = n_valid == labels.shape[0]  # every row valid: chunk rows are slices of the weak rows
+    weak = _weak_side(h_w, w_w, loop, n_valid)
+    grad_h = torch.zeros_like(h_s) if needs[0] else None  # rows of masked tokens stay 0
+    grad_w = None
+    if needs[1]:  # uninitialised: the first chunk writes it without reading (no V*D zero-fill)
+        grad_w = (torch.empty if n_valid > 0 else torch.zeros)(w_s.shape, dtype=acc_dtype(w_s.dtype), device=device)
     vocab = w_s.shape[0]
     # The one [chunk, V] buffer, reused by every chunk (a fresh one per chunk costs page faults
-    # on CPU: large allocations are mmap'ed and returned on free). flat16 is the same bytes seen
+    # on CPU: large allocations are mmap'ed and returned on free). buf16 is the same bytes seen
     # as 2-byte elements (half/bf16 inputs only).
     buf32 = torch.empty(min(chunk_size, n_valid) * vocab, dtype=acc, device=device)
     buf16 = buf32.view(h_s.dtype) if low else None
     loss_sum = torch.zeros((), dtype=acc, device=device)
-    if stats is not None:
-        sums = torch.zeros(6, dtype=torch.float64, device=device)  # STATS_KEYS[:6]
-    scale = 1.0 / divisor if n_valid > 0 else 0.0
-    coef = (lam * scale, (1.0 - lam) * scale)  # d loss / d z_strong, d z_weak = coef * g
+    stats = LossStats.zeros(device) if loop.want_stats else None
+    scale = 1.0 / loop.divisor if n_valid > 0 else 0.0
+    coef_s, coef_w = lam * scale, (1.0 - lam) * scale  # d loss / d z_strong, d z_weak = coef * g
 
     for start in range(0, n_valid, chunk_size):
         idx = valid[start : start + chunk_size]  # [c]
         c = idx.numel()
-        y = labels.index_select(0, idx)  # [c]
-        rows = torch.arange(c, device=device)
+        chunk = Chunk(start, idx, labels.index_select(0, idx), torch.arange(c, device=device), contiguous)
         hs = h_s.index_select(0, idx)  # [c, D_s]
-        hw = h_w.index_select(0, idx) if use_weak else None  # [c, D_w]
         z = buf32[: c * vocab].view(c, vocab)  # [c, V] in acc, contiguous
         zl = buf16[: c * vocab].view(c, vocab) if low else z  # where the GEMMs write
         torch.mm(hs, w_s.t(), out=zl)  # z_strong, GEMM in the input dtype
         if stats is not None:  # strong-alone CE needs z_strong before it is mixed in place
-            ce_s = row_logsumexp(zl, acc) - zl[rows, y].to(acc)  # [c]
-            p_s = torch.exp(-ce_s)
-            sums[1] += ce_s.sum()
-            sums[3] += p_s.sum()
-            sums[5] += (1.0 - p_s).sum()
-        if use_weak:  # z <- lam * z + (1 - lam) * hw @ w_w^T, in place, in the GEMM
-            zl.addmm_(hw, w_w.t(), beta=lam, alpha=1.0 - lam)
-        if low:
-            expand_in_place(buf32, buf16, c * vocab)  # z_mix in fp32 for the softmax
-        sumexp, ce_mix = mixed_ce_in_place(z, rows, y, lam, sums if stats is not None else None)
+            stats.add_strong_rows(row_logsumexp(zl, acc) - zl[chunk.rows, chunk.y].to(acc))
+
+        def widen(n=c * vocab):  # half/bf16 values -> fp32 in place (exact)
+            if low:
+                expand_in_place(buf32, buf16, n)
+
+        if weak is not None:
+            weak.mix(chunk, z, zl, widen, lam, stats)  # z <- z_mix in acc, widened
+        else:
+            widen()
+        sumexp, ce_mix = mixed_ce_in_place(z, chunk.rows, chunk.y)
+        if stats is not None:
+            stats.add_mixed_rows(ce_mix, lam)
         loss_sum += ce_mix.sum()
         if not any(needs):
             continue
-        ce_grad_in_place(z, sumexp, rows, y)  # z is now g = softmax(z_mix) - onehot(y), unscaled  [c, V]
+        ce_grad_in_place(z, sumexp, chunk.rows, chunk.y)  # z is now g = softmax(z_mix) - onehot(y)  [c, V]
         if low:
             narrow_in_place(buf32, buf16, c * vocab)  # g in the input dtype for its GEMMs
-        for side, (h, w, hc) in enumerate(((h_s, w_s, hs), (h_w, w_w, hw))):
-            need_h, need_w = needs[2 * side], needs[2 * side + 1]
-            if need_h:  # grad_h rows = coef * g @ W   [c, D]
-                grads[2 * side].index_copy_(0, idx, torch.mm(zl, w).mul_(coef[side]))
-            if need_w:  # grad_W += coef * g^T @ h   [V, D], accumulated in acc dtype
-                accumulate_weight_grad(grads[2 * side + 1], zl, hc, coef[side], first=start == 0)
+        if needs[0]:  # grad_h rows = coef * g @ W   [c, D_s]
+            grad_h.index_copy_(0, idx, torch.mm(zl, w_s).mul_(coef_s))
+        if needs[1]:  # grad_W += coef * g^T @ h   [V, D_s], accumulated in acc dtype
+            accumulate_weight_grad(grad_w, zl, hs, coef_s, first=start == 0)
+        if weak is not None:
+            weak.backward(chunk, zl, coef_w)
 
     if stats is not None:
-        stats.update({k: sums[i].detach() for i, k in enumerate(STATS_KEYS[:6])})
-        stats["n_tokens"] = torch.tensor(valid.numel(), dtype=torch.int64, device=device)
-    return loss_sum * scale, tuple(grads)
+        stats.n_tokens.add_(n_valid)
+        loop.stats = stats.detach()
+    weak_grads = weak.grads if weak is not None else (None, None)
+    return loss_sum * scale, (grad_h, grad_w, *weak_grads)
 
 
-class _ChunkedMixedCE(torch.autograd.Function):
+class _MixedCE(torch.autograd.Function):
     """Gradients are computed in forward (one pass) and scaled by ``grad_output`` in backward."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, h_w, w_w, labels, lam, chunk_size, ignore_index, divisor, needs, stats):
-        loss, grads = _fused_forward(
-            h_s, w_s, h_w, w_w, labels, lam, chunk_size, ignore_index, divisor, needs, stats
-        )
+    def forward(ctx, h_s, w_s, h_w, w_w, loop: _Loop):
+        loss, grads = _fused_forward(h_s, w_s, h_w, w_w, loop)
         ctx.grads = grads
         ctx.dtypes = tuple(None if t is None else t.dtype for t in (h_s, w_s, h_w, w_w))
         return loss
@@ -227,7 +201,7 @@ class _ChunkedMixedCE(torch.autograd.Function):
     def backward(ctx, grad_loss):
         if ctx.grads is None:
             raise RuntimeError(
-                "chunked_mixed_ce: backward ran twice; its precomputed gradients are consumed "
+                "mixed CE: backward ran twice; its precomputed gradients are consumed "
                 "by the first backward (retain_graph is not supported)"
             )
         grads, ctx.grads = ctx.grads, None
@@ -240,7 +214,38 @@ class _ChunkedMixedCE(torch.autograd.Function):
                     g.mul_(grad_loss.to(g.dtype))  # in place: no second V*D buffer
                 g = g.to(dtype)
             out.append(g)
-        return (*out, None, None, None, None, None, None, None)
+        return (*out, None)
+
+
+def _check_strong(h_strong: torch.Tensor, w_strong: torch.Tensor, labels: torch.Tensor, chunk_size) -> None:
+    if chunk_size is not None and chunk_size < 0:
+        raise ValueError(f"chunk_size must be >= 1 (or None/0: sized from chunk_mb), got {chunk_size}")
+    if h_strong.dim() != 2 or w_strong.dim() != 2 or h_strong.shape[1] != w_strong.shape[1]:
+        raise ValueError(
+            f"h_strong must be [N, D] and w_strong [V, D]; got {tuple(h_strong.shape)} and "
+            f"{tuple(w_strong.shape)}"
+        )
+    if labels.shape != (h_strong.shape[0],):
+        raise ValueError(f"labels must be [N={h_strong.shape[0]}], got {tuple(labels.shape)}")
+
+
+def _mixed_ce(h_s, w_s, h_w, w_w, weak_logp, labels, lam, chunk_size, ignore_index, num_tokens, return_stats,
+              chunk_mb):
+    """Both entry points, after their own checks: divisor, chunk, needs; the Function or no_grad."""
+    n_valid = int((labels != ignore_index).sum())
+    divisor = float(n_valid if num_tokens is None else num_tokens)
+    if n_valid > 0 and divisor <= 0:
+        raise ValueError(f"num_tokens must be > 0 when there are answer tokens, got {num_tokens}")
+    if not chunk_size:
+        chunk_size = chunk_rows_for(n_valid, w_s.shape[0], chunk_mb)
+    grad_on = torch.is_grad_enabled()
+    needs = tuple(bool(grad_on and t is not None and t.requires_grad) for t in (h_s, w_s, h_w, w_w))
+    loop = _Loop(weak_logp, labels, lam, chunk_size, ignore_index, divisor, needs, return_stats)
+    if any(needs):
+        loss = _MixedCE.apply(h_s, w_s, h_w, w_w, loop)
+    else:  # evaluation / no_grad: loss only, no gradient buffers
+        loss, _ = _fused_forward(h_s, w_s, h_w, w_w, loop)
+    return (loss, loop.stats) if return_stats else loss
 
 
 def chunked_mixed_ce(
@@ -273,36 +278,24 @@ def chunked_mixed_ce(
             must match). Both may be None when ``lam == 1`` (plain SFT).
         labels: ``[N]`` int64; ``ignore_index`` rows are skipped before any matmul.
         lam: mixing weight in [0, 1].
-        chunk_size: answer tokens per chunk; None (or 0): :func:`chunk_rows_for` from ``chunk_mb``.
+        chunk_size: answer tokens per chunk (tests, benchmarks); None (or 0): :func:`chunk_rows_for`
+            from ``chunk_mb``, the way training sizes it.
         num_tokens: divisor (python int or 0-dim tensor), e.g. the global count of answer
             tokens over ranks and micro-batches so that summed losses and gradients equal the
             full batch's. Default: the number of non-ignored rows here.
-        return_stats: also return a dict of detached 0-dim tensors summed over valid tokens
-            (:data:`STATS_KEYS`): ``ce_mix_sum`` (the loss before dividing),
-            ``ce_strong_sum`` (CE of the strong logits alone),
-            ``p_mix_sum`` / ``p_strong_sum`` (target probabilities), ``nontarget_grad_mix_sum``
-            (non-target gradient mass the strong logits receive, ``lam * (1 - P_mix(y))``),
-            ``nontarget_grad_strong_sum`` (plain CE's, ``1 - P_strong(y)``), ``n_tokens``.
-            Costs one extra logsumexp over the strong logits per chunk.
+        return_stats: also return a :class:`~wmss_ray.losses.stats.LossStats` of sums over the
+            valid tokens (its ``CE_FIELDS``; the truncation fields stay 0). Costs one extra
+            logsumexp over the strong logits per chunk.
         chunk_mb: MiB budget of the ``[chunk, V]`` fp32 buffer when ``chunk_size`` is None.
 
     Returns:
-        0-dim loss (fp32 for half/bf16 inputs), or ``(loss, stats)``. Gradients flow to every
+        0-dim loss (fp32 for half/bf16 inputs), or ``(loss, LossStats)``. Gradients flow to every
         input with ``requires_grad``; a frozen weak side (no grad) costs no gradient work.
         Backward may run once (the gradients are precomputed and consumed).
     """
-    lam = _check_lam(lam)
-    if chunk_size is not None and chunk_size < 0:
-        raise ValueError(f"chunk_size must be >= 1 (or None/0: sized from chunk_mb), got {chunk_size}")
-    if h_strong.dim() != 2 or w_strong.dim() != 2 or h_strong.shape[1] != w_strong.shape[1]:
-        raise ValueError(
-            f"h_strong must be [N, D] and w_strong [V, D]; got {tuple(h_strong.shape)} and "
-            f"{tuple(w_strong.shape)}"
-        )
-    if labels.shape != (h_strong.shape[0],):
-        raise ValueError(f"labels must be [N={h_strong.shape[0]}], got {tuple(labels.shape)}")
-    use_weak = lam != 1.0
-    if use_weak:
+    lam = check_lam(lam)
+    _check_strong(h_strong, w_strong, labels, chunk_size)
+    if lam != 1.0:
         if h_weak is None or w_weak is None:
             raise ValueError("h_weak/w_weak are None but lam != 1; only lam=1 (SFT) needs no weak model")
         if h_weak.shape[0] != h_strong.shape[0] or h_weak.dim() != 2 or w_weak.dim() != 2:
@@ -316,22 +309,36 @@ def chunked_mixed_ce(
             raise ValueError(f"h_weak is {h_weak.dtype} but h_strong is {h_strong.dtype}")
     else:  # lam == 1: the weak side has weight 0; skip it entirely
         h_weak = w_weak = None
+    return _mixed_ce(h_strong, w_strong, h_weak, w_weak, None, labels, lam, chunk_size, ignore_index, num_tokens,
+                     return_stats, chunk_mb)
 
-    n_valid = int((labels != ignore_index).sum())
-    divisor = float(n_valid if num_tokens is None else num_tokens)
-    if n_valid > 0 and divisor <= 0:
-        raise ValueError(f"num_tokens must be > 0 when there are answer tokens, got {num_tokens}")
-    if not chunk_size:
-        chunk_size = chunk_rows_for(n_valid, w_strong.shape[0], chunk_mb)
 
-    grad_on = torch.is_grad_enabled()
-    needs = tuple(
-        bool(grad_on and t is not None and t.requires_grad) for t in (h_strong, w_strong, h_weak, w_weak)
-    )
-    stats = {} if return_stats else None
-    args = (h_strong, w_strong, h_weak, w_weak, labels, lam, chunk_size, ignore_index, divisor)
-    if any(needs):
-        loss = _ChunkedMixedCE.apply(*args, needs, stats)
-    else:  # evaluation / no_grad: loss only, no gradient buffers
-        loss, _ = _fused_forward(*args, needs, stats)
-    return (loss, stats) if return_stats else loss
+def sparse_mixed_ce(h_strong: torch.Tensor, w_strong: torch.Tensor, weak: WeakLogProbs, labels: torch.Tensor,
+                    lam: float, chunk_size: int | None = None, ignore_index: int = IGNORE_INDEX, num_tokens=None,
+                    return_stats: bool = False, chunk_mb: float = DEFAULT_CHUNK_MB):
+    """Mixed CE of strong hidden states and a frozen weak side given as log-probs, chunked.
+
+    Args:
+        h_strong: ``[N, D]`` final strong hidden states (row n predicts ``labels[n]``).
+        w_strong: ``[V, D]`` strong LM-head weight.
+        weak: :class:`~wmss_ray.losses.weak_side.WeakLogProbs` of the same N rows (dense or
+            top-k); never trained.
+        labels: ``[N]`` int64, ``ignore_index`` rows skipped.
+        lam, chunk_size, num_tokens, chunk_mb: as :func:`chunked_mixed_ce`.
+        return_stats: also return a :class:`~wmss_ray.losses.stats.LossStats` with the
+            truncation fields filled (tail mass sum / max and the summed per-row error bound;
+            zero for a dense weak side or ``lam == 1``).
+
+    Returns:
+        0-dim loss (fp32 for half/bf16 inputs) or ``(loss, LossStats)``. The same loop as
+        :func:`chunked_mixed_ce` (one ``[chunk, V]`` fp32 buffer, GEMMs in the input dtype,
+        softmax and weight-gradient sums in fp32); dense weak log-probs give its frozen loss and
+        gradients.
+    """
+    lam = check_lam(lam)
+    _check_strong(h_strong, w_strong, labels, chunk_size)
+    if weak.vocab != w_strong.shape[0]:
+        raise ValueError(f"weak vocabulary {weak.vocab} != strong head rows {w_strong.shape[0]}")
+    weak.check(h_strong.shape[0])
+    return _mixed_ce(h_strong, w_strong, None, None, weak, labels, lam, chunk_size, ignore_index, num_tokens,
+                     return_stats, chunk_mb)

@@ -1,8 +1,8 @@
 """Per-step training metrics: global reduction, ``metrics.jsonl`` and TensorBoard.
 
-Each micro-batch's loss returns sums over its answer tokens (``pair.STAT_NAMES``); a step adds
-them over its micro-batches and all-reduces them over ranks, so every metric is a global
-token-weighted mean, identical on all ranks (rank 0 writes it).
+Each micro-batch's loss returns sums over its answer tokens (a ``losses.stats.LossStats``); a
+step adds them over its micro-batches and all-reduces them over ranks (:func:`all_reduce_stats`),
+so every metric is a global token-weighted mean, identical on all ranks (rank 0 writes it).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from wmss_ray.io import storage
+from wmss_ray.losses.stats import LossStats
 
 #: Keys of one ``metrics.jsonl`` line (plus ``samples_seen`` and ``n_tokens``).
 METRIC_KEYS = ("step", "loss", "ce_strong", "p_mix", "p_strong", "nontarget_ratio", "grad_norm", "lr",
@@ -32,36 +33,68 @@ def is_log_step(done: int, log_every: int, end_step: int) -> bool:
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """In-place SUM over the default process group (no-op when not distributed)."""
+    return _all_reduce(t, "sum")
+
+
+def _all_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        reduce_op = torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX
+        torch.distributed.all_reduce(t, op=reduce_op)
     return t
 
 
-def step_metrics(stats: torch.Tensor, *, step: int, phase: str, grad_norm: float | None, lr: float,
-                 step_time: float, input_tokens: float, samples_seen: int) -> dict[str, Any]:
-    """Metrics of one optimizer step from the globally summed stats vector.
+def all_reduce_stats(stats: LossStats) -> LossStats:
+    """The step's stats over all ranks (collective: two all-reduces, SUM and MAX, of the
+    tensors :meth:`LossStats.pack` lays out)."""
+    to_sum, to_max = stats.pack()
+    return LossStats.unpack(_all_reduce(to_sum, "sum"), _all_reduce(to_max, "max"))
 
-    ``stats``: float64 ``[7]`` = (ce_mix_sum, ce_strong_sum, p_mix_sum, p_strong_sum,
-    nontarget_grad_mix_sum, nontarget_grad_strong_sum, n_tokens) over the global batch.
+
+def step_metrics(stats: LossStats, *, step: int, phase: str, grad_norm: float | None, lr: float,
+                 step_time: float, input_tokens: float, samples_seen: int) -> dict[str, Any]:
+    """Metrics of one optimizer step from the globally summed stats.
+
     ``nontarget_ratio`` is the non-target gradient mass the strong logits receive under the
     mix divided by plain CE's (DESIGN.md §1: < 1 means the mix damps the push on wrong tokens).
     """
-    s = stats.tolist()
-    n = max(s[6], 1.0)
+    s = stats.floats()
+    n = max(s["n_tokens"], 1.0)
+    nt_strong = s["nontarget_grad_strong_sum"]
     return {
         "step": step,
-        "loss": s[0] / n,
-        "ce_strong": s[1] / n,
-        "p_mix": s[2] / n,
-        "p_strong": s[3] / n,
-        "nontarget_ratio": s[4] / s[5] if s[5] > 0 else float("nan"),
+        "loss": s["ce_mix_sum"] / n,
+        "ce_strong": s["ce_strong_sum"] / n,
+        "p_mix": s["p_mix_sum"] / n,
+        "p_strong": s["p_strong_sum"] / n,
+        "nontarget_ratio": s["nontarget_grad_mix_sum"] / nt_strong if nt_strong > 0 else float("nan"),
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "lr": lr,
         "tokens_per_s": input_tokens / step_time if step_time > 0 else float("nan"),
         "phase": phase,
         "samples_seen": samples_seen,
-        "n_tokens": int(s[6]),
+        "n_tokens": int(s["n_tokens"]),
     }
+
+
+def pool_metrics(stats: LossStats, checkpoint_id: str | None, warn_above: float | None = None) -> dict[str, Any]:
+    """The step's weak-pool metrics (``mix.placement: pool``) from its globally reduced stats.
+
+    ``trunc_bound`` bounds this step's loss error from top-k truncation (nats per answer token);
+    the ``trunc_error_sampled_*`` keys are measured against the exact weak log-probs on the
+    sampled positions of logged steps. ``pool_wait_s``: the longest any rank waited for replies.
+    """
+    s = stats.floats()
+    n = max(s["n_tokens"], 1.0)
+    out = {"weak_tail_mass_mean": s["tail_mass_sum"] / n, "weak_tail_mass_max": s["tail_mass_max"],
+           "trunc_bound": s["trunc_bound_sum"] / n, "pool_reply_bytes_per_token": s["pool_reply_bytes"] / n,
+           "pool_wait_s": s["pool_wait_s"], "weak_checkpoint": checkpoint_id}
+    if s["n_sampled"] > 0:
+        out.update(trunc_error_sampled_mean=s["sampled_error_sum"] / s["n_sampled"],
+                   trunc_error_sampled_max=s["sampled_error_max"],
+                   trunc_bound_sampled_mean=s["sampled_bound_sum"] / s["n_sampled"], n_sampled=int(s["n_sampled"]))
+    if warn_above is not None:
+        out["trunc_warning"] = out["trunc_bound"] > warn_above
+    return out
 
 
 class MetricsWriter:

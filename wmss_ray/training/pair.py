@@ -3,7 +3,7 @@
 Why the loss lives inside a module's forward: under ZeRO-3 every parameter is partitioned and
 is only whole between its owning module's pre-forward gather and post-forward release. The
 mixed loss multiplies the final hidden states by the LM-head weights *outside* the heads' own
-``forward`` (``core.mixing.chunked_mixed_ce`` never materialises ``[N, V]`` logits), so the head
+``forward`` (``losses.mixing.chunked_mixed_ce`` never materialises ``[N, V]`` logits), so the head
 weights are registered as external parameters of this module: DeepSpeed gathers them for
 :meth:`PairLM.forward` (and again for its backward) on every rank. Tied embeddings need nothing
 special: the head weight *is* the embedding weight, registered the same way.
@@ -19,14 +19,10 @@ import torch
 from torch import nn
 
 from wmss_ray.losses.constants import IGNORE_INDEX
-from wmss_ray.losses.mixing import DEFAULT_CHUNK_MB, STATS_KEYS, chunked_mixed_ce
+from wmss_ray.losses.mixing import DEFAULT_CHUNK_MB, chunked_mixed_ce, sparse_mixed_ce
+from wmss_ray.losses.stats import LossStats
+from wmss_ray.losses.weak_side import WeakLogProbs, truncation_error
 from wmss_ray.models.loading import output_head
-
-#: Order of the per-micro-batch statistics vector returned by :meth:`PairLM.forward`.
-STAT_NAMES = STATS_KEYS  # ce_mix_sum, ce_strong_sum, p_mix_sum, p_strong_sum, nt_mix, nt_strong, n_tokens
-#: Order of the third vector of a ``weak_pool`` forward: 5 sums, then 2 maxima.
-POOL_STAT_NAMES = ("tail_mass_sum", "trunc_bound_sum", "sampled_error_sum", "sampled_bound_sum", "n_sampled",
-                   "tail_mass_max", "sampled_error_max")
 
 
 class PairLM(nn.Module):
@@ -36,9 +32,11 @@ class PairLM(nn.Module):
         strong, weak: HF causal LMs sharing the vocabulary; ``weak`` is None for SFT.
         mode: "sft" | "joint" | "frozen".
         lam: mixing weight (1.0 is plain SFT even with a weak model).
-        chunk_size: answer tokens per chunk of the loss (None/0: sized from ``chunk_mb``).
+        chunk_size: answer tokens per chunk of the loss, for tests that want many small chunks;
+            None (training): sized from ``chunk_mb``.
         zero3: register the heads as ZeRO-3 external parameters.
-        chunk_mb: MiB budget of the loss's ``[chunk, V]`` fp32 buffer (``mix.chunk_mb``).
+        chunk_mb: MiB budget of the loss's ``[chunk, V]`` fp32 buffer (``mix.chunk_mb``, the one
+            way the config sizes it).
         weak_pool: ``mix.placement: pool``: no weak model here (``weak`` None, mode frozen);
             :meth:`forward` takes the weak side as the pool's log-probs.
     """
@@ -82,8 +80,9 @@ class PairLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
                 num_tokens: float, loss_scale: float = 1.0, position_ids: torch.Tensor | None = None,
-                weak_logp=None, exact=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mixed CE of one micro-batch, padded or packed.
+                weak_logp: WeakLogProbs | None = None,
+                exact: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, LossStats]:
+        """Mixed CE of one micro-batch, padded or packed, in every placement.
 
         Args:
             input_ids, attention_mask, labels: ``[B, T]`` (labels unshifted, -100 off-answer).
@@ -94,16 +93,15 @@ class PairLM(nn.Module):
                 micro-batches), so that the summed gradients are those of the global token mean.
             loss_scale: multiplies the returned loss only for backward (undoes DeepSpeed's own
                 averaging over ranks and micro-batches; see ``worker.PhaseWorker.train_step``).
-
-            weak_logp: ``weak_pool`` only: the answer positions' weak side
-                (``core.sparse_mixing.WeakLogProbs``, rows in ``labels[:, 1:] != -100`` order).
+            weak_logp: ``weak_pool`` only: the pool's reply for the answer positions
+                (``losses.weak_side.WeakLogProbs``, rows in ``labels[:, 1:] != -100`` order).
             exact: ``weak_pool`` only, optional: ``(rows [n], exact weak log-probs [n, V])`` of a
                 sample of those positions, to measure the top-k truncation error.
 
         Returns:
-            ``(loss, stats)``: 0-dim loss ``sum(token CE) / num_tokens * loss_scale`` and a
-            detached float64 ``[7]`` vector of sums over this micro-batch (:data:`STAT_NAMES`);
-            ``weak_pool`` adds a third, float64 ``[7]`` (:data:`POOL_STAT_NAMES`).
+            ``(loss, stats)``: 0-dim loss ``sum(token CE) / num_tokens * loss_scale`` and the
+            detached :class:`~wmss_ray.losses.stats.LossStats` of this micro-batch (sums over
+            its answer tokens; the pool's truncation fields filled under ``weak_pool``).
         """
         # Position t predicts token t+1: shift, then keep only answer positions so that the
         # decoders' outputs feed the loss for those rows alone.  sel, y: [B, T-1], [N]
@@ -112,8 +110,14 @@ class PairLM(nn.Module):
         y = targets[sel]
         h_s = self._hidden(self.strong, input_ids, attention_mask, position_ids)[:, :-1][sel]  # [N, D_s]
         w_s = output_head(self.strong)[1]  # [V, D_s]
+        sizing = dict(chunk_size=self.chunk_size, num_tokens=num_tokens, return_stats=True, chunk_mb=self.chunk_mb)
         if self.weak_pool:
-            return self._pool_loss(h_s, w_s, y, num_tokens, loss_scale, weak_logp, exact)
+            if weak_logp is None:
+                raise ValueError("PairLM(weak_pool=True).forward needs weak_logp (the pool's reply)")
+            loss, stats = sparse_mixed_ce(h_s, w_s, weak_logp, y, self.lam, **sizing)
+            if exact is not None and exact[0].numel():
+                stats.add_sampled_rows(*self._sampled_error(h_s, w_s, y, weak_logp, *exact))
+            return loss * loss_scale, stats
         h_w = w_w = None
         if self.weak is not None and self.lam != 1.0:
             if self.mode == "frozen":
@@ -122,29 +126,15 @@ class PairLM(nn.Module):
             else:
                 h_w = self._hidden(self.weak, input_ids, attention_mask, position_ids)[:, :-1][sel]
             w_w = output_head(self.weak)[1]  # [V, D_w]
-        loss, stats = chunked_mixed_ce(h_s, w_s, h_w, w_w, y, self.lam, chunk_size=self.chunk_size,
-                                       num_tokens=num_tokens, return_stats=True, chunk_mb=self.chunk_mb)
-        vec = torch.stack([stats[k].to(torch.float64) for k in STAT_NAMES]).detach()
-        return loss * loss_scale, vec
+        loss, stats = chunked_mixed_ce(h_s, w_s, h_w, w_w, y, self.lam, **sizing)
+        return loss * loss_scale, stats
 
-    def _pool_loss(self, h_s, w_s, y, num_tokens, loss_scale, weak_logp, exact):
-        from wmss_ray.losses.sparse_mixing import sparse_mixed_ce, truncation_error
-
-        if weak_logp is None:
-            raise ValueError("PairLM(weak_pool=True).forward needs weak_logp (the pool's reply)")
-        loss, stats = sparse_mixed_ce(h_s, w_s, weak_logp, y, self.lam, chunk_size=self.chunk_size,
-                                      num_tokens=num_tokens, return_stats=True, chunk_mb=self.chunk_mb)
-        vec = torch.stack([stats[k].to(torch.float64) for k in STAT_NAMES]).detach()
-        err = torch.zeros(4, dtype=torch.float64, device=h_s.device)  # err_sum, bound_sum, n, err_max
-        if exact is not None and exact[0].numel():
-            rows, exact_logp = exact
-            with torch.no_grad():
-                e, b = truncation_error(h_s.detach()[rows] @ w_s.detach().t(), weak_logp.rows(rows), exact_logp,
-                                        y[rows], self.lam)
-            err = torch.stack([e.sum(), b.sum(), torch.tensor(float(e.numel()), dtype=torch.float64), e.max()])
-        trunc = torch.stack([stats["tail_mass_sum"], stats["trunc_bound_sum"], err[0], err[1], err[2],
-                             stats["tail_mass_max"], err[3]]).to(torch.float64).detach()
-        return loss * loss_scale, vec, trunc
+    def _sampled_error(self, h_s, w_s, y, weak_logp: WeakLogProbs, rows: torch.Tensor, exact_logp: torch.Tensor):
+        """Measured truncation error and its bound ``[n]`` on the sampled answer rows ``rows [n]``
+        (their ``[n, V]`` strong logits only: n is ``mix.pool.exact_sample``, small)."""
+        with torch.no_grad():
+            return truncation_error(h_s.detach()[rows] @ w_s.detach().t(), weak_logp.rows(rows), exact_logp,
+                                    y[rows], self.lam)
 
     @staticmethod
     def prepare_for_training(model: nn.Module, gradient_checkpointing: bool) -> None:

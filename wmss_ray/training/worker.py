@@ -26,7 +26,8 @@ import torch
 from wmss_ray.config.schema import WMSSConfig
 from wmss_ray.data.chat_tokens import collate
 from wmss_ray.training.dataset import DataPlan, RowReader, answer_tokens, input_tokens, read_epoch_rows
-from wmss_ray.training.metrics import all_reduce_sum, is_log_step, step_metrics
+from wmss_ray.losses.stats import LossStats
+from wmss_ray.training.metrics import all_reduce_stats, all_reduce_sum, is_log_step, pool_metrics, step_metrics
 from wmss_ray.training.packing import pack_rows
 from wmss_ray.training.pair import PairLM
 from wmss_ray.training.validation import ValidationPoints
@@ -120,8 +121,8 @@ class PhaseWorker:
         for m in (strong, weak):
             if m is not None:
                 PairLM.prepare_for_training(m, cfg.training.gradient_checkpointing)
-        self.pair = PairLM(strong, weak, spec.mode, cfg.mix.lam, cfg.mix.chunk_size, zero3=self.zero3,
-                           chunk_mb=cfg.mix.chunk_mb, weak_pool=self.pooled)
+        self.pair = PairLM(strong, weak, spec.mode, cfg.mix.lam, zero3=self.zero3, chunk_mb=cfg.mix.chunk_mb,
+                           weak_pool=self.pooled)
         groups = param_groups(self.pair.trainable_groups(cfg.training.lr, cfg.training.weak_lr),
                               cfg.training.weight_decay)
         self.engine = init_engine(self.pair, groups, cfg.training, world_size, spec.plan.total_steps,
@@ -148,7 +149,7 @@ class PhaseWorker:
         end, every = self.spec.end_step, self.cfg.training.log_every
         return PooledWeakSide(PoolClient(pool_handles, self.rank), self.micro_batches, self.spec.plan.grad_accum,
                               end, lambda step: is_log_step(step + 1, every, end), p.prefetch, p.exact_sample,
-                              p.error_warn, self.device)
+                              self.device)
 
     # ------------------------------------------------------------------ data
 
@@ -193,21 +194,17 @@ class PhaseWorker:
         n_global = float(counts[0])
         loss_scale = float(self.world_size * self.spec.plan.grad_accum)
         lr = self.lr
-        stats = torch.zeros(7, dtype=torch.float64, device=self.device)
+        stats = LossStats.zeros(self.device)
         grad_norm = None
         for i, b in enumerate(mbs):
             b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
-            if self.pool:
-                loss, vec = self.pool.forward(self.engine, b, step, i, num_tokens=n_global, loss_scale=loss_scale)
-            else:
-                loss, vec = self.engine(b["input_ids"], b.get("attention_mask"), b["labels"], num_tokens=n_global,
-                                        loss_scale=loss_scale, position_ids=b.get("position_ids"))
+            loss, mb_stats = self._forward(b, step, i, n_global, loss_scale)
             self.engine.backward(loss)
             if i == len(mbs) - 1 and self._own_grad_norm:
                 grad_norm = self._grad_norm()
             self.engine.step()
-            stats += vec
-        all_reduce_sum(stats)
+            stats.add_(mb_stats)
+        stats = all_reduce_stats(stats)
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
         if torch.is_tensor(grad_norm):
@@ -215,12 +212,25 @@ class PhaseWorker:
         if self.on_gpu:
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
-        metrics = step_metrics(stats.cpu(), step=step + 1, phase=self.spec.phase, grad_norm=grad_norm, lr=lr,
+        metrics = step_metrics(stats, step=step + 1, phase=self.spec.phase, grad_norm=grad_norm, lr=lr,
                                step_time=dt, input_tokens=float(counts[1]),
                                samples_seen=(step + 1) * self.spec.plan.global_batch)
         if self.pool:
-            metrics.update(self.pool.step_metrics(float(stats[6])))
+            metrics.update(pool_metrics(stats, self.pool.checkpoint_id, self.cfg.mix.pool.error_warn))
         return metrics
+
+    def _forward(self, b: dict[str, torch.Tensor], step: int, a: int, num_tokens: float,
+                 loss_scale: float) -> tuple[torch.Tensor, LossStats]:
+        """The engine's ``(loss, stats)`` of micro-batch ``a`` of ``step``: padded
+        ``{input_ids, attention_mask, labels}`` or packed ``{input_ids, position_ids, labels}``;
+        under ``mix.placement: pool`` with the pool's reply for it (and its transfer costs)."""
+        reply = self.pool.reply(step, a) if self.pool else None
+        pool_in = dict(weak_logp=reply.weak, exact=reply.exact) if reply else {}
+        loss, stats = self.engine(b["input_ids"], b.get("attention_mask"), b["labels"], num_tokens=num_tokens,
+                                  loss_scale=loss_scale, position_ids=b.get("position_ids"), **pool_in)
+        if reply:
+            stats.add_pool_reply(reply.nbytes, reply.wait_s)
+        return loss, stats
 
     # ------------------------------------------------------------------ state
 

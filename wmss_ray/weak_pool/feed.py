@@ -1,5 +1,9 @@
 """``WeakFeed``: a Train worker's prefetching stream of weak replies (bounded back-pressure).
 
+The feed returns what the pool computed (:class:`PoolReply`: the weak log-probs of the answer
+positions, the exact rows of the sampled ones, and what the transfer cost); the training step
+runs the strong forward and the loss with it (``training.worker``), in every placement alike.
+
 Micro-batches are numbered in training order ``m = step * grad_accum + a``. Before the worker
 computes micro-batch ``m``, :meth:`WeakFeed.get` makes sure the requests of ``m .. m + prefetch``
 are in flight (at most ``prefetch + 1`` outstanding: the bound on back-pressure and on the
@@ -10,13 +14,29 @@ computes the next micro-batches' weak side while the strong model computes this 
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 
+from wmss_ray.losses.weak_side import WeakLogProbs
 from wmss_ray.weak_pool.group import PoolClient
 from wmss_ray.weak_pool.wire import WeakRequest
+
+
+class PoolReply(NamedTuple):
+    """One micro-batch's weak side from the pool.
+
+    ``weak``: the answer positions' log-probs (rows in ``labels[:, 1:] != -100`` order).
+    ``exact``: ``(rows [n] int64, exact log-probs [n, V])`` of the sampled positions, or None.
+    ``nbytes``: the reply's answer-position arrays (the sampled dense rows not counted);
+    ``wait_s``: seconds this rank waited for it.
+    """
+
+    weak: WeakLogProbs
+    exact: tuple[torch.Tensor, torch.Tensor] | None
+    nbytes: int
+    wait_s: float
 
 
 class WeakFeed:
@@ -41,13 +61,8 @@ class WeakFeed:
         req = WeakRequest.from_batch(self.batch(step, a), self.n_exact(step, a))
         self.pending[m] = (self.client.submit(req), req.exact_rows)
 
-    def get(self, step: int, a: int, device) -> tuple:
-        """``(WeakLogProbs, exact or None, seconds waited, reply bytes)`` for micro-batch ``(step, a)``.
-
-        The bytes are the answer positions' arrays (the sampled dense rows are not counted).
-
-        ``exact`` is ``(rows [n] int64, exact log-probs [n, V])`` for the sampled positions.
-        """
+    def get(self, step: int, a: int, device) -> PoolReply:
+        """The pool's reply for micro-batch ``(step, a)``, on ``device``."""
         m = step * self.grad_accum + a
         last = self.end_step * self.grad_accum - 1
         for ahead in range(m, min(m + self.prefetch, last) + 1):
@@ -69,7 +84,7 @@ class WeakFeed:
         exact = None
         if reply.exact_logp is not None:
             exact = (torch.from_numpy(np.asarray(rows, np.int64)).to(device), reply.exact(device))
-        return reply.to_weak(device), exact, waited, answer_bytes
+        return PoolReply(reply.to_weak(device), exact, answer_bytes, waited)
 
 
 class PooledWeakSide:
@@ -77,8 +92,8 @@ class PooledWeakSide:
 
     It keeps the micro-batches of each step it sent requests for, so that the step trains on the
     very tensors the pool answered (read once per step by the worker's own ``read_step``, kept
-    until that step has run: at most ``1 + ceil(prefetch / grad_accum)`` steps), runs each
-    micro-batch's forward with the pool's reply, and accumulates the step's pool metrics.
+    until that step has run: at most ``1 + ceil(prefetch / grad_accum)`` steps), and hands out
+    each micro-batch's reply. The step itself (strong forward, loss, statistics) is the worker's.
 
     Args:
         client: the pool's :class:`~.group.PoolClient`.
@@ -86,21 +101,19 @@ class PooledWeakSide:
         grad_accum, end_step: the plan's micro-batches per step, the step to stop at.
         is_logged: ``step (0-based) -> bool``, whether the trainer logs that step (logged steps
             also ask for ``exact_sample`` dense rows).
-        prefetch, exact_sample, error_warn: ``mix.pool``'s settings.
+        prefetch, exact_sample: ``mix.pool``'s settings.
         device: this rank's device.
     """
 
     def __init__(self, client: PoolClient, read_step: Callable[[int], list[dict]], grad_accum: int, end_step: int,
-                 is_logged: Callable[[int], bool], prefetch: int, exact_sample: int, error_warn: float,
-                 device) -> None:
+                 is_logged: Callable[[int], bool], prefetch: int, exact_sample: int, device) -> None:
         self._read, self._steps = read_step, {}
-        self.error_warn, self.device = error_warn, torch.device(device)
+        self.device = torch.device(device)
 
         def n_exact(step: int, a: int) -> int:
             return exact_sample if a == 0 and is_logged(step) else 0
 
         self.feed = WeakFeed(client, lambda step, a: self._batches(step)[a], grad_accum, end_step, prefetch, n_exact)
-        self.acc = torch.zeros(9, dtype=torch.float64, device=self.device)
 
     def _batches(self, step: int) -> list[dict]:
         if step not in self._steps:
@@ -111,55 +124,13 @@ class PooledWeakSide:
         """Step ``step``'s micro-batches (those its requests were built from); starts the step."""
         for old in [s for s in self._steps if s < step]:  # consumed
             del self._steps[old]
-        self.acc.zero_()
         return self._batches(step)
 
-    def forward(self, engine, b: dict, step: int, a: int, num_tokens: float, loss_scale: float):
-        """``engine``'s ``(loss, stats)`` of micro-batch ``a`` of ``step`` with the pool's reply."""
-        weak, exact, waited, nbytes = self.feed.get(step, a, self.device)
-        # padded {input_ids, attention_mask, labels} or packed {input_ids, position_ids, labels}
-        loss, vec, trunc = engine(b["input_ids"], b.get("attention_mask"), b["labels"], num_tokens=num_tokens,
-                                  loss_scale=loss_scale, position_ids=b.get("position_ids"), weak_logp=weak,
-                                  exact=exact)
-        acc = self.acc  # pool_metrics' layout: 6 sums, 3 maxima
-        acc[:5] += trunc[:5]
-        acc[5] += nbytes
-        acc[6:8] = torch.maximum(acc[6:8], trunc[5:7])
-        acc[8] += waited  # seconds this rank waited for replies
-        return loss, vec
+    def reply(self, step: int, a: int) -> PoolReply:
+        """The pool's reply for micro-batch ``a`` of ``step`` (waits for it; keeps the next ones in flight)."""
+        return self.feed.get(step, a, self.device)
 
-    def step_metrics(self, n_tokens: float) -> dict:
-        """The step's pool metrics (collective: every rank calls it once per step)."""
-        return pool_metrics(self.acc, n_tokens, self.feed.checkpoint_id, self.error_warn)
-
-
-def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t, op=op)
-    return t
-
-
-def pool_metrics(pool: torch.Tensor, n_tokens: float, checkpoint_id: str | None,
-                 warn_above: float | None = None) -> dict:
-    """The step's weak-pool metrics from this rank's float64 ``[9]`` accumulator (collective).
-
-    ``pool`` = ``PairLM.POOL_STAT_NAMES``' 5 sums and reply bytes, then its 2 maxima and the
-    seconds waited for replies, over the micro-batches. Sums are all-reduced, maxima
-    max-reduced; ``n_tokens`` is the step's global answer-token count. ``trunc_bound`` bounds
-    this step's loss error from top-k truncation (nats per answer token); the
-    ``trunc_error_sampled_*`` keys are measured against the exact weak log-probs on the sampled
-    positions of logged steps.
-    """
-    from torch.distributed import ReduceOp
-
-    sums = _all_reduce(pool[:6].clone(), ReduceOp.SUM).tolist()
-    maxes = _all_reduce(pool[6:9].clone(), ReduceOp.MAX).tolist()
-    n = max(n_tokens, 1.0)
-    out = {"weak_tail_mass_mean": sums[0] / n, "weak_tail_mass_max": maxes[0], "trunc_bound": sums[1] / n,
-           "pool_reply_bytes_per_token": sums[5] / n, "pool_wait_s": maxes[2], "weak_checkpoint": checkpoint_id}
-    if sums[4] > 0:
-        out.update(trunc_error_sampled_mean=sums[2] / sums[4], trunc_error_sampled_max=maxes[1],
-                   trunc_bound_sampled_mean=sums[3] / sums[4], n_sampled=int(sums[4]))
-    if warn_above is not None:
-        out["trunc_warning"] = out["trunc_bound"] > warn_above
-    return out
+    @property
+    def checkpoint_id(self) -> str | None:
+        """The weak checkpoint every reply so far came from (None before the first)."""
+        return self.feed.checkpoint_id

@@ -53,8 +53,7 @@ class ServerArgs:
     top_k: int
     dtype: str = "float32"
     trust_remote_code: bool = False
-    chunk_size: int | None = None  # None: sized from chunk_mb (mix.chunk_mb), as the training loss
-    chunk_mb: float = DEFAULT_CHUNK_MB
+    chunk_mb: float = DEFAULT_CHUNK_MB  # mix.chunk_mb: the logits chunk is sized as the training loss's
     use_gpu: bool = False
     ds_overrides: dict | None = None
     attn_implementation: str = "auto"  # models.attn_implementation
@@ -82,8 +81,7 @@ class _Shard:
                 "nccl" if args.use_gpu else "gloo", init_method=f"tcp://{addr}:{port}", rank=rank,
                 world_size=world, timeout=timedelta(seconds=120))
         self.server = WeakServer(args.model_dir, args.top_k, dtype=args.dtype, device=device,
-                                 trust_remote_code=args.trust_remote_code, chunk_size=args.chunk_size,
-                                 chunk_mb=args.chunk_mb, zero3=world > 1, ds_overrides=args.ds_overrides,
+                                 trust_remote_code=args.trust_remote_code, chunk_mb=args.chunk_mb, zero3=world > 1, ds_overrides=args.ds_overrides,
                                  attn_implementation=args.attn_implementation)
 
     def _forward(self, req: WeakRequest) -> WeakReply:

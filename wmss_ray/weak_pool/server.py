@@ -26,7 +26,7 @@ import torch
 
 from wmss_ray.losses.chunk_ops import row_logsumexp
 from wmss_ray.losses.mixing import DEFAULT_CHUNK_MB, chunk_rows_for
-from wmss_ray.losses.sparse_mixing import weak_from_logp
+from wmss_ray.losses.weak_side import weak_from_logp
 from wmss_ray.weak_pool.wire import WeakReply, WeakRequest
 
 
@@ -57,8 +57,9 @@ class WeakServer:
         top_k: log-probs per answer position (0: dense ``[N, V]``, exact).
         dtype: "auto" | "float32" | "bfloat16" | "float16" (the forward's dtype; replies are fp32).
         device: where the forward runs.
-        chunk_size: answer positions per ``[chunk, V]`` logits block; None/0: sized from
-            ``chunk_mb`` (``mix.chunk_mb``, as the training loss) by ``core.mixing.chunk_rows_for``.
+        chunk_size: answer positions per ``[chunk, V]`` logits block, for tests that want many
+            small blocks; None/0 (the pool): sized from ``chunk_mb`` (``mix.chunk_mb``, as the
+            training loss) by ``losses.mixing.chunk_rows_for``.
         zero3: shard the model with DeepSpeed ZeRO-3 over the default process group.
         ds_overrides: merged into the ZeRO-3 config (e.g. ``stage3_param_persistence_threshold``).
         attn_implementation: ``models.attn_implementation``; "auto" is resolved for ``device``

@@ -22,7 +22,7 @@ plus ``checkpoint_id`` (which weak model answered). So an answer position costs
 ``8 k + 8`` bytes (520 B at k = 64) against ``2 V`` for bf16 logits (303,872 B at
 V = 151,936: 584x less); see :func:`reply_bytes`. The reconstruction of the weak side from a
 reply (top-k in place, tail mass spread uniformly, label exact) is
-``core.sparse_mixing``'s, chunk by chunk inside the loss.
+``losses.weak_side``'s, chunk by chunk inside the loss.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from wmss_ray.losses.constants import IGNORE_INDEX
-from wmss_ray.losses.sparse_mixing import WeakLogProbs
+from wmss_ray.losses.weak_side import WeakLogProbs
 
 
 def reply_bytes(n_positions: int, top_k: int, vocab: int, n_exact: int = 0) -> int:
@@ -147,7 +147,7 @@ class WeakReply:
         return (self.dense_logp if self.top_k == 0 else self.label_logp).shape[0]
 
     def to_weak(self, device: torch.device | str = "cpu") -> WeakLogProbs:
-        """The reply as :class:`~wmss_ray.losses.sparse_mixing.WeakLogProbs` tensors (ids int64)."""
+        """The reply as :class:`~wmss_ray.losses.weak_side.WeakLogProbs` tensors (ids int64)."""
         if self.top_k == 0:
             return WeakLogProbs(self.vocab, dense=torch.from_numpy(self.dense_logp).to(device))
         return WeakLogProbs(self.vocab, topk_logp=torch.from_numpy(self.topk_logp).to(device),
