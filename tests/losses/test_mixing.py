@@ -20,6 +20,23 @@ from wmss_ray.losses.stats import CE_FIELDS, LossStats
 IGN = -100
 
 
+def largest_tensor_numel(run) -> int:
+    """The most elements of any tensor an op produced while ``run()`` ran (forward and backward)."""
+    biggest = [0]
+
+    class MaxNumel(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(o, torch.Tensor):
+                    biggest[0] = max(biggest[0], o.numel())
+            return out
+
+    with MaxNumel():
+        run()
+    return biggest[0]
+
+
 def make_inputs(n=37, d_s=16, d_w=12, v=50, dtype=torch.float32, masked_every=3, seed=0):
     """Hidden states and head weights of both sides plus labels with some ignored rows."""
     g = torch.Generator().manual_seed(seed)
@@ -216,19 +233,8 @@ def test_never_materialises_full_logits():
     tensors, y = make_inputs(n=n, d_s=d, d_w=d, v=v, masked_every=0)
     x = leaves(tensors)
 
-    class MaxNumel(TorchDispatchMode):
-        biggest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for o in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(o, torch.Tensor):
-                    MaxNumel.biggest = max(MaxNumel.biggest, o.numel())
-            return out
-
-    with MaxNumel():
-        chunked_mixed_ce(*x, y, 0.5, chunk_size=chunk).backward()
-    assert MaxNumel.biggest <= max(chunk * v, v * d, n * d) < n * v
+    biggest = largest_tensor_numel(lambda: chunked_mixed_ce(*x, y, 0.5, chunk_size=chunk).backward())
+    assert biggest <= max(chunk * v, v * d, n * d) < n * v
 
 
 def test_no_grad_path_and_grad_output_scaling():
