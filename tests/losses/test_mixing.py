@@ -37,6 +37,16 @@ def largest_tensor_numel(run) -> int:
     return biggest[0]
 
 
+def assert_one_chunk_buffer(allocs, n: int, v: int, d: int, chunk: int) -> list:
+    """Of the fresh allocations ``(shape, dtype, bytes)`` of a loss step, the large ones other than
+    the gradients (fp32 accumulators ``[V, D]``, their dtype casts, ``grad_h [N, D]``) are exactly
+    one fp32 ``[chunk * V]`` buffer; returns the large ones."""
+    buffer_bytes = 4 * chunk * v
+    big = [a for a in allocs if a[2] >= buffer_bytes // 4]
+    assert [a for a in big if a[0] not in {(v, d), (n, d)}] == [((chunk * v,), torch.float32, buffer_bytes)]
+    return big
+
+
 def make_inputs(n=37, d_s=16, d_w=12, v=50, dtype=torch.float32, masked_every=3, seed=0):
     """Hidden states and head weights of both sides plus labels with some ignored rows."""
     g = torch.Generator().manual_seed(seed)
@@ -345,12 +355,8 @@ def test_one_chunk_buffer_and_no_other_chunk_sized_temporary(dtype, stats):
         out = chunked_mixed_ce(*x, y, 0.5, chunk_size=chunk, return_stats=stats)
         (out[0] if stats else out).backward()
 
-    allocs = _fresh_allocations(step)
-    buffer_bytes = 4 * chunk * v
-    big = [a for a in allocs if a[2] >= buffer_bytes // 4]
-    gradient_shapes = {(v, d), (n, d)}  # fp32 accumulators, their dtype casts, grad_h
-    assert [a for a in big if a[0] not in gradient_shapes] == [((chunk * v,), torch.float32, buffer_bytes)]
-    assert max(a[2] for a in big) <= max(buffer_bytes, 4 * v * d, 4 * n * d)
+    big = assert_one_chunk_buffer(_fresh_allocations(step), n, v, d, chunk)
+    assert max(a[2] for a in big) <= max(4 * chunk * v, 4 * v * d, 4 * n * d)
 
 
 def test_chunk_rows_for_budget_rounding_and_balance():

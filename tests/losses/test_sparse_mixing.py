@@ -217,7 +217,7 @@ def test_bf16_within_bf16_tolerance_of_fp64_naive(top_k, lam):
 def test_one_chunk_buffer_and_no_other_chunk_sized_temporary(dtype, top_k, masked_every, stats):
     """As chunked_mixed_ce: the only [chunk, V]-sized allocation is the one fp32 buffer (dense weak
     rows are sliced, or gathered in row blocks when some rows are ignored)."""
-    from tests.losses.test_mixing import _fresh_allocations
+    from tests.losses.test_mixing import _fresh_allocations, assert_one_chunk_buffer
 
     n, v, d, chunk = 256, 512, 8, 64
     tensors, y = make_inputs(n=n, d_s=d, d_w=d, v=v, masked_every=masked_every)
@@ -228,11 +228,7 @@ def test_one_chunk_buffer_and_no_other_chunk_sized_temporary(dtype, top_k, maske
         out = sparse_mixed_ce(hs, ws, weak, y, 0.5, chunk_size=chunk, return_stats=stats)
         (out[0] if stats else out).backward()
 
-    allocs = _fresh_allocations(step)
-    buffer_bytes = 4 * chunk * v
-    big = [a for a in allocs if a[2] >= buffer_bytes // 4]
-    gradient_shapes = {(v, d), (n, d)}  # fp32 accumulator, its dtype cast, grad_h
-    assert [a for a in big if a[0] not in gradient_shapes] == [((chunk * v,), torch.float32, buffer_bytes)]
+    assert_one_chunk_buffer(_fresh_allocations(step), n, v, d, chunk)
 
 
 def test_chunk_from_budget_equals_explicit_chunk():
