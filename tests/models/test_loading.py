@@ -244,3 +244,54 @@ def test_zero3_loads_survive_transformers_hub_kernels(saved, tmp_path):
     proc = subprocess.run([sys.executable, "-c", _TWO_ZERO3_LOADS, str(saved[1]), str(qwen3)],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0 and "forwards ok" in proc.stdout, proc.stderr[-3000:]
+
+
+_ZERO3_BF16_ROPE = """
+import sys, torch, deepspeed
+torch.distributed.init_process_group("gloo")
+from wmss_ray.models.loading import load_causal_lm
+path, ctx = sys.argv[1], int(sys.argv[2])
+ds = {"train_batch_size": 2, "bf16": {"enabled": True}, "zero_optimization": {"stage": 3}}
+model = load_causal_lm(path, dtype="bfloat16", zero3_config=ds)
+plain = load_causal_lm(path, dtype="bfloat16")
+ours, theirs = dict(model.named_buffers()), dict(plain.named_buffers())
+assert ours.keys() == theirs.keys() and ours, (ours.keys(), theirs.keys())
+for name, ref in theirs.items():
+    assert ours[name].dtype == ref.dtype and torch.equal(ours[name], ref), (name, ours[name].dtype, ref.dtype)
+ids = torch.randint(0, plain.config.vocab_size, (1, ctx), generator=torch.Generator().manual_seed(0))
+with torch.no_grad(), deepspeed.zero.GatheredParameters(list(model.parameters())):
+    z = model(input_ids=ids).logits.float()
+with torch.no_grad():
+    ref = plain(input_ids=ids).logits.float()
+rel = ((z - ref).abs().amax(-1) / ref.abs().amax(-1)).max().item()  # worst position
+print(f"rank {torch.distributed.get_rank()} buffers equal; worst relative logit difference {rel:.2e}")
+assert rel < 2e-3, rel  # under one bf16 step (3.9e-3); the bf16 tables gave 1.0e-2 at 512 tokens
+"""
+
+
+def test_zero3_bf16_load_keeps_fp32_rotary_tables_on_two_ranks(tmp_path):
+    """``zero.Init`` made the rotary ``inv_freq`` / ``original_inv_freq`` bf16 (4e-3 relative
+    error: the angle at position p off by p x inv_freq x 4e-3), so stage 3 trained another model
+    than the one exported. A bf16 ZeRO-3 load on 2 gloo ranks has the very buffers
+    ``from_pretrained`` makes and the same logits at every position up to the context length."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    ctx = 512
+    tok = build_demo_tokenizer()
+    shape = dict(TINY, max_position_embeddings=ctx, hidden_size=64, num_heads=2, num_kv_heads=1)
+    path = save_pretrained_model(build_tiny_model(DemoModelConfig(arch="qwen3", **shape), tok, 0), tok, tmp_path / "q")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    procs = [subprocess.Popen([sys.executable, "-c", _ZERO3_BF16_ROPE, str(path), str(ctx)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**base, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(r),
+                                   "LOCAL_RANK": str(r), "WORLD_SIZE": "2"})
+             for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and "buffers equal" in out, err[-3000:]

@@ -7,6 +7,7 @@ config (the Train workers at ``training.zero_stage: 3``, the weak pool's ZeRO-3 
 from __future__ import annotations
 
 import ctypes
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +49,10 @@ def load_zero3(path: Path, dtype: torch.dtype, trust_remote_code: bool, zero3_co
     if not deepspeed.comm.is_initialized():  # zero.Init sizes the partitions from DeepSpeed's view of the group
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     build = dict(dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
-    import_model_code(config, **build)
+    buffers = reference_buffers(config, **build)  # also imports the model's code before zero.Init
     with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=zero3_config):
         model = AutoModelForCausalLM.from_config(config, **build)
+    restore_buffers(model, buffers)
     model.tie_weights()
     where: dict[str, str] = {}  # tensor name -> safetensors file
     for f in sorted(path.glob("*.safetensors")):
@@ -78,23 +80,65 @@ def load_zero3(path: Path, dtype: torch.dtype, trust_remote_code: bool, zero3_co
     return model
 
 
-def import_model_code(config: Any, **from_config_kwargs: Any) -> None:
-    """Import every module the model's classes live in, before ``zero.Init`` patches classes.
+def reference_buffers(config: Any, **from_config_kwargs: Any) -> dict[str, torch.Tensor]:
+    """The model's buffers as ``from_config`` makes them outside ``zero.Init`` (CPU, their own dtype).
 
-    ``zero.Init`` wraps ``__init__`` of each ``nn.Module`` subclass, including classes *created*
-    while it is active, and on exit puts back the ``__init__`` it saw at that moment. A class
-    whose module is first imported inside it therefore loses any ``__init__`` a decorator set
-    after class creation: transformers' hub-kernel hooks (``use_kernelized_func``, active when the
-    ``kernels`` package is installed, which transformers >= 5.25 requires) set ``_kernel_funcs``
-    in such an ``__init__`` and read it in ``forward``, so every model built later in the process
-    (the second of a strong/weak pair, the next load) fails at its first forward with
-    ``AttributeError: ... '_kernel_funcs'``. Building the same model on the meta device runs the
-    very ``from_config`` path (built-in or remote code) and allocates nothing.
+    Two things ZeRO-3 loading needs from a build outside ``zero.Init``, at no memory cost (every
+    parameter goes to the meta device as it is registered; only buffers hold data):
+
+    * **Buffers in their own dtype.** ``zero.Init`` makes every floating-point tensor created during
+      construction in the training dtype, buffers included: the rotary ``inv_freq`` (and
+      ``original_inv_freq``, and whatever tables a rope type keeps) came out bf16, 4e-3 relative
+      error, so the rotation angle at position p was off by p x inv_freq x 4e-3 (radians at a few
+      thousand tokens) and stage 3 trained another model than the one exported and evaluated.
+      :func:`restore_buffers` puts these values back, for any architecture (no per-model list).
+    * **The model's code imported first.** ``zero.Init`` wraps ``__init__`` of each ``nn.Module``
+      subclass, including classes *created* while it is active, and on exit puts back the
+      ``__init__`` it saw at that moment. A class whose module is first imported inside it loses
+      any ``__init__`` a decorator set after class creation: transformers' hub-kernel hooks
+      (``use_kernelized_func``, active when the ``kernels`` package is installed, which
+      transformers >= 5.25 requires) set ``_kernel_funcs`` in such an ``__init__``, so every model
+      built later in the process failed at its first forward (``... '_kernel_funcs'``).
+
+    Returns: ``{buffer name: tensor}`` as ``model.named_buffers()`` names them.
     """
     from transformers.initialization import no_init_weights
 
-    with no_init_weights(), torch.device("meta"):
-        AutoModelForCausalLM.from_config(config, **from_config_kwargs)
+    with no_init_weights(), torch.device("cpu"), _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, **from_config_kwargs)
+    return dict(model.named_buffers())
+
+
+def restore_buffers(model: torch.nn.Module, reference: dict[str, torch.Tensor]) -> None:
+    """Replace each floating-point buffer of ``model`` by ``reference``'s, in the reference's dtype.
+
+    Buffers are not partitioned by ZeRO-3 (every rank keeps them whole on its device), and the
+    DeepSpeed engine keeps fp32 buffers in fp32 under bf16 training, so this holds for training.
+    """
+    for name, buf in list(model.named_buffers()):
+        ref = reference.get(name)
+        if ref is None or not ref.is_floating_point():
+            continue
+        owner, _, attr = name.rpartition(".")
+        model.get_submodule(owner)._buffers[attr] = ref.to(device=buf.device)
+
+
+@contextmanager
+def _parameters_on_meta():
+    """Inside: each parameter moves to the meta device as it is registered; buffers stay real."""
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        register(module, name, param)
+        p = module._parameters[name]
+        if p is not None and p.device.type != "meta":
+            module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
 
 
 def release_freed_host_memory() -> None:
