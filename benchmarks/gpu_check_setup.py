@@ -1,0 +1,211 @@
+"""What ``benchmarks/gpu_check.py`` runs on: model shapes, the run configs, artifacts on disk.
+
+Plain code, no Ray (the device machines carry no Ray): the training path is the project's own
+:class:`~wmss_ray.training.worker.PhaseWorker`, the class each Ray Train worker wraps.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+#: The shipped real-scale recipe; every run config of the check is this file plus overrides.
+RECIPE = REPO / "configs" / "qwen3-4b-math.yaml"
+#: Dense bf16 peak FLOP/s by device-name substring (H200 = H100 SXM's tensor cores).
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+IGN = -100
+
+_QWEN3 = dict(max_position_embeddings=40960, tie_word_embeddings=True)
+SHAPES = {
+    "qwen3-0.6b": dict(_QWEN3, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                       head_dim=128, intermediate_size=3072, vocab_size=151936),
+    "qwen3-4b": dict(_QWEN3, hidden_size=2560, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=128, intermediate_size=9728, vocab_size=151936),
+    # CPU smoke shapes (head_dim 16: the figures mean nothing, every code path runs)
+    "tiny": dict(_QWEN3, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=16, intermediate_size=128, vocab_size=512, max_position_embeddings=512),
+    "tiny-big": dict(_QWEN3, hidden_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                     head_dim=24, intermediate_size=192, vocab_size=512, max_position_embeddings=512),
+}
+
+
+@dataclass
+class Variant:
+    """One training configuration timed by the check (``training.*`` overrides of the recipe)."""
+
+    label: str
+    mode: str  # "sft" | "frozen" | "joint"
+    zero_stage: int
+    checkpointing: bool
+    packing: bool = True
+    profile: bool = False  # also profile a few steps (torch.profiler)
+
+    def overrides(self) -> list[str]:
+        return [f"training.zero_stage={self.zero_stage}", f"training.gradient_checkpointing={self.checkpointing}",
+                f"training.packing={self.packing}", f"mix.mode={'frozen' if self.mode == 'frozen' else 'joint'}"]
+
+
+#: The step matrix at the end-to-end shape: the shipped recipe (ZeRO-3 + checkpointing) first.
+VARIANTS = [
+    Variant("sft z3 ckpt (shipped)", "sft", 3, True, profile=True),
+    Variant("frozen z3 ckpt (shipped)", "frozen", 3, True),
+    Variant("joint z3 ckpt (shipped)", "joint", 3, True),
+    Variant("sft z3", "sft", 3, False),
+    Variant("sft z2 ckpt", "sft", 2, True),
+    Variant("sft z2", "sft", 2, False, profile=True),
+    Variant("frozen z2", "frozen", 2, False),
+    Variant("joint z2", "joint", 2, False),
+    Variant("sft z1", "sft", 1, False),
+    Variant("joint z1", "joint", 1, False),
+    # the same full-length rows padded instead of packed: what packing's attention path costs
+    Variant("sft z1 padded", "sft", 1, False, packing=False),
+    Variant("sft z3 ckpt padded", "sft", 3, True, packing=False),
+]
+
+
+@dataclass
+class Setup:
+    """Sizes and places of one check run."""
+
+    device: torch.device
+    root: str  # artifacts: models, tokenised rows
+    shape: str  # the end-to-end shape
+    big_shape: str  # the memory-and-speed shape
+    seq_len: int
+    micro_batch: int
+    big_micro_batch: int
+    warmup: int
+    steps: int
+    exact_steps: int
+    loss_tokens: int
+    loss_chunks: list[int]
+    gen_batch: int
+    gen_new_tokens: int
+    variants: list[Variant] = field(default_factory=lambda: list(VARIANTS))
+    paths: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def run_config(s: Setup, variant: Variant, micro_batch: int, grad_accum: int = 1, extra: list[str] = ()):
+    """The recipe (configs/qwen3-4b-math.yaml) with this variant's knobs, validated as for a GPU run.
+
+    On the CPU smoke run ``scaling.use_gpu`` is false and the dtype bf16 (ZeRO keeps it legal).
+    """
+    from wmss_ray.config.loading import load_config
+
+    overrides = [*variant.overrides(), f"training.micro_batch_size={micro_batch}",
+                 f"training.grad_accum={grad_accum}", f"data.max_seq_len={s.seq_len}", "training.warmup_ratio=0.0",
+                 "training.min_lr_ratio=1.0", "training.lr=1e-4", "scaling.num_workers=1", "models.dtype=bfloat16",
+                 "models.attn_implementation=sdpa", *extra]
+    if not s.on_gpu:
+        overrides += ["scaling.use_gpu=false"]
+    return load_config(RECIPE, overrides)
+
+
+def build_model(shape: str, seed: int, device: torch.device):
+    """A random-init Qwen3 causal LM of ``SHAPES[shape]`` in bf16 on ``device`` (seeded)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(**SHAPES[shape], rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                         use_cache=False, pad_token_id=0)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Qwen3ForCausalLM(config)
+    return model.to(torch.bfloat16)
+
+
+def meta_model(shape: str):
+    """The shape on the meta device (parameter counts, ``wmss plan`` figures; allocates nothing)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(**SHAPES[shape], rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    with torch.device("meta"):
+        return Qwen3ForCausalLM(config)
+
+
+def save_model(shape: str, seed: int, out: str, device: torch.device) -> str:
+    """Write a random model as an HF directory (safetensors) with the demo tokenizer (its pad id
+    is all the worker reads; the rows below are token ids drawn below the model's vocabulary)."""
+    from wmss_ray.models.tokenizer import build_demo_tokenizer
+
+    model = build_model(shape, seed, device)
+    model.save_pretrained(out)
+    build_demo_tokenizer().save_pretrained(out)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def write_rows(out_dir: str, n: int, seq_len: int, vocab: int, seed: int, variable: bool) -> str:
+    """``n`` tokenised rows as the tokenise stage writes them (``sample_id, input_ids, labels``).
+
+    Fixed length (``variable`` false): every row ``seq_len`` tokens (the step matrix: no padding
+    either way). Variable: lengths uniform in [seq_len/8, seq_len] (packing vs padding differ).
+    The first quarter of each row is the prompt (labels -100).
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        length = int(rng.integers(seq_len // 8, seq_len + 1)) if variable else seq_len
+        ids = rng.integers(5, vocab, length).tolist()
+        prompt = length // 4
+        rows.append({"sample_id": f"r{i:06d}", "input_ids": ids, "labels": [IGN] * prompt + ids[prompt:]})
+    os.makedirs(out_dir, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), os.path.join(out_dir, "part-0.parquet"))
+    return out_dir
+
+
+def make_worker(s: Setup, variant: Variant, strong: str, weak: str | None, tokenized: str, n_steps: int,
+                micro_batch: int, grad_accum: int = 1, out_dir: str | None = None):
+    """The project's training rank (world size 1) for ``variant``; returns ``(worker, cfg)``."""
+    import tempfile
+
+    from wmss_ray.training.dataset import DataPlan, write_epoch_rows
+    from wmss_ray.training.worker import PhaseSpec, PhaseWorker
+
+    cfg = run_config(s, variant, micro_batch, grad_accum)
+    out_dir = out_dir or tempfile.mkdtemp(prefix="gpu-check-", dir=s.root)
+    epoch_rows = os.path.join(out_dir, "epoch_rows.parquet")
+    n = write_epoch_rows(tokenized, None, epoch_rows)
+    plan = DataPlan(n, 1.0, 0, micro_batch, grad_accum, 1, exact_steps=n_steps)
+    phase = "sft" if variant.mode == "sft" else "wmss"
+    spec = PhaseSpec(phase, variant.mode, strong, weak if variant.mode != "sft" else None, out_dir, tokenized,
+                     epoch_rows, plan)
+    return PhaseWorker(cfg, spec, 0, 1, s.device), cfg
+
+
+def free(*objs) -> None:
+    """Drop engines and models between variants so that each peak is its own."""
+    import gc
+
+    for o in objs:
+        engine = getattr(o, "engine", None)
+        if engine is not None:
+            engine.destroy()
+    del objs
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def flops_per_token(n_params: int, shape: str, seq_len: float, trained: int, frozen: int) -> float:
+    """Model FLOPs per token (PaLM's MFU convention) of ``trained`` trained and ``frozen``
+    forward-only models of ``n_params`` parameters each (N counts the tied embedding once: the
+    output head's product): ``6 N + 12 L H d T`` per trained model, ``2 N + 4 L H d T`` per frozen
+    one, T the mean row length (attention not halved for causality). Checkpointing's recompute is
+    not counted (it is not model work)."""
+    c = SHAPES[shape]
+    attn = c["num_hidden_layers"] * c["num_attention_heads"] * c["head_dim"] * seq_len
+    return trained * (6 * n_params + 12 * attn) + frozen * (2 * n_params + 4 * attn)
