@@ -59,6 +59,8 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
 
     trainer.validate_on_ranks = validate_on_ranks
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if dist.is_initialized():  # forked from a session whose own tests made a 1-rank group
+        dist.destroy_process_group()
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         spec = SimpleNamespace(out_dir=out, validation=None)
