@@ -10,6 +10,12 @@ is "device". The tag follows every torch call (an op on host tensors only gives 
 ``.to(device)`` / ``.cuda()`` / ``.to(other)`` move a tensor to the device and ``.cpu()`` to the
 host, and any call that takes host and device tensors together raises, naming the call.
 
+It also lists the step's device-to-host syncs (``host_reads``): a device tensor's value read on
+the host (``item``, ``bool``/``int``/``float``, ``tolist``, ``numpy``) or an op whose output size
+depends on device values (``nonzero``, ``masked_select``, indexing with a boolean mask).
+``loss.backward()`` inside the mode runs with the mode on, so a custom ``autograd.Function``'s
+backward is checked too.
+
 Stricter than CUDA on one point: CUDA lets a 0-dim CPU tensor into elementwise ops; this check
 refuses it too (the code should not rely on it: it is a host-to-device copy per call).
 Host-side code the step runs on purpose (collating, ``numpy``) uses host tensors only, which is
@@ -17,6 +23,9 @@ allowed.
 """
 
 from __future__ import annotations
+
+import os
+import sys
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -29,6 +38,11 @@ _FACTORIES = {torch.tensor, torch.as_tensor, torch.from_numpy, torch.zeros, torc
 _MOVES = {torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.cpu}
 #: Calls CUDA runs across devices: a copy between devices (the destination keeps its place).
 _ACROSS = {torch.Tensor.copy_}
+#: Calls that read a tensor's values on the host (a device-to-host sync on a GPU).
+_READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__,
+          torch.Tensor.__index__, torch.Tensor.tolist, torch.Tensor.numpy, torch.nonzero, torch.Tensor.nonzero,
+          torch.masked_select, torch.Tensor.masked_select, torch.argwhere, torch.Tensor.argwhere}
+_INDEXING = {torch.Tensor.__getitem__, torch.Tensor.__setitem__}
 
 
 def on_host(t) -> bool:
@@ -54,6 +68,18 @@ def _tag(out, host: bool) -> None:
             pass
 
 
+def _caller() -> str:
+    """``file:line`` of the first frame outside torch and this module."""
+    f = sys._getframe(2)
+    while f is not None and (f.f_code.co_filename == __file__ or f"{os.sep}torch{os.sep}" in f.f_code.co_filename):
+        f = f.f_back
+    return f"{f.f_code.co_filename}:{f.f_lineno}" if f is not None else "?"
+
+
+def _bool_index(index) -> bool:
+    return any(t.dtype == torch.bool for t in _tensors(index if isinstance(index, tuple) else (index,)))
+
+
 def _moves_to_device(args, kwargs) -> bool:
     """Whether ``Tensor.to(...)`` names a device (or a tensor whose device to take)."""
     if "device" in kwargs:
@@ -63,16 +89,27 @@ def _moves_to_device(args, kwargs) -> bool:
 
 class HostDeviceCheck(TorchFunctionMode):
     """Within ``with HostDeviceCheck():`` a call mixing host-made and device tensors raises
-    ``RuntimeError`` (as CUDA would); ``made_on_host`` lists the host factory calls seen."""
+    ``RuntimeError`` (as CUDA would); ``made_on_host`` lists the host factory calls seen,
+    ``host_reads`` the device-to-host syncs."""
 
     def __init__(self):
         super().__init__()
         self.made_on_host: list[str] = []
+        self.host_reads: list[str] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+        if func is torch.Tensor.backward and len(args) == 1 and not any(kwargs.values()):  # loss.backward()
+            with self:
+                loss = args[0]
+                torch.autograd.Variable._execution_engine.run_backward(
+                    (loss,), (torch.ones_like(loss),), False, False, (), allow_unreachable=True, accumulate_grad=True)
+            return None
+        if (func in _READS and args and not on_host(args[0])) or (
+                func in _INDEXING and _bool_index(args[1]) and not on_host(args[0])):
+            self.host_reads.append(f"{name} at {_caller()}")
+        out = func(*args, **kwargs)
         if func in _FACTORIES:
             host = kwargs.get("device") is None
             if host:

@@ -12,6 +12,8 @@ reduction and the metrics (``training.metrics``).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -21,10 +23,12 @@ from tests.weak_pool.test_server import _InProcessClient
 from wmss_ray.losses.stats import LossStats
 from wmss_ray.training.dataset import answer_tokens
 from wmss_ray.training.metrics import all_reduce_stats, pool_metrics, step_metrics
+from wmss_ray.training import pair as pair_module
 from wmss_ray.training.pair import PairLM
 
 DEVICE = torch.device("cpu")  # "the device" of the check: every tensor not made on the host
 ACCUM = 2
+PAIR = pair_module.__file__
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +90,30 @@ def test_step_makes_no_tensor_off_the_device_of_its_inputs(art, placement):
     assert metrics["loss"] > 0
     if side:  # the sampled-error statistics ran (the path that crashed)
         assert metrics["n_sampled"] == 3
+    assert all(p.grad is not None for p in pair.strong.parameters())
+
+
+@pytest.mark.parametrize("placement", ["pool_topk", "frozen", "joint"])
+def test_loss_step_reads_nothing_back_from_the_device(art, placement):
+    """Forward and backward of the loss with the answer positions found on the host (as the
+    worker does): no device-to-host sync in ``losses/`` or ``training/pair.py`` (the decoders'
+    own are the model library's)."""
+    from wmss_ray.losses.positions import answer_positions
+
+    pair = _pair(art, placement)
+    rows = RowsById(art["tokenized"])
+    side = _pool_side(art, 4, rows) if placement.startswith("pool") else None
+    b = side.micro_batches(0)[0] if side else rows.batch(["s0000", "s0001"], pad_id=0)
+    reply = side.reply(0, 0) if side else None
+    pool_in = dict(weak_logp=reply.weak, exact=reply.exact) if reply else {}
+    pos = answer_positions(b["labels"])  # on the host, before the batch moves
+    with HostDeviceCheck() as check:
+        b = {k: v.to(DEVICE) for k, v in {**b, "answer_pos": pos}.items()}
+        loss, _ = pair(b["input_ids"], b["attention_mask"], b["labels"], num_tokens=40.0, loss_scale=2.0,
+                       answer_pos=b["answer_pos"], **pool_in)
+        loss.backward()
+    ours = [r for r in check.host_reads if f"wmss_ray{os.sep}losses" in r or r.split(" at ")[1].startswith(PAIR)]
+    assert ours == []
     assert all(p.grad is not None for p in pair.strong.parameters())
 
 
