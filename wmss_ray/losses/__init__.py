@@ -5,6 +5,7 @@
 - ``weak_side``: the two weak sides per chunk, ``WeakLogProbs`` and the top-k truncation bound.
 - ``stats``: ``LossStats``, the loss's named statistics (and their packing for all-reduce).
 - ``reference``: the naive ``[N, V]`` references. ``chunk_ops``: the in-place chunk kernels.
+- ``positions``: ``answer_positions``, the batch positions the loss scores.
 - ``entropy``: answer-token entropy. ``constants``: ``IGNORE_INDEX``. ``diagnostics``: naive
   references of the logged statistics.
 """

@@ -80,12 +80,14 @@ class _Loop:
     """What the loop needs besides the differentiable inputs (``_MixedCE``'s constants).
 
     ``weak_logp``: the pool's weak side (None: hidden states, or no weak side at ``lam == 1``).
+    ``valid``: ``[n_valid]`` int64 indices of the rows with a label (on the labels' device).
     ``needs``: 4 bools, whether (h_s, w_s, h_w, w_w) want gradients. ``stats``: filled by the
     loop when ``want_stats``.
     """
 
     weak_logp: WeakLogProbs | None
     labels: torch.Tensor
+    valid: torch.Tensor
     lam: float
     chunk_size: int
     ignore_index: int
@@ -126,7 +128,7 @@ def _fused_forward(h_s, w_s, h_w, w_w, loop: _Loop):
     low = h_s.dtype in LOW_PRECISION_DTYPES
     acc = acc_dtype(h_s.dtype)
     device = h_s.device
-    valid = (labels != loop.ignore_index).nonzero().squeeze(1)  # [n_valid]; masked rows cost nothing
+    valid = loop.valid  # [n_valid]; masked rows cost nothing
     n_valid = valid.numel()
     contiguous = n_valid == labels.shape[0]  # every row valid: chunk rows are slices of the weak rows
     weak = _weak_side(h_w, w_w, loop, n_valid)
@@ -205,16 +207,21 @@ class _MixedCE(torch.autograd.Function):
                 "by the first backward (retain_graph is not supported)"
             )
         grads, ctx.grads = ctx.grads, None
-        # The usual case (loss.backward() on this loss alone) needs no extra pass over V*D.
-        unit = bool((grad_loss == 1).all())
-        out = []
-        for g, dtype in zip(grads, ctx.dtypes):
-            if g is not None:
-                if not unit:
-                    g.mul_(grad_loss.to(g.dtype))  # in place: no second V*D buffer
-                g = g.to(dtype)
-            out.append(g)
-        return (*out, None)
+        # Always scaled, never "is grad_loss 1?": that test is a device-to-host sync per step
+        # (and training's grad_loss is the loss scale W * A anyway). Half/bf16 inputs: the
+        # scaling is the cast's own pass (fp32 product written as the input dtype, rounded once,
+        # as the cast alone would); same dtype: in place, no second buffer.
+        return (*(_scaled_grad(g, grad_loss, dtype) for g, dtype in zip(grads, ctx.dtypes)), None)
+
+
+def _scaled_grad(g: torch.Tensor | None, grad_loss: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor | None:
+    """``g * grad_loss`` (0-dim) as ``dtype``: one pass over ``g``, no host sync."""
+    if g is None:
+        return None
+    scale = grad_loss.to(g.dtype)
+    if g.dtype == dtype:
+        return g.mul_(scale)
+    return torch.mul(g, scale, out=torch.empty(g.shape, dtype=dtype, device=g.device))
 
 
 def _check_strong(h_strong: torch.Tensor, w_strong: torch.Tensor, labels: torch.Tensor, chunk_size) -> None:
@@ -230,9 +237,13 @@ def _check_strong(h_strong: torch.Tensor, w_strong: torch.Tensor, labels: torch.
 
 
 def _mixed_ce(h_s, w_s, h_w, w_w, weak_logp, labels, lam, chunk_size, ignore_index, num_tokens, return_stats,
-              chunk_mb):
+              chunk_mb, valid_rows):
     """Both entry points, after their own checks: divisor, chunk, needs; the Function or no_grad."""
-    n_valid = int((labels != ignore_index).sum())
+    if valid_rows is None:  # one device-to-host sync (nonzero); its size is the count
+        valid_rows = (labels != ignore_index).nonzero().squeeze(1)
+    elif valid_rows.dim() != 1:
+        raise ValueError(f"valid_rows must be [n_valid] row indices, got {tuple(valid_rows.shape)}")
+    n_valid = valid_rows.numel()
     divisor = float(n_valid if num_tokens is None else num_tokens)
     if n_valid > 0 and divisor <= 0:
         raise ValueError(f"num_tokens must be > 0 when there are answer tokens, got {num_tokens}")
@@ -240,7 +251,7 @@ def _mixed_ce(h_s, w_s, h_w, w_w, weak_logp, labels, lam, chunk_size, ignore_ind
         chunk_size = chunk_rows_for(n_valid, w_s.shape[0], chunk_mb)
     grad_on = torch.is_grad_enabled()
     needs = tuple(bool(grad_on and t is not None and t.requires_grad) for t in (h_s, w_s, h_w, w_w))
-    loop = _Loop(weak_logp, labels, lam, chunk_size, ignore_index, divisor, needs, return_stats)
+    loop = _Loop(weak_logp, labels, valid_rows, lam, chunk_size, ignore_index, divisor, needs, return_stats)
     if any(needs):
         loss = _MixedCE.apply(h_s, w_s, h_w, w_w, loop)
     else:  # evaluation / no_grad: loss only, no gradient buffers
@@ -260,6 +271,7 @@ def chunked_mixed_ce(
     num_tokens=None,
     return_stats: bool = False,
     chunk_mb: float = DEFAULT_CHUNK_MB,
+    valid_rows: torch.Tensor | None = None,
 ):
     """Mixed-logit CE from hidden states and LM-head weights, chunked over answer tokens.
 
@@ -280,13 +292,17 @@ def chunked_mixed_ce(
         lam: mixing weight in [0, 1].
         chunk_size: answer tokens per chunk (tests, benchmarks); None (or 0): :func:`chunk_rows_for`
             from ``chunk_mb``, the way training sizes it.
-        num_tokens: divisor (python int or 0-dim tensor), e.g. the global count of answer
+        num_tokens: divisor (python number; a 0-dim tensor is read on the host: a sync), e.g. the global count of answer
             tokens over ranks and micro-batches so that summed losses and gradients equal the
             full batch's. Default: the number of non-ignored rows here.
         return_stats: also return a :class:`~wmss_ray.losses.stats.LossStats` of sums over the
             valid tokens (its ``CE_FIELDS``; the truncation fields stay 0). Costs one extra
             logsumexp over the strong logits per chunk.
         chunk_mb: MiB budget of the ``[chunk, V]`` fp32 buffer when ``chunk_size`` is None.
+        valid_rows: ``[n_valid]`` int64 indices (on the labels' device, increasing) of the rows
+            whose label is not ``ignore_index``, when the caller knows them without looking at
+            the labels on the device (``training.pair`` passes ``arange(N)``: its rows are the
+            answer positions): spares the loss its one device-to-host sync. Not checked.
 
     Returns:
         0-dim loss (fp32 for half/bf16 inputs), or ``(loss, LossStats)``. Gradients flow to every
@@ -310,12 +326,13 @@ def chunked_mixed_ce(
     else:  # lam == 1: the weak side has weight 0; skip it entirely
         h_weak = w_weak = None
     return _mixed_ce(h_strong, w_strong, h_weak, w_weak, None, labels, lam, chunk_size, ignore_index, num_tokens,
-                     return_stats, chunk_mb)
+                     return_stats, chunk_mb, valid_rows)
 
 
 def sparse_mixed_ce(h_strong: torch.Tensor, w_strong: torch.Tensor, weak: WeakLogProbs, labels: torch.Tensor,
                     lam: float, chunk_size: int | None = None, ignore_index: int = IGNORE_INDEX, num_tokens=None,
-                    return_stats: bool = False, chunk_mb: float = DEFAULT_CHUNK_MB):
+                    return_stats: bool = False, chunk_mb: float = DEFAULT_CHUNK_MB,
+                    valid_rows: torch.Tensor | None = None):
     """Mixed CE of strong hidden states and a frozen weak side given as log-probs, chunked.
 
     Args:
@@ -324,7 +341,7 @@ def sparse_mixed_ce(h_strong: torch.Tensor, w_strong: torch.Tensor, weak: WeakLo
         weak: :class:`~wmss_ray.losses.weak_side.WeakLogProbs` of the same N rows (dense or
             top-k); never trained.
         labels: ``[N]`` int64, ``ignore_index`` rows skipped.
-        lam, chunk_size, num_tokens, chunk_mb: as :func:`chunked_mixed_ce`.
+        lam, chunk_size, num_tokens, chunk_mb, valid_rows: as :func:`chunked_mixed_ce`.
         return_stats: also return a :class:`~wmss_ray.losses.stats.LossStats` with the
             truncation fields filled (tail mass sum / max and the summed per-row error bound;
             zero for a dense weak side or ``lam == 1``).
@@ -341,4 +358,4 @@ def sparse_mixed_ce(h_strong: torch.Tensor, w_strong: torch.Tensor, weak: WeakLo
         raise ValueError(f"weak vocabulary {weak.vocab} != strong head rows {w_strong.shape[0]}")
     weak.check(h_strong.shape[0])
     return _mixed_ce(h_strong, w_strong, None, None, weak, labels, lam, chunk_size, ignore_index, num_tokens,
-                     return_stats, chunk_mb)
+                     return_stats, chunk_mb, valid_rows)

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from wmss_ray.losses.constants import IGNORE_INDEX
 from wmss_ray.losses.mixing import DEFAULT_CHUNK_MB, chunked_mixed_ce, sparse_mixed_ce
+from wmss_ray.losses.positions import answer_positions
 from wmss_ray.losses.stats import LossStats
 from wmss_ray.losses.weak_side import WeakLogProbs, truncation_error
 from wmss_ray.models.loading import output_head
@@ -72,16 +72,18 @@ class PairLM(nn.Module):
     # same submodule twice would give ZeRO-3 two owners for its parameters.
     @staticmethod
     def _hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                position_ids: torch.Tensor | None) -> torch.Tensor:
-        """Final hidden states ``[B, T, D]`` (after the final norm)."""
+                position_ids: torch.Tensor | None, pos: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (after the final norm) of the flat positions ``pos [N]``: ``[N, D]``."""
         decoder, _ = output_head(model)
-        return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False).last_hidden_state
+        h = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    use_cache=False).last_hidden_state  # [B, T, D]
+        return h.reshape(-1, h.shape[-1]).index_select(0, pos)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
                 num_tokens: float, loss_scale: float = 1.0, position_ids: torch.Tensor | None = None,
                 weak_logp: WeakLogProbs | None = None,
-                exact: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, LossStats]:
+                exact: tuple[torch.Tensor, torch.Tensor] | None = None,
+                answer_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, LossStats]:
         """Mixed CE of one micro-batch, padded or packed, in every placement.
 
         Args:
@@ -97,20 +99,25 @@ class PairLM(nn.Module):
                 (``losses.weak_side.WeakLogProbs``, rows in ``labels[:, 1:] != -100`` order).
             exact: ``weak_pool`` only, optional: ``(rows [n], exact weak log-probs [n, V])`` of a
                 sample of those positions, to measure the top-k truncation error.
+            answer_pos: ``losses.positions.answer_positions(labels)`` ``[N]`` on this device, as
+                the worker computes it on the host from the collated batch; None: computed here
+                from the device labels, one device-to-host sync.
 
         Returns:
             ``(loss, stats)``: 0-dim loss ``sum(token CE) / num_tokens * loss_scale`` and the
             detached :class:`~wmss_ray.losses.stats.LossStats` of this micro-batch (sums over
             its answer tokens; the pool's truncation fields filled under ``weak_pool``).
         """
-        # Position t predicts token t+1: shift, then keep only answer positions so that the
-        # decoders' outputs feed the loss for those rows alone.  sel, y: [B, T-1], [N]
-        targets = labels[:, 1:]
-        sel = targets != IGNORE_INDEX
-        y = targets[sel]
-        h_s = self._hidden(self.strong, input_ids, attention_mask, position_ids)[:, :-1][sel]  # [N, D_s]
+        # Position p predicts token p+1: keep only answer positions so that the decoders' outputs
+        # feed the loss for those rows alone, gathered by index (a boolean mask would be a
+        # device-to-host sync per use).  pos, y: [N]
+        pos = answer_positions(labels) if answer_pos is None else answer_pos
+        y = labels.reshape(-1).index_select(0, pos + 1)
+        h_s = self._hidden(self.strong, input_ids, attention_mask, position_ids, pos)  # [N, D_s]
         w_s = output_head(self.strong)[1]  # [V, D_s]
-        sizing = dict(chunk_size=self.chunk_size, num_tokens=num_tokens, return_stats=True, chunk_mb=self.chunk_mb)
+        # every row is an answer row: the loss need not look for them on the device
+        sizing = dict(chunk_size=self.chunk_size, num_tokens=num_tokens, return_stats=True, chunk_mb=self.chunk_mb,
+                      valid_rows=torch.arange(pos.numel(), device=pos.device))
         if self.weak_pool:
             if weak_logp is None:
                 raise ValueError("PairLM(weak_pool=True).forward needs weak_logp (the pool's reply)")
@@ -122,9 +129,9 @@ class PairLM(nn.Module):
         if self.weak is not None and self.lam != 1.0:
             if self.mode == "frozen":
                 with torch.no_grad():
-                    h_w = self._hidden(self.weak, input_ids, attention_mask, position_ids)[:, :-1][sel]  # [N, D_w]
+                    h_w = self._hidden(self.weak, input_ids, attention_mask, position_ids, pos)  # [N, D_w]
             else:
-                h_w = self._hidden(self.weak, input_ids, attention_mask, position_ids)[:, :-1][sel]
+                h_w = self._hidden(self.weak, input_ids, attention_mask, position_ids, pos)
             w_w = output_head(self.weak)[1]  # [V, D_w]
         loss, stats = chunked_mixed_ce(h_s, w_s, h_w, w_w, y, self.lam, **sizing)
         return loss * loss_scale, stats

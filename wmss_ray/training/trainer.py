@@ -218,9 +218,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                   f"{metrics['trunc_bound']:.3g} nats/token (> mix.pool.error_warn "
                                   f"{cfg.mix.pool.error_warn}); raise mix.pool.top_k", stacklevel=1)
             if validate:
-                _export(worker, spec.out_dir, rank, INTERIM_MODEL)
-                metrics = {**metrics, **validate_on_ranks(cfg, spec.validation, storage.join(spec.out_dir, INTERIM_MODEL),
-                                                          done, rank, world, device)}
+                metrics = {**metrics, **_validate_in_run(worker, cfg, spec, done, rank, world, device)}
             if ckpt:
                 with tempfile.TemporaryDirectory(prefix=f"wmss-ckpt-r{rank}-") as tmp:
                     worker.save(tmp, done, metrics["samples_seen"])
@@ -254,14 +252,37 @@ def checkpoint_states(out_dir: str) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _export(worker: Any, out_dir: str, rank: int, name: str = "model") -> None:
-    """Export the strong model to ``<out_dir>/<name>`` (collective); remote: via a local temp dir."""
+    """Export the strong model to ``<out_dir>/<name>`` (collective); remote: via a local temp dir.
+
+    Rank 0 alone writes (or uploads) the directory; every rank returns only once it is complete,
+    so that whatever reads it next on any rank (in-run validation) finds the whole new model,
+    not a missing, half-written or previous one.
+    """
     if not storage.is_remote(out_dir):
         worker.export(os.path.join(out_dir, name))
-        return
-    with tempfile.TemporaryDirectory(prefix=f"wmss-export-r{rank}-") as tmp:
-        written = worker.export(os.path.join(tmp, name))
-        if rank == 0 and written:
-            storage.upload_dir(written, storage.join(out_dir, name))
+    else:
+        with tempfile.TemporaryDirectory(prefix=f"wmss-export-r{rank}-") as tmp:
+            written = worker.export(os.path.join(tmp, name))
+            if rank == 0 and written:
+                storage.upload_dir(written, storage.join(out_dir, name))
+    _barrier()
+
+
+def _barrier() -> None:
+    """Wait for every rank (no-op outside an initialised process group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _validate_in_run(worker: Any, cfg: WMSSConfig, spec: PhaseSpec, done: int, rank: int, world: int,
+                     device: Any) -> dict[str, Any]:
+    """A validation point (collective): export the strong model to ``<out_dir>/interim_model``,
+    then validate it on every rank (``validation.validate_on_ranks``); returns its metrics."""
+    _export(worker, spec.out_dir, rank, INTERIM_MODEL)  # returns when rank 0's files are complete
+    return validate_on_ranks(cfg, spec.validation, storage.join(spec.out_dir, INTERIM_MODEL), done, rank, world,
+                             device)
 
 
 # ----------------------------------------------------------------------------- driver

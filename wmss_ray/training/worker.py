@@ -26,6 +26,7 @@ import torch
 from wmss_ray.config.schema import WMSSConfig
 from wmss_ray.data.chat_tokens import collate
 from wmss_ray.training.dataset import DataPlan, RowReader, answer_tokens, input_tokens, read_epoch_rows
+from wmss_ray.losses.positions import answer_positions
 from wmss_ray.losses.stats import LossStats
 from wmss_ray.training.metrics import all_reduce_stats, all_reduce_sum, is_log_step, pool_metrics, step_metrics
 from wmss_ray.training.packing import pack_rows
@@ -197,6 +198,8 @@ class PhaseWorker:
         stats = LossStats.zeros(self.device)
         grad_norm = None
         for i, b in enumerate(mbs):
+            # the answer positions found on the host, from the collated batch: no device sync
+            b = {**b, "answer_pos": answer_positions(b["labels"])}
             b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
             loss, mb_stats = self._forward(b, step, i, n_global, loss_scale)
             self.engine.backward(loss)
@@ -227,7 +230,8 @@ class PhaseWorker:
         reply = self.pool.reply(step, a) if self.pool else None
         pool_in = dict(weak_logp=reply.weak, exact=reply.exact) if reply else {}
         loss, stats = self.engine(b["input_ids"], b.get("attention_mask"), b["labels"], num_tokens=num_tokens,
-                                  loss_scale=loss_scale, position_ids=b.get("position_ids"), **pool_in)
+                                  loss_scale=loss_scale, position_ids=b.get("position_ids"),
+                                  answer_pos=b.get("answer_pos"), **pool_in)
         if reply:
             stats.add_pool_reply(reply.nbytes, reply.wait_s)
         return loss, stats

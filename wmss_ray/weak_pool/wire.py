@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from wmss_ray.losses.constants import IGNORE_INDEX
+from wmss_ray.losses.positions import answer_positions
 from wmss_ray.losses.weak_side import WeakLogProbs
 
 
@@ -109,13 +109,11 @@ class WeakRequest:
                                  f"{tuple(ids.shape)} and {tuple(position_ids.shape)}")
             _check_packed_positions(position_ids)
             position_ids = position_ids.numpy().astype(np.int32)
-        sel = labels[:, 1:] != IGNORE_INDEX  # [B, T-1]
-        b, t = sel.nonzero(as_tuple=True)
-        n = b.numel()
+        pos = answer_positions(labels)  # [N], the rows PairLM.forward scores, in its order
+        n = pos.numel()
         exact = np.unique(np.linspace(0, n - 1, min(n_exact, n)).round().astype(np.int32)) if n else np.zeros(0, np.int32)
-        return cls(input_ids=ids.numpy().astype(np.int32), lengths=lengths,
-                   positions=(b * ids.shape[1] + t).numpy().astype(np.int32),
-                   labels=labels[:, 1:][sel].numpy().astype(np.int32), exact_rows=exact.astype(np.int32),
+        return cls(input_ids=ids.numpy().astype(np.int32), lengths=lengths, positions=pos.numpy().astype(np.int32),
+                   labels=labels.reshape(-1)[pos + 1].numpy().astype(np.int32), exact_rows=exact.astype(np.int32),
                    position_ids=position_ids)
 
 
