@@ -227,3 +227,19 @@ def test_deepspeed_gradient_bucket_follows_the_built_deepspeed_config():
     small = {"zero_optimization": {"reduce_bucket_size": 10**8, "overlap_comm": True}}
     assert bucket({"zero_stage": 2, "ds_config_overrides": small})["grad_bucket"] == 2 * 10**8 * 2
     assert bucket({"zero_stage": 3, "ds_config_overrides": small})["grad_bucket"] == 10**8 * 4
+
+
+def test_plan_warns_when_pool_shards_hold_a_weak_model_that_fits_one_gpu(tmp_path, capsys):
+    from wmss_ray.cli.main import main
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_4B))
+    cfg = REPO / "configs" / "qwen3-4b-math.yaml"
+    sets = ["--set", f"models.base={tmp_path}", "--set", "mix.mode=frozen", "--set", "mix.placement=pool",
+            "--set", "mix.pool.gpus_per_actor=1", "--set", "mix.pool.shards=4"]  # k8s/overlays/gpu-pool
+    assert main(["plan", str(cfg), *sets, "--gpu-memory", "80GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: one copy of the weak model fits on one GPU" in out
+    assert "--set mix.pool.replicas=4 --set mix.pool.shards=1" in out
+    # a GPU too small for one copy (4B in bf16 is ~8 GB of weights): sharding is the answer, no warning
+    assert main(["plan", str(cfg), *sets, "--gpu-memory", "8GiB"]) == 0
+    assert "warning: one copy" not in capsys.readouterr().out

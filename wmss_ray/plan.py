@@ -284,7 +284,24 @@ def _pool_lines(cfg: WMSSConfig, weak: ModelShape, gpu_memory: float | None) -> 
         need = b["total"] * (int(1 / p.gpus_per_actor + 1e-9) if p.gpus_per_actor < 1 else 1)
         verdict = "fits" if need <= gpu_memory else "does NOT fit; raise mix.pool.shards or mix.pool.gpus_per_actor"
         lines.append(f"  the pool {verdict} in {gpu_memory / GiB:.1f} GiB per GPU")
-    return lines
+    return lines + shard_advice(cfg, weak, gpu_memory)
+
+
+def shard_advice(cfg: WMSSConfig, weak: ModelShape, gpu_memory: float | None) -> list[str]:
+    """A warning line when ``mix.pool.shards`` S > 1 on GPU actors although one whole copy of the
+    weak model (an S = 1 actor) fits in ``gpu_memory``: R x S shards serve the rows of R x S
+    single-copy replicas, but every shard's forward all-gathers every layer from the other S - 1,
+    which the replicas never do. Shards are for a weak model that does not fit one GPU."""
+    p = cfg.mix.pool
+    if p.shards < 2 or p.gpus_per_actor <= 0 or gpu_memory is None:
+        return []
+    sharing = int(1 / p.gpus_per_actor + 1e-9) if p.gpus_per_actor < 1 else 1  # actors on one GPU
+    whole = pool_actor_bytes(_with(cfg, ["mix.pool.shards=1"]), weak)["total"] * sharing
+    if whole > gpu_memory:
+        return []
+    return [f"  warning: one copy of the weak model fits on one GPU ({whole / GiB:.2f} GiB at mix.pool.shards=1): "
+            f"--set mix.pool.replicas={p.replicas * p.shards} --set mix.pool.shards=1 serves the same rows on the "
+            "same GPUs without ZeRO-3 gathers between them; shards are for a weak model that does not fit one GPU"]
 
 
 #: Components summed into the total, with their labels.

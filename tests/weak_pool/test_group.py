@@ -1,5 +1,6 @@
-"""The weak pool on a real local Ray cluster: ZeRO-3 shards answer like a plain copy, uneven
-request streams do not hang a sharded replica, routing spreads load, impossible pools fail fast."""
+"""The weak pool on a real local Ray cluster: ZeRO-3 shards split each request's rows and answer
+like a plain copy, uneven request streams do not hang a sharded replica, routing spreads load,
+impossible pools fail fast."""
 
 from __future__ import annotations
 
@@ -25,9 +26,11 @@ def art(tmp_path_factory):
     return make_artifacts(tmp_path_factory.mktemp("pool_group"))
 
 
-def _requests(art, n):
+def _requests(art, n, sizes=(2,)):
+    """``n`` padded requests of ``sizes[i % len(sizes)]`` rows each."""
     rows = RowsById.from_parquet(art["tokenized"])
-    return [WeakRequest.from_batch(rows.batch([f"s{(2 * i + j) % 40:04d}" for j in range(2)], pad_id=0), n_exact=2)
+    return [WeakRequest.from_batch(rows.batch([f"s{(2 * i + j) % 40:04d}" for j in range(sizes[i % len(sizes)])],
+                                              pad_id=0), n_exact=2)
             for i in range(n)]
 
 
@@ -46,15 +49,24 @@ def test_sharded_replica_matches_plain_server_under_uneven_streams(ray_cluster, 
         plain = WeakServer(art["weak"], top_k=4)
         total = plain.held_numel()
         assert len(held) == 2 and max(held) < 0.6 * total  # really sharded: each holds about half
-        reqs = _requests(art, 10)
+        sizes = (2, 3, 1, 5)  # odd row counts, and a request with fewer rows than shards
+        reqs = _requests(art, 10, sizes)
+        rows = [len(r.lengths) for r in reqs]
         # two "Train ranks" sending 3 and 7 requests at once: the coordinator serialises them, so
         # both shards run all 10 forwards in the same order and nothing hangs
         a, b = ray.get([_send.remote(pool.handles, reqs[:3], 0), _send.remote(pool.handles, reqs[3:], 1)], timeout=300)
         assert ray.get(pool.handles[0].shard_forwards.remote()) == [10, 10]
+        # each shard served its own half of every request's rows (the extra row of an odd count to
+        # shard 0; the 1-row requests' shard 1 ran a filler forward), not all of them
+        served = pool.served()[0]
+        assert [s["rows"] for s in served] == [sum(-(-n // 2) for n in rows), sum(n // 2 for n in rows)]
+        assert sum(s["tokens"] for s in served) == sum(int(r.lengths.sum()) for r in reqs)
+        assert "replica 0 [" in pool.served_line()
         for req, reply in zip(reqs, a + b):
             ref = plain.answer(req)
             assert np.array_equal(reply.topk_ids, ref.topk_ids)
             np.testing.assert_allclose(reply.topk_logp, ref.topk_logp, atol=1e-5)
+            np.testing.assert_allclose(reply.label_logp, ref.label_logp, atol=1e-5)
             np.testing.assert_allclose(reply.tail_logmass, ref.tail_logmass, atol=1e-5)
             np.testing.assert_allclose(reply.exact_logp, ref.exact_logp, atol=1e-5)
             assert reply.nbytes == reply_bytes(len(req.labels), 4, reply.vocab, n_exact=len(req.exact_rows))

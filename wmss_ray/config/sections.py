@@ -185,7 +185,8 @@ class WeakPoolConfig(ConfigSection):
     """
 
     replicas: int = Field(1, ge=1, description="R: replicas serving different requests (least-loaded routing)")
-    shards: int = Field(1, ge=1, description="S: actors per replica holding the weak model ZeRO-3-sharded")
+    shards: int = Field(1, ge=1, description="S: actors per replica holding the weak model ZeRO-3-sharded, each "
+                        "forwarding its own slice of every request's rows; > 1 only when one copy does not fit a GPU")
     top_k: int = Field(64, ge=0, description="weak log-probs shipped per answer position (0 = the full vocabulary, exact)")
     prefetch: int = Field(2, ge=0, description="micro-batches requested ahead of the one being computed")
     cpus_per_actor: float = Field(1.0, gt=0)

@@ -4,10 +4,13 @@ Each replica is one :class:`ReplicaCoordinator` actor (shard 0) that creates its
 :class:`ShardFollower` actors itself. For ``S > 1`` the replica's actors form their own
 ``torch.distributed`` group (gloo on CPU, nccl on GPU; not Ray Train's, which lives in other
 processes) and hold the weak model ZeRO-3-sharded (:class:`~.server.WeakServer`,
-``zero3=True``). The coordinator is the only caller of its followers and broadcasts every
-request to all of them before running its own forward, so every shard runs the same forwards
+``zero3=True``). The coordinator is the only caller of its followers: it splits every request's
+rows into ``S`` slices (``slices.split_request``: ZeRO-3 data-parallel inference, so ``S``
+shards serve ``S`` times the rows of one), hands slice ``i`` to shard ``i``, forwards slice 0
+itself and merges the replies in row order. Every shard runs exactly one forward per request,
 in the same order (ZeRO-3's gathers are collectives: a shard that skipped one would hang the
-rest), whatever the Train ranks send; only the coordinator replies.
+rest); a shard whose slice is empty forwards a one-token filler (``WeakServer.join``). Only the
+coordinator replies.
 
 Faults: the coordinator runs with ``max_restarts=-1, max_task_retries=-1``. When a follower
 dies, the coordinator's forward or its ``ray.get`` on the followers fails, and it exits; Ray
@@ -35,6 +38,7 @@ import ray
 
 from wmss_ray.losses.mixing import DEFAULT_CHUNK_MB
 from wmss_ray.weak_pool.server import WeakServer
+from wmss_ray.weak_pool.slices import merge_replies, split_request
 from wmss_ray.weak_pool.wire import WeakReply, WeakRequest
 
 #: Test hook: ``"<replica>:<shard>:<n>"`` makes that shard SIGKILL itself once, after its n-th forward.
@@ -84,8 +88,11 @@ class _Shard:
                                  trust_remote_code=args.trust_remote_code, chunk_mb=args.chunk_mb, zero3=world > 1, ds_overrides=args.ds_overrides,
                                  attn_implementation=args.attn_implementation)
 
-    def _forward(self, req: WeakRequest) -> WeakReply:
-        reply = self.server.answer(req)
+    def _forward(self, req: WeakRequest | None) -> WeakReply | None:
+        """This shard's slice answered (None: no rows for this shard, a filler forward)."""
+        reply = None if req is None else self.server.answer(req)
+        if req is None:
+            self.server.join()
         a = self.args
         if a.fault and a.fault_marker and not Path(a.fault_marker).exists():
             replica, shard, after = (int(x) for x in a.fault.split(":"))
@@ -100,23 +107,26 @@ class _Shard:
     def forwards(self) -> int:
         return self.server.forwards
 
+    def served(self) -> dict[str, int]:
+        return self.server.served()
+
     def held_numel(self) -> int:
         return self.server.held_numel()
 
 
 class ShardFollower(_Shard):
-    """Shard ``rank >= 1`` of a replica: runs the forwards its coordinator sends, replies nothing."""
+    """Shard ``rank >= 1`` of a replica: answers the slices its coordinator sends."""
 
     def __init__(self, args: ServerArgs, replica: int, rank: int, world: int, addr: str, port: int):
         self._setup(args, replica, rank, world, addr, port)
 
-    def follow(self, req: WeakRequest) -> int:
-        self._forward(req)
-        return self.server.forwards
+    def follow(self, req: WeakRequest | None) -> tuple[WeakReply | None, int]:
+        """This shard's slice of a request (None: a filler forward): its reply and the forward count."""
+        return self._forward(req), self.server.forwards
 
 
 class ReplicaCoordinator(_Shard):
-    """Shard 0 of a replica: creates the followers, broadcasts each request, replies."""
+    """Shard 0 of a replica: creates the followers, splits each request over the shards, replies."""
 
     def __init__(self, args: ServerArgs, replica: int, shards: int, resources: dict[str, float], pg=None):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -134,21 +144,21 @@ class ReplicaCoordinator(_Shard):
         ray.get([f.forwards.remote() for f in self.followers])
 
     def answer(self, wrapped: list) -> WeakReply:
-        """``wrapped = [ObjectRef of a WeakRequest]`` (a list, so the request is put once and
-        handed on to the followers by reference)."""
-        ref = wrapped[0]
-        req = ray.get(ref)
-        pending = [f.follow.remote(ref) for f in self.followers]
+        """``wrapped = [ObjectRef of a WeakRequest]`` (a list, so Ray hands the reference over
+        unresolved and the retry after a re-formed replica reads the same request)."""
+        slices = split_request(ray.get(wrapped[0]), 1 + len(self.followers))
+        pending = [f.follow.remote(s) for f, s in zip(self.followers, slices[1:])]
         try:
-            reply = self._forward(req)
-            counts = ray.get(pending)
+            mine = self._forward(slices[0])
+            theirs = ray.get(pending)
         except Exception as err:  # a shard died: exit, Ray re-forms the replica and retries
             print(f"weak pool replica {self.replica}: shard failure ({type(err).__name__}: {err}); re-forming",
                   flush=True)
             os._exit(1)
+        counts = [c for _, c in theirs]
         if any(c != self.server.forwards for c in counts):  # pragma: no cover - would hang first
             raise RuntimeError(f"replica {self.replica}: forward counts diverged {counts} vs {self.server.forwards}")
-        return reply
+        return merge_replies([r for r in [mine] + [r for r, _ in theirs] if r is not None])
 
     def shard_pids(self) -> list[int]:
         return [os.getpid()] + ray.get([f.pid.remote() for f in self.followers])
@@ -158,6 +168,10 @@ class ReplicaCoordinator(_Shard):
 
     def shard_forwards(self) -> list[int]:
         return [self.server.forwards] + ray.get([f.forwards.remote() for f in self.followers])
+
+    def shard_served(self) -> list[dict[str, int]]:
+        """Each shard's :meth:`~.server.WeakServer.served` (since this replica was last formed)."""
+        return [self.server.served()] + ray.get([f.served.remote() for f in self.followers])
 
 
 def _resource_text(res: dict[str, float]) -> str:
@@ -217,9 +231,26 @@ class WeakPool:
         ]
         ray.get([h.shard_pids.remote() for h in self.handles])  # every replica up (or its error raised)
 
+    def served(self, timeout_s: float = 10.0) -> list[list[dict[str, int]]]:
+        """Per replica, each shard's served ``forwards`` / ``rows`` / ``tokens`` (since the replica
+        was last formed: a re-formed replica starts again from 0)."""
+        return ray.get([h.shard_served.remote() for h in self.handles], timeout=timeout_s)
+
+    def served_line(self) -> str:
+        """One console line: the rows each shard served (a balanced replica's shards serve about
+        equal shares), or why they are not known."""
+        try:
+            served = self.served()
+        except Exception as err:  # a replica being re-formed or gone: the line says so, shutdown goes on
+            return f"weak pool: rows served per shard unknown ({type(err).__name__})"
+        return "weak pool: rows served per shard: " + "; ".join(
+            f"replica {r} {[s['rows'] for s in shards]} (tokens {[s['tokens'] for s in shards]})"
+            for r, shards in enumerate(served))
+
     def shutdown(self) -> None:
         from ray.util.placement_group import remove_placement_group
 
+        print(self.served_line(), flush=True)
         for h in self.handles:
             ray.kill(h, no_restart=True)
         for pg in self.pgs:

@@ -30,6 +30,12 @@ from wmss_ray.losses.weak_side import weak_from_logp
 from wmss_ray.weak_pool.wire import WeakReply, WeakRequest
 
 
+#: One padded row of one token (id 0, valid in any vocabulary) and no answer positions: the whole
+#: forward and the output head's gather run, and the reply is empty.
+_FILLER = WeakRequest(input_ids=np.zeros((1, 1), np.int32), lengths=np.ones(1, np.int32),
+                      positions=np.zeros(0, np.int32), labels=np.zeros(0, np.int32))
+
+
 def pool_dtype(models_dtype: str, gpus_per_actor: float) -> str:
     """The pool's forward dtype: ``models.dtype``; for "auto", bf16 on GPU actors, fp32 on CPU."""
     if models_dtype != "auto":
@@ -106,7 +112,9 @@ class WeakServer:
             engine.eval()
             model = engine.module
         self.model = model
-        self.forwards = 0  # answered requests (every shard of a replica must count the same)
+        self.forwards = 0  # forwards run, fillers included (every shard of a replica must count the same)
+        self.rows_served = 0  # sequence rows forwarded for a reply (fillers not counted)
+        self.tokens_served = 0  # their real tokens (padding not counted)
 
     def held_numel(self) -> int:
         """Parameter elements this process holds (its ZeRO-3 partition; everything when S = 1)."""
@@ -126,9 +134,28 @@ class WeakServer:
         with deepspeed.zero.GatheredParameters([w]):
             yield w
 
-    @torch.no_grad()
+    def served(self) -> dict[str, int]:
+        """What this server has done: ``forwards`` (fillers included), ``rows`` and ``tokens``
+        served (a sharded replica's balance: each shard serves about ``1/S`` of the rows)."""
+        return {"forwards": self.forwards, "rows": self.rows_served, "tokens": self.tokens_served}
+
     def answer(self, req: WeakRequest) -> WeakReply:
         """The reply for one micro-batch (see ``wire.py`` for the arrays)."""
+        reply = self._reply(req)
+        self.forwards += 1
+        self.rows_served += req.input_ids.shape[0] if not req.packed else int((req.position_ids[0] == 0).sum())
+        self.tokens_served += req.input_ids.shape[1] if req.packed else int(req.lengths.sum())
+        return reply
+
+    def join(self) -> None:
+        """A forward on a one-token filler, its reply dropped: how a ZeRO-3 shard with no rows of
+        this request (fewer rows than shards) still joins the replica's gathers, which are
+        collectives (``weak_pool.slices``)."""
+        self._reply(_FILLER)
+        self.forwards += 1
+
+    @torch.no_grad()
+    def _reply(self, req: WeakRequest) -> WeakReply:
         from wmss_ray.models.loading import output_head
 
         ids = torch.from_numpy(req.input_ids.astype(np.int64)).to(self.device)  # [B, T] (a copy: writable)
@@ -175,5 +202,4 @@ class WeakServer:
                 if here.numel():
                     rows = (exact_rows[here] - start).to(self.device)
                     reply.exact_logp[here.numpy()] = logp.index_select(0, rows).cpu().numpy()
-        self.forwards += 1
         return reply
