@@ -30,10 +30,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from wmss_ray.config.loading import config_from_dict
-from wmss_ray.config.schema import WMSSConfig
+from wmss_ray.config.loading import check_model_dir, config_from_dict
+from wmss_ray.config.schema import ConfigError, WMSSConfig
+from wmss_ray.io import storage
 from wmss_ray.losses.mixing import chunk_rows_for
+from wmss_ray.training.checkpointing import checkpoint_bytes
+from wmss_ray.training.validation import validation_bytes
 from wmss_ray.weak_pool.server import pool_dtype
+from wmss_ray.weak_pool.wire import device_reply_bytes
 
 GiB = 2**30
 #: CUDA context, NCCL buffers and allocator fragmentation, per GPU (a rule of thumb).
@@ -58,6 +62,7 @@ class ModelShape:
     intermediate: int
     vocab: int
     qk_norm: bool
+    tied: bool = False  # the LM head is the input embedding (tie_word_embeddings)
 
 
 def shape_from_model(model, name: str) -> ModelShape:
@@ -72,11 +77,17 @@ def shape_from_model(model, name: str) -> ModelShape:
         head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
         intermediate=cfg.intermediate_size, vocab=cfg.vocab_size,
         qk_norm=any(n.endswith("q_norm") for n, _ in model.named_modules()),
+        tied=bool(getattr(cfg, "tie_word_embeddings", False)),
     )
 
 
-def model_shape(path: str | None, cfg: WMSSConfig) -> ModelShape:
-    """Shape of the model in directory ``path`` (its config.json), or of the demo model."""
+def model_shape(path: str | None, cfg: WMSSConfig, key: str = "models.base") -> ModelShape:
+    """Shape of the model in directory ``path`` (its config.json), or of the demo model.
+
+    Raises:
+        ConfigError: one line naming ``key`` (the config key that set ``path``) and ``path`` when
+            the directory is missing, has no readable config.json or one transformers cannot read.
+    """
     import torch
 
     with torch.device("meta"):  # parameters without storage: any size costs nothing
@@ -88,7 +99,12 @@ def model_shape(path: str | None, cfg: WMSSConfig) -> ModelShape:
             return shape_from_model(model, f"demo {cfg.models.demo_model.arch}")
         from transformers import AutoModelForCausalLM
 
-        hf = _model_config(path, cfg.models.trust_remote_code)
+        check_model_dir(path, key)
+        try:
+            hf = _model_config(path, cfg.models.trust_remote_code)
+        except (OSError, ValueError, KeyError) as err:  # an unknown model_type, bad JSON, missing files
+            raise ConfigError(f"{key}: transformers cannot read the model config in {storage.redact(path)}: "
+                              f"{type(err).__name__}: {str(err).splitlines()[0]}") from None
         model = AutoModelForCausalLM.from_config(hf, trust_remote_code=cfg.models.trust_remote_code)
     return shape_from_model(model, f"{type(model).__name__} ({path})")
 
@@ -100,8 +116,6 @@ def _model_config(path: str, trust_remote_code: bool):
     import tempfile
 
     from transformers import AutoConfig
-
-    from wmss_ray.io import storage
 
     if not storage.is_remote(path):
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
@@ -208,12 +222,10 @@ def phase_bytes(cfg: WMSSConfig, phase: str, strong: ModelShape, weak: ModelShap
     seq, mb = cfg.data.max_seq_len, t.micro_batch_size
     tokens = seq * mb  # padded micro-batch (packing keeps the same token count)
     eager = cfg.models.attn_implementation == "eager"
-    weak_on_gpu = phase == "wmss" and mix.placement == "colocated" and mix.lam != 1.0
-    weak_trained = weak_on_gpu and mix.mode == "joint"
     states = dict(half=half, stage=t.zero_stage, offload_optimizer=t.offload_optimizer,
                   offload_params=t.offload_params, world=world)
     out = dict.fromkeys(("params", "grads", "optimizer"), 0.0)
-    models = [(strong, True)] + ([(weak, weak_trained)] if weak_on_gpu else [])
+    models = train_gpu_models(cfg, phase, strong, weak)
     for shape, trained in models:
         for k, v in model_state_bytes(shape.params, shape.largest_layer_params, trained=trained, **states).items():
             out[k] += v
@@ -226,10 +238,77 @@ def phase_bytes(cfg: WMSSConfig, phase: str, strong: ModelShape, weak: ModelShap
     out["loss_chunk_rows"] = float(min(chunk, tokens))
     # fp32 accumulators of the head-weight gradients (+ their cast to bf16 at backward)
     out["loss_head_grads"] = sum((4 + (2 if half else 0)) * m.vocab * m.hidden for m, tr in models if tr)
+    # embedding gradient, w V D per trained model where no other line holds it: tied, the head's
+    # share (the loss's backward) waits in autograd for the embedding lookup's share until the end
+    # of the backward, one parameter's gradient; ZeRO-2, the full-size [V, D] gradient lives until
+    # DeepSpeed's bucket takes it. (ZeRO-3: in the gathered-layer line, 2 bytes of gathered weight
+    # + 2 of gradient per element; ZeRO-0/1: in the gradients line.)
+    out["embedding_grads"] = float(sum(act_b * m.vocab * m.hidden * (int(m.tied) + int(t.zero_stage == 2))
+                                       for m, tr in models if tr))
+    pool, p = phase == "wmss" and mix.placement == "pool", mix.pool
+    # the pool's reply on this GPU (weak_pool.wire.device_reply_bytes) for N <= tokens answer
+    # positions: N (12 k + 8) (top-k fp32 log-probs + int64 ids, label, tail), dense (top_k 0) 4 V N
+    out["pool_reply"] = float(device_reply_bytes(tokens, p.top_k, strong.vocab)) if pool else 0.0
+    # a logged step's exact-sample rows, n = mix.pool.exact_sample: their dense weak rows (4 V + 8)
+    # n, the strong logits of those rows w V n and losses.weak_side.truncation_error's float64
+    # [n, V] temporaries (about six live at once: 48 V n)
+    n = min(p.exact_sample, tokens)
+    out["pool_exact"] = float(device_reply_bytes(0, p.top_k, strong.vocab, n) + (act_b + 48) * n * strong.vocab) \
+        if pool else 0.0
     out["grad_bucket"] = gradient_bucket_bytes(_ds_config(cfg, half))
     out["overhead"] = float(OVERHEAD_BYTES)
     out["total"] = sum(out[k] for k in COMPONENTS)
     return out
+
+
+def train_gpu_models(cfg: WMSSConfig, phase: str, strong: ModelShape, weak: ModelShape) -> list[tuple[ModelShape, bool]]:
+    """``[(shape, trained)]`` of the models on a Train GPU in ``phase``: the strong one, and in
+    WMSS the colocated weak one (trained in joint mode; none when ``mix.lam`` is 1)."""
+    mix = cfg.mix
+    weak_on_gpu = phase == "wmss" and mix.placement == "colocated" and mix.lam != 1.0
+    return [(strong, True)] + ([(weak, mix.mode == "joint")] if weak_on_gpu else [])
+
+
+def validation_peak(cfg: WMSSConfig, strong: ModelShape, wmss: dict[str, float]) -> dict[str, float] | None:
+    """Per-GPU bytes while a WMSS phase validates itself (``wmss tune`` trials with ``tune.seeds``
+    1 and ``tune.eval_every`` > 0: ``training/validation.py``); None when the config has none.
+
+    After an optimizer step: the training state stays (parameters, gradients, optimizer,
+    gathered layer, gradient bucket, overhead of ``wmss``), activations and loss buffers are
+    freed; the rank adds ``training.validation.validation_bytes`` (the model copy, then the
+    larger of generation, KV cache + one layer's prefill transient, and the teacher-forced CE,
+    its logits + one layer's transient).
+    """
+    if not (cfg.tune.eval_every and cfg.tune.seeds == 1):
+        return None
+    ev, seq, s = cfg.evaluation, cfg.data.max_seq_len, strong
+    w, eager = (2 if is_half(cfg) else 4), cfg.models.attn_implementation == "eager"
+    v = validation_bytes(s.params, s.layers, s.kv_heads, s.head_dim, s.vocab, dtype_bytes=w, batch=ev.batch_size,
+                         seq=seq, new_tokens=ev.max_new_tokens)
+    rows = int(v["ce_rows"])
+    v["prefill"] = activation_bytes(s, ev.batch_size * seq, seq, ev.batch_size, w, checkpointing=False, eager=eager,
+                                    trained=False)
+    v["ce_forward"] = activation_bytes(s, rows * seq, seq, rows, w, checkpointing=False, eager=eager, trained=False)
+    kept = sum(wmss[k] for k in ("params", "grads", "optimizer", "zero3_gather", "grad_bucket", "overhead"))
+    v["total"] = kept + v["weights"] + max(v["kv_cache"] + v["prefill"], v["ce_logits"] + v["ce_forward"])
+    return v
+
+
+def staging_bytes(cfg: WMSSConfig, phase: str, strong: ModelShape, weak: ModelShape,
+                  ranks_per_node: int) -> dict[str, float]:
+    """Local disk bytes of the checkpoint staging (``training.staging_dir``) in ``phase``: per rank
+    (rank 0, the largest) and on rank 0's node of ``ranks_per_node`` ranks, from
+    ``training.checkpointing.checkpoint_bytes`` of each trained model; ``export``: the strong
+    model exported through the same directory on rank 0's node when ``run.storage`` is object
+    storage (w P; a local run dir is written in place). A checkpoint is uploaded and its staging
+    deleted before the export starts, so a node needs the larger of the two."""
+    t, world = cfg.training, cfg.scaling.num_workers
+    trained = [m for m, tr in train_gpu_models(cfg, phase, strong, weak) if tr]
+    per = [sum(checkpoint_bytes(m.params, half=is_half(cfg), stage=t.zero_stage, world=world, rank=r)
+               for m in trained) for r in (0, 1)]
+    ranks = max(1, min(ranks_per_node, world))
+    export = (2 if is_half(cfg) else 4) * strong.params if storage.is_remote(cfg.run.storage) else 0.0
+    return {"rank": per[0], "node": per[0] + (ranks - 1) * per[1], "ranks": float(ranks), "export": float(export)}
 
 
 def _ds_config(cfg: WMSSConfig, half: bool) -> dict:
@@ -261,6 +340,13 @@ def pool_actor_bytes(cfg: WMSSConfig, weak: ModelShape) -> dict[str, float]:
                                            eager=cfg.models.attn_implementation == "eager", trained=False)}
     chunk = min(chunk_rows_for(tokens, weak.vocab, cfg.mix.chunk_mb), tokens)
     out["logits_chunk"] = (4.0 + (w if w != 4 else 0)) * chunk * weak.vocab
+    # top-k of a chunk (losses.weak_side.weak_from_logp): the masked fp32 copy of the chunk and
+    # logsumexp's exp (8 c V), the top-k fp32 values + int64 ids (12 c k); dense (top_k 0): none
+    out["topk_temps"] = (8.0 * chunk * weak.vocab + 12.0 * chunk * p.top_k) if p.top_k else 0.0
+    # the decoder's final hidden states [B, T, D] and the answer rows' copy [N <= tokens, D]
+    out["hidden"] = 2.0 * w * tokens * weak.hidden
+    # the exact-sample rows gathered from a chunk for the reply: n x V fp32, n = mix.pool.exact_sample
+    out["exact_rows"] = 4.0 * min(p.exact_sample, tokens) * weak.vocab
     out["overhead"] = float(OVERHEAD_BYTES) if p.gpus_per_actor > 0 else 0.0
     out["total"] = sum(out.values())
     return out
@@ -271,7 +357,8 @@ def _pool_lines(cfg: WMSSConfig, weak: ModelShape, gpu_memory: float | None) -> 
     b = pool_actor_bytes(cfg, weak)
     parts = ", ".join(f"{label} {b[k] / GiB:.2f}" for k, label in (
         ("params", "weights"), ("zero3_gather", "gathered layer"), ("activations", "activations"),
-        ("logits_chunk", "logits chunk"), ("overhead", "overhead")) if b[k])
+        ("hidden", "final hidden states"), ("logits_chunk", "logits chunk"), ("topk_temps", "top-k temporaries"),
+        ("exact_rows", "exact-sample rows"), ("overhead", "overhead")) if b[k])
     where = f"{p.gpus_per_actor:g} GPU each" if p.gpus_per_actor > 0 else "CPU actors (host memory)"
     lines = ["", f"weak pool (mix.placement: pool): {p.replicas} replica(s) x {p.shards} shard(s), {where}, "
              f"{pool_dtype(cfg.models.dtype, p.gpus_per_actor)}; the weak model takes nothing on the Train GPUs above",
@@ -296,6 +383,9 @@ COMPONENTS = {
     "activations": "activations",
     "loss_chunk": "loss [chunk, V] fp32 buffer",
     "loss_head_grads": "loss head-gradient accumulators",
+    "embedding_grads": "embedding gradient",
+    "pool_reply": "weak pool reply (top-k buffers)",
+    "pool_exact": "weak pool exact-sample rows",
     "grad_bucket": "DeepSpeed gradient bucket",
     "overhead": "CUDA context, NCCL, fragmentation",
 }
@@ -349,13 +439,17 @@ def suggestions(cfg: WMSSConfig, strong: ModelShape, weak: ModelShape, budget: f
     return out
 
 
-def format_plan(cfg: WMSSConfig, gpu_memory: float | None, source: str = "") -> str:
-    """The ``wmss plan`` report (a plain-text table)."""
+def format_plan(cfg: WMSSConfig, gpu_memory: float | None, source: str = "", gpus_per_node: int = 8) -> str:
+    """The ``wmss plan`` report (a plain-text table); ``gpus_per_node`` sizes the per-node disk line.
+
+    Raises:
+        ConfigError: a model directory is missing or unreadable (one line naming its key).
+    """
     m, t = cfg.models, cfg.training
-    strong_dir = m.strong or m.base
-    weak_dir = m.weak or m.base
-    strong = model_shape(strong_dir, cfg)
-    weak = strong if weak_dir == strong_dir else model_shape(weak_dir, cfg)
+    strong_dir, strong_key = (m.strong, "models.strong") if m.strong else (m.base, "models.base")
+    weak_dir, weak_key = (m.weak, "models.weak") if m.weak else (m.base, "models.base")
+    strong = model_shape(strong_dir, cfg, strong_key)
+    weak = strong if weak_dir == strong_dir else model_shape(weak_dir, cfg, weak_key)
     phases = {p: phase_bytes(cfg, p, strong, weak) for p in ("sft", "wmss")}
     prec = "fp16" if m.dtype == "float16" else ("bf16" if is_half(cfg) else "fp32")
     offload = [n for n, on in (("optimizer", t.offload_optimizer), ("params", t.offload_params)) if on]
@@ -372,13 +466,26 @@ def format_plan(cfg: WMSSConfig, gpu_memory: float | None, source: str = "") -> 
     wmss_label = f"wmss ({cfg.mix.mode}, {cfg.mix.placement})"
     lines += ["", f"  {'GiB per GPU':40s} {'sft':>10s} {wmss_label:>28s}"]
     for key, label in COMPONENTS.items():
+        if key.startswith("pool_") and cfg.mix.placement != "pool":
+            continue  # no pool, no reply
         if key == "loss_chunk":
             label = f"loss [{int(phases['wmss']['loss_chunk_rows'])}, V] fp32 buffer"
         lines.append(f"  {label:40s} {phases['sft'][key] / GiB:10.2f} {phases['wmss'][key] / GiB:28.2f}")
     alt = f"  (activations with checkpointing {'off' if t.gradient_checkpointing else 'on'})"
     lines.append(f"{alt:42s} {phases['sft']['activations_alt'] / GiB:10.2f} {phases['wmss']['activations_alt'] / GiB:28.2f}")
     lines.append(f"  {'total':40s} {phases['sft']['total'] / GiB:10.2f} {phases['wmss']['total'] / GiB:28.2f}")
-    peak = max(p["total"] for p in phases.values())
+    val = validation_peak(cfg, strong, phases["wmss"])
+    if val is not None:
+        ev = cfg.evaluation
+        lines += ["", f"  in-run validation of wmss tune trials (every tune.eval_every = {cfg.tune.eval_every} steps), "
+                      "after a step, next to the training state:"]
+        for key, label in (("weights", "evaluator's model copy (whole)"),
+                           ("kv_cache", f"KV cache ({ev.batch_size} x {cfg.data.max_seq_len}+{ev.max_new_tokens} tokens)"),
+                           ("prefill", "generation prefill (one layer)"),
+                           ("ce_logits", f"CE logits ({int(val['ce_rows'])} x {cfg.data.max_seq_len} tokens)"),
+                           ("ce_forward", "CE forward (one layer)"), ("total", "total while validating")):
+            lines.append(f"  {label:40s} {'-':>10s} {val[key] / GiB:28.2f}")
+    peak = max(p["total"] for p in phases.values())  # training; validation has its own verdict below
     if gpu_memory is not None:
         lines.append("")
         if peak <= gpu_memory:
@@ -389,6 +496,28 @@ def format_plan(cfg: WMSSConfig, gpu_memory: float | None, source: str = "") -> 
             for change, after in suggestions(cfg, strong, weak, gpu_memory):
                 verdict = "fits" if after <= gpu_memory else "still short"
                 lines.append(f"  {change:60s} -> peak {after / GiB:7.2f} GiB ({verdict})")
+    if val is not None and gpu_memory is not None:
+        lines.append("")
+        lines.append(f"in-run validation fits in {gpu_memory / GiB:.1f} GiB per GPU" if val["total"] <= gpu_memory else
+                     f"in-run validation does NOT fit in {gpu_memory / GiB:.1f} GiB per GPU (short by "
+                     f"{(val['total'] - gpu_memory) / GiB:.1f} GiB): lower evaluation.batch_size (KV cache and "
+                     "prefill scale with it)")
     if cfg.mix.placement == "pool" and cfg.mix.mode == "frozen":
         lines += _pool_lines(cfg, weak, gpu_memory)
-    return "\n".join(lines)
+    return "\n".join(lines + _staging_lines(cfg, strong, weak, gpus_per_node))
+
+
+def _staging_lines(cfg: WMSSConfig, strong: ModelShape, weak: ModelShape, gpus_per_node: int) -> list[str]:
+    import tempfile
+
+    per_node = max(1, int(gpus_per_node / (cfg.scaling.gpus_per_worker or 1.0)))
+    where = cfg.training.staging_dir or f"the system temp dir, {tempfile.gettempdir()} here"
+    st = {p: staging_bytes(cfg, p, strong, weak, per_node) for p in ("sft", "wmss")}
+    node = f"per node ({int(st['sft']['ranks'])} ranks, --gpus-per-node {gpus_per_node})"
+    lines = ["", f"local disk (training.staging_dir: {where}), checkpoint staging, GiB:",
+             f"  {'per rank (rank 0)':40s} {st['sft']['rank'] / GiB:10.2f} {st['wmss']['rank'] / GiB:28.2f}",
+             f"  {node:40s} {st['sft']['node'] / GiB:10.2f} {st['wmss']['node'] / GiB:28.2f}"]
+    if st["sft"]["export"]:
+        lines.append(f"  {'model export to object storage (rank 0)':40s} {st['sft']['export'] / GiB:10.2f} "
+                     f"{st['wmss']['export'] / GiB:28.2f}")
+    return lines
