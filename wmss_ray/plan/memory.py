@@ -27,13 +27,10 @@ gradients 4P, optimizer 8P, partitioned the same way. A frozen weak model has pa
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-
-from wmss_ray.config.loading import check_model_dir, config_from_dict
-from wmss_ray.config.schema import ConfigError, WMSSConfig
+from wmss_ray.config.schema import WMSSConfig
 from wmss_ray.io import storage
 from wmss_ray.losses.mixing import chunk_rows_for
+from wmss_ray.plan.shapes import ModelShape
 from wmss_ray.training.checkpointing import checkpoint_bytes
 from wmss_ray.training.validation import validation_bytes
 from wmss_ray.weak_pool.server import pool_dtype
@@ -45,87 +42,6 @@ OVERHEAD_BYTES = 2 * GiB
 #: DeepSpeed's default ``zero_optimization.reduce_bucket_size`` (elements; deepspeed/runtime/zero/config.py).
 DS_REDUCE_BUCKET_SIZE = 500_000_000
 _DTYPE_BYTES = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2}
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the memory figures need to know about one causal LM."""
-
-    name: str
-    params: int
-    largest_layer_params: int  # largest parameter count of one module (its own parameters)
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    qk_norm: bool
-    tied: bool = False  # the LM head is the input embedding (tie_word_embeddings)
-
-
-def shape_from_model(model, name: str) -> ModelShape:
-    """:class:`ModelShape` of an ``nn.Module`` causal LM (real or on the meta device)."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    params = sum({id(p): p.numel() for p in model.parameters()}.values())  # tied weights once
-    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    heads = cfg.num_attention_heads
-    return ModelShape(
-        name=name, params=params, largest_layer_params=largest, hidden=cfg.hidden_size,
-        layers=cfg.num_hidden_layers, heads=heads, kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
-        intermediate=cfg.intermediate_size, vocab=cfg.vocab_size,
-        qk_norm=any(n.endswith("q_norm") for n, _ in model.named_modules()),
-        tied=bool(getattr(cfg, "tie_word_embeddings", False)),
-    )
-
-
-def model_shape(path: str | None, cfg: WMSSConfig, key: str = "models.base") -> ModelShape:
-    """Shape of the model in directory ``path`` (its config.json), or of the demo model.
-
-    Raises:
-        ConfigError: one line naming ``key`` (the config key that set ``path``) and ``path`` when
-            the directory is missing, has no readable config.json or one transformers cannot read.
-    """
-    import torch
-
-    with torch.device("meta"):  # parameters without storage: any size costs nothing
-        if path is None:
-            from wmss_ray.models.tiny import build_tiny_model
-            from wmss_ray.models.tokenizer import build_demo_tokenizer
-
-            model = build_tiny_model(cfg.models.demo_model, build_demo_tokenizer(), 0)
-            return shape_from_model(model, f"demo {cfg.models.demo_model.arch}")
-        from transformers import AutoModelForCausalLM
-
-        check_model_dir(path, key)
-        try:
-            hf = _model_config(path, cfg.models.trust_remote_code)
-        except (OSError, ValueError, KeyError) as err:  # an unknown model_type, bad JSON, missing files
-            raise ConfigError(f"{key}: transformers cannot read the model config in {storage.redact(path)}: "
-                              f"{type(err).__name__}: {str(err).splitlines()[0]}") from None
-        model = AutoModelForCausalLM.from_config(hf, trust_remote_code=cfg.models.trust_remote_code)
-    return shape_from_model(model, f"{type(model).__name__} ({path})")
-
-
-def _model_config(path: str, trust_remote_code: bool):
-    """The HF config of the model at ``path``, a local directory or a storage URI (of which only
-    config.json is read: a plan never copies weights; remote code needs the whole directory)."""
-    import os
-    import tempfile
-
-    from transformers import AutoConfig
-
-    if not storage.is_remote(path):
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
-    if trust_remote_code:
-        return AutoConfig.from_pretrained(storage.local_model_dir(path), trust_remote_code=True, local_files_only=True)
-    with tempfile.TemporaryDirectory(prefix="wmss-plan-") as tmp:
-        storage.download_dir(path, tmp, keep=lambda rel: rel == "config.json")
-        if not os.path.exists(os.path.join(tmp, "config.json")):
-            raise FileNotFoundError(f"no config.json in model directory {storage.redact(path)}")
-        return AutoConfig.from_pretrained(tmp, local_files_only=True)
 
 
 def model_state_bytes(p: int, largest: int, *, half: bool, trained: bool, stage: int,
@@ -207,10 +123,6 @@ def gradient_bucket_bytes(ds_config: dict) -> float:
 def is_half(cfg: WMSSConfig) -> bool:
     """The models train in bf16/fp16 (``models.dtype`` auto is bf16 with ``scaling.use_gpu``)."""
     return cfg.models.dtype in ("bfloat16", "float16") or (cfg.models.dtype == "auto" and cfg.scaling.use_gpu)
-
-
-def _count(n: float) -> str:
-    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
 
 def phase_bytes(cfg: WMSSConfig, phase: str, strong: ModelShape, weak: ModelShape) -> dict[str, float]:
@@ -352,28 +264,6 @@ def pool_actor_bytes(cfg: WMSSConfig, weak: ModelShape) -> dict[str, float]:
     return out
 
 
-def _pool_lines(cfg: WMSSConfig, weak: ModelShape, gpu_memory: float | None) -> list[str]:
-    p = cfg.mix.pool
-    b = pool_actor_bytes(cfg, weak)
-    parts = ", ".join(f"{label} {b[k] / GiB:.2f}" for k, label in (
-        ("params", "weights"), ("zero3_gather", "gathered layer"), ("activations", "activations"),
-        ("hidden", "final hidden states"), ("logits_chunk", "logits chunk"), ("topk_temps", "top-k temporaries"),
-        ("exact_rows", "exact-sample rows"), ("overhead", "overhead")) if b[k])
-    where = f"{p.gpus_per_actor:g} GPU each" if p.gpus_per_actor > 0 else "CPU actors (host memory)"
-    lines = ["", f"weak pool (mix.placement: pool): {p.replicas} replica(s) x {p.shards} shard(s), {where}, "
-             f"{pool_dtype(cfg.models.dtype, p.gpus_per_actor)}; the weak model takes nothing on the Train GPUs above",
-             f"  {'GiB per pool actor':40s} {b['total'] / GiB:10.2f}  ({parts})"]
-    if 0 < p.gpus_per_actor < 1:  # Ray does not split memory: a GPU holds up to 1/f such actors
-        per_gpu = int(1 / p.gpus_per_actor + 1e-9)
-        lines.append(f"  {'GiB per GPU, ' + str(per_gpu) + ' actors sharing it':40s} {per_gpu * b['total'] / GiB:10.2f}"
-                     "  (plus whatever else Ray places on that GPU)")
-    if gpu_memory is not None and p.gpus_per_actor > 0:
-        need = b["total"] * (int(1 / p.gpus_per_actor + 1e-9) if p.gpus_per_actor < 1 else 1)
-        verdict = "fits" if need <= gpu_memory else "does NOT fit; raise mix.pool.shards or mix.pool.gpus_per_actor"
-        lines.append(f"  the pool {verdict} in {gpu_memory / GiB:.1f} GiB per GPU")
-    return lines
-
-
 #: Components summed into the total, with their labels.
 COMPONENTS = {
     "params": "parameters",
@@ -389,135 +279,3 @@ COMPONENTS = {
     "grad_bucket": "DeepSpeed gradient bucket",
     "overhead": "CUDA context, NCCL, fragmentation",
 }
-
-
-def parse_memory(text: str) -> float:
-    """``"80GiB"`` / ``"80GB"`` / ``"141G"`` / ``"81920MiB"`` -> bytes (GB = 1e9, G = GiB)."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B?|)\s*", text, flags=re.IGNORECASE)
-    if not m:
-        raise ValueError(f"--gpu-memory must look like 80GiB, 80GB or 141G, got {text!r}")
-    value, unit = float(m.group(1)), m.group(2).upper()
-    if not unit:
-        return value * GiB
-    power = "KMGT".index(unit[0]) + 1
-    return value * (1000**power if unit.endswith("B") and "I" not in unit else 1024**power)
-
-
-def _with(cfg: WMSSConfig, overrides: list[str]) -> WMSSConfig:
-    return config_from_dict(cfg.to_dict(), overrides, "<plan>")
-
-
-def suggestions(cfg: WMSSConfig, strong: ModelShape, weak: ModelShape, budget: float) -> list[tuple[str, float]]:
-    """Changes tried in order, each on top of the previous ones: (override, peak bytes after)."""
-    t, steps, out = cfg.training, [], []
-    if not t.gradient_checkpointing:
-        steps.append(["training.gradient_checkpointing=true"])
-    if t.zero_stage < 3:
-        steps.append(["training.zero_stage=3"])
-    if not t.offload_optimizer:
-        steps.append(["training.offload_optimizer=true"])
-    if not t.offload_params:
-        steps.append(["training.offload_params=true"])
-    if cfg.mix.placement == "colocated":  # changes the method in joint mode: the weak model stops training
-        steps.append(["mix.mode=frozen", "mix.placement=pool"])
-    current = cfg
-    for change in steps:
-        current = _with(current, change)
-        peak = max(phase_bytes(current, p, strong, weak)["total"] for p in ("sft", "wmss"))
-        note = " (weak model frozen, served by the pool)" if "mix.placement=pool" in change else ""
-        out.append((" ".join(f"--set {c}" for c in change) + note, peak))
-        if peak <= budget:
-            return out
-    mb = current.training.micro_batch_size
-    while mb > 1:  # halve the micro batch (raise grad_accum to keep the global batch)
-        mb //= 2
-        trial = _with(current, [f"training.micro_batch_size={mb}"])
-        peak = max(phase_bytes(trial, p, strong, weak)["total"] for p in ("sft", "wmss"))
-        if peak <= budget or mb == 1:
-            out.append((f"--set training.micro_batch_size={mb} (raise training.grad_accum to keep the batch)", peak))
-            break
-    return out
-
-
-def format_plan(cfg: WMSSConfig, gpu_memory: float | None, source: str = "", gpus_per_node: int = 8) -> str:
-    """The ``wmss plan`` report (a plain-text table); ``gpus_per_node`` sizes the per-node disk line.
-
-    Raises:
-        ConfigError: a model directory is missing or unreadable (one line naming its key).
-    """
-    m, t = cfg.models, cfg.training
-    strong_dir, strong_key = (m.strong, "models.strong") if m.strong else (m.base, "models.base")
-    weak_dir, weak_key = (m.weak, "models.weak") if m.weak else (m.base, "models.base")
-    strong = model_shape(strong_dir, cfg, strong_key)
-    weak = strong if weak_dir == strong_dir else model_shape(weak_dir, cfg, weak_key)
-    phases = {p: phase_bytes(cfg, p, strong, weak) for p in ("sft", "wmss")}
-    prec = "fp16" if m.dtype == "float16" else ("bf16" if is_half(cfg) else "fp32")
-    offload = [n for n, on in (("optimizer", t.offload_optimizer), ("params", t.offload_params)) if on]
-    lines = [] if cfg.scaling.use_gpu else ["note: scaling.use_gpu is false; the figures are per rank as if on GPUs"]
-    lines += [
-        f"wmss plan {source}: memory per GPU, {cfg.scaling.num_workers} data-parallel ranks, {prec}, "
-        f"ZeRO-{t.zero_stage}{' offload ' + '+'.join(offload) if offload else ''}, micro batch "
-        f"{t.micro_batch_size} x {cfg.data.max_seq_len} tokens, checkpointing "
-        f"{'on' if t.gradient_checkpointing else 'off'}",
-    ]
-    for role, s in (("strong", strong), ("weak", weak)):
-        lines.append(f"  {role}: {s.name}: {_count(s.params)} params (largest layer {_count(s.largest_layer_params)}),"
-                     f" hidden {s.hidden}, {s.layers} layers, {s.heads}/{s.kv_heads} heads, vocab {s.vocab}")
-    wmss_label = f"wmss ({cfg.mix.mode}, {cfg.mix.placement})"
-    lines += ["", f"  {'GiB per GPU':40s} {'sft':>10s} {wmss_label:>28s}"]
-    for key, label in COMPONENTS.items():
-        if key.startswith("pool_") and cfg.mix.placement != "pool":
-            continue  # no pool, no reply
-        if key == "loss_chunk":
-            label = f"loss [{int(phases['wmss']['loss_chunk_rows'])}, V] fp32 buffer"
-        lines.append(f"  {label:40s} {phases['sft'][key] / GiB:10.2f} {phases['wmss'][key] / GiB:28.2f}")
-    alt = f"  (activations with checkpointing {'off' if t.gradient_checkpointing else 'on'})"
-    lines.append(f"{alt:42s} {phases['sft']['activations_alt'] / GiB:10.2f} {phases['wmss']['activations_alt'] / GiB:28.2f}")
-    lines.append(f"  {'total':40s} {phases['sft']['total'] / GiB:10.2f} {phases['wmss']['total'] / GiB:28.2f}")
-    val = validation_peak(cfg, strong, phases["wmss"])
-    if val is not None:
-        ev = cfg.evaluation
-        lines += ["", f"  in-run validation of wmss tune trials (every tune.eval_every = {cfg.tune.eval_every} steps), "
-                      "after a step, next to the training state:"]
-        for key, label in (("weights", "evaluator's model copy (whole)"),
-                           ("kv_cache", f"KV cache ({ev.batch_size} x {cfg.data.max_seq_len}+{ev.max_new_tokens} tokens)"),
-                           ("prefill", "generation prefill (one layer)"),
-                           ("ce_logits", f"CE logits ({int(val['ce_rows'])} x {cfg.data.max_seq_len} tokens)"),
-                           ("ce_forward", "CE forward (one layer)"), ("total", "total while validating")):
-            lines.append(f"  {label:40s} {'-':>10s} {val[key] / GiB:28.2f}")
-    peak = max(p["total"] for p in phases.values())  # training; validation has its own verdict below
-    if gpu_memory is not None:
-        lines.append("")
-        if peak <= gpu_memory:
-            lines.append(f"fits in {gpu_memory / GiB:.1f} GiB per GPU ({(gpu_memory - peak) / GiB:.1f} GiB to spare)")
-        else:
-            lines.append(f"does NOT fit in {gpu_memory / GiB:.1f} GiB per GPU (short by {(peak - gpu_memory) / GiB:.1f} GiB);"
-                         " to make it fit, apply in order until it does:")
-            for change, after in suggestions(cfg, strong, weak, gpu_memory):
-                verdict = "fits" if after <= gpu_memory else "still short"
-                lines.append(f"  {change:60s} -> peak {after / GiB:7.2f} GiB ({verdict})")
-    if val is not None and gpu_memory is not None:
-        lines.append("")
-        lines.append(f"in-run validation fits in {gpu_memory / GiB:.1f} GiB per GPU" if val["total"] <= gpu_memory else
-                     f"in-run validation does NOT fit in {gpu_memory / GiB:.1f} GiB per GPU (short by "
-                     f"{(val['total'] - gpu_memory) / GiB:.1f} GiB): lower evaluation.batch_size (KV cache and "
-                     "prefill scale with it)")
-    if cfg.mix.placement == "pool" and cfg.mix.mode == "frozen":
-        lines += _pool_lines(cfg, weak, gpu_memory)
-    return "\n".join(lines + _staging_lines(cfg, strong, weak, gpus_per_node))
-
-
-def _staging_lines(cfg: WMSSConfig, strong: ModelShape, weak: ModelShape, gpus_per_node: int) -> list[str]:
-    import tempfile
-
-    per_node = max(1, int(gpus_per_node / (cfg.scaling.gpus_per_worker or 1.0)))
-    where = cfg.training.staging_dir or f"the system temp dir, {tempfile.gettempdir()} here"
-    st = {p: staging_bytes(cfg, p, strong, weak, per_node) for p in ("sft", "wmss")}
-    node = f"per node ({int(st['sft']['ranks'])} ranks, --gpus-per-node {gpus_per_node})"
-    lines = ["", f"local disk (training.staging_dir: {where}), checkpoint staging, GiB:",
-             f"  {'per rank (rank 0)':40s} {st['sft']['rank'] / GiB:10.2f} {st['wmss']['rank'] / GiB:28.2f}",
-             f"  {node:40s} {st['sft']['node'] / GiB:10.2f} {st['wmss']['node'] / GiB:28.2f}"]
-    if st["sft"]["export"]:
-        lines.append(f"  {'model export to object storage (rank 0)':40s} {st['sft']['export'] / GiB:10.2f} "
-                     f"{st['wmss']['export'] / GiB:28.2f}")
-    return lines
