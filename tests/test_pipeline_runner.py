@@ -86,6 +86,10 @@ def test_a_changed_key_reruns_only_the_phases_it_feeds(override, reruns, cfg, mo
     monkeypatch.setattr(pipeline, "ensure_ray", lambda: None)
     run_pipeline(cfg)
     calls.clear()
+    weak = tmp_path / "half-sft"  # run_pipeline checks that a model directory it names is one
+    weak.mkdir()
+    (weak / "config.json").write_text("{}")
+    override = override.replace("/models/half-sft", str(weak))
     run_pipeline(load_config(None, [f"run.storage={tmp_path}", "run.name=r", override]))
     assert calls == reruns
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from wmss_ray.config.loading import config_from_dict, load_config
+from wmss_ray.config.schema import ConfigError
 from wmss_ray.plan import (
     GiB,
     ModelShape,
@@ -18,6 +19,9 @@ from wmss_ray.plan import (
     model_state_bytes,
     parse_memory,
     phase_bytes,
+    pool_actor_bytes,
+    staging_bytes,
+    validation_peak,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,6 +120,8 @@ def test_pool_actor_holds_the_weak_model_sharded_and_the_cli_prints_it(tmp_path,
     out = capsys.readouterr().out
     assert "wmss (frozen, pool)" in out and "1 replica(s) x 2 shard(s), 0.5 GPU each, bfloat16" in out
     assert "GiB per GPU, 2 actors sharing it" in out and "the pool fits in 80.0 GiB" in out
+    assert "weak pool reply (top-k buffers)" in out and "weak pool exact-sample rows" in out  # on the Train GPUs
+    assert "top-k temporaries" in out and "exact-sample rows" in out  # on the pool's actors
     assert main(["plan", str(cfg), "--set", f"models.base={tmp_path}"]) == 0
     assert "weak pool" not in capsys.readouterr().out  # colocated: no pool lines
 
@@ -172,8 +178,8 @@ def test_shape_of_a_model_in_object_storage_reads_only_its_config(tmp_path, s3_s
     shape = model_shape(uri, config_from_dict({}))
     assert shape.params == model_shape(str(local), config_from_dict({})).params
     assert fetched == ["config.json"]  # no weights copied for a plan
-    with pytest.raises(FileNotFoundError, match="no config.json in model directory s3://"):
-        model_shape(f"s3://{s3_server['bucket']}/unit/no-such-model", config_from_dict({}))
+    with pytest.raises(ConfigError, match="^models.weak: model directory s3://.* does not exist$"):
+        model_shape(f"s3://{s3_server['bucket']}/unit/no-such-model", config_from_dict({}), "models.weak")
 
 
 def test_parse_memory():
@@ -195,10 +201,13 @@ def test_cli_plan_qwen3_4b_says_what_to_change(tmp_path, capsys):
     first = out.split("apply in order until it does:")[1].strip().splitlines()[0]
     assert "training.gradient_checkpointing=true" in first and "(fits)" in first
     assert main(["plan", str(cfg), "--set", f"models.base={tmp_path}", "--gpu-memory", "80GiB"]) == 0
-    assert "fits in 80.0 GiB" in capsys.readouterr().out  # the shipped config checkpoints
+    out = capsys.readouterr().out
+    assert "fits in 80.0 GiB" in out and "in-run validation fits in 80.0 GiB" in out  # the shipped config checkpoints
     assert main(["plan", str(cfg), "--set", f"models.base={tmp_path}", *off, "--gpu-memory", "16GiB"]) == 0
-    steps = capsys.readouterr().out.split("apply in order until it does:")[1].strip().splitlines()
+    out16 = capsys.readouterr().out
+    steps = out16.split("apply in order until it does:")[1].strip().split("\n\n")[0].splitlines()
     assert "gradient_checkpointing" in steps[0] and "still short" in steps[0]
+    assert "in-run validation does NOT fit in 16.0 GiB" in out16 and "lower evaluation.batch_size" in out16
     assert "offload_optimizer" in steps[1] and "(fits)" in steps[-1]
     assert main(["plan", str(cfg), "--gpu-memory", "80 furlongs", "--set", f"models.base={tmp_path}"]) == 2
 
@@ -243,3 +252,132 @@ def test_plan_warns_when_pool_shards_hold_a_weak_model_that_fits_one_gpu(tmp_pat
     # a GPU too small for one copy (4B in bf16 is ~8 GB of weights): sharding is the answer, no warning
     assert main(["plan", str(cfg), *sets, "--gpu-memory", "8GiB"]) == 0
     assert "warning: one copy" not in capsys.readouterr().out
+
+
+S4B = ModelShape("qwen3-4b", 4_022_468_096, 388_956_160, 2560, 36, 32, 8, 128, 9728, 151936, True, tied=True)
+GPU16 = {"scaling": {"num_workers": 16, "use_gpu": True}, "evaluation": {"gpus_per_actor": 1},
+         "training": {"zero_stage": 3, "micro_batch_size": 2}, "data": {"max_seq_len": 4096}}
+
+
+def _cfg(**sections):
+    """GPU16 with ``sections`` merged in section by section."""
+    data = json.loads(json.dumps(GPU16))
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return config_from_dict(data)
+
+
+def test_embedding_gradient_is_counted_where_no_other_line_holds_it():
+    v_d = 151936 * 2560
+    untied = ModelShape(**{**S4B.__dict__, "tied": False})
+    z3 = phase_bytes(_cfg(), "sft", S4B, S4B)
+    assert z3["embedding_grads"] == 2 * v_d  # tied: the head's share waits for the lookup's (bf16)
+    assert phase_bytes(_cfg(), "sft", untied, untied)["embedding_grads"] == 0  # ZeRO-3: in the gathered layer
+    z2 = _cfg(training={"zero_stage": 2})
+    assert phase_bytes(z2, "sft", untied, untied)["embedding_grads"] == 2 * v_d  # the full gradient before the bucket
+    assert phase_bytes(z2, "sft", S4B, S4B)["embedding_grads"] == 4 * v_d
+    assert phase_bytes(_cfg(mix={"mode": "joint"}), "wmss", S4B, S4B)["embedding_grads"] == 4 * v_d  # both trained
+    assert phase_bytes(_cfg(mix={"mode": "frozen"}), "wmss", S4B, S4B)["embedding_grads"] == 2 * v_d
+    assert z3["total"] == pytest.approx(sum(v for k, v in z3.items() if k not in ("total", "activations_alt",
+                                                                                   "loss_chunk_rows")))
+
+
+def test_pool_temporaries_on_the_train_gpu_and_on_the_pool_actor():
+    tokens, v = 2 * 4096, 151936
+    pool = {"mode": "frozen", "placement": "pool", "pool": {"gpus_per_actor": 1}}
+    get = lambda **p: phase_bytes(_cfg(mix={**pool, "pool": {"gpus_per_actor": 1, **p}}), "wmss", S4B, S4B)  # noqa: E731
+    k64 = get()
+    assert k64["pool_reply"] == tokens * (12 * 64 + 8)  # top-k fp32 + int64 ids, label and tail per position
+    assert get(top_k=128)["pool_reply"] == tokens * (12 * 128 + 8)
+    assert get(top_k=0)["pool_reply"] == tokens * 4 * v  # dense log-probs
+    assert k64["pool_exact"] == 16 * (4 * v + 8) + 16 * (2 + 48) * v  # exact_sample 16
+    assert get(exact_sample=32)["pool_exact"] == 2 * k64["pool_exact"] and get(exact_sample=0)["pool_exact"] == 0
+    for other in (phase_bytes(_cfg(mix={"mode": "frozen"}), "wmss", S4B, S4B), phase_bytes(_cfg(), "sft", S4B, S4B)):
+        assert other["pool_reply"] == other["pool_exact"] == 0  # no pool, no reply
+    actor = pool_actor_bytes(_cfg(mix=pool), S4B)
+    chunk = 384  # mix.chunk_mb 256 at V = 151,936
+    assert actor["topk_temps"] == 8 * chunk * v + 12 * chunk * 64
+    assert actor["hidden"] == 2 * 2 * tokens * 2560 and actor["exact_rows"] == 4 * 16 * v
+    dense = pool_actor_bytes(_cfg(mix={**pool, "pool": {"gpus_per_actor": 1, "top_k": 0}}), S4B)
+    assert dense["topk_temps"] == 0
+    assert actor["total"] == sum(x for k, x in actor.items() if k != "total")
+
+
+def test_in_run_validation_holds_a_whole_model_copy_and_its_kv_cache():
+    wmss = phase_bytes(_cfg(), "wmss", S4B, S4B)
+    val = validation_peak(_cfg(), S4B, wmss)
+    assert val["weights"] == 2 * S4B.params  # whole, in bf16, next to the ZeRO-3 partitions
+    assert val["kv_cache"] == 2 * 36 * 8 * 128 * 64 * (4096 + 64) * 2  # evaluation defaults: batch 64, 64 new tokens
+    bigger = validation_peak(_cfg(evaluation={"gpus_per_actor": 1, "batch_size": 128, "max_new_tokens": 1024}),
+                             S4B, wmss)
+    assert bigger["kv_cache"] == val["kv_cache"] * 2 * (4096 + 1024) / (4096 + 64)
+    assert val["ce_logits"] == 1 * 4096 * 151936 * (2 + 4 + 4)  # one row: 4096 x V > 2**28 elements
+    kept = sum(wmss[k] for k in ("params", "grads", "optimizer", "zero3_gather", "grad_bucket", "overhead"))
+    assert val["total"] == kept + val["weights"] + max(val["kv_cache"] + val["prefill"],
+                                                       val["ce_logits"] + val["ce_forward"])
+    assert validation_peak(_cfg(tune={"eval_every": 0, "scheduler": "none"}), S4B, wmss) is None  # final only
+    assert validation_peak(_cfg(tune={"seeds": 2}), S4B, wmss) is None  # seeds train in chunks, evaluated apart
+
+
+def test_checkpoint_staging_per_rank_and_per_node():
+    p = S4B.params
+    joint = staging_bytes(_cfg(mix={"mode": "joint"}), "wmss", S4B, S4B, 8)
+    assert joint["rank"] == 12 * p * 2 / 16 and joint["node"] == 8 * joint["rank"]
+    assert 48e9 < joint["node"] < 48.5e9  # the ~48 GB per 8-GPU node of a 4B joint run
+    assert staging_bytes(_cfg(), "sft", S4B, S4B, 8)["node"] == joint["node"] / 2
+    assert staging_bytes(_cfg(mix={"mode": "frozen"}), "wmss", S4B, S4B, 8)["node"] == joint["node"] / 2  # weak excluded
+    assert staging_bytes(_cfg(), "sft", S4B, S4B, 4)["node"] == joint["node"] / 4
+    z2 = staging_bytes(_cfg(training={"zero_stage": 2}), "sft", S4B, S4B, 8)
+    assert z2["rank"] == 12 * p / 16 + 2 * p and z2["node"] == z2["rank"] + 7 * 12 * p / 16  # rank 0: the module
+    assert joint["export"] == 0  # a local run dir: the export is written in place
+    remote = staging_bytes(_cfg(run={"storage": "s3://bucket/runs"}), "sft", S4B, S4B, 8)
+    assert remote["export"] == 2 * p
+
+
+def test_cli_plan_of_the_4b_config_from_a_directory_with_only_config_json(tmp_path, capsys):
+    """The issue's command, exactly: models.weak unset is the base; with models.weak set it is read too."""
+    from wmss_ray.cli.main import main
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_4B))
+    assert os.listdir(tmp_path) == ["config.json"]
+    cfg = str(REPO / "configs" / "qwen3-4b-math.yaml")
+    assert main(["plan", cfg, "--set", f"models.base={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "memory per GPU, 16 data-parallel ranks, bf16, ZeRO-3" in out and "4.02 B params" in out
+    for line in ("embedding gradient", "evaluator's model copy (whole)", "KV cache (32 x 4096+1024 tokens)", "total while validating",
+                 "per node (8 ranks, --gpus-per-node 8)"):
+        assert line in out, line
+    node = next(line for line in out.splitlines() if line.lstrip().startswith("per node"))
+    assert float(node.split()[-1]) == pytest.approx(12 * 4_022_468_096 * 2 / 2 / GiB, abs=0.01)  # 44.95 GiB
+    weak = tmp_path / "weak"
+    weak.mkdir()
+    (weak / "config.json").write_text(json.dumps({**QWEN3_4B, "num_hidden_layers": 18}))
+    assert main(["plan", cfg, "--set", f"models.base={tmp_path}", "--set", f"models.weak={weak}"]) == 0
+    assert "18 layers" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command, case", [(c, k) for c in ("plan", "run") for k in ("missing", "no_config",
+                                                                                       "unreadable")]
+                         + [("plan", "unknown_model_type")])
+def test_a_missing_or_unreadable_model_directory_is_one_line_and_exit_2(tmp_path, capsys, command, case):
+    """No transformers traceback (``Repo id must be in the form ...``), no Ray: the key and the path."""
+    from wmss_ray.cli.main import main
+
+    model = tmp_path / "Qwen3-4B-Base"
+    if case != "missing":
+        model.mkdir()
+    if case == "unreadable":  # (root reads any file: a config.json that cannot be read as one)
+        (model / "config.json").mkdir()
+    if case == "unknown_model_type":  # read, but transformers cannot make a config of it
+        (model / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    key = "models.weak" if command == "run" else "models.base"
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "config.json").write_text(json.dumps(QWEN3_4B))
+    sets = {"models.base": str(good), "run.storage": str(tmp_path / "runs"), key: str(model)}
+    args = [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
+    assert main([command, str(REPO / "configs" / "qwen3-4b-math.yaml"), *args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"wmss: {key}: ") and str(model) in err
+    assert not (tmp_path / "runs").exists()  # nothing started

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from wmss_ray.cluster import ensure_ray
-from wmss_ray.config.loading import save_config
+from wmss_ray.config.loading import check_model_dirs, save_config
 from wmss_ray.config.names import SFT_CONTINUED, SFT_CONTINUED_LABEL
 from wmss_ray.config.schema import WMSSConfig
 from wmss_ray.io import storage
@@ -282,7 +282,7 @@ def build_phases(cfg: WMSSConfig) -> list[Phase]:
     no_weak = ("models.weak",)  # the weak override only matters from score_1 on
     # How a training run is executed, not what it computes: changing them resumes a crashed run
     # (say, with checkpoints more often) instead of discarding its checkpoints.
-    how = ("training.checkpoint_every", "training.max_failures")
+    how = ("training.checkpoint_every", "training.max_failures", "training.staging_dir")
     phases: list[Phase] = []
     if demo:
         phases.append(Phase("data", [], ["run.seed", "data.demo"], _phase_data))
@@ -330,6 +330,7 @@ def run_pipeline(cfg: WMSSConfig, from_phase: str | None = None, until: str | No
     phases = build_phases(cfg)
     check_phase_names(phases, from_phase, until)
     ctx = RunContext(cfg, train_options)
+    check_model_dirs(cfg)  # a missing model directory: one line naming its key, before Ray starts
     storage.check_reachable(ctx.run_dir)  # an unreachable store fails here, naming the URI
     save_config(cfg, storage.join(ctx.run_dir, "config.yaml"))
     return run_phases(ctx, phases, from_phase, until)

@@ -215,3 +215,19 @@ def test_curriculum_seed_defaults_to_run_seed_and_tune_seeds_cannot_also_sweep_i
     assert load_config(None, ["run.seed=7", "curriculum.seed=9"]).curriculum_seed == 9
     with pytest.raises(ConfigError, match="do not also sweep curriculum.seed"):
         load_config(None, ["tune.seeds=2", 'tune.search_space={"curriculum.seed": {"choice": [1, 2]}}'])
+
+
+def test_checkpoint_staging_dir_is_an_absolute_local_directory_and_in_no_fingerprint(tmp_path):
+    from wmss_ray.pipeline import _phase_fingerprint, build_phases
+
+    assert load_config(None).training.staging_dir is None  # the system temp dir
+    assert load_config(None, ["training.staging_dir=/local/nvme"]).training.staging_dir == "/local/nvme"
+    for bad in ("scratch/ckpt", "s3://bucket/staging"):
+        with pytest.raises(ConfigError, match="training.staging_dir.*absolute local directory"):
+            load_config(None, [f"training.staging_dir={bad}"])
+    # where a checkpoint is staged does not change what a phase computes: no rerun when it moves
+    prints = [{}, {}]
+    for cfg, fp in zip((load_config(None), load_config(None, ["training.staging_dir=/local/nvme"])), prints):
+        for phase in build_phases(cfg):
+            fp[phase.name] = _phase_fingerprint(phase, cfg.to_dict(), fp)
+    assert prints[0] == prints[1] and "sft" in prints[0]

@@ -56,7 +56,8 @@ def art_tied(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sft_zero0(ray_cluster, art, tmp_path_factory):
-    cfg = _cfg(0)
+    staging = tmp_path_factory.mktemp("staging") / "ckpt"  # made by the workers, where they stage
+    cfg = _cfg(0, staging_dir=str(staging))
     res = train_phase(cfg, "sft", art["strong"], None, art["tokenized"], None,
                       str(tmp_path_factory.mktemp("sft_z0")))
     return cfg, res
@@ -73,6 +74,8 @@ def test_sft_zero0_matches_reference_logs_and_exports(sft_zero0, art):
     ref = reference_run(art, cfg, "sft", "sft", STEPS)
     assert_trajectory(metrics, ref)
     assert any(Path(res.metrics_path).parent.joinpath("tb").glob("events.out.tfevents.*"))
+    staging = Path(cfg.training.staging_dir)  # training.staging_dir: checkpoints staged there, then removed
+    assert staging.is_dir() and not any(staging.iterdir())
     # The export loads in plain transformers, equals the reference's weights, and equals the
     # final checkpoint's module weights exactly.
     exported = _load_hf(res.model_dir)

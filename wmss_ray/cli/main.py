@@ -98,7 +98,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         budget = parse_memory(args.gpu_memory) if args.gpu_memory else None
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    print(format_plan(cfg, budget, source=args.config))
+    print(format_plan(cfg, budget, source=args.config, gpus_per_node=args.gpus_per_node))
     return 0
 
 
@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="GPU memory per rank the config needs (no model weights are loaded)")
     _add_config_args(p)
     p.add_argument("--gpu-memory", default=None, metavar="SIZE", help="memory of one GPU, e.g. 80GiB, 141GB")
+    p.add_argument("--gpus-per-node", type=int, default=8, metavar="N",
+                   help="GPUs of one node, for the local-disk figure per node (default 8)")
     p.set_defaults(func=_cmd_plan)
 
     add_cli_commands(sub)  # submit / status / logs: an import failure there must surface, not hide them

@@ -114,3 +114,40 @@ def save_config(cfg: WMSSConfig, path: str | Path) -> None:
     from wmss_ray.io.storage import write_text
 
     write_text(str(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def model_dir_keys(cfg: WMSSConfig) -> dict[str, str]:
+    """``{config key: path}`` of every model directory ``cfg`` reads (``models.base`` only outside
+    the demo world, where phase 0 makes M0)."""
+    m = cfg.models
+    keys = {"models.base": None if m.demo else m.base, "models.strong": m.strong, "models.weak": m.weak}
+    return {k: v for k, v in keys.items() if v}
+
+
+def check_model_dir(path: str, key: str) -> None:
+    """Raise :class:`ConfigError` (one line naming ``key`` and ``path``) unless ``path`` is a
+    directory, local or in object storage, with a readable ``config.json``.
+
+    Without this a missing directory surfaces deep inside transformers (``OSError: Repo id must
+    be in the form ...``: a path that is not a directory is taken for a hub id) or in a Ray actor.
+    """
+    from wmss_ray.io import storage
+
+    where, config = storage.redact(path), storage.join(path, "config.json")
+    try:
+        found = storage.exists(path), storage.exists(config)
+        if all(found):
+            storage.read_text(config)
+    except (OSError, ValueError) as err:  # permissions, an unreachable store, undecodable bytes
+        raise ConfigError(f"{key}: cannot read {where}/config.json: {type(err).__name__}: {err}") from None
+    if not found[0]:
+        raise ConfigError(f"{key}: model directory {where} does not exist")
+    if not found[1]:
+        raise ConfigError(f"{key}: {where} has no config.json (not a Hugging Face model directory)")
+
+
+def check_model_dirs(cfg: WMSSConfig) -> None:
+    """:func:`check_model_dir` for every model directory ``cfg`` names (``wmss run`` and ``wmss
+    plan`` call it before anything else happens)."""
+    for key, path in model_dir_keys(cfg).items():
+        check_model_dir(path, key)

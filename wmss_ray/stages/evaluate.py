@@ -42,7 +42,7 @@ log = logging.getLogger("wmss_ray.stages.evaluate")
 
 # Teacher-forced loss materialises [rows, T, V] logits; cap that at ~1 GiB of fp32 per micro-batch
 # (a 152k vocabulary at T=256 gives 6 rows), so real vocabularies do not run out of memory.
-_MAX_LOGIT_ELEMS = 2**28
+MAX_LOGIT_ELEMS = 2**28
 
 
 @dataclass
@@ -174,7 +174,7 @@ class Evaluator:
         todo = [i for i, e in enumerate(encoded) if e is not None]
         vocab = int(self.model.get_output_embeddings().weight.shape[0])
         width = max((len(encoded[i]["input_ids"]) for i in todo), default=1)
-        per_mb = max(1, _MAX_LOGIT_ELEMS // (width * vocab))
+        per_mb = max(1, MAX_LOGIT_ELEMS // (width * vocab))
         for s in range(0, len(todo), per_mb):
             idx = todo[s:s + per_mb]
             batch = collate([encoded[i] for i in idx], pad)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,32 @@ import torch
 DS_TAG = "ds"
 TRAINER_STATE = "trainer_state.json"
 _RANK0_ONLY = ("zero_to_fp32.py", "zero_to_torch.py", "latest")
+
+
+def staging_dir(path: str | None) -> str:
+    """The local directory checkpoints and exports are staged in (``training.staging_dir``; None:
+    the system temp dir), created when missing: the key names a directory on every node."""
+    if path is None:
+        return tempfile.gettempdir()
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def checkpoint_bytes(params: int, *, half: bool, stage: int, world: int, rank: int = 0) -> float:
+    """Bytes rank ``rank`` writes into its staging directory for one *trained* model of
+    ``params`` parameters (a frozen weak model is excluded from checkpoints; RNG and trainer
+    state are kilobytes). Read from DeepSpeed's ``save_checkpoint`` (0.19):
+
+    - ZeRO 1-3: every rank writes its optimizer partition, ``12 P / world`` (fp32 master copy,
+      Adam ``exp_avg`` and ``exp_avg_sq``); at ZeRO 1-2 rank 0 also writes the whole module in
+      the model dtype (``2 P`` bf16/fp16, ``4 P`` fp32); at ZeRO-3 the module file holds only
+      placeholders of the partitioned parameters;
+    - ZeRO 0 (fp32 only): rank 0 writes the module and Adam's moments, ``4 P + 8 P``.
+    """
+    if stage == 0:
+        return 12.0 * params if rank == 0 else 0.0
+    module = (2 if half else 4) * params if (stage < 3 and rank == 0) else 0
+    return 12.0 * params / world + module
 
 
 def _rng_state() -> dict[str, Any]:

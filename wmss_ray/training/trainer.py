@@ -41,6 +41,7 @@ from wmss_ray.training.checkpointing import (
     UntrainedStepsError,
     check_same_run,
     check_trained_all_steps,
+    staging_dir,
 )
 from wmss_ray.training.dataset import EPOCH_ROWS_FILE, DataPlan, write_epoch_rows
 from wmss_ray.training.metrics import is_log_step
@@ -220,7 +221,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if validate:
                 metrics = {**metrics, **_validate_in_run(worker, cfg, spec, done, rank, world, device)}
             if ckpt:
-                with tempfile.TemporaryDirectory(prefix=f"wmss-ckpt-r{rank}-") as tmp:
+                with tempfile.TemporaryDirectory(prefix=f"wmss-ckpt-r{rank}-", dir=staging_dir(t.staging_dir)) as tmp:
                     worker.save(tmp, done, metrics["samples_seen"])
                     ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
                                      checkpoint_dir_name=f"checkpoint_{done:06d}")
@@ -261,7 +262,8 @@ def _export(worker: Any, out_dir: str, rank: int, name: str = "model") -> None:
     if not storage.is_remote(out_dir):
         worker.export(os.path.join(out_dir, name))
     else:
-        with tempfile.TemporaryDirectory(prefix=f"wmss-export-r{rank}-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=f"wmss-export-r{rank}-",
+                                         dir=staging_dir(worker.cfg.training.staging_dir)) as tmp:
             written = worker.export(os.path.join(tmp, name))
             if rank == 0 and written:
                 storage.upload_dir(written, storage.join(out_dir, name))

@@ -42,6 +42,14 @@ def reply_bytes(n_positions: int, top_k: int, vocab: int, n_exact: int = 0) -> i
     return n_positions * per + n_exact * 4 * vocab
 
 
+def device_reply_bytes(n_positions: int, top_k: int, vocab: int, n_exact: int = 0) -> int:
+    """Bytes a reply takes on the Train worker's device (``WeakReply.to_weak`` and ``exact``):
+    :func:`reply_bytes` with the top-k ids widened to int64 (``12 k + 8`` per position) and the
+    exact rows' int64 row numbers (``4 V + 8`` per exact row)."""
+    per = 4 * vocab if top_k == 0 else 12 * top_k + 8
+    return n_positions * per + n_exact * (4 * vocab + 8)
+
+
 def request_bytes(batch: int, seq: int, n_positions: int, n_exact: int = 0, packed: bool = False) -> int:
     """Exact array bytes of a request: ids ``4 B T``, then lengths ``4 B`` (padded) or
     position_ids ``4 B T`` (packed, ``B = 1``), positions + labels ``8 N``, exact rows ``4 n``."""
