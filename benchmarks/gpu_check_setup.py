@@ -66,6 +66,10 @@ VARIANTS = [
     Variant("sft z3 ckpt padded", "sft", 3, True, packing=False),
 ]
 
+#: The memory-and-speed shape (4B): the recipe's ZeRO-3 beside ZeRO-2, and WMSS frozen.
+BIG_VARIANTS = [Variant("sft z2 ckpt", "sft", 2, True), Variant("sft z3 ckpt", "sft", 3, True),
+                Variant("frozen z2 ckpt", "frozen", 2, True)]
+
 
 @dataclass
 class Setup:
@@ -86,6 +90,7 @@ class Setup:
     gen_batch: int
     gen_new_tokens: int
     variants: list[Variant] = field(default_factory=lambda: list(VARIANTS))
+    big_variants: list[Variant] = field(default_factory=lambda: list(BIG_VARIANTS))
     paths: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -186,15 +191,11 @@ def make_worker(s: Setup, variant: Variant, strong: str, weak: str | None, token
     return PhaseWorker(cfg, spec, 0, 1, s.device), cfg
 
 
-def free(*objs) -> None:
-    """Drop engines and models between variants so that each peak is its own."""
+def free() -> None:
+    """Collect what the caller dropped (engines hold reference cycles) and hand the cached device
+    memory back, so that each variant's peak is its own."""
     import gc
 
-    for o in objs:
-        engine = getattr(o, "engine", None)
-        if engine is not None:
-            engine.destroy()
-    del objs
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -1,40 +1,77 @@
-"""benchmarks/gpu_check.py runs end to end (tiny shape on the CPU); the real check needs a GPU."""
+"""benchmarks/gpu_check.py: its dry run validates what the GPU run builds, and every part runs
+end to end with tiny shapes on the CPU, without Ray (the device machines carry none)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_check.py"
+# Not this process's torch.distributed rendezvous (an earlier test's init_single_process set
+# MASTER_PORT to a port this process still holds): the check makes its own.
+_DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+ENV = {**{k: v for k, v in os.environ.items() if k not in _DIST_VARS}, "PYTHONPATH": str(REPO)}
+# The script run as on a device machine: ``import ray`` fails there.
+WITHOUT_RAY = "import runpy, sys; sys.modules['ray'] = None; sys.argv = sys.argv[1:]; " \
+              "runpy.run_path(sys.argv[0], run_name='__main__')"
 
 
-def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
-    out = tmp_path / "gpu_check.md"
-    # Not this process's torch.distributed rendezvous (an earlier test's init_single_process set
-    # MASTER_PORT to a port this process still holds): the check makes its own.
-    dist_vars = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
-    env = {**{k: v for k, v in os.environ.items() if k not in dist_vars}, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--out", str(out)],
-                          capture_output=True, text=True, env=env, timeout=600)
+def test_dry_run_builds_and_validates_every_config_of_the_gpu_run():
+    """Issue 26, defect 3: the GPU run's configs failed validation at once on a GPU
+    (``scaling.use_gpu`` with ``evaluation.gpus_per_actor: 0``) while ``--dry-run`` ran the CPU
+    smoke instead. Now the dry run builds every config as for a GPU (and their DeepSpeed
+    configs, and both shapes on the meta device), prints the plan, and touches no GPU."""
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_RAY, str(SCRIPT), "--dry-run"], capture_output=True,
+                          text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    text = out.read_text()
-    for mode in ("sft", "frozen", "joint"):
-        assert re.search(rf"^\| {mode} \| bfloat16 \|", text, flags=re.M), mode
-    diff = float(re.search(r"bf16 vs fp32, \d+ steps: max relative difference ([0-9.e+-]+)", text).group(1))
-    assert diff < 1e-2  # bf16 and fp32 runs of the same init and batches agree
-    rows = re.findall(r"^\| (naive|chunked[^|]*) \| [0-9.]+ \| [^|]+ \| ([0-9.e+-]+) \| ([0-9.e+-]+) \|$", text, flags=re.M)
-    assert len(rows) == 3 and all(float(loss) < 1e-2 and float(grad) < 5e-2 for _, loss, grad in rows)
+    out = proc.stdout
+    assert "every config validated" in out
+    assert re.search(r"shape qwen3-0\.6b: 0\.59\d B parameters", out) and re.search(r"shape qwen3-4b: 4\.0\d\d B", out)
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from gpu_check_setup import BIG_VARIANTS, VARIANTS
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    for shape, variants in (("qwen3-0.6b", VARIANTS), ("qwen3-4b", BIG_VARIANTS)):
+        for v in variants:
+            assert re.search(rf"^  {re.escape(shape)} {re.escape(v.label)} \| {v.zero_stage} \| .* \| [0-9.]+$", out,
+                             flags=re.M), (shape, v.label)
 
 
-def test_gpu_check_refuses_to_run_without_a_gpu_unless_smoke():
-    import pytest
-    import torch
+def test_cpu_smoke_runs_every_part_without_ray(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_RAY, str(SCRIPT), "--cpu-smoke", "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, env=ENV, timeout=900)
+    text = (tmp_path / "gpu_check.md").read_text() if (tmp_path / "gpu_check.md").exists() else ""
+    assert proc.returncode == 0 and "FAILED" not in text, (text + proc.stderr)[-4000:]
+    results = json.loads((tmp_path / "gpu_check.json").read_text())
+    for part in ("steps", "exact", "kernel", "big", "score_gen", "nccl", "ray"):
+        assert part in results and "error" not in results[part], part
+    steps = results["steps"]
+    assert [r["label"] for r in steps["plain"]] == ["plain PyTorch SFT", "plain PyTorch SFT ckpt"]
+    assert all(r["tokens_per_s"] > 0 and r["plan_gib"] > 0 for r in steps["variants"])
+    profiled = [r for r in steps["variants"] if r["profile"]]
+    assert profiled and (tmp_path / profiled[0]["profile"]["file"]).exists()
+    exact = results["exact"]
+    assert exact["rope_fp32_and_equal"] and exact["export_logit_max_rel"] < 1e-6
+    assert exact["packing_max_rel"] < 1e-3 and exact["resume_max_rel"] < 1e-6  # fp32 CPU math, bf16 weights
+    assert exact["resumed_from"] == 2 and len(exact["losses_resumed"]) == 2
+    kernel = {r["impl"].split(" (")[0]: r for r in results["kernel"]["rows"]}
+    assert kernel.keys() == {"naive", "chunked"}
+    assert all(r["loss_rel_err"] < 1e-2 and r["grad_rel_err"] < 5e-2 for r in results["kernel"]["rows"])
+    assert results["score_gen"]["score_rows_per_s"] > 0 and results["score_gen"]["gen_new_tokens_per_s"] > 0
+    assert results["ray"]["skipped"] and "Ray is not installed" in text
 
+
+def test_the_check_refuses_to_start_without_a_gpu_unless_told():
     if torch.cuda.is_available():  # pragma: no cover - on a GPU machine the real check would start
         pytest.skip("a GPU is present: the check would run for real")
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py")], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
-    assert proc.returncode == 2 and "--cpu-smoke" in proc.stderr
+    proc = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 2 and "--dry-run" in proc.stderr and "--cpu-smoke" in proc.stderr
