@@ -271,7 +271,10 @@ def test_gpu_containers_set_what_nccl_needs(rendered, target):
 
 
 def test_rdma_overlay_requests_a_device_and_enables_ib(rendered):
-    """gpu-rdma is the gpu overlay plus one RDMA device per worker and NCCL over IB verbs."""
+    """gpu-rdma is the gpu overlay plus one RDMA device per worker and NCCL over IB verbs, and
+    nothing else: the whole RayJob equals gpu's once the name, device and IB variables are undone."""
+    import copy
+
     job = next(o for o in rendered["k8s/overlays/gpu-rdma"] if o["kind"] == "RayJob")
     tcp = next(o for o in rendered["k8s/overlays/gpu"] if o["kind"] == "RayJob")
     (_, _, c), = _gpu_containers([job])
@@ -279,13 +282,14 @@ def test_rdma_overlay_requests_a_device_and_enables_ib(rendered):
     assert rdma and all(int(v) >= 1 for v in rdma.values()), c["resources"]
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["NCCL_IB_DISABLE"] == "0" and env.get("NCCL_IB_HCA") and env.get("NCCL_NET_GDR_LEVEL"), env
-    (_, _, tcp_c), = _gpu_containers([tcp])
-    # nothing else differs from the TCP overlay: same run, same sizes
-    assert job["spec"]["entrypoint"] == tcp["spec"]["entrypoint"]
-    strip = {"requests": rdma, "limits": rdma}
-    assert {k: {n: v for n, v in vs.items() if n not in strip[k]} for k, vs in c["resources"].items()} == tcp_c["resources"]
-    assert {k: v for k, v in env.items() if k not in ("NCCL_IB_DISABLE", "NCCL_IB_HCA", "NCCL_NET_GDR_LEVEL")} == {
-        e["name"]: e.get("value") for e in tcp_c["env"] if e["name"] != "NCCL_IB_DISABLE"}
+    undone = copy.deepcopy(job)
+    undone["metadata"]["name"] = tcp["metadata"]["name"]
+    (_, _, u), = _gpu_containers([undone])
+    for kind in ("requests", "limits"):
+        u["resources"][kind] = {k: v for k, v in u["resources"][kind].items() if k not in rdma}
+    u["env"] = [dict(e, value="1") if e["name"] == "NCCL_IB_DISABLE" else e for e in u["env"]
+                if e["name"] not in ("NCCL_IB_HCA", "NCCL_NET_GDR_LEVEL")]
+    assert undone == tcp
 
 
 def _entrypoint(job: dict) -> tuple[str, list[str]]:
