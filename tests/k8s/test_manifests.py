@@ -31,6 +31,13 @@ SECRET_NAME, SECRET_KEY = "wmss-ray-auth", "auth_token"
 SHARED_PVC, SHARED_MOUNT = "wmss-shared", "/mnt/wmss"
 SENSITIVE = {"TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS", "KEY", "APIKEY"}
 SECRET_LOOKING = re.compile(r"(?i)bearer\s+\S|\b[0-9a-f]{32,}\b")
+GPU_TARGETS = [t for t in TARGETS if t.startswith("k8s/overlays/gpu")]
+# /dev/shm left over after Ray's object store: NCCL's shared-memory segments on a GPU pod
+# (8 local ranks), torch/gloo on a CPU one
+SHM_RESERVE = {"gpu": 8 * 2**30, "cpu": 256 * 2**20}
+STAGING_MOUNT = "/mnt/staging"
+RDMA_PLUGINS = ("rdma/", "nvidia.com/hostdev")  # k8s-rdma-shared-dev-plugin, SR-IOV host-device
+UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "": 1}
 
 
 def _sensitive(name: str) -> bool:
@@ -57,6 +64,30 @@ def _ray_objects(objs):
     return [o for o in objs if o["apiVersion"] == "ray.io/v1"]
 
 
+def _bytes(quantity: str | int) -> int:
+    """A Kubernetes quantity in binary units ("64Gi", "512Mi") or plain bytes, as an int."""
+    m = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti|)", str(quantity))
+    assert m, f"quantity {quantity!r}: use binary units (Ki, Mi, Gi, Ti) or bytes"
+    return int(m.group(1)) * UNITS[m.group(2)]
+
+
+def _gpus(container: dict) -> int:
+    return int(((container.get("resources") or {}).get("limits") or {}).get("nvidia.com/gpu", 0))
+
+
+def _rdma(container: dict) -> dict[str, int]:
+    limits = (container.get("resources") or {}).get("limits") or {}
+    return {k: v for k, v in limits.items() if k.startswith(RDMA_PLUGINS)}
+
+
+def _ray_groups(obj: dict):
+    """(role, group) for the head group and every worker group of a RayJob/RayCluster."""
+    for spec in kv.cluster_specs(obj):
+        yield "head", spec["headGroupSpec"]
+        for group in spec.get("workerGroupSpecs") or []:
+            yield f"worker:{group['groupName']}", group
+
+
 def _version() -> str:
     import tomllib
 
@@ -65,7 +96,7 @@ def _version() -> str:
 
 def test_layout():
     assert {"k8s/base", "k8s/base/shared", "k8s/cluster", "k8s/overlays/cpu-demo", "k8s/overlays/gpu",
-            "k8s/overlays/gpu-pool"} <= set(TARGETS)
+            "k8s/overlays/gpu-pool", "k8s/overlays/gpu-rdma"} <= set(TARGETS)
     assert kv.crd_dir() is not None, f"KubeRay CRDs missing: expected them in {kv.CRD_DIR_CANDIDATES[0]}"
 
 
@@ -115,13 +146,18 @@ def test_every_container_non_root_with_limits(rendered, target):
                 assert sc.get("runAsNonRoot") is True and sc.get("runAsUser") == 1000, here
                 assert sc.get("allowPrivilegeEscalation") is False and not sc.get("privileged"), here
                 assert "ALL" in (sc.get("capabilities") or {}).get("drop", []), here
-                assert not (sc.get("capabilities") or {}).get("add"), here
+                # IPC_LOCK on GPU containers only (NCCL/RDMA pin memory), nothing else anywhere
+                allowed = {"IPC_LOCK"} if _gpus(c) else set()
+                assert set((sc.get("capabilities") or {}).get("add") or []) <= allowed, here
                 assert sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", here
                 res = c.get("resources") or {}
                 for kind in ("requests", "limits"):
                     assert {"cpu", "memory"} <= set(res.get(kind) or {}), f"{here}: no cpu/memory {kind}"
-                gpus = [(res.get(k) or {}).get("nvidia.com/gpu") for k in ("requests", "limits")]
-                assert gpus[0] == gpus[1], f"{here}: GPU requests must equal limits"
+                # extended resources (GPUs, RDMA devices) cannot be overcommitted: requests = limits
+                for name in set(res.get("requests") or {}) | set(res.get("limits") or {}):
+                    if "/" in name:
+                        amounts = [(res.get(k) or {}).get(name) for k in ("requests", "limits")]
+                        assert amounts[0] == amounts[1], f"{here}: {name} requests must equal limits"
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -187,6 +223,73 @@ def test_shared_storage_on_head_and_workers(rendered, target):
         workers = [g for s in kv.cluster_specs(obj) for g in s.get("workerGroupSpecs") or []]
         if sum(g.get("maxReplicas", 1) for g in workers) > 1:  # pods on several nodes share one volume
             assert "ReadWriteMany" in pvcs[SHARED_PVC]["spec"]["accessModes"], f"{obj['metadata']['name']}: needs RWX"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_object_store_fits_in_dev_shm(rendered, target):
+    """Every Ray head/worker mounts a memory-backed /dev/shm and sizes Ray's object store inside it
+    with room to spare: a store larger than /dev/shm silently moves to /tmp on disk, one that fills
+    it leaves NCCL no room for its segments."""
+    for obj in _ray_objects(rendered[target]):
+        for role, group in _ray_groups(obj):
+            where = f"{obj['metadata']['name']} {role}"
+            pod, ray_container = group["template"]["spec"], group["template"]["spec"]["containers"][0]
+            mounts = {m["mountPath"]: m["name"] for m in ray_container.get("volumeMounts") or []}
+            assert "/dev/shm" in mounts, f"{where}: /dev/shm not mounted (the runtime's default is 64Mi)"
+            shm = {v["name"]: v for v in pod["volumes"]}[mounts["/dev/shm"]].get("emptyDir") or {}
+            assert shm.get("medium") == "Memory" and "sizeLimit" in shm, f"{where}: /dev/shm {shm}"
+            size = _bytes(shm["sizeLimit"])
+            assert size < _bytes(ray_container["resources"]["limits"]["memory"]), f"{where}: counts in memory"
+            store = (group.get("rayStartParams") or {}).get("object-store-memory")
+            assert store is not None, f"{where}: rayStartParams.object-store-memory not set"
+            reserve = SHM_RESERVE["gpu" if _gpus(ray_container) else "cpu"]
+            assert int(store) + reserve <= size, f"{where}: object store {store} + {reserve} > /dev/shm {size}"
+
+
+def _gpu_containers(objs) -> list[tuple[str, dict, dict]]:
+    return [(f"{o['metadata']['name']} {role} {c['name']}", t["spec"], c)
+            for o in objs for role, t in kv.pod_templates(o) for c in kv.containers(t) if _gpus(c)]
+
+
+@pytest.mark.parametrize("target", GPU_TARGETS)
+def test_gpu_containers_set_what_nccl_needs(rendered, target):
+    """Each GPU container: NCCL pinned to eth0 (exact match), IB on only with an RDMA device,
+    warnings-only logging, IPC_LOCK as the one added capability, a disk-backed staging volume."""
+    found = _gpu_containers(rendered[target])
+    assert found, f"{target}: no GPU container"
+    for where, pod, c in found:
+        env = {e["name"]: e.get("value") for e in c.get("env") or []}
+        assert env.get("NCCL_SOCKET_IFNAME") == "=eth0", f"{where}: NCCL_SOCKET_IFNAME {env.get('NCCL_SOCKET_IFNAME')}"
+        assert env.get("GLOO_SOCKET_IFNAME") == "eth0", where
+        assert env.get("NCCL_DEBUG") == "WARN", where
+        assert env.get("NCCL_IB_DISABLE") == ("0" if _rdma(c) else "1"), f"{where}: NCCL_IB_DISABLE without/with RDMA"
+        assert c["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}, where
+        mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts") or []}
+        assert STAGING_MOUNT in mounts, f"{where}: {STAGING_MOUNT} not mounted"
+        staging = {v["name"]: v for v in pod["volumes"]}[mounts[STAGING_MOUNT]].get("emptyDir")
+        assert staging and "medium" not in staging and _bytes(staging["sizeLimit"]) >= 48 * 10**9, where
+
+
+def test_rdma_overlay_requests_a_device_and_enables_ib(rendered):
+    """gpu-rdma is the gpu overlay plus one RDMA device per worker and NCCL over IB verbs, and
+    nothing else: the whole RayJob equals gpu's once the name, device and IB variables are undone."""
+    import copy
+
+    job = next(o for o in rendered["k8s/overlays/gpu-rdma"] if o["kind"] == "RayJob")
+    tcp = next(o for o in rendered["k8s/overlays/gpu"] if o["kind"] == "RayJob")
+    (_, _, c), = _gpu_containers([job])
+    rdma = _rdma(c)
+    assert rdma and all(int(v) >= 1 for v in rdma.values()), c["resources"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["NCCL_IB_DISABLE"] == "0" and env.get("NCCL_IB_HCA") and env.get("NCCL_NET_GDR_LEVEL"), env
+    undone = copy.deepcopy(job)
+    undone["metadata"]["name"] = tcp["metadata"]["name"]
+    (_, _, u), = _gpu_containers([undone])
+    for kind in ("requests", "limits"):
+        u["resources"][kind] = {k: v for k, v in u["resources"][kind].items() if k not in rdma}
+    u["env"] = [dict(e, value="1") if e["name"] == "NCCL_IB_DISABLE" else e for e in u["env"]
+                if e["name"] not in ("NCCL_IB_HCA", "NCCL_NET_GDR_LEVEL")]
+    assert undone == tcp
 
 
 def _entrypoint(job: dict) -> tuple[str, list[str]]:
