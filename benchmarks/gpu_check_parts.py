@@ -286,7 +286,7 @@ def part_kernel(s: Setup, out_dir: str) -> tuple[dict, list[str]]:
     ref_loss = naive(ref)
     ref_loss.backward()
     ref_grads = [t.grad for t in ref]
-    recipe_mb = run_config(s, s.variants[0], s.micro_batch).mix.chunk_mb
+    recipe_mb = run_config(s, s.variants[0], s.micro_batch).mix.loss_chunk_mb(s.on_gpu)
     variants = {"naive": naive}
     for mb, what in ((DEFAULT_CHUNK_MB, "default"), (recipe_mb, "recipe")):
         variants[f"chunked ({what} chunk_mb {mb:g} -> {chunk_rows_for(n, v, mb)} tokens)"] = \

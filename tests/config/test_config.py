@@ -48,7 +48,11 @@ def test_loss_chunk_budget_has_one_default():
     """The config (torch-free) and the kernels' keyword default name the same budget."""
     from wmss_ray.losses.mixing import DEFAULT_CHUNK_MB, chunk_rows_for
 
-    assert WMSSConfig().mix.chunk_mb == DEFAULT_CHUNK_MB
+    from wmss_ray.losses.mixing import GPU_CHUNK_MB
+
+    assert WMSSConfig().mix.loss_chunk_mb(on_gpu=False) == DEFAULT_CHUNK_MB
+    assert WMSSConfig().mix.loss_chunk_mb(on_gpu=True) == GPU_CHUNK_MB
+    assert chunk_rows_for(10**6, 151_936, WMSSConfig().mix.loss_chunk_mb(on_gpu=True)) == 2048  # the GPU check
     assert chunk_rows_for(10**6, 151_936, DEFAULT_CHUNK_MB) == 384  # BENCHMARKS: 0.056x naive working memory
 
 

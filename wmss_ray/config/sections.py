@@ -200,12 +200,20 @@ class MixConfig(ConfigSection):
     lam: float = Field(0.5, description="lambda in (0, 1]; 1 is plain SFT")
     mode: Literal["joint", "frozen"] = "joint"
     placement: Literal["colocated", "pool"] = "colocated"
-    chunk_mb: float = Field(
-        256.0, gt=0, description="MiB of the loss's one [chunk, V] fp32 buffer, the one way to size the loss chunk "
-                                 "(and the weak pool's logits chunk): a multiple of 64 answer tokens, 4 V bytes "
-                                 "each; 256: 384 tokens at V = 151,936"
+    chunk_mb: float | None = Field(
+        None, gt=0, description="MiB of the loss's one [chunk, V] fp32 buffer, the one way to size the loss chunk "
+                                "(and the weak pool's logits chunk): a multiple of 64 answer tokens, 4 V bytes "
+                                "each. null (default): 256 on CPU (384 tokens at V = 151,936), 1188 on GPU "
+                                "(2,048 tokens: 0.85x the naive loss's time on an H200, BENCHMARKS.md)"
     )
     pool: WeakPoolConfig = WeakPoolConfig()
+
+    def loss_chunk_mb(self, on_gpu: bool) -> float:
+        """``chunk_mb``, or the default of the device the loss runs on (the same numbers as
+        ``losses.mixing.DEFAULT_CHUNK_MB`` / ``GPU_CHUNK_MB``: a test keeps them equal)."""
+        if self.chunk_mb is not None:
+            return self.chunk_mb
+        return 1188.0 if on_gpu else 256.0
 
     @field_validator("lam")
     @classmethod

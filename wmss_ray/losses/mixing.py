@@ -46,12 +46,17 @@ from wmss_ray.losses.constants import IGNORE_INDEX, LOW_PRECISION_DTYPES
 from wmss_ray.losses.stats import LossStats
 from wmss_ray.losses.weak_side import Chunk, HiddenWeakSide, LogProbWeakSide, WeakLogProbs
 
-__all__ = ["CHUNK_ROW_MULTIPLE", "DEFAULT_CHUNK_MB", "chunk_rows_for", "chunked_mixed_ce", "sparse_mixed_ce"]
+__all__ = ["CHUNK_ROW_MULTIPLE", "DEFAULT_CHUNK_MB", "GPU_CHUNK_MB", "chunk_rows_for", "chunked_mixed_ce",
+           "sparse_mixed_ce"]
 
-#: Default budget of the ``[chunk, V]`` fp32 buffer, MiB (``mix.chunk_mb``; the config's default,
-#: a test keeps them equal). 256 MiB: 384 tokens at V = 151,936, the loss's working memory 0.056x
-#: the naive loss's and its time 1.00-1.06x the old 1,024-token chunk's (BENCHMARKS.md).
+#: Default budget of the ``[chunk, V]`` fp32 buffer on CPU, MiB (``mix.chunk_mb: null``). 256 MiB:
+#: 384 tokens at V = 151,936, the loss's working memory 0.056x the naive loss's and its time
+#: 1.00-1.06x the old 1,024-token chunk's on CPU (BENCHMARKS.md).
 DEFAULT_CHUNK_MB = 256.0
+#: The default on GPU: 1188 MiB = 2,048 tokens at V = 151,936. Measured on an H200 (N = 8,192,
+#: D = 1,024, bf16, joint): 45 ms against 54 ms naive and 76 ms at 384 tokens, 2.7 GB extra
+#: against 14.2 GB naive (BENCHMARKS.md, the GPU check); small GEMMs leave a GPU idle.
+GPU_CHUNK_MB = 1188.0
 
 
 def chunk_rows_for(n_tokens: int, vocab: int, chunk_mb: float) -> int:

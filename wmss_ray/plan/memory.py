@@ -145,7 +145,7 @@ def phase_bytes(cfg: WMSSConfig, phase: str, strong: ModelShape, weak: ModelShap
     for key, ckpt in (("activations", t.gradient_checkpointing), ("activations_alt", not t.gradient_checkpointing)):
         out[key] = sum(activation_bytes(m, tokens, seq, mb, act_b, checkpointing=ckpt, eager=eager, trained=tr)
                        for m, tr in models)
-    chunk = chunk_rows_for(tokens, strong.vocab, mix.chunk_mb)
+    chunk = chunk_rows_for(tokens, strong.vocab, mix.loss_chunk_mb(cfg.scaling.use_gpu))
     out["loss_chunk"] = 4.0 * min(chunk, tokens) * strong.vocab
     out["loss_chunk_rows"] = float(min(chunk, tokens))
     # fp32 accumulators of the head-weight gradients (+ their cast to bf16 at backward)
@@ -250,7 +250,7 @@ def pool_actor_bytes(cfg: WMSSConfig, weak: ModelShape) -> dict[str, float]:
            "zero3_gather": 4.0 * weak.largest_layer_params if p.shards > 1 else 0.0,
            "activations": activation_bytes(weak, tokens, seq, mb, w, checkpointing=False,
                                            eager=cfg.models.attn_implementation == "eager", trained=False)}
-    chunk = min(chunk_rows_for(tokens, weak.vocab, cfg.mix.chunk_mb), tokens)
+    chunk = min(chunk_rows_for(tokens, weak.vocab, cfg.mix.loss_chunk_mb(cfg.mix.pool.gpus_per_actor > 0)), tokens)
     out["logits_chunk"] = (4.0 + (w if w != 4 else 0)) * chunk * weak.vocab
     # top-k of a chunk (losses.weak_side.weak_from_logp): the masked fp32 copy of the chunk and
     # logsumexp's exp (8 c V), the top-k fp32 values + int64 ids (12 c k); dense (top_k 0): none

@@ -306,7 +306,7 @@ def _start_pool(cfg: WMSSConfig, spec: PhaseSpec):
     overrides = {k: v for k, v in cfg.training.ds_config_overrides.get("zero_optimization", {}).items()
                  if k.startswith("stage3_")}  # the tiny tests force real partitioning this way
     args = ServerArgs(model_dir=spec.weak_init, top_k=p.top_k, dtype=dtype,
-                      trust_remote_code=cfg.models.trust_remote_code, chunk_mb=cfg.mix.chunk_mb, use_gpu=p.gpus_per_actor > 0, ds_overrides=overrides,
+                      trust_remote_code=cfg.models.trust_remote_code, chunk_mb=cfg.mix.loss_chunk_mb(p.gpus_per_actor > 0), use_gpu=p.gpus_per_actor > 0, ds_overrides=overrides,
                       attn_implementation=cfg.models.attn_implementation,
                       fault=os.environ.get(POOL_FAULT_ENV), fault_marker=os.path.join(spec.out_dir, ".pool_fault_injected"))
     return WeakPool(args, p.replicas, p.shards, p.cpus_per_actor, p.gpus_per_actor, reserved=train_resources,

@@ -122,7 +122,7 @@ class PhaseWorker:
         for m in (strong, weak):
             if m is not None:
                 PairLM.prepare_for_training(m, cfg.training.gradient_checkpointing)
-        self.pair = PairLM(strong, weak, spec.mode, cfg.mix.lam, zero3=self.zero3, chunk_mb=cfg.mix.chunk_mb,
+        self.pair = PairLM(strong, weak, spec.mode, cfg.mix.lam, zero3=self.zero3, chunk_mb=cfg.mix.loss_chunk_mb(self.on_gpu),
                            weak_pool=self.pooled)
         groups = param_groups(self.pair.trainable_groups(cfg.training.lr, cfg.training.weak_lr),
                               cfg.training.weight_decay)
