@@ -4,6 +4,7 @@ with a model cache of its own, GPU skips."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import tempfile
@@ -38,6 +39,16 @@ os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
 _VENV_BIN = str(Path(sys.executable).parent)
 if os.environ.get("PATH", "").split(os.pathsep)[0] != _VENV_BIN:
     os.environ["PATH"] = _VENV_BIN + os.pathsep + os.environ.get("PATH", "")
+
+# DeepSpeed JIT-builds its CPU shm-comm op into TORCH_EXTENSIONS_DIR (default
+# ~/.cache/torch_extensions, one per user): build.ninja names the venv's include paths, so two venvs
+# on one machine (a CI clone's fresh venv, another checkout's) rebuilt the op at every switch
+# (~/.cache/.../deepspeed_shm_comm/.ninja_log: 9 rebuilds in 4 h on the shared dev box; one in a
+# full suite run, 49 CPU-s of cc1plus). One op cache per interpreter: built once per venv, then
+# loaded. Set before any Ray starts, so workers and job heads inherit it.
+os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR",
+    str(Path.home() / ".cache" / "wmss-torch-extensions" / hashlib.sha1(sys.prefix.encode()).hexdigest()[:12]))
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "test-tiny.yaml"
