@@ -11,7 +11,7 @@ import torch
 
 from tests.training.test_training_units import make_artifacts, step_indices, tiny_cfg
 from wmss_ray.config.loading import config_from_dict
-from wmss_ray.training.dataset import DataPlan, RowReader, epoch_sample_ids, write_epoch_rows
+from wmss_ray.training.dataset import DataPlan, ReadAhead, RowReader, epoch_sample_ids, write_epoch_rows
 from wmss_ray.training.ds_config import build_ds_config
 
 
@@ -118,3 +118,63 @@ def test_row_reader_and_epoch_list_errors_name_the_problem(tmp_path):
                    tmp_path / "ragged.parquet")
     with pytest.raises(ValueError, match=r"ragged.parquet, row 1: input_ids and labels"):
         RowReader(str(tmp_path / "ragged.parquet")).rows([0])
+
+
+def test_read_ahead_reads_the_next_step_in_the_background_one_read_at_a_time():
+    """Each call returns read(step); step + 1 is read in the background thread (never past
+    end_step); a repeated, skipped (resume) or out-of-order step is read in the caller's thread;
+    reads never overlap (a RowReader is not thread-safe); a read-ahead's error is raised for its step."""
+    import threading
+
+    log, busy = [], threading.Lock()
+
+    def read(step):
+        assert busy.acquire(blocking=False), "two reads at once"
+        try:
+            if step == 7:
+                raise ValueError("part-0.parquet, row 3: bad row")
+            log.append((step, threading.current_thread() is threading.main_thread()))
+            return [step] * 3
+        finally:
+            busy.release()
+
+    ahead = ReadAhead(read, end_step=8)
+    assert [ahead(s) for s in (2, 3, 4)] == [[2] * 3, [3] * 3, [4] * 3]  # a resume at step 2
+    assert ahead(4) == [4] * 3 and ahead(5) == [5] * 3  # a repeat keeps step 5's read-ahead
+    assert ahead(1) == [1] * 3 and ahead(2) == [2] * 3  # backwards: read here, then ahead again
+    assert ahead.hits == 4  # 3, 4, 5 and 2
+    ahead(6)  # a jump: read here; starts step 7's read, which fails
+    with pytest.raises(ValueError, match="row 3: bad row"):
+        ahead(7)
+    # caller-thread reads: the resume (2), the repeat (4), the jumps back (1) and forward (6);
+    # ahead: 3, 4, 5, then 6 (unused: step 1 came next), 2 and 3 (unused: step 6 came next)
+    assert [s for s, main in log if main] == [2, 4, 1, 6]
+    assert sorted(s for s, main in log if not main) == [2, 3, 3, 4, 5, 6]
+    assert all(s < 8 for s, _ in log)  # never past end_step
+
+
+def test_worker_reads_ahead_the_rows_a_synchronous_read_gives_and_resumes_at_any_step(tmp_path):
+    """PhaseWorker.micro_batches: the read-ahead rows equal a synchronous read of the plan's rows
+    at every step, from a fresh start and from a resume at step k (the first call reads k)."""
+    from wmss_ray.data.chat_tokens import collate
+    from wmss_ray.training.trainer import build_spec
+    from wmss_ray.training.worker import PhaseWorker, init_single_process
+
+    art = make_artifacts(tmp_path / "art")
+    init_single_process()
+    cfg = tiny_cfg(max_steps=6, micro_batch_size=3)
+    spec = build_spec(cfg, "sft", art["strong"], None, art["tokenized"], None, str(tmp_path / "out"), "sft")
+    reader = RowReader(art["tokenized"])
+
+    def synchronous(w, step):
+        rows, mb = reader.rows(w.epoch_rows[spec.plan.rank_step(step, 0)]), spec.plan.micro_batch_size
+        return [collate(rows[a * mb:(a + 1) * mb], w.pad_id) for a in range(spec.plan.grad_accum)]
+
+    for start in (0, 4):  # a fresh run, and a run resumed at step 4
+        w = PhaseWorker(cfg, spec, 0, 1, torch.device("cpu"))
+        for step in range(start, spec.end_step):
+            got, want = w.micro_batches(step), synchronous(w, step)
+            assert len(got) == len(want) == spec.plan.grad_accum
+            for g, x in zip(got, want):
+                assert g.keys() == x.keys() and all(torch.equal(g[k], x[k]) for k in g), (start, step)
+        assert w.step_rows.hits == spec.end_step - start - 1  # every step after the first was read ahead

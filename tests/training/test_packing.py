@@ -106,3 +106,25 @@ def test_packed_steps_equal_padded_steps(artifacts, tmp_path, phase, mode, stage
     sd_pad, sd_pack = padded_w.strong_state_dict(), packed_w.strong_state_dict()  # gathered at ZeRO-3
     for k in sd_pad:  # 1e-4: float reordering, amplified by Adam where gradients are ~0 (see assert_same_weights)
         assert (sd_pad[k] - sd_pack[k]).abs().max() <= 1e-4, k
+
+
+@pytest.mark.parametrize("phase,mode,stage", [("sft", "sft", 0), ("wmss", "joint", 0), ("wmss", "frozen", 3)])
+def test_packed_steps_on_a_varlen_kernel_equal_padded_steps(artifacts, tmp_path, phase, mode, stage):
+    """The real PhaseWorker -> engine -> PairLM path hands pack_rows' boundaries to a varlen
+    kernel (the pure-torch reference: it asserts it got cu_seq_lens and never derives them) in
+    every layer of the strong and the weak model, and the per-step losses equal the padded sdpa
+    run's."""
+    from tests.models import varlen_reference as ref
+
+    steps, grad_accum = 3, 2
+    kw = dict(zero_stage=stage, max_steps=steps, micro_batch_size=4, grad_accum=grad_accum)
+    _, padded = _run_worker(artifacts, tiny_cfg(**kw), phase, mode, steps, tmp_path / "pad")
+    ref.CALLS.clear()
+    worker, packed = _run_worker(artifacts, tiny_cfg(packing=True, **kw), phase, mode, steps, tmp_path / "pack",
+                                 before_steps=lambda w: ref.use_on(w.pair.strong, w.pair.weak))
+    layers = worker.pair.strong.config.num_hidden_layers
+    forwards = steps * grad_accum * (1 if phase == "sft" else 2)  # strong (+ weak) per micro-batch
+    assert ref.CALLS == list(range(layers)) * forwards
+    for key in ("loss", "ce_strong", "grad_norm", "n_tokens"):
+        a, b = [m[key] for m in padded], [m[key] for m in packed]
+        assert np.allclose(a, b, rtol=1e-5, atol=1e-7), (key, a, b)

@@ -103,13 +103,35 @@ def test_packed_request_round_trips_and_answers_like_the_padded_one(art, top_k):
             np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
+def test_packed_request_on_a_varlen_kernel_answers_like_the_padded_one(art):
+    """A packed request reaches a varlen kernel with its rows' boundaries (read from the wire's
+    position_ids on the host) in every layer, and the reply equals the padded request's (sdpa)."""
+    from tests.models import varlen_reference as ref
+
+    rows = RowsById.from_parquet(art["tokenized"])
+    ids = [f"s{i:04d}" for i in range(4)]
+    req = WeakRequest.from_batch(rows.packed(ids), n_exact=3)
+    ref_req = WeakRequest.from_batch(rows.batch(ids, pad_id=0), n_exact=3)
+    want = WeakServer(art["weak"], top_k=8, chunk_size=7).answer(ref_req)
+    server = WeakServer(art["weak"], top_k=8, chunk_size=7)
+    ref.use_on(server.model)
+    ref.CALLS.clear()
+    got = server.answer(req)
+    assert ref.CALLS == list(range(server.model.config.num_hidden_layers))
+    for a, b in zip(got.arrays, want.arrays):
+        if a.dtype == np.int32:
+            assert np.array_equal(a, b)
+        else:
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
 def test_bad_packed_batches_are_refused(art):
     rows = RowsById.from_parquet(art["tokenized"])
     packed = rows.packed(["s0000", "s0001"])
     with pytest.raises(ValueError, match="got both"):
         WeakRequest.from_batch({**packed, "attention_mask": torch.ones_like(packed["input_ids"])})
     with pytest.raises(ValueError, match=r"\[1, L\]"):
-        WeakRequest.from_batch({k: v.repeat(2, 1) for k, v in packed.items()})
+        WeakRequest.from_batch({k: packed[k].repeat(2, 1) for k in ("input_ids", "position_ids", "labels")})
     bad = packed["position_ids"].clone()
     bad[0, 3] += 5  # neither + 1 nor a restart at 0
     with pytest.raises(ValueError, match="restart at 0"):

@@ -24,16 +24,18 @@ step's global row numbers, the reader maps them to Parquet row groups (from the 
 and reads only those row groups' ``input_ids`` / ``labels`` with pyarrow (local paths or
 pyarrow URIs), keeping at most :data:`ROW_GROUP_CACHE_BYTES` of decoded row groups. What a rank
 holds per corpus row is 16 bytes (its epoch-list entry and one permutation), never the tokens;
-what the driver ships to the workers is the plan (seed, sizes) and two paths.
+what the driver ships to the workers is the plan (seed, sizes) and two paths. The worker reads
+step ``s + 1``'s rows in a background thread while step ``s`` trains (:class:`ReadAhead`).
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
+from typing import Callable, Generic, Sequence, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -268,6 +270,42 @@ class RowReader:
                 a, b = offs[i], offs[i + 1]
                 out[j] = {"input_ids": tok[a:b].copy(), "labels": lab[a:b].copy()}
         return out
+
+
+T = TypeVar("T")
+
+
+class ReadAhead(Generic[T]):
+    """``read(step)``, with step ``s + 1`` read in one background thread while step ``s`` runs.
+
+    Calling it with ``step`` returns ``read(step)`` (the read-ahead result when it was for
+    ``step``, else a read now) and starts ``read(step + 1)`` when ``step + 1 < end_step``. The
+    value is the same either way (``read`` is a pure function of the step: the plan and the
+    Parquet), so losses do not change and a resume at step ``k`` simply reads ``k`` now.
+    ``read`` runs in one thread at a time (a :class:`RowReader` is not thread-safe): before
+    reading in the caller's thread, an unused read-ahead is waited for. A read-ahead's error
+    is raised by the call for its step, as a read then would raise it.
+    """
+
+    def __init__(self, read: Callable[[int], T], end_step: int):
+        self._read, self.end_step = read, end_step
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wmss-read-ahead")
+        self._ahead: tuple[int, Future] | None = None  # (step, its read) in flight or done
+        self.hits = 0  # calls answered by the read-ahead (tests, benchmarks)
+
+    def __call__(self, step: int) -> T:
+        ahead = self._ahead
+        if ahead is not None and ahead[0] == step:
+            self._ahead = None
+            value = ahead[1].result()
+            self.hits += 1
+        else:  # a resume, a repeated or out-of-order step: read it here, once the thread is idle
+            if ahead is not None:
+                wait([ahead[1]])
+            value = self._read(step)
+        if step + 1 < self.end_step and (self._ahead is None or self._ahead[0] != step + 1):
+            self._ahead = (step + 1, self._pool.submit(self._read, step + 1))
+        return value
 
 
 def answer_tokens(batch: dict[str, torch.Tensor]) -> int:

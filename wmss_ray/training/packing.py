@@ -10,8 +10,11 @@ the packed format itself and keeps attention inside each row:
   starts wherever the position does not grow by 1) and the causal mask is ANDed with a
   same-row mask (a dense ``[L, L]`` boolean mask, so attention FLOPs are those of ``L``, not of
   the rows: packing pays off in the projections/MLP, and fully only with a varlen kernel);
-- ``flash_attention_2``: ``_is_packed_sequence`` -> ``cu_seqlens`` from the position ids and
-  ``flash_attn_varlen_func`` (no mask, no cross-row work).
+- ``flash_attention_2`` (or any varlen kernel): :func:`pack_rows` also returns the rows'
+  boundaries, ``cu_seq_lens`` and ``max_length``, computed here on the host; ``PairLM`` hands
+  them to the model as transformers' ``FlashAttentionKwargs`` (``models/varlen.py``), so every
+  layer calls ``flash_attn_varlen_func`` with them (no mask, no cross-row work, and no
+  per-layer re-derivation from the position ids with its device-to-host sync).
 
 Labels never cross rows: :class:`~wmss_ray.training.pair.PairLM` shifts (position ``t``
 predicts label ``t + 1``), so the last token of row ``i`` would be scored against the first
@@ -28,14 +31,17 @@ import numpy as np
 import torch
 
 from wmss_ray.losses.constants import IGNORE_INDEX
+from wmss_ray.models.varlen import boundaries_from_lengths
 
 
-def pack_rows(rows: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
+def pack_rows(rows: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, torch.Tensor | int]:
     """Pack tokenised rows ``{input_ids, labels}`` into one sequence.
 
     Returns:
         ``input_ids [1, L]``, ``position_ids [1, L]`` (``0..len_i-1`` per row) and ``labels
-        [1, L]`` (the rows' labels, with each row's first label -100), all int64, ``L = sum(len)``.
+        [1, L]`` (the rows' labels, with each row's first label -100), all int64, ``L = sum(len)``;
+        ``cu_seq_lens`` int32 ``[n_rows + 1]`` (the rows' boundaries, ``0 .. L``) and
+        ``max_length`` (the longest row, a python int) for a varlen attention kernel.
 
     Raises:
         ValueError: no rows, an empty row, or a row whose labels differ in length from its ids.
@@ -52,9 +58,11 @@ def pack_rows(rows: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, torch.Te
         ids.append(x)
         labels.append(y)
         pos.append(np.arange(len(x), dtype=np.int64))
+    cu_seq_lens, max_length = boundaries_from_lengths([len(x) for x in ids])
     return {"input_ids": torch.from_numpy(np.concatenate(ids))[None],
             "position_ids": torch.from_numpy(np.concatenate(pos))[None],
-            "labels": torch.from_numpy(np.concatenate(labels))[None]}
+            "labels": torch.from_numpy(np.concatenate(labels))[None],
+            "cu_seq_lens": cu_seq_lens, "max_length": max_length}
 
 
 def padding_fraction(lengths: Sequence[int], micro_batch_size: int) -> float:

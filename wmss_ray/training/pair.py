@@ -23,6 +23,7 @@ from wmss_ray.losses.positions import answer_positions
 from wmss_ray.losses.stats import LossStats
 from wmss_ray.losses.weak_side import WeakLogProbs, truncation_error
 from wmss_ray.models.loading import output_head
+from wmss_ray.models.varlen import attention_kwargs
 
 
 class PairLM(nn.Module):
@@ -72,18 +73,25 @@ class PairLM(nn.Module):
     # same submodule twice would give ZeRO-3 two owners for its parameters.
     @staticmethod
     def _hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                position_ids: torch.Tensor | None, pos: torch.Tensor) -> torch.Tensor:
-        """Final hidden states (after the final norm) of the flat positions ``pos [N]``: ``[N, D]``."""
+                position_ids: torch.Tensor | None, pos: torch.Tensor, cu_seq_lens: torch.Tensor | None = None,
+                max_length: int | None = None) -> torch.Tensor:
+        """Final hidden states (after the final norm) of the flat positions ``pos [N]``: ``[N, D]``.
+
+        ``cu_seq_lens [n_rows + 1]`` int32, ``max_length``: a packed batch's boundaries, passed to
+        the decoder as ``FlashAttentionKwargs`` when its kernel takes them (``models/varlen.py``);
+        mask-path kernels (sdpa, eager) keep rows apart from ``position_ids`` instead."""
         decoder, _ = output_head(model)
+        varlen = attention_kwargs(model, cu_seq_lens, max_length)
         h = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    use_cache=False).last_hidden_state  # [B, T, D]
+                    use_cache=False, **varlen).last_hidden_state  # [B, T, D]
         return h.reshape(-1, h.shape[-1]).index_select(0, pos)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
                 num_tokens: float, loss_scale: float = 1.0, position_ids: torch.Tensor | None = None,
                 weak_logp: WeakLogProbs | None = None,
                 exact: tuple[torch.Tensor, torch.Tensor] | None = None,
-                answer_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, LossStats]:
+                answer_pos: torch.Tensor | None = None, cu_seq_lens: torch.Tensor | None = None,
+                max_length: int | None = None) -> tuple[torch.Tensor, LossStats]:
         """Mixed CE of one micro-batch, padded or packed, in every placement.
 
         Args:
@@ -102,6 +110,9 @@ class PairLM(nn.Module):
             answer_pos: ``losses.positions.answer_positions(labels)`` ``[N]`` on this device, as
                 the worker computes it on the host from the collated batch; None: computed here
                 from the device labels, one device-to-host sync.
+            cu_seq_lens, max_length: a packed micro-batch's row boundaries (``int32 [n_rows + 1]``
+                on this device) and longest row (an int), as ``pack_rows`` computes them on the
+                host; handed to varlen attention kernels (flash-attention 2), unused by sdpa/eager.
 
         Returns:
             ``(loss, stats)``: 0-dim loss ``sum(token CE) / num_tokens * loss_scale`` and the
@@ -113,7 +124,8 @@ class PairLM(nn.Module):
         # device-to-host sync per use).  pos, y: [N]
         pos = answer_positions(labels) if answer_pos is None else answer_pos
         y = labels.reshape(-1).index_select(0, pos + 1)
-        h_s = self._hidden(self.strong, input_ids, attention_mask, position_ids, pos)  # [N, D_s]
+        varlen = dict(cu_seq_lens=cu_seq_lens, max_length=max_length)
+        h_s = self._hidden(self.strong, input_ids, attention_mask, position_ids, pos, **varlen)  # [N, D_s]
         w_s = output_head(self.strong)[1]  # [V, D_s]
         # every row is an answer row: the loss need not look for them on the device
         sizing = dict(chunk_size=self.chunk_size, num_tokens=num_tokens, return_stats=True, chunk_mb=self.chunk_mb,
@@ -129,9 +141,9 @@ class PairLM(nn.Module):
         if self.weak is not None and self.lam != 1.0:
             if self.mode == "frozen":
                 with torch.no_grad():
-                    h_w = self._hidden(self.weak, input_ids, attention_mask, position_ids, pos)  # [N, D_w]
+                    h_w = self._hidden(self.weak, input_ids, attention_mask, position_ids, pos, **varlen)  # [N, D_w]
             else:
-                h_w = self._hidden(self.weak, input_ids, attention_mask, position_ids, pos)
+                h_w = self._hidden(self.weak, input_ids, attention_mask, position_ids, pos, **varlen)
             w_w = output_head(self.weak)[1]  # [V, D_w]
         loss, stats = chunked_mixed_ce(h_s, w_s, h_w, w_w, y, self.lam, **sizing)
         return loss * loss_scale, stats

@@ -25,7 +25,8 @@ import torch
 
 from wmss_ray.config.schema import WMSSConfig
 from wmss_ray.data.chat_tokens import collate
-from wmss_ray.training.dataset import DataPlan, RowReader, answer_tokens, input_tokens, read_epoch_rows
+from wmss_ray.training.dataset import (DataPlan, ReadAhead, RowReader, answer_tokens, input_tokens,
+                                       read_epoch_rows)
 from wmss_ray.losses.positions import answer_positions
 from wmss_ray.losses.stats import LossStats
 from wmss_ray.training.metrics import all_reduce_stats, all_reduce_sum, is_log_step, pool_metrics, step_metrics
@@ -133,6 +134,8 @@ class PhaseWorker:
         if len(self.epoch_rows) != spec.plan.n_per_epoch:
             raise ValueError(f"{spec.epoch_rows_path} has {len(self.epoch_rows)} rows, the plan {spec.plan.n_per_epoch}")
         self.reader = RowReader(spec.tokenized_path)
+        # step s + 1's rows are read in a background thread while step s trains (same rows)
+        self.step_rows = ReadAhead(self._read_step_rows, spec.end_step)
         self.pool = self._pooled_weak_side(pool_handles) if self.pooled else None
         # [start, stop) step ranges trained by earlier processes of this run (from the checkpoint),
         # and where this process started: each checkpoint records them (checkpointing.check_trained_all_steps)
@@ -154,12 +157,17 @@ class PhaseWorker:
 
     # ------------------------------------------------------------------ data
 
-    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+    def _read_step_rows(self, step: int) -> list[dict]:
+        """This rank's ``grad_accum * micro_batch_size`` tokenised rows of ``step``: one read."""
+        return self.reader.rows(self.epoch_rows[self.spec.plan.rank_step(step, self.rank)])
+
+    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor | int]]:
         """The ``grad_accum`` micro-batches of this rank for optimizer step ``step``: padded
         ``{input_ids, attention_mask, labels} [B, T]``, or packed ``{input_ids, position_ids,
-        labels} [1, L]`` with ``training.packing`` (same rows either way)."""
+        labels} [1, L]`` (+ ``cu_seq_lens [n_rows + 1]``, ``max_length``) with
+        ``training.packing`` (same rows either way). The rows were read ahead during step - 1."""
         plan = self.spec.plan
-        rows = self.reader.rows(self.epoch_rows[plan.rank_step(step, self.rank)])  # one read per step
+        rows = self.step_rows(step)
         mb = plan.micro_batch_size
         groups = [rows[a * mb:(a + 1) * mb] for a in range(plan.grad_accum)]
         if self.cfg.training.packing:
@@ -200,7 +208,7 @@ class PhaseWorker:
         for i, b in enumerate(mbs):
             # the answer positions found on the host, from the collated batch: no device sync
             b = {**b, "answer_pos": answer_positions(b["labels"])}
-            b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
+            b = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
             loss, mb_stats = self._forward(b, step, i, n_global, loss_scale)
             self.engine.backward(loss)
             if i == len(mbs) - 1 and self._own_grad_norm:
@@ -225,13 +233,15 @@ class PhaseWorker:
     def _forward(self, b: dict[str, torch.Tensor], step: int, a: int, num_tokens: float,
                  loss_scale: float) -> tuple[torch.Tensor, LossStats]:
         """The engine's ``(loss, stats)`` of micro-batch ``a`` of ``step``: padded
-        ``{input_ids, attention_mask, labels}`` or packed ``{input_ids, position_ids, labels}``;
+        ``{input_ids, attention_mask, labels}`` or packed ``{input_ids, position_ids, labels,
+        cu_seq_lens, max_length}`` (the boundaries go to varlen kernels: ``PairLM._hidden``);
         under ``mix.placement: pool`` with the pool's reply for it (and its transfer costs)."""
         reply = self.pool.reply(step, a) if self.pool else None
         pool_in = dict(weak_logp=reply.weak, exact=reply.exact) if reply else {}
         loss, stats = self.engine(b["input_ids"], b.get("attention_mask"), b["labels"], num_tokens=num_tokens,
                                   loss_scale=loss_scale, position_ids=b.get("position_ids"),
-                                  answer_pos=b.get("answer_pos"), **pool_in)
+                                  answer_pos=b.get("answer_pos"), cu_seq_lens=b.get("cu_seq_lens"),
+                                  max_length=b.get("max_length"), **pool_in)
         if reply:
             stats.add_pool_reply(reply.nbytes, reply.wait_s)
         return loss, stats

@@ -8,8 +8,9 @@ the forward) over the *current default* ``torch.distributed`` process group, whi
 :meth:`WeakServer.answer` the same number of times (ZeRO-3's gathers are collectives).
 
 A packed request (``[1, L]`` with ``position_ids``, no mask) is forwarded as
-``training.pair.PairLM._hidden`` forwards the strong model: transformers keeps attention inside
-each row from the position ids.
+``training.pair.PairLM._hidden`` forwards the strong model: sdpa/eager keep attention inside
+each row from the position ids; a varlen kernel (flash-attention 2) gets the rows' boundaries,
+read from the position ids on the host (``models/varlen.py``).
 
 The logits are computed chunk by chunk over the answer positions (``[chunk, V]`` at a time),
 as the training loss does; only the reply's arrays are ``[N, ...]``.
@@ -157,18 +158,22 @@ class WeakServer:
     @torch.no_grad()
     def _reply(self, req: WeakRequest) -> WeakReply:
         from wmss_ray.models.loading import output_head
+        from wmss_ray.models.varlen import attention_kwargs, boundaries_from_position_ids
 
         ids = torch.from_numpy(req.input_ids.astype(np.int64)).to(self.device)  # [B, T] (a copy: writable)
         b, t = ids.shape
+        varlen = {}
         if req.packed:  # [1, L], no mask: the decoder keeps attention inside each row (as PairLM._hidden)
             mask, position_ids = None, torch.from_numpy(req.position_ids.astype(np.int64)).to(self.device)
+            cu_seq_lens, max_length = boundaries_from_position_ids(req.position_ids)  # host numpy: no sync
+            varlen = attention_kwargs(self.model, cu_seq_lens.to(self.device), max_length)
         else:
             mask = (torch.arange(t, device=self.device).unsqueeze(0)
                     < torch.from_numpy(req.lengths.astype(np.int64)).to(self.device).unsqueeze(1)).long()
             position_ids = None
         decoder, _ = output_head(self.model)
         hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                         use_cache=False).last_hidden_state  # [B, T, D]
+                         use_cache=False, **varlen).last_hidden_state  # [B, T, D]
         pos = torch.from_numpy(req.positions.astype(np.int64)).to(self.device)
         h = hidden.reshape(b * t, -1).index_select(0, pos)  # [N, D]
         labels = torch.from_numpy(req.labels.astype(np.int64)).to(self.device)  # [N]
