@@ -27,3 +27,14 @@ class RowsById:
     def packed(self, ids: list[str]) -> dict[str, torch.Tensor]:
         """``{input_ids, position_ids, labels} [1, L]`` of the same rows (``training.packing``)."""
         return pack_rows(self.reader.rows([self.row_of[i] for i in ids]))
+
+
+def assert_same_reply(got, want) -> None:
+    """Two ``WeakReply``s carry the same answer: top-k ids exactly, log-probs within 1e-5."""
+    import numpy as np
+
+    for a, b in zip(got.arrays, want.arrays, strict=True):
+        if a.dtype == np.int32:
+            assert np.array_equal(a, b)  # top-k ids
+        else:
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.training.test_training_units import make_artifacts
-from tests.weak_pool.rows import RowsById
+from tests.weak_pool.rows import RowsById, assert_same_reply
 from wmss_ray.losses.weak_side import dense_weak_logp
 from wmss_ray.weak_pool.server import WeakServer, checkpoint_id
 from wmss_ray.weak_pool.wire import WeakRequest, reply_bytes, request_bytes
@@ -96,11 +96,7 @@ def test_packed_request_round_trips_and_answers_like_the_padded_one(art, top_k):
     server = WeakServer(art["weak"], top_k=top_k, chunk_size=7)
     reply, ref = server.answer(req), server.answer(ref_req)
     assert reply.nbytes == ref.nbytes == reply_bytes(n, top_k, reply.vocab, n_exact=5)
-    for got, want in zip(reply.arrays, ref.arrays):
-        if got.dtype == np.int32:
-            assert np.array_equal(got, want)  # top-k ids
-        else:
-            np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert_same_reply(reply, ref)
 
 
 def test_packed_request_on_a_varlen_kernel_answers_like_the_padded_one(art):

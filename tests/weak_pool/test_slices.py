@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.training.test_training_units import make_artifacts
-from tests.weak_pool.rows import RowsById
+from tests.weak_pool.rows import RowsById, assert_same_reply
 from wmss_ray.weak_pool.server import WeakServer
 from wmss_ray.weak_pool.slices import cut_points, merge_replies, split_request
 from wmss_ray.weak_pool.wire import WeakReply, WeakRequest
@@ -60,11 +60,7 @@ def test_merged_slices_answer_like_the_whole_request(art, server, packed, n_rows
             assert s.input_ids.shape[1] == s.lengths.max()
     merged = merge_replies([server.answer(s) for s in real])
     assert merged.nbytes == whole.nbytes and merged.checkpoint_id == whole.checkpoint_id
-    for got, want in zip(merged.arrays, whole.arrays):
-        if got.dtype == np.int32:
-            assert np.array_equal(got, want)  # top-k ids
-        else:
-            np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert_same_reply(merged, whole)
 
 
 def test_one_slice_is_the_request_itself(art):
