@@ -165,7 +165,7 @@ def part_steps(s: Setup, out_dir: str) -> tuple[dict, list[str]]:
                      f"{r['plan_gib']:.1f} |")
     lines += ["", "WMSS / SFT step time (ideal: frozen 1.33, joint 2.0):", ""]
     by = {r["label"]: r for r in rows}
-    for z, suffix in ((3, " ckpt (shipped)"), (2, ""), (1, "")):
+    for z, suffix in ((1, ""), (2, ""), (2, " ckpt"), (3, " ckpt")):
         sft = by.get(f"sft z{z}{suffix}")
         for mode in ("frozen", "joint"):
             r = by.get(f"{mode} z{z}{suffix}")
