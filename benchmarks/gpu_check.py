@@ -88,7 +88,7 @@ def make_setup(a, root: str) -> Setup:
 def dry_run(a) -> int:
     """Build and validate what the GPU run would (configs as for a GPU, shapes on the meta device,
     DeepSpeed configs, ``wmss plan`` figures) and print the plan; no CUDA call is made."""
-    from gpu_check_parts import n_params, plan_gib
+    from gpu_check_steps import n_params, plan_gib
 
     from wmss_ray.training.ds_config import build_ds_config
 
