@@ -19,7 +19,8 @@ import pytest
 from wmss_ray.config.loading import load_config
 from wmss_ray.io import storage
 from wmss_ray.pipeline import build_phases, run_pipeline
-from wmss_ray.training.trainer import FAULT_ENV, RUN_NAME
+from wmss_ray.training.rank_loop import RUN_NAME
+from wmss_ray.training.trainer import FAULT_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration

@@ -23,9 +23,11 @@ from tests.training.test_training_units import (
     reference_run,
     tiny_cfg,
 )
+from tests.training.controller_probe import ControllerImports
 from wmss_ray.io.files import read_metrics
 from wmss_ray.training.metrics import METRIC_KEYS
-from wmss_ray.training.trainer import FAULT_ENV, INTERIM_MODEL, train_phase
+from wmss_ray.training.rank_loop import INTERIM_MODEL
+from wmss_ray.training.trainer import FAULT_ENV, train_phase
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -58,13 +60,14 @@ def art_tied(tmp_path_factory):
 def sft_zero0(ray_cluster, art, tmp_path_factory):
     staging = tmp_path_factory.mktemp("staging") / "ckpt"  # made by the workers, where they stage
     cfg = _cfg(0, staging_dir=str(staging))
+    probe = tmp_path_factory.mktemp("probe") / "controller.json"
     res = train_phase(cfg, "sft", art["strong"], None, art["tokenized"], None,
-                      str(tmp_path_factory.mktemp("sft_z0")))
-    return cfg, res
+                      str(tmp_path_factory.mktemp("sft_z0")), callbacks=[ControllerImports(str(probe))])
+    return cfg, res, json.loads(probe.read_text())
 
 
 def test_sft_zero0_matches_reference_logs_and_exports(sft_zero0, art):
-    cfg, res = sft_zero0
+    cfg, res, _ = sft_zero0
     assert res.steps == res.total_steps == STEPS
     metrics = read_metrics(res.metrics_path)
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
@@ -90,7 +93,7 @@ def test_sft_zero0_matches_reference_logs_and_exports(sft_zero0, art):
 def test_sft_twice_gives_bit_identical_weights(sft_zero0, art, tmp_path):
     """Same seed, same config, same machine: a second SFT run (2 DeepSpeed workers on Ray Train)
     exports the same weights bit for bit and logs the same losses and gradient norms."""
-    cfg, first = sft_zero0
+    cfg, first, _ = sft_zero0
     again = train_phase(cfg, "sft", art["strong"], None, art["tokenized"], None, str(tmp_path / "again"))
     from safetensors.torch import load_file
 
@@ -99,6 +102,13 @@ def test_sft_twice_gives_bit_identical_weights(sft_zero0, art, tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     ma, mb = read_metrics(first.metrics_path), read_metrics(again.metrics_path)
     assert [(m["loss"], m["grad_norm"]) for m in ma] == [(m["loss"], m["grad_norm"]) for m in mb]
+
+
+def test_the_controller_of_a_run_never_imports_transformers_or_deepspeed(sft_zero0):
+    """Ray Train's controller unpickles the train function and its config: both are light
+    (``training/ray_worker.py``), so the models' libraries load on the workers only (before, they
+    loaded in the controller of every run too: CPU-s of imports and their memory)."""
+    assert sft_zero0[2] == {"heavy": []}
 
 
 def _joint(stage: int, paths: dict, out: str, **kw):

@@ -136,7 +136,8 @@ def _wmss_chunks(seeds: list[_Seed], rows: list[dict[str, Any]], report: Report)
     the rest (resuming from the last checkpoint)."""
     from wmss_ray.pipeline import run_pipeline
     from wmss_ray.sweep.reports import trial_report
-    from wmss_ray.training.trainer import INTERIM_MODEL, build_spec
+    from wmss_ray.training.rank_loop import INTERIM_MODEL
+    from wmss_ray.training.trainer import build_spec
 
     cfg = seeds[0].cfg  # a swept dedup can draw another number of samples per seed: chunk to the shortest
     total = min(build_spec(s.cfg, "wmss", **s.train_args()).plan.total_steps for s in seeds)
@@ -157,7 +158,7 @@ def _wmss_one_run(seed: _Seed, rows: list[dict[str, Any]], report: Report, to_tu
     ``rows``: to Tune as it goes (``to_tune``), else to ``report`` in step order at the end."""
     from wmss_ray.pipeline import run_pipeline
     from wmss_ray.sweep.reports import ValidationToTune, trial_report
-    from wmss_ray.training.trainer import INTERIM_MODEL
+    from wmss_ray.training.rank_loop import INTERIM_MODEL
     from wmss_ray.training.validation import ValidationPoints, write_rows
 
     rows_path = str(seed.dir / "validation_rows.jsonl")

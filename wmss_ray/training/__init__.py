@@ -1,3 +1,4 @@
 """Phase 1 (SFT) and phase 2B (WMSS) on Ray Train + DeepSpeed (docs/TRAINING.md): ``trainer``
-(``train_phase``, the Ray edge), ``worker`` (one rank's step, plain code), ``pair``, ``dataset``,
-``packing``, ``ds_config``, ``schedule``, ``checkpointing``, ``metrics``, ``validation``."""
+(``train_phase``, the driver), ``ray_worker`` (the function Ray Train runs), ``rank_loop`` (one
+rank's phase, plain code), ``worker`` (one rank's step), ``pair``, ``dataset``, ``packing``,
+``ds_config``, ``schedule``, ``checkpointing``, ``metrics``, ``validation``."""

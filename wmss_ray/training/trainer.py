@@ -2,7 +2,8 @@
 
 The driver validates the inputs (weak/strong compatibility first, so a mismatch fails before any
 worker starts), computes the data plan, and runs a ``TorchTrainer`` whose workers run
-:func:`train_loop_per_worker`: the Ray edge around the plain :class:`~.worker.PhaseWorker`.
+``ray_worker.train_loop_per_worker``: the Ray edge around ``rank_loop.run_rank``, one rank's
+plain loop over :class:`~.worker.PhaseWorker`.
 
 Run storage: Ray Train's ``RunConfig(storage_path=<out_dir>, name="ray_train")``, so checkpoints
 are ``<out_dir>/ray_train/checkpoint_<step>/``; re-running ``train_phase`` on the same
@@ -24,10 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import tempfile
-import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,13 +41,11 @@ from wmss_ray.training.checkpointing import (
     staging_dir,
 )
 from wmss_ray.training.dataset import EPOCH_ROWS_FILE, DataPlan, write_epoch_rows
-from wmss_ray.training.metrics import is_log_step
-from wmss_ray.training.validation import ValidationPoints, validate_on_ranks
+from wmss_ray.training.rank_loop import RUN_NAME
+from wmss_ray.training.ray_worker import phase_config, train_loop_per_worker
+from wmss_ray.training.validation import ValidationPoints
 from wmss_ray.training.worker import PhaseSpec
 
-RUN_NAME = "ray_train"
-#: Where ``export_at_stop`` puts the model of a stopped (not finished) run, overwritten each time.
-INTERIM_MODEL = "interim_model"
 #: Test hook: ``"<rank>:<step>"`` makes that rank SIGKILL itself once, after that optimizer step.
 FAULT_ENV = "WMSS_TRAIN_FAULT_KILL"
 
@@ -135,114 +130,6 @@ def build_spec(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | N
                      export_at_stop=export_at_stop, validation=validation, fault=fault)
 
 
-# ----------------------------------------------------------------------------- Ray worker
-
-
-def _maybe_inject_fault(spec: PhaseSpec, rank: int, done: int, checkpointed: bool) -> None:
-    """Test hook: SIGKILL this process once (a marker file makes the restarted worker pass).
-
-    After a checkpoint step it first waits (up to 60 s) until Ray Train's controller has recorded
-    that checkpoint in its snapshot: a worker killed at once races the controller's next poll,
-    and a checkpoint the controller never registered is not restored (Ray Train V2)."""
-    if not spec.fault or spec.fault["rank"] != rank or spec.fault["step"] != done:
-        return
-    marker = storage.join(spec.out_dir, ".fault_injected")
-    if storage.exists(marker):
-        return
-    snapshot = storage.join(spec.out_dir, RUN_NAME, "checkpoint_manager_snapshot.json")
-    deadline = time.monotonic() + 60
-    while checkpointed and time.monotonic() < deadline and not (
-            storage.exists(snapshot) and f"checkpoint_{done:06d}" in storage.read_text(snapshot)):
-        time.sleep(0.1)
-    storage.write_text(marker, str(os.getpid()))
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _log_worker(spec: PhaseSpec, record: dict[str, Any]) -> None:
-    """Append to ``<out_dir>/workers.jsonl``: which process ran which rank from which step, timings.
-
-    On object storage (no appends: read + rewrite) each rank has its own ``workers_rank<r>.jsonl``
-    so that ranks never overwrite each other's lines.
-    """
-    name = f"workers_rank{record['rank']}.jsonl" if storage.is_remote(spec.out_dir) else "workers.jsonl"
-    storage.append_text(storage.join(spec.out_dir, name), json.dumps(record) + "\n")
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker: resume if a checkpoint exists, train to the end step, checkpoint, export."""
-    import ray.train
-    import ray.train.torch
-    import torch
-    from ray.train import Checkpoint
-
-    from wmss_ray.training.metrics import MetricsWriter
-    from wmss_ray.training.worker import PhaseWorker
-
-    warnings.filterwarnings("ignore", message=".*is deprecated. Please use `torch.distributed.*")
-    timings: dict[str, float] = {}
-    last = [time.perf_counter()]
-
-    def lap(name: str) -> None:  # seconds since the previous lap
-        now = time.perf_counter()
-        timings[name], last[0] = round(now - last[0], 3), now
-
-    cfg: WMSSConfig = config["cfg"]
-    spec: PhaseSpec = config["spec"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
-    worker = PhaseWorker(cfg, spec, rank, world, device, pool_handles=config.get("pool"))
-    lap("init")
-
-    start = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            start = worker.load(ckpt_dir)
-    end = spec.end_step
-    _log_worker(spec, {"event": "start", "rank": rank, "pid": os.getpid(), "start_step": start})
-    lap("resume")
-    writer = MetricsWriter(spec.out_dir, start) if rank == 0 else None
-    t = cfg.training
-    try:
-        for step in range(start, end):
-            metrics = worker.train_step(step)
-            done = step + 1
-            log = is_log_step(done, t.log_every, end)
-            validate = spec.validation is not None and spec.validation.due(done, spec.plan.total_steps)
-            # a validation point is also a checkpoint: a restarted trial resumes after its last report
-            ckpt = done == end or validate or (t.checkpoint_every and done % t.checkpoint_every == 0)
-            if writer is not None and log:
-                writer.write(metrics)
-                if metrics.get("trunc_warning"):
-                    warnings.warn(f"step {done}: weak top-k truncation may move the loss by up to "
-                                  f"{metrics['trunc_bound']:.3g} nats/token (> mix.pool.error_warn "
-                                  f"{cfg.mix.pool.error_warn}); raise mix.pool.top_k", stacklevel=1)
-            if validate:
-                metrics = {**metrics, **_validate_in_run(worker, cfg, spec, done, rank, world, device)}
-            if ckpt:
-                with tempfile.TemporaryDirectory(prefix=f"wmss-ckpt-r{rank}-", dir=staging_dir(t.staging_dir)) as tmp:
-                    worker.save(tmp, done, metrics["samples_seen"])
-                    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
-                                     checkpoint_dir_name=f"checkpoint_{done:06d}")
-            elif log:
-                ray.train.report(metrics)
-            _maybe_inject_fault(spec, rank, done, checkpointed=bool(ckpt))
-        lap("train")
-        if end == spec.plan.total_steps:
-            _export(worker, spec.out_dir, rank)
-        elif spec.export_at_stop:  # a tune trial evaluates the model between chunks of its phase
-            _export(worker, spec.out_dir, rank, INTERIM_MODEL)
-        lap("export")
-        import resource
-
-        _log_worker(spec, {"event": "end", "rank": rank, "pid": os.getpid(), "end_step": end, "seconds": timings,
-                           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
-    finally:
-        if writer is not None:
-            writer.close()
-
-
 def checkpoint_states(out_dir: str) -> list[tuple[str, dict[str, Any]]]:
     """``(checkpoint dir, trainer state)`` of every Ray Train checkpoint under ``<out_dir>/ray_train``."""
     states = []
@@ -251,40 +138,6 @@ def checkpoint_states(out_dir: str) -> list[tuple[str, dict[str, Any]]]:
         states.append((storage.redact(where), json.loads(storage.read_text(path))))
     return states
 
-
-def _export(worker: Any, out_dir: str, rank: int, name: str = "model") -> None:
-    """Export the strong model to ``<out_dir>/<name>`` (collective); remote: via a local temp dir.
-
-    Rank 0 alone writes (or uploads) the directory; every rank returns only once it is complete,
-    so that whatever reads it next on any rank (in-run validation) finds the whole new model,
-    not a missing, half-written or previous one.
-    """
-    if not storage.is_remote(out_dir):
-        worker.export(os.path.join(out_dir, name))
-    else:
-        with tempfile.TemporaryDirectory(prefix=f"wmss-export-r{rank}-",
-                                         dir=staging_dir(worker.cfg.training.staging_dir)) as tmp:
-            written = worker.export(os.path.join(tmp, name))
-            if rank == 0 and written:
-                storage.upload_dir(written, storage.join(out_dir, name))
-    _barrier()
-
-
-def _barrier() -> None:
-    """Wait for every rank (no-op outside an initialised process group)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _validate_in_run(worker: Any, cfg: WMSSConfig, spec: PhaseSpec, done: int, rank: int, world: int,
-                     device: Any) -> dict[str, Any]:
-    """A validation point (collective): export the strong model to ``<out_dir>/interim_model``,
-    then validate it on every rank (``validation.validate_on_ranks``); returns its metrics."""
-    _export(worker, spec.out_dir, rank, INTERIM_MODEL)  # returns when rank 0's files are complete
-    return validate_on_ranks(cfg, spec.validation, storage.join(spec.out_dir, INTERIM_MODEL), done, rank, world,
-                             device)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -371,7 +224,7 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
         resources["GPU"] = sc.gpus_per_worker or 1.0
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "spec": spec, "pool": pool.handles if pool else None},
+        train_loop_config=phase_config(cfg, spec, pool.handles if pool else None),
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(

@@ -1,4 +1,4 @@
-"""The trainer's validation point on 2 gloo ranks: every rank validates the model just exported.
+"""The rank loop's validation point on 2 gloo ranks: every rank validates the model just exported.
 
 Rank 0 alone writes ``interim_model/``; the other ranks read it right after. Here rank 0's
 export is slow (it starts writing only once rank 1 has read the directory, or after 2 s) and
@@ -45,7 +45,7 @@ class _SlowExport:
 def _rank(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from wmss_ray.training import trainer
+    from wmss_ray.training import rank_loop
 
     rank1_read = Path(out, "rank1_read")
 
@@ -57,21 +57,21 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
         dist.all_gather_object(gathered, seen)  # collective, as the real one
         return {"seen": gathered, "step": step}
 
-    trainer.validate_on_ranks = validate_on_ranks
+    rank_loop.validate_on_ranks = validate_on_ranks
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if dist.is_initialized():  # forked from a session whose own tests made a 1-rank group
         dist.destroy_process_group()
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         spec = SimpleNamespace(out_dir=out, validation=None)
-        metrics = trainer._validate_in_run(_SlowExport(rank, rank1_read), None, spec, STEP, rank, world, "cpu")
+        metrics = rank_loop.validate_in_run(_SlowExport(rank, rank1_read), None, spec, STEP, rank, world, "cpu")
         Path(out, f"rank{rank}.json").write_text(json.dumps(metrics))
     finally:
         dist.destroy_process_group()
 
 
 def test_every_rank_validates_the_model_rank_0_is_still_exporting(tmp_path):
-    from wmss_ray.training.trainer import INTERIM_MODEL  # imported here, before the ranks fork
+    from wmss_ray.training.rank_loop import INTERIM_MODEL  # imported here, before the ranks fork
 
     (tmp_path / INTERIM_MODEL).mkdir()
     (tmp_path / INTERIM_MODEL / WEIGHTS).write_text("step 0")  # the previous validation point's model

@@ -1,0 +1,166 @@
+"""One rank's whole phase: resume, the step loop, checkpoints, in-run validation, export. No Ray.
+
+:func:`run_rank` is what every training worker runs. Ray Train's worker function
+(``ray_worker.train_loop_per_worker``) calls it with Ray's checkpoint and report; tests run it
+on forked gloo ranks with a plain directory for both (the same loop, without a worker-group
+start-up per run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from wmss_ray.config.schema import WMSSConfig
+from wmss_ray.io import storage
+from wmss_ray.training.checkpointing import staging_dir
+from wmss_ray.training.metrics import MetricsWriter, is_log_step
+from wmss_ray.training.validation import validate_on_ranks
+from wmss_ray.training.worker import PhaseSpec, PhaseWorker
+
+#: Ray Train's run name: checkpoints are ``<out_dir>/ray_train/checkpoint_<step>/``.
+RUN_NAME = "ray_train"
+#: Where ``export_at_stop`` puts the model of a stopped (not finished) run, overwritten each time.
+INTERIM_MODEL = "interim_model"
+
+#: ``report(metrics, checkpoint_dir, checkpoint_name)``: hand a step's metrics (and, at a
+#: checkpoint step, the directory just saved and its name ``checkpoint_<step:06d>``) to whoever
+#: runs the rank; the directory is deleted when it returns.
+Report = Callable[[dict[str, Any], "str | None", "str | None"], None]
+
+
+def run_rank(cfg: WMSSConfig, spec: PhaseSpec, rank: int, world: int, device: Any, *,
+             report: Report, resume_dir: Callable[[], Any] | None = None,
+             pool_handles: list | None = None) -> None:
+    """Train ``spec``'s phase on this rank, from its last checkpoint to ``spec.end_step``.
+
+    Needs an initialised ``torch.distributed`` group of ``world`` ranks (all run this call).
+    ``resume_dir``: a context manager factory yielding the checkpoint directory to resume from
+    (None: start at step 0). Rank 0 writes ``metrics.jsonl``; every rank appends its start/end
+    to ``workers.jsonl``; the finished run exports ``<out_dir>/model``.
+    """
+    warnings.filterwarnings("ignore", message=".*is deprecated. Please use `torch.distributed.*")
+    timings: dict[str, float] = {}
+    last = [time.perf_counter()]
+
+    def lap(name: str) -> None:  # seconds since the previous lap
+        now = time.perf_counter()
+        timings[name], last[0] = round(now - last[0], 3), now
+
+    worker = PhaseWorker(cfg, spec, rank, world, device, pool_handles=pool_handles)
+    lap("init")
+    start = 0
+    if resume_dir is not None:
+        with resume_dir() as ckpt_dir:
+            start = worker.load(ckpt_dir)
+    end = spec.end_step
+    _log_worker(spec, {"event": "start", "rank": rank, "pid": os.getpid(), "start_step": start})
+    lap("resume")
+    writer = MetricsWriter(spec.out_dir, start) if rank == 0 else None
+    t = cfg.training
+    try:
+        for step in range(start, end):
+            metrics = worker.train_step(step)
+            done = step + 1
+            log = is_log_step(done, t.log_every, end)
+            validate = spec.validation is not None and spec.validation.due(done, spec.plan.total_steps)
+            # a validation point is also a checkpoint: a restarted trial resumes after its last report
+            ckpt = done == end or validate or (t.checkpoint_every and done % t.checkpoint_every == 0)
+            if writer is not None and log:
+                writer.write(metrics)
+                if metrics.get("trunc_warning"):
+                    warnings.warn(f"step {done}: weak top-k truncation may move the loss by up to "
+                                  f"{metrics['trunc_bound']:.3g} nats/token (> mix.pool.error_warn "
+                                  f"{cfg.mix.pool.error_warn}); raise mix.pool.top_k", stacklevel=1)
+            if validate:
+                metrics = {**metrics, **validate_in_run(worker, cfg, spec, done, rank, world, device)}
+            if ckpt:
+                with tempfile.TemporaryDirectory(prefix=f"wmss-ckpt-r{rank}-", dir=staging_dir(t.staging_dir)) as tmp:
+                    worker.save(tmp, done, metrics["samples_seen"])
+                    report(metrics, tmp, f"checkpoint_{done:06d}")
+            elif log:
+                report(metrics, None, None)
+            _maybe_inject_fault(spec, rank, done, checkpointed=bool(ckpt))
+        lap("train")
+        if end == spec.plan.total_steps:
+            export_model(worker, spec.out_dir, rank)
+        elif spec.export_at_stop:  # a tune trial evaluates the model between chunks of its phase
+            export_model(worker, spec.out_dir, rank, INTERIM_MODEL)
+        lap("export")
+        _log_worker(spec, {"event": "end", "rank": rank, "pid": os.getpid(), "end_step": end, "seconds": timings,
+                           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def export_model(worker: Any, out_dir: str, rank: int, name: str = "model") -> None:
+    """Export the strong model to ``<out_dir>/<name>`` (collective); remote: via a local temp dir.
+
+    Rank 0 alone writes (or uploads) the directory; every rank returns only once it is complete,
+    so that whatever reads it next on any rank (in-run validation) finds the whole new model,
+    not a missing, half-written or previous one.
+    """
+    if not storage.is_remote(out_dir):
+        worker.export(os.path.join(out_dir, name))
+    else:
+        with tempfile.TemporaryDirectory(prefix=f"wmss-export-r{rank}-",
+                                         dir=staging_dir(worker.cfg.training.staging_dir)) as tmp:
+            written = worker.export(os.path.join(tmp, name))
+            if rank == 0 and written:
+                storage.upload_dir(written, storage.join(out_dir, name))
+    _barrier()
+
+
+def validate_in_run(worker: Any, cfg: WMSSConfig, spec: PhaseSpec, done: int, rank: int, world: int,
+                    device: Any) -> dict[str, Any]:
+    """A validation point (collective): export the strong model to ``<out_dir>/interim_model``,
+    then validate it on every rank (``validation.validate_on_ranks``); returns its metrics."""
+    export_model(worker, spec.out_dir, rank, INTERIM_MODEL)  # returns when rank 0's files are complete
+    return validate_on_ranks(cfg, spec.validation, storage.join(spec.out_dir, INTERIM_MODEL), done, rank, world,
+                             device)
+
+
+def _barrier() -> None:
+    """Wait for every rank (no-op outside an initialised process group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _log_worker(spec: PhaseSpec, record: dict[str, Any]) -> None:
+    """Append to ``<out_dir>/workers.jsonl``: which process ran which rank from which step, timings.
+
+    On object storage (no appends: read + rewrite) each rank has its own ``workers_rank<r>.jsonl``
+    so that ranks never overwrite each other's lines.
+    """
+    name = f"workers_rank{record['rank']}.jsonl" if storage.is_remote(spec.out_dir) else "workers.jsonl"
+    storage.append_text(storage.join(spec.out_dir, name), json.dumps(record) + "\n")
+
+
+def _maybe_inject_fault(spec: PhaseSpec, rank: int, done: int, checkpointed: bool) -> None:
+    """Test hook: SIGKILL this process once (a marker file makes the restarted worker pass).
+
+    After a checkpoint step it first waits (up to 60 s) until Ray Train's controller has recorded
+    that checkpoint in its snapshot: a worker killed at once races the controller's next poll,
+    and a checkpoint the controller never registered is not restored (Ray Train V2)."""
+    if not spec.fault or spec.fault["rank"] != rank or spec.fault["step"] != done:
+        return
+    marker = storage.join(spec.out_dir, ".fault_injected")
+    if storage.exists(marker):
+        return
+    snapshot = storage.join(spec.out_dir, RUN_NAME, "checkpoint_manager_snapshot.json")
+    deadline = time.monotonic() + 60
+    while checkpointed and time.monotonic() < deadline and not (
+            storage.exists(snapshot) and f"checkpoint_{done:06d}" in storage.read_text(snapshot)):
+        time.sleep(0.1)
+    storage.write_text(marker, str(os.getpid()))
+    os.kill(os.getpid(), signal.SIGKILL)
