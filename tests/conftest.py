@@ -211,22 +211,44 @@ def model_cache(tmp_path_factory):
             os.environ[storage.MODEL_CACHE_ENV] = old
 
 
+#: The session's token-auth Ray head (``ray_head``) while it runs; whether ``tiny_job_run`` ran.
+_HEADS: list = []
+_TINY_JOB_DONE: list = []
+
+
 @pytest.fixture(scope="session")
 def ray_head(request):
-    """A real local Ray head with token auth (``tests/cli/local_head.py``), stopped by pid."""
+    """A real local Ray head with token auth (``tests/cli/local_head.py``), stopped by pid.
+
+    Stopped as soon as no later collected test needs it (``pytest_runtest_teardown``): none
+    uses it and ``tiny_job_run`` (whose result outlives the head) has run or is not wanted; not
+    at the end of the session: an idle head's GCS, raylet, dashboard and agents cost ~0.1 of a
+    core, for ~14 min of the suite after the job tests (2-3 CPU-s per 30 s idle, measured)."""
     from tests.cli.local_head import LocalRayHead
 
     _object_store_env_first(request)  # the head copies this process's environment
     head = LocalRayHead(num_cpus=4)
     try:
         head.start()
+        _HEADS.append(head)
         yield head
     finally:
         head.stop()
+        _HEADS.clear()
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """Stop the Ray head once no later test needs it (``ray_head``'s docstring)."""
+    if not _HEADS:
+        return
+    items = item.session.items
+    later = [getattr(it, "fixturenames", ()) for it in items[items.index(nextitem):]] if nextitem else []
+    if not any("ray_head" in names or ("tiny_job_run" in names and not _TINY_JOB_DONE) for names in later):
+        _HEADS.pop().stop()
 
 
 @pytest.fixture(scope="session")
-def tiny_job_run(ray_head, tmp_path_factory):
+def tiny_job_run(request, tmp_path_factory):
     """The shrunken demo (configs/test-tiny.yaml) through every phase, ONCE per session, as
     ``wmss submit`` sends it: a real ``ray job submit`` with the token to ``ray_head`` running
     ``python -m jobs.pipeline``. The job test asserts on the submission; the end-to-end tests
@@ -234,11 +256,14 @@ def tiny_job_run(ray_head, tmp_path_factory):
     pipeline is trained once, not once per test file.
 
     Returns ``SimpleNamespace(cfg, job_id, status, logs)``; never fails itself (the tests do).
+    The head is asked for here, not as an argument: so the tests that read this run do not list
+    ``ray_head`` among their fixtures, and the head stops once the job tests are done.
     """
     from tests.cli.local_head import finish_job
     from wmss_ray.cli import submit
     from wmss_ray.config.loading import load_config
 
+    ray_head = request.getfixturevalue("ray_head")
     overrides = [f"run.storage={tmp_path_factory.mktemp('tiny_runs')}"]
     with pytest.MonkeyPatch.context() as mp:  # the client side: the token from a file, as a user would
         for var in ("RAY_AUTH_TOKEN", "RAY_ADDRESS"):
@@ -246,4 +271,5 @@ def tiny_job_run(ray_head, tmp_path_factory):
         mp.setenv("RAY_AUTH_TOKEN_PATH", str(ray_head.token_file))
         job_id = submit.submit_job(TINY, ray_head.dashboard_url, overrides=overrides, entrypoint="pipeline")
         status, logs = finish_job(job_id, ray_head, timeout_s=TINY_JOB_DEADLINE_S)
+    _TINY_JOB_DONE.append(True)
     return SimpleNamespace(cfg=load_config(TINY, overrides), job_id=job_id, status=status, logs=logs)
