@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from wmss_ray.models.ds_comm import init_deepspeed_comm
+
 
 def load_zero3(path: Path, dtype: torch.dtype, trust_remote_code: bool, zero3_config: dict[str, Any],
                attn_implementation: str) -> PreTrainedModel:
@@ -46,8 +48,7 @@ def load_zero3(path: Path, dtype: torch.dtype, trust_remote_code: bool, zero3_co
                  torch.float16 if zero3_config.get("fp16", {}).get("enabled") else torch.float32)
     if cfg_dtype != dtype:
         raise ValueError(f"zero3_config trains in {cfg_dtype}, but the model is loaded in {dtype}")
-    if not deepspeed.comm.is_initialized():  # zero.Init sizes the partitions from DeepSpeed's view of the group
-        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    init_deepspeed_comm()  # zero.Init sizes the partitions from DeepSpeed's view of the group
     build = dict(dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
     buffers = reference_buffers(config, **build)  # also imports the model's code before zero.Init
     with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=zero3_config):

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from wmss_ray.config.schema import TrainingConfig
+from wmss_ray.models.ds_comm import init_deepspeed_comm
 from wmss_ray.training.schedule import lr_factor, warmup_steps_for
 
 # ----------------------------------------------------------------------------- schedule
@@ -141,6 +142,7 @@ def init_engine(model: torch.nn.Module, groups: list[dict], training: TrainingCo
     """
     import deepspeed
 
+    init_deepspeed_comm()  # before initialize, which would start the backend with its shm op
     optimizer = build_optimizer(groups, training, on_gpu)
     scheduler = build_scheduler(optimizer, total_steps, training)
     config = build_ds_config(training, world_size, dtype, on_gpu)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from wmss_ray.losses.chunk_ops import row_logsumexp
+from wmss_ray.models.ds_comm import init_deepspeed_comm
 from wmss_ray.losses.mixing import DEFAULT_CHUNK_MB, chunk_rows_for
 from wmss_ray.losses.weak_side import weak_from_logp
 from wmss_ray.weak_pool.wire import WeakReply, WeakRequest
@@ -109,6 +110,7 @@ class WeakServer:
         if zero3:
             import deepspeed
 
+            init_deepspeed_comm()  # a no-op after load_causal_lm's zero.Init; initialize must find it running
             engine, *_ = deepspeed.initialize(model=model, config=config)
             engine.eval()
             model = engine.module
