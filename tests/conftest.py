@@ -33,18 +33,19 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
 
 # The venv's bin first on PATH, as in an activated venv and in the job head (local_head.py): DeepSpeed
-# JIT-builds its CPU shm-comm op with the first `ninja` on PATH, and the venv's ninja (1.13, pip)
+# JIT-builds any op it needs with the first `ninja` on PATH (it built its CPU shm-comm op, until
+# models/ds_comm.py stopped that: the guards below stay for any op a test may still build), and the venv's ninja (1.13, pip)
 # and a system one (1.11, Debian) read each other's build logs as stale: each switch between the
 # two rebuilt the op (~30 s), which happened twice per session (job head, then in-process tests).
 _VENV_BIN = str(Path(sys.executable).parent)
 if os.environ.get("PATH", "").split(os.pathsep)[0] != _VENV_BIN:
     os.environ["PATH"] = _VENV_BIN + os.pathsep + os.environ.get("PATH", "")
 
-# DeepSpeed JIT-builds its CPU shm-comm op into TORCH_EXTENSIONS_DIR (default
+# DeepSpeed JIT-builds ops into TORCH_EXTENSIONS_DIR (default
 # ~/.cache/torch_extensions, one per user): build.ninja names the venv's include paths, so two venvs
-# on one machine (a CI clone's fresh venv, another checkout's) rebuilt the op at every switch
-# (~/.cache/.../deepspeed_shm_comm/.ninja_log: 9 rebuilds in 4 h on the shared dev box; one in a
-# full suite run, 49 CPU-s of cc1plus). One op cache per interpreter: built once per venv, then
+# on one machine (a CI clone's fresh venv, another checkout's) rebuilt an op at every switch
+# (the shm-comm op's .ninja_log: 9 rebuilds in 4 h on the shared dev box; one in a full suite run,
+# 49 CPU-s of cc1plus). One op cache per interpreter: built once per venv, then
 # loaded. Set before any Ray starts, so workers and job heads inherit it.
 os.environ.setdefault(
     "TORCH_EXTENSIONS_DIR",
