@@ -57,11 +57,25 @@ TINY = REPO / "configs" / "test-tiny.yaml"
 TINY_JOB_DEADLINE_S = 720
 
 
+#: The xdist group of every test that reads the session's tiny run (``tiny_job_run``) or uses
+#: the token-auth head: one worker runs them all, so the tiny pipeline is trained once.
+TINY_RUN_GROUP = "tiny_run"
+
+
+def xdist_group_of(fixturenames, module: str) -> str:
+    """Where ``make test`` (pytest-xdist, ``--dist loadgroup``) runs a test: the tiny-run group
+    for the readers of the session's tiny run and the head's users, else its module's group, so a
+    module's shared fixtures (trained tiny models, runs, worker groups) are built once, as
+    without xdist."""
+    return TINY_RUN_GROUP if {"tiny_job_run", "ray_head"} & set(fixturenames) else module
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords and not HAS_GPU:
             item.add_marker(skip_gpu)
+        item.add_marker(pytest.mark.xdist_group(xdist_group_of(getattr(item, "fixturenames", ()), item.module.__name__)))
 
 
 def _object_store_env_first(request) -> None:

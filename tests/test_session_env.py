@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def test_jit_op_cache_is_this_interpreters_own():
-    """DeepSpeed's JIT ops (the CPU shm-comm op) are cached per venv: another venv's build in the
+    """DeepSpeed's JIT ops (any it builds; models/ds_comm.py keeps the shm-comm op unbuilt) are cached per venv: another venv's build in the
     shared default ~/.cache/torch_extensions would force a rebuild (~30-80 s) at each switch."""
     cache = os.environ.get("TORCH_EXTENSIONS_DIR")
     assert cache, "tests/conftest.py sets TORCH_EXTENSIONS_DIR before any Ray starts"
@@ -17,3 +17,20 @@ def test_jit_op_cache_is_this_interpreters_own():
     import hashlib
 
     assert hashlib.sha1(sys.prefix.encode()).hexdigest()[:12] in cache  # one per interpreter
+
+
+def test_xdist_groups_keep_the_tiny_run_on_one_worker_and_modules_whole():
+    """``make test`` runs on 2 pytest-xdist workers with ``--dist loadgroup``: every reader of the
+    session's tiny run and every user of the token head land in one group (one worker trains the
+    tiny run once); any other test runs with the rest of its module (module fixtures built once)."""
+    from tests.conftest import TINY_RUN_GROUP, xdist_group_of
+
+    assert xdist_group_of(["tmp_path", "tiny_job_run", "ray_cluster"], "tests.test_rerun") == TINY_RUN_GROUP
+    assert xdist_group_of(["head", "ray_head"], "tests.cli.test_submit_real") == TINY_RUN_GROUP
+    assert xdist_group_of(["ray_cluster", "art"], "tests.training.test_training_ray") == "tests.training.test_training_ray"
+    assert xdist_group_of([], "tests.losses.test_mixing") == "tests.losses.test_mixing"
+
+
+def test_make_test_runs_two_xdist_workers_by_group():
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    assert "-n $(TEST_WORKERS) --dist loadgroup" in makefile and "TEST_WORKERS ?= 2" in makefile
