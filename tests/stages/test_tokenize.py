@@ -1,5 +1,5 @@
-"""What the processes of the tokenise stage import (the Ray Data side's behaviour is tested on
-real runs in tests/data/test_corpus.py).
+"""The tokenise stage: the same output on every run, and what its processes import (bad rows,
+formats and splits on real runs: tests/data/test_corpus.py).
 
 Every Ray Data worker pays for its imports when it starts: read and write tasks unpickle
 ``CorpusDatasource`` / ``TokenizedSink`` / ``TokenizedDatasource`` (module ``stages.tokenize``),
@@ -15,7 +15,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
 from wmss_ray.models.tokenizer import build_demo_tokenizer
+
+from .conftest import N_ROWS, TOKENIZE_BLOCK_ROWS, tokenize_cfg
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -47,3 +53,27 @@ def test_tokenising_processes_import_no_model_code(tmp_path):
                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.splitlines()[-1]) == {"io_task": [], "actor": []}
+
+
+def _parts(tokenized_path: str) -> list[tuple[str, pa.Table]]:
+    return [(f.name, pq.read_table(f)) for f in sorted(Path(tokenized_path).glob("*.parquet"))]
+
+
+@pytest.mark.integration
+def test_ray_tokenisation_is_the_same_every_run(tiny_world, tokenized_world, tmp_path):
+    """Two tokenisations of one corpus by a pool of 2 actors, in small blocks, write the same
+    parts with the same rows in the same order (Ray Data preserves read order), whichever
+    actor finished first: the scoring batches built from them are then the same too.
+
+    The first run is the session's ``tokenized_world`` (made with this pool and these blocks).
+    """
+    from wmss_ray.stages.tokenize import tokenize_corpus
+
+    again = tokenize_corpus(tokenize_cfg(), tiny_world.strong, tiny_world.corpus, str(tmp_path),
+                            block_rows=TOKENIZE_BLOCK_ROWS)
+    assert again.counts["rows_ok"] == tokenized_world.counts["rows_ok"] == N_ROWS
+    first, second = _parts(tokenized_world.tokenized_path), _parts(again.tokenized_path)
+    assert [n for n, _ in first] == [n for n, _ in second]
+    assert all(a.equals(b) for (_, a), (_, b) in zip(first, second))
+    rows = pa.concat_tables([t for _, t in first])["sample_id"].to_pylist()
+    assert rows == [f"train.jsonl:{i}" for i in range(1, N_ROWS + 1)]  # file order
