@@ -39,7 +39,8 @@ row = {"sample_id": "s1", "prompt_messages": [{"role": "user", "content": "1+1?"
        "reference": None, "source_file": "f.jsonl", "source_row": 1, "reject_reason": None, "reject_detail": None}
 out = batch(pa.Table.from_pylist([row], schema=READ_SCHEMA))
 assert out["input_ids"][0].as_py(), out
-seen["actor"] = sorted(m for m in sys.modules if m == "transformers.modeling_utils" or m.startswith("transformers.models.llama.modeling"))
+seen["actor"] = sorted(m for m in sys.modules
+                       if m == "transformers.modeling_utils" or m.startswith("transformers.models.llama.modeling"))
 print(json.dumps(seen))
 """
 
@@ -47,7 +48,9 @@ print(json.dumps(seen))
 def test_tokenising_processes_import_no_model_code(tmp_path):
     """A read/write task of the stage loads neither torch nor transformers, and a tokenising actor
     loads a tokenizer but no model code (``transformers.modeling_utils``: ~1.8 CPU-s of imports
-    per actor start, paid by every actor on a cluster and ~30 times in this suite)."""
+    per actor start, paid by every tokenising actor on a cluster and in every tokenise run of
+    this suite). torch is not asserted away: ``AutoTokenizer`` imports it (transformers 5's
+    ``configuration_utils`` does, when torch is installed)."""
     build_demo_tokenizer(tmp_path / "tok")
     proc = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / "tok")], capture_output=True, text=True,
                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
