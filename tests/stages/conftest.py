@@ -51,11 +51,21 @@ def tiny_world(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tokenized_world(ray_cluster, tiny_world):
-    """The corpus tokenised once by the Ray Data path (``tokenize_corpus``)."""
+    """The corpus tokenised once by the Ray Data path (``tokenize_corpus``), by a pool of up to
+    ``TOKENIZE_ACTORS`` actors in blocks of ``TOKENIZE_BLOCK_ROWS`` rows: the first of the two runs
+    that ``test_tokenize.py`` compares, and the input of every scoring test."""
     from wmss_ray.stages.tokenize import tokenize_corpus
 
-    res = tokenize_corpus(tiny_world.cfg, tiny_world.strong, tiny_world.corpus, str(tiny_world.root / "tok"))
-    return res
+    return tokenize_corpus(tokenize_cfg(), tiny_world.strong, tiny_world.corpus, str(tiny_world.root / "tok"),
+                           block_rows=TOKENIZE_BLOCK_ROWS)
+
+
+#: Small blocks for a pool of 2 actors: many blocks in flight, finishing in any order.
+TOKENIZE_ACTORS, TOKENIZE_BLOCK_ROWS = 2, 8
+
+
+def tokenize_cfg():
+    return tiny_cfg(f"data.tokenize_actors={TOKENIZE_ACTORS}")
 
 
 @pytest.fixture(scope="session")

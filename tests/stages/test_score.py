@@ -61,21 +61,21 @@ def scored_2x3(tiny_world, tokenized_world, tmp_path_factory):
     return _score(tiny_world, tokenized_world, str(tmp_path_factory.mktemp("scored_2x3")), 2, 3)
 
 
-@pytest.mark.integration
-@pytest.mark.parametrize("actors,batch", [(1, 8), (2, 3)])
-def test_ray_scores_equal_single_process_loop(tiny_world, tokenized_world, reference_scores, tmp_path, actors, batch,
-                                              request):
-    if (actors, batch) == (2, 3):
-        res, seen = request.getfixturevalue("scored_2x3")
-    else:
-        res, seen = _score(tiny_world, tokenized_world, str(tmp_path), actors, batch)
+def _assert_scored_like_the_loop(res, seen: list[int], reference: dict, actors: int) -> None:
+    """Scores equal to the single-process loop, progress reported up to every row, manifest."""
     scores = pq.read_table(res.scores_path)
     # no curriculum weights: they depend on curriculum.*, scores do not (the curriculum phase writes them)
     assert scores.column_names == ["sample_id", "h_weak", "h_strong", "dh", "n_answer_tokens"]
-    _assert_matches_reference(scores, reference_scores)
+    _assert_matches_reference(scores, reference)
     assert seen[-1] == N_ROWS and seen == sorted(seen)
     manifest = json.loads(Path(res.manifest_path).read_text())
     assert manifest["counts"]["rows_scored"] == N_ROWS and manifest["scoring"]["num_actors"] == actors
+
+
+@pytest.mark.integration
+def test_ray_scores_equal_single_process_loop(reference_scores, scored_2x3):
+    """2 actors in batches of 3 (1 actor in batches of 8: the end-to-end test below)."""
+    _assert_scored_like_the_loop(*scored_2x3, reference_scores, actors=2)
 
 
 @pytest.mark.integration
@@ -91,7 +91,9 @@ def test_ray_scores_are_bit_identical_run_to_run(tiny_world, tokenized_world, sc
 
 @pytest.mark.integration
 def test_tokenize_then_score_end_to_end_counts_and_outputs(tiny_world, reference_scores, tmp_path):
-    """The pipeline's tokenize and score phases on a corpus with bad rows: every row accounted for."""
+    """The pipeline's tokenize and score phases on a corpus with bad rows: every row accounted for;
+    one scoring actor in batches of 8 gives the single-process loop's scores (2 actors in batches
+    of 3: ``test_ray_scores_equal_single_process_loop``)."""
     from wmss_ray.stages.score import score_tokenized
     from wmss_ray.stages.tokenize import tokenize_corpus
 
@@ -99,15 +101,17 @@ def test_tokenize_then_score_end_to_end_counts_and_outputs(tiny_world, reference
     shutil.copy(tiny_world.corpus, corpus)
     with corpus.open("a") as f:
         f.write('{"messages": [{"role": "user", "content": "q"}]}\n{not json\n')
-    cfg = tiny_cfg("data.on_bad_row=skip", "scoring.num_actors=2", "scoring.batch_size=16")
+    cfg = tiny_cfg("data.on_bad_row=skip", "scoring.num_actors=1", "scoring.batch_size=8")
     out = str(tmp_path / "out")
     tok = tokenize_corpus(cfg, tiny_world.strong, str(corpus), out)
-    res = score_tokenized(cfg, tiny_world.weak, tiny_world.strong, tok.tokenized_path, out)
+    seen: list[int] = []
+    res = score_tokenized(cfg, tiny_world.weak, tiny_world.strong, tok.tokenized_path, out,
+                          progress_callback=seen.append)
     assert tok.counts["rows_in"] == N_ROWS + 2
     assert res.counts["rows_scored"] == N_ROWS and tok.counts["rows_rejected"] == 2
     assert tok.counts["rejected_by_reason"] == {"malformed_json": 1, "no_answer": 1}
     assert tok.counts["rows_in"] == res.counts["rows_scored"] + tok.counts["rows_rejected"]
-    _assert_matches_reference(pq.read_table(res.scores_path), reference_scores)
+    _assert_scored_like_the_loop(res, seen, reference_scores, actors=1)
     manifest = json.loads(Path(res.manifest_path).read_text())
     assert manifest["counts"] == res.counts
     assert json.loads(Path(tok.manifest_path).read_text())["corpus"] == str(corpus)

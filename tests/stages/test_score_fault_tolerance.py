@@ -35,7 +35,9 @@ def test_killed_scorer_is_restarted_and_no_score_is_lost_or_doubled(tiny_world, 
     from wmss_ray.stages.score import score_tokenized
 
     # Many small batches (100 rows / 2) so most of the work is still ahead at the first output.
-    cfg = tiny_cfg("scoring.num_actors=2", "scoring.batch_size=2")
+    # One actor is enough: the claim is about the killed one (restarted, its batch retried), and
+    # with no other actor to take the rest every remaining batch waits for that restart.
+    cfg = tiny_cfg("scoring.num_actors=1", "scoring.batch_size=2")
     killed: dict = {}
     progress: list[int] = []
 

@@ -10,12 +10,19 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoTokenizer
 
 from wmss_ray.io import storage
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+# Model classes (``transformers.modeling_utils``, ~1.8 CPU-s of imports) are imported inside the
+# functions that build or unwrap a model: a tokenising actor imports this module for
+# ``load_tokenizer`` only, and every actor start would pay for them.
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -123,6 +130,8 @@ def load_causal_lm(
         from wmss_ray.models.zero3_loading import load_zero3
 
         return load_zero3(p, dtype, trust_remote_code, zero3_config, attn)
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(
         str(p),
         dtype=dtype,
@@ -208,6 +217,8 @@ def check_pair_compatible(
 
 def unwrap_model(model):
     """The HF model inside a DeepSpeed engine / DDP wrapper (or the model itself)."""
+    from transformers import PreTrainedModel
+
     while hasattr(model, "module") and not isinstance(model, PreTrainedModel):
         model = model.module
     return model
