@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import sys
 import tempfile
 from pathlib import Path
@@ -62,12 +63,16 @@ TINY_JOB_DEADLINE_S = 720
 TINY_RUN_GROUP = "tiny_run"
 
 
-def xdist_group_of(fixturenames, module: str) -> str:
-    """Where ``make test`` (pytest-xdist, ``--dist loadgroup``) runs a test: the tiny-run group
-    for the readers of the session's tiny run and the head's users, else its module's group, so a
-    module's shared fixtures (trained tiny models, runs, worker groups) are built once, as
-    without xdist."""
-    return TINY_RUN_GROUP if {"tiny_job_run", "ray_head"} & set(fixturenames) else module
+def xdist_group_of(fixturenames, path: str) -> str:
+    """Where ``make test`` (pytest-xdist, ``--dist loadgroup``) runs a test (``path``: its file,
+    relative to the repository): the tiny-run group for the readers of the session's tiny run and
+    the head's users; else its folder's group (a folder's conftest may share session fixtures,
+    e.g. tests/stages' tokenised corpus), or for a file at the top of tests/ its own group. Module
+    and folder fixtures (trained tiny models, runs) are then built once, as without xdist."""
+    if {"tiny_job_run", "ray_head"} & set(fixturenames):
+        return TINY_RUN_GROUP
+    folder = posixpath.dirname(path)
+    return path if folder == "tests" else folder
 
 
 def pytest_collection_modifyitems(config, items):
@@ -75,7 +80,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_GPU:
             item.add_marker(skip_gpu)
-        item.add_marker(pytest.mark.xdist_group(xdist_group_of(getattr(item, "fixturenames", ()), item.module.__name__)))
+        item.add_marker(pytest.mark.xdist_group(xdist_group_of(getattr(item, "fixturenames", ()), item.nodeid.split("::")[0])))
 
 
 def _object_store_env_first(request) -> None:

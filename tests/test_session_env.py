@@ -22,13 +22,16 @@ def test_jit_op_cache_is_this_interpreters_own():
 def test_xdist_groups_keep_the_tiny_run_on_one_worker_and_modules_whole():
     """``make test`` runs on 2 pytest-xdist workers with ``--dist loadgroup``: every reader of the
     session's tiny run and every user of the token head land in one group (one worker trains the
-    tiny run once); any other test runs with the rest of its module (module fixtures built once)."""
+    tiny run once); any other test runs with the rest of its folder (a folder's session fixtures,
+    such as tests/stages' tokenised corpus, built once), or of its file at the top of tests/."""
     from tests.conftest import TINY_RUN_GROUP, xdist_group_of
 
-    assert xdist_group_of(["tmp_path", "tiny_job_run", "ray_cluster"], "tests.test_rerun") == TINY_RUN_GROUP
-    assert xdist_group_of(["head", "ray_head"], "tests.cli.test_submit_real") == TINY_RUN_GROUP
-    assert xdist_group_of(["ray_cluster", "art"], "tests.training.test_training_ray") == "tests.training.test_training_ray"
-    assert xdist_group_of([], "tests.losses.test_mixing") == "tests.losses.test_mixing"
+    assert xdist_group_of(["tmp_path", "tiny_job_run", "ray_cluster"], "tests/test_rerun.py") == TINY_RUN_GROUP
+    assert xdist_group_of(["head", "ray_head"], "tests/cli/test_submit_real.py") == TINY_RUN_GROUP
+    assert xdist_group_of(["tokenized_world"], "tests/stages/test_score.py") == "tests/stages"
+    assert xdist_group_of(["tiny_world"], "tests/stages/test_tokenize.py") == "tests/stages"
+    assert xdist_group_of(["ray_cluster", "s3_server"], "tests/test_pipeline_object_storage.py") == \
+        "tests/test_pipeline_object_storage.py"
 
 
 def test_make_test_runs_two_xdist_workers_by_group():
