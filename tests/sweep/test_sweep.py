@@ -1,7 +1,8 @@
-"""The tune sweep on a real local Ray cluster (the tiny demo world): a 3-trial ASHA + Optuna sweep,
+"""The tune sweep on a real local Ray cluster (the tiny demo world): a 2-trial ASHA + Optuna sweep,
 run once for the module on the session's tiny run (whose shared phases it reuses), with its shared
-control, held-out test, page and best.yaml; a rerun that continues it; a 2-seed trial on the same
-base run. The checks without Ray: test_tune.py."""
+control, held-out test, page and best.yaml; a rerun that continues it; a 2-seed trial of the
+sweep's completed trial's configuration on the same base run, whose seed 0 (trained in chunks) is
+checked against that one-seed trial (one Train run). The checks without Ray: test_tune.py."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from wmss_ray.config.loading import load_config
 from wmss_ray.io.manifest import read_manifest
 from wmss_ray.sweep.trial import SHARED_PHASES
 
-# 3 trials: with this seed (Optuna, run.seed 0) the first completes and the other two are stopped at
-# step 1 by ASHA; every trial costs ~15-30 s of Ray Train start-up on the 2-core machine.
-TINY_SWEEP = ["tune.num_samples=3", "tune.search=optuna", "tune.scheduler=asha",
+# 2 trials: with this seed (Optuna, run.seed 0) the first completes and the second is stopped at
+# step 1 by ASHA (worse than the first there: with one result at the rung, the cutoff is that
+# result); every trial costs ~15-30 s of Ray Train start-up on the 2-core machine, so no third.
+TINY_SWEEP = ["tune.num_samples=2", "tune.search=optuna", "tune.scheduler=asha",
               "tune.eval_every=1", "tune.grace_period=1", "tune.reduction_factor=2", "tune.max_steps=2",
               "tune.eval_samples=8", "tune.metric=validation_loss", "tune.max_concurrent=1",
               'tune.search_space={"mix.lam": {"uniform": [0.05, 1.0]}, "curriculum.formula": {"choice": ["seed", "v2"]}}']
@@ -42,9 +44,9 @@ def test_an_asha_sweep_with_optuna_stops_a_trial_early(asha_sweep):
     import csv
 
     cfg, grid = asha_sweep
-    assert len(grid) == 3 and grid.errors == []
+    assert len(grid) == 2 and grid.errors == []
     rows = list(csv.DictReader(open(Path(cfg.run_dir()) / "tune" / "results.csv")))
-    assert len(rows) == 3
+    assert len(rows) == 2
     status = [r["status"] for r in rows]
     assert "stopped" in status and "completed" in status, status
     for r in grid:  # every trial reported after step 1 on the seeded subsample
@@ -175,7 +177,7 @@ def test_running_the_sweep_again_continues_it_without_rerunning_trials(asha_swee
     cfg, grid = asha_sweep
     root = Path(cfg.run_dir()) / "tune"
     trials = sorted(p for p in root.iterdir() if p.name.startswith("trial_"))
-    assert len(trials) == 3
+    assert len(trials) == 2
 
     def traces() -> dict[str, tuple]:  # a rerun would append a train start and rewrite an eval
         return {t.name: ((t / "wmss_1" / "workers.jsonl").read_text(),
@@ -195,16 +197,24 @@ def test_running_the_sweep_again_continues_it_without_rerunning_trials(asha_swee
     assert sorted(p for p in root.iterdir() if p.name.startswith("trial_")) == trials
 
 
+def _completed(grid):
+    """The sweep's one completed trial (the other was stopped by ASHA)."""
+    done = [r for r in grid if r.metrics.get("final")]
+    assert len(done) == 1, [r.metrics for r in grid]
+    return done[0]
+
+
 @pytest.fixture(scope="module")
 def two_seed_trial(asha_sweep):
-    """A 2-seed trial (lam 0.5) on the sweep's base run, whose shared phases (up to scoring) serve
-    it too: (config, reports, final metrics)."""
+    """A 2-seed trial of the completed sweep trial's configuration (its lam and curriculum
+    formula) on the sweep's base run, whose shared phases (up to scoring) serve it too:
+    (config, reports, final metrics)."""
     from wmss_ray.sweep.trial import run_trial
 
-    sweep_cfg, _ = asha_sweep
+    sweep_cfg, grid = asha_sweep
     cfg = load_config("configs/test-tiny.yaml", [f"run.storage={sweep_cfg.run.storage}", *TINY_SWEEP, "tune.seeds=2"])
     reports: list[dict] = []
-    final = run_trial(cfg, {"mix.lam": 0.5}, "seeds_trial", report=reports.append)
+    final = run_trial(cfg, dict(_completed(grid).config), "seeds_trial", report=reports.append)
     return cfg, reports, final
 
 
@@ -234,32 +244,30 @@ def test_a_trial_over_two_seeds_reports_their_mean_in_lockstep(two_seed_trial):
     assert not any((d / "wmss_1" / "interim_model").exists() for d in dirs)
 
 
-def test_a_one_seed_trial_is_one_train_run_and_reports_what_the_chunked_seed_reports(two_seed_trial):
-    """tune.seeds 1: WMSS validates itself inside one Train run; the 2-seed trial's seed 0 (the
+def test_a_one_seed_trial_is_one_train_run_and_reports_what_the_chunked_seed_reports(asha_sweep, two_seed_trial):
+    """tune.seeds 1 (the sweep's completed trial): WMSS validates itself inside one Train run and
+    its reports reach Tune from that run; the 2-seed trial's seed 0 (the same configuration, the
     same curriculum draw and data order) trained in chunks, one Train run per report. Same
     training losses, same validation outcomes at every report, one worker-group start."""
     import json
 
-    from wmss_ray.sweep.trial import run_trial
-
-    two_cfg, two_reports, _ = two_seed_trial
-    cfg = load_config("configs/test-tiny.yaml", [f"run.storage={two_cfg.run.storage}", *TINY_SWEEP, "tune.seeds=1"])
-    reports: list[dict] = []
-    final = run_trial(cfg, {"mix.lam": 0.5}, "one_run_trial", report=reports.append)
+    cfg, grid = asha_sweep
+    trial = _completed(grid)
     root = Path(cfg.run_dir()) / "tune"
-    one, chunked = root / "one_run_trial", root / "seeds_trial"
+    one, chunked = root / Path(trial.path).name, root / "seeds_trial"
 
-    def starts(trial: Path) -> list[dict]:
-        events = [json.loads(x) for x in (trial / "wmss_1" / "workers.jsonl").read_text().splitlines()]
+    def starts(run: Path) -> list[dict]:
+        events = [json.loads(x) for x in (run / "wmss_1" / "workers.jsonl").read_text().splitlines()]
         return [e for e in events if e["event"] == "start"]
 
     assert len(starts(one)) == cfg.scaling.num_workers  # one worker group, from step 0
     assert len(starts(chunked)) == 2 * cfg.scaling.num_workers  # one per chunk
-    assert [(r["step"], r["final"], r["seeds"], r["n_validation"]) for r in reports] == \
-        [(1, False, 1, 8), (2, True, 1, cfg.data.demo.n_validation)] and final == reports[-1]
+    reports = trial.metrics_dataframe.to_dict("records")  # what Tune received, in order
+    assert [(int(r["step"]), bool(r["final"]), int(r["seeds"]), int(r["n_validation"])) for r in reports] == \
+        [(1, False, 1, 8), (2, True, 1, cfg.data.demo.n_validation)]
 
-    def losses(trial: Path) -> list[float]:
-        return [json.loads(x)["loss"] for x in (trial / "wmss_1" / "metrics.jsonl").read_text().splitlines()]
+    def losses(run: Path) -> list[float]:
+        return [json.loads(x)["loss"] for x in (run / "wmss_1" / "metrics.jsonl").read_text().splitlines()]
 
     def outcomes(path: Path) -> tuple[list[tuple], list[float]]:
         rows = [json.loads(x) for x in path.read_text().splitlines()]
