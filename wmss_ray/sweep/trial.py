@@ -35,7 +35,6 @@ dir>/validation/eval_WMSS.jsonl``, kept for the paired comparison with the sweep
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -153,24 +152,19 @@ def _wmss_chunks(seeds: list[_Seed], rows: list[dict[str, Any]], report: Report)
         shutil.rmtree(seed.dir / "wmss_1" / INTERIM_MODEL, ignore_errors=True)  # a full model copy per seed
 
 
-def _wmss_one_run(seed: _Seed, rows: list[dict[str, Any]], report: Report, to_tune: bool) -> None:
+def _wmss_one_run(seed: _Seed, rows: list[dict[str, Any]]) -> None:
     """One seed's ``wmss_1`` as one Train run validating itself every ``eval_every`` steps on
-    ``rows``: to Tune as it goes (``to_tune``), else to ``report`` in step order at the end."""
+    ``rows``, each validation reported to Tune as it goes (inside a Tune trial only)."""
     from wmss_ray.pipeline import run_pipeline
-    from wmss_ray.sweep.reports import ValidationToTune, trial_report
+    from wmss_ray.sweep.reports import ValidationToTune
     from wmss_ray.training.rank_loop import INTERIM_MODEL
     from wmss_ray.training.validation import ValidationPoints, write_rows
 
     rows_path = str(seed.dir / "validation_rows.jsonl")
     write_rows(rows, rows_path)
     points = ValidationPoints(every=seed.cfg.tune.eval_every, rows_path=rows_path, out_root=str(seed.dir))
-    options = {"validation": points, "callbacks": [ValidationToTune()] if to_tune else []}
-    outputs = run_pipeline(seed.cfg, until="wmss_1", train_options={"wmss_1": options})
-    if not to_tune:
-        for step in range(points.every, int(outputs["wmss_1"].get("steps") or 0), points.every):
-            summary = json.loads(Path(points.step_dir(step), "eval_results.json").read_text())["models"]["WMSS"]
-            report(trial_report([{"validation_accuracy": summary["accuracy"], "validation_loss": summary["loss"],
-                                  "n_validation": summary["n"]}], step, final=False))
+    run_pipeline(seed.cfg, until="wmss_1", train_options={"wmss_1": {"validation": points,
+                                                                  "callbacks": [ValidationToTune()]}})
     shutil.rmtree(seed.dir / "wmss_1" / INTERIM_MODEL, ignore_errors=True)  # a full model copy
 
 
@@ -180,8 +174,8 @@ def run_trial(base: WMSSConfig, params: dict[str, Any], trial_name: str,
     when ``report`` and ``tune.eval_every`` are given) -> the WMSS model on the whole validation
     split (``<seed run dir>/validation/eval_WMSS.jsonl``). Returns the final metrics, the seeds'
     mean (also passed to ``report``). ``to_tune``: inside a Tune trial (``report`` is
-    ``tune.report``), a one-seed trial's intermediate reports go to Tune from its Train run.
-    Tests call it without Ray Tune."""
+    ``tune.report``), a one-seed trial's intermediate reports go to Tune from its Train run;
+    otherwise (tests, without Ray Tune) every trial reports from chunks of its phase."""
     from wmss_ray.pipeline import run_pipeline
     from wmss_ray.stages.evaluate import load_eval_rows
     from wmss_ray.stages.tokenize import validation_eval_input
@@ -195,8 +189,8 @@ def run_trial(base: WMSSConfig, params: dict[str, Any], trial_name: str,
     if report is not None and base.tune.eval_every:
         todo = [s for s in seeds if not s.wmss_done()]  # a restarted trial whose WMSS is done: no reports
         few = subsample(rows, base.tune.eval_samples, base.run.seed)
-        if len(seeds) == 1 and todo:
-            _wmss_one_run(todo[0], few, report, to_tune)
+        if len(seeds) == 1 and todo and to_tune:
+            _wmss_one_run(todo[0], few)
         elif todo:
             _wmss_chunks(todo, few, report)
     per_seed, steps = [], set()
