@@ -61,16 +61,21 @@ TINY_JOB_DEADLINE_S = 720
 #: The xdist group of every test that reads the session's tiny run (``tiny_job_run``) or uses
 #: the token-auth head: one worker runs them all, so the tiny pipeline is trained once.
 TINY_RUN_GROUP = "tiny_run"
+#: The xdist group of every test on the S3 server: one at a time, since the object-storage run
+#: checks that it leaves no ``wmss-*`` temp dir, which any other object-store test makes a while.
+OBJECT_STORE_GROUP = "object_store"
 
 
 def xdist_group_of(fixturenames, path: str) -> str:
     """Where ``make test`` (pytest-xdist, ``--dist loadgroup``) runs a test (``path``: its file,
     relative to the repository): the tiny-run group for the readers of the session's tiny run and
-    the head's users; else its folder's group (a folder's conftest may share session fixtures,
+    the head's users; the object-store group for the S3 server's users; else its folder's group (a folder's conftest may share session fixtures,
     e.g. tests/stages' tokenised corpus), or for a file at the top of tests/ its own group. Module
     and folder fixtures (trained tiny models, runs) are then built once, as without xdist."""
     if {"tiny_job_run", "ray_head"} & set(fixturenames):
         return TINY_RUN_GROUP
+    if "s3_server" in fixturenames:
+        return OBJECT_STORE_GROUP
     folder = posixpath.dirname(path)
     return path if folder == "tests" else folder
 

@@ -24,14 +24,16 @@ def test_xdist_groups_keep_the_tiny_run_on_one_worker_and_modules_whole():
     session's tiny run and every user of the token head land in one group (one worker trains the
     tiny run once); any other test runs with the rest of its folder (a folder's session fixtures,
     such as tests/stages' tokenised corpus, built once), or of its file at the top of tests/."""
-    from tests.conftest import TINY_RUN_GROUP, xdist_group_of
+    from tests.conftest import OBJECT_STORE_GROUP, TINY_RUN_GROUP, xdist_group_of
 
     assert xdist_group_of(["tmp_path", "tiny_job_run", "ray_cluster"], "tests/test_rerun.py") == TINY_RUN_GROUP
     assert xdist_group_of(["head", "ray_head"], "tests/cli/test_submit_real.py") == TINY_RUN_GROUP
     assert xdist_group_of(["tokenized_world"], "tests/stages/test_score.py") == "tests/stages"
     assert xdist_group_of(["tiny_world"], "tests/stages/test_tokenize.py") == "tests/stages"
-    assert xdist_group_of(["ray_cluster", "s3_server"], "tests/test_pipeline_object_storage.py") == \
-        "tests/test_pipeline_object_storage.py"
+    # the S3 users one at a time: the object-storage run checks that no wmss-* temp dir is left
+    assert xdist_group_of(["ray_cluster", "s3_server"], "tests/test_pipeline_object_storage.py") == OBJECT_STORE_GROUP
+    assert xdist_group_of(["s3_server", "tmp_path"], "tests/training/test_metrics.py") == OBJECT_STORE_GROUP
+    assert xdist_group_of(["ray_cluster"], "tests/test_byo_model.py") == "tests/test_byo_model.py"
 
 
 def test_make_test_runs_two_xdist_workers_by_group():
