@@ -100,10 +100,9 @@ def _rank_main(cfg, spec, rank: int, world: int, port: int, errors: str) -> None
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                           WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
         dist.init_process_group("gloo", rank=rank, world_size=world)
-        try:
-            run_rank(cfg, spec, rank, world, torch.device("cpu"), report=_merge_into(spec.out_dir))
-        finally:
-            dist.destroy_process_group()
+        # no destroy_process_group at the end: the rank exits right after (the group dies with it),
+        # and gloo's shutdown there hangs in a long test session with both ranks done (py-spy: pg shutdown)
+        run_rank(cfg, spec, rank, world, torch.device("cpu"), report=_merge_into(spec.out_dir))
     except BaseException:
         Path(errors, f"rank{rank}.txt").write_text(traceback.format_exc())
         _exit(1)
