@@ -1,11 +1,20 @@
-"""The rank loop's validation point on 2 gloo ranks: every rank validates the model just exported.
+"""``rank_loop.run_rank`` on 2 ranks forked from the test process (plain ``torch.distributed``,
+gloo on 127.0.0.1, no Ray).
 
-Rank 0 alone writes ``interim_model/``; the other ranks read it right after. Here rank 0's
-export is slow (it starts writing only once rank 1 has read the directory, or after 2 s) and
-``interim_model/`` still holds the previous validation point's model, so a rank that does not
-wait for the export validates the previous model. What a rank reads stands in for the model
-(``validate_on_ranks`` itself, the real evaluator on 2 ranks, is ``test_validation.py``'s).
-Plain ``torch.distributed`` (gloo on 127.0.0.1), no Ray.
+The validation point: every rank validates the model just exported. Rank 0 alone writes
+``interim_model/``; the other ranks read it right after. Here rank 0's export is slow (it starts
+writing only once rank 1 has read the directory, or after 2 s) and ``interim_model/`` still holds
+the previous validation point's model, so a rank that does not wait for the export validates the
+previous model. What a rank reads stands in for the model (``validate_on_ranks`` itself, the real
+evaluator on 2 ranks, is ``test_validation.py``'s).
+
+The step on 2 DeepSpeed ranks (``forked_ranks.train_on_forked_ranks``: the rank loop Ray Train's
+workers run, without a worker group's start-up per run) against the single-process plain-torch
+reference of ``test_training_units`` (same data order, AdamW, schedule): the loss and
+gradient-norm trajectories and the exported weights must match, which holds only if the loss is
+divided by the global answer-token count and DeepSpeed's rank and micro-batch averaging is undone
+exactly. Ray Train's own part (start-up, logs, restore after a stop or a SIGKILL) is
+``test_training_ray.py``'s.
 """
 
 from __future__ import annotations
@@ -17,9 +26,25 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
+import pytest
+import torch
 import torch.multiprocessing as mp
 
-STEP = 3
+from tests.training import forked_ranks
+from tests.training.forked_ranks import RankFailed, drop_inherited_groups, train_on_forked_ranks
+from tests.training.test_training_units import (
+    TWO_WORKER_STEPS as STEPS,
+    assert_same_weights,
+    assert_trajectory,
+    load_hf,
+    make_artifacts,
+    reference_run,
+    two_worker_cfg,
+)
+from wmss_ray.io.files import read_metrics
+
+STEP = 3  # the validation point's step
 #: The longest rank 0's export waits for rank 1 to have read the directory (it never does when
 #: the ranks wait for the export, so the export takes this long).
 SLOW_EXPORT_S = 2.0
@@ -59,8 +84,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
 
     rank_loop.validate_on_ranks = validate_on_ranks
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if dist.is_initialized():  # forked from a session whose own tests made a 1-rank group
-        dist.destroy_process_group()
+    drop_inherited_groups()  # forked from a session whose own tests made a 1-rank group
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         spec = SimpleNamespace(out_dir=out, validation=None)
@@ -83,3 +107,85 @@ def test_every_rank_validates_the_model_rank_0_is_still_exporting(tmp_path):
     mp.start_processes(_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert got[0] == got[1] == {"seen": [f"step {STEP}"] * 2, "step": STEP}
+
+
+# ----------------------------------------------------------------------------- the step on 2 DeepSpeed ranks
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    return make_artifacts(tmp_path_factory.mktemp("ranks_art"))
+
+
+@pytest.fixture(scope="module")
+def art_tied(tmp_path_factory):
+    return make_artifacts(tmp_path_factory.mktemp("ranks_art_tied"), tie=True)
+
+
+def test_a_failed_rank_fails_the_run_with_its_exit_code_and_traceback(art, tmp_path, monkeypatch):
+    """The helper's own contract: rank 1 raises while rank 0 waits for it (as in a collective);
+    the run ends, naming rank 1, its exit code and its traceback, and rank 0 is not left waiting."""
+    import threading
+
+    def run_rank(cfg, spec, rank, world, device, *, report):  # the forked ranks inherit this patch
+        if rank == 1:
+            raise RuntimeError("rank 1 broke")
+        threading.Event().wait()  # never returns: only the helper's kill ends this rank
+
+    monkeypatch.setattr(forked_ranks, "run_rank", run_rank)
+    with pytest.raises(RankFailed, match=r"(?s)rank1 \(pid \d+\) exited with code 1:.*RuntimeError: rank 1 broke"):
+        train_on_forked_ranks(two_worker_cfg(0), "sft", art["strong"], None, art["tokenized"], None, str(tmp_path))
+
+
+def _joint(stage: int, paths: dict, out: str, **kw):
+    cfg = two_worker_cfg(stage, weak_lr=1e-3, **kw)
+    return cfg, train_on_forked_ranks(cfg, "wmss", paths["strong"], paths["weak"], paths["tokenized"],
+                                      paths["sampled"], out, mode="joint")
+
+
+@pytest.fixture(scope="module")
+def joint_zero3(art_tied, tmp_path_factory):
+    """WMSS joint at ZeRO-3 with tied embeddings, padded: checked against the reference below and
+    the padded side of the packing test (one run for both)."""
+    return _joint(3, art_tied, str(tmp_path_factory.mktemp("joint_z3")))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_wmss_joint_on_2_ranks_matches_reference_under_zero(art, art_tied, tmp_path, stage, request):
+    """Stage 2 (untied) and stage 3 (tied embeddings: the head is the embedding matrix, gathered
+    as an external parameter of the pair module) give the reference trajectory."""
+    paths = art if stage == 2 else art_tied
+    cfg, res = _joint(2, art, str(tmp_path / "out")) if stage == 2 else request.getfixturevalue("joint_zero3")
+    assert res.steps == res.total_steps == STEPS
+    metrics = read_metrics(res.metrics_path)
+    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
+    ref = reference_run(paths, cfg, "wmss", "joint", STEPS)
+    assert_trajectory(metrics, ref)
+    assert all(m["phase"] == "wmss" and 0 < m["nontarget_ratio"] for m in metrics)
+    exported = load_hf(res.model_dir)
+    assert_same_weights(ref["strong"].state_dict(), exported)
+    if stage == 3:  # the gathered export equals DeepSpeed's own consolidation of the fp32 shards
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        full = get_fp32_state_dict_from_zero_checkpoint(res.checkpoint_path, tag="ds")
+        sd = exported.state_dict()
+        assert any(key.startswith("strong.") for key in full)
+        for key, value in full.items():
+            if key.startswith("strong."):
+                assert torch.equal(value, sd[key.removeprefix("strong.")]), key
+
+
+def test_packed_wmss_joint_zero3_on_2_ranks_matches_the_padded_reference(joint_zero3, art_tied, tmp_path):
+    """Packing on 2 ranks at ZeRO-3 (mix on, tied embeddings): per-step losses and gradient
+    norms equal the padded run's within 1e-5, and follow the full-batch reference."""
+    padded_cfg, padded_res = joint_zero3
+    assert not padded_cfg.training.packing
+    cfg, packed_res = _joint(3, art_tied, str(tmp_path / "packed"), packing=True)
+    runs = {False: (padded_res, read_metrics(padded_res.metrics_path)),
+            True: (packed_res, read_metrics(packed_res.metrics_path))}
+    for key in ("loss", "ce_strong", "grad_norm", "n_tokens", "p_mix"):
+        padded, packed = ([m[key] for m in runs[p][1]] for p in (False, True))
+        assert np.allclose(packed, padded, rtol=1e-5, atol=1e-7), (key, padded, packed)
+    ref = reference_run(art_tied, cfg, "wmss", "joint", STEPS)
+    assert_trajectory(runs[True][1], ref)
+    assert_same_weights(ref["strong"].state_dict(), load_hf(runs[True][0].model_dir))

@@ -1,9 +1,13 @@
-"""``train_phase`` on a real local Ray cluster with 2 DeepSpeed workers (gloo, CPU).
+"""``train_phase`` on a real local Ray cluster with 2 DeepSpeed workers (gloo, CPU): what Ray
+Train adds around the rank loop. Logs, checkpoints and the export of a run; the controller's
+imports; a stop, a resume and a SIGKILLed worker restored from Ray Train's checkpoint.
 
 Each run is compared with the single-process plain-torch reference of ``test_training_units``
 (same data order, AdamW, schedule): the loss and gradient-norm trajectories must match, which
 holds only if the loss is divided by the global answer-token count and DeepSpeed's rank and
-micro-batch averaging is undone exactly. Runs are module-scoped and shared between tests.
+micro-batch averaging is undone exactly. Runs are module-scoped and shared between tests. The
+step's exactness at ZeRO-2/3 and with packing is checked on 2 forked ranks without Ray Train
+(``test_rank_loop.py``: the same rank loop, without a worker group's start-up per run).
 """
 
 from __future__ import annotations
@@ -12,18 +16,20 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
+from tests.training.controller_probe import ControllerImports
+from tests.training.forked_ranks import train_on_forked_ranks
 from tests.training.test_training_units import (
+    TWO_WORKER_STEPS as STEPS,
     assert_same_weights,
     assert_trajectory,
+    load_hf,
     make_artifacts,
     reference_run,
-    tiny_cfg,
+    two_worker_cfg,
 )
-from tests.training.controller_probe import ControllerImports
 from wmss_ray.io.files import read_metrics
 from wmss_ray.training.metrics import METRIC_KEYS
 from wmss_ray.training.rank_loop import INTERIM_MODEL
@@ -31,35 +37,15 @@ from wmss_ray.training.trainer import FAULT_ENV, train_phase
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-STEPS = 6  # 40 rows, global batch 2 x 2 x 2 = 8: 5 steps per epoch, so step 6 is in epoch 2
-
-
-def _cfg(stage: int, **kw):
-    return tiny_cfg(zero_stage=stage, sft_epochs=1.5, wmss_epochs=1.5, max_steps=STEPS, checkpoint_every=2,
-                    num_workers=2, **kw)
-
-
-def _load_hf(model_dir: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    AutoTokenizer.from_pretrained(model_dir)
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-
-
 @pytest.fixture(scope="module")
 def art(tmp_path_factory):
     return make_artifacts(tmp_path_factory.mktemp("ray_art"))
 
 
 @pytest.fixture(scope="module")
-def art_tied(tmp_path_factory):
-    return make_artifacts(tmp_path_factory.mktemp("ray_art_tied"), tie=True)
-
-
-@pytest.fixture(scope="module")
 def sft_zero0(ray_cluster, art, tmp_path_factory):
     staging = tmp_path_factory.mktemp("staging") / "ckpt"  # made by the workers, where they stage
-    cfg = _cfg(0, staging_dir=str(staging))
+    cfg = two_worker_cfg(0, staging_dir=str(staging))
     probe = tmp_path_factory.mktemp("probe") / "controller.json"
     res = train_phase(cfg, "sft", art["strong"], None, art["tokenized"], None,
                       str(tmp_path_factory.mktemp("sft_z0")), callbacks=[ControllerImports(str(probe))])
@@ -81,7 +67,7 @@ def test_sft_zero0_matches_reference_logs_and_exports(sft_zero0, art):
     assert staging.is_dir() and not any(staging.iterdir())
     # The export loads in plain transformers, equals the reference's weights, and equals the
     # final checkpoint's module weights exactly.
-    exported = _load_hf(res.model_dir)
+    exported = load_hf(res.model_dir)
     assert_same_weights(ref["strong"].state_dict(), exported)
     ckpt = torch.load(Path(res.checkpoint_path, "ds", "mp_rank_00_model_states.pt"), weights_only=False)
     sd = exported.state_dict()
@@ -91,10 +77,12 @@ def test_sft_zero0_matches_reference_logs_and_exports(sft_zero0, art):
 
 
 def test_sft_twice_gives_bit_identical_weights(sft_zero0, art, tmp_path):
-    """Same seed, same config, same machine: a second SFT run (2 DeepSpeed workers on Ray Train)
-    exports the same weights bit for bit and logs the same losses and gradient norms."""
+    """Same seed, same config, same machine: a second SFT run exports the same weights bit for bit
+    and logs the same losses and gradient norms. The second run is the same rank loop on 2
+    forked ranks without Ray Train, so this also shows that the Ray edge (worker group, report,
+    checkpoint upload) changes nothing in what is trained."""
     cfg, first, _ = sft_zero0
-    again = train_phase(cfg, "sft", art["strong"], None, art["tokenized"], None, str(tmp_path / "again"))
+    again = train_on_forked_ranks(cfg, "sft", art["strong"], None, art["tokenized"], None, str(tmp_path / "again"))
     from safetensors.torch import load_file
 
     wa = load_file(str(Path(first.model_dir) / "model.safetensors"))
@@ -111,63 +99,12 @@ def test_the_controller_of_a_run_never_imports_transformers_or_deepspeed(sft_zer
     assert sft_zero0[2] == {"heavy": []}
 
 
-def _joint(stage: int, paths: dict, out: str, **kw):
-    cfg = _cfg(stage, weak_lr=1e-3, **kw)
-    return cfg, train_phase(cfg, "wmss", paths["strong"], paths["weak"], paths["tokenized"], paths["sampled"],
-                            out, mode="joint")
-
-
-@pytest.fixture(scope="module")
-def joint_zero3(ray_cluster, art_tied, tmp_path_factory):
-    """WMSS joint at ZeRO-3 with tied embeddings, padded: checked against the reference below and
-    the padded side of the packing test (one run for both)."""
-    return _joint(3, art_tied, str(tmp_path_factory.mktemp("joint_z3")))
-
-
-@pytest.mark.parametrize("stage", [2, 3])
-def test_wmss_joint_matches_reference_under_zero(ray_cluster, art, art_tied, tmp_path, stage, request):
-    """Stage 2 (untied) and stage 3 (tied embeddings: the head is the embedding matrix, gathered
-    as an external parameter of the pair module) give the reference trajectory."""
-    paths = art if stage == 2 else art_tied
-    cfg, res = _joint(2, art, str(tmp_path / "out")) if stage == 2 else request.getfixturevalue("joint_zero3")
-    metrics = read_metrics(res.metrics_path)
-    ref = reference_run(paths, cfg, "wmss", "joint", STEPS)
-    assert_trajectory(metrics, ref)
-    assert all(m["phase"] == "wmss" and 0 < m["nontarget_ratio"] for m in metrics)
-    exported = _load_hf(res.model_dir)
-    assert_same_weights(ref["strong"].state_dict(), exported)
-    if stage == 3:  # the gathered export equals DeepSpeed's own consolidation of the fp32 shards
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        full = get_fp32_state_dict_from_zero_checkpoint(res.checkpoint_path, tag="ds")
-        sd = exported.state_dict()
-        for key, value in full.items():
-            if key.startswith("strong."):
-                assert torch.equal(value, sd[key.removeprefix("strong.")]), key
-
-
-def test_packed_wmss_joint_zero3_matches_the_padded_reference(joint_zero3, art_tied, tmp_path):
-    """Packing on 2 workers at ZeRO-3 (mix on, tied embeddings): per-step losses and gradient
-    norms equal the padded run's within 1e-5, and follow the full-batch reference."""
-    padded_cfg, padded_res = joint_zero3
-    assert not padded_cfg.training.packing
-    cfg, packed_res = _joint(3, art_tied, str(tmp_path / "packed"), packing=True)
-    runs = {False: (padded_res, read_metrics(padded_res.metrics_path)),
-            True: (packed_res, read_metrics(packed_res.metrics_path))}
-    for key in ("loss", "ce_strong", "grad_norm", "n_tokens", "p_mix"):
-        padded, packed = ([m[key] for m in runs[p][1]] for p in (False, True))
-        assert np.allclose(packed, padded, rtol=1e-5, atol=1e-7), (key, padded, packed)
-    ref = reference_run(art_tied, cfg, "wmss", "joint", STEPS)
-    assert_trajectory(runs[True][1], ref)
-    assert_same_weights(ref["strong"].state_dict(), _load_hf(runs[True][0].model_dir))
-
-
 @pytest.fixture(scope="module")
 def interrupted(ray_cluster, art, tmp_path_factory):
     """WMSS frozen, ZeRO-0: stopped after step 2, resumed by a second call in which rank 1
     SIGKILLs itself after step 5 (once); Ray Train replaces the group and resumes again."""
     out = str(tmp_path_factory.mktemp("interrupted"))
-    cfg = _cfg(0, max_failures=1)
+    cfg = two_worker_cfg(0, max_failures=1)
     args = (cfg, "wmss", art["strong"], art["weak"], art["tokenized"], art["sampled"], out)
     first = train_phase(*args, mode="frozen", stop_after=2, export_at_stop=True)
     os.environ[FAULT_ENV] = "1:5"
@@ -192,14 +129,14 @@ def test_stop_and_resume_reproduces_uninterrupted_run(interrupted, art):
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
     ref = reference_run(art, cfg, "wmss", "frozen", STEPS)
     assert_trajectory(metrics, ref)
-    assert_same_weights(ref["strong"].state_dict(), _load_hf(second.model_dir))
+    assert_same_weights(ref["strong"].state_dict(), load_hf(second.model_dir))
 
 
 def test_export_at_stop_exports_the_model_of_the_stop_step(interrupted, art):
     """What a tune trial evaluates between chunks is the strong model after exactly that step."""
     cfg, first, _, out = interrupted
     ref = reference_run(art, cfg, "wmss", "frozen", 2)
-    assert_same_weights(ref["strong"].state_dict(), _load_hf(os.path.join(out, INTERIM_MODEL)))
+    assert_same_weights(ref["strong"].state_dict(), load_hf(os.path.join(out, INTERIM_MODEL)))
 
 
 def test_sigkilled_worker_is_replaced_and_resumes_from_checkpoint(interrupted):

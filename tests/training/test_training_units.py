@@ -1,8 +1,8 @@
 """Training building blocks without Ray: the real step code (PhaseWorker) in one process against
 a plain-torch reference loop (the data plan, row reader and DeepSpeed config: test_dataset.py).
 
-Also home of the shared helpers (tiny artefacts, the reference loop) used by
-``test_training_ray.py``.
+Also home of the shared helpers (tiny artefacts, the 2-worker run config, the reference loop)
+used by ``test_training_ray.py``, ``test_rank_loop.py`` and ``weak_pool/test_pool_training.py``.
 """
 
 from __future__ import annotations
@@ -69,6 +69,26 @@ def tiny_cfg(**training):
     t.update(training)
     workers = t.pop("num_workers", 1)
     return config_from_dict({"training": t, "mix": {"lam": 0.5}, "scaling": {"num_workers": workers}})
+
+
+#: Optimizer steps of a 2-worker run: 40 rows, global batch 2 x 2 x 2 = 8: 5 steps per epoch, so
+#: step 6 is in epoch 2.
+TWO_WORKER_STEPS = 6
+
+
+def two_worker_cfg(stage: int, **kw):
+    """A 2-worker run at ZeRO ``stage``: 1.5 epochs capped at ``TWO_WORKER_STEPS``, a checkpoint
+    every 2 steps; ``kw`` are further ``training`` keys."""
+    return tiny_cfg(zero_stage=stage, sft_epochs=1.5, wmss_epochs=1.5, max_steps=TWO_WORKER_STEPS,
+                    checkpoint_every=2, num_workers=2, **kw)
+
+
+def load_hf(model_dir: str):
+    """An exported model as plain transformers loads it (its tokenizer too), fp32."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoTokenizer.from_pretrained(model_dir)
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
 
 def reference_run(paths: dict[str, str], cfg, phase: str, mode: str, steps: int) -> dict:

@@ -5,7 +5,9 @@ exported weights match, for R = 2 x S = 1 and for R = 1 x S = 2 (ZeRO-3 shards),
 (``training.packing``) against the padded colocated run, with a pool shard SIGKILLed mid-run
 (the replica is re-formed, the request retried: no step lost or repeated). ``top_k < V``: the
 step-1 loss (same weights in both runs) differs from the exact one by less than the logged bound,
-and the sampled measured error is below its bound.
+and the sampled measured error is below its bound. The colocated reference runs on 2 forked ranks
+(``tests/training/forked_ranks.py``: the same rank loop, no Ray Train start-up); the pool runs stay
+on Ray Train, their weak model is served by Ray actors.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.training.test_training_ray import _load_hf
-from tests.training.test_training_units import assert_same_weights, make_artifacts, tiny_cfg
+from tests.training.forked_ranks import train_on_forked_ranks
+from tests.training.test_training_units import assert_same_weights, load_hf, make_artifacts, tiny_cfg
 from wmss_ray.io.files import read_metrics
 from wmss_ray.training.trainer import train_phase
 from wmss_ray.weak_pool.group import POOL_FAULT_ENV
@@ -46,8 +48,11 @@ def _train(cfg, art, out):
 
 
 @pytest.fixture(scope="module")
-def colocated(ray_cluster, art, tmp_path_factory):
-    res = _train(_pool_cfg(), art, tmp_path_factory.mktemp("colocated"))
+def colocated(art, tmp_path_factory):
+    """The reference: colocated frozen WMSS on 2 forked ranks (the rank loop Ray Train runs; the
+    colocated weak model needs no Ray actors, so no Train worker group's start-up for it)."""
+    res = train_on_forked_ranks(_pool_cfg(), "wmss", art["strong"], art["weak"], art["tokenized"], art["sampled"],
+                                str(tmp_path_factory.mktemp("colocated")))
     return res, read_metrics(res.metrics_path)
 
 
@@ -58,20 +63,21 @@ def _assert_equal_runs(res, colocated):
     for got, want in zip(metrics, ref):
         assert abs(got["loss"] - want["loss"]) <= 1e-5, (got["loss"], want["loss"])
         assert got["trunc_bound"] == 0 and got["weak_tail_mass_max"] == 0
-    assert_same_weights(_load_hf(ref_res.model_dir).state_dict(), _load_hf(res.model_dir))
+    assert_same_weights(load_hf(ref_res.model_dir).state_dict(), load_hf(res.model_dir))
     return metrics
 
 
-def test_dense_pool_two_replicas_equals_colocated_frozen(art, colocated, tmp_path):
+def test_dense_pool_two_replicas_equals_colocated_frozen(ray_cluster, art, colocated, tmp_path):
     res = _train(_pool_cfg(top_k=0, replicas=2, shards=1), art, tmp_path / "out")
     metrics = _assert_equal_runs(res, colocated)
     assert metrics[0]["weak_checkpoint"] and metrics[0]["n_sampled"] > 0
     assert metrics[0]["trunc_error_sampled_max"] < 1e-5  # dense: the sampled error is rounding only
-    vocab = _load_hf(res.model_dir).config.vocab_size
+    vocab = load_hf(res.model_dir).config.vocab_size
     assert all(m["pool_reply_bytes_per_token"] == 4 * vocab for m in metrics)  # dense fp32 rows, nothing else
 
 
-def test_packed_pool_zero3_shards_survive_a_sigkill_and_equal_padded_colocated(art, colocated, tmp_path):
+def test_packed_pool_zero3_shards_survive_a_sigkill_and_equal_padded_colocated(ray_cluster, art, colocated,
+                                                                              tmp_path):
     """training.packing over the pool: packed [1, L] requests (ids + position_ids, no mask) on a
     ZeRO-3-sharded replica (S = 2) give the padded colocated run's per-step losses and weights,
     with a shard SIGKILLed mid-run (re-formed, the request retried). One run for both claims: a
@@ -89,7 +95,7 @@ def test_packed_pool_zero3_shards_survive_a_sigkill_and_equal_padded_colocated(a
     _assert_equal_runs(res, colocated)
 
 
-def test_top_k_pool_error_is_below_the_logged_bound(art, colocated, tmp_path):
+def test_top_k_pool_error_is_below_the_logged_bound(ray_cluster, art, colocated, tmp_path):
     res = _train(_pool_cfg(top_k=4, prefetch=0, exact_sample=32, error_warn=1e-9), art, tmp_path / "out")
     metrics = read_metrics(res.metrics_path)
     first, ref_first = metrics[0], colocated[1][0]

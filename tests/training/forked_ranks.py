@@ -1,0 +1,199 @@
+"""Test support: one training phase on ranks forked from the test process (gloo, CPU), no Ray.
+
+:func:`train_on_forked_ranks` is ``trainer.train_phase`` without Ray Train's edge: the same
+``build_spec`` (inputs checked, data plan, epoch rows), then ``cfg.scaling.num_workers`` ranks
+forked from this process, each running ``rank_loop.run_rank`` (the loop Ray Train's workers run),
+and the same end-of-run checks. For tests about the step (losses, gradient norms, weights against
+the plain reference), not about Ray Train's start-up, restore or fault tolerance.
+
+Why fork: a Ray Train fit on the 2-core test box costs ~13-15 s wall (~20 CPU-s), almost all of
+it start-up (controller, placement-group cleaner, sync actor, 2 worker processes importing
+torch, transformers and DeepSpeed); the tiny training itself is ~1.5 s. Forked ranks start with
+the modules this process already imported. A fresh pair of ranks per run: DeepSpeed keeps state
+in module globals (ZeRO-3's ``FWD_MODULE_STACK`` after destroy, the comm backend), which a
+long-lived worker group would carry from one run into the next.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import socket
+import tempfile
+import traceback
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Any
+
+from wmss_ray.io import storage
+from wmss_ray.io.files import read_metrics
+from wmss_ray.training.checkpointing import UntrainedStepsError, check_trained_all_steps
+from wmss_ray.training.rank_loop import RUN_NAME, run_rank
+from wmss_ray.training.trainer import TrainResult, build_spec, checkpoint_states
+
+
+class RankFailed(RuntimeError):
+    """A forked rank exited non-zero; the message holds its exit code and traceback."""
+
+
+def train_on_forked_ranks(cfg, phase: str, strong_init: str, weak_init: str | None, tokenized: str,
+                          sampled: str | None, out_dir: str, mode: str | None = None,
+                          **build_spec_kw: Any) -> TrainResult:
+    """Train one phase from step 0 on ``cfg.scaling.num_workers`` forked gloo ranks (CPU).
+
+    Arguments as ``train_phase`` (``build_spec_kw``: ``epochs``, ``exact_steps``, ``stop_after``,
+    ``export_at_stop``, ``fingerprint``). Each checkpoint's files from every rank are merged into
+    ``<out_dir>/ray_train/checkpoint_<step:06d>/``, as Ray Train merges them, so the result reads
+    like ``train_phase``'s: ``model_dir`` (None when stopped early), ``metrics_path``, ``steps``,
+    ``total_steps``, ``checkpoint_path`` (the last checkpoint), ``final_metrics``.
+
+    Raises:
+        ValueError: ``out_dir`` already holds checkpoints (forked ranks never resume).
+        RankFailed: a rank exited non-zero (the first failed rank's exit code and traceback).
+        UntrainedStepsError: the last checkpoint does not show every planned step trained.
+    """
+    spec = build_spec(cfg, phase, strong_init, weak_init, tokenized, sampled, out_dir, mode, **build_spec_kw)
+    if checkpoint_states(spec.out_dir):
+        raise ValueError(f"{spec.out_dir}: holds checkpoints; forked ranks start from step 0 only")
+    _import_what_ranks_use()
+    world = cfg.scaling.num_workers
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="wmss-forked-ranks-") as errors:
+        ctx = multiprocessing.get_context("fork")  # the children start with this process's imports
+        procs = [ctx.Process(target=_rank_main, args=(cfg, spec, rank, world, port, errors), name=f"rank{rank}")
+                 for rank in range(world)]
+        for p in procs:
+            p.start()
+        _join_or_raise(procs, Path(errors))
+    return _result(spec)
+
+
+def _import_what_ranks_use() -> None:
+    """Import the ranks' libraries here, once, before the fork (each rank importing them itself:
+    ~10 s of its start-up on the 2-core test box)."""
+    import deepspeed  # noqa: F401
+    import transformers  # noqa: F401
+
+    import wmss_ray.models.loading  # noqa: F401
+    import wmss_ray.training.worker  # noqa: F401
+
+
+def _rank_main(cfg, spec, rank: int, world: int, port: int, errors: str) -> None:
+    """A forked rank: a fresh gloo group of ``world`` ranks on 127.0.0.1:``port``, then ``run_rank``.
+
+    Never touches Ray (the test process may hold a live Ray driver). Any exception is written to
+    ``<errors>/rank<rank>.txt`` and the process exits 1."""
+    import faulthandler
+
+    crash = open(Path(errors, f"rank{rank}.crash"), "w")
+    faulthandler.enable(crash)  # a segfault's Python stack (the traceback file covers exceptions)
+    try:
+        import torch
+        import torch.distributed as dist
+
+        # as a Ray Train worker: one intra-op thread (its runtime env sets OMP_NUM_THREADS=1), and
+        # OpenMP with one thread never needs the thread pool the parent may have started before fork
+        torch.set_num_threads(1)
+        drop_inherited_groups()
+        # what Ray Train's TorchConfig sets and DeepSpeed's init_distributed reads
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                          WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        # no destroy_process_group at the end: the rank exits right after (the group dies with it),
+        # and gloo's shutdown there hangs in a long test session with both ranks done (py-spy: pg shutdown)
+        run_rank(cfg, spec, rank, world, torch.device("cpu"), report=_merge_into(spec.out_dir))
+    except BaseException:
+        Path(errors, f"rank{rank}.txt").write_text(traceback.format_exc())
+        _exit(1)
+    _exit(0)
+
+
+def _exit(code: int) -> None:
+    """Leave without the parent's exit handlers (its Ray driver's) and without joining threads
+    the rank left behind (the loop closed its files)."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def drop_inherited_groups() -> None:
+    """Forget the process group and DeepSpeed state this process inherited (the test session's
+    1-rank group of ``init_single_process``, DeepSpeed's comm backend and cached groups, ZeRO-3's
+    forward-module stack), so that the rank starts as a fresh Ray Train worker would.
+
+    The inherited group is dropped, not destroyed: its gloo threads and store server did not
+    survive the fork, and ``destroy_process_group`` joins them (a segfault in the child). Its
+    objects stay referenced, unused, until the rank exits.
+    """
+    import sys
+
+    from torch.distributed import distributed_c10d as c10d
+
+    if c10d.is_initialized():
+        _ABANDONED.append(c10d._world)
+        c10d._world = c10d._World()
+        c10d._unregister_all_process_groups()
+    ds_comm = sys.modules.get("deepspeed.comm.comm")
+    if ds_comm is not None:
+        ds_comm.cdb = None  # deepspeed.initialize builds its backend over the new group
+        sys.modules["deepspeed.utils.groups"]._release_process_group_references(None)  # its world clone
+    offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
+    if offload is not None:
+        offload.FWD_MODULE_STACK.clear()
+
+
+#: The process-group state a forked rank inherited and dropped (kept alive: see above).
+_ABANDONED: list = []
+
+
+def _merge_into(out_dir: str):
+    """``run_rank``'s ``report``: copy a checkpoint's files into ``<out_dir>/ray_train/<name>/``
+    (every rank adds its own files: rank 0's module and trainer state, each rank's ZeRO shards)."""
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None, name: str | None) -> None:
+        if checkpoint_dir is not None:
+            shutil.copytree(checkpoint_dir, os.path.join(out_dir, RUN_NAME, name), dirs_exist_ok=True)
+
+    return report
+
+
+def _join_or_raise(procs: list, errors: Path) -> None:
+    """Wait for every rank; at the first non-zero exit kill the others (they would wait in a
+    collective for the dead rank) and raise its exit code and traceback."""
+    running = list(procs)
+    while running:
+        for sentinel in wait([p.sentinel for p in running]):
+            p = next(p for p in running if p.sentinel == sentinel)
+            p.join()
+            running.remove(p)
+            if p.exitcode != 0:
+                for other in running:
+                    other.kill()  # only processes this call started, by their handle
+                    other.join()
+                detail = "".join(f.read_text() for f in (errors / f"{p.name}.txt", errors / f"{p.name}.crash")
+                                  if f.exists()) or "(no traceback)"
+                raise RankFailed(f"{p.name} (pid {p.pid}) exited with code {p.exitcode}:\n{detail}")
+
+
+def _result(spec) -> TrainResult:
+    """``train_phase``'s result and end-of-run check, from what the ranks wrote."""
+    out = spec.out_dir
+    metrics_path = storage.join(out, "metrics.jsonl")
+    records = read_metrics(metrics_path) if storage.exists(metrics_path) else []
+    states = checkpoint_states(out)
+    if not states:
+        raise UntrainedStepsError(f"{out}: the ranks ended without a checkpoint of step {spec.end_step}")
+    where, last = max(states, key=lambda ws: int(ws[1].get("step", -1)))
+    check_trained_all_steps(last, where, spec.fingerprint, spec.end_step)
+    finished = spec.end_step == spec.plan.total_steps
+    return TrainResult(model_dir=storage.join(out, "model") if finished else None, metrics_path=metrics_path,
+                       steps=spec.end_step, final_metrics=records[-1] if records else {}, checkpoint_path=where,
+                       total_steps=spec.plan.total_steps)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
