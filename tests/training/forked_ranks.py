@@ -33,6 +33,10 @@ from wmss_ray.training.rank_loop import RUN_NAME, run_rank
 from wmss_ray.training.trainer import TrainResult, build_spec, checkpoint_states
 
 
+#: A forked rank that has not finished after this long dumps its stacks and exits (a hang).
+RANK_DEADLINE_S = 600
+
+
 class RankFailed(RuntimeError):
     """A forked rank exited non-zero; the message holds its exit code and traceback."""
 
@@ -88,6 +92,9 @@ def _rank_main(cfg, spec, rank: int, world: int, port: int, errors: str) -> None
 
     crash = open(Path(errors, f"rank{rank}.crash"), "w")
     faulthandler.enable(crash)  # a segfault's Python stack (the traceback file covers exceptions)
+    # a hang guard, not a speed limit (a tiny run takes seconds): a rank stuck in a collective
+    # dumps every thread's stack into its crash file and exits 1, which _join_or_raise reports
+    faulthandler.dump_traceback_later(RANK_DEADLINE_S, exit=True, file=crash)
     try:
         import torch
         import torch.distributed as dist
