@@ -24,13 +24,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/wmss demo
 
-# Two test processes (pytest-xdist): one runs the tiny-run group (the job, end-to-end, sweep and
-# rerun tests that share the session's tiny run), the other the rest, module by module
-# (tests/conftest.py: xdist_group_of). TEST_WORKERS=0 runs it in one process.
+# Two test processes (pytest-xdist), fed whole groups by tests/conftest.py's scheduler
+# (xdist_group_of): the tiny-run group (the job, end-to-end, sweep and rerun tests that share the
+# session's tiny run), the S3 users, every other folder. TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25 tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=25 tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/loss_memory.py

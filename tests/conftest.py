@@ -58,24 +58,28 @@ TINY = REPO / "configs" / "test-tiny.yaml"
 TINY_JOB_DEADLINE_S = 720
 
 
-#: The xdist group of every test that reads the session's tiny run (``tiny_job_run``) or uses
-#: the token-auth head: one worker runs them all, so the tiny pipeline is trained once.
-TINY_RUN_GROUP = "tiny_run"
-#: The xdist group of every test on the S3 server: one at a time, since the object-storage run
-#: checks that it leaves no ``wmss-*`` temp dir, which any other object-store test makes a while.
-OBJECT_STORE_GROUP = "object_store"
+#: The files whose tests read the session's tiny run (``tiny_job_run``) or use the token-auth
+#: head: one xdist worker runs them all, so the tiny pipeline is trained once.
+#: (tests/test_session_env.py checks these sets against the collected tests' fixtures.)
+TINY_RUN_FILES = frozenset({"tests/cli/test_submit_real.py", "tests/test_pipeline_e2e.py",
+                            "tests/sweep/test_sweep.py", "tests/test_rerun.py"})
+#: The files whose tests use the S3 server: one at a time, since the object-storage run checks
+#: that it leaves no ``wmss-*`` temp dir, which any other object-store test makes for a while.
+OBJECT_STORE_FILES = frozenset({"tests/cli/test_check_cluster.py", "tests/io/test_storage.py",
+                                "tests/stages/test_report_storage.py", "tests/test_pipeline_object_storage.py",
+                                "tests/test_plan.py", "tests/training/test_metrics.py"})
 
 
-def xdist_group_of(fixturenames, path: str) -> str:
-    """Where ``make test`` (pytest-xdist, ``--dist loadgroup``) runs a test (``path``: its file,
-    relative to the repository): the tiny-run group for the readers of the session's tiny run and
-    the head's users; the object-store group for the S3 server's users; else its folder's group (a folder's conftest may share session fixtures,
-    e.g. tests/stages' tokenised corpus), or for a file at the top of tests/ its own group. Module
-    and folder fixtures (trained tiny models, runs) are then built once, as without xdist."""
-    if {"tiny_job_run", "ray_head"} & set(fixturenames):
-        return TINY_RUN_GROUP
-    if "s3_server" in fixturenames:
-        return OBJECT_STORE_GROUP
+def xdist_group_of(path: str) -> str:
+    """Which xdist worker group runs the tests of ``path`` (a test file, relative to the
+    repository) under ``make test``: the tiny-run group, the object-store group, else the file's
+    folder (a folder's conftest may share session fixtures, e.g. tests/stages' tokenised corpus),
+    or for a file at the top of tests/ the file itself. A group runs whole on one worker, so its
+    session and module fixtures (trained tiny models, runs) are built once, as without xdist."""
+    if path in TINY_RUN_FILES:
+        return "tiny_run"
+    if path in OBJECT_STORE_FILES:
+        return "object_store"
     folder = posixpath.dirname(path)
     return path if folder == "tests" else folder
 
@@ -85,7 +89,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_GPU:
             item.add_marker(skip_gpu)
-        item.add_marker(pytest.mark.xdist_group(xdist_group_of(getattr(item, "fixturenames", ()), item.nodeid.split("::")[0])))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``make test``'s scheduler: xdist's load-scope scheduling with :func:`xdist_group_of` as the
+    scope, whatever ``--dist`` says. (xdist's own ``--dist loadgroup`` marks do nothing under
+    pytest 9: xdist 3.8 renames ``item._nodeid``, which pytest 9 no longer reads.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group_of(nodeid.split("::")[0])
+
+    return GroupScheduling(config, log)
 
 
 def _object_store_env_first(request) -> None:
