@@ -46,3 +46,11 @@ def test_xdist_groups_keep_the_tiny_run_on_one_worker_and_folders_whole(request)
 def test_make_test_runs_two_xdist_workers():
     makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
     assert "-n $(TEST_WORKERS)" in makefile and "TEST_WORKERS ?= 2" in makefile
+
+
+def test_one_intra_op_thread_per_test_process():
+    """Two test processes beside Ray's on 2 cores: one OpenMP / torch thread each, as Ray's
+    workers (tests/conftest.py says why, with figures)."""
+    import torch
+
+    assert os.environ.get("OMP_NUM_THREADS") == "1" and torch.get_num_threads() == 1
