@@ -92,11 +92,25 @@ def xdist_group_of(path: str) -> str:
     return path if folder == "tests" else folder
 
 
+#: The groups that take longest (BENCHMARKS.md: the 20 slowest), scheduled first, longest first:
+#: a long group started last would leave the other worker idle at the end.
+SLOW_GROUPS_FIRST = ("tiny_run", "tests/weak_pool", "tests/training", "object_store", "tests/stages",
+                     "tests/test_byo_model.py", "tests/data", "tests/test_gpu_check.py")
+
+
+def _group_rank(item) -> int:
+    group = xdist_group_of(item.nodeid.split("::")[0])
+    return SLOW_GROUPS_FIRST.index(group) if group in SLOW_GROUPS_FIRST else len(SLOW_GROUPS_FIRST)
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords and not HAS_GPU:
             item.add_marker(skip_gpu)
+    # the slow groups first (a stable sort: every group keeps its tests' order); every xdist
+    # worker sorts alike, and the scheduler takes the groups in this order
+    items.sort(key=_group_rank)
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -104,6 +118,8 @@ def pytest_xdist_make_scheduler(config, log):
     scope, whatever ``--dist`` says. (xdist's own ``--dist loadgroup`` marks do nothing under
     pytest 9: xdist 3.8 renames ``item._nodeid``, which pytest 9 no longer reads.)"""
     from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False  # keep the groups in collection order: slow ones first
 
     class GroupScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
