@@ -34,7 +34,10 @@ print(json.dumps({"shm_op": ds_comm.cdb.shm_comm_op is not None, "ds_initialized
 def test_training_engine_starts_deepspeed_comm_without_building_the_shm_op(tmp_path):
     cache = tmp_path / "torch_extensions"
     cache.mkdir()
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(cache), "PYTHONPATH": str(REPO)}
+    # not this process's group: a test before may have made one here (its MASTER_PORT is taken)
+    dist_env = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+    env = {k: v for k, v in os.environ.items() if k not in dist_env}
+    env.update(TORCH_EXTENSIONS_DIR=str(cache), PYTHONPATH=str(REPO))
     out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"shm_op": False, "ds_initialized": True}
