@@ -152,6 +152,28 @@ def lora_sources(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str |
     return out
 
 
+def check_lora_strong(cfg: WMSSConfig) -> None:
+    """``training.lora`` with a user's ``models.strong``: its tokenizer must be the weak model's
+    (``models.weak``, else ``models.base``), checked before any phase runs.
+
+    Raises:
+        LoraConfigError: naming both keys, both directories and what differs.
+    """
+    m = cfg.models
+    weak_key = "models.weak" if m.weak else "models.base"
+    weak = m.weak or (None if m.demo else m.base)
+    if not (cfg.training.lora.enabled and m.strong and weak):
+        return
+    from wmss_ray.models.loading import IncompatibleModelsError, check_pair_compatible
+    from wmss_ray.models.lora import LoraConfigError
+
+    try:
+        check_pair_compatible(weak, m.strong, m.trust_remote_code)
+    except IncompatibleModelsError as err:
+        raise LoraConfigError(f"training.lora is on and models.strong {storage.redact(m.strong)} gets an adapter, "
+                              f"but its tokenizer differs from {weak_key} {storage.redact(weak)}: {err}") from None
+
+
 def checkpoint_states(out_dir: str) -> list[tuple[str, dict[str, Any]]]:
     """``(checkpoint dir, trainer state)`` of every Ray Train checkpoint under ``<out_dir>/ray_train``."""
     states = []
