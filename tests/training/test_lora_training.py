@@ -132,10 +132,12 @@ def test_activation_checkpointing_gives_the_same_losses_with_two_trained_adapter
     """Joint, iteration 2: the weak adapter is trained on the shared base, so the weak forward's
     checkpointed layers are recomputed in backward; they must run with the weak adapter, not with
     the strong one that is active again by then."""
-    runs = {}
+    runs, decoders = {}, {}
     for gc in (False, True):
-        _, runs[gc] = _run_worker(_iteration(m2, 2), _cfg(gradient_checkpointing=gc, weak_lr=2e-3), "wmss", "joint",
-                                  3, tmp_path / f"gc{gc}")
+        worker, runs[gc] = _run_worker(_iteration(m2, 2), _cfg(gradient_checkpointing=gc, weak_lr=2e-3), "wmss",
+                                       "joint", 3, tmp_path / f"gc{gc}")
+        decoders[gc] = worker.pair.strong.get_base_model().model
+    assert decoders[True].training and decoders[True].gradient_checkpointing and not decoders[False].gradient_checkpointing
     _assert_same(runs[True], runs[False])
 
 

@@ -110,7 +110,9 @@ def attach_adapters(model: nn.Module, lora, model_dir: str, trained: str | None,
     def config_of(adapter_dir: str | None):
         if adapter_dir is None:
             return fresh
-        return PeftConfig.from_pretrained(storage.local_model_dir(adapter_dir))
+        saved = PeftConfig.from_pretrained(storage.local_model_dir(adapter_dir))
+        saved.inference_mode = False  # PEFT saves adapters as inference-only; which train is set below
+        return saved
 
     model.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
