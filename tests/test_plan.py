@@ -385,3 +385,54 @@ def test_a_missing_or_unreadable_model_directory_is_one_line_and_exit_2(tmp_path
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith(f"wmss: {key}: ") and str(model) in err
     assert not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_lora_adapter_count_is_what_peft_builds():
+    """``lora_params`` from the shape alone equals the trainable parameters PEFT adds (all-linear
+    and a name list), on a Qwen3-architecture model with q/k norms and GQA."""
+    from wmss_ray.config.schema import DemoModelConfig, LoraConfig
+    from wmss_ray.models.lora import attach_adapters
+    from wmss_ray.models.tiny import build_tiny_model
+    from wmss_ray.models.tokenizer import build_demo_tokenizer
+    from wmss_ray.plan import lora_params, shape_from_model
+
+    tok = build_demo_tokenizer()
+    mc = DemoModelConfig(arch="qwen3", hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2)
+    for lora in (LoraConfig(r=4), LoraConfig(r=2, target_modules=["q_proj", "down_proj"])):
+        model = build_tiny_model(mc, tok, 0)
+        shape = shape_from_model(model, "tiny")
+        peft_model = attach_adapters(model, lora, "tiny", None, False, False, 0)
+        assert sum(p.numel() for p in peft_model.parameters() if p.requires_grad) == lora_params(shape, lora)
+
+
+def test_lora_plan_holds_the_base_once_and_trains_adapter_states_only():
+    """4B at ZeRO-3 on 16 GPUs, r 16: the shared-base weak model costs no weights; gradients and
+    optimizer states are the adapter's; a separate weak model (``models.weak``) is a second copy;
+    joint trains a second adapter; checkpoints stage adapters only."""
+    from wmss_ray.plan import lora_params
+
+    lora = {"lora": {"r": 16}}
+    full = phase_bytes(_cfg(mix={"mode": "frozen"}), "wmss", S4B, S4B)
+    shared = phase_bytes(_cfg(mix={"mode": "frozen"}, training=lora), "wmss", S4B, S4B)
+    sft = phase_bytes(_cfg(training=lora), "sft", S4B, S4B)
+    a = lora_params(S4B, _cfg(training=lora).training.lora)
+    assert a == 16 * 36 * (7 * 2560 + 2 * 4096 + 2 * 1024 + 3 * 9728)  # 33M: 0.8 % of the 4B
+    assert shared["params"] == sft["params"] == 2 * (S4B.params + a) / 16  # one base (+ adapter), bf16, partitioned
+    assert shared["optimizer"] == 12 * a / 16 and shared["grads"] == 4 * a / 16
+    assert shared["loss_head_grads"] == shared["embedding_grads"] == 0  # head and embedding frozen
+    assert full["params"] == 2 * 2 * S4B.params / 16 and full["optimizer"] == 12 * S4B.params / 16
+    separate = phase_bytes(_cfg(mix={"mode": "frozen"}, training=lora, models={"demo": False, "base": "/m0",
+                                                                               "weak": "/w"},
+                                data={"train": "/d"}), "wmss", S4B, S4B)
+    assert separate["params"] == shared["params"] + 2 * S4B.params / 16  # the weak model's own copy
+    joint = phase_bytes(_cfg(mix={"mode": "joint"}, training=lora), "wmss", S4B, S4B)
+    assert joint["params"] == shared["params"] + 2 * a / 16 and joint["optimizer"] == 2 * shared["optimizer"]
+    st = staging_bytes(_cfg(mix={"mode": "frozen"}, training=lora), "wmss", S4B, S4B, 8)
+    assert st["rank"] == 12 * a / 16  # the adapter's optimizer partition; the base is never checkpointed
+
+
+def test_plan_prints_the_lora_line(capsys):
+    from wmss_ray.plan import format_plan
+
+    text = format_plan(load_config(REPO / "configs" / "demo.yaml", ["training.lora.r=8"]), None)
+    assert "lora: r 8, alpha 16:" in text and "weak model: the strong model's base with the adapter off" in text

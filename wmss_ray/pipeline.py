@@ -331,6 +331,10 @@ def run_pipeline(cfg: WMSSConfig, from_phase: str | None = None, until: str | No
     check_phase_names(phases, from_phase, until)
     ctx = RunContext(cfg, train_options)
     check_model_dirs(cfg)  # a missing model directory: one line naming its key, before Ray starts
+    if cfg.training.lora.enabled:  # a user's models.strong with another tokenizer: named before any phase
+        from wmss_ray.training.trainer import check_lora_strong
+
+        check_lora_strong(cfg)
     storage.check_reachable(ctx.run_dir)  # an unreachable store fails here, naming the URI
     save_config(cfg, storage.join(ctx.run_dir, "config.yaml"))
     return run_phases(ctx, phases, from_phase, until)

@@ -32,6 +32,14 @@ def test_every_shipped_yaml_loads_and_validates(path):
         out.unlink(missing_ok=True)
 
 
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_yaml_validates_with_lora_on(path):
+    """``--set training.lora.r=8`` on every shipped config: off by default, on by one key."""
+    assert load_config(path).training.lora.r == 0
+    cfg = load_config(path, ["training.lora.r=8"])
+    assert cfg.training.lora.enabled and cfg.training.lora.lora_alpha == 16.0
+
+
 def test_demo_yaml_is_the_embedded_default():
     assert load_config(REPO / "configs" / "demo.yaml") == WMSSConfig()
 

@@ -25,6 +25,7 @@ from wmss_ray.config.sections import (  # re-exported: the schema has one import
     DemoDataConfig,
     DemoModelConfig,
     EvaluationConfig,
+    LoraConfig,
     MixConfig,
     ModelsConfig,
     Phase0Config,
@@ -37,7 +38,7 @@ from wmss_ray.config.sections import (  # re-exported: the schema has one import
 )
 
 __all__ = [
-    "ConfigError", "CurriculumConfig", "DataConfig", "DemoDataConfig", "DemoModelConfig", "EvaluationConfig",
+    "ConfigError", "CurriculumConfig", "DataConfig", "DemoDataConfig", "DemoModelConfig", "EvaluationConfig", "LoraConfig",
     "MixConfig", "ModelsConfig", "Phase0Config", "RunConfig", "ScalingConfig", "ScoringConfig",
     "TrainingConfig", "TuneConfig", "WMSSConfig", "WeakPoolConfig", "RENAMED_KEYS", "SPACE_KINDS",
     "compile_answer_pattern",

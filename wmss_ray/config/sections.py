@@ -229,6 +229,42 @@ class MixConfig(ConfigSection):
         return self
 
 
+class LoraConfig(ConfigSection):
+    """``training.lora``: train LoRA adapters (PEFT) instead of every weight, in SFT and WMSS.
+
+    ``r: 0`` (default) trains every weight. With ``r > 0`` each phase trains an adapter on a
+    frozen base and exports the merged model (``<phase>/model``, plain safetensors) and the
+    adapter (``<phase>/model/adapter``, PEFT format). When the weak model is the strong model's
+    base (or that base plus an earlier adapter) the weak forward runs the same base weights
+    with the adapter switched off (or switched to the weak one): no second copy (docs/TRAINING.md).
+    """
+
+    r: int = Field(0, ge=0, description="adapter rank; 0 = off (full fine-tuning)")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha (the update is scaled by alpha / r); "
+                                "null: 2 r (scale 2 whatever the rank)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input (the trained adapter only)")
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear", description="'all-linear': every nn.Linear of attention and MLP of any HF causal LM "
+        "(the LM head excluded); or module names, each matching a module's name or its last dotted parts "
+        "(e.g. [q_proj, v_proj])")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _names_given(cls, v):
+        if isinstance(v, list) and (not v or not all(isinstance(n, str) and n.strip() for n in v)):
+            raise ValueError(f"must be 'all-linear' or a non-empty list of module names, got {v!r}")
+        return v
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+    @property
+    def lora_alpha(self) -> float:
+        """``alpha``, or ``2 r`` when unset."""
+        return self.alpha if self.alpha is not None else 2.0 * self.r
+
+
 class TrainingConfig(ConfigSection):
     """Training phases (SFT, WMSS, SFT-continued) on Ray Train + DeepSpeed.
 
@@ -274,6 +310,7 @@ class TrainingConfig(ConfigSection):
     ds_config_overrides: dict[str, Any] = Field(
         default_factory=dict, description="deep-merged into the generated DeepSpeed config (expert knobs)"
     )
+    lora: LoraConfig = LoraConfig()
 
     @field_validator("staging_dir")
     @classmethod

@@ -23,11 +23,19 @@ gradients 4P, optimizer 8P, partitioned the same way. A frozen weak model has pa
 (partitioned at ZeRO-3 alongside the strong one); a weak model in the inference pool
 (``mix.placement: pool``) takes nothing on the Train GPUs: it is on the pool's actors
 (:func:`pool_actor_bytes`, printed as its own line).
+
+LoRA (``training.lora``): the base weights are frozen (parameters only, as a frozen model) and
+only the adapters (:func:`lora_params`) have gradients and optimizer states. A weak model that is
+the strong model's own base (iteration 1 after an SFT-LoRA phase, and every later iteration:
+:func:`shares_base`) has no weights of its own: its forward runs the strong model's base with the
+adapter switched off; in joint mode its own adapter is trained.
 """
 
 from __future__ import annotations
 
-from wmss_ray.config.schema import WMSSConfig
+from typing import NamedTuple
+
+from wmss_ray.config.schema import LoraConfig, WMSSConfig
 from wmss_ray.io import storage
 from wmss_ray.losses.mixing import chunk_rows_for
 from wmss_ray.plan.shapes import ModelShape
@@ -125,6 +133,39 @@ def is_half(cfg: WMSSConfig) -> bool:
     return cfg.models.dtype in ("bfloat16", "float16") or (cfg.models.dtype == "auto" and cfg.scaling.use_gpu)
 
 
+class GpuModel(NamedTuple):
+    """One model's share of a Train GPU."""
+
+    shape: ModelShape
+    trained: bool  # gradients flow through it: its activations are kept for backward
+    weights: bool  # its own weights are here (False: the strong model's base, shared)
+    trained_params: int  # parameters with gradients and optimizer states (all, the adapter's, or 0)
+
+
+#: The linear layers ``training.lora.target_modules: all-linear`` adapts in an HF decoder layer,
+#: by their usual names, and each one's ``in + out`` as a function of the shape.
+_LORA_SIDES = {
+    "q_proj": lambda s: s.hidden + s.heads * s.head_dim, "k_proj": lambda s: s.hidden + s.kv_heads * s.head_dim,
+    "v_proj": lambda s: s.hidden + s.kv_heads * s.head_dim, "o_proj": lambda s: s.heads * s.head_dim + s.hidden,
+    "gate_proj": lambda s: s.hidden + s.intermediate, "up_proj": lambda s: s.hidden + s.intermediate,
+    "down_proj": lambda s: s.intermediate + s.hidden,
+}
+
+
+def lora_params(shape: ModelShape, lora: LoraConfig) -> int:
+    """Parameters of one adapter: ``r (in + out)`` per adapted linear layer (``A [r, in]``,
+    ``B [out, r]``), over every decoder layer; a target list counts the usual names it holds."""
+    names = _LORA_SIDES if lora.target_modules == "all-linear" else [n for n in lora.target_modules if n in _LORA_SIDES]
+    return lora.r * shape.layers * sum(_LORA_SIDES[n](shape) for n in names)
+
+
+def shares_base(cfg: WMSSConfig) -> bool:
+    """The WMSS weak model is the strong model's base (LoRA, colocated, no ``models.strong`` /
+    ``models.weak`` of the user's: weak M_{t-1} and strong M_t are adapters on M0)."""
+    m = cfg.models
+    return cfg.training.lora.enabled and cfg.mix.placement == "colocated" and not m.strong and not m.weak
+
+
 def phase_bytes(cfg: WMSSConfig, phase: str, strong: ModelShape, weak: ModelShape) -> dict[str, float]:
     """Per-GPU bytes by component for ``phase`` ("sft" or "wmss") under ``cfg``."""
     t, mix = cfg.training, cfg.mix
@@ -138,25 +179,37 @@ def phase_bytes(cfg: WMSSConfig, phase: str, strong: ModelShape, weak: ModelShap
                   offload_params=t.offload_params, world=world)
     out = dict.fromkeys(("params", "grads", "optimizer"), 0.0)
     models = train_gpu_models(cfg, phase, strong, weak)
-    for shape, trained in models:
-        for k, v in model_state_bytes(shape.params, shape.largest_layer_params, trained=trained, **states).items():
-            out[k] += v
-    out["zero3_gather"] = 4.0 * max(m.largest_layer_params for m, _ in models) if t.zero_stage == 3 else 0.0
+    lora = t.lora.enabled
+    for m in models:
+        parts = []
+        if not lora:  # full fine-tuning: the whole model trained, or frozen
+            parts.append(model_state_bytes(m.shape.params, m.shape.largest_layer_params, trained=m.trained, **states))
+        else:  # the frozen base (unless shared), the adapter's states
+            if m.weights:
+                parts.append(model_state_bytes(m.shape.params, m.shape.largest_layer_params, trained=False, **states))
+            if m.trained_params:
+                parts.append(model_state_bytes(m.trained_params, 0, trained=True, **states))
+        for part in parts:
+            for k, v in part.items():
+                out[k] += v
+    out["zero3_gather"] = 4.0 * max(m.shape.largest_layer_params for m in models) if t.zero_stage == 3 else 0.0
     for key, ckpt in (("activations", t.gradient_checkpointing), ("activations_alt", not t.gradient_checkpointing)):
-        out[key] = sum(activation_bytes(m, tokens, seq, mb, act_b, checkpointing=ckpt, eager=eager, trained=tr)
-                       for m, tr in models)
+        out[key] = sum(activation_bytes(m.shape, tokens, seq, mb, act_b, checkpointing=ckpt, eager=eager,
+                                        trained=m.trained) for m in models)
+    # the head and the embedding are trained only by full fine-tuning (LoRA adapts linear layers)
+    full = [m.shape for m in models if m.trained and not lora]
     chunk = chunk_rows_for(tokens, strong.vocab, mix.loss_chunk_mb(cfg.scaling.use_gpu))
     out["loss_chunk"] = 4.0 * min(chunk, tokens) * strong.vocab
     out["loss_chunk_rows"] = float(min(chunk, tokens))
     # fp32 accumulators of the head-weight gradients (+ their cast to bf16 at backward)
-    out["loss_head_grads"] = sum((4 + (2 if half else 0)) * m.vocab * m.hidden for m, tr in models if tr)
+    out["loss_head_grads"] = sum((4 + (2 if half else 0)) * m.vocab * m.hidden for m in full)
     # embedding gradient, w V D per trained model where no other line holds it: tied, the head's
     # share (the loss's backward) waits in autograd for the embedding lookup's share until the end
     # of the backward, one parameter's gradient; ZeRO-2, the full-size [V, D] gradient lives until
     # DeepSpeed's bucket takes it. (ZeRO-3: in the gathered-layer line, 2 bytes of gathered weight
     # + 2 of gradient per element; ZeRO-0/1: in the gradients line.)
     out["embedding_grads"] = float(sum(act_b * m.vocab * m.hidden * (int(m.tied) + int(t.zero_stage == 2))
-                                       for m, tr in models if tr))
+                                       for m in full))
     pool, p = phase == "wmss" and mix.placement == "pool", mix.pool
     # the pool's reply on this GPU (weak_pool.wire.device_reply_bytes) for N <= tokens answer
     # positions: N (12 k + 8) (top-k fp32 log-probs + int64 ids, label, tail), dense (top_k 0) 4 V N
@@ -173,12 +226,19 @@ def phase_bytes(cfg: WMSSConfig, phase: str, strong: ModelShape, weak: ModelShap
     return out
 
 
-def train_gpu_models(cfg: WMSSConfig, phase: str, strong: ModelShape, weak: ModelShape) -> list[tuple[ModelShape, bool]]:
-    """``[(shape, trained)]`` of the models on a Train GPU in ``phase``: the strong one, and in
-    WMSS the colocated weak one (trained in joint mode; none when ``mix.lam`` is 1)."""
-    mix = cfg.mix
-    weak_on_gpu = phase == "wmss" and mix.placement == "colocated" and mix.lam != 1.0
-    return [(strong, True)] + ([(weak, mix.mode == "joint")] if weak_on_gpu else [])
+def train_gpu_models(cfg: WMSSConfig, phase: str, strong: ModelShape, weak: ModelShape) -> list[GpuModel]:
+    """The models on a Train GPU in ``phase``: the strong one, and in WMSS the colocated weak one
+    (trained in joint mode; none when ``mix.lam`` is 1; no weights of its own on a shared base)."""
+    mix, lora = cfg.mix, cfg.training.lora
+
+    def trained(shape: ModelShape) -> int:
+        return lora_params(shape, lora) if lora.enabled else shape.params
+
+    models = [GpuModel(strong, True, True, trained(strong))]
+    if phase == "wmss" and mix.placement == "colocated" and mix.lam != 1.0:
+        joint = mix.mode == "joint"
+        models.append(GpuModel(weak, joint, not shares_base(cfg), trained(weak) if joint else 0))
+    return models
 
 
 def validation_peak(cfg: WMSSConfig, strong: ModelShape, wmss: dict[str, float]) -> dict[str, float] | None:
@@ -215,9 +275,9 @@ def staging_bytes(cfg: WMSSConfig, phase: str, strong: ModelShape, weak: ModelSh
     storage (w P; a local run dir is written in place). A checkpoint is uploaded and its staging
     deleted before the export starts, so a node needs the larger of the two."""
     t, world = cfg.training, cfg.scaling.num_workers
-    trained = [m for m, tr in train_gpu_models(cfg, phase, strong, weak) if tr]
-    per = [sum(checkpoint_bytes(m.params, half=is_half(cfg), stage=t.zero_stage, world=world, rank=r)
-               for m in trained) for r in (0, 1)]
+    trained = [m.trained_params for m in train_gpu_models(cfg, phase, strong, weak) if m.trained_params]
+    per = [sum(checkpoint_bytes(p, half=is_half(cfg), stage=t.zero_stage, world=world, rank=r)
+               for p in trained) for r in (0, 1)]
     ranks = max(1, min(ranks_per_node, world))
     export = (2 if is_half(cfg) else 4) * strong.params if storage.is_remote(cfg.run.storage) else 0.0
     return {"rank": per[0], "node": per[0] + (ranks - 1) * per[1], "ranks": float(ranks), "export": float(export)}

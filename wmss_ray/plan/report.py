@@ -11,8 +11,10 @@ from wmss_ray.plan.memory import (
     COMPONENTS,
     GiB,
     is_half,
+    lora_params,
     phase_bytes,
     pool_actor_bytes,
+    shares_base,
     staging_bytes,
     validation_peak,
 )
@@ -135,6 +137,11 @@ def format_plan(cfg: WMSSConfig, gpu_memory: float | None, source: str = "", gpu
     for role, s in (("strong", strong), ("weak", weak)):
         lines.append(f"  {role}: {s.name}: {_count(s.params)} params (largest layer {_count(s.largest_layer_params)}),"
                      f" hidden {s.hidden}, {s.layers} layers, {s.heads}/{s.kv_heads} heads, vocab {s.vocab}")
+    if t.lora.enabled:
+        weak_side = ("the strong model's base with the adapter off (no copy of its own)" if shares_base(cfg)
+                     else "its own copy (not the strong model's base)")
+        lines.append(f"  lora: r {t.lora.r}, alpha {t.lora.lora_alpha:g}: {_count(lora_params(strong, t.lora))} adapter "
+                     f"params trained (base frozen); weak model: {weak_side}")
     wmss_label = f"wmss ({cfg.mix.mode}, {cfg.mix.placement})"
     lines += ["", f"  {'GiB per GPU':40s} {'sft':>10s} {wmss_label:>28s}"]
     for key, label in COMPONENTS.items():

@@ -11,9 +11,15 @@ special: the head weight *is* the embedding weight, registered the same way.
 Modes: ``sft`` (strong only), ``joint`` (both trained, one optimizer with per-model lr),
 ``frozen`` (weak under ``no_grad``, its parameters ``requires_grad=False``: never in the
 optimizer, partitioned alongside the strong one at ZeRO-3, a plain replica at stages 0-2).
+
+``shared_weak`` (LoRA, ``training.lora``): the weak model is the strong model's own base, run
+with the strong adapter switched off (``weak_adapter`` None) or with the ``"weak"`` adapter
+(``models.lora.adapter_scope``): one copy of the base weights serves both sides.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -40,21 +46,26 @@ class PairLM(nn.Module):
             way the config sizes it).
         weak_pool: ``mix.placement: pool``: no weak model here (``weak`` None, mode frozen);
             :meth:`forward` takes the weak side as the pool's log-probs.
+        shared_weak: the weak side is ``strong`` (a ``PeftModel``) run with adapter
+            ``weak_adapter`` alone (None: no adapter, the bare base); ``weak`` is None.
     """
 
     def __init__(self, strong: nn.Module, weak: nn.Module | None, mode: str, lam: float,
                  chunk_size: int | None = None, zero3: bool = False, chunk_mb: float = DEFAULT_CHUNK_MB,
-                 weak_pool: bool = False):
+                 weak_pool: bool = False, shared_weak: bool = False, weak_adapter: str | None = None):
         super().__init__()
         if mode not in ("sft", "joint", "frozen"):
             raise ValueError(f"mode must be sft, joint or frozen, got {mode!r}")
         if weak_pool and (mode != "frozen" or weak is not None):
             raise ValueError("weak_pool: the weak model is served by the pool (mode frozen, weak=None here)")
-        if (mode == "sft") != (weak is None) and not weak_pool:
+        if shared_weak and (mode == "sft" or weak is not None or weak_pool):
+            raise ValueError("shared_weak: the weak side is the strong model's base (joint or frozen, weak=None)")
+        if (mode == "sft") != (weak is None) and not weak_pool and not shared_weak:
             raise ValueError(f"mode {mode!r} {'takes no' if mode == 'sft' else 'needs a'} weak model")
         self.weak_pool = weak_pool  # forward takes the weak side as log-probs (weak_pool/wire.py)
         self.strong = strong
         self.weak = weak
+        self.shared_weak, self.weak_adapter = shared_weak, weak_adapter
         self.mode = mode
         self.lam = 1.0 if mode == "sft" else float(lam)
         self.chunk_size = chunk_size
@@ -138,15 +149,21 @@ class PairLM(nn.Module):
                 stats.add_sampled_rows(*self._sampled_error(h_s, w_s, y, weak_logp, *exact))
             return loss * loss_scale, stats
         h_w = w_w = None
-        if self.weak is not None and self.lam != 1.0:
-            if self.mode == "frozen":
-                with torch.no_grad():
-                    h_w = self._hidden(self.weak, input_ids, attention_mask, position_ids, pos, **varlen)  # [N, D_w]
-            else:
-                h_w = self._hidden(self.weak, input_ids, attention_mask, position_ids, pos, **varlen)
-            w_w = output_head(self.weak)[1]  # [V, D_w]
+        if (self.weak is not None or self.shared_weak) and self.lam != 1.0:
+            weak = self.strong if self.shared_weak else self.weak
+            # frozen: no graph; shared: the same modules with the weak adapter (or none) switched in
+            with torch.no_grad() if self.mode == "frozen" else nullcontext(), self._weak_scope():
+                h_w = self._hidden(weak, input_ids, attention_mask, position_ids, pos, **varlen)  # [N, D_w]
+            w_w = output_head(weak)[1]  # [V, D_w]
         loss, stats = chunked_mixed_ce(h_s, w_s, h_w, w_w, y, self.lam, **sizing)
         return loss * loss_scale, stats
+
+    def _weak_scope(self):
+        if not self.shared_weak:
+            return nullcontext()
+        from wmss_ray.models.lora import adapter_scope
+
+        return adapter_scope(self.strong, self.weak_adapter)
 
     def _sampled_error(self, h_s, w_s, y, weak_logp: WeakLogProbs, rows: torch.Tensor, exact_logp: torch.Tensor):
         """Measured truncation error and its bound ``[n]`` on the sampled answer rows ``rows [n]``
@@ -156,16 +173,21 @@ class PairLM(nn.Module):
                                     y[rows], self.lam)
 
     @staticmethod
-    def prepare_for_training(model: nn.Module, gradient_checkpointing: bool) -> None:
+    def prepare_for_training(model: nn.Module, gradient_checkpointing: bool, lora: bool = False) -> None:
         """Train mode, no KV cache, and (``training.gradient_checkpointing``) non-reentrant
         activation checkpointing of every decoder layer: the layer is recomputed in backward
         from its input, so only layer inputs stay alive across the forward. Non-reentrant
         (``torch.utils.checkpoint(use_reentrant=False)``) works with inputs that need no grad
-        and with ZeRO-3's parameter hooks."""
+        and with ZeRO-3's parameter hooks. ``lora``: the model gets adapters next; a layer is
+        recomputed with the adapter its forward ran with (``models.lora.recompute_context``)."""
         model.config.use_cache = False
         model.train()
         if gradient_checkpointing:
             kwargs = {"use_reentrant": False}
+            if lora:
+                from wmss_ray.models.lora import recompute_context
+
+                kwargs["context_fn"] = recompute_context(model)
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             else:
@@ -173,7 +195,13 @@ class PairLM(nn.Module):
 
     def trainable_groups(self, lr: float, weak_lr: float | None) -> dict[str, tuple[nn.Module, float]]:
         """``{"strong": (module, lr), "weak": (module, weak_lr or lr)}`` for the optimizer (joint only)."""
+        weak_lr = weak_lr if weak_lr is not None else lr
+        if self.shared_weak and self.mode == "joint":  # two adapters on one module: split by adapter
+            from wmss_ray.models.lora import TRAINED, AdapterParams
+
+            return {"strong": (AdapterParams(self.strong, TRAINED), lr),
+                    "weak": (AdapterParams(self.strong, self.weak_adapter), weak_lr)}
         groups = {"strong": (self.strong, lr)}
         if self.weak is not None and self.mode == "joint":
-            groups["weak"] = (self.weak, weak_lr if weak_lr is not None else lr)
+            groups["weak"] = (self.weak, weak_lr)
         return groups

@@ -123,11 +123,55 @@ def build_spec(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | N
     if os.environ.get(FAULT_ENV):
         rank, step = os.environ[FAULT_ENV].split(":")
         fault = {"rank": int(rank), "step": int(step)}
-    return PhaseSpec(phase=phase, mode=mode, strong_init=str(strong_init),
+    lora = lora_sources(cfg, phase, str(strong_init), str(weak_init) if weak_init else None)
+    return PhaseSpec(phase=phase, mode=mode, strong_init=str(strong_init), **lora,
                      weak_init=str(weak_init) if weak_init and phase == "wmss" else None,
                      out_dir=str(out), tokenized_path=tokenized_path, epoch_rows_path=epoch_rows_path, plan=plan,
                      fingerprint=fingerprint, stop_after=stop_after,
                      export_at_stop=export_at_stop, validation=validation, fault=fault)
+
+
+def lora_sources(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | None) -> dict[str, Any]:
+    """``training.lora``: the :class:`PhaseSpec` fields that say which base and adapters to build.
+
+    A model a LoRA phase exported names its base and adapter (``models.lora.read_origin``): the
+    strong model continues that adapter on that base (else a fresh adapter on ``strong_init``).
+    The weak model shares the strong model's base when it is that base or that base plus an
+    adapter (colocated only: the weak pool serves its own copy); otherwise it is loaded as is.
+    """
+    if not cfg.training.lora.enabled:
+        return {}
+    from wmss_ray.models.lora import read_origin, same_dir
+
+    strong_base, strong_adapter = read_origin(strong_init) or (strong_init, None)
+    out = {"strong_base": strong_base, "strong_adapter": strong_adapter}
+    if phase == "wmss" and weak_init is not None and cfg.mix.placement == "colocated":
+        weak_base, weak_adapter = read_origin(weak_init) or (weak_init, None)
+        if same_dir(weak_base, strong_base):
+            out.update(weak_shared=True, weak_adapter=weak_adapter)
+    return out
+
+
+def check_lora_strong(cfg: WMSSConfig) -> None:
+    """``training.lora`` with a user's ``models.strong``: its tokenizer must be the weak model's
+    (``models.weak``, else ``models.base``), checked before any phase runs.
+
+    Raises:
+        LoraConfigError: naming both keys, both directories and what differs.
+    """
+    m = cfg.models
+    weak_key = "models.weak" if m.weak else "models.base"
+    weak = m.weak or (None if m.demo else m.base)
+    if not (cfg.training.lora.enabled and m.strong and weak):
+        return
+    from wmss_ray.models.loading import IncompatibleModelsError, check_pair_compatible
+    from wmss_ray.models.lora import LoraConfigError
+
+    try:
+        check_pair_compatible(weak, m.strong, m.trust_remote_code)
+    except IncompatibleModelsError as err:
+        raise LoraConfigError(f"training.lora is on and models.strong {storage.redact(m.strong)} gets an adapter, "
+                              f"but its tokenizer differs from {weak_key} {storage.redact(weak)}: {err}") from None
 
 
 def checkpoint_states(out_dir: str) -> list[tuple[str, dict[str, Any]]]:

@@ -52,6 +52,13 @@ class PhaseSpec:
     export_at_stop: bool = False  # with stop_after: also export the strong model to <out_dir>/interim_model
     validation: ValidationPoints | None = None  # validate (and checkpoint) every k steps inside the run
     fault: dict[str, int] = field(default_factory=dict)  # test hook: {"rank": r, "step": s}
+    # training.lora: the strong model is strong_base + the adapter in strong_adapter (None: a fresh
+    # one; strong_base None: strong_init itself); weak_shared: the weak model is that same base
+    # with weak_adapter (None: no adapter), no second copy (trainer.build_spec decides)
+    strong_base: str | None = None
+    strong_adapter: str | None = None
+    weak_shared: bool = False
+    weak_adapter: str | None = None
 
     @property
     def end_step(self) -> int:
@@ -116,15 +123,19 @@ class PhaseWorker:
         load = dict(dtype=self.dtype, device="cpu", trust_remote_code=cfg.models.trust_remote_code,
                     zero3_config=zero3_config,
                     attn_implementation=resolve_attn_implementation(cfg.models.attn_implementation, self.device))
-        strong = load_causal_lm(spec.strong_init, **load)
+        self.lora = cfg.training.lora.enabled
+        self.strong_dir = spec.strong_base or spec.strong_init  # the base an adapter sits on, under LoRA
+        strong = load_causal_lm(self.strong_dir, **load)
         # mix.placement pool: the weak model lives in the pool's actors, never in this process.
         self.pooled = spec.mode == "frozen" and cfg.mix.placement == "pool"
-        weak = load_causal_lm(spec.weak_init, **load) if spec.mode != "sft" and not self.pooled else None
+        separate_weak = spec.mode != "sft" and not self.pooled and not spec.weak_shared
+        weak = load_causal_lm(spec.weak_init, **load) if separate_weak else None
         for m in (strong, weak):
             if m is not None:
-                PairLM.prepare_for_training(m, cfg.training.gradient_checkpointing)
+                PairLM.prepare_for_training(m, cfg.training.gradient_checkpointing, lora=self.lora)
+        strong, weak, weak_adapter = self._attach_adapters(strong, weak) if self.lora else (strong, weak, None)
         self.pair = PairLM(strong, weak, spec.mode, cfg.mix.lam, zero3=self.zero3, chunk_mb=cfg.mix.loss_chunk_mb(self.on_gpu),
-                           weak_pool=self.pooled)
+                           weak_pool=self.pooled, shared_weak=spec.weak_shared, weak_adapter=weak_adapter)
         groups = param_groups(self.pair.trainable_groups(cfg.training.lr, cfg.training.weak_lr),
                               cfg.training.weight_decay)
         self.engine = init_engine(self.pair, groups, cfg.training, world_size, spec.plan.total_steps,
@@ -141,6 +152,23 @@ class PhaseWorker:
         # and where this process started: each checkpoint records them (checkpointing.check_trained_all_steps)
         self.segments: list[list[int]] = []
         self.resumed_from = 0
+
+    def _attach_adapters(self, strong, weak):
+        """``training.lora``: ``(strong PeftModel, weak model, weak adapter name)``. The strong
+        model trains adapter ``default``; a shared weak side runs the ``weak`` adapter (a frozen
+        earlier one, or a trained one in joint mode) or none; a separate weak model trains its
+        own adapter in joint mode and is used as loaded when frozen."""
+        from wmss_ray.models.lora import WEAK, attach_adapters
+
+        spec, lora, seed = self.spec, self.cfg.training.lora, self.cfg.run.seed
+        joint = spec.mode == "joint"
+        weak_side: str | bool = False
+        if spec.weak_shared:
+            weak_side = spec.weak_adapter or joint  # frozen iteration 1: the bare base, no adapter
+        strong = attach_adapters(strong, lora, self.strong_dir, spec.strong_adapter, weak_side, joint, seed)
+        if weak is not None and joint:
+            weak = attach_adapters(weak, lora, spec.weak_init, None, False, False, seed + 1)
+        return strong, weak, (WEAK if weak_side else None)
 
     def _pooled_weak_side(self, pool_handles: list | None):
         """``mix.placement: pool``: the weak side as the pool's replies (``weak_pool.feed``)."""
@@ -254,23 +282,36 @@ class PhaseWorker:
         state = {"step": step, "samples_seen": samples_seen, "phase": self.spec.phase,
                  "plan": self.spec.plan_fingerprint(), "fingerprint": self.spec.fingerprint,
                  "segments": self.segments + [[self.resumed_from, step]]}
-        return save_checkpoint(self.engine, ckpt_dir, self.rank, state, exclude_frozen=self.spec.mode == "frozen")
+        return save_checkpoint(self.engine, ckpt_dir, self.rank, state, exclude_frozen=self._exclude_frozen)
+
+    @property
+    def _exclude_frozen(self) -> bool:
+        # frozen weights (the frozen weak model, a LoRA base) are rebuilt from their directories
+        return self.spec.mode == "frozen" or self.lora
 
     def load(self, ckpt_dir: str) -> int:
         """Restore from a checkpoint directory of this run (same fingerprint); returns the number of
         completed steps."""
         from wmss_ray.training.checkpointing import load_checkpoint
 
-        state = load_checkpoint(self.engine, ckpt_dir, self.rank, exclude_frozen=self.spec.mode == "frozen",
+        state = load_checkpoint(self.engine, ckpt_dir, self.rank, exclude_frozen=self._exclude_frozen,
                                 expect=self.spec.plan_fingerprint(), fingerprint=self.spec.fingerprint)
         self.segments, self.resumed_from = [list(s) for s in state.get("segments", [])], int(state["step"])
         return int(state["step"])
 
     def export(self, out_dir: str) -> str | None:
-        """Export the strong model as a plain HF directory (collective; rank 0 writes)."""
-        from wmss_ray.training.checkpointing import export_strong
+        """Export the strong model as a plain HF directory (collective; rank 0 writes); under
+        ``training.lora`` the merged model, with the adapter in ``adapter/`` (``models.lora``)."""
+        from wmss_ray.training.checkpointing import export_strong, gather_state_dict
 
-        return export_strong(self.pair.strong, self.tokenizer, out_dir, self.zero3, self.rank)
+        if not self.lora:
+            return export_strong(self.pair.strong, self.tokenizer, out_dir, self.zero3, self.rank)
+        from wmss_ray.models.lora import export_lora
+
+        state = gather_state_dict(self.pair.strong, self.zero3, self.rank)  # collective under ZeRO-3
+        if self.rank != 0:
+            return None
+        return export_lora(self.pair.strong, self.tokenizer, out_dir, state, self.strong_dir)
 
     def strong_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Full strong state dict on rank 0 (collective under ZeRO-3)."""
