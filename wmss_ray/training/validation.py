@@ -2,7 +2,7 @@
 
 Every ``every`` optimizer steps short of the end the ranks export the strong model to
 ``<out_dir>/interim_model`` (the collective export of the finished model), and each rank loads
-it with the plain :class:`~wmss_ray.stages.evaluate.Evaluator` and generates for its share of the
+it with the plain :class:`~wmss_ray.stages.evaluator.Evaluator` (HF engine) and generates for its share of the
 evaluator's pre-cut batches (batch ``i`` on rank ``i mod W``: the batches, hence the padding and
 the outputs, are those of the evaluation phase). Rank 0 gathers the outputs and runs the same
 checking, sums and writers as :func:`wmss_ray.stages.evaluate.evaluate_models`
@@ -54,7 +54,7 @@ def validation_bytes(params: int, layers: int, kv_heads: int, head_dim: int, voc
     """Device bytes a rank adds while it validates (what :func:`validate_on_ranks` allocates next
     to the training state), for a model of ``params`` parameters and the given shape.
 
-    - ``weights``: the :class:`~wmss_ray.stages.evaluate.Evaluator`'s copy of the exported model,
+    - ``weights``: the :class:`~wmss_ray.stages.evaluator.Evaluator`'s copy of the exported model,
       whole (not ZeRO-partitioned): ``dtype_bytes x params``;
     - ``kv_cache``: greedy generation of a batch of ``batch`` (``evaluation.batch_size``) prompts
       of up to ``seq`` tokens (``data.max_seq_len``) plus ``new_tokens``
@@ -68,7 +68,7 @@ def validation_bytes(params: int, layers: int, kv_heads: int, head_dim: int, voc
     Generation and the CE run one after the other, so the peak is ``weights`` plus the larger of
     the other two (with a forward's transient activations).
     """
-    from wmss_ray.stages.evaluate import MAX_LOGIT_ELEMS
+    from wmss_ray.stages.evaluator import MAX_LOGIT_ELEMS
 
     rows = min(batch, max(1, MAX_LOGIT_ELEMS // (seq * vocab)))
     return {"weights": float(dtype_bytes * params),
@@ -91,13 +91,15 @@ def validate_on_ranks(cfg: WMSSConfig, points: ValidationPoints, model_dir: str,
     import torch
     import torch.distributed as dist
 
-    from wmss_ray.stages.evaluate import Evaluator, eval_chunks, evaluate_models, evaluator_kwargs, load_eval_rows
+    from wmss_ray.stages.evaluate import eval_chunks, evaluate_models, load_eval_rows
+    from wmss_ray.stages.evaluator import Evaluator, evaluator_kwargs
 
     def generate(path: str, chunks: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         mine = [i for i in range(len(chunks)) if i % world == rank]
         outputs: dict[int, list[dict[str, Any]]] = {}
         if mine:
-            evaluator = Evaluator(**{**evaluator_kwargs(path, cfg), "device": str(device)})
+            # Greedy only: the validation metric is greedy accuracy (no sampled completions here).
+            evaluator = Evaluator(**{**evaluator_kwargs(path, cfg), "device": str(device), "sampling": None})
             outputs = {i: evaluator(chunks[i]) for i in mine}
             del evaluator
             if torch.cuda.is_available():
