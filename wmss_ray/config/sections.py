@@ -316,7 +316,7 @@ class VLLMConfig(ConfigSection):
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (a model larger than one GPU); "
                                       "evaluation.gpus_per_actor must equal it")
     enforce_eager: bool = Field(False, description="no CUDA graphs (faster start, slower decoding); always on CPU")
-    cpu_min_rows: int = Field(512, ge=0, description="engine auto picks vLLM on CPU from this many prompts "
+    cpu_min_rows: int = Field(64, ge=0, description="engine auto picks vLLM on CPU from this many prompts "
                               "(its start-up pays off; benchmarks/generation.py)")
 
 

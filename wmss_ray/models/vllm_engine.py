@@ -84,8 +84,9 @@ class VLLMEngine:
                       enforce_eager=settings.enforce_eager or device == "cpu", trust_remote_code=trust_remote_code,
                       generation_config="vllm",  # ignore the model's sampling defaults (top_k, penalties)
                       disable_log_stats=True)
-        if settings.tensor_parallel_size == 1:
-            kwargs["distributed_executor_backend"] = "uni"
+        # tp 1: the engine in this process; tp > 1: one worker process per GPU of this actor (mp:
+        # the actor already holds the GPUs; the ray executor would ask Ray for them a second time).
+        kwargs["distributed_executor_backend"] = "uni" if settings.tensor_parallel_size == 1 else "mp"
         if device == "cpu":
             kwargs["kv_cache_memory_bytes"] = int(settings.cpu_kv_cache_gib * 2**30)
         else:
