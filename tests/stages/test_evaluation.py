@@ -31,7 +31,8 @@ def _prompt(i: int) -> list[dict]:
 def forced_model(tmp_path_factory):
     """A tiny Llama trained (seeded, CPU, a few dozen steps) to answer FORCED to every prompt."""
     tok = build_demo_tokenizer()
-    mcfg = DemoModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+    # head_dim 32: vLLM's CPU attention runs it (tests/training/test_validation.py's vLLM ranks)
+    mcfg = DemoModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=1, num_kv_heads=1,
                            max_position_embeddings=128)
     model = build_tiny_model(mcfg, tok, seed=0)
     rows = [tokenize_example(tok, _prompt(i), FORCED, 64) for i in range(16)]

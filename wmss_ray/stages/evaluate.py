@@ -216,11 +216,12 @@ def eval_chunks(rows: Sequence[dict[str, Any]], batch_size: int) -> list[list[di
 
 
 def _evaluate_rows(model_dir: str, rows: list[dict[str, Any]], cfg: WMSSConfig, name: str,
-                   out_dir: str | Path | None, use_ray: bool | None, generate: Generate | None = None) -> EvalResult:
+                   out_dir: str | Path | None, use_ray: bool | None, generate: Generate | None = None,
+                   generate_engine: str = "hf") -> EvalResult:
     """:func:`evaluate_model` on rows already read by :func:`load_eval_rows`."""
     e = cfg.evaluation
     on_gpu = e.gpus_per_actor > 0 or (not use_ray and generate is None and torch_cuda_available())
-    engine = "hf" if generate is not None else resolve_engine(cfg, len(rows), on_gpu)
+    engine = generate_engine if generate is not None else resolve_engine(cfg, len(rows), on_gpu)
     if use_ray is None:
         use_ray = len(rows) > e.ray_min_rows or e.num_actors > 1 or e.gpus_per_actor > 0
     use_ray = use_ray or engine == "vllm"  # vLLM only in an actor of its own (stages/evaluator.py)
@@ -275,7 +276,7 @@ def eval_set_info(name: str, source: str, n: int, cfg: WMSSConfig) -> dict[str, 
 
 def evaluate_models(
     models: dict[str, str], eval_path: str | Sequence[dict], cfg: WMSSConfig, out_dir: str | Path,
-    eval_set: str = "test", generate: Generate | None = None,
+    eval_set: str = "test", generate: Generate | None = None, generate_engine: str = "hf",
 ) -> dict[str, EvalResult]:
     """Evaluate several models (``{name: model_dir}``) on the same problems (read once).
 
@@ -294,7 +295,7 @@ def evaluate_models(
     table: dict[str, dict[str, Any]] = {}
     rows = load_eval_rows(eval_path, cfg)  # read once for all models
     for name, model_dir in models.items():
-        res = _evaluate_rows(model_dir, rows, cfg, name, out, None, generate)
+        res = _evaluate_rows(model_dir, rows, cfg, name, out, None, generate, generate_engine)
         results[name] = res
         table[name] = {**res.summary(), "per_sample_path": storage.join(out, f"eval_{_safe_name(name)}.jsonl")}
     source = str(eval_path) if isinstance(eval_path, (str, Path)) else f"{len(eval_path)} rows given in memory"

@@ -235,3 +235,68 @@ def run_on_actors(chunks: list[list[dict]], ev_kwargs: dict[str, Any], cfg: WMSS
     results = [json.loads(r["result"]) for r in ds.take_all()]
     results.sort(key=lambda r: r.pop("idx"))  # Ray Data does not preserve order by default
     return results
+
+
+def child_gpu_share(model_dir: str, device: Any, cap: float) -> float:
+    """``gpu_memory_utilization`` for a vLLM engine started next to a training rank on ``device``:
+    90 % of what is free now, less the evaluator's HF copy (the exported safetensors' size), as a
+    fraction of the GPU, at most ``cap`` (``evaluation.vllm.gpu_memory_utilization``)."""
+    from pathlib import Path
+
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    hf_bytes = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+    return max(0.02, min(cap, (0.9 * free - hf_bytes) / total))
+
+
+def run_in_child(ev_kwargs: dict[str, Any], chunks: list[list[dict]], workdir: str, device: Any = "cpu"
+                 ) -> list[list[dict[str, Any]]]:
+    """The evaluator over ``chunks`` in a fresh Python process (``python -m
+    wmss_ray.stages.evaluator``): how a training rank generates with vLLM, which must not share the
+    rank's process (it holds a process group and the training state). On a GPU the child sees only
+    the rank's GPU. Returns the evaluator's output per chunk."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from wmss_ray.models.vllm_engine import EngineError
+
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    device = torch.device(device)
+    kwargs = dict(ev_kwargs)
+    if device.type == "cuda":
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        env["CUDA_VISIBLE_DEVICES"] = visible.split(",")[index] if visible else str(index)
+        vllm = dict(kwargs.get("vllm") or {})
+        vllm["gpu_memory_utilization"] = child_gpu_share(kwargs["model_dir"], device,
+                                                         vllm.get("gpu_memory_utilization", 0.85))
+        kwargs.update(vllm=vllm, device="cuda")
+    else:
+        kwargs["device"] = "cpu"
+    (work / "in.json").write_text(json.dumps({"kwargs": kwargs, "chunks": chunks}))
+    proc = subprocess.run([sys.executable, "-m", "wmss_ray.stages.evaluator", str(work / "in.json"),
+                           str(work / "out.json")], env=env, capture_output=True, text=True)
+    if proc.returncode:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["(no stderr)"]
+        raise EngineError(f"the {kwargs.get('engine')} evaluator on {kwargs['model_dir']} failed in its own process "
+                          f"(exit {proc.returncode}): {tail[0]}\n{proc.stderr[-4000:]}")
+    return json.loads((work / "out.json").read_text())
+
+
+def _child_main(argv: list[str]) -> None:
+    """``python -m wmss_ray.stages.evaluator IN OUT``: :func:`run_in_child`'s other side."""
+    from pathlib import Path
+
+    job = json.loads(Path(argv[0]).read_text())
+    evaluator = Evaluator(**job["kwargs"])
+    Path(argv[1]).write_text(json.dumps([evaluator(chunk) for chunk in job["chunks"]]))
+
+
+if __name__ == "__main__":
+    import sys
+
+    _child_main(sys.argv[1:])
