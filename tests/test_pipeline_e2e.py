@@ -168,3 +168,64 @@ def test_changed_beta_changes_the_reports_weights_without_rescoring(tiny_run):
         _manifest(beta, "curriculum_1")["counts"]["effective_sample_size"])
 
 
+
+
+def _top_logit_tie(model, tok, prompt: list[int], text_a: str, text_b: str) -> bool:
+    """Whether two greedy completions part where the model's top two logits tie (the first token
+    where they differ is the top-2 of one forward, within float noise)."""
+    import torch
+
+    a, b = tok(text_a, add_special_tokens=False)["input_ids"], tok(text_b, add_special_tokens=False)["input_ids"]
+    n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + a[:n]])).logits[0, -1]
+    top2 = torch.topk(logits, 2)
+    return float(top2.values[0] - top2.values[1]) < 1e-4 * max(1.0, float(top2.values[0].abs()))
+
+
+def test_vllm_gives_the_hf_greedy_completions_and_samples_pass_at_k(tiny_run, tmp_path):
+    """`evaluation.engine: vllm` on the run's M1 and WMSS: the same greedy completions as the run's
+    own (HF) evaluation, except where the top two logits tie (identified, not tolerated blindly);
+    4 samples at temperature 0.7 give avg@4 and pass@4 with paired comparisons in the report."""
+    from wmss_ray.data.chat_tokens import generation_prompt_ids
+    from wmss_ray.models.loading import load_causal_lm, load_tokenizer
+    from wmss_ray.stages.evaluate import evaluate_models, load_eval_rows, read_per_sample
+    from wmss_ray.stages.report import write_report
+
+    cfg, out, _ = tiny_run
+    vcfg = config_from_dict(cfg.to_dict(), ["evaluation.engine=vllm", "evaluation.samples=4",
+                                            "evaluation.temperature=0.7", "evaluation.vllm.cpu_kv_cache_gib=0.25"])
+    hf_results = json.loads(Path(out["eval"]["results"]).read_text())["models"]
+    # Two of the four models (each engine start costs an actor): the pair the report compares.
+    models = {name: hf_results[name]["model_dir"] for name in ("M1", "WMSS")}
+    eval_dir = tmp_path / "eval"
+    results = evaluate_models(models, _eval_path(out), vcfg, eval_dir)
+    ties = {}
+    for name, res in results.items():
+        assert res.engine == "vllm" and res.n == hf_results[name]["n"] and res.n_rejected == 0
+        hf_rows = read_per_sample(hf_results[name]["per_sample_path"])
+        differ = [(h, v) for h, v in zip(hf_rows, res.per_sample) if h["generated"] != v["generated"]]
+        if differ:
+            model, tok = load_causal_lm(models[name]), load_tokenizer(models[name])
+            rows = {r["sample_id"]: r for r in load_eval_rows(_eval_path(out), vcfg)}
+            for h, v in differ:
+                r = rows[h["sample_id"]]
+                prompt = generation_prompt_ids(tok, r["prompt_messages"], r["answer"])
+                assert _top_logit_tie(model, tok, prompt, h["generated"], v["generated"]), (name, h, v)
+        ties[name] = len(differ)
+        assert [r["correct"] for r in res.per_sample] == [r["correct"] for r in hf_rows] or differ
+        assert res.sampling == {"samples": 4, "temperature": 0.7, "top_p": 0.95, "seed": cfg.run.seed}
+        assert all(len(r["sampled_correct"]) == 4 for r in res.per_sample)
+        assert 0 <= res.avg_at_k <= res.pass_at_k <= 1
+    print("greedy completions that differ at a top-logit tie, per model:", ties)
+    html = write_report(cfg.run_dir(), results={"eval_dir": str(eval_dir)}, out_path=tmp_path / "r" / "report.html")
+    page = html.read_text()
+    assert "Generated with <b>vllm</b>" in page and "4 sampled completions per problem" in page
+    assert "avg@4" in page and "pass@4" in page
+    data = json.loads((tmp_path / "r" / "report_data.json").read_text())
+    assert [(p["name_a"], p["name_b"], p["k"]) for p in data["paired_sampled"]] == [("WMSS", "M1", 4)]
+
+
+def _eval_path(out) -> str:
+    """The test set the run evaluated on (its eval_results.json says which file)."""
+    return json.loads(Path(out["eval"]["results"]).read_text())["eval_set"]["source"]

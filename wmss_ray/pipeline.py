@@ -235,7 +235,9 @@ def _phase_eval(ctx: RunContext) -> dict[str, Any]:
     models["WMSS"] = ctx.model(k + 1)
     # data.eval is the test set: read here only, after every choice (tune selects on validation).
     results = evaluate_models(models, eval_path, ctx.cfg, str(ctx.phase_dir("eval")), eval_set="test")
-    table = {n: {"accuracy": r.accuracy, "loss": r.loss, "n": r.n, "model_dir": r.model_dir} for n, r in results.items()}
+    table = {n: {"accuracy": r.accuracy, "loss": r.loss, "n": r.n, "model_dir": r.model_dir, "engine": r.engine,
+                 "n_rejected": r.n_rejected, "sampling": r.sampling, "avg_at_k": r.avg_at_k, "pass_at_k": r.pass_at_k}
+             for n, r in results.items()}
     results_path = storage.join(ctx.phase_dir("eval"), "eval_results.json")
     summary = json.loads(storage.read_text(results_path))
     return {"outputs": {"results": results_path, "models": table,

@@ -31,7 +31,8 @@ def _prompt(i: int) -> list[dict]:
 def forced_model(tmp_path_factory):
     """A tiny Llama trained (seeded, CPU, a few dozen steps) to answer FORCED to every prompt."""
     tok = build_demo_tokenizer()
-    mcfg = DemoModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+    # head_dim 32: vLLM's CPU attention runs it (tests/training/test_validation.py's vLLM ranks)
+    mcfg = DemoModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=1, num_kv_heads=1,
                            max_position_embeddings=128)
     model = build_tiny_model(mcfg, tok, seed=0)
     rows = [tokenize_example(tok, _prompt(i), FORCED, 64) for i in range(16)]
@@ -226,3 +227,66 @@ def test_gpu_evaluator_generates_in_bf16(forced_model):
     out = ev(load_eval_rows(_eval_rows(), _cfg()))
     assert [o["generated"] for o in out] == [FORCED] * len(out)
     assert all(o["nll"] is not None and o["n_tokens"] > 0 for o in out)
+
+
+def test_a_prompt_without_room_for_the_answer_is_rejected_and_counted(forced_model, tmp_path):
+    """rows in = rows generated from + rows rejected (with the reason), the same rule on both engines:
+    the prompt plus max_new_tokens must fit the model's context (128 positions here)."""
+    rows = _eval_rows()
+    long_prompt = [{"role": "user", "content": " ".join(["seven"] * 150)}]
+    rows.append({"sample_id": "long", "messages": long_prompt + [{"role": "assistant", "content": "#### 7"}]})
+    res = evaluate_model(forced_model, rows, _cfg(), name="forced", out_dir=tmp_path, use_ray=False)
+    by_id = {r["sample_id"]: r for r in res.per_sample}
+    assert res.n == len(rows) and res.n_rejected == 1
+    assert by_id["long"]["reject_reason"] == "prompt_too_long" and by_id["long"]["correct"] is False
+    assert by_id["long"]["generated"] == ""
+    assert [r["reject_reason"] for r in res.per_sample if r["sample_id"] != "long"] == [None] * (len(rows) - 1)
+    assert res.accuracy == pytest.approx(5 / 8)
+    assert res.engine == "hf"
+
+
+def test_sampled_completions_give_avg_and_pass_at_k(forced_model, tmp_path):
+    from wmss_ray.stages.stats import pass_at_k
+
+    cfg = _cfg(samples=3, temperature=0.7, top_p=1.0, sampling_seed=11)
+    res = evaluate_model(forced_model, _eval_rows(), cfg, name="forced", out_dir=tmp_path, use_ray=False)
+    assert res.sampling == {"samples": 3, "temperature": 0.7, "top_p": 1.0, "seed": 11}
+    assert all(len(r["sampled"]) == 3 and len(r["sampled_correct"]) == 3 for r in res.per_sample)
+    counts = [sum(r["sampled_correct"]) for r in res.per_sample]
+    assert res.avg_at_k == pytest.approx(sum(c / 3 for c in counts) / len(counts))
+    assert res.pass_at_k == pytest.approx(sum(pass_at_k(3, c, 3) for c in counts) / len(counts))
+    # The memorised answer is sampled too: right exactly where the greedy one is right.
+    assert [c > 0 for c in counts] == [r["correct"] for r in res.per_sample]
+    again = evaluate_model(forced_model, _eval_rows(), cfg, name="forced", use_ray=False)
+    assert [r["sampled"] for r in again.per_sample] == [r["sampled"] for r in res.per_sample]
+    written = read_per_sample(tmp_path / "eval_forced.jsonl")
+    assert [w["sampled_correct"] for w in written] == [r["sampled_correct"] for r in res.per_sample]
+
+
+def test_engine_choice(monkeypatch):
+    from wmss_ray.models import vllm_engine
+    from wmss_ray.models.vllm_engine import EngineError
+    from wmss_ray.stages.evaluator import resolve_engine
+
+    monkeypatch.setattr(vllm_engine, "vllm_installed", lambda: True)
+    auto = _cfg(vllm={"cpu_min_rows": 100})
+    assert resolve_engine(auto, 99, on_gpu=False) == "hf"
+    assert resolve_engine(auto, 100, on_gpu=False) == "vllm"
+    assert resolve_engine(auto, 1, on_gpu=True) == "vllm"
+    assert resolve_engine(_cfg(engine="hf"), 10**6, on_gpu=True) == "hf"
+    monkeypatch.setattr(vllm_engine, "vllm_installed", lambda: False)
+    assert resolve_engine(auto, 10**6, on_gpu=True) == "hf"
+    with pytest.raises(EngineError, match="evaluation.engine: hf"):
+        resolve_engine(_cfg(engine="vllm"), 10, on_gpu=False)
+
+
+def test_vllm_settings_that_cannot_be_honoured_fail_at_config_load():
+    from wmss_ray.config.schema import ConfigError
+
+    with pytest.raises((ConfigError, ValueError), match="tensor_parallel_size"):
+        _cfg(engine="vllm", gpus_per_actor=1, vllm={"tensor_parallel_size": 2})
+    with pytest.raises((ConfigError, ValueError), match="gpu_memory_utilization"):
+        _cfg(engine="vllm", gpus_per_actor=0.5, vllm={"gpu_memory_utilization": 0.9})
+    with pytest.raises((ConfigError, ValueError), match="temperature"):
+        _cfg(samples=2, temperature=0)
+    assert _cfg(engine="vllm", gpus_per_actor=2, vllm={"tensor_parallel_size": 2}).evaluation.vllm.tensor_parallel_size == 2

@@ -110,3 +110,36 @@ def test_sign_flip_monte_carlo_agrees_with_the_exact_test_and_is_seeded():
     ref_mc = np.mean(np.abs((rng.integers(0, 2, (40000, 400)) * 2 - 1) @ many) >= abs(many.sum()))
     assert stats.sign_flip_p_value(many, n_perm=20000, seed=2) == pytest.approx(ref_mc, abs=0.01)
     assert 0.0 < mc <= 1.0
+
+
+def test_pass_at_k_equals_the_combinatorial_definition():
+    """1 - C(n-c, k) / C(n, k), the probability that k of the n samples drawn without replacement
+    hold a correct one, for every n <= 12, c, k."""
+    from math import comb
+
+    from wmss_ray.stages.stats import pass_at_k
+
+    for n in range(1, 13):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                assert pass_at_k(n, c, k) == pytest.approx(1 - comb(n - c, k) / comb(n, k), abs=1e-12)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 5, 2)
+
+
+def test_paired_sampled_differences_and_ci():
+    from wmss_ray.stages.stats import paired_sampled, pass_at_k
+
+    rng = np.random.default_rng(0)
+    k = 4
+    a = [{"sample_id": f"s{i}", "sampled_correct": list(rng.random(k) < 0.6)} for i in range(40)]
+    b = [{"sample_id": f"s{i}", "sampled_correct": list(rng.random(k) < 0.3)} for i in reversed(range(40))]
+    p = paired_sampled(a, b, k, "A", "B", n_boot=2000, seed=1)
+    by_id = {r["sample_id"]: r for r in b}
+    avg_diff = np.mean([sum(r["sampled_correct"]) / k - sum(by_id[r["sample_id"]]["sampled_correct"]) / k for r in a])
+    pass_diff = np.mean([pass_at_k(k, sum(r["sampled_correct"]), k)
+                         - pass_at_k(k, sum(by_id[r["sample_id"]]["sampled_correct"]), k) for r in a])
+    assert p["n"] == 40 and p["k"] == k
+    assert p["avg_at_k"]["diff"] == pytest.approx(avg_diff)
+    assert p["pass_at_k"]["diff"] == pytest.approx(pass_diff)
+    assert p["avg_at_k"]["ci_low"] < avg_diff < p["avg_at_k"]["ci_high"]

@@ -235,3 +235,17 @@ def test_cli_prints_the_page_path(tmp_path, capsys):
     path = main([str(root), "--metric", "validation_loss", "--mode", "min"])
     assert capsys.readouterr().out.strip() == str(path) and path.exists()
     assert "No final held-out evaluation is recorded" in path.read_text()
+
+
+def test_final_section_names_the_engine_and_shows_sampled_metrics(tmp_path):
+    root = _sweep(tmp_path, final=False)
+    final = dict(FINAL, engine="vllm", sampling={"samples": 4, "temperature": 0.7, "top_p": 0.95, "seed": 0},
+                 sft_continued={**FINAL["sft_continued"], "avg_at_k": 0.41, "pass_at_k": 0.66},
+                 wmss=[{**w, "avg_at_k": 0.45 + w["seed"] / 100, "pass_at_k": 0.7} for w in FINAL["wmss"]])
+    (root / "final.json").write_text(json.dumps(final))
+    page = write_sweep_page(root).read_text()
+    assert "<th>avg@4</th><th>pass@4</th>" in page
+    assert "<td>0.4100</td><td>0.6600</td>" in page and "<td>0.4600</td>" in page
+    assert "Generated with <b>vllm</b>" in page and "4 sampled completions per problem at temperature 0.7" in page
+    old = write_sweep_page(_sweep(tmp_path / "old")).read_text()  # a final.json from before: no engine
+    assert "avg@" not in old and "Generated with" not in old

@@ -12,11 +12,13 @@ import pytest
 import torch.multiprocessing as mp
 
 from tests.stages.test_evaluation import _cfg, _eval_rows, forced_model  # noqa: F401  (a fixture)
+from wmss_ray.models.vllm_engine import vllm_installed
 from wmss_ray.stages.evaluate import evaluate_models, load_eval_rows, read_per_sample
 from wmss_ray.training.validation import ValidationPoints, write_rows
 
 
-def _rank(rank: int, world: int, port: int, points: ValidationPoints, model_dir: str, out: str) -> None:
+def _rank(rank: int, world: int, port: int, points: ValidationPoints, model_dir: str, out: str,
+          evaluation: dict) -> None:
     import torch.distributed as dist
 
     from wmss_ray.training.validation import validate_on_ranks
@@ -24,14 +26,18 @@ def _rank(rank: int, world: int, port: int, points: ValidationPoints, model_dir:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        metrics = validate_on_ranks(_cfg(), points, model_dir, 3, rank, world, "cpu")
+        metrics = validate_on_ranks(_cfg(**evaluation), points, model_dir, 3, rank, world, "cpu")
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump(metrics, f)
     finally:
         dist.destroy_process_group()
 
 
-def test_two_ranks_validate_like_the_in_process_evaluation(forced_model, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_two_ranks_validate_like_the_in_process_evaluation(forced_model, tmp_path, engine):  # noqa: F811
+    """HF on the ranks, or vLLM in a child process of each rank: the in-process HF evaluation's outcome."""
+    if engine == "vllm" and not vllm_installed() and os.environ.get("CI") != "true":
+        pytest.skip("vLLM is not installed (make install adds it)")
     rows = load_eval_rows(_eval_rows(), _cfg())  # 7 rows, batch_size 3: batches 0, 2 on rank 0, 1 on rank 1
     points = ValidationPoints(every=3, rows_path=str(tmp_path / "rows.jsonl"), out_root=str(tmp_path / "trial"))
     write_rows(rows, points.rows_path)
@@ -39,7 +45,8 @@ def test_two_ranks_validate_like_the_in_process_evaluation(forced_model, tmp_pat
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_rank, args=(2, port, points, forced_model, str(tmp_path)), nprocs=2, join=True)
+    evaluation = {"engine": engine, "vllm": {"cpu_kv_cache_gib": 0.25}}
+    mp.spawn(_rank, args=(2, port, points, forced_model, str(tmp_path), evaluation), nprocs=2, join=True)
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert got[0] == got[1]  # every rank reports the same metrics
     ref = evaluate_models({"WMSS": forced_model}, rows, _cfg(), tmp_path / "ref", eval_set="validation")["WMSS"]
@@ -52,3 +59,4 @@ def test_two_ranks_validate_like_the_in_process_evaluation(forced_model, tmp_pat
     assert [r["nll"] for r in ours] == pytest.approx([r["nll"] for r in theirs], rel=1e-5)
     summary = json.loads((step_dir / "eval_results.json").read_text())
     assert summary["eval_set"]["name"] == "validation" and summary["models"]["WMSS"]["n"] == 7
+    assert summary["models"]["WMSS"]["engine"] == engine

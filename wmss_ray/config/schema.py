@@ -33,6 +33,7 @@ from wmss_ray.config.sections import (  # re-exported: the schema has one import
     ScalingConfig,
     ScoringConfig,
     TrainingConfig,
+    VLLMConfig,
     WeakPoolConfig,
     compile_answer_pattern,
 )
@@ -40,7 +41,7 @@ from wmss_ray.config.sections import (  # re-exported: the schema has one import
 __all__ = [
     "ConfigError", "CurriculumConfig", "DataConfig", "DemoDataConfig", "DemoModelConfig", "EvaluationConfig", "LoraConfig",
     "MixConfig", "ModelsConfig", "Phase0Config", "RunConfig", "ScalingConfig", "ScoringConfig",
-    "TrainingConfig", "TuneConfig", "WMSSConfig", "WeakPoolConfig", "RENAMED_KEYS", "SPACE_KINDS",
+    "TrainingConfig", "TuneConfig", "VLLMConfig", "WMSSConfig", "WeakPoolConfig", "RENAMED_KEYS", "SPACE_KINDS",
     "compile_answer_pattern",
 ]
 

@@ -342,9 +342,33 @@ class ScalingConfig(ConfigSection):
     gpus_per_worker: float = Field(0.0, ge=0)
 
 
+class VLLMConfig(ConfigSection):
+    """The vLLM engine's reservations (``evaluation.engine`` vllm, or auto when it picks vLLM)."""
+
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="fraction of each GPU vLLM takes "
+                                          "(weights + KV cache); below the actor's GPU share when GPUs are shared")
+    cpu_kv_cache_gib: float = Field(1.0, gt=0, description="the KV cache on CPU, GiB")
+    max_model_len: int | None = Field(None, ge=2, description="prompt + completion tokens per sequence; None: "
+                                      "the model's max_position_embeddings")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (a model larger than one GPU); "
+                                      "evaluation.gpus_per_actor must equal it")
+    enforce_eager: bool = Field(False, description="no CUDA graphs (faster start, slower decoding); always on CPU")
+    cpu_min_rows: int = Field(64, ge=0, description="engine auto picks vLLM on CPU from this many prompts "
+                              "(its start-up pays off; benchmarks/generation.py)")
+
+
 class EvaluationConfig(ConfigSection):
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(64, ge=1)
+    engine: Literal["auto", "vllm", "hf"] = Field(
+        "auto", description="generation engine: auto picks vLLM when installed and generating on a GPU (or on "
+        "CPU from evaluation.vllm.cpu_min_rows prompts), else hf (transformers generate)")
+    samples: int = Field(0, ge=0, description="sampled completions per prompt besides the greedy one (0: "
+                         "greedy only); k >= 1 reports avg@k and pass@k")
+    temperature: float = Field(0.7, gt=0, description="the sampled completions' temperature (samples >= 1)")
+    top_p: float = Field(0.95, gt=0, le=1, description="the sampled completions' nucleus mass (samples >= 1)")
+    sampling_seed: int | None = Field(None, description="the sampled completions' seed; None: run.seed")
+    vllm: VLLMConfig = VLLMConfig()
     max_samples: int | None = Field(None, ge=1, description="a seeded subsample (run.seed, by sample_id hash)")
     checker: Literal["auto", "demo", "exact", "math", "regex"] = Field(
         "auto", description="answer checker (wmss_ray.stages.checkers); auto: demo in the demo world, else math"
@@ -362,6 +386,14 @@ class EvaluationConfig(ConfigSection):
     def _pattern_compiles(self) -> "EvaluationConfig":
         if self.checker == "regex" or self.answer_pattern is not None:
             compile_answer_pattern(self.answer_pattern)
+        if self.engine == "vllm" and self.gpus_per_actor >= 1 and self.gpus_per_actor != self.vllm.tensor_parallel_size:
+            raise ValueError(f"evaluation.engine vllm: evaluation.gpus_per_actor {self.gpus_per_actor:g} must equal "
+                             f"evaluation.vllm.tensor_parallel_size {self.vllm.tensor_parallel_size} (one engine per "
+                             "actor, one GPU per tensor-parallel rank)")
+        if 0 < self.gpus_per_actor < 1 and self.vllm.gpu_memory_utilization > self.gpus_per_actor \
+                and self.engine == "vllm":
+            raise ValueError(f"evaluation.vllm.gpu_memory_utilization {self.vllm.gpu_memory_utilization} is more than "
+                             f"the actor's GPU share evaluation.gpus_per_actor {self.gpus_per_actor}: lower it")
         if self.answer_pattern is not None and self.checker != "regex":
             raise ValueError(f"evaluation.answer_pattern is set but evaluation.checker is {self.checker!r}; "
                              "set evaluation.checker: regex")

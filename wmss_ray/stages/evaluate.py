@@ -1,20 +1,23 @@
-"""Held-out evaluation: greedy exact-match accuracy and teacher-forced answer loss.
+"""Held-out evaluation: greedy exact-match accuracy, sampled avg@k / pass@k, teacher-forced answer loss.
 
 Eval rows are read through ``data.corpus`` (the training corpus's formats, schemas, sample ids
 and bad-row policy). For every eval problem (a chat row ``{"messages": [..., assistant]}`` or a
 prompt/response row) the model generates greedily from the chat-template prompt plus the
 generation prompt (and the template's own filler before an answer, e.g. an empty think block),
-left-padded in batches, stopping at the end-of-turn/EOS token; the problem is correct when the
-answer checker (``evaluation.checker``, see ``wmss_ray.stages.checkers``) finds the generation's final
-answer equivalent to the reference. The checker runs in the driver, after generation. The loss
-is the teacher-forced cross-entropy over the supervised tokens only (``data.supervise``; labels
-from ``data.tokenize.tokenize_example``), averaged over all of them (token-weighted).
+stopping at the end-of-turn/EOS token, with the engine ``evaluation.engine`` picks (HF generate
+or vLLM: ``stages/evaluator.py``); the problem is correct when the answer checker
+(``evaluation.checker``, see ``wmss_ray.stages.checkers``) finds the generation's final answer
+equivalent to the reference. With ``evaluation.samples = k`` the model also draws k sampled
+completions per problem (``temperature``, ``top_p``, a seed), checked the same way: avg@k and
+pass@k (the unbiased estimator). The checker runs in the driver, after generation. The loss is
+the teacher-forced cross-entropy over the supervised tokens only (``data.supervise``; labels from
+``data.chat_tokens.tokenize_example``), averaged over all of them (token-weighted).
 ``evaluation.max_samples`` takes a seeded subsample (``run.seed``, by a hash of ``sample_id``).
 
-Two paths give the same results: in-process (small sets) and a Ray Data actor pool (large sets or
-``evaluation.num_actors > 1``). Both cut the rows into the same fixed batches of
-``evaluation.batch_size`` (the Ray path ships whole batches as single Ray Data rows), so left-
-padding and therefore greedy outputs do not depend on which path ran.
+Two paths give the same results: in-process (small sets, HF engine) and a Ray Data actor pool
+(large sets, ``evaluation.num_actors > 1``, GPUs, or the vLLM engine). Both cut the rows into the
+same fixed batches of ``evaluation.batch_size`` (the Ray path ships whole batches as single Ray
+Data rows), so HF's left-padding and therefore its greedy outputs do not depend on which path ran.
 """
 
 from __future__ import annotations
@@ -27,32 +30,30 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
-
 from wmss_ray.config.schema import WMSSConfig
-from wmss_ray.data.chat_tokens import IGNORE_INDEX, BadRowError, collate, generation_prompt_ids, tokenize_example
 from wmss_ray.data.corpus import iter_corpus, iter_row_records, open_corpus
 from wmss_ray.data.splits import seeded_subsample
 from wmss_ray.io import storage
 from wmss_ray.io.files import read_jsonl, write_jsonl
-from wmss_ray.models.generate import greedy_generate
+from wmss_ray.stages import stats
 from wmss_ray.stages.checkers import AnswerChecker, checker_from_config
+from wmss_ray.stages.evaluator import Evaluator, evaluator_kwargs, resolve_engine, run_on_actors, sampling_settings
 
 log = logging.getLogger("wmss_ray.stages.evaluate")
-
-# Teacher-forced loss materialises [rows, T, V] logits; cap that at ~1 GiB of fp32 per micro-batch
-# (a 152k vocabulary at T=256 gives 6 rows), so real vocabularies do not run out of memory.
-MAX_LOGIT_ELEMS = 2**28
 
 
 @dataclass
 class EvalResult:
     """One model on one eval set.
 
-    ``per_sample``: one dict per problem in eval order: ``sample_id``, ``correct`` (bool),
+    ``per_sample``: one dict per problem in eval order: ``sample_id``, ``correct`` (bool, greedy),
     ``generated`` (decoded text, stop token cut), ``predicted`` / ``reference`` (final answers,
-    None when absent), ``nll`` (summed answer-token CE, None when the row could not be tokenised)
-    and ``n_tokens`` (answer tokens in that sum).
+    None when absent), ``nll`` (summed answer-token CE, None when the row could not be tokenised),
+    ``n_tokens`` (answer tokens in that sum), ``reject_reason`` (None, or why the prompt was not
+    generated from) and, with sampling, ``sampled`` / ``sampled_correct`` (k each).
+    ``engine``: which engine generated (``hf`` or ``vllm``); ``sampling``: the sampled
+    completions' settings (``evaluation.samples`` etc.); ``avg_at_k`` / ``pass_at_k``: their
+    metrics (None without sampling).
     """
 
     name: str
@@ -63,6 +64,11 @@ class EvalResult:
     n_loss_tokens: int = 0
     checker: str = ""  # the answer checker that decided ``correct``
     n_no_reference: int = 0  # rows without a reference final answer (counted wrong)
+    n_rejected: int = 0  # rows whose prompt did not fit the context (counted wrong)
+    engine: str = ""
+    sampling: dict[str, Any] | None = None
+    avg_at_k: float | None = None
+    pass_at_k: float | None = None
     per_sample: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict[str, Any]:
@@ -121,153 +127,44 @@ def load_eval_rows(eval_path_or_rows: str | Path | Sequence[dict], cfg: WMSSConf
     return [out[i] for i in seeded_subsample(ids, cfg.evaluation.max_samples, cfg.run.seed)]
 
 
-# ----------------------------------------------------------------------------- the evaluator
-
-
-class Evaluator:
-    """Plain class (no Ray): loads one model once, evaluates batches of normalised eval rows.
-
-    ``__call__(rows)`` -> one per-sample dict per row (see :class:`EvalResult`). The Ray Data
-    actor (:class:`_EvalActor`) wraps it unchanged.
-    """
-
-    def __init__(
-        self,
-        model_dir: str,
-        max_new_tokens: int = 64,
-        max_seq_len: int = 256,
-        dtype: str = "auto",
-        device: str = "auto",
-        trust_remote_code: bool = False,
-        supervise: str = "answer_and_eos",
-        attn_implementation: str = "auto",
-    ):
-        from wmss_ray.models.loading import load_causal_lm, load_tokenizer, resolve_attn_implementation
-
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_causal_lm(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                                    attn_implementation=resolve_attn_implementation(attn_implementation, device))
-        self.model.eval()
-        self.tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
-        self.max_new_tokens = max_new_tokens
-        self.max_seq_len = max_seq_len
-        self.supervise = supervise
-        self.device = torch.device(device)
-
-    @torch.no_grad()
-    def answer_nll(self, rows: Sequence[dict]) -> list[tuple[float | None, int]]:
-        """Per row: (sum of CE in nats over the supervised tokens, their number); (None, 0) when the
-        row cannot be tokenised. Position t's logits score token t+1 (labels shifted here)."""
-        tok = self.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        encoded: list[dict | None] = []
-        for r in rows:
-            try:
-                # "left": evaluation scores every row; a too-long prompt loses its oldest tokens.
-                encoded.append(tokenize_example(tok, r["prompt_messages"], r["answer"], self.max_seq_len, "left",
-                                                self.supervise))
-            except BadRowError as err:
-                log.warning("eval row %s not scored for loss: %s", r["sample_id"], err)
-                encoded.append(None)
-        out: list[tuple[float | None, int]] = [(None, 0)] * len(rows)
-        todo = [i for i, e in enumerate(encoded) if e is not None]
-        vocab = int(self.model.get_output_embeddings().weight.shape[0])
-        width = max((len(encoded[i]["input_ids"]) for i in todo), default=1)
-        per_mb = max(1, MAX_LOGIT_ELEMS // (width * vocab))
-        for s in range(0, len(todo), per_mb):
-            idx = todo[s:s + per_mb]
-            batch = collate([encoded[i] for i in idx], pad)
-            logits = self.model(
-                input_ids=batch["input_ids"].to(self.device), attention_mask=batch["attention_mask"].to(self.device)
-            ).logits.float()
-            labels = batch["labels"][:, 1:].to(self.device)
-            ce = torch.nn.functional.cross_entropy(
-                logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
-            )  # [B, T-1]
-            mask = labels != IGNORE_INDEX
-            sums, counts = ce.sum(dim=1).tolist(), mask.sum(dim=1).tolist()
-            for j, i in enumerate(idx):
-                out[i] = (float(sums[j]), int(counts[j]))
-        return out
-
-    def __call__(self, rows: Sequence[dict]) -> list[dict[str, Any]]:
-        """Per row ``{sample_id, generated, nll, n_tokens}``; the answer checker runs later, in
-        the driver (``check_answers``)."""
-        # One call per pre-cut batch: batch_size=len(rows) keeps the padding identical on both paths.
-        prompts = [r["prompt_messages"] for r in rows]
-        # The same conditioning as in training: the chat prompt + the template's filler, if any.
-        prompt_id_lists = [generation_prompt_ids(self.tokenizer, r["prompt_messages"], r["answer"]) for r in rows]
-        generated = greedy_generate(
-            self.model, self.tokenizer, prompts, self.max_new_tokens, batch_size=max(1, len(rows)),
-            prompt_id_lists=prompt_id_lists,
-        )
-        nll = self.answer_nll(rows)
-        return [{"sample_id": r["sample_id"], "generated": text, "nll": s, "n_tokens": c}
-                for r, text, (s, c) in zip(rows, generated, nll)]
+# ----------------------------------------------------------------------------- checking
 
 
 def check_answers(rows: Sequence[dict], generated: Sequence[dict], checker: AnswerChecker) -> list[dict[str, Any]]:
-    """Per-sample results: the evaluator's output plus ``correct``, ``predicted``, ``reference``."""
+    """Per-sample results: the evaluator's output plus ``correct``, ``predicted``, ``reference``;
+    with sampled completions also ``sampled_correct`` (one bool per completion). A rejected row
+    (``reject_reason`` set: its prompt did not fit the context) is wrong, greedy and sampled."""
     out = []
     for r, g in zip(rows, generated):
-        correct, predicted = checker.check(g["generated"], r.get("final_answer"))
-        out.append({"sample_id": g["sample_id"], "correct": bool(correct), "generated": g["generated"],
-                    "predicted": predicted, "reference": r.get("final_answer"), "nll": g["nll"],
-                    "n_tokens": g["n_tokens"]})
+        reason = g.get("reject_reason")
+        correct, predicted = (False, None) if reason else checker.check(g["generated"], r.get("final_answer"))
+        row = {"sample_id": g["sample_id"], "correct": bool(correct), "generated": g["generated"],
+               "predicted": predicted, "reference": r.get("final_answer"), "nll": g["nll"],
+               "n_tokens": g["n_tokens"], "reject_reason": reason}
+        if "sampled" in g or reason:
+            row["sampled_correct"] = [bool(checker.check(t, r.get("final_answer"))[0]) for t in g.get("sampled", [])]
+            row["sampled"] = g.get("sampled", [])
+        out.append(row)
     return out
 
 
-def evaluator_kwargs(model_dir: str, cfg: WMSSConfig) -> dict[str, Any]:
-    """:class:`Evaluator` arguments for ``model_dir`` under ``cfg`` (device: auto)."""
-    return {
-        "model_dir": str(model_dir),
-        "max_new_tokens": cfg.evaluation.max_new_tokens,
-        "max_seq_len": cfg.data.max_seq_len,
-        "dtype": cfg.models.dtype,  # auto: bf16 on GPU, fp32 on CPU (models.loading.resolve_dtype)
-        "trust_remote_code": cfg.models.trust_remote_code,
-        "supervise": cfg.data.supervise,
-        "attn_implementation": cfg.models.attn_implementation,
-    }
-
-
-class _EvalActor:
-    """Ray Data callable class: one Ray Data row = one JSON-encoded batch of eval rows."""
-
-    def __init__(self, evaluator_kwargs: dict[str, Any]):
-        self.evaluator = Evaluator(**evaluator_kwargs)
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        out: list[str] = []
-        for blob in batch["chunk"]:
-            rows = json.loads(blob)
-            for r, res in zip(rows, self.evaluator(rows)):
-                out.append(json.dumps({"idx": r["_idx"], **res}))
-        return {"result": out}
-
-
-def _run_ray(chunks: list[list[dict]], ev_kwargs: dict[str, Any], cfg: WMSSConfig) -> list[dict[str, Any]]:
-    import ray.data
-
-    from wmss_ray.cluster import ensure_ray
-
-    ensure_ray()  # joins a running cluster (ray job submit / tests) or starts a local one
-    e = cfg.evaluation
-    ds = ray.data.from_items([{"chunk": json.dumps(c)} for c in chunks])
-    ds = ds.map_batches(
-        _EvalActor,
-        batch_size=1,  # one pre-cut eval batch per call: same padding as the in-process path
-        compute=ray.data.ActorPoolStrategy(size=max(1, min(e.num_actors, len(chunks)))),
-        fn_constructor_kwargs={"evaluator_kwargs": ev_kwargs},
-        num_cpus=e.cpus_per_actor,
-        num_gpus=e.gpus_per_actor,
-    )
-    results = [json.loads(r["result"]) for r in ds.take_all()]
-    results.sort(key=lambda r: r.pop("idx"))  # Ray Data does not preserve order by default
-    return results
+def sampled_metrics(per_sample: Sequence[dict], k: int) -> dict[str, float]:
+    """``avg_at_k`` (mean share of correct samples) and ``pass_at_k`` (the unbiased estimator over
+    the ``k`` samples per prompt; a rejected prompt counts 0) of one model's per-sample rows."""
+    counts = [sum(r.get("sampled_correct") or []) for r in per_sample]
+    if not counts or k < 1:
+        return {}
+    return {"avg_at_k": sum(c / k for c in counts) / len(counts),
+            "pass_at_k": sum(stats.pass_at_k(k, c, k) for c in counts) / len(counts)}
 
 
 # ----------------------------------------------------------------------------- public API
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _safe_name(name: str) -> str:
@@ -319,12 +216,16 @@ def eval_chunks(rows: Sequence[dict[str, Any]], batch_size: int) -> list[list[di
 
 
 def _evaluate_rows(model_dir: str, rows: list[dict[str, Any]], cfg: WMSSConfig, name: str,
-                   out_dir: str | Path | None, use_ray: bool | None, generate: Generate | None = None) -> EvalResult:
+                   out_dir: str | Path | None, use_ray: bool | None, generate: Generate | None = None,
+                   generate_engine: str = "hf") -> EvalResult:
     """:func:`evaluate_model` on rows already read by :func:`load_eval_rows`."""
     e = cfg.evaluation
+    on_gpu = e.gpus_per_actor > 0 or (not use_ray and generate is None and torch_cuda_available())
+    engine = generate_engine if generate is not None else resolve_engine(cfg, len(rows), on_gpu)
     if use_ray is None:
         use_ray = len(rows) > e.ray_min_rows or e.num_actors > 1 or e.gpus_per_actor > 0
-    ev_kwargs = evaluator_kwargs(model_dir, cfg)
+    use_ray = use_ray or engine == "vllm"  # vLLM only in an actor of its own (stages/evaluator.py)
+    ev_kwargs = evaluator_kwargs(model_dir, cfg, engine)
     chunks = eval_chunks(rows, e.batch_size)
     checker = checker_from_config(cfg)
     if not rows:
@@ -332,7 +233,7 @@ def _evaluate_rows(model_dir: str, rows: list[dict[str, Any]], cfg: WMSSConfig, 
     elif generate is not None:
         generated = generate(str(model_dir), chunks)
     elif use_ray:
-        generated = _run_ray(chunks, ev_kwargs, cfg)
+        generated = run_on_actors(chunks, ev_kwargs, cfg)
     else:
         evaluator = Evaluator(**ev_kwargs)
         generated = [res for chunk in chunks for res in evaluator(chunk)]
@@ -352,11 +253,18 @@ def _evaluate_rows(model_dir: str, rows: list[dict[str, Any]], cfg: WMSSConfig, 
         n_loss_tokens=tokens,
         checker=checker.name,
         n_no_reference=n_missing,
+        n_rejected=sum(r["reject_reason"] is not None for r in per_sample),
+        engine=engine,
+        sampling=sampling_settings(cfg) if e.samples and generate is None else None,
         per_sample=per_sample,
     )
+    if result.sampling:
+        sampled = sampled_metrics(per_sample, e.samples)
+        result.avg_at_k, result.pass_at_k = sampled.get("avg_at_k"), sampled.get("pass_at_k")
     if out_dir is not None:
         write_per_sample(result, out_dir)
-    log.info("eval %-14s n=%d accuracy=%.4f loss=%.4f", name, result.n, result.accuracy, result.loss)
+    log.info("eval %-14s n=%d accuracy=%.4f loss=%.4f engine=%s", name, result.n, result.accuracy, result.loss,
+             engine)
     return result
 
 
@@ -368,7 +276,7 @@ def eval_set_info(name: str, source: str, n: int, cfg: WMSSConfig) -> dict[str, 
 
 def evaluate_models(
     models: dict[str, str], eval_path: str | Sequence[dict], cfg: WMSSConfig, out_dir: str | Path,
-    eval_set: str = "test", generate: Generate | None = None,
+    eval_set: str = "test", generate: Generate | None = None, generate_engine: str = "hf",
 ) -> dict[str, EvalResult]:
     """Evaluate several models (``{name: model_dir}``) on the same problems (read once).
 
@@ -387,7 +295,7 @@ def evaluate_models(
     table: dict[str, dict[str, Any]] = {}
     rows = load_eval_rows(eval_path, cfg)  # read once for all models
     for name, model_dir in models.items():
-        res = _evaluate_rows(model_dir, rows, cfg, name, out, None, generate)
+        res = _evaluate_rows(model_dir, rows, cfg, name, out, None, generate, generate_engine)
         results[name] = res
         table[name] = {**res.summary(), "per_sample_path": storage.join(out, f"eval_{_safe_name(name)}.jsonl")}
     source = str(eval_path) if isinstance(eval_path, (str, Path)) else f"{len(eval_path)} rows given in memory"

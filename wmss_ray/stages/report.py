@@ -43,6 +43,7 @@ import yaml
 
 from wmss_ray.config.names import SFT_CONTINUED, SFT_CONTINUED_LABEL
 from wmss_ray.io.files import read_metrics
+from wmss_ray.stages import report_generation as gen
 from wmss_ray.stages import stats
 from wmss_ray.stages.report_plots import (
     plot_entropy_scatter,
@@ -68,7 +69,7 @@ def _fmt(v: Any, spec: str) -> str:
     return format(v, spec)
 
 
-_RESULT_KEYS = {"models", "paired", "phases", "scores", "weights", "eval_dir", "config", "config_hash",
+_RESULT_KEYS = {"models", "paired", "paired_sampled", "phases", "scores", "weights", "eval_dir", "config", "config_hash",
                 "checker", "eval_set", "counts"}
 
 
@@ -111,11 +112,15 @@ def format_results_table(results: dict) -> str:
     if not models:
         return "(no evaluation results)"
     w = max(8, *(len(n) for n in models))
-    lines = [f"{'model':<{w}}  {'accuracy':>8}  {'loss':>8}  {'n':>6}", "-" * (w + 30)]
+    k = gen.sampled_k(models) if gen.has_sampled(models) else 0
+    extra = "".join(f"  {h:>8}" for h in gen.sampled_headers(k)) if k else ""
+    lines = [f"{'model':<{w}}  {'accuracy':>8}  {'loss':>8}  {'n':>6}{extra}", "-" * (w + 30 + len(extra))]
     for name, m in models.items():
         lines.append(f"{name:<{w}}  {_fmt(m.get('accuracy'), '8.4f')}  {_fmt(m.get('loss'), '8.4f')}  "
-                     f"{_fmt(m.get('n'), '6d')}")
+                     f"{_fmt(m.get('n'), '6d')}" + ("".join(f"  {c:>8}" for c in gen.sampled_columns(m, _fmt))
+                                                   if k else ""))
     lines += [paired_line(p) for p in _pairs(results)]
+    lines += gen.paired_sampled_lines(results.get("paired_sampled") or []) if isinstance(results, dict) else []
     return "\n".join(lines)
 
 
@@ -165,6 +170,8 @@ def collect_results(run_dir: str | Path, results: dict | None = None) -> dict[st
             log.warning("config hash not computable: %s", err)
     if not r.get("paired"):
         r["paired"] = _paired_from_eval_dir(eval_dir, r.get("config") or {})
+    if not r.get("paired_sampled"):
+        r["paired_sampled"] = gen.paired_sampled_from_eval_dir(eval_dir, _model_entries(r), PAIRS, r.get("config") or {})
     return r
 
 
@@ -221,10 +228,12 @@ def _results_section(r: dict) -> str:
     models = _model_entries(r)
     if not models:
         return missing_note(f"No evaluation results (looked for {r['eval_dir']}/eval_results.json).")
+    k = gen.sampled_k(models) if gen.has_sampled(models) else 0
     rows = [[n, _fmt(m.get("accuracy"), ".4f"), _fmt(m.get("loss"), ".4f"), _fmt(m.get("n"), "d")]
-            for n, m in models.items()]
-    return (html_table(["model", "held-out accuracy", "held-out loss (nats/token)", "n"], rows)
-            + f"<p class=meta>{eval_set_line(r)}</p>"
+            + (gen.sampled_columns(m, _fmt) if k else []) for n, m in models.items()]
+    return (html_table(["model", "held-out accuracy", "held-out loss (nats/token)", "n"]
+                       + (gen.sampled_headers(k) if k else []), rows)
+            + f"<p class=meta>{eval_set_line(r)} {gen.engine_line(models)}</p>"
             + "<p class=meta>Accuracy: greedy generation, final answer judged by the answer checker. "
               "Loss: teacher-forced cross-entropy over the supervised answer tokens, token-weighted "
               "mean.</p>")
@@ -262,7 +271,9 @@ def _paired_section(r: dict) -> str:
     return (html_table(["comparison", "n", "accuracy diff", f"{pairs[0]['ci_level']:.0%} bootstrap CI",
                     "only A right", "only B right", "McNemar p (exact)"], rows)
             + "<p class=meta>Paired per problem: exact McNemar test on the discordant problems; CI from a "
-              "seeded paired bootstrap over problems.</p>")
+              "seeded paired bootstrap over problems.</p>"
+            + (html_table(["comparison", "metric", "n", "diff", "95% bootstrap CI"],
+                          gen.paired_sampled_rows(r["paired_sampled"])) if r.get("paired_sampled") else ""))
 
 
 def _scores_section(scores: str | None, out: Path) -> str:
@@ -372,8 +383,8 @@ def write_report(run_dir: str | Path, results: dict | None = None, out_path: str
             f"{html.escape(str(run_name))}</title><style>{PAGE_CSS}</style></head><body>"
             + "\n".join(body) + "</body></html>\n")
     out_file.write_text(page, encoding="utf-8")
-    data = {k: r.get(k) for k in ("models", "checker", "eval_set", "counts", "paired", "phases", "scores",
-                                  "weights", "config_hash")}
+    data = {k: r.get(k) for k in ("models", "checker", "eval_set", "counts", "paired", "paired_sampled", "phases",
+                                  "scores", "weights", "config_hash")}
     data["weight_histogram"] = hist
     (out / "report_data.json").write_text(json.dumps(data, indent=2, default=str))
     return out_file

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from fractions import Fraction
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -216,3 +216,29 @@ def sign_flip_p_value(diffs: Sequence[float] | np.ndarray, n_perm: int = 10000, 
         signs = rng.integers(0, 2, size=(min(chunk, n_perm - start), d.size)) * 2 - 1
         hits += int(np.sum(np.abs(signs @ d) >= observed))
     return (hits + 1) / (n_perm + 1)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k estimate for one problem from ``n`` samples of which ``c`` are correct:
+    ``1 - C(n - c, k) / C(n, k)`` (Chen et al. 2021), computed as a stable product."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def paired_sampled(per_sample_a: Iterable[dict], per_sample_b: Iterable[dict], k: int, name_a: str = "A",
+                   name_b: str = "B", n_boot: int = 10000, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+    """avg@k and pass@k of A minus B on their shared problems (paired by ``sample_id``), each with a
+    paired bootstrap CI over problems; both lists need ``sampled_correct`` (k bools per problem)."""
+    b_by_id = {str(r["sample_id"]): r for r in per_sample_b}
+    pairs = [(r, b_by_id[str(r["sample_id"])]) for r in per_sample_a if str(r["sample_id"]) in b_by_id]
+    out: dict[str, Any] = {"name_a": name_a, "name_b": name_b, "k": k, "n": len(pairs), "ci_level": level}
+    for metric, per_problem in (("avg_at_k", lambda c: c / k), ("pass_at_k", lambda c: pass_at_k(k, c, k))):
+        a = np.array([per_problem(sum(ra.get("sampled_correct") or [])) for ra, _ in pairs], dtype=np.float64)
+        b = np.array([per_problem(sum(rb.get("sampled_correct") or [])) for _, rb in pairs], dtype=np.float64)
+        lo, hi = paired_bootstrap_ci(a, b, n_boot=n_boot, seed=seed, level=level)
+        out[metric] = {"a": float(a.mean()) if len(a) else float("nan"), "b": float(b.mean()) if len(b) else float("nan"),
+                       "diff": float((a - b).mean()) if len(a) else float("nan"), "ci_low": lo, "ci_high": hi}
+    return out

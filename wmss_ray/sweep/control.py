@@ -144,8 +144,11 @@ def final_heldout(base: WMSSConfig, outputs: dict[str, Any], best: dict[str, Any
     ctrl = res[SFT_CONTINUED_LABEL]
     wmss = [(name, r) for name, r in res.items() if name != SFT_CONTINUED_LABEL]
     final = {"trial": best["trial"], "params": best["params"], "eval_set": summary["eval_set"],
-             SFT_CONTINUED: {"accuracy": ctrl.accuracy, "loss": ctrl.loss},
-             "wmss": [{"seed": i, "accuracy": r.accuracy, "loss": r.loss} for i, (_, r) in enumerate(wmss)],
+             "engine": ctrl.engine, "sampling": ctrl.sampling,
+             SFT_CONTINUED: {"accuracy": ctrl.accuracy, "loss": ctrl.loss, "avg_at_k": ctrl.avg_at_k,
+                             "pass_at_k": ctrl.pass_at_k},
+             "wmss": [{"seed": i, "accuracy": r.accuracy, "loss": r.loss, "avg_at_k": r.avg_at_k,
+                       "pass_at_k": r.pass_at_k} for i, (_, r) in enumerate(wmss)],
              "paired": [paired_test_per_sample(r.per_sample, ctrl.per_sample, name_a=name, name_b=SFT_CONTINUED_LABEL,
                                                seed=base.run.seed).to_dict() for name, r in wmss]}
     path.write_text(json.dumps(final, indent=2, allow_nan=True))

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from wmss_ray.config.names import SFT_CONTINUED, SFT_CONTINUED_LABEL
+from wmss_ray.stages import report_generation as gen
 from wmss_ray.stages.report import PAGE_CSS, embedded_png, html_table, missing_note
 from wmss_ray.sweep.page_plots import finite, plot_categories, plot_knobs, plot_learning_curves, plot_metric_vs_param
 from wmss_ray.sweep.results import METRICS, PAIRED
@@ -173,11 +174,19 @@ def _final_section(final: dict | None, path: Path) -> str:
              + (f" ({html.escape(str(es['source']))})" if es.get("source") else "")
              + (f", n = {html.escape(str(es['n']))}" if es.get("n") is not None else "") + ".</p>"]
     sft = final.get(SFT_CONTINUED) or {}
-    models = [[SFT_CONTINUED_LABEL, "-", _f(_num(sft, "accuracy")), _f(_num(sft, "loss"))]] if sft else []
-    models += [["WMSS", str(w.get("seed", "-")), _f(_num(w, "accuracy")), _f(_num(w, "loss"))]
-               for w in final.get("wmss") or []]
-    parts.append(html_table(["model", "seed", "held-out accuracy", "held-out loss"], models) if models
+    k = int((final.get("sampling") or {}).get("samples") or 0)
+
+    def cells(m: dict) -> list[str]:
+        return [_f(_num(m, "accuracy")), _f(_num(m, "loss"))] + (
+            [_f(_num(m, "avg_at_k")), _f(_num(m, "pass_at_k"))] if k else [])
+
+    models = [[SFT_CONTINUED_LABEL, "-", *cells(sft)]] if sft else []
+    models += [["WMSS", str(w.get("seed", "-")), *cells(w)] for w in final.get("wmss") or []]
+    parts.append(html_table(["model", "seed", "held-out accuracy", "held-out loss"]
+                            + ([f"avg@{k}", f"pass@{k}"] if k else []), models) if models
                  else missing_note(f"{path} has no {SFT_CONTINUED} / wmss results."))
+    if final.get("engine"):
+        parts.append(f"<p class=meta>{gen.engine_line({'final': final})}</p>")
     paired = final.get("paired") or []
     rows = [[f"{p.get('name_a', '?')} vs {p.get('name_b', '?')}", _f(_num(p, "n"), ".0f"),
              _f(_num(p, "acc_a")), _f(_num(p, "acc_b")),

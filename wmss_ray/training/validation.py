@@ -2,12 +2,18 @@
 
 Every ``every`` optimizer steps short of the end the ranks export the strong model to
 ``<out_dir>/interim_model`` (the collective export of the finished model), and each rank loads
-it with the plain :class:`~wmss_ray.stages.evaluate.Evaluator` and generates for its share of the
+it with the plain :class:`~wmss_ray.stages.evaluator.Evaluator` and generates for its share of the
 evaluator's pre-cut batches (batch ``i`` on rank ``i mod W``: the batches, hence the padding and
 the outputs, are those of the evaluation phase). Rank 0 gathers the outputs and runs the same
 checking, sums and writers as :func:`wmss_ray.stages.evaluate.evaluate_models`
 (``<out_root>/validation_step<k>/eval_results.json`` and ``eval_WMSS.jsonl``); the metrics go to
 every rank and into that step's ``ray.train.report``.
+
+The engine is ``evaluation.engine``'s choice for the split's size on the ranks' device (the same on
+every rank): HF in the rank's process, or vLLM in a child process of its own on the rank's GPU
+(``stages.evaluator.run_in_child``: a vLLM engine must not share the process of a training rank,
+which holds a process group), with ``gpu_memory_utilization`` from what is free next to the
+training state. Generation is greedy only: the validation metric is greedy accuracy.
 
 Without this a tune trial trained in chunks, one Train run per report: each reloaded both models
 and the optimizer states from a checkpoint (for two 4B models on 16 GPUs, minutes per report).
@@ -54,7 +60,7 @@ def validation_bytes(params: int, layers: int, kv_heads: int, head_dim: int, voc
     """Device bytes a rank adds while it validates (what :func:`validate_on_ranks` allocates next
     to the training state), for a model of ``params`` parameters and the given shape.
 
-    - ``weights``: the :class:`~wmss_ray.stages.evaluate.Evaluator`'s copy of the exported model,
+    - ``weights``: the :class:`~wmss_ray.stages.evaluator.Evaluator`'s copy of the exported model,
       whole (not ZeRO-partitioned): ``dtype_bytes x params``;
     - ``kv_cache``: greedy generation of a batch of ``batch`` (``evaluation.batch_size``) prompts
       of up to ``seq`` tokens (``data.max_seq_len``) plus ``new_tokens``
@@ -68,7 +74,7 @@ def validation_bytes(params: int, layers: int, kv_heads: int, head_dim: int, voc
     Generation and the CE run one after the other, so the peak is ``weights`` plus the larger of
     the other two (with a forward's transient activations).
     """
-    from wmss_ray.stages.evaluate import MAX_LOGIT_ELEMS
+    from wmss_ray.stages.evaluator import MAX_LOGIT_ELEMS
 
     rows = min(batch, max(1, MAX_LOGIT_ELEMS // (seq * vocab)))
     return {"weights": float(dtype_bytes * params),
@@ -88,16 +94,28 @@ def validate_on_ranks(cfg: WMSSConfig, points: ValidationPoints, model_dir: str,
     Returns, on every rank, ``{validation_accuracy, validation_loss, n_validation, step}``; rank 0
     writes ``points.step_dir(step)``.
     """
+    import tempfile
+
     import torch
     import torch.distributed as dist
 
-    from wmss_ray.stages.evaluate import Evaluator, eval_chunks, evaluate_models, evaluator_kwargs, load_eval_rows
+    from wmss_ray.stages.evaluate import eval_chunks, evaluate_models, load_eval_rows
+    from wmss_ray.stages.evaluator import Evaluator, evaluator_kwargs, resolve_engine, run_in_child
+
+    rows = read_jsonl(points.rows_path)
+    # The same choice on every rank (a function of the config and the row count).
+    engine = resolve_engine(cfg, len(rows), on_gpu=torch.device(device).type == "cuda")
 
     def generate(path: str, chunks: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         mine = [i for i in range(len(chunks)) if i % world == rank]
         outputs: dict[int, list[dict[str, Any]]] = {}
-        if mine:
-            evaluator = Evaluator(**{**evaluator_kwargs(path, cfg), "device": str(device)})
+        # Greedy only: the validation metric is greedy accuracy (no sampled completions here).
+        kwargs = {**evaluator_kwargs(path, cfg, engine), "device": str(device), "sampling": None}
+        if mine and engine == "vllm":  # in a process of its own, on this rank's device
+            with tempfile.TemporaryDirectory(prefix="wmss-engine-") as work:  # local to this node
+                outputs = dict(zip(mine, run_in_child(kwargs, [chunks[i] for i in mine], work, device)))
+        elif mine:
+            evaluator = Evaluator(**kwargs)
             outputs = {i: evaluator(chunks[i]) for i in mine}
             del evaluator
             if torch.cuda.is_available():
@@ -107,11 +125,10 @@ def validate_on_ranks(cfg: WMSSConfig, points: ValidationPoints, model_dir: str,
         merged = {i: out for part in gathered for i, out in (part or {}).items()}
         return [res for i in range(len(chunks)) for res in merged[i]]
 
-    rows = read_jsonl(points.rows_path)
     metrics: list[dict[str, Any] | None] = [None]
     if rank == 0:
         res = evaluate_models({"WMSS": model_dir}, rows, cfg, points.step_dir(step), eval_set="validation",
-                              generate=generate)["WMSS"]
+                              generate=generate, generate_engine=engine)["WMSS"]
         metrics[0] = {"validation_accuracy": float(res.accuracy), "validation_loss": float(res.loss),
                       "n_validation": int(res.n), "step": step}
     else:  # the same batches as rank 0's evaluate_models cuts
