@@ -252,3 +252,30 @@ def test_run_phases_runs_any_phase_list_with_the_same_skip_resume_and_clear_rule
     assert calls == [2, 2, 3] and not (tmp_path / "tune" / "sft_continued" / "ray_train" / "x").exists()
     man = json.loads((tmp_path / "tune" / "sft_continued" / "manifest.json").read_text())
     assert man["status"] == "completed" and man["inputs"] == {"sft": {"model_dir": "/m1"}}
+
+
+def test_keys_added_since_a_run_was_made_keep_its_fingerprints_at_their_defaults():
+    """A run made before training.lora and the evaluation engine keys existed (its config has none
+    of them) has the same phase fingerprints as the same config today at their defaults, so it
+    resumes after an upgrade; set to anything else, they change what they feed."""
+    from wmss_ray.config.loading import config_from_dict
+    from wmss_ray.config.schema import ADDED_KEYS
+    from wmss_ray.io.manifest import phase_fingerprint
+
+    cfg = load_config("configs/test-tiny.yaml")
+    old = cfg.to_dict()  # what a run from before wrote: the same dict without the added keys
+    for dotted in ADDED_KEYS:
+        section, key = dotted.split(".")
+        del old[section][key]
+
+    def prints(cfg_dict):
+        return {p.name: phase_fingerprint(p.name, p.sections, p.needs, cfg_dict, {}, p.ignores, p.extra)
+                for p in build_phases(cfg)}
+
+    assert prints(cfg.fingerprint_dict()) == prints(old)
+    lora = config_from_dict(cfg.to_dict(), ["training.lora.r=8"])
+    changed = {n for n, fp in prints(lora.fingerprint_dict()).items() if fp != prints(old)[n]}
+    assert {"sft", "wmss_1"} <= changed and "tokenize" not in changed
+    sampled = config_from_dict(cfg.to_dict(), ["evaluation.samples=4"])
+    changed = {n for n, fp in prints(sampled.fingerprint_dict()).items() if fp != prints(old)[n]}
+    assert "eval" in changed and not {"sft", "wmss_1", "score_1"} & changed

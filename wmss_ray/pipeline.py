@@ -363,7 +363,7 @@ def run_phases(ctx: RunContext, phases: list[Phase], from_phase: str | None = No
     way). Returns ``ctx.outputs``.
     """
     check_phase_names(phases, from_phase, until)
-    cfg_dict = ctx.cfg.to_dict()
+    cfg_dict = ctx.cfg.fingerprint_dict()  # keys added since a run was made hash only when set
     forced = False
     for phase in phases:
         forced = forced or phase.name == from_phase

@@ -166,6 +166,21 @@ class TuneConfig(ConfigSection):
         return self
 
 
+#: Keys added after runs were made, each left out of phase fingerprints while it has its default
+#: (what runs from before it behaved as): those runs keep their fingerprints and resume instead of
+#: retraining after an upgrade. Set to anything else, a key is hashed like every other.
+ADDED_KEYS = ("training.lora", "evaluation.engine", "evaluation.samples", "evaluation.temperature",
+              "evaluation.top_p", "evaluation.sampling_seed", "evaluation.vllm")
+
+
+def _pop_if(d: dict[str, Any], dotted: str, default: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        d = d.get(part) if isinstance(d, dict) else None
+    if isinstance(d, dict) and leaf in d and d[leaf] == default:
+        del d[leaf]
+
+
 class WMSSConfig(ConfigSection):
     run: RunConfig = RunConfig()
     models: ModelsConfig = ModelsConfig()
@@ -202,6 +217,17 @@ class WMSSConfig(ConfigSection):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
+
+    def fingerprint_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the :data:`ADDED_KEYS` that have their defaults: what phase
+        fingerprints hash."""
+        out, defaults = self.to_dict(), WMSSConfig().to_dict()
+        for dotted in ADDED_KEYS:
+            node: Any = defaults
+            for part in dotted.split("."):
+                node = node[part]
+            _pop_if(out, dotted, node)
+        return out
 
     def config_hash(self) -> str:
         """Stable short hash of the full config (used in phase manifests)."""
