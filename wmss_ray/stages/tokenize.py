@@ -313,6 +313,9 @@ def tokenize_corpus(cfg: WMSSConfig, tokenizer_path: str, corpus: str, out_dir: 
                                   num_cpus=IO_TASK_CPUS)
     if stage.exact_block_rows:
         ds = ds.repartition(target_num_rows_per_block=stage.exact_block_rows, strict=True)
+        # Its tasks only slice and concatenate blocks: no CPU reserved, as IO_TASK_CPUS says why
+        # (ray 2.60's repartition takes no ray_remote_args; the op's dict is read at planning).
+        ds._logical_plan.dag.ray_remote_args["num_cpus"] = IO_TASK_CPUS
     ds = ds.map_batches(
         stage.udf, fn_constructor_kwargs=stage.kwargs,
         batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
