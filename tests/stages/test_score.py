@@ -160,6 +160,29 @@ def _assert_fused_equals_two_executions(cfg, tiny_world, corpus: str, tok, res, 
     np.testing.assert_allclose(fused["h_weak"].to_numpy(), old["h_weak"].to_numpy(), atol=1e-5, rtol=0)
 
 
+@pytest.mark.integration
+def test_pipeline_with_m1_given_scores_iteration_1_while_tokenising(tiny_world, tmp_path):
+    """``models.strong`` given (no SFT): the tokenize phase runs ``tokenize_and_score`` and score_1
+    reuses its scores; a scoring setting changed afterwards makes score_1 score again."""
+    from wmss_ray.pipeline import run_pipeline
+
+    cfg = tiny_cfg("models.demo=false", f"models.base={tiny_world.weak}", f"models.strong={tiny_world.strong}",
+                   f"data.train={tiny_world.corpus}", f"run.storage={tmp_path}", "scoring.batch_size=16")
+    out = run_pipeline(cfg, until="score_1")
+    run = Path(cfg.run_dir())
+    assert out["tokenize"]["scores_1"] == str(run / "tokenize" / "score_1" / "scores.parquet")
+    reused = json.loads((run / "score_1" / "scoring_manifest.json").read_text())
+    assert reused["copied_from"] == out["tokenize"]["scores_1"] and reused["fused_with_tokenize"] is True
+    assert pq.read_table(out["score_1"]["scores"]).equals(pq.read_table(out["tokenize"]["scores_1"]))
+    assert pq.read_table(out["score_1"]["scores"]).num_rows == N_ROWS
+    cfg2 = cfg.model_copy(deep=True)
+    cfg2.scoring.chunk_size = 7  # not in the tokenize phase's inputs: it is skipped, score_1 is not
+    out2 = run_pipeline(cfg2, until="score_1")
+    again = json.loads((Path(cfg2.run_dir()) / "score_1" / "scoring_manifest.json").read_text())
+    assert "copied_from" not in again and again["scoring"]["chunk_size"] == 7
+    assert pq.read_table(out2["score_1"]["scores"]).num_rows == N_ROWS
+
+
 def test_incompatible_pair_fails_before_any_work(tiny_world, tokenized_world, tmp_path):
     from wmss_ray.models.loading import IncompatibleModelsError
     from wmss_ray.stages.score import score_tokenized

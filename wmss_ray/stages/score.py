@@ -242,3 +242,23 @@ def tokenize_and_score(cfg: WMSSConfig, tokenizer_path: str, corpus: str, tokeni
     res = _write_scores(cfg, weak_model, strong_model, tok.tokenized_path, [scores] if scores.num_rows else [],
                         score_dir, t0, fused_with_tokenize=True)
     return tok, res
+
+
+def scoring_key(cfg: WMSSConfig, weak_model: str, strong_model: str) -> str:
+    """What ``tokenize_and_score``'s scores depend on beyond the corpus and its tokenising: scores
+    made under an equal key are the scores of this pair (the pipeline's reuse test)."""
+    return json.dumps({"weak": weak_model, "strong": strong_model, "batch_size": cfg.scoring.batch_size,
+                       "scorer": scorer_kwargs(cfg, weak_model, strong_model), "path": "fused"}, sort_keys=True)
+
+
+def reuse_scores(scores_path: str, out_dir: str) -> ScoringResult:
+    """Copy scores that ``tokenize_and_score`` made (and their manifest) into ``out_dir``."""
+    src_dir = scores_path.rsplit("/", 1)[0]
+    storage.make_dir(out_dir)
+    dst = storage.join(out_dir, SCORES_FILE)
+    storage.write_bytes(dst, storage.read_bytes(scores_path))
+    manifest = json.loads(storage.read_text(storage.join(src_dir, "scoring_manifest.json")))
+    manifest["copied_from"] = scores_path
+    manifest_path = storage.join(out_dir, "scoring_manifest.json")
+    storage.write_text(manifest_path, json.dumps(manifest, indent=2, sort_keys=True))
+    return ScoringResult(dst, manifest["counts"], 0.0, manifest_path, manifest["tokenized"])
