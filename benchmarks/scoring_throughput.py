@@ -25,7 +25,7 @@ after the Ray runs) and the mean of its times is the baseline, which damps drift
 ``--compare``: end to end only, side by side, every run in a fresh interpreter (Ray runs start
 their own ``ray.init(num_cpus=N)``, not timed), alternating plain and Ray, ``--rounds`` times:
 plain loop with N threads, the fused Ray path (``tokenize_and_score``: one execution, N actors x
-1 CPU), plain loop with 1 thread, the two-execution Ray path (``tokenize_corpus`` then
+1 CPU), plain loop with 1 thread (``--plain-threads``), the two-execution Ray path (``tokenize_corpus`` then
 ``score_tokenized``, as the pipeline's phases run it), taken from ``--old-tree`` when given (a
 checkout of the code before the fused path, e.g. main). Each Ray figure is divided by the faster
 plain run of its round (the baseline at N CPUs), so machine-wide drift cancels in the ratio.
@@ -209,7 +209,7 @@ def ray_in_subprocess(spec: dict, tree: str | None = None) -> dict[str, float]:
 
 
 def compare(base_cfg: str | None, overrides: list[str], paths: dict[str, str], root: str, n_cpus: int,
-            rounds: int, old_tree: str | None) -> str:
+            rounds: int, old_tree: str | None, plain_threads: tuple[int, int]) -> str:
     """Side-by-side end-to-end rates (see the module docstring); returns the markdown table."""
     ray_overrides = overrides + [f"scoring.num_actors={n_cpus}", "scoring.cpus_per_actor=1"]
     lines = ["| round | run | rows | end-to-end s | samples/s | x plain (faster plain of the round) | load avg |",
@@ -217,11 +217,12 @@ def compare(base_cfg: str | None, overrides: list[str], paths: dict[str, str], r
     ratios: dict[str, list[float]] = {}
     for r in range(rounds):
         runs = []
-        for name, kind in ((f"plain loop, {n_cpus} torch threads", "plain_n"), ("ray, fused (new)", "fused"),
-                           ("plain loop, 1 torch thread", "plain_1"),
+        t_a, t_b = plain_threads
+        for name, kind in ((f"plain loop, {t_a} torch thread(s)", f"plain_{t_a}"), ("ray, fused (new)", "fused"),
+                           (f"plain loop, {t_b} torch thread(s)", f"plain_{t_b}"),
                            (f"ray, two executions ({'old tree' if old_tree else 'this tree'})", "two")):
             if kind.startswith("plain"):
-                res = plain_in_subprocess(base_cfg, overrides, paths, n_cpus if kind == "plain_n" else 1)
+                res = plain_in_subprocess(base_cfg, overrides, paths, int(kind.split("_")[1]))
             else:
                 spec = {"base_cfg": base_cfg, "overrides": ray_overrides, "paths": paths, "cpus": n_cpus,
                         "out_dir": f"{root}/{kind}{r}", "fused": kind == "fused"}
@@ -269,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare", action="store_true", help="end to end only, plain vs fused vs two executions, alternating")
     ap.add_argument("--rounds", type=int, default=1, help="--compare: rounds of the 4 runs")
     ap.add_argument("--old-tree", default=None, help="--compare: run the two-execution path from this checkout")
+    ap.add_argument("--plain-threads", default=None,
+                    help="--compare: torch threads of the two plain runs of a round, e.g. 1,1 (default N,1; on an "
+                         "oversubscribed machine N threads collapse, see results_scoring.md)")
     ap.add_argument("--plain-worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--ray-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -290,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     paths = build_world(cfg, root)
     print(f"world: {n} rows, model {cfg.models.demo_model.model_dump()}, batch {args.batch_size}, N={N}", flush=True)
     if args.compare:
-        print(compare(base_cfg, overrides, paths, root, N, args.rounds, args.old_tree))
+        threads = tuple(int(t) for t in (args.plain_threads or f"{N},1").split(","))
+        print(compare(base_cfg, overrides, paths, root, N, args.rounds, args.old_tree, threads))
         return 0
     results: list[tuple[str, int, dict[str, float]]] = []
     plain_1a = plain_in_subprocess(base_cfg, overrides, paths, 1)
