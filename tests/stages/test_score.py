@@ -163,24 +163,29 @@ def _assert_fused_equals_two_executions(cfg, tiny_world, corpus: str, tok, res, 
 @pytest.mark.integration
 def test_pipeline_with_m1_given_scores_iteration_1_while_tokenising(tiny_world, tmp_path):
     """``models.strong`` given (no SFT): the tokenize phase runs ``tokenize_and_score`` and score_1
-    reuses its scores; a scoring setting changed afterwards makes score_1 score again."""
+    reuses its scores (training rows only: the validation split is tokenised, not scored); a
+    scoring setting changed afterwards makes score_1 score again."""
     from wmss_ray.pipeline import run_pipeline
 
     cfg = tiny_cfg("models.demo=false", f"models.base={tiny_world.weak}", f"models.strong={tiny_world.strong}",
-                   f"data.train={tiny_world.corpus}", f"run.storage={tmp_path}", "scoring.batch_size=16")
+                   f"data.train={tiny_world.corpus}", f"run.storage={tmp_path}", "scoring.batch_size=16",
+                   "data.validation_fraction=0.2")
     out = run_pipeline(cfg, until="score_1")
     run = Path(cfg.run_dir())
     assert out["tokenize"]["scores_1"] == str(run / "tokenize" / "score_1" / "scores.parquet")
     reused = json.loads((run / "score_1" / "scoring_manifest.json").read_text())
     assert reused["copied_from"] == out["tokenize"]["scores_1"] and reused["fused_with_tokenize"] is True
     assert pq.read_table(out["score_1"]["scores"]).equals(pq.read_table(out["tokenize"]["scores_1"]))
-    assert pq.read_table(out["score_1"]["scores"]).num_rows == N_ROWS
+    counts = json.loads((run / "tokenize" / "manifest.json").read_text())["counts"]
+    assert 0 < counts["rows_validation"] < N_ROWS and counts["rows_ok"] + counts["rows_validation"] == N_ROWS
+    assert pq.read_table(out["score_1"]["scores"])["sample_id"].to_pylist() == sorted(
+        pq.read_table(out["tokenize"]["tokenized"])["sample_id"].to_pylist())
     cfg2 = cfg.model_copy(deep=True)
     cfg2.scoring.chunk_size = 7  # not in the tokenize phase's inputs: it is skipped, score_1 is not
     out2 = run_pipeline(cfg2, until="score_1")
     again = json.loads((Path(cfg2.run_dir()) / "score_1" / "scoring_manifest.json").read_text())
     assert "copied_from" not in again and again["scoring"]["chunk_size"] == 7
-    assert pq.read_table(out2["score_1"]["scores"]).num_rows == N_ROWS
+    assert pq.read_table(out2["score_1"]["scores"]).num_rows == counts["rows_ok"]
 
 
 def test_incompatible_pair_fails_before_any_work(tiny_world, tokenized_world, tmp_path):
