@@ -22,11 +22,20 @@ Each plain run happens in a fresh interpreter. The 1-thread plain loop runs twic
 after the Ray runs) and the mean of its times is the baseline, which damps drift from other processes on a shared machine; each row also shows the
 1-minute load average when that run ended.
 
+``--compare``: end to end only, side by side, every run in a fresh interpreter (Ray runs start
+their own ``ray.init(num_cpus=N)``, not timed), alternating plain and Ray, ``--rounds`` times:
+plain loop with N threads, the fused Ray path (``tokenize_and_score``: one execution, N actors x
+1 CPU), plain loop with 1 thread (``--plain-threads``), the two-execution Ray path (``tokenize_corpus`` then
+``score_tokenized``, as the pipeline's phases run it), taken from ``--old-tree`` when given (a
+checkout of the code before the fused path, e.g. main). Each Ray figure is divided by the faster
+plain run of its round (the baseline at N CPUs), so machine-wide drift cancels in the ratio.
+
 Usage::
 
     python benchmarks/scoring_throughput.py                   # 2000 demo rows, demo model, N=2
     python benchmarks/scoring_throughput.py --quick           # smoke test (300 rows, tiny model)
     python benchmarks/scoring_throughput.py --out benchmarks/results_scoring.json
+    python benchmarks/scoring_throughput.py --compare --rows 10000 --old-tree /work/main
 """
 
 from __future__ import annotations
@@ -39,7 +48,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# WMSS_BENCH_TREE: import wmss_ray from another checkout (the --old-tree runs of --compare)
+sys.path.insert(0, os.environ.get("WMSS_BENCH_TREE") or os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from wmss_ray.config.loading import load_config  # noqa: E402
 
@@ -151,6 +161,86 @@ def run_ray(cfg, paths: dict[str, str], out_dir: str) -> dict[str, float]:
             "load": os.getloadavg()[0]}
 
 
+def run_ray_e2e(cfg, paths: dict[str, str], out_dir: str, fused: bool) -> dict[str, float]:
+    """Corpus -> scores.parquet on the running Ray: the fused path or the two executions."""
+    import ray
+
+    from wmss_ray.models.loading import check_pair_compatible
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    t0 = time.perf_counter()
+    check_pair_compatible(paths["weak"], paths["strong"], cfg.models.trust_remote_code)
+    if fused:
+        from wmss_ray.stages.score import tokenize_and_score
+
+        tok, res = tokenize_and_score(cfg, paths["strong"], paths["corpus"], out_dir, paths["weak"], paths["strong"],
+                                      out_dir, check_pair=False)
+    else:
+        from wmss_ray.stages.score import score_tokenized
+        from wmss_ray.stages.tokenize import tokenize_corpus
+
+        tok = tokenize_corpus(cfg, paths["strong"], paths["corpus"], out_dir)
+        res = score_tokenized(cfg, paths["weak"], paths["strong"], tok.tokenized_path, out_dir, check_pair=False)
+    return {"rows": res.counts["rows_scored"], "end_to_end_s": time.perf_counter() - t0,
+            "tokenize_s": tok.elapsed if not fused else float("nan"), "load": os.getloadavg()[0]}
+
+
+def ray_worker(spec: dict) -> dict[str, float]:
+    """One Ray run in this fresh process: ``ray.init(num_cpus=N)`` (not timed), then ``run_ray_e2e``."""
+    import ray
+
+    cfg = load_config(spec["base_cfg"], spec["overrides"])
+    ray.init(num_cpus=spec["cpus"], include_dashboard=False, logging_level="WARNING",
+             _temp_dir=tempfile.mkdtemp(prefix="rb-", dir="/tmp"),
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    try:
+        return run_ray_e2e(cfg, spec["paths"], spec["out_dir"], spec["fused"])
+    finally:
+        ray.shutdown()
+
+
+def ray_in_subprocess(spec: dict, tree: str | None = None) -> dict[str, float]:
+    env = {**os.environ, **({"WMSS_BENCH_TREE": tree} if tree else {})}
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--ray-worker", json.dumps(spec)],
+                         capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise RuntimeError(f"ray worker failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compare(base_cfg: str | None, overrides: list[str], paths: dict[str, str], root: str, n_cpus: int,
+            rounds: int, old_tree: str | None, plain_threads: tuple[int, int]) -> str:
+    """Side-by-side end-to-end rates (see the module docstring); returns the markdown table."""
+    ray_overrides = overrides + [f"scoring.num_actors={n_cpus}", "scoring.cpus_per_actor=1"]
+    lines = ["| round | run | rows | end-to-end s | samples/s | x plain (faster plain of the round) | load avg |",
+             "|---|---|---|---|---|---|---|"]
+    ratios: dict[str, list[float]] = {}
+    for r in range(rounds):
+        runs = []
+        t_a, t_b = plain_threads
+        for name, kind in ((f"plain loop, {t_a} torch thread(s)", f"plain_{t_a}"), ("ray, fused (new)", "fused"),
+                           (f"plain loop, {t_b} torch thread(s)", f"plain_{t_b}"),
+                           (f"ray, two executions ({'old tree' if old_tree else 'this tree'})", "two")):
+            if kind.startswith("plain"):
+                res = plain_in_subprocess(base_cfg, overrides, paths, int(kind.split("_")[1]))
+            else:
+                spec = {"base_cfg": base_cfg, "overrides": ray_overrides, "paths": paths, "cpus": n_cpus,
+                        "out_dir": f"{root}/{kind}{r}", "fused": kind == "fused"}
+                res = ray_in_subprocess(spec, old_tree if kind == "two" else None)
+            runs.append((name, kind, res))
+            print(f"  round {r + 1}: {name}: {res['end_to_end_s']:.1f} s", flush=True)
+        base = min((res for _, kind, res in runs if kind.startswith("plain")), key=lambda x: x["end_to_end_s"])
+        for name, kind, res in runs:
+            x = base["end_to_end_s"] / res["end_to_end_s"]
+            if not kind.startswith("plain"):
+                ratios.setdefault(name, []).append(x)
+            lines.append(f"| {r + 1} | {name} | {res['rows']:.0f} | {res['end_to_end_s']:.1f} "
+                         f"| {res['rows'] / res['end_to_end_s']:.1f} | {x:.2f} | {res['load']:.1f} |")
+    lines.append("")
+    lines += [f"- {name}: x plain = {', '.join(f'{v:.2f}' for v in vs)}" for name, vs in ratios.items()]
+    return "\n".join(lines)
+
+
 def rates(r: dict[str, float]) -> dict[str, float]:
     """samples/s: end-to-end, scoring (start-up included), steady (start-up excluded)."""
     return {"end_to_end": r["rows"] / r["end_to_end_s"], "scoring": r["rows"] / r["scoring_s"],
@@ -177,11 +267,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--quick", action="store_true", help="smoke test: 300 rows, the test-tiny model")
     ap.add_argument("--out", default=None, help="also write the raw timings as JSON here")
+    ap.add_argument("--compare", action="store_true", help="end to end only, plain vs fused vs two executions, alternating")
+    ap.add_argument("--rounds", type=int, default=1, help="--compare: rounds of the 4 runs")
+    ap.add_argument("--old-tree", default=None, help="--compare: run the two-execution path from this checkout")
+    ap.add_argument("--plain-threads", default=None,
+                    help="--compare: torch threads of the two plain runs of a round, e.g. 1,1 (default N,1; on an "
+                         "oversubscribed machine N threads collapse, see results_scoring.md)")
     ap.add_argument("--plain-worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--ray-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.plain_worker:  # internal: one plain run in this fresh process
         spec = json.loads(args.plain_worker)
         print(json.dumps(run_plain(load_config(spec["base_cfg"], spec["overrides"]), spec["paths"], spec["threads"])))
+        return 0
+    if args.ray_worker:  # internal: one Ray run in this fresh process
+        print(json.dumps(ray_worker(json.loads(args.ray_worker))))
         return 0
     n, N = (300 if args.quick else args.rows), args.cpus
     base_cfg = "configs/test-tiny.yaml" if args.quick else None
@@ -193,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     root = tempfile.mkdtemp(prefix="wmss-bench-scoring-", dir="/tmp")
     paths = build_world(cfg, root)
     print(f"world: {n} rows, model {cfg.models.demo_model.model_dump()}, batch {args.batch_size}, N={N}", flush=True)
+    if args.compare:
+        threads = tuple(int(t) for t in (args.plain_threads or f"{N},1").split(","))
+        print(compare(base_cfg, overrides, paths, root, N, args.rounds, args.old_tree, threads))
+        return 0
     results: list[tuple[str, int, dict[str, float]]] = []
     plain_1a = plain_in_subprocess(base_cfg, overrides, paths, 1)
     plain_n = plain_in_subprocess(base_cfg, overrides, paths, N)

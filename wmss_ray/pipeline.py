@@ -130,9 +130,18 @@ def _eval_corpus(ctx: RunContext) -> str | None:
 def _phase_tokenize(ctx: RunContext) -> dict[str, Any]:
     from wmss_ray.stages.tokenize import tokenize_corpus
 
-    res = tokenize_corpus(ctx.cfg, ctx.tokenizer_source(), _train_corpus(ctx), str(ctx.phase_dir("tokenize")))
+    out, extra = str(ctx.phase_dir("tokenize")), {}
+    pair = (ctx.weak_model(1), ctx.cfg.models.strong)
+    if all(pair):  # M1 is given (no SFT): iteration 1's scores come out of the same execution
+        from wmss_ray.stages.score import scoring_key, tokenize_and_score
+
+        res, scored = tokenize_and_score(ctx.cfg, ctx.tokenizer_source(), _train_corpus(ctx), out, *pair,
+                                         storage.join(out, "score_1"))
+        extra = {"scores_1": scored.scores_path, "scores_1_key": scoring_key(ctx.cfg, *pair)}
+    else:
+        res = tokenize_corpus(ctx.cfg, ctx.tokenizer_source(), _train_corpus(ctx), out)
     return {"outputs": {"tokenized": res.tokenized_path, "rejects": res.rejects_path,
-                        "validation": res.validation_path}, "counts": res.counts}
+                        "validation": res.validation_path, **extra}, "counts": res.counts}
 
 
 def _phase_sft(ctx: RunContext) -> dict[str, Any]:
@@ -160,12 +169,14 @@ def _train_outputs(res: Any) -> dict[str, Any]:
 
 def _phase_score(t: int) -> Callable[[RunContext], dict[str, Any]]:
     def run(ctx: RunContext) -> dict[str, Any]:
-        from wmss_ray.stages.score import score_tokenized
+        from wmss_ray.stages.score import reuse_scores, score_tokenized, scoring_key
 
-        res = score_tokenized(
-            ctx.cfg, weak_model=ctx.weak_model(t), strong_model=ctx.model(t),
-            tokenized_path=ctx.out("tokenize", "tokenized"), out_dir=str(ctx.phase_dir(f"score_{t}")),
-        )
+        tok, out = ctx.outputs["tokenize"], str(ctx.phase_dir(f"score_{t}"))
+        if t == 1 and tok.get("scores_1_key") == scoring_key(ctx.cfg, ctx.weak_model(t), ctx.model(t)):
+            res = reuse_scores(tok["scores_1"], out)  # scored while tokenising, by this pair and settings
+        else:
+            res = score_tokenized(ctx.cfg, weak_model=ctx.weak_model(t), strong_model=ctx.model(t),
+                                  tokenized_path=ctx.out("tokenize", "tokenized"), out_dir=out)
         return {"outputs": {"scores": res.scores_path}, "counts": res.counts}
 
     return run

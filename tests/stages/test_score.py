@@ -119,6 +119,73 @@ def test_tokenize_then_score_end_to_end_counts_and_outputs(tiny_world, reference
     assert manifest["config_hash"] == cfg.config_hash()
     assert pq.read_table(tok.tokenized_path).num_rows == N_ROWS
     assert len(Path(tok.rejects_path).read_text().splitlines()) == 2
+    _assert_fused_equals_two_executions(cfg, tiny_world, str(corpus), tok, res, tmp_path)
+
+
+def _assert_fused_equals_two_executions(cfg, tiny_world, corpus: str, tok, res, tmp_path) -> None:
+    """``tokenize_and_score`` (one execution, one actor pool) writes the two executions' outputs:
+    the same tokenised rows, rejects and counts, and the scores of a plain loop over the corpus in
+    batches of ``scoring.batch_size`` consecutive rows (their training rows), to the last bit."""
+    from wmss_ray.stages.score import tokenize_and_score
+    from wmss_ray.stages.scorer import EntropyScorer
+
+    out = str(tmp_path / "fused")
+    tok2, res2 = tokenize_and_score(cfg, tiny_world.strong, corpus, out, tiny_world.weak, tiny_world.strong, out)
+    assert tok2.counts == tok.counts
+    assert tok2.counts["rows_in"] == res2.counts["rows_scored"] + tok2.counts["rows_rejected"]
+    read = lambda d: pq.read_table(sorted(Path(d).glob("*.parquet")))  # noqa: E731  (parts in order)
+    old_dir = Path(tok.tokenized_path).parent
+    for sub in ("tokenized", "_tokenize_index"):
+        assert read(Path(out) / sub).drop_columns(["part"] if sub[0] == "_" else []).equals(
+            read(old_dir / sub).drop_columns(["part"] if sub[0] == "_" else []))
+    assert Path(tok2.rejects_path).read_text() == Path(tok.rejects_path).read_text()
+    assert not list((Path(out) / "_extra_parts").iterdir())  # the side table is consumed
+    assert json.loads(Path(res2.manifest_path).read_text())["fused_with_tokenize"] is True
+    # the plain loop: corpus rows in blocks of batch_size (JSONL rows = lines, 1-based), the kept rows of each
+    rows = read(Path(out) / "tokenized").to_pylist()
+    index = read(Path(out) / "_tokenize_index").to_pylist()
+    scorer, bs, plain = EntropyScorer(tiny_world.weak, tiny_world.strong), cfg.scoring.batch_size, {}
+    for block in sorted({(i["source_row"] - 1) // bs for i in index}):
+        batch = [r for r, i in zip(rows, index) if (i["source_row"] - 1) // bs == block]
+        s = scorer.score_rows([r["input_ids"] for r in batch], [r["labels"] for r in batch])
+        plain.update({r["sample_id"]: (s["h_weak"][k], s["h_strong"][k], s["dh"][k], s["n_answer_tokens"][k])
+                      for k, r in enumerate(batch)})
+    fused = pq.read_table(res2.scores_path)
+    assert fused.schema.equals(pq.read_table(res.scores_path).schema)
+    assert [tuple(plain[i]) for i in fused["sample_id"].to_pylist()] == list(zip(
+        *(fused[c].to_pylist() for c in ("h_weak", "h_strong", "dh", "n_answer_tokens"))))
+    _assert_matches_reference(fused, {k: (v[0], v[1], v[3]) for k, v in plain.items()})
+    old = pq.read_table(res.scores_path)
+    assert fused["sample_id"].equals(old["sample_id"])
+    np.testing.assert_allclose(fused["h_weak"].to_numpy(), old["h_weak"].to_numpy(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.integration
+def test_pipeline_with_m1_given_scores_iteration_1_while_tokenising(tiny_world, tmp_path):
+    """``models.strong`` given (no SFT): the tokenize phase runs ``tokenize_and_score`` and score_1
+    reuses its scores (training rows only: the validation split is tokenised, not scored); a
+    scoring setting changed afterwards makes score_1 score again."""
+    from wmss_ray.pipeline import run_pipeline
+
+    cfg = tiny_cfg("models.demo=false", f"models.base={tiny_world.weak}", f"models.strong={tiny_world.strong}",
+                   f"data.train={tiny_world.corpus}", f"run.storage={tmp_path}", "scoring.batch_size=16",
+                   "data.validation_fraction=0.2")
+    out = run_pipeline(cfg, until="score_1")
+    run = Path(cfg.run_dir())
+    assert out["tokenize"]["scores_1"] == str(run / "tokenize" / "score_1" / "scores.parquet")
+    reused = json.loads((run / "score_1" / "scoring_manifest.json").read_text())
+    assert reused["copied_from"] == out["tokenize"]["scores_1"] and reused["fused_with_tokenize"] is True
+    assert pq.read_table(out["score_1"]["scores"]).equals(pq.read_table(out["tokenize"]["scores_1"]))
+    counts = json.loads((run / "tokenize" / "manifest.json").read_text())["counts"]
+    assert 0 < counts["rows_validation"] < N_ROWS and counts["rows_ok"] + counts["rows_validation"] == N_ROWS
+    assert pq.read_table(out["score_1"]["scores"])["sample_id"].to_pylist() == sorted(
+        pq.read_table(out["tokenize"]["tokenized"])["sample_id"].to_pylist())
+    cfg2 = cfg.model_copy(deep=True)
+    cfg2.scoring.chunk_size = 7  # not in the tokenize phase's inputs: it is skipped, score_1 is not
+    out2 = run_pipeline(cfg2, until="score_1")
+    again = json.loads((Path(cfg2.run_dir()) / "score_1" / "scoring_manifest.json").read_text())
+    assert "copied_from" not in again and again["scoring"]["chunk_size"] == 7
+    assert pq.read_table(out2["score_1"]["scores"]).num_rows == counts["rows_ok"]
 
 
 def test_incompatible_pair_fails_before_any_work(tiny_world, tokenized_world, tmp_path):

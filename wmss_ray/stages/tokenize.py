@@ -15,6 +15,11 @@ whose ``sample_id`` hashes into the validation split (``data.splits.in_validatio
 ``validation/`` instead (``sample_id, prompt_messages, answer, reference, input_ids, labels``,
 index ``_validation_index/``): never into ``tokenized/``, so training cannot see them.
 
+``tokenize_corpus`` takes another map stage (``MapStage``) in place of ``TokenizeBatch``: the
+fused tokenise-and-score path (``stages.score.tokenize_and_score``) passes one whose actors also
+score each block; columns beyond ``TOKEN_SCHEMA`` are written for the training rows to
+``_extra_parts/`` (same part names and row order as ``tokenized/``), deduplicated with them.
+
 Bad rows travel as rows with a ``reject_reason`` until the sink, so a row can only leave the
 pipeline by being written to one of the two outputs; ``rows_in == rows_ok + rows_rejected``
 is checked at the end. Sink parts are named by write-task index, so a retried task overwrites
@@ -61,6 +66,9 @@ TOKEN_SCHEMA = pa.schema([
 TOKENIZED_COLUMNS = ["sample_id", "input_ids", "labels"]
 VALIDATION_COLUMNS = ["sample_id", "prompt_messages", "answer", "reference", "input_ids", "labels"]
 SPLIT_DIRS = {"train": ("tokenized", "_tokenize_index"), "validation": ("validation", "_validation_index")}
+#: Per-part side tables of the training rows: ``sample_id`` + a map stage's columns beyond
+#: ``TOKEN_SCHEMA`` (the fused path's scores), same part names and row order as ``tokenized/``.
+EXTRA_DIR = "_extra_parts"
 # Logical CPUs reserved per read / write task: none. They are light (parse, I/O) next to the
 # model work, and any reservation lets scorer actors that own every CPU starve them: with
 # 1 scorer x 2 CPUs on a 2-CPU node a 0.25-CPU read task is never scheduled and the run hangs.
@@ -168,6 +176,9 @@ class TokenizedSink(Datasink):
                 "truncated": rows["truncated"],
             })
             write_part(index, storage.join(self.out_dir, index_dir, part + ".parquet"))
+            extra = [c for c in rows.column_names if c not in TOKEN_SCHEMA.names]
+            if split == "train" and extra:
+                write_part(rows.select(["sample_id", *extra]), storage.join(self.out_dir, EXTRA_DIR, part + ".parquet"))
         if bad.num_rows:
             R.write_reject_part(storage.join(self.out_dir, "_rejects_parts", part + ".jsonl"), (
                 R.reject_record(r["sample_id"], r["source_file"], r["source_row"], r["reject_reason"], r["reject_detail"])
@@ -199,8 +210,9 @@ def _read_dir(uri: str, columns: list[str] | None = None) -> pa.Table:
 def _drop_duplicates(out_dir: str, on_bad_row: str, split: str = "train") -> list[dict[str, Any]]:
     """Keep each sample_id's first occurrence (by file, row); returns reject records of the rest.
 
-    Reads only the small index table; rewrites only the parts that held a duplicate. The splits
-    are by sample_id, so duplicates never cross them and each split is deduplicated on its own.
+    Reads only the small index table; rewrites only the parts that held a duplicate (and their
+    ``_extra_parts/`` twins). The splits are by sample_id, so duplicates never cross them and each
+    split is deduplicated on its own.
     """
     data_dir, index_dir = SPLIT_DIRS[split]
     idx_dir = storage.join(out_dir, index_dir)
@@ -231,13 +243,37 @@ def _drop_duplicates(out_dir: str, on_bad_row: str, split: str = "train") -> lis
         drop.setdefault(rec.pop("_part"), set()).add(rec.pop("_pos"))
     fs, _ = storage.resolve_fs(out_dir)
     for part, positions in drop.items():
-        for sub in (data_dir, index_dir):
+        extra = storage.join(out_dir, EXTRA_DIR, part + ".parquet")
+        for sub in (data_dir, index_dir, *((EXTRA_DIR,) if split == "train" and storage.exists(extra) else ())):
             uri = storage.join(out_dir, sub, part + ".parquet")
             t = pq.read_table(storage.resolve_fs(uri)[1], filesystem=fs)
             keep = np.ones(t.num_rows, dtype=bool)
             keep[list(positions)] = False
             write_part(t.filter(pa.array(keep)), uri)
     return records
+
+
+@dataclass(frozen=True)
+class MapStage:
+    """The actor pool between read and sink: a Ray Data UDF class taking ``READ_SCHEMA`` blocks
+    (one read block per call) to ``TOKEN_SCHEMA`` blocks, plus any extra columns."""
+
+    udf: type
+    kwargs: dict[str, Any]
+    compute: Any  # ray.data.ActorPoolStrategy
+    num_cpus: float
+    num_gpus: float | None = None
+    # Cut the read into blocks of exactly this many rows (the last one shorter) before the map,
+    # whatever blocks Ray's read made: a UDF that scores each block gets the same batches on
+    # every cluster. None: Ray's blocks (tokenising is per row, blocks do not matter).
+    exact_block_rows: int | None = None
+
+
+def tokenize_stage(cfg: WMSSConfig, tokenizer_path: str) -> MapStage:
+    """The tokenize phase's own stage: ``TokenizeBatch`` on 1..``data.tokenize_actors`` actors."""
+    return MapStage(TokenizeBatch, {"tokenizer_path": tokenizer_path, "data": cfg.data,
+                                    "trust_remote_code": cfg.models.trust_remote_code},
+                    ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.data.tokenize_actors), cfg.data.tokenize_cpus)
 
 
 @dataclass
@@ -251,12 +287,14 @@ class TokenizeResult:
 
 
 def tokenize_corpus(cfg: WMSSConfig, tokenizer_path: str, corpus: str, out_dir: str,
-                    block_rows: int | None = None) -> TokenizeResult:
+                    block_rows: int | None = None, stage: MapStage | None = None) -> TokenizeResult:
     """Stream ``corpus`` through normalisation and the chat template into ``out_dir/tokenized``.
 
     Args:
         tokenizer_path: a local HF directory with the tokenizer (the model's own).
         block_rows: rows per read block (default ``cfg.scoring.batch_size``).
+        stage: the map stage (default ``tokenize_stage``); extra columns it adds land in
+            ``out_dir/_extra_parts/`` for the training rows.
 
     Returns:
         ``TokenizeResult``; ``counts = {rows_in, rows_ok, rows_rejected, rejected_by_reason}``.
@@ -268,15 +306,20 @@ def tokenize_corpus(cfg: WMSSConfig, tokenizer_path: str, corpus: str, out_dir: 
     ensure_ray()
     data = cfg.data
     c = open_corpus(corpus, data)
-    for sub in ("tokenized", "_tokenize_index", "validation", "_validation_index", "_rejects_parts"):
+    for sub in ("tokenized", "_tokenize_index", "validation", "_validation_index", "_rejects_parts", EXTRA_DIR):
         storage.reset_dir(storage.join(out_dir, sub))
+    stage = stage or tokenize_stage(cfg, tokenizer_path)
     ds = ray.data.read_datasource(CorpusDatasource(c, data, block_rows or cfg.scoring.batch_size),
                                   num_cpus=IO_TASK_CPUS)
+    if stage.exact_block_rows:
+        ds = ds.repartition(target_num_rows_per_block=stage.exact_block_rows, strict=True)
+        # Its tasks only slice and concatenate blocks: no CPU reserved, as IO_TASK_CPUS says why
+        # (ray 2.60's repartition takes no ray_remote_args; the op's dict is read at planning).
+        ds._logical_plan.dag.ray_remote_args["num_cpus"] = IO_TASK_CPUS
     ds = ds.map_batches(
-        TokenizeBatch, fn_constructor_args=(tokenizer_path, data, cfg.models.trust_remote_code),
+        stage.udf, fn_constructor_kwargs=stage.kwargs,
         batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=data.tokenize_actors),
-        num_cpus=data.tokenize_cpus,
+        compute=stage.compute, num_cpus=stage.num_cpus, num_gpus=stage.num_gpus or None,
     )
     # Blocks reach the sink in read order, not in the order actors finish, so the same corpus
     # always gives the same parts (row order, part boundaries): scoring batches, and with them
@@ -349,6 +392,11 @@ def count_rows(path: str) -> int:
     fs, _ = storage.resolve_fs(path)
     return sum(pq.ParquetFile(storage.resolve_fs(p)[1], filesystem=fs).metadata.num_rows
                for p in storage.list_files(path, ".parquet"))
+
+
+def read_extra(out_dir: str) -> pa.Table:
+    """The ``_extra_parts/`` side table a map stage with extra columns left (training rows)."""
+    return _read_dir(storage.join(out_dir, EXTRA_DIR))
 
 
 def read_validation_rows(path: str) -> list[dict[str, Any]]:
