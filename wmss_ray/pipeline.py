@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from wmss_ray.cluster import ensure_ray
-from wmss_ray.config.loading import check_model_dirs, save_config
+from wmss_ray.config.loading import check_corpus_paths, check_model_dirs, check_tokenizer_dir, save_config
 from wmss_ray.config.names import SFT_CONTINUED, SFT_CONTINUED_LABEL
 from wmss_ray.config.schema import WMSSConfig
 from wmss_ray.io import storage
@@ -331,6 +331,8 @@ def run_pipeline(cfg: WMSSConfig, from_phase: str | None = None, until: str | No
     check_phase_names(phases, from_phase, until)
     ctx = RunContext(cfg, train_options)
     check_model_dirs(cfg)  # a missing model directory: one line naming its key, before Ray starts
+    check_tokenizer_dir(cfg)  # ... a model directory without its tokenizer
+    check_corpus_paths(cfg)  # ... a missing or unreadable corpus
     storage.check_reachable(ctx.run_dir)  # an unreachable store fails here, naming the URI
     save_config(cfg, storage.join(ctx.run_dir, "config.yaml"))
     return run_phases(ctx, phases, from_phase, until)

@@ -117,15 +117,25 @@ def print_result(result: Any) -> None:
 
 
 def run(body: Callable[[], None]) -> int:
-    """Run ``body``; setup errors become exit code 2 with a one-line message.
+    """Run ``body``; setup errors and what the user got wrong (``wmss_ray.io.errors.UserError``
+    anywhere in the chain: a missing corpus, an unreachable store) become exit code 2 with a
+    one-line message.
 
     Any other exception propagates: Python prints the traceback and exits 1, which Ray reports
     as a FAILED job with the traceback in its logs.
     """
+    from wmss_ray.io.errors import find_user_error, user_error_text
+
     try:
         body()
     except JobSetupError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    except BaseException as err:  # noqa: BLE001 - re-raised unless it is the user's to fix
+        found = find_user_error(err)
+        if found is None:
+            raise
+        print(f"error: {user_error_text(found)}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     return EXIT_OK
 

@@ -16,12 +16,14 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from wmss_ray.cli.submit import add_cli_commands
 from wmss_ray.config.loading import load_config
 from wmss_ray.config.schema import ConfigError
 from wmss_ray.io import storage
+from wmss_ray.io.errors import EXIT_USER_ERROR, find_user_error, user_error_text
 
 
 def _add_config_args(p: argparse.ArgumentParser, config_required: bool = True) -> None:
@@ -146,12 +148,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Run a parsed subcommand; a config error is one clear line and exit code 2."""
+    """Run a parsed subcommand. What the user got wrong (a :class:`UserError` anywhere in the
+    exception's chain: config, corpus, model directory, storage, Ray address) is one or two lines
+    on stderr and exit status 2, with the traceback only under ``--verbose``; any other exception
+    is a bug and propagates with its traceback."""
     try:
         return int(args.func(args) or 0)
-    except ConfigError as err:
-        print(f"wmss: {err}", file=sys.stderr)
-        return 2
+    except BaseException as err:  # noqa: BLE001 - re-raised unless it is the user's to fix
+        found = find_user_error(err)
+        if found is None:
+            raise
+        if getattr(args, "verbose", False):
+            traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
+        print(f"wmss: error: {user_error_text(found)}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
 
 
 def main(argv: list[str] | None = None) -> int:
