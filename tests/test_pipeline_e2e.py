@@ -168,3 +168,23 @@ def test_changed_beta_changes_the_reports_weights_without_rescoring(tiny_run):
         _manifest(beta, "curriculum_1")["counts"]["effective_sample_size"])
 
 
+
+
+def test_summary_and_report_have_phase_timings(tiny_run):
+    """Issue 30 item 3: ``<run>/summary.json`` holds every phase's time, throughput and
+    resources and the WMSS/SFT step-time ratio; the report shows the phases before it."""
+    cfg, out, _ = tiny_run
+    summary = json.loads((Path(cfg.run_dir()) / "summary.json").read_text())
+    t = summary["timings"]
+    names = [p.name for p in build_phases(cfg)]
+    assert [r["phase"] for r in t["phases"]] == names
+    for r in t["phases"]:
+        assert r["status"] == "completed" and r["seconds"] == _manifest(cfg, r["phase"])["seconds"] >= 0
+        assert r["resources"]["CPU"] > 0
+    rows = {r["phase"]: r for r in t["phases"]}
+    assert rows["score_1"]["rows"] == _manifest(cfg, "score_1")["counts"]["rows_scored"] and rows["score_1"]["per_s"] > 0
+    assert rows["wmss_1"]["steps"] == out["wmss_1"]["steps"] and rows["wmss_1"]["tokens_per_s"] > 0
+    assert t["wmss_sft_step_ratio"] > 0 and t["ratio_against"] == "sft_continued"
+    assert set(summary["results"]) == set(out["eval"]["models"])
+    html = Path(out["report"]["report"]).read_text()
+    assert "<h2>Phase timings</h2>" in html and "<td>wmss_1</td>" in html and "WMSS/SFT step time" in html

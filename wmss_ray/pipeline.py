@@ -261,8 +261,25 @@ def _phase_report(ctx: RunContext) -> dict[str, Any]:
         "config": ctx.cfg.to_dict(),
         "config_hash": ctx.cfg.config_hash(),
         "run_dir": ctx.run_dir,
+        "timings": _timings(ctx, [n for n in ctx.outputs if n != "report"]),  # every phase before this one
     }
     return {"outputs": {"report": write_report_at(ctx.run_dir, results, ctx.phase_dir("report"))}}
+
+
+def _timings(ctx: RunContext, names: list[str]) -> dict[str, Any]:
+    from wmss_ray.stages.timings import collect_timings
+
+    return collect_timings(ctx.run_dir, names, ctx.cfg.to_dict())
+
+
+def write_run_summary(ctx: RunContext) -> dict[str, Any]:
+    """``<run>/summary.json``: every phase's timings (``stages/timings.py``) and the eval table;
+    returns the timings (the console's final table)."""
+    from wmss_ray.stages.timings import write_summary
+
+    timings = _timings(ctx, list(ctx.outputs))
+    write_summary(ctx.run_dir, timings, (ctx.outputs.get("eval") or {}).get("models"))
+    return timings
 
 
 def _validation_count(ctx: RunContext) -> int | None:
@@ -335,7 +352,9 @@ def run_pipeline(cfg: WMSSConfig, from_phase: str | None = None, until: str | No
     check_corpus_paths(cfg)  # ... a missing or unreadable corpus
     storage.check_reachable(ctx.run_dir)  # an unreachable store fails here, naming the URI
     save_config(cfg, storage.join(ctx.run_dir, "config.yaml"))
-    return run_phases(ctx, phases, from_phase, until)
+    outputs = run_phases(ctx, phases, from_phase, until)
+    write_run_summary(ctx)  # <run>/summary.json: the console's final table reads it back
+    return outputs
 
 
 def check_phase_names(phases: list[Phase], *names: str | None) -> None:

@@ -58,7 +58,17 @@ def _cmd_run(args: argparse.Namespace, demo: bool = False) -> int:
     print(f"[wmss] run dir: {run_dir}  (config {path or '<embedded demo default>'})")
     outputs = run_pipeline(cfg, from_phase=getattr(args, "from_phase", None))
     _print_results(outputs)
+    _print_timings(cfg.run_dir())
     return 0
+
+
+def _print_timings(run_dir: str) -> None:
+    """The final table's timing part, from ``<run>/summary.json`` (``stages/timings.py``)."""
+    from wmss_ray.stages.timings import format_timings_table, read_summary
+
+    summary = read_summary(storage.location(run_dir))
+    if summary and summary.get("timings"):
+        print(format_timings_table(summary["timings"]))
 
 
 def _cmd_phase(args: argparse.Namespace) -> int:
