@@ -36,7 +36,9 @@ from wmss_ray.cluster import ensure_ray
 from wmss_ray.config.loading import check_corpus_paths, check_model_dirs, check_tokenizer_dir, save_config
 from wmss_ray.config.names import SFT_CONTINUED, SFT_CONTINUED_LABEL
 from wmss_ray.config.schema import WMSSConfig
+from wmss_ray.stages import progress
 from wmss_ray.io import storage
+from wmss_ray.io.console import get_console, monitor
 from wmss_ray.io.manifest import Manifest, now, phase_fingerprint, prepare_phase_dir, read_manifest
 
 log = logging.getLogger("wmss_ray.pipeline")
@@ -387,6 +389,7 @@ def run_phases(ctx: RunContext, phases: list[Phase], from_phase: str | None = No
         old = read_manifest(phase_dir)
         if not forced and old and old.status == "completed" and old.fingerprint == fp:
             log.info("phase %-13s skipped (completed, same inputs)", phase.name)
+            get_console().line(f"[wmss] {phase.name} skipped: completed before with the same inputs")
             ctx.outputs[phase.name] = old.outputs
         elif not storage.is_uri(phase_dir) and os.path.islink(phase_dir):
             # Linked from another run (a tune trial or an ablation): never rerun it in place, that
@@ -412,9 +415,13 @@ def _run_one(phase: Phase, ctx: RunContext, fp: str, phase_dir: str, forced: boo
                    inputs=inputs, started_at=now())
     man.write(phase_dir)
     log.info("phase %-13s running", phase.name)
-    print(f"[wmss] phase {phase.name} ...", flush=True)
+    console = get_console()
+    what, total, unit = progress.phase_plan(phase.name, ctx.cfg, ctx.run_dir)
+    console.line(progress.start_line(phase.name, what))
+    probe = progress.training_probe(ctx.run_dir, phase.name) if unit == "steps" else None
     try:
-        result = phase.run(ctx)
+        with monitor(console, phase.name, total, unit, probe):
+            result = phase.run(ctx)
     except BaseException as err:
         man.status, man.error = "failed", "".join(traceback.format_exception_only(type(err), err)).strip()
         man.finished_at = now()
@@ -425,8 +432,8 @@ def _run_one(phase: Phase, ctx: RunContext, fp: str, phase_dir: str, forced: boo
     man.seconds = round(man.finished_at - man.started_at, 2)
     man.write(phase_dir)
     ctx.outputs[phase.name] = man.outputs
-    print(f"[wmss] phase {phase.name} {'done' if man.status == 'completed' else man.status} in {man.seconds:.1f}s",
-          flush=True)
+    console.line(progress.end_line(phase.name, man.status, man.seconds,
+                                   progress.phase_result(phase.name, man.counts, man.outputs, man.seconds)))
     return man.status
 
 

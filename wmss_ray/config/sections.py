@@ -43,6 +43,17 @@ class RunConfig(ConfigSection):
     storage: str = "runs"  # local/shared directory or URI (s3://b/runs); the run dir is <storage>/<name>
     seed: int = 0
     iterations: int = Field(1, ge=1, description="K: WMSS iterations (paper: 1)")
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="experiment trackers (stages/trackers.py): tensorboard (the ranks' tb/), mlflow "
+                    "(MLFLOW_TRACKING_URI), wandb (WANDB_MODE online|offline); credentials from the environment")
+
+    @field_validator("trackers")
+    @classmethod
+    def _no_repeats(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"each tracker once, got {v}")
+        return v
 
     @field_validator("storage")
     @classmethod
