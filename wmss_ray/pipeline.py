@@ -349,14 +349,21 @@ def run_pipeline(cfg: WMSSConfig, from_phase: str | None = None, until: str | No
     phases = build_phases(cfg)
     check_phase_names(phases, from_phase, until)
     ctx = RunContext(cfg, train_options)
-    check_model_dirs(cfg)  # a missing model directory: one line naming its key, before Ray starts
-    check_tokenizer_dir(cfg)  # ... a model directory without its tokenizer
-    check_corpus_paths(cfg)  # ... a missing or unreadable corpus
+    preflight(cfg)
     storage.check_reachable(ctx.run_dir)  # an unreachable store fails here, naming the URI
     save_config(cfg, storage.join(ctx.run_dir, "config.yaml"))
     outputs = run_phases(ctx, phases, from_phase, until)
     write_run_summary(ctx)  # <run>/summary.json: the console's final table reads it back
     return outputs
+
+
+def preflight(cfg: WMSSConfig) -> None:
+    """What the user got wrong, found before Ray starts: a missing model directory, a model
+    directory without its tokenizer, a missing or unreadable corpus (``ConfigError``: one line
+    naming the key)."""
+    check_model_dirs(cfg)
+    check_tokenizer_dir(cfg)
+    check_corpus_paths(cfg)
 
 
 def check_phase_names(phases: list[Phase], *names: str | None) -> None:

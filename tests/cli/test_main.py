@@ -35,18 +35,18 @@ class _RayTaskError(Exception):  # what Ray raises around a task's exception: th
 def test_a_user_error_is_one_line_and_exit_2(capsys):
     assert run_command(_args(_raise(CorpusError("data.train: corpus /x does not exist")))) == 2
     err = capsys.readouterr().err
-    assert err == "wmss: error: data.train: corpus /x does not exist\n"
+    assert err == "wmss: data.train: corpus /x does not exist\n"
 
 
 def test_a_user_error_inside_a_ray_task_is_unwrapped(capsys):
     assert run_command(_args(_raise(_RayTaskError(CorpusError("corpus not found: /x"))))) == 2
-    assert capsys.readouterr().err == "wmss: error: corpus not found: /x\n"
+    assert capsys.readouterr().err == "wmss: corpus not found: /x\n"
 
 
 def test_verbose_adds_the_traceback(capsys):
     assert run_command(_args(_raise(CorpusError("corpus not found: /x")), verbose=True)) == 2
     err = capsys.readouterr().err
-    assert "Traceback" in err and err.endswith("wmss: error: corpus not found: /x\n")
+    assert "Traceback" in err and err.endswith("wmss: corpus not found: /x\n")
 
 
 def test_a_bug_keeps_its_traceback():
@@ -72,7 +72,7 @@ def test_wmss_run_with_a_missing_corpus_prints_no_traceback(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"wmss: error: data.train: corpus {missing} does not exist; point data.train at a .jsonl(.gz) or "
+        f"wmss: data.train: corpus {missing} does not exist; point data.train at a .jsonl(.gz) or "
         ".parquet file, a folder of them, or an HF save_to_disk directory")
     # a model directory without its tokenizer: the same, naming the key
     (model / "tokenizer_config.json").unlink()

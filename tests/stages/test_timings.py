@@ -64,6 +64,7 @@ def test_collect_timings_summary_table_and_html(tmp_path):
     assert t["wmss_sft_step_ratio"] == pytest.approx(2.0) and t["ratio_against"] == "sft_continued"
     table = T.format_timings_table(t)
     assert "WMSS/SFT step time: 2.00x" in table and "loss 0.5000" in table and "3 rejected" in table
+    assert "0.5 steps/s, 100 tok/s" in table and "50 rows/s" in table
     assert table.splitlines()[0].split() == ["phase", "status", "seconds", "throughput", "resources"]
     html = T.timings_html(t)
     assert "<td>score_1</td>" in html and "24.2 rows/s" in html and "2.00x" in html

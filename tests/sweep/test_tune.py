@@ -149,7 +149,7 @@ def test_max_concurrent_counts_the_train_workers_and_fails_naming_resources():
 # ----------------------------------------------------------------------------- a real sweep (Ray)
 
 
-def test_wmss_tune_passes_retry_errored_and_prints_the_table(monkeypatch, capsys, tmp_path):
+def test_wmss_tune_passes_retry_errored_and_prints_the_table(monkeypatch, capfd, tmp_path):
     import wmss_ray.cli.main as cli
     import wmss_ray.sweep.driver as sweep
 
@@ -160,7 +160,7 @@ def test_wmss_tune_passes_retry_errored_and_prints_the_table(monkeypatch, capsys
                  ["tune", "configs/test-tiny.yaml", "--set", f"run.storage={tmp_path}", "--retry-errored"]):
         assert cli.main(argv) == 0
     assert calls == [False, True]
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out  # the console: the original fd 1
     assert "trials on the validation split, by validation_accuracy (max)" in out and "no trial completed" in out
 
 

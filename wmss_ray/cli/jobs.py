@@ -165,6 +165,9 @@ def phase_entrypoint(phase: str) -> tuple[Callable[[], argparse.ArgumentParser],
         def body() -> None:
             cfg = load_job_config(args.config, args.overrides)
             from wmss_ray.cli.output import run_console
+            from wmss_ray.pipeline import preflight
+
+            preflight(cfg)  # before the run's logs/ exists
 
             with run_console(cfg, args.verbose):  # library output to <run>/logs/: `ray job logs` reads like a log of the run
                 connect(args.address)
@@ -199,6 +202,9 @@ def pipeline_main(argv: list[str] | None = None) -> int:
     def body() -> None:
         cfg = load_job_config(args.config, args.overrides)
         from wmss_ray.cli.output import run_console
+        from wmss_ray.pipeline import preflight
+
+        preflight(cfg)  # before the run's logs/ exists
 
         with run_console(cfg, args.verbose):  # library output to <run>/logs/: `ray job logs` reads like a log of the run
             connect(args.address)
@@ -225,6 +231,9 @@ def tune_main(argv: list[str] | None = None) -> int:
     def body() -> None:
         cfg = load_job_config(args.config, args.overrides)
         from wmss_ray.cli.output import run_console
+        from wmss_ray.pipeline import preflight
+
+        preflight(cfg)  # before the run's logs/ exists
 
         with run_console(cfg, args.verbose):
             connect(args.address)

@@ -54,10 +54,11 @@ def _print_results(outputs: dict, console) -> None:
 
 
 def _cmd_run(args: argparse.Namespace, demo: bool = False) -> int:
-    from wmss_ray.pipeline import run_pipeline
+    from wmss_ray.pipeline import preflight, run_pipeline
 
     path = _demo_config_path() if demo else args.config
     cfg = load_config(path, args.overrides)
+    preflight(cfg)  # a missing model, tokenizer or corpus: one line, before a run dir or log exists
     run_dir = storage.redact(storage.location(cfg.run_dir()))  # a URI never shows credentials
     with run_console(cfg, getattr(args, "verbose", False)) as console:
         console.line(f"[wmss] run dir: {run_dir}  (config {path or '<embedded demo default>'})")
@@ -78,9 +79,10 @@ def _print_timings(run_dir: str, console) -> None:
 
 
 def _cmd_phase(args: argparse.Namespace) -> int:
-    from wmss_ray.pipeline import run_phase
+    from wmss_ray.pipeline import preflight, run_phase
 
     cfg = load_config(args.config, args.overrides)
+    preflight(cfg)
     with run_console(cfg, getattr(args, "verbose", False)) as console:
         with tracked(cfg):
             outputs = run_phase(cfg, args.command, force=args.force)
@@ -93,9 +95,11 @@ def _cmd_phase(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
+    from wmss_ray.pipeline import preflight
     from wmss_ray.sweep.driver import run_sweep, summarize
 
     cfg = load_config(args.config, args.overrides)
+    preflight(cfg)
     with run_console(cfg, getattr(args, "verbose", False)) as console:
         run_sweep(cfg, retry_errored=args.retry_errored)
         console.line(summarize(cfg))  # the table, then the best configuration's held-out result, last
@@ -181,7 +185,7 @@ def run_command(args: argparse.Namespace) -> int:
             raise
         if getattr(args, "verbose", False):
             traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
-        print(f"wmss: error: {user_error_text(found)}", file=sys.stderr, flush=True)
+        print(f"wmss: {user_error_text(found)}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
 
 
