@@ -272,6 +272,9 @@ class TrainingConfig(ConfigSection):
         "activation memory ~ one layer's instead of all layers'; ~1/3 more compute"
     )
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0: only at the end)")
+    checkpoints_to_keep: int = Field(
+        2, ge=1, description="Ray Train checkpoints kept per phase (the newest): 2 keeps the one before the last, "
+                             "to resume from when the last is damaged (a node lost mid-upload)")
     staging_dir: str | None = Field(
         None, description="local directory on every node where each rank writes its checkpoint (and, with "
         "object storage, the exported model) before it is uploaded; null: the system temp dir (TMPDIR, else "
