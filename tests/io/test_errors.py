@@ -47,6 +47,31 @@ def test_found_through_cause_context_and_ray_wrapping():
         assert find_user_error(outer) is err
 
 
+def test_a_ray_error_that_is_also_the_causes_class_gives_the_causes_message():
+    """``RayTaskError.as_instanceof_cause()`` makes a class deriving from both: isinstance holds,
+    but its message is the remote traceback; the cause's own message is the one to print."""
+    cause = UserError("data.train row 3: messages is missing")
+
+    class RayTaskErrorUserError(_Wrapped, UserError):
+        pass
+
+    found = find_user_error(RayTaskErrorUserError(cause))
+    assert found is cause and user_error_text(found) == "data.train row 3: messages is missing"
+
+
+def test_a_user_error_known_only_from_a_remote_traceback():
+    """Ray Data's UserCodeException loses its __cause__ on the way to the driver; the remote
+    traceback text still names the class and the message (as a Ray Data task failure reads)."""
+    from wmss_ray.data.rejects import CorpusError  # noqa: F401 - registers the subclass name
+
+    text = ("ray::ReadCorpus->MapBatches(TokenizeBatch)() (pid=1181, ip=192.0.2.2)\n"
+            "  File \"tokenize.py\", line 90, in __call__\n"
+            "wmss_ray.data.rejects.CorpusError: train.jsonl line 2: malformed_json: Expecting value\n")
+    found = find_user_error(RuntimeError(text))
+    assert user_error_text(found) == "train.jsonl line 2: malformed_json: Expecting value"
+    assert find_user_error(RuntimeError("ValueError: shape mismatch")) is None
+
+
 def test_a_bug_is_not_a_user_error():
     assert find_user_error(ValueError("shape mismatch")) is None
     assert find_user_error(_Wrapped(ZeroDivisionError())) is None

@@ -31,14 +31,44 @@ def find_user_error(err: BaseException | None, _depth: int = 0) -> UserError | N
     """
     if err is None or _depth > 20:
         return None
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, BaseException) and cause is not err:
+        # Ray's task errors derive from the cause's class too (``as_instanceof_cause``), with a
+        # message that is the remote traceback: the cause itself holds the user's message.
+        found = find_user_error(cause, _depth + 1)
+        if found is not None:
+            return found
     if isinstance(err, UserError):
         return err
-    for nxt in (getattr(err, "cause", None), err.__cause__, err.__context__):
+    for nxt in (err.__cause__, err.__context__):
         if isinstance(nxt, BaseException):
             found = find_user_error(nxt, _depth + 1)
             if found is not None:
                 return found
-    return None
+    return _from_remote_traceback(err) if _depth == 0 else None
+
+
+def _user_error_names() -> set[str]:
+    names, todo = set(), [UserError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names
+
+
+def _from_remote_traceback(err: BaseException) -> UserError | None:
+    """A user error raised in a Ray Data task reaches the driver as text only: Ray Data wraps it
+    in ``UserCodeException`` and the original exception (its ``__cause__``) does not survive
+    pickling, but the remote traceback in the message ends with ``<module>.CorpusError: <msg>``.
+    The last such line of a :class:`UserError` subclass becomes a ``UserError`` with that message."""
+    names = _user_error_names()
+    found = None
+    for line in str(err).splitlines():
+        head, sep, msg = line.strip().partition(": ")
+        if sep and head.rsplit(".", 1)[-1] in names and msg.strip():
+            found = msg.strip()
+    return UserError(found) if found else None
 
 
 def user_error_text(err: UserError) -> str:
