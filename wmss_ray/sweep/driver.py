@@ -37,6 +37,7 @@ from wmss_ray.config.schema import WMSSConfig
 from wmss_ray.data.splits import has_validation
 from wmss_ray.io.console import get_console
 from wmss_ray.stages.trackers import tune_callbacks
+from wmss_ray.sweep.reports import trial_lines_callback
 from wmss_ray.sweep.trial import NO_VALIDATION, SHARED_PHASES, link_shared_phases, run_trial, trial_config
 
 __all__ = ["SHARED_PHASES", "NO_VALIDATION", "build_param_space", "link_shared_phases", "trial_config",
@@ -211,7 +212,8 @@ def run_sweep(base: WMSSConfig, retry_errored: bool = False):
                 trial_name_creator=lambda trial: f"trial_{trial.trial_id}",
                 trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
             run_config=tune.RunConfig(storage_path=str(root), name=EXPERIMENT,
-                                      callbacks=tune_callbacks(base) or None),  # run.trackers: one tracker run per trial
+                                      # a console line per trial; run.trackers: one tracker run per trial
+                                      callbacks=[trial_lines_callback(base.tune.metric), *tune_callbacks(base)]),
         )
     grid = tuner.fit()
     finish_sweep(base, grid, root)
