@@ -36,10 +36,10 @@ from wmss_ray.cluster import ensure_ray
 from wmss_ray.config.loading import check_corpus_paths, check_model_dirs, check_tokenizer_dir, save_config
 from wmss_ray.config.names import SFT_CONTINUED, SFT_CONTINUED_LABEL
 from wmss_ray.config.schema import WMSSConfig
-from wmss_ray.stages import progress
 from wmss_ray.io import storage
 from wmss_ray.io.console import get_console, monitor
 from wmss_ray.io.manifest import Manifest, now, phase_fingerprint, prepare_phase_dir, read_manifest
+from wmss_ray.stages import progress
 
 log = logging.getLogger("wmss_ray.pipeline")
 
