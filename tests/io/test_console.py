@@ -49,9 +49,14 @@ def test_plain_lines_are_spaced_and_never_repaint():
     c.progress("sft", 6, 40, "steps", 61.0)
     clock.t = 100
     c.progress("sft", 9, 40, "steps", 100.0)  # 39 s after the last line: none
-    c.line("[wmss] sft done in 2:00")
+    clock.t = 121
+    c.progress("sft", 12, 40, "steps", 121.0)  # 60 s after the last, but half the age is 60.5 s: none
+    clock.t = 122
+    c.progress("sft", 12, 40, "steps", 122.0)
+    c.line("[wmss] sft done in 2:05")
     lines = out.getvalue().splitlines()
-    assert lines == ["[wmss] sft  6/40 steps  0.0984 steps/s  elapsed 1:01  ETA 5:46", "[wmss] sft done in 2:00"]
+    assert lines == ["[wmss] sft  6/40 steps  0.0984 steps/s  elapsed 1:01  ETA 5:46",
+                     "[wmss] sft  12/40 steps  0.0984 steps/s  elapsed 2:02  ETA 4:45", "[wmss] sft done in 2:05"]
     assert "\r" not in out.getvalue() and log.getvalue() == out.getvalue()
     c.warn_once("disk almost full")
     c.warn_once("disk almost full")

@@ -13,7 +13,8 @@ keeps a duplicate of the original stdout for the console. Every console line is 
 the log, so the log alone tells the whole story.
 
 Progress: on a TTY a bar repainted in place (carriage return); anywhere else (a file, a pipe,
-``ray job logs``) a plain line at most every ``every_s`` seconds, never a carriage return.
+``ray job logs``) a plain line at most every ``every_s`` seconds, or every half of the phase's
+age when that is longer (a 10-minute phase: ~6 lines), never a carriage return.
 
 Layer: ``io`` (the standard library only).
 """
@@ -121,8 +122,8 @@ class Console:
         self.line(f"{PREFIX} warning: {text}")
 
     def progress(self, name: str, done: float, total: float | None, unit: str, elapsed: float) -> None:
-        """Report a phase's progress: a repainted bar on a TTY, else a plain line when ``every_s``
-        passed since this phase's last one."""
+        """Report a phase's progress: a repainted bar on a TTY, else a plain line when
+        ``max(every_s, elapsed / 2)`` passed since this phase's last one."""
         if self.tty:
             text = progress_text(name, done, total, unit, elapsed, bar=True)
             with self._lock:
@@ -135,7 +136,9 @@ class Console:
         if last is None:  # the phase's first call only starts its clock: a short phase prints none
             self._last_plain[name] = now
             return
-        if now - last < self.every_s:
+        # the gap grows with the phase's age (never below every_s): a long phase in a job log says
+        # it is alive without filling the log, ~log(time) lines instead of one a minute
+        if now - last < max(self.every_s, 0.5 * elapsed):
             return
         self._last_plain[name] = now
         self.line(progress_text(name, done, total, unit, elapsed))
