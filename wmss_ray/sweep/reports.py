@@ -68,13 +68,14 @@ def trial_lines_callback(metric: str):
     from wmss_ray.io.console import get_console
 
     class TrialLines(Callback):
-        def on_trial_start(self, iteration, trials, trial, **info):
-            get_console().line(trial_line("start", trial.trial_id, trial.config, None, metric))
+        # str(trial): the trial's name (the sweep names trials and their directories trial_<id>)
+    def on_trial_start(self, iteration, trials, trial, **info):
+            get_console().line(trial_line("start", str(trial), trial.config, None, metric))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            get_console().line(trial_line("complete", trial.trial_id, None, trial.last_result, metric))
+            get_console().line(trial_line("complete", str(trial), None, trial.last_result, metric))
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            get_console().line(trial_line("error", trial.trial_id, None, None, metric))
+            get_console().line(trial_line("error", str(trial), None, None, metric))
 
     return TrialLines()
