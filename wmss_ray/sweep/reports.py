@@ -69,7 +69,7 @@ def trial_lines_callback(metric: str):
 
     class TrialLines(Callback):
         # str(trial): the trial's name (the sweep names trials and their directories trial_<id>)
-    def on_trial_start(self, iteration, trials, trial, **info):
+        def on_trial_start(self, iteration, trials, trial, **info):
             get_console().line(trial_line("start", str(trial), trial.config, None, metric))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
