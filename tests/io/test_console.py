@@ -58,7 +58,17 @@ def test_plain_lines_are_spaced_and_never_repaint():
     assert lines == ["[wmss] sft  6/40 steps  0.0984 steps/s  elapsed 1:01  ETA 5:46",
                      "[wmss] sft  12/40 steps  0.0984 steps/s  elapsed 2:02  ETA 4:45", "[wmss] sft done in 2:05"]
     assert "\r" not in out.getvalue() and log.getvalue() == out.getvalue()
+    # the lines come at 1, 2, 4 minutes of a phase's age
+    for t in range(0, 300, 5):
+        clock.t = 1000 + t
+        c.progress("score_1", 0, None, "", float(t))
+    assert [ln.split("elapsed ")[1] for ln in out.getvalue().splitlines() if "score_1" in ln] == ["1:00", "2:00", "4:00"]
     c.warn_once("disk almost full")
+    # the lines come at 1, 2, 4 minutes of a phase's age
+    for t in range(0, 300, 5):
+        clock.t = 1000 + t
+        c.progress("score_1", 0, None, "", float(t))
+    assert [ln.split("elapsed ")[1] for ln in out.getvalue().splitlines() if "score_1" in ln] == ["1:00", "2:00", "4:00"]
     c.warn_once("disk almost full")
     assert out.getvalue().count("warning: disk almost full") == 1
 

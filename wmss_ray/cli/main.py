@@ -59,9 +59,8 @@ def _cmd_run(args: argparse.Namespace, demo: bool = False) -> int:
     path = _demo_config_path() if demo else args.config
     cfg = load_config(path, args.overrides)
     preflight(cfg)  # a missing model, tokenizer or corpus: one line, before a run dir or log exists
-    run_dir = storage.redact(storage.location(cfg.run_dir()))  # a URI never shows credentials
-    with run_console(cfg, getattr(args, "verbose", False)) as console:
-        console.line(f"[wmss] run dir: {run_dir}  (config {path or '<embedded demo default>'})")
+    source = str(path or "<embedded demo default>")
+    with run_console(cfg, getattr(args, "verbose", False), source) as console:
         with tracked(cfg):
             outputs = run_pipeline(cfg, from_phase=getattr(args, "from_phase", None))
         _print_results(outputs, console)

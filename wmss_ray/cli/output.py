@@ -28,8 +28,9 @@ def log_dir_for(cfg: WMSSConfig) -> str:
 
 
 @contextlib.contextmanager
-def run_console(cfg: WMSSConfig, verbose: bool = False) -> Iterator[Console]:
-    """The command's console (library output captured into :func:`log_dir_for`, unless ``verbose``).
+def run_console(cfg: WMSSConfig, verbose: bool = False, source: str | None = None) -> Iterator[Console]:
+    """The command's console (library output captured into :func:`log_dir_for`, unless ``verbose``);
+    its first line names the run dir, the config ``source`` when given, and the log file.
 
     Ray Data's progress bars are turned off when captured (they repaint with carriage returns;
     the phases' own progress lines replace them); ``RAY_DATA_DISABLE_PROGRESS_BARS`` set by the
@@ -37,8 +38,10 @@ def run_console(cfg: WMSSConfig, verbose: bool = False) -> Iterator[Console]:
     if not verbose:
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     with capture(None if verbose else log_dir_for(cfg), verbose) as console:
-        if getattr(console, "log_path", None):
-            console.line(f"[wmss] library output (Ray, DeepSpeed, transformers): {console.log_path}")
+        run_dir = storage.redact(storage.location(cfg.run_dir()))  # a URI never shows credentials
+        path = getattr(console, "log_path", None)
+        console.line(f"[wmss] run dir: {run_dir}" + (f" (config {source})" if source else "")
+                     + (f"; library output (Ray, DeepSpeed, transformers): {path}" if path else ""))
         yield console
 
 

@@ -14,7 +14,8 @@ the log, so the log alone tells the whole story.
 
 Progress: on a TTY a bar repainted in place (carriage return); anywhere else (a file, a pipe,
 ``ray job logs``) a plain line at most every ``every_s`` seconds, or every half of the phase's
-age when that is longer (a 10-minute phase: ~6 lines), never a carriage return.
+age when that is longer: at 1, 2, 4, 8 ... minutes (a 10-minute phase: 4 lines), never a
+carriage return.
 
 Layer: ``io`` (the standard library only).
 """
@@ -136,8 +137,9 @@ class Console:
         if last is None:  # the phase's first call only starts its clock: a short phase prints none
             self._last_plain[name] = now
             return
-        # the gap grows with the phase's age (never below every_s): a long phase in a job log says
-        # it is alive without filling the log, ~log(time) lines instead of one a minute
+        # the gap grows with the phase's age (never below every_s, else half the age: the lines
+        # come at 1, 2, 4, 8 ... minutes): a long phase in a job log says it is alive in
+        # ~log(time) lines (the demo's phase 0 under load, 25 min: 24 lines at one a minute, 5 so)
         if now - last < max(self.every_s, 0.5 * elapsed):
             return
         self._last_plain[name] = now
