@@ -47,6 +47,7 @@ def test_end_lines_carry_time_throughput_and_the_figure_that_matters():
         "[wmss] sft done in 2:05: 10 steps, final loss 1.2346, 0.08/s"
     tok = P.phase_result("tokenize", {"rows_in": 100, "rows_ok": 90, "rows_rejected": 2, "rows_validation": 8}, {}, 4.0)
     assert tok == "90 rows kept, 2 rejected, 8 to validation, 25/s"
+    assert P.phase_result("score_1", {"rows_scored": 10000}, {}, 8.85).endswith("rows scored, 1,130/s")
     assert P.phase_result("eval", {}, {"models": {"M1": {"accuracy": 0.5}, "WMSS": {"accuracy": 0.625}}}, 3.0) == \
         "M1 0.500, WMSS 0.625"
     assert P.end_line("wmss_1", "stopped", 5.0, "") == "[wmss] wmss_1 stopped in 5s"

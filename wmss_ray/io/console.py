@@ -49,6 +49,13 @@ def format_duration(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
 
 
+def format_rate(x: float | None) -> str:
+    """A rate as people read it: ``71,429``, ``535``, ``2.81``, ``0.0156``; ``'-'`` when unknown."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool) or x != x or x in (float("inf"), float("-inf")):
+        return "-"
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
 def eta_seconds(done: float, total: float | None, elapsed: float) -> float | None:
     """Seconds left at the rate so far (None before the first unit or without a total)."""
     if not total or done <= 0 or elapsed <= 0:

@@ -23,7 +23,7 @@ from typing import Any, Callable
 from wmss_ray.config.names import SFT_CONTINUED
 from wmss_ray.config.schema import WMSSConfig
 from wmss_ray.io import storage
-from wmss_ray.io.console import format_duration
+from wmss_ray.io.console import format_duration, format_rate
 from wmss_ray.io.manifest import read_manifest
 
 
@@ -105,7 +105,7 @@ def _fmt(x: Any, spec: str) -> str:
 
 def phase_result(name: str, counts: dict[str, Any], outputs: dict[str, Any], seconds: float) -> str:
     """The figure that matters at a phase's end, with its throughput."""
-    rate = (lambda n: f", {n / seconds:.3g}/s" if isinstance(n, (int, float)) and seconds > 0 else "")
+    rate = (lambda n: f", {format_rate(n / seconds)}/s" if isinstance(n, (int, float)) and seconds > 0 else "")
     if name == "tokenize":
         return (f"{counts.get('rows_ok')} rows kept, {counts.get('rows_rejected')} rejected, "
                 f"{counts.get('rows_validation', 0)} to validation{rate(counts.get('rows_in'))}")

@@ -34,6 +34,7 @@ from typing import Any
 
 from wmss_ray.config.names import SFT_CONTINUED
 from wmss_ray.io import storage
+from wmss_ray.io.console import format_rate
 from wmss_ray.io.files import read_metrics
 from wmss_ray.io.manifest import read_manifest
 
@@ -146,13 +147,6 @@ def _num(x: Any, spec: str) -> str:
     return format(x, spec) if _finite(x) else "-"
 
 
-def _rate_text(x: Any) -> str:
-    """A rate as people read it: ``4,800``, ``52,961``, ``2.81``, ``0.0156``."""
-    if not _finite(x):
-        return "-"
-    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
-
-
 def _res(r: dict[str, float]) -> str:
     return f"{_num(r.get('CPU'), 'g')} CPU" + (f" {_num(r['GPU'], 'g')} GPU" if r.get("GPU") else "")
 
@@ -161,9 +155,9 @@ def table_rows(t: dict[str, Any]) -> list[list[str]]:
     """The timing table's cells: phase, status, seconds, throughput, resources, figure."""
     out = []
     for r in t["phases"]:
-        thr = f"{_rate_text(r.get('per_s'))} {r.get('unit', '')}/s" if r.get("per_s") else "-"
+        thr = f"{format_rate(r.get('per_s'))} {r.get('unit', '')}/s" if r.get("per_s") else "-"
         if r.get("tokens_per_s"):
-            thr += f", {_rate_text(r['tokens_per_s'])} tok/s"
+            thr += f", {format_rate(r['tokens_per_s'])} tok/s"
         fig = ""
         if r.get("loss") is not None:
             fig = f"loss {_num(r['loss'], '.4f')}"
