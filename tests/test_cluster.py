@@ -71,3 +71,24 @@ def test_an_explicit_address_joins_and_never_starts_a_cluster(tmp_path):
     assert plan.mode == "join" and plan.kwargs["address"] == "auto" and "num_cpus" not in plan.kwargs
     job = plan_ray_start({"RAY_JOB_CONFIG_JSON_ENV_VAR": "{}"}, home=tmp_path, address="auto")
     assert job.mode == "join-job" and "runtime_env" not in job.kwargs
+
+
+def test_an_address_that_does_not_answer_is_one_line_naming_it(monkeypatch, tmp_path):
+    """``ray.init`` raises ConnectionError when nothing answers at the address: it becomes a
+    :class:`RayUnreachableError` (a user error: exit 2, no traceback) naming the address."""
+    import ray
+
+    from wmss_ray.cluster import RayUnreachableError, ensure_ray
+    from wmss_ray.io.errors import UserError
+
+    def no_cluster(**kwargs):
+        raise ConnectionError("Could not connect to 10.9.9.9:6379\nmore text")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_cluster)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    with pytest.raises(RayUnreachableError) as err:
+        ensure_ray(address="10.9.9.9:6379")
+    assert isinstance(err.value, UserError) and isinstance(err.value, ConnectionError)
+    assert "no Ray cluster answers at '10.9.9.9:6379' (Could not connect to 10.9.9.9:6379)" in str(err.value)
+    assert "\n" not in str(err.value)

@@ -174,7 +174,8 @@ def test_losses_import_only_torch_numpy_stdlib_and_losses():
     assert not bad, bad
 
 
-BOTTOM = {"wmss_ray.cluster", "wmss_ray.io", "wmss_ray.io.storage", "wmss_ray.config", "wmss_ray.config.schema",
+BOTTOM = {"wmss_ray.cluster", "wmss_ray.io", "wmss_ray.io.storage", "wmss_ray.io.errors", "wmss_ray.config",
+          "wmss_ray.config.schema",
           "wmss_ray.config.sections"}
 
 

@@ -170,6 +170,52 @@ def test_changed_beta_changes_the_reports_weights_without_rescoring(tiny_run):
 
 
 
+def test_summary_and_report_have_phase_timings(tiny_run):
+    """Issue 30 item 3: ``<run>/summary.json`` holds every phase's time, throughput and
+    resources and the WMSS/SFT step-time ratio; the report shows the phases before it."""
+    cfg, out, _ = tiny_run
+    summary = json.loads((Path(cfg.run_dir()) / "summary.json").read_text())
+    t = summary["timings"]
+    names = [p.name for p in build_phases(cfg)]
+    assert [r["phase"] for r in t["phases"]] == names
+    for r in t["phases"]:
+        assert r["status"] == "completed" and r["seconds"] == _manifest(cfg, r["phase"])["seconds"] >= 0
+        assert r["resources"]["CPU"] > 0
+    rows = {r["phase"]: r for r in t["phases"]}
+    assert rows["score_1"]["rows"] == _manifest(cfg, "score_1")["counts"]["rows_scored"] and rows["score_1"]["per_s"] > 0
+    assert rows["wmss_1"]["steps"] == out["wmss_1"]["steps"] and rows["wmss_1"]["tokens_per_s"] > 0
+    assert t["wmss_sft_step_ratio"] > 0 and t["ratio_against"] == "sft_continued"
+    assert set(summary["results"]) == set(out["eval"]["models"])
+    html = Path(out["report"]["report"]).read_text()
+    assert "<h2>Phase timings</h2>" in html and "<td>wmss_1</td>" in html and "WMSS/SFT step time" in html
+
+
+def test_the_tiny_run_in_a_local_mlflow_store(tiny_run, tmp_path, monkeypatch):
+    """Issue 30 item 2: ``run.trackers: [mlflow]`` with ``MLFLOW_TRACKING_URI`` at a local file
+    store has every training phase's logged metrics per step, the eval results and the report
+    (sent from this run's directory as `wmss run` does at its end; no second pipeline run)."""
+    from mlflow.tracking import MlflowClient
+
+    from wmss_ray.stages.trackers import log_run
+
+    cfg, out, _ = tiny_run
+    store = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    tracked = config_from_dict({**cfg.to_dict(), "run": {**cfg.to_dict()["run"], "trackers": ["mlflow"]}})
+    ids = log_run(tracked, [p.name for p in build_phases(cfg)])
+    client = MlflowClient(tracking_uri=store)
+    run = client.get_run(ids["mlflow"])
+    for phase in ("sft", "wmss_1", "sft_continued"):
+        rows = [json.loads(line) for line in Path(out[phase]["metrics"]).read_text().splitlines()]
+        history = client.get_metric_history(ids["mlflow"], f"{phase}/loss")
+        assert [(m.step, m.value) for m in history] == [(r["step"], r["loss"]) for r in rows], phase
+    for model, m in out["eval"]["models"].items():
+        assert run.data.metrics[f"eval/{model}/accuracy"] == m["accuracy"]
+    assert {p.name for p in build_phases(cfg)} <= {k[len("time/"):-2] for k in run.data.metrics if k.startswith("time/")}
+    assert {"report.html", "eval_results.json", "summary.json"} <= {a.path for a in client.list_artifacts(ids["mlflow"])}
+
+
 def _top_logit_tie(model, tok, prompt: list[int], text_a: str, text_b: str) -> bool:
     """Whether two greedy completions part where the model's top two logits tie (the first token
     where they differ is the top-2 of one forward, within float noise)."""

@@ -79,6 +79,8 @@ def test_rerun_skips_completed_phases_and_from_reruns(cfg, monkeypatch):
     ("mix.lam=0.3", ["wmss_1", "sft_continued", "eval", "report"]),
     # the weak override: pre-training, tokenising and SFT keep their fingerprints
     ("models.weak=/models/half-sft", ["score_1", "curriculum_1", "wmss_1", "sft_continued", "eval", "report"]),
+    # how many checkpoints Ray Train keeps: how a run is executed, not what it computes
+    ("training.checkpoints_to_keep=5", []),
 ])
 def test_a_changed_key_reruns_only_the_phases_it_feeds(override, reruns, cfg, monkeypatch, tmp_path):
     calls = []

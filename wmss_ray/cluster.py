@@ -24,7 +24,10 @@ looks in that order; a missing token fails here with what to set, before Ray's o
 error. The token is never printed or logged. A job's driver runs on a cluster node and inherits
 that node's token, so nothing is checked there.
 
-Layer: below every phase module; imports only the standard library (and ``ray`` lazily).
+A cluster that does not answer at a given address is :class:`RayUnreachableError` (a
+:class:`~wmss_ray.io.errors.UserError`: one line naming the address, no traceback).
+
+Layer: below every phase module; imports the standard library, ``wmss_ray.io.errors`` (and ``ray`` lazily).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wmss_ray.io.errors import UserError
+
 log = logging.getLogger("wmss_ray.cluster")
 
 RUNTIME_ENV_VARS = {"TOKENIZERS_PARALLELISM": "false"}
@@ -46,8 +51,19 @@ TOKEN_HELP = ("set RAY_AUTH_TOKEN to the cluster's token (or RAY_AUTH_TOKEN_PATH
               "wmss-ray-auth -o jsonpath='{.data.auth_token}' | base64 -d)\"; see docs/CLUSTER.md")
 
 
-class AuthTokenError(RuntimeError):
+class AuthTokenError(UserError, RuntimeError):
     """Token authentication is on but the token cannot be found or read (message holds no token)."""
+
+
+class RayUnreachableError(UserError, ConnectionError):
+    """No Ray cluster answers at the address a driver was told to join."""
+
+
+def unreachable_message(address: str, err: BaseException) -> str:
+    """One line: which address did not answer, Ray's reason, and what to do."""
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (f"no Ray cluster answers at {address!r} ({reason}); start one there (`ray start --head`), "
+            "fix RAY_ADDRESS / --address, or unset RAY_ADDRESS to run on a local Ray")
 
 
 @dataclass(frozen=True)
@@ -124,5 +140,8 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> str:
         return "already"
     plan = plan_ray_start(num_cpus=num_cpus, address=address)
     log.info("ray start-up: %s", plan.mode)  # never the kwargs' env: nothing secret, but keep it short
-    ray.init(**plan.kwargs)
+    try:
+        ray.init(**plan.kwargs)
+    except ConnectionError as err:  # joining only: a local start does not connect anywhere
+        raise RayUnreachableError(unreachable_message(str(plan.kwargs.get("address")), err)) from err
     return plan.mode

@@ -33,11 +33,13 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from wmss_ray.cluster import ensure_ray
-from wmss_ray.config.loading import check_model_dirs, save_config
+from wmss_ray.config.loading import check_corpus_paths, check_model_dirs, check_tokenizer_dir, save_config
 from wmss_ray.config.names import SFT_CONTINUED, SFT_CONTINUED_LABEL
 from wmss_ray.config.schema import WMSSConfig
 from wmss_ray.io import storage
+from wmss_ray.io.console import get_console, monitor
 from wmss_ray.io.manifest import Manifest, now, phase_fingerprint, prepare_phase_dir, read_manifest
+from wmss_ray.stages import progress
 
 log = logging.getLogger("wmss_ray.pipeline")
 
@@ -274,8 +276,25 @@ def _phase_report(ctx: RunContext) -> dict[str, Any]:
         "config": ctx.cfg.to_dict(),
         "config_hash": ctx.cfg.config_hash(),
         "run_dir": ctx.run_dir,
+        "timings": _timings(ctx, [n for n in ctx.outputs if n != "report"]),  # every phase before this one
     }
     return {"outputs": {"report": write_report_at(ctx.run_dir, results, ctx.phase_dir("report"))}}
+
+
+def _timings(ctx: RunContext, names: list[str]) -> dict[str, Any]:
+    from wmss_ray.stages.timings import collect_timings
+
+    return collect_timings(ctx.run_dir, names, ctx.cfg.to_dict())
+
+
+def write_run_summary(ctx: RunContext) -> dict[str, Any]:
+    """``<run>/summary.json``: every phase's timings (``stages/timings.py``) and the eval table;
+    returns the timings (the console's final table)."""
+    from wmss_ray.stages.timings import write_summary
+
+    timings = _timings(ctx, list(ctx.outputs))
+    write_summary(ctx.run_dir, timings, (ctx.outputs.get("eval") or {}).get("models"))
+    return timings
 
 
 def _validation_count(ctx: RunContext) -> int | None:
@@ -295,7 +314,7 @@ def build_phases(cfg: WMSSConfig) -> list[Phase]:
     no_weak = ("models.weak",)  # the weak override only matters from score_1 on
     # How a training run is executed, not what it computes: changing them resumes a crashed run
     # (say, with checkpoints more often) instead of discarding its checkpoints.
-    how = ("training.checkpoint_every", "training.max_failures", "training.staging_dir")
+    how = ("training.checkpoint_every", "training.checkpoints_to_keep", "training.max_failures", "training.staging_dir")
     phases: list[Phase] = []
     if demo:
         phases.append(Phase("data", [], ["run.seed", "data.demo"], _phase_data))
@@ -343,14 +362,25 @@ def run_pipeline(cfg: WMSSConfig, from_phase: str | None = None, until: str | No
     phases = build_phases(cfg)
     check_phase_names(phases, from_phase, until)
     ctx = RunContext(cfg, train_options)
-    check_model_dirs(cfg)  # a missing model directory: one line naming its key, before Ray starts
+    preflight(cfg)
     if cfg.training.lora.enabled:  # a user's models.strong with another tokenizer: named before any phase
         from wmss_ray.training.trainer import check_lora_strong
 
         check_lora_strong(cfg)
     storage.check_reachable(ctx.run_dir)  # an unreachable store fails here, naming the URI
     save_config(cfg, storage.join(ctx.run_dir, "config.yaml"))
-    return run_phases(ctx, phases, from_phase, until)
+    outputs = run_phases(ctx, phases, from_phase, until)
+    write_run_summary(ctx)  # <run>/summary.json: the console's final table reads it back
+    return outputs
+
+
+def preflight(cfg: WMSSConfig) -> None:
+    """What the user got wrong, found before Ray starts: a missing model directory, a model
+    directory without its tokenizer, a missing or unreadable corpus (``ConfigError``: one line
+    naming the key)."""
+    check_model_dirs(cfg)
+    check_tokenizer_dir(cfg)
+    check_corpus_paths(cfg)
 
 
 def check_phase_names(phases: list[Phase], *names: str | None) -> None:
@@ -383,6 +413,7 @@ def run_phases(ctx: RunContext, phases: list[Phase], from_phase: str | None = No
         old = read_manifest(phase_dir)
         if not forced and old and old.status == "completed" and old.fingerprint == fp:
             log.info("phase %-13s skipped (completed, same inputs)", phase.name)
+            get_console().line(f"[wmss] {phase.name} skipped: completed before with the same inputs")
             ctx.outputs[phase.name] = old.outputs
         elif not storage.is_uri(phase_dir) and os.path.islink(phase_dir):
             # Linked from another run (a tune trial or an ablation): never rerun it in place, that
@@ -408,9 +439,13 @@ def _run_one(phase: Phase, ctx: RunContext, fp: str, phase_dir: str, forced: boo
                    inputs=inputs, started_at=now())
     man.write(phase_dir)
     log.info("phase %-13s running", phase.name)
-    print(f"[wmss] phase {phase.name} ...", flush=True)
+    console = get_console()
+    what, total, unit = progress.phase_plan(phase.name, ctx.cfg, ctx.run_dir)
+    console.line(progress.start_line(phase.name, what))
+    probe = progress.training_probe(ctx.run_dir, phase.name) if unit == "steps" else None
     try:
-        result = phase.run(ctx)
+        with monitor(console, phase.name, total, unit, probe):
+            result = phase.run(ctx)
     except BaseException as err:
         man.status, man.error = "failed", "".join(traceback.format_exception_only(type(err), err)).strip()
         man.finished_at = now()
@@ -421,8 +456,8 @@ def _run_one(phase: Phase, ctx: RunContext, fp: str, phase_dir: str, forced: boo
     man.seconds = round(man.finished_at - man.started_at, 2)
     man.write(phase_dir)
     ctx.outputs[phase.name] = man.outputs
-    print(f"[wmss] phase {phase.name} {'done' if man.status == 'completed' else man.status} in {man.seconds:.1f}s",
-          flush=True)
+    console.line(progress.end_line(phase.name, man.status, man.seconds,
+                                   progress.phase_result(phase.name, man.counts, man.outputs, man.seconds)))
     return man.status
 
 

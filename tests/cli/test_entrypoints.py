@@ -109,7 +109,7 @@ def test_main_returns_2_on_setup_errors(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name", ("pipeline", "score", "train", "eval"))
-def test_main_calls_the_api_after_connecting(name, monkeypatch, capsys):
+def test_main_calls_the_api_after_connecting(name, monkeypatch, capfd, tmp_path):
     pipeline_api = pytest.importorskip("wmss_ray.pipeline")
     calls: list[tuple] = []
     monkeypatch.setattr(common, "connect", lambda address="auto": calls.append(("connect", address)))
@@ -125,14 +125,17 @@ def test_main_calls_the_api_after_connecting(name, monkeypatch, capsys):
     monkeypatch.setattr(pipeline_api, "run_pipeline", run_pipeline)
     monkeypatch.setattr(pipeline_api, "run_phase", run_phase)
     mod = importlib.import_module(f"jobs.{name}")
-    argv = ["--config", str(TINY), "--set", "mix.lam=0.25"] + (["--from-phase", "eval"] if name == "pipeline" else [])
+    argv = ["--config", str(TINY), "--set", "mix.lam=0.25", "--set", f"run.storage={tmp_path}"]
+    argv += ["--from-phase", "eval"] if name == "pipeline" else []
     assert mod.main(argv) == 0
     expected = ("run_pipeline", 0.25, "eval") if name == "pipeline" else ("run_phase", 0.25, name)
     assert calls == [("connect", "auto"), expected]
-    assert 'wmss-job-result: {"ok": 1}' in capsys.readouterr().out
+    # the console is the process's original stdout (fd 1); the libraries' output went to <run>/logs/
+    assert 'wmss-job-result: {"ok": 1}' in capfd.readouterr().out
+    assert len(list((tmp_path / "test-tiny" / "logs").glob("driver-*.log"))) == 1
 
 
-def test_tune_main_runs_the_sweep_after_connecting(monkeypatch, capsys, tmp_path):
+def test_tune_main_runs_the_sweep_after_connecting(monkeypatch, capfd, tmp_path):
     sweep = pytest.importorskip("wmss_ray.sweep.driver")
     from jobs import tune as tune_job
     from wmss_ray.sweep.results import trial_rows, write_outputs
@@ -157,6 +160,6 @@ def test_tune_main_runs_the_sweep_after_connecting(monkeypatch, capsys, tmp_path
     monkeypatch.setattr(sweep, "run_sweep", run_sweep)
     assert tune_job.main(["--config", str(TINY), "--set", "mix.lam=0.25", "--set", f"run.storage={tmp_path}"]) == 0
     assert calls == [("connect", "auto"), ("run_sweep", 0.25)]
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
     assert '"best_config": {"mix.lam": 0.3}' in out and '"heldout_test": null' in out
     assert "held-out test: not evaluated" in out  # the table, then the final line

@@ -97,4 +97,12 @@ def test_tiny_pipeline_as_a_ray_job(tiny_job_run):
         man = read_manifest(run_dir / phase.name)
         assert man is not None and man.status == "completed", f"phase {phase.name}: {man}"
         # it ran in this job (not skipped): the job printed its start and end
-        assert f"[wmss] phase {phase.name} ..." in run.logs and f"[wmss] phase {phase.name} done" in run.logs
+        assert f"[wmss] {phase.name} started" in run.logs and f"[wmss] {phase.name} done in" in run.logs
+    # issue 30 item 1: the job's log (what `ray job logs` shows) reads like a log of the run; Ray's,
+    # Ray Train's and Ray Data's output went to <run>/logs/, and nothing repaints in it
+    lines = [line for line in run.logs.splitlines() if line.strip()]
+    assert len(lines) <= 60, "\n".join(lines)
+    assert "\r" not in run.logs and "Reporting training result" not in run.logs
+    (log,) = (run_dir / "logs").glob("driver-*.log")
+    text = log.read_text()
+    assert "[wmss] sft started" in text and "streaming_executor" in text  # ours and Ray Data's

@@ -243,3 +243,29 @@ def test_checkpoint_staging_dir_is_an_absolute_local_directory_and_in_no_fingerp
         for phase in build_phases(cfg):
             fp[phase.name] = _phase_fingerprint(phase, cfg.to_dict(), fp)
     assert prints[0] == prints[1] and "sft" in prints[0]
+
+
+def test_corpus_and_tokenizer_are_checked_before_ray(tmp_path):
+    """A missing corpus or a model directory without its tokenizer: one ConfigError naming the
+    key (``run_pipeline`` calls these before Ray starts)."""
+    from wmss_ray.config.loading import check_corpus_paths, check_tokenizer_dir
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    train = tmp_path / "train.jsonl"
+    cfg = config_from_dict({"models": {"demo": False, "base": str(model)},
+                            "data": {"train": str(train), "eval": str(tmp_path / "eval.jsonl")}})
+    with pytest.raises(ConfigError, match=rf"^data.train: corpus {train} does not exist"):
+        check_corpus_paths(cfg)
+    train.write_text("{}\n")
+    with pytest.raises(ConfigError, match="^data.eval: corpus .*eval.jsonl does not exist"):
+        check_corpus_paths(cfg)
+    (tmp_path / "eval.jsonl").write_text("{}\n")
+    check_corpus_paths(cfg)
+    with pytest.raises(ConfigError, match=rf"^models.base: {model} has no tokenizer"):
+        check_tokenizer_dir(cfg)
+    (model / "tokenizer.json").write_text("{}")
+    check_tokenizer_dir(cfg)
+    check_corpus_paths(config_from_dict({}))  # the demo writes its own corpus
+    check_tokenizer_dir(config_from_dict({}))

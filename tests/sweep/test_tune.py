@@ -149,7 +149,7 @@ def test_max_concurrent_counts_the_train_workers_and_fails_naming_resources():
 # ----------------------------------------------------------------------------- a real sweep (Ray)
 
 
-def test_wmss_tune_passes_retry_errored_and_prints_the_table(monkeypatch, capsys, tmp_path):
+def test_wmss_tune_passes_retry_errored_and_prints_the_table(monkeypatch, capfd, tmp_path):
     import wmss_ray.cli.main as cli
     import wmss_ray.sweep.driver as sweep
 
@@ -160,7 +160,7 @@ def test_wmss_tune_passes_retry_errored_and_prints_the_table(monkeypatch, capsys
                  ["tune", "configs/test-tiny.yaml", "--set", f"run.storage={tmp_path}", "--retry-errored"]):
         assert cli.main(argv) == 0
     assert calls == [False, True]
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out  # the console: the original fd 1
     assert "trials on the validation split, by validation_accuracy (max)" in out and "no trial completed" in out
 
 
@@ -224,3 +224,17 @@ def test_asha_refuses_a_cluster_without_the_state_api():
     check_state_api(asha, list_actors=lambda **kw: seen.append(kw))  # served: nothing to say
     assert seen and seen[0]["limit"] == 1 and "address" in seen[0]  # this process's cluster, by its GCS
     check_state_api(load_config("configs/test-tiny.yaml", ["tune.scheduler=none"]), list_actors=no_dashboard)
+
+
+def test_the_console_line_of_a_trial():
+    from wmss_ray.sweep.reports import trial_line, trial_lines_callback
+
+    assert trial_line("start", "trial_1", {"mix.lam": 0.412345, "curriculum.formula": "v2"}, None,
+                      "validation_accuracy") == "[wmss] tune: trial_1 started: mix.lam 0.4123, curriculum.formula v2"
+    assert trial_line("complete", "trial_1", None, {"validation_accuracy": 0.625, "step": 40, "final": True},
+                      "validation_accuracy") == "[wmss] tune: trial_1 done at step 40: validation_accuracy 0.625"
+    assert "stopped early at step 8" in trial_line("complete", "t", None, {"step": 8, "final": False}, "validation_loss")
+    assert trial_line("error", "t", None, None, "x").startswith("[wmss] tune: t failed")
+    from ray.tune import Callback
+
+    assert isinstance(trial_lines_callback("validation_accuracy"), Callback)

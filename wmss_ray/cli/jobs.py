@@ -53,6 +53,9 @@ def build_parser(prog: str, description: str, config_required: bool = True) -> a
         metavar="KEY=VALUE",
         help="dotted override applied after the YAML, e.g. --set mix.lam=0.45 (repeatable)",
     )
+    parser.add_argument("--verbose", action="store_true",
+                        help="the libraries' output (Ray, DeepSpeed, transformers) in the job log too, "
+                             "not only in <run>/logs/")
     parser.add_argument(
         "--address",
         default="auto",
@@ -113,19 +116,31 @@ def print_result(result: Any) -> None:
         text = json.dumps(result, default=str, sort_keys=True)
     except Exception:
         text = repr(result)
-    print(f"wmss-job-result: {text}", flush=True)
+    from wmss_ray.io.console import get_console
+
+    get_console().line(f"wmss-job-result: {text}")
 
 
 def run(body: Callable[[], None]) -> int:
-    """Run ``body``; setup errors become exit code 2 with a one-line message.
+    """Run ``body``; setup errors and what the user got wrong (``wmss_ray.io.errors.UserError``
+    anywhere in the chain: a missing corpus, an unreachable store) become exit code 2 with a
+    one-line message.
 
     Any other exception propagates: Python prints the traceback and exits 1, which Ray reports
     as a FAILED job with the traceback in its logs.
     """
+    from wmss_ray.io.errors import find_user_error, user_error_text
+
     try:
         body()
     except JobSetupError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    except BaseException as err:  # noqa: BLE001 - re-raised unless it is the user's to fix
+        found = find_user_error(err)
+        if found is None:
+            raise
+        print(f"error: {user_error_text(found)}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     return EXIT_OK
 
@@ -149,10 +164,19 @@ def phase_entrypoint(phase: str) -> tuple[Callable[[], argparse.ArgumentParser],
 
         def body() -> None:
             cfg = load_job_config(args.config, args.overrides)
-            connect(args.address)
-            from wmss_ray.pipeline import run_phase
+            from wmss_ray.cli.output import run_console
+            from wmss_ray.pipeline import preflight
 
-            print_result(run_phase(cfg, phase))
+            preflight(cfg)  # before the run's logs/ exists
+
+            with run_console(cfg, args.verbose):  # library output to <run>/logs/: `ray job logs` reads like a log of the run
+                connect(args.address)
+                from wmss_ray.cli.output import tracked
+                from wmss_ray.pipeline import run_phase
+
+                with tracked(cfg):
+                    result = run_phase(cfg, phase)
+                print_result(result)
 
         return run(body)
 
@@ -177,10 +201,19 @@ def pipeline_main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         cfg = load_job_config(args.config, args.overrides)
-        connect(args.address)
-        from wmss_ray.pipeline import run_pipeline
+        from wmss_ray.cli.output import run_console
+        from wmss_ray.pipeline import preflight
 
-        print_result(run_pipeline(cfg, from_phase=args.from_phase))
+        preflight(cfg)  # before the run's logs/ exists
+
+        with run_console(cfg, args.verbose):  # library output to <run>/logs/: `ray job logs` reads like a log of the run
+            connect(args.address)
+            from wmss_ray.cli.output import tracked
+            from wmss_ray.pipeline import run_pipeline
+
+            with tracked(cfg):
+                result = run_pipeline(cfg, from_phase=args.from_phase)
+            print_result(result)
 
     return run(body)
 
@@ -197,20 +230,28 @@ def tune_main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         cfg = load_job_config(args.config, args.overrides)
-        connect(args.address)
-        from wmss_ray.sweep.control import read_final
-        from wmss_ray.sweep.driver import run_sweep, summarize
-        from wmss_ray.sweep.page import read_results
-        from wmss_ray.sweep.results import best_row
+        from wmss_ray.cli.output import run_console
+        from wmss_ray.pipeline import preflight
 
-        run_sweep(cfg)
-        print(summarize(cfg), flush=True)
-        # the best *completed* trial (a stopped one's last report is on a subsample); best.yaml has it
-        root = Path(cfg.run_dir()).resolve() / "tune"
-        best = best_row(read_results(root / "results.csv")[0], cfg.tune.metric, cfg.tune.resolved_mode) or {}
-        print_result({"best_config": best.get("params"), "best_metrics": {k: best.get(k) for k in
-                      ("validation_accuracy", "validation_loss", "n_validation", "step", "seeds",
-                       "accuracy_std", "diff_vs_sft", "diff_ci_low", "diff_ci_high")},
-                      "best_trial": best.get("trial"), "heldout_test": read_final(root)})
+        preflight(cfg)  # before the run's logs/ exists
+
+        with run_console(cfg, args.verbose):
+            connect(args.address)
+            from wmss_ray.sweep.control import read_final
+            from wmss_ray.sweep.driver import run_sweep, summarize
+            from wmss_ray.sweep.page import read_results
+            from wmss_ray.sweep.results import best_row
+
+            run_sweep(cfg)
+            from wmss_ray.io.console import get_console
+
+            get_console().line(summarize(cfg))
+            # the best *completed* trial (a stopped one's last report is on a subsample); best.yaml has it
+            root = Path(cfg.run_dir()).resolve() / "tune"
+            best = best_row(read_results(root / "results.csv")[0], cfg.tune.metric, cfg.tune.resolved_mode) or {}
+            print_result({"best_config": best.get("params"), "best_metrics": {k: best.get(k) for k in
+                          ("validation_accuracy", "validation_loss", "n_validation", "step", "seeds",
+                           "accuracy_std", "diff_vs_sft", "diff_ci_low", "diff_ci_high")},
+                          "best_trial": best.get("trial"), "heldout_test": read_final(root)})
 
     return run(body)

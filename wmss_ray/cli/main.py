@@ -16,12 +16,15 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
+from wmss_ray.cli.output import run_console, tracked
 from wmss_ray.cli.submit import add_cli_commands
 from wmss_ray.config.loading import load_config
 from wmss_ray.config.schema import ConfigError
 from wmss_ray.io import storage
+from wmss_ray.io.errors import EXIT_USER_ERROR, find_user_error, user_error_text
 
 
 def _add_config_args(p: argparse.ArgumentParser, config_required: bool = True) -> None:
@@ -29,6 +32,9 @@ def _add_config_args(p: argparse.ArgumentParser, config_required: bool = True) -
         p.add_argument("config", help="YAML config file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, e.g. --set mix.lam=0.45 (repeatable)")
+    # also after the subcommand (`wmss demo --verbose`); SUPPRESS keeps `wmss --verbose demo`'s value
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="show the libraries' output and tracebacks on the console (else in <run>/logs/)")
 
 
 def _demo_config_path() -> Path | None:
@@ -36,48 +42,66 @@ def _demo_config_path() -> Path | None:
     return here if here.exists() else None
 
 
-def _print_results(outputs: dict) -> None:
+def _print_results(outputs: dict, console) -> None:
     from wmss_ray.stages.report import format_results_table
 
     models = outputs.get("eval", {}).get("models")
     if models:
-        print(format_results_table({"models": models}))
+        console.line(format_results_table({"models": models}))
     report = outputs.get("report", {}).get("report")
     if report:
-        print(f"report: {report}")
+        console.line(f"report: {report}")
 
 
 def _cmd_run(args: argparse.Namespace, demo: bool = False) -> int:
-    from wmss_ray.pipeline import run_pipeline
+    from wmss_ray.pipeline import preflight, run_pipeline
 
     path = _demo_config_path() if demo else args.config
     cfg = load_config(path, args.overrides)
-    run_dir = storage.redact(storage.location(cfg.run_dir()))  # a URI never shows credentials
-    print(f"[wmss] run dir: {run_dir}  (config {path or '<embedded demo default>'})")
-    outputs = run_pipeline(cfg, from_phase=getattr(args, "from_phase", None))
-    _print_results(outputs)
+    preflight(cfg)  # a missing model, tokenizer or corpus: one line, before a run dir or log exists
+    source = str(path or "<embedded demo default>")
+    with run_console(cfg, getattr(args, "verbose", False), source) as console:
+        with tracked(cfg):
+            outputs = run_pipeline(cfg, from_phase=getattr(args, "from_phase", None))
+        _print_results(outputs, console)
+        _print_timings(cfg.run_dir(), console)
     return 0
 
 
+def _print_timings(run_dir: str, console) -> None:
+    """The final table's timing part, from ``<run>/summary.json`` (``stages/timings.py``)."""
+    from wmss_ray.stages.timings import format_timings_table, read_summary
+
+    summary = read_summary(storage.location(run_dir))
+    if summary and summary.get("timings"):
+        console.line(format_timings_table(summary["timings"]))
+
+
 def _cmd_phase(args: argparse.Namespace) -> int:
-    from wmss_ray.pipeline import run_phase
+    from wmss_ray.pipeline import preflight, run_phase
 
     cfg = load_config(args.config, args.overrides)
-    outputs = run_phase(cfg, args.command, force=args.force)
-    if args.command in ("eval", "report"):
-        _print_results(outputs)
-    else:
-        last = list(outputs)[-1] if outputs else None
-        print(json.dumps({last: outputs.get(last)}, indent=2, default=str))
+    preflight(cfg)
+    with run_console(cfg, getattr(args, "verbose", False)) as console:
+        with tracked(cfg):
+            outputs = run_phase(cfg, args.command, force=args.force)
+        if args.command in ("eval", "report"):
+            _print_results(outputs, console)
+        else:
+            last = list(outputs)[-1] if outputs else None
+            console.line(json.dumps({last: outputs.get(last)}, indent=2, default=str))
     return 0
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
+    from wmss_ray.pipeline import preflight
     from wmss_ray.sweep.driver import run_sweep, summarize
 
     cfg = load_config(args.config, args.overrides)
-    run_sweep(cfg, retry_errored=args.retry_errored)
-    print(summarize(cfg))  # the table, then the best configuration's held-out result, last
+    preflight(cfg)
+    with run_console(cfg, getattr(args, "verbose", False)) as console:
+        run_sweep(cfg, retry_errored=args.retry_errored)
+        console.line(summarize(cfg))  # the table, then the best configuration's held-out result, last
     return 0
 
 
@@ -104,7 +128,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wmss", description="WMSS on Ray: weak agents make strong agents stronger")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show everything on the console: debug logging and the output of Ray, DeepSpeed and "
+                             "transformers (else in <run>/logs/), and the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="run the embedded demo (configs/demo.yaml)")
@@ -146,12 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Run a parsed subcommand; a config error is one clear line and exit code 2."""
+    """Run a parsed subcommand. What the user got wrong (a :class:`UserError` anywhere in the
+    exception's chain: config, corpus, model directory, storage, Ray address) is one or two lines
+    on stderr and exit status 2, with the traceback only under ``--verbose``; any other exception
+    is a bug and propagates with its traceback."""
     try:
         return int(args.func(args) or 0)
-    except ConfigError as err:
-        print(f"wmss: {err}", file=sys.stderr)
-        return 2
+    except BaseException as err:  # noqa: BLE001 - re-raised unless it is the user's to fix
+        found = find_user_error(err)
+        if found is None:
+            raise
+        if getattr(args, "verbose", False):
+            traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
+        print(f"wmss: {user_error_text(found)}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -151,3 +151,45 @@ def check_model_dirs(cfg: WMSSConfig) -> None:
     plan`` call it before anything else happens)."""
     for key, path in model_dir_keys(cfg).items():
         check_model_dir(path, key)
+
+
+def corpus_keys(cfg: WMSSConfig) -> dict[str, str]:
+    """``{config key: path}`` of every corpus ``cfg`` reads (none in the demo world: it writes its own)."""
+    if cfg.models.demo:
+        return {}
+    d = cfg.data
+    return {k: v for k, v in {"data.train": d.train, "data.validation": d.validation, "data.eval": d.eval}.items() if v}
+
+
+def check_corpus_paths(cfg: WMSSConfig) -> None:
+    """Raise :class:`ConfigError` (one line naming the key and the path) for a corpus path that
+    does not exist or cannot be read, before Ray starts (else it surfaces inside a Ray Data task)."""
+    from wmss_ray.io import storage
+
+    for key, path in corpus_keys(cfg).items():
+        where = storage.redact(path)
+        try:
+            found = storage.exists(path)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{key}: cannot read corpus {where}: {type(err).__name__}: {err}") from None
+        if not found:
+            raise ConfigError(f"{key}: corpus {where} does not exist; point {key} at a .jsonl(.gz) or "
+                              ".parquet file, a folder of them, or an HF save_to_disk directory")
+
+
+#: Files of which a Hugging Face tokenizer directory holds at least one.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_tokenizer_dir(cfg: WMSSConfig) -> None:
+    """Raise :class:`ConfigError` when the model directory the corpus is tokenised with (the
+    first of ``models.base``, ``models.strong``) has no tokenizer files; the demo makes its own."""
+    from wmss_ray.io import storage
+
+    m = cfg.models
+    key, path = ("models.base", m.base) if m.base else ("models.strong", m.strong)
+    if m.demo or not path:
+        return
+    if not any(storage.exists(storage.join(path, f)) for f in TOKENIZER_FILES):
+        raise ConfigError(f"{key}: {storage.redact(path)} has no tokenizer ({', '.join(TOKENIZER_FILES)}); "
+                          "save the tokenizer into the model directory (tokenizer.save_pretrained(dir))")

@@ -10,8 +10,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from wmss_ray.io.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config file or override is invalid; the message names the key, value and what is allowed."""
 
 
@@ -41,6 +43,17 @@ class RunConfig(ConfigSection):
     storage: str = "runs"  # local/shared directory or URI (s3://b/runs); the run dir is <storage>/<name>
     seed: int = 0
     iterations: int = Field(1, ge=1, description="K: WMSS iterations (paper: 1)")
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="experiment trackers (stages/trackers.py): tensorboard (the ranks' tb/), mlflow "
+                    "(MLFLOW_TRACKING_URI), wandb (WANDB_MODE online|offline); credentials from the environment")
+
+    @field_validator("trackers")
+    @classmethod
+    def _no_repeats(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"each tracker once, got {v}")
+        return v
 
     @field_validator("storage")
     @classmethod
@@ -295,6 +308,9 @@ class TrainingConfig(ConfigSection):
         "activation memory ~ one layer's instead of all layers'; ~1/3 more compute"
     )
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0: only at the end)")
+    checkpoints_to_keep: int = Field(
+        2, ge=1, description="Ray Train checkpoints kept per phase (the newest): 2 keeps the one before the last, "
+                             "to resume from when the last is damaged (a node lost mid-upload)")
     staging_dir: str | None = Field(
         None, description="local directory on every node where each rank writes its checkpoint (and, with "
         "object storage, the exported model) before it is uploaded; null: the system temp dir (TMPDIR, else "

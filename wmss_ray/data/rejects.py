@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from wmss_ray.io.errors import UserError
 from wmss_ray.io.files import read_jsonl, write_jsonl
 from wmss_ray.io.storage import list_files
 
@@ -53,7 +54,7 @@ class RowError(ValueError):
         self.detail = detail[:_DETAIL_CHARS]
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError, ValueError):
     """The corpus cannot be used as is (bad row under ``on_bad_row: error``, unknown layout)."""
 
 

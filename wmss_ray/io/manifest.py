@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from wmss_ray.io import storage
+from wmss_ray.io.console import get_console
 
 log = logging.getLogger("wmss_ray.io.manifest")
 
@@ -129,11 +130,11 @@ def prepare_phase_dir(phase_dir: str, name: str, fingerprint: str, forced: bool 
     entries = storage.list_entries(phase_dir)
     reason = stale_reason(old, fingerprint, forced)
     if reason is None:
-        print(f"[wmss] phase {name}: resuming the interrupted run of the same inputs ({old.status})", flush=True)
+        get_console().line(f"[wmss] phase {name}: resuming the interrupted run of the same inputs ({old.status})")
         return True
     if entries:
         shown = ", ".join(entries[:8]) + (f", ... ({len(entries)} entries)" if len(entries) > 8 else "")
-        print(f"[wmss] phase {name}: cleared {storage.redact(str(phase_dir))} ({shown}): {reason}", flush=True)
+        get_console().line(f"[wmss] phase {name}: cleared {storage.redact(str(phase_dir))} ({shown}): {reason}")
         log.info("phase %s: cleared %d entries: %s", name, len(entries), reason)
         storage.reset_dir(phase_dir)
     return False

@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterator
 
 import pyarrow.fs as pafs
 
+from wmss_ray.io.errors import UserError
+
 # Schemes pyarrow.fs.FileSystem.from_uri opens (checked at config load, without any network).
 SUPPORTED_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 MODEL_CACHE_ENV = "WMSS_MODEL_CACHE"  # default ~/.cache/wmss-ray/models
@@ -38,7 +40,7 @@ _fs_cache: dict[str, tuple[pafs.FileSystem, str]] = {}
 _fs_lock = threading.Lock()
 
 
-class StorageError(OSError):
+class StorageError(UserError, OSError):
     """Storage cannot be used; the message names the (redacted) URI and the reason."""
 
 

@@ -16,6 +16,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from wmss_ray.io import storage
+from wmss_ray.io.errors import UserError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -73,11 +74,15 @@ def resolve_attn_implementation(name: str, device: str | torch.device) -> str:
     return name
 
 
+class ModelDirError(UserError, FileNotFoundError):
+    """A model or tokenizer directory is missing or holds no usable weights (the user's to fix)."""
+
+
 def _local_dir(path: str | Path, what: str) -> Path:
     """The local HF directory for ``path``; a storage URI is copied to this node's cache first."""
     p = Path(storage.local_model_dir(str(path)))
     if not p.is_dir():
-        raise FileNotFoundError(f"{what} directory not found: {path} (expected a local HF directory)")
+        raise ModelDirError(f"{what} directory not found: {path} (expected a local HF directory)")
     return p
 
 
@@ -119,7 +124,7 @@ def load_causal_lm(
     p = _local_dir(path, "model")
     if not has_safetensors(p):
         found = sorted(f.name for f in p.iterdir())[:8]
-        raise FileNotFoundError(
+        raise ModelDirError(
             f"no safetensors weights in model directory {path} (found: {found}); "
             "convert the checkpoint to safetensors first"
         )

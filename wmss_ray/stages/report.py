@@ -52,6 +52,7 @@ from wmss_ray.stages.report_plots import (
     plot_weights_hist,
     weight_histogram,
 )
+from wmss_ray.stages.timings import timings_html
 
 log = logging.getLogger("wmss_ray.stages.report")
 
@@ -374,6 +375,7 @@ def write_report(run_dir: str | Path, results: dict | None = None, out_path: str
         "<h2>Target-token probability during WMSS</h2>",
         embedded_png(probs, "P_mix and P_strong") or missing_note("No WMSS metrics with p_mix / p_strong."),
         _pool_section(metrics.get("wmss") or []),
+        "<h2>Phase timings</h2>", timings_html(r.get("timings")),
         "<h2>Weak vs strong entropy</h2>", _scores_section(r.get("scores"), out),
         "<h2>Sampling weights</h2>", _weights_section(hist, r.get("weights"), out),
         "<h2>Config</h2>",
@@ -384,7 +386,7 @@ def write_report(run_dir: str | Path, results: dict | None = None, out_path: str
             + "\n".join(body) + "</body></html>\n")
     out_file.write_text(page, encoding="utf-8")
     data = {k: r.get(k) for k in ("models", "checker", "eval_set", "counts", "paired", "paired_sampled", "phases",
-                                  "scores", "weights", "config_hash")}
+                                  "scores", "weights", "config_hash", "timings")}
     data["weight_histogram"] = hist
     (out / "report_data.json").write_text(json.dumps(data, indent=2, default=str))
     return out_file

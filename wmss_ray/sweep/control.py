@@ -28,6 +28,7 @@ from typing import Any
 
 from wmss_ray.config.names import SFT_CONTINUED, SFT_CONTINUED_LABEL
 from wmss_ray.config.schema import WMSSConfig
+from wmss_ray.io.console import get_console
 from wmss_ray.sweep.trial import VALIDATION_DIR, seed_run_dirs
 
 FINAL = "final.json"
@@ -56,7 +57,7 @@ def control_phase(steps: int):
         from wmss_ray.stages.evaluate import evaluate_models
         from wmss_ray.stages.tokenize import validation_eval_input
 
-        print(f"[wmss] tune: the shared control, {SFT_CONTINUED_LABEL} for {steps} steps ...", flush=True)
+        get_console().line(f"[wmss] tune: the shared control, {SFT_CONTINUED_LABEL} for {steps} steps ...")
         result = train_sft_continued(ctx, steps, epochs=ctx.cfg.training.wmss_epochs)
         out = Path(ctx.phase_dir(SFT_CONTINUED)) / VALIDATION_DIR
         evaluate_models({SFT_CONTINUED_LABEL: result["outputs"]["model_dir"]},
@@ -137,8 +138,8 @@ def final_heldout(base: WMSSConfig, outputs: dict[str, Any], best: dict[str, Any
     models = {SFT_CONTINUED_LABEL: control.outputs["model_dir"]}
     for i, d in enumerate(seed_run_dirs(root, best["trial"], base.tune.seeds)):
         models[f"WMSS seed {i}"] = read_manifest(str(d / "wmss_1")).outputs["model_dir"]
-    print(f"[wmss] tune: the best configuration ({best['trial']}) and {SFT_CONTINUED_LABEL} on data.eval, once ...",
-          flush=True)
+    get_console().line(f"[wmss] tune: the best configuration ({best['trial']}) and {SFT_CONTINUED_LABEL} "
+                       "on data.eval, once ...")
     res = evaluate_models(models, eval_path, base, str(root / "final"), eval_set="test")
     summary = json.loads((root / "final" / "eval_results.json").read_text())
     ctrl = res[SFT_CONTINUED_LABEL]

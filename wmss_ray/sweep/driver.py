@@ -35,6 +35,9 @@ from typing import Any
 from wmss_ray.config.loading import config_from_dict, save_config
 from wmss_ray.config.schema import WMSSConfig
 from wmss_ray.data.splits import has_validation
+from wmss_ray.io.console import get_console
+from wmss_ray.stages.trackers import tune_callbacks
+from wmss_ray.sweep.reports import trial_lines_callback
 from wmss_ray.sweep.trial import NO_VALIDATION, SHARED_PHASES, link_shared_phases, run_trial, trial_config
 
 __all__ = ["SHARED_PHASES", "NO_VALIDATION", "build_param_space", "link_shared_phases", "trial_config",
@@ -193,8 +196,8 @@ def run_sweep(base: WMSSConfig, retry_errored: bool = False):
 
     trainable_with_resources = tune.with_resources(trainable, {"cpu": base.tune.cpus_per_trial})
     if restoring:
-        print(f"[wmss] tune: continuing the sweep in {path}" + (" (retrying errored trials)" if retry_errored else ""),
-              flush=True)
+        get_console().line(f"[wmss] tune: continuing the sweep in {path}"
+                           + (" (retrying errored trials)" if retry_errored else ""))
         tuner = tune.Tuner.restore(path, trainable=trainable_with_resources, resume_unfinished=True,
                                    restart_errored=retry_errored)
     else:
@@ -208,7 +211,9 @@ def run_sweep(base: WMSSConfig, retry_errored: bool = False):
                 max_concurrent_trials=max_concurrent,
                 trial_name_creator=lambda trial: f"trial_{trial.trial_id}",
                 trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
-            run_config=tune.RunConfig(storage_path=str(root), name=EXPERIMENT),
+            run_config=tune.RunConfig(storage_path=str(root), name=EXPERIMENT,
+                                      # a console line per trial; run.trackers: one tracker run per trial
+                                      callbacks=[trial_lines_callback(base.tune.metric), *tune_callbacks(base)]),
         )
     grid = tuner.fit()
     finish_sweep(base, grid, root)
@@ -229,7 +234,7 @@ def finish_sweep(base: WMSSConfig, grid, root: Path) -> dict[str, Any] | None:
     best = write_outputs(base, rows, curve_rows(grid), root)
     final = final_heldout(base, outputs, best, root) if best is not None else None
     page = write_sweep_page(root, metric=base.tune.metric, mode=base.tune.resolved_mode)
-    print(f"[wmss] tune: sweep page {page}", flush=True)
+    get_console().line(f"[wmss] tune: sweep page {page}")
     return final
 
 

@@ -43,3 +43,39 @@ class ValidationToTune(TuneReportCallback):
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         if metrics and VALIDATION_KEYS[0] in metrics[0]:
             super().after_report(run_context, [trial_report([metrics[0]], metrics[0]["step"], final=False)], None)
+
+
+def trial_line(event: str, trial_id: str, config: dict[str, Any] | None, result: dict[str, Any] | None,
+               metric: str) -> str:
+    """The console's line for a trial's start, end or error (pure: ``TrialLines`` prints it)."""
+    if event == "start":
+        knobs = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in (config or {}).items())
+        return f"[wmss] tune: {trial_id} started: {knobs}"
+    if event == "error":
+        return f"[wmss] tune: {trial_id} failed (its error: <run>/logs/ and the trial's directory)"
+    r = result or {}
+    value = r.get(metric)
+    shown = f"{value:.4g}" if isinstance(value, (int, float)) else "n/a"
+    how = "done" if r.get("final") else "stopped early"
+    return f"[wmss] tune: {trial_id} {how} at step {r.get('step', '?')}: {metric} {shown}"
+
+
+def trial_lines_callback(metric: str):
+    """A Ray Tune callback printing :func:`trial_line` on the console for each trial's start and end
+    (the trials' own output runs in Ray workers, whose output goes to the log)."""
+    from ray.tune import Callback
+
+    from wmss_ray.io.console import get_console
+
+    class TrialLines(Callback):
+        # str(trial): the trial's name (the sweep names trials and their directories trial_<id>)
+        def on_trial_start(self, iteration, trials, trial, **info):
+            get_console().line(trial_line("start", str(trial), trial.config, None, metric))
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            get_console().line(trial_line("complete", str(trial), None, trial.last_result, metric))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            get_console().line(trial_line("error", str(trial), None, None, metric))
+
+    return TrialLines()

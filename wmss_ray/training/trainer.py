@@ -274,7 +274,7 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
         run_config=RunConfig(
             name=RUN_NAME, storage_path=ckpt_root, storage_filesystem=ckpt_fs,
             failure_config=FailureConfig(max_failures=cfg.training.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.training.checkpoints_to_keep),
             callbacks=list(callbacks or []),
         ),
         # No Ray Dataset: each rank reads its own rows of the tokenised Parquet (dataset.RowReader).
