@@ -2,7 +2,7 @@
 
 The control is SFT from M1 for exactly as many optimizer steps as a trial's WMSS phase took
 (equal compute, like the pipeline's ``sft_continued`` phase, whose training it shares:
-``pipeline.train_sft_continued``). It is a :class:`~wmss_ray.pipeline.Phase` like any other,
+``phases.train_sft_continued``). It is a :class:`~wmss_ray.phases.Phase` like any other,
 ``sft_continued`` under the run dir ``<run>/tune`` (``<run>/tune/sft_continued/``), run by the
 pipeline's runner (``pipeline.run_phases``): trained once, after the trials, skipped when it
 completed with the same inputs (the base run's SFT, ``run``/``training``/``scaling``/``evaluation``
@@ -51,7 +51,7 @@ def control_steps(rows: list[dict[str, Any]]) -> int | None:
 def control_phase(steps: int):
     """The control as a pipeline phase: SFT-continued for ``steps`` steps from the base run's M1,
     then its whole-validation-split evaluation (output ``validation``: the per-problem file)."""
-    from wmss_ray.pipeline import Phase, train_sft_continued
+    from wmss_ray.phases import Phase, train_sft_continued
 
     def run(ctx) -> dict[str, Any]:
         from wmss_ray.stages.evaluate import evaluate_models
