@@ -157,18 +157,12 @@ def test_a_resumed_run_continues_exactly_zero3(m2, tmp_path):
 
 
 def test_lora_with_a_user_strong_model_of_another_tokenizer_names_the_keys_and_dirs(art, tmp_path):
+    from tests.training.other_tokenizer import save_with_an_extra_token
     from wmss_ray.config.loading import config_from_dict
-    from wmss_ray.models.loading import load_causal_lm, load_tokenizer
     from wmss_ray.models.lora import LoraConfigError
     from wmss_ray.training.trainer import check_lora_strong
 
-    tok = load_tokenizer(art["weak"])
-    tok.add_tokens(["<extra>"])
-    model = load_causal_lm(art["weak"])
-    model.resize_token_embeddings(len(tok))
-    other = tmp_path / "other_strong"
-    model.save_pretrained(other)
-    tok.save_pretrained(other)
+    other = save_with_an_extra_token(art["weak"], tmp_path / "other_strong")
     models = {"demo": False, "base": art["m0"], "strong": str(other)}
     cfg = config_from_dict({"models": models, "data": {"train": art["tokenized"]}, "training": {"lora": {"r": 4}}})
     with pytest.raises(LoraConfigError, match=rf"training.lora is on and models.strong {other} .*differs from "

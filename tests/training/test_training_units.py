@@ -228,16 +228,11 @@ def test_wmss_lambda_one_equals_sft(artifacts, tmp_path):
 
 
 def test_mismatched_tokenizers_fail_before_training(artifacts, tmp_path):
-    from wmss_ray.models.loading import IncompatibleModelsError, load_causal_lm, load_tokenizer
+    from tests.training.other_tokenizer import save_with_an_extra_token
+    from wmss_ray.models.loading import IncompatibleModelsError
     from wmss_ray.training.trainer import train_phase
 
-    tok = load_tokenizer(artifacts["weak"])
-    tok.add_tokens(["<extra>"])
-    model = load_causal_lm(artifacts["weak"])
-    model.resize_token_embeddings(len(tok))
-    other = tmp_path / "other_weak"
-    model.save_pretrained(other)
-    tok.save_pretrained(other)
+    other = save_with_an_extra_token(artifacts["weak"], tmp_path / "other_weak")
     with pytest.raises(IncompatibleModelsError, match="vocab"):
         train_phase(tiny_cfg(), "wmss", artifacts["strong"], str(other), artifacts["tokenized"],
                     artifacts["sampled"], str(tmp_path / "out"))
