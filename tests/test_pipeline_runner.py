@@ -262,7 +262,6 @@ def test_keys_added_since_a_run_was_made_keep_its_fingerprints_at_their_defaults
     resumes after an upgrade; set to anything else, they change what they feed."""
     from wmss_ray.config.loading import config_from_dict
     from wmss_ray.config.schema import ADDED_KEYS
-    from wmss_ray.io.manifest import phase_fingerprint
 
     cfg = load_config("configs/test-tiny.yaml")
     old = cfg.to_dict()  # what a run from before wrote: the same dict without the added keys
@@ -271,7 +270,7 @@ def test_keys_added_since_a_run_was_made_keep_its_fingerprints_at_their_defaults
         del old[section][key]
 
     def prints(cfg_dict):
-        return {p.name: phase_fingerprint(p.name, p.sections, p.needs, cfg_dict, {}, p.ignores, p.extra)
+        return {p.name: p.fingerprint(cfg_dict, {})
                 for p in build_phases(cfg)}
 
     assert prints(cfg.fingerprint_dict()) == prints(old)
@@ -281,3 +280,21 @@ def test_keys_added_since_a_run_was_made_keep_its_fingerprints_at_their_defaults
     sampled = config_from_dict(cfg.to_dict(), ["evaluation.samples=4"])
     changed = {n for n, fp in prints(sampled.fingerprint_dict()).items() if fp != prints(old)[n]}
     assert "eval" in changed and not {"sft", "wmss_1", "score_1"} & changed
+
+
+def test_memory_and_file_size_knobs_change_no_fingerprint():
+    """``data.rows_per_file``, ``scoring.logits_mb`` and ``evaluation.logits_mb`` say how rows are
+    laid out in files and how many rows a forward takes, not what a phase computes: changing them
+    reruns nothing."""
+    from wmss_ray.config.loading import config_from_dict
+
+    cfg = load_config("configs/test-tiny.yaml")
+
+    def prints(c):
+        return {p.name: p.fingerprint(c.fingerprint_dict(), {})
+                for p in build_phases(c)}
+
+    knobs = config_from_dict(cfg.to_dict(), ["data.rows_per_file=100", "scoring.logits_mb=1",
+                                             "evaluation.logits_mb=1"])
+    assert prints(knobs) == prints(cfg)
+    assert prints(config_from_dict(cfg.to_dict(), ["scoring.batch_size=3"]))["score_1"] != prints(cfg)["score_1"]

@@ -17,6 +17,7 @@ The runner that skips, resumes and records them is ``wmss_ray/pipeline.py``.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -24,9 +25,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from wmss_ray.config.names import SFT_CONTINUED, SFT_CONTINUED_LABEL
-from wmss_ray.config.schema import WMSSConfig
+from wmss_ray.config.schema import ADDED_KEYS, WMSSConfig
 from wmss_ray.io import storage
-from wmss_ray.io.manifest import read_manifest
+from wmss_ray.io.manifest import phase_fingerprint, read_manifest
 
 log = logging.getLogger("wmss_ray.phases")
 
@@ -43,6 +44,24 @@ class Phase:
     # inputs from outside the config and the phases (the sweep control's step count): hashed
     # only when given, so the pipeline's phases keep their fingerprints
     extra: dict[str, Any] | None = None
+
+    def fingerprint(self, cfg_dict: dict[str, Any], prints: dict[str, str]) -> str:
+        """This phase's fingerprint for ``cfg_dict`` (``WMSSConfig.fingerprint_dict()``) and the
+        upstream ``prints`` (``io.manifest.phase_fingerprint``). An ignored key that is one of
+        ``ADDED_KEYS`` is dropped rather than nulled: runs made before it existed do not have it,
+        so whatever it is set to, they keep their fingerprints."""
+        added = [k for k in self.ignores if k in ADDED_KEYS]
+        if added:
+            cfg_dict = copy.deepcopy(cfg_dict)
+            for dotted in added:
+                *parents, leaf = dotted.split(".")
+                node = cfg_dict
+                for part in parents:
+                    node = node.get(part, {}) if isinstance(node, dict) else {}
+                if isinstance(node, dict):
+                    node.pop(leaf, None)
+        nulled = tuple(k for k in self.ignores if k not in ADDED_KEYS)
+        return phase_fingerprint(self.name, self.sections, self.needs, cfg_dict, prints, nulled, self.extra)
 
 
 class RunContext:
@@ -307,14 +326,16 @@ def build_phases(cfg: WMSSConfig) -> list[Phase]:
         phases.append(Phase("data", [], ["run.seed", "data.demo"], _phase_data))
         phases.append(Phase("phase0", ["data"], ["run.seed", "models", "phase0", "data.demo"], _phase0, no_weak))
     first = ["data", "phase0"] if demo else []
-    phases.append(Phase("tokenize", first, ["data", "models"], _phase_tokenize, no_weak))
+    # how the rows are laid out in files, not which rows: changing it keeps the tokenised data
+    phases.append(Phase("tokenize", first, ["data", "models"], _phase_tokenize, no_weak + ("data.rows_per_file",)))
     phases.append(Phase("sft", ["tokenize"], ["run.seed", "models", "training", "scaling"], _phase_sft, no_weak + how))
     prev_model = "sft"
     for t in range(1, k + 1):
         weak_src = "sft" if t == 2 else (f"wmss_{t - 2}" if t > 2 else first[-1] if first else "tokenize")
         # Listed only when set, so runs without the override keep their fingerprints.
         weak_key = ["models.weak"] if t == 1 and cfg.models.weak else []
-        phases.append(Phase(f"score_{t}", ["tokenize", prev_model, weak_src], ["scoring", *weak_key], _phase_score(t)))
+        phases.append(Phase(f"score_{t}", ["tokenize", prev_model, weak_src], ["scoring", *weak_key], _phase_score(t),
+                            ("scoring.logits_mb",)))  # how many rows per forward: the scores do not change
         phases.append(Phase(f"curriculum_{t}", [f"score_{t}"], ["run.seed", "curriculum"], _phase_curriculum(t)))
         phases.append(Phase(f"wmss_{t}", [f"curriculum_{t}", prev_model, weak_src],
                             ["run.seed", "mix", "training", "scaling", *weak_key], _phase_wmss(t), how))
@@ -324,6 +345,6 @@ def build_phases(cfg: WMSSConfig) -> list[Phase]:
                             _phase_sft_continued, how))
     eval_needs = [p.name for p in phases if p.name in ("sft", SFT_CONTINUED, prev_model)] + first
     phases.append(Phase("eval", eval_needs, ["evaluation", "data.eval", "data.reference_column", "data.supervise"],
-                        _phase_eval))
+                        _phase_eval, ("evaluation.logits_mb",)))
     phases.append(Phase("report", ["eval"], [], _phase_report))
     return phases

@@ -26,7 +26,7 @@ from wmss_ray.config.loading import check_corpus_paths, check_model_dirs, check_
 from wmss_ray.config.schema import WMSSConfig
 from wmss_ray.io import storage
 from wmss_ray.io.console import get_console, monitor
-from wmss_ray.io.manifest import Manifest, now, phase_fingerprint, prepare_phase_dir, read_manifest
+from wmss_ray.io.manifest import Manifest, now, prepare_phase_dir, read_manifest
 from wmss_ray.phases import Phase, RunContext, build_phases, write_run_summary
 from wmss_ray.stages import progress
 
@@ -37,7 +37,7 @@ log = logging.getLogger("wmss_ray.pipeline")
 
 
 def _phase_fingerprint(phase: Phase, cfg_dict: dict[str, Any], prints: dict[str, str]) -> str:
-    return phase_fingerprint(phase.name, phase.sections, phase.needs, cfg_dict, prints, phase.ignores, phase.extra)
+    return phase.fingerprint(cfg_dict, prints)
 
 
 def run_pipeline(cfg: WMSSConfig, from_phase: str | None = None, until: str | None = None,

@@ -74,6 +74,22 @@ def test_padding_and_batch_size_do_not_change_scores(scorer, rows, batch):
     np.testing.assert_array_equal(many["n_answer_tokens"], [o["n_answer_tokens"][0] for o in one])
 
 
+def test_logits_budget_splits_forwards_without_changing_scores(scorer, rows, monkeypatch):
+    """``scoring.logits_mb`` sizes the forwards: a budget of one row's logits makes one forward per
+    row per model, with the same scores as one forward of the whole batch."""
+    ids, labels = [r["input_ids"] for r in rows], [r["labels"] for r in rows]
+    whole = scorer.score_rows(ids, labels)
+    calls = []
+    real = EntropyScorer.model_entropy
+    monkeypatch.setattr(EntropyScorer, "model_entropy", lambda self, m, b: calls.append(len(b["input_ids"])) or real(self, m, b))
+    width, vocab = max(map(len, ids)), scorer.weak.get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(scorer, "logits_mb", width * vocab * 4 / 2**20)  # exactly one fp32 row
+    split = scorer.score_rows(ids, labels)
+    assert calls == [1] * (2 * len(rows))  # weak and strong, one row each
+    for key in ("h_weak", "h_strong", "dh"):
+        np.testing.assert_allclose(split[key], whole[key], atol=1e-5, rtol=0)
+
+
 def test_logits_to_keep_equals_full_logits(scorer, rows, monkeypatch):
     ids, labels = [r["input_ids"] for r in rows], [r["labels"] for r in rows]
     fast = scorer.score_rows(ids, labels)

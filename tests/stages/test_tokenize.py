@@ -21,7 +21,7 @@ import pytest
 
 from wmss_ray.models.tokenizer import build_demo_tokenizer
 
-from .conftest import N_ROWS, TOKENIZE_BLOCK_ROWS, tokenize_cfg
+from .conftest import N_ROWS, TOKENIZE_BLOCK_ROWS, tiny_cfg, tokenize_cfg
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -80,3 +80,17 @@ def test_ray_tokenisation_is_the_same_every_run(tiny_world, tokenized_world, tmp
     assert all(a.equals(b) for (_, a), (_, b) in zip(first, second))
     rows = pa.concat_tables([t for _, t in first])["sample_id"].to_pylist()
     assert rows == [f"train.jsonl:{i}" for i in range(1, N_ROWS + 1)]  # file order
+
+
+@pytest.mark.integration
+def test_rows_per_file_sets_the_part_size(tiny_world, tmp_path):
+    """``data.rows_per_file``: parts of at least that many rows (the last one aside), every row once,
+    in file order (the default 8192 writes the 100 rows as one part)."""
+    from wmss_ray.stages.tokenize import tokenize_corpus
+
+    cfg = tiny_cfg("data.rows_per_file=32")
+    out = tokenize_corpus(cfg, tiny_world.strong, tiny_world.corpus, str(tmp_path), block_rows=TOKENIZE_BLOCK_ROWS)
+    sizes = [t.num_rows for _, t in _parts(out.tokenized_path)]
+    assert len(sizes) >= 2 and sum(sizes) == N_ROWS and all(n >= 32 for n in sizes[:-1]), sizes
+    rows = pa.concat_tables([t for _, t in _parts(out.tokenized_path)])["sample_id"].to_pylist()
+    assert rows == [f"train.jsonl:{i}" for i in range(1, N_ROWS + 1)]

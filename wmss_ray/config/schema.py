@@ -170,7 +170,8 @@ class TuneConfig(ConfigSection):
 #: (what runs from before it behaved as): those runs keep their fingerprints and resume instead of
 #: retraining after an upgrade. Set to anything else, a key is hashed like every other.
 ADDED_KEYS = ("training.lora", "evaluation.engine", "evaluation.samples", "evaluation.temperature",
-              "evaluation.top_p", "evaluation.sampling_seed", "evaluation.vllm")
+              "evaluation.top_p", "evaluation.sampling_seed", "evaluation.vllm",
+              "data.rows_per_file", "scoring.logits_mb", "evaluation.logits_mb")
 
 
 def _pop_if(d: dict[str, Any], dotted: str, default: Any) -> None:

@@ -148,6 +148,8 @@ class DataConfig(ConfigSection):
     on_bad_row: Literal["error", "skip"] = "error"
     tokenize_actors: int = Field(1, ge=1, description="max tokenizer actors (Ray Data actor pool)")
     tokenize_cpus: float = Field(0.5, gt=0, description="logical CPUs reserved per tokenizer actor")
+    rows_per_file: int = Field(8192, ge=1, description="rows per tokenised Parquet part (at least; 10^6 rows: "
+                               "~122 parts); a part's row groups stay ~4 MiB, the unit a training rank reads")
     demo: DemoDataConfig = DemoDataConfig()
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
@@ -166,6 +168,8 @@ class ScoringConfig(ConfigSection):
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
     chunk_size: int = Field(256, ge=1, description="positions per entropy chunk")
+    logits_mb: float = Field(2048, gt=0, description="MiB of [rows, positions, V] logits (model dtype) one scoring "
+                             "forward may hold; a batch is split into forwards that fit (scores do not change)")
 
 
 class CurriculumConfig(ConfigSection):
@@ -393,6 +397,8 @@ class EvaluationConfig(ConfigSection):
     num_actors: int = Field(1, ge=1)
     sft_continued: bool = Field(True, description="train the equal-compute control: SFT continued from M1 for as "
                                 "many steps as WMSS took (was evaluation.baseline)")
+    logits_mb: float = Field(1024, gt=0, description="MiB of fp32 [rows, positions, V] logits one teacher-forced "
+                             "CE forward may hold (the eval loss and in-run validation); rows per forward follow")
     ray_min_rows: int = Field(2000, ge=0, description="eval sets larger than this use the Ray Data actor pool")
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)

@@ -109,3 +109,19 @@ def ce_grad_in_place(z: torch.Tensor, sumexp: torch.Tensor, rows: torch.Tensor, 
     """``exp(z - rowmax)`` [c, V] from :func:`mixed_ce_in_place` -> ``softmax(z) - onehot(y)``, in place."""
     z.div_(sumexp.unsqueeze(1))
     z[rows, y] -= 1.0
+
+
+def rows_per_forward(rows: int, width: int, vocab: int, logits_mb: float, bytes_per_logit: int = 4) -> int:
+    """Rows of a ``[rows, width]`` batch one forward may take so that its ``[rows, width, V]``
+    logits fit ``logits_mb`` MiB at ``bytes_per_logit`` bytes per logit (at least 1, at most ``rows``).
+
+    A no-grad forward (scoring, the evaluation's teacher-forced CE) materialises the whole
+    ``[rows, width, V]`` logits at once; at V = 151,936 and width 4,096 one row is 1.16 GiB in
+    bf16, so the rows per forward must follow the budget, not the batch size. Scores and losses
+    do not depend on the split (right padding, causal attention).
+    """
+    if rows < 0 or width < 1 or vocab < 1 or logits_mb <= 0 or bytes_per_logit < 1:
+        raise ValueError(f"need rows >= 0, width, vocab, bytes_per_logit >= 1 and logits_mb > 0; got {rows}, "
+                         f"{width}, {vocab}, {bytes_per_logit}, {logits_mb}")
+    fit = int(logits_mb * 2**20) // (width * vocab * bytes_per_logit)
+    return max(1, min(rows, fit))

@@ -256,7 +256,7 @@ def validation_peak(cfg: WMSSConfig, strong: ModelShape, wmss: dict[str, float])
     ev, seq, s = cfg.evaluation, cfg.data.max_seq_len, strong
     w, eager = (2 if is_half(cfg) else 4), cfg.models.attn_implementation == "eager"
     v = validation_bytes(s.params, s.layers, s.kv_heads, s.head_dim, s.vocab, dtype_bytes=w, batch=ev.batch_size,
-                         seq=seq, new_tokens=ev.max_new_tokens)
+                         seq=seq, new_tokens=ev.max_new_tokens, logits_mb=ev.logits_mb)
     rows = int(v["ce_rows"])
     v["prefill"] = activation_bytes(s, ev.batch_size * seq, seq, ev.batch_size, w, checkpointing=False, eager=eager,
                                     trained=False)

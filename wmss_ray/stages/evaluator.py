@@ -22,13 +22,10 @@ import torch
 
 from wmss_ray.config.schema import WMSSConfig
 from wmss_ray.data.chat_tokens import IGNORE_INDEX, BadRowError, collate, generation_prompt_ids, tokenize_example
+from wmss_ray.losses.chunk_ops import rows_per_forward
 from wmss_ray.models.generate import Sampling, decode, hf_generate_ids
 
 log = logging.getLogger("wmss_ray.stages.evaluator")
-
-# Teacher-forced loss materialises [rows, T, V] logits; cap that at ~1 GiB of fp32 per micro-batch
-# (a 152k vocabulary at T=256 gives 6 rows), so real vocabularies do not run out of memory.
-MAX_LOGIT_ELEMS = 2**28
 
 #: ``reject_reason`` of a prompt with no room for ``max_new_tokens`` in the model's context.
 PROMPT_TOO_LONG = "prompt_too_long"
@@ -78,6 +75,7 @@ def evaluator_kwargs(model_dir: str, cfg: WMSSConfig, engine: str = "hf") -> dic
         "engine": engine,
         "sampling": sampling_settings(cfg),
         "vllm": e.vllm.model_dump(exclude={"cpu_min_rows"}),
+        "logits_mb": e.logits_mb,
     }
 
 
@@ -95,7 +93,7 @@ class Evaluator:
     def __init__(self, model_dir: str, max_new_tokens: int = 64, max_seq_len: int = 256, dtype: str = "auto",
                  device: str = "auto", trust_remote_code: bool = False, supervise: str = "answer_and_eos",
                  attn_implementation: str = "auto", engine: str = "hf", sampling: dict[str, Any] | None = None,
-                 vllm: dict[str, Any] | None = None):
+                 vllm: dict[str, Any] | None = None, logits_mb: float = 1024.0):
         from wmss_ray.models.loading import load_causal_lm, load_tokenizer, resolve_attn_implementation
 
         if device == "auto":
@@ -115,6 +113,9 @@ class Evaluator:
         self.max_new_tokens = max_new_tokens
         self.max_seq_len = max_seq_len
         self.supervise = supervise
+        # the teacher-forced CE holds [rows, T, V] fp32 logits: rows per forward follow this budget
+        # (evaluation.logits_mb; 1 GiB at V = 152k and T = 256 is 6 rows)
+        self.logits_mb = logits_mb
         self.device = torch.device(device)
         s = sampling or {}
         self.samples, self.seed = int(s.get("samples", 0)), int(s.get("seed", 0))
@@ -172,7 +173,7 @@ class Evaluator:
         todo = [i for i, e in enumerate(encoded) if e is not None]
         vocab = int(self.model.get_output_embeddings().weight.shape[0])
         width = max((len(encoded[i]["input_ids"]) for i in todo), default=1)
-        per_mb = max(1, MAX_LOGIT_ELEMS // (width * vocab))
+        per_mb = rows_per_forward(len(todo), width, vocab, self.logits_mb)
         for s in range(0, len(todo), per_mb):
             idx = todo[s:s + per_mb]
             batch = collate([encoded[i] for i in idx], pad)

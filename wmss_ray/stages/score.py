@@ -67,7 +67,7 @@ def scorer_kwargs(cfg: WMSSConfig, weak_model: str, strong_model: str) -> dict[s
     return {
         "weak_model": weak_model, "strong_model": strong_model,
         "device": "cuda" if s.gpus_per_actor > 0 else "cpu", "dtype": cfg.models.dtype,
-        "chunk_size": s.chunk_size, "trust_remote_code": cfg.models.trust_remote_code,
+        "chunk_size": s.chunk_size, "logits_mb": s.logits_mb, "trust_remote_code": cfg.models.trust_remote_code,
         "attn_implementation": cfg.models.attn_implementation,
         # On CPU an actor computes with as many threads as logical CPUs it reserved.
         "num_threads": max(1, int(s.cpus_per_actor)) if s.gpus_per_actor == 0 else None,

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from wmss_ray.data.chat_tokens import IGNORE_INDEX, collate, end_of_turn_ids
+from wmss_ray.losses.chunk_ops import rows_per_forward
 from wmss_ray.losses.entropy import sample_entropy
 
 SCORE_COLUMNS = ("sample_id", "h_weak", "h_strong", "dh", "n_answer_tokens")
@@ -45,14 +46,18 @@ class EntropyScorer:
         dtype: "auto" | "float32" | "bfloat16" | "float16" (``cfg.models.dtype``).
         chunk_size: answer positions per fp32 entropy chunk (``cfg.scoring.chunk_size``).
         num_threads: torch intra-op threads on CPU (None leaves torch's default).
-        max_rows_per_forward: split a batch into forwards of at most this many rows (GPU memory
-            knob; scores do not depend on it).
+        max_rows_per_forward: split a batch into forwards of at most this many rows (scores do
+            not depend on it); None: as many as ``logits_mb`` allows.
+        logits_mb: MiB of ``[rows, positions, V]`` logits (model dtype) one forward may hold
+            (``cfg.scoring.logits_mb``): a batch's forwards take ``losses.chunk_ops.rows_per_forward``
+            rows of its padded width.
         attn_implementation: ``models.attn_implementation`` (resolved for ``device``).
     """
 
     def __init__(self, weak_model: str, strong_model: str, *, device: str = "cpu", dtype: str = "auto",
                  chunk_size: int = 256, trust_remote_code: bool = False, num_threads: int | None = None,
-                 max_rows_per_forward: int | None = None, attn_implementation: str = "auto"):
+                 max_rows_per_forward: int | None = None, attn_implementation: str = "auto",
+                 logits_mb: float = 2048.0):
         from wmss_ray.models.loading import load_causal_lm, load_tokenizer, resolve_attn_implementation, resolve_dtype
 
         if num_threads:
@@ -61,6 +66,7 @@ class EntropyScorer:
         self.dtype = resolve_dtype(dtype, self.device)
         self.chunk_size = chunk_size
         self.max_rows = max_rows_per_forward
+        self.logits_mb = logits_mb
         attn = resolve_attn_implementation(attn_implementation, self.device)
         load = lambda p: load_causal_lm(p, self.dtype, self.device, trust_remote_code, attn).eval()  # noqa: E731
         self.weak = load(weak_model)
@@ -98,6 +104,13 @@ class EntropyScorer:
         h, n = sample_entropy(logits, labels[:, width - keep:], IGNORE_INDEX, self.chunk_size, return_counts=True)
         return h.float().cpu(), n.cpu()
 
+    def _rows_that_fit(self, rows: list[dict[str, list[int]]]) -> int:
+        """Rows per forward under ``logits_mb`` at the batch's longest row (an upper bound on the
+        logits each forward keeps)."""
+        width = max((len(r["input_ids"]) for r in rows), default=1)
+        vocab = int(self.weak.get_output_embeddings().weight.shape[0])
+        return rows_per_forward(len(rows), width, vocab, self.logits_mb, torch.finfo(self.dtype).bits // 8)
+
     def score_rows(self, input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
         """Scores of tokenised rows: ``h_weak, h_strong, dh [N] float64, n_answer_tokens [N] int64``
         (answer content tokens: supervised labels that are not end-of-turn tokens).
@@ -107,7 +120,7 @@ class EntropyScorer:
         skip = set(self.unscored_ids)
         rows = [{"input_ids": list(i), "labels": [IGNORE_INDEX if t in skip else t for t in lab]}
                 for i, lab in zip(input_ids, labels)]
-        step = self.max_rows or max(1, len(rows))
+        step = self.max_rows or self._rows_that_fit(rows)
         hw, hs, ns = [], [], []
         for start in range(0, len(rows), step):
             batch = collate(rows[start:start + step], pad_id=self.pad_id)

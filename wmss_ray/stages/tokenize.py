@@ -139,15 +139,17 @@ class TokenizeBatch:
 
 
 class TokenizedSink(Datasink):
-    """Splits ``TOKEN_SCHEMA`` blocks: good rows to ``tokenized/``, bad rows to reject parts."""
+    """Splits ``TOKEN_SCHEMA`` blocks: good rows to ``tokenized/``, bad rows to reject parts of
+    at least ``rows_per_file`` rows each (``data.rows_per_file``: fewer, larger Parquet files)."""
 
-    def __init__(self, out_dir: str):
+    def __init__(self, out_dir: str, rows_per_file: int = 8192):
         self.out_dir = out_dir
+        self.rows_per_file = rows_per_file
         self.returns: list[dict[str, Any]] = []
 
     @property
     def min_rows_per_write(self) -> int:
-        return 8192  # fewer, larger parquet parts
+        return self.rows_per_file
 
     def write(self, blocks: Iterable[pa.Table], ctx) -> dict[str, Any]:
         tables = [b for b in blocks if b.num_rows]
@@ -325,7 +327,7 @@ def tokenize_corpus(cfg: WMSSConfig, tokenizer_path: str, corpus: str, out_dir: 
     # always gives the same parts (row order, part boundaries): scoring batches, and with them
     # the scores' last bits, then do not depend on scheduling.
     ds.context.execution_options.preserve_order = True
-    sink = TokenizedSink(out_dir)
+    sink = TokenizedSink(out_dir, data.rows_per_file)
     try:
         ds.write_datasink(sink, ray_remote_args={"num_cpus": IO_TASK_CPUS})
     except Exception as e:  # Ray wraps task errors; surface ours with its own message

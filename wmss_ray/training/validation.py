@@ -56,7 +56,7 @@ class ValidationPoints:
 
 
 def validation_bytes(params: int, layers: int, kv_heads: int, head_dim: int, vocab: int, *, dtype_bytes: int,
-                     batch: int, seq: int, new_tokens: int) -> dict[str, float]:
+                     batch: int, seq: int, new_tokens: int, logits_mb: float = 1024.0) -> dict[str, float]:
     """Device bytes a rank adds while it validates (what :func:`validate_on_ranks` allocates next
     to the training state), for a model of ``params`` parameters and the given shape.
 
@@ -66,17 +66,18 @@ def validation_bytes(params: int, layers: int, kv_heads: int, head_dim: int, voc
       of up to ``seq`` tokens (``data.max_seq_len``) plus ``new_tokens``
       (``evaluation.max_new_tokens``): ``2 (K, V) x layers x kv_heads x head_dim x batch x
       (seq + new_tokens) x dtype_bytes``;
-    - ``ce_logits``: the teacher-forced CE (``Evaluator.answer_nll``) of ``rows = min(batch,
-      max(1, MAX_LOGIT_ELEMS // (seq x V)))`` rows at a time: ``rows x seq x V x (dtype_bytes + 4
+    - ``ce_logits``: the teacher-forced CE (``Evaluator.answer_nll``) of ``rows =
+      losses.chunk_ops.rows_per_forward(batch, seq, V, logits_mb)`` rows at a time
+      (``evaluation.logits_mb``): ``rows x seq x V x (dtype_bytes + 4
       + 4)``, the logits in the model dtype, their fp32 copy and ``cross_entropy``'s fp32
       log-softmax.
 
     Generation and the CE run one after the other, so the peak is ``weights`` plus the larger of
     the other two (with a forward's transient activations).
     """
-    from wmss_ray.stages.evaluator import MAX_LOGIT_ELEMS
+    from wmss_ray.losses.chunk_ops import rows_per_forward
 
-    rows = min(batch, max(1, MAX_LOGIT_ELEMS // (seq * vocab)))
+    rows = rows_per_forward(batch, seq, vocab, logits_mb)
     return {"weights": float(dtype_bytes * params),
             "kv_cache": float(2 * layers * kv_heads * head_dim * batch * (seq + new_tokens) * dtype_bytes),
             "ce_logits": float(rows * seq * vocab * (dtype_bytes + 4 + 4)), "ce_rows": float(rows)}
