@@ -106,6 +106,17 @@ def test_pool_placement_is_frozen_only_and_takes_its_own_section():
         load_config(None, ["mix.pool.shards=0"])
 
 
+def test_fake_weak_sources_need_a_frozen_colocated_weak_side():
+    for source in ("uniform", "entropy_matched"):
+        assert load_config(None, ["mix.mode=frozen", f"mix.weak_source={source}"]).mix.weak_source == source
+        for bad in (["mix.mode=joint"], ["mix.mode=frozen", "mix.placement=pool"]):
+            with pytest.raises(ConfigError, match=f"mix.weak_source '{source}'.*frozen.*colocated"):
+                load_config(None, [*bad, f"mix.weak_source={source}"])
+    with pytest.raises(ConfigError, match="mix.weak_source"):
+        load_config(None, ["mix.mode=frozen", "mix.weak_source=shuffled"])  # not built yet: refused, not ignored
+    assert WMSSConfig().mix.weak_source == "model"
+
+
 def test_unknown_key_suggests_the_right_one():
     with pytest.raises(ConfigError, match=r"unknown key 'mix.lamb'; did you mean 'mix.lam'"):
         load_config(None, ["mix.lamb=0.4"])

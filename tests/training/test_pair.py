@@ -46,6 +46,9 @@ def _pair(art, placement: str) -> PairLM:
         return PairLM(strong, None, "sft", 1.0, chunk_size=5)
     if placement.startswith("pool"):
         return PairLM(strong, None, "frozen", 0.5, chunk_size=5, weak_pool=True)
+    if placement in ("uniform", "entropy_matched"):
+        return PairLM(strong, load_causal_lm(art["weak"], dtype="float32"), "frozen", 0.5, chunk_size=5,
+                      weak_source=placement)
     return PairLM(strong, load_causal_lm(art["weak"], dtype="float32"), placement, 0.5, chunk_size=5)
 
 
@@ -62,7 +65,8 @@ def _pool_side(art, top_k: int, rows: RowsById):
                           exact_sample=3, device=DEVICE)
 
 
-@pytest.mark.parametrize("placement", ["pool_topk", "pool_dense", "frozen", "joint", "sft"])
+@pytest.mark.parametrize("placement", ["pool_topk", "pool_dense", "frozen", "joint", "sft", "uniform",
+                                       "entropy_matched"])
 def test_step_makes_no_tensor_off_the_device_of_its_inputs(art, placement):
     pair = _pair(art, placement)
     rows = RowsById(art["tokenized"])
@@ -76,6 +80,8 @@ def test_step_makes_no_tensor_off_the_device_of_its_inputs(art, placement):
             b = {k: v.to(DEVICE) for k, v in b.items()}
             reply = side.reply(0, a) if side else None
             pool_in = dict(weak_logp=reply.weak, exact=reply.exact) if reply else {}
+            if pair.weak_source == "entropy_matched":
+                pool_in["weak_key"] = (0, 0, a)
             loss, mb_stats = pair(b["input_ids"], b["attention_mask"], b["labels"], num_tokens=n_global,
                                   loss_scale=2.0, **pool_in)
             if reply:
@@ -115,6 +121,45 @@ def test_loss_step_reads_nothing_back_from_the_device(art, placement):
     ours = [r for r in check.host_reads if f"wmss_ray{os.sep}losses" in r or r.split(" at ")[1].startswith(PAIR)]
     assert ours == []
     assert all(p.grad is not None for p in pair.strong.parameters())
+
+
+@pytest.mark.parametrize("source", ["uniform", "entropy_matched"])
+def test_fake_weak_sources_equal_their_naive_definition_through_the_pair(art, source):
+    """``mix.weak_source`` in ``PairLM``: the loss and the strong gradients equal the naive mixed CE
+    of the strong logits with the fake weak log-probs written out densely from the definition
+    (uniform: -log V; entropy_matched: the weak model's row entropies on the spikes of the key)."""
+    import math
+
+    from wmss_ray.losses.fake_weak import row_entropy, spike_ids, spike_mass_for_entropy
+    from wmss_ray.losses.positions import answer_positions
+    from wmss_ray.losses.reference import mixed_ce_naive
+
+    pair = _pair(art, source)
+    b = RowsById(art["tokenized"]).batch(["s0000", "s0001", "s0002"], pad_id=0)
+    loss, _ = pair(b["input_ids"], b["attention_mask"], b["labels"], num_tokens=30.0, weak_key=(1, 2, 3))
+    ours = torch.autograd.grad(loss, list(pair.strong.parameters()))
+    pos = answer_positions(b["labels"])
+    y = b["labels"].reshape(-1)[pos + 1]
+    z_s = pair.strong(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    z_s = z_s.reshape(-1, z_s.shape[-1])[pos]  # [N, V]
+    n, vocab = z_s.shape
+    if source == "uniform":
+        logq = torch.full((n, vocab), -math.log(vocab))
+    else:
+        with torch.no_grad():
+            z_w = pair.weak(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            z_w = z_w.reshape(-1, vocab)[pos].double()
+        h = -(torch.softmax(z_w, -1) * torch.log_softmax(z_w, -1)).sum(-1)
+        p = spike_mass_for_entropy(h, vocab)
+        q = ((1 - p) / (vocab - 1)).unsqueeze(1).repeat(1, vocab)
+        q.scatter_(1, spike_ids((1, 2, 3), n, vocab).unsqueeze(1), p.unsqueeze(1))
+        logq = torch.log(q).float()
+        assert torch.allclose(row_entropy(z_w, torch.eye(vocab, dtype=torch.float64), 4), h)
+    ref = mixed_ce_naive(z_s, logq, y, 0.5, num_tokens=30.0)
+    theirs = torch.autograd.grad(ref, list(pair.strong.parameters()))
+    torch.testing.assert_close(loss.detach(), ref.detach(), atol=1e-5, rtol=1e-5)
+    for a, r in zip(ours, theirs):
+        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-4)
 
 
 def test_the_check_catches_a_host_tensor_stacked_with_device_ones():

@@ -217,6 +217,9 @@ class MixConfig(ConfigSection):
     lam: float = Field(0.5, description="lambda in (0, 1]; 1 is plain SFT")
     mode: Literal["joint", "frozen"] = "joint"
     placement: Literal["colocated", "pool"] = "colocated"
+    weak_source: Literal["model", "uniform", "entropy_matched"] = Field(
+        "model", description="the weak side WMSS mixes in: the weak model, or a control's fake one (uniform: "
+        "1/V everywhere; entropy_matched: the weak model's per-token entropy on a random token); frozen, colocated")
     chunk_mb: float | None = Field(
         None, gt=0, description="MiB of the loss's one [chunk, V] fp32 buffer, the one way to size the loss chunk "
                                 "(and the weak pool's logits chunk): a multiple of 64 answer tokens, 4 V bytes "
@@ -243,6 +246,9 @@ class MixConfig(ConfigSection):
     def _pool_is_frozen(self) -> "MixConfig":
         if self.placement == "pool" and self.mode != "frozen":
             raise ValueError("mix.placement 'pool' serves a frozen weak model only; set mix.mode: frozen")
+        if self.weak_source != "model" and (self.mode != "frozen" or self.placement != "colocated"):
+            raise ValueError(f"mix.weak_source {self.weak_source!r} is a fixed fake weak side: it needs mix.mode: frozen "
+                             f"and mix.placement: colocated (got {self.mode}, {self.placement})")
         return self
 
 

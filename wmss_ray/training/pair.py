@@ -24,7 +24,8 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from wmss_ray.losses.mixing import DEFAULT_CHUNK_MB, chunked_mixed_ce, sparse_mixed_ce
+from wmss_ray.losses.fake_weak import FAKE_WEAK_SOURCES, entropy_matched_weak, uniform_weak
+from wmss_ray.losses.mixing import DEFAULT_CHUNK_MB, chunk_rows_for, chunked_mixed_ce, sparse_mixed_ce
 from wmss_ray.losses.positions import answer_positions
 from wmss_ray.losses.stats import LossStats
 from wmss_ray.losses.weak_side import WeakLogProbs, truncation_error
@@ -48,12 +49,20 @@ class PairLM(nn.Module):
             :meth:`forward` takes the weak side as the pool's log-probs.
         shared_weak: the weak side is ``strong`` (a ``PeftModel``) run with adapter
             ``weak_adapter`` alone (None: no adapter, the bare base); ``weak`` is None.
+        weak_source: ``mix.weak_source``: "model" (the weak model's logits), or a control's fake
+            weak side (``losses.fake_weak``): "uniform" (no weak forward) or "entropy_matched"
+            (the weak forward gives each row's entropy only). Frozen mode only.
     """
 
     def __init__(self, strong: nn.Module, weak: nn.Module | None, mode: str, lam: float,
                  chunk_size: int | None = None, zero3: bool = False, chunk_mb: float = DEFAULT_CHUNK_MB,
-                 weak_pool: bool = False, shared_weak: bool = False, weak_adapter: str | None = None):
+                 weak_pool: bool = False, shared_weak: bool = False, weak_adapter: str | None = None,
+                 weak_source: str = "model"):
         super().__init__()
+        if weak_source != "model" and (mode != "frozen" or weak_pool or weak_source not in FAKE_WEAK_SOURCES):
+            raise ValueError(f"weak_source {weak_source!r}: one of {FAKE_WEAK_SOURCES} or 'model'; a fake weak side "
+                             f"needs mode frozen and the colocated placement (got mode {mode!r}, pool {weak_pool})")
+        self.weak_source = weak_source
         if mode not in ("sft", "joint", "frozen"):
             raise ValueError(f"mode must be sft, joint or frozen, got {mode!r}")
         if weak_pool and (mode != "frozen" or weak is not None):
@@ -102,7 +111,7 @@ class PairLM(nn.Module):
                 weak_logp: WeakLogProbs | None = None,
                 exact: tuple[torch.Tensor, torch.Tensor] | None = None,
                 answer_pos: torch.Tensor | None = None, cu_seq_lens: torch.Tensor | None = None,
-                max_length: int | None = None) -> tuple[torch.Tensor, LossStats]:
+                max_length: int | None = None, weak_key: tuple[int, ...] = ()) -> tuple[torch.Tensor, LossStats]:
         """Mixed CE of one micro-batch, padded or packed, in every placement.
 
         Args:
@@ -124,6 +133,8 @@ class PairLM(nn.Module):
             cu_seq_lens, max_length: a packed micro-batch's row boundaries (``int32 [n_rows + 1]``
                 on this device) and longest row (an int), as ``pack_rows`` computes them on the
                 host; handed to varlen attention kernels (flash-attention 2), unused by sdpa/eager.
+            weak_key: ``weak_source: entropy_matched``: the seed key of this micro-batch's spike
+                tokens, ``(seed, step, global micro-batch index)`` (``losses.fake_weak.spike_ids``).
 
         Returns:
             ``(loss, stats)``: 0-dim loss ``sum(token CE) / num_tokens * loss_scale`` and the
@@ -148,6 +159,9 @@ class PairLM(nn.Module):
             if exact is not None and exact[0].numel():
                 stats.add_sampled_rows(*self._sampled_error(h_s, w_s, y, weak_logp, *exact))
             return loss * loss_scale, stats
+        if self.weak_source != "model":
+            return self._fake_weak_loss(h_s, w_s, y, input_ids, attention_mask, position_ids, pos, varlen, sizing,
+                                        weak_key, loss_scale)
         h_w = w_w = None
         if (self.weak is not None or self.shared_weak) and self.lam != 1.0:
             weak = self.strong if self.shared_weak else self.weak
@@ -156,6 +170,23 @@ class PairLM(nn.Module):
                 h_w = self._hidden(weak, input_ids, attention_mask, position_ids, pos, **varlen)  # [N, D_w]
             w_w = output_head(weak)[1]  # [V, D_w]
         loss, stats = chunked_mixed_ce(h_s, w_s, h_w, w_w, y, self.lam, **sizing)
+        return loss * loss_scale, stats
+
+    def _fake_weak_loss(self, h_s, w_s, y, input_ids, attention_mask, position_ids, pos, varlen, sizing, weak_key,
+                        loss_scale):
+        """The mixed CE against a control's fake weak side (``losses.fake_weak``), through the
+        pool's exact top-k path (``sparse_mixed_ce``): the fake distributions' tails are uniform."""
+        vocab = w_s.shape[0]
+        if self.weak_source == "uniform":
+            weak = uniform_weak(y, vocab)
+        else:  # entropy_matched: the real weak forward, for each row's entropy only
+            model = self.strong if self.shared_weak else self.weak
+            with torch.no_grad(), self._weak_scope():
+                h_w = self._hidden(model, input_ids, attention_mask, position_ids, pos, **varlen)  # [N, D_w]
+                w_w = output_head(model)[1]
+                rows = chunk_rows_for(h_w.shape[0], vocab, self.chunk_mb) if self.chunk_size is None else self.chunk_size
+                weak = entropy_matched_weak(h_w, w_w, y, weak_key, rows)
+        loss, stats = sparse_mixed_ce(h_s, w_s, weak, y, self.lam, **sizing)
         return loss * loss_scale, stats
 
     def _weak_scope(self):

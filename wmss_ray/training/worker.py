@@ -135,7 +135,8 @@ class PhaseWorker:
                 PairLM.prepare_for_training(m, cfg.training.gradient_checkpointing, lora=self.lora)
         strong, weak, weak_adapter = self._attach_adapters(strong, weak) if self.lora else (strong, weak, None)
         self.pair = PairLM(strong, weak, spec.mode, cfg.mix.lam, zero3=self.zero3, chunk_mb=cfg.mix.loss_chunk_mb(self.on_gpu),
-                           weak_pool=self.pooled, shared_weak=spec.weak_shared, weak_adapter=weak_adapter)
+                           weak_pool=self.pooled, shared_weak=spec.weak_shared, weak_adapter=weak_adapter,
+                           weak_source=cfg.mix.weak_source if spec.phase == "wmss" else "model")
         groups = param_groups(self.pair.trainable_groups(cfg.training.lr, cfg.training.weak_lr),
                               cfg.training.weight_decay)
         self.engine = init_engine(self.pair, groups, cfg.training, world_size, spec.plan.total_steps,
@@ -266,6 +267,8 @@ class PhaseWorker:
         under ``mix.placement: pool`` with the pool's reply for it (and its transfer costs)."""
         reply = self.pool.reply(step, a) if self.pool else None
         pool_in = dict(weak_logp=reply.weak, exact=reply.exact) if reply else {}
+        if self.pair.weak_source == "entropy_matched":  # global micro-batch a*W + r: the same rows at any W
+            pool_in["weak_key"] = (self.cfg.curriculum_seed, step, a * self.world_size + self.rank)
         loss, stats = self.engine(b["input_ids"], b.get("attention_mask"), b["labels"], num_tokens=num_tokens,
                                   loss_scale=loss_scale, position_ids=b.get("position_ids"),
                                   answer_pos=b.get("answer_pos"), cu_seq_lens=b.get("cu_seq_lens"),
