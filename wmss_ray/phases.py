@@ -24,10 +24,11 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from wmss_ray.config.names import SFT_CONTINUED, SFT_CONTINUED_LABEL
+from wmss_ray.config.names import CONTROL_ARM_LABELS, SFT_CONTINUED, SFT_CONTINUED_LABEL
 from wmss_ray.config.schema import ADDED_KEYS, WMSSConfig
 from wmss_ray.io import storage
 from wmss_ray.io.manifest import phase_fingerprint, read_manifest
+from wmss_ray.training.controls import arm_sections
 
 log = logging.getLogger("wmss_ray.phases")
 
@@ -238,6 +239,27 @@ def train_sft_continued(ctx: RunContext, steps: int, epochs: int) -> dict[str, A
     return _train_outputs(res)
 
 
+def _phase_control(arm: str) -> Callable[[RunContext], dict[str, Any]]:
+    """A control arm (``controls.arms``, ``training/controls.py``): SFT from M1 in ``<run>/<arm>/``
+    for its step count, with its one changed setting."""
+    def run(ctx: RunContext) -> dict[str, Any]:
+        from wmss_ray.config.loading import config_from_dict
+        from wmss_ray.training.controls import arm_overrides, arm_steps
+        from wmss_ray.training.trainer import train_phase
+
+        cfg, k = ctx.cfg, ctx.cfg.run.iterations
+        wmss_steps = sum(int(ctx.out(f"wmss_{t}", "steps")) for t in range(1, k + 1))
+        res = train_phase(
+            config_from_dict(cfg.to_dict(), arm_overrides(arm, cfg)), "sft", strong_init=ctx.model(1),
+            weak_init=None, tokenized_path=ctx.out("tokenize", "tokenized"), sampled_ids_path=None,
+            out_dir=str(ctx.phase_dir(arm)), epochs=cfg.training.wmss_epochs * k,
+            exact_steps=arm_steps(arm, wmss_steps, cfg.mix.mode, cfg.mix.weak_source),
+            fingerprint=ctx.fingerprints[arm])
+        return _train_outputs(res)
+
+    return run
+
+
 def _phase_eval(ctx: RunContext) -> dict[str, Any]:
     from wmss_ray.stages.evaluate import evaluate_models
 
@@ -251,6 +273,8 @@ def _phase_eval(ctx: RunContext) -> dict[str, Any]:
     models["M1"] = ctx.model(1)
     if SFT_CONTINUED in ctx.outputs:
         models[SFT_CONTINUED_LABEL] = ctx.out(SFT_CONTINUED, "model_dir")
+    for arm in ctx.cfg.controls.arms:
+        models[CONTROL_ARM_LABELS[arm]] = ctx.out(arm, "model_dir")
     models["WMSS"] = ctx.model(k + 1)
     # data.eval is the test set: read here only, after every choice (tune selects on validation).
     results = evaluate_models(models, eval_path, ctx.cfg, str(ctx.phase_dir("eval")), eval_set="test")
@@ -343,7 +367,10 @@ def build_phases(cfg: WMSSConfig) -> list[Phase]:
     if cfg.evaluation.sft_continued:
         phases.append(Phase(SFT_CONTINUED, ["sft", prev_model], ["run.seed", "training", "scaling"],
                             _phase_sft_continued, how))
-    eval_needs = [p.name for p in phases if p.name in ("sft", SFT_CONTINUED, prev_model)] + first
+    for arm in cfg.controls.arms:  # after WMSS: their step counts follow from its steps
+        phases.append(Phase(arm, ["sft", prev_model], ["run.seed", "training", "scaling", *arm_sections(arm)],
+                            _phase_control(arm), how))
+    eval_needs = [p.name for p in phases if p.name in ("sft", SFT_CONTINUED, prev_model, *cfg.controls.arms)] + first
     phases.append(Phase("eval", eval_needs, ["evaluation", "data.eval", "data.reference_column", "data.supervise"],
                         _phase_eval, ("evaluation.logits_mb",)))
     phases.append(Phase("report", ["eval"], [], _phase_report))

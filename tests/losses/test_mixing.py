@@ -13,8 +13,10 @@ from wmss_ray.losses.mixing import (
     CHUNK_ROW_MULTIPLE,
     chunk_rows_for,
     chunked_mixed_ce,
+    sparse_mixed_ce,
 )
 from wmss_ray.losses.reference import mix_logits, mixed_ce_naive
+from wmss_ray.losses.weak_side import weak_from_logp
 from wmss_ray.losses.stats import CE_FIELDS, LossStats
 
 IGN = -100
@@ -134,6 +136,38 @@ def test_chunked_equals_naive_value_and_all_gradients(chunk, masked_every, lam):
     for t, r in zip(x, ref_grads):
         assert t.grad.dtype == torch.float32
         assert_close(t.grad, r)
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.42])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_label_smoothing_equals_torch_cross_entropy_on_the_mixed_logits(lam, dtype):
+    """``label_smoothing`` (the SFT label-smoothing control; lam = 1) in the chunked loop equals
+    ``F.cross_entropy(z_mix, y, label_smoothing=eps)`` in value and all four gradients, masked rows
+    and several chunks included, on the hidden-state and the log-prob weak side alike; the stats
+    keep the plain mixed CE."""
+    eps = 0.1
+    tensors, y = make_inputs(n=37, d_s=16, d_w=12, masked_every=3, dtype=dtype)
+    hs, ws, hw, ww = leaves([t.double() for t in tensors])
+    ref = mixed_ce_naive(hs @ ws.T, hw @ ww.T, y, lam, label_smoothing=eps)
+    ref_grads = torch.autograd.grad(ref, (hs, ws, hw, ww))
+    x = leaves(tensors, (True, True, lam != 1.0, lam != 1.0))
+    loss, stats = chunked_mixed_ce(*x, y, lam, chunk_size=8, label_smoothing=eps, return_stats=True)
+    loss.backward()
+    rtol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert_close(loss.detach(), ref.detach(), rtol)
+    for t, r in zip(x, ref_grads):
+        if t.requires_grad:
+            assert_close(t.grad, r, rtol)
+    plain = mixed_ce_naive(hs @ ws.T, hw @ ww.T, y, lam).detach()
+    assert abs(float(stats.ce_mix_sum) / float(stats.n_tokens) - float(plain)) < 1e-4 * (1 if rtol < 1e-3 else 100)
+    # the log-prob weak side (the pool's path) smooths the same way
+    logq = torch.log_softmax((tensors[2] @ tensors[3].T).float(), -1)
+    ws_leaf = leaves(tensors[:2])
+    sparse = sparse_mixed_ce(*ws_leaf, weak_from_logp(logq, y.clamp_min(0), 0), y, lam, chunk_size=8,
+                             label_smoothing=eps)
+    ref_sparse = mixed_ce_naive(tensors[0].double() @ tensors[1].double().T, logq.double(), y, lam,
+                                label_smoothing=eps)
+    assert_close(sparse.detach(), ref_sparse, rtol)
 
 
 def test_frozen_weak_gives_same_strong_grads_and_no_weak_grad_work():

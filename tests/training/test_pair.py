@@ -162,6 +162,28 @@ def test_fake_weak_sources_equal_their_naive_definition_through_the_pair(art, so
         torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-4)
 
 
+def test_label_smoothing_reaches_the_loss_through_the_pair(art):
+    """``training.label_smoothing`` (the SFT label-smoothing arm): ``PairLM``'s SFT loss equals
+    ``F.cross_entropy(z, y, label_smoothing=0.1)`` of the strong logits; the stats keep plain CE."""
+    import torch.nn.functional as F
+
+    from wmss_ray.losses.positions import answer_positions
+    from wmss_ray.models.loading import load_causal_lm
+
+    pair = PairLM(load_causal_lm(art["strong"], dtype="float32"), None, "sft", 1.0, chunk_size=5,
+                  label_smoothing=0.1)
+    b = RowsById(art["tokenized"]).batch(["s0000", "s0001"], pad_id=0)
+    loss, stats = pair(b["input_ids"], b["attention_mask"], b["labels"], num_tokens=20.0)
+    pos = answer_positions(b["labels"])
+    y = b["labels"].reshape(-1)[pos + 1]
+    z = pair.strong(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    z = z.reshape(-1, z.shape[-1])[pos]
+    ref = F.cross_entropy(z, y, reduction="sum", label_smoothing=0.1) / 20.0
+    torch.testing.assert_close(loss.detach(), ref.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stats.ce_mix_sum.float(), F.cross_entropy(z, y, reduction="sum").detach(),
+                               atol=1e-4, rtol=1e-5)
+
+
 def test_the_check_catches_a_host_tensor_stacked_with_device_ones():
     """The check itself: the old pool statistics' ``torch.tensor(float(n))`` next to device sums."""
     e = torch.rand(5, dtype=torch.float64)  # made outside the check: a device tensor

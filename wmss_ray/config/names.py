@@ -1,4 +1,4 @@
-"""The equal-compute control's two names, one of each, used everywhere.
+"""The controls' names, one of each, used everywhere: the equal-compute control and the arms.
 
 The control is SFT continued from M1 for exactly as many optimizer steps as WMSS took.
 :data:`SFT_CONTINUED` is its identifier: the config key ``evaluation.sft_continued``, the
@@ -10,3 +10,11 @@ report tables and plots, the sweep's table and page.
 
 SFT_CONTINUED = "sft_continued"
 SFT_CONTINUED_LABEL = "SFT-continued"
+
+#: The control arms (``controls.arms``, docs/CONTROLS.md): each a phase and directory
+#: ``<run>/<arm>/`` continuing SFT from M1, and the label its model is shown with.
+CONTROL_ARM_LABELS = {
+    "sft_matched_flops": "SFT-matched-FLOPs",
+    "sft_higher_lr": "SFT-higher-LR",
+    "sft_label_smoothing": "SFT-label-smoothing",
+}

@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from wmss_ray.config.sections import (  # re-exported: the schema has one import path
     ConfigError,
     ConfigSection,
+    ControlsConfig,
     CurriculumConfig,
     DataConfig,
     DemoDataConfig,
@@ -171,7 +172,8 @@ class TuneConfig(ConfigSection):
 #: retraining after an upgrade. Set to anything else, a key is hashed like every other.
 ADDED_KEYS = ("training.lora", "evaluation.engine", "evaluation.samples", "evaluation.temperature",
               "evaluation.top_p", "evaluation.sampling_seed", "evaluation.vllm",
-              "data.rows_per_file", "scoring.logits_mb", "evaluation.logits_mb", "mix.weak_source")
+              "data.rows_per_file", "scoring.logits_mb", "evaluation.logits_mb", "mix.weak_source",
+              "training.label_smoothing", "controls")
 
 
 def _pop_if(d: dict[str, Any], dotted: str, default: Any) -> None:
@@ -193,6 +195,7 @@ class WMSSConfig(ConfigSection):
     phase0: Phase0Config = Phase0Config()
     scaling: ScalingConfig = ScalingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    controls: ControlsConfig = ControlsConfig()
     tune: TuneConfig = TuneConfig()
 
     @model_validator(mode="after")

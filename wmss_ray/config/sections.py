@@ -301,6 +301,8 @@ class TrainingConfig(ConfigSection):
 
     lr: float = Field(1e-3, gt=0)
     weak_lr: float | None = Field(None, gt=0, description="joint mode: weak model lr (default: lr)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the (mixed) CE; "
+                                   "the SFT label-smoothing control sets it (controls.label_smoothing)")
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
@@ -426,3 +428,26 @@ class EvaluationConfig(ConfigSection):
             raise ValueError(f"evaluation.answer_pattern is set but evaluation.checker is {self.checker!r}; "
                              "set evaluation.checker: regex")
         return self
+
+
+class ControlsConfig(ConfigSection):
+    """``controls``: the control arms trained besides SFT-continued (``evaluation.sft_continued``),
+    each SFT continued from M1 through the same trainer (docs/CONTROLS.md).
+
+    ``sft_matched_flops``: as many steps as the WMSS phases' FLOPs buy (a frozen weak forward is
+    1/3 of a training step, a joint step 2 of them); ``sft_higher_lr``: the WMSS steps at
+    ``higher_lr_factor`` x ``training.lr``; ``sft_label_smoothing``: the WMSS steps with label
+    smoothing ``label_smoothing``.
+    """
+
+    arms: list[Literal["sft_matched_flops", "sft_higher_lr", "sft_label_smoothing"]] = Field(
+        default_factory=list, description="control arms to train and evaluate next to WMSS")
+    higher_lr_factor: float = Field(2.0, gt=0, description="sft_higher_lr: its lr is this x training.lr")
+    label_smoothing: float = Field(0.1, gt=0, lt=1, description="sft_label_smoothing: its epsilon")
+
+    @field_validator("arms")
+    @classmethod
+    def _each_once(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"controls.arms lists an arm twice: {v}")
+        return v

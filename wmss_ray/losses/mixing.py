@@ -100,6 +100,7 @@ class _Loop:
     needs: tuple[bool, bool, bool, bool]
     want_stats: bool
     stats: LossStats | None = None
+    label_smoothing: float = 0.0
 
 
 def _weak_side(h_w, w_w, loop: _Loop, n_valid: int):
@@ -171,13 +172,19 @@ def _fused_forward(h_s, w_s, h_w, w_w, loop: _Loop):
             weak.mix(chunk, z, zl, widen, lam, stats)  # z <- z_mix in acc, widened
         else:
             widen()
+        eps = loop.label_smoothing
+        # label smoothing: (1-eps) CE + eps mean_v(-log p_v) = CE + eps (z_y - mean_v z_v), shift-free
+        smooth = eps * (z[chunk.rows, chunk.y] - z.mean(dim=1)) if eps else None  # [c]
         sumexp, ce_mix = mixed_ce_in_place(z, chunk.rows, chunk.y)
-        if stats is not None:
+        if stats is not None:  # the statistics keep the plain mixed CE (comparable across arms)
             stats.add_mixed_rows(ce_mix, lam)
-        loss_sum += ce_mix.sum()
+        loss_sum += ce_mix.sum() if smooth is None else (ce_mix + smooth).sum()
         if not any(needs):
             continue
         ce_grad_in_place(z, sumexp, chunk.rows, chunk.y)  # z is now g = softmax(z_mix) - onehot(y)  [c, V]
+        if eps:  # g = softmax - (1 - eps) onehot - eps / V
+            z.sub_(eps / vocab)
+            z[chunk.rows, chunk.y] += eps
         if low:
             narrow_in_place(buf32, buf16, c * vocab)  # g in the input dtype for its GEMMs
         if needs[0]:  # grad_h rows = coef * g @ W   [c, D_s]
@@ -242,7 +249,7 @@ def _check_strong(h_strong: torch.Tensor, w_strong: torch.Tensor, labels: torch.
 
 
 def _mixed_ce(h_s, w_s, h_w, w_w, weak_logp, labels, lam, chunk_size, ignore_index, num_tokens, return_stats,
-              chunk_mb, valid_rows):
+              chunk_mb, valid_rows, label_smoothing=0.0):
     """Both entry points, after their own checks: divisor, chunk, needs; the Function or no_grad."""
     if valid_rows is None:  # one device-to-host sync (nonzero); its size is the count
         valid_rows = (labels != ignore_index).nonzero().squeeze(1)
@@ -256,7 +263,10 @@ def _mixed_ce(h_s, w_s, h_w, w_w, weak_logp, labels, lam, chunk_size, ignore_ind
         chunk_size = chunk_rows_for(n_valid, w_s.shape[0], chunk_mb)
     grad_on = torch.is_grad_enabled()
     needs = tuple(bool(grad_on and t is not None and t.requires_grad) for t in (h_s, w_s, h_w, w_w))
-    loop = _Loop(weak_logp, labels, valid_rows, lam, chunk_size, ignore_index, divisor, needs, return_stats)
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    loop = _Loop(weak_logp, labels, valid_rows, lam, chunk_size, ignore_index, divisor, needs, return_stats,
+                 label_smoothing=float(label_smoothing))
     if any(needs):
         loss = _MixedCE.apply(h_s, w_s, h_w, w_w, loop)
     else:  # evaluation / no_grad: loss only, no gradient buffers
@@ -277,6 +287,7 @@ def chunked_mixed_ce(
     return_stats: bool = False,
     chunk_mb: float = DEFAULT_CHUNK_MB,
     valid_rows: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
 ):
     """Mixed-logit CE from hidden states and LM-head weights, chunked over answer tokens.
 
@@ -308,6 +319,9 @@ def chunked_mixed_ce(
             whose label is not ``ignore_index``, when the caller knows them without looking at
             the labels on the device (``training.pair`` passes ``arange(N)``: its rows are the
             answer positions): spares the loss its one device-to-host sync. Not checked.
+        label_smoothing: ``eps`` in [0, 1): the loss is ``(1 - eps) CE + eps mean_v(-log p_v)`` of
+            the mixed distribution (``torch.nn.functional.cross_entropy``'s definition; the SFT
+            label-smoothing control); the stats keep the plain mixed CE.
 
     Returns:
         0-dim loss (fp32 for half/bf16 inputs), or ``(loss, LossStats)``. Gradients flow to every
@@ -331,13 +345,13 @@ def chunked_mixed_ce(
     else:  # lam == 1: the weak side has weight 0; skip it entirely
         h_weak = w_weak = None
     return _mixed_ce(h_strong, w_strong, h_weak, w_weak, None, labels, lam, chunk_size, ignore_index, num_tokens,
-                     return_stats, chunk_mb, valid_rows)
+                     return_stats, chunk_mb, valid_rows, label_smoothing)
 
 
 def sparse_mixed_ce(h_strong: torch.Tensor, w_strong: torch.Tensor, weak: WeakLogProbs, labels: torch.Tensor,
                     lam: float, chunk_size: int | None = None, ignore_index: int = IGNORE_INDEX, num_tokens=None,
                     return_stats: bool = False, chunk_mb: float = DEFAULT_CHUNK_MB,
-                    valid_rows: torch.Tensor | None = None):
+                    valid_rows: torch.Tensor | None = None, label_smoothing: float = 0.0):
     """Mixed CE of strong hidden states and a frozen weak side given as log-probs, chunked.
 
     Args:
@@ -346,7 +360,7 @@ def sparse_mixed_ce(h_strong: torch.Tensor, w_strong: torch.Tensor, weak: WeakLo
         weak: :class:`~wmss_ray.losses.weak_side.WeakLogProbs` of the same N rows (dense or
             top-k); never trained.
         labels: ``[N]`` int64, ``ignore_index`` rows skipped.
-        lam, chunk_size, num_tokens, chunk_mb, valid_rows: as :func:`chunked_mixed_ce`.
+        lam, chunk_size, num_tokens, chunk_mb, valid_rows, label_smoothing: as :func:`chunked_mixed_ce`.
         return_stats: also return a :class:`~wmss_ray.losses.stats.LossStats` with the
             truncation fields filled (tail mass sum / max and the summed per-row error bound;
             zero for a dense weak side or ``lam == 1``).
@@ -363,4 +377,4 @@ def sparse_mixed_ce(h_strong: torch.Tensor, w_strong: torch.Tensor, weak: WeakLo
         raise ValueError(f"weak vocabulary {weak.vocab} != strong head rows {w_strong.shape[0]}")
     weak.check(h_strong.shape[0])
     return _mixed_ce(h_strong, w_strong, None, None, weak, labels, lam, chunk_size, ignore_index, num_tokens,
-                     return_stats, chunk_mb, valid_rows)
+                     return_stats, chunk_mb, valid_rows, label_smoothing)

@@ -24,6 +24,7 @@ def mixed_ce_naive(
     lam: float,
     ignore_index: int = IGNORE_INDEX,
     num_tokens=None,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Mean CE of the mixed logits over non-ignored rows (the reference implementation).
 
@@ -32,6 +33,7 @@ def mixed_ce_naive(
             Weak log-probs may replace weak logits: softmax is shift-invariant per row.
         labels: ``[N]`` int64, aligned with the rows; ``ignore_index`` rows are skipped.
         num_tokens: divisor override (global answer-token count); default: valid rows here.
+        label_smoothing: ``F.cross_entropy``'s, on the mixed logits.
 
     Returns:
         0-dim loss (fp32 for half/bf16 inputs). All rows ignored -> 0.0 with a graph, no NaN.
@@ -45,7 +47,7 @@ def mixed_ce_naive(
     n_valid = int((labels != ignore_index).sum())
     divisor = n_valid if num_tokens is None else float(num_tokens)
     # reduction="sum" over zero rows is 0 with a graph; "mean" would be 0/0 = NaN.
-    total = F.cross_entropy(z, labels, ignore_index=ignore_index, reduction="sum")
+    total = F.cross_entropy(z, labels, ignore_index=ignore_index, reduction="sum", label_smoothing=label_smoothing)
     return total / divisor if n_valid > 0 else total
 
 

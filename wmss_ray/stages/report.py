@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from wmss_ray.config.names import SFT_CONTINUED, SFT_CONTINUED_LABEL
+from wmss_ray.config.names import CONTROL_ARM_LABELS, SFT_CONTINUED, SFT_CONTINUED_LABEL
 from wmss_ray.io.files import read_metrics
 from wmss_ray.stages import report_generation as gen
 from wmss_ray.stages import stats
@@ -56,8 +56,8 @@ from wmss_ray.stages.timings import timings_html
 
 log = logging.getLogger("wmss_ray.stages.report")
 
-MODEL_ORDER = ("M0", "weak", "M1", SFT_CONTINUED_LABEL, "WMSS")
-PAIRS = (("WMSS", SFT_CONTINUED_LABEL), ("WMSS", "M1"))
+MODEL_ORDER = ("M0", "weak", "M1", SFT_CONTINUED_LABEL, *CONTROL_ARM_LABELS.values(), "WMSS")
+PAIRS = (("WMSS", SFT_CONTINUED_LABEL), ("WMSS", "M1"), *(("WMSS", label) for label in CONTROL_ARM_LABELS.values()))
 
 
 # ----------------------------------------------------------------------------- text table

@@ -52,12 +52,14 @@ class PairLM(nn.Module):
         weak_source: ``mix.weak_source``: "model" (the weak model's logits), or a control's fake
             weak side (``losses.fake_weak``): "uniform" (no weak forward) or "entropy_matched"
             (the weak forward gives each row's entropy only). Frozen mode only.
+        label_smoothing: ``training.label_smoothing`` of the (mixed) CE (the SFT label-smoothing
+            control); the statistics keep the plain CE.
     """
 
     def __init__(self, strong: nn.Module, weak: nn.Module | None, mode: str, lam: float,
                  chunk_size: int | None = None, zero3: bool = False, chunk_mb: float = DEFAULT_CHUNK_MB,
                  weak_pool: bool = False, shared_weak: bool = False, weak_adapter: str | None = None,
-                 weak_source: str = "model"):
+                 weak_source: str = "model", label_smoothing: float = 0.0):
         super().__init__()
         if weak_source != "model" and (mode != "frozen" or weak_pool or weak_source not in FAKE_WEAK_SOURCES):
             raise ValueError(f"weak_source {weak_source!r}: one of {FAKE_WEAK_SOURCES} or 'model'; a fake weak side "
@@ -79,6 +81,7 @@ class PairLM(nn.Module):
         self.lam = 1.0 if mode == "sft" else float(lam)
         self.chunk_size = chunk_size
         self.chunk_mb = chunk_mb
+        self.label_smoothing = float(label_smoothing)
         if weak is not None and mode == "frozen":
             weak.requires_grad_(False)
             weak.eval()  # no dropout in the frozen model
@@ -151,7 +154,7 @@ class PairLM(nn.Module):
         w_s = output_head(self.strong)[1]  # [V, D_s]
         # every row is an answer row: the loss need not look for them on the device
         sizing = dict(chunk_size=self.chunk_size, num_tokens=num_tokens, return_stats=True, chunk_mb=self.chunk_mb,
-                      valid_rows=torch.arange(pos.numel(), device=pos.device))
+                      valid_rows=torch.arange(pos.numel(), device=pos.device), label_smoothing=self.label_smoothing)
         if self.weak_pool:
             if weak_logp is None:
                 raise ValueError("PairLM(weak_pool=True).forward needs weak_logp (the pool's reply)")

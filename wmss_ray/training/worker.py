@@ -136,7 +136,8 @@ class PhaseWorker:
         strong, weak, weak_adapter = self._attach_adapters(strong, weak) if self.lora else (strong, weak, None)
         self.pair = PairLM(strong, weak, spec.mode, cfg.mix.lam, zero3=self.zero3, chunk_mb=cfg.mix.loss_chunk_mb(self.on_gpu),
                            weak_pool=self.pooled, shared_weak=spec.weak_shared, weak_adapter=weak_adapter,
-                           weak_source=cfg.mix.weak_source if spec.phase == "wmss" else "model")
+                           weak_source=cfg.mix.weak_source if spec.phase == "wmss" else "model",
+                           label_smoothing=cfg.training.label_smoothing)
         groups = param_groups(self.pair.trainable_groups(cfg.training.lr, cfg.training.weak_lr),
                               cfg.training.weight_decay)
         self.engine = init_engine(self.pair, groups, cfg.training, world_size, spec.plan.total_steps,
