@@ -107,13 +107,15 @@ def test_pool_placement_is_frozen_only_and_takes_its_own_section():
 
 
 def test_fake_weak_sources_need_a_frozen_colocated_weak_side():
-    for source in ("uniform", "entropy_matched"):
+    for source in ("uniform", "entropy_matched", "shuffled"):
         assert load_config(None, ["mix.mode=frozen", f"mix.weak_source={source}"]).mix.weak_source == source
         for bad in (["mix.mode=joint"], ["mix.mode=frozen", "mix.placement=pool"]):
             with pytest.raises(ConfigError, match=f"mix.weak_source '{source}'.*frozen.*colocated"):
                 load_config(None, [*bad, f"mix.weak_source={source}"])
     with pytest.raises(ConfigError, match="mix.weak_source"):
-        load_config(None, ["mix.mode=frozen", "mix.weak_source=shuffled"])  # not built yet: refused, not ignored
+        load_config(None, ["mix.mode=frozen", "mix.weak_source=random"])
+    with pytest.raises(ConfigError, match="mix.shuffle_bucket_rows"):
+        load_config(None, ["mix.shuffle_bucket_rows=1"])
     assert WMSSConfig().mix.weak_source == "model"
 
 

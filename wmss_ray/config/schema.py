@@ -172,7 +172,7 @@ class TuneConfig(ConfigSection):
 #: retraining after an upgrade. Set to anything else, a key is hashed like every other.
 ADDED_KEYS = ("training.lora", "evaluation.engine", "evaluation.samples", "evaluation.temperature",
               "evaluation.top_p", "evaluation.sampling_seed", "evaluation.vllm",
-              "data.rows_per_file", "scoring.logits_mb", "evaluation.logits_mb", "mix.weak_source",
+              "data.rows_per_file", "scoring.logits_mb", "evaluation.logits_mb", "mix.weak_source", "mix.shuffle_bucket_rows",
               "training.label_smoothing", "controls")
 
 

@@ -217,9 +217,12 @@ class MixConfig(ConfigSection):
     lam: float = Field(0.5, description="lambda in (0, 1]; 1 is plain SFT")
     mode: Literal["joint", "frozen"] = "joint"
     placement: Literal["colocated", "pool"] = "colocated"
-    weak_source: Literal["model", "uniform", "entropy_matched"] = Field(
+    weak_source: Literal["model", "uniform", "entropy_matched", "shuffled"] = Field(
         "model", description="the weak side WMSS mixes in: the weak model, or a control's fake one (uniform: "
-        "1/V everywhere; entropy_matched: the weak model's per-token entropy on a random token); frozen, colocated")
+        "1/V everywhere; entropy_matched: the weak model's per-token entropy on a random token; shuffled: the "
+        "weak model's logits of another row of about the same length); frozen, colocated")
+    shuffle_bucket_rows: int = Field(64, ge=2, description="weak_source shuffled: rows per length bucket a row's "
+                                     "partner is drawn from")
     chunk_mb: float | None = Field(
         None, gt=0, description="MiB of the loss's one [chunk, V] fp32 buffer, the one way to size the loss chunk "
                                 "(and the weak pool's logits chunk): a multiple of 64 answer tokens, 4 V bytes "

@@ -33,6 +33,11 @@ from wmss_ray.models.loading import output_head
 from wmss_ray.models.varlen import attention_kwargs
 
 
+#: ``mix.weak_source`` values besides "model": the distributions of ``losses.fake_weak`` and the
+#: real weak logits of other rows (``training.shuffled_weak``).
+WEAK_SOURCES = (*FAKE_WEAK_SOURCES, "shuffled")
+
+
 class PairLM(nn.Module):
     """Strong causal LM (+ optional weak one) and the chunked mixed CE in one forward.
 
@@ -51,7 +56,9 @@ class PairLM(nn.Module):
             ``weak_adapter`` alone (None: no adapter, the bare base); ``weak`` is None.
         weak_source: ``mix.weak_source``: "model" (the weak model's logits), or a control's fake
             weak side (``losses.fake_weak``): "uniform" (no weak forward) or "entropy_matched"
-            (the weak forward gives each row's entropy only). Frozen mode only.
+            (the weak forward gives each row's entropy only) or "shuffled" (the weak model's
+            logits of each row's partner row: ``forward(weak_batch=...)``,
+            ``training.shuffled_weak``). Frozen mode only.
         label_smoothing: ``training.label_smoothing`` of the (mixed) CE (the SFT label-smoothing
             control); the statistics keep the plain CE.
     """
@@ -61,8 +68,8 @@ class PairLM(nn.Module):
                  weak_pool: bool = False, shared_weak: bool = False, weak_adapter: str | None = None,
                  weak_source: str = "model", label_smoothing: float = 0.0):
         super().__init__()
-        if weak_source != "model" and (mode != "frozen" or weak_pool or weak_source not in FAKE_WEAK_SOURCES):
-            raise ValueError(f"weak_source {weak_source!r}: one of {FAKE_WEAK_SOURCES} or 'model'; a fake weak side "
+        if weak_source != "model" and (mode != "frozen" or weak_pool or weak_source not in WEAK_SOURCES):
+            raise ValueError(f"weak_source {weak_source!r}: one of {WEAK_SOURCES}; a fake weak side "
                              f"needs mode frozen and the colocated placement (got mode {mode!r}, pool {weak_pool})")
         self.weak_source = weak_source
         if mode not in ("sft", "joint", "frozen"):
@@ -114,7 +121,8 @@ class PairLM(nn.Module):
                 weak_logp: WeakLogProbs | None = None,
                 exact: tuple[torch.Tensor, torch.Tensor] | None = None,
                 answer_pos: torch.Tensor | None = None, cu_seq_lens: torch.Tensor | None = None,
-                max_length: int | None = None, weak_key: tuple[int, ...] = ()) -> tuple[torch.Tensor, LossStats]:
+                max_length: int | None = None, weak_key: tuple[int, ...] = (),
+                weak_batch: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, LossStats]:
         """Mixed CE of one micro-batch, padded or packed, in every placement.
 
         Args:
@@ -138,6 +146,9 @@ class PairLM(nn.Module):
                 host; handed to varlen attention kernels (flash-attention 2), unused by sdpa/eager.
             weak_key: ``weak_source: entropy_matched``: the seed key of this micro-batch's spike
                 tokens, ``(seed, step, global micro-batch index)`` (``losses.fake_weak.spike_ids``).
+            weak_batch: ``weak_source: shuffled``: the partner rows (``shuffled_weak.partner_batch``:
+                ``input_ids, attention_mask, labels [B, T_p]``, ``answer_pos [M]``, ``weak_index
+                [N]``) on this device.
 
         Returns:
             ``(loss, stats)``: 0-dim loss ``sum(token CE) / num_tokens * loss_scale`` and the
@@ -164,7 +175,7 @@ class PairLM(nn.Module):
             return loss * loss_scale, stats
         if self.weak_source != "model":
             return self._fake_weak_loss(h_s, w_s, y, input_ids, attention_mask, position_ids, pos, varlen, sizing,
-                                        weak_key, loss_scale)
+                                        weak_key, loss_scale, weak_batch)
         h_w = w_w = None
         if (self.weak is not None or self.shared_weak) and self.lam != 1.0:
             weak = self.strong if self.shared_weak else self.weak
@@ -176,14 +187,24 @@ class PairLM(nn.Module):
         return loss * loss_scale, stats
 
     def _fake_weak_loss(self, h_s, w_s, y, input_ids, attention_mask, position_ids, pos, varlen, sizing, weak_key,
-                        loss_scale):
-        """The mixed CE against a control's fake weak side (``losses.fake_weak``), through the
-        pool's exact top-k path (``sparse_mixed_ce``): the fake distributions' tails are uniform."""
+                        loss_scale, weak_batch):
+        """The mixed CE against a control's fake weak side: the partner rows' weak hidden states
+        (shuffled), or ``losses.fake_weak``'s distributions through the pool's exact top-k path
+        (``sparse_mixed_ce``: their tails are uniform)."""
         vocab = w_s.shape[0]
+        model = self.strong if self.shared_weak else self.weak
+        if self.weak_source == "shuffled":
+            if weak_batch is None:
+                raise ValueError("PairLM(weak_source='shuffled').forward needs weak_batch (the partner rows)")
+            with torch.no_grad(), self._weak_scope():
+                h_p = self._hidden(model, weak_batch["input_ids"], weak_batch["attention_mask"], None,
+                                   weak_batch["answer_pos"])  # [M, D_w]: the partners' answer positions
+                h_w = h_p.index_select(0, weak_batch["weak_index"])  # [N, D_w]
+            loss, stats = chunked_mixed_ce(h_s, w_s, h_w, output_head(model)[1], y, self.lam, **sizing)
+            return loss * loss_scale, stats
         if self.weak_source == "uniform":
             weak = uniform_weak(y, vocab)
         else:  # entropy_matched: the real weak forward, for each row's entropy only
-            model = self.strong if self.shared_weak else self.weak
             with torch.no_grad(), self._weak_scope():
                 h_w = self._hidden(model, input_ids, attention_mask, position_ids, pos, **varlen)  # [N, D_w]
                 w_w = output_head(model)[1]

@@ -106,6 +106,10 @@ def build_spec(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | N
         storage.make_dir(out)
     epoch_rows_path = storage.join(out, EPOCH_ROWS_FILE)  # the workers read it; nothing O(corpus) is shipped
     n = write_epoch_rows(tokenized_path, sampled_ids_path if phase == "wmss" else None, epoch_rows_path)
+    if phase == "wmss" and cfg.mix.weak_source == "shuffled":  # every row's partner, once, for the ranks
+        from wmss_ray.training.shuffled_weak import PARTNERS_FILE, write_partners
+
+        write_partners(tokenized_path, cfg.curriculum_seed, cfg.mix.shuffle_bucket_rows, storage.join(out, PARTNERS_FILE))
     tokenized_path = storage.location(tokenized_path)
     t = cfg.training
     if epochs is None:

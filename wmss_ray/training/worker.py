@@ -25,6 +25,7 @@ import torch
 
 from wmss_ray.config.schema import WMSSConfig
 from wmss_ray.data.chat_tokens import collate
+from wmss_ray.io import storage
 from wmss_ray.training.dataset import (DataPlan, ReadAhead, RowReader, answer_tokens, input_tokens,
                                        read_epoch_rows)
 from wmss_ray.losses.positions import answer_positions
@@ -32,6 +33,7 @@ from wmss_ray.losses.stats import LossStats
 from wmss_ray.training.metrics import all_reduce_stats, all_reduce_sum, is_log_step, pool_metrics, step_metrics
 from wmss_ray.training.packing import pack_rows
 from wmss_ray.training.pair import PairLM
+from wmss_ray.training.shuffled_weak import PARTNERS_FILE, partner_batch, read_partners
 from wmss_ray.training.validation import ValidationPoints
 
 
@@ -147,6 +149,9 @@ class PhaseWorker:
         if len(self.epoch_rows) != spec.plan.n_per_epoch:
             raise ValueError(f"{spec.epoch_rows_path} has {len(self.epoch_rows)} rows, the plan {spec.plan.n_per_epoch}")
         self.reader = RowReader(spec.tokenized_path)
+        # mix.weak_source shuffled: each row's partner row (global row numbers), from the driver
+        self.partners = read_partners(storage.join(spec.out_dir, PARTNERS_FILE)) \
+            if self.pair.weak_source == "shuffled" else None
         # step s + 1's rows are read in a background thread while step s trains (same rows)
         self.step_rows = ReadAhead(self._read_step_rows, spec.end_step)
         self.pool = self._pooled_weak_side(pool_handles) if self.pooled else None
@@ -189,7 +194,12 @@ class PhaseWorker:
 
     def _read_step_rows(self, step: int) -> list[dict]:
         """This rank's ``grad_accum * micro_batch_size`` tokenised rows of ``step``: one read."""
-        return self.reader.rows(self.epoch_rows[self.spec.plan.rank_step(step, self.rank)])
+        global_rows = self.epoch_rows[self.spec.plan.rank_step(step, self.rank)]
+        rows = self.reader.rows(global_rows)
+        if self.partners is not None:  # shuffled weak side: the partner rows, read with the step's
+            for row, partner in zip(rows, self.reader.rows(self.partners[global_rows])):
+                row["partner"] = partner
+        return rows
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor | int]]:
         """The ``grad_accum`` micro-batches of this rank for optimizer step ``step``: padded
@@ -200,9 +210,11 @@ class PhaseWorker:
         rows = self.step_rows(step)
         mb = plan.micro_batch_size
         groups = [rows[a * mb:(a + 1) * mb] for a in range(plan.grad_accum)]
-        if self.cfg.training.packing:
-            return [pack_rows(g) for g in groups]
-        return [collate(g, self.pad_id) for g in groups]
+        batches = [pack_rows(g) for g in groups] if self.cfg.training.packing else [collate(g, self.pad_id) for g in groups]
+        if self.partners is not None:
+            for b, g in zip(batches, groups):
+                b["weak_batch"] = partner_batch(g, [r["partner"] for r in g], self.pad_id)
+        return batches
 
     # ------------------------------------------------------------------ step
 
@@ -268,6 +280,8 @@ class PhaseWorker:
         under ``mix.placement: pool`` with the pool's reply for it (and its transfer costs)."""
         reply = self.pool.reply(step, a) if self.pool else None
         pool_in = dict(weak_logp=reply.weak, exact=reply.exact) if reply else {}
+        if "weak_batch" in b:  # shuffled: the partner rows, to this device
+            pool_in["weak_batch"] = {k: v.to(self.device, non_blocking=True) for k, v in b["weak_batch"].items()}
         if self.pair.weak_source == "entropy_matched":  # global micro-batch a*W + r: the same rows at any W
             pool_in["weak_key"] = (self.cfg.curriculum_seed, step, a * self.world_size + self.rank)
         loss, stats = self.engine(b["input_ids"], b.get("attention_mask"), b["labels"], num_tokens=num_tokens,
