@@ -279,7 +279,8 @@ def _phase_eval(ctx: RunContext) -> dict[str, Any]:
     # data.eval is the test set: read here only, after every choice (tune selects on validation).
     results = evaluate_models(models, eval_path, ctx.cfg, str(ctx.phase_dir("eval")), eval_set="test")
     table = {n: {"accuracy": r.accuracy, "loss": r.loss, "n": r.n, "model_dir": r.model_dir, "engine": r.engine,
-                 "n_rejected": r.n_rejected, "sampling": r.sampling, "avg_at_k": r.avg_at_k, "pass_at_k": r.pass_at_k}
+                 "n_rejected": r.n_rejected, "sampling": r.sampling, "avg_at_k": r.avg_at_k, "pass_at_k": r.pass_at_k,
+                 "brier": r.brier, "ece": r.ece}
              for n, r in results.items()}
     results_path = storage.join(ctx.phase_dir("eval"), "eval_results.json")
     summary = json.loads(storage.read_text(results_path))

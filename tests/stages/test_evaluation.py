@@ -257,6 +257,19 @@ def test_sampled_completions_give_avg_and_pass_at_k(forced_model, tmp_path):
     assert res.pass_at_k == pytest.approx(sum(pass_at_k(3, c, 3) for c in counts) / len(counts))
     # The memorised answer is sampled too: right exactly where the greedy one is right.
     assert [c > 0 for c in counts] == [r["correct"] for r in res.per_sample]
+    # calibration of the greedy answer: its confidence is the share of samples giving the same answer
+    from wmss_ray.stages.checkers import checker_from_config
+    from wmss_ray.stages.evaluate import answer_confidence
+    from wmss_ray.stages.stats import calibration
+
+    checker = checker_from_config(cfg)
+    for r in res.per_sample:
+        same = sum(checker.extract(t) is not None and r["predicted"] is not None
+                   and checker.equivalent(checker.extract(t), r["predicted"]) for t in r["sampled"])
+        assert r["confidence"] == (same / 3 if r["predicted"] is not None else 0.0)
+    cal = calibration([r["confidence"] for r in res.per_sample], [r["correct"] for r in res.per_sample])
+    assert (res.brier, res.ece) == (cal["brier"], cal["ece"]) and 0 <= res.brier <= 1
+    assert answer_confidence(None, ["7"], checker) == 0.0 and answer_confidence("7", [], checker) == 0.0
     again = evaluate_model(forced_model, _eval_rows(), cfg, name="forced", use_ray=False)
     assert [r["sampled"] for r in again.per_sample] == [r["sampled"] for r in res.per_sample]
     written = read_per_sample(tmp_path / "eval_forced.jsonl")

@@ -143,3 +143,25 @@ def test_paired_sampled_differences_and_ci():
     assert p["avg_at_k"]["diff"] == pytest.approx(avg_diff)
     assert p["pass_at_k"]["diff"] == pytest.approx(pass_diff)
     assert p["avg_at_k"]["ci_low"] < avg_diff < p["avg_at_k"]["ci_high"]
+
+
+def test_calibration_brier_ece_and_bins_equal_their_definitions():
+    rng = np.random.default_rng(0)
+    conf = rng.random(500)
+    conf[:5] = [0.0, 1.0, 0.1, 0.95, 0.5]  # bin edges: 1.0 falls in the last bin, 0.1 in the second
+    hit = rng.random(500) < conf
+    out = stats.calibration(conf, hit, bins=10)
+    assert out["brier"] == pytest.approx(float(np.mean((conf - hit) ** 2)))
+    ece, n = 0.0, 0
+    for b in range(10):  # naive: each bin by its own comparison
+        lo, hi = b / 10, (b + 1) / 10
+        members = [(c, h) for c, h in zip(conf, hit) if lo <= c < hi or (b == 9 and c == 1.0)]
+        if members:
+            n += len(members)
+            ece += len(members) / 500 * abs(np.mean([h for _, h in members]) - np.mean([c for c, _ in members]))
+    assert n == 500 and out["ece"] == pytest.approx(ece)
+    assert sum(p["n"] for p in out["bins"]) == 500 and out["bins"][-1]["high"] == 1.0
+    perfect = stats.calibration([1.0, 0.0, 1.0], [True, False, True])
+    assert perfect["brier"] == 0.0 and perfect["ece"] == 0.0
+    with pytest.raises(ValueError):
+        stats.calibration([1.5], [True])

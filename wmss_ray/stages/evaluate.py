@@ -53,7 +53,8 @@ class EvalResult:
     generated from) and, with sampling, ``sampled`` / ``sampled_correct`` (k each).
     ``engine``: which engine generated (``hf`` or ``vllm``); ``sampling``: the sampled
     completions' settings (``evaluation.samples`` etc.); ``avg_at_k`` / ``pass_at_k``: their
-    metrics (None without sampling).
+    metrics; ``brier`` / ``ece`` / ``reliability``: the calibration of the greedy answer's
+    confidence (:func:`answer_confidence`, ``stats.calibration``); all None without sampling.
     """
 
     name: str
@@ -69,6 +70,9 @@ class EvalResult:
     sampling: dict[str, Any] | None = None
     avg_at_k: float | None = None
     pass_at_k: float | None = None
+    brier: float | None = None  # calibration of the greedy answer's confidence (sampling only)
+    ece: float | None = None
+    reliability: list[dict[str, Any]] | None = None  # stats.calibration's bins
     per_sample: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict[str, Any]:
@@ -142,10 +146,21 @@ def check_answers(rows: Sequence[dict], generated: Sequence[dict], checker: Answ
                "predicted": predicted, "reference": r.get("final_answer"), "nll": g["nll"],
                "n_tokens": g["n_tokens"], "reject_reason": reason}
         if "sampled" in g or reason:
-            row["sampled_correct"] = [bool(checker.check(t, r.get("final_answer"))[0]) for t in g.get("sampled", [])]
+            checked = [checker.check(t, r.get("final_answer")) for t in g.get("sampled", [])]
+            row["sampled_correct"] = [bool(ok) for ok, _ in checked]
             row["sampled"] = g.get("sampled", [])
+            row["confidence"] = answer_confidence(predicted, [p for _, p in checked], checker)
         out.append(row)
     return out
+
+
+def answer_confidence(greedy: str | None, sampled: Sequence[str | None], checker: AnswerChecker) -> float:
+    """The model's confidence in its greedy final answer (docs/EVALUATION.md, "Calibration"): the
+    share of its sampled completions whose final answer is the same answer under ``checker``; 0
+    when the greedy completion has no final answer, or there are no samples."""
+    if greedy is None or not sampled:
+        return 0.0
+    return sum(p is not None and checker.equivalent(p, greedy) for p in sampled) / len(sampled)
 
 
 def sampled_metrics(per_sample: Sequence[dict], k: int) -> dict[str, float]:
@@ -154,8 +169,10 @@ def sampled_metrics(per_sample: Sequence[dict], k: int) -> dict[str, float]:
     counts = [sum(r.get("sampled_correct") or []) for r in per_sample]
     if not counts or k < 1:
         return {}
+    cal = stats.calibration([r.get("confidence", 0.0) for r in per_sample], [r["correct"] for r in per_sample])
     return {"avg_at_k": sum(c / k for c in counts) / len(counts),
-            "pass_at_k": sum(stats.pass_at_k(k, c, k) for c in counts) / len(counts)}
+            "pass_at_k": sum(stats.pass_at_k(k, c, k) for c in counts) / len(counts),
+            "brier": cal["brier"], "ece": cal["ece"], "reliability": cal["bins"]}
 
 
 # ----------------------------------------------------------------------------- public API
@@ -261,6 +278,7 @@ def _evaluate_rows(model_dir: str, rows: list[dict[str, Any]], cfg: WMSSConfig, 
     if result.sampling:
         sampled = sampled_metrics(per_sample, e.samples)
         result.avg_at_k, result.pass_at_k = sampled.get("avg_at_k"), sampled.get("pass_at_k")
+        result.brier, result.ece, result.reliability = sampled.get("brier"), sampled.get("ece"), sampled.get("reliability")
     if out_dir is not None:
         write_per_sample(result, out_dir)
     log.info("eval %-14s n=%d accuracy=%.4f loss=%.4f engine=%s", name, result.n, result.accuracy, result.loss,

@@ -54,11 +54,12 @@ def engine_line(models: dict[str, dict]) -> str:
 
 
 def sampled_columns(m: dict[str, Any], fmt) -> list[str]:
-    return [fmt(m.get("avg_at_k"), ".4f"), fmt(m.get("pass_at_k"), ".4f")]
+    return [fmt(m.get(key), ".4f") for key in ("avg_at_k", "pass_at_k", "brier", "ece")]
 
 
 def sampled_headers(k: int) -> list[str]:
-    return [f"avg@{k}", f"pass@{k}"]
+    """avg@k, pass@k and the greedy answer's calibration (Brier, ECE: docs/EVALUATION.md)."""
+    return [f"avg@{k}", f"pass@{k}", "Brier", "ECE"]
 
 
 def paired_sampled_rows(pairs: list[dict]) -> list[list[Any]]:

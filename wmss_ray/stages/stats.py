@@ -242,3 +242,30 @@ def paired_sampled(per_sample_a: Iterable[dict], per_sample_b: Iterable[dict], k
         out[metric] = {"a": float(a.mean()) if len(a) else float("nan"), "b": float(b.mean()) if len(b) else float("nan"),
                        "diff": float((a - b).mean()) if len(a) else float("nan"), "ci_low": lo, "ci_high": hi}
     return out
+
+
+def calibration(confidence: Sequence[float], correct: Sequence[bool], bins: int = 10) -> dict[str, Any]:
+    """How well ``confidence [n]`` in [0, 1] predicts ``correct [n]``.
+
+    ``brier``: mean ``(confidence - correct)^2``; ``ece``: the expected calibration error over
+    ``bins`` equal-width bins of confidence (``[0, 0.1), ..., [0.9, 1.0]``: the last one closed),
+    ``sum_b n_b / n * |accuracy_b - mean confidence_b|``; ``bins``: the reliability diagram's
+    points ``{low, high, n, confidence, accuracy}`` of the non-empty bins.
+    """
+    conf = np.asarray(confidence, dtype=np.float64)
+    hit = np.asarray(correct, dtype=np.float64)
+    if conf.shape != hit.shape or conf.ndim != 1:
+        raise ValueError(f"confidence and correct must be two [n] sequences, got {conf.shape} and {hit.shape}")
+    if conf.size and (conf.min() < 0 or conf.max() > 1):
+        raise ValueError("confidence must lie in [0, 1]")
+    if not conf.size:
+        return {"brier": float("nan"), "ece": float("nan"), "bins": []}
+    which = np.minimum((conf * bins).astype(np.int64), bins - 1)
+    points, ece = [], 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            c, a = float(conf[mask].mean()), float(hit[mask].mean())
+            ece += mask.sum() / conf.size * abs(a - c)
+            points.append({"low": b / bins, "high": (b + 1) / bins, "n": int(mask.sum()), "confidence": c, "accuracy": a})
+    return {"brier": float(np.mean((conf - hit) ** 2)), "ece": float(ece), "bins": points}
