@@ -12,7 +12,9 @@ with the same number of optimizer steps as WMSS and SFT-continued:
 
 - lambda 0.3 / 0.7 / 0.9 (default 0.5), and 1.0: plain SFT on the curriculum's sample, which
   separates what the curriculum does from what mixing does,
-- frozen weak model (default joint),
+- frozen weak model (default joint), and frozen with each fake weak side (uniform,
+  entropy-matched, shuffled: docs/CONTROLS.md), which separate the weak model's knowledge from
+  the mixing itself,
 - uniform sampling instead of the entropy curriculum,
 - the weak-strong gap: the weak agent is M0 (default), a half-epoch SFT model, or M1 itself
   (no gap); the corpus is re-scored with that weak model, so the curriculum follows it.
@@ -54,6 +56,10 @@ VARIANTS: dict[str, tuple[list[str], str | None]] = {
     "lambda 0.9": (["mix.lam=0.9"], None),
     "lambda 1.0 (curriculum only)": (["mix.lam=1.0"], None),  # = SFT on the curriculum's sample
     "frozen weak": (["mix.mode=frozen"], None),
+    # the controls' fake weak sides (docs/CONTROLS.md): compare with "frozen weak"
+    "frozen, uniform weak": (["mix.mode=frozen", "mix.weak_source=uniform"], None),
+    "frozen, entropy-matched weak": (["mix.mode=frozen", "mix.weak_source=entropy_matched"], None),
+    "frozen, shuffled weak": (["mix.mode=frozen", "mix.weak_source=shuffled"], None),
     "uniform sampling": (["curriculum.enabled=false"], None),
     "weak = half-epoch SFT": ([], "half-sft"),
     "weak = M1 (no gap)": ([], "M1"),
