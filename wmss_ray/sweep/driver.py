@@ -3,7 +3,9 @@
 Everything before the curriculum (data, pre-training, tokenisation, SFT, scoring) does not depend
 on the swept keys (``mix.*`` and ``curriculum.*``, enforced by the config schema), so it runs once
 in the base run directory. Each trial gets its own run directory ``<run_dir>/tune/trial_<id>/``
-whose upstream phase directories are symbolic links to the base run's: the pipeline's
+whose upstream phase directories are links to the base run's (``io.manifest.link_phase``: symbolic
+links, or on object storage reference files ``<phase>.link`` holding the base phase's URI; the
+runner never reruns a linked phase): the pipeline's
 fingerprints then match and it runs only curriculum -> WMSS (with its reports, ``wmss_ray/sweep/trial.py``)
 -> the WMSS model on the validation split (``data.validation_fraction`` / ``data.validation`` /
 the demo world's ``validation.jsonl``), never on ``data.eval``: the test set is read only by the
@@ -22,6 +24,12 @@ seeds (``wmss_ray/sweep/trial.py``). After the trials: one SFT-continued control
 difference with it on validation, then the best configuration once on ``data.eval``
 (``wmss_ray/sweep/control.py``). Outputs: ``<run>/tune/results.csv``, ``curves.csv``, ``best.yaml``
 (``wmss_ray/sweep/results.py``), ``final.json`` and the page ``page/index.html`` (``wmss_ray/sweep/page.py``).
+
+``run.storage`` may be an object-store URI (``s3://bucket/runs``): then everything above is in the
+bucket, Tune's experiment included (``RunConfig(storage_path, storage_filesystem)`` from
+``io.storage.resolve_fs``, as Ray Train's checkpoints are), so a driver killed mid-sweep is
+continued by ``wmss tune CONFIG`` from any machine that reaches the bucket (``Tuner.restore`` from
+it); trials validate in their run as on a shared filesystem (``training.validation.node_copy``).
 
 Usage: ``wmss tune CONFIG [--retry-errored]`` or ``python -m jobs.tune --config CONFIG``.
 """

@@ -3,7 +3,8 @@ metrics, the paired difference with the shared SFT-continued control, status),
 ``<run>/tune/curves.csv`` (every report of every trial: the learning curves) and
 ``<run>/tune/best.yaml`` (the base config with the best completed trial's values: ``wmss run
 best.yaml`` runs it as is, into ``<run.name>-best``, whose phases up to scoring are links to the
-sweep's, so only curriculum -> WMSS -> sft_continued -> eval -> report run).
+sweep's (``io.manifest.link_phase``: symlinks, or ``<phase>.link`` references on object storage),
+so only curriculum -> WMSS -> sft_continued -> eval -> report run).
 
 A trial's status: ``completed`` (its last report is the whole validation split), ``stopped``
 (ASHA ended it; its last report is an intermediate one on ``tune.eval_samples`` rows, so it is

@@ -9,7 +9,8 @@ Every report goes through one function, ``sweep.reports.trial_report`` (the seed
 
 - one seed (``tune.seeds: 1``, the default): the pipeline's ``wmss_1`` is one Train run that
   validates itself (``wmss_ray/training/validation.py``: the ranks export
-  ``wmss_1/interim_model``, generate for their share of the rows, and the step is checkpointed);
+  ``wmss_1/interim_model``, generate for their share of the rows, and the step is checkpointed;
+  on object storage each node reads the export through ``training.validation.node_copy``);
   under Tune each report reaches ASHA while the run goes on (``wmss_ray/sweep/reports.py``),
   without Tune (tests) ``report`` gets them, in order, when the run ends.
 - ``tune.seeds`` S > 1: the trial runs its configuration S times, ``curriculum.seed = run.seed + i``
