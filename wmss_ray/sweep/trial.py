@@ -143,7 +143,6 @@ def _wmss_chunks(seeds: list[_Seed], rows: list[dict[str, Any]], report: Report)
     from wmss_ray.sweep.reports import trial_report
     from wmss_ray.training.rank_loop import INTERIM_MODEL
     from wmss_ray.training.trainer import build_spec
-    from wmss_ray.training.validation import node_copy
 
     cfg = seeds[0].cfg  # a swept dedup can draw another number of samples per seed: chunk to the shortest
     total = min(build_spec(s.cfg, "wmss", **s.train_args()).plan.total_steps for s in seeds)
@@ -152,9 +151,11 @@ def _wmss_chunks(seeds: list[_Seed], rows: list[dict[str, Any]], report: Report)
         for seed in seeds:
             chunk = {"stop_after": stop, "export_at_stop": True}  # the phase ends "stopped", resumable
             run_pipeline(seed.cfg, until="wmss_1", train_options={"wmss_1": chunk})
-            # a fresh local copy keyed by the step: each chunk re-exports the same file names and sizes
-            with node_copy(storage.join(seed.dir, "wmss_1", INTERIM_MODEL), f"step{stop}", seed.cfg) as model:
-                per_seed.append(_evaluate(model, rows, seed.cfg, storage.join(seed.dir, f"validation_step{stop}")))
+            # the URI itself, not a node_copy: the evaluation may run on Ray actors on other nodes
+            # (each loads it through its node's model cache; chunks are a Train run apart, so their
+            # exports' modification times differ and the cache never hands back the previous one)
+            per_seed.append(_evaluate(storage.join(seed.dir, "wmss_1", INTERIM_MODEL), rows, seed.cfg,
+                                      storage.join(seed.dir, f"validation_step{stop}")))
         report(trial_report(per_seed, stop, final=False))
     for seed in seeds:
         storage.delete_dir(storage.join(seed.dir, "wmss_1", INTERIM_MODEL))  # a full model copy per seed
