@@ -154,7 +154,8 @@ def check_preemption(nodes: list[dict[str, Any]], gcs_address: str | None = None
     per_node = ray.get([grace.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
                         .remote() for n in nodes], timeout=300)
     warnings = [f"node {g['node_id'][:12]} ({g['host']}): no {GRACE_ENV}, its pod's grace period is unknown "
-                "(outside Kubernetes, or not a k8s/ manifest of this repository)" for g in per_node if g["grace_s"] is None]
+                "(outside Kubernetes, or not a k8s/ manifest of this repository)"
+                for g in per_node if g["grace_s"] is None]
     return {"train_api": api, "drain_api": drain, "nodes": per_node, "warnings": warnings,
             "ok": bool(api and drain.get("reachable") and drain.get("accepted"))}
 
