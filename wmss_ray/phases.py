@@ -27,7 +27,7 @@ from typing import Any, Callable
 from wmss_ray.config.names import CONTROL_ARM_LABELS, SFT_CONTINUED, SFT_CONTINUED_LABEL
 from wmss_ray.config.schema import ADDED_KEYS, WMSSConfig
 from wmss_ray.io import storage
-from wmss_ray.io.manifest import phase_fingerprint, read_manifest
+from wmss_ray.io.manifest import linked_phase, phase_fingerprint, read_manifest
 from wmss_ray.training.controls import arm_sections
 
 log = logging.getLogger("wmss_ray.phases")
@@ -80,8 +80,9 @@ class RunContext:
 
     def phase_dir(self, name: str) -> str:
         d = storage.join(self.run_dir, name)
-        if not storage.is_remote(d):  # object stores have no directories to create
-            storage.make_dir(d)
+        if storage.is_remote(d):  # a reference to another run's phase (manifest.link_phase) is read there
+            return linked_phase(d) or d
+        storage.make_dir(d)  # object stores have no directories to create
         return d
 
     def out(self, phase: str, key: str) -> Any:

@@ -17,7 +17,6 @@ control (``wmss_ray/sweep/control.py``, a :class:`Phase` under ``<run>/tune``) a
 from __future__ import annotations
 
 import logging
-import os
 import traceback
 from typing import Any
 
@@ -26,7 +25,7 @@ from wmss_ray.config.loading import check_corpus_paths, check_model_dirs, check_
 from wmss_ray.config.schema import WMSSConfig
 from wmss_ray.io import storage
 from wmss_ray.io.console import get_console, monitor
-from wmss_ray.io.manifest import Manifest, now, prepare_phase_dir, read_manifest
+from wmss_ray.io.manifest import Manifest, linked_phase, now, prepare_phase_dir, read_manifest
 from wmss_ray.phases import Phase, RunContext, build_phases, write_run_summary
 from wmss_ray.stages import progress
 
@@ -106,12 +105,12 @@ def run_phases(ctx: RunContext, phases: list[Phase], from_phase: str | None = No
             log.info("phase %-13s skipped (completed, same inputs)", phase.name)
             get_console().line(f"[wmss] {phase.name} skipped: completed before with the same inputs")
             ctx.outputs[phase.name] = old.outputs
-        elif not storage.is_uri(phase_dir) and os.path.islink(phase_dir):
-            # Linked from another run (a tune trial or an ablation): never rerun it in place, that
-            # would overwrite the other run's results.
+        elif (target := linked_phase(storage.join(ctx.run_dir, phase.name))) is not None:
+            # Linked from another run (a tune trial or an ablation; a symlink, or a reference file
+            # on object storage): never rerun it in place, that would overwrite the other run's results.
             done = old is not None and old.status == "completed"
             why = "was forced" if forced else "has other inputs here" if done else "did not complete there"
-            raise RuntimeError(f"phase {phase.name} is linked from {os.path.realpath(phase_dir)} and {why}; "
+            raise RuntimeError(f"phase {phase.name} is linked from {storage.redact(target)} and {why}; "
                                f"refusing to overwrite it (remove the link to run it in this run dir)")
         elif _run_one(phase, ctx, fp, phase_dir, forced) != "completed":
             break  # stopped short of its end on purpose: later phases need what it did not make yet

@@ -1,6 +1,7 @@
 """``wmss_ray.cli.check_cluster``'s storage check on the in-process Ray cluster: a shared directory and an
 object-store URI (moto on 127.0.0.1) are written from every node and read back; a store a node
 cannot write is named per node and fails the check; an unknown scheme fails before any task.
+Its preemption check: the Train API, a dry drain request through the GCS, each node's grace period.
 (The whole job, submitted with the token, is in test_submit_real.py.)"""
 
 from __future__ import annotations
@@ -52,3 +53,43 @@ def test_an_unknown_scheme_fails_before_any_task(ray_cluster):
 
     with pytest.raises(ValueError, match="scheme 'ftp' is not a pyarrow filesystem"):
         check_storage("ftp://host/runs", _alive_nodes(ray_cluster))
+
+
+def test_the_preemption_signal_is_reported_without_draining_a_node(ray_cluster):
+    """The Train API is there and the GCS takes a drain request from the job (a dry probe for a
+    node id that does not exist); outside Kubernetes no node declares a grace period: a warning."""
+    from wmss_ray.cli.check_cluster import check_preemption
+
+    nodes = _alive_nodes(ray_cluster)
+    got = check_preemption(nodes)
+    assert got["ok"] is True and got["train_api"] is True
+    assert got["drain_api"] == {"reachable": True, "accepted": True}
+    assert sorted(n["node_id"] for n in got["nodes"]) == sorted(n["NodeID"] for n in nodes)
+    assert all(n["grace_s"] is None and n["sigterm_drain_s"] > 0 for n in got["nodes"])
+    assert len(got["warnings"]) == len(nodes) and "WMSS_TERMINATION_GRACE_S" in got["warnings"][0]
+    # nothing was drained: the node still takes new work (a drained one would leave this pending)
+    assert ray_cluster.get(ray_cluster.remote(num_cpus=0.1)(lambda: 1).remote(), timeout=120) == 1
+
+
+def test_a_pod_reports_its_grace_period_and_sigterm_drain(ray_cluster, monkeypatch):
+    from wmss_ray.cli.check_cluster import _node_grace
+
+    monkeypatch.setenv("WMSS_TERMINATION_GRACE_S", "600")
+    monkeypatch.setenv("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "30")
+    got = _node_grace()
+    assert got["grace_s"] == 600.0 and got["sigterm_drain_s"] == 30.0
+
+
+def test_a_drain_path_that_does_not_work_fails_the_check_naming_why(ray_cluster, monkeypatch):
+    import ray
+
+    from wmss_ray.cli.check_cluster import check_preemption
+
+    class Refused:
+        def __init__(self, address):
+            raise ConnectionError(f"UNAUTHENTICATED: token rejected by {address}")
+
+    monkeypatch.setattr(ray._raylet, "GcsClient", Refused)
+    got = check_preemption(_alive_nodes(ray_cluster))
+    assert got["ok"] is False and got["drain_api"]["reachable"] is False
+    assert got["drain_api"]["error"].startswith("ConnectionError: UNAUTHENTICATED: token rejected")

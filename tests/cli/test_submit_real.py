@@ -55,6 +55,8 @@ def test_check_cluster_job_succeeds_with_token(with_token, tmp_path):
     assert summary["cluster_resources"]["CPU"] == head.num_cpus
     assert summary["token_auth"] is True and summary["alive_nodes"] == 1
     assert summary["storage"]["ok"] is True and summary["storage"]["nodes_written"] == 1
+    # the drain request (the worker pods' preStop path) goes through with the token auth on
+    assert summary["preemption"]["drain_api"] == {"reachable": True, "accepted": True}
     assert '"ok": true' in logs  # the summary is in the job's logs too
     assert head.token not in logs and head.token not in out.read_text()
 

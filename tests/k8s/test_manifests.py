@@ -114,7 +114,7 @@ def test_operator_rules(rendered, target):
     assert not problems, "\n".join(problems)
     for job in (o for o in rendered[target] if o["kind"] == "RayJob"):
         spec = job["spec"]
-        # our rules: the cluster goes away after the job, with a TTL, a deadline and no retries
+        # our rules: the cluster goes away after the job, with a TTL, a deadline and bounded retries
         assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
         assert spec["activeDeadlineSeconds"] > 0 and spec["backoffLimit"] >= 0
         assert spec["submitterConfig"]["backoffLimit"] >= 0

@@ -227,7 +227,7 @@ def test_a_trial_over_two_seeds_reports_their_mean_in_lockstep(two_seed_trial):
     from wmss_ray.sweep.trial import seed_run_dirs
 
     cfg, reports, final = two_seed_trial
-    dirs = seed_run_dirs(Path(cfg.run_dir()) / "tune", "seeds_trial", 2)
+    dirs = [Path(d) for d in seed_run_dirs(str(Path(cfg.run_dir()) / "tune"), "seeds_trial", 2)]  # paths or URIs
     assert [d.name for d in dirs] == ["seeds_trial", "seeds_trial-seed1"] and all(d.is_dir() for d in dirs)
     draws = [pq.read_table(d / "curriculum_1" / "sampled_ids.parquet")["sample_id"].to_pylist() for d in dirs]
     assert draws[0] != draws[1]  # curriculum.seed = run.seed + i: another draw (and data order)

@@ -47,12 +47,12 @@ def test_trial_config_and_links(tmp_path):
     assert not (tmp_path / "base" / "tune" / "trial_00001" / "wmss_1").exists()
 
 
-def test_a_sweep_on_object_storage_is_refused_before_any_work():
-    from wmss_ray.sweep.driver import run_sweep
-
-    base = load_config(None, ["run.storage=s3://bucket/runs"])
-    with pytest.raises(ValueError, match="s3://bucket/runs: tune sweeps need a local or shared-filesystem"):
-        run_sweep(base)
+def test_a_sweep_on_object_storage_puts_its_trials_under_the_bucket():
+    """The trial's run directory is a URI under the base run's (tests/test_pipeline_object_storage.py
+    runs such a sweep on an S3 server)."""
+    base = load_config(None, ["run.storage=s3://bucket/runs", "run.name=base"])
+    cfg = trial_config(base, {"mix.lam": 0.42}, "trial_00001")
+    assert cfg.run_dir() == "s3://bucket/runs/base/tune/trial_00001"
 
 
 @pytest.mark.parametrize("overrides", [

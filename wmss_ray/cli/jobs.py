@@ -23,7 +23,6 @@ import json
 import os
 import sys
 import tempfile
-from pathlib import Path
 from typing import Any, Callable
 
 EXIT_OK = 0
@@ -237,18 +236,21 @@ def tune_main(argv: list[str] | None = None) -> int:
 
         with run_console(cfg, args.verbose):
             connect(args.address)
+            from wmss_ray.io import storage
             from wmss_ray.sweep.control import read_final
             from wmss_ray.sweep.driver import run_sweep, summarize
             from wmss_ray.sweep.page import read_results
             from wmss_ray.sweep.results import best_row
+            from wmss_ray.sweep.trial import sweep_root
 
             run_sweep(cfg)
             from wmss_ray.io.console import get_console
 
             get_console().line(summarize(cfg))
             # the best *completed* trial (a stopped one's last report is on a subsample); best.yaml has it
-            root = Path(cfg.run_dir()).resolve() / "tune"
-            best = best_row(read_results(root / "results.csv")[0], cfg.tune.metric, cfg.tune.resolved_mode) or {}
+            root = sweep_root(cfg)
+            best = best_row(read_results(storage.join(root, "results.csv"))[0], cfg.tune.metric,
+                            cfg.tune.resolved_mode) or {}
             print_result({"best_config": best.get("params"), "best_metrics": {k: best.get(k) for k in
                           ("validation_accuracy", "validation_loss", "n_validation", "step", "seeds",
                            "accuracy_std", "diff_vs_sft", "diff_ci_low", "diff_ci_high")},

@@ -17,6 +17,7 @@ import copy
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,6 +62,38 @@ def read_manifest(phase_dir: str | Path) -> Manifest | None:
         return Manifest(**json.loads(storage.read_text(path)))
     except (json.JSONDecodeError, TypeError):
         return None  # unreadable manifest: treat the phase as never run
+
+
+#: On object storage (no symbolic links) a phase linked from another run is a reference file
+#: ``<run_dir>/<phase>.link`` holding ``{"target": "<the other run's phase directory>"}``.
+LINK_SUFFIX = ".link"
+
+
+def link_phase(target: str, phase_dir: str) -> None:
+    """Make ``phase_dir`` stand for another run's phase directory ``target`` (a tune trial's or
+    ``best.yaml``'s shared phases): locally a symbolic link, on object storage a reference file
+    ``<phase_dir>.link``. Either way the runner reads the phase through it and never reruns it
+    in place (``pipeline.run_phases``)."""
+    if not storage.is_remote(phase_dir):
+        local = storage.resolve_fs(phase_dir)[1]
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        os.symlink(storage.resolve_fs(target)[1], local, target_is_directory=True)
+        return
+    storage.write_text(phase_dir.rstrip("/") + LINK_SUFFIX, json.dumps({"target": storage.location(target)}))
+
+
+def linked_phase(phase_dir: str) -> str | None:
+    """The directory ``phase_dir`` stands for when it is linked (:func:`link_phase`), else None."""
+    if not storage.is_remote(phase_dir):
+        local = storage.resolve_fs(phase_dir)[1]
+        return os.path.realpath(local) if os.path.islink(local) else None
+    ref = phase_dir.rstrip("/") + LINK_SUFFIX
+    if not storage.exists(ref):
+        return None
+    try:
+        return str(json.loads(storage.read_text(ref))["target"])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{storage.redact(ref)}: not a phase reference ({{\"target\": URI}}): {err}") from None
 
 
 def fingerprint(parts: dict[str, Any]) -> str:

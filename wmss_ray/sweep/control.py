@@ -23,11 +23,11 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 from wmss_ray.config.names import SFT_CONTINUED, SFT_CONTINUED_LABEL
 from wmss_ray.config.schema import WMSSConfig
+from wmss_ray.io import storage
 from wmss_ray.io.console import get_console
 from wmss_ray.sweep.trial import VALIDATION_DIR, seed_run_dirs
 
@@ -59,16 +59,16 @@ def control_phase(steps: int):
 
         get_console().line(f"[wmss] tune: the shared control, {SFT_CONTINUED_LABEL} for {steps} steps ...")
         result = train_sft_continued(ctx, steps, epochs=ctx.cfg.training.wmss_epochs)
-        out = Path(ctx.phase_dir(SFT_CONTINUED)) / VALIDATION_DIR
+        out = storage.join(ctx.phase_dir(SFT_CONTINUED), VALIDATION_DIR)
         evaluate_models({SFT_CONTINUED_LABEL: result["outputs"]["model_dir"]},
-                        validation_eval_input(ctx.cfg, ctx.outputs), ctx.cfg, str(out), eval_set="validation")
-        result["outputs"]["validation"] = str(out / f"eval_{SFT_CONTINUED_LABEL}.jsonl")
+                        validation_eval_input(ctx.cfg, ctx.outputs), ctx.cfg, out, eval_set="validation")
+        result["outputs"]["validation"] = storage.join(out, f"eval_{SFT_CONTINUED_LABEL}.jsonl")
         return result
 
     return Phase(SFT_CONTINUED, ["sft"], ["run", "training", "scaling", "evaluation"], run, extra={"steps": steps})
 
 
-def ensure_control(base: WMSSConfig, outputs: dict[str, Any], root: Path, steps: int) -> str:
+def ensure_control(base: WMSSConfig, outputs: dict[str, Any], root: str, steps: int) -> str:
     """Run the control phase in ``root`` (= ``<run>/tune``) with the pipeline's runner (skipped
     when done with the same inputs, resumed when interrupted); returns its per-problem
     validation file. ``outputs``: the base run's phases up to scoring."""
@@ -77,17 +77,17 @@ def ensure_control(base: WMSSConfig, outputs: dict[str, Any], root: Path, steps:
 
     ctx = RunContext(base, run_dir=str(root))
     ctx.outputs = dict(outputs)
-    ctx.fingerprints["sft"] = read_manifest(str(Path(base.run_dir()) / "sft")).fingerprint
+    ctx.fingerprints["sft"] = read_manifest(storage.join(storage.location(base.run_dir()), "sft")).fingerprint
     return run_phases(ctx, [control_phase(steps)])[SFT_CONTINUED]["validation"]
 
 
-def _correct_by_id(path: Path | str) -> dict[str, bool]:
+def _correct_by_id(path: str) -> dict[str, bool]:
     from wmss_ray.stages.evaluate import read_per_sample
 
     return {str(r["sample_id"]): bool(r["correct"]) for r in read_per_sample(path)}
 
 
-def paired_vs_control(seed_files: list[Path], control_file: str, seed: int = 0) -> dict[str, float]:
+def paired_vs_control(seed_files: list[str], control_file: str, seed: int = 0) -> dict[str, float]:
     """``diff_vs_sft`` (mean per-problem accuracy difference, trial over its seeds minus the
     control), its paired bootstrap 95 % CI and the sign-flip p-value, over the shared problems."""
     import numpy as np
@@ -104,7 +104,7 @@ def paired_vs_control(seed_files: list[Path], control_file: str, seed: int = 0) 
             "p_value": sign_flip_p_value(a - b, seed=seed)}
 
 
-def add_paired(base: WMSSConfig, outputs: dict[str, Any], rows: list[dict[str, Any]], root: Path) -> str | None:
+def add_paired(base: WMSSConfig, outputs: dict[str, Any], rows: list[dict[str, Any]], root: str) -> str | None:
     """Train/evaluate the control if a trial completed and add :data:`PAIRED_KEYS` to each
     completed, equal-compute row (in place); returns the control's validation file."""
     steps = control_steps(rows)
@@ -112,14 +112,14 @@ def add_paired(base: WMSSConfig, outputs: dict[str, Any], rows: list[dict[str, A
         return None
     control = ensure_control(base, outputs, root, steps)
     for r in rows:
-        files = [d / VALIDATION_DIR / "eval_WMSS.jsonl" for d in seed_run_dirs(root, r["trial"], base.tune.seeds)]
-        if r["status"] == "completed" and int(r.get("step") or 0) == steps and all(f.exists() for f in files):
+        files = [storage.join(d, VALIDATION_DIR, "eval_WMSS.jsonl") for d in seed_run_dirs(root, r["trial"], base.tune.seeds)]
+        if r["status"] == "completed" and int(r.get("step") or 0) == steps and all(map(storage.exists, files)):
             r.update(paired_vs_control(files, control, seed=base.run.seed))
     return control
 
 
 def final_heldout(base: WMSSConfig, outputs: dict[str, Any], best: dict[str, Any],
-                  root: Path) -> dict[str, Any] | None:
+                  root: str) -> dict[str, Any] | None:
     """The best trial's models (one per seed) and the control, once on ``data.eval`` with a paired
     test per seed; written to ``<root>/final.json`` (reused when it is for the same trial). None
     without a ``data.eval`` or a control."""
@@ -127,21 +127,21 @@ def final_heldout(base: WMSSConfig, outputs: dict[str, Any], best: dict[str, Any
     from wmss_ray.stages.evaluate import evaluate_models
     from wmss_ray.stages.stats import paired_test_per_sample
 
-    path = root / FINAL
+    path = storage.join(root, FINAL)
     old = read_final(root)
     if old is not None and old.get("trial") == best["trial"]:
         return old
     eval_path = outputs["data"]["eval"] if base.models.demo else base.data.eval
-    control = read_manifest(str(root / SFT_CONTINUED))
+    control = read_manifest(storage.join(root, SFT_CONTINUED))
     if not eval_path or control is None or control.status != "completed":
         return None
     models = {SFT_CONTINUED_LABEL: control.outputs["model_dir"]}
     for i, d in enumerate(seed_run_dirs(root, best["trial"], base.tune.seeds)):
-        models[f"WMSS seed {i}"] = read_manifest(str(d / "wmss_1")).outputs["model_dir"]
+        models[f"WMSS seed {i}"] = read_manifest(storage.join(d, "wmss_1")).outputs["model_dir"]
     get_console().line(f"[wmss] tune: the best configuration ({best['trial']}) and {SFT_CONTINUED_LABEL} "
                        "on data.eval, once ...")
-    res = evaluate_models(models, eval_path, base, str(root / "final"), eval_set="test")
-    summary = json.loads((root / "final" / "eval_results.json").read_text())
+    res = evaluate_models(models, eval_path, base, storage.join(root, "final"), eval_set="test")
+    summary = json.loads(storage.read_text(storage.join(root, "final", "eval_results.json")))
     ctrl = res[SFT_CONTINUED_LABEL]
     wmss = [(name, r) for name, r in res.items() if name != SFT_CONTINUED_LABEL]
     final = {"trial": best["trial"], "params": best["params"], "eval_set": summary["eval_set"],
@@ -152,14 +152,14 @@ def final_heldout(base: WMSSConfig, outputs: dict[str, Any], best: dict[str, Any
                        "pass_at_k": r.pass_at_k} for i, (_, r) in enumerate(wmss)],
              "paired": [paired_test_per_sample(r.per_sample, ctrl.per_sample, name_a=name, name_b=SFT_CONTINUED_LABEL,
                                                seed=base.run.seed).to_dict() for name, r in wmss]}
-    path.write_text(json.dumps(final, indent=2, allow_nan=True))
+    storage.write_text(path, json.dumps(final, indent=2, allow_nan=True))
     return final
 
 
-def read_final(root: Path) -> dict[str, Any] | None:
-    """``<root>/final.json`` (None before a final held-out evaluation)."""
-    path = root / FINAL
-    return json.loads(path.read_text()) if path.exists() else None
+def read_final(root: str) -> dict[str, Any] | None:
+    """``<root>/final.json`` (None before a final held-out evaluation); ``root`` a path or a URI."""
+    path = storage.join(str(root), FINAL)
+    return json.loads(storage.read_text(path)) if storage.exists(path) else None
 
 
 def final_lines(final: dict[str, Any] | None) -> list[str]:

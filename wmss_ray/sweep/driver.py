@@ -3,7 +3,9 @@
 Everything before the curriculum (data, pre-training, tokenisation, SFT, scoring) does not depend
 on the swept keys (``mix.*`` and ``curriculum.*``, enforced by the config schema), so it runs once
 in the base run directory. Each trial gets its own run directory ``<run_dir>/tune/trial_<id>/``
-whose upstream phase directories are symbolic links to the base run's: the pipeline's
+whose upstream phase directories are links to the base run's (``io.manifest.link_phase``: symbolic
+links, or on object storage reference files ``<phase>.link`` holding the base phase's URI; the
+runner never reruns a linked phase): the pipeline's
 fingerprints then match and it runs only curriculum -> WMSS (with its reports, ``wmss_ray/sweep/trial.py``)
 -> the WMSS model on the validation split (``data.validation_fraction`` / ``data.validation`` /
 the demo world's ``validation.jsonl``), never on ``data.eval``: the test set is read only by the
@@ -23,22 +25,29 @@ difference with it on validation, then the best configuration once on ``data.eva
 (``wmss_ray/sweep/control.py``). Outputs: ``<run>/tune/results.csv``, ``curves.csv``, ``best.yaml``
 (``wmss_ray/sweep/results.py``), ``final.json`` and the page ``page/index.html`` (``wmss_ray/sweep/page.py``).
 
+``run.storage`` may be an object-store URI (``s3://bucket/runs``): then everything above is in the
+bucket, Tune's experiment included (``RunConfig(storage_path, storage_filesystem)`` from
+``io.storage.resolve_fs``, as Ray Train's checkpoints are), so a driver killed mid-sweep is
+continued by ``wmss tune CONFIG`` from any machine that reaches the bucket (``Tuner.restore`` from
+it); trials validate in their run as on a shared filesystem (``training.validation.node_copy``).
+
 Usage: ``wmss tune CONFIG [--retry-errored]`` or ``python -m jobs.tune --config CONFIG``.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
+import posixpath
 from typing import Any
 
 from wmss_ray.config.loading import config_from_dict, save_config
 from wmss_ray.config.schema import WMSSConfig
 from wmss_ray.data.splits import has_validation
+from wmss_ray.io import storage
 from wmss_ray.io.console import get_console
 from wmss_ray.stages.trackers import tune_callbacks
 from wmss_ray.sweep.reports import trial_lines_callback
-from wmss_ray.sweep.trial import NO_VALIDATION, SHARED_PHASES, link_shared_phases, run_trial, trial_config
+from wmss_ray.sweep.trial import NO_VALIDATION, SHARED_PHASES, link_shared_phases, run_trial, sweep_root, trial_config
 
 __all__ = ["SHARED_PHASES", "NO_VALIDATION", "build_param_space", "link_shared_phases", "trial_config",
            "run_trial", "run_sweep", "summarize", "trial_resources", "derive_max_concurrent",
@@ -145,20 +154,23 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_same_sweep(base: WMSSConfig, root: Path) -> None:
+def check_same_sweep(base: WMSSConfig, root: str) -> None:
     """A continued sweep must be the one that was started: the config saved at its start
-    (``<run>/tune/sweep_config.yaml``) and this one must agree, else the error names the keys."""
-    from wmss_ray.config.loading import load_config
+    (``<run>/tune/sweep_config.yaml``, local or in the bucket) and this one must agree, else the
+    error names the keys."""
+    import yaml
 
-    saved_path = root / SWEEP_CONFIG
-    if not saved_path.exists():
+    saved_path = storage.join(str(root), SWEEP_CONFIG)
+    if not storage.exists(saved_path):
         return
-    saved, now = _flat(load_config(saved_path).to_dict()), _flat(base.to_dict())
+    shown = storage.redact(saved_path)
+    saved = _flat(config_from_dict(yaml.safe_load(storage.read_text(saved_path)), source=shown).to_dict())
+    now = _flat(base.to_dict())
     changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
     if changed:
-        raise ValueError(f"{root / EXPERIMENT} is a sweep started with another config ({', '.join(changed)} "
-                         f"differ from {saved_path}); continuing it would mix the two: restore those values, "
-                         "or choose another run.name")
+        raise ValueError(f"{storage.redact(storage.join(str(root), EXPERIMENT))} is a sweep started with another "
+                         f"config ({', '.join(changed)} differ from {shown}); continuing it would mix the two: "
+                         "restore those values, or choose another run.name")
 
 
 def run_sweep(base: WMSSConfig, retry_errored: bool = False):
@@ -169,19 +181,17 @@ def run_sweep(base: WMSSConfig, retry_errored: bool = False):
     from ray import tune
 
     from wmss_ray.cluster import ensure_ray
-    from wmss_ray.io import storage
     from wmss_ray.pipeline import run_pipeline
 
-    if storage.is_remote(base.run_dir()):  # trials symlink the base run's phase directories
-        raise ValueError(f"run.storage {storage.redact(base.run.storage)}: tune sweeps need a local or "
-                         "shared-filesystem run.storage (trials link the base run's phases); "
-                         "object storage works for wmss run / submit")
     if not has_validation(base):
         raise ValueError(NO_VALIDATION)
     _check_trial_values(base)
-    root = Path(base.run_dir()).resolve() / "tune"
-    path = str(root / EXPERIMENT)
-    restoring = tune.Tuner.can_restore(path)
+    root = sweep_root(base)  # a local path or a URI: Tune's experiment, the trials, the results go there
+    tune_fs, tune_root = storage.resolve_fs(root)  # as training/trainer.py gives Ray Train its storage
+    path = posixpath.join(tune_root, EXPERIMENT)
+    if storage.is_remote(root):  # before Ray starts: an unreachable bucket fails naming the URI
+        storage.check_reachable(root)
+    restoring = tune.Tuner.can_restore(path, storage_filesystem=tune_fs)
     if restoring:  # before any work: a changed config must not continue the old sweep
         check_same_sweep(base, root)
     ensure_ray()
@@ -196,12 +206,12 @@ def run_sweep(base: WMSSConfig, retry_errored: bool = False):
 
     trainable_with_resources = tune.with_resources(trainable, {"cpu": base.tune.cpus_per_trial})
     if restoring:
-        get_console().line(f"[wmss] tune: continuing the sweep in {path}"
+        get_console().line(f"[wmss] tune: continuing the sweep in {storage.redact(storage.join(root, EXPERIMENT))}"
                            + (" (retrying errored trials)" if retry_errored else ""))
         tuner = tune.Tuner.restore(path, trainable=trainable_with_resources, resume_unfinished=True,
-                                   restart_errored=retry_errored)
+                                   restart_errored=retry_errored, storage_filesystem=tune_fs)
     else:
-        save_config(base, root / SWEEP_CONFIG)
+        save_config(base, storage.join(root, SWEEP_CONFIG))
         tuner = tune.Tuner(
             trainable_with_resources,
             param_space=build_param_space(base.tune.search_space, base.tune.search),
@@ -211,7 +221,7 @@ def run_sweep(base: WMSSConfig, retry_errored: bool = False):
                 max_concurrent_trials=max_concurrent,
                 trial_name_creator=lambda trial: f"trial_{trial.trial_id}",
                 trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
-            run_config=tune.RunConfig(storage_path=str(root), name=EXPERIMENT,
+            run_config=tune.RunConfig(storage_path=tune_root, storage_filesystem=tune_fs, name=EXPERIMENT,
                                       # a console line per trial; run.trackers: one tracker run per trial
                                       callbacks=[trial_lines_callback(base.tune.metric), *tune_callbacks(base)]),
         )
@@ -220,7 +230,7 @@ def run_sweep(base: WMSSConfig, retry_errored: bool = False):
     return grid
 
 
-def finish_sweep(base: WMSSConfig, grid, root: Path) -> dict[str, Any] | None:
+def finish_sweep(base: WMSSConfig, grid, root: str) -> dict[str, Any] | None:
     """After the trials: the shared SFT-continued control and each trial's paired difference with
     it on validation, results.csv / curves.csv / best.yaml, then the best configuration once on
     ``data.eval`` (final.json), and the sweep page (``<run>/tune/page/index.html``). Returns the
@@ -234,7 +244,7 @@ def finish_sweep(base: WMSSConfig, grid, root: Path) -> dict[str, Any] | None:
     best = write_outputs(base, rows, curve_rows(grid), root)
     final = final_heldout(base, outputs, best, root) if best is not None else None
     page = write_sweep_page(root, metric=base.tune.metric, mode=base.tune.resolved_mode)
-    get_console().line(f"[wmss] tune: sweep page {page}")
+    get_console().line(f"[wmss] tune: sweep page {storage.redact(page)}")
     return final
 
 
@@ -247,9 +257,10 @@ def summarize(cfg: WMSSConfig) -> str:
     from wmss_ray.sweep.page import rank_rows, read_results
     from wmss_ray.sweep.page_plots import finite
 
-    root = Path(cfg.run_dir()).resolve() / "tune"
+    root = sweep_root(cfg)
     metric, mode = cfg.tune.metric, cfg.tune.resolved_mode
-    rows = rank_rows(read_results(root / "results.csv")[0], metric, mode) if (root / "results.csv").exists() else []
+    results = storage.join(root, "results.csv")
+    rows = rank_rows(read_results(results)[0], metric, mode) if storage.exists(results) else []
 
     def num(r: dict[str, Any], k: str, spec: str, scale: float = 1.0) -> str:
         v = r.get(k)
@@ -270,5 +281,6 @@ def summarize(cfg: WMSSConfig) -> str:
     if not any(r["status"] == "completed" for r in rows):
         lines.append("no trial completed: no best.yaml")
     else:
-        lines.append(f"best configuration: {root / 'best.yaml'} (differences in accuracy points)")
+        lines.append(f"best configuration: {storage.redact(storage.join(root, 'best.yaml'))} "
+                     "(differences in accuracy points)")
     return "\n".join(lines + final_lines(read_final(root)))

@@ -20,15 +20,22 @@ CLI: ``python -m wmss_ray.sweep.page ROOT [--metric M] [--mode max|min]`` prints
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import html
+import io
 import json
 import math
+import os
+import posixpath
+import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from wmss_ray.config.names import SFT_CONTINUED, SFT_CONTINUED_LABEL
+from wmss_ray.io import storage
 from wmss_ray.stages import report_generation as gen
 from wmss_ray.stages.report import PAGE_CSS, embedded_png, html_table, missing_note
 from wmss_ray.sweep.page_plots import finite, plot_categories, plot_knobs, plot_learning_curves, plot_metric_vs_param
@@ -58,16 +65,20 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [k for k in required if k not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: header lacks column(s) {missing} (has {reader.fieldnames})")
-        return [{k: (v or "") for k, v in row.items() if k is not None} for row in reader]
+def _csv_lines(path: str | Path) -> io.StringIO:
+    """The text of a CSV file (a local path or a URI) to read with ``csv``."""
+    return io.StringIO(storage.read_bytes(str(path)).decode("utf-8"), newline="")
 
 
-def read_results(path: Path) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+def _read_csv(path: str | Path, required: tuple[str, ...]) -> list[dict[str, str]]:
+    reader = csv.DictReader(_csv_lines(path))
+    missing = [k for k in required if k not in (reader.fieldnames or [])]
+    if missing:
+        raise ValueError(f"{storage.redact(str(path))}: header lacks column(s) {missing} (has {reader.fieldnames})")
+    return [{k: (v or "") for k, v in row.items() if k is not None} for row in reader]
+
+
+def read_results(path: str | Path) -> tuple[list[dict[str, Any]], list[str], list[str]]:
     """``(rows, numeric param keys, categorical param keys)`` of a ``results.csv``.
 
     Each row: ``{"trial", "status", "params": {key: float | str | None}, <metric>: float}`` with
@@ -76,8 +87,7 @@ def read_results(path: Path) -> tuple[list[dict[str, Any]], list[str], list[str]
     raw = _read_csv(path, ("trial", "status"))
     keys = [k for k in (raw[0] if raw else {}) if k not in FIXED]
     if not raw:
-        with open(path, newline="", encoding="utf-8") as f:
-            keys = [k for k in next(csv.reader(f), []) if k not in FIXED]
+        keys = [k for k in next(csv.reader(_csv_lines(path)), []) if k not in FIXED]
     numeric = [k for k in keys if all(_is_number(r[k]) for r in raw if r[k].strip())
                and any(r[k].strip() for r in raw)]
     rows = []
@@ -95,7 +105,7 @@ def read_results(path: Path) -> tuple[list[dict[str, Any]], list[str], list[str]
     return rows, numeric, [k for k in keys if k not in numeric]
 
 
-def read_curves(path: Path) -> dict[str, list[dict[str, Any]]]:
+def read_curves(path: str | Path) -> dict[str, list[dict[str, Any]]]:
     """``{trial: [report, ...]}`` of a ``curves.csv``, each trial's reports sorted by step;
     a report: ``{"status", "step", "validation_accuracy", "validation_loss", "n_validation", "final"}``."""
     out: dict[str, list[dict[str, Any]]] = {}
@@ -163,7 +173,7 @@ def _num(d: dict, k: str) -> Any:
     return v if finite(v) else None
 
 
-def _final_section(final: dict | None, path: Path) -> str:
+def _final_section(final: dict | None, path: str) -> str:
     """The held-out (``data.eval``) result of the best configuration, or a line saying none is recorded."""
     if final is None:
         return missing_note(f"No final held-out evaluation is recorded ({path} not found).")
@@ -197,22 +207,28 @@ def _final_section(final: dict | None, path: Path) -> str:
     return "".join(parts)
 
 
-def _header(root: Path, rows: list[dict], metric: str, mode: str) -> str:
+def _run_name(root: str) -> str:
+    """The run's name: the folder above ``<run>/tune``."""
+    return posixpath.basename(posixpath.dirname(root.replace(os.sep, "/").rstrip("/")))
+
+
+def _header(root: str, rows: list[dict], metric: str, mode: str) -> str:
     counts = Counter(r["status"] for r in rows)
     count_text = ", ".join(f"{counts.get(s, 0)} {STATUS_LABEL[s]}" for s in STATUSES)
-    return (f"<h1>WMSS sweep: {html.escape(root.resolve().parent.name)}</h1>"
-            f"<p class=meta>{html.escape(str(root.resolve()))}</p>"
+    return (f"<h1>WMSS sweep: {html.escape(_run_name(root))}</h1>"
+            f"<p class=meta>{html.escape(storage.redact(root))}</p>"
             f"<p>Metric <b>{html.escape(metric)}</b> ({'higher' if mode == 'max' else 'lower'} is better, "
             f"mode {html.escape(mode)}). {len(rows)} trials: {html.escape(count_text)}.</p>"
             "<p class=meta>Trials are compared on the validation split only; the test set (data.eval) is "
             "read once, for the final result of the chosen configuration.</p>")
 
 
-def _read_final(path: Path) -> dict | None:
-    if not path.exists():
+def _read_final(path: str) -> dict | None:
+    if not storage.exists(path):
         return None
+    text, path = storage.read_text(path), storage.redact(path)  # the messages below show it redacted
     try:
-        final = json.loads(path.read_text(encoding="utf-8"))
+        final = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(final, dict):
@@ -227,23 +243,47 @@ def _read_final(path: Path) -> dict | None:
     return final
 
 
-def write_sweep_page(root: str | Path, metric: str = "validation_accuracy", mode: str = "max") -> Path:
+@contextlib.contextmanager
+def _page_dir(page: str) -> Iterator[Path]:
+    """The local folder the page is drawn in: ``page`` itself, or on object storage a temporary
+    folder uploaded to ``page`` (emptied first: no stale PNG) when the block ends without error."""
+    if not storage.is_remote(page):
+        local = Path(storage.resolve_fs(page)[1])
+        local.mkdir(parents=True, exist_ok=True)
+        yield local
+        return
+    with tempfile.TemporaryDirectory(prefix="wmss-page-") as tmp:
+        yield Path(tmp)
+        storage.upload_dir(tmp, page)
+
+
+def write_sweep_page(root: str | Path, metric: str = "validation_accuracy", mode: str = "max") -> Path | str:
     """Write ``root/page/index.html`` and its PNGs (``metric_vs_lam.png``, ``knobs.png``,
     ``learning_curves.png``, ``categories.png`` when there are string params) from the sweep
-    files under ``root`` (= ``<run>/tune``); returns the HTML path. Only ``results.csv`` is required."""
-    root = Path(root)
-    results_csv = root / "results.csv"
-    if not results_csv.exists():
-        raise FileNotFoundError(f"{results_csv} not found: no sweep results to page")
+    files under ``root`` (= ``<run>/tune``, a local path or a URI); returns the HTML path (a
+    ``Path``; a URI string on object storage). Only ``results.csv`` is required."""
+    root = storage.location(str(root))
+    results_csv = storage.join(root, "results.csv")
+    if not storage.exists(results_csv):
+        raise FileNotFoundError(f"{storage.redact(results_csv)} not found: no sweep results to page")
     if metric not in ("validation_accuracy", "validation_loss"):
         raise ValueError(f"metric must be validation_accuracy or validation_loss, got {metric!r}")
     rows, numeric, categorical = read_results(results_csv)
     ranked = rank_rows(rows, metric, mode)
-    curves_csv, final_json = root / "curves.csv", root / "final.json"
-    curves = read_curves(curves_csv) if curves_csv.exists() else None
+    curves_csv, final_json = storage.join(root, "curves.csv"), storage.join(root, "final.json")
+    curves = read_curves(curves_csv) if storage.exists(curves_csv) else None
     final = _read_final(final_json)
-    out = root / "page"
-    out.mkdir(parents=True, exist_ok=True)
+    page_dir = storage.join(root, "page")
+    with _page_dir(page_dir) as out:
+        _draw_page(out, root, rows, numeric, categorical, ranked, curves, final, metric, mode)
+    return storage.join(page_dir, "index.html") if storage.is_remote(page_dir) else out / "index.html"
+
+
+def _draw_page(out: Path, root: str, rows: list[dict], numeric: list[str], categorical: list[str],
+               ranked: list[dict], curves: dict | None, final: dict | None, metric: str, mode: str) -> None:
+    """The page's HTML and PNGs into the local folder ``out``."""
+    results_csv, curves_csv = storage.redact(storage.join(root, "results.csv")), storage.redact(storage.join(root, "curves.csv"))
+    final_json = storage.redact(storage.join(root, "final.json"))
 
     body = [_header(root, rows, metric, mode), "<h2>Final held-out result (test set, read once)</h2>",
             _final_section(final, final_json), "<h2>Trials (validation split)</h2>"]
@@ -286,14 +326,12 @@ def write_sweep_page(root: str | Path, metric: str = "validation_accuracy", mode
                     "trial's final report on the whole split. Dashed lines ending in x: stopped by ASHA.</p>"
                     if curve_png else missing_note(f"{curves_csv} has no reports with a metric."))
     page = ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>WMSS sweep "
-            f"{html.escape(root.resolve().parent.name)}</title><style>{PAGE_CSS}</style></head><body>"
+            f"{html.escape(_run_name(root))}</title><style>{PAGE_CSS}</style></head><body>"
             + "\n".join(body) + "</body></html>\n")
-    index = out / "index.html"
-    index.write_text(page, encoding="utf-8")
-    return index
+    (out / "index.html").write_text(page, encoding="utf-8")
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> Path | str:
     """``python -m wmss_ray.sweep.page ROOT [--metric M] [--mode max|min]``: write the page, print its path."""
     ap = argparse.ArgumentParser(prog="python -m wmss_ray.sweep.page", description="Write a sweep's HTML page.")
     ap.add_argument("root", help="the sweep's directory, <run>/tune")

@@ -3,7 +3,8 @@ metrics, the paired difference with the shared SFT-continued control, status),
 ``<run>/tune/curves.csv`` (every report of every trial: the learning curves) and
 ``<run>/tune/best.yaml`` (the base config with the best completed trial's values: ``wmss run
 best.yaml`` runs it as is, into ``<run.name>-best``, whose phases up to scoring are links to the
-sweep's, so only curriculum -> WMSS -> sft_continued -> eval -> report run).
+sweep's (``io.manifest.link_phase``: symlinks, or ``<phase>.link`` references on object storage),
+so only curriculum -> WMSS -> sft_continued -> eval -> report run).
 
 A trial's status: ``completed`` (its last report is the whole validation split), ``stopped``
 (ASHA ended it; its last report is an intermediate one on ``tune.eval_samples`` rows, so it is
@@ -13,12 +14,14 @@ never chosen as best), ``error``, or ``pending`` (no report yet).
 from __future__ import annotations
 
 import csv
+import io
 import math
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import Any
 
 from wmss_ray.config.loading import config_from_dict, save_config
 from wmss_ray.config.schema import WMSSConfig
+from wmss_ray.io import storage
 from wmss_ray.sweep.trial import link_shared_phases
 
 METRICS = ("validation_accuracy", "validation_loss", "n_validation", "step", "seeds", "accuracy_std")
@@ -35,7 +38,7 @@ def _status(result) -> str:
 
 
 def _trial_name(result) -> str:
-    return Path(result.path).name if result.path else (result.metrics or {}).get("trial_id", "?")
+    return PurePosixPath(result.path).name if result.path else (result.metrics or {}).get("trial_id", "?")
 
 
 def trial_rows(grid) -> list[dict[str, Any]]:
@@ -79,27 +82,30 @@ def best_config(base: WMSSConfig, params: dict[str, Any]) -> WMSSConfig:
     return config_from_dict(base.to_dict(), overrides, source="tune best trial")
 
 
+def _csv_text(header: list[str], rows: list[list[Any]]) -> str:
+    out = io.StringIO(newline="")
+    w = csv.writer(out)
+    w.writerow(header)
+    w.writerows(rows)
+    return out.getvalue()
+
+
 def write_outputs(base: WMSSConfig, rows: list[dict[str, Any]], curves: list[dict[str, Any]],
-                  root: Path) -> dict[str, Any] | None:
-    """Write results.csv, curves.csv and (when a trial completed) best.yaml under ``root``;
-    returns the best row."""
+                  root: str) -> dict[str, Any] | None:
+    """Write results.csv, curves.csv and (when a trial completed) best.yaml under ``root`` (a local
+    path or a URI); returns the best row."""
     keys = sorted({k for r in rows for k in r["params"]})
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / "results.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["trial", "status", *keys, *METRICS, *PAIRED])
-        for r in rows:
-            w.writerow([r["trial"], r["status"], *(r["params"].get(k) for k in keys),
-                        *(r.get(k) for k in (*METRICS, *PAIRED))])
-    with open(root / "curves.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["trial", "status", "step", *CURVE_KEYS])
-        for c in curves:
-            w.writerow([c["trial"], c["status"], c["step"], *(c.get(k) for k in CURVE_KEYS)])
+    storage.write_text(storage.join(str(root), "results.csv"), _csv_text(
+        ["trial", "status", *keys, *METRICS, *PAIRED],
+        [[r["trial"], r["status"], *(r["params"].get(k) for k in keys), *(r.get(k) for k in (*METRICS, *PAIRED))]
+         for r in rows]))
+    storage.write_text(storage.join(str(root), "curves.csv"), _csv_text(
+        ["trial", "status", "step", *CURVE_KEYS],
+        [[c["trial"], c["status"], c["step"], *(c.get(k) for k in CURVE_KEYS)] for c in curves]))
     best = best_row(rows, base.tune.metric, base.tune.resolved_mode)
     if best is not None:
         cfg = best_config(base, best["params"])
-        save_config(cfg, root / "best.yaml")
+        save_config(cfg, storage.join(str(root), "best.yaml"))
         # `wmss run best.yaml` then reruns nothing the sweep shares (same fingerprints): from the curriculum on
-        link_shared_phases(Path(base.run_dir()).resolve(), Path(cfg.run_dir()).resolve())
+        link_shared_phases(base.run_dir(), cfg.run_dir())
     return best

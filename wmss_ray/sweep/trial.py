@@ -9,7 +9,8 @@ Every report goes through one function, ``sweep.reports.trial_report`` (the seed
 
 - one seed (``tune.seeds: 1``, the default): the pipeline's ``wmss_1`` is one Train run that
   validates itself (``wmss_ray/training/validation.py``: the ranks export
-  ``wmss_1/interim_model``, generate for their share of the rows, and the step is checkpointed);
+  ``wmss_1/interim_model``, generate for their share of the rows, and the step is checkpointed;
+  on object storage each node reads the export through ``training.validation.node_copy``);
   under Tune each report reaches ASHA while the run goes on (``wmss_ray/sweep/reports.py``),
   without Tune (tests) ``report`` gets them, in order, when the run ends.
 - ``tune.seeds`` S > 1: the trial runs its configuration S times, ``curriculum.seed = run.seed + i``
@@ -35,14 +36,13 @@ dir>/validation/eval_WMSS.jsonl``, kept for the paired comparison with the sweep
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
-from pathlib import Path
 from typing import Any, Callable
 
 from wmss_ray.config.loading import config_from_dict
 from wmss_ray.config.schema import WMSSConfig
+from wmss_ray.io import storage
+from wmss_ray.io.manifest import link_phase, linked_phase
 
 SHARED_PHASES = ("data", "phase0", "tokenize", "sft", "score_1")
 NO_VALIDATION = ("a tune sweep selects a trial, so it needs a validation split apart from data.eval (the "
@@ -59,25 +59,31 @@ def trial_config(base: WMSSConfig, params: dict[str, Any], trial_name: str, seed
     it is the run ``wmss run best.yaml`` makes."""
     overrides = [f"{k}={v}" for k, v in params.items()]
     name = trial_name if seed_index == 0 else f"{trial_name}-seed{seed_index}"
-    overrides += [f"run.storage={Path(base.run_dir()).resolve() / 'tune'}", f"run.name={name}",
+    overrides += [f"run.storage={sweep_root(base)}", f"run.name={name}",
                   "run.iterations=1", "evaluation.sft_continued=false"]
     if seed_index:
         overrides.append(f"curriculum.seed={base.run.seed + seed_index}")
     return config_from_dict(base.to_dict(), overrides, source=f"tune trial {name}")
 
 
-def seed_run_dirs(root: Path, trial_name: str, seeds: int) -> list[Path]:
+def sweep_root(base: WMSSConfig) -> str:
+    """``<run>/tune``: an absolute local path (symlinks resolved) or a URI (``s3://.../tune``)."""
+    return storage.join(storage.location(base.run_dir()), "tune")
+
+
+def seed_run_dirs(root: str, trial_name: str, seeds: int) -> list[str]:
     """The run directories of a trial's seeds under ``root`` = ``<run>/tune`` (see :func:`trial_config`)."""
-    return [root / (trial_name if i == 0 else f"{trial_name}-seed{i}") for i in range(seeds)]
+    return [storage.join(str(root), trial_name if i == 0 else f"{trial_name}-seed{i}") for i in range(seeds)]
 
 
-def link_shared_phases(base_run_dir: Path, trial_run_dir: Path, phases: tuple[str, ...] = SHARED_PHASES) -> None:
-    """Symlink ``phases`` of the base run into the trial's run dir (the pipeline never reruns a link)."""
-    trial_run_dir.mkdir(parents=True, exist_ok=True)
+def link_shared_phases(base_run_dir: str, trial_run_dir: str, phases: tuple[str, ...] = SHARED_PHASES) -> None:
+    """Link ``phases`` of the base run into the trial's run dir (``manifest.link_phase``: a symlink,
+    or on object storage a reference file ``<phase>.link``; the pipeline never reruns a link)."""
+    base_run_dir, trial_run_dir = storage.location(str(base_run_dir)), storage.location(str(trial_run_dir))
     for phase in phases:
-        src, dst = base_run_dir / phase, trial_run_dir / phase
-        if src.exists() and not dst.exists():
-            os.symlink(src, dst, target_is_directory=True)
+        src, dst = storage.join(base_run_dir, phase), storage.join(trial_run_dir, phase)
+        if storage.exists(src) and linked_phase(dst) is None and not storage.exists(dst):
+            link_phase(src, dst)
 
 
 def subsample(rows: list[dict[str, Any]], n: int, seed: int) -> list[dict[str, Any]]:
@@ -95,10 +101,10 @@ def subsample(rows: list[dict[str, Any]], n: int, seed: int) -> list[dict[str, A
 VALIDATION_DIR = "validation"  # <trial run dir>/validation/eval_WMSS.jsonl: the per-problem outcomes
 
 
-def _evaluate(model_dir: str, rows: list[dict[str, Any]], cfg: WMSSConfig, out_dir: Path) -> dict[str, Any]:
+def _evaluate(model_dir: str, rows: list[dict[str, Any]], cfg: WMSSConfig, out_dir: str) -> dict[str, Any]:
     from wmss_ray.stages.evaluate import evaluate_models
 
-    res = evaluate_models({"WMSS": model_dir}, rows, cfg, str(out_dir), eval_set="validation")["WMSS"]
+    res = evaluate_models({"WMSS": model_dir}, rows, cfg, out_dir, eval_set="validation")["WMSS"]
     return {"validation_accuracy": float(res.accuracy), "validation_loss": float(res.loss), "n_validation": int(res.n)}
 
 
@@ -109,8 +115,8 @@ class _Seed:
         from wmss_ray.pipeline import run_pipeline
 
         self.cfg = trial_config(base, params, trial_name, index)
-        self.dir = Path(self.cfg.run_dir()).resolve()
-        link_shared_phases(Path(base.run_dir()).resolve(), self.dir)
+        self.dir = storage.location(self.cfg.run_dir())
+        link_shared_phases(base.run_dir(), self.dir)
         self.outputs = run_pipeline(self.cfg, until="curriculum_1")
 
     def train_args(self) -> dict[str, Any]:
@@ -119,13 +125,13 @@ class _Seed:
         ctx = RunContext(self.cfg)
         ctx.outputs = self.outputs
         return dict(strong_init=ctx.model(1), weak_init=ctx.weak_model(1), tokenized_path=ctx.out("tokenize", "tokenized"),
-                    sampled_ids_path=ctx.out("curriculum_1", "sampled_ids"), out_dir=str(self.dir / "wmss_1"),
+                    sampled_ids_path=ctx.out("curriculum_1", "sampled_ids"), out_dir=storage.join(self.dir, "wmss_1"),
                     epochs=self.cfg.training.wmss_epochs)
 
     def wmss_done(self) -> bool:
         from wmss_ray.io.manifest import read_manifest
 
-        old = read_manifest(str(self.dir / "wmss_1"))
+        old = read_manifest(storage.join(self.dir, "wmss_1"))
         return bool(old and old.status == "completed")
 
 
@@ -145,11 +151,14 @@ def _wmss_chunks(seeds: list[_Seed], rows: list[dict[str, Any]], report: Report)
         for seed in seeds:
             chunk = {"stop_after": stop, "export_at_stop": True}  # the phase ends "stopped", resumable
             run_pipeline(seed.cfg, until="wmss_1", train_options={"wmss_1": chunk})
-            per_seed.append(_evaluate(str(seed.dir / "wmss_1" / INTERIM_MODEL), rows, seed.cfg,
-                                      seed.dir / f"validation_step{stop}"))
+            # the URI itself, not a node_copy: the evaluation may run on Ray actors on other nodes
+            # (each loads it through its node's model cache; chunks are a Train run apart, so their
+            # exports' modification times differ and the cache never hands back the previous one)
+            per_seed.append(_evaluate(storage.join(seed.dir, "wmss_1", INTERIM_MODEL), rows, seed.cfg,
+                                      storage.join(seed.dir, f"validation_step{stop}")))
         report(trial_report(per_seed, stop, final=False))
     for seed in seeds:
-        shutil.rmtree(seed.dir / "wmss_1" / INTERIM_MODEL, ignore_errors=True)  # a full model copy per seed
+        storage.delete_dir(storage.join(seed.dir, "wmss_1", INTERIM_MODEL))  # a full model copy per seed
 
 
 def _wmss_one_run(seed: _Seed, rows: list[dict[str, Any]]) -> None:
@@ -160,12 +169,12 @@ def _wmss_one_run(seed: _Seed, rows: list[dict[str, Any]]) -> None:
     from wmss_ray.training.rank_loop import INTERIM_MODEL
     from wmss_ray.training.validation import ValidationPoints, write_rows
 
-    rows_path = str(seed.dir / "validation_rows.jsonl")
+    rows_path = storage.join(seed.dir, "validation_rows.jsonl")
     write_rows(rows, rows_path)
-    points = ValidationPoints(every=seed.cfg.tune.eval_every, rows_path=rows_path, out_root=str(seed.dir))
+    points = ValidationPoints(every=seed.cfg.tune.eval_every, rows_path=rows_path, out_root=seed.dir)
     run_pipeline(seed.cfg, until="wmss_1", train_options={"wmss_1": {"validation": points,
                                                                   "callbacks": [ValidationToTune()]}})
-    shutil.rmtree(seed.dir / "wmss_1" / INTERIM_MODEL, ignore_errors=True)  # a full model copy
+    storage.delete_dir(storage.join(seed.dir, "wmss_1", INTERIM_MODEL))  # a full model copy
 
 
 def run_trial(base: WMSSConfig, params: dict[str, Any], trial_name: str,
@@ -197,7 +206,7 @@ def run_trial(base: WMSSConfig, params: dict[str, Any], trial_name: str,
     for seed in seeds:
         outputs = run_pipeline(seed.cfg, until="wmss_1")
         steps.add(int(outputs["wmss_1"].get("steps") or 0))
-        per_seed.append(_evaluate(outputs["wmss_1"]["model_dir"], rows, seed.cfg, seed.dir / VALIDATION_DIR))
+        per_seed.append(_evaluate(outputs["wmss_1"]["model_dir"], rows, seed.cfg, storage.join(seed.dir, VALIDATION_DIR)))
     # "step" is what ASHA and the equal-compute control compare; seeds differ only under a swept dedup
     metrics = trial_report(per_seed, max(steps), final=True, equal_steps=len(steps) == 1)
     if report is not None:

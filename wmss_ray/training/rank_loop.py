@@ -22,7 +22,7 @@ from wmss_ray.config.schema import WMSSConfig
 from wmss_ray.io import storage
 from wmss_ray.training.checkpointing import staging_dir
 from wmss_ray.training.metrics import MetricsWriter, is_log_step
-from wmss_ray.training.validation import validate_on_ranks
+from wmss_ray.training.validation import node_copy, validate_on_ranks
 from wmss_ray.training.worker import PhaseSpec, PhaseWorker
 
 #: Ray Train's run name: checkpoints are ``<out_dir>/ray_train/checkpoint_<step>/``.
@@ -122,10 +122,13 @@ def export_model(worker: Any, out_dir: str, rank: int, name: str = "model") -> N
 def validate_in_run(worker: Any, cfg: WMSSConfig, spec: PhaseSpec, done: int, rank: int, world: int,
                     device: Any) -> dict[str, Any]:
     """A validation point (collective): export the strong model to ``<out_dir>/interim_model``,
-    then validate it on every rank (``validation.validate_on_ranks``); returns its metrics."""
+    then validate it on every rank (``validation.validate_on_ranks``); returns its metrics.
+
+    On object storage the export goes up once (rank 0) and comes down once per node, into a
+    local folder keyed by the step (``validation.node_copy``), removed after the validation."""
     export_model(worker, spec.out_dir, rank, INTERIM_MODEL)  # returns when rank 0's files are complete
-    return validate_on_ranks(cfg, spec.validation, storage.join(spec.out_dir, INTERIM_MODEL), done, rank, world,
-                             device)
+    with node_copy(storage.join(spec.out_dir, INTERIM_MODEL), f"step{done}", cfg) as model_dir:
+        return validate_on_ranks(cfg, spec.validation, model_dir, done, rank, world, device)
 
 
 def _barrier() -> None:

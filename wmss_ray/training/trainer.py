@@ -97,11 +97,6 @@ def build_spec(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | N
 
         check_pair_compatible(weak_init, strong_init, cfg.models.trust_remote_code)
     out = storage.location(out_dir)  # absolute local path or URI: every rank must reach it
-    if validation is not None and storage.is_remote(out):
-        # the ranks reload each interim export; a model URI is cached per node by its listing,
-        # which every export of the same shapes repeats (and tune refuses URI storage anyway)
-        raise ValueError(f"validation inside a run needs a local or shared-filesystem out_dir, got "
-                         f"{storage.redact(out)}")
     if not storage.is_remote(out):
         storage.make_dir(out)
     epoch_rows_path = storage.join(out, EPOCH_ROWS_FILE)  # the workers read it; nothing O(corpus) is shipped

@@ -23,6 +23,9 @@ generates (2 bytes per parameter in bf16), then frees it.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +84,42 @@ def validation_bytes(params: int, layers: int, kv_heads: int, head_dim: int, voc
     return {"weights": float(dtype_bytes * params),
             "kv_cache": float(2 * layers * kv_heads * head_dim * batch * (seq + new_tokens) * dtype_bytes),
             "ce_logits": float(rows * seq * vocab * (dtype_bytes + 4 + 4)), "ce_rows": float(rows)}
+
+
+@contextlib.contextmanager
+def node_copy(model_dir: str, key: str, cfg: WMSSConfig) -> Iterator[str]:
+    """A local directory with the files of model directory ``model_dir`` for the block.
+
+    Local: ``model_dir`` itself. On object storage: a copy in this node's staging directory
+    (``training.staging_dir``) under a folder keyed by ``model_dir`` and ``key`` (the step), made
+    once per node (the ranks of a node take turns on a file lock; the first one copies, the
+    others find its complete copy) and removed when the block ends. Not the per-node model cache
+    (``storage.local_model_dir``'s default): it keys a copy by the files' names, sizes and
+    modification times, which two exports of an interim model in the same second repeat, so a
+    cached copy of the previous step's model could be validated instead of this one.
+
+    Callers end the block only after a collective that every rank reaches once it is done with
+    the copy (``validate_on_ranks`` ends with a broadcast), so no rank deletes it under another.
+    """
+    import fcntl
+    import hashlib
+    import shutil
+
+    from wmss_ray.training.checkpointing import staging_dir
+
+    if not storage.is_remote(model_dir):
+        yield model_dir
+        return
+    digest = hashlib.sha256(f"{storage.redact(model_dir)} {key}".encode()).hexdigest()[:16]
+    root = os.path.join(staging_dir(cfg.training.staging_dir), f"wmss-interim-{digest}")
+    try:
+        os.makedirs(root, exist_ok=True)
+        with open(os.path.join(root, ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            local = storage.local_model_dir(model_dir, cache_root=root)
+        yield local
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def write_rows(rows: list[dict[str, Any]], path: str) -> None:
