@@ -192,13 +192,13 @@ def test_packed_wmss_joint_zero3_on_2_ranks_matches_the_padded_reference(joint_z
     assert_same_weights(ref["strong"].state_dict(), load_hf(runs[True][0].model_dir))
 
 
-@pytest.mark.parametrize("source, packing", [("entropy_matched", False), ("shuffled", True)])
+@pytest.mark.parametrize("source, packing", [("entropy_matched", False), ("shuffled", True), ("uniform", False)])
 def test_fake_weak_sides_are_the_same_on_2_ranks_and_on_1(art, tmp_path, source, packing):
     """``mix.weak_source`` through the workers: entropy_matched's spikes are keyed by the global
     micro-batch (``a * W + r``), shuffled's partners by row, so 2 ranks x 1 micro-batch and 1 rank
     x 2 micro-batches (the same global batch, the same rows per micro-batch; shuffled: the 2 ranks
-    packed, the 1 rank padded) train the same steps; and the fake side is what was trained on (the
-    loss differs from the real weak model's)."""
+    packed, the 1 rank padded) train the same steps (uniform: with no weak model loaded); and the
+    fake side is what was trained on (the loss differs from the real weak model's)."""
     from wmss_ray.config.loading import config_from_dict
 
     def run(workers: int, accum: int, source: str, name: str, packed: bool = False):

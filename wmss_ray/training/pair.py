@@ -78,7 +78,8 @@ class PairLM(nn.Module):
             raise ValueError("weak_pool: the weak model is served by the pool (mode frozen, weak=None here)")
         if shared_weak and (mode == "sft" or weak is not None or weak_pool):
             raise ValueError("shared_weak: the weak side is the strong model's base (joint or frozen, weak=None)")
-        if (mode == "sft") != (weak is None) and not weak_pool and not shared_weak:
+        no_weak_needed = weak_pool or shared_weak or weak_source == "uniform"  # uniform: no weak forward at all
+        if (mode == "sft" and weak is not None) or (mode != "sft" and weak is None and not no_weak_needed):
             raise ValueError(f"mode {mode!r} {'takes no' if mode == 'sft' else 'needs a'} weak model")
         self.weak_pool = weak_pool  # forward takes the weak side as log-probs (weak_pool/wire.py)
         self.strong = strong

@@ -130,7 +130,9 @@ class PhaseWorker:
         strong = load_causal_lm(self.strong_dir, **load)
         # mix.placement pool: the weak model lives in the pool's actors, never in this process.
         self.pooled = spec.mode == "frozen" and cfg.mix.placement == "pool"
-        separate_weak = spec.mode != "sft" and not self.pooled and not spec.weak_shared
+        # a uniform fake weak side (mix.weak_source) runs no weak forward: no weak model is loaded
+        uniform = spec.phase == "wmss" and cfg.mix.weak_source == "uniform"
+        separate_weak = spec.mode != "sft" and not self.pooled and not spec.weak_shared and not uniform
         weak = load_causal_lm(spec.weak_init, **load) if separate_weak else None
         for m in (strong, weak):
             if m is not None:
