@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from wmss_ray.config.names import SFT_CONTINUED, SFT_CONTINUED_LABEL
-from wmss_ray.config.schema import WMSSConfig
+from wmss_ray.config.schema import TRAINING_LAYOUT, WMSSConfig
 from wmss_ray.io import storage
 from wmss_ray.io.manifest import read_manifest
 
@@ -43,6 +43,10 @@ class Phase:
     # inputs from outside the config and the phases (the sweep control's step count): hashed
     # only when given, so the pipeline's phases keep their fingerprints
     extra: dict[str, Any] | None = None
+    # dotted keys of how a training phase is executed (world size, batch split, ZeRO stage, weak
+    # placement): hashed like the others, but a run may resume at other values of them with the
+    # fingerprint it started with, when the global batch is the same (pipeline.resumed_fingerprint)
+    layout: tuple[str, ...] = ()
 
 
 class RunContext:
@@ -302,13 +306,15 @@ def build_phases(cfg: WMSSConfig) -> list[Phase]:
     # How a training run is executed, not what it computes: changing them resumes a crashed run
     # (say, with checkpoints more often) instead of discarding its checkpoints.
     how = ("training.checkpoint_every", "training.checkpoints_to_keep", "training.max_failures", "training.staging_dir")
+    layout = TRAINING_LAYOUT
     phases: list[Phase] = []
     if demo:
         phases.append(Phase("data", [], ["run.seed", "data.demo"], _phase_data))
         phases.append(Phase("phase0", ["data"], ["run.seed", "models", "phase0", "data.demo"], _phase0, no_weak))
     first = ["data", "phase0"] if demo else []
     phases.append(Phase("tokenize", first, ["data", "models"], _phase_tokenize, no_weak))
-    phases.append(Phase("sft", ["tokenize"], ["run.seed", "models", "training", "scaling"], _phase_sft, no_weak + how))
+    phases.append(Phase("sft", ["tokenize"], ["run.seed", "models", "training", "scaling"], _phase_sft, no_weak + how,
+                        layout=layout))
     prev_model = "sft"
     for t in range(1, k + 1):
         weak_src = "sft" if t == 2 else (f"wmss_{t - 2}" if t > 2 else first[-1] if first else "tokenize")
@@ -317,11 +323,12 @@ def build_phases(cfg: WMSSConfig) -> list[Phase]:
         phases.append(Phase(f"score_{t}", ["tokenize", prev_model, weak_src], ["scoring", *weak_key], _phase_score(t)))
         phases.append(Phase(f"curriculum_{t}", [f"score_{t}"], ["run.seed", "curriculum"], _phase_curriculum(t)))
         phases.append(Phase(f"wmss_{t}", [f"curriculum_{t}", prev_model, weak_src],
-                            ["run.seed", "mix", "training", "scaling", *weak_key], _phase_wmss(t), how))
+                            ["run.seed", "mix", "training", "scaling", *weak_key], _phase_wmss(t), how,
+                            layout=layout))
         prev_model = f"wmss_{t}"
     if cfg.evaluation.sft_continued:
         phases.append(Phase(SFT_CONTINUED, ["sft", prev_model], ["run.seed", "training", "scaling"],
-                            _phase_sft_continued, how))
+                            _phase_sft_continued, how, layout=layout))
     eval_needs = [p.name for p in phases if p.name in ("sft", SFT_CONTINUED, prev_model)] + first
     phases.append(Phase("eval", eval_needs, ["evaluation", "data.eval", "data.reference_column", "data.supervise"],
                         _phase_eval))
