@@ -225,7 +225,9 @@ class WMSSConfig(ConfigSection):
     @model_validator(mode="after")
     def _global_batch_splits(self) -> "WMSSConfig":
         t, sc = self.training, self.scaling
-        if t.global_batch_size is not None and "grad_accum" in t.model_fields_set and t.grad_accum != self.grad_accum_for(sc.num_workers, check=False):
+        # with global_batch_size, grad_accum follows the world size: a value other than the default
+        # must be the one it takes at num_workers (a saved config reads back), or it is a contradiction
+        if t.global_batch_size is not None and t.grad_accum not in (1, self.grad_accum_for(sc.num_workers, check=False)):
             raise ValueError(f"training.global_batch_size {t.global_batch_size} and training.grad_accum {t.grad_accum} "
                              f"disagree (micro_batch_size {t.micro_batch_size} x {sc.num_workers} workers): set one of them")
         g, mb = self.global_batch(), t.micro_batch_size
