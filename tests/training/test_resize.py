@@ -19,7 +19,9 @@ after the resume, 1.7e-3 by the third).
 
 Joint mode, so that both models train with different learning rates (``weak_lr``): DeepSpeed's
 ZeRO-3 universal load copies group 0's hyperparameters to every group. Frozen mode (the weak
-model left out of the checkpoint) resumes at ``W=1, ZeRO-3`` (both changes at once).
+model left out of the checkpoint) in bf16 resumes at ``W=1, ZeRO-3`` (both changes at once;
+measured equal to the uninterrupted bf16 run to the last bit on CPU). ZeRO-0 (unpartitioned)
+resumes at ``W=1`` with no conversion.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import pytest
 
 from tests.training.forked_ranks import RankFailed, train_on_forked_ranks
 from tests.training.test_training_units import TWO_WORKER_STEPS as STEPS, make_artifacts, tiny_cfg
+from wmss_ray.config.loading import config_from_dict
 from wmss_ray.io.files import read_metrics
 from wmss_ray.training.resize import LayoutChangeError, needs_universal
 
@@ -40,11 +43,12 @@ STOP = 2
 RTOL = 1e-5
 
 
-def _cfg(stage: int, workers: int, grad_accum: int, **kw):
+def _cfg(stage: int, workers: int, grad_accum: int, dtype: str = "float32", **kw):
     """The 2-worker test run's plan (1.5 epochs capped at 6 steps, a checkpoint every 2) at
-    ``workers`` x ``grad_accum`` x micro-batch 2 rows per step."""
-    return tiny_cfg(zero_stage=stage, sft_epochs=1.5, wmss_epochs=1.5, max_steps=STEPS, checkpoint_every=2,
-                    num_workers=workers, grad_accum=grad_accum, **kw)
+    ``workers`` x ``grad_accum`` x micro-batch 2 rows per step, models in ``dtype``."""
+    cfg = tiny_cfg(zero_stage=stage, sft_epochs=1.5, wmss_epochs=1.5, max_steps=STEPS, checkpoint_every=2,
+                   num_workers=workers, grad_accum=grad_accum, **kw)
+    return config_from_dict(cfg.to_dict(), [f"models.dtype={dtype}"])
 
 
 def _train(art: dict, cfg, out: Path, mode: str, **kw):
@@ -78,36 +82,38 @@ def art(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(art, tmp_path_factory):
-    """``runs(mode, stage)``: ``(uninterrupted run's metrics, run stopped after step 2)`` at
-    ``W=2 x grad_accum 2``, each made once per module."""
+    """``runs(mode, stage, dtype)``: ``(uninterrupted run's metrics, run stopped after step 2)``
+    at ``W=2 x grad_accum 2``, each made once per module."""
     made: dict = {}
 
-    def get(mode: str, stage: int) -> tuple[list[dict], Path]:
-        if (mode, stage) not in made:
-            root = tmp_path_factory.mktemp(f"{mode}_z{stage}")
+    def get(mode: str, stage: int, dtype: str) -> tuple[list[dict], Path]:
+        if (mode, stage, dtype) not in made:
+            root = tmp_path_factory.mktemp(f"{mode}_z{stage}_{dtype}")
             kw = {"weak_lr": 1e-3} if mode == "joint" else {}
-            assert _train(art, _cfg(stage, 2, 2, **kw), root / "uninterrupted", mode).steps == STEPS
-            _train(art, _cfg(stage, 2, 2, **kw), root / "stopped", mode, stop_after=STOP)
-            made[mode, stage] = _metrics(root / "uninterrupted"), root / "stopped"
-        return made[mode, stage]
+            assert _train(art, _cfg(stage, 2, 2, dtype, **kw), root / "uninterrupted", mode).steps == STEPS
+            _train(art, _cfg(stage, 2, 2, dtype, **kw), root / "stopped", mode, stop_after=STOP)
+            made[mode, stage, dtype] = _metrics(root / "uninterrupted"), root / "stopped"
+        return made[mode, stage, dtype]
 
     return get
 
 
-@pytest.mark.parametrize("mode, stage, resumes_at", [
-    ("joint", 2, [(2, 1, 4), (3, 2, 2)]),  # (zero stage, workers, grad_accum): another W; another stage
-    ("frozen", 2, [(3, 1, 4)]),  # both at once, with the weak model left out of the checkpoint
-    ("frozen", 0, [(0, 1, 4)]),  # ZeRO 0: nothing partitioned, loaded as it is (no conversion)
+@pytest.mark.parametrize("mode, stage, dtype, resumes_at", [
+    ("joint", 2, "float32", [(2, 1, 4), (3, 2, 2)]),  # (zero stage, workers, grad_accum): another W; another stage
+    # both at once, in bf16 (fp32 master weights and Adam state), the weak model left out of the checkpoint
+    ("frozen", 2, "bfloat16", [(3, 1, 4)]),
+    ("frozen", 0, "float32", [(0, 1, 4)]),  # ZeRO 0: nothing partitioned, loaded as it is (no conversion)
 ])
-def test_a_stopped_phase_resumes_at_another_world_size_and_zero_stage(art, runs, tmp_path, mode, stage, resumes_at):
+def test_a_stopped_phase_resumes_at_another_world_size_and_zero_stage(art, runs, tmp_path, mode, stage, dtype,
+                                                                      resumes_at):
     kw = {"weak_lr": 1e-3} if mode == "joint" else {}
-    ref, stopped = runs(mode, stage)
+    ref, stopped = runs(mode, stage, dtype)
     assert _last_state(stopped)["layout"] == {"world_size": 2, "zero_stage": stage, "micro_batch_size": 2,
                                               "grad_accum": 2, "placement": "colocated"}
     for new_stage, workers, accum in resumes_at:
         out = tmp_path / f"z{new_stage}_w{workers}"
         shutil.copytree(stopped, out)
-        result = _train(art, _cfg(new_stage, workers, accum, **kw), out, mode, resume=True)
+        result = _train(art, _cfg(new_stage, workers, accum, dtype, **kw), out, mode, resume=True)
         assert result.model_dir is not None
         _assert_resumed_like(out, ref)
         assert _last_state(out)["layout"]["world_size"] == workers
@@ -117,9 +123,9 @@ def test_another_global_batch_does_not_resume(art, runs, tmp_path):
     """``W=2 x grad_accum 2`` -> ``W=1 x grad_accum 2``: 4 rows a step instead of 8 is another run
     (another number of steps, other batches): refused naming the global batch, nothing trained."""
     out = tmp_path / "run"
-    shutil.copytree(runs("frozen", 2)[1], out)
+    shutil.copytree(runs("frozen", 0, "float32")[1], out)
     with pytest.raises(RankFailed, match=r"global_batch=8.*global_batch=4"):
-        _train(art, _cfg(2, 1, 2), out, "frozen", resume=True)
+        _train(art, _cfg(0, 1, 2), out, "frozen", resume=True)
     assert _last_state(out)["step"] == STOP
 
 
