@@ -29,7 +29,8 @@ from typing import Any
 
 from wmss_ray.io import storage
 from wmss_ray.io.files import read_metrics
-from wmss_ray.training.checkpointing import UntrainedStepsError, check_same_run, check_trained_all_steps
+from wmss_ray.training.checkpointing import (UntrainedStepsError, check_resumable, check_same_run,
+                                             check_trained_all_steps)
 from wmss_ray.training.rank_loop import RUN_NAME, run_rank
 from wmss_ray.training.trainer import TrainResult, build_spec, checkpoint_states
 
@@ -69,6 +70,7 @@ def train_on_forked_ranks(cfg, phase: str, strong_init: str, weak_init: str | No
     if resume:
         for where, state in states:  # before any rank starts, as train_phase
             check_same_run(state, where, spec.fingerprint)
+            check_resumable(state, where, spec.plan_fingerprint(), cfg.scaling.worker_counts, cfg.training.zero_stage)
         latest = max(states, key=lambda ws: int(ws[1].get("step", -1)))[0]
     _import_what_ranks_use()
     world = cfg.scaling.num_workers

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.training.forked_ranks import RankFailed, train_on_forked_ranks
+from tests.training.forked_ranks import train_on_forked_ranks
 from tests.training.test_training_units import TWO_WORKER_STEPS as STEPS, make_artifacts, tiny_cfg
 from wmss_ray.config.loading import config_from_dict
 from wmss_ray.io.files import read_metrics
@@ -119,13 +119,17 @@ def test_a_stopped_phase_resumes_at_another_world_size_and_zero_stage(art, runs,
         assert _last_state(out)["layout"]["world_size"] == workers
 
 
-def test_another_global_batch_does_not_resume(art, runs, tmp_path):
+def test_another_global_batch_or_a_zero0_to_zero2_resume_fails_before_any_rank_starts(art, runs, tmp_path):
     """``W=2 x grad_accum 2`` -> ``W=1 x grad_accum 2``: 4 rows a step instead of 8 is another run
-    (another number of steps, other batches): refused naming the global batch, nothing trained."""
+    (another number of steps, other batches): refused naming the global batch. ZeRO 0 -> 2 cannot
+    be converted: refused naming both stages. Nothing trained either time (``train_phase`` checks
+    the same before Ray Train starts a worker, ``check_resumable``)."""
     out = tmp_path / "run"
     shutil.copytree(runs("frozen", 0, "float32")[1], out)
-    with pytest.raises(RankFailed, match=r"global_batch=8.*global_batch=4"):
+    with pytest.raises(ValueError, match=r"global_batch=8.*global_batch=4"):  # before any rank starts
         _train(art, _cfg(0, 1, 2), out, "frozen", resume=True)
+    with pytest.raises(LayoutChangeError, match=r"zero_stage 0 and this run has 2"):
+        _train(art, _cfg(2, 1, 4), out, "frozen", resume=True)
     assert _last_state(out)["step"] == STOP
 
 

@@ -111,6 +111,30 @@ def plan_value(plan: dict[str, Any], key: str) -> Any:
     return plan.get(key)
 
 
+def check_plan(state: dict[str, Any], where: str, expect: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first ``expect`` field the checkpoint's plan differs in."""
+    for key, value in expect.items():
+        theirs = plan_value(state.get("plan", {}), key)
+        if theirs != value:
+            raise ValueError(f"{where} was written with {key}={theirs!r}, this run has {key}={value!r}; resume "
+                             f"needs the same global batch, data plan and seed (the world size, micro-batch/"
+                             f"grad-accum split and ZeRO stage may change)")
+
+
+def check_resumable(state: dict[str, Any], where: str, expect: dict[str, Any], worlds: range, stage: int) -> None:
+    """Driver side, before any worker starts: the checkpoint ``state`` resumes at every world size
+    in ``worlds`` and ZeRO ``stage`` (:func:`check_plan`, ``resize.needs_universal``), so that a
+    setting that cannot be honoured fails at once, not in every restarted worker group.
+
+    Raises:
+        ValueError, LayoutChangeError: naming ``where`` and what differs.
+    """
+    check_plan(state, where, expect)
+    layout = checkpoint_layout(state)
+    for world in worlds:
+        needs_universal(layout, world, stage, where)
+
+
 def load_checkpoint(engine, ckpt_dir: str, rank: int, exclude_frozen: bool,
                     expect: dict[str, Any] | None = None, fingerprint: str | None = None,
                     layout: dict[str, Any] | None = None, staging: str | None = None) -> dict[str, Any]:
@@ -125,12 +149,7 @@ def load_checkpoint(engine, ckpt_dir: str, rank: int, exclude_frozen: bool,
     ``staging`` (``resize``; collective). None: the checkpoint's own layout is assumed.
     """
     state = read_trainer_state(ckpt_dir)
-    for key, value in (expect or {}).items():
-        theirs = plan_value(state.get("plan", {}), key)
-        if theirs != value:
-            raise ValueError(f"checkpoint {ckpt_dir} was written with {key}={theirs!r}, this run has "
-                             f"{key}={value!r}; resume needs the same global batch, data plan and seed (the "
-                             f"world size, micro-batch/grad-accum split and ZeRO stage may change)")
+    check_plan(state, f"checkpoint {ckpt_dir}", expect or {})
     if fingerprint is not None:
         check_same_run(state, f"checkpoint {ckpt_dir}", fingerprint)
     # Frozen weak weights are not in the checkpoint (the fresh ones are kept); everything else,

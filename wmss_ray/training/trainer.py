@@ -36,6 +36,7 @@ from wmss_ray.io.manifest import fingerprint as _fingerprint
 from wmss_ray.training.checkpointing import (
     TRAINER_STATE,
     UntrainedStepsError,
+    check_resumable,
     check_same_run,
     check_trained_all_steps,
     staging_dir,
@@ -262,6 +263,8 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
     out = spec.out_dir  # build_spec made it (absolute local path, or URI)
     for where, state in checkpoint_states(out):  # before any worker: never resume another run's work
         check_same_run(state, where, spec.fingerprint)
+        # nor at a batch or ZeRO stage it cannot resume at (the workers would fail at every restart)
+        check_resumable(state, where, spec.plan_fingerprint(), cfg.scaling.worker_counts, cfg.training.zero_stage)
     ckpt_fs, ckpt_root = storage.resolve_fs(out)  # Ray Train checkpoints go to the same storage
     ensure_ray()
     pool = _start_pool(cfg, spec)  # mix.placement pool only; shut down after fit
