@@ -176,8 +176,9 @@ ADDED_KEYS = ("training.lora", "training.global_batch_size", "scaling.min_worker
 #: How a training phase is executed, not what it computes (that is the global batch, which they
 #: split): a checkpoint resumes at other values of these (``training/resize.py``,
 #: ``pipeline.resumed_fingerprint``).
-TRAINING_LAYOUT = ("scaling.num_workers", "scaling.min_workers", "training.micro_batch_size", "training.grad_accum",
-                   "training.global_batch_size", "training.zero_stage", "mix.placement")
+TRAINING_LAYOUT = ("scaling.num_workers", "scaling.min_workers", "scaling.cpus_per_worker", "scaling.gpus_per_worker",
+                   "training.micro_batch_size", "training.grad_accum", "training.global_batch_size",
+                   "training.zero_stage", "mix.placement")
 
 
 def _pop_if(d: dict[str, Any], dotted: str, default: Any) -> None:
