@@ -122,8 +122,9 @@ def _rank_main(cfg, spec, rank: int, world: int, port: int, errors: str, resume_
         dist.init_process_group("gloo", rank=rank, world_size=world)
         # no destroy_process_group at the end: the rank exits right after (the group dies with it),
         # and gloo's shutdown there hangs in a long test session with both ranks done (py-spy: pg shutdown)
-        resume_dir = (lambda: contextlib.nullcontext(resume_from)) if resume_from else None
-        run_rank(cfg, spec, rank, world, torch.device("cpu"), report=_merge_into(spec.out_dir), resume_dir=resume_dir)
+        # resume_dir only when resuming: a test's stand-in run_rank may not take it
+        resume = {"resume_dir": lambda: contextlib.nullcontext(resume_from)} if resume_from else {}
+        run_rank(cfg, spec, rank, world, torch.device("cpu"), report=_merge_into(spec.out_dir), **resume)
     except BaseException:
         Path(errors, f"rank{rank}.txt").write_text(traceback.format_exc())
         _exit(1)
