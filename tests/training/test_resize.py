@@ -151,3 +151,33 @@ def test_conversion_only_when_the_zero_partitions_differ(saved, world, stage, co
 def test_a_layout_change_that_cannot_be_honoured_fails_at_once(saved, world, stage, message):
     with pytest.raises(LayoutChangeError, match=message):
         needs_universal(saved, world, stage, "ckpt")
+
+
+def test_a_failed_conversion_fails_loudly_and_leaves_no_scratch(tmp_path, monkeypatch):
+    """A checkpoint DeepSpeed cannot convert raises naming it (here: no ZeRO shards at all), and a
+    conversion that fails half-way leaves the node's staging directory as it was."""
+    from wmss_ray.training import checkpointing
+    from wmss_ray.training.checkpointing import load_checkpoint
+
+    ckpt = tmp_path / "checkpoint_000002"
+    (ckpt / "ds").mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps(
+        {"step": 2, "fingerprint": "f", "plan": {}, "layout": {"world_size": 2, "zero_stage": 2}}))
+    staging = tmp_path / "staging"
+
+    def load():
+        load_checkpoint(None, str(ckpt), 0, exclude_frozen=False, fingerprint="f",
+                        layout={"world_size": 1, "zero_stage": 2}, staging=str(staging))
+
+    with pytest.raises(LayoutChangeError, match=f"converting {ckpt} to a universal checkpoint failed"):
+        load()
+
+    def half_way(ckpt_dir, tag, out_dir):  # fragments written, then the disk fills up
+        Path(out_dir, tag, "tmp").mkdir(parents=True)
+        Path(out_dir, tag, "tmp", "fragment").write_bytes(b"x")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(checkpointing, "to_universal", half_way)
+    with pytest.raises(OSError, match="No space left"):
+        load()
+    assert list(staging.iterdir()) == []

@@ -184,19 +184,18 @@ def _load_converted(engine, ckpt_dir: str, state: dict[str, Any], custom_load_fn
                                    f"-{state.get('step')}")
     first_on_node = int(os.environ.get("LOCAL_RANK", dist.get_rank() if dist.is_initialized() else 0)) == 0
     error: BaseException | None = None
-    if first_on_node:
-        try:
-            to_universal(ckpt_dir, DS_TAG, uc_dir)
-        except BaseException as err:  # raised after the barrier: the other ranks must not hang in it
-            error = err
-    _barrier_all()
-    failed = _any_rank(error is not None)
-    if failed:
-        raise error if error is not None else LayoutChangeError(
-            f"converting {ckpt_dir} to a universal checkpoint failed on another rank")
     try:
+        if first_on_node:
+            try:
+                to_universal(ckpt_dir, DS_TAG, uc_dir)
+            except BaseException as err:  # raised after the barrier: the other ranks must not hang in it
+                error = err
+        _barrier_all()
+        if _any_rank(error is not None):
+            raise error if error is not None else LayoutChangeError(
+                f"converting {ckpt_dir} to a universal checkpoint failed on another rank")
         load_universal(engine, uc_dir, DS_TAG, custom_load_fn)
-    finally:
+    finally:  # every rank gets here once (a failed conversion or load included): nothing is left behind
         _barrier_all()
         if first_on_node:
             shutil.rmtree(uc_dir, ignore_errors=True)
