@@ -301,3 +301,55 @@ def test_memory_and_file_size_knobs_change_no_fingerprint():
                                              "evaluation.logits_mb=1"])
     assert prints(knobs) == prints(cfg)
     assert prints(config_from_dict(cfg.to_dict(), ["scoring.batch_size=3"]))["score_1"] != prints(cfg)["score_1"]
+
+
+@pytest.mark.parametrize("overrides, reruns", [
+    # the same global batch of 16 rows split otherwise, at another ZeRO stage: how it is executed
+    (["scaling.num_workers=2", "training.micro_batch_size=8"], []),
+    (["scaling.num_workers=4", "training.micro_batch_size=2", "training.grad_accum=2", "training.zero_stage=3"], []),
+    (["scaling.num_workers=[1,2]", "training.micro_batch_size=4", "training.global_batch_size=16"], []),
+    # what it computes: another global batch (32 rows), another learning rate
+    (["scaling.num_workers=2"], ["sft", "score_1", "curriculum_1", "wmss_1", "sft_continued", "eval", "report"]),
+    (["training.lr=5e-4"], ["sft", "score_1", "curriculum_1", "wmss_1", "sft_continued", "eval", "report"]),
+])
+def test_a_training_phase_keeps_its_fingerprint_at_another_layout_of_the_same_global_batch(
+        overrides, reruns, cfg, monkeypatch, tmp_path):
+    """The demo config trains 16 rows a step on 1 worker; a completed run re-run at another world
+    size, batch split or ZeRO stage of those 16 rows skips everything (each phase keeps the
+    fingerprint it was made with), another global batch or lr retrains from SFT on."""
+    calls = []
+    monkeypatch.setattr(pipeline, "build_phases", _fake_phases(calls))
+    monkeypatch.setattr(pipeline, "ensure_ray", lambda: None)
+    run_pipeline(cfg)
+    before = {p: json.loads(open(f"{cfg.run_dir()}/{p}/manifest.json").read()) for p in ("sft", "wmss_1", "eval")}
+    assert before["sft"]["layout"]["training.micro_batch_size"] == 16 and before["eval"]["layout"] is None
+    calls.clear()
+    resized = load_config(None, [f"run.storage={tmp_path}", "run.name=r", *overrides])
+    run_pipeline(resized)
+    assert calls == reruns
+    if not reruns:
+        after = {p: json.loads(open(f"{cfg.run_dir()}/{p}/manifest.json").read()) for p in before}
+        assert {p: m["fingerprint"] for p, m in after.items()} == {p: m["fingerprint"] for p, m in before.items()}
+
+
+def test_an_interrupted_training_phase_resumes_its_work_at_another_layout(cfg, monkeypatch, tmp_path):
+    """wmss_1 crashes at 1 worker; rerun at 2 workers x micro-batch 8 (the same 16 rows), it runs
+    again in its directory as it was (its checkpoints kept, not cleared), under its fingerprint,
+    and its manifest keeps the layout that fingerprint was computed with."""
+    calls = []
+    monkeypatch.setattr(pipeline, "build_phases", _fake_phases(calls, fail_at="wmss_1"))
+    monkeypatch.setattr(pipeline, "ensure_ray", lambda: None)
+    with pytest.raises(RuntimeError, match="boom"):
+        run_pipeline(cfg)
+    wmss = f"{cfg.run_dir()}/wmss_1"
+    fp = json.loads(open(f"{wmss}/manifest.json").read())["fingerprint"]
+    open(f"{wmss}/checkpoint_marker", "w").close()  # stands in for its Ray Train checkpoints
+    calls.clear()
+    monkeypatch.setattr(pipeline, "build_phases", _fake_phases(calls))
+    run_pipeline(load_config(None, [f"run.storage={tmp_path}", "run.name=r", "scaling.num_workers=2",
+                                    "training.micro_batch_size=8"]))
+    assert calls == ["wmss_1", "sft_continued", "eval", "report"]
+    man = json.loads(open(f"{wmss}/manifest.json").read())
+    assert os.path.exists(f"{wmss}/checkpoint_marker")
+    assert man["status"] == "completed" and man["fingerprint"] == fp
+    assert man["layout"]["scaling.num_workers"] == 1 and man["layout"]["training.micro_batch_size"] == 16

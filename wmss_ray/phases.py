@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from wmss_ray.config.names import CONTROL_ARM_LABELS, SFT_CONTINUED, SFT_CONTINUED_LABEL
-from wmss_ray.config.schema import ADDED_KEYS, WMSSConfig
+from wmss_ray.config.schema import ADDED_KEYS, TRAINING_LAYOUT, WMSSConfig
 from wmss_ray.io import storage
 from wmss_ray.io.manifest import linked_phase, phase_fingerprint, read_manifest
 from wmss_ray.training.controls import arm_sections
@@ -45,6 +45,10 @@ class Phase:
     # inputs from outside the config and the phases (the sweep control's step count): hashed
     # only when given, so the pipeline's phases keep their fingerprints
     extra: dict[str, Any] | None = None
+    # dotted keys of how a training phase is executed (world size, batch split, ZeRO stage, weak
+    # placement): hashed like the others, but a run may resume at other values of them with the
+    # fingerprint it started with, when the global batch is the same (pipeline.resumed_fingerprint)
+    layout: tuple[str, ...] = ()
 
     def fingerprint(self, cfg_dict: dict[str, Any], prints: dict[str, str]) -> str:
         """This phase's fingerprint for ``cfg_dict`` (``WMSSConfig.fingerprint_dict()``) and the
@@ -347,6 +351,7 @@ def build_phases(cfg: WMSSConfig) -> list[Phase]:
     # How a training run is executed, not what it computes: changing them resumes a crashed run
     # (say, with checkpoints more often) instead of discarding its checkpoints.
     how = ("training.checkpoint_every", "training.checkpoints_to_keep", "training.max_failures", "training.staging_dir")
+    layout = TRAINING_LAYOUT
     phases: list[Phase] = []
     if demo:
         phases.append(Phase("data", [], ["run.seed", "data.demo"], _phase_data))
@@ -354,7 +359,8 @@ def build_phases(cfg: WMSSConfig) -> list[Phase]:
     first = ["data", "phase0"] if demo else []
     # how the rows are laid out in files, not which rows: changing it keeps the tokenised data
     phases.append(Phase("tokenize", first, ["data", "models"], _phase_tokenize, no_weak + ("data.rows_per_file",)))
-    phases.append(Phase("sft", ["tokenize"], ["run.seed", "models", "training", "scaling"], _phase_sft, no_weak + how))
+    phases.append(Phase("sft", ["tokenize"], ["run.seed", "models", "training", "scaling"], _phase_sft, no_weak + how,
+                        layout=layout))
     prev_model = "sft"
     for t in range(1, k + 1):
         weak_src = "sft" if t == 2 else (f"wmss_{t - 2}" if t > 2 else first[-1] if first else "tokenize")
@@ -364,14 +370,15 @@ def build_phases(cfg: WMSSConfig) -> list[Phase]:
                             ("scoring.logits_mb",)))  # how many rows per forward: the scores do not change
         phases.append(Phase(f"curriculum_{t}", [f"score_{t}"], ["run.seed", "curriculum"], _phase_curriculum(t)))
         phases.append(Phase(f"wmss_{t}", [f"curriculum_{t}", prev_model, weak_src],
-                            ["run.seed", "mix", "training", "scaling", *weak_key], _phase_wmss(t), how))
+                            ["run.seed", "mix", "training", "scaling", *weak_key], _phase_wmss(t), how,
+                            layout=layout))
         prev_model = f"wmss_{t}"
     if cfg.evaluation.sft_continued:
         phases.append(Phase(SFT_CONTINUED, ["sft", prev_model], ["run.seed", "training", "scaling"],
-                            _phase_sft_continued, how))
+                            _phase_sft_continued, how, layout=layout))
     for arm in cfg.controls.arms:  # after WMSS: their step counts follow from its steps
         phases.append(Phase(arm, ["sft", prev_model], ["run.seed", "training", "scaling", *arm_sections(arm)],
-                            _phase_control(arm), how))
+                            _phase_control(arm), how, layout=layout))
     eval_needs = [p.name for p in phases if p.name in ("sft", SFT_CONTINUED, prev_model, *cfg.controls.arms)] + first
     phases.append(Phase("eval", eval_needs, ["evaluation", "data.eval", "data.reference_column", "data.supervise"],
                         _phase_eval, ("evaluation.logits_mb",)))

@@ -25,7 +25,7 @@ from wmss_ray.config.loading import check_corpus_paths, check_model_dirs, check_
 from wmss_ray.config.schema import WMSSConfig
 from wmss_ray.io import storage
 from wmss_ray.io.console import get_console, monitor
-from wmss_ray.io.manifest import Manifest, linked_phase, now, prepare_phase_dir, read_manifest
+from wmss_ray.io.manifest import Manifest, layout_of, linked_phase, now, prepare_phase_dir, read_manifest, with_layout
 from wmss_ray.phases import Phase, RunContext, build_phases, write_run_summary
 from wmss_ray.stages import progress
 
@@ -37,6 +37,35 @@ log = logging.getLogger("wmss_ray.pipeline")
 
 def _phase_fingerprint(phase: Phase, cfg_dict: dict[str, Any], prints: dict[str, str]) -> str:
     return phase.fingerprint(cfg_dict, prints)
+
+
+def resumed_fingerprint(phase: Phase, cfg: WMSSConfig, cfg_dict: dict[str, Any], prints: dict[str, str],
+                        old: Manifest | None) -> tuple[str, dict[str, Any] | None]:
+    """``(fingerprint, layout)`` of ``phase`` under this config, given its directory's manifest.
+
+    Normally the fingerprint of the config as it is, with the values of the phase's layout keys
+    (``Phase.layout``). But when only those keys changed since the manifest's run, at the same
+    global batch (4 workers x grad-accum 1 -> 2 x 2, ZeRO 2 -> 3, colocated -> pool), it is that
+    run's fingerprint and layout: the phase resumes (or stays completed) instead of starting over,
+    and every later phase keeps its fingerprint. Why not leave the layout keys out of the hash:
+    every run made before would change fingerprint and retrain after the upgrade.
+    """
+    fp = _phase_fingerprint(phase, cfg_dict, prints)
+    layout = layout_of(cfg_dict, phase.layout) if phase.layout else None
+    if old is None or old.fingerprint == fp or not phase.layout or old.layout is None:
+        return fp, layout
+    then = with_layout(cfg_dict, phase.layout, old.layout)
+    if _phase_fingerprint(phase, then, prints) != old.fingerprint:
+        return fp, layout  # something else changed too
+    try:
+        same_batch = WMSSConfig.model_validate(then).global_batch() == cfg.global_batch()
+    except ValueError:  # that layout does not validate with this config
+        same_batch = False
+    if not same_batch:
+        return fp, layout
+    changed = {k: (old.layout.get(k), layout.get(k)) for k in phase.layout if old.layout.get(k) != layout.get(k)}
+    log.info("phase %-13s continues its run at another layout: %s", phase.name, changed)
+    return old.fingerprint, old.layout
 
 
 def run_pipeline(cfg: WMSSConfig, from_phase: str | None = None, until: str | None = None,
@@ -98,9 +127,10 @@ def run_phases(ctx: RunContext, phases: list[Phase], from_phase: str | None = No
     forced = False
     for phase in phases:
         forced = forced or phase.name == from_phase
-        fp = ctx.fingerprints[phase.name] = _phase_fingerprint(phase, cfg_dict, ctx.fingerprints)
         phase_dir = ctx.phase_dir(phase.name)
         old = read_manifest(phase_dir)
+        fp, layout = resumed_fingerprint(phase, ctx.cfg, cfg_dict, ctx.fingerprints, old)
+        ctx.fingerprints[phase.name] = fp
         if not forced and old and old.status == "completed" and old.fingerprint == fp:
             log.info("phase %-13s skipped (completed, same inputs)", phase.name)
             get_console().line(f"[wmss] {phase.name} skipped: completed before with the same inputs")
@@ -112,21 +142,22 @@ def run_phases(ctx: RunContext, phases: list[Phase], from_phase: str | None = No
             why = "was forced" if forced else "has other inputs here" if done else "did not complete there"
             raise RuntimeError(f"phase {phase.name} is linked from {storage.redact(target)} and {why}; "
                                f"refusing to overwrite it (remove the link to run it in this run dir)")
-        elif _run_one(phase, ctx, fp, phase_dir, forced) != "completed":
+        elif _run_one(phase, ctx, fp, phase_dir, forced, layout) != "completed":
             break  # stopped short of its end on purpose: later phases need what it did not make yet
         if phase.name == until:
             break
     return ctx.outputs
 
 
-def _run_one(phase: Phase, ctx: RunContext, fp: str, phase_dir: str, forced: bool) -> str:
+def _run_one(phase: Phase, ctx: RunContext, fp: str, phase_dir: str, forced: bool,
+             layout: dict[str, Any] | None = None) -> str:
     """Run one phase (resuming an interrupted run of the same fingerprint); returns its status."""
     if phase.name not in ("data", "phase0", "report"):
         ensure_ray()
     prepare_phase_dir(phase_dir, phase.name, fp, forced)  # another run's leftovers are deleted here
     inputs = {n: ctx.outputs.get(n) for n in phase.needs}
     man = Manifest(phase=phase.name, status="running", fingerprint=fp, config_hash=ctx.cfg.config_hash(),
-                   inputs=inputs, started_at=now())
+                   inputs=inputs, started_at=now(), layout=layout)
     man.write(phase_dir)
     log.info("phase %-13s running", phase.name)
     console = get_console()

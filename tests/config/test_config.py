@@ -282,3 +282,38 @@ def test_corpus_and_tokenizer_are_checked_before_ray(tmp_path):
     check_tokenizer_dir(cfg)
     check_corpus_paths(config_from_dict({}))  # the demo writes its own corpus
     check_tokenizer_dir(config_from_dict({}))
+
+
+def test_num_workers_as_a_range_is_elastic_with_one_global_batch():
+    """``scaling.num_workers: [min, max]`` is ``min_workers`` + ``num_workers`` (the most); the
+    global batch is the same at every worker count and grad-accum follows the world size."""
+    from wmss_ray.config.loading import config_from_dict
+
+    cfg = config_from_dict({"scaling": {"num_workers": [2, 4]},
+                            "training": {"micro_batch_size": 2, "global_batch_size": 24}})
+    assert (cfg.scaling.min_workers, cfg.scaling.num_workers, cfg.scaling.elastic) == (2, 4, True)
+    assert cfg.global_batch() == 24 and [cfg.grad_accum_for(w) for w in (2, 3, 4)] == [6, 4, 3]
+    assert config_from_dict(cfg.to_dict()) == cfg  # what a run saves reads back the same
+    fixed = config_from_dict({"scaling": {"num_workers": 4}, "training": {"micro_batch_size": 2, "grad_accum": 2}})
+    assert not fixed.scaling.elastic and fixed.global_batch() == 16  # G from max workers when not set
+
+
+@pytest.mark.parametrize("scaling, training, message", [
+    ({"num_workers": [1, 4]}, {"micro_batch_size": 2, "global_batch_size": 16},
+     r"global batch 16 does not split over \[3\] workers.*worker counts that fit: \[1, 2, 4\]"),
+    ({"num_workers": [2, 4]}, {"micro_batch_size": 2, "grad_accum": 3},  # G = 2 x 3 x 4 = 24: 3 workers fit
+     None),
+    ({"num_workers": 2}, {"micro_batch_size": 2, "global_batch_size": 16, "grad_accum": 2},
+     r"global_batch_size 16 and training.grad_accum 2 disagree"),
+    ({"num_workers": [3, 2]}, {}, r"num_workers must be a number or \[min, max\] with 1 <= min <= max"),
+    ({"num_workers": [1, 2], "min_workers": 1}, {}, r"not both"),
+])
+def test_a_global_batch_that_some_worker_count_cannot_split_is_refused_at_load(scaling, training, message):
+    from wmss_ray.config.loading import config_from_dict
+    from wmss_ray.config.sections import ConfigError
+
+    if message is None:
+        assert config_from_dict({"scaling": scaling, "training": training}).global_batch() == 24
+        return
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"scaling": scaling, "training": training})

@@ -16,6 +16,7 @@ long-lived worker group would carry from one run into the next.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import shutil
@@ -28,7 +29,8 @@ from typing import Any
 
 from wmss_ray.io import storage
 from wmss_ray.io.files import read_metrics
-from wmss_ray.training.checkpointing import UntrainedStepsError, check_trained_all_steps
+from wmss_ray.training.checkpointing import (UntrainedStepsError, check_resumable, check_same_run,
+                                             check_trained_all_steps)
 from wmss_ray.training.rank_loop import RUN_NAME, run_rank
 from wmss_ray.training.trainer import TrainResult, build_spec, checkpoint_states
 
@@ -42,9 +44,10 @@ class RankFailed(RuntimeError):
 
 
 def train_on_forked_ranks(cfg, phase: str, strong_init: str, weak_init: str | None, tokenized: str,
-                          sampled: str | None, out_dir: str, mode: str | None = None,
+                          sampled: str | None, out_dir: str, mode: str | None = None, *, resume: bool = False,
                           **build_spec_kw: Any) -> TrainResult:
-    """Train one phase from step 0 on ``cfg.scaling.num_workers`` forked gloo ranks (CPU).
+    """Train one phase on ``cfg.scaling.num_workers`` forked gloo ranks (CPU), from step 0 or,
+    with ``resume``, from the latest checkpoint in ``out_dir`` (as Ray Train restores one).
 
     Arguments as ``train_phase`` (``build_spec_kw``: ``epochs``, ``exact_steps``, ``stop_after``,
     ``export_at_stop``, ``fingerprint``). Each checkpoint's files from every rank are merged into
@@ -53,19 +56,28 @@ def train_on_forked_ranks(cfg, phase: str, strong_init: str, weak_init: str | No
     ``total_steps``, ``checkpoint_path`` (the last checkpoint), ``final_metrics``.
 
     Raises:
-        ValueError: ``out_dir`` already holds checkpoints (forked ranks never resume).
+        ValueError: ``out_dir`` holds checkpoints and ``resume`` is off (a fresh run must not mix
+            with an earlier one's), or ``resume`` is on and it holds none.
+        ForeignCheckpointError: ``resume`` and the checkpoints are another run's (as ``train_phase``).
         RankFailed: a rank exited non-zero (the first failed rank's exit code and traceback).
         UntrainedStepsError: the last checkpoint does not show every planned step trained.
     """
     spec = build_spec(cfg, phase, strong_init, weak_init, tokenized, sampled, out_dir, mode, **build_spec_kw)
-    if checkpoint_states(spec.out_dir):
-        raise ValueError(f"{spec.out_dir}: holds checkpoints; forked ranks start from step 0 only")
+    states = checkpoint_states(spec.out_dir)
+    if bool(states) != resume:
+        raise ValueError(f"{spec.out_dir}: {'holds checkpoints; pass resume=True' if states else 'no checkpoint to resume'}")
+    latest = None
+    if resume:
+        for where, state in states:  # before any rank starts, as train_phase
+            check_same_run(state, where, spec.fingerprint)
+            check_resumable(state, where, spec.plan_fingerprint(), cfg.scaling.worker_counts, cfg.training.zero_stage)
+        latest = max(states, key=lambda ws: int(ws[1].get("step", -1)))[0]
     _import_what_ranks_use()
     world = cfg.scaling.num_workers
     port = _free_port()
     with tempfile.TemporaryDirectory(prefix="wmss-forked-ranks-") as errors:
         ctx = multiprocessing.get_context("fork")  # the children start with this process's imports
-        procs = [ctx.Process(target=_rank_main, args=(cfg, spec, rank, world, port, errors), name=f"rank{rank}")
+        procs = [ctx.Process(target=_rank_main, args=(cfg, spec, rank, world, port, errors, latest), name=f"rank{rank}")
                  for rank in range(world)]
         for p in procs:
             p.start()
@@ -83,8 +95,9 @@ def _import_what_ranks_use() -> None:
     import wmss_ray.training.worker  # noqa: F401
 
 
-def _rank_main(cfg, spec, rank: int, world: int, port: int, errors: str) -> None:
-    """A forked rank: a fresh gloo group of ``world`` ranks on 127.0.0.1:``port``, then ``run_rank``.
+def _rank_main(cfg, spec, rank: int, world: int, port: int, errors: str, resume_from: str | None = None) -> None:
+    """A forked rank: a fresh gloo group of ``world`` ranks on 127.0.0.1:``port``, then ``run_rank``
+    (from the checkpoint directory ``resume_from``, if given).
 
     Never touches Ray (the test process may hold a live Ray driver). Any exception is written to
     ``<errors>/rank<rank>.txt`` and the process exits 1."""
@@ -109,7 +122,9 @@ def _rank_main(cfg, spec, rank: int, world: int, port: int, errors: str) -> None
         dist.init_process_group("gloo", rank=rank, world_size=world)
         # no destroy_process_group at the end: the rank exits right after (the group dies with it),
         # and gloo's shutdown there hangs in a long test session with both ranks done (py-spy: pg shutdown)
-        run_rank(cfg, spec, rank, world, torch.device("cpu"), report=_merge_into(spec.out_dir))
+        # resume_dir only when resuming: a test's stand-in run_rank may not take it
+        resume = {"resume_dir": lambda: contextlib.nullcontext(resume_from)} if resume_from else {}
+        run_rank(cfg, spec, rank, world, torch.device("cpu"), report=_merge_into(spec.out_dir), **resume)
     except BaseException:
         Path(errors, f"rank{rank}.txt").write_text(traceback.format_exc())
         _exit(1)

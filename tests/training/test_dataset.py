@@ -37,6 +37,20 @@ def test_plan_step_count_caps_and_fractions():
     assert (plan.rank_step(1, 1) == np.concatenate([plan.micro_batch(1, a, 1) for a in range(2)])).all()
 
 
+def test_a_plan_on_another_world_size_trains_the_same_rows_at_every_step():
+    """64 workers x grad-accum 2 x micro-batch 4 (G = 512) continued on 32 workers: grad-accum 4,
+    the same 512 rows at every step, the same steps; 48 workers cannot split 512 rows of 4."""
+    plan = DataPlan(n_per_epoch=5000, epochs=1.5, seed=7, micro_batch_size=4, grad_accum=2, world_size=64)
+    half = plan.for_world(32)
+    assert (half.grad_accum, half.global_batch, half.total_steps) == (4, 512, plan.total_steps)
+    for step in (0, 9, plan.total_steps - 1):  # the last crosses into epoch 2
+        rows = lambda p: np.sort(np.concatenate([p.rank_step(step, r) for r in range(p.world_size)]))  # noqa: E731
+        assert (rows(half) == rows(plan)).all() and (rows(plan) == np.sort(step_indices(plan, step))).all()
+    assert plan.for_world(64) is plan
+    with pytest.raises(ValueError, match="global batch 512 .* does not split over 48 workers of micro-batch 4"):
+        plan.for_world(48)
+
+
 def test_ds_config_batch_geometry_zero_and_overrides():
     cfg = tiny_cfg(zero_stage=3, offload_params=True, offload_optimizer=True, grad_accum=4)
     ds = build_ds_config(cfg.training, world_size=8, dtype=torch.bfloat16, on_gpu=True)

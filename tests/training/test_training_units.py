@@ -253,9 +253,9 @@ def test_checkpoint_roundtrip_continues_exactly_zero3_frozen(artifacts, tmp_path
     resumed = second.train_step(1)
     for key in ("loss", "grad_norm", "lr", "ce_strong"):
         assert resumed[key] == pytest.approx(uninterrupted[key], rel=1e-6), key
-    bad = tiny_cfg(zero_stage=3, max_steps=2, micro_batch_size=1)
+    bad = tiny_cfg(zero_stage=3, max_steps=2, micro_batch_size=1)  # 2 rows a step, not 4: another run
     third, _ = _run_worker(artifacts, bad, "wmss", "frozen", 0, tmp_path / "c")
-    with pytest.raises(ValueError, match="micro_batch_size"):
+    with pytest.raises(ValueError, match="global_batch=4, this run has global_batch=2"):
         third.load(str(tmp_path / "ckpt"))
 
 

@@ -170,10 +170,18 @@ class TuneConfig(ConfigSection):
 #: Keys added after runs were made, each left out of phase fingerprints while it has its default
 #: (what runs from before it behaved as): those runs keep their fingerprints and resume instead of
 #: retraining after an upgrade. Set to anything else, a key is hashed like every other.
-ADDED_KEYS = ("training.lora", "evaluation.engine", "evaluation.samples", "evaluation.temperature",
-              "evaluation.top_p", "evaluation.sampling_seed", "evaluation.vllm",
-              "data.rows_per_file", "scoring.logits_mb", "evaluation.logits_mb", "mix.weak_source", "mix.shuffle_bucket_rows",
-              "training.label_smoothing", "controls")
+ADDED_KEYS = ("training.lora", "training.global_batch_size", "scaling.min_workers", "evaluation.engine",
+              "evaluation.samples", "evaluation.temperature", "evaluation.top_p", "evaluation.sampling_seed",
+              "evaluation.vllm", "data.rows_per_file", "scoring.logits_mb", "evaluation.logits_mb", "mix.weak_source",
+              "mix.shuffle_bucket_rows", "training.label_smoothing", "controls")
+
+
+#: How a training phase is executed, not what it computes (that is the global batch, which they
+#: split): a checkpoint resumes at other values of these (``training/resize.py``,
+#: ``pipeline.resumed_fingerprint``).
+TRAINING_LAYOUT = ("scaling.num_workers", "scaling.min_workers", "scaling.cpus_per_worker", "scaling.gpus_per_worker",
+                   "training.micro_batch_size", "training.grad_accum", "training.global_batch_size",
+                   "training.zero_stage", "mix.placement")
 
 
 def _pop_if(d: dict[str, Any], dotted: str, default: Any) -> None:
@@ -219,6 +227,36 @@ class WMSSConfig(ConfigSection):
             )
         return self
 
+    @model_validator(mode="after")
+    def _global_batch_splits(self) -> "WMSSConfig":
+        t, sc = self.training, self.scaling
+        # with global_batch_size, grad_accum follows the world size: a value other than the default
+        # must be the one it takes at num_workers (a saved config reads back), or it is a contradiction
+        if t.global_batch_size is not None and t.grad_accum not in (1, self.grad_accum_for(sc.num_workers, check=False)):
+            raise ValueError(f"training.global_batch_size {t.global_batch_size} and training.grad_accum {t.grad_accum} "
+                             f"disagree (micro_batch_size {t.micro_batch_size} x {sc.num_workers} workers): set one of them")
+        g, mb = self.global_batch(), t.micro_batch_size
+        bad = [w for w in sc.worker_counts if g % (mb * w)]
+        if bad:
+            fits = [w for w in range(1, sc.num_workers + 1) if g % (mb * w) == 0]
+            raise ValueError(f"the global batch {g} does not split over {bad} workers of training.micro_batch_size {mb} "
+                             f"(G / (micro_batch_size x workers) must be an integer); worker counts that fit: {fits}. "
+                             f"Change scaling.num_workers, training.global_batch_size or training.micro_batch_size")
+        return self
+
+    def global_batch(self) -> int:
+        """G: rows per optimizer step over all workers, whatever the world size of the moment
+        (``training.global_batch_size``, else ``micro_batch_size x grad_accum x num_workers``)."""
+        t = self.training
+        return t.global_batch_size or t.micro_batch_size * t.grad_accum * self.scaling.num_workers
+
+    def grad_accum_for(self, world: int, check: bool = True) -> int:
+        """Micro-batches per rank and step at ``world`` workers: ``G / (micro_batch_size x world)``."""
+        g, mb = self.global_batch(), self.training.micro_batch_size
+        if check and g % (mb * world):
+            raise ValueError(f"the global batch {g} does not split over {world} workers of micro-batch {mb}")
+        return max(1, g // (mb * world))
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
 
@@ -231,6 +269,16 @@ class WMSSConfig(ConfigSection):
             for part in dotted.split("."):
                 node = node[part]
             _pop_if(out, dotted, node)
+        return out
+
+    def run_dict(self) -> dict[str, Any]:
+        """:meth:`fingerprint_dict` without the :data:`TRAINING_LAYOUT` keys, with the global batch
+        they make: what a training run computes (a direct ``train_phase`` call's fingerprint)."""
+        out = self.fingerprint_dict()
+        for dotted in TRAINING_LAYOUT:
+            section, leaf = dotted.split(".")
+            out.get(section, {}).pop(leaf, None)
+        out["global_batch"] = self.global_batch()
         return out
 
     def config_hash(self) -> str:

@@ -314,6 +314,10 @@ class TrainingConfig(ConfigSection):
     max_steps: int | None = Field(None, ge=1, description="cap on optimizer steps per phase")
     micro_batch_size: int = Field(16, ge=1)
     grad_accum: int = Field(1, ge=1)
+    global_batch_size: int | None = Field(
+        None, ge=1, description="rows per optimizer step over all workers (G); grad_accum then follows the world "
+        "size, G / (micro_batch_size x workers), which must be an integer for every worker count; null: "
+        "micro_batch_size x grad_accum x scaling.num_workers")
     grad_clip: float = Field(1.0, gt=0)
     zero_stage: Literal[0, 1, 2, 3] = 0
     offload_optimizer: bool = False
@@ -367,10 +371,44 @@ class Phase0Config(ConfigSection):
 
 
 class ScalingConfig(ConfigSection):
+    """``num_workers``: the Train workers (data-parallel ranks); ``[min, max]`` (stored as
+    ``min_workers`` and ``num_workers`` = max) starts with what is free and resizes at restarts
+    (Ray Train's elastic ``ScalingConfig(num_workers=(min, max))``; docs/TRAINING.md)."""
+
     num_workers: int = Field(1, ge=1)
+    min_workers: int | None = Field(None, ge=1, description="elastic training: the fewest workers a run starts "
+                                    "or continues with (num_workers is the most); null: exactly num_workers")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _workers_range(cls, data: Any) -> Any:
+        # num_workers: [min, max] is the YAML spelling of min_workers + num_workers
+        if isinstance(data, dict) and isinstance(data.get("num_workers"), (list, tuple)):
+            pair = data["num_workers"]
+            if len(pair) != 2 or not all(isinstance(v, int) for v in pair) or not 1 <= pair[0] <= pair[1]:
+                raise ValueError(f"num_workers must be a number or [min, max] with 1 <= min <= max, got {list(pair)}")
+            if data.get("min_workers") is not None:
+                raise ValueError("give num_workers as [min, max] or min_workers, not both")
+            data = {**data, "min_workers": pair[0], "num_workers": pair[1]}
+        return data
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> "ScalingConfig":
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(f"min_workers {self.min_workers} is above num_workers {self.num_workers}")
+        return self
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None and self.min_workers < self.num_workers
+
+    @property
+    def worker_counts(self) -> range:
+        """Every world size a run may have: ``[min_workers, num_workers]``."""
+        return range(self.min_workers or self.num_workers, self.num_workers + 1)
 
 
 class VLLMConfig(ConfigSection):

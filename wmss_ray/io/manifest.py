@@ -47,6 +47,9 @@ class Manifest:
     finished_at: float | None = None
     seconds: float | None = None
     error: str | None = None
+    # a training phase: the values of its layout keys (``Phase.layout``) its fingerprint was
+    # computed with, which a resume at another layout keeps (``fingerprint_at_layout``)
+    layout: dict[str, Any] | None = None
 
     def write(self, phase_dir: str | Path) -> None:
         """Write atomically (tmp + rename; one PUT on object stores): never half a manifest."""
@@ -131,6 +134,34 @@ def phase_fingerprint(name: str, sections: list[str], needs: list[str], cfg_dict
     parts = {"phase": name, "config": {s: _section(cfg_dict, s) for s in sections},
              "upstream": {n: prints.get(n) for n in needs}}
     return fingerprint({**parts, "extra": extra} if extra is not None else parts)
+
+
+def layout_of(cfg_dict: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """The dotted ``keys`` present in ``cfg_dict`` and their values (an absent key stays absent:
+    a key of ``ADDED_KEYS`` at its default is not in a fingerprint's config dict)."""
+    out = {}
+    for dotted in keys:
+        *parents, leaf = dotted.split(".")
+        node = _section(cfg_dict, ".".join(parents)) if parents else cfg_dict
+        if isinstance(node, dict) and leaf in node:
+            out[dotted] = node[leaf]
+    return out
+
+
+def with_layout(cfg_dict: dict[str, Any], keys: tuple[str, ...], layout: dict[str, Any]) -> dict[str, Any]:
+    """``cfg_dict`` with its ``keys`` replaced by ``layout``'s (removed where ``layout`` has none)."""
+    out = copy.deepcopy(cfg_dict)
+    for dotted in keys:
+        *parents, leaf = dotted.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {}) if isinstance(node, dict) else {}
+        if not isinstance(node, dict):
+            continue
+        node.pop(leaf, None)
+        if dotted in layout:
+            node[leaf] = layout[dotted]
+    return out
 
 
 def now() -> float:

@@ -32,7 +32,7 @@ def planned_steps(cfg: WMSSConfig, rows: int | None, epochs: float) -> int | Non
     if not rows:
         return None
     t = cfg.training
-    batch = t.micro_batch_size * t.grad_accum * cfg.scaling.num_workers
+    batch = cfg.global_batch()
     steps = max(1, math.ceil(rows * epochs / batch - 1e-9))
     return min(steps, t.max_steps) if t.max_steps else steps
 

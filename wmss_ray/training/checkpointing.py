@@ -6,8 +6,10 @@ ranks' directories into one in the run's storage::
     ds/                      DeepSpeed: module, optimizer, lr scheduler (per-rank ZeRO shards;
                              file names carry the rank, so the merge never collides)
     latest                   DeepSpeed's tag pointer (rank 0)
-    trainer_state.json       rank 0: step, samples seen, plan fingerprint, the run's fingerprint
-                             and the step ranges each of its processes trained (``segments``)
+    trainer_state.json       rank 0: step, samples seen, plan fingerprint (what the run computes),
+                             layout (how it was executed: world size, ZeRO stage, batch split,
+                             placement), the run's fingerprint and the step ranges each of its
+                             processes trained (``segments``)
     rng_rank<r>.pt           each rank's torch / python RNG state
 
 A checkpoint belongs to one run: ``fingerprint`` is the phase's (the pipeline's phase
@@ -17,8 +19,10 @@ checkpoint that its steps ``[0, end)`` were all trained by runs of that fingerpr
 (:func:`check_trained_all_steps`).
 
 The frozen weak model is left out (``exclude_frozen_parameters``): it never changes, so a resumed
-run rebuilds it from its init directory. A checkpoint only loads into the same world size and
-ZeRO stage (DeepSpeed's per-rank shards).
+run rebuilds it from its init directory. A checkpoint written at another world size or ZeRO stage
+is converted to a DeepSpeed universal checkpoint first (``resize``); ``trainer_state.json``
+records the ``layout`` it was written at (world size, ZeRO stage, micro-batch, grad-accum,
+placement).
 """
 
 from __future__ import annotations
@@ -26,11 +30,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from wmss_ray.training.resize import LayoutChangeError, checkpoint_layout, load_universal, needs_universal, to_universal
 
 DS_TAG = "ds"
 TRAINER_STATE = "trainer_state.json"
@@ -98,32 +105,119 @@ def read_trainer_state(ckpt_dir: str) -> dict[str, Any]:
         return json.load(f)
 
 
+def plan_value(plan: dict[str, Any], key: str) -> Any:
+    """A checkpoint's recorded plan field; ``global_batch`` of an older checkpoint (which recorded
+    the split, not the product) is ``micro_batch_size * grad_accum * world_size``."""
+    if key == "global_batch" and key not in plan and "world_size" in plan:
+        return plan["micro_batch_size"] * plan["grad_accum"] * plan["world_size"]
+    return plan.get(key)
+
+
+def check_plan(state: dict[str, Any], where: str, expect: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first ``expect`` field the checkpoint's plan differs in."""
+    for key, value in expect.items():
+        theirs = plan_value(state.get("plan", {}), key)
+        if theirs != value:
+            raise ValueError(f"{where} was written with {key}={theirs!r}, this run has {key}={value!r}; resume "
+                             f"needs the same global batch, data plan and seed (the world size, micro-batch/"
+                             f"grad-accum split and ZeRO stage may change)")
+
+
+def check_resumable(state: dict[str, Any], where: str, expect: dict[str, Any], worlds: range, stage: int) -> None:
+    """Driver side, before any worker starts: the checkpoint ``state`` resumes at every world size
+    in ``worlds`` and ZeRO ``stage`` (:func:`check_plan`, ``resize.needs_universal``), so that a
+    setting that cannot be honoured fails at once, not in every restarted worker group.
+
+    Raises:
+        ValueError, LayoutChangeError: naming ``where`` and what differs.
+    """
+    check_plan(state, where, expect)
+    layout = checkpoint_layout(state)
+    for world in worlds:
+        needs_universal(layout, world, stage, where)
+
+
 def load_checkpoint(engine, ckpt_dir: str, rank: int, exclude_frozen: bool,
-                    expect: dict[str, Any] | None = None, fingerprint: str | None = None) -> dict[str, Any]:
+                    expect: dict[str, Any] | None = None, fingerprint: str | None = None,
+                    layout: dict[str, Any] | None = None, staging: str | None = None) -> dict[str, Any]:
     """Restore model(s), optimizer, scheduler and RNG from ``ckpt_dir``; return the trainer state.
 
-    ``expect``: plan fingerprint fields that must match the checkpoint's (world size, batch
-    geometry, seed, ...); a mismatch raises ``ValueError`` naming the field instead of silently
-    resuming a different run. ``fingerprint``: the run's; a checkpoint of another run raises
-    :class:`ForeignCheckpointError` (after the plan fields, which name what differs).
+    ``expect``: plan fields of what the run computes that must match the checkpoint's (global
+    batch, seed, data size, steps, mode); a mismatch raises ``ValueError`` naming the field instead
+    of silently resuming a different run. ``fingerprint``: the run's; a checkpoint of another run
+    raises :class:`ForeignCheckpointError` (after the plan fields, which name what differs).
+    ``layout``: how this run executes (``resize.LAYOUT_KEYS``); when its world size or ZeRO stage
+    differs from the checkpoint's, the checkpoint is first converted to a universal one in
+    ``staging`` (``resize``; collective). None: the checkpoint's own layout is assumed.
     """
     state = read_trainer_state(ckpt_dir)
-    for key, value in (expect or {}).items():
-        if state.get("plan", {}).get(key) != value:
-            raise ValueError(f"checkpoint {ckpt_dir} was written with {key}={state.get('plan', {}).get(key)!r}, "
-                             f"this run has {key}={value!r}; resume needs the same data plan and world size")
+    check_plan(state, f"checkpoint {ckpt_dir}", expect or {})
     if fingerprint is not None:
         check_same_run(state, f"checkpoint {ckpt_dir}", fingerprint)
     # Frozen weak weights are not in the checkpoint (the fresh ones are kept); everything else,
     # the strong model above all, must match key for key.
-    load_path, _ = engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_module_strict=True,
-                                          custom_load_fn=load_module_except_frozen if exclude_frozen else None)
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt_dir}")
+    custom = load_module_except_frozen if exclude_frozen else None
+    saved = checkpoint_layout(state)
+    if layout is not None and needs_universal(saved, layout["world_size"], layout["zero_stage"],
+                                              f"checkpoint {ckpt_dir}"):
+        _load_converted(engine, ckpt_dir, state, custom, staging_dir(staging))
+    else:
+        load_path, _ = engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_module_strict=True, custom_load_fn=custom)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt_dir}")
     rng_path = os.path.join(ckpt_dir, f"rng_rank{rank}.pt")
-    if os.path.exists(rng_path):
+    # another world size: rank r's RNG stream is not the old rank r's (nothing in a step draws from it)
+    if os.path.exists(rng_path) and (layout is None or saved.get("world_size") == layout["world_size"]):
         _set_rng_state(torch.load(rng_path, weights_only=True))  # tensors, ints and tuples only
     return state
+
+
+def _load_converted(engine, ckpt_dir: str, state: dict[str, Any], custom_load_fn, staging: str) -> None:
+    """Convert ``ckpt_dir`` to a universal checkpoint (the first rank of each node, into the node's
+    ``staging`` directory), load it on every rank, delete it (collective: two barriers)."""
+    import socket
+
+    import torch.distributed as dist
+
+    # one name per node, run and step: a staging_dir shared by nodes never mixes two conversions
+    uc_dir = os.path.join(staging, f"wmss-universal-{socket.gethostname()}-{str(state.get('fingerprint'))[:16]}"
+                                   f"-{state.get('step')}")
+    first_on_node = int(os.environ.get("LOCAL_RANK", dist.get_rank() if dist.is_initialized() else 0)) == 0
+    error: BaseException | None = None
+    try:
+        if first_on_node:
+            try:
+                to_universal(ckpt_dir, DS_TAG, uc_dir)
+            except BaseException as err:  # raised after the barrier: the other ranks must not hang in it
+                error = err
+        _barrier_all()
+        if _any_rank(error is not None):
+            raise error if error is not None else LayoutChangeError(
+                f"converting {ckpt_dir} to a universal checkpoint failed on another rank")
+        load_universal(engine, uc_dir, DS_TAG, custom_load_fn)
+    finally:  # every rank gets here once (a failed conversion or load included): nothing is left behind
+        _barrier_all()
+        if first_on_node:
+            shutil.rmtree(uc_dir, ignore_errors=True)
+
+
+def _barrier_all() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank (collective)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([1.0 if flag else 0.0], device=device)  # nccl reduces device tensors only
+    dist.all_reduce(t)
+    return bool(t.item())
 
 
 class CheckpointMismatchError(RuntimeError):

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Callable, Generic, Sequence, TypeVar
 
@@ -155,6 +155,22 @@ class DataPlan:
             return int(self.exact_steps)
         steps = max(1, math.ceil(self.n_per_epoch * self.epochs / self.global_batch - 1e-9))
         return min(steps, self.max_steps) if self.max_steps else steps
+
+    def for_world(self, world: int) -> "DataPlan":
+        """The same plan on ``world`` ranks: the same global batch ``G``, order and steps, with
+        ``grad_accum = G / (micro_batch_size * world)`` (a resumed or resized run's split).
+
+        Raises:
+            ValueError: ``G`` is not a multiple of ``micro_batch_size * world``.
+        """
+        if world == self.world_size:
+            return self
+        mb, g = self.micro_batch_size, self.global_batch
+        if g % (mb * world):
+            raise ValueError(f"the global batch {g} (micro_batch_size {mb} x grad_accum {self.grad_accum} x "
+                             f"{self.world_size} workers) does not split over {world} workers of micro-batch {mb}: "
+                             f"G / (micro_batch_size x workers) must be an integer")
+        return replace(self, grad_accum=g // (mb * world), world_size=world)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """``[n_per_epoch]`` permutation of the epoch list for ``epoch``."""

@@ -48,7 +48,8 @@ def param_groups(named_modules: dict[str, tuple[torch.nn.Module, float]], weight
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            # under ZeRO-3's zero.Init a parameter is a 1-D placeholder; its real shape is ds_shape
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
         for params, wd, suffix in ((decay, weight_decay, "decay"), (no_decay, 0.0, "no_decay")):
             if params:
                 groups.append({"params": params, "lr": lr, "weight_decay": wd, "name": f"{name}.{suffix}"})

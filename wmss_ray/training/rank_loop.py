@@ -54,6 +54,7 @@ def run_rank(cfg: WMSSConfig, spec: PhaseSpec, rank: int, world: int, device: An
         now = time.perf_counter()
         timings[name], last[0] = round(now - last[0], 3), now
 
+    spec = spec.for_world(world)  # elastic / resized: the same global batch, grad-accum follows the world size
     worker = PhaseWorker(cfg, spec, rank, world, device, pool_handles=pool_handles)
     lap("init")
     start = 0

@@ -36,6 +36,7 @@ from wmss_ray.io.manifest import fingerprint as _fingerprint
 from wmss_ray.training.checkpointing import (
     TRAINER_STATE,
     UntrainedStepsError,
+    check_resumable,
     check_same_run,
     check_trained_all_steps,
     staging_dir,
@@ -86,7 +87,7 @@ def build_spec(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | N
     """Validate a phase's inputs and compute its data plan (driver side, no Ray).
 
     ``fingerprint``: the run the checkpoints belong to; None derives one from this call's inputs
-    (the whole config, the model and data paths, epochs and step counts)."""
+    (the config but for how it is executed, the model and data paths, epochs and step counts)."""
     if phase not in ("sft", "wmss"):
         raise ValueError(f"phase must be 'sft' or 'wmss', got {phase!r}")
     mode = _resolve_mode(cfg, phase, mode)
@@ -111,11 +112,14 @@ def build_spec(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | N
         epochs = t.sft_epochs if phase == "sft" else t.wmss_epochs
     # WMSS visits the curriculum's draw in an order of the curriculum's seed (tune.seeds varies it)
     seed = cfg.curriculum_seed if phase == "wmss" else cfg.run.seed
+    # at the most workers; the ranks that start re-split G for their world size (PhaseSpec.for_world)
+    world = cfg.scaling.num_workers
     plan = DataPlan(n_per_epoch=n, epochs=float(epochs), seed=seed,
-                    micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
-                    world_size=cfg.scaling.num_workers, max_steps=t.max_steps, exact_steps=exact_steps)
+                    micro_batch_size=t.micro_batch_size, grad_accum=cfg.grad_accum_for(world),
+                    world_size=world, max_steps=t.max_steps, exact_steps=exact_steps)
     if fingerprint is None:
-        fingerprint = _fingerprint({"config": cfg.config_hash(), "phase": phase, "mode": mode,
+        # the layout (world size, batch split, ZeRO stage, placement) left out: a resize resumes
+        fingerprint = _fingerprint({"config": cfg.run_dict(), "phase": phase, "mode": mode,
                                     "inputs": [str(strong_init), str(weak_init), tokenized_path, str(sampled_ids_path)],
                                     "epochs": epochs, "exact_steps": exact_steps})
     fault: dict[str, int] = {}
@@ -258,6 +262,8 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
     out = spec.out_dir  # build_spec made it (absolute local path, or URI)
     for where, state in checkpoint_states(out):  # before any worker: never resume another run's work
         check_same_run(state, where, spec.fingerprint)
+        # nor at a batch or ZeRO stage it cannot resume at (the workers would fail at every restart)
+        check_resumable(state, where, spec.plan_fingerprint(), cfg.scaling.worker_counts, cfg.training.zero_stage)
     ckpt_fs, ckpt_root = storage.resolve_fs(out)  # Ray Train checkpoints go to the same storage
     ensure_ray()
     pool = _start_pool(cfg, spec)  # mix.placement pool only; shut down after fit
@@ -269,7 +275,9 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
         train_loop_per_worker,
         train_loop_config=phase_config(cfg, spec, pool.handles if pool else None),
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
+        # elastic: Ray Train starts with what is free (>= min) and resizes by restarting from a checkpoint
+        scaling_config=ScalingConfig(num_workers=(sc.min_workers, sc.num_workers) if sc.elastic else sc.num_workers,
+                                     use_gpu=sc.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=RUN_NAME, storage_path=ckpt_root, storage_filesystem=ckpt_fs,
             failure_config=FailureConfig(max_failures=cfg.training.max_failures),

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -68,9 +68,16 @@ class PhaseSpec:
         return min(total, self.stop_after) if self.stop_after else total
 
     def plan_fingerprint(self) -> dict[str, Any]:
+        """What the run computes, which a checkpoint it resumes must share: the global batch (not
+        its split over ranks and micro-batches), the data order's seed and size, the steps, the mode."""
         p = self.plan
-        return {"world_size": p.world_size, "micro_batch_size": p.micro_batch_size, "grad_accum": p.grad_accum,
-                "seed": p.seed, "n_per_epoch": p.n_per_epoch, "total_steps": p.total_steps, "mode": self.mode}
+        return {"global_batch": p.global_batch, "seed": p.seed, "n_per_epoch": p.n_per_epoch,
+                "total_steps": p.total_steps, "mode": self.mode}
+
+    def for_world(self, world: int) -> "PhaseSpec":
+        """This phase on the ``world`` ranks that started (elastic or resized runs): the same global
+        batch, grad-accum following the world size (``DataPlan.for_world``)."""
+        return self if world == self.plan.world_size else replace(self, plan=self.plan.for_world(world))
 
 
 def init_single_process(backend: str = "gloo", port: int | None = None) -> None:
@@ -118,10 +125,16 @@ class PhaseWorker:
         self.on_gpu = self.device.type == "cuda"
         self.dtype = resolve_dtype(cfg.models.dtype, self.device)
         self.zero3 = cfg.training.zero_stage == 3
+        # grad-accum is the plan's (G / (micro-batch x world)), which a resized run changes
+        training = cfg.training.model_copy(update={"grad_accum": spec.plan.grad_accum})
+        #: how this run is executed; each checkpoint records it (a resume elsewhere converts)
+        self.layout = {"world_size": world_size, "zero_stage": cfg.training.zero_stage,
+                       "micro_batch_size": spec.plan.micro_batch_size, "grad_accum": spec.plan.grad_accum,
+                       "placement": cfg.mix.placement}
         self.tokenizer = load_tokenizer(spec.strong_init, cfg.models.trust_remote_code)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         # ZeRO-3: built under zero.Init, weights scattered into the partitions (no full copy per rank).
-        zero3_config = build_ds_config(cfg.training, world_size, self.dtype, self.on_gpu) if self.zero3 else None
+        zero3_config = build_ds_config(training, world_size, self.dtype, self.on_gpu) if self.zero3 else None
         load = dict(dtype=self.dtype, device="cpu", trust_remote_code=cfg.models.trust_remote_code,
                     zero3_config=zero3_config,
                     attn_implementation=resolve_attn_implementation(cfg.models.attn_implementation, self.device))
@@ -144,7 +157,7 @@ class PhaseWorker:
                            label_smoothing=cfg.training.label_smoothing)
         groups = param_groups(self.pair.trainable_groups(cfg.training.lr, cfg.training.weak_lr),
                               cfg.training.weight_decay)
-        self.engine = init_engine(self.pair, groups, cfg.training, world_size, spec.plan.total_steps,
+        self.engine = init_engine(self.pair, groups, training, world_size, spec.plan.total_steps,
                                   self.dtype, self.on_gpu)
         # The rows: 8 bytes per epoch-list entry here, tokens read per step (dataset.RowReader).
         self.epoch_rows = read_epoch_rows(spec.epoch_rows_path)
@@ -300,7 +313,7 @@ class PhaseWorker:
         from wmss_ray.training.checkpointing import save_checkpoint
 
         state = {"step": step, "samples_seen": samples_seen, "phase": self.spec.phase,
-                 "plan": self.spec.plan_fingerprint(), "fingerprint": self.spec.fingerprint,
+                 "plan": self.spec.plan_fingerprint(), "layout": self.layout, "fingerprint": self.spec.fingerprint,
                  "segments": self.segments + [[self.resumed_from, step]]}
         return save_checkpoint(self.engine, ckpt_dir, self.rank, state, exclude_frozen=self._exclude_frozen)
 
@@ -310,12 +323,13 @@ class PhaseWorker:
         return self.spec.mode == "frozen" or self.lora
 
     def load(self, ckpt_dir: str) -> int:
-        """Restore from a checkpoint directory of this run (same fingerprint); returns the number of
-        completed steps."""
+        """Restore from a checkpoint directory of this run (same fingerprint, same global batch; any
+        world size and ZeRO stage >= 1, or stage 0 to stage 0); returns the number of completed steps."""
         from wmss_ray.training.checkpointing import load_checkpoint
 
         state = load_checkpoint(self.engine, ckpt_dir, self.rank, exclude_frozen=self._exclude_frozen,
-                                expect=self.spec.plan_fingerprint(), fingerprint=self.spec.fingerprint)
+                                expect=self.spec.plan_fingerprint(), fingerprint=self.spec.fingerprint,
+                                layout=self.layout, staging=self.cfg.training.staging_dir)
         self.segments, self.resumed_from = [list(s) for s in state.get("segments", [])], int(state["step"])
         return int(state["step"])
 
