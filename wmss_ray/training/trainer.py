@@ -43,6 +43,7 @@ from wmss_ray.training.checkpointing import (
 from wmss_ray.training.dataset import EPOCH_ROWS_FILE, DataPlan, write_epoch_rows
 from wmss_ray.training.rank_loop import RUN_NAME
 from wmss_ray.training.ray_worker import phase_config, train_loop_per_worker
+from wmss_ray.training.stopping import StopRequested, clear_stop, driver_stop_on_sigterm
 from wmss_ray.training.validation import ValidationPoints
 from wmss_ray.training.worker import PhaseSpec
 
@@ -259,6 +260,7 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
     out = spec.out_dir  # build_spec made it (absolute local path, or URI)
     for where, state in checkpoint_states(out):  # before any worker: never resume another run's work
         check_same_run(state, where, spec.fingerprint)
+    clear_stop(out)  # a request that stopped an earlier call is answered: this call resumes
     ckpt_fs, ckpt_root = storage.resolve_fs(out)  # Ray Train checkpoints go to the same storage
     ensure_ray()
     pool = _start_pool(cfg, spec)  # mix.placement pool only; shut down after fit
@@ -273,14 +275,16 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=RUN_NAME, storage_path=ckpt_root, storage_filesystem=ckpt_fs,
-            failure_config=FailureConfig(max_failures=cfg.training.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.training.max_failures,
+                                         max_preemption_failures=cfg.training.max_preemption_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.training.checkpoints_to_keep),
             callbacks=list(callbacks or []),
         ),
         # No Ray Dataset: each rank reads its own rows of the tokenised Parquet (dataset.RowReader).
     )
     try:
-        result = trainer.fit()
+        with driver_stop_on_sigterm(out):  # SIGTERM: the ranks checkpoint and return
+            result = trainer.fit()
     finally:
         if pool is not None:
             pool.shutdown()
@@ -292,6 +296,9 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
     if not states:
         raise UntrainedStepsError(f"{storage.redact(out)}: the run ended without a checkpoint of step {steps}")
     where, last = max(states, key=lambda ws: int(ws[1].get("step", -1)))
+    if clear_stop(out) and int(last.get("step", -1)) < steps:
+        raise StopRequested(f"{storage.redact(out)}: stopped on request (SIGTERM) after step {last.get('step')} of "
+                            f"{steps}, with a checkpoint: run the phase again to resume from it")
     check_trained_all_steps(last, where, spec.fingerprint, steps)  # a result it did not train is refused
     finished = steps == spec.plan.total_steps
     return TrainResult(
