@@ -92,6 +92,8 @@ def run_rank(cfg: WMSSConfig, spec: PhaseSpec, rank: int, world: int, device: An
             elif log:
                 report(metrics, None, None)
             _maybe_inject_fault(spec, rank, done, checkpointed=bool(ckpt))
+            if spec.fault.get("pause_step") == done:  # test hook: a node-fault test acts while the run waits
+                time.sleep(spec.fault["pause_s"])
             reason = stop_poll() if stop_poll is not None and done < end else None
             if reason is not None:
                 if not ckpt:  # just in time: the steps since the last checkpoint are kept
@@ -175,7 +177,7 @@ def _maybe_inject_fault(spec: PhaseSpec, rank: int, done: int, checkpointed: boo
     After a checkpoint step it first waits (up to 60 s) until Ray Train's controller has recorded
     that checkpoint in its snapshot: a worker killed at once races the controller's next poll,
     and a checkpoint the controller never registered is not restored (Ray Train V2)."""
-    if not spec.fault or spec.fault["rank"] != rank or spec.fault["step"] != done:
+    if spec.fault.get("rank") != rank or spec.fault.get("step") != done:
         return
     marker = storage.join(spec.out_dir, ".fault_injected")
     if storage.exists(marker):

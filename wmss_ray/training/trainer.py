@@ -49,6 +49,9 @@ from wmss_ray.training.worker import PhaseSpec
 
 #: Test hook: ``"<rank>:<step>"`` makes that rank SIGKILL itself once, after that optimizer step.
 FAULT_ENV = "WMSS_TRAIN_FAULT_KILL"
+#: Test hook: ``"<step>:<seconds>"`` makes every rank sleep that long after that optimizer step
+#: (before the stop poll): a node-fault test drains or removes a node while the run is mid-phase.
+PAUSE_ENV = "WMSS_TRAIN_FAULT_PAUSE"
 
 
 @dataclass
@@ -124,6 +127,9 @@ def build_spec(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | N
     if os.environ.get(FAULT_ENV):
         rank, step = os.environ[FAULT_ENV].split(":")
         fault = {"rank": int(rank), "step": int(step)}
+    if os.environ.get(PAUSE_ENV):
+        step, seconds = os.environ[PAUSE_ENV].split(":")
+        fault.update(pause_step=int(step), pause_s=float(seconds))
     lora = lora_sources(cfg, phase, str(strong_init), str(weak_init) if weak_init else None)
     return PhaseSpec(phase=phase, mode=mode, strong_init=str(strong_init), **lora,
                      weak_init=str(weak_init) if weak_init and phase == "wmss" else None,
