@@ -1,7 +1,7 @@
 """What real clusters do to a run, on a simulated multi-node cluster (``ray.cluster_utils.Cluster``:
 a head with no CPUs and 1-CPU worker nodes, all on this machine): a node drained for preemption,
-SIGTERM to the driver, a node lost under a Train worker, under a weak-pool actor, under a scoring
-actor, and the driver (the head's job) lost mid-phase then rerun against the same storage.
+a node lost under a Train worker, under a weak-pool actor, under a scoring actor, and the driver
+(the head's job) lost mid-phase then rerun against the same storage, whose driver then gets SIGTERM.
 
 Every training run here is frozen WMSS on 2 Train workers (gloo, ZeRO-0) and is compared with the
 single-process plain-torch reference (``test_training_units.reference_run``): one metrics line per
@@ -45,7 +45,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 #: How long the ranks wait after the paused step: the test acts in that window (a drain is seen by
 #: Ray Train's watcher within its 0.2 s poll here, a removed node within a health check).
-PAUSE_S = 4.0
+PAUSE_S = 3.0
 #: Ray Train's preemption watcher is off in the rest of the test session (conftest); on here.
 CLUSTER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1", "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.2",
                "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -66,7 +66,10 @@ def cluster():
     try:
         c = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 0, "temp_dir": tempfile.mkdtemp(prefix="wmss-mn-", dir="/tmp"),
-            "include_dashboard": False})
+            "include_dashboard": False,
+            # a SIGKILLed node is declared dead after ~1.5 s of missed health checks, not ~30 s
+            "_system_config": {"health_check_period_ms": 500, "health_check_timeout_ms": 500,
+                               "health_check_failure_threshold": 3}})
         # Ray's own helper actors (Train's placement-group cleaner) find "their" cluster from
         # RAY_ADDRESS, else the newest on the machine: other test sessions run theirs here too.
         env = {**CLUSTER_ENV, "RAY_ADDRESS": c.address}
@@ -200,9 +203,9 @@ def _joined(t: threading.Thread) -> None:
 def test_a_drained_node_gets_a_just_in_time_checkpoint_and_the_run_resumes_from_it(cluster, art, reference,
                                                                                   tmp_path):
     """checkpoint_every is far away; the node of rank 1 is drained for preemption after step 2
-    (``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION``, 10 s deadline), a replacement node
-    joins, the drained node goes once the checkpoint is registered. The ranks checkpoint step 2
-    at once, Ray Train restarts them from it on the preemption budget (max_failures is 0)."""
+    (``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION``, 8 s deadline) and killed at its
+    deadline; a spare node is up. The ranks checkpoint step 2 at once and wait, Ray Train restarts
+    them from it on the preemption budget (max_failures is 0)."""
     import ray
     from ray.core.generated import autoscaler_pb2
 
@@ -214,12 +217,16 @@ def test_a_drained_node_gets_a_just_in_time_checkpoint_and_the_run_resumes_from_
         rank1_pid = next(e["pid"] for e in _events(out) if e["event"] == "start" and e["rank"] == 1)
         node_id = _actor_nodes("RayTrainWorker")[rank1_pid]
         gcs = ray._raylet.GcsClient(address=cluster.address)
+        deadline = time.time() + 8
         ok, why = gcs.drain_node(node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
-                                 "test: spot reclaim", int(time.time() * 1000) + 10_000)
+                                 "test: spot reclaim", int(deadline * 1000))
         assert ok, why
         drained["node"] = node_id
         _wait_for(lambda: _registered(out, 2), "the just-in-time checkpoint of step 2")
-        cluster.remove_node(_node(cluster, node_id), allow_graceful=False)  # the VM goes: no clean exit
+        # The reclaim, at its deadline: Ray counts a drained node that dies *before* its deadline
+        # as an unexpected failure (max_failures), one that dies after it as a preemption.
+        time.sleep(max(0.0, deadline + 0.5 - time.time()))
+        cluster.remove_node(_node(cluster, node_id), allow_graceful=False)
 
     _nodes(cluster, 3)
     with Paused(2):
@@ -231,25 +238,6 @@ def test_a_drained_node_gets_a_just_in_time_checkpoint_and_the_run_resumes_from_
     assert {(e["rank"], e["reason"], e["step"]) for e in stops} == {(0, "preemption", 2), (1, "preemption", 2)}
     restarted = [e for e in _events(out) if e["event"] == "start"][2:]
     assert sorted(e["start_step"] for e in restarted) == [2, 2]
-
-
-def test_sigterm_to_the_driver_checkpoints_stops_and_a_rerun_resumes(cluster, art, reference, tmp_path):
-    """A pod eviction's SIGTERM to the driver, with checkpoint_every far away: the ranks save
-    step 2, ``train_phase`` raises StopRequested (the driver exits non-zero), a rerun resumes."""
-    out = tmp_path / "out"
-
-    def sigterm_after_step_2():
-        _wait_for(lambda: _logged(out, 2), "step 2")
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    with Paused(2):
-        t = _in_thread(sigterm_after_step_2)
-        with pytest.raises(StopRequested, match="after step 2 of 6"):
-            _train(_cfg(), art, out)
-    _joined(t)
-    assert not (out / ".stop_requested").exists()
-    res = _train(_cfg(), art, out)
-    _assert_every_step_once(out, res, reference, [[0, 2], [2, STEPS]])
 
 
 def test_losing_the_node_of_a_train_worker_resumes_from_the_last_checkpoint(cluster, art, reference, tmp_path):
@@ -344,27 +332,41 @@ _DRIVER = """
 import json, sys
 from tests.test_node_faults import _cfg
 from wmss_ray.training.trainer import train_phase
-art, out, training = json.loads(sys.argv[1])
-cfg = _cfg(**training)
+art, out = json.loads(sys.argv[1])
+cfg = _cfg(checkpoint_every=4)  # the reruns' config: the same fingerprint
 train_phase(cfg, "wmss", art["strong"], art["weak"], art["tokenized"], art["sampled"], out)
 """
 
 
-def test_a_rerun_after_the_driver_is_killed_mid_phase_resumes_from_storage(cluster, art, reference, tmp_path):
-    """The head's loss takes the job's driver with it: here the driver process is SIGKILLed after
-    step 3 (last checkpoint: step 2), its workers go with it, and a rerun of the phase against
-    the same run directory (a RayJob resubmission) resumes from step 2."""
+def test_the_head_lost_then_the_driver_evicted_each_rerun_resumes_from_storage(cluster, art, reference, tmp_path):
+    """The head's loss takes the job's driver with it: the driver process is SIGKILLed mid-phase
+    after step 4 (checkpoint_every 4; its workers go with it) and the phase is rerun against the
+    same directory (what a RayJob resubmission does): it resumes from step 4. (Killed there, not
+    later, so that the rerun's first metrics line is its own: the test waits for its step 5.)
+    That rerun's driver gets SIGTERM after step 5 (a pod eviction): the ranks save step 5 at once,
+    ``train_phase`` raises StopRequested (the driver exits non-zero); the next rerun resumes."""
     out = tmp_path / "out"
-    training = {"checkpoint_every": 2}  # the same config as the rerun's: the same fingerprint
-    env = {**os.environ, "RAY_ADDRESS": cluster.address, "PYTHONPATH": str(REPO), PAUSE_ENV: f"3:{PAUSE_S * 3}"}
     _nodes(cluster, 2)
-    driver = subprocess.Popen([sys.executable, "-c", _DRIVER, json.dumps([art, str(out), training])], env=env,
-                              cwd=str(REPO))
+    env = {**os.environ, "RAY_ADDRESS": cluster.address, "PYTHONPATH": str(REPO), PAUSE_ENV: f"4:{PAUSE_S * 5}"}
+    driver = subprocess.Popen([sys.executable, "-c", _DRIVER, json.dumps([art, str(out)])], env=env, cwd=str(REPO))
     try:
-        _wait_for(lambda: _logged(out, 3) and _registered(out, 2) or driver.poll() is not None, "step 3")
+        _wait_for(lambda: _registered(out, 4) or driver.poll() is not None, "checkpoint 4")
         assert driver.poll() is None, "the first driver ended before it was killed"
     finally:
         driver.kill()
         driver.wait()
-    res = _train(_cfg(checkpoint_every=2), art, out)
-    _assert_every_step_once(out, res, reference, [[0, 2], [2, STEPS]])
+
+    def sigterm_after_step_5():
+        _wait_for(lambda: _logged(out, 5), "step 5")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with Paused(5):
+        t = _in_thread(sigterm_after_step_5)
+        with pytest.raises(StopRequested, match="after step 5 of 6"):
+            _train(_cfg(checkpoint_every=4), art, out)
+    _joined(t)
+    assert not (out / ".stop_requested").exists()
+    res = _train(_cfg(checkpoint_every=4), art, out)
+    _assert_every_step_once(out, res, reference, [[0, 4], [4, 5], [5, STEPS]])
+    stops = {(e["rank"], e["reason"], e["step"]) for e in _events(out) if e["event"] == "stop"}
+    assert stops == {(0, "stop", 5), (1, "stop", 5)}
