@@ -222,7 +222,7 @@ def test_a_drained_node_gets_a_just_in_time_checkpoint_and_the_run_resumes_from_
                                  "test: spot reclaim", int(deadline * 1000))
         assert ok, why
         drained["node"] = node_id
-        _wait_for(lambda: _registered(out, 2), "the just-in-time checkpoint of step 2")
+        _wait_for(lambda: _registered(out, 2), "the just-in-time checkpoint of step 2", timeout_s=90)
         # The reclaim, at its deadline: Ray counts a drained node that dies *before* its deadline
         # as an unexpected failure (max_failures), one that dies after it as a preemption.
         time.sleep(max(0.0, deadline + 0.5 - time.time()))

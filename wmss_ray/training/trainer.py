@@ -13,6 +13,9 @@ checkpoint resumes only the run that wrote it: ``train_phase(fingerprint=...)`` 
 (the pipeline passes its phase fingerprint), every checkpoint records it, a checkpoint of another
 fingerprint in ``out_dir`` stops the call before any worker starts, and at the end the last
 checkpoint must show every step of the plan trained by runs of that fingerprint.
+A node of the run drained for preemption, or SIGTERM to the driver, makes every rank checkpoint
+at its next step boundary (``stopping.py``): Ray Train resumes a preempted run, a stopped one
+resumes when called again.
 With ``mix.placement: pool`` (frozen WMSS) the driver first starts the weak pool
 (``weak_pool.group.WeakPool``; it fails at once when it cannot be placed), hands its replica
 handles to the workers, which load no weak model, and shuts it down after ``fit``.
@@ -256,6 +259,11 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
         IncompatibleModelsError: WMSS weak and strong tokenizers / vocabularies differ.
         ForeignCheckpointError: ``out_dir`` holds checkpoints of another run.
         UntrainedStepsError: the run ended without every planned step trained under ``fingerprint``.
+        StopRequested: SIGTERM reached this process during ``fit``: the ranks saved a checkpoint
+            at their next step boundary and stopped; calling again resumes from it.
+
+    A node of the run drained for preemption makes the ranks save a checkpoint at once and Ray
+    Train restart them from it (``training.max_preemption_failures``; ``training/stopping.py``).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
