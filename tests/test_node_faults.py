@@ -163,6 +163,12 @@ def _actor_nodes(class_part: str) -> dict[int, str]:
             if class_part in a["ActorClassName"] and a["State"] == "ALIVE" and a.get("Pid")}
 
 
+def _stop_step(out: Path) -> int | None:
+    """The step at which the ranks stopped for a signal (``workers.jsonl``), once both have."""
+    steps = {e["rank"]: e["step"] for e in _events(out) if e["event"] == "stop"}
+    return steps[0] if len(steps) == 2 and steps[0] == steps[1] else None
+
+
 def _node(cluster, node_id: str):
     return next(n for n in cluster.worker_nodes if n.node_id == node_id)
 
@@ -204,7 +210,8 @@ def test_a_drained_node_gets_a_just_in_time_checkpoint_and_the_run_resumes_from_
                                                                                   tmp_path):
     """checkpoint_every is far away; the node of rank 1 is drained for preemption after step 2
     (``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION``, 8 s deadline) and killed at its
-    deadline; a spare node is up. The ranks checkpoint step 2 at once and wait, Ray Train restarts
+    deadline; a spare node is up. The ranks checkpoint the step they are at (2: they pause 3 s
+    after it, and Ray Train's watcher polls every 0.2 s here) at once and wait; Ray Train restarts
     them from it on the preemption budget (max_failures is 0)."""
     import ray
     from ray.core.generated import autoscaler_pb2
@@ -221,8 +228,9 @@ def test_a_drained_node_gets_a_just_in_time_checkpoint_and_the_run_resumes_from_
         ok, why = gcs.drain_node(node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
                                  "test: spot reclaim", int(deadline * 1000))
         assert ok, why
-        drained["node"] = node_id
-        _wait_for(lambda: _registered(out, 2), "the just-in-time checkpoint of step 2", timeout_s=90)
+        # step 2 normally (the ranks pause 3 s after it); a later step if the signal was slower
+        drained["step"] = _wait_for(lambda: _stop_step(out), "the ranks' stop", timeout_s=90)
+        _wait_for(lambda: _registered(out, drained["step"]), "the just-in-time checkpoint", timeout_s=90)
         # The reclaim, at its deadline: Ray counts a drained node that dies *before* its deadline
         # as an unexpected failure (max_failures), one that dies after it as a preemption.
         time.sleep(max(0.0, deadline + 0.5 - time.time()))
@@ -233,11 +241,13 @@ def test_a_drained_node_gets_a_just_in_time_checkpoint_and_the_run_resumes_from_
         t = _in_thread(drain_then_reclaim)
         res = _train(_cfg(max_preemption_failures=1), art, out)
     _joined(t)
-    _assert_every_step_once(out, res, reference, [[0, 2], [2, STEPS]])
+    k = drained["step"]
+    assert 2 <= k < STEPS  # mid-phase: neither a periodic checkpoint (every 1000) nor the end
+    _assert_every_step_once(out, res, reference, [[0, k], [k, STEPS]])
     stops = [e for e in _events(out) if e["event"] == "stop"]
-    assert {(e["rank"], e["reason"], e["step"]) for e in stops} == {(0, "preemption", 2), (1, "preemption", 2)}
+    assert {(e["rank"], e["reason"], e["step"]) for e in stops} == {(0, "preemption", k), (1, "preemption", k)}
     restarted = [e for e in _events(out) if e["event"] == "start"][2:]
-    assert sorted(e["start_step"] for e in restarted) == [2, 2]
+    assert sorted(e["start_step"] for e in restarted) == [k, k]
 
 
 def test_losing_the_node_of_a_train_worker_resumes_from_the_last_checkpoint(cluster, art, reference, tmp_path):
