@@ -99,8 +99,16 @@ SLOW_GROUPS_FIRST = ("tiny_run", "tests/weak_pool", "tests/training", "object_st
                      "tests/test_gpu_check.py")
 
 
+#: Files that connect their process to a multi-node cluster of their own (``ray.cluster_utils``):
+#: scheduled before every other group, so that no other test has started this process's one Ray
+#: connection yet (they shut Ray down when done; ``ray_cluster`` then starts the session's).
+OWN_CLUSTER_FILES = ("tests/test_node_faults.py",)
+
+
 def _group_rank(item) -> int:
     group = xdist_group_of(item.nodeid.split("::")[0])
+    if group in OWN_CLUSTER_FILES:
+        return -1
     return SLOW_GROUPS_FIRST.index(group) if group in SLOW_GROUPS_FIRST else len(SLOW_GROUPS_FIRST)
 
 

@@ -81,6 +81,7 @@ def test_rerun_skips_completed_phases_and_from_reruns(cfg, monkeypatch):
     ("models.weak=/models/half-sft", ["score_1", "curriculum_1", "wmss_1", "sft_continued", "eval", "report"]),
     # how many checkpoints Ray Train keeps: how a run is executed, not what it computes
     ("training.checkpoints_to_keep=5", []),
+    ("training.max_preemption_failures=3", []),
 ])
 def test_a_changed_key_reruns_only_the_phases_it_feeds(override, reruns, cfg, monkeypatch, tmp_path):
     calls = []

@@ -350,7 +350,8 @@ def build_phases(cfg: WMSSConfig) -> list[Phase]:
     no_weak = ("models.weak",)  # the weak override only matters from score_1 on
     # How a training run is executed, not what it computes: changing them resumes a crashed run
     # (say, with checkpoints more often) instead of discarding its checkpoints.
-    how = ("training.checkpoint_every", "training.checkpoints_to_keep", "training.max_failures", "training.staging_dir")
+    how = ("training.checkpoint_every", "training.checkpoints_to_keep", "training.max_failures",
+           "training.max_preemption_failures", "training.staging_dir")
     layout = TRAINING_LAYOUT
     phases: list[Phase] = []
     if demo:

@@ -173,7 +173,7 @@ class TuneConfig(ConfigSection):
 ADDED_KEYS = ("training.lora", "training.global_batch_size", "scaling.min_workers", "evaluation.engine",
               "evaluation.samples", "evaluation.temperature", "evaluation.top_p", "evaluation.sampling_seed",
               "evaluation.vllm", "data.rows_per_file", "scoring.logits_mb", "evaluation.logits_mb", "mix.weak_source",
-              "mix.shuffle_bucket_rows", "training.label_smoothing", "controls")
+              "mix.shuffle_bucket_rows", "training.label_smoothing", "controls", "training.max_preemption_failures")
 
 
 #: How a training phase is executed, not what it computes (that is the global batch, which they

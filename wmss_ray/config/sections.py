@@ -336,6 +336,10 @@ class TrainingConfig(ConfigSection):
         "/tmp). A 4B joint run at ZeRO-3 stages ~6 GB per rank, ~48 GB per 8-GPU node (wmss plan prints it): "
         "point it at a large local disk when /tmp is small")
     max_failures: int = Field(0, ge=-1)
+    max_preemption_failures: int = Field(
+        -1, ge=-1, description="node preemptions (a drained node: spot reclaim, pod eviction) Ray Train recovers "
+        "from, counted apart from max_failures; -1: no limit. Each costs a restart from the just-in-time "
+        "checkpoint saved when the drain was seen, never training progress")
     log_every: int = Field(10, ge=1)
     packing: bool = Field(
         False, description="pack each micro-batch's rows into one sequence (no padding; attention and labels "

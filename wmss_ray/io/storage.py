@@ -151,6 +151,15 @@ def delete_dir(uri: str) -> None:
         fs.delete_dir(path)
 
 
+def delete_file(uri: str) -> bool:
+    """Delete the file ``uri`` if it exists; True if there was one."""
+    fs, path = resolve_fs(uri)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return False
+    fs.delete_file(path)
+    return True
+
+
 @contextlib.contextmanager
 def open_input(uri: str) -> Iterator:
     """A binary input stream of the file at ``uri``."""

@@ -22,6 +22,7 @@ from wmss_ray.config.schema import WMSSConfig
 from wmss_ray.io import storage
 from wmss_ray.training.checkpointing import staging_dir
 from wmss_ray.training.metrics import MetricsWriter, is_log_step
+from wmss_ray.training.stopping import StopPoll
 from wmss_ray.training.validation import node_copy, validate_on_ranks
 from wmss_ray.training.worker import PhaseSpec, PhaseWorker
 
@@ -38,13 +39,18 @@ Report = Callable[[dict[str, Any], "str | None", "str | None"], None]
 
 def run_rank(cfg: WMSSConfig, spec: PhaseSpec, rank: int, world: int, device: Any, *,
              report: Report, resume_dir: Callable[[], Any] | None = None,
-             pool_handles: list | None = None) -> None:
+             pool_handles: list | None = None, stop_poll: StopPoll | None = None) -> None:
     """Train ``spec``'s phase on this rank, from its last checkpoint to ``spec.end_step``.
 
     Needs an initialised ``torch.distributed`` group of ``world`` ranks (all run this call).
     ``resume_dir``: a context manager factory yielding the checkpoint directory to resume from
     (None: start at step 0). Rank 0 writes ``metrics.jsonl``; every rank appends its start/end
     to ``workers.jsonl``; the finished run exports ``<out_dir>/model``.
+
+    ``stop_poll`` (collective, every step boundary; ``training/stopping.py``): on a preemption or a
+    stop request every rank saves a checkpoint of that step at once (not at the next
+    ``checkpoint_every``) and reports it; then on a preemption the ranks wait for Ray Train to
+    restart them from it, on a stop request they return without export.
     """
     warnings.filterwarnings("ignore", message=".*is deprecated. Please use `torch.distributed.*")
     timings: dict[str, float] = {}
@@ -83,12 +89,23 @@ def run_rank(cfg: WMSSConfig, spec: PhaseSpec, rank: int, world: int, device: An
             if validate:
                 metrics = {**metrics, **validate_in_run(worker, cfg, spec, done, rank, world, device)}
             if ckpt:
-                with tempfile.TemporaryDirectory(prefix=f"wmss-ckpt-r{rank}-", dir=staging_dir(t.staging_dir)) as tmp:
-                    worker.save(tmp, done, metrics["samples_seen"])
-                    report(metrics, tmp, f"checkpoint_{done:06d}")
+                _save_and_report(worker, rank, done, metrics, report)
             elif log:
                 report(metrics, None, None)
             _maybe_inject_fault(spec, rank, done, checkpointed=bool(ckpt))
+            if spec.fault.get("pause_step") == done:  # test hook: a node-fault test acts while the run waits
+                time.sleep(spec.fault["pause_s"])
+            reason = stop_poll() if stop_poll is not None and done < end else None
+            if reason is not None:
+                if not ckpt:  # just in time: the steps since the last checkpoint are kept
+                    _save_and_report(worker, rank, done, metrics, report)
+                _log_worker(spec, {"event": "stop", "rank": rank, "pid": os.getpid(), "reason": reason, "step": done})
+                if reason == "preemption":
+                    if writer is not None:
+                        writer.close()  # its last records reach storage before the node goes
+                        writer = None
+                    stop_poll.wait_for_restart()  # returning would end the run as finished
+                return
         lap("train")
         if end == spec.plan.total_steps:
             export_model(worker, spec.out_dir, rank)
@@ -100,6 +117,14 @@ def run_rank(cfg: WMSSConfig, spec: PhaseSpec, rank: int, world: int, device: An
     finally:
         if writer is not None:
             writer.close()
+
+
+def _save_and_report(worker: Any, rank: int, done: int, metrics: dict[str, Any], report: Report) -> None:
+    """Checkpoint step ``done`` (collective): stage this rank's part locally, hand it to ``report``."""
+    with tempfile.TemporaryDirectory(prefix=f"wmss-ckpt-r{rank}-",
+                                     dir=staging_dir(worker.cfg.training.staging_dir)) as tmp:
+        worker.save(tmp, done, metrics["samples_seen"])
+        report(metrics, tmp, f"checkpoint_{done:06d}")
 
 
 def export_model(worker: Any, out_dir: str, rank: int, name: str = "model") -> None:
@@ -156,7 +181,7 @@ def _maybe_inject_fault(spec: PhaseSpec, rank: int, done: int, checkpointed: boo
     After a checkpoint step it first waits (up to 60 s) until Ray Train's controller has recorded
     that checkpoint in its snapshot: a worker killed at once races the controller's next poll,
     and a checkpoint the controller never registered is not restored (Ray Train V2)."""
-    if not spec.fault or spec.fault["rank"] != rank or spec.fault["step"] != done:
+    if spec.fault.get("rank") != rank or spec.fault.get("step") != done:
         return
     marker = storage.join(spec.out_dir, ".fault_injected")
     if storage.exists(marker):

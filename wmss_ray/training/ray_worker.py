@@ -28,6 +28,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from ray.train import Checkpoint
 
     from wmss_ray.training.rank_loop import run_rank
+    from wmss_ray.training.stopping import StopPoll
 
     cfg, spec = pickle.loads(config["phase"])
     ctx = ray.train.get_context()
@@ -40,6 +41,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         else:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir), checkpoint_dir_name=name)
 
-    run_rank(cfg, spec, ctx.get_world_rank(), ctx.get_world_size(), device, report=report,
+    def preemption() -> float | None:  # a barrier across the workers: called by all, every step
+        info = ray.train.get_preemption_info()
+        if info is None:
+            return None
+        return info.deadline_ms / 1000 if info.deadline_ms else float("inf")
+
+    rank = ctx.get_world_rank()
+    run_rank(cfg, spec, rank, ctx.get_world_size(), device, report=report,
              resume_dir=checkpoint.as_directory if checkpoint is not None else None,
-             pool_handles=config.get("pool"))
+             pool_handles=config.get("pool"), stop_poll=StopPoll(spec.out_dir, rank, device, preemption))

@@ -13,6 +13,9 @@ checkpoint resumes only the run that wrote it: ``train_phase(fingerprint=...)`` 
 (the pipeline passes its phase fingerprint), every checkpoint records it, a checkpoint of another
 fingerprint in ``out_dir`` stops the call before any worker starts, and at the end the last
 checkpoint must show every step of the plan trained by runs of that fingerprint.
+A node of the run drained for preemption, or SIGTERM to the driver, makes every rank checkpoint
+at its next step boundary (``stopping.py``): Ray Train resumes a preempted run, a stopped one
+resumes when called again.
 With ``mix.placement: pool`` (frozen WMSS) the driver first starts the weak pool
 (``weak_pool.group.WeakPool``; it fails at once when it cannot be placed), hands its replica
 handles to the workers, which load no weak model, and shuts it down after ``fit``.
@@ -44,11 +47,15 @@ from wmss_ray.training.checkpointing import (
 from wmss_ray.training.dataset import EPOCH_ROWS_FILE, DataPlan, write_epoch_rows
 from wmss_ray.training.rank_loop import RUN_NAME
 from wmss_ray.training.ray_worker import phase_config, train_loop_per_worker
+from wmss_ray.training.stopping import StopRequested, clear_stop, driver_stop_on_sigterm
 from wmss_ray.training.validation import ValidationPoints
 from wmss_ray.training.worker import PhaseSpec
 
 #: Test hook: ``"<rank>:<step>"`` makes that rank SIGKILL itself once, after that optimizer step.
 FAULT_ENV = "WMSS_TRAIN_FAULT_KILL"
+#: Test hook: ``"<step>:<seconds>"`` makes every rank sleep that long after that optimizer step
+#: (before the stop poll): a node-fault test drains or removes a node while the run is mid-phase.
+PAUSE_ENV = "WMSS_TRAIN_FAULT_PAUSE"
 
 
 @dataclass
@@ -126,6 +133,9 @@ def build_spec(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | N
     if os.environ.get(FAULT_ENV):
         rank, step = os.environ[FAULT_ENV].split(":")
         fault = {"rank": int(rank), "step": int(step)}
+    if os.environ.get(PAUSE_ENV):
+        step, seconds = os.environ[PAUSE_ENV].split(":")
+        fault.update(pause_step=int(step), pause_s=float(seconds))
     lora = lora_sources(cfg, phase, str(strong_init), str(weak_init) if weak_init else None)
     return PhaseSpec(phase=phase, mode=mode, strong_init=str(strong_init), **lora,
                      weak_init=str(weak_init) if weak_init and phase == "wmss" else None,
@@ -252,6 +262,11 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
         IncompatibleModelsError: WMSS weak and strong tokenizers / vocabularies differ.
         ForeignCheckpointError: ``out_dir`` holds checkpoints of another run.
         UntrainedStepsError: the run ended without every planned step trained under ``fingerprint``.
+        StopRequested: SIGTERM reached this process during ``fit``: the ranks saved a checkpoint
+            at their next step boundary and stopped; calling again resumes from it.
+
+    A node of the run drained for preemption makes the ranks save a checkpoint at once and Ray
+    Train restart them from it (``training.max_preemption_failures``; ``training/stopping.py``).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -264,6 +279,7 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
         check_same_run(state, where, spec.fingerprint)
         # nor at a batch or ZeRO stage it cannot resume at (the workers would fail at every restart)
         check_resumable(state, where, spec.plan_fingerprint(), cfg.scaling.worker_counts, cfg.training.zero_stage)
+    clear_stop(out)  # a request that stopped an earlier call is answered: this call resumes
     ckpt_fs, ckpt_root = storage.resolve_fs(out)  # Ray Train checkpoints go to the same storage
     ensure_ray()
     pool = _start_pool(cfg, spec)  # mix.placement pool only; shut down after fit
@@ -280,14 +296,16 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
                                      use_gpu=sc.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=RUN_NAME, storage_path=ckpt_root, storage_filesystem=ckpt_fs,
-            failure_config=FailureConfig(max_failures=cfg.training.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.training.max_failures,
+                                         max_preemption_failures=cfg.training.max_preemption_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.training.checkpoints_to_keep),
             callbacks=list(callbacks or []),
         ),
         # No Ray Dataset: each rank reads its own rows of the tokenised Parquet (dataset.RowReader).
     )
     try:
-        result = trainer.fit()
+        with driver_stop_on_sigterm(out):  # SIGTERM: the ranks checkpoint and return
+            result = trainer.fit()
     finally:
         if pool is not None:
             pool.shutdown()
@@ -299,6 +317,9 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
     if not states:
         raise UntrainedStepsError(f"{storage.redact(out)}: the run ended without a checkpoint of step {steps}")
     where, last = max(states, key=lambda ws: int(ws[1].get("step", -1)))
+    if clear_stop(out) and int(last.get("step", -1)) < steps:
+        raise StopRequested(f"{storage.redact(out)}: stopped on request (SIGTERM) after step {last.get('step')} of "
+                            f"{steps}, with a checkpoint: run the phase again to resume from it")
     check_trained_all_steps(last, where, spec.fingerprint, steps)  # a result it did not train is refused
     finished = steps == spec.plan.total_steps
     return TrainResult(

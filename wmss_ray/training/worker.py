@@ -53,7 +53,7 @@ class PhaseSpec:
     stop_after: int | None = None  # end (checkpointed, not exported) after this many steps
     export_at_stop: bool = False  # with stop_after: also export the strong model to <out_dir>/interim_model
     validation: ValidationPoints | None = None  # validate (and checkpoint) every k steps inside the run
-    fault: dict[str, int] = field(default_factory=dict)  # test hook: {"rank": r, "step": s}
+    fault: dict[str, Any] = field(default_factory=dict)  # test hooks: {"rank", "step"} kill, {"pause_step", "pause_s"}
     # training.lora: the strong model is strong_base + the adapter in strong_adapter (None: a fresh
     # one; strong_base None: strong_init itself); weak_shared: the weak model is that same base
     # with weak_adapter (None: no adapter), no second copy (trainer.build_spec decides)
