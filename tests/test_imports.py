@@ -177,7 +177,7 @@ def test_losses_import_only_torch_numpy_stdlib_and_losses():
 
 BOTTOM = {"wmss_ray.cluster", "wmss_ray.io", "wmss_ray.io.storage", "wmss_ray.io.errors", "wmss_ray.config",
           "wmss_ray.config.schema",
-          "wmss_ray.config.sections"}
+          "wmss_ray.config.sections", "wmss_ray.config.training_sections"}
 
 
 @pytest.mark.parametrize("module", sorted(BOTTOM))

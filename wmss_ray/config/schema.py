@@ -26,17 +26,19 @@ from wmss_ray.config.sections import (  # re-exported: the schema has one import
     DemoDataConfig,
     DemoModelConfig,
     EvaluationConfig,
+    ModelsConfig,
+    RunConfig,
+    ScoringConfig,
+    VLLMConfig,
+    compile_answer_pattern,
+)
+from wmss_ray.config.training_sections import (
     LoraConfig,
     MixConfig,
-    ModelsConfig,
     Phase0Config,
-    RunConfig,
     ScalingConfig,
-    ScoringConfig,
     TrainingConfig,
-    VLLMConfig,
     WeakPoolConfig,
-    compile_answer_pattern,
 )
 
 __all__ = [
