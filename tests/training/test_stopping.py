@@ -18,6 +18,9 @@ from wmss_ray.training.stopping import STOP_MARKER, StopPoll, clear_stop, driver
 def _agree(rank: int, world: int, port: int, codes: list[int], out) -> None:
     import torch.distributed as dist
 
+    from tests.training.forked_ranks import drop_inherited_groups
+
+    drop_inherited_groups()  # this process may have inherited the test session's 1-rank group
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         out.put((rank, stopping.agree_max(codes[rank])))
