@@ -36,7 +36,7 @@ from tests.training.test_training_units import (
     tiny_cfg,
 )
 from wmss_ray.io.files import read_metrics
-from wmss_ray.training.rank_loop import RUN_NAME
+from wmss_ray.training.rank_loop import PAUSE_RELEASE, RUN_NAME
 from wmss_ray.training.stopping import StopRequested
 from wmss_ray.training.trainer import PAUSE_ENV, checkpoint_states, train_phase
 
@@ -45,7 +45,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 #: How long the ranks wait after the paused step: the test acts in that window (a drain is seen by
 #: Ray Train's watcher within its 0.2 s poll here, a removed node within a health check).
-PAUSE_S = 3.0
+PAUSE_S = 120.0  # at most: each test releases the run (``_release``) once it has acted
 #: Ray Train's preemption watcher is off in the rest of the test session (conftest); on here.
 CLUSTER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1", "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.2",
                "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -117,8 +117,15 @@ def _train(cfg, art, out: Path):
     return train_phase(cfg, "wmss", art["strong"], art["weak"], art["tokenized"], art["sampled"], str(out))
 
 
+def _release(out: Path) -> None:
+    """Let the paused ranks go on (``rank_loop.PAUSE_RELEASE``): the test has acted."""
+    (out / PAUSE_RELEASE).write_text("")
+
+
 class Paused:
-    """``with Paused(step):`` every rank sleeps ``PAUSE_S`` after ``step`` (the test acts then)."""
+    """``with Paused(step):`` every rank waits after ``step`` until the test acts and releases it
+    (``_release``; at most ``PAUSE_S``): a fixed sleep lost the race under load (the run finished
+    before a loaded machine's State API named the node to remove)."""
 
     def __init__(self, step: int):
         self.step = step
@@ -228,7 +235,10 @@ def test_a_drained_node_gets_a_just_in_time_checkpoint_and_the_run_resumes_from_
         ok, why = gcs.drain_node(node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
                                  "test: spot reclaim", int(deadline * 1000))
         assert ok, why
-        # step 2 normally (the ranks pause 3 s after it); a later step if the signal was slower
+        time.sleep(3.0)  # Ray Train's preemption watcher tells the workers; then they go on to poll
+        _release(out)
+        # step 2 normally (the ranks wait after it until the drain is requested); a later step if
+        # the signal was slower
         drained["step"] = _wait_for(lambda: _stop_step(out), "the ranks' stop", timeout_s=90)
         _wait_for(lambda: _registered(out, drained["step"]), "the just-in-time checkpoint", timeout_s=90)
         # The reclaim, at its deadline: Ray counts a drained node that dies *before* its deadline
@@ -260,6 +270,7 @@ def test_losing_the_node_of_a_train_worker_resumes_from_the_last_checkpoint(clus
         rank1_pid = next(e["pid"] for e in _events(out) if e["event"] == "start" and e["rank"] == 1)
         node_id = _actor_nodes("RayTrainWorker")[rank1_pid]
         cluster.remove_node(_node(cluster, node_id), allow_graceful=False)
+        _release(out)
 
     _nodes(cluster, 3)
     with Paused(3):
@@ -287,6 +298,7 @@ def test_losing_the_node_of_a_weak_pool_actor_replaces_the_replica_and_loses_no_
         assert node_id not in set(_actor_nodes("RayTrainWorker").values())
         cluster.remove_node(_node(cluster, node_id), allow_graceful=False)
         lost["node"] = node_id
+        _release(out)
 
     with Paused(2):
         t = _in_thread(lose_pool_node)
@@ -357,7 +369,7 @@ def test_the_head_lost_then_the_driver_evicted_each_rerun_resumes_from_storage(c
     ``train_phase`` raises StopRequested (the driver exits non-zero); the next rerun resumes."""
     out = tmp_path / "out"
     _nodes(cluster, 2)
-    env = {**os.environ, "RAY_ADDRESS": cluster.address, "PYTHONPATH": str(REPO), PAUSE_ENV: f"4:{PAUSE_S * 5}"}
+    env = {**os.environ, "RAY_ADDRESS": cluster.address, "PYTHONPATH": str(REPO), PAUSE_ENV: f"4:{PAUSE_S}"}
     driver = subprocess.Popen([sys.executable, "-c", _DRIVER, json.dumps([art, str(out)])], env=env, cwd=str(REPO))
     try:
         _wait_for(lambda: _registered(out, 4) or driver.poll() is not None, "checkpoint 4")
@@ -369,6 +381,8 @@ def test_the_head_lost_then_the_driver_evicted_each_rerun_resumes_from_storage(c
     def sigterm_after_step_5():
         _wait_for(lambda: _logged(out, 5), "step 5")
         os.kill(os.getpid(), signal.SIGTERM)
+        _wait_for(lambda: (out / ".stop_requested").exists(), "the driver's stop marker")
+        _release(out)
 
     with Paused(5):
         t = _in_thread(sigterm_after_step_5)

@@ -94,7 +94,7 @@ def run_rank(cfg: WMSSConfig, spec: PhaseSpec, rank: int, world: int, device: An
                 report(metrics, None, None)
             _maybe_inject_fault(spec, rank, done, checkpointed=bool(ckpt))
             if spec.fault.get("pause_step") == done:  # test hook: a node-fault test acts while the run waits
-                time.sleep(spec.fault["pause_s"])
+                _pause(spec)
             reason = stop_poll() if stop_poll is not None and done < end else None
             if reason is not None:
                 if not ckpt:  # just in time: the steps since the last checkpoint are kept
@@ -173,6 +173,20 @@ def _log_worker(spec: PhaseSpec, record: dict[str, Any]) -> None:
     """
     name = f"workers_rank{record['rank']}.jsonl" if storage.is_remote(spec.out_dir) else "workers.jsonl"
     storage.append_text(storage.join(spec.out_dir, name), json.dumps(record) + "\n")
+
+
+#: Test hook (``PAUSE_ENV``): a paused rank goes on once this file is in ``out_dir`` (or after the
+#: pause's seconds): the test writes it when it has acted, however long that took under load.
+PAUSE_RELEASE = ".pause_release"
+
+
+def _pause(spec: PhaseSpec) -> None:
+    """Test hook: wait after step ``pause_step`` until the test releases the run (``PAUSE_RELEASE``)
+    or ``pause_s`` passed."""
+    deadline = time.monotonic() + spec.fault["pause_s"]
+    marker = storage.join(spec.out_dir, PAUSE_RELEASE)
+    while time.monotonic() < deadline and not storage.exists(marker):
+        time.sleep(0.1)
 
 
 def _maybe_inject_fault(spec: PhaseSpec, rank: int, done: int, checkpointed: bool) -> None:
