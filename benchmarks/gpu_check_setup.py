@@ -205,11 +205,10 @@ def free() -> None:
 
 
 def flops_per_token(n_params: int, shape: str, seq_len: float, trained: int, frozen: int) -> float:
-    """Model FLOPs per token (PaLM's MFU convention) of ``trained`` trained and ``frozen``
-    forward-only models of ``n_params`` parameters each (N counts the tied embedding once: the
-    output head's product): ``6 N + 12 L H d T`` per trained model, ``2 N + 4 L H d T`` per frozen
-    one, T the mean row length (attention not halved for causality). Checkpointing's recompute is
-    not counted (it is not model work)."""
+    """Model FLOPs per token of ``shape`` (PaLM's MFU convention): the package's one formula,
+    ``wmss_ray.training.controls.model_flops_per_token`` (the study's cost column uses it too)."""
+    from wmss_ray.training.controls import model_flops_per_token
+
     c = SHAPES[shape]
-    attn = c["num_hidden_layers"] * c["num_attention_heads"] * c["head_dim"] * seq_len
-    return trained * (6 * n_params + 12 * attn) + frozen * (2 * n_params + 4 * attn)
+    return model_flops_per_token(n_params, c["num_hidden_layers"], c["num_attention_heads"], c["head_dim"],
+                                 seq_len, trained, frozen)

@@ -161,7 +161,8 @@ LAYERS = {
     "pipeline": {"config", "io", "cluster", "data", "stages", "training", "phases"},
     "plan": {"losses", "config", "io", "models", "training", "weak_pool"},
     "sweep": {"config", "io", "cluster", "data", "stages", "training", "phases", "pipeline"},
-    "cli": {"config", "io", "cluster", "stages", "phases", "pipeline", "plan", "sweep"},
+    "study": {"config", "io", "cluster", "data", "stages", "training", "phases", "pipeline", "sweep"},
+    "cli": {"config", "io", "cluster", "stages", "phases", "pipeline", "plan", "sweep", "study"},
     "jobs": {"cli"},
     "tune": {"sweep"},
 }

@@ -137,7 +137,7 @@ def _train_corpus(ctx: RunContext) -> str:
     return ctx.out("data", "train") if ctx.cfg.models.demo else ctx.cfg.data.train
 
 
-def _eval_corpus(ctx: RunContext) -> str | None:
+def eval_corpus(ctx: RunContext) -> str | None:
     return ctx.out("data", "eval") if ctx.cfg.models.demo else ctx.cfg.data.eval
 
 
@@ -239,7 +239,7 @@ def train_sft_continued(ctx: RunContext, steps: int, epochs: int) -> dict[str, A
         ctx.cfg, "sft", strong_init=ctx.model(1), weak_init=None,
         tokenized_path=ctx.out("tokenize", "tokenized"), sampled_ids_path=None,
         out_dir=str(ctx.phase_dir(SFT_CONTINUED)), epochs=epochs, exact_steps=steps,
-        fingerprint=ctx.fingerprints[SFT_CONTINUED],
+        fingerprint=ctx.fingerprints[SFT_CONTINUED], **ctx.train_options.get(SFT_CONTINUED, {}),
     )
     return _train_outputs(res)
 
@@ -259,7 +259,7 @@ def _phase_control(arm: str) -> Callable[[RunContext], dict[str, Any]]:
             weak_init=None, tokenized_path=ctx.out("tokenize", "tokenized"), sampled_ids_path=None,
             out_dir=str(ctx.phase_dir(arm)), epochs=cfg.training.wmss_epochs * k,
             exact_steps=arm_steps(arm, wmss_steps, cfg.mix.mode, cfg.mix.weak_source),
-            fingerprint=ctx.fingerprints[arm])
+            fingerprint=ctx.fingerprints[arm], **ctx.train_options.get(arm, {}))
         return _train_outputs(res)
 
     return run
@@ -268,7 +268,7 @@ def _phase_control(arm: str) -> Callable[[RunContext], dict[str, Any]]:
 def _phase_eval(ctx: RunContext) -> dict[str, Any]:
     from wmss_ray.stages.evaluate import evaluate_models
 
-    eval_path = _eval_corpus(ctx)
+    eval_path = eval_corpus(ctx)
     if not eval_path:
         return {"outputs": {"skipped": "no data.eval corpus"}}
     k = ctx.cfg.run.iterations
@@ -360,7 +360,9 @@ def build_phases(cfg: WMSSConfig) -> list[Phase]:
     first = ["data", "phase0"] if demo else []
     # how the rows are laid out in files, not which rows: changing it keeps the tokenised data
     phases.append(Phase("tokenize", first, ["data", "models"], _phase_tokenize, no_weak + ("data.rows_per_file",)))
-    phases.append(Phase("sft", ["tokenize"], ["run.seed", "models", "training", "scaling"], _phase_sft, no_weak + how,
+    # Listed only when set, so runs without a training seed of their own keep their fingerprints.
+    seed = ["run.seed", "run.train_seed"] if cfg.run.train_seed is not None else ["run.seed"]
+    phases.append(Phase("sft", ["tokenize"], [*seed, "models", "training", "scaling"], _phase_sft, no_weak + how,
                         layout=layout))
     prev_model = "sft"
     for t in range(1, k + 1):
@@ -369,16 +371,16 @@ def build_phases(cfg: WMSSConfig) -> list[Phase]:
         weak_key = ["models.weak"] if t == 1 and cfg.models.weak else []
         phases.append(Phase(f"score_{t}", ["tokenize", prev_model, weak_src], ["scoring", *weak_key], _phase_score(t),
                             ("scoring.logits_mb",)))  # how many rows per forward: the scores do not change
-        phases.append(Phase(f"curriculum_{t}", [f"score_{t}"], ["run.seed", "curriculum"], _phase_curriculum(t)))
+        phases.append(Phase(f"curriculum_{t}", [f"score_{t}"], [*seed, "curriculum"], _phase_curriculum(t)))
         phases.append(Phase(f"wmss_{t}", [f"curriculum_{t}", prev_model, weak_src],
-                            ["run.seed", "mix", "training", "scaling", *weak_key], _phase_wmss(t), how,
+                            [*seed, "mix", "training", "scaling", *weak_key], _phase_wmss(t), how,
                             layout=layout))
         prev_model = f"wmss_{t}"
     if cfg.evaluation.sft_continued:
-        phases.append(Phase(SFT_CONTINUED, ["sft", prev_model], ["run.seed", "training", "scaling"],
+        phases.append(Phase(SFT_CONTINUED, ["sft", prev_model], [*seed, "training", "scaling"],
                             _phase_sft_continued, how, layout=layout))
     for arm in cfg.controls.arms:  # after WMSS: their step counts follow from its steps
-        phases.append(Phase(arm, ["sft", prev_model], ["run.seed", "training", "scaling", *arm_sections(arm)],
+        phases.append(Phase(arm, ["sft", prev_model], [*seed, "training", "scaling", *arm_sections(arm)],
                             _phase_control(arm), how, layout=layout))
     eval_needs = [p.name for p in phases if p.name in ("sft", SFT_CONTINUED, prev_model, *cfg.controls.arms)] + first
     phases.append(Phase("eval", eval_needs, ["evaluation", "data.eval", "data.reference_column", "data.supervise"],

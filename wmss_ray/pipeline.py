@@ -69,14 +69,17 @@ def resumed_fingerprint(phase: Phase, cfg: WMSSConfig, cfg_dict: dict[str, Any],
 
 
 def run_pipeline(cfg: WMSSConfig, from_phase: str | None = None, until: str | None = None,
-                 train_options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+                 train_options: dict[str, dict[str, Any]] | None = None,
+                 only: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Run every phase in order (skipping completed ones); returns each phase's outputs.
 
     ``from_phase`` forces that phase and all later ones to run again; ``until`` stops after it.
     ``train_options``: ``{"wmss_<t>": {...}}`` extra ``train_phase`` arguments that leave the
     phase's result as it is (``validation``, ``callbacks``: a tune trial's reports; ``stop_after``,
     ``export_at_stop``: a chunk of it, after which the phase is ``stopped`` and the run ends there;
-    the next call resumes it).
+    the next call resumes it). ``only``: run just these phases; every phase before the last of
+    them must have completed with its fingerprint already (read, never run: a study runs a seed's
+    arms side by side, each its own phase of one run dir); the others are not touched.
     """
     phases = build_phases(cfg)
     check_phase_names(phases, from_phase, until)
@@ -87,9 +90,11 @@ def run_pipeline(cfg: WMSSConfig, from_phase: str | None = None, until: str | No
 
         check_lora_strong(cfg)
     storage.check_reachable(ctx.run_dir)  # an unreachable store fails here, naming the URI
-    save_config(cfg, storage.join(ctx.run_dir, "config.yaml"))
-    outputs = run_phases(ctx, phases, from_phase, until)
-    write_run_summary(ctx)  # <run>/summary.json: the console's final table reads it back
+    if only is None:  # run-level files: phases run side by side (only) leave them to the whole run
+        save_config(cfg, storage.join(ctx.run_dir, "config.yaml"))
+    outputs = run_phases(ctx, phases, from_phase, until, only)
+    if only is None:
+        write_run_summary(ctx)  # <run>/summary.json: the console's final table reads it back
     return outputs
 
 
@@ -111,7 +116,7 @@ def check_phase_names(phases: list[Phase], *names: str | None) -> None:
 
 
 def run_phases(ctx: RunContext, phases: list[Phase], from_phase: str | None = None,
-               until: str | None = None) -> dict[str, Any]:
+               until: str | None = None, only: tuple[str, ...] | None = None) -> dict[str, Any]:
     """The one resumable runner: run ``phases`` in order, each in ``<ctx.run_dir>/<phase>/``.
 
     A phase completed with the same fingerprint is skipped (its outputs reused); an unfinished one
@@ -120,18 +125,28 @@ def run_phases(ctx: RunContext, phases: list[Phase], from_phase: str | None = No
     directory (``manifest.prepare_phase_dir``). A linked phase directory is never rerun. The run
     ends after ``until``, or at a phase that ends ``stopped``. Phases run elsewhere may be given in
     ``ctx.outputs`` and ``ctx.fingerprints`` (the sweep's control reads the base run's SFT this
-    way). Returns ``ctx.outputs``.
+    way). ``only``: see :func:`run_pipeline`. Returns ``ctx.outputs``.
     """
-    check_phase_names(phases, from_phase, until)
+    check_phase_names(phases, from_phase, until, *(only or ()))
     cfg_dict = ctx.cfg.fingerprint_dict()  # keys added since a run was made hash only when set
     forced = False
+    needed = _upstream(phases, only) if only else None
     for phase in phases:
+        if needed is not None and phase.name not in needed:
+            continue  # neither selected nor upstream of a selected phase (another arm): not touched
         forced = forced or phase.name == from_phase
         phase_dir = ctx.phase_dir(phase.name)
         old = read_manifest(phase_dir)
         fp, layout = resumed_fingerprint(phase, ctx.cfg, cfg_dict, ctx.fingerprints, old)
         ctx.fingerprints[phase.name] = fp
-        if not forced and old and old.status == "completed" and old.fingerprint == fp:
+        done = old is not None and old.status == "completed" and old.fingerprint == fp
+        if only is not None and phase.name not in only:
+            if not done:
+                raise RuntimeError(f"phase {phase.name} of {storage.redact(ctx.run_dir)} has not completed with "
+                                   f"these inputs; it must before {', '.join(only)} can run on their own")
+            ctx.outputs[phase.name] = old.outputs
+            continue
+        if not forced and done:
             log.info("phase %-13s skipped (completed, same inputs)", phase.name)
             get_console().line(f"[wmss] {phase.name} skipped: completed before with the same inputs")
             ctx.outputs[phase.name] = old.outputs
@@ -147,6 +162,18 @@ def run_phases(ctx: RunContext, phases: list[Phase], from_phase: str | None = No
         if phase.name == until:
             break
     return ctx.outputs
+
+
+def _upstream(phases: list[Phase], names: tuple[str, ...]) -> set[str]:
+    """``names`` and every phase they need, directly or not."""
+    by_name = {p.name: p for p in phases}
+    out, todo = set(), list(names)
+    while todo:
+        n = todo.pop()
+        if n not in out:
+            out.add(n)
+            todo.extend(by_name[n].needs)
+    return out
 
 
 def _run_one(phase: Phase, ctx: RunContext, fp: str, phase_dir: str, forced: bool,

@@ -165,3 +165,23 @@ def test_calibration_brier_ece_and_bins_equal_their_definitions():
     assert perfect["brier"] == 0.0 and perfect["ece"] == 0.0
     with pytest.raises(ValueError):
         stats.calibration([1.5], [True])
+
+
+def test_t_quantile_matches_the_table_and_the_expansion_continues_it():
+    # the table's own values, and the expansion against known quantiles beyond it (to 1e-3)
+    assert stats.t_quantile_975(1) == 12.706 and stats.t_quantile_975(2) == 4.303
+    for df, known in ((40, 2.021), (60, 2.000), (120, 1.980), (10_000, 1.960)):
+        assert abs(stats.t_quantile_975(df) - known) < 1.5e-3
+    assert abs(stats.t_quantile_975(31) - 2.040) < 1.5e-3  # continuous at the table's end
+    with pytest.raises(ValueError):
+        stats.t_quantile_975(0)
+
+
+def test_mean_t_ci_is_the_t_interval_of_the_seeds():
+    v = [0.1, 0.3, 0.2]
+    mean, lo, hi = stats.mean_t_ci(v)
+    half = 4.303 * np.std(v, ddof=1) / math.sqrt(3)
+    assert mean == pytest.approx(0.2) and lo == pytest.approx(0.2 - half) and hi == pytest.approx(0.2 + half)
+    one = stats.mean_t_ci([0.5])
+    assert one[0] == 0.5 and math.isnan(one[1]) and math.isnan(one[2])
+    assert all(math.isnan(x) for x in stats.mean_t_ci([]))

@@ -4,6 +4,7 @@
     wmss run CONFIG [--set k=v ...]   the whole pipeline (skips completed phases)
     wmss score|train|eval|report CONFIG   the pipeline up to that phase
     wmss tune CONFIG                  Ray Tune sweep over lambda, alpha, beta, gamma
+    wmss study CONFIG [--seeds N]     WMSS and its control arms over N training seeds (docs/CONTROLS.md)
     wmss validate CONFIG              load and validate a config, print it resolved
     wmss plan CONFIG [--gpu-memory 80GiB]   GPU memory per rank the config needs, and what to change
     wmss submit|status|logs ...       Ray job submission to a running cluster (token auth)
@@ -105,6 +106,19 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    from wmss_ray.pipeline import preflight
+    from wmss_ray.study.runner import run_study
+    from wmss_ray.study.table import summary_text
+
+    overrides = list(args.overrides) + ([f"study.seeds={args.seeds}"] if args.seeds else [])
+    cfg = load_config(args.config, overrides)
+    preflight(cfg)
+    with run_console(cfg, getattr(args, "verbose", False), str(args.config)) as console:
+        console.line(summary_text(run_study(cfg)))
+    return 0
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     import yaml
 
@@ -155,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--retry-errored", action="store_true", help="continuing a sweep: run errored trials again")
     p.set_defaults(func=_cmd_tune)
+
+    p = sub.add_parser("study", help="WMSS and its control arms over independent training seeds (study.*)")
+    _add_config_args(p)
+    p.add_argument("--seeds", type=int, default=None, metavar="N", help="training seeds (default: study.seeds)")
+    p.set_defaults(func=_cmd_study)
 
     p = sub.add_parser("validate", help="validate a config and print it resolved")
     _add_config_args(p)

@@ -18,3 +18,21 @@ CONTROL_ARM_LABELS = {
     "sft_higher_lr": "SFT-higher-LR",
     "sft_label_smoothing": "SFT-label-smoothing",
 }
+
+#: The WMSS arms with a fake weak side (``mix.weak_source``, docs/CONTROLS.md): the study's arm
+#: name, the ``mix.weak_source`` it sets and its label.
+FAKE_WEAK_ARMS = {
+    "wmss_uniform_weak": ("uniform", "WMSS-uniform-weak"),
+    "wmss_entropy_matched_weak": ("entropy_matched", "WMSS-entropy-matched-weak"),
+    "wmss_shuffled_weak": ("shuffled", "WMSS-shuffled-weak"),
+}
+
+#: Every arm a study (``wmss study``, ``study.arms``) can run, in the order its table lists them,
+#: with its label: WMSS itself (the reference every other arm is paired with), the SFT arms and
+#: the fake-weak WMSS arms. ``sft_matched_updates`` is SFT-continued (the equal-update control).
+STUDY_ARM_LABELS = {
+    "wmss": "WMSS",
+    "sft_matched_updates": SFT_CONTINUED_LABEL,
+    **CONTROL_ARM_LABELS,
+    **{arm: label for arm, (_, label) in FAKE_WEAK_ARMS.items()},
+}

@@ -169,13 +169,46 @@ class TuneConfig(ConfigSection):
         return self
 
 
+StudyArm = Literal["sft_matched_updates", "sft_matched_flops", "sft_higher_lr", "sft_label_smoothing",
+                   "wmss_uniform_weak", "wmss_entropy_matched_weak", "wmss_shuffled_weak"]
+
+
+class StudyConfig(ConfigSection):
+    """``wmss study``: WMSS and its control arms over independent training seeds (docs/CONTROLS.md).
+
+    Seed ``i`` is a run of its own, ``<run>/study/seed<i>`` with ``run.train_seed = run.seed + i``
+    (its own SFT, scoring, curriculum and WMSS; the demo corpus, M0 and the tokenised corpus are
+    the base run's). Every arm's training phase validates every ``validate_every`` steps, and the
+    study reports each arm's final model and its validation-selected peak.
+    """
+
+    seeds: int = Field(3, ge=1, description="independent training seeds (run.train_seed = run.seed + i)")
+    arms: list[StudyArm] = Field(
+        default_factory=lambda: list(StudyArm.__args__),
+        description="the arms next to WMSS (always run): SFT arms and fake-weak WMSS arms")
+    validate_every: int = Field(50, ge=1, description="optimizer steps between the validation points of every "
+                                                      "arm's training phase (the validation-selected peak)")
+    max_concurrent: int | None = Field(
+        None, ge=1, description="runs (a seed's trunk, an arm, a seed's evaluation) side by side as Ray tasks; "
+                                "null: as many as the cluster's CPUs/GPUs hold one run's Train workers")
+    n_boot: int = Field(10000, ge=100, description="bootstrap resamples of the sample-level paired CIs")
+
+    @field_validator("arms")
+    @classmethod
+    def _each_once(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"study.arms lists an arm twice: {v}")
+        return v
+
+
 #: Keys added after runs were made, each left out of phase fingerprints while it has its default
 #: (what runs from before it behaved as): those runs keep their fingerprints and resume instead of
 #: retraining after an upgrade. Set to anything else, a key is hashed like every other.
 ADDED_KEYS = ("training.lora", "training.global_batch_size", "scaling.min_workers", "evaluation.engine",
               "evaluation.samples", "evaluation.temperature", "evaluation.top_p", "evaluation.sampling_seed",
               "evaluation.vllm", "data.rows_per_file", "scoring.logits_mb", "evaluation.logits_mb", "mix.weak_source",
-              "mix.shuffle_bucket_rows", "training.label_smoothing", "controls", "training.max_preemption_failures")
+              "mix.shuffle_bucket_rows", "training.label_smoothing", "controls", "training.max_preemption_failures",
+              "run.train_seed", "study")
 
 
 #: How a training phase is executed, not what it computes (that is the global batch, which they
@@ -207,6 +240,7 @@ class WMSSConfig(ConfigSection):
     evaluation: EvaluationConfig = EvaluationConfig()
     controls: ControlsConfig = ControlsConfig()
     tune: TuneConfig = TuneConfig()
+    study: StudyConfig = StudyConfig()
 
     @model_validator(mode="after")
     def _data_for_real_models(self) -> "WMSSConfig":
@@ -292,6 +326,12 @@ class WMSSConfig(ConfigSection):
         return f"{self.run.storage.rstrip('/')}/{self.run.name}"
 
     @property
+    def train_seed(self) -> int:
+        """The seed of SFT's data order and of LoRA's init (``run.train_seed``, else ``run.seed``)."""
+        return self.run.seed if self.run.train_seed is None else self.run.train_seed
+
+    @property
     def curriculum_seed(self) -> int:
-        """The seed of the curriculum draw and of WMSS's data order (``curriculum.seed``, else ``run.seed``)."""
-        return self.run.seed if self.curriculum.seed is None else self.curriculum.seed
+        """The seed of the curriculum draw and of WMSS's data order (``curriculum.seed``, else the
+        training seed)."""
+        return self.train_seed if self.curriculum.seed is None else self.curriculum.seed

@@ -43,6 +43,10 @@ class RunConfig(ConfigSection):
     name: str = "wmss-demo"
     storage: str = "runs"  # local/shared directory or URI (s3://b/runs); the run dir is <storage>/<name>
     seed: int = 0
+    train_seed: int | None = Field(
+        None, description="the training seed: SFT's and WMSS's data order, the curriculum draw (unless "
+                          "curriculum.seed), LoRA's init; null: run.seed. The demo corpus and M0 keep run.seed "
+                          "(a study's seeds set it: docs/CONTROLS.md)")
     iterations: int = Field(1, ge=1, description="K: WMSS iterations (paper: 1)")
     trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=lambda: ["tensorboard"],

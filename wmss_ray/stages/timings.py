@@ -9,7 +9,7 @@ Throughput, by phase kind:
 - ``tokenize``: corpus rows read per second (``rows_in``); ``score_t``: rows scored per second
   (each row through the weak and the strong model); ``curriculum_t``: draws per second; ``eval``:
   rows per second over all models (``n`` x models).
-- training phases (``sft``, ``wmss_t``, ``sft_continued``): the median ``tokens_per_s`` of the
+- training phases (``sft``, ``wmss_t``, ``sft_continued``, the control arms): the median ``tokens_per_s`` of the
   logged steps (input tokens per second of the step itself, start-up excluded) and steps per
   second of the phase's wall time (start-up included).
 
@@ -32,7 +32,7 @@ import math
 import statistics
 from typing import Any
 
-from wmss_ray.config.names import SFT_CONTINUED
+from wmss_ray.config.names import CONTROL_ARM_LABELS, SFT_CONTINUED
 from wmss_ray.io import storage
 from wmss_ray.io.console import format_rate
 from wmss_ray.io.files import read_metrics
@@ -43,7 +43,7 @@ SUMMARY_FILE = "summary.json"
 
 def phase_kind(name: str) -> str:
     """``"train"``, ``"score"``, ``"curriculum"`` or the name itself (``wmss_2`` -> ``"train"``)."""
-    if name in ("sft", SFT_CONTINUED) or name.startswith("wmss_"):
+    if name in ("sft", SFT_CONTINUED, *CONTROL_ARM_LABELS) or name.startswith("wmss_"):
         return "train"
     return name.split("_", 1)[0] if name.startswith(("score_", "curriculum_")) else name
 

@@ -118,7 +118,7 @@ def build_spec(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | N
     if epochs is None:
         epochs = t.sft_epochs if phase == "sft" else t.wmss_epochs
     # WMSS visits the curriculum's draw in an order of the curriculum's seed (tune.seeds varies it)
-    seed = cfg.curriculum_seed if phase == "wmss" else cfg.run.seed
+    seed = cfg.curriculum_seed if phase == "wmss" else cfg.train_seed
     # at the most workers; the ranks that start re-split G for their world size (PhaseSpec.for_world)
     world = cfg.scaling.num_workers
     plan = DataPlan(n_per_epoch=n, epochs=float(epochs), seed=seed,

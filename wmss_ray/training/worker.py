@@ -182,7 +182,7 @@ class PhaseWorker:
         own adapter in joint mode and is used as loaded when frozen."""
         from wmss_ray.models.lora import WEAK, attach_adapters
 
-        spec, lora, seed = self.spec, self.cfg.training.lora, self.cfg.run.seed
+        spec, lora, seed = self.spec, self.cfg.training.lora, self.cfg.train_seed
         joint = spec.mode == "joint"
         weak_side: str | bool = False
         if spec.weak_shared:

@@ -1,0 +1,114 @@
+"""``wmss study`` end to end on configs/test-tiny.yaml: 2 seeds x every arm on the session's local
+Ray cluster, as Ray tasks side by side. The table has every column for every arm and checkpoint,
+each arm trained what it should (SFT-matched-FLOPs the steps the FLOPs formula gives), the seeds
+share only the phases the training seed does not touch, and a second call reruns nothing."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+
+import pytest
+
+from wmss_ray.config.loading import load_config
+from wmss_ray.config.names import STUDY_ARM_LABELS
+from wmss_ray.io.manifest import read_manifest
+from wmss_ray.study.table import CSV_COLUMNS, COSTS
+from wmss_ray.training.controls import arm_steps
+
+pytestmark = pytest.mark.integration
+
+SEEDS = 2
+
+
+@pytest.fixture(scope="module")
+def study(ray_cluster, tmp_path_factory):
+    from wmss_ray.study.runner import run_study
+
+    cfg = load_config("configs/test-tiny.yaml", [
+        f"run.storage={tmp_path_factory.mktemp('study')}", "mix.mode=frozen", f"study.seeds={SEEDS}",
+        "study.validate_every=1", "study.max_concurrent=2", "study.n_boot=500",
+        "evaluation.samples=2", "evaluation.temperature=1.0"])  # sampled pass@k and calibration
+    return cfg, run_study(cfg)
+
+
+def test_the_table_has_every_column_for_every_arm_and_checkpoint(study):
+    cfg, table = study
+    rows = {(r["arm"], r["checkpoint"]): r for r in table["rows"]}
+    assert set(rows) == {(a, c) for a in STUDY_ARM_LABELS for c in ("final", "peak")}
+    root = os.path.join(cfg.run_dir(), "study")
+    with open(os.path.join(root, "study.csv")) as f:
+        lines = list(csv.DictReader(f))
+    assert tuple(lines[0]) == CSV_COLUMNS and len(lines) == 2 * len(STUDY_ARM_LABELS)
+    for line in lines:
+        empty = [c for c in CSV_COLUMNS if line[c] == ""]
+        if line["arm"] == "wmss":  # its own reference: no difference to itself
+            assert {"diff_vs_wmss", "diff_seed_ci_low"} <= set(empty)
+        empty = [c for c in empty if not c.startswith("diff_") and c != "peak_gpu_mb"]  # no GPU here
+        assert not empty, f"{line['arm']} {line['checkpoint']}: empty {empty}"
+    for r in rows.values():
+        assert r["seeds"] == SEEDS and len(r["accuracy"]) == SEEDS
+        assert all(0.0 <= a <= 1.0 for a in r["accuracy"])
+        for key in ("loss", "avg_at_k", "pass_at_k", "brier", "ece"):
+            assert math.isfinite(r[key]), (r["arm"], key)
+        for key in COSTS:
+            if key != "peak_gpu_mb":
+                assert r[key] is not None and r[key] >= 0, (r["arm"], key)
+        assert r["flops"] > 0 and r["tokens"] > r["supervised_tokens"] > 0
+        assert len({c["run_dir"] for c in r["cells"]}) == SEEDS and all(c["config_hash"] for c in r["cells"])
+        if r["checkpoint"] == "peak":
+            assert all(1 <= s <= 2 for s in r["peak_steps"])  # a validation point, or the final model
+    page = open(os.path.join(root, "index.html")).read()
+    assert page.count("data:image/png;base64") == 2 and "WMSS-shuffled-weak" in page
+
+
+def test_each_arm_trained_its_steps_and_the_flops_arm_the_formula_s(study):
+    cfg, table = study
+    rows = {(r["arm"], r["checkpoint"]): r for r in table["rows"]}
+    wmss_steps = rows[("wmss", "final")]["updates"]
+    assert wmss_steps == cfg.training.max_steps
+    assert rows[("sft_matched_flops", "final")]["updates"] == arm_steps("sft_matched_flops", wmss_steps, "frozen") == 3
+    for arm in STUDY_ARM_LABELS:
+        if arm != "sft_matched_flops":
+            assert rows[(arm, "final")]["updates"] == wmss_steps, arm
+    # FLOPs per token: a frozen WMSS step 4/3 of an SFT step, a uniform fake weak side 1 (no weak forward)
+    per_token = {arm: rows[(arm, "final")]["flops"] / rows[(arm, "final")]["tokens"] for arm in STUDY_ARM_LABELS}
+    assert per_token["wmss"] / per_token["sft_matched_updates"] == pytest.approx(4 / 3, rel=0.02)
+    assert per_token["wmss_uniform_weak"] / per_token["sft_matched_updates"] == pytest.approx(1.0, rel=0.02)
+
+
+def test_the_seeds_share_only_what_the_training_seed_does_not_touch(study):
+    cfg, _ = study
+    root = os.path.join(cfg.run_dir(), "study")
+    for phase in ("data", "phase0", "tokenize"):
+        for i in range(SEEDS):
+            assert os.path.realpath(os.path.join(root, f"seed{i}", phase)) == os.path.join(cfg.run_dir(), phase)
+    for phase in ("sft", "curriculum_1", "wmss_1", "sft_higher_lr"):
+        prints = {read_manifest(os.path.join(root, f"seed{i}", phase)).fingerprint for i in range(SEEDS)}
+        assert len(prints) == SEEDS, phase
+    # a fake-weak arm trains on its seed's M1 and draw (links), with its own WMSS phase
+    fake = os.path.join(root, "seed1-wmss_shuffled_weak")
+    assert os.path.realpath(os.path.join(fake, "curriculum_1")) == os.path.join(root, "seed1", "curriculum_1")
+    assert not os.path.islink(os.path.join(fake, "wmss_1"))
+    peak = json.load(open(os.path.join(fake, "wmss_1", "peak.json")))
+    assert peak["step"] in (1, 2) and 0.0 <= peak["validation_accuracy"] <= 1.0
+
+
+def test_a_second_call_reruns_nothing_and_gives_the_same_table(study):
+    from wmss_ray.study.runner import run_study
+
+    cfg, table = study
+    before = {p: os.path.getmtime(p) for p in _manifests(cfg.run_dir())}
+    again = run_study(cfg)
+    assert {p: os.path.getmtime(p) for p in _manifests(cfg.run_dir())} == before
+    strip = lambda t: [{k: v for k, v in r.items() if k not in ("cells",)} for r in t["rows"]]  # noqa: E731
+    assert json.dumps(strip(again), sort_keys=True, default=str) == json.dumps(strip(table), sort_keys=True, default=str)
+
+
+def _manifests(run_dir: str) -> list[str]:
+    out = []
+    for d, _, files in os.walk(run_dir, followlinks=False):
+        out += [os.path.join(d, f) for f in files if f == "manifest.json"]
+    return sorted(out)

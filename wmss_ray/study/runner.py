@@ -1,0 +1,268 @@
+"""Run a study: the shared phases once, then each seed as a Ray task running its runs through the
+pipeline's one runner, then the table and the page.
+
+Seeds and arms are independent runs, so they run side by side (``study.max_concurrent`` runs,
+else as many as the cluster holds one run's Train workers); each is a Ray task of 0 CPUs (its
+phases ask Ray for their own workers and actors, as a tune trial's driver does) retried on a lost
+node: every run is resumable (phase manifests, checkpoints), so a retried or rerun task continues
+where it stopped, on a shared filesystem or on object storage alike. ``wmss study CONFIG`` again continues the
+study: completed phases are skipped, and the table is made again from what the runs wrote.
+
+The work is a small graph of Ray tasks, scheduled by the driver: per seed its trunk
+(:func:`run_trunk`: seed ``i``'s run ``study/seed<i>`` through WMSS), then each other arm at
+once (:func:`run_arm`: an SFT arm as its own phase of that run, a fake-weak arm's ``wmss_1`` as
+its own run ``study/seed<i>-<arm>``), then the seed's evaluation (:func:`finish_seed`: the run's
+``eval`` and ``report``, and its ``eval_study`` phase: the fake-weak arms' final models and every
+arm's peak that is not its final model, on the test set with the same evaluator, samples and
+checker). Every training phase validates itself every ``study.validate_every`` steps and keeps
+its peak. At 64 GPUs and 8-GPU runs, 8 runs at a time: 3 seeds x 8 arms are 3 trunks, then 21
+arm runs in three waves, instead of 24 runs one after another.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from typing import Any
+
+from wmss_ray.config.loading import config_from_dict
+from wmss_ray.config.names import FAKE_WEAK_ARMS
+from wmss_ray.config.schema import ConfigError, WMSSConfig
+from wmss_ray.io import storage
+from wmss_ray.io.console import get_console
+from wmss_ray.study.arms import (FAKE_SHARED, SEED_SHARED, VALIDATION_ROWS, ArmRun, arm_runs, check_study,
+                                 fake_config, seed_config, study_root)
+
+log = logging.getLogger("wmss_ray.study")
+
+STUDY_EVAL = "eval_study"  # <seed run>/eval_study/: the fake-weak arms' finals and the peaks, on the test set
+SEED_RECORD = "study_seed.json"  # <seed run>/: what the table reads (runner.seed_record)
+NO_VALIDATION = ("a study selects each arm's peak on a validation split apart from data.eval (the test set): "
+                 "set data.validation_fraction (carved from data.train) or data.validation")
+
+
+def max_concurrent(cfg: WMSSConfig, cluster: dict[str, float]) -> int:
+    """Runs at once: ``study.max_concurrent``, else as many as ``cluster`` (``ray.cluster_resources()``)
+    holds one run's Train workers (its largest phase), at least 1."""
+    if cfg.study.max_concurrent:
+        return cfg.study.max_concurrent
+    sc = cfg.scaling
+    fits = [cluster.get("CPU", 1.0) / max(sc.num_workers * sc.cpus_per_worker, 1e-9)]
+    if sc.gpus_per_worker:
+        fits.append(cluster.get("GPU", 0.0) / (sc.num_workers * sc.gpus_per_worker))
+    return max(1, math.floor(min(fits)))
+
+
+def _validation_rows(cfg: WMSSConfig, outputs: dict[str, Any], run_dir: str) -> str:
+    """The validation split's normalised rows at ``<run_dir>/validation_rows.jsonl`` (what the
+    ranks validate on); refuses a config without a validation split."""
+    from wmss_ray.stages.evaluate import load_eval_rows
+    from wmss_ray.stages.tokenize import validation_eval_input
+    from wmss_ray.training.validation import write_rows
+
+    source = validation_eval_input(cfg, outputs)
+    if source is None:
+        raise ConfigError(NO_VALIDATION)
+    path = storage.join(run_dir, VALIDATION_ROWS)
+    write_rows(load_eval_rows(source, cfg), path)
+    return path
+
+
+def _train_options(cfg: WMSSConfig, runs: list[ArmRun], rows_path: str) -> dict[str, dict[str, Any]]:
+    """``train_options`` for the pipeline: each arm's phase validates itself and keeps its peak."""
+    from wmss_ray.training.validation import ValidationPoints
+
+    return {r.phase: {"validation": ValidationPoints(every=cfg.study.validate_every, rows_path=rows_path,
+                                                     out_root=r.phase_dir, keep_peak=True)} for r in runs}
+
+
+def _seed(base_dict: dict[str, Any], index: int) -> tuple[WMSSConfig, WMSSConfig, str]:
+    base = config_from_dict(base_dict, source="study")
+    cfg = seed_config(base, index)
+    return base, cfg, storage.location(cfg.run_dir())
+
+
+def run_trunk(base_dict: dict[str, Any], index: int) -> str:
+    """Seed ``index``'s trunk: its run through WMSS (SFT, scoring, curriculum, ``wmss_K``
+    validating itself), the shared phases linked from the base run. Returns the seed's run dir."""
+    from wmss_ray.pipeline import run_pipeline
+    from wmss_ray.sweep.trial import link_shared_phases
+
+    base, cfg, seed_dir = _seed(base_dict, index)
+    link_shared_phases(base.run_dir(), seed_dir, SEED_SHARED)
+    rows_path = _validation_rows(cfg, run_pipeline(cfg, until="tokenize"), seed_dir)
+    wmss = arm_runs(base, index)[0]
+    run_pipeline(cfg, until=wmss.phase, train_options=_train_options(cfg, [wmss], rows_path))
+    return seed_dir
+
+
+def run_arm(base_dict: dict[str, Any], index: int, arm: str) -> str:
+    """One arm of seed ``index`` after its trunk: an SFT arm as its own phase of the seed's run
+    (``run_pipeline(only=...)``: the other arms of the run are not touched), a fake-weak arm as
+    its own run linking the seed's phases up to the curriculum. Returns the arm's phase dir."""
+    from wmss_ray.pipeline import run_pipeline
+    from wmss_ray.sweep.trial import link_shared_phases
+
+    base, cfg, seed_dir = _seed(base_dict, index)
+    r = next(r for r in arm_runs(base, index) if r.arm == arm)
+    rows_path = storage.join(seed_dir, VALIDATION_ROWS)
+    if arm in FAKE_WEAK_ARMS:
+        fcfg = fake_config(cfg, index, arm)
+        link_shared_phases(seed_dir, r.run_dir, FAKE_SHARED)
+        run_pipeline(fcfg, until="wmss_1", train_options=_train_options(fcfg, [r], rows_path))
+    else:
+        run_pipeline(cfg, only=(r.phase,), train_options=_train_options(cfg, [r], rows_path))
+    return r.phase_dir
+
+
+def finish_seed(base_dict: dict[str, Any], index: int) -> dict[str, Any]:
+    """After every arm of seed ``index``: the seed run's ``eval`` (every final model of its run)
+    and ``report``, the ``eval_study`` phase, then ``<seed run>/study_seed.json`` (returned): per
+    arm its run, phase, final and peak results and costs."""
+    from wmss_ray.pipeline import run_pipeline
+
+    base, cfg, seed_dir = _seed(base_dict, index)
+    runs = arm_runs(base, index)
+    outputs = run_pipeline(cfg)  # every training phase is done: eval and report
+    study_eval = _evaluate_arms(cfg, outputs, runs)
+    record = seed_record(cfg, index, runs, outputs, study_eval)
+    storage.write_text(storage.join(seed_dir, SEED_RECORD), json.dumps(record, indent=2, allow_nan=True))
+    return record
+
+
+def _final_and_peak(r: ArmRun) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The manifest outputs of arm ``r``'s phase (``model_dir``, ``steps``) and its peak (``peak.json``)."""
+    from wmss_ray.io.manifest import read_manifest
+
+    man = read_manifest(r.phase_dir)
+    if man is None or man.status != "completed":
+        raise RuntimeError(f"study: {storage.redact(r.phase_dir)} did not complete")
+    return man.outputs, man.outputs.get("peak")
+
+
+def _peak_label(label: str) -> str:
+    return f"{label} (peak)"
+
+
+def _evaluate_arms(cfg: WMSSConfig, outputs: dict[str, Any], runs: list[ArmRun]) -> dict[str, Any]:
+    """The seed's ``eval_study`` phase (resumable like every phase): on the test set, the fake-weak
+    arms' final models and each arm's peak that is not its final model."""
+    from wmss_ray.phases import Phase, RunContext, eval_corpus
+    from wmss_ray.pipeline import run_phases
+    from wmss_ray.stages.evaluate import evaluate_models
+
+    models: dict[str, str] = {}
+    for r in runs:
+        final, peak = _final_and_peak(r)
+        if r.arm in FAKE_WEAK_ARMS:
+            models[r.label] = final["model_dir"]
+        if peak is not None and int(peak["step"]) != int(final["steps"]):
+            models[_peak_label(r.label)] = peak["model_dir"]
+    ctx = RunContext(cfg)
+    ctx.outputs = dict(outputs)
+    # what the models are: each one's phase manifest fingerprint and peak step
+    prints = {label: path for label, path in sorted(models.items())}
+    extra = {"models": prints, "fingerprints": {r.label: _fingerprint(r.phase_dir) for r in runs}}
+
+    def run(ctx: RunContext) -> dict[str, Any]:
+        if not models:
+            return {"outputs": {"models": {}}}
+        eval_path = eval_corpus(ctx)
+        res = evaluate_models(models, eval_path, ctx.cfg, ctx.phase_dir(STUDY_EVAL), eval_set="test")
+        return {"outputs": {"results": storage.join(ctx.phase_dir(STUDY_EVAL), "eval_results.json"),
+                            "models": {n: {"accuracy": x.accuracy, "n": x.n} for n, x in res.items()}}}
+
+    phase = Phase(STUDY_EVAL, [], ["evaluation", "data.eval", "data.reference_column", "data.supervise"], run,
+                  ("evaluation.logits_mb",), extra=extra)
+    return run_phases(ctx, [phase])[STUDY_EVAL]
+
+
+def _fingerprint(phase_dir: str) -> str | None:
+    from wmss_ray.io.manifest import read_manifest
+
+    man = read_manifest(phase_dir)
+    return man.fingerprint if man is not None else None
+
+
+def _eval_entry(results_path: str | None, label: str) -> dict[str, Any] | None:
+    if not results_path or not storage.exists(results_path):
+        return None
+    return json.loads(storage.read_text(results_path))["models"].get(label)
+
+
+def seed_record(cfg: WMSSConfig, index: int, runs: list[ArmRun], outputs: dict[str, Any],
+                study_eval: dict[str, Any]) -> dict[str, Any]:
+    """What the study table reads for one seed: per arm its run dir, config hash, phase, final and
+    peak test-set results (``eval_results.json`` entries: accuracy, loss, pass@k, calibration,
+    ``per_sample_path``), the peak's step and validation accuracy, and the phase's costs."""
+    from wmss_ray.study.costs import arm_costs
+
+    seed_eval = (outputs.get("eval") or {}).get("results")
+    arms = {}
+    for r in runs:
+        final, peak = _final_and_peak(r)
+        own = r.arm not in FAKE_WEAK_ARMS
+        final_eval = _eval_entry(seed_eval if own else study_eval.get("results"), r.label)
+        if peak is None or int(peak["step"]) == int(final["steps"]):
+            peak_eval = final_eval
+        else:
+            peak_eval = _eval_entry(study_eval.get("results"), _peak_label(r.label))
+        run_cfg = cfg if own else fake_config(cfg, index, r.arm)
+        arms[r.arm] = {"label": r.label, "run_dir": r.run_dir, "phase": r.phase, "config_hash": run_cfg.config_hash(),
+                       "steps": int(final["steps"]), "final": final_eval, "peak": peak_eval,
+                       "peak_step": int(peak["step"]) if peak else None,
+                       "peak_validation_accuracy": peak.get("validation_accuracy") if peak else None,
+                       "costs": arm_costs(run_cfg, r)}
+    return {"seed": index, "train_seed": cfg.train_seed, "run_dir": storage.location(cfg.run_dir()), "arms": arms}
+
+
+def run_study(base: WMSSConfig) -> dict[str, Any]:
+    """The study of ``base``: the shared phases in the base run; then per seed its trunk, its arms,
+    its evaluation, as Ray tasks (at most :func:`max_concurrent` at once, the trunks first); then
+    ``<run>/study/study.json``, ``study.csv`` and ``index.html``. Returns the table."""
+    import ray
+
+    from wmss_ray.cluster import ensure_ray
+    from wmss_ray.pipeline import run_pipeline
+    from wmss_ray.study.page import write_study_page
+    from wmss_ray.study.table import study_table, write_table
+
+    check_study(base)
+    root = study_root(base)
+    storage.check_reachable(root)
+    run_pipeline(base, until="tokenize")  # the phases every seed shares
+    ensure_ray()
+    at_once = max_concurrent(base, ray.cluster_resources())
+    console = get_console()
+    n, arms = base.study.seeds, [r.arm for r in arm_runs(base, 0)][1:]
+    console.line(f"[wmss] study: {n} seeds x {1 + len(arms)} arms in {storage.redact(root)}, "
+                 f"{at_once} run(s) at a time")
+    # 0 CPUs each: their phases reserve their own workers; retried when a node is lost (runs resume)
+    trunk, arm_task, finish = (ray.remote(num_cpus=0, max_retries=3)(f) for f in (run_trunk, run_arm, finish_seed))
+    base_dict = base.to_dict()
+    ready = [(trunk, (i,)) for i in range(n)]
+    running: dict[Any, tuple[Any, tuple]] = {}
+    arms_left = {i: len(arms) for i in range(n)}
+    records: dict[int, dict[str, Any]] = {}
+    while ready or running:
+        while ready and len(running) < at_once:
+            fn, args = ready.pop(0)
+            running[fn.remote(base_dict, *args)] = (fn, args)
+        done, _ = ray.wait(list(running), num_returns=1)
+        fn, args = running.pop(done[0])
+        result, i = ray.get(done[0]), args[0]
+        if fn is trunk:  # its arms next, ahead of other seeds' trunks: a seed finishes early
+            ready[:0] = [(arm_task, (i, a)) for a in arms] or [(finish, (i,))]
+        elif fn is arm_task:
+            arms_left[i] -= 1
+            if arms_left[i] == 0:
+                ready.insert(0, (finish, (i,)))
+        else:
+            records[i] = result
+            console.line(f"[wmss] study: seed {i} done ({len(records)}/{n})")
+    table = study_table(base, [records[i] for i in sorted(records)])
+    write_table(root, table)
+    page = write_study_page(root, table)
+    console.line(f"[wmss] study: page {storage.redact(page)}")
+    return table
