@@ -113,7 +113,8 @@ def run_rank(cfg: WMSSConfig, spec: PhaseSpec, rank: int, world: int, device: An
             export_model(worker, spec.out_dir, rank, INTERIM_MODEL)
         lap("export")
         _log_worker(spec, {"event": "end", "rank": rank, "pid": os.getpid(), "end_step": end, "seconds": timings,
-                           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+                           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                           "peak_gpu_mb": _peak_gpu_mb(worker.device)})
     finally:
         if writer is not None:
             writer.close()
@@ -155,6 +156,14 @@ def validate_in_run(worker: Any, cfg: WMSSConfig, spec: PhaseSpec, done: int, ra
     export_model(worker, spec.out_dir, rank, INTERIM_MODEL)  # returns when rank 0's files are complete
     with node_copy(storage.join(spec.out_dir, INTERIM_MODEL), f"step{done}", cfg) as model_dir:
         return validate_on_ranks(cfg, spec.validation, model_dir, done, rank, world, device)
+
+
+def _peak_gpu_mb(device: Any) -> float | None:
+    """The most GPU memory this process's tensors held on ``device`` (MiB); None on the CPU."""
+    import torch
+
+    device = torch.device(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
 def _barrier() -> None:
