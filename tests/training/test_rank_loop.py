@@ -317,3 +317,23 @@ def test_a_resumed_run_keeps_the_peak_and_its_token_counts(art, peak_at_2, tmp_p
     keys = ("step", "input_tokens", "n_tokens", "tokens_seen", "supervised_tokens_seen")
     assert [{k: m[k] for k in keys} for m in resumed] == [{k: m[k] for k in keys} for m in uninterrupted]
 
+
+def test_the_metrics_lines_count_tokens_and_phase_costs_reads_them(peak_at_2):
+    """``log_every`` 1: each line's cumulative counts are the sums of the per-step counts up to it;
+    ``phase_costs`` of the finished phase reads them, the updates, the manifest's seconds and the
+    ranks' peak memory (no GPU here: ``peak_gpu_mb`` None)."""
+    from wmss_ray.io.manifest import Manifest
+    from wmss_ray.training.costs import phase_costs
+
+    res, out, _ = peak_at_2
+    lines = read_metrics(res.metrics_path)
+    assert [m["step"] for m in lines] == list(range(1, PEAK_STEPS + 1))
+    assert all(m["input_tokens"] > m["n_tokens"] > 0 for m in lines)
+    assert [m["tokens_seen"] for m in lines] == list(np.cumsum([m["input_tokens"] for m in lines]))
+    assert [m["supervised_tokens_seen"] for m in lines] == list(np.cumsum([m["n_tokens"] for m in lines]))
+    ends = [json.loads(x) for x in (out / "workers.jsonl").read_text().splitlines() if '"end"' in x]
+    assert len(ends) == 2 and all(e["peak_gpu_mb"] is None and e["peak_rss_mb"] > 0 for e in ends)
+    Manifest(phase="sft", status="completed", fingerprint="f", config_hash="h", seconds=12.5).write(out)
+    assert phase_costs(str(out)) == {"updates": PEAK_STEPS, "supervised_tokens": lines[-1]["supervised_tokens_seen"],
+                                     "tokens": lines[-1]["tokens_seen"], "seconds": 12.5,
+                                     "peak_rss_mb": max(e["peak_rss_mb"] for e in ends), "peak_gpu_mb": None}
