@@ -39,7 +39,8 @@ def test_what_is_missing_is_none(tmp_path):
         ("updates", "supervised_tokens", "tokens", "seconds", "peak_rss_mb", "peak_gpu_mb"))
     # a line from before the counters existed, a CPU run (peak_gpu_mb null), no manifest
     (tmp_path / "metrics.jsonl").write_text(_lines({"step": 3, "loss": 1.0}))
-    (tmp_path / "workers.jsonl").write_text(_lines({"event": "end", "rank": 0, "peak_rss_mb": 5.0, "peak_gpu_mb": None}))
+    (tmp_path / "workers.jsonl").write_text(
+        _lines({"event": "end", "rank": 0, "peak_rss_mb": 5.0, "peak_gpu_mb": None}))
     assert phase_costs(str(tmp_path)) == {"updates": 3, "supervised_tokens": None, "tokens": None, "seconds": None,
                                           "peak_rss_mb": 5.0, "peak_gpu_mb": None}
 

@@ -215,7 +215,7 @@ def test_fake_weak_sides_are_the_same_on_2_ranks_and_on_1(art, tmp_path, source,
     assert not np.allclose(two, run(1, 2, "model", "model"), rtol=1e-3)
 
 
-# ----------------------------------------------------------------------------- the validation-selected peak, the counters
+# ------------------------------------------------------------------- the validation-selected peak, the counters
 #
 # SFT on 2 forked DeepSpeed ranks, validating after every step (``ValidationPoints(every=1,
 # keep_peak=True)``), with ``validate_on_ranks`` replaced by a script of accuracies by step (the

@@ -251,7 +251,9 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
             ``<out_dir>/interim_model`` (a tune trial's intermediate evaluation).
         validation: validate inside the run every ``validation.every`` steps (a tune trial's
             intermediate reports, ``training/validation.py``); each such step is checkpointed
-            and its ``ray.train.report`` carries the validation metrics.
+            and its ``ray.train.report`` carries the validation metrics. ``validation.keep_peak``:
+            also keep the validation-selected peak (``<out_dir>/peak.json``, ``peak_model/``;
+            the final model competes), returned as ``TrainResult.peak``.
         callbacks: Ray Train ``UserCallback``s for the controller (a tune trial's report to Tune).
         fingerprint: the run this call continues or starts (the pipeline's phase fingerprint);
             None derives one from the inputs. Checkpoints in ``out_dir`` of another fingerprint

@@ -235,7 +235,8 @@ def read_peak(out_dir: str) -> dict[str, Any] | None:
         raise ValueError(f"{storage.redact(path)}: not JSON ({err}); delete it to select the peak again") from None
     missing = [k for k in PEAK_KEYS if not isinstance(peak, dict) or k not in peak]
     if missing:
-        raise ValueError(f"{storage.redact(path)}: field {missing[0]!r} is missing (a peak.json has {', '.join(PEAK_KEYS)})")
+        raise ValueError(f"{storage.redact(path)}: field {missing[0]!r} is missing "
+                         f"(a peak.json has {', '.join(PEAK_KEYS)})")
     return peak
 
 
