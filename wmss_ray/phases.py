@@ -176,6 +176,8 @@ def _train_outputs(res: Any) -> dict[str, Any]:
         "outputs": {"model_dir": res.model_dir, "metrics": res.metrics_path, "steps": res.steps},
         "counts": {"steps": res.steps, **{k: v for k, v in (res.final_metrics or {}).items()}},
     }
+    if res.peak is not None:  # keep_peak only: the outputs of any other run are as they were
+        out["outputs"]["peak"] = res.peak
     if res.model_dir is None:  # stopped short of its end (train_options stop_after): resumable, not done
         out["status"] = "stopped"
     return out

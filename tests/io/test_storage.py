@@ -132,3 +132,16 @@ def test_an_unreachable_store_fails_naming_the_uri(monkeypatch):
     msg = str(err.value)
     assert "s3://nobucket/runs/r" in msg and "not reachable" in msg
     assert "topsecretvalue" not in msg and "AKIDSECRETVALUE" not in msg
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_copy_dir_replaces_the_target_with_the_source_files(where, s3_base, tmp_path):
+    base = str(tmp_path) if where == "local" else s3_base
+    src, dst = storage.join(base, "src"), storage.join(base, "dst")
+    storage.write_bytes(storage.join(src, "w.bin"), bytes(range(256)) * 100)
+    storage.write_text(storage.join(src, "sub", "t.json"), "{}")
+    storage.write_text(storage.join(dst, "stale.txt"), "old")  # emptied first
+    storage.copy_dir(src, dst)
+    assert storage.list_files(dst, "") == [storage.join(dst, "sub", "t.json"), storage.join(dst, "w.bin")]
+    assert storage.read_bytes(storage.join(dst, "w.bin")) == bytes(range(256)) * 100
+    assert storage.read_text(storage.join(src, "sub", "t.json")) == "{}"  # the source is untouched

@@ -32,7 +32,7 @@ from wmss_ray.io.files import read_metrics
 from wmss_ray.training.checkpointing import (UntrainedStepsError, check_resumable, check_same_run,
                                              check_trained_all_steps)
 from wmss_ray.training.rank_loop import RUN_NAME, run_rank
-from wmss_ray.training.trainer import TrainResult, build_spec, checkpoint_states
+from wmss_ray.training.trainer import TrainResult, build_spec, checkpoint_states, result_peak
 
 
 #: A forked rank that has not finished after this long dumps its stacks and exits (a hang).
@@ -50,10 +50,10 @@ def train_on_forked_ranks(cfg, phase: str, strong_init: str, weak_init: str | No
     with ``resume``, from the latest checkpoint in ``out_dir`` (as Ray Train restores one).
 
     Arguments as ``train_phase`` (``build_spec_kw``: ``epochs``, ``exact_steps``, ``stop_after``,
-    ``export_at_stop``, ``fingerprint``). Each checkpoint's files from every rank are merged into
+    ``export_at_stop``, ``validation``, ``fingerprint``). Each checkpoint's files from every rank are merged into
     ``<out_dir>/ray_train/checkpoint_<step:06d>/``, as Ray Train merges them, so the result reads
     like ``train_phase``'s: ``model_dir`` (None when stopped early), ``metrics_path``, ``steps``,
-    ``total_steps``, ``checkpoint_path`` (the last checkpoint), ``final_metrics``.
+    ``total_steps``, ``checkpoint_path`` (the last checkpoint), ``final_metrics``, ``peak``.
 
     Raises:
         ValueError: ``out_dir`` holds checkpoints and ``resume`` is off (a fresh run must not mix
@@ -212,7 +212,7 @@ def _result(spec) -> TrainResult:
     finished = spec.end_step == spec.plan.total_steps
     return TrainResult(model_dir=storage.join(out, "model") if finished else None, metrics_path=metrics_path,
                        steps=spec.end_step, final_metrics=records[-1] if records else {}, checkpoint_path=where,
-                       total_steps=spec.plan.total_steps)
+                       total_steps=spec.plan.total_steps, peak=result_peak(spec))
 
 
 def _free_port() -> int:

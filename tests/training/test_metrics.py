@@ -23,3 +23,14 @@ def test_metrics_on_s3_are_uploaded_and_truncated_on_resume(s3_server):
     resumed.close()
     lines = storage.read_text(storage.join(out, "metrics.jsonl")).splitlines()
     assert [json.loads(x)["loss"] for x in lines] == [1.0, 0.5, 0.3]
+
+
+def test_the_token_counters_add_up_and_an_older_checkpoint_resumes_them_from_zero():
+    from wmss_ray.training.metrics import add_counters, resumed_counters
+
+    counters = {"tokens_seen": 10, "supervised_tokens_seen": 4}
+    after = add_counters(counters, {"input_tokens": 7, "n_tokens": 3})
+    assert after == {"tokens_seen": 17, "supervised_tokens_seen": 7}
+    assert resumed_counters({"step": 2, **counters}) == counters
+    # written before the counters existed: counted from the resume step
+    assert resumed_counters({"step": 2, "samples_seen": 16}) == {"tokens_seen": 0, "supervised_tokens_seen": 0}

@@ -213,3 +213,127 @@ def test_fake_weak_sides_are_the_same_on_2_ranks_and_on_1(art, tmp_path, source,
     two, one = run(2, 1, source, "two", packing), run(1, 2, source, "one")
     assert len(two) == 2 and np.allclose(two, one, rtol=1e-5, atol=1e-6), (two, one)
     assert not np.allclose(two, run(1, 2, "model", "model"), rtol=1e-3)
+
+
+# ------------------------------------------------------------------- the validation-selected peak, the counters
+#
+# SFT on 2 forked DeepSpeed ranks, validating after every step (``ValidationPoints(every=1,
+# keep_peak=True)``), with ``validate_on_ranks`` replaced by a script of accuracies by step (the
+# real one is test_validation.py's): rank 0 records a hash of the weights of every model it was
+# handed, so a test can tell which step's export became ``peak_model``.
+
+PEAK_STEPS = STEPS  # 6: validation points 1..5, the final model at 6
+
+
+def _weights_sha(model_dir: str) -> str:
+    import hashlib
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    assert files, model_dir
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
+
+
+def _scripted_validation(accuracy: dict[int, float], log: Path):
+    """A stand-in for ``rank_loop.validate_on_ranks``: step -> accuracy; rank 0 logs what it saw."""
+    def validate_on_ranks(cfg, points, model_dir, step, rank, world, device):
+        if rank == 0:
+            (log / f"step{step}.json").write_text(json.dumps({"model_dir": model_dir, "sha": _weights_sha(model_dir)}))
+        acc = accuracy[step]
+        return {"validation_accuracy": acc, "validation_loss": 1.0 - acc, "n_validation": 10, "step": step}
+
+    return validate_on_ranks
+
+
+def _peak_run(art, root: Path, accuracy: dict[int, float], monkey, resume: bool = False, **kw):
+    """SFT on 2 forked ranks at ZeRO 0, validating every step with ``accuracy``; (result, out, log)."""
+    from wmss_ray.training import rank_loop
+    from wmss_ray.training.validation import ValidationPoints
+
+    out, log = root / "out", root / "seen"
+    log.mkdir(parents=True, exist_ok=True)
+    monkey.setattr(rank_loop, "validate_on_ranks", _scripted_validation(accuracy, log))  # the forks inherit it
+    points = ValidationPoints(every=1, rows_path=str(root / "rows.jsonl"), out_root=str(root), keep_peak=True)
+    res = train_on_forked_ranks(two_worker_cfg(0), "sft", art["strong"], None, art["tokenized"], None, str(out),
+                                resume=resume, validation=points, **kw)
+    return res, out, log
+
+
+def _seen(log: Path, step: int) -> dict:
+    return json.loads((log / f"step{step}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def peak_at_2(art, tmp_path_factory):
+    """Accuracies 0.2, 0.5, 0.5 (a tie: the earlier step keeps it), 0.3, 0.1, final 0.4: the peak is step 2."""
+    with pytest.MonkeyPatch.context() as monkey:
+        return _peak_run(art, tmp_path_factory.mktemp("peak_at_2"), {1: .2, 2: .5, 3: .5, 4: .3, 5: .1, 6: .4}, monkey)
+
+
+def test_the_peak_is_the_best_validation_point_and_ties_go_to_the_earlier_step(peak_at_2):
+    from wmss_ray.training.validation import PEAK_RULE
+
+    res, out, log = peak_at_2
+    peak = json.loads((out / "peak.json").read_text())
+    assert peak == {"step": 2, "validation_accuracy": .5, "validation_loss": .5, "n_validation": 10,
+                    "model_dir": str(out / "peak_model"), "rule": PEAK_RULE}
+    assert res.peak == peak and res.model_dir == str(out / "model")
+    # peak_model is step 2's interim export, not a later one's (every step trains the weights on)
+    assert _seen(log, 2)["model_dir"] == str(out / "interim_model")
+    assert _weights_sha(str(out / "peak_model")) == _seen(log, 2)["sha"] != _seen(log, 3)["sha"]
+    # the final model was validated as step 6, from <out>/model, and lost
+    assert _seen(log, PEAK_STEPS) == {"model_dir": str(out / "model"), "sha": _weights_sha(str(out / "model"))}
+    # the validation points are still checkpoints
+    assert sorted(p.name for p in (out / "ray_train").iterdir()) == [f"checkpoint_{s:06d}" for s in range(1, 7)]
+
+
+def test_when_the_final_model_wins_the_peak_names_it_and_no_copy_remains(art, tmp_path, monkeypatch):
+    res, out, log = _peak_run(art, tmp_path, {1: .2, 2: .5, 3: .5, 4: .3, 5: .1, 6: .6}, monkeypatch)
+    assert res.peak["step"] == PEAK_STEPS and res.peak["model_dir"] == str(out / "model") == res.model_dir
+    assert res.peak["validation_accuracy"] == .6
+    assert json.loads((out / "peak.json").read_text()) == res.peak
+    assert not (out / "peak_model").exists()  # step 2's copy was made, then removed
+    assert not any(p.name.startswith("peak_model") for p in out.iterdir())
+
+
+def test_a_resumed_run_keeps_the_peak_and_its_token_counts(art, peak_at_2, tmp_path, monkeypatch):
+    """Stopped after step 3 with the peak at step 2; step 3's checkpoint deleted, so the resumed
+    run trains and validates step 3 again: it ties with the peak and, being later, loses (a run
+    that forgot the peak at the restart, or let a tie win, would pick step 3). The cumulative
+    token counts continue from the checkpoint: the last line equals the uninterrupted run's."""
+    import shutil
+
+    accuracy = {1: .2, 2: .5, 3: .5, 4: .5, 5: .5, 6: .5}
+    res, out, log = _peak_run(art, tmp_path, accuracy, monkeypatch, stop_after=3)
+    assert res.model_dir is None and res.peak["step"] == 2
+    step2 = _seen(log, 2)["sha"]
+    shutil.rmtree(out / "ray_train" / "checkpoint_000003")
+    res, out, log = _peak_run(art, tmp_path, accuracy, monkeypatch, resume=True)
+    events = [json.loads(x) for x in (out / "workers.jsonl").read_text().splitlines()]
+    assert [e["start_step"] for e in events if e["event"] == "start"] == [0, 0, 2, 2]  # resumed at step 2
+    assert res.peak["step"] == 2 and res.peak["model_dir"] == str(out / "peak_model")
+    assert _weights_sha(str(out / "peak_model")) == step2
+    uninterrupted = read_metrics(peak_at_2[0].metrics_path)
+    resumed = read_metrics(res.metrics_path)
+    keys = ("step", "input_tokens", "n_tokens", "tokens_seen", "supervised_tokens_seen")
+    assert [{k: m[k] for k in keys} for m in resumed] == [{k: m[k] for k in keys} for m in uninterrupted]
+
+
+def test_the_metrics_lines_count_tokens_and_phase_costs_reads_them(peak_at_2):
+    """``log_every`` 1: each line's cumulative counts are the sums of the per-step counts up to it;
+    ``phase_costs`` of the finished phase reads them, the updates, the manifest's seconds and the
+    ranks' peak memory (no GPU here: ``peak_gpu_mb`` None)."""
+    from wmss_ray.io.manifest import Manifest
+    from wmss_ray.training.costs import phase_costs
+
+    res, out, _ = peak_at_2
+    lines = read_metrics(res.metrics_path)
+    assert [m["step"] for m in lines] == list(range(1, PEAK_STEPS + 1))
+    assert all(m["input_tokens"] > m["n_tokens"] > 0 for m in lines)
+    assert [m["tokens_seen"] for m in lines] == list(np.cumsum([m["input_tokens"] for m in lines]))
+    assert [m["supervised_tokens_seen"] for m in lines] == list(np.cumsum([m["n_tokens"] for m in lines]))
+    ends = [json.loads(x) for x in (out / "workers.jsonl").read_text().splitlines() if '"end"' in x]
+    assert len(ends) == 2 and all(e["peak_gpu_mb"] is None and e["peak_rss_mb"] > 0 for e in ends)
+    Manifest(phase="sft", status="completed", fingerprint="f", config_hash="h", seconds=12.5).write(out)
+    assert phase_costs(str(out)) == {"updates": PEAK_STEPS, "supervised_tokens": lines[-1]["supervised_tokens_seen"],
+                                     "tokens": lines[-1]["tokens_seen"], "seconds": 12.5,
+                                     "peak_rss_mb": max(e["peak_rss_mb"] for e in ends), "peak_gpu_mb": None}

@@ -60,3 +60,57 @@ def test_two_ranks_validate_like_the_in_process_evaluation(forced_model, tmp_pat
     summary = json.loads((step_dir / "eval_results.json").read_text())
     assert summary["eval_set"]["name"] == "validation" and summary["models"]["WMSS"]["n"] == 7
     assert summary["models"]["WMSS"]["engine"] == engine
+
+
+# ----------------------------------------------------------------------------- the validation-selected peak
+# (the whole of it in a run, on 2 forked ranks: test_rank_loop.py)
+
+
+def _point(step: int, acc: float) -> dict:
+    return {"step": step, "validation_accuracy": acc, "validation_loss": 1.0 - acc, "n_validation": 10}
+
+
+def test_the_rule_higher_accuracy_wins_and_a_tie_goes_to_the_earlier_step():
+    from wmss_ray.training.validation import better
+
+    assert better(_point(1, 0.0), None)  # the first point is the peak
+    assert better(_point(4, 0.6), _point(2, 0.5)) and not better(_point(4, 0.4), _point(2, 0.5))
+    assert not better(_point(3, 0.5), _point(2, 0.5))  # a tie: the earlier step keeps it
+    assert better(_point(1, 0.5), _point(2, 0.5))  # (a restart validating an earlier step again)
+    assert not better(_point(2, 0.5), _point(2, 0.5))  # the same step again never moves the peak
+
+
+def test_a_bad_peak_json_is_named_with_its_field(tmp_path):
+    from wmss_ray.training.validation import read_peak
+
+    assert read_peak(str(tmp_path)) is None
+    (tmp_path / "peak.json").write_text('{"step": 2, "validation_accuracy": 0.5}')
+    with pytest.raises(ValueError, match=r"peak\.json: field 'validation_loss' is missing"):
+        read_peak(str(tmp_path))
+    (tmp_path / "peak.json").write_text('{"step": 2,')
+    with pytest.raises(ValueError, match=r"peak\.json: not JSON"):
+        read_peak(str(tmp_path))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_keep_peak_copies_a_better_point_and_the_final_model_replaces_it(where, tmp_path, request):
+    """Rank 0's side (no process group: one rank): a better point's interim export becomes
+    ``peak_model`` (a worse one changes nothing), a winning final model is named as it is and the
+    copy goes; a run that starts again at step 0 forgets an earlier attempt's peak, a resumed one
+    reads it."""
+    from wmss_ray.io import storage
+    from wmss_ray.training.validation import PEAK_RULE, keep_peak, read_peak, resume_peak
+
+    out = str(tmp_path) if where == "local" else f"s3://{request.getfixturevalue('s3_server')['bucket']}/peak"
+    interim, final, copy = (storage.join(out, name) for name in ("interim_model", "model", "peak_model"))
+    storage.write_text(storage.join(interim, "w.safetensors"), "step 2")
+    peak = keep_peak(_point(2, 0.5), None, out, interim, 0, final=False)
+    assert peak == {**_point(2, 0.5), "model_dir": copy, "rule": PEAK_RULE} == read_peak(out)
+    storage.write_text(storage.join(interim, "w.safetensors"), "step 3")
+    assert keep_peak(_point(3, 0.5), peak, out, interim, 0, final=False) == peak  # a tie: no copy
+    assert storage.read_text(storage.join(copy, "w.safetensors")) == "step 2"
+    assert resume_peak(out, 3, 0) == peak  # a restart at step 3 continues from it
+    storage.write_text(storage.join(final, "w.safetensors"), "step 6")
+    peak = keep_peak(_point(6, 0.7), peak, out, final, 0, final=True)
+    assert peak["model_dir"] == final and read_peak(out) == peak and not storage.exists(copy)
+    assert resume_peak(out, 0, 0) is None and read_peak(out) is None  # a fresh start: none

@@ -237,6 +237,20 @@ def upload_dir(local: str, uri: str) -> None:
             upload_file(src, join(uri, *os.path.relpath(src, local).split(os.sep)))
 
 
+def copy_dir(src: str, dst: str) -> None:
+    """Copy the files under directory ``src`` to directory ``dst`` (emptied first), both on one
+    filesystem: on object storage each file is copied by the server (nothing passes through here)."""
+    fs, _ = resolve_fs(src)
+    dst_fs, dst_path = resolve_fs(dst)
+    reset_dir(dst)
+    base, infos = _file_infos(src)
+    for info in infos:
+        rel = posixpath.relpath(info.path, base)
+        target = posixpath.join(dst_path, rel)
+        dst_fs.create_dir(posixpath.dirname(target), recursive=True)
+        fs.copy_file(info.path, target)
+
+
 def download_dir(uri: str, local: str, keep: Callable[[str], bool] | None = None) -> None:
     """Copy the files under ``uri`` into the local directory ``local``.
 

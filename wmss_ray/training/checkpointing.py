@@ -6,7 +6,8 @@ ranks' directories into one in the run's storage::
     ds/                      DeepSpeed: module, optimizer, lr scheduler (per-rank ZeRO shards;
                              file names carry the rank, so the merge never collides)
     latest                   DeepSpeed's tag pointer (rank 0)
-    trainer_state.json       rank 0: step, samples seen, plan fingerprint (what the run computes),
+    trainer_state.json       rank 0: step, samples seen, the token counters (``metrics.COUNTERS``),
+                             plan fingerprint (what the run computes),
                              layout (how it was executed: world size, ZeRO stage, batch split,
                              placement), the run's fingerprint and the step ranges each of its
                              processes trained (``segments``)

@@ -20,9 +20,15 @@ import torch
 from wmss_ray.io import storage
 from wmss_ray.losses.stats import LossStats
 
-#: Keys of one ``metrics.jsonl`` line (plus ``samples_seen`` and ``n_tokens``).
+#: Keys of one ``metrics.jsonl`` line (plus ``samples_seen``, ``n_tokens``: this step's answer
+#: tokens over all ranks, ``input_tokens``: its non-pad input tokens over all ranks, and the
+#: cumulative :data:`COUNTERS`).
 METRIC_KEYS = ("step", "loss", "ce_strong", "p_mix", "p_strong", "nontarget_ratio", "grad_norm", "lr",
                "tokens_per_s", "phase")
+#: Cumulative cost counters of a ``metrics.jsonl`` line, over steps ``1..step``: ``tokens_seen``
+#: (the sum of ``input_tokens``) and ``supervised_tokens_seen`` (the sum of ``n_tokens``). Each
+#: checkpoint keeps them (``trainer_state.json``), so a resumed run continues them exactly.
+COUNTERS = ("tokens_seen", "supervised_tokens_seen")
 
 
 def is_log_step(done: int, log_every: int, end_step: int) -> bool:
@@ -73,7 +79,21 @@ def step_metrics(stats: LossStats, *, step: int, phase: str, grad_norm: float | 
         "phase": phase,
         "samples_seen": samples_seen,
         "n_tokens": int(s["n_tokens"]),
+        "input_tokens": int(input_tokens),
     }
+
+
+def add_counters(counters: dict[str, int], metrics: dict[str, Any]) -> dict[str, int]:
+    """:data:`COUNTERS` after the step of ``metrics`` (its ``input_tokens`` and ``n_tokens``) from
+    ``counters`` (those after the step before)."""
+    return {"tokens_seen": counters["tokens_seen"] + int(metrics["input_tokens"]),
+            "supervised_tokens_seen": counters["supervised_tokens_seen"] + int(metrics["n_tokens"])}
+
+
+def resumed_counters(state: dict[str, Any]) -> dict[str, int]:
+    """:data:`COUNTERS` of a checkpoint's trainer state. A checkpoint written before they existed
+    has none: the resumed run counts them from its step (the steps before it are not in them)."""
+    return {key: int(state.get(key, 0)) for key in COUNTERS}
 
 
 def pool_metrics(stats: LossStats, checkpoint_id: str | None, warn_above: float | None = None) -> dict[str, Any]:

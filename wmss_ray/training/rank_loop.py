@@ -23,7 +23,7 @@ from wmss_ray.io import storage
 from wmss_ray.training.checkpointing import staging_dir
 from wmss_ray.training.metrics import MetricsWriter, is_log_step
 from wmss_ray.training.stopping import StopPoll
-from wmss_ray.training.validation import node_copy, validate_on_ranks
+from wmss_ray.training.validation import keep_peak, node_copy, resume_peak, validate_on_ranks
 from wmss_ray.training.worker import PhaseSpec, PhaseWorker
 
 #: Ray Train's run name: checkpoints are ``<out_dir>/ray_train/checkpoint_<step>/``.
@@ -45,7 +45,9 @@ def run_rank(cfg: WMSSConfig, spec: PhaseSpec, rank: int, world: int, device: An
     Needs an initialised ``torch.distributed`` group of ``world`` ranks (all run this call).
     ``resume_dir``: a context manager factory yielding the checkpoint directory to resume from
     (None: start at step 0). Rank 0 writes ``metrics.jsonl``; every rank appends its start/end
-    to ``workers.jsonl``; the finished run exports ``<out_dir>/model``.
+    to ``workers.jsonl``; the finished run exports ``<out_dir>/model``. With
+    ``spec.validation.keep_peak`` the validation-selected peak is kept (``training/validation.py``):
+    the finished run's ``<out_dir>/model`` is validated too and competes.
 
     ``stop_poll`` (collective, every step boundary; ``training/stopping.py``): on a preemption or a
     stop request every rank saves a checkpoint of that step at once (not at the next
@@ -72,6 +74,8 @@ def run_rank(cfg: WMSSConfig, spec: PhaseSpec, rank: int, world: int, device: An
     lap("resume")
     writer = MetricsWriter(spec.out_dir, start) if rank == 0 else None
     t = cfg.training
+    keeps_peak = spec.validation is not None and spec.validation.keep_peak
+    peak = resume_peak(spec.out_dir, start, rank) if keeps_peak else None  # collective
     try:
         for step in range(start, end):
             metrics = worker.train_step(step)
@@ -88,6 +92,9 @@ def run_rank(cfg: WMSSConfig, spec: PhaseSpec, rank: int, world: int, device: An
                                   f"{cfg.mix.pool.error_warn}); raise mix.pool.top_k", stacklevel=1)
             if validate:
                 metrics = {**metrics, **validate_in_run(worker, cfg, spec, done, rank, world, device)}
+                if keeps_peak:  # before the checkpoint: a restart after it never validates this step again
+                    peak = keep_peak(metrics, peak, spec.out_dir, storage.join(spec.out_dir, INTERIM_MODEL), rank,
+                                     final=False)
             if ckpt:
                 _save_and_report(worker, rank, done, metrics, report)
             elif log:
@@ -109,11 +116,14 @@ def run_rank(cfg: WMSSConfig, spec: PhaseSpec, rank: int, world: int, device: An
         lap("train")
         if end == spec.plan.total_steps:
             export_model(worker, spec.out_dir, rank)
+            if keeps_peak:  # the final model competes for the peak
+                validate_final(cfg, spec, peak, end, rank, world, device)
         elif spec.export_at_stop:  # a tune trial evaluates the model between chunks of its phase
             export_model(worker, spec.out_dir, rank, INTERIM_MODEL)
         lap("export")
         _log_worker(spec, {"event": "end", "rank": rank, "pid": os.getpid(), "end_step": end, "seconds": timings,
-                           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+                           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                           "peak_gpu_mb": _peak_gpu_mb(worker.device)})
     finally:
         if writer is not None:
             writer.close()
@@ -155,6 +165,24 @@ def validate_in_run(worker: Any, cfg: WMSSConfig, spec: PhaseSpec, done: int, ra
     export_model(worker, spec.out_dir, rank, INTERIM_MODEL)  # returns when rank 0's files are complete
     with node_copy(storage.join(spec.out_dir, INTERIM_MODEL), f"step{done}", cfg) as model_dir:
         return validate_on_ranks(cfg, spec.validation, model_dir, done, rank, world, device)
+
+
+def validate_final(cfg: WMSSConfig, spec: PhaseSpec, peak: dict[str, Any] | None, end: int, rank: int, world: int,
+                   device: Any) -> dict[str, Any] | None:
+    """``keep_peak`` (collective): validate the exported final model ``<out_dir>/model`` as step
+    ``end`` (``validation_step<end>/``) and let it compete for the peak; returns the peak."""
+    final = storage.join(spec.out_dir, "model")
+    with node_copy(final, f"step{end}", cfg) as model_dir:
+        metrics = validate_on_ranks(cfg, spec.validation, model_dir, end, rank, world, device)
+    return keep_peak(metrics, peak, spec.out_dir, final, rank, final=True)
+
+
+def _peak_gpu_mb(device: Any) -> float | None:
+    """The most GPU memory this process's tensors held on ``device`` (MiB); None on the CPU."""
+    import torch
+
+    device = torch.device(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
 def _barrier() -> None:

@@ -48,7 +48,7 @@ from wmss_ray.training.dataset import EPOCH_ROWS_FILE, DataPlan, write_epoch_row
 from wmss_ray.training.rank_loop import RUN_NAME
 from wmss_ray.training.ray_worker import phase_config, train_loop_per_worker
 from wmss_ray.training.stopping import StopRequested, clear_stop, driver_stop_on_sigterm
-from wmss_ray.training.validation import ValidationPoints
+from wmss_ray.training.validation import ValidationPoints, read_peak
 from wmss_ray.training.worker import PhaseSpec
 
 #: Test hook: ``"<rank>:<step>"`` makes that rank SIGKILL itself once, after that optimizer step.
@@ -63,7 +63,9 @@ class TrainResult:
     """What a training phase produced.
 
     ``model_dir`` is the exported strong model (None when the run was stopped early with
-    ``stop_after``); ``final_metrics`` the last logged metrics line.
+    ``stop_after``); ``final_metrics`` the last logged metrics line; ``peak`` the
+    validation-selected peak's ``peak.json`` (``ValidationPoints(keep_peak=True)``; None without,
+    and, when stopped early, the peak among the validation points so far).
     """
 
     model_dir: str | None
@@ -72,6 +74,7 @@ class TrainResult:
     final_metrics: dict[str, Any] = field(default_factory=dict)
     checkpoint_path: str | None = None
     total_steps: int = 0
+    peak: dict[str, Any] | None = None
 
 
 def _resolve_mode(cfg: WMSSConfig, phase: str, mode: str | None) -> str:
@@ -248,7 +251,9 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
             ``<out_dir>/interim_model`` (a tune trial's intermediate evaluation).
         validation: validate inside the run every ``validation.every`` steps (a tune trial's
             intermediate reports, ``training/validation.py``); each such step is checkpointed
-            and its ``ray.train.report`` carries the validation metrics.
+            and its ``ray.train.report`` carries the validation metrics. ``validation.keep_peak``:
+            also keep the validation-selected peak (``<out_dir>/peak.json``, ``peak_model/``;
+            the final model competes), returned as ``TrainResult.peak``.
         callbacks: Ray Train ``UserCallback``s for the controller (a tune trial's report to Tune).
         fingerprint: the run this call continues or starts (the pipeline's phase fingerprint);
             None derives one from the inputs. Checkpoints in ``out_dir`` of another fingerprint
@@ -329,4 +334,11 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
         final_metrics=records[-1] if records else {},
         checkpoint_path=ckpt.path if ckpt is not None else None,
         total_steps=spec.plan.total_steps,
+        peak=result_peak(spec),
     )
+
+
+def result_peak(spec: PhaseSpec) -> dict[str, Any] | None:
+    """The run's ``peak.json`` when it keeps the validation-selected peak, else None."""
+    keeps = spec.validation is not None and spec.validation.keep_peak
+    return read_peak(spec.out_dir) if keeps else None

@@ -15,6 +15,17 @@ every rank): HF in the rank's process, or vLLM in a child process of its own on 
 which holds a process group), with ``gpu_memory_utilization`` from what is free next to the
 training state. Generation is greedy only: the validation metric is greedy accuracy.
 
+**The validation-selected peak** (``ValidationPoints(keep_peak=True)``; the controls study reports
+it for every arm): the peak is the model with the highest ``validation_accuracy`` among the
+validation points *and the final model*, ties going to the earlier step (fewer updates). The final
+model competes: once the finished run has exported ``<out_dir>/model`` the ranks validate it too
+(``validation_step<total>/``). Whenever a point beats the best so far (:func:`better`), rank 0
+copies ``<out_dir>/interim_model`` to ``<out_dir>/peak_model`` and writes ``<out_dir>/peak.json``
+(:data:`PEAK_KEYS`); when the final model wins, ``peak.json`` names ``<out_dir>/model`` and
+``peak_model/`` is removed. The best so far survives a restart: the ranks start from rank 0's
+reading of ``peak.json`` (:func:`resume_peak`), and a step validated again after a restart ties with
+itself, so it never moves the peak.
+
 Without this a tune trial trained in chunks, one Train run per report: each reloaded both models
 and the optimizer states from a checkpoint (for two 4B models on 16 GPUs, minutes per report).
 Memory: each rank holds the evaluator's model copy next to its training state while it
@@ -24,6 +35,7 @@ generates (2 bytes per parameter in bf16), then frees it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +47,14 @@ from wmss_ray.io.files import read_jsonl, write_jsonl
 
 #: The metrics a validation point adds to its step's report.
 VALIDATION_KEYS = ("validation_accuracy", "validation_loss", "n_validation")
+#: ``<out_dir>/<PEAK_FILE>``: the validation-selected peak so far (``keep_peak``), :data:`PEAK_KEYS`.
+PEAK_FILE = "peak.json"
+#: ``<out_dir>/<PEAK_MODEL>``: the copy of the interim export that is the peak (none when the final model is).
+PEAK_MODEL = "peak_model"
+#: The selection rule, written into every ``peak.json`` (one rule for every arm of a study).
+PEAK_RULE = ("highest validation_accuracy among the validation points and the final model; "
+             "ties go to the earlier step")
+PEAK_KEYS = ("step", "validation_accuracy", "validation_loss", "n_validation", "model_dir", "rule")
 
 
 @dataclass(frozen=True)
@@ -44,12 +64,15 @@ class ValidationPoints:
     ``every``: optimizer steps between validations (at each multiple short of the last step; the
     trial evaluates the finished model on the whole split itself). ``rows_path``: JSON lines of
     normalised eval rows (:func:`wmss_ray.stages.evaluate.load_eval_rows` output). ``out_root``: where
-    ``validation_step<k>/`` goes.
+    ``validation_step<k>/`` goes. ``keep_peak``: keep the validation-selected peak (the module
+    docstring's rule): ``<out_dir>/peak.json`` and ``<out_dir>/peak_model/``, and validate the final
+    model too.
     """
 
     every: int
     rows_path: str
     out_root: str
+    keep_peak: bool = False
 
     def due(self, done: int, total: int) -> bool:
         return self.every > 0 and done % self.every == 0 and done < total
@@ -175,3 +198,117 @@ def validate_on_ranks(cfg: WMSSConfig, points: ValidationPoints, model_dir: str,
         generate(model_dir, eval_chunks(load_eval_rows(rows, cfg), cfg.evaluation.batch_size))
     dist.broadcast_object_list(metrics, src=0)
     return metrics[0]
+
+
+# ----------------------------------------------------------------------------- the validation-selected peak
+
+
+def better(candidate: dict[str, Any], best: dict[str, Any] | None) -> bool:
+    """Whether the validated model ``candidate`` (``{"step", "validation_accuracy", ...}``) beats the
+    peak so far ``best`` (None: none yet) under :data:`PEAK_RULE`: a higher accuracy, or the same
+    accuracy at an earlier step. A step validated again (after a restart) ties with itself: no move."""
+    if best is None:
+        return True
+    acc, top = float(candidate["validation_accuracy"]), float(best["validation_accuracy"])
+    return acc > top or (acc == top and int(candidate["step"]) < int(best["step"]))
+
+
+def peak_record(metrics: dict[str, Any], model_dir: str) -> dict[str, Any]:
+    """The ``peak.json`` of the model at ``model_dir`` validated with ``metrics`` (``validate_on_ranks``'s)."""
+    return {"step": int(metrics["step"]), "validation_accuracy": float(metrics["validation_accuracy"]),
+            "validation_loss": float(metrics["validation_loss"]), "n_validation": int(metrics["n_validation"]),
+            "model_dir": model_dir, "rule": PEAK_RULE}
+
+
+def read_peak(out_dir: str) -> dict[str, Any] | None:
+    """``<out_dir>/peak.json`` (None when there is none).
+
+    Raises:
+        ValueError: naming the file and the missing field, or why it is not JSON.
+    """
+    path = storage.join(out_dir, PEAK_FILE)
+    if not storage.exists(path):
+        return None
+    try:
+        peak = json.loads(storage.read_text(path))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{storage.redact(path)}: not JSON ({err}); delete it to select the peak again") from None
+    missing = [k for k in PEAK_KEYS if not isinstance(peak, dict) or k not in peak]
+    if missing:
+        raise ValueError(f"{storage.redact(path)}: field {missing[0]!r} is missing "
+                         f"(a peak.json has {', '.join(PEAK_KEYS)})")
+    return peak
+
+
+def replace_dir(src: str, dst: str) -> None:
+    """Make directory ``dst`` a copy of directory ``src``.
+
+    Local: copied to ``<dst>.tmp`` and swapped in by two renames, so ``dst`` is whole (the old copy
+    or the new one) but for the instant between them. Object storage has no rename: ``dst`` is
+    emptied and filled by server-side copies (``storage.copy_dir``); ``peak.json`` is written
+    after, so it never names a copy in the making as complete.
+    """
+    import shutil
+
+    if storage.is_remote(dst):
+        storage.copy_dir(src, dst)
+        return
+    src, dst = storage.resolve_fs(src)[1], storage.resolve_fs(dst)[1]
+    tmp, old = dst + ".tmp", dst + ".old"
+    for leftover in (tmp, old):  # of a copy a crash interrupted
+        shutil.rmtree(leftover, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    if os.path.exists(dst):
+        os.rename(dst, old)
+    os.rename(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (collective; returns on a rank only once rank 0 sent it)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def resume_peak(out_dir: str, start: int, rank: int) -> dict[str, Any] | None:
+    """Collective, as a ``keep_peak`` run (re)starts at step ``start``: the peak so far on every rank.
+
+    Rank 0 reads ``peak.json`` and sends it to the others, so every rank agrees. A run starting at
+    step 0 has none: rank 0 removes what an earlier attempt left (it resumed no checkpoint, so its
+    validations count for nothing)."""
+    peak = None
+    if rank == 0:
+        if start == 0:
+            storage.delete_file(storage.join(out_dir, PEAK_FILE))
+            storage.delete_dir(storage.join(out_dir, PEAK_MODEL))
+        else:
+            peak = read_peak(out_dir)
+    return _from_rank0(peak)
+
+
+def keep_peak(metrics: dict[str, Any], best: dict[str, Any] | None, out_dir: str, validated: str, rank: int, *,
+              final: bool) -> dict[str, Any] | None:
+    """Collective, after each validation of a ``keep_peak`` run: the peak, updated (on every rank).
+
+    ``metrics``: :func:`validate_on_ranks`' result for the model at ``validated`` (its storage
+    location, not a node's copy). A validation point's model (``final`` False: the interim export)
+    that beats ``best`` is copied by rank 0 to ``<out_dir>/peak_model``; the final model
+    (``final``: ``<out_dir>/model``) is named as it is, and once it is the peak ``peak_model/`` is
+    removed. Rank 0 then writes ``peak.json``; every rank returns only once rank 0 is done.
+    """
+    peak = best
+    if rank == 0:
+        if better(metrics, best):
+            where = validated if final else storage.join(out_dir, PEAK_MODEL)
+            if not final:
+                replace_dir(validated, where)
+            peak = peak_record(metrics, where)
+            storage.write_text(storage.join(out_dir, PEAK_FILE), json.dumps(peak, indent=1))
+        if final and peak is not None and peak["model_dir"] == validated:  # also when a restart finds it so
+            storage.delete_dir(storage.join(out_dir, PEAK_MODEL))
+    return _from_rank0(peak)

@@ -30,7 +30,8 @@ from wmss_ray.training.dataset import (DataPlan, ReadAhead, RowReader, answer_to
                                        read_epoch_rows)
 from wmss_ray.losses.positions import answer_positions
 from wmss_ray.losses.stats import LossStats
-from wmss_ray.training.metrics import all_reduce_stats, all_reduce_sum, is_log_step, pool_metrics, step_metrics
+from wmss_ray.training.metrics import (COUNTERS, add_counters, all_reduce_stats, all_reduce_sum, is_log_step,
+                                      pool_metrics, resumed_counters, step_metrics)
 from wmss_ray.training.packing import pack_rows
 from wmss_ray.training.pair import PairLM
 from wmss_ray.training.shuffled_weak import PARTNERS_FILE, partner_batch, read_partners
@@ -174,6 +175,8 @@ class PhaseWorker:
         # and where this process started: each checkpoint records them (checkpointing.check_trained_all_steps)
         self.segments: list[list[int]] = []
         self.resumed_from = 0
+        #: the cumulative token counts of steps 1..the last one trained (metrics.COUNTERS), checkpointed
+        self.counters = dict.fromkeys(COUNTERS, 0)
 
     def _attach_adapters(self, strong, weak):
         """``training.lora``: ``(strong PeftModel, weak model, weak adapter name)``. The strong
@@ -283,6 +286,8 @@ class PhaseWorker:
         metrics = step_metrics(stats, step=step + 1, phase=self.spec.phase, grad_norm=grad_norm, lr=lr,
                                step_time=dt, input_tokens=float(counts[1]),
                                samples_seen=(step + 1) * self.spec.plan.global_batch)
+        self.counters = add_counters(self.counters, metrics)
+        metrics.update(self.counters)
         if self.pool:
             metrics.update(pool_metrics(stats, self.pool.checkpoint_id, self.cfg.mix.pool.error_warn))
         return metrics
@@ -314,7 +319,7 @@ class PhaseWorker:
 
         state = {"step": step, "samples_seen": samples_seen, "phase": self.spec.phase,
                  "plan": self.spec.plan_fingerprint(), "layout": self.layout, "fingerprint": self.spec.fingerprint,
-                 "segments": self.segments + [[self.resumed_from, step]]}
+                 "segments": self.segments + [[self.resumed_from, step]], **self.counters}
         return save_checkpoint(self.engine, ckpt_dir, self.rank, state, exclude_frozen=self._exclude_frozen)
 
     @property
@@ -331,6 +336,7 @@ class PhaseWorker:
                                 expect=self.spec.plan_fingerprint(), fingerprint=self.spec.fingerprint,
                                 layout=self.layout, staging=self.cfg.training.staging_dir)
         self.segments, self.resumed_from = [list(s) for s in state.get("segments", [])], int(state["step"])
+        self.counters = resumed_counters(state)
         return int(state["step"])
 
     def export(self, out_dir: str) -> str | None:
