@@ -182,6 +182,31 @@ def test_shape_of_a_model_in_object_storage_reads_only_its_config(tmp_path, s3_s
         model_shape(f"s3://{s3_server['bucket']}/unit/no-such-model", config_from_dict({}), "models.weak")
 
 
+def test_plan_reads_model_configs_with_trust_remote_code_only_when_the_config_says_so(tmp_path, s3_server, monkeypatch):
+    """``models.trust_remote_code`` reaches every ``AutoConfig.from_pretrained`` of ``wmss plan``,
+    explicitly: left unset (None), transformers asks on a TTY whether to run a config's auto_map code."""
+    import transformers
+
+    from wmss_ray.io import storage
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(QWEN3_4B))
+    uri = f"s3://{s3_server['bucket']}/unit/plan-trust"
+    storage.upload_dir(str(tmp_path / "m"), uri)
+    real, calls = transformers.AutoConfig.from_pretrained, []
+
+    def recording(path, **kwargs):
+        calls.append(kwargs)
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", recording)
+    for trust in (False, True):
+        for path in (str(tmp_path / "m"), uri):
+            calls.clear()
+            model_shape(path, config_from_dict({"models": {"trust_remote_code": trust}}))
+            assert [c.get("trust_remote_code") for c in calls] == [trust], (trust, path, calls)
+
+
 def test_parse_memory():
     assert parse_memory("80GiB") == 80 * GiB and parse_memory("80GB") == 80e9
     assert parse_memory("141G") == 141 * GiB and parse_memory("81920MiB") == 80 * GiB
