@@ -293,6 +293,35 @@ def _cfg(**sections):
     return config_from_dict(data)
 
 
+def test_uniform_fake_weak_side_holds_no_weak_model_and_the_real_ones_keep_it(tmp_path):
+    """``mix.weak_source: uniform`` loads no weak model (docs/CONTROLS.md): its WMSS phase costs an
+    SFT phase's memory; ``entropy_matched`` and ``shuffled`` run the real frozen weak model. None of
+    the fake weak sides may be told to move the weak model to the pool (colocated only: the
+    suggestion made the plan fail validating its own override)."""
+    from wmss_ray.plan import format_plan, train_gpu_models
+
+    sft = phase_bytes(_cfg(), "sft", S4B, S4B)
+    frozen = phase_bytes(_cfg(mix={"mode": "frozen"}), "wmss", S4B, S4B)
+    uniform = phase_bytes(_cfg(mix={"mode": "frozen", "weak_source": "uniform"}), "wmss", S4B, S4B)
+    for key in ("params", "grads", "optimizer", "zero3_gather", "activations", "activations_alt", "embedding_grads"):
+        assert uniform[key] == sft[key], key
+    assert uniform["total"] < frozen["total"]
+    assert [m.shape for m in train_gpu_models(_cfg(mix={"mode": "frozen", "weak_source": "uniform"}), "wmss",
+                                              S4B, S4B)] == [S4B]
+    for source in ("entropy_matched", "shuffled"):
+        assert phase_bytes(_cfg(mix={"mode": "frozen", "weak_source": source}), "wmss", S4B, S4B) == frozen, source
+    assert staging_bytes(_cfg(mix={"mode": "frozen", "weak_source": "uniform"}), "wmss", S4B, S4B, 8) == \
+        staging_bytes(_cfg(), "sft", S4B, S4B, 8)
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_4B))
+    models = {"demo": False, "base": str(tmp_path)}
+    for source in ("uniform", "entropy_matched", "shuffled"):
+        cfg = _cfg(mix={"mode": "frozen", "weak_source": source}, training={"gradient_checkpointing": False},
+                   models=models, data={"train": "/d"})
+        text = format_plan(cfg, 1 * GiB)  # fits nowhere: every suggestion is tried
+        assert "does NOT fit" in text and "mix.placement=pool" not in text, source
+        assert ("weak: none loaded" in text) == (source == "uniform"), source
+
+
 def test_embedding_gradient_is_counted_where_no_other_line_holds_it():
     v_d = 151936 * 2560
     untied = ModelShape(**{**S4B.__dict__, "tied": False})
