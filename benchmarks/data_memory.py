@@ -2,7 +2,7 @@
 
 Builds tokenised Parquet of the demo world (10,000 demo rows tokenised with the demo
 tokenizer, repeated under new sample ids to reach the larger sizes; written in parts of 8,192
-rows with the tokenise phase's writer, ``stages.tokenize.write_part``), lets the driver
+rows with the tokenise phase's writer, ``stages.tokenize_io.write_part``), lets the driver
 write the epoch list (``write_epoch_rows``), then runs, in a fresh process per (size, path),
 rank 0 of 2 for ``--steps`` optimizer steps of the data path only (rows -> padded micro-batches;
 no model), after importing what a worker imports (torch, DeepSpeed, transformers):
@@ -50,8 +50,8 @@ def build(root: str, sizes: list[int]) -> dict[int, str]:
     import pyarrow as pa
 
     from benchmarks.packing import demo_rows
-    from wmss_ray.stages.tokenize import write_part
     from wmss_ray.models.tokenizer import build_demo_tokenizer
+    from wmss_ray.stages.tokenize_io import write_part
 
     base = demo_rows(min(10_000, max(sizes)), build_demo_tokenizer(), 256)
     out = {}

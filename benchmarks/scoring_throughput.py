@@ -141,7 +141,8 @@ def run_ray(cfg, paths: dict[str, str], out_dir: str) -> dict[str, float]:
     from wmss_ray.models.loading import check_pair_compatible
     from wmss_ray.stages.score import score_dataset, score_tokenized
     from wmss_ray.stages.scorer import EntropyScorer
-    from wmss_ray.stages.tokenize import read_tokenized, tokenize_corpus
+    from wmss_ray.stages.tokenize import tokenize_corpus
+    from wmss_ray.stages.tokenize_io import read_tokenized
 
     t0 = time.perf_counter()
     check_pair_compatible(paths["weak"], paths["strong"], cfg.models.trust_remote_code)

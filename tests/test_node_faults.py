@@ -176,6 +176,25 @@ def _stop_step(out: Path) -> int | None:
     return steps[0] if len(steps) == 2 and steps[0] == steps[1] else None
 
 
+def _told_of_drain(deadline_ms: int) -> set[int]:
+    """The ranks whose Train worker holds the drain of ``deadline_ms``: what
+    ``ray.train.get_preemption_info()`` (rank 0's, broadcast) returns at their next stop poll.
+    ``RayTrainWorker.mark_preempt`` stores it and logs ``Rank R received preemption signal (...,
+    deadline_ms=D)`` to Ray Train's system worker logs of the session (ray.train at DEBUG, whatever
+    the run's log level); no public API reads a worker's preemption state from outside."""
+    import re
+
+    from ray.train.v2._internal.logging.logging import LoggingManager
+
+    ranks = set()
+    for log in Path(LoggingManager.get_log_directory()).glob("ray-train-sys-worker-*.log"):
+        for line in log.read_text(errors="replace").splitlines():
+            m = re.search(r"Rank (\d+) received preemption signal", line)
+            if m and f"deadline_ms={deadline_ms})" in line:
+                ranks.add(int(m.group(1)))
+    return ranks
+
+
 def _node(cluster, node_id: str):
     return next(n for n in cluster.worker_nodes if n.node_id == node_id)
 
@@ -217,9 +236,9 @@ def test_a_drained_node_gets_a_just_in_time_checkpoint_and_the_run_resumes_from_
                                                                                   tmp_path):
     """checkpoint_every is far away; the node of rank 1 is drained for preemption after step 2
     (``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION``, 8 s deadline) and killed at its
-    deadline; a spare node is up. The ranks checkpoint the step they are at (2: they pause 3 s
-    after it, and Ray Train's watcher polls every 0.2 s here) at once and wait; Ray Train restarts
-    them from it on the preemption budget (max_failures is 0)."""
+    deadline; a spare node is up. The ranks checkpoint the step they are at (2: they wait after it
+    until both Train workers hold the drain, ``_told_of_drain``) at once and wait; Ray Train
+    restarts them from it on the preemption budget (max_failures is 0)."""
     import ray
     from ray.core.generated import autoscaler_pb2
 
@@ -235,10 +254,11 @@ def test_a_drained_node_gets_a_just_in_time_checkpoint_and_the_run_resumes_from_
         ok, why = gcs.drain_node(node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
                                  "test: spot reclaim", int(deadline * 1000))
         assert ok, why
-        time.sleep(3.0)  # Ray Train's preemption watcher tells the workers; then they go on to poll
+        # Ray Train's preemption watcher tells the workers; then they go on to poll (from step 2)
+        _wait_for(lambda: _told_of_drain(int(deadline * 1000)) == {0, 1}, "the workers' preemption signal",
+                  timeout_s=60)
         _release(out)
-        # step 2 normally (the ranks wait after it until the drain is requested); a later step if
-        # the signal was slower
+        # step 2: the ranks waited after it until both workers held the drain
         drained["step"] = _wait_for(lambda: _stop_step(out), "the ranks' stop", timeout_s=90)
         _wait_for(lambda: _registered(out, drained["step"]), "the just-in-time checkpoint", timeout_s=90)
         # The reclaim, at its deadline: Ray counts a drained node that dies *before* its deadline
@@ -252,7 +272,7 @@ def test_a_drained_node_gets_a_just_in_time_checkpoint_and_the_run_resumes_from_
         res = _train(_cfg(max_preemption_failures=1), art, out)
     _joined(t)
     k = drained["step"]
-    assert 2 <= k < STEPS  # mid-phase: neither a periodic checkpoint (every 1000) nor the end
+    assert k == 2 < STEPS  # mid-phase: neither a periodic checkpoint (every 1000) nor the end
     _assert_every_step_once(out, res, reference, [[0, k], [k, STEPS]])
     stops = [e for e in _events(out) if e["event"] == "stop"]
     assert {(e["rank"], e["reason"], e["step"]) for e in stops} == {(0, "preemption", k), (1, "preemption", k)}

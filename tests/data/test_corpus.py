@@ -281,7 +281,7 @@ def test_ray_formats_skip(ray_cluster, tmp_path, tok_dir, kind):
 
 def test_tokenized_parts_are_written_in_row_groups_of_a_few_mb(tmp_path):
     """Training ranks read tokenised rows one row group at a time: groups must be small."""
-    from wmss_ray.stages.tokenize import ROW_GROUP_BYTES, write_part
+    from wmss_ray.stages.tokenize_io import ROW_GROUP_BYTES, write_part
 
     ids = np.arange(2000 * 1024, dtype=np.int64).reshape(2000, 1024)
     table = pa.table({"sample_id": [f"s{i}" for i in range(2000)], "input_ids": list(ids), "labels": list(ids)})
@@ -297,7 +297,8 @@ def test_ray_validation_split_truncation_counts_and_prompt_cut_away(ray_cluster,
     """data.validation_fraction carves rows by sample_id hash, disjoint from training; truncated
     rows are counted; a row whose answer leaves no room for its prompt is rejected, not trained on."""
     from wmss_ray.data.splits import in_validation
-    from wmss_ray.stages.tokenize import read_validation_rows, tokenize_corpus
+    from wmss_ray.stages.tokenize import tokenize_corpus
+    from wmss_ray.stages.tokenize_io import read_validation_rows
 
     rows = [dict(_chat(f"What is {i} + 1?", f"{i}+1={i + 1}\n#### {i + 1}"), uid=f"q{i}", gold=str(i + 1))
             for i in range(40)]

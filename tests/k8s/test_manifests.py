@@ -4,40 +4,29 @@ Every kustomization under k8s/ is rendered with tests/k8s/render.py and each obj
 against its schema with unknown fields rejected (KubeRay v1.7 CRDs for RayJob/RayCluster,
 kubernetes-validate for core kinds), then against the operator's own rules and ours: pinned Ray
 version, non-root containers with limits, token auth from a Secret reference, no exposed
-dashboard, shared storage, and entrypoints/configs that exist and parse.
+dashboard, shared storage, and entrypoints/configs that exist and parse. What the pods get
+(/dev/shm, GPUs, NCCL, RDMA, the GPU overlays' shapes): tests/k8s/test_resources.py.
 """
 
 from __future__ import annotations
 
 import importlib
 import re
-import shlex
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.k8s import render as kr
 from tests.k8s import validate as kv
+from tests.k8s.manifests import APP_DIR, REPO, TARGETS, entrypoint, gpu_count, ray_objects
 
-REPO = kv.REPO
-K8S = REPO / "k8s"
-TARGETS = sorted(str(p.parent.relative_to(REPO)) for p in K8S.rglob("kustomization.yaml"))
 IMAGE_REPO = "ghcr.io/wmss-ray/wmss-ray"
-APP_DIR = "/app"  # the Dockerfile's WORKDIR: the repo's files live under it in the image
 SECRET_NAME, SECRET_KEY = "wmss-ray-auth", "auth_token"
 SHARED_PVC, SHARED_MOUNT = "wmss-shared", "/mnt/wmss"
 SENSITIVE = {"TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS", "KEY", "APIKEY"}
 SECRET_LOOKING = re.compile(r"(?i)bearer\s+\S|\b[0-9a-f]{32,}\b")
-GPU_TARGETS = [t for t in TARGETS if t.startswith("k8s/overlays/gpu")]
-# /dev/shm left over after Ray's object store: NCCL's shared-memory segments on a GPU pod
-# (8 local ranks), torch/gloo on a CPU one
-SHM_RESERVE = {"gpu": 8 * 2**30, "cpu": 256 * 2**20}
-STAGING_MOUNT = "/mnt/staging"
-RDMA_PLUGINS = ("rdma/", "nvidia.com/hostdev")  # k8s-rdma-shared-dev-plugin, SR-IOV host-device
-UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "": 1}
 
 
 def _sensitive(name: str) -> bool:
@@ -53,39 +42,6 @@ def _strings(node):
             yield from _strings(v)
     elif isinstance(node, str):
         yield node
-
-
-@pytest.fixture(scope="module")
-def rendered() -> dict[str, list[dict]]:
-    return {t: kr.render(REPO / t) for t in TARGETS}
-
-
-def _ray_objects(objs):
-    return [o for o in objs if o["apiVersion"] == "ray.io/v1"]
-
-
-def _bytes(quantity: str | int) -> int:
-    """A Kubernetes quantity in binary units ("64Gi", "512Mi") or plain bytes, as an int."""
-    m = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti|)", str(quantity))
-    assert m, f"quantity {quantity!r}: use binary units (Ki, Mi, Gi, Ti) or bytes"
-    return int(m.group(1)) * UNITS[m.group(2)]
-
-
-def _gpus(container: dict) -> int:
-    return int(((container.get("resources") or {}).get("limits") or {}).get("nvidia.com/gpu", 0))
-
-
-def _rdma(container: dict) -> dict[str, int]:
-    limits = (container.get("resources") or {}).get("limits") or {}
-    return {k: v for k, v in limits.items() if k.startswith(RDMA_PLUGINS)}
-
-
-def _ray_groups(obj: dict):
-    """(role, group) for the head group and every worker group of a RayJob/RayCluster."""
-    for spec in kv.cluster_specs(obj):
-        yield "head", spec["headGroupSpec"]
-        for group in spec.get("workerGroupSpecs") or []:
-            yield f"worker:{group['groupName']}", group
 
 
 def _version() -> str:
@@ -125,7 +81,7 @@ def test_operator_rules(rendered, target):
 def test_ray_version_is_the_pinned_one(rendered, target):
     import ray
 
-    for obj in _ray_objects(rendered[target]):
+    for obj in ray_objects(rendered[target]):
         for spec in kv.cluster_specs(obj):
             assert spec["rayVersion"] == ray.__version__, f"{obj['metadata']['name']}: rayVersion {spec['rayVersion']}"
 
@@ -147,7 +103,7 @@ def test_every_container_non_root_with_limits(rendered, target):
                 assert sc.get("allowPrivilegeEscalation") is False and not sc.get("privileged"), here
                 assert "ALL" in (sc.get("capabilities") or {}).get("drop", []), here
                 # IPC_LOCK on GPU containers only (NCCL/RDMA pin memory), nothing else anywhere
-                allowed = {"IPC_LOCK"} if _gpus(c) else set()
+                allowed = {"IPC_LOCK"} if gpu_count(c) else set()
                 assert set((sc.get("capabilities") or {}).get("add") or []) <= allowed, here
                 assert sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", here
                 res = c.get("resources") or {}
@@ -180,7 +136,7 @@ def _env(container: dict) -> dict[str, dict]:
 @pytest.mark.parametrize("target", TARGETS)
 def test_token_auth_from_secret_reference(rendered, target):
     assert not [o for o in rendered[target] if o["kind"] == "Secret"], "the auth Secret must not be in the repo"
-    for obj in _ray_objects(rendered[target]):
+    for obj in ray_objects(rendered[target]):
         for spec in kv.cluster_specs(obj):
             assert spec["authOptions"] == {"mode": "token", "secretName": SECRET_NAME}
         for role, tmpl in kv.pod_templates(obj):
@@ -208,11 +164,11 @@ def test_no_secret_literals(rendered, target):
 @pytest.mark.parametrize("target", TARGETS)
 def test_shared_storage_on_head_and_workers(rendered, target):
     objs = rendered[target]
-    if not _ray_objects(objs):
+    if not ray_objects(objs):
         return
     pvcs = {o["metadata"]["name"]: o for o in objs if o["kind"] == "PersistentVolumeClaim"}
     assert SHARED_PVC in pvcs
-    for obj in _ray_objects(objs):
+    for obj in ray_objects(objs):
         for role, tmpl in kv.pod_templates(obj):
             if role == "submitter":
                 continue
@@ -226,84 +182,11 @@ def test_shared_storage_on_head_and_workers(rendered, target):
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_object_store_fits_in_dev_shm(rendered, target):
-    """Every Ray head/worker mounts a memory-backed /dev/shm and sizes Ray's object store inside it
-    with room to spare: a store larger than /dev/shm silently moves to /tmp on disk, one that fills
-    it leaves NCCL no room for its segments."""
-    for obj in _ray_objects(rendered[target]):
-        for role, group in _ray_groups(obj):
-            where = f"{obj['metadata']['name']} {role}"
-            pod, ray_container = group["template"]["spec"], group["template"]["spec"]["containers"][0]
-            mounts = {m["mountPath"]: m["name"] for m in ray_container.get("volumeMounts") or []}
-            assert "/dev/shm" in mounts, f"{where}: /dev/shm not mounted (the runtime's default is 64Mi)"
-            shm = {v["name"]: v for v in pod["volumes"]}[mounts["/dev/shm"]].get("emptyDir") or {}
-            assert shm.get("medium") == "Memory" and "sizeLimit" in shm, f"{where}: /dev/shm {shm}"
-            size = _bytes(shm["sizeLimit"])
-            assert size < _bytes(ray_container["resources"]["limits"]["memory"]), f"{where}: counts in memory"
-            store = (group.get("rayStartParams") or {}).get("object-store-memory")
-            assert store is not None, f"{where}: rayStartParams.object-store-memory not set"
-            reserve = SHM_RESERVE["gpu" if _gpus(ray_container) else "cpu"]
-            assert int(store) + reserve <= size, f"{where}: object store {store} + {reserve} > /dev/shm {size}"
-
-
-def _gpu_containers(objs) -> list[tuple[str, dict, dict]]:
-    return [(f"{o['metadata']['name']} {role} {c['name']}", t["spec"], c)
-            for o in objs for role, t in kv.pod_templates(o) for c in kv.containers(t) if _gpus(c)]
-
-
-@pytest.mark.parametrize("target", GPU_TARGETS)
-def test_gpu_containers_set_what_nccl_needs(rendered, target):
-    """Each GPU container: NCCL pinned to eth0 (exact match), IB on only with an RDMA device,
-    warnings-only logging, IPC_LOCK as the one added capability, a disk-backed staging volume."""
-    found = _gpu_containers(rendered[target])
-    assert found, f"{target}: no GPU container"
-    for where, pod, c in found:
-        env = {e["name"]: e.get("value") for e in c.get("env") or []}
-        assert env.get("NCCL_SOCKET_IFNAME") == "=eth0", f"{where}: NCCL_SOCKET_IFNAME {env.get('NCCL_SOCKET_IFNAME')}"
-        assert env.get("GLOO_SOCKET_IFNAME") == "eth0", where
-        assert env.get("NCCL_DEBUG") == "WARN", where
-        assert env.get("NCCL_IB_DISABLE") == ("0" if _rdma(c) else "1"), f"{where}: NCCL_IB_DISABLE without/with RDMA"
-        assert c["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}, where
-        mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts") or []}
-        assert STAGING_MOUNT in mounts, f"{where}: {STAGING_MOUNT} not mounted"
-        staging = {v["name"]: v for v in pod["volumes"]}[mounts[STAGING_MOUNT]].get("emptyDir")
-        assert staging and "medium" not in staging and _bytes(staging["sizeLimit"]) >= 48 * 10**9, where
-
-
-def test_rdma_overlay_requests_a_device_and_enables_ib(rendered):
-    """gpu-rdma is the gpu overlay plus one RDMA device per worker and NCCL over IB verbs, and
-    nothing else: the whole RayJob equals gpu's once the name, device and IB variables are undone."""
-    import copy
-
-    job = next(o for o in rendered["k8s/overlays/gpu-rdma"] if o["kind"] == "RayJob")
-    tcp = next(o for o in rendered["k8s/overlays/gpu"] if o["kind"] == "RayJob")
-    (_, _, c), = _gpu_containers([job])
-    rdma = _rdma(c)
-    assert rdma and all(int(v) >= 1 for v in rdma.values()), c["resources"]
-    env = {e["name"]: e.get("value") for e in c["env"]}
-    assert env["NCCL_IB_DISABLE"] == "0" and env.get("NCCL_IB_HCA") and env.get("NCCL_NET_GDR_LEVEL"), env
-    undone = copy.deepcopy(job)
-    undone["metadata"]["name"] = tcp["metadata"]["name"]
-    (_, _, u), = _gpu_containers([undone])
-    for kind in ("requests", "limits"):
-        u["resources"][kind] = {k: v for k, v in u["resources"][kind].items() if k not in rdma}
-    u["env"] = [dict(e, value="1") if e["name"] == "NCCL_IB_DISABLE" else e for e in u["env"]
-                if e["name"] not in ("NCCL_IB_HCA", "NCCL_NET_GDR_LEVEL")]
-    assert undone == tcp
-
-
-def _entrypoint(job: dict) -> tuple[str, list[str]]:
-    argv = shlex.split(job["spec"]["entrypoint"])
-    assert argv[:2] == ["python", "-m"] and argv[2].startswith("jobs."), f"entrypoint {argv}"
-    return argv[2], argv[3:]
-
-
-@pytest.mark.parametrize("target", TARGETS)
 def test_entrypoints_exist_and_parse(rendered, target):
     from wmss_ray.config.loading import load_config
 
     for job in (o for o in rendered[target] if o["kind"] == "RayJob"):
-        module, args = _entrypoint(job)
+        module, args = entrypoint(job)
         mod = importlib.import_module(module)  # jobs.<name> must exist in the repo
         ns = mod.build_parser().parse_args(args)
         if getattr(ns, "config", None) is None:
@@ -325,33 +208,6 @@ def test_one_image_per_deployment(rendered, target):
     assert len(images) == 1, f"{target}: head, workers and submitter must share one image, got {images}"
     variant = "gpu" if "gpu" in target else "cpu"
     assert images == {f"{IMAGE_REPO}:{_version()}-{variant}"}
-
-
-def test_gpu_overlay_shape(rendered):
-    job = next(o for o in rendered["k8s/overlays/gpu"] if o["kind"] == "RayJob")
-    module, args = _entrypoint(job)
-    assert module == "jobs.pipeline" and f"{APP_DIR}/configs/qwen3-4b-math.yaml" in args
-    groups = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
-    assert len(groups) == 1 and groups[0]["replicas"] == groups[0]["minReplicas"] == groups[0]["maxReplicas"] == 2
-    pod = groups[0]["template"]["spec"]
-    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
-    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
-    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]
-    assert "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"]["limits"]
-
-
-def test_gpu_pool_overlay_gives_the_weak_pool_its_own_gpus(rendered):
-    from wmss_ray.config.loading import load_config
-
-    job = next(o for o in rendered["k8s/overlays/gpu-pool"] if o["kind"] == "RayJob")
-    _, args = _entrypoint(job)
-    ns = importlib.import_module("jobs.pipeline").build_parser().parse_args(args)
-    cfg = load_config(REPO / ns.config[len(APP_DIR) + 1:], ns.overrides)
-    assert cfg.mix.placement == "pool" and cfg.mix.mode == "frozen"
-    group = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
-    gpus = group["replicas"] * group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
-    p, sc = cfg.mix.pool, cfg.scaling
-    assert p.gpus_per_actor > 0 and sc.num_workers * sc.gpus_per_worker + p.replicas * p.shards * p.gpus_per_actor == gpus
 
 
 def test_long_lived_cluster_matches_the_rayjob_cluster(rendered):

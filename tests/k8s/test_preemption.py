@@ -14,20 +14,14 @@ import subprocess
 
 import pytest
 
-from tests.k8s import render as kr
 from tests.k8s import validate as kv
-from tests.k8s.test_manifests import GPU_TARGETS, REPO, TARGETS
+from tests.k8s.manifests import GPU_TARGETS, TARGETS
 
 MARGIN_S = 60  # after the drain deadline: ray start's SIGTERM drain (<= half of it) and the teardown
 GPU_GRACE_S = 600  # a just-in-time checkpoint of the 4B / 8B recipe (docs/CLUSTER.md)
 PRESTOP = re.compile(r"ray drain-node (?P<args>.+?) \|\| exit 1; t=0; "
                      r"while \[ \"\$t\" -lt (?P<bound>\d+) \] && grep -qsx raylet /proc/\[0-9\]\*/comm; "
                      r"do sleep 5; t=\$\(\(t \+ 5\)\); done")
-
-
-@pytest.fixture(scope="module")
-def rendered() -> dict[str, list[dict]]:
-    return {t: kr.render(REPO / t) for t in TARGETS}
 
 
 def _env(container: dict) -> dict[str, str | None]:

@@ -1,4 +1,5 @@
-"""The mixed-logit CE: gradient formula, sanity identities (DESIGN.md §1.4), chunked == naive."""
+"""The mixed-logit CE: gradient formula, sanity identities (DESIGN.md §1.4), chunked == naive.
+Memory, precision and the chunk budget: tests/losses/test_mixing_memory.py."""
 
 from __future__ import annotations
 
@@ -6,79 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from wmss_ray.losses.chunk_ops import expand_in_place, narrow_in_place
-from wmss_ray.losses.mixing import (
-    CHUNK_ROW_MULTIPLE,
-    chunk_rows_for,
-    chunked_mixed_ce,
-    sparse_mixed_ce,
-)
+from tests.losses.mixing_inputs import IGN, assert_close, leaves, make_inputs, naive_reference
+from wmss_ray.losses.mixing import chunked_mixed_ce, sparse_mixed_ce
 from wmss_ray.losses.reference import mix_logits, mixed_ce_naive
-from wmss_ray.losses.weak_side import weak_from_logp
 from wmss_ray.losses.stats import CE_FIELDS, LossStats
-
-IGN = -100
-
-
-def largest_tensor_numel(run) -> int:
-    """The most elements of any tensor an op produced while ``run()`` ran (forward and backward)."""
-    biggest = [0]
-
-    class MaxNumel(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for o in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(o, torch.Tensor):
-                    biggest[0] = max(biggest[0], o.numel())
-            return out
-
-    with MaxNumel():
-        run()
-    return biggest[0]
-
-
-def assert_one_chunk_buffer(allocs, n: int, v: int, d: int, chunk: int) -> list:
-    """Of the fresh allocations ``(shape, dtype, bytes)`` of a loss step, the large ones other than
-    the gradients (fp32 accumulators ``[V, D]``, their dtype casts, ``grad_h [N, D]``) are exactly
-    one fp32 ``[chunk * V]`` buffer; returns the large ones."""
-    buffer_bytes = 4 * chunk * v
-    big = [a for a in allocs if a[2] >= buffer_bytes // 4]
-    assert [a for a in big if a[0] not in {(v, d), (n, d)}] == [((chunk * v,), torch.float32, buffer_bytes)]
-    return big
-
-
-def make_inputs(n=37, d_s=16, d_w=12, v=50, dtype=torch.float32, masked_every=3, seed=0):
-    """Hidden states and head weights of both sides plus labels with some ignored rows."""
-    g = torch.Generator().manual_seed(seed)
-    hs = torch.randn(n, d_s, generator=g, dtype=torch.float64)
-    ws = torch.randn(v, d_s, generator=g, dtype=torch.float64) / d_s**0.5
-    hw = torch.randn(n, d_w, generator=g, dtype=torch.float64)
-    ww = torch.randn(v, d_w, generator=g, dtype=torch.float64) / d_w**0.5
-    y = torch.randint(0, v, (n,), generator=g)
-    if masked_every:
-        y[::masked_every] = IGN
-    return [t.to(dtype) for t in (hs, ws, hw, ww)], y
-
-
-def leaves(tensors, requires=(True, True, True, True)):
-    return [t.detach().clone().requires_grad_(r) for t, r in zip(tensors, requires)]
-
-
-def naive_reference(tensors, y, lam, num_tokens=None):
-    """float64 naive loss and its 4 gradients, from the same hidden states."""
-    hs, ws, hw, ww = leaves([t.double() for t in tensors])
-    loss = mixed_ce_naive(hs @ ws.T, hw @ ww.T, y, lam, num_tokens=num_tokens)
-    return loss.detach(), torch.autograd.grad(loss, (hs, ws, hw, ww))
-
-
-def assert_close(actual, ref, rtol=1e-5):
-    """rtol on every entry, with an absolute floor scaled to the tensor (entries near 0)."""
-    ref = ref.double()
-    atol = rtol * max(ref.abs().max().item(), 1e-12)
-    torch.testing.assert_close(actual.double(), ref, rtol=rtol, atol=atol)
-
+from wmss_ray.losses.weak_side import weak_from_logp
 
 @pytest.mark.parametrize("lam", [0.0, 0.3, 0.5, 1.0])
 def test_naive_gradient_is_lam_times_softmax_minus_onehot(lam):
@@ -271,16 +205,6 @@ def test_return_stats_match_naive_sums():
     assert loss.item() == pytest.approx(stats.ce_mix_sum.item() / int(valid.sum()), rel=1e-12)
 
 
-def test_never_materialises_full_logits():
-    """No op output is bigger than one [chunk, V] buffer or one gradient (N*V is far bigger)."""
-    n, v, d, chunk = 96, 400, 8, 8
-    tensors, y = make_inputs(n=n, d_s=d, d_w=d, v=v, masked_every=0)
-    x = leaves(tensors)
-
-    biggest = largest_tensor_numel(lambda: chunked_mixed_ce(*x, y, 0.5, chunk_size=chunk).backward())
-    assert biggest <= max(chunk * v, v * d, n * d) < n * v
-
-
 def test_no_grad_path_and_grad_output_scaling():
     tensors, y = make_inputs()
     with torch.no_grad():
@@ -315,108 +239,3 @@ def test_argument_validation():
         chunked_mixed_ce(hs, ws, hw, ww, y[:-1], 0.5)
     with pytest.raises(ValueError, match="num_tokens"):
         chunked_mixed_ce(hs, ws, hw, ww, y, 0.5, num_tokens=0)
-
-
-# ----------------------------------------------------------------------------- bf16, one buffer, chunk budget
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 64, 1001])
-def test_in_place_widen_and_narrow_are_exact(dtype, n):
-    g = torch.Generator().manual_seed(n)
-    vals = torch.randn(n, generator=g).to(dtype)
-    buf32 = torch.full((n,), float("nan"))
-    buf16 = buf32.view(dtype)
-    buf16[:n].copy_(vals)
-    expand_in_place(buf32, buf16, n)
-    assert torch.equal(buf32, vals.float())
-    narrow_in_place(buf32, buf16, n)
-    assert torch.equal(buf16[:n], vals)
-
-
-@pytest.mark.parametrize("lam", [0.3, 1.0])
-@pytest.mark.parametrize("frozen", [False, True])
-def test_bf16_within_bf16_tolerance_of_fp64(lam, frozen):
-    """bf16 GEMMs + fp32 softmax/accumulation vs fp64 on the same (bf16-rounded) inputs."""
-    tensors, y = make_inputs(n=300, d_s=64, d_w=48, v=1000, masked_every=4, seed=3)
-    tensors = [t.bfloat16() for t in tensors]  # the reference sees exactly these values
-    ref_loss, ref_grads = naive_reference(tensors, y, lam)
-    x = leaves(tensors, (True, True, not frozen, not frozen))
-    loss, stats = chunked_mixed_ce(*x, y, lam, chunk_size=64, return_stats=True)
-    assert loss.dtype == torch.float32
-    assert loss.item() == pytest.approx(ref_loss.item(), rel=4e-3)
-    n = int((y != IGN).sum())
-    assert stats.ce_mix_sum.item() / n == pytest.approx(ref_loss.item(), rel=4e-3)
-    loss.backward()
-    trained = (True, True, not frozen and lam != 1.0, not frozen and lam != 1.0)  # lam=1: no weak side
-    for t, r, need in zip(x, ref_grads, trained):
-        if not need:
-            assert t.grad is None
-            continue
-        assert t.grad.dtype == torch.bfloat16
-        err = (t.grad.double() - r).abs().max() / r.abs().max()
-        assert err < 2e-2, err  # bf16 has 8 mantissa bits: 2^-8 = 3.9e-3 per rounding
-
-
-def _fresh_allocations(fn):
-    """(shape, dtype, nbytes) of every op output that owns new storage while ``fn`` runs."""
-    seen = []
-
-    class Allocations(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
-                      if isinstance(a, torch.Tensor)}
-            out = func(*args, **(kwargs or {}))
-            for o in torch.utils._pytree.tree_leaves(out):
-                if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs:
-                    seen.append((tuple(o.shape), o.dtype, o.untyped_storage().nbytes()))
-            return out
-
-    with Allocations():
-        fn()
-    return seen
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("stats", [False, True])
-def test_one_chunk_buffer_and_no_other_chunk_sized_temporary(dtype, stats):
-    """The only allocation of [chunk, V] size is the fp32 buffer; the rest are gradients or small."""
-    n, v, d, chunk = 256, 512, 8, 64
-    tensors, y = make_inputs(n=n, d_s=d, d_w=d, v=v, masked_every=0, dtype=dtype)
-    x = leaves(tensors)
-
-    def step():
-        out = chunked_mixed_ce(*x, y, 0.5, chunk_size=chunk, return_stats=stats)
-        (out[0] if stats else out).backward()
-
-    big = assert_one_chunk_buffer(_fresh_allocations(step), n, v, d, chunk)
-    assert max(a[2] for a in big) <= max(4 * chunk * v, 4 * v * d, 4 * n * d)
-
-
-def test_chunk_rows_for_budget_rounding_and_balance():
-    v = 151_936
-    assert chunk_rows_for(10_000, v, 128) == 192  # floor(128 MiB / 4V) = 220 -> 192
-    assert 4 * 192 * v <= 128 * 2**20
-    assert chunk_rows_for(10_000, v, 1) == CHUNK_ROW_MULTIPLE  # never below one multiple
-    assert chunk_rows_for(150, v, 128) == 150  # all answer tokens in one chunk
-    assert chunk_rows_for(200, v, 128) == 128  # 2 balanced chunks of 100 -> 128, not 192 + 8
-    for n in range(1, 3000, 37):
-        rows = chunk_rows_for(n, v, 128)
-        assert rows <= 192 and (rows == n or rows % CHUNK_ROW_MULTIPLE == 0)
-        assert -(-n // rows) == -(-n // 192)  # as few chunks as the cap allows
-    with pytest.raises(ValueError, match="chunk_mb"):
-        chunk_rows_for(10, v, 0)
-
-
-def test_chunk_from_budget_equals_explicit_chunk():
-    tensors, y = make_inputs(n=300, d_s=16, d_w=12, v=2048, masked_every=0)
-    rows = chunk_rows_for(300, 2048, 0.5)  # 0.5 MiB / 8 KiB per row = 64 rows
-    assert rows == 64
-    a, b = leaves(tensors), leaves(tensors)
-    la = chunked_mixed_ce(*a, y, 0.5, chunk_mb=0.5)
-    lb = chunked_mixed_ce(*b, y, 0.5, chunk_size=rows)
-    assert torch.equal(la, lb)
-    la.backward()
-    lb.backward()
-    for s, t in zip(a, b):
-        assert torch.equal(s.grad, t.grad)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tests.losses.test_mixing import IGN, assert_close, largest_tensor_numel, leaves, make_inputs
+from tests.losses.mixing_inputs import IGN, assert_close, largest_tensor_numel, leaves, make_inputs
 from wmss_ray.losses.mixing import chunked_mixed_ce, sparse_mixed_ce
 from wmss_ray.losses.reference import sparse_mixed_ce_naive
 from wmss_ray.losses.stats import CE_FIELDS, TRUNCATION_FIELDS
@@ -217,7 +217,7 @@ def test_bf16_within_bf16_tolerance_of_fp64_naive(top_k, lam):
 def test_one_chunk_buffer_and_no_other_chunk_sized_temporary(dtype, top_k, masked_every, stats):
     """As chunked_mixed_ce: the only [chunk, V]-sized allocation is the one fp32 buffer (dense weak
     rows are sliced, or gathered in row blocks when some rows are ignored)."""
-    from tests.losses.test_mixing import _fresh_allocations, assert_one_chunk_buffer
+    from tests.losses.mixing_inputs import assert_one_chunk_buffer, fresh_allocations
 
     n, v, d, chunk = 256, 512, 8, 64
     tensors, y = make_inputs(n=n, d_s=d, d_w=d, v=v, masked_every=masked_every)
@@ -228,7 +228,7 @@ def test_one_chunk_buffer_and_no_other_chunk_sized_temporary(dtype, top_k, maske
         out = sparse_mixed_ce(hs, ws, weak, y, 0.5, chunk_size=chunk, return_stats=stats)
         (out[0] if stats else out).backward()
 
-    assert_one_chunk_buffer(_fresh_allocations(step), n, v, d, chunk)
+    assert_one_chunk_buffer(fresh_allocations(step), n, v, d, chunk)
 
 
 def test_chunk_from_budget_equals_explicit_chunk():

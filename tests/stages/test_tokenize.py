@@ -2,8 +2,8 @@
 formats and splits on real runs: tests/data/test_corpus.py).
 
 Every Ray Data worker pays for its imports when it starts: read and write tasks unpickle
-``CorpusDatasource`` / ``TokenizedSink`` / ``TokenizedDatasource`` (module ``stages.tokenize``),
-each tokenising actor ``TokenizeBatch`` and its tokenizer. A fresh interpreter that does the same
+``CorpusDatasource`` / ``TokenizedSink`` / ``TokenizedDatasource`` (module ``stages.tokenize_io``),
+each tokenising actor ``TokenizeBatch`` (``stages.tokenize``) and its tokenizer. A fresh interpreter that does the same
 shows what each of them loads.
 """
 
@@ -25,13 +25,14 @@ from .conftest import N_ROWS, TOKENIZE_BLOCK_ROWS, tiny_cfg, tokenize_cfg
 
 REPO = Path(__file__).resolve().parents[2]
 
-# Runs in a fresh interpreter, as a Ray worker would: import the stage's module (what a read or
+# Runs in a fresh interpreter, as a Ray worker would: import the stage's modules (what a read or
 # write task unpickles), then build and call the tokenising actor's class on one row.
 PROBE = """
 import json, sys
 import pyarrow as pa
 from wmss_ray.config.schema import DataConfig
 from wmss_ray.data.corpus import READ_SCHEMA
+import wmss_ray.stages.tokenize_io
 import wmss_ray.stages.tokenize as T
 seen = {"io_task": sorted(m for m in ("torch", "transformers") if m in sys.modules)}
 batch = T.TokenizeBatch(sys.argv[1], DataConfig())

@@ -22,7 +22,8 @@ parameters (ZeRO-3) moves the parameter partitions too. fp32 training: parameter
 gradients 4P, optimizer 8P, partitioned the same way. A frozen weak model has parameters only
 (partitioned at ZeRO-3 alongside the strong one); a weak model in the inference pool
 (``mix.placement: pool``) takes nothing on the Train GPUs: it is on the pool's actors
-(:func:`pool_actor_bytes`, printed as its own line).
+(:func:`pool_actor_bytes`, printed as its own line); nor does the ``mix.weak_source: uniform``
+control's, which is never loaded (docs/CONTROLS.md).
 
 LoRA (``training.lora``): the base weights are frozen (parameters only, as a frozen model) and
 only the adapters (:func:`lora_params`) have gradients and optimizer states. A weak model that is
@@ -228,14 +229,16 @@ def phase_bytes(cfg: WMSSConfig, phase: str, strong: ModelShape, weak: ModelShap
 
 def train_gpu_models(cfg: WMSSConfig, phase: str, strong: ModelShape, weak: ModelShape) -> list[GpuModel]:
     """The models on a Train GPU in ``phase``: the strong one, and in WMSS the colocated weak one
-    (trained in joint mode; none when ``mix.lam`` is 1; no weights of its own on a shared base)."""
+    (trained in joint mode; no weights of its own on a shared base). None when ``mix.lam`` is 1,
+    nor for ``mix.weak_source: uniform`` (the 1/V fake weak side needs no weak forward: the
+    workers load no weak model); ``entropy_matched`` and ``shuffled`` run the real frozen one."""
     mix, lora = cfg.mix, cfg.training.lora
 
     def trained(shape: ModelShape) -> int:
         return lora_params(shape, lora) if lora.enabled else shape.params
 
     models = [GpuModel(strong, True, True, trained(strong))]
-    if phase == "wmss" and mix.placement == "colocated" and mix.lam != 1.0:
+    if phase == "wmss" and mix.placement == "colocated" and mix.lam != 1.0 and mix.weak_source != "uniform":
         joint = mix.mode == "joint"
         models.append(GpuModel(weak, joint, not shares_base(cfg), trained(weak) if joint else 0))
     return models

@@ -92,7 +92,9 @@ def suggestions(cfg: WMSSConfig, strong: ModelShape, weak: ModelShape, budget: f
         steps.append(["training.offload_optimizer=true"])
     if not t.offload_params:
         steps.append(["training.offload_params=true"])
-    if cfg.mix.placement == "colocated":  # changes the method in joint mode: the weak model stops training
+    # changes the method in joint mode (the weak model stops training); a control's fake weak side
+    # (mix.weak_source) is colocated only, and uniform's holds no weak model to move
+    if cfg.mix.placement == "colocated" and cfg.mix.weak_source == "model":
         steps.append(["mix.mode=frozen", "mix.placement=pool"])
     current = cfg
     for change in steps:
@@ -135,6 +137,9 @@ def format_plan(cfg: WMSSConfig, gpu_memory: float | None, source: str = "", gpu
         f"{'on' if t.gradient_checkpointing else 'off'}",
     ]
     for role, s in (("strong", strong), ("weak", weak)):
+        if role == "weak" and cfg.mix.weak_source == "uniform":
+            lines.append("  weak: none loaded in wmss (mix.weak_source: uniform, 1/V for every token)")
+            continue
         lines.append(f"  {role}: {s.name}: {_count(s.params)} params (largest layer {_count(s.largest_layer_params)}),"
                      f" hidden {s.hidden}, {s.layers} layers, {s.heads}/{s.kv_heads} heads, vocab {s.vocab}")
     if t.lora.enabled:

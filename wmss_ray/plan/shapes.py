@@ -89,4 +89,5 @@ def _model_config(path: str, trust_remote_code: bool):
         storage.download_dir(path, tmp, keep=lambda rel: rel == "config.json")
         if not os.path.exists(os.path.join(tmp, "config.json")):
             raise FileNotFoundError(f"no config.json in model directory {storage.redact(path)}")
-        return AutoConfig.from_pretrained(tmp, local_files_only=True)
+        # explicit False: left None, transformers asks on a TTY (or fails) for a config.json with auto_map
+        return AutoConfig.from_pretrained(tmp, trust_remote_code=False, local_files_only=True)

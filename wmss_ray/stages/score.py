@@ -46,8 +46,8 @@ from wmss_ray.data import rejects as R
 from wmss_ray.io import storage
 from wmss_ray.io.files import write_parquet
 from wmss_ray.stages.scorer import SCORE_COLUMNS, EntropyScorer
-from wmss_ray.stages.tokenize import (EXTRA_DIR, MapStage, TokenizeBatch, TokenizeResult, count_rows, read_extra,
-                                     read_tokenized, tokenize_corpus)
+from wmss_ray.stages.tokenize import MapStage, TokenizeBatch, TokenizeResult, tokenize_corpus
+from wmss_ray.stages.tokenize_io import EXTRA_DIR, count_rows, read_extra, read_tokenized
 
 SCORES_FILE = "scores.parquet"
 log = logging.getLogger("wmss_ray.scoring")
