@@ -75,7 +75,9 @@ TINY_RUN_FILES = frozenset({"tests/cli/test_submit_real.py", "tests/test_pipelin
 #: that it leaves no ``wmss-*`` temp dir, which any other object-store test makes for a while.
 OBJECT_STORE_FILES = frozenset({"tests/cli/test_check_cluster.py", "tests/io/test_storage.py",
                                 "tests/stages/test_report_storage.py", "tests/test_pipeline_object_storage.py",
-                                "tests/test_plan.py", "tests/training/test_metrics.py"})
+                                "tests/test_plan.py", "tests/training/test_metrics.py",
+                                "tests/study/test_table_storage.py", "tests/training/test_costs.py",
+                                "tests/training/test_peak_storage.py"})
 
 
 def xdist_group_of(path: str) -> str:
@@ -94,7 +96,7 @@ def xdist_group_of(path: str) -> str:
 
 #: The groups that take longest (BENCHMARKS.md: the 20 slowest), scheduled first, longest first:
 #: a long group started last would leave the other worker idle at the end.
-SLOW_GROUPS_FIRST = ("tiny_run", "tests/weak_pool", "tests/training", "object_store", "tests/stages",
+SLOW_GROUPS_FIRST = ("tiny_run", "tests/weak_pool", "tests/training", "tests/study", "object_store", "tests/stages",
                      "tests/test_byo_model.py", "tests/test_pipeline_lora.py", "tests/data",
                      "tests/test_gpu_check.py")
 

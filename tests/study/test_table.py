@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from wmss_ray.config.loading import load_config
+from wmss_ray.io import storage
 from wmss_ray.io.files import write_jsonl
 from wmss_ray.stages.stats import paired_bootstrap_ci
 from wmss_ray.study.page import write_study_page
@@ -23,14 +24,15 @@ def _outcomes(rng, p):
     return [bool(x) for x in rng.random(N) < p]
 
 
-def _entry(path, correct, reliability=None):
+def _entry(path: str, correct, reliability=None):
     write_jsonl(path, [{"sample_id": f"eval-{i}", "correct": c} for i, c in enumerate(correct)])
     return {"accuracy": float(np.mean(correct)), "loss": 1.0 + 0.1 * float(np.mean(correct)), "n": N,
             "avg_at_k": 0.3, "pass_at_k": 0.5, "brier": 0.2, "ece": 0.1, "reliability": reliability,
             "per_sample_path": str(path), "model_dir": f"{path}.model"}
 
 
-def _records(tmp_path):
+def _records(root):
+    """Three seeds of WMSS and SFT-continued; per-problem files under ``root`` (a path or a URI)."""
     rng = np.random.default_rng(0)
     records, truth = [], {}
     for seed in (0, 1, 2):
@@ -40,8 +42,8 @@ def _records(tmp_path):
             truth[(arm, "final", seed)], truth[(arm, "peak", seed)] = final, peak
             rel = [{"low": 0.5, "high": 0.6, "n": 10 + seed, "confidence": 0.55, "accuracy": 0.4 + 0.1 * seed}]
             arms[arm] = {"label": label, "run_dir": f"/runs/study/seed{seed}", "phase": arm, "config_hash": f"h{seed}",
-                         "steps": 10, "final": _entry(tmp_path / f"{arm}{seed}f.jsonl", final, rel),
-                         "peak": _entry(tmp_path / f"{arm}{seed}p.jsonl", peak), "peak_step": 4 + seed,
+                         "steps": 10, "final": _entry(storage.join(str(root), f"{arm}{seed}f.jsonl"), final, rel),
+                         "peak": _entry(storage.join(str(root), f"{arm}{seed}p.jsonl"), peak), "peak_step": 4 + seed,
                          "peak_validation_accuracy": 0.5,
                          "costs": {"updates": 10, "supervised_tokens": 1000 + seed, "tokens": 5000, "flops": 1e12,
                                    "seconds": 30.0 + seed, "gpu_hours": 0.0, "peak_rss_mb": 900.0, "peak_gpu_mb": None}}
