@@ -5,11 +5,9 @@ from (every seed's run dir, phase and config hash). PNGs embedded: the page is o
 
 from __future__ import annotations
 
-import contextlib
 import html
 import math
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,22 +105,11 @@ def _cells_table(rows: list[dict[str, Any]]) -> str:
     return html_table(["arm", "checkpoint", "seed", "train seed", "run dir", "phase", "config hash", "model"], lines)
 
 
-@contextlib.contextmanager
-def _page_dir(root: str) -> Iterator[Path]:
-    if not storage.is_remote(root):
-        local = Path(storage.resolve_fs(root)[1])
-        local.mkdir(parents=True, exist_ok=True)
-        yield local
-        return
-    with tempfile.TemporaryDirectory(prefix="wmss-study-page-") as tmp:
-        yield Path(tmp)
-        storage.upload_file(str(Path(tmp) / "index.html"), storage.join(root, "index.html"))
-
-
 def write_study_page(root: str, table: dict[str, Any]) -> str:
     """``<root>/index.html`` for the study ``table`` (``study.table.study_table``); returns its path."""
     rows = table["rows"]
-    with _page_dir(root) as out:
+    with tempfile.TemporaryDirectory(prefix="wmss-study-page-") as tmp:  # the PNGs, embedded, then gone
+        out = Path(tmp)
         forest = plot_forest(rows, out / "forest.png")
         reliability = plot_reliability(rows, out / "reliability.png")
         parts = [f"<h1>WMSS study: {len(table['seeds'])} seeds</h1>",
@@ -138,11 +125,8 @@ def write_study_page(root: str, table: dict[str, Any]) -> str:
         parts.append("<h2>Calibration (final checkpoints)</h2>"
                      + (embedded_png(reliability, "reliability diagrams")
                         or "<p>no sampled completions (evaluation.samples: 0)</p>"))
-        parts.append("<h2>Where each cell comes from</h2>" + _cells_table(rows))
-        page = ("<!doctype html><html><head><meta charset='utf-8'><title>WMSS study</title>"
-                f"<style>{PAGE_CSS}</style></head><body>{''.join(parts)}</body></html>")
-        (out / "index.html").write_text(page)
-        for png in (forest, reliability):
-            if png is not None:
-                png.unlink()  # embedded in the page
-    return storage.join(root, "index.html")
+    parts.append("<h2>Where each cell comes from</h2>" + _cells_table(rows))
+    page = storage.join(root, "index.html")
+    storage.write_text(page, "<!doctype html><html><head><meta charset='utf-8'><title>WMSS study</title>"
+                             f"<style>{PAGE_CSS}</style></head><body>{''.join(parts)}</body></html>")
+    return page

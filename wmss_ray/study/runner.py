@@ -22,7 +22,6 @@ arm runs in three waves, instead of 24 runs one after another.
 from __future__ import annotations
 
 import json
-import logging
 import math
 from typing import Any
 
@@ -33,8 +32,6 @@ from wmss_ray.io import storage
 from wmss_ray.io.console import get_console
 from wmss_ray.study.arms import (FAKE_SHARED, SEED_SHARED, VALIDATION_ROWS, ArmRun, arm_runs, check_study,
                                  fake_config, seed_config, study_root)
-
-log = logging.getLogger("wmss_ray.study")
 
 STUDY_EVAL = "eval_study"  # <seed run>/eval_study/: the fake-weak arms' finals and the peaks, on the test set
 SEED_RECORD = "study_seed.json"  # <seed run>/: what the table reads (runner.seed_record)
@@ -161,9 +158,9 @@ def _evaluate_arms(cfg: WMSSConfig, outputs: dict[str, Any], runs: list[ArmRun])
             models[_peak_label(r.label)] = peak["model_dir"]
     ctx = RunContext(cfg)
     ctx.outputs = dict(outputs)
-    # what the models are: each one's phase manifest fingerprint and peak step
-    prints = {label: path for label, path in sorted(models.items())}
-    extra = {"models": prints, "fingerprints": {r.label: _fingerprint(r.phase_dir) for r in runs}}
+    # what the result depends on: which model directories, and what trained each arm (its
+    # phase's fingerprint, which fixes its peak too)
+    extra = {"models": dict(sorted(models.items())), "fingerprints": {r.label: _fingerprint(r.phase_dir) for r in runs}}
 
     def run(ctx: RunContext) -> dict[str, Any]:
         if not models:
