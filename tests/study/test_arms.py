@@ -65,6 +65,7 @@ def test_arm_runs_name_every_arm_once_with_its_phase(tmp_path):
     (["run.iterations=2"], "run.iterations 1"),
     (["mix.weak_source=uniform"], "mix.weak_source: model"),
     (["controls.arms=[sft_higher_lr]"], "study.arms"),
+    (["data.demo.n_validation=0"], "validation split"),
 ])
 def test_what_a_study_cannot_honour_fails_at_once(tmp_path, overrides, words):
     with pytest.raises(ConfigError, match=words.replace(".", r"\.")):

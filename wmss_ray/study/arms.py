@@ -98,6 +98,11 @@ def arm_runs(base: WMSSConfig, index: int) -> list[ArmRun]:
 
 def check_study(base: WMSSConfig) -> None:
     """What a study of ``base`` cannot honour, refused before anything runs (``ConfigError``)."""
+    from wmss_ray.data.splits import has_validation
+
+    if not has_validation(base):
+        raise ConfigError("a study selects each arm's peak on a validation split apart from data.eval (the test "
+                          "set): set data.validation_fraction (carved from data.train) or data.validation")
     if base.mix.weak_source != "model":
         raise ConfigError(f"mix.weak_source is {base.mix.weak_source!r}: a study's WMSS arm is the real weak "
                           "model (the fake weak sides are its arms: study.arms); set mix.weak_source: model")

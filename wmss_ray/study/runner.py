@@ -35,8 +35,6 @@ from wmss_ray.study.arms import (FAKE_SHARED, SEED_SHARED, VALIDATION_ROWS, ArmR
 
 STUDY_EVAL = "eval_study"  # <seed run>/eval_study/: the fake-weak arms' finals and the peaks, on the test set
 SEED_RECORD = "study_seed.json"  # <seed run>/: what the table reads (runner.seed_record)
-NO_VALIDATION = ("a study selects each arm's peak on a validation split apart from data.eval (the test set): "
-                 "set data.validation_fraction (carved from data.train) or data.validation")
 
 
 def max_concurrent(cfg: WMSSConfig, cluster: dict[str, float]) -> int:
@@ -59,8 +57,8 @@ def _validation_rows(cfg: WMSSConfig, outputs: dict[str, Any], run_dir: str) -> 
     from wmss_ray.training.validation import write_rows
 
     source = validation_eval_input(cfg, outputs)
-    if source is None:
-        raise ConfigError(NO_VALIDATION)
+    if source is None:  # check_study refuses such a config before anything runs
+        raise ConfigError(f"{storage.redact(run_dir)}: no validation split")
     path = storage.join(run_dir, VALIDATION_ROWS)
     write_rows(load_eval_rows(source, cfg), path)
     return path
