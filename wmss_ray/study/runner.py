@@ -247,8 +247,9 @@ def run_study(base: WMSSConfig) -> dict[str, Any]:
         done, _ = ray.wait(list(running), num_returns=1)
         fn, args = running.pop(done[0])
         result, i = ray.get(done[0]), args[0]
-        if fn is trunk:  # its arms next, ahead of other seeds' trunks: a seed finishes early
-            ready[:0] = [(arm_task, (i, a)) for a in arms] or [(finish, (i,))]
+        if fn is trunk:  # its arms after the arms already waiting, ahead of the trunks still to run
+            at = next((k for k, (f, _) in enumerate(ready) if f is trunk), len(ready))
+            ready[at:at] = [(arm_task, (i, a)) for a in arms] or [(finish, (i,))]
         elif fn is arm_task:
             arms_left[i] -= 1
             if arms_left[i] == 0:
