@@ -79,10 +79,30 @@ def train_on_forked_ranks(cfg, phase: str, strong_init: str, weak_init: str | No
         ctx = multiprocessing.get_context("fork")  # the children start with this process's imports
         procs = [ctx.Process(target=_rank_main, args=(cfg, spec, rank, world, port, errors, latest), name=f"rank{rank}")
                  for rank in range(world)]
-        for p in procs:
-            p.start()
+        with frozen_heap():
+            for p in procs:
+                p.start()
         _join_or_raise(procs, Path(errors))
     return _result(spec)
+
+
+@contextlib.contextmanager
+def frozen_heap():
+    """Fork inside this block: the parent's garbage is collected here first, and what remains is
+    frozen (``gc.freeze``), so a forked child's garbage collector never finalizes an object it
+    inherited. A guard against one likely cause of a hang seen once in CI (a rank stuck 600 s in
+    ``nn.Module.__init__``, allocating: where a collection runs finalizers): the test process may be
+    a Ray driver, and an inherited object whose finalizer takes a lock one of the parent's threads
+    held at the fork waits forever. Not a proven fix: a plain repro (a Ray driver's cyclic
+    ``ObjectRef`` garbage collected in a forked child) did not hang."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _import_what_ranks_use() -> None:

@@ -30,6 +30,8 @@ def _agree(rank: int, world: int, port: int, codes: list[int], out) -> None:
 
 def test_ranks_agree_on_the_largest_code():
     """One rank saw the preemption (2), one a stop request (1): both act on the preemption."""
+    from tests.training.forked_ranks import frozen_heap
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -37,8 +39,9 @@ def test_ranks_agree_on_the_largest_code():
     out = ctx.Queue()
     procs = [ctx.Process(target=_agree, args=(r, 2, port, [stopping.STOP, stopping.PREEMPTION], out))
              for r in range(2)]
-    for p in procs:
-        p.start()
+    with frozen_heap():
+        for p in procs:
+            p.start()
     got = dict(out.get(timeout=60) for _ in procs)
     for p in procs:
         p.join(timeout=30)

@@ -49,10 +49,14 @@ def find_user_error(err: BaseException | None, _depth: int = 0) -> UserError | N
 
 
 def _user_error_names() -> set[str]:
+    """The names of :class:`UserError` and its subclasses, without the classes Ray makes on the fly
+    (``RayTaskError(CorpusError)``, ``as_instanceof_cause``): they exist only in a process that has
+    already received such an error, so the answer would depend on what the process did before."""
     names, todo = set(), [UserError]
     while todo:
         cls = todo.pop()
-        names.add(cls.__name__)
+        if "(" not in cls.__name__:
+            names.add(cls.__name__)
         todo.extend(cls.__subclasses__())
     return names
 
