@@ -70,7 +70,7 @@ TINY_JOB_DEADLINE_S = 720
 #: head: one xdist worker runs them all, so the tiny pipeline is trained once.
 #: (tests/test_session_env.py checks these sets against the collected tests' fixtures.)
 TINY_RUN_FILES = frozenset({"tests/cli/test_submit_real.py", "tests/test_pipeline_e2e.py",
-                            "tests/sweep/test_sweep.py", "tests/test_rerun.py"})
+                            "tests/sweep/test_sweep.py", "tests/test_rerun.py", "tests/study/test_study_run.py"})
 #: The files whose tests use the S3 server: one at a time, since the object-storage run checks
 #: that it leaves no ``wmss-*`` temp dir, which any other object-store test makes for a while.
 OBJECT_STORE_FILES = frozenset({"tests/cli/test_check_cluster.py", "tests/io/test_storage.py",
@@ -96,7 +96,7 @@ def xdist_group_of(path: str) -> str:
 
 #: The groups that take longest (BENCHMARKS.md: the 20 slowest), scheduled first, longest first:
 #: a long group started last would leave the other worker idle at the end.
-SLOW_GROUPS_FIRST = ("tiny_run", "tests/weak_pool", "tests/training", "tests/study", "object_store", "tests/stages",
+SLOW_GROUPS_FIRST = ("tiny_run", "tests/weak_pool", "tests/training", "object_store", "tests/stages",
                      "tests/test_byo_model.py", "tests/test_pipeline_lora.py", "tests/data",
                      "tests/test_gpu_check.py")
 

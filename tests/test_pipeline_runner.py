@@ -97,6 +97,25 @@ def test_a_changed_key_reruns_only_the_phases_it_feeds(override, reruns, cfg, mo
     assert calls == reruns
 
 
+def test_completed_elsewhere_names_the_phases_another_run_made_with_these_fingerprints(cfg, monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(pipeline, "build_phases", _fake_phases(calls))
+    monkeypatch.setattr(pipeline, "ensure_ray", lambda: None)
+    run_pipeline(cfg, until="curriculum_1")
+    trunk = ("sft", "score_1", "curriculum_1")
+    same = load_config(None, [f"run.storage={tmp_path}/study", "run.name=seed0", "mix.mode=frozen"])
+    assert pipeline.completed_elsewhere(same, cfg.run_dir(), trunk) == list(trunk)  # mix feeds only wmss
+    # another training seed: SFT differs, so does everything after it, matching or not
+    seed1 = load_config(None, [f"run.storage={tmp_path}/study", "run.name=seed1", "run.train_seed=1"])
+    assert pipeline.completed_elsewhere(seed1, cfg.run_dir(), trunk) == []
+    drew = load_config(None, [f"run.storage={tmp_path}/study", "run.name=x", "curriculum.alpha=0.9"])
+    assert pipeline.completed_elsewhere(drew, cfg.run_dir(), trunk) == ["sft", "score_1"]
+    # a phase that did not complete there is not named, nor any after it
+    man = json.loads(open(f"{cfg.run_dir()}/score_1/manifest.json").read())
+    open(f"{cfg.run_dir()}/score_1/manifest.json", "w").write(json.dumps({**man, "status": "failed"}))
+    assert pipeline.completed_elsewhere(same, cfg.run_dir(), trunk) == ["sft"]
+
+
 def test_a_crash_is_recorded_and_the_next_run_resumes_there(cfg, monkeypatch):
     calls = []
     monkeypatch.setattr(pipeline, "build_phases", _fake_phases(calls, fail_at="score_1"))

@@ -164,6 +164,28 @@ def run_phases(ctx: RunContext, phases: list[Phase], from_phase: str | None = No
     return ctx.outputs
 
 
+def completed_elsewhere(cfg: WMSSConfig, run_dir: str, names: tuple[str, ...]) -> list[str]:
+    """Which of ``names`` (phases of ``cfg``, in pipeline order) completed in another run's
+    ``run_dir`` with the fingerprints ``cfg`` gives them: those a run of ``cfg`` may link instead
+    of training again (a study's seed 0 and ``wmss run``'s run share SFT, scores and curriculum).
+    Fingerprints are computed as :func:`run_phases` does, each phase hashing its upstream ones'
+    as found in ``run_dir``; the answer stops at the first phase of ``names`` that does not match,
+    since every later phase's inputs differ then."""
+    wanted, out = set(names), []
+    cfg_dict, prints = cfg.fingerprint_dict(), {}
+    for phase in build_phases(cfg):
+        if not wanted:
+            break
+        old = read_manifest(storage.join(run_dir, phase.name))
+        prints[phase.name], _ = resumed_fingerprint(phase, cfg, cfg_dict, prints, old)
+        if phase.name in wanted:
+            if old is None or old.status != "completed" or old.fingerprint != prints[phase.name]:
+                break
+            out.append(phase.name)
+            wanted.discard(phase.name)
+    return out
+
+
 def _upstream(phases: list[Phase], names: tuple[str, ...]) -> set[str]:
     """``names`` and every phase they need, directly or not."""
     by_name = {p.name: p for p in phases}

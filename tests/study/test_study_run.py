@@ -1,7 +1,10 @@
 """``wmss study`` end to end on configs/test-tiny.yaml: 2 seeds x every arm on the session's local
-Ray cluster, as Ray tasks side by side. The table has every column for every arm and checkpoint,
-each arm trained what it should (SFT-matched-FLOPs the steps the FLOPs formula gives), the seeds
-share only the phases the training seed does not touch, and a second call reruns nothing."""
+Ray cluster, as Ray tasks side by side. The base run is the session's tiny run (``wmss run`` of the
+same config, a Ray job: ``tiny_job_run``), its phases linked as a tune trial links them, so seed 0
+(the base's training seed) links its SFT, scoring and curriculum instead of training them again.
+The table has every column for every arm and checkpoint, each arm trained what it should
+(SFT-matched-FLOPs the steps the FLOPs formula gives), the seeds share only the phases the
+training seed does not touch, and a second call reruns nothing."""
 
 from __future__ import annotations
 
@@ -23,14 +26,23 @@ pytestmark = pytest.mark.integration
 SEEDS = 2
 
 
-@pytest.fixture(scope="module")
-def study(ray_cluster, tmp_path_factory):
-    from wmss_ray.study.runner import run_study
+BASE_TRUNK = ("sft", "score_1", "curriculum_1")
 
+
+@pytest.fixture(scope="module")
+def study(ray_cluster, tiny_job_run, tmp_path_factory):
+    from wmss_ray.study.runner import run_study
+    from wmss_ray.sweep.trial import link_shared_phases
+
+    if tiny_job_run.status != "SUCCEEDED":
+        pytest.fail(f"the tiny pipeline job {tiny_job_run.job_id} ended {tiny_job_run.status}")
     cfg = load_config("configs/test-tiny.yaml", [
         f"run.storage={tmp_path_factory.mktemp('study')}", "mix.mode=frozen", f"study.seeds={SEEDS}",
         "study.validate_every=1", "study.max_concurrent=2", "study.n_boot=500",
         "evaluation.samples=2", "evaluation.temperature=1.0"])  # sampled pass@k and calibration
+    # the base run: the tiny run's phases up to its curriculum (mix.mode feeds only WMSS), as if
+    # `wmss run` of this config had made them here
+    link_shared_phases(tiny_job_run.cfg.run_dir(), cfg.run_dir(), ("data", "phase0", "tokenize") + BASE_TRUNK)
     return cfg, run_study(cfg)
 
 
@@ -84,10 +96,17 @@ def test_the_seeds_share_only_what_the_training_seed_does_not_touch(study):
     root = os.path.join(cfg.run_dir(), "study")
     for phase in ("data", "phase0", "tokenize"):
         for i in range(SEEDS):
-            assert os.path.realpath(os.path.join(root, f"seed{i}", phase)) == os.path.join(cfg.run_dir(), phase)
+            assert os.path.realpath(os.path.join(root, f"seed{i}", phase)) == os.path.realpath(
+                os.path.join(cfg.run_dir(), phase))
     for phase in ("sft", "curriculum_1", "wmss_1", "sft_higher_lr"):
         prints = {read_manifest(os.path.join(root, f"seed{i}", phase)).fingerprint for i in range(SEEDS)}
         assert len(prints) == SEEDS, phase
+    # seed 0 trains with the base's seed: the base run's SFT, scores and draw, not trained again;
+    # its WMSS trains in its own run (it validates itself for its peak); seed 1 has its own trunk
+    for phase in BASE_TRUNK:
+        assert os.path.realpath(os.path.join(root, "seed0", phase)) == os.path.realpath(os.path.join(cfg.run_dir(), phase))
+        assert not os.path.islink(os.path.join(root, "seed1", phase))
+    assert not os.path.islink(os.path.join(root, "seed0", "wmss_1"))
     # a fake-weak arm trains on its seed's M1 and draw (links), with its own WMSS phase
     fake = os.path.join(root, "seed1-wmss_shuffled_weak")
     assert os.path.realpath(os.path.join(fake, "curriculum_1")) == os.path.join(root, "seed1", "curriculum_1")

@@ -85,6 +85,16 @@ def link_phase(target: str, phase_dir: str) -> None:
     storage.write_text(phase_dir.rstrip("/") + LINK_SUFFIX, json.dumps({"target": storage.location(target)}))
 
 
+def unlink_phase(phase_dir: str) -> None:
+    """Remove the link ``phase_dir`` (:func:`link_phase`), never what it stands for."""
+    if not storage.is_remote(phase_dir):
+        local = storage.resolve_fs(phase_dir)[1]
+        if os.path.islink(local):
+            os.unlink(local)
+        return
+    storage.delete_file(phase_dir.rstrip("/") + LINK_SUFFIX)
+
+
 def linked_phase(phase_dir: str) -> str | None:
     """The directory ``phase_dir`` stands for when it is linked (:func:`link_phase`), else None."""
     if not storage.is_remote(phase_dir):

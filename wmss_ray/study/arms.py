@@ -6,7 +6,8 @@ A study of a base config (``study`` section) lays its runs out under ``<run>/stu
 - ``seed<i>/``: seed ``i``'s run, the pipeline's phases with ``run.train_seed = seed + i`` (i = 0
   keeps the base's training seed). Its ``data``, ``phase0`` and ``tokenize`` are links to the
   base run's (:data:`SEED_SHARED`: the training seed does not touch them), everything from SFT
-  on is its own: ``sft``, ``score_1``, ``curriculum_1``, ``wmss_1`` (the arm ``wmss``),
+  on is its own: ``sft``, ``score_1``, ``curriculum_1`` (seed 0 links the base run's when they
+  completed with its fingerprints: ``runner.trunk_links``), ``wmss_1`` (the arm ``wmss``),
   ``sft_continued`` (``sft_matched_updates``) and the SFT arms (``controls.arms``), its ``eval``
   (every final model of those) and ``report``;
 - ``seed<i>-<arm>/`` for each fake-weak arm: ``wmss_1`` with ``mix.weak_source`` set, linking

@@ -30,6 +30,7 @@ from wmss_ray.config.names import FAKE_WEAK_ARMS
 from wmss_ray.config.schema import ConfigError, WMSSConfig
 from wmss_ray.io import storage
 from wmss_ray.io.console import get_console
+from wmss_ray.io.manifest import unlink_phase
 from wmss_ray.study.arms import (FAKE_SHARED, SEED_SHARED, VALIDATION_ROWS, ArmRun, arm_runs, check_study,
                                  fake_config, seed_config, study_root)
 
@@ -78,16 +79,40 @@ def _seed(base_dict: dict[str, Any], index: int) -> tuple[WMSSConfig, WMSSConfig
     return base, cfg, storage.location(cfg.run_dir())
 
 
+def trunk_links(base: WMSSConfig, cfg: WMSSConfig, wmss_phase: str) -> tuple[str, ...]:
+    """The trunk phases of seed config ``cfg`` after the shared ones and before its WMSS arm's
+    ``wmss_phase`` that the base run completed with the same fingerprints: SFT, scores and
+    curriculum of a seed that trains with the base's own seed (seed 0), when ``wmss run`` made
+    them first. The seed links them instead of training them again; the WMSS arm itself always
+    trains in the seed's run (it validates itself and keeps its peak)."""
+    from wmss_ray.pipeline import completed_elsewhere
+
+    return tuple(completed_elsewhere(cfg, storage.location(base.run_dir()), _trunk(cfg, wmss_phase)))
+
+
+def _trunk(cfg: WMSSConfig, wmss_phase: str) -> tuple[str, ...]:
+    """The phases of a seed's run after the shared ones and before ``wmss_phase``."""
+    from wmss_ray.phases import build_phases
+
+    names = [p.name for p in build_phases(cfg)]
+    return tuple(names[names.index(SEED_SHARED[-1]) + 1:names.index(wmss_phase)])
+
+
 def run_trunk(base_dict: dict[str, Any], index: int) -> str:
     """Seed ``index``'s trunk: its run through WMSS (SFT, scoring, curriculum, ``wmss_K``
-    validating itself), the shared phases linked from the base run. Returns the seed's run dir."""
+    validating itself), the shared phases linked from the base run, and those of the base run's
+    trunk that have this seed's fingerprints (:func:`trunk_links`). Returns the seed's run dir."""
     from wmss_ray.pipeline import run_pipeline
     from wmss_ray.sweep.trial import link_shared_phases
 
     base, cfg, seed_dir = _seed(base_dict, index)
-    link_shared_phases(base.run_dir(), seed_dir, SEED_SHARED)
-    rows_path = _validation_rows(cfg, run_pipeline(cfg, until="tokenize"), seed_dir)
     wmss = arm_runs(base, index)[0]
+    same = trunk_links(base, cfg, wmss.phase)
+    for phase in _trunk(cfg, wmss.phase):
+        if phase not in same:  # a link made by an earlier study, to a base phase that no longer matches
+            unlink_phase(storage.join(seed_dir, phase))
+    link_shared_phases(base.run_dir(), seed_dir, SEED_SHARED + same)
+    rows_path = _validation_rows(cfg, run_pipeline(cfg, until="tokenize"), seed_dir)
     run_pipeline(cfg, until=wmss.phase, train_options=_train_options(cfg, [wmss], rows_path))
     return seed_dir
 
