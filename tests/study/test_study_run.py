@@ -1,10 +1,13 @@
-"""``wmss study`` end to end on configs/test-tiny.yaml: 2 seeds x every arm on the session's local
-Ray cluster, as Ray tasks side by side. The base run is the session's tiny run (``wmss run`` of the
-same config, a Ray job: ``tiny_job_run``), its phases linked as a tune trial links them, so seed 0
-(the base's training seed) links its SFT, scoring and curriculum instead of training them again.
-The table has every column for every arm and checkpoint, each arm trained what it should
-(SFT-matched-FLOPs the steps the FLOPs formula gives), the seeds share only the phases the
-training seed does not touch, and a second call reruns nothing."""
+"""``wmss study`` end to end on configs/test-tiny.yaml, on the session's local Ray cluster, as
+Ray tasks side by side. The base run is the session's tiny run (``wmss run`` of the same config, a
+Ray job: ``tiny_job_run``), its phases linked as a tune trial links them, so seed 0 (the base's
+training seed) links its SFT, scoring and curriculum instead of training them again.
+
+Two calls, as a user grows a study: seed 0 with WMSS and every arm (each arm trained what it
+should, SFT-matched-FLOPs the steps the FLOPs formula gives; every column but the seeds' spread),
+then 2 seeds of WMSS, one SFT arm and one fake-weak arm: seed 0 is reused whole (no training phase
+runs again), seed 1 trains its own trunk and arms, the seeds share only the phases the training
+seed does not touch, the table has every column; a third call reruns nothing."""
 
 from __future__ import annotations
 
@@ -24,61 +27,78 @@ from wmss_ray.training.controls import arm_steps
 pytestmark = pytest.mark.integration
 
 SEEDS = 2
-
-
+GROWN_ARMS = ("sft_matched_flops", "wmss_shuffled_weak")  # the second call: one SFT arm, one fake-weak arm
+TRAINING = ("sft", "score_1", "curriculum_1", "wmss_1", "sft_continued", "sft_matched_flops", "sft_higher_lr",
+            "sft_label_smoothing")
 BASE_TRUNK = ("sft", "score_1", "curriculum_1")
 
 
 @pytest.fixture(scope="module")
 def study(ray_cluster, tiny_job_run, tmp_path_factory):
+    """``(first, grown, seed0_manifests_between)``: ``(cfg, table, study.csv's lines)`` each (the
+    second call writes the study's files again)."""
     from wmss_ray.study.runner import run_study
     from wmss_ray.sweep.trial import link_shared_phases
 
     if tiny_job_run.status != "SUCCEEDED":
         pytest.fail(f"the tiny pipeline job {tiny_job_run.job_id} ended {tiny_job_run.status}")
-    cfg = load_config("configs/test-tiny.yaml", [
-        f"run.storage={tmp_path_factory.mktemp('study')}", "mix.mode=frozen", f"study.seeds={SEEDS}",
-        "study.validate_every=1", "study.max_concurrent=2", "study.n_boot=500",
-        "evaluation.samples=2", "evaluation.temperature=1.0"])  # sampled pass@k and calibration
+    common = [f"run.storage={tmp_path_factory.mktemp('study')}", "mix.mode=frozen", "study.validate_every=1",
+              "study.max_concurrent=2", "study.n_boot=500",
+              "evaluation.samples=2", "evaluation.temperature=1.0"]  # sampled pass@k and calibration
+    first = load_config("configs/test-tiny.yaml", common + ["study.seeds=1"])
     # the base run: the tiny run's phases up to its curriculum (mix.mode feeds only WMSS), as if
     # `wmss run` of this config had made them here
-    link_shared_phases(tiny_job_run.cfg.run_dir(), cfg.run_dir(), ("data", "phase0", "tokenize") + BASE_TRUNK)
-    return cfg, run_study(cfg)
+    link_shared_phases(tiny_job_run.cfg.run_dir(), first.run_dir(), ("data", "phase0", "tokenize") + BASE_TRUNK)
+    first_table = run_study(first)
+    first_lines, seed0 = _csv(first), _mtimes(os.path.join(first.run_dir(), "study", "seed0"))
+    grown = load_config("configs/test-tiny.yaml", common + [f"study.seeds={SEEDS}",
+                                                           f"study.arms=[{','.join(GROWN_ARMS)}]"])
+    grown_table = run_study(grown)
+    return (first, first_table, first_lines), (grown, grown_table, _csv(grown)), seed0
 
 
-def test_the_table_has_every_column_for_every_arm_and_checkpoint(study):
-    cfg, table = study
-    rows = {(r["arm"], r["checkpoint"]): r for r in table["rows"]}
+def _rows(table):
+    return {(r["arm"], r["checkpoint"]): r for r in table["rows"]}
+
+
+def _csv(cfg):
+    with open(os.path.join(cfg.run_dir(), "study", "study.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def _check_row(r, seeds):
+    assert r["seeds"] == seeds and len(r["accuracy"]) == seeds
+    assert all(0.0 <= a <= 1.0 for a in r["accuracy"])
+    for key in ("loss", "avg_at_k", "pass_at_k", "brier", "ece"):
+        assert math.isfinite(r[key]), (r["arm"], key)
+    for key in COSTS:
+        if key != "peak_gpu_mb":  # no GPU here
+            assert r[key] is not None and r[key] >= 0, (r["arm"], key)
+    assert r["flops"] > 0 and r["tokens"] > r["supervised_tokens"] > 0
+    assert len({c["run_dir"] for c in r["cells"]}) == seeds and all(c["config_hash"] for c in r["cells"])
+    if r["checkpoint"] == "peak":
+        assert all(1 <= s <= 2 for s in r["peak_steps"])  # a validation point, or the final model
+
+
+def test_every_arm_has_every_column_for_both_checkpoints(study):
+    (cfg, table, lines), _, _ = study
+    rows = _rows(table)
     assert set(rows) == {(a, c) for a in STUDY_ARM_LABELS for c in ("final", "peak")}
-    root = os.path.join(cfg.run_dir(), "study")
-    with open(os.path.join(root, "study.csv")) as f:
-        lines = list(csv.DictReader(f))
     assert tuple(lines[0]) == CSV_COLUMNS and len(lines) == 2 * len(STUDY_ARM_LABELS)
+    one_seed = {"accuracy_std", "diff_seed_ci_low", "diff_seed_ci_high"}  # a spread needs 2 seeds
     for line in lines:
-        empty = [c for c in CSV_COLUMNS if line[c] == ""]
+        unset = [c for c in CSV_COLUMNS if line[c] in ("", "nan")]
         if line["arm"] == "wmss":  # its own reference: no difference to itself
-            assert {"diff_vs_wmss", "diff_seed_ci_low"} <= set(empty)
-        empty = [c for c in empty if not c.startswith("diff_") and c != "peak_gpu_mb"]  # no GPU here
-        assert not empty, f"{line['arm']} {line['checkpoint']}: empty {empty}"
+            assert {"diff_vs_wmss", "diff_sample_ci_low"} <= set(unset)
+        unset = [c for c in unset if not c.startswith("diff_") and c not in one_seed and c != "peak_gpu_mb"]
+        assert not unset, f"{line['arm']} {line['checkpoint']}: unset {unset}"
     for r in rows.values():
-        assert r["seeds"] == SEEDS and len(r["accuracy"]) == SEEDS
-        assert all(0.0 <= a <= 1.0 for a in r["accuracy"])
-        for key in ("loss", "avg_at_k", "pass_at_k", "brier", "ece"):
-            assert math.isfinite(r[key]), (r["arm"], key)
-        for key in COSTS:
-            if key != "peak_gpu_mb":
-                assert r[key] is not None and r[key] >= 0, (r["arm"], key)
-        assert r["flops"] > 0 and r["tokens"] > r["supervised_tokens"] > 0
-        assert len({c["run_dir"] for c in r["cells"]}) == SEEDS and all(c["config_hash"] for c in r["cells"])
-        if r["checkpoint"] == "peak":
-            assert all(1 <= s <= 2 for s in r["peak_steps"])  # a validation point, or the final model
-    page = open(os.path.join(root, "index.html")).read()
-    assert page.count("data:image/png;base64") == 2 and "WMSS-shuffled-weak" in page
+        _check_row(r, 1)
 
 
 def test_each_arm_trained_its_steps_and_the_flops_arm_the_formula_s(study):
-    cfg, table = study
-    rows = {(r["arm"], r["checkpoint"]): r for r in table["rows"]}
+    (cfg, table, _), _, _ = study
+    rows = _rows(table)
     wmss_steps = rows[("wmss", "final")]["updates"]
     assert wmss_steps == cfg.training.max_steps
     assert rows[("sft_matched_flops", "final")]["updates"] == arm_steps("sft_matched_flops", wmss_steps, "frozen") == 3
@@ -91,14 +111,36 @@ def test_each_arm_trained_its_steps_and_the_flops_arm_the_formula_s(study):
     assert per_token["wmss_uniform_weak"] / per_token["sft_matched_updates"] == pytest.approx(1.0, rel=0.02)
 
 
+def test_a_grown_study_reuses_seed_0_and_has_every_column_over_two_seeds(study):
+    (_, first, _), (cfg, table, lines), seed0 = study
+    # seed 0's training phases (its trunk, its arms) were not run again; only its evaluation was
+    # (another set of arms to evaluate)
+    after = _mtimes(os.path.join(cfg.run_dir(), "study", "seed0"))
+    assert {p: t for p, t in after.items() if p in TRAINING} == {p: t for p, t in seed0.items() if p in TRAINING}
+    rows, before = _rows(table), _rows(first)
+    assert set(rows) == {(a, c) for a in ("wmss", *GROWN_ARMS) for c in ("final", "peak")}
+    for key, r in rows.items():
+        _check_row(r, SEEDS)
+        assert r["accuracy"][0] == before[key]["accuracy"][0]  # seed 0's result, as the first call made it
+    assert len(lines) == 2 * (1 + len(GROWN_ARMS))
+    for line in lines:
+        unset = [c for c in CSV_COLUMNS if line[c] in ("", "nan")]
+        if line["arm"] == "wmss":
+            assert set(unset) >= {"diff_vs_wmss", "diff_seed_ci_low"}
+        unset = [c for c in unset if not (line["arm"] == "wmss" and c.startswith("diff_")) and c != "peak_gpu_mb"]
+        assert not unset, f"{line['arm']} {line['checkpoint']}: unset {unset}"
+    page = open(os.path.join(cfg.run_dir(), "study", "index.html")).read()
+    assert page.count("data:image/png;base64") == 2 and "WMSS-shuffled-weak" in page
+
+
 def test_the_seeds_share_only_what_the_training_seed_does_not_touch(study):
-    cfg, _ = study
+    _, (cfg, _, _), _ = study
     root = os.path.join(cfg.run_dir(), "study")
     for phase in ("data", "phase0", "tokenize"):
         for i in range(SEEDS):
             assert os.path.realpath(os.path.join(root, f"seed{i}", phase)) == os.path.realpath(
                 os.path.join(cfg.run_dir(), phase))
-    for phase in ("sft", "curriculum_1", "wmss_1", "sft_higher_lr"):
+    for phase in ("sft", "curriculum_1", "wmss_1", "sft_matched_flops"):
         prints = {read_manifest(os.path.join(root, f"seed{i}", phase)).fingerprint for i in range(SEEDS)}
         assert len(prints) == SEEDS, phase
     # seed 0 trains with the base's seed: the base run's SFT, scores and draw, not trained again;
@@ -118,7 +160,7 @@ def test_the_seeds_share_only_what_the_training_seed_does_not_touch(study):
 def test_a_second_call_reruns_nothing_and_gives_the_same_table(study):
     from wmss_ray.study.runner import run_study
 
-    cfg, table = study
+    _, (cfg, table, _), _ = study
     before = {p: os.path.getmtime(p) for p in _manifests(cfg.run_dir())}
     again = run_study(cfg)
     assert {p: os.path.getmtime(p) for p in _manifests(cfg.run_dir())} == before
@@ -131,3 +173,13 @@ def _manifests(run_dir: str) -> list[str]:
     for d, _, files in os.walk(run_dir, followlinks=False):
         out += [os.path.join(d, f) for f in files if f == "manifest.json"]
     return sorted(out)
+
+
+def _mtimes(seed_dir: str) -> dict[str, float]:
+    """``{phase: manifest mtime}`` of a seed's run (through its links)."""
+    out = {}
+    for phase in os.listdir(seed_dir):
+        path = os.path.join(seed_dir, phase, "manifest.json")
+        if os.path.exists(path):
+            out[phase] = os.path.getmtime(path)
+    return out

@@ -99,6 +99,21 @@ def test_the_controller_of_a_run_never_imports_transformers_or_deepspeed(sft_zer
     assert sft_zero0[2] == {"heavy": []}
 
 
+def test_a_run_starts_no_ray_dataset_actor(sft_zero0):
+    """Ray Train V2 starts a ``DatasetManager`` actor for every run, datasets or not; our ranks read
+    their own rows, so ``train_phase`` leaves it out (``trainer._trainer_class``): one process
+    fewer per run. Ray's State API lists the session's actors, dead ones included."""
+    import ray
+    from ray.util.state import list_actors
+
+    def actors(cls):
+        return list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", cls)],
+                           limit=1000, timeout=30, raise_on_missing_output=False)
+
+    assert actors("TrainController"), "the State API sees no run at all"
+    assert not actors("DatasetManager")
+
+
 @pytest.fixture(scope="module")
 def interrupted(ray_cluster, art, tmp_path_factory):
     """WMSS frozen, ZeRO-0: stopped after step 2, resumed by a second call in which rank 1
