@@ -71,3 +71,24 @@ def test_what_a_study_cannot_honour_fails_at_once(tmp_path, overrides, words):
     with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
         check_study(_base(tmp_path, *overrides))
     check_study(_base(tmp_path, "mix.mode=joint", "study.arms=[sft_matched_flops]"))  # SFT arms only: fine
+
+
+def test_a_study_continued_at_another_validation_cadence_is_refused_naming_the_arm(tmp_path):
+    from wmss_ray.io.manifest import Manifest, now
+    from wmss_ray.study.arms import check_cadence, record_cadence
+
+    base = load_config(None, [f"run.storage={tmp_path}", "mix.mode=frozen", "study.seeds=2", "study.validate_every=5"])
+    arm = arm_runs(base, 1)[3]
+    Manifest(phase=arm.phase, status="completed", fingerprint="f", config_hash="h", inputs={},
+             started_at=now()).write(arm.phase_dir)
+    record_cadence(base, arm)
+    check_cadence(base)  # the same cadence: continued
+    record_cadence(load_config(None, [f"run.storage={tmp_path}", "study.validate_every=9"]), arm)  # kept as it was
+    other = load_config(None, [f"run.storage={tmp_path}", "mix.mode=frozen", "study.seeds=2", "study.validate_every=50"])
+    with pytest.raises(ConfigError, match=rf"study.validate_every is 50, but .*seed1.*{arm.phase} selected its peak "
+                                          r"among validations every 5 steps"):
+        check_cadence(other)
+    Manifest(phase=arm.phase, status="failed", fingerprint="f", config_hash="h", inputs={},
+             started_at=now()).write(arm.phase_dir)
+    with pytest.raises(ConfigError, match="every 5 steps"):  # interrupted: it would resume with its peak so far
+        check_cadence(other)

@@ -19,6 +19,7 @@ validation split and keeps its validation-selected peak (``training/validation.p
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from wmss_ray.config.loading import config_from_dict
@@ -30,6 +31,8 @@ STUDY_DIR = "study"
 SEED_SHARED = ("data", "phase0", "tokenize")
 FAKE_SHARED = SEED_SHARED + ("sft", "score_1", "curriculum_1")
 VALIDATION_ROWS = "validation_rows.jsonl"  # <seed run>/: the validation split, as the ranks read it
+#: ``<arm phase dir>/<CADENCE_FILE>``: ``{"validate_every": N}``, the validations its peak was selected among
+CADENCE_FILE = "study_validation.json"
 
 
 @dataclass(frozen=True)
@@ -119,3 +122,31 @@ def check_study(base: WMSSConfig) -> None:
             fake_config(seed_config(base, 0), 0, arm)
         except (ConfigError, ValueError) as err:
             raise ConfigError(f"study.arms {arm}: {err}") from None
+
+
+def record_cadence(base: WMSSConfig, run: ArmRun) -> None:
+    """Before and after arm ``run``'s phase runs: which validation cadence selects its peak (kept
+    when there is a record already: a phase skipped as completed, or resumed with its peak so far,
+    was validated as recorded then; a phase run from an emptied directory loses the record and gets
+    this one)."""
+    path = storage.join(run.phase_dir, CADENCE_FILE)
+    if not storage.exists(path):
+        storage.write_text(path, json.dumps({"validate_every": base.study.validate_every}))
+
+
+def check_cadence(base: WMSSConfig) -> None:
+    """Refuse (``ConfigError``) to continue a study whose arms selected their peaks (or a peak so
+    far) among validations at another ``study.validate_every``: a completed phase would be skipped
+    and an interrupted one resumed with its peak so far (validation is not part of a phase's
+    fingerprint), and the table would mix two rules."""
+    every = base.study.validate_every
+    for index in range(base.study.seeds):
+        for run in arm_runs(base, index):
+            path = storage.join(run.phase_dir, CADENCE_FILE)
+            if not storage.exists(path):
+                continue
+            was = json.loads(storage.read_text(path)).get("validate_every")
+            if was != every:
+                raise ConfigError(f"study.validate_every is {every}, but {storage.redact(run.phase_dir)} selected its "
+                                  f"peak among validations every {was} steps: set study.validate_every {was} to "
+                                  f"continue this study, or give it another run.name to train every arm again")

@@ -31,8 +31,8 @@ from wmss_ray.config.schema import ConfigError, WMSSConfig
 from wmss_ray.io import storage
 from wmss_ray.io.console import get_console
 from wmss_ray.io.manifest import unlink_phase
-from wmss_ray.study.arms import (FAKE_SHARED, SEED_SHARED, VALIDATION_ROWS, ArmRun, arm_runs, check_study,
-                                 fake_config, seed_config, study_root)
+from wmss_ray.study.arms import (FAKE_SHARED, SEED_SHARED, VALIDATION_ROWS, ArmRun, arm_runs, check_cadence,
+                                 check_study, fake_config, record_cadence, seed_config, study_root)
 
 STUDY_EVAL = "eval_study"  # <seed run>/eval_study/: the fake-weak arms' finals and the peaks, on the test set
 SEED_RECORD = "study_seed.json"  # <seed run>/: what the table reads (runner.seed_record)
@@ -113,7 +113,9 @@ def run_trunk(base_dict: dict[str, Any], index: int) -> str:
             unlink_phase(storage.join(seed_dir, phase))
     link_shared_phases(base.run_dir(), seed_dir, SEED_SHARED + same)
     rows_path = _validation_rows(cfg, run_pipeline(cfg, until="tokenize"), seed_dir)
+    record_cadence(base, wmss)
     run_pipeline(cfg, until=wmss.phase, train_options=_train_options(cfg, [wmss], rows_path))
+    record_cadence(base, wmss)
     return seed_dir
 
 
@@ -127,12 +129,14 @@ def run_arm(base_dict: dict[str, Any], index: int, arm: str) -> str:
     base, cfg, seed_dir = _seed(base_dict, index)
     r = next(r for r in arm_runs(base, index) if r.arm == arm)
     rows_path = storage.join(seed_dir, VALIDATION_ROWS)
+    record_cadence(base, r)
     if arm in FAKE_WEAK_ARMS:
         fcfg = fake_config(cfg, index, arm)
         link_shared_phases(seed_dir, r.run_dir, FAKE_SHARED)
         run_pipeline(fcfg, until="wmss_1", train_options=_train_options(fcfg, [r], rows_path))
     else:
         run_pipeline(cfg, only=(r.phase,), train_options=_train_options(cfg, [r], rows_path))
+    record_cadence(base, r)
     return r.phase_dir
 
 
@@ -251,6 +255,7 @@ def run_study(base: WMSSConfig) -> dict[str, Any]:
     check_study(base)
     root = study_root(base)
     storage.check_reachable(root)
+    check_cadence(base)
     run_pipeline(base, until="tokenize")  # the phases every seed shares
     ensure_ray()
     at_once = max_concurrent(base, ray.cluster_resources())
