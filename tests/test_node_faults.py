@@ -287,6 +287,9 @@ def test_losing_the_node_of_a_train_worker_resumes_from_the_last_checkpoint(clus
 
     def lose_rank1_node():
         _wait_for(lambda: _logged(out, 3), "step 3")
+        # the controller restores only checkpoints it has registered: under load that can lag the
+        # rank's report, and a node lost before it restarts the run from step 0 (CI, once)
+        _wait_for(lambda: _registered(out, 2), "checkpoint 2 registered", timeout_s=90)
         rank1_pid = next(e["pid"] for e in _events(out) if e["event"] == "start" and e["rank"] == 1)
         node_id = _actor_nodes("RayTrainWorker")[rank1_pid]
         cluster.remove_node(_node(cluster, node_id), allow_graceful=False)

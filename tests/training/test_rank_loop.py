@@ -138,6 +138,37 @@ def test_a_failed_rank_fails_the_run_with_its_exit_code_and_traceback(art, tmp_p
         train_on_forked_ranks(two_worker_cfg(0), "sft", art["strong"], None, art["tokenized"], None, str(tmp_path))
 
 
+def test_ranks_that_hang_are_killed_with_every_rank_s_stacks_and_retried_once_if_they_wrote_nothing(
+        art, tmp_path, monkeypatch):
+    """The helper's hang guard: ranks stuck past the deadline dump their stacks (every rank's, in the
+    error) and are killed; a hang before the ranks wrote anything is retried once, with a warning
+    (the fork of a threaded test process, not the code under test); a second hang raises."""
+    import threading
+
+    real = forked_ranks.run_rank
+    attempts = tmp_path / "attempts"  # outside the run's out dir: a hang there writes nothing
+
+    def run_rank(cfg, spec, rank, world, device, *, report):  # the forked ranks inherit this patch
+        if rank == 0:
+            with open(attempts, "a") as f:
+                f.write("x")
+        if not attempts.exists() or len(attempts.read_text()) < 2 or "twice" in spec.out_dir:
+            threading.Event().wait()  # a hang: only the helper's kill ends this rank
+        return real(cfg, spec, rank, world, device, report=report)
+
+    monkeypatch.setattr(forked_ranks, "run_rank", run_rank)
+    monkeypatch.setattr(forked_ranks, "RANK_DEADLINE_S", 3)
+    stacks = r"(?s)hung before writing anything; retried once.*rank0.*in run_rank.*rank1.*in run_rank"
+    with pytest.warns(UserWarning, match=stacks):
+        res = train_on_forked_ranks(two_worker_cfg(0), "sft", art["strong"], None, art["tokenized"], None,
+                                    str(tmp_path / "once"))
+    assert res.steps == res.total_steps and attempts.read_text() == "xx"
+    with pytest.warns(UserWarning, match=stacks), pytest.raises(forked_ranks.RanksHung,
+                                                               match=r"(?s)still running after 3 s.*rank0.*rank1"):
+        train_on_forked_ranks(two_worker_cfg(0), "sft", art["strong"], None, art["tokenized"], None,
+                              str(tmp_path / "twice"))
+
+
 def _joint(stage: int, paths: dict, out: str, **kw):
     cfg = two_worker_cfg(stage, weak_lr=1e-3, **kw)
     return cfg, train_on_forked_ranks(cfg, "wmss", paths["strong"], paths["weak"], paths["tokenized"],
