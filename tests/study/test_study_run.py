@@ -5,9 +5,9 @@ training seed) links its SFT, scoring and curriculum instead of training them ag
 
 Two calls, as a user grows a study: seed 0 with WMSS and every arm (each arm trained what it
 should, SFT-matched-FLOPs the steps the FLOPs formula gives; every column but the seeds' spread),
-then 2 seeds of WMSS, one SFT arm and one fake-weak arm: seed 0 is reused whole (no training phase
-runs again), seed 1 trains its own trunk and arms, the seeds share only the phases the training
-seed does not touch, the table has every column; a third call reruns nothing."""
+then 2 seeds of WMSS and every arm: seed 0 is reused whole (no training phase runs again), seed 1
+trains its own trunk and arms, the seeds share only the phases the training seed does not touch,
+the table has every column for every arm; a third call reruns nothing."""
 
 from __future__ import annotations
 
@@ -27,9 +27,8 @@ from wmss_ray.training.controls import arm_steps
 pytestmark = pytest.mark.integration
 
 SEEDS = 2
-GROWN_ARMS = ("sft_matched_flops", "wmss_shuffled_weak")  # the second call: one SFT arm, one fake-weak arm
-TRAINING = ("sft", "score_1", "curriculum_1", "wmss_1", "sft_continued", "sft_matched_flops", "sft_higher_lr",
-            "sft_label_smoothing")
+SEED0_PHASES = ("sft", "score_1", "curriculum_1", "wmss_1", "sft_continued", "sft_matched_flops", "sft_higher_lr",
+            "sft_label_smoothing", "eval", "report", "eval_study")
 BASE_TRUNK = ("sft", "score_1", "curriculum_1")
 
 
@@ -51,8 +50,7 @@ def study(ray_cluster, tiny_job_run, tmp_path_factory):
     link_shared_phases(tiny_job_run.cfg.run_dir(), first.run_dir(), ("data", "phase0", "tokenize") + BASE_TRUNK)
     first_table = run_study(first)
     first_lines, seed0 = _csv(first), _mtimes(os.path.join(first.run_dir(), "study", "seed0"))
-    grown = load_config("configs/test-tiny.yaml", common + [f"study.seeds={SEEDS}",
-                                                           f"study.arms=[{','.join(GROWN_ARMS)}]"])
+    grown = load_config("configs/test-tiny.yaml", common + [f"study.seeds={SEEDS}"])
     grown_table = run_study(grown)
     return (first, first_table, first_lines), (grown, grown_table, _csv(grown)), seed0
 
@@ -111,18 +109,17 @@ def test_each_arm_trained_its_steps_and_the_flops_arm_the_formula_s(study):
     assert per_token["wmss_uniform_weak"] / per_token["sft_matched_updates"] == pytest.approx(1.0, rel=0.02)
 
 
-def test_a_grown_study_reuses_seed_0_and_has_every_column_over_two_seeds(study):
+def test_a_grown_study_reuses_seed_0_and_has_every_column_for_every_arm_over_two_seeds(study):
     (_, first, _), (cfg, table, lines), seed0 = study
-    # seed 0's training phases (its trunk, its arms) were not run again; only its evaluation was
-    # (another set of arms to evaluate)
+    # seed 0's training phases (its trunk, its arms) and evaluation were not run again
     after = _mtimes(os.path.join(cfg.run_dir(), "study", "seed0"))
-    assert {p: t for p, t in after.items() if p in TRAINING} == {p: t for p, t in seed0.items() if p in TRAINING}
+    assert {p: t for p, t in after.items() if p in SEED0_PHASES} == {p: t for p, t in seed0.items() if p in SEED0_PHASES}
     rows, before = _rows(table), _rows(first)
-    assert set(rows) == {(a, c) for a in ("wmss", *GROWN_ARMS) for c in ("final", "peak")}
+    assert set(rows) == {(a, c) for a in STUDY_ARM_LABELS for c in ("final", "peak")}
     for key, r in rows.items():
         _check_row(r, SEEDS)
         assert r["accuracy"][0] == before[key]["accuracy"][0]  # seed 0's result, as the first call made it
-    assert len(lines) == 2 * (1 + len(GROWN_ARMS))
+    assert len(lines) == 2 * len(STUDY_ARM_LABELS)
     for line in lines:
         unset = [c for c in CSV_COLUMNS if line[c] in ("", "nan")]
         if line["arm"] == "wmss":
