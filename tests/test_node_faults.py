@@ -161,6 +161,15 @@ def _registered(out: Path, step: int) -> bool:
     return snap.exists() and f"checkpoint_{step:06d}" in snap.read_text()
 
 
+def _gone(pid: int) -> bool:
+    """The process ``pid`` has ended (a zombie counts: it runs no more)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" in f.read()
+    except FileNotFoundError:
+        return True
+
+
 def _actor_nodes(class_part: str) -> dict[int, str]:
     """``{pid: node id}`` of the alive actors whose class name contains ``class_part`` (from the
     GCS: the state API needs the dashboard, which this cluster does not run)."""
@@ -293,6 +302,9 @@ def test_losing_the_node_of_a_train_worker_resumes_from_the_last_checkpoint(clus
         rank1_pid = next(e["pid"] for e in _events(out) if e["event"] == "start" and e["rank"] == 1)
         node_id = _actor_nodes("RayTrainWorker")[rank1_pid]
         cluster.remove_node(_node(cluster, node_id), allow_graceful=False)
+        # released only once rank 1 is gone: a worker outlives its killed raylet for a moment,
+        # and a rank released then trains step 4 and checkpoints it (CI, once: resumed from 4)
+        _wait_for(lambda: _gone(rank1_pid), "rank 1's process to end", timeout_s=60)
         _release(out)
 
     _nodes(cluster, 3)

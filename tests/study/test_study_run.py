@@ -27,15 +27,13 @@ from wmss_ray.training.controls import arm_steps
 pytestmark = pytest.mark.integration
 
 SEEDS = 2
-SEED0_PHASES = ("sft", "score_1", "curriculum_1", "wmss_1", "sft_continued", "sft_matched_flops", "sft_higher_lr",
-            "sft_label_smoothing", "eval", "report", "eval_study")
 BASE_TRUNK = ("sft", "score_1", "curriculum_1")
 
 
 @pytest.fixture(scope="module")
 def study(ray_cluster, tiny_job_run, tmp_path_factory):
-    """``(first, grown, seed0_manifests_between)``: ``(cfg, table, study.csv's lines)`` each (the
-    second call writes the study's files again)."""
+    """``(first, grown, manifests)``: ``(cfg, table, study.csv's lines)`` each (the second call
+    writes the study's files again), and ``{manifest: mtime}`` of the study's runs between the two."""
     from wmss_ray.study.runner import run_study
     from wmss_ray.sweep.trial import link_shared_phases
 
@@ -49,10 +47,10 @@ def study(ray_cluster, tiny_job_run, tmp_path_factory):
     # `wmss run` of this config had made them here
     link_shared_phases(tiny_job_run.cfg.run_dir(), first.run_dir(), ("data", "phase0", "tokenize") + BASE_TRUNK)
     first_table = run_study(first)
-    first_lines, seed0 = _csv(first), _mtimes(os.path.join(first.run_dir(), "study", "seed0"))
+    first_lines, made = _csv(first), _mtimes(os.path.join(first.run_dir(), "study"))
     grown = load_config("configs/test-tiny.yaml", common + [f"study.seeds={SEEDS}"])
     grown_table = run_study(grown)
-    return (first, first_table, first_lines), (grown, grown_table, _csv(grown)), seed0
+    return (first, first_table, first_lines), (grown, grown_table, _csv(grown)), made
 
 
 def _rows(table):
@@ -110,10 +108,14 @@ def test_each_arm_trained_its_steps_and_the_flops_arm_the_formula_s(study):
 
 
 def test_a_grown_study_reuses_seed_0_and_has_every_column_for_every_arm_over_two_seeds(study):
-    (_, first, _), (cfg, table, lines), seed0 = study
-    # seed 0's training phases (its trunk, its arms) and evaluation were not run again
-    after = _mtimes(os.path.join(cfg.run_dir(), "study", "seed0"))
-    assert {p: t for p, t in after.items() if p in SEED0_PHASES} == {p: t for p, t in seed0.items() if p in SEED0_PHASES}
+    (_, first, _), (cfg, table, lines), made = study
+    # nothing of seed 0 ran again: its trunk, its SFT arms, its fake-weak arms' runs, its evaluations
+    root = os.path.join(cfg.run_dir(), "study")
+    seed0 = {p for p in made if p.startswith(os.path.join(root, "seed0"))}
+    for phase in ("seed0/wmss_1", "seed0/sft_higher_lr", "seed0-wmss_uniform_weak/wmss_1", "seed0/eval",
+                  "seed0/eval_study"):
+        assert os.path.join(root, phase, "manifest.json") in seed0, phase
+    assert {p: os.path.getmtime(p) for p in seed0} == {p: made[p] for p in seed0}
     rows, before = _rows(table), _rows(first)
     assert set(rows) == {(a, c) for a in STUDY_ARM_LABELS for c in ("final", "peak")}
     for key, r in rows.items():
@@ -172,11 +174,5 @@ def _manifests(run_dir: str) -> list[str]:
     return sorted(out)
 
 
-def _mtimes(seed_dir: str) -> dict[str, float]:
-    """``{phase: manifest mtime}`` of a seed's run (through its links)."""
-    out = {}
-    for phase in os.listdir(seed_dir):
-        path = os.path.join(seed_dir, phase, "manifest.json")
-        if os.path.exists(path):
-            out[phase] = os.path.getmtime(path)
-    return out
+def _mtimes(run_dir: str) -> dict[str, float]:
+    return {p: os.path.getmtime(p) for p in _manifests(run_dir)}
