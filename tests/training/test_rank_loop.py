@@ -145,24 +145,27 @@ def test_ranks_that_hang_are_killed_with_every_rank_s_stacks_and_retried_once_if
     (the fork of a threaded test process, not the code under test); a second hang raises."""
     import threading
 
-    real = forked_ranks.run_rank
-    attempts = tmp_path / "attempts"  # outside the run's out dir: a hang there writes nothing
+    real_run, real_fork, attempts = forked_ranks.run_rank, forked_ranks._fork_ranks, []
 
     def run_rank(cfg, spec, rank, world, device, *, report):  # the forked ranks inherit this patch
-        if rank == 0:
-            with open(attempts, "a") as f:
-                f.write("x")
-        if not attempts.exists() or len(attempts.read_text()) < 2 or "twice" in spec.out_dir:
+        if os.environ["WMSS_TEST_HANG"] == "1":
             threading.Event().wait()  # a hang: only the helper's kill ends this rank
-        return real(cfg, spec, rank, world, device, report=report)
+        return real_run(cfg, spec, rank, world, device, report=report)
+
+    def fork_ranks(cfg, spec, latest):  # each attempt: hang (cut at 3 s), or train for real (not cut short)
+        hang = not attempts or "twice" in spec.out_dir
+        attempts.append(hang)
+        monkeypatch.setattr(forked_ranks, "RANK_DEADLINE_S", 3 if hang else 240)
+        monkeypatch.setenv("WMSS_TEST_HANG", "1" if hang else "0")
+        return real_fork(cfg, spec, latest)
 
     monkeypatch.setattr(forked_ranks, "run_rank", run_rank)
-    monkeypatch.setattr(forked_ranks, "RANK_DEADLINE_S", 3)
+    monkeypatch.setattr(forked_ranks, "_fork_ranks", fork_ranks)
     stacks = r"(?s)hung before writing anything; retried once.*rank0.*in run_rank.*rank1.*in run_rank"
     with pytest.warns(UserWarning, match=stacks):
         res = train_on_forked_ranks(two_worker_cfg(0), "sft", art["strong"], None, art["tokenized"], None,
                                     str(tmp_path / "once"))
-    assert res.steps == res.total_steps and attempts.read_text() == "xx"
+    assert res.steps == res.total_steps and attempts == [True, False]
     with pytest.warns(UserWarning, match=stacks), pytest.raises(forked_ranks.RanksHung,
                                                                match=r"(?s)still running after 3 s.*rank0.*rank1"):
         train_on_forked_ranks(two_worker_cfg(0), "sft", art["strong"], None, art["tokenized"], None,
