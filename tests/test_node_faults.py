@@ -59,13 +59,20 @@ def cluster():
 
     if ray.is_initialized():  # conftest orders this group first; a caller's own Ray is not ours
         ray.shutdown()
-    saved = {k: os.environ.get(k) for k in CLUSTER_ENV}
+    temp_dir = tempfile.mkdtemp(prefix="wmss-mn-", dir="/tmp")
+    # Cluster() writes the head's address to <RAY_TMPDIR or /tmp>/ray/ray_current_cluster (and
+    # its shutdown deletes that file): on a fresh machine /tmp/ray does not exist (CI: every test
+    # here errored with FileNotFoundError), and elsewhere it is the machine's own Ray's file,
+    # which `ray.init("auto")` reads. So this cluster's address file lives in its own temp dir.
+    os.makedirs(os.path.join(temp_dir, "ray"))
+    env_vars = {**CLUSTER_ENV, "RAY_TMPDIR": temp_dir}
+    saved = {k: os.environ.get(k) for k in env_vars}
     # The raylets (and so every worker) inherit it, and Ray Train hands the driver's own
     # RAY_TRAIN_* to its controller: set for as long as the module runs.
-    os.environ.update(CLUSTER_ENV)
+    os.environ.update(env_vars)
     try:
         c = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 0, "temp_dir": tempfile.mkdtemp(prefix="wmss-mn-", dir="/tmp"),
+            "num_cpus": 0, "temp_dir": temp_dir,
             "include_dashboard": False,
             # a SIGKILLed node is declared dead after ~1.5 s of missed health checks, not ~30 s
             "_system_config": {"health_check_period_ms": 500, "health_check_timeout_ms": 500,
