@@ -11,7 +11,8 @@ memory and speed. Parts, in this order, each skipped when the time budget is spe
 - ``steps``: SFT, WMSS frozen and joint at ZeRO 1/2/3 with and without activation checkpointing,
   beside a plain PyTorch SFT step on the same rows (fp32 master weights under bf16 autocast,
   fused AdamW): tokens/s, MFU, the ratio to the plain step, peak memory next to ``wmss plan``'s
-  estimate, WMSS/SFT step ratios, and a torch.profiler breakdown of two variants;
+  estimate, WMSS/SFT step ratios, and a torch.profiler breakdown of some variants; SFT again with
+  DeepSpeed's own knobs (bf16 gradients, overlapped reduction) against the engine's host overheads;
 - ``exact``: packing on vs off per-step losses, ``grad_accum`` 2, a checkpoint resumed in a fresh
   rank, the export reloaded (fp32 rotary tables, logits over twice the row length);
 - ``kernel``: the chunked mixed CE against the naive loss at the default and the recipe's chunk;
@@ -40,10 +41,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from gpu_check_setup import SHAPES, Setup, Variant, run_config, save_model, write_rows  # noqa: E402
+from gpu_check_setup import BF16_GRADS, SHAPES, Setup, Variant, run_config, save_model, write_rows  # noqa: E402
 
 #: Rough seconds each part takes on an H200 (for the budget: a part that would not fit is skipped).
-GPU_SECONDS = {"steps": 230, "exact": 60, "kernel": 15, "big": 150, "score_gen": 40, "nccl": 1, "ray": 1}
+GPU_SECONDS = {"steps": 260, "exact": 60, "kernel": 15, "big": 150, "score_gen": 40, "nccl": 1, "ray": 1}
 ORDER = ["steps", "exact", "kernel", "big", "score_gen", "nccl", "ray"]
 
 
@@ -78,7 +79,9 @@ def make_setup(a, root: str) -> Setup:
                      micro_batch=2, big_micro_batch=2, warmup=1, steps=1, exact_steps=4, loss_tokens=256,
                      loss_chunks=[64], gen_batch=2, gen_new_tokens=4,
                      variants=[Variant("sft z2", "sft", 2, False, profile=True),
-                               Variant("frozen z2", "frozen", 2, False), Variant("sft z3 ckpt", "sft", 3, True)],
+                               Variant("frozen z2", "frozen", 2, False),
+                               Variant("sft z1 bf16 grads", "sft", 1, False, ds=BF16_GRADS),
+                               Variant("sft z3 ckpt", "sft", 3, True)],
                      big_variants=[Variant("sft z2 ckpt", "sft", 2, True)])
     return Setup(device=torch.device("cuda"), root=root, shape="qwen3-0.6b", big_shape="qwen3-4b", seq_len=a.seq_len,
                  micro_batch=a.micro_batch, big_micro_batch=a.big_micro_batch, warmup=a.warmup, steps=a.steps,
@@ -97,7 +100,7 @@ def dry_run(a) -> int:
     for shape in (s.shape, s.big_shape):
         print(f"  shape {shape}: {n_params(shape) / 1e9:.3f} B parameters, vocab {SHAPES[shape]['vocab_size']}")
     print(f"  rows: {s.seq_len} tokens; micro-batch {s.micro_batch} ({s.big_micro_batch} at {s.big_shape})")
-    print("  variant | ZeRO | ckpt | packing | wmss plan GiB per GPU")
+    print("  variant | ZeRO | ckpt | packing | DeepSpeed overrides | wmss plan GiB per GPU")
     for shape, mb, variants in ((s.shape, s.micro_batch, s.variants),
                                 (s.big_shape, s.big_micro_batch, s.big_variants)):
         for v in variants:
@@ -106,7 +109,7 @@ def dry_run(a) -> int:
             build_ds_config(cfg.training, 1, torch.bfloat16, True)
             phase = "sft" if v.mode == "sft" else "wmss"
             print(f"  {shape} {v.label} | {v.zero_stage} | {v.checkpointing} | {v.packing} | "
-                  f"{plan_gib(cfg, shape, phase):.1f}")
+                  f"{', '.join(v.ds) or '-'} | {plan_gib(cfg, shape, phase):.1f}")
     print(f"  exact: joint ZeRO-3 + ckpt, grad_accum 2, {s.exact_steps} steps, packing on/off, resume, export")
     print("dry run: every config validated; nothing was run")
     return 0

@@ -78,6 +78,7 @@ def time_worker(s: Setup, v: Variant, strong: str, weak: str, tokenized: str, sh
         losses.append(m["loss"])
     peak = peak_gib(s)
     prof = profile_steps(s, worker, s.warmup + s.steps, n_prof, profile_dir, v.label) if n_prof else None
+    optimizer = type(worker.engine.optimizer).__name__  # which DeepSpeed wrapper the knobs chose
     worker.engine.destroy()
     del worker  # engines hold reference cycles: collect only once no frame refers to them
     free()
@@ -86,7 +87,8 @@ def time_worker(s: Setup, v: Variant, strong: str, weak: str, tokenized: str, sh
     step_s = statistics.median(times[s.warmup:])
     tokens = micro_batch * s.seq_len
     print(f"  {shape} {v.label}: step {step_s:.3f} s, {tokens / step_s:,.0f} tokens/s, peak {gib(peak)} GiB", flush=True)
-    return {"label": v.label, "mode": v.mode, "zero": v.zero_stage, "ckpt": v.checkpointing, "step_s": step_s,
+    return {"label": v.label, "mode": v.mode, "zero": v.zero_stage, "ckpt": v.checkpointing, "ds": list(v.ds),
+            "optimizer": optimizer, "step_s": step_s,
             "tokens_per_s": tokens / step_s, "flops_per_s": flops_per_token(n, shape, s.seq_len, trained, frozen)
             * tokens / step_s, "peak_gib": peak, "plan_gib": plan_gib(cfg, shape, "sft" if v.mode == "sft" else "wmss"),
             "losses": losses, "profile": prof}
@@ -170,17 +172,20 @@ def part_steps(s: Setup, out_dir: str) -> tuple[dict, list[str]]:
     lines = [f"Step matrix: {s.shape}, micro-batch {s.micro_batch} x {s.seq_len} tokens (packed rows of "
              f"{s.seq_len}: no padding), world size 1, {s.steps} timed steps after {s.warmup}; MFU over "
              f"{'n/a' if not peak else f'{peak / 1e12:.0f} TFLOP/s'} (formula: gpu_check_setup.flops_per_token)", "",
-             "| variant | step s | tokens/s | x plain (same ckpt) | MFU | peak GiB | wmss plan GiB |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| variant | step s | tokens/s | x plain (same ckpt) | MFU | peak GiB | wmss plan GiB | optimizer |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in plain:
         lines.append(f"| {r['label']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | 1.00 | "
-                     f"| {gib(r['peak_gib'])} | |")
+                     f"| {gib(r['peak_gib'])} | | AdamW |")
     for r in rows:
         base = ref[r["ckpt"]]
         mfu = f"{r['flops_per_s'] / peak:.1%}" if peak else "n/a"
         lines.append(f"| {r['label']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
                      f"{r['tokens_per_s'] / base['tokens_per_s']:.2f} | {mfu} | {gib(r['peak_gib'])} | "
-                     f"{r['plan_gib']:.1f} |")
+                     f"{r['plan_gib']:.1f} | {r['optimizer']} |")
+    knobs = [f"`{kv}`" for kv in dict.fromkeys(kv for r in rows for kv in r["ds"])]
+    if knobs:
+        lines += ["", "DeepSpeed overrides of the knob variants (`training.ds_config_overrides`): " + ", ".join(knobs)]
     lines += ["", "WMSS / SFT step time (ideal: frozen 1.33, joint 2.0):", ""]
     by = {r["label"]: r for r in rows}
     for z, suffix in ((1, ""), (2, ""), (2, " ckpt"), (3, " ckpt")):

@@ -57,6 +57,11 @@ def test_cpu_smoke_runs_every_part_without_ray(tmp_path):
     steps = results["steps"]
     assert [r["label"] for r in steps["plain"]] == ["plain PyTorch SFT", "plain PyTorch SFT ckpt"]
     assert all(r["tokens_per_s"] > 0 and r["plan_gib"] > 0 for r in steps["variants"])
+    # the knob variants reach DeepSpeed: bf16 gradients at ZeRO-1 run its ZeRO optimizer, where the
+    # shipped fp32 accumulation runs BF16_Optimizer (engine._do_optimizer_sanity_check)
+    by = {r["label"]: r for r in steps["variants"]}
+    assert by["sft z1 bf16 grads"]["optimizer"] == "DeepSpeedZeroOptimizer", by["sft z1 bf16 grads"]
+    assert "data_types.grad_accum_dtype=bf16" in by["sft z1 bf16 grads"]["ds"]
     profiled = [r for r in steps["variants"] if r["profile"]]
     assert profiled and (tmp_path / profiled[0]["profile"]["file"]).exists()
     exact = results["exact"]
