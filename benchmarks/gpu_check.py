@@ -79,7 +79,7 @@ def make_setup(a, root: str) -> Setup:
                      micro_batch=2, big_micro_batch=2, warmup=1, steps=1, exact_steps=4, loss_tokens=256,
                      loss_chunks=[64], gen_batch=2, gen_new_tokens=4,
                      variants=[Variant("sft z2", "sft", 2, False, profile=True),
-                               Variant("frozen z2", "frozen", 2, False),
+                               Variant("frozen z2", "frozen", 2, False), Variant("sft z1", "sft", 1, False),
                                Variant("sft z1 bf16 grads", "sft", 1, False, ds=BF16_GRADS),
                                Variant("sft z3 ckpt", "sft", 3, True)],
                      big_variants=[Variant("sft z2 ckpt", "sft", 2, True)])

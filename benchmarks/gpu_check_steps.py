@@ -87,11 +87,28 @@ def time_worker(s: Setup, v: Variant, strong: str, weak: str, tokenized: str, sh
     step_s = statistics.median(times[s.warmup:])
     tokens = micro_batch * s.seq_len
     print(f"  {shape} {v.label}: step {step_s:.3f} s, {tokens / step_s:,.0f} tokens/s, peak {gib(peak)} GiB", flush=True)
-    return {"label": v.label, "mode": v.mode, "zero": v.zero_stage, "ckpt": v.checkpointing, "ds": list(v.ds),
+    return {"label": v.label, "mode": v.mode, "zero": v.zero_stage, "ckpt": v.checkpointing, "packing": v.packing,
+            "ds": list(v.ds),
             "optimizer": optimizer, "step_s": step_s,
             "tokens_per_s": tokens / step_s, "flops_per_s": flops_per_token(n, shape, s.seq_len, trained, frozen)
             * tokens / step_s, "peak_gib": peak, "plan_gib": plan_gib(cfg, shape, "sft" if v.mode == "sft" else "wmss"),
             "losses": losses, "profile": prof}
+
+
+def knob_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """Each knob variant with the variant it changes (same mode, stage, checkpointing, packing, no
+    DeepSpeed overrides), when both ran; sets ``loss_vs_base`` on the knob row: the worst relative
+    difference of their per-step losses (same initial weights, same rows: what the knob costs in
+    numerics, the evidence a default needs besides speed)."""
+    pairs = []
+    for r in rows:
+        base = next((b for b in rows if r["ds"] and not b["ds"] and
+                     (b["mode"], b["zero"], b["ckpt"], b["packing"]) == (r["mode"], r["zero"], r["ckpt"], r["packing"])),
+                    None)
+        if base is not None:
+            r["loss_vs_base"] = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(r["losses"], base["losses"]))
+            pairs.append((r, base))
+    return pairs
 
 
 def plain_sft(s: Setup, model_dir: str, tokenized: str, micro_batch: int, checkpointing: bool) -> dict:
@@ -186,6 +203,9 @@ def part_steps(s: Setup, out_dir: str) -> tuple[dict, list[str]]:
     knobs = [f"`{kv}`" for kv in dict.fromkeys(kv for r in rows for kv in r["ds"])]
     if knobs:
         lines += ["", "DeepSpeed overrides of the knob variants (`training.ds_config_overrides`): " + ", ".join(knobs)]
+    for r, base in knob_pairs(rows):
+        lines.append(f"- {r['label']} against {base['label']}: step time x{r['step_s'] / base['step_s']:.2f}, "
+                     f"worst relative loss difference {r['loss_vs_base']:.1e} over {len(r['losses'])} steps")
     lines += ["", "WMSS / SFT step time (ideal: frozen 1.33, joint 2.0):", ""]
     by = {r["label"]: r for r in rows}
     for z, suffix in ((1, ""), (2, ""), (2, " ckpt"), (3, " ckpt")):

@@ -60,8 +60,13 @@ def test_cpu_smoke_runs_every_part_without_ray(tmp_path):
     # the knob variants reach DeepSpeed: bf16 gradients at ZeRO-1 run its ZeRO optimizer, where the
     # shipped fp32 accumulation runs BF16_Optimizer (engine._do_optimizer_sanity_check)
     by = {r["label"]: r for r in steps["variants"]}
+    assert by["sft z1"]["optimizer"] == "BF16_Optimizer", by["sft z1"]
     assert by["sft z1 bf16 grads"]["optimizer"] == "DeepSpeedZeroOptimizer", by["sft z1 bf16 grads"]
     assert "data_types.grad_accum_dtype=bf16" in by["sft z1 bf16 grads"]["ds"]
+    # compared with the step it changes: same first loss (same weights and rows), a figure in the text
+    assert by["sft z1 bf16 grads"]["losses"][0] == by["sft z1"]["losses"][0]
+    assert 0 <= by["sft z1 bf16 grads"]["loss_vs_base"] < 0.1
+    assert "sft z1 bf16 grads against sft z1: step time" in text
     profiled = [r for r in steps["variants"] if r["profile"]]
     assert profiled and (tmp_path / profiled[0]["profile"]["file"]).exists()
     exact = results["exact"]
