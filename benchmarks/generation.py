@@ -20,6 +20,7 @@ Usage::
     python benchmarks/generation.py                 # demo + ~100M Qwen3 shape, 256 prompts x 128 tokens
     python benchmarks/generation.py --quick         # smoke: the demo model, 32 prompts x 16 tokens
     python benchmarks/generation.py --out benchmarks/results_generation.json
+    python benchmarks/generation.py --device cuda   # on a GPU, bf16 (``gpu_check.py`` runs it too)
 """
 
 from __future__ import annotations
@@ -65,46 +66,61 @@ def prompts_for(model_dir: str, n: int) -> list[list[int]]:
             for i in range(n)]
 
 
-def run_engine(engine: str, model_dir: str, n: int, new_tokens: int, batch: int) -> dict:
-    """One engine, in this process: start, then generate; returns the timings."""
+def run_engine(engine: str, model_dir: str, n: int, new_tokens: int, batch: int, device: str = "cpu",
+               gpu_memory_utilization: float = 0.85) -> dict:
+    """One engine, in this process: start, then generate; returns the timings. The project's
+    dtype rule for both engines: fp32 on CPU, bf16 on a GPU; HF's attention as the project resolves
+    it for the device (flash-attention 2 when installed on a GPU, else sdpa)."""
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
     prompts = prompts_for(model_dir, n)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     if engine == "hf":
         from wmss_ray.data.chat_tokens import left_pad_prompts
         from wmss_ray.models.loading import load_causal_lm, load_tokenizer
 
-        model, tok = load_causal_lm(model_dir, dtype="float32", device="cpu"), load_tokenizer(model_dir)
+        dtype = "bfloat16" if device == "cuda" else "float32"
+        model = load_causal_lm(model_dir, dtype=dtype, device=device).eval()
+        tok = load_tokenizer(model_dir)
+        sync()
         start = time.perf_counter() - t0
         t1 = time.perf_counter()
         done = 0
         with torch.no_grad():
             for s in range(0, n, batch):
                 ids, mask = left_pad_prompts(prompts[s:s + batch], tok.pad_token_id)
-                gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
-                                     min_new_tokens=new_tokens, pad_token_id=tok.pad_token_id)
+                gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                     max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                     pad_token_id=tok.pad_token_id)
                 done += (gen.shape[1] - ids.shape[1]) * gen.shape[0]
+        sync()
     else:
         from vllm import SamplingParams
 
         from wmss_ray.models.vllm_engine import VLLMEngine, VLLMSettings
 
-        eng = VLLMEngine(model_dir, VLLMSettings(cpu_kv_cache_gib=1.0), device="cpu")
+        settings = VLLMSettings(cpu_kv_cache_gib=1.0, gpu_memory_utilization=gpu_memory_utilization)
+        eng = VLLMEngine(model_dir, settings, device=device)
         start = time.perf_counter() - t0
         params = SamplingParams(temperature=0.0, max_tokens=new_tokens, min_tokens=new_tokens, detokenize=False)
         t1 = time.perf_counter()
         outs = eng.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         done = sum(len(o.outputs[0].token_ids) for o in outs)
     gen_s = time.perf_counter() - t1
-    return {"engine": engine, "start_s": start, "generate_s": gen_s, "new_tokens": done, "prompts": n}
+    return {"engine": engine, "device": device, "start_s": start, "generate_s": gen_s, "new_tokens": done,
+            "prompts": n}
 
 
-def _child(args: argparse.Namespace, engine: str, model_dir: str) -> dict:
+def child_run(engine: str, model_dir: str, prompts: int, new_tokens: int, batch: int, device: str = "cpu",
+              gpu_memory_utilization: float = 0.85) -> dict:
+    """:func:`run_engine` in a fresh interpreter (vLLM sets its process's threads and memory
+    policy, and a GPU process may hold memory a new engine needs); returns its timings."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, __file__, "--child", engine, "--model-dir", model_dir, "--prompts", str(args.prompts),
-           "--new-tokens", str(args.new_tokens), "--batch", str(args.batch)]
+    cmd = [sys.executable, __file__, "--child", engine, "--model-dir", model_dir, "--prompts", str(prompts),
+           "--new-tokens", str(new_tokens), "--batch", str(batch), "--device", device,
+           "--gpu-memory-utilization", str(gpu_memory_utilization)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not line:
@@ -141,12 +157,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM's share of the GPU")
     ap.add_argument("--child")
     ap.add_argument("--model-dir")
     args = ap.parse_args()
     if args.child:
         print("RESULT " + json.dumps(run_engine(args.child, args.model_dir, args.prompts, args.new_tokens,
-                                                args.batch)))
+                                                args.batch, args.device, args.gpu_memory_utilization)))
         return
     if args.quick:
         args.shapes, args.prompts, args.new_tokens, args.repeats = "demo", 32, 16, 1
@@ -157,7 +175,8 @@ def main() -> None:
             runs = []
             for _ in range(args.repeats):  # A B A B
                 for engine in ("hf", "vllm"):
-                    runs.append(_child(args, engine, model_dir))
+                    runs.append(child_run(engine, model_dir, args.prompts, args.new_tokens, args.batch, args.device,
+                                          args.gpu_memory_utilization))
                     print(json.dumps({"shape": shape, **runs[-1], "load_1min": os.getloadavg()[0]}), flush=True)
             results.append(summarise(shape, params, runs))
             print(json.dumps(results[-1], indent=1), flush=True)

@@ -18,6 +18,8 @@ memory and speed. Parts, in this order, each skipped when the time budget is spe
 - ``kernel``: the chunked mixed CE against the naive loss at the default and the recipe's chunk;
 - ``big``: the 4B shape, plain vs ours, peak memory vs ``wmss plan``;
 - ``score_gen``: entropy scoring and HF generation throughput;
+- ``engines``: HF ``generate`` against vLLM (``benchmarks/generation.py``) at both shapes, when
+  vLLM is installed (the project's GPU image; not the device machines this project is lent);
 - ``nccl`` (2 ranks when the machine has 2 GPUs) and ``ray`` (said when skipped).
 
 Usage::
@@ -44,8 +46,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gpu_check_setup import BF16_GRADS, SHAPES, Setup, Variant, run_config, save_model, write_rows  # noqa: E402
 
 #: Rough seconds each part takes on an H200 (for the budget: a part that would not fit is skipped).
-GPU_SECONDS = {"steps": 260, "exact": 60, "kernel": 15, "big": 150, "score_gen": 40, "nccl": 1, "ray": 1}
-ORDER = ["steps", "exact", "kernel", "big", "score_gen", "nccl", "ray"]
+GPU_SECONDS = {"steps": 260, "exact": 60, "kernel": 15, "big": 150, "score_gen": 40, "engines": 240, "nccl": 1,
+               "ray": 1}
+ORDER = ["steps", "exact", "kernel", "big", "score_gen", "nccl", "ray", "engines"]
 
 
 def parse_args(argv=None):
@@ -111,6 +114,10 @@ def dry_run(a) -> int:
             print(f"  {shape} {v.label} | {v.zero_stage} | {v.checkpointing} | {v.packing} | "
                   f"{', '.join(v.ds) or '-'} | {plan_gib(cfg, shape, phase):.1f}")
     print(f"  exact: joint ZeRO-3 + ckpt, grad_accum 2, {s.exact_steps} steps, packing on/off, resume, export")
+    from wmss_ray.models.vllm_engine import vllm_installed
+
+    print(f"  engines: HF generate vs vLLM at {s.shape} and {s.big_shape}, {2 * s.gen_batch} prompts x "
+          f"{s.gen_new_tokens} new tokens (vLLM {'installed' if vllm_installed() else 'not installed: skipped'})")
     print("dry run: every config validated; nothing was run")
     return 0
 

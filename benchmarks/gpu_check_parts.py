@@ -199,6 +199,50 @@ def part_score_gen(s: Setup, out_dir: str) -> tuple[dict, list[str]]:
     return res, lines
 
 
+def part_engines(s: Setup, out_dir: str) -> tuple[dict, list[str]]:
+    """HF ``generate`` against vLLM on the same model, prompts and settings (``benchmarks/generation.py``:
+    chat-rendered prompts, greedy, exactly ``gen_new_tokens`` new tokens each, each engine in a fresh
+    process), at the end-to-end shape and, on a GPU, the large one: the evaluation engines' speed
+    where users run them. Skipped, and said, where vLLM is not installed."""
+    from generation import child_run, summarise
+    from gpu_check_setup import save_model
+    from gpu_check_steps import n_params
+
+    from wmss_ray.models.vllm_engine import vllm_installed
+
+    if not vllm_installed():
+        return {"skipped": True}, ["HF generate vs vLLM: skipped (vLLM is not installed in this environment; the "
+                                   "project's GPU image installs it, `benchmarks/generation.py --device cuda` runs it "
+                                   "alone)."]
+    device = "cuda" if s.on_gpu else "cpu"
+    shapes = [(s.shape, s.paths["strong"])]
+    if s.on_gpu:  # the CPU smoke checks the path at one shape
+        s.paths["big"] = s.paths.get("big") or save_model(s.big_shape, 1, os.path.join(s.root, "big"), s.device)
+        shapes.append((s.big_shape, s.paths["big"]))
+    n = 2 * s.gen_batch
+    util = 0.85
+    if s.on_gpu:  # what this process still holds (DeepSpeed keeps ZeRO-3 modules) is not vLLM's to take
+        free_b, total_b = torch.cuda.mem_get_info()
+        util = round(min(0.85, 0.9 * free_b / total_b), 3)
+    memory = f"vLLM gpu_memory_utilization {util}" if s.on_gpu else "vLLM KV cache 1 GiB"
+    rows, lines = [], [f"HF generate vs vLLM ({device}, each engine in a fresh process, greedy, {n} chat prompts x "
+                       f"{s.gen_new_tokens} new tokens, HF batch {s.gen_batch}, {memory}):",
+                       "", "| shape | engine | start s | completions/s | new tokens/s | vLLM / HF (steady) |",
+                       "|---|---|---:|---:|---:|---:|"]
+    for shape, model_dir in shapes:
+        runs = [child_run(e, model_dir, n, s.gen_new_tokens, s.gen_batch, device, util) for e in ("hf", "vllm")]
+        summary = summarise(shape, n_params(shape), runs)
+        summary["new_tokens"] = {r["engine"]: r["new_tokens"] for r in runs}
+        rows.append(summary)
+        ratio = summary["ratio_vllm_over_hf"]["steady_completions_per_s"]
+        for e in ("hf", "vllm"):
+            r = summary[e]
+            lines.append(f"| {shape} | {e} | {r['start_s']:.1f} | {r['steady_completions_per_s']:,.1f} | "
+                         f"{r['steady_new_tokens_per_s']:,.0f} | {f'{ratio:.1f}x' if e == 'vllm' else ''} |")
+    lines += ["", "Goal at the large shape on a GPU (issue 27): vLLM >= 10x HF's completions per second."]
+    return {"rows": rows, "gpu_memory_utilization": util}, lines
+
+
 def part_nccl(s: Setup, out_dir: str) -> tuple[dict, list[str]]:
     n = torch.cuda.device_count() if s.on_gpu else 0
     if n < 2:
@@ -216,4 +260,4 @@ def part_ray(s: Setup, out_dir: str) -> tuple[dict, list[str]]:
 
 
 PARTS = {"steps": part_steps, "exact": part_exact, "kernel": part_kernel, "score_gen": part_score_gen,
-         "big": part_big, "nccl": part_nccl, "ray": part_ray}
+         "big": part_big, "engines": part_engines, "nccl": part_nccl, "ray": part_ray}

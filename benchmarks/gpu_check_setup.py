@@ -25,11 +25,12 @@ SHAPES = {
                        head_dim=128, intermediate_size=3072, vocab_size=151936),
     "qwen3-4b": dict(_QWEN3, hidden_size=2560, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
                      head_dim=128, intermediate_size=9728, vocab_size=151936),
-    # CPU smoke shapes (head_dim 16: the figures mean nothing, every code path runs)
+    # CPU smoke shapes (the figures mean nothing, every code path runs; head_dim 32: vLLM's CPU
+    # attention rejects less)
     "tiny": dict(_QWEN3, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 head_dim=16, intermediate_size=128, vocab_size=512, max_position_embeddings=512),
+                 head_dim=32, intermediate_size=128, vocab_size=512, max_position_embeddings=512),
     "tiny-big": dict(_QWEN3, hidden_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                     head_dim=24, intermediate_size=192, vocab_size=512, max_position_embeddings=512),
+                     head_dim=32, intermediate_size=192, vocab_size=512, max_position_embeddings=512),
 }
 
 

@@ -52,7 +52,7 @@ def test_cpu_smoke_runs_every_part_without_ray(tmp_path):
     text = (tmp_path / "gpu_check.md").read_text() if (tmp_path / "gpu_check.md").exists() else ""
     assert proc.returncode == 0 and "FAILED" not in text, (text + proc.stderr)[-4000:]
     results = json.loads((tmp_path / "gpu_check.json").read_text())
-    for part in ("steps", "exact", "kernel", "big", "score_gen", "nccl", "ray"):
+    for part in ("steps", "exact", "kernel", "big", "score_gen", "nccl", "ray", "engines"):
         assert part in results and "error" not in results[part], part
     steps = results["steps"]
     assert [r["label"] for r in steps["plain"]] == ["plain PyTorch SFT", "plain PyTorch SFT ckpt"]
@@ -78,6 +78,11 @@ def test_cpu_smoke_runs_every_part_without_ray(tmp_path):
     assert all(r["loss_rel_err"] < 1e-2 and r["grad_rel_err"] < 5e-2 for r in results["kernel"]["rows"])
     assert results["score_gen"]["score_rows_per_s"] > 0 and results["score_gen"]["gen_new_tokens_per_s"] > 0
     assert results["ray"]["skipped"] and "Ray is not installed" in text
+    # HF generate vs vLLM (benchmarks/generation.py, each in a child process): both did the same work
+    (engines,) = results["engines"]["rows"]
+    assert engines["shape"] == "tiny" and engines["new_tokens"] == {"hf": 2 * 2 * 4, "vllm": 2 * 2 * 4}
+    assert engines["hf"]["steady_completions_per_s"] > 0 and engines["vllm"]["start_s"] > 0
+    assert "| tiny | vllm |" in text
 
 
 def test_the_check_refuses_to_start_without_a_gpu_unless_told():
