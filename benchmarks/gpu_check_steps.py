@@ -88,8 +88,7 @@ def time_worker(s: Setup, v: Variant, strong: str, weak: str, tokenized: str, sh
     tokens = micro_batch * s.seq_len
     print(f"  {shape} {v.label}: step {step_s:.3f} s, {tokens / step_s:,.0f} tokens/s, peak {gib(peak)} GiB", flush=True)
     return {"label": v.label, "mode": v.mode, "zero": v.zero_stage, "ckpt": v.checkpointing, "packing": v.packing,
-            "ds": list(v.ds),
-            "optimizer": optimizer, "step_s": step_s,
+            "ds": list(v.ds), "optimizer": optimizer, "step_s": step_s,
             "tokens_per_s": tokens / step_s, "flops_per_s": flops_per_token(n, shape, s.seq_len, trained, frozen)
             * tokens / step_s, "peak_gib": peak, "plan_gib": plan_gib(cfg, shape, "sft" if v.mode == "sft" else "wmss"),
             "losses": losses, "profile": prof}
