@@ -20,7 +20,9 @@ memory and speed. Parts, in this order, each skipped when the time budget is spe
 - ``score_gen``: entropy scoring and HF generation throughput;
 - ``engines``: HF ``generate`` against vLLM (``benchmarks/generation.py``) at both shapes, when
   vLLM is installed (the project's GPU image; not the device machines this project is lent);
-- ``nccl`` (2 ranks when the machine has 2 GPUs) and ``ray`` (said when skipped).
+- ``nccl``: 2 ranks over NCCL when the machine has 2 GPUs (gloo on the CPU smoke; skipped, and said,
+  with one GPU): all-reduce bus bandwidth, ZeRO-2 SFT tokens/s per GPU, losses against one rank with
+  the same global batch (``gpu_check_ranks.py``); ``ray``: said when skipped.
 
 Usage::
 
@@ -46,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gpu_check_setup import BF16_GRADS, SHAPES, Setup, Variant, run_config, save_model, write_rows  # noqa: E402
 
 #: Rough seconds each part takes on an H200 (for the budget: a part that would not fit is skipped).
-GPU_SECONDS = {"steps": 260, "exact": 60, "kernel": 15, "big": 150, "score_gen": 40, "engines": 240, "nccl": 1,
+GPU_SECONDS = {"steps": 260, "exact": 60, "kernel": 15, "big": 150, "score_gen": 40, "engines": 240, "nccl": 60,
                "ray": 1}
 ORDER = ["steps", "exact", "kernel", "big", "score_gen", "nccl", "ray", "engines"]
 
@@ -114,6 +116,10 @@ def dry_run(a) -> int:
             print(f"  {shape} {v.label} | {v.zero_stage} | {v.checkpointing} | {v.packing} | "
                   f"{', '.join(v.ds) or '-'} | {plan_gib(cfg, shape, phase):.1f}")
     print(f"  exact: joint ZeRO-3 + ckpt, grad_accum 2, {s.exact_steps} steps, packing on/off, resume, export")
+    two = run_config(s, Variant("sft z2", "sft", 2, False), s.micro_batch, extra=["scaling.num_workers=2"])
+    build_ds_config(two.training, 2, torch.bfloat16, True)
+    print(f"  nccl: 2 spawned ranks (2 GPUs, else skipped), all-reduce + ZeRO-2 SFT, micro-batch {s.micro_batch} "
+          "per rank, against one rank with grad_accum 2")
     from wmss_ray.models.vllm_engine import vllm_installed
 
     print(f"  engines: HF generate vs vLLM at {s.shape} and {s.big_shape}, {2 * s.gen_batch} prompts x "

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from gpu_check_setup import SHAPES, Setup, Variant, free, make_worker, run_config
+from gpu_check_ranks import part_ranks
 from gpu_check_steps import mib, reset_peak, sync, part_big, part_steps
 
 # ----------------------------------------------------------------------------- exactness
@@ -243,13 +244,6 @@ def part_engines(s: Setup, out_dir: str) -> tuple[dict, list[str]]:
     return {"rows": rows, "gpu_memory_utilization": util}, lines
 
 
-def part_nccl(s: Setup, out_dir: str) -> tuple[dict, list[str]]:
-    n = torch.cuda.device_count() if s.on_gpu else 0
-    if n < 2:
-        return {"skipped": True}, [f"NCCL with 2 ranks: skipped ({n} GPU{'s' if n != 1 else ''} on this machine)."]
-    raise NotImplementedError("2-GPU NCCL part: not written yet (no 2-GPU machine to try it on)")
-
-
 def part_ray(s: Setup, out_dir: str) -> tuple[dict, list[str]]:
     try:
         import ray  # noqa: F401
@@ -260,4 +254,4 @@ def part_ray(s: Setup, out_dir: str) -> tuple[dict, list[str]]:
 
 
 PARTS = {"steps": part_steps, "exact": part_exact, "kernel": part_kernel, "score_gen": part_score_gen,
-         "big": part_big, "engines": part_engines, "nccl": part_nccl, "ray": part_ray}
+         "big": part_big, "engines": part_engines, "nccl": part_ranks, "ray": part_ray}

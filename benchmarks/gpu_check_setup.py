@@ -192,22 +192,24 @@ def write_rows(out_dir: str, n: int, seq_len: int, vocab: int, seed: int, variab
 
 
 def make_worker(s: Setup, variant: Variant, strong: str, weak: str | None, tokenized: str, n_steps: int,
-                micro_batch: int, grad_accum: int = 1, out_dir: str | None = None):
-    """The project's training rank (world size 1) for ``variant``; returns ``(worker, cfg)``."""
+                micro_batch: int, grad_accum: int = 1, out_dir: str | None = None, rank: int = 0, world: int = 1,
+                device: torch.device | None = None):
+    """The project's training rank ``rank`` of ``world`` (in this process's process group) for
+    ``variant``; returns ``(worker, cfg)``."""
     import tempfile
 
     from wmss_ray.training.dataset import DataPlan, write_epoch_rows
     from wmss_ray.training.worker import PhaseSpec, PhaseWorker
 
-    cfg = run_config(s, variant, micro_batch, grad_accum)
+    cfg = run_config(s, variant, micro_batch, grad_accum, extra=[f"scaling.num_workers={world}"])
     out_dir = out_dir or tempfile.mkdtemp(prefix="gpu-check-", dir=s.root)
     epoch_rows = os.path.join(out_dir, "epoch_rows.parquet")
     n = write_epoch_rows(tokenized, None, epoch_rows)
-    plan = DataPlan(n, 1.0, 0, micro_batch, grad_accum, 1, exact_steps=n_steps)
+    plan = DataPlan(n, 1.0, 0, micro_batch, grad_accum, world, exact_steps=n_steps)
     phase = "sft" if variant.mode == "sft" else "wmss"
     spec = PhaseSpec(phase, variant.mode, strong, weak if variant.mode != "sft" else None, out_dir, tokenized,
                      epoch_rows, plan)
-    return PhaseWorker(cfg, spec, 0, 1, s.device), cfg
+    return PhaseWorker(cfg, spec, rank, world, device or s.device), cfg
 
 
 def free() -> None:

@@ -78,6 +78,11 @@ def test_cpu_smoke_runs_every_part_without_ray(tmp_path):
     assert all(r["loss_rel_err"] < 1e-2 and r["grad_rel_err"] < 5e-2 for r in results["kernel"]["rows"])
     assert results["score_gen"]["score_rows_per_s"] > 0 and results["score_gen"]["gen_new_tokens_per_s"] > 0
     assert results["ray"]["skipped"] and "Ray is not installed" in text
+    # two spawned ranks (gloo here, NCCL on 2 GPUs): the same losses on both, and as one rank with grad_accum 2
+    ranks = results["nccl"]
+    assert ranks["backend"] == "gloo" and ranks["ranks_agree"] and ranks["busbw_gb_s"] > 0
+    assert len(ranks["losses"]) == 2 and ranks["max_rel_vs_1_rank"] < 1e-3, ranks
+    assert ranks["grad_norm_max_rel_vs_1_rank"] < 1e-2, ranks
     # HF generate vs vLLM (benchmarks/generation.py, each in a child process): both did the same work
     (engines,) = results["engines"]["rows"]
     assert engines["shape"] == "tiny" and engines["new_tokens"] == {"hf": 2 * 2 * 4, "vllm": 2 * 2 * 4}
