@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -143,14 +144,23 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     if a.dry_run:
         return dry_run(a)
+    t_start = time.perf_counter()
+    out_dir = a.out_dir or tempfile.mkdtemp(prefix="gpu-check-out-")
+    os.makedirs(out_dir, exist_ok=True)
+    # the models and rows the parts train on (on a GPU: the 0.6B and 4B shapes, ~10 GB): removed at
+    # the end, whatever happened (the report in out_dir stays)
+    root = tempfile.mkdtemp(prefix="gpu-check-")
+    try:
+        return _run(a, argv, out_dir, root, t_start)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _run(a, argv, out_dir: str, root: str, t_start: float) -> int:
     from gpu_check_parts import PARTS
 
     from wmss_ray.training.worker import init_single_process
 
-    t_start = time.perf_counter()
-    out_dir = a.out_dir or tempfile.mkdtemp(prefix="gpu-check-out-")
-    os.makedirs(out_dir, exist_ok=True)
-    root = tempfile.mkdtemp(prefix="gpu-check-")
     s = make_setup(a, root)
     init_single_process(backend="nccl" if s.on_gpu else "gloo")
     name = torch.cuda.get_device_name() if s.on_gpu else "CPU (smoke run: the figures mean nothing)"

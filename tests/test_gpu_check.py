@@ -47,11 +47,15 @@ def test_dry_run_builds_and_validates_every_config_of_the_gpu_run():
 
 
 def test_cpu_smoke_runs_every_part_without_ray(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", WITHOUT_RAY, str(SCRIPT), "--cpu-smoke", "--out-dir", str(tmp_path)],
-                          capture_output=True, text=True, env=ENV, timeout=900)
-    text = (tmp_path / "gpu_check.md").read_text() if (tmp_path / "gpu_check.md").exists() else ""
+    tmp = tmp_path / "tmp"  # the check's own temp dir: its models must not outlive it (~10 GB on a GPU)
+    tmp.mkdir()
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_RAY, str(SCRIPT), "--cpu-smoke", "--out-dir", str(out)],
+                          capture_output=True, text=True, env={**ENV, "TMPDIR": str(tmp)}, timeout=900)
+    text = (out / "gpu_check.md").read_text() if (out / "gpu_check.md").exists() else ""
     assert proc.returncode == 0 and "FAILED" not in text, (text + proc.stderr)[-4000:]
-    results = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert not [p.name for p in tmp.iterdir() if p.name.startswith("gpu-check-")], list(tmp.iterdir())
+    results = json.loads((out / "gpu_check.json").read_text())
     for part in ("steps", "exact", "kernel", "big", "score_gen", "nccl", "ray", "engines"):
         assert part in results and "error" not in results[part], part
     steps = results["steps"]
@@ -68,7 +72,7 @@ def test_cpu_smoke_runs_every_part_without_ray(tmp_path):
     assert 0 <= by["sft z1 bf16 grads"]["loss_vs_base"] < 0.1
     assert "sft z1 bf16 grads against sft z1: step time" in text
     profiled = [r for r in steps["variants"] if r["profile"]]
-    assert profiled and (tmp_path / profiled[0]["profile"]["file"]).exists()
+    assert profiled and (out / profiled[0]["profile"]["file"]).exists()
     exact = results["exact"]
     assert exact["rope_fp32_and_equal"] and exact["export_logit_max_rel"] < 1e-6
     assert exact["packing_max_rel"] < 1e-3 and exact["resume_max_rel"] < 1e-6  # fp32 CPU math, bf16 weights
