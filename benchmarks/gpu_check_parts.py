@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from gpu_check_setup import SHAPES, Setup, Variant, free, make_worker, run_config
 from gpu_check_ranks import part_ranks
-from gpu_check_steps import mib, reset_peak, sync, part_big, part_steps
+from gpu_check_steps import max_rel, mib, reset_peak, sync, part_big, part_steps
 
 # ----------------------------------------------------------------------------- exactness
 
@@ -71,9 +71,8 @@ def part_exact(s: Setup, out_dir: str) -> tuple[dict, list[str]]:
     inv_export = {k: b for k, b in reloaded.named_buffers() if "inv_freq" in k}
     del reloaded
     free()
-    rel = lambda a, b: abs(a - b) / max(abs(b), 1e-12)  # noqa: E731
-    pack_diff = max(rel(a, b) for a, b in zip(losses[True], losses[False]))
-    resume_diff = max(rel(a, b) for a, b in zip(resumed, losses[True][start:]))
+    pack_diff = max_rel(losses[True], losses[False])
+    resume_diff = max_rel(resumed, losses[True][start:])
     logit_diff = float(((z_train - z_export).abs().amax(-1) / z_export.abs().amax(-1)).max())
     rope_ok = all(b.dtype == torch.float32 for b in inv_train.values()) and all(
         torch.equal(inv_train[k].cpu(), inv_export[k].cpu()) for k in inv_export)

@@ -21,6 +21,7 @@ import time
 import torch
 
 from gpu_check_setup import Setup, Variant, free, make_worker
+from gpu_check_steps import max_rel, sync
 
 #: A rank pair that has not finished after this long is stuck (a tiny run takes seconds).
 DEADLINE_S = 600
@@ -33,12 +34,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def allreduce_busbw(device: torch.device, numel: int, iters: int) -> float:
+def allreduce_busbw(s: Setup, device: torch.device, numel: int, iters: int) -> float:
     """Bus bandwidth (bytes/s) of a bf16 all-reduce of ``numel`` elements: the algorithm bandwidth
     times 2(n-1)/n (NCCL tests' convention, 1 for two ranks)."""
     import torch.distributed as dist
@@ -46,11 +42,11 @@ def allreduce_busbw(device: torch.device, numel: int, iters: int) -> float:
     x = torch.ones(numel, dtype=torch.bfloat16, device=device)
     for _ in range(3):
         dist.all_reduce(x)
-    _sync(device)
+    sync(s)  # this rank's device (set_device)
     t0 = time.perf_counter()
     for _ in range(iters):
         dist.all_reduce(x)
-    _sync(device)
+    sync(s)
     seconds = (time.perf_counter() - t0) / iters
     n = dist.get_world_size()
     return x.numel() * x.element_size() / seconds * 2 * (n - 1) / n
@@ -70,7 +66,7 @@ def rank_main(rank: int, s: Setup, port: int, out: str, n_steps: int, first_gpu:
     else:
         torch.set_num_threads(1)
     dist.init_process_group("nccl" if s.on_gpu else "gloo", rank=rank, world_size=WORLD)
-    busbw = allreduce_busbw(device, (256 << 20) // 2 if s.on_gpu else 1 << 16, 10 if s.on_gpu else 3)
+    busbw = allreduce_busbw(s, device, (256 << 20) // 2 if s.on_gpu else 1 << 16, 10 if s.on_gpu else 3)
     worker, _ = make_worker(s, Variant("sft z2", "sft", 2, False), s.paths["strong"], None, s.paths["fixed"],
                             n_steps, s.micro_batch, out_dir=tempfile.mkdtemp(prefix=f"rank{rank}-", dir=out),
                             rank=rank, world=WORLD, device=device)
@@ -86,10 +82,6 @@ def rank_main(rank: int, s: Setup, port: int, out: str, n_steps: int, first_gpu:
                    "backend": dist.get_backend()}, f)
     dist.barrier()
     os._exit(0)  # no process-group teardown: the pair is done (gloo's can hang at exit)
-
-
-def _max_rel(xs: list[float], refs: list[float]) -> float:
-    return max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(xs, refs))
 
 
 def part_ranks(s: Setup, out_dir: str) -> tuple[dict, list[str]]:
@@ -125,9 +117,9 @@ def part_ranks(s: Setup, out_dir: str) -> tuple[dict, list[str]]:
     res = {"backend": ranks[0]["backend"], "busbw_gb_s": min(r["busbw"] for r in ranks) / 1e9,
            "step_s": step_s, "tokens_per_s_per_rank": s.micro_batch * s.seq_len / step_s,
            "ranks_agree": ranks[0]["losses"] == ranks[1]["losses"], "losses": losses, "losses_1_rank": ref_losses,
-           "max_rel_vs_1_rank": _max_rel(losses, ref_losses),
+           "max_rel_vs_1_rank": max_rel(losses, ref_losses),
            # Adam's update does not see a uniform gradient scale (a sum for a mean): the norms do
-           "grad_norm_max_rel_vs_1_rank": _max_rel(ranks[0]["grad_norms"], ref_norms)}
+           "grad_norm_max_rel_vs_1_rank": max_rel(ranks[0]["grad_norms"], ref_norms)}
     where = f"GPUs {first_gpu} and {first_gpu + 1}" if s.on_gpu else "CPU smoke"
     lines = [f"Two ranks over {res['backend']} ({where}):",
              f"- all-reduce (bf16, {'256 MiB' if s.on_gpu else '128 KiB'}): bus bandwidth {res['busbw_gb_s']:.3g} GB/s",

@@ -26,6 +26,11 @@ def reset_peak(s: Setup) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def max_rel(xs: list[float], refs: list[float]) -> float:
+    """The worst relative difference of per-step figures (losses, gradient norms) to a reference's."""
+    return max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(xs, refs))
+
+
 def peak_gib(s: Setup) -> float | None:
     return torch.cuda.max_memory_allocated() / GiB if s.on_gpu else None
 
@@ -105,7 +110,7 @@ def knob_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
                      (b["mode"], b["zero"], b["ckpt"], b["packing"]) == (r["mode"], r["zero"], r["ckpt"], r["packing"])),
                     None)
         if base is not None:
-            r["loss_vs_base"] = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(r["losses"], base["losses"]))
+            r["loss_vs_base"] = max_rel(r["losses"], base["losses"])
             pairs.append((r, base))
     return pairs
 
