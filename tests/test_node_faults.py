@@ -28,6 +28,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from tests import cluster_probes as probe
 from tests.training.test_training_units import (
     TWO_WORKER_STEPS as STEPS,
     assert_trajectory,
@@ -36,7 +37,7 @@ from tests.training.test_training_units import (
     tiny_cfg,
 )
 from wmss_ray.io.files import read_metrics
-from wmss_ray.training.rank_loop import PAUSE_RELEASE, RUN_NAME
+from wmss_ray.training.rank_loop import PAUSE_RELEASE
 from wmss_ray.training.stopping import StopRequested
 from wmss_ray.training.trainer import PAUSE_ENV, checkpoint_states, train_phase
 
@@ -144,79 +145,8 @@ class Paused:
         del os.environ[PAUSE_ENV]
 
 
-def _wait_for(pred, what: str, timeout_s: float = 240.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-
-
-def _logged(out: Path, step: int) -> bool:
-    try:
-        return any(json.loads(line)["step"] >= step for line in (out / "metrics.jsonl").read_text().splitlines()
-                   if line.strip())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
-
-
-def _registered(out: Path, step: int) -> bool:
-    """Ray Train's controller has recorded checkpoint ``step`` (it restores only those)."""
-    snap = out / RUN_NAME / "checkpoint_manager_snapshot.json"
-    return snap.exists() and f"checkpoint_{step:06d}" in snap.read_text()
-
-
-def _gone(pid: int) -> bool:
-    """The process ``pid`` has ended (a zombie counts: it runs no more)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return "\nState:\tZ" in f.read()
-    except FileNotFoundError:
-        return True
-
-
-def _actor_nodes(class_part: str) -> dict[int, str]:
-    """``{pid: node id}`` of the alive actors whose class name contains ``class_part`` (from the
-    GCS: the state API needs the dashboard, which this cluster does not run)."""
-    from ray._private.state import actors
-
-    return {a["Pid"]: a["Address"]["NodeID"] for a in actors().values()
-            if class_part in a["ActorClassName"] and a["State"] == "ALIVE" and a.get("Pid")}
-
-
-def _stop_step(out: Path) -> int | None:
-    """The step at which the ranks stopped for a signal (``workers.jsonl``), once both have."""
-    steps = {e["rank"]: e["step"] for e in _events(out) if e["event"] == "stop"}
-    return steps[0] if len(steps) == 2 and steps[0] == steps[1] else None
-
-
-def _told_of_drain(deadline_ms: int) -> set[int]:
-    """The ranks whose Train worker holds the drain of ``deadline_ms``: what
-    ``ray.train.get_preemption_info()`` (rank 0's, broadcast) returns at their next stop poll.
-    ``RayTrainWorker.mark_preempt`` stores it and logs ``Rank R received preemption signal (...,
-    deadline_ms=D)`` to Ray Train's system worker logs of the session (ray.train at DEBUG, whatever
-    the run's log level); no public API reads a worker's preemption state from outside."""
-    import re
-
-    from ray.train.v2._internal.logging.logging import LoggingManager
-
-    ranks = set()
-    for log in Path(LoggingManager.get_log_directory()).glob("ray-train-sys-worker-*.log"):
-        for line in log.read_text(errors="replace").splitlines():
-            m = re.search(r"Rank (\d+) received preemption signal", line)
-            if m and f"deadline_ms={deadline_ms})" in line:
-                ranks.add(int(m.group(1)))
-    return ranks
-
-
 def _node(cluster, node_id: str):
     return next(n for n in cluster.worker_nodes if n.node_id == node_id)
-
-
-def _events(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "workers.jsonl").read_text().splitlines()]
 
 
 def _assert_every_step_once(out: Path, res, reference, segments: list[list[int]]) -> None:
@@ -225,27 +155,6 @@ def _assert_every_step_once(out: Path, res, reference, segments: list[list[int]]
     assert_trajectory(metrics, reference)
     _, last = max(checkpoint_states(str(out)), key=lambda ws: ws[1]["step"])
     assert last["step"] == STEPS and last["segments"] == segments
-
-
-def _in_thread(fn) -> threading.Thread:
-    errors: list[BaseException] = []
-
-    def run():
-        try:
-            fn()
-        except BaseException as err:  # surfaced by the test after the run
-            errors.append(err)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.errors = errors
-    t.start()
-    return t
-
-
-def _joined(t: threading.Thread) -> None:
-    t.join(timeout=300)
-    if t.errors:
-        raise t.errors[0]
 
 
 def test_a_drained_node_gets_a_just_in_time_checkpoint_and_the_run_resumes_from_it(cluster, art, reference,
@@ -262,21 +171,21 @@ def test_a_drained_node_gets_a_just_in_time_checkpoint_and_the_run_resumes_from_
     drained: dict = {}
 
     def drain_then_reclaim():
-        _wait_for(lambda: _logged(out, 2), "step 2")
-        rank1_pid = next(e["pid"] for e in _events(out) if e["event"] == "start" and e["rank"] == 1)
-        node_id = _actor_nodes("RayTrainWorker")[rank1_pid]
+        probe.wait_for(lambda: probe.logged(out, 2), "step 2")
+        rank1_pid = next(e["pid"] for e in probe.events(out) if e["event"] == "start" and e["rank"] == 1)
+        node_id = probe.actor_nodes("RayTrainWorker")[rank1_pid]
         gcs = ray._raylet.GcsClient(address=cluster.address)
         deadline = time.time() + 8
         ok, why = gcs.drain_node(node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
                                  "test: spot reclaim", int(deadline * 1000))
         assert ok, why
         # Ray Train's preemption watcher tells the workers; then they go on to poll (from step 2)
-        _wait_for(lambda: _told_of_drain(int(deadline * 1000)) == {0, 1}, "the workers' preemption signal",
+        probe.wait_for(lambda: probe.told_of_drain(int(deadline * 1000)) == {0, 1}, "the workers' preemption signal",
                   timeout_s=60)
         _release(out)
         # step 2: the ranks waited after it until both workers held the drain
-        drained["step"] = _wait_for(lambda: _stop_step(out), "the ranks' stop", timeout_s=90)
-        _wait_for(lambda: _registered(out, drained["step"]), "the just-in-time checkpoint", timeout_s=90)
+        drained["step"] = probe.wait_for(lambda: probe.stop_step(out), "the ranks' stop", timeout_s=90)
+        probe.wait_for(lambda: probe.registered(out, drained["step"]), "the just-in-time checkpoint", timeout_s=90)
         # The reclaim, at its deadline: Ray counts a drained node that dies *before* its deadline
         # as an unexpected failure (max_failures), one that dies after it as a preemption.
         time.sleep(max(0.0, deadline + 0.5 - time.time()))
@@ -284,15 +193,15 @@ def test_a_drained_node_gets_a_just_in_time_checkpoint_and_the_run_resumes_from_
 
     _nodes(cluster, 3)
     with Paused(2):
-        t = _in_thread(drain_then_reclaim)
+        t = probe.in_thread(drain_then_reclaim)
         res = _train(_cfg(max_preemption_failures=1), art, out)
-    _joined(t)
+    probe.joined(t)
     k = drained["step"]
     assert k == 2 < STEPS  # mid-phase: neither a periodic checkpoint (every 1000) nor the end
     _assert_every_step_once(out, res, reference, [[0, k], [k, STEPS]])
-    stops = [e for e in _events(out) if e["event"] == "stop"]
+    stops = [e for e in probe.events(out) if e["event"] == "stop"]
     assert {(e["rank"], e["reason"], e["step"]) for e in stops} == {(0, "preemption", k), (1, "preemption", k)}
-    restarted = [e for e in _events(out) if e["event"] == "start"][2:]
+    restarted = [e for e in probe.events(out) if e["event"] == "start"][2:]
     assert sorted(e["start_step"] for e in restarted) == [k, k]
 
 
@@ -302,23 +211,23 @@ def test_losing_the_node_of_a_train_worker_resumes_from_the_last_checkpoint(clus
     out = tmp_path / "out"
 
     def lose_rank1_node():
-        _wait_for(lambda: _logged(out, 3), "step 3")
+        probe.wait_for(lambda: probe.logged(out, 3), "step 3")
         # the controller restores only checkpoints it has registered: under load that can lag the
         # rank's report, and a node lost before it restarts the run from step 0 (CI, once)
-        _wait_for(lambda: _registered(out, 2), "checkpoint 2 registered", timeout_s=90)
-        rank1_pid = next(e["pid"] for e in _events(out) if e["event"] == "start" and e["rank"] == 1)
-        node_id = _actor_nodes("RayTrainWorker")[rank1_pid]
+        probe.wait_for(lambda: probe.registered(out, 2), "checkpoint 2 registered", timeout_s=90)
+        rank1_pid = next(e["pid"] for e in probe.events(out) if e["event"] == "start" and e["rank"] == 1)
+        node_id = probe.actor_nodes("RayTrainWorker")[rank1_pid]
         cluster.remove_node(_node(cluster, node_id), allow_graceful=False)
         # released only once rank 1 is gone: a worker outlives its killed raylet for a moment,
         # and a rank released then trains step 4 and checkpoints it (CI, once: resumed from 4)
-        _wait_for(lambda: _gone(rank1_pid), "rank 1's process to end", timeout_s=60)
+        probe.wait_for(lambda: probe.gone(rank1_pid), "rank 1's process to end", timeout_s=60)
         _release(out)
 
     _nodes(cluster, 3)
     with Paused(3):
-        t = _in_thread(lose_rank1_node)
+        t = probe.in_thread(lose_rank1_node)
         res = _train(_cfg(checkpoint_every=2, max_failures=1), art, out)
-    _joined(t)
+    probe.joined(t)
     _assert_every_step_once(out, res, reference, [[0, 2], [2, STEPS]])
 
 
@@ -335,17 +244,17 @@ def test_losing_the_node_of_a_weak_pool_actor_replaces_the_replica_and_loses_no_
     lost: dict = {}
 
     def lose_pool_node():
-        _wait_for(lambda: _logged(out, 2), "step 2")
-        (node_id,) = set(_actor_nodes("ReplicaCoordinator").values())
-        assert node_id not in set(_actor_nodes("RayTrainWorker").values())
+        probe.wait_for(lambda: probe.logged(out, 2), "step 2")
+        (node_id,) = set(probe.actor_nodes("ReplicaCoordinator").values())
+        assert node_id not in set(probe.actor_nodes("RayTrainWorker").values())
         cluster.remove_node(_node(cluster, node_id), allow_graceful=False)
         lost["node"] = node_id
         _release(out)
 
     with Paused(2):
-        t = _in_thread(lose_pool_node)
+        t = probe.in_thread(lose_pool_node)
         res = _train(cfg, art, out)
-    _joined(t)
+    probe.joined(t)
     _assert_every_step_once(out, res, reference, [[0, STEPS]])  # no restart of the Train workers
     assert lost
 
@@ -365,7 +274,7 @@ def test_losing_the_node_of_a_scoring_actor_gives_one_score_per_sample(cluster, 
     lost: dict = {}
 
     def lose_scorer_node():
-        (node_id,) = set(_actor_nodes("EntropyScorer").values())
+        (node_id,) = set(probe.actor_nodes("EntropyScorer").values())
         cluster.remove_node(_node(cluster, node_id), allow_graceful=False)
         lost["node"] = node_id
 
@@ -375,11 +284,11 @@ def test_losing_the_node_of_a_scoring_actor_gives_one_score_per_sample(cluster, 
     def on_progress(done: int) -> None:
         progress.append(done)
         if not threads:
-            threads.append(_in_thread(lose_scorer_node))
+            threads.append(probe.in_thread(lose_scorer_node))
 
     res = score_tokenized(cfg, art["weak"], art["strong"], art["tokenized"], str(tmp_path / "score"),
                           progress_callback=on_progress)
-    _joined(threads[0])
+    probe.joined(threads[0])
     assert lost and progress[0] < 40
     scores = pq.read_table(res.scores_path)
     rows = pq.read_table(art["tokenized"]).to_pylist()
@@ -414,25 +323,25 @@ def test_the_head_lost_then_the_driver_evicted_each_rerun_resumes_from_storage(c
     env = {**os.environ, "RAY_ADDRESS": cluster.address, "PYTHONPATH": str(REPO), PAUSE_ENV: f"4:{PAUSE_S}"}
     driver = subprocess.Popen([sys.executable, "-c", _DRIVER, json.dumps([art, str(out)])], env=env, cwd=str(REPO))
     try:
-        _wait_for(lambda: _registered(out, 4) or driver.poll() is not None, "checkpoint 4")
+        probe.wait_for(lambda: probe.registered(out, 4) or driver.poll() is not None, "checkpoint 4")
         assert driver.poll() is None, "the first driver ended before it was killed"
     finally:
         driver.kill()
         driver.wait()
 
     def sigterm_after_step_5():
-        _wait_for(lambda: _logged(out, 5), "step 5")
+        probe.wait_for(lambda: probe.logged(out, 5), "step 5")
         os.kill(os.getpid(), signal.SIGTERM)
-        _wait_for(lambda: (out / ".stop_requested").exists(), "the driver's stop marker")
+        probe.wait_for(lambda: (out / ".stop_requested").exists(), "the driver's stop marker")
         _release(out)
 
     with Paused(5):
-        t = _in_thread(sigterm_after_step_5)
+        t = probe.in_thread(sigterm_after_step_5)
         with pytest.raises(StopRequested, match="after step 5 of 6"):
             _train(_cfg(checkpoint_every=4), art, out)
-    _joined(t)
+    probe.joined(t)
     assert not (out / ".stop_requested").exists()
     res = _train(_cfg(checkpoint_every=4), art, out)
     _assert_every_step_once(out, res, reference, [[0, 4], [4, 5], [5, STEPS]])
-    stops = {(e["rank"], e["reason"], e["step"]) for e in _events(out) if e["event"] == "stop"}
+    stops = {(e["rank"], e["reason"], e["step"]) for e in probe.events(out) if e["event"] == "stop"}
     assert stops == {(0, "stop", 5), (1, "stop", 5)}
