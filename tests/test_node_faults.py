@@ -162,7 +162,7 @@ def test_a_drained_node_gets_a_just_in_time_checkpoint_and_the_run_resumes_from_
     """checkpoint_every is far away; the node of rank 1 is drained for preemption after step 2
     (``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION``, 8 s deadline) and killed at its
     deadline; a spare node is up. The ranks checkpoint the step they are at (2: they wait after it
-    until both Train workers hold the drain, ``_told_of_drain``) at once and wait; Ray Train
+    until both Train workers hold the drain, ``probe.told_of_drain``) at once and wait; Ray Train
     restarts them from it on the preemption budget (max_failures is 0)."""
     import ray
     from ray.core.generated import autoscaler_pb2
