@@ -1,7 +1,6 @@
 """GPU check of the real training path, one invocation on one GPU (about 6 minutes on an H200).
 
-It runs what users run, minus Ray (the device machines carry no Ray; the CPU suite covers the
-Ray edge): the shipped recipe ``configs/qwen3-4b-math.yaml`` with per-variant overrides, models
+It runs what users run (every part but ``ray`` without Ray: the device machines carry none): the shipped recipe ``configs/qwen3-4b-math.yaml`` with per-variant overrides, models
 written to disk as HF directories and loaded by the project's loader (ZeRO-3: ``zero.Init`` +
 scattered weights), the project's training rank :class:`~wmss_ray.training.worker.PhaseWorker`
 (DeepSpeed engine over the pair module, packing, the chunked mixed CE), its checkpoint, export
@@ -22,7 +21,11 @@ memory and speed. Parts, in this order, each skipped when the time budget is spe
   vLLM is installed (the project's GPU image; not the device machines this project is lent);
 - ``nccl``: 2 ranks over NCCL when the machine has 2 GPUs (gloo on the CPU smoke; skipped, and said,
   with one GPU): all-reduce bus bandwidth, ZeRO-2 SFT tokens/s per GPU, losses against one rank with
-  the same global batch (``gpu_check_ranks.py``); ``ray``: said when skipped.
+  the same global batch (``gpu_check_ranks.py``);
+- ``ray``: where Ray is installed (a user's GPU node; not the device machines), the same path through
+  Ray Train as ``wmss run`` drives it (``gpu_check_ray.py``): SFT with in-run validation, stopped and
+  resumed from its checkpoint, WMSS joint, frozen, and frozen with the weak model in a pool actor on
+  half the GPU.
 
 Usage::
 
@@ -50,7 +53,7 @@ from gpu_check_setup import BF16_GRADS, SHAPES, Setup, Variant, run_config, save
 
 #: Rough seconds each part takes on an H200 (for the budget: a part that would not fit is skipped).
 GPU_SECONDS = {"steps": 260, "exact": 60, "kernel": 15, "big": 150, "score_gen": 40, "engines": 240, "nccl": 60,
-               "ray": 1}
+               "ray": 150}
 ORDER = ["steps", "exact", "kernel", "big", "score_gen", "nccl", "ray", "engines"]
 
 
@@ -121,6 +124,18 @@ def dry_run(a) -> int:
     build_ds_config(two.training, 2, torch.bfloat16, True)
     print(f"  nccl: 2 spawned ranks (2 GPUs, else skipped), all-reduce + ZeRO-2 SFT, micro-batch {s.micro_batch} "
           "per rank, against one rank with grad_accum 2")
+    from gpu_check_ray import RUNS, STEPS, ray_config
+
+    for _, mode, pool in RUNS:
+        assert ray_config(s, mode, pool).scaling.use_gpu
+    try:
+        import ray  # noqa: F401
+
+        has_ray = "installed"
+    except ImportError:
+        has_ray = "not installed: skipped"
+    print(f"  ray: Ray Train at world size 1, {STEPS} steps per run: {', '.join(label for label, _, _ in RUNS)} "
+          f"(the pool run: rank and pool actor on 0.5 GPU each; Ray {has_ray})")
     from wmss_ray.models.vllm_engine import vllm_installed
 
     print(f"  engines: HF generate vs vLLM at {s.shape} and {s.big_shape}, {2 * s.gen_batch} prompts x "

@@ -248,8 +248,10 @@ def part_ray(s: Setup, out_dir: str) -> tuple[dict, list[str]]:
         import ray  # noqa: F401
     except ImportError:
         return {"skipped": True}, ["Ray Train path: not run (Ray is not installed on this machine; the CPU suite "
-                                   "runs the same PhaseWorker through Ray Train)."]
-    return {"skipped": True}, ["Ray Train path: not run by this script yet (it drives PhaseWorker directly)."]
+                                   "runs this part through Ray Train: tests/test_gpu_check.py)."]
+    from gpu_check_ray import part_ray as ray_part
+
+    return ray_part(s, out_dir)
 
 
 PARTS = {"steps": part_steps, "exact": part_exact, "kernel": part_kernel, "score_gen": part_score_gen,

@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.py: its dry run validates what the GPU run builds, and every part runs
-end to end with tiny shapes on the CPU, without Ray (the device machines carry none)."""
+end to end with tiny shapes on the CPU: without Ray (the device machines carry none), and the
+``ray`` part through Ray Train on the session's cluster."""
 
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def test_cpu_smoke_runs_every_part_without_ray(tmp_path):
     assert kernel.keys() == {"naive", "chunked"}
     assert all(r["loss_rel_err"] < 1e-2 and r["grad_rel_err"] < 5e-2 for r in results["kernel"]["rows"])
     assert results["score_gen"]["score_rows_per_s"] > 0 and results["score_gen"]["gen_new_tokens_per_s"] > 0
-    assert results["ray"]["skipped"] and "Ray is not installed" in text
+    assert results["ray"]["skipped"] and "Ray is not installed" in text  # run below, on the session's cluster
     # two spawned ranks (gloo here, NCCL on 2 GPUs): the same losses on both, and as one rank with grad_accum 2
     ranks = results["nccl"]
     assert ranks["backend"] == "gloo" and ranks["ranks_agree"] and ranks["busbw_gb_s"] > 0
@@ -92,6 +93,37 @@ def test_cpu_smoke_runs_every_part_without_ray(tmp_path):
     assert engines["shape"] == "tiny" and engines["new_tokens"] == {"hf": 2 * 2 * 4, "vllm": 2 * 2 * 4}
     assert engines["hf"]["steady_completions_per_s"] > 0 and engines["vllm"]["start_s"] > 0
     assert "| tiny | vllm |" in text
+
+
+def test_the_ray_part_trains_validates_resumes_and_pools_through_ray_train(ray_cluster, tmp_path, monkeypatch):
+    """The ``ray`` part (skipped above, where Ray is missing) on the session's cluster, as on a GPU
+    node: six Ray Train runs of ``train_phase``; the resumed SFT equals the uninterrupted one, the
+    exact pool equals colocated frozen, in-run validation wrote its files."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import gpu_check
+    from gpu_check_parts import part_ray
+
+    s = gpu_check.make_setup(gpu_check.parse_args(["--cpu-smoke"]), str(tmp_path / "root"))
+    gpu_check.prepare(s)
+    res, lines = part_ray(s, str(tmp_path / "out"))
+    runs = res["runs"]
+    assert [(label, r["last_step"]) for label, r in runs.items()] == [
+        ("sft", 4), ("sft stopped", 2), ("sft resumed", 4), ("joint", 4), ("frozen", 4), ("frozen pool", 4)]
+    assert all(sorted(r["losses"]) == list(range(1, r["last_step"] + 1)) for r in runs.values())
+    assert all(r["wall_s"] > 0 and r["tokens_per_s"] > 0 and r["plan_gib"] > 0 for r in runs.values())
+    # the resumed run: steps 3-4 from the checkpoint of step 2, as the uninterrupted run trained them
+    assert res["stopped_at"] == 2 and res["resumed_steps"] == [3, 4]
+    assert res["resume_max_rel"] < 1e-6 and res["resume_weights_max_abs"] == 0.0
+    # in-run validation at step 2 of the first run (export, barrier, generation on the rank)
+    assert res["validation"]["n"] == 3 and res["validation"]["engine"] == "hf"
+    assert (Path(s.root) / "ray" / "sft" / "validation_step2" / "eval_WMSS.jsonl").exists()
+    # WMSS from the SFT export: the same weights give joint and frozen the same first loss, then the
+    # weak model trains in joint only; the exact pool gives colocated frozen's losses
+    joint, frozen = runs["joint"]["losses"], runs["frozen"]["losses"]
+    assert joint[1] == frozen[1] and joint[4] != frozen[4]
+    assert res["pool_steps"] == [1, 2, 3, 4] and res["pool_max_rel"] < 1e-4
+    text = "\n".join(lines)
+    assert "| frozen pool |" in text and "worst relative loss difference" in text
 
 
 def test_the_check_refuses_to_start_without_a_gpu_unless_told():
