@@ -71,12 +71,25 @@ RUN pip install -c requirements.lock ".[${VLLM_EXTRA}]" \
  && python -c "import ray, vllm, wmss_ray, jobs.pipeline, wmss_ray.cli.check_cluster; assert ray.__version__ == '${RAY_VERSION}', ray.__version__"
 
 # GPU variant: flash-attn 2 (models.attn_implementation auto picks it on a GPU when importable).
-# Built against the torch above (no build isolation); MAX_JOBS bounds the compile's memory.
+# Built against the torch above (no build isolation): flash-attn 2.8.3 publishes wheels for older
+# torch releases only, so its setup.py finds none for ours and compiles from source. That compile
+# is the slowest step of the image: 72 kernel files (head dims 32-256, fp16/bf16, forward, backward,
+# split-KV) for each CUDA architecture in FLASH_ATTN_CUDA_ARCHS (flash-attn's default, kept here:
+# 80;90;100;120 = A100, H100/H200, B200, RTX 50xx under CUDA 12.8, so 288 nvcc jobs). flash-attn's
+# README gives 3-5 minutes on a 64-core machine with ninja and about 2 hours without; MAX_JOBS
+# bounds the parallel jobs (each nvcc job takes several GB of RAM), so a builder with 8 jobs takes
+# proportionally longer (not measured: no CUDA toolchain on our build machines). For a cluster of
+# one GPU generation pass e.g. --build-arg FLASH_ATTN_CUDA_ARCHS=90 (H100/H200): a quarter of the
+# jobs. The slower alternative needs no compile: models.attn_implementation: sdpa (PyTorch's own
+# FlashAttention-2 / cuDNN kernels; packed rows then attend through a block-diagonal mask,
+# BENCHMARKS.md "The GPU check on an H200").
 ARG FLASH_ATTN_VERSION=2.8.3
+ARG FLASH_ATTN_CUDA_ARCHS="80;90;100;120"
 ARG MAX_JOBS=8
 RUN if [ "${INSTALL_FLASH_ATTN}" = "1" ]; then \
       pip install packaging ninja \
-      && MAX_JOBS=${MAX_JOBS} pip install "flash-attn==${FLASH_ATTN_VERSION}" --no-build-isolation \
+      && MAX_JOBS=${MAX_JOBS} FLASH_ATTN_CUDA_ARCHS="${FLASH_ATTN_CUDA_ARCHS}" \
+         pip install "flash-attn==${FLASH_ATTN_VERSION}" --no-build-isolation \
       && python -c "import flash_attn; print('flash-attn', flash_attn.__version__)"; \
     fi
 

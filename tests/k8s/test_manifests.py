@@ -228,6 +228,10 @@ def test_dockerfile_matches_manifests():
     assert "INSTALL_FLASH_ATTN=1" in text.split("AS base-gpu")[1].split("FROM ")[0]
     assert "INSTALL_FLASH_ATTN=0" in text.split("AS base-cpu")[1].split("FROM ")[0]
     assert 'pip install "flash-attn==' in text
+    # its compile (the image's slowest step) builds the architectures the build arg names, Hopper among them
+    assert 'FLASH_ATTN_CUDA_ARCHS="${FLASH_ATTN_CUDA_ARCHS}"' in text
+    archs = re.search(r'^ARG FLASH_ATTN_CUDA_ARCHS="([0-9;]+)"$', text, flags=re.M)
+    assert archs and "90" in archs.group(1).split(";"), archs
     # the image installs the tested set: every pip install but torch's and the GPU build tools is
     # constrained by the lock, and the lock is in the build context
     installs = [c for c in re.findall(r"pip install [^\\&\n]*", text) if "torch==" not in c and "ninja" not in c
