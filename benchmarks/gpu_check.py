@@ -49,10 +49,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from gpu_check_setup import BF16_GRADS, SHAPES, Setup, Variant, run_config, save_model, write_rows  # noqa: E402
+from gpu_check_setup import BF16_GRADS, FLASH, SHAPES, Setup, Variant, run_config, save_model, write_rows  # noqa: E402
 
 #: Rough seconds each part takes on an H200 (for the budget: a part that would not fit is skipped).
-GPU_SECONDS = {"steps": 260, "exact": 60, "kernel": 15, "big": 150, "score_gen": 40, "engines": 240, "nccl": 60,
+GPU_SECONDS = {"steps": 280, "exact": 60, "kernel": 15, "big": 150, "score_gen": 40, "engines": 240, "nccl": 60,
                "ray": 150}
 ORDER = ["steps", "exact", "kernel", "big", "score_gen", "nccl", "ray", "engines"]
 
@@ -90,6 +90,7 @@ def make_setup(a, root: str) -> Setup:
                      variants=[Variant("sft z2", "sft", 2, False, profile=True),
                                Variant("frozen z2", "frozen", 2, False), Variant("sft z1", "sft", 1, False),
                                Variant("sft z1 bf16 grads", "sft", 1, False, ds=BF16_GRADS),
+                               Variant("sft z1 flash", "sft", 1, False, attn=FLASH),  # skipped: no CUDA
                                Variant("sft z3 ckpt", "sft", 3, True)],
                      big_variants=[Variant("sft z2 ckpt", "sft", 2, True)])
     return Setup(device=torch.device("cuda"), root=root, shape="qwen3-0.6b", big_shape="qwen3-4b", seq_len=a.seq_len,
@@ -109,7 +110,7 @@ def dry_run(a) -> int:
     for shape in (s.shape, s.big_shape):
         print(f"  shape {shape}: {n_params(shape) / 1e9:.3f} B parameters, vocab {SHAPES[shape]['vocab_size']}")
     print(f"  rows: {s.seq_len} tokens; micro-batch {s.micro_batch} ({s.big_micro_batch} at {s.big_shape})")
-    print("  variant | ZeRO | ckpt | packing | DeepSpeed overrides | wmss plan GiB per GPU")
+    print("  variant | ZeRO | ckpt | packing | attention, DeepSpeed overrides | wmss plan GiB per GPU")
     for shape, mb, variants in ((s.shape, s.micro_batch, s.variants),
                                 (s.big_shape, s.big_micro_batch, s.big_variants)):
         for v in variants:
@@ -118,7 +119,7 @@ def dry_run(a) -> int:
             build_ds_config(cfg.training, 1, torch.bfloat16, True)
             phase = "sft" if v.mode == "sft" else "wmss"
             print(f"  {shape} {v.label} | {v.zero_stage} | {v.checkpointing} | {v.packing} | "
-                  f"{', '.join(v.ds) or '-'} | {plan_gib(cfg, shape, phase):.1f}")
+                  f"{', '.join([v.attn, *v.ds])} | {plan_gib(cfg, shape, phase):.1f}")
     print(f"  exact: joint ZeRO-3 + ckpt, grad_accum 2, {s.exact_steps} steps, packing on/off, resume, export")
     two = run_config(s, Variant("sft z2", "sft", 2, False), s.micro_batch, extra=["scaling.num_workers=2"])
     build_ds_config(two.training, 2, torch.bfloat16, True)

@@ -54,7 +54,8 @@ def ray_config(s: Setup, mode: str, pool: bool = False):
     if pool:
         extra += ["mix.placement=pool", "mix.pool.top_k=0", "mix.pool.replicas=1", "mix.pool.shards=1",
                   f"mix.pool.cpus_per_actor={1 if gpu else 0.5}", f"mix.pool.gpus_per_actor={0.5 if gpu else 0}"]
-    variant = Variant(mode, mode, zero_stage=2, checkpointing=True)  # the recipe's stage and checkpointing
+    # the recipe's stage, checkpointing and attention ("auto": flash-attention where installed)
+    variant = Variant(mode, mode, zero_stage=2, checkpointing=True, attn="auto")
     return run_config(s, variant, s.micro_batch, extra=extra)
 
 

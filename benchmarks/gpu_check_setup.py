@@ -45,11 +45,18 @@ class Variant:
     packing: bool = True
     profile: bool = False  # also profile a few steps (torch.profiler)
     ds: tuple[str, ...] = ()  # "key.path=value" under training.ds_config_overrides (DeepSpeed's own knobs)
+    attn: str = "sdpa"  # models.attn_implementation (FLASH: run only where flash-attn is installed)
 
     def overrides(self) -> list[str]:
         return [f"training.zero_stage={self.zero_stage}", f"training.gradient_checkpointing={self.checkpointing}",
                 f"training.packing={self.packing}", f"mix.mode={'frozen' if self.mode == 'frozen' else 'joint'}",
-                *(f"training.ds_config_overrides.{kv}" for kv in self.ds)]
+                f"models.attn_implementation={self.attn}", *(f"training.ds_config_overrides.{kv}" for kv in self.ds)]
+
+    @property
+    def knob(self) -> bool:
+        """Changes one thing of a shipped step (DeepSpeed overrides, the attention kernel): printed
+        against the variant it changes (``gpu_check_steps.knob_pairs``)."""
+        return bool(self.ds) or self.attn != "sdpa"
 
 
 #: DeepSpeed knobs measured against the shipped engine config (the H200 run found the step
@@ -60,6 +67,10 @@ class Variant:
 #: summed over 64 ranks). Overlap: gradient reduction on a side stream into one contiguous buffer.
 BF16_GRADS = ("data_types.grad_accum_dtype=bf16", "communication_data_type=bf16")
 OVERLAP = ("zero_optimization.overlap_comm=true", "zero_optimization.contiguous_gradients=true")
+#: flash-attention 2: packed rows through its varlen kernel with the packer's boundaries (no
+#: block-diagonal mask: sdpa's packed step ran 0.80x its padded one on the H200). The GPU image
+#: compiles it (Dockerfile); the device machines have none, so these variants are skipped, and said.
+FLASH = "flash_attention_2"
 
 
 #: The step matrix at the end-to-end shape. ZeRO-3 variants come last: DeepSpeed 0.19 keeps every
@@ -80,6 +91,9 @@ VARIANTS = [
     Variant("sft z1 bf16 grads", "sft", 1, False, profile=True, ds=BF16_GRADS),
     Variant("sft z2 bf16 grads", "sft", 2, False, ds=BF16_GRADS),
     Variant("sft z2 overlap", "sft", 2, False, ds=OVERLAP),
+    # the attention kernel: packed rows through flash-attention's varlen kernel against sdpa's mask
+    Variant("sft z1 flash", "sft", 1, False, attn=FLASH),
+    Variant("joint z2 ckpt flash", "joint", 2, True, attn=FLASH),
     Variant("sft z3 ckpt", "sft", 3, True, profile=True),
     Variant("frozen z3 ckpt", "frozen", 3, True),
     Variant("joint z3 ckpt", "joint", 3, True),
@@ -127,7 +141,7 @@ def run_config(s: Setup, variant: Variant, micro_batch: int, grad_accum: int = 1
     overrides = [*variant.overrides(), f"training.micro_batch_size={micro_batch}",
                  f"training.grad_accum={grad_accum}", f"data.max_seq_len={s.seq_len}", "training.warmup_ratio=0.0",
                  "training.min_lr_ratio=1.0", "training.lr=1e-4", "scaling.num_workers=1", "models.dtype=bfloat16",
-                 "models.attn_implementation=sdpa", *extra]
+                 *extra]
     if not s.on_gpu:
         overrides += ["scaling.use_gpu=false"]
     return load_config(RECIPE, overrides)

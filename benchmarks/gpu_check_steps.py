@@ -93,20 +93,20 @@ def time_worker(s: Setup, v: Variant, strong: str, weak: str, tokenized: str, sh
     tokens = micro_batch * s.seq_len
     print(f"  {shape} {v.label}: step {step_s:.3f} s, {tokens / step_s:,.0f} tokens/s, peak {gib(peak)} GiB", flush=True)
     return {"label": v.label, "mode": v.mode, "zero": v.zero_stage, "ckpt": v.checkpointing, "packing": v.packing,
-            "ds": list(v.ds), "optimizer": optimizer, "step_s": step_s,
+            "ds": list(v.ds), "attn": v.attn, "knob": v.knob, "optimizer": optimizer, "step_s": step_s,
             "tokens_per_s": tokens / step_s, "flops_per_s": flops_per_token(n, shape, s.seq_len, trained, frozen)
             * tokens / step_s, "peak_gib": peak, "plan_gib": plan_gib(cfg, shape, "sft" if v.mode == "sft" else "wmss"),
             "losses": losses, "profile": prof}
 
 
 def knob_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
-    """Each knob variant with the variant it changes (same mode, stage, checkpointing, packing, no
-    DeepSpeed overrides), when both ran; sets ``loss_vs_base`` on the knob row: the worst relative
-    difference of their per-step losses (same initial weights, same rows: what the knob costs in
-    numerics, the evidence a default needs besides speed)."""
+    """Each knob variant (DeepSpeed overrides, another attention kernel) with the shipped variant it
+    changes (same mode, stage, checkpointing, packing), when both ran; sets ``loss_vs_base`` on the
+    knob row: the worst relative difference of their per-step losses (same initial weights, same
+    rows: what the knob costs in numerics, the evidence a default needs besides speed)."""
     pairs = []
     for r in rows:
-        base = next((b for b in rows if r["ds"] and not b["ds"] and
+        base = next((b for b in rows if r["knob"] and not b["knob"] and
                      (b["mode"], b["zero"], b["ckpt"], b["packing"]) == (r["mode"], r["zero"], r["ckpt"], r["packing"])),
                     None)
         if base is not None:
@@ -186,8 +186,9 @@ def part_steps(s: Setup, out_dir: str) -> tuple[dict, list[str]]:
     """SFT / WMSS step matrix at the end-to-end shape, the plain reference beside it."""
     p = s.paths
     plain = [plain_sft(s, p["strong"], p["fixed"], s.micro_batch, ckpt) for ckpt in (False, True)]
+    runnable, skipped = split_runnable(s, s.variants)
     rows = [time_worker(s, v, p["strong"], p["weak"], p["fixed"], s.shape, s.micro_batch, out_dir)
-            for v in s.variants]
+            for v in runnable]
     peak = next((v for k, v in peak_table().items() if k in device_name(s)), None)
     ref = {False: plain[0], True: plain[1]}
     lines = [f"Step matrix: {s.shape}, micro-batch {s.micro_batch} x {s.seq_len} tokens (packed rows of "
@@ -204,6 +205,7 @@ def part_steps(s: Setup, out_dir: str) -> tuple[dict, list[str]]:
         lines.append(f"| {r['label']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
                      f"{r['tokens_per_s'] / base['tokens_per_s']:.2f} | {mfu} | {gib(r['peak_gib'])} | "
                      f"{r['plan_gib']:.1f} | {r['optimizer']} |")
+    lines += [f"| {v.label} | skipped: {why} | | | | | | |" for v, why in skipped]
     knobs = [f"`{kv}`" for kv in dict.fromkeys(kv for r in rows for kv in r["ds"])]
     if knobs:
         lines += ["", "DeepSpeed overrides of the knob variants (`training.ds_config_overrides`): " + ", ".join(knobs)]
@@ -227,7 +229,22 @@ def part_steps(s: Setup, out_dir: str) -> tuple[dict, list[str]]:
                       + f"; host syncs per step {pr['syncs_per_step']}", "",
                       "| op | ms per step |", "|---|---:|"]
             lines += [f"| `{k}` | {ms:.1f} |" for k, ms in pr["top"]]
-    return {"plain": plain, "variants": rows}, lines
+    return {"plain": plain, "variants": rows, "skipped": {v.label: why for v, why in skipped}}, lines
+
+
+def split_runnable(s: Setup, variants: list[Variant]) -> tuple[list[Variant], list[tuple[Variant, str]]]:
+    """The variants this machine can run, and the others with the reason (a kernel not installed:
+    the project's own check, ``models.loading.resolve_attn_implementation``, which never falls back)."""
+    from wmss_ray.models.loading import resolve_attn_implementation
+
+    runnable, skipped = [], []
+    for v in variants:
+        try:
+            resolve_attn_implementation(v.attn, s.device)
+            runnable.append(v)
+        except (ImportError, ValueError) as err:
+            skipped.append((v, str(err)))
+    return runnable, skipped
 
 
 # ----------------------------------------------------------------------------- the large shape

@@ -72,6 +72,9 @@ def test_cpu_smoke_runs_every_part_without_ray(tmp_path):
     assert by["sft z1 bf16 grads"]["losses"][0] == by["sft z1"]["losses"][0]
     assert 0 <= by["sft z1 bf16 grads"]["loss_vs_base"] < 0.1
     assert "sft z1 bf16 grads against sft z1: step time" in text
+    # flash-attention's variants run where flash-attn is installed on a GPU, else are skipped, and said
+    assert "sft z1 flash" not in by and "needs a CUDA device" in steps["skipped"]["sft z1 flash"]
+    assert "| sft z1 flash | skipped: " in text
     profiled = [r for r in steps["variants"] if r["profile"]]
     assert profiled and (out / profiled[0]["profile"]["file"]).exists()
     exact = results["exact"]
