@@ -11,11 +11,14 @@ memory and speed. Parts, in this order, each skipped when the time budget is spe
   beside a plain PyTorch SFT step on the same rows (fp32 master weights under bf16 autocast,
   fused AdamW): tokens/s, MFU, the ratio to the plain step, peak memory next to ``wmss plan``'s
   estimate, WMSS/SFT step ratios, and a torch.profiler breakdown of some variants; SFT again with
-  DeepSpeed's own knobs (bf16 gradients, overlapped reduction) against the engine's host overheads;
+  DeepSpeed's own knobs (bf16 gradients, overlapped reduction) against the engine's host overheads,
+  and with flash-attention's varlen kernel (where installed) against sdpa's packed mask;
 - ``exact``: packing on vs off per-step losses, ``grad_accum`` 2, a checkpoint resumed in a fresh
   rank, the export reloaded (fp32 rotary tables, logits over twice the row length);
 - ``kernel``: the chunked mixed CE against the naive loss at the default and the recipe's chunk;
 - ``big``: the 4B shape, plain vs ours, peak memory vs ``wmss plan``;
+- ``attention``: one attention layer on packed rows, sdpa's block mask against flash-attn's varlen
+  kernel (where installed), PyTorch's own varlen kernel and flex attention (``packed_attention.py``);
 - ``score_gen``: entropy scoring and HF generation throughput;
 - ``engines``: HF ``generate`` against vLLM (``benchmarks/generation.py``) at both shapes, when
   vLLM is installed (the project's GPU image; not the device machines this project is lent);
@@ -52,9 +55,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gpu_check_setup import BF16_GRADS, FLASH, SHAPES, Setup, Variant, run_config, save_model, write_rows  # noqa: E402
 
 #: Rough seconds each part takes on an H200 (for the budget: a part that would not fit is skipped).
-GPU_SECONDS = {"steps": 280, "exact": 60, "kernel": 15, "big": 150, "score_gen": 40, "engines": 240, "nccl": 60,
+GPU_SECONDS = {"steps": 280, "exact": 60, "kernel": 15, "attention": 60, "big": 150, "score_gen": 40, "engines": 240, "nccl": 60,
                "ray": 150}
-ORDER = ["steps", "exact", "kernel", "big", "score_gen", "nccl", "ray", "engines"]
+ORDER = ["steps", "exact", "kernel", "big", "attention", "score_gen", "nccl", "ray", "engines"]
 
 
 def parse_args(argv=None):
@@ -121,6 +124,8 @@ def dry_run(a) -> int:
             print(f"  {shape} {v.label} | {v.zero_stage} | {v.checkpointing} | {v.packing} | "
                   f"{', '.join([v.attn, *v.ds])} | {plan_gib(cfg, shape, phase):.1f}")
     print(f"  exact: joint ZeRO-3 + ckpt, grad_accum 2, {s.exact_steps} steps, packing on/off, resume, export")
+    print(f"  attention: one layer of {s.shape}, {s.micro_batch} packed rows x {s.seq_len}: sdpa block mask, "
+          "flash-attn varlen (if installed), torch varlen, flex document mask")
     two = run_config(s, Variant("sft z2", "sft", 2, False), s.micro_batch, extra=["scaling.num_workers=2"])
     build_ds_config(two.training, 2, torch.bfloat16, True)
     print(f"  nccl: 2 spawned ranks (2 GPUs, else skipped), all-reduce + ZeRO-2 SFT, micro-batch {s.micro_batch} "

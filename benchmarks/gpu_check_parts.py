@@ -153,6 +153,19 @@ def part_kernel(s: Setup, out_dir: str) -> tuple[dict, list[str]]:
 # ----------------------------------------------------------------------------- scoring, generation
 
 
+def part_attention(s: Setup, out_dir: str) -> tuple[dict, list[str]]:
+    """One attention layer on packed rows at the check's shape: sdpa's block mask (what packing runs
+    under sdpa) against the varlen kernels (flash-attn where installed, PyTorch's own) and flex
+    attention, with their differences (``benchmarks/packed_attention.py``)."""
+    from packed_attention import measure, table
+
+    c = SHAPES[s.shape]
+    summary = measure(rows=s.micro_batch, seq=s.seq_len, heads=c["num_attention_heads"],
+                      kv_heads=c["num_key_value_heads"], head_dim=c["head_dim"], doc_min=max(4, s.seq_len // 20),
+                      doc_max=s.seq_len, device=s.device, iters=10 if s.on_gpu else 2)
+    return summary, table(summary)
+
+
 def part_score_gen(s: Setup, out_dir: str) -> tuple[dict, list[str]]:
     """Entropy scoring (the score stage's scorer, weak + strong) and HF greedy generation."""
     from wmss_ray.models.loading import load_causal_lm
@@ -254,5 +267,6 @@ def part_ray(s: Setup, out_dir: str) -> tuple[dict, list[str]]:
     return ray_part(s, out_dir)
 
 
-PARTS = {"steps": part_steps, "exact": part_exact, "kernel": part_kernel, "score_gen": part_score_gen,
+PARTS = {"steps": part_steps, "exact": part_exact, "kernel": part_kernel, "attention": part_attention,
+         "score_gen": part_score_gen,
          "big": part_big, "engines": part_engines, "nccl": part_ranks, "ray": part_ray}

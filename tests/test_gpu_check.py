@@ -57,7 +57,7 @@ def test_cpu_smoke_runs_every_part_without_ray(tmp_path):
     assert proc.returncode == 0 and "FAILED" not in text, (text + proc.stderr)[-4000:]
     assert not [p.name for p in tmp.iterdir() if p.name.startswith("gpu-check-")], list(tmp.iterdir())
     results = json.loads((out / "gpu_check.json").read_text())
-    for part in ("steps", "exact", "kernel", "big", "score_gen", "nccl", "ray", "engines"):
+    for part in ("steps", "exact", "kernel", "attention", "big", "score_gen", "nccl", "ray", "engines"):
         assert part in results and "error" not in results[part], part
     steps = results["steps"]
     assert [r["label"] for r in steps["plain"]] == ["plain PyTorch SFT", "plain PyTorch SFT ckpt"]
@@ -84,6 +84,10 @@ def test_cpu_smoke_runs_every_part_without_ray(tmp_path):
     kernel = {r["impl"].split(" (")[0]: r for r in results["kernel"]["rows"]}
     assert kernel.keys() == {"naive", "chunked"}
     assert all(r["loss_rel_err"] < 1e-2 and r["grad_rel_err"] < 5e-2 for r in results["kernel"]["rows"])
+    # packed rows' attention: the block mask (what sdpa runs) timed; the varlen kernels are CUDA only
+    attention = {r["variant"]: r for r in results["attention"]["results"]}
+    assert attention.keys() == {"sdpa causal", "sdpa block mask"} and attention["sdpa block mask"]["fwd_bwd_ms"] > 0
+    assert "| sdpa block mask |" in text and "CUDA only" in text
     assert results["score_gen"]["score_rows_per_s"] > 0 and results["score_gen"]["gen_new_tokens_per_s"] > 0
     assert results["ray"]["skipped"] and "Ray is not installed" in text  # run below, on the session's cluster
     # two spawned ranks (gloo here, NCCL on 2 GPUs): the same losses on both, and as one rank with grad_accum 2
