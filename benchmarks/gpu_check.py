@@ -26,9 +26,9 @@ memory and speed. Parts, in this order, each skipped when the time budget is spe
   with one GPU): all-reduce bus bandwidth, ZeRO-2 SFT tokens/s per GPU, losses against one rank with
   the same global batch (``gpu_check_ranks.py``);
 - ``ray``: where Ray is installed (a user's GPU node; not the device machines), the same path through
-  Ray Train as ``wmss run`` drives it (``gpu_check_ray.py``): SFT with in-run validation, stopped and
-  resumed from its checkpoint, WMSS joint, frozen, and frozen with the weak model in a pool actor on
-  half the GPU.
+  Ray Train as ``wmss run`` drives it (``gpu_check_ray.py``): SFT with in-run validation; from its
+  export WMSS joint, frozen stopped and resumed from its checkpoint, and frozen with the weak model in
+  a pool actor on half the GPU.
 
 Usage::
 

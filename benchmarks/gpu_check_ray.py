@@ -3,18 +3,22 @@
 Every other part drives the project's training rank (``PhaseWorker``) in this process; this one
 calls :func:`wmss_ray.training.trainer.train_phase`, the pipeline's own entry, so the runs go
 through Ray Train's worker group on the GPU (NCCL process group, ``CUDA_VISIBLE_DEVICES`` set by
-Ray), its checkpoints on storage, the export, and in-run validation. Six short runs of the
-check's end-to-end shape (the recipe: ZeRO-2, activation checkpointing, packing; ``log_every`` 1):
+Ray), its checkpoints on storage, the export, and in-run validation. Five short runs of the
+check's end-to-end shape (the recipe: ZeRO-2, activation checkpointing, packing, attention
+``auto``; ``log_every`` 1):
 
 1. ``sft``: 4 steps, validating itself at step 2 (rank 0 exports ``interim_model/``, a barrier,
    every rank generates and scores the validation rows), then the final export;
-2. ``sft stopped``: the same run stopped after step 2 (a Ray Train checkpoint), then
-3. ``sft resumed``: the same call again, which resumes from it: its steps 3-4 and exported weights
-   must equal run 1's;
-4-6. WMSS from run 3's export (the reload of an export as the next phase's strong model, as the
-   pipeline chains phases): ``joint`` and ``frozen`` colocated, and ``frozen pool``, the weak model
-   served by a pool actor on a fraction of the GPU beside the training rank's fraction
-   (``top_k`` 0, exact: its per-step losses must equal ``frozen``'s).
+2. ``joint``: WMSS from that export (an export reloaded as the next phase's strong model, as the
+   pipeline chains phases), the weak model trained too;
+3. ``frozen stopped``: WMSS frozen, stopped after step 2 (a Ray Train checkpoint), then
+4. ``frozen resumed``: the same call again, which resumes from that checkpoint;
+5. ``frozen pool``: the weak model served by a pool actor on a fraction of the GPU beside the
+   training rank's fraction (``top_k`` 0, exact), uninterrupted.
+
+Equalities: joint's first loss is frozen's (the same weights and rows); the pool run's losses are
+the colocated frozen run's, steps 1-2 (the pool alone) and 3-4 (the pool against the resumed run),
+and its exported weights to bf16 rounding.
 
 Printed per run: wall time of the ``train_phase`` call (Ray Train start, loading, steps, export),
 tokens/s of its last step, the rank's peak GPU memory next to ``wmss plan``'s estimate; then each
@@ -37,15 +41,17 @@ STOP_AT = 2
 VALIDATION_ROWS = {"gpu": 8, "cpu": 3}
 VALIDATION_NEW_TOKENS = {"gpu": 64, "cpu": 4}
 #: The runs, in order: (label, mode, weak model in a pool actor).
-RUNS = [("sft", "sft", False), ("sft stopped", "sft", False), ("sft resumed", "sft", False),
-        ("joint", "joint", False), ("frozen", "frozen", False), ("frozen pool", "frozen", True)]
+RUNS = [("sft", "sft", False), ("joint", "joint", False), ("frozen stopped", "frozen", False),
+        ("frozen resumed", "frozen", False), ("frozen pool", "frozen", True)]
 
 
 def ray_config(s: Setup, mode: str, pool: bool = False):
     """The recipe at world size 1 for one run; colocated ranks take the whole GPU, the pool run
     splits it between the rank (0.5) and the weak model's pool actor (0.5)."""
     gpu = s.on_gpu
-    extra = ["training.log_every=1", f"training.checkpoint_every={STOP_AT}",
+    # checkpoints: the recipe's every 200 steps, so each run saves at its end only (and at a stop or
+    # a validation point, which also checkpoint)
+    extra = ["training.log_every=1",
              f"scaling.cpus_per_worker={4 if gpu else 1}",
              f"evaluation.max_new_tokens={VALIDATION_NEW_TOKENS['gpu' if gpu else 'cpu']}",
              f"evaluation.batch_size={VALIDATION_ROWS['gpu' if gpu else 'cpu']}"]
@@ -144,24 +150,27 @@ def part_ray(s: Setup, out_dir: str) -> tuple[dict, list[str]]:
                        "model_dir": res.model_dir}
         return res
 
-    ref = run("sft", "sft", "sft", s.paths["strong"], None, os.path.join(root, "sft"), validation=points)
-    stopped_dir = os.path.join(root, "sft_resumed")
-    run("sft stopped", "sft", "sft", s.paths["strong"], None, stopped_dir, stop_after=STOP_AT)
-    resumed = run("sft resumed", "sft", "sft", s.paths["strong"], None, stopped_dir)
-    for label, mode, pool in RUNS[3:]:
-        run(label, "wmss", mode, resumed.model_dir, s.paths["weak"], os.path.join(root, label.replace(" ", "_")),
-            pool=pool)
+    sft = run("sft", "sft", "sft", s.paths["strong"], None, os.path.join(root, "sft"), validation=points)
+    run("joint", "wmss", "joint", sft.model_dir, s.paths["weak"], os.path.join(root, "joint"))
+    frozen_dir = os.path.join(root, "frozen")
+    run("frozen stopped", "wmss", "frozen", sft.model_dir, s.paths["weak"], frozen_dir, stop_after=STOP_AT)
+    frozen = run("frozen resumed", "wmss", "frozen", sft.model_dir, s.paths["weak"], frozen_dir)
+    pool = run("frozen pool", "wmss", "frozen", sft.model_dir, s.paths["weak"], os.path.join(root, "frozen_pool"),
+               pool=True)
 
-    sft, again = runs["sft"], runs["sft resumed"]
-    after = [k for k in sorted(again["losses"]) if k > STOP_AT]
-    frozen, pool_run = runs["frozen"]["losses"], runs["frozen pool"]["losses"]
+    colocated, pooled = runs["frozen resumed"]["losses"], runs["frozen pool"]["losses"]
+
+    def pool_vs_colocated(steps):
+        return max_rel([pooled[k] for k in steps], [colocated[k] for k in steps])
+
     res = {
-        "ray_start": started, "runs": runs, "stopped_at": runs["sft stopped"]["last_step"], "resumed_steps": after,
-        "resume_max_rel": max_rel([again["losses"][k] for k in after], [sft["losses"][k] for k in after]),
-        "resume_weights_max_abs": _weights_max_abs(ref.model_dir, resumed.model_dir),
+        "ray_start": started, "runs": runs, "stopped_at": runs["frozen stopped"]["last_step"],
         "validation": _validation_summary(points.step_dir(STOP_AT)),
-        "pool_steps": sorted(pool_run), "pool_max_rel": max_rel([pool_run[k] for k in sorted(frozen)],
-                                                                [frozen[k] for k in sorted(frozen)]),
+        "joint_vs_frozen_step1": abs(runs["joint"]["losses"][1] - colocated[1]),
+        "pool_steps": sorted(pooled), "colocated_steps": sorted(colocated),
+        "pool_max_rel_before_stop": pool_vs_colocated(range(1, STOP_AT + 1)),
+        "pool_max_rel_after_resume": pool_vs_colocated(range(STOP_AT + 1, STEPS + 1)),
+        "pool_weights_max_abs": _weights_max_abs(frozen.model_dir, pool.model_dir),
     }
     return res, _lines(s, res, points.step_dir(STOP_AT))
 
@@ -183,12 +192,13 @@ def _lines(s: Setup, res: dict, validation_dir: str) -> list[str]:
               f"- in-run validation at step {STOP_AT} (rank 0 exports, a barrier, every rank generates): "
               f"{val['n']} rows, engine {val['engine']}, accuracy {val['accuracy']} (random weights: the path is "
               f"checked, not the figure); {validation_dir}",
-              f"- stopped at step {res['stopped_at']}, resumed from its Ray Train checkpoint: steps "
-              f"{res['resumed_steps']} against the uninterrupted run, worst relative loss difference "
-              f"{res['resume_max_rel']:.2e}; the exported weights, worst absolute difference "
-              f"{res['resume_weights_max_abs']:.2e}",
-              f"- WMSS from the resumed run's export; frozen with the pool (top_k 0, exact) against frozen "
-              f"colocated: worst relative loss difference {res['pool_max_rel']:.2e}",
-              f"- wall time against SFT's (start-up included): joint {runs['joint']['wall_s'] / sft:.2f}, frozen "
-              f"{runs['frozen']['wall_s'] / sft:.2f}, frozen pool {runs['frozen pool']['wall_s'] / sft:.2f}"]
+              f"- WMSS from the SFT export: joint's step-1 loss against frozen's (same weights, same rows): "
+              f"{res['joint_vs_frozen_step1']:.2e}",
+              f"- frozen stopped at step {res['stopped_at']} and resumed from its Ray Train checkpoint; the pool run "
+              f"(top_k 0, exact) against it, worst relative loss difference: steps 1-{STOP_AT} "
+              f"{res['pool_max_rel_before_stop']:.2e}, steps {STOP_AT + 1}-{STEPS} (after the resume) "
+              f"{res['pool_max_rel_after_resume']:.2e}; exported weights, worst absolute difference "
+              f"{res['pool_weights_max_abs']:.2e}",
+              f"- wall time against SFT's (start-up included): joint {runs['joint']['wall_s'] / sft:.2f}, "
+              f"frozen pool {runs['frozen pool']['wall_s'] / sft:.2f}"]
     return lines
