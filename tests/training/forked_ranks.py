@@ -41,6 +41,10 @@ from wmss_ray.training.trainer import TrainResult, build_spec, checkpoint_states
 #: Ranks that have not all finished after this long are a hang (a tiny run takes seconds, ~30 s
 #: at most on the loaded 2-core CI box): every rank dumps its threads' stacks, then is killed.
 RANK_DEADLINE_S = 240
+#: Ranks that have not all joined their process group after this long are a hang too: joining is
+#: a fork, one thread setting and a file rendezvous (well under a second; the CI hangs were there:
+#: cut at 60 s, not after the whole run's deadline).
+JOIN_DEADLINE_S = 60
 
 
 class RankFailed(RuntimeError):
@@ -172,7 +176,13 @@ def _rank_main(cfg, spec, rank: int, world: int, port: int, errors: str, resume_
         # what Ray Train's TorchConfig sets and DeepSpeed's init_distributed reads
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                           WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        # The rendezvous through a file in this attempt's own directory, not a TCP store on a port
+        # chosen before the fork: the parent's port may be taken by then (the suite runs Ray
+        # clusters beside), and a TCP store is a libuv server whose state the fork copied from a
+        # parent that ran one (init_single_process). Twice in CI both ranks hung inside the TCP
+        # store's creation (_create_c10d_store). gloo's own connections still use fresh ports.
+        dist.init_process_group("gloo", init_method=Path(errors, "store").as_uri(), rank=rank, world_size=world)
+        Path(errors, f"rank{rank}.joined").touch()
         # no destroy_process_group at the end: the rank exits right after (the group dies with it),
         # and gloo's shutdown there hangs in a long test session with both ranks done (py-spy: pg shutdown)
         # resume_dir only when resuming: a test's stand-in run_rank may not take it
@@ -236,13 +246,18 @@ def _merge_into(out_dir: str):
 
 def _join_or_raise(procs: list, errors: Path) -> None:
     """Wait for every rank; at the first non-zero exit kill the others (they would wait in a
-    collective for the dead rank) and raise its exit code and traceback. Ranks still running
-    after :data:`RANK_DEADLINE_S` dump their stacks and are killed: :class:`RanksHung`."""
+    collective for the dead rank) and raise its exit code and traceback. Ranks that have not all
+    joined their group after :data:`JOIN_DEADLINE_S`, or are still running after
+    :data:`RANK_DEADLINE_S`, dump their stacks and are killed: :class:`RanksHung`."""
     running = list(procs)
-    deadline = time.monotonic() + RANK_DEADLINE_S
+    start = time.monotonic()
     while running:
-        ready = wait([p.sentinel for p in running], timeout=max(deadline - time.monotonic(), 0))
-        if not ready:
+        joined = all((errors / f"{p.name}.joined").exists() for p in procs)
+        limit = RANK_DEADLINE_S if joined else JOIN_DEADLINE_S
+        left = start + limit - time.monotonic()
+        # before every rank joined, look again each second (the join files are not waitable)
+        ready = wait([p.sentinel for p in running], timeout=max(min(left, 1.0) if not joined else left, 0))
+        if not ready and time.monotonic() >= start + limit:
             for p in running:
                 os.kill(p.pid, signal.SIGUSR1)  # only processes this call started
             time.sleep(2)  # the dumps are written by the signal handler
@@ -250,7 +265,8 @@ def _join_or_raise(procs: list, errors: Path) -> None:
                 p.kill()
                 p.join()
             stacks = "".join(f"--- {p.name} (pid {p.pid}):\n" + _read(errors / f"{p.name}.crash") for p in procs)
-            raise RanksHung(f"ranks {[p.name for p in running]} still running after {RANK_DEADLINE_S} s:\n{stacks}")
+            what = "still running" if joined else "not all in their process group"
+            raise RanksHung(f"ranks {[p.name for p in running]} {what} after {limit} s:\n{stacks}")
         for sentinel in ready:
             p = next(p for p in running if p.sentinel == sentinel)
             p.join()

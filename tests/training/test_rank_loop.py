@@ -172,6 +172,31 @@ def test_ranks_that_hang_are_killed_with_every_rank_s_stacks_and_retried_once_if
                               str(tmp_path / "twice"))
 
 
+def test_ranks_that_never_join_their_group_are_cut_at_the_join_deadline(art, tmp_path, monkeypatch):
+    """A hang in the rendezvous (where CI's two hangs were) is cut at ``JOIN_DEADLINE_S``, not after
+    the run's deadline, with every rank's stacks, and retried once like any hang before the ranks
+    wrote anything; a second one raises."""
+    import threading
+
+    import torch.distributed as dist
+
+    real_init = dist.init_process_group
+
+    def init_process_group(*args, **kw):  # the forked ranks inherit this patch
+        if os.environ.get("WMSS_TEST_HANG_JOIN") == "1":
+            threading.Event().wait()  # a hang: only the helper's kill ends this rank
+        return real_init(*args, **kw)
+
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    monkeypatch.setenv("WMSS_TEST_HANG_JOIN", "1")
+    monkeypatch.setattr(forked_ranks, "JOIN_DEADLINE_S", 2)
+    cut = r"(?s)not all in their process group after 2 s.*rank0.*in init_process_group.*rank1.*in init_process_group"
+    t0 = time.monotonic()
+    with pytest.warns(UserWarning, match="retried once"), pytest.raises(forked_ranks.RanksHung, match=cut):
+        train_on_forked_ranks(two_worker_cfg(0), "sft", art["strong"], None, art["tokenized"], None, str(tmp_path))
+    assert time.monotonic() - t0 < forked_ranks.RANK_DEADLINE_S  # two cuts at 2 s, not at 240
+
+
 def _joint(stage: int, paths: dict, out: str, **kw):
     cfg = two_worker_cfg(stage, weak_lr=1e-3, **kw)
     return cfg, train_on_forked_ranks(cfg, "wmss", paths["strong"], paths["weak"], paths["tokenized"],
