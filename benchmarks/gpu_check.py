@@ -1,8 +1,9 @@
 """GPU check of the real training path, one invocation on one GPU (about 6 minutes on an H200).
 
-It runs what users run (every part but ``ray`` without Ray: the device machines carry none): the shipped recipe ``configs/qwen3-4b-math.yaml`` with per-variant overrides, models
-written to disk as HF directories and loaded by the project's loader (ZeRO-3: ``zero.Init`` +
-scattered weights), the project's training rank :class:`~wmss_ray.training.worker.PhaseWorker`
+It runs what users run (every part but ``ray`` without Ray: the device machines carry none): the
+shipped recipe ``configs/qwen3-4b-math.yaml`` with per-variant overrides, models written to disk
+as HF directories and loaded by the project's loader (ZeRO-3: ``zero.Init`` + scattered weights),
+the project's training rank :class:`~wmss_ray.training.worker.PhaseWorker`
 (DeepSpeed engine over the pair module, packing, the chunked mixed CE), its checkpoint, export
 and reload. Random-init Qwen3 models (no model hub): the 0.6B shape end to end, the 4B shape for
 memory and speed. Parts, in this order, each skipped when the time budget is spent:
@@ -55,8 +56,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gpu_check_setup import BF16_GRADS, FLASH, SHAPES, Setup, Variant, run_config, save_model, write_rows  # noqa: E402
 
 #: Rough seconds each part takes on an H200 (for the budget: a part that would not fit is skipped).
-GPU_SECONDS = {"steps": 280, "exact": 60, "kernel": 15, "attention": 60, "big": 150, "score_gen": 40, "engines": 240, "nccl": 60,
-               "ray": 150}
+GPU_SECONDS = {"steps": 280, "exact": 60, "kernel": 15, "big": 150, "attention": 60, "score_gen": 40, "nccl": 60,
+               "ray": 150, "engines": 240}
 ORDER = ["steps", "exact", "kernel", "big", "attention", "score_gen", "nccl", "ray", "engines"]
 
 

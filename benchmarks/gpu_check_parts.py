@@ -267,6 +267,6 @@ def part_ray(s: Setup, out_dir: str) -> tuple[dict, list[str]]:
     return ray_part(s, out_dir)
 
 
-PARTS = {"steps": part_steps, "exact": part_exact, "kernel": part_kernel, "attention": part_attention,
-         "score_gen": part_score_gen,
-         "big": part_big, "engines": part_engines, "nccl": part_ranks, "ray": part_ray}
+PARTS = {"steps": part_steps, "exact": part_exact, "kernel": part_kernel, "big": part_big,
+         "attention": part_attention, "score_gen": part_score_gen, "nccl": part_ranks, "ray": part_ray,
+         "engines": part_engines}
