@@ -92,9 +92,11 @@ def _sampled_ids(tokenized: str, n: int, out: str) -> str:
 
 
 def _rank_end(out_dir: str) -> dict:
-    """The last ``end`` record of ``workers.jsonl`` (the rank's peak GPU memory, its timings)."""
-    with open(os.path.join(out_dir, "workers.jsonl")) as f:
-        ends = [r for r in map(json.loads, f) if r.get("event") == "end"]
+    """The last ``end`` event the ranks logged (``training.costs.worker_records``: the rank's peak
+    GPU memory, its init / resume / train / export seconds)."""
+    from wmss_ray.training.costs import worker_records
+
+    ends = [r for r in worker_records(out_dir) if r.get("event") == "end"]
     return ends[-1] if ends else {}
 
 

@@ -260,7 +260,7 @@ def _join_or_raise(procs: list, errors: Path) -> None:
         if not ready and time.monotonic() >= start + limit:
             for p in running:
                 os.kill(p.pid, signal.SIGUSR1)  # only processes this call started
-            time.sleep(2)  # the dumps are written by the signal handler
+            _wait_for_dumps([errors / f"{p.name}.crash" for p in running])
             for p in running:
                 p.kill()
                 p.join()
@@ -278,6 +278,18 @@ def _join_or_raise(procs: list, errors: Path) -> None:
                 detail = "".join(f.read_text() for f in (errors / f"{p.name}.txt", errors / f"{p.name}.crash")
                                   if f.exists()) or "(no traceback)"
                 raise RankFailed(f"{p.name} (pid {p.pid}) exited with code {p.exitcode}:\n{detail}")
+
+
+def _wait_for_dumps(paths: list[Path], cap_s: float = 5.0) -> None:
+    """Until every file holds a stack dump that stopped growing (faulthandler's SIGUSR1 handler
+    writes it), at most ``cap_s`` (a rank too stuck to run its handler shows "(nothing)")."""
+    end, sizes = time.monotonic() + cap_s, None
+    while time.monotonic() < end:
+        now = [p.stat().st_size if p.exists() else 0 for p in paths]
+        if all(now) and now == sizes:
+            return
+        sizes = now
+        time.sleep(0.1)
 
 
 def _read(path: Path) -> str:

@@ -31,13 +31,13 @@ def phase_costs(phase_dir: str) -> dict[str, Any]:
     metrics_path = storage.join(phase_dir, "metrics.jsonl")
     last = (read_metrics(metrics_path) or [{}])[-1] if storage.exists(metrics_path) else {}
     manifest = read_manifest(phase_dir)
-    records = _worker_records(phase_dir)
+    records = worker_records(phase_dir)
     return {"updates": last.get("step"), "supervised_tokens": last.get("supervised_tokens_seen"),
             "tokens": last.get("tokens_seen"), "seconds": manifest.seconds if manifest is not None else None,
             "peak_rss_mb": _largest(records, "peak_rss_mb"), "peak_gpu_mb": _largest(records, "peak_gpu_mb")}
 
 
-def _worker_records(phase_dir: str) -> list[dict[str, Any]]:
+def worker_records(phase_dir: str) -> list[dict[str, Any]]:
     """Every event of every rank: ``workers.jsonl`` and ``workers_rank<r>.jsonl`` (object storage).
 
     Raises:
