@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import tempfile
 import time
 
 import torch
+
+from wmss_ray.cluster import free_port
 
 from gpu_check_setup import Setup, Variant, free, make_worker
 from gpu_check_steps import max_rel, sync
@@ -26,12 +27,6 @@ from gpu_check_steps import max_rel, sync
 #: A rank pair that has not finished after this long is stuck (a tiny run takes seconds).
 DEADLINE_S = 600
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def allreduce_busbw(s: Setup, device: torch.device, numel: int, iters: int) -> float:
@@ -103,7 +98,7 @@ def part_ranks(s: Setup, out_dir: str) -> tuple[dict, list[str]]:
     out = tempfile.mkdtemp(prefix="gpu-check-ranks-", dir=s.root)
     # GPU 0 holds what this process kept from the earlier parts: the pair starts at GPU 1 when it can
     first_gpu = 1 if n_gpus > WORLD else 0
-    ctx = mp.start_processes(rank_main, args=(s, _free_port(), out, n_steps, first_gpu), nprocs=WORLD, join=False,
+    ctx = mp.start_processes(rank_main, args=(s, free_port(), out, n_steps, first_gpu), nprocs=WORLD, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + DEADLINE_S
     while not ctx.join(timeout=5):  # raises when a rank failed

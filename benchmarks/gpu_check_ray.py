@@ -100,23 +100,6 @@ def _rank_end(out_dir: str) -> dict:
     return ends[-1] if ends else {}
 
 
-def _weights_max_abs(a: str, b: str) -> float:
-    """The largest absolute difference between two exported models' weights (safetensors)."""
-    from glob import glob
-
-    from safetensors.torch import load_file
-
-    def load(d):
-        out = {}
-        for f in sorted(glob(os.path.join(d, "*.safetensors"))):
-            out.update(load_file(f))
-        return out
-
-    wa, wb = load(a), load(b)
-    assert wa.keys() == wb.keys(), (sorted(wa.keys() ^ wb.keys())[:5], a, b)
-    return max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
-
-
 def _validation_summary(step_dir: str) -> dict:
     """What the in-run validation at a step wrote (``eval_results.json``: the model's row)."""
     with open(os.path.join(step_dir, "eval_results.json")) as f:
@@ -125,6 +108,8 @@ def _validation_summary(step_dir: str) -> dict:
 
 
 def part_ray(s: Setup, out_dir: str) -> tuple[dict, list[str]]:
+    from reproducibility import model_weight_diff  # benchmarks/ is on sys.path, as for gpu_check_setup
+
     from wmss_ray.cluster import ensure_ray
     from wmss_ray.io.files import read_metrics
     from wmss_ray.training.trainer import train_phase
@@ -172,7 +157,7 @@ def part_ray(s: Setup, out_dir: str) -> tuple[dict, list[str]]:
         "pool_steps": sorted(pooled), "colocated_steps": sorted(colocated),
         "pool_max_rel_before_stop": pool_vs_colocated(range(1, STOP_AT + 1)),
         "pool_max_rel_after_resume": pool_vs_colocated(range(STOP_AT + 1, STEPS + 1)),
-        "pool_weights_max_abs": _weights_max_abs(frozen.model_dir, pool.model_dir),
+        "pool_weights_max_abs": model_weight_diff(frozen.model_dir, pool.model_dir),
     }
     return res, _lines(s, res, points.step_dir(STOP_AT))
 

@@ -35,13 +35,17 @@ TINY = Path(__file__).resolve().parent.parent / "configs" / "test-tiny.yaml"
 _TIMING = {"tokens_per_s", "step_time", "seconds", "elapsed_s"}
 
 
-def _model_diff(a: Path, b: Path) -> float:
-    """Largest absolute weight difference of two safetensors model dirs (0.0: bit-identical)."""
+def model_weight_diff(a: str | Path, b: str | Path) -> float:
+    """Largest absolute weight difference of two exported models (their ``*.safetensors`` files,
+    sharded or not): 0.0 when bit-identical, ``inf`` when they hold different tensor names."""
     import torch
     from safetensors.torch import load_file
 
-    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
-    if wa.keys() != wb.keys():
+    def weights(d: str | Path) -> dict[str, torch.Tensor]:
+        return {k: v for f in sorted(Path(d).glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+    wa, wb = weights(a), weights(b)
+    if not wa or wa.keys() != wb.keys():
         return float("inf")
     return max(0.0 if torch.equal(wa[k], wb[k]) else (wa[k].double() - wb[k].double()).abs().max().item()
                for k in wa)
@@ -66,7 +70,7 @@ def compare_phase(phase: str, a: Path, b: Path) -> list[str]:
         if not fb.exists():
             diffs.append(f"{rel}: only in the first run")
         elif fa.suffix == ".safetensors":
-            d = _model_diff(fa.parent, fb.parent)
+            d = model_weight_diff(fa.parent, fb.parent)
             if d:
                 diffs.append(f"{rel}: max |dw| = {d:.3g}")
         elif fa.suffix == ".parquet":
@@ -127,7 +131,7 @@ def phase0_spread(cfg: WMSSConfig, storage: Path, steps: int, variants: list[str
                      "model": model, "threads": metrics["threads"]}
     first = next(iter(out.values()))["model"]
     for v in out.values():
-        v["max_abs_weight_diff"] = _model_diff(first, v["model"])
+        v["max_abs_weight_diff"] = model_weight_diff(first, v["model"])
     return out
 
 

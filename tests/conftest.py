@@ -172,7 +172,9 @@ def ray_cluster(request):
     # on a port chosen here.
     from ray._private.services import get_node_ip_address
 
-    gcs_port = _free_port()
+    from wmss_ray.cluster import free_port
+
+    gcs_port = free_port()
     saved = os.environ.get("RAY_GCS_SERVER_PORT")
     os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)
     try:
@@ -197,14 +199,6 @@ def ray_cluster(request):
         ray.shutdown()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible server (moto's server mode) on a free 127.0.0.1 port, with a bucket.
@@ -216,17 +210,16 @@ def s3_server():
     """
     import importlib.util
     import signal
-    import socket
     import subprocess
     import sys
     import time
     import urllib.request
 
+    from wmss_ray.cluster import free_port
+
     if importlib.util.find_spec("moto.server") is None:
         pytest.fail("moto[server] is not installed: pip install -e '.[test]' (or 'moto[server]')")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log = tempfile.NamedTemporaryFile(prefix="wmss-moto-", suffix=".log", delete=False)
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
-from wmss_ray.cluster import AuthTokenError, load_auth_token, plan_ray_start
+from wmss_ray.cluster import AuthTokenError, free_port, load_auth_token, plan_ray_start
 
 
 def test_no_cluster_starts_a_local_one_with_the_runtime_env(tmp_path):
@@ -92,3 +94,12 @@ def test_an_address_that_does_not_answer_is_one_line_naming_it(monkeypatch, tmp_
     assert isinstance(err.value, UserError) and isinstance(err.value, ConnectionError)
     assert "no Ray cluster answers at '10.9.9.9:6379' (Could not connect to 10.9.9.9:6379)" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", ""])
+def test_free_port_gives_a_port_that_can_then_be_listened_on(host):
+    port = free_port(host)
+    assert 1024 <= port <= 65535
+    with socket.socket() as s:
+        s.bind((host, port))
+        s.listen()

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,14 @@ class AuthTokenError(UserError, RuntimeError):
 
 class RayUnreachableError(UserError, ConnectionError):
     """No Ray cluster answers at the address a driver was told to join."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` at this moment (the OS picks it; ``""``: on every interface, for a
+    port other nodes connect to). Free now, not reserved: bind it soon, and retry if it was taken."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def unreachable_message(address: str, err: BaseException) -> str:

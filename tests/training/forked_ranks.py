@@ -21,7 +21,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import tempfile
 import time
 import traceback
@@ -30,6 +29,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
+from wmss_ray.cluster import free_port
 from wmss_ray.io import storage
 from wmss_ray.io.files import read_metrics
 from wmss_ray.training.checkpointing import (UntrainedStepsError, check_resumable, check_same_run,
@@ -103,7 +103,7 @@ def train_on_forked_ranks(cfg, phase: str, strong_init: str, weak_init: str | No
 
 def _fork_ranks(cfg, spec, latest: str | None) -> None:
     world = cfg.scaling.num_workers
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="wmss-forked-ranks-") as errors:
         ctx = multiprocessing.get_context("fork")  # the children start with this process's imports
         procs = [ctx.Process(target=_rank_main, args=(cfg, spec, rank, world, port, errors, latest), name=f"rank{rank}")
@@ -311,8 +311,3 @@ def _result(spec) -> TrainResult:
                        steps=spec.end_step, final_metrics=records[-1] if records else {}, checkpoint_path=where,
                        total_steps=spec.plan.total_steps, peak=result_peak(spec))
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

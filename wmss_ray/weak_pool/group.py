@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 
 import ray
 
+from wmss_ray.cluster import free_port
 from wmss_ray.losses.mixing import DEFAULT_CHUNK_MB
 from wmss_ray.weak_pool.server import WeakServer
 from wmss_ray.weak_pool.slices import merge_replies, split_request
@@ -63,12 +63,6 @@ class ServerArgs:
     attn_implementation: str = "auto"  # models.attn_implementation
     fault: str | None = None  # POOL_FAULT_ENV value
     fault_marker: str | None = None  # the kill happens once: a marker file records it
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 class _Shard:
@@ -131,7 +125,7 @@ class ReplicaCoordinator(_Shard):
     def __init__(self, args: ServerArgs, replica: int, shards: int, resources: dict[str, float], pg=None):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        addr, port = ray.util.get_node_ip_address(), _free_port()
+        addr, port = ray.util.get_node_ip_address(), free_port("")
         follower_cls = ray.remote(max_restarts=0)(ShardFollower)
         self.followers = []
         for rank in range(1, shards):
