@@ -19,8 +19,9 @@ import os
 import pytest
 
 from wmss_ray.config.loading import load_config
-from wmss_ray.config.names import STUDY_ARM_LABELS
+from wmss_ray.config.names import FAKE_WEAK_ARMS, STUDY_ARM_LABELS
 from wmss_ray.io.manifest import read_manifest
+from wmss_ray.study.arms import arm_runs
 from wmss_ray.study.table import CSV_COLUMNS, COSTS
 from wmss_ray.training.controls import arm_steps
 
@@ -154,6 +155,21 @@ def test_the_seeds_share_only_what_the_training_seed_does_not_touch(study):
     assert not os.path.islink(os.path.join(fake, "wmss_1"))
     peak = json.load(open(os.path.join(fake, "wmss_1", "peak.json")))
     assert peak["step"] in (1, 2) and 0.0 <= peak["validation_accuracy"] <= 1.0
+
+
+def test_the_fake_weak_arms_train_beside_wmss_and_the_sft_arms_after_it(study):
+    """The runner's graph (study/runner.unlocked_arms): after a seed's trunk, its WMSS and its
+    fake-weak arms start (2 runs at a time here: WMSS and the first fake-weak arm together); its
+    SFT arms only once its WMSS is done."""
+    _, (grown, _, _), _ = study
+    for index in range(SEEDS):
+        runs = {r.arm: read_manifest(r.phase_dir) for r in arm_runs(grown, index)}
+        wmss_done = runs["wmss"].finished_at
+        for arm, man in runs.items():
+            if arm != "wmss" and arm not in FAKE_WEAK_ARMS:
+                assert man.started_at >= wmss_done, (index, arm)
+        if index == 0:  # the only seed of the first call: nothing else holds a slot
+            assert min(runs[a].started_at for a in FAKE_WEAK_ARMS) < wmss_done
 
 
 def test_a_second_call_reruns_nothing_and_gives_the_same_table(study):

@@ -8,15 +8,19 @@ node: every run is resumable (phase manifests, checkpoints), so a retried or rer
 where it stopped, on a shared filesystem or on object storage alike. ``wmss study CONFIG`` again continues the
 study: completed phases are skipped, and the table is made again from what the runs wrote.
 
-The work is a small graph of Ray tasks, scheduled by the driver: per seed its trunk
-(:func:`run_trunk`: seed ``i``'s run ``study/seed<i>`` through WMSS), then each other arm at
-once (:func:`run_arm`: an SFT arm as its own phase of that run, a fake-weak arm's ``wmss_1`` as
-its own run ``study/seed<i>-<arm>``), then the seed's evaluation (:func:`finish_seed`: the run's
-``eval`` and ``report``, and its ``eval_study`` phase: the fake-weak arms' final models and every
-arm's peak that is not its final model, on the test set with the same evaluator, samples and
-checker). Every training phase validates itself every ``study.validate_every`` steps and keeps
-its peak. At 64 GPUs and 8-GPU runs, 8 runs at a time: 3 seeds x 8 arms are 3 trunks, then 21
-arm runs in three waves, instead of 24 runs one after another.
+The work is a small graph of Ray tasks, scheduled by the driver, each started as soon as what it
+starts from is done (:func:`unlocked_arms`): per seed its trunk (:func:`run_trunk`: seed ``i``'s
+run ``study/seed<i>`` through its first curriculum: SFT, scoring, curriculum); then its WMSS arm
+and its fake-weak arms at once (:func:`run_arm`: WMSS through ``wmss_K`` in the seed's run, a
+fake-weak arm's ``wmss_1`` as its own run ``study/seed<i>-<arm>`` linking the trunk); after WMSS,
+its SFT arms (each its own phase of the seed's run: their step counts follow from WMSS's steps);
+then the seed's evaluation (:func:`finish_seed`: the run's ``eval`` and ``report``, and its
+``eval_study`` phase: the fake-weak arms' final models and every arm's peak that is not its final
+model, on the test set with the same evaluator, samples and checker). Every training phase
+validates itself every ``study.validate_every`` steps and keeps its peak. At 64 GPUs and 8-GPU
+runs, 8 runs at a time: 3 seeds x 8 arms are 3 trunks, then 24 arm runs in three waves (the 3
+WMSS runs and 5 of the 9 fake-weak runs first), where waiting for each seed's WMSS before any of
+its arms took four: one WMSS training time less of wall time.
 """
 
 from __future__ import annotations
@@ -99,9 +103,10 @@ def _trunk(cfg: WMSSConfig, wmss_phase: str) -> tuple[str, ...]:
 
 
 def run_trunk(base_dict: dict[str, Any], index: int) -> str:
-    """Seed ``index``'s trunk: its run through WMSS (SFT, scoring, curriculum, ``wmss_K``
-    validating itself), the shared phases linked from the base run, and those of the base run's
-    trunk that have this seed's fingerprints (:func:`trunk_links`). Returns the seed's run dir."""
+    """Seed ``index``'s trunk: its run through its first curriculum (SFT, scoring, curriculum:
+    :data:`FAKE_SHARED`, what every arm of the seed starts from), the shared phases linked from the
+    base run, and those of the base run's trunk that have this seed's fingerprints
+    (:func:`trunk_links`); and the validation rows every arm validates on. Returns the seed's run dir."""
     from wmss_ray.pipeline import run_pipeline
     from wmss_ray.sweep.trial import link_shared_phases
 
@@ -112,17 +117,29 @@ def run_trunk(base_dict: dict[str, Any], index: int) -> str:
         if phase not in same:  # a link made by an earlier study, to a base phase that no longer matches
             unlink_phase(storage.join(seed_dir, phase))
     link_shared_phases(base.run_dir(), seed_dir, SEED_SHARED + same)
-    rows_path = _validation_rows(cfg, run_pipeline(cfg, until="tokenize"), seed_dir)
-    record_cadence(base, wmss)
-    run_pipeline(cfg, until=wmss.phase, train_options=_train_options(cfg, [wmss], rows_path))
-    record_cadence(base, wmss)
+    _validation_rows(cfg, run_pipeline(cfg, until="tokenize"), seed_dir)
+    run_pipeline(cfg, until=FAKE_SHARED[-1])
     return seed_dir
 
 
+def unlocked_arms(done: str, arms: list[str]) -> list[str]:
+    """The arms of a seed (``arms``, WMSS first: :func:`~wmss_ray.study.arms.arm_runs`' order) that
+    can start once ``done`` completed: after its ``"trunk"`` WMSS and the fake-weak arms (they start
+    from the curriculum); after ``"wmss"`` the SFT arms (their step counts follow from WMSS's steps,
+    ``training/controls.arm_steps``, and each runs as a phase after WMSS in the seed's run)."""
+    if done == "trunk":
+        return [a for a in arms if a == "wmss" or a in FAKE_WEAK_ARMS]
+    if done == "wmss":
+        return [a for a in arms if a != "wmss" and a not in FAKE_WEAK_ARMS]
+    return []
+
+
 def run_arm(base_dict: dict[str, Any], index: int, arm: str) -> str:
-    """One arm of seed ``index`` after its trunk: an SFT arm as its own phase of the seed's run
-    (``run_pipeline(only=...)``: the other arms of the run are not touched), a fake-weak arm as
-    its own run linking the seed's phases up to the curriculum. Returns the arm's phase dir."""
+    """One arm of seed ``index`` once what it starts from is done (:func:`unlocked_arms`): WMSS as
+    the seed's run through ``wmss_K`` (only ``wmss_K`` validates itself), an SFT arm as its own
+    phase of the seed's run (``run_pipeline(only=...)``: the other arms of the run are not touched),
+    a fake-weak arm as its own run linking the seed's phases up to the curriculum. Returns the
+    arm's phase dir."""
     from wmss_ray.pipeline import run_pipeline
     from wmss_ray.sweep.trial import link_shared_phases
 
@@ -130,7 +147,9 @@ def run_arm(base_dict: dict[str, Any], index: int, arm: str) -> str:
     r = next(r for r in arm_runs(base, index) if r.arm == arm)
     rows_path = storage.join(seed_dir, VALIDATION_ROWS)
     record_cadence(base, r)
-    if arm in FAKE_WEAK_ARMS:
+    if arm == "wmss":
+        run_pipeline(cfg, until=r.phase, train_options=_train_options(cfg, [r], rows_path))
+    elif arm in FAKE_WEAK_ARMS:
         fcfg = fake_config(cfg, index, arm)
         link_shared_phases(seed_dir, r.run_dir, FAKE_SHARED)
         run_pipeline(fcfg, until="wmss_1", train_options=_train_options(fcfg, [r], rows_path))
@@ -260,8 +279,8 @@ def run_study(base: WMSSConfig) -> dict[str, Any]:
     ensure_ray()
     at_once = max_concurrent(base, ray.cluster_resources())
     console = get_console()
-    n, arms = base.study.seeds, [r.arm for r in arm_runs(base, 0)][1:]
-    console.line(f"[wmss] study: {n} seeds x {1 + len(arms)} arms in {storage.redact(root)}, "
+    n, arms = base.study.seeds, [r.arm for r in arm_runs(base, 0)]
+    console.line(f"[wmss] study: {n} seeds x {len(arms)} arms in {storage.redact(root)}, "
                  f"{at_once} run(s) at a time")
     # 0 CPUs each: their phases reserve their own workers; retried when a node is lost (runs resume)
     trunk, arm_task, finish = (ray.remote(num_cpus=0, max_retries=3)(f) for f in (run_trunk, run_arm, finish_seed))
@@ -277,16 +296,17 @@ def run_study(base: WMSSConfig) -> dict[str, Any]:
         done, _ = ray.wait(list(running), num_returns=1)
         fn, args = running.pop(done[0])
         result, i = ray.get(done[0]), args[0]
-        if fn is trunk:  # its arms after the arms already waiting, ahead of the trunks still to run
-            at = next((k for k, (f, _) in enumerate(ready) if f is trunk), len(ready))
-            ready[at:at] = [(arm_task, (i, a)) for a in arms] or [(finish, (i,))]
-        elif fn is arm_task:
+        if fn is finish:
+            records[i] = result
+            console.line(f"[wmss] study: seed {i} done ({len(records)}/{n})")
+            continue
+        if fn is arm_task:
             arms_left[i] -= 1
             if arms_left[i] == 0:
                 ready.insert(0, (finish, (i,)))
-        else:
-            records[i] = result
-            console.line(f"[wmss] study: seed {i} done ({len(records)}/{n})")
+        # the arms it unlocks after the arms already waiting, ahead of the trunks still to run
+        at = next((k for k, (f, _) in enumerate(ready) if f is trunk), len(ready))
+        ready[at:at] = [(arm_task, (i, a)) for a in unlocked_arms("trunk" if fn is trunk else args[1], arms)]
     table = study_table(base, [records[i] for i in sorted(records)])
     write_table(root, table)
     page = write_study_page(root, table)

@@ -1,0 +1,61 @@
+"""study/runner.py without Ray: which arms of a seed start when, checked against what each arm's
+phase needs in the pipeline's phase graph (tests/study/test_study_run.py runs the graph on Ray)."""
+
+from __future__ import annotations
+
+import pytest
+
+from wmss_ray.config.loading import load_config
+from wmss_ray.config.names import FAKE_WEAK_ARMS, STUDY_ARM_LABELS
+from wmss_ray.phases import build_phases
+from wmss_ray.study.arms import FAKE_SHARED, arm_runs, fake_config, seed_config
+from wmss_ray.study.runner import unlocked_arms
+
+TINY = "configs/test-tiny.yaml"
+
+
+def _upstream(cfg, phase: str) -> set[str]:
+    """``phase`` and every phase it needs, directly or not, in ``cfg``'s run."""
+    by_name = {p.name: p for p in build_phases(cfg)}
+    out, todo = set(), [phase]
+    while todo:
+        n = todo.pop()
+        if n not in out:
+            out.add(n)
+            todo.extend(by_name[n].needs)
+    return out
+
+
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_each_arm_starts_once_after_exactly_what_its_phase_needs(tmp_path, iterations):
+    base = load_config(TINY, [f"run.storage={tmp_path}", "mix.mode=frozen", f"run.iterations={iterations}"])
+    cfg, runs = seed_config(base, 1), arm_runs(base, 1)
+    arms = [r.arm for r in runs]
+    assert set(arms) == set(STUDY_ARM_LABELS)
+    after_trunk, after_wmss = unlocked_arms("trunk", arms), unlocked_arms("wmss", arms)
+    assert sorted(after_trunk + after_wmss) == sorted(arms)  # every arm once
+    assert after_trunk[0] == "wmss"  # first: it unlocks the SFT arms
+    assert all(unlocked_arms(a, arms) == [] for a in arms if a != "wmss")
+    wmss = runs[0].phase
+    assert wmss == f"wmss_{iterations}"
+    for r in runs:
+        if r.arm in FAKE_WEAK_ARMS:  # its own run: the trunk's phases linked, then its own WMSS
+            needs = _upstream(fake_config(cfg, 1, r.arm), r.phase) - {r.phase}
+            assert needs <= set(FAKE_SHARED) and r.arm in after_trunk, r.arm
+        else:
+            needs = _upstream(cfg, r.phase) - {r.phase}
+            if r.arm == "wmss":
+                assert FAKE_SHARED[-1] in needs and r.arm in after_trunk
+            else:  # an SFT arm: its step count follows from WMSS's steps
+                assert wmss in needs and r.arm in after_wmss, r.arm
+                others = {x.phase for x in runs if x.arm != "wmss" and x.run_dir == r.run_dir}
+                assert not needs & others, r.arm  # no other arm of the seed's run
+
+
+def test_a_study_of_fewer_arms_unlocks_only_those(tmp_path):
+    base = load_config(TINY, [f"run.storage={tmp_path}", "mix.mode=frozen",
+                              "study.arms=[sft_matched_flops,wmss_shuffled_weak]"])
+    arms = [r.arm for r in arm_runs(base, 0)]
+    assert arms == ["wmss", "sft_matched_flops", "wmss_shuffled_weak"]
+    assert unlocked_arms("trunk", arms) == ["wmss", "wmss_shuffled_weak"]
+    assert unlocked_arms("wmss", arms) == ["sft_matched_flops"]
