@@ -131,6 +131,44 @@ def test_a_crash_is_recorded_and_the_next_run_resumes_there(cfg, monkeypatch):
     assert calls[0] == "score_1" and "sft" not in calls
 
 
+def test_a_resumed_phase_counts_the_wall_time_of_the_runs_it_resumed(cfg, monkeypatch):
+    """``earlier_seconds``: a failed run to its end; a run whose driver was killed (its manifest still
+    ``running``) to the last file written in the phase directory; summed over every resume, and
+    counted in ``total_seconds`` (the study's cost columns, the timing table)."""
+    import time
+
+    from wmss_ray.io.manifest import read_manifest
+    from wmss_ray.training.costs import phase_costs
+
+    calls = []
+    monkeypatch.setattr(pipeline, "ensure_ray", lambda: None)
+    monkeypatch.setattr(pipeline, "build_phases", _fake_phases(calls, fail_at="score_1"))
+    with pytest.raises(RuntimeError, match="boom"):
+        run_pipeline(cfg)
+    phase_dir = f"{cfg.run_dir()}/score_1"
+    failed = read_manifest(phase_dir)
+    # the next run is killed: its manifest says running; its last write was 40 s after its start
+    killed = dataclasses.replace(failed, status="running", started_at=time.time() - 100, finished_at=None,
+                                 seconds=None, earlier_seconds=round(failed.finished_at - failed.started_at, 2))
+    killed.write(phase_dir)
+    with open(f"{phase_dir}/part-0.parquet", "w") as f:
+        f.write("rows")
+    os.utime(f"{phase_dir}/part-0.parquet", (killed.started_at + 40, killed.started_at + 40))
+    os.utime(f"{phase_dir}/manifest.json", (killed.started_at, killed.started_at))
+    monkeypatch.setattr(pipeline, "build_phases", _fake_phases(calls))
+    run_pipeline(cfg)
+    man = read_manifest(phase_dir)
+    assert man.status == "completed" and os.path.exists(f"{phase_dir}/part-0.parquet")  # resumed, not cleared
+    assert man.earlier_seconds == pytest.approx(killed.earlier_seconds + 40, abs=0.02)
+    assert man.total_seconds == pytest.approx(man.seconds + man.earlier_seconds, abs=0.01)
+    assert phase_costs(phase_dir)["seconds"] == man.total_seconds
+    # a phase run anew (another fingerprint) starts from nothing: no earlier time
+    assert read_manifest(f"{cfg.run_dir()}/sft").earlier_seconds == 0.0
+    monkeypatch.setattr(pipeline, "build_phases", _fake_phases(calls))
+    run_pipeline(load_config(None, [f"run.storage={cfg.run.storage}", "run.name=r", "scoring.batch_size=3"]))
+    assert read_manifest(phase_dir).earlier_seconds == 0.0
+
+
 def test_unknown_phase_names_are_refused(cfg):
     with pytest.raises(ValueError, match="unknown phase 'wmss'.*score_1"):
         run_pipeline(cfg, from_phase="wmss")

@@ -25,7 +25,8 @@ from wmss_ray.config.loading import check_corpus_paths, check_model_dirs, check_
 from wmss_ray.config.schema import WMSSConfig
 from wmss_ray.io import storage
 from wmss_ray.io.console import get_console, monitor
-from wmss_ray.io.manifest import Manifest, layout_of, linked_phase, now, prepare_phase_dir, read_manifest, with_layout
+from wmss_ray.io.manifest import (Manifest, interrupted_seconds, layout_of, linked_phase, now, prepare_phase_dir,
+                                  read_manifest, with_layout)
 from wmss_ray.phases import Phase, RunContext, build_phases, write_run_summary
 from wmss_ray.stages import progress
 
@@ -203,10 +204,12 @@ def _run_one(phase: Phase, ctx: RunContext, fp: str, phase_dir: str, forced: boo
     """Run one phase (resuming an interrupted run of the same fingerprint); returns its status."""
     if phase.name not in ("data", "phase0", "report"):
         ensure_ray()
-    prepare_phase_dir(phase_dir, phase.name, fp, forced)  # another run's leftovers are deleted here
+    old = read_manifest(phase_dir)
+    resumed = prepare_phase_dir(phase_dir, phase.name, fp, forced)  # another run's leftovers are deleted here
+    earlier = interrupted_seconds(old, phase_dir) if resumed and old is not None else 0.0  # it resumes their work
     inputs = {n: ctx.outputs.get(n) for n in phase.needs}
     man = Manifest(phase=phase.name, status="running", fingerprint=fp, config_hash=ctx.cfg.config_hash(),
-                   inputs=inputs, started_at=now(), layout=layout)
+                   inputs=inputs, started_at=now(), layout=layout, earlier_seconds=earlier)
     man.write(phase_dir)
     log.info("phase %-13s running", phase.name)
     console = get_console()

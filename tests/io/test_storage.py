@@ -145,3 +145,20 @@ def test_copy_dir_replaces_the_target_with_the_source_files(where, s3_base, tmp_
     assert storage.list_files(dst, "") == [storage.join(dst, "sub", "t.json"), storage.join(dst, "w.bin")]
     assert storage.read_bytes(storage.join(dst, "w.bin")) == bytes(range(256)) * 100
     assert storage.read_text(storage.join(src, "sub", "t.json")) == "{}"  # the source is untouched
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_last_modified_is_the_newest_file_anywhere_under_a_directory(where, s3_base, tmp_path):
+    import time
+
+    base = str(tmp_path) if where == "local" else s3_base
+    d = storage.join(base, "phase")
+    assert storage.last_modified(d) is None  # nothing there
+    before = time.time() - 2  # the store's clock: S3 times are whole seconds
+    storage.write_text(storage.join(d, "manifest.json"), "{}")
+    storage.write_text(storage.join(d, "ckpt", "rank0", "state.pt"), "x")
+    newest = storage.last_modified(d)
+    assert newest is not None and before <= newest <= time.time() + 2
+    if where == "local":  # a file deeper down that is newer decides
+        os.utime(os.path.join(d, "ckpt", "rank0", "state.pt"), (newest + 50, newest + 50))
+        assert storage.last_modified(d) == pytest.approx(newest + 50)

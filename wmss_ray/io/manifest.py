@@ -45,11 +45,19 @@ class Manifest:
     counts: dict[str, Any] = field(default_factory=dict)
     started_at: float = 0.0
     finished_at: float | None = None
-    seconds: float | None = None
+    seconds: float | None = None  # this run's wall time (started_at to finished_at)
+    # the wall time of the earlier, interrupted runs of this phase that this one resumed
+    # (:func:`interrupted_seconds`): a resumed phase costs them too
+    earlier_seconds: float = 0.0
     error: str | None = None
     # a training phase: the values of its layout keys (``Phase.layout``) its fingerprint was
     # computed with, which a resume at another layout keeps (``fingerprint_at_layout``)
     layout: dict[str, Any] | None = None
+
+    @property
+    def total_seconds(self) -> float | None:
+        """Wall seconds of every run of the phase: this one and the interrupted ones it resumed."""
+        return None if self.seconds is None else round(self.seconds + self.earlier_seconds, 2)
 
     def write(self, phase_dir: str | Path) -> None:
         """Write atomically (tmp + rename; one PUT on object stores): never half a manifest."""
@@ -190,6 +198,15 @@ def stale_reason(old: Manifest | None, fingerprint: str, forced: bool) -> str | 
     if old.status not in UNFINISHED:
         return f"that run ended {old.status}"
     return None
+
+
+def interrupted_seconds(old: Manifest, phase_dir: str) -> float:
+    """The wall seconds that the unfinished run ``old`` of ``phase_dir`` (and the runs it resumed)
+    spent: to its ``finished_at`` (failed, stopped), else, when its driver was killed and wrote no
+    end, to the last file written in the phase directory (checkpoints, metrics, rank events), a
+    lower bound (what ran after the last write is not counted)."""
+    end = old.finished_at or max(storage.last_modified(phase_dir) or 0.0, old.started_at)
+    return round(old.earlier_seconds + max(0.0, end - old.started_at), 2)
 
 
 def prepare_phase_dir(phase_dir: str, name: str, fingerprint: str, forced: bool = False) -> bool:

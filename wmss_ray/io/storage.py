@@ -215,6 +215,14 @@ def _file_infos(uri: str) -> tuple[str, list[pafs.FileInfo]]:
     return path, [i for i in infos if i.type == pafs.FileType.File]
 
 
+def last_modified(uri: str) -> float | None:
+    """The newest modification time (Unix seconds) of any file under directory ``uri``; None when
+    it holds none (or the store gives no times)."""
+    _, infos = _file_infos(uri)
+    times = [i.mtime.timestamp() for i in infos if i.mtime is not None]
+    return max(times) if times else None
+
+
 def list_files(uri: str, suffix: str) -> list[str]:
     """Files under directory ``uri`` ending in ``suffix``, sorted, as URIs/paths like ``uri``."""
     path, infos = _file_infos(uri)

@@ -97,7 +97,7 @@ def _rate(n: Any, seconds: float | None) -> float | None:
 
 def phase_row(name: str, man: Any, cfg: dict[str, Any], metrics: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """One phase's figures from its manifest (``io.manifest.Manifest``) and training metrics."""
-    secs = man.seconds if man is not None else None
+    secs = man.total_seconds if man is not None else None  # a resumed phase: its interrupted runs too
     counts = (man.counts if man is not None else None) or {}
     row: dict[str, Any] = {"phase": name, "status": man.status if man is not None else "missing",
                            "seconds": secs, "resources": phase_resources(name, cfg)}

@@ -68,8 +68,8 @@ def run_records(run_dir: str, phases: list[str]) -> dict[str, Any]:
         man = read_manifest(storage.join(run_dir, name))
         if man is None or man.status != "completed":
             continue
-        if _number(man.seconds):
-            summary[f"time/{name}_s"] = float(man.seconds)
+        if _number(man.total_seconds):
+            summary[f"time/{name}_s"] = float(man.total_seconds)
         metrics = (man.outputs or {}).get("metrics")
         if metrics and storage.exists(str(metrics)):
             steps[name] = [{k: float(v) for k, v in row.items() if _number(v)} for row in read_metrics(str(metrics))]

@@ -4,7 +4,7 @@
 pipeline wrote it: the last line of ``metrics.jsonl`` (optimizer updates and the cumulative token
 counters, ``metrics.COUNTERS``), the ranks' ``workers.jsonl`` (``workers_rank<r>.jsonl`` on object
 storage, ``rank_loop._log_worker``: peak host and GPU memory) and ``manifest.json`` (wall seconds
-of the phase's last run). What is missing is None, never a guess.
+of every run of the phase: ``Manifest.total_seconds``). What is missing is None, never a guess.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ def phase_costs(phase_dir: str) -> dict[str, Any]:
     Returns ``{"updates", "supervised_tokens", "tokens", "seconds", "peak_rss_mb", "peak_gpu_mb"}``:
     ``updates`` the last logged step (the last step is always logged), ``supervised_tokens`` /
     ``tokens`` its ``supervised_tokens_seen`` / ``tokens_seen`` (answer / non-pad input tokens of
-    steps 1..updates, all ranks), ``seconds`` the manifest's (the phase's last run, resumes not
-    summed), ``peak_rss_mb`` the largest any rank recorded in any event, ``peak_gpu_mb`` the same
+    steps 1..updates, all ranks), ``seconds`` the manifest's ``total_seconds`` (every run of the
+    phase: the last and the interrupted ones it resumed), ``peak_rss_mb`` the largest any rank recorded in any event, ``peak_gpu_mb`` the same
     for GPU memory (None on the CPU). Each is None when its file or key is missing.
     """
     phase_dir = str(phase_dir)
@@ -33,7 +33,7 @@ def phase_costs(phase_dir: str) -> dict[str, Any]:
     manifest = read_manifest(phase_dir)
     records = worker_records(phase_dir)
     return {"updates": last.get("step"), "supervised_tokens": last.get("supervised_tokens_seen"),
-            "tokens": last.get("tokens_seen"), "seconds": manifest.seconds if manifest is not None else None,
+            "tokens": last.get("tokens_seen"), "seconds": manifest.total_seconds if manifest is not None else None,
             "peak_rss_mb": _largest(records, "peak_rss_mb"), "peak_gpu_mb": _largest(records, "peak_gpu_mb")}
 
 
