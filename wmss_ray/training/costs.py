@@ -24,8 +24,9 @@ def phase_costs(phase_dir: str) -> dict[str, Any]:
     ``updates`` the last logged step (the last step is always logged), ``supervised_tokens`` /
     ``tokens`` its ``supervised_tokens_seen`` / ``tokens_seen`` (answer / non-pad input tokens of
     steps 1..updates, all ranks), ``seconds`` the manifest's ``total_seconds`` (every run of the
-    phase: the last and the interrupted ones it resumed), ``peak_rss_mb`` the largest any rank recorded in any event, ``peak_gpu_mb`` the same
-    for GPU memory (None on the CPU). Each is None when its file or key is missing.
+    phase: the last and the interrupted ones it resumed), ``peak_rss_mb`` the largest any rank
+    recorded in any event, ``peak_gpu_mb`` the same for GPU memory (None on the CPU). Each is None
+    when its file or key is missing.
     """
     phase_dir = str(phase_dir)
     metrics_path = storage.join(phase_dir, "metrics.jsonl")
