@@ -131,7 +131,7 @@ def run_phases(ctx: RunContext, phases: list[Phase], from_phase: str | None = No
     check_phase_names(phases, from_phase, until, *(only or ()))
     cfg_dict = ctx.cfg.fingerprint_dict()  # keys added since a run was made hash only when set
     forced = False
-    needed = _upstream(phases, only) if only else None
+    needed = upstream_phases(phases, only) if only else None
     for phase in phases:
         if needed is not None and phase.name not in needed:
             continue  # neither selected nor upstream of a selected phase (another arm): not touched
@@ -187,7 +187,7 @@ def completed_elsewhere(cfg: WMSSConfig, run_dir: str, names: tuple[str, ...]) -
     return out
 
 
-def _upstream(phases: list[Phase], names: tuple[str, ...]) -> set[str]:
+def upstream_phases(phases: list[Phase], names: tuple[str, ...]) -> set[str]:
     """``names`` and every phase they need, directly or not."""
     by_name = {p.name: p for p in phases}
     out, todo = set(), list(names)

@@ -8,22 +8,16 @@ import pytest
 from wmss_ray.config.loading import load_config
 from wmss_ray.config.names import FAKE_WEAK_ARMS, STUDY_ARM_LABELS
 from wmss_ray.phases import build_phases
+from wmss_ray.pipeline import upstream_phases
 from wmss_ray.study.arms import FAKE_SHARED, arm_runs, fake_config, seed_config
 from wmss_ray.study.runner import unlocked_arms
 
 TINY = "configs/test-tiny.yaml"
 
 
-def _upstream(cfg, phase: str) -> set[str]:
-    """``phase`` and every phase it needs, directly or not, in ``cfg``'s run."""
-    by_name = {p.name: p for p in build_phases(cfg)}
-    out, todo = set(), [phase]
-    while todo:
-        n = todo.pop()
-        if n not in out:
-            out.add(n)
-            todo.extend(by_name[n].needs)
-    return out
+def _needs(cfg, phase: str) -> set[str]:
+    """Every phase ``phase`` needs in ``cfg``'s run, directly or not."""
+    return upstream_phases(build_phases(cfg), (phase,)) - {phase}
 
 
 @pytest.mark.parametrize("iterations", [1, 2])
@@ -40,10 +34,10 @@ def test_each_arm_starts_once_after_exactly_what_its_phase_needs(tmp_path, itera
     assert wmss == f"wmss_{iterations}"
     for r in runs:
         if r.arm in FAKE_WEAK_ARMS:  # its own run: the trunk's phases linked, then its own WMSS
-            needs = _upstream(fake_config(cfg, 1, r.arm), r.phase) - {r.phase}
+            needs = _needs(fake_config(cfg, 1, r.arm), r.phase)
             assert needs <= set(FAKE_SHARED) and r.arm in after_trunk, r.arm
         else:
-            needs = _upstream(cfg, r.phase) - {r.phase}
+            needs = _needs(cfg, r.phase)
             if r.arm == "wmss":
                 assert FAKE_SHARED[-1] in needs and r.arm in after_trunk
             else:  # an SFT arm: its step count follows from WMSS's steps
