@@ -158,7 +158,7 @@ def run_phases(ctx: RunContext, phases: list[Phase], from_phase: str | None = No
             why = "was forced" if forced else "has other inputs here" if done else "did not complete there"
             raise RuntimeError(f"phase {phase.name} is linked from {storage.redact(target)} and {why}; "
                                f"refusing to overwrite it (remove the link to run it in this run dir)")
-        elif _run_one(phase, ctx, fp, phase_dir, forced, layout) != "completed":
+        elif _run_one(phase, ctx, fp, phase_dir, forced, old, layout) != "completed":
             break  # stopped short of its end on purpose: later phases need what it did not make yet
         if phase.name == until:
             break
@@ -199,12 +199,12 @@ def upstream_phases(phases: list[Phase], names: tuple[str, ...]) -> set[str]:
     return out
 
 
-def _run_one(phase: Phase, ctx: RunContext, fp: str, phase_dir: str, forced: bool,
+def _run_one(phase: Phase, ctx: RunContext, fp: str, phase_dir: str, forced: bool, old: Manifest | None,
              layout: dict[str, Any] | None = None) -> str:
-    """Run one phase (resuming an interrupted run of the same fingerprint); returns its status."""
+    """Run one phase (resuming an interrupted run of the same fingerprint: ``old``, the manifest in
+    ``phase_dir`` before this run); returns its status."""
     if phase.name not in ("data", "phase0", "report"):
         ensure_ray()
-    old = read_manifest(phase_dir)
     resumed = prepare_phase_dir(phase_dir, phase.name, fp, forced)  # another run's leftovers are deleted here
     earlier = interrupted_seconds(old, phase_dir) if resumed and old is not None else 0.0  # it resumes their work
     inputs = {n: ctx.outputs.get(n) for n in phase.needs}
