@@ -4,7 +4,7 @@ Each test builds a run directory next to the session's tiny run (``tiny_job_run`
 it does not rerun are links to that run's, the phase under test is a copy (with its Ray Train
 checkpoints, metrics and model), and the config changes one setting. Before the rule, such a
 rerun resumed the old run's final checkpoint, trained zero steps and reported the old model.
-The rule for every phase, with stand-in phase bodies: tests/test_pipeline_runner.py (SFT after a
+The rule for every phase, with stand-in phase bodies: tests/test_pipeline_resume.py (SFT after a
 change of ``training.lr`` included); here it is proved on real Ray Train runs for ``wmss_1``,
 which trains through the same ``train_phase`` as ``sft`` and ``sft_continued``, and on a real
 scoring run. Three Train runs in all: each costs ~13 s of worker-group start-up.
