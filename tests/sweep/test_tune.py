@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from wmss_ray.config.loading import load_config
@@ -45,6 +47,30 @@ def test_trial_config_and_links(tmp_path):
         link = tmp_path / "base" / "tune" / "trial_00001" / p
         assert link.is_symlink() and link.resolve() == (base_dir / p).resolve()
     assert not (tmp_path / "base" / "tune" / "trial_00001" / "wmss_1").exists()
+
+
+def test_a_linked_phase_is_linked_to_what_it_stands_for(tmp_path):
+    """A study arm links its seed run's phases, which the seed run itself links from the base run."""
+    base, seed, arm = tmp_path / "base", tmp_path / "study" / "seed0", tmp_path / "study" / "seed0-arm"
+    (base / "tokenize").mkdir(parents=True)
+    link_shared_phases(base, seed, ("tokenize",))
+    link_shared_phases(seed, arm, ("tokenize",))
+    assert os.readlink(arm / "tokenize") == str((base / "tokenize").resolve())  # no chain of links
+
+
+def test_on_object_storage_a_linked_phase_is_linked_too(s3_server):
+    """On object storage a link is a reference file ``<phase>.link``, not a directory: the arm's
+    link was missed, and each arm of a study on S3 ran its seed's data and tokenize again."""
+    from wmss_ray.io import storage
+    from wmss_ray.io.manifest import linked_phase
+
+    root = f"s3://{s3_server['bucket']}/unit/linked-links"
+    base, seed, arm = (storage.join(root, d) for d in ("base", "seed0", "seed0-arm"))
+    storage.write_text(storage.join(base, "tokenize", "manifest.json"), "{}")
+    link_shared_phases(base, seed, ("tokenize",))
+    link_shared_phases(seed, arm, ("tokenize",))
+    assert linked_phase(storage.join(arm, "tokenize")) == storage.join(base, "tokenize")
+    assert not storage.exists(storage.join(arm, "tokenize"))  # a reference, nothing copied or rerun
 
 
 def test_a_sweep_on_object_storage_puts_its_trials_under_the_bucket():

@@ -78,10 +78,14 @@ def seed_run_dirs(root: str, trial_name: str, seeds: int) -> list[str]:
 
 def link_shared_phases(base_run_dir: str, trial_run_dir: str, phases: tuple[str, ...] = SHARED_PHASES) -> None:
     """Link ``phases`` of the base run into the trial's run dir (``manifest.link_phase``: a symlink,
-    or on object storage a reference file ``<phase>.link``; the pipeline never reruns a link)."""
+    or on object storage a reference file ``<phase>.link``; the pipeline never reruns a link).
+    A phase the base run itself links (a study's seed run) is linked to what it stands for: on
+    object storage a link is a reference file, not a directory, and was missed here before, so
+    each study arm ran its seed's data and tokenize phases (and the demo's M0) again."""
     base_run_dir, trial_run_dir = storage.location(str(base_run_dir)), storage.location(str(trial_run_dir))
     for phase in phases:
         src, dst = storage.join(base_run_dir, phase), storage.join(trial_run_dir, phase)
+        src = linked_phase(src) or src
         if storage.exists(src) and linked_phase(dst) is None and not storage.exists(dst):
             link_phase(src, dst)
 
