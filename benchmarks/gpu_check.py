@@ -94,6 +94,7 @@ def make_setup(a, root: str) -> Setup:
                      variants=[Variant("sft z2", "sft", 2, False, profile=True),
                                Variant("frozen z2", "frozen", 2, False), Variant("sft z1", "sft", 1, False),
                                Variant("sft z1 bf16 grads", "sft", 1, False, ds=BF16_GRADS),
+                               Variant("sft z2 autocast", "sft", 2, False, autocast=True),
                                Variant("sft z1 flash", "sft", 1, False, attn=FLASH),  # skipped: no CUDA
                                Variant("sft z3 ckpt", "sft", 3, True)],
                      big_variants=[Variant("sft z2 ckpt", "sft", 2, True)])

@@ -46,17 +46,19 @@ class Variant:
     profile: bool = False  # also profile a few steps (torch.profiler)
     ds: tuple[str, ...] = ()  # "key.path=value" under training.ds_config_overrides (DeepSpeed's own knobs)
     attn: str = "sdpa"  # models.attn_implementation (FLASH: run only where flash-attn is installed)
+    autocast: bool = False  # training.autocast: fp32 weights under bf16 autocast (the plain loop's precision)
 
     def overrides(self) -> list[str]:
         return [f"training.zero_stage={self.zero_stage}", f"training.gradient_checkpointing={self.checkpointing}",
                 f"training.packing={self.packing}", f"mix.mode={'frozen' if self.mode == 'frozen' else 'joint'}",
-                f"models.attn_implementation={self.attn}", *(f"training.ds_config_overrides.{kv}" for kv in self.ds)]
+                f"models.attn_implementation={self.attn}", f"training.autocast={self.autocast}",
+                *(f"training.ds_config_overrides.{kv}" for kv in self.ds)]
 
     @property
     def knob(self) -> bool:
-        """Changes one thing of a shipped step (DeepSpeed overrides, the attention kernel): printed
-        against the variant it changes (``gpu_check_steps.knob_pairs``)."""
-        return bool(self.ds) or self.attn != "sdpa"
+        """Changes one thing of a shipped step (DeepSpeed overrides, the attention kernel, autocast):
+        printed against the variant it changes (``gpu_check_steps.knob_pairs``)."""
+        return bool(self.ds) or self.attn != "sdpa" or self.autocast
 
 
 #: DeepSpeed knobs measured against the shipped engine config (the H200 run found the step
@@ -91,6 +93,13 @@ VARIANTS = [
     Variant("sft z1 bf16 grads", "sft", 1, False, profile=True, ds=BF16_GRADS),
     Variant("sft z2 bf16 grads", "sft", 2, False, ds=BF16_GRADS),
     Variant("sft z2 overlap", "sft", 2, False, ds=OVERLAP),
+    # the plain loop's precision (training.autocast): fp32 weights, gradients and AdamW, bf16 autocast
+    # forward; no BF16_Optimizer master copies or per-parameter gradient copies. Stage 0 is the
+    # plain loop inside DeepSpeed's engine (its ratio to the plain step is the engine's own cost).
+    Variant("sft z0 autocast", "sft", 0, False, profile=True, autocast=True),
+    Variant("sft z2 autocast", "sft", 2, False, autocast=True),
+    Variant("joint z2 autocast", "joint", 2, False, autocast=True),
+    Variant("frozen z2 ckpt autocast", "frozen", 2, True, autocast=True),
     # the attention kernel: packed rows through flash-attention's varlen kernel against sdpa's mask
     Variant("sft z1 flash", "sft", 1, False, attn=FLASH),
     Variant("joint z2 ckpt flash", "joint", 2, True, attn=FLASH),

@@ -214,7 +214,7 @@ def part_steps(s: Setup, out_dir: str) -> tuple[dict, list[str]]:
                      f"worst relative loss difference {r['loss_vs_base']:.1e} over {len(r['losses'])} steps")
     lines += ["", "WMSS / SFT step time (ideal: frozen 1.33, joint 2.0):", ""]
     by = {r["label"]: r for r in rows}
-    for z, suffix in ((1, ""), (2, ""), (2, " ckpt"), (3, " ckpt")):
+    for z, suffix in ((1, ""), (2, ""), (2, " ckpt"), (3, " ckpt"), (2, " autocast")):
         sft = by.get(f"sft z{z}{suffix}")
         for mode in ("frozen", "joint"):
             r = by.get(f"{mode} z{z}{suffix}")

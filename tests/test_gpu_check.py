@@ -72,6 +72,10 @@ def test_cpu_smoke_runs_every_part_without_ray(tmp_path):
     assert by["sft z1 bf16 grads"]["losses"][0] == by["sft z1"]["losses"][0]
     assert 0 <= by["sft z1 bf16 grads"]["loss_vs_base"] < 0.1
     assert "sft z1 bf16 grads against sft z1: step time" in text
+    # training.autocast reaches the step: the ZeRO optimizer over fp32 weights, compared with bf16 weights
+    assert by["sft z2 autocast"]["optimizer"] == "DeepSpeedZeroOptimizer"
+    assert 0 <= by["sft z2 autocast"]["loss_vs_base"] < 0.05
+    assert "sft z2 autocast against sft z2: step time" in text
     # flash-attention's variants run where flash-attn is installed on a GPU, else are skipped, and said
     assert "sft z1 flash" not in by and "needs a CUDA device" in steps["skipped"]["sft z1 flash"]
     assert "| sft z1 flash | skipped: " in text

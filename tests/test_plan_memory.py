@@ -269,3 +269,30 @@ def test_lora_plan_holds_the_base_once_and_trains_adapter_states_only():
     assert joint["params"] == shared["params"] + 2 * a / 16 and joint["optimizer"] == 2 * shared["optimizer"]
     st = staging_bytes(_cfg(mix={"mode": "frozen"}, training=lora), "wmss", S4B, S4B, 8)
     assert st["rank"] == 12 * a / 16  # the adapter's optimizer partition; the base is never checkpointed
+
+
+def test_autocast_plans_fp32_weights_a_bf16_frozen_weak_and_the_weight_casts():
+    """``training.autocast``: the trained model's weights, gradients and optimizer in fp32 (ZeRO's
+    fp32 partition copy besides Adam's moments), no master copy at stage 0, a frozen weak model in
+    bf16 below stage 3, the bf16 weight copies the forward keeps, fp32 checkpoints and exports."""
+    p, world = S4B.params, 16
+    for stage in (0, 2, 3):
+        auto = _cfg(training={"zero_stage": stage, "autocast": True, "gradient_checkpointing": False},
+                    mix={"mode": "frozen"})
+        sft, wmss = phase_bytes(auto, "sft", S4B, S4B), phase_bytes(auto, "wmss", S4B, S4B)
+        assert sft["params"] == 4 * p / (world if stage == 3 else 1)
+        assert sft["grads"] == 4 * p / (world if stage >= 2 else 1)
+        assert sft["optimizer"] == (8 * p if stage == 0 else 12 * p / world)
+        weak = wmss["params"] - sft["params"]
+        assert weak == (4 * p / world if stage == 3 else 2 * p)  # zero.Init builds it in fp32 at stage 3
+        head, decoder = S4B.vocab * S4B.hidden, p - S4B.vocab * S4B.hidden  # tied: one [V, D] matrix
+        assert sft["autocast_casts"] == 2 * decoder + 2 * head  # every layer's copy, and the head's
+        assert wmss["autocast_casts"] == sft["autocast_casts"] + (2 * decoder / 36 if stage == 3 else 0)
+        ckpt = phase_bytes(_cfg(training={"zero_stage": stage, "autocast": True, "gradient_checkpointing": True}),
+                           "sft", S4B, S4B)
+        assert ckpt["autocast_casts"] == 2 * decoder / 36 + 2 * head  # one decoder layer, recomputed
+    bf16 = phase_bytes(_cfg(training={"zero_stage": 2}), "sft", S4B, S4B)
+    assert bf16["autocast_casts"] == 0 and bf16["params"] == 2 * p
+    z2 = _cfg(training={"zero_stage": 2, "autocast": True}, run={"storage": "s3://bucket/runs"})
+    staged = staging_bytes(z2, "sft", S4B, S4B, 8)
+    assert staged["rank"] == 12 * p / world + 4 * p and staged["export"] == 4 * p  # the fp32 module

@@ -90,6 +90,48 @@ def test_half_precision_without_zero_fails_loudly():
                              "evaluation": {"gpus_per_actor": 1}}).training.zero_stage == 1
 
 
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_ds_config_autocast_keeps_fp32_weights_gradients_and_reductions(stage):
+    """``training.autocast``: DeepSpeed's torch_autocast in bf16, no bf16 weights, and no module
+    whose gradients DeepSpeed would reduce (or ZeRO-3 gather) in bf16; any stage, stage 0 too."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    training = tiny_cfg(zero_stage=stage, autocast=False).training.model_copy(update={"autocast": True})
+    ds = build_ds_config(training, world_size=1, dtype=torch.bfloat16, on_gpu=True)
+    parsed = DeepSpeedConfig(ds)  # DeepSpeed's own parser reads the keys we meant (in this 1-process world)
+    assert parsed.torch_autocast_enabled and parsed.torch_autocast_dtype == torch.bfloat16
+    assert parsed.torch_autocast_lower_precision_safe_modules == []
+    assert not parsed.bfloat16_config.enabled and not ds.get("fp16", {}).get("enabled")
+    assert parsed.grad_accum_dtype is None and parsed.communication_data_type is None  # the weights' fp32
+    assert ds["zero_optimization"]["stage"] == stage and ds["train_batch_size"] == 2 * 2
+    with pytest.raises(ValueError, match="training.autocast computes in bfloat16"):
+        build_ds_config(training, 1, torch.float32, False)
+
+
+@pytest.mark.parametrize("overrides, refused", [
+    ({"models": {"dtype": "float32"}}, "models.dtype, which is 'float32'"),
+    ({}, "auto is float32 without a GPU"),
+    ({"models": {"dtype": "float16"}}, "float16 would need a loss scaler"),
+    ({"models": {"dtype": "bfloat16"}, "training": {"lora": {"enabled": True}}}, "training.lora.enabled"),
+    ({"models": {"dtype": "bfloat16"}, "training": {"zero_stage": 2, "offload_optimizer": True}},
+     "training.offload_optimizer"),
+])
+def test_autocast_that_cannot_be_honoured_is_refused(overrides, refused):
+    from wmss_ray.config.schema import ConfigError
+
+    data = {**overrides, "training": {"autocast": True, **overrides.get("training", {})}}
+    with pytest.raises(ConfigError, match=refused):
+        config_from_dict(data)
+
+
+def test_autocast_allows_zero_stage_0_in_bf16():
+    cfg = config_from_dict({"models": {"dtype": "bfloat16"}, "training": {"autocast": True}})
+    assert cfg.training.zero_stage == 0 and cfg.training.autocast
+    gpu = config_from_dict({"scaling": {"use_gpu": True}, "evaluation": {"gpus_per_actor": 1},
+                            "training": {"autocast": True}})  # models.dtype auto: bf16 on a GPU
+    assert gpu.training.autocast
+
+
 def test_row_reader_reads_rows_by_global_number_across_files_and_row_groups(tmp_path):
     """Rows come back as written, in the order asked, whichever file and row group hold them;
     only the row groups needed are read; the epoch list maps sample ids to those row numbers."""

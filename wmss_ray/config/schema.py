@@ -208,7 +208,7 @@ ADDED_KEYS = ("training.lora", "training.global_batch_size", "scaling.min_worker
               "evaluation.samples", "evaluation.temperature", "evaluation.top_p", "evaluation.sampling_seed",
               "evaluation.vllm", "data.rows_per_file", "scoring.logits_mb", "evaluation.logits_mb", "mix.weak_source",
               "mix.shuffle_bucket_rows", "training.label_smoothing", "controls", "training.max_preemption_failures",
-              "run.train_seed", "study")
+              "run.train_seed", "study", "training.autocast")
 
 
 #: How a training phase is executed, not what it computes (that is the global batch, which they
@@ -253,14 +253,34 @@ class WMSSConfig(ConfigSection):
 
     @model_validator(mode="after")
     def _half_precision_needs_zero(self) -> "WMSSConfig":
-        # models.dtype auto is bf16 on a GPU; DeepSpeed accumulates in fp32 only under ZeRO.
+        # models.dtype auto is bf16 on a GPU; DeepSpeed accumulates in fp32 only under ZeRO
+        # (training.autocast keeps fp32 weights and gradients: any stage).
         half = self.models.dtype in ("bfloat16", "float16") or (self.models.dtype == "auto" and self.scaling.use_gpu)
-        if half and self.training.zero_stage == 0:
+        if half and self.training.zero_stage == 0 and not self.training.autocast:
             raise ValueError(
                 "training.zero_stage is 0 but the models train in half precision (models.dtype "
                 f"{self.models.dtype!r}, scaling.use_gpu {self.scaling.use_gpu}): gradients are "
                 "accumulated in fp32 only under ZeRO; set training.zero_stage >= 1 or models.dtype: float32"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _autocast_computes_in_bf16(self) -> "WMSSConfig":
+        t, dtype = self.training, self.models.dtype
+        if not t.autocast:
+            return self
+        bf16 = dtype == "bfloat16" or (dtype == "auto" and self.scaling.use_gpu)
+        if not bf16:
+            raise ValueError(
+                f"training.autocast computes in models.dtype, which is {dtype!r} (scaling.use_gpu "
+                f"{self.scaling.use_gpu}; auto is float32 without a GPU): set models.dtype: bfloat16 "
+                "(float16 would need a loss scaler) or training.autocast: false")
+        for key, on in (("training.lora.enabled", t.lora.enabled), ("training.offload_optimizer", t.offload_optimizer),
+                        ("training.offload_params", t.offload_params)):
+            if on:
+                raise ValueError(f"training.autocast with {key}: not supported (LoRA trains adapters on frozen "
+                                 "models.dtype weights; offload is for models.dtype weights with fp32 master "
+                                 "copies); set training.autocast: false")
         return self
 
     @model_validator(mode="after")

@@ -140,6 +140,12 @@ class TrainingConfig(ConfigSection):
         "micro_batch_size x grad_accum x scaling.num_workers")
     grad_clip: float = Field(1.0, gt=0)
     zero_stage: Literal[0, 1, 2, 3] = 0
+    autocast: bool = Field(
+        False, description="train as a plain PyTorch loop does: the trained models keep fp32 weights, gradients "
+        "and optimizer states, and their forward runs under torch.autocast in models.dtype (bfloat16; "
+        "DeepSpeed's torch_autocast, gradients reduced in fp32). Off: the weights are models.dtype with "
+        "DeepSpeed's fp32 master copies. Allows zero_stage 0; costs 4 bytes per trained parameter of weights "
+        "instead of 2 (docs/TRAINING.md, 'Precision')")
     offload_optimizer: bool = False
     offload_params: bool = False
     gradient_checkpointing: bool = Field(

@@ -54,8 +54,13 @@ _DTYPE_BYTES = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bf
 
 
 def model_state_bytes(p: int, largest: int, *, half: bool, trained: bool, stage: int,
-                      offload_optimizer: bool, offload_params: bool, world: int) -> dict[str, float]:
-    """Per-GPU bytes of one model's parameters, gradients and optimizer states (table above)."""
+                      offload_optimizer: bool, offload_params: bool, world: int,
+                      autocast: bool = False) -> dict[str, float]:
+    """Per-GPU bytes of one model's parameters, gradients and optimizer states (table above).
+    ``autocast`` (``training.autocast``): a trained model is fp32 throughout; a frozen one keeps
+    the compute dtype below stage 3 (ZeRO-3's one ``zero.Init`` builds every model in fp32)."""
+    if autocast:
+        half = not trained and stage < 3
     w = 2 if half else 4
     params = 0.0 if (stage == 3 and offload_params) else (w * p / world if stage == 3 else w * p)
     out = {"params": params, "grads": 0.0, "optimizer": 0.0}
@@ -63,10 +68,23 @@ def model_state_bytes(p: int, largest: int, *, half: bool, trained: bool, stage:
         if half:
             out["grads"] = {0: 6 * p, 1: 6 * p, 2: 6 * p / world, 3: 4 * p / world}[stage]
             out["optimizer"] = 12 * p / (world if stage >= 1 else 1)
-        else:
+        else:  # ZeRO 1-3 clone the fp32 weights' partition as their master copy (stage_1_and_2.py)
             out["grads"] = 4 * p / (world if stage >= 2 else 1)
-            out["optimizer"] = 8 * p / (world if stage >= 1 else 1)
+            out["optimizer"] = 12 * p / world if stage >= 1 else 8 * p
     return out
+
+
+def autocast_cast_bytes(shape: ModelShape, trained: bool, checkpointing: bool) -> float:
+    """``training.autocast``: the bf16 copies of one model's fp32 weights its forward makes (no
+    cast cache, ``training.pair``). Autograd keeps each trained linear layer's copy until its
+    backward: all of them (2 bytes per decoder parameter), or with checkpointing one decoder layer's
+    (recomputed in backward); the loss keeps the head's (2 V D). The embedding lookup casts
+    nothing. A frozen model at stage 3 (fp32) casts one layer at a time."""
+    embeddings = shape.vocab * shape.hidden * (1 if shape.tied else 2)
+    layer = 2.0 * (shape.params - embeddings) / shape.layers  # one decoder layer (the embedding is not cast)
+    if not trained:
+        return layer
+    return (layer if checkpointing else 2.0 * (shape.params - embeddings)) + 2.0 * shape.vocab * shape.hidden
 
 
 def activation_bytes(s: ModelShape, tokens: int, seq_len: int, micro_batch: int, act_bytes: int, *,
@@ -130,8 +148,13 @@ def gradient_bucket_bytes(ds_config: dict) -> float:
 
 
 def is_half(cfg: WMSSConfig) -> bool:
-    """The models train in bf16/fp16 (``models.dtype`` auto is bf16 with ``scaling.use_gpu``)."""
+    """The models compute in bf16/fp16 (``models.dtype`` auto is bf16 with ``scaling.use_gpu``)."""
     return cfg.models.dtype in ("bfloat16", "float16") or (cfg.models.dtype == "auto" and cfg.scaling.use_gpu)
+
+
+def half_weights(cfg: WMSSConfig) -> bool:
+    """The trained weights are 2 bytes: half precision without ``training.autocast`` (fp32 weights)."""
+    return is_half(cfg) and not cfg.training.autocast
 
 
 class GpuModel(NamedTuple):
@@ -177,7 +200,7 @@ def phase_bytes(cfg: WMSSConfig, phase: str, strong: ModelShape, weak: ModelShap
     tokens = seq * mb  # padded micro-batch (packing keeps the same token count)
     eager = cfg.models.attn_implementation == "eager"
     states = dict(half=half, stage=t.zero_stage, offload_optimizer=t.offload_optimizer,
-                  offload_params=t.offload_params, world=world)
+                  offload_params=t.offload_params, world=world, autocast=t.autocast)
     out = dict.fromkeys(("params", "grads", "optimizer"), 0.0)
     models = train_gpu_models(cfg, phase, strong, weak)
     lora = t.lora.enabled
@@ -194,6 +217,8 @@ def phase_bytes(cfg: WMSSConfig, phase: str, strong: ModelShape, weak: ModelShap
             for k, v in part.items():
                 out[k] += v
     out["zero3_gather"] = 4.0 * max(m.shape.largest_layer_params for m in models) if t.zero_stage == 3 else 0.0
+    out["autocast_casts"] = sum(autocast_cast_bytes(m.shape, m.trained, t.gradient_checkpointing) for m in models
+                                if m.trained or t.zero_stage == 3) if t.autocast else 0.0
     for key, ckpt in (("activations", t.gradient_checkpointing), ("activations_alt", not t.gradient_checkpointing)):
         out[key] = sum(activation_bytes(m.shape, tokens, seq, mb, act_b, checkpointing=ckpt, eager=eager,
                                         trained=m.trained) for m in models)
@@ -209,7 +234,8 @@ def phase_bytes(cfg: WMSSConfig, phase: str, strong: ModelShape, weak: ModelShap
     # of the backward, one parameter's gradient; ZeRO-2, the full-size [V, D] gradient lives until
     # DeepSpeed's bucket takes it. (ZeRO-3: in the gathered-layer line, 2 bytes of gathered weight
     # + 2 of gradient per element; ZeRO-0/1: in the gradients line.)
-    out["embedding_grads"] = float(sum(act_b * m.vocab * m.hidden * (int(m.tied) + int(t.zero_stage == 2))
+    grad_b = 4 if t.autocast else act_b  # autocast: fp32 weights, fp32 gradients
+    out["embedding_grads"] = float(sum(grad_b * m.vocab * m.hidden * (int(m.tied) + int(t.zero_stage == 2))
                                        for m in full))
     pool, p = phase == "wmss" and mix.placement == "pool", mix.pool
     # the pool's reply on this GPU (weak_pool.wire.device_reply_bytes) for N <= tokens answer
@@ -279,10 +305,10 @@ def staging_bytes(cfg: WMSSConfig, phase: str, strong: ModelShape, weak: ModelSh
     deleted before the export starts, so a node needs the larger of the two."""
     t, world = cfg.training, cfg.scaling.num_workers
     trained = [m.trained_params for m in train_gpu_models(cfg, phase, strong, weak) if m.trained_params]
-    per = [sum(checkpoint_bytes(p, half=is_half(cfg), stage=t.zero_stage, world=world, rank=r)
+    per = [sum(checkpoint_bytes(p, half=half_weights(cfg), stage=t.zero_stage, world=world, rank=r)
                for p in trained) for r in (0, 1)]
     ranks = max(1, min(ranks_per_node, world))
-    export = (2 if is_half(cfg) else 4) * strong.params if storage.is_remote(cfg.run.storage) else 0.0
+    export = (2 if half_weights(cfg) else 4) * strong.params if storage.is_remote(cfg.run.storage) else 0.0
     return {"rank": per[0], "node": per[0] + (ranks - 1) * per[1], "ranks": float(ranks), "export": float(export)}
 
 
@@ -333,6 +359,7 @@ COMPONENTS = {
     "grads": "gradients",
     "optimizer": "optimizer states",
     "zero3_gather": "ZeRO-3 gathered layer",
+    "autocast_casts": "autocast bf16 weight copies",
     "activations": "activations",
     "loss_chunk": "loss [chunk, V] fp32 buffer",
     "loss_head_grads": "loss head-gradient accumulators",

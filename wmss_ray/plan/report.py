@@ -128,6 +128,7 @@ def format_plan(cfg: WMSSConfig, gpu_memory: float | None, source: str = "", gpu
     weak = strong if weak_dir == strong_dir else model_shape(weak_dir, cfg, weak_key)
     phases = {p: phase_bytes(cfg, p, strong, weak) for p in ("sft", "wmss")}
     prec = "fp16" if m.dtype == "float16" else ("bf16" if is_half(cfg) else "fp32")
+    prec = "fp32 weights under bf16 autocast" if t.autocast else prec
     offload = [n for n, on in (("optimizer", t.offload_optimizer), ("params", t.offload_params)) if on]
     lines = [] if cfg.scaling.use_gpu else ["note: scaling.use_gpu is false; the figures are per rank as if on GPUs"]
     lines += [
@@ -150,8 +151,8 @@ def format_plan(cfg: WMSSConfig, gpu_memory: float | None, source: str = "", gpu
     wmss_label = f"wmss ({cfg.mix.mode}, {cfg.mix.placement})"
     lines += ["", f"  {'GiB per GPU':40s} {'sft':>10s} {wmss_label:>28s}"]
     for key, label in COMPONENTS.items():
-        if key.startswith("pool_") and cfg.mix.placement != "pool":
-            continue  # no pool, no reply
+        if key.startswith("pool_") and cfg.mix.placement != "pool" or key == "autocast_casts" and not t.autocast:
+            continue  # no pool, no reply; no autocast, no casts
         if key == "loss_chunk":
             label = f"loss [{int(phases['wmss']['loss_chunk_rows'])}, V] fp32 buffer"
         lines.append(f"  {label:40s} {phases['sft'][key] / GiB:10.2f} {phases['wmss'][key] / GiB:28.2f}")

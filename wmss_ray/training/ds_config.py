@@ -96,9 +96,22 @@ def build_ds_config(training: TrainingConfig, world_size: int, dtype: torch.dtyp
     offers fp32 accumulation only with ZeRO (stage 0 would update the bf16 weights with bf16
     gradients directly), so half precision needs ``zero_stage >= 1``.
 
+    ``training.autocast``: the trained weights are fp32 (``dtype`` is the compute dtype, bf16):
+    DeepSpeed's ``torch_autocast`` runs the forward under ``torch.autocast`` and the optimizer
+    steps the fp32 weights directly, with no master copies, at any stage. ``lower_precision_safe_modules``
+    is empty so that no gradient is reduced, and no ZeRO-3 weight gathered, in bf16 (DeepSpeed's
+    default would do both for ``nn.Linear``): fp32 throughout, as a plain DDP loop reduces.
+
     Raises:
         ValueError: naming the ``training`` key that cannot be honoured.
     """
+    if training.autocast:
+        if dtype != torch.bfloat16:
+            raise ValueError(f"training.autocast computes in bfloat16; the models' dtype here is {dtype}")
+        return _deep_merge(_base_config(training, world_size, on_gpu) | {
+            "bf16": {"enabled": False},
+            "torch_autocast": {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []},
+        }, training.ds_config_overrides)
     half = dtype in (torch.bfloat16, torch.float16)
     if half and training.zero_stage == 0:
         raise ValueError(
@@ -106,6 +119,16 @@ def build_ds_config(training: TrainingConfig, world_size: int, dtype: torch.dtyp
             "under ZeRO; set training.zero_stage >= 1 (stage 1 on one GPU costs no more memory than "
             "stage 0 and keeps fp32 master weights) or models.dtype: float32"
         )
+    config = _base_config(training, world_size, on_gpu) | {
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16, "loss_scale": 0},
+        **({"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"} if half else {}),
+    }
+    return _deep_merge(config, training.ds_config_overrides)
+
+
+def _base_config(training: TrainingConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed config without its precision keys: batch, ZeRO stage and offload, clipping."""
     if training.offload_params and training.zero_stage != 3:
         raise ValueError("training.offload_params needs training.zero_stage: 3 (parameters are only partitioned at stage 3)")
     if training.offload_optimizer and training.zero_stage == 0:
@@ -116,7 +139,7 @@ def build_ds_config(training: TrainingConfig, world_size: int, dtype: torch.dtyp
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
     if training.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
-    config: dict[str, Any] = {
+    return {
         "train_micro_batch_size_per_gpu": training.micro_batch_size,
         "gradient_accumulation_steps": training.grad_accum,
         "train_batch_size": training.micro_batch_size * training.grad_accum * world_size,
@@ -126,13 +149,9 @@ def build_ds_config(training: TrainingConfig, world_size: int, dtype: torch.dtyp
         # on its JIT-compiled CPU Adam, ~2 min of compilation on a CPU-only machine).
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
-        "bf16": {"enabled": dtype == torch.bfloat16},
-        "fp16": {"enabled": dtype == torch.float16, "loss_scale": 0},
         "steps_per_print": 10**9,
-        **({"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"} if half else {}),
         "wall_clock_breakdown": False,
     }
-    return _deep_merge(config, training.ds_config_overrides)
 
 
 def init_engine(model: torch.nn.Module, groups: list[dict], training: TrainingConfig, world_size: int,

@@ -72,6 +72,7 @@ class PairLM(nn.Module):
             raise ValueError(f"weak_source {weak_source!r}: one of {WEAK_SOURCES}; a fake weak side "
                              f"needs mode frozen and the colocated placement (got mode {mode!r}, pool {weak_pool})")
         self.weak_source = weak_source
+        self._amp: torch.dtype | None = None  # the autocast dtype of the running forward
         if mode not in ("sft", "joint", "frozen"):
             raise ValueError(f"mode must be sft, joint or frozen, got {mode!r}")
         if weak_pool and (mode != "frozen" or weak is not None):
@@ -102,8 +103,7 @@ class PairLM(nn.Module):
 
     # The decoder is looked up on each call, never stored as a second attribute: registering the
     # same submodule twice would give ZeRO-3 two owners for its parameters.
-    @staticmethod
-    def _hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+    def _hidden(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 position_ids: torch.Tensor | None, pos: torch.Tensor, cu_seq_lens: torch.Tensor | None = None,
                 max_length: int | None = None) -> torch.Tensor:
         """Final hidden states (after the final norm) of the flat positions ``pos [N]``: ``[N, D]``.
@@ -113,9 +113,20 @@ class PairLM(nn.Module):
         mask-path kernels (sdpa, eager) keep rows apart from ``position_ids`` instead."""
         decoder, _ = output_head(model)
         varlen = attention_kwargs(model, cu_seq_lens, max_length)
-        h = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    use_cache=False, **varlen).last_hidden_state  # [B, T, D]
-        return h.reshape(-1, h.shape[-1]).index_select(0, pos)
+        amp = self._amp
+        # No cast cache: each weight is cast once per forward anyway, and a cached bf16 copy would
+        # outlive ZeRO-3's release of the weight until the forward ends (2 bytes per parameter).
+        with torch.autocast(input_ids.device.type, dtype=amp, cache_enabled=False) if amp else nullcontext():
+            h = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=False, **varlen).last_hidden_state  # [B, T, D]
+        h = h.reshape(-1, h.shape[-1]).index_select(0, pos)
+        return h.to(amp) if amp else h
+
+    def _head(self, model: nn.Module) -> torch.Tensor:
+        """The LM head weight ``[V, D]``, in the autocast dtype under autocast (as autocast hands
+        it to the head's matmul in a plain forward; the cast is differentiable)."""
+        w = output_head(model)[1]
+        return w.to(self._amp) if self._amp else w
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
                 num_tokens: float, loss_scale: float = 1.0, position_ids: torch.Tensor | None = None,
@@ -156,6 +167,18 @@ class PairLM(nn.Module):
             detached :class:`~wmss_ray.losses.stats.LossStats` of this micro-batch (sums over
             its answer tokens; the pool's truncation fields filled under ``weak_pool``).
         """
+        # Under torch.autocast (training.autocast: fp32 weights, DeepSpeed's torch_autocast) only
+        # the decoders run autocast; the loss gets their outputs and the head weights cast to the
+        # autocast dtype and runs outside it, exactly as on bf16 weights (its own fp32 accumulation).
+        device = input_ids.device.type
+        self._amp = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        with torch.autocast(device, enabled=False) if self._amp else nullcontext():
+            return self._loss(input_ids, attention_mask, labels, num_tokens, loss_scale, position_ids, weak_logp,
+                              exact, answer_pos, cu_seq_lens, max_length, weak_key, weak_batch)
+
+    def _loss(self, input_ids, attention_mask, labels, num_tokens, loss_scale, position_ids, weak_logp, exact,
+              answer_pos, cu_seq_lens, max_length, weak_key, weak_batch) -> tuple[torch.Tensor, LossStats]:
+        """:meth:`forward`'s body (same arguments), with ``self._amp`` set."""
         # Position p predicts token p+1: keep only answer positions so that the decoders' outputs
         # feed the loss for those rows alone, gathered by index (a boolean mask would be a
         # device-to-host sync per use).  pos, y: [N]
@@ -163,7 +186,7 @@ class PairLM(nn.Module):
         y = labels.reshape(-1).index_select(0, pos + 1)
         varlen = dict(cu_seq_lens=cu_seq_lens, max_length=max_length)
         h_s = self._hidden(self.strong, input_ids, attention_mask, position_ids, pos, **varlen)  # [N, D_s]
-        w_s = output_head(self.strong)[1]  # [V, D_s]
+        w_s = self._head(self.strong)  # [V, D_s]
         # every row is an answer row: the loss need not look for them on the device
         sizing = dict(chunk_size=self.chunk_size, num_tokens=num_tokens, return_stats=True, chunk_mb=self.chunk_mb,
                       valid_rows=torch.arange(pos.numel(), device=pos.device), label_smoothing=self.label_smoothing)
@@ -183,7 +206,7 @@ class PairLM(nn.Module):
             # frozen: no graph; shared: the same modules with the weak adapter (or none) switched in
             with torch.no_grad() if self.mode == "frozen" else nullcontext(), self._weak_scope():
                 h_w = self._hidden(weak, input_ids, attention_mask, position_ids, pos, **varlen)  # [N, D_w]
-            w_w = output_head(weak)[1]  # [V, D_w]
+            w_w = self._head(weak)  # [V, D_w]
         loss, stats = chunked_mixed_ce(h_s, w_s, h_w, w_w, y, self.lam, **sizing)
         return loss * loss_scale, stats
 
@@ -201,14 +224,14 @@ class PairLM(nn.Module):
                 h_p = self._hidden(model, weak_batch["input_ids"], weak_batch["attention_mask"], None,
                                    weak_batch["answer_pos"])  # [M, D_w]: the partners' answer positions
                 h_w = h_p.index_select(0, weak_batch["weak_index"])  # [N, D_w]
-            loss, stats = chunked_mixed_ce(h_s, w_s, h_w, output_head(model)[1], y, self.lam, **sizing)
+            loss, stats = chunked_mixed_ce(h_s, w_s, h_w, self._head(model), y, self.lam, **sizing)
             return loss * loss_scale, stats
         if self.weak_source == "uniform":
             weak = uniform_weak(y, vocab)
         else:  # entropy_matched: the real weak forward, for each row's entropy only
             with torch.no_grad(), self._weak_scope():
                 h_w = self._hidden(model, input_ids, attention_mask, position_ids, pos, **varlen)  # [N, D_w]
-                w_w = output_head(model)[1]
+                w_w = self._head(model)
                 rows = chunk_rows_for(h_w.shape[0], vocab, self.chunk_mb) if self.chunk_size is None else self.chunk_size
                 weak = entropy_matched_weak(h_w, w_w, y, weak_key, rows)
         loss, stats = sparse_mixed_ce(h_s, w_s, weak, y, self.lam, **sizing)

@@ -136,7 +136,9 @@ class PhaseWorker:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         # ZeRO-3: built under zero.Init, weights scattered into the partitions (no full copy per rank).
         zero3_config = build_ds_config(training, world_size, self.dtype, self.on_gpu) if self.zero3 else None
-        load = dict(dtype=self.dtype, device="cpu", trust_remote_code=cfg.models.trust_remote_code,
+        # training.autocast: the trained models' weights are fp32 (the forward computes in self.dtype)
+        weights = torch.float32 if cfg.training.autocast else self.dtype
+        load = dict(dtype=weights, device="cpu", trust_remote_code=cfg.models.trust_remote_code,
                     zero3_config=zero3_config,
                     attn_implementation=resolve_attn_implementation(cfg.models.attn_implementation, self.device))
         self.lora = cfg.training.lora.enabled
@@ -147,7 +149,10 @@ class PhaseWorker:
         # a uniform fake weak side (mix.weak_source) runs no weak forward: no weak model is loaded
         uniform = spec.phase == "wmss" and cfg.mix.weak_source == "uniform"
         separate_weak = spec.mode != "sft" and not self.pooled and not spec.weak_shared and not uniform
-        weak = load_causal_lm(spec.weak_init, **load) if separate_weak else None
+        # A frozen weak model is never stepped: under autocast it keeps the compute dtype (half the
+        # memory) at stages 0-2; ZeRO-3 builds every model under the one zero.Init (fp32).
+        weak_dtype = self.dtype if spec.mode == "frozen" and not self.zero3 else weights
+        weak = load_causal_lm(spec.weak_init, **{**load, "dtype": weak_dtype}) if separate_weak else None
         for m in (strong, weak):
             if m is not None:
                 PairLM.prepare_for_training(m, cfg.training.gradient_checkpointing, lora=self.lora)
@@ -238,9 +243,9 @@ class PhaseWorker:
 
     @property
     def _own_grad_norm(self) -> bool:
-        # DeepSpeed's fp32 stage-0 path clips without keeping the norm; the ZeRO / bf16
-        # optimizers record it (engine.get_global_grad_norm).
-        return self.cfg.training.zero_stage == 0 and self.dtype == torch.float32
+        # DeepSpeed's fp32 stage-0 path (fp32 models, or fp32 weights under training.autocast)
+        # clips without keeping the norm; the ZeRO / bf16 optimizers record it (engine.get_global_grad_norm).
+        return self.cfg.training.zero_stage == 0 and (self.dtype == torch.float32 or self.cfg.training.autocast)
 
     def _grad_norm(self) -> float:
         """2-norm of the (already all-reduced) gradients, before clipping; stage 0 only."""
