@@ -399,6 +399,22 @@ def test_autocast_trains_fp32_weights_as_a_plain_autocast_loop_does(artifacts, t
     assert got[-1] < got[0]
 
 
+def test_an_autocast_checkpoint_continues_exactly(artifacts, tmp_path):
+    """Stage 0 under autocast (the client AdamW's own state over fp32 weights): a fresh worker
+    loading the step-1 checkpoint takes the same step 2 as the worker that never stopped."""
+    t = tiny_cfg(zero_stage=0, max_steps=2).training.model_dump() | {"autocast": True}
+    cfg = config_from_dict({"training": t, "mix": {"lam": 0.5}, "models": {"dtype": "bfloat16"}})
+    first, metrics = _run_worker(artifacts, cfg, "wmss", "joint", 1, tmp_path / "a")
+    first.save(str(tmp_path / "ckpt"), step=1, samples_seen=metrics[0]["samples_seen"])
+    uninterrupted = first.train_step(1)
+    second, _ = _run_worker(artifacts, cfg, "wmss", "joint", 0, tmp_path / "b")
+    assert second.load(str(tmp_path / "ckpt")) == 1
+    resumed = second.train_step(1)
+    for key in ("loss", "grad_norm", "lr", "ce_strong"):
+        assert resumed[key] == pytest.approx(uninterrupted[key], rel=1e-6), key
+    assert {p.dtype for p in second.pair.parameters()} == {torch.float32}
+
+
 @pytest.mark.parametrize("stage, dtype", [(0, "float32"), (1, "bfloat16"), (2, "bfloat16"), (3, "bfloat16")])
 def test_a_checkpoint_stages_what_wmss_plan_says(artifacts, tmp_path, stage, dtype):
     """The bytes a rank writes into its staging dir (``training.staging_dir``) for a joint WMSS
