@@ -163,6 +163,7 @@ def init_engine(model: torch.nn.Module, groups: list[dict], training: TrainingCo
     import deepspeed
 
     init_deepspeed_comm()  # before initialize, which would start the backend with its shm op
+    _forget_earlier_autocast()
     optimizer = build_optimizer(groups, training, on_gpu)
     scheduler = build_scheduler(optimizer, total_steps, training)
     config = build_ds_config(training, world_size, dtype, on_gpu)
@@ -170,3 +171,15 @@ def init_engine(model: torch.nn.Module, groups: list[dict], training: TrainingCo
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
     )
     return engine
+
+
+def _forget_earlier_autocast() -> None:
+    """DeepSpeed 0.19 records "torch_autocast is on" in module globals (``runtime/torch_autocast.py``)
+    that no engine resets, and its ZeRO optimizers read them for every gradient they reduce
+    (``get_param_comm_dtype``): after one ``training.autocast`` engine in a process, every later
+    engine reduced its gradients in the parameters' dtype (bf16) instead of the configured fp32.
+    Each engine starts from a clean state; an autocast engine sets it again in ``initialize``."""
+    import deepspeed.runtime.torch_autocast as ds_autocast
+
+    ds_autocast.TORCH_AUTOCAST_INITIALIZED = False
+    ds_autocast.TORCH_AUTOCAST_DTYPE = None
