@@ -58,21 +58,6 @@ def test_a_linked_phase_is_linked_to_what_it_stands_for(tmp_path):
     assert os.readlink(arm / "tokenize") == str((base / "tokenize").resolve())  # no chain of links
 
 
-def test_on_object_storage_a_linked_phase_is_linked_too(s3_server):
-    """On object storage a link is a reference file ``<phase>.link``, not a directory: the arm's
-    link was missed, and each arm of a study on S3 ran its seed's data and tokenize again."""
-    from wmss_ray.io import storage
-    from wmss_ray.io.manifest import linked_phase
-
-    root = f"s3://{s3_server['bucket']}/unit/linked-links"
-    base, seed, arm = (storage.join(root, d) for d in ("base", "seed0", "seed0-arm"))
-    storage.write_text(storage.join(base, "tokenize", "manifest.json"), "{}")
-    link_shared_phases(base, seed, ("tokenize",))
-    link_shared_phases(seed, arm, ("tokenize",))
-    assert linked_phase(storage.join(arm, "tokenize")) == storage.join(base, "tokenize")
-    assert not storage.exists(storage.join(arm, "tokenize"))  # a reference, nothing copied or rerun
-
-
 def test_a_sweep_on_object_storage_puts_its_trials_under_the_bucket():
     """The trial's run directory is a URI under the base run's (tests/test_pipeline_object_storage.py
     runs such a sweep on an S3 server)."""

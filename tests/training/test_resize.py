@@ -21,7 +21,8 @@ Joint mode, so that both models train with different learning rates (``weak_lr``
 ZeRO-3 universal load copies group 0's hyperparameters to every group. Frozen mode (the weak
 model left out of the checkpoint) in bf16 resumes at ``W=1, ZeRO-3`` (both changes at once;
 measured equal to the uninterrupted bf16 run to the last bit on CPU). ZeRO-0 (unpartitioned)
-resumes at ``W=1`` with no conversion.
+resumes at ``W=1`` with no conversion. Joint under ``training.autocast`` (fp32 weights, bf16
+compute) resumes at ``W=1, ZeRO-3``.
 """
 
 from __future__ import annotations
@@ -45,10 +46,12 @@ RTOL = 1e-5
 
 def _cfg(stage: int, workers: int, grad_accum: int, dtype: str = "float32", **kw):
     """The 2-worker test run's plan (1.5 epochs capped at 6 steps, a checkpoint every 2) at
-    ``workers`` x ``grad_accum`` x micro-batch 2 rows per step, models in ``dtype``."""
+    ``workers`` x ``grad_accum`` x micro-batch 2 rows per step, models in ``dtype`` ("autocast":
+    fp32 weights under bf16 autocast, ``training.autocast``)."""
     cfg = tiny_cfg(zero_stage=stage, sft_epochs=1.5, wmss_epochs=1.5, max_steps=STEPS, checkpoint_every=2,
                    num_workers=workers, grad_accum=grad_accum, **kw)
-    return config_from_dict(cfg.to_dict(), [f"models.dtype={dtype}"])
+    precision = ["models.dtype=bfloat16", "training.autocast=true"] if dtype == "autocast" else [f"models.dtype={dtype}"]
+    return config_from_dict(cfg.to_dict(), precision)
 
 
 def _train(art: dict, cfg, out: Path, mode: str, **kw):
@@ -103,6 +106,8 @@ def runs(art, tmp_path_factory):
     # both at once, in bf16 (fp32 master weights and Adam state), the weak model left out of the checkpoint
     ("frozen", 2, "bfloat16", [(3, 1, 4)]),
     ("frozen", 0, "float32", [(0, 1, 4)]),  # ZeRO 0: nothing partitioned, loaded as it is (no conversion)
+    # fp32 weights under autocast: both models' fp32 shards converted, resumed at W=1, ZeRO-3
+    ("joint", 2, "autocast", [(3, 1, 4)]),
 ])
 def test_a_stopped_phase_resumes_at_another_world_size_and_zero_stage(art, runs, tmp_path, mode, stage, dtype,
                                                                       resumes_at):
