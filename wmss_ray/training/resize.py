@@ -11,7 +11,7 @@ ZeRO stage 1-3 loads, each rank taking its own slice (``load_universal_checkpoin
 What DeepSpeed 0.19 supports, and what this module does about the rest:
 
 - ZeRO 1, 2 and 3, fp32 or bf16/fp16, either way: converted, then loaded universally
-  (``training.autocast`` writes the shards fp32 training writes; its conversion has no test of its own);
+  (``training.autocast`` writes the shards fp32 training writes: tested from W=2 ZeRO-2 to W=1 ZeRO-3);
 - ZeRO 0 (fp32 weights only: fp32 models or ``training.autocast``, ``build_ds_config``): rank 0
   writes the whole module and the whole torch
   optimizer state (nothing is partitioned), so a ZeRO-0 checkpoint loads at any world size as it
