@@ -85,14 +85,10 @@ def init_single_process(backend: str = "gloo", port: int | None = None) -> None:
     """A world-size-1 process group for running :class:`PhaseWorker` without Ray."""
     if torch.distributed.is_initialized():
         return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if port is None:
-        import socket
+    from wmss_ray.cluster import free_port
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-    os.environ.setdefault("MASTER_PORT", str(port))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port() if port is None else port))
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
