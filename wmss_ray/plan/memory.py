@@ -18,8 +18,10 @@ ZeRO       parameters          gradients            optimizer states
 =========  ==================  ===================  ==================
 
 Offloading the optimizer moves gradients and optimizer states to the CPU; offloading the
-parameters (ZeRO-3) moves the parameter partitions too. fp32 training: parameters 4P,
-gradients 4P, optimizer 8P, partitioned the same way. A frozen weak model has parameters only
+parameters (ZeRO-3) moves the parameter partitions too. fp32 weights (fp32 training, or
+``training.autocast``: bf16 compute): parameters 4P, gradients 4P, optimizer 8P at ZeRO-0 and
+12P/G at ZeRO 1-3 (ZeRO clones the fp32 partition as its master copy), partitioned the same way;
+under autocast also the bf16 weight copies the forward keeps (:func:`autocast_cast_bytes`). A frozen weak model has parameters only
 (partitioned at ZeRO-3 alongside the strong one); a weak model in the inference pool
 (``mix.placement: pool``) takes nothing on the Train GPUs: it is on the pool's actors
 (:func:`pool_actor_bytes`, printed as its own line); nor does the ``mix.weak_source: uniform``
