@@ -176,6 +176,12 @@ def _rank_main(cfg, spec, rank: int, world: int, port: int, errors: str, resume_
         # what Ray Train's TorchConfig sets and DeepSpeed's init_distributed reads
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                           WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+        # gloo's device on the loopback interface by name (getifaddrs), not by resolving the host
+        # name (getaddrinfo, which goes through glibc's NSS locks): a lock a parent thread held at
+        # the fork (Ray's gRPC resolves names on threads of its own) is never released in the child.
+        # Once in CI both ranks hung 60 s inside ProcessGroupGloo's constructor, where that lookup
+        # is; a likely cause, not a proven one (no native stack of the hang).
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
         # The rendezvous through a file in this attempt's own directory, not a TCP store on a port
         # chosen before the fork: the parent's port may be taken by then (the suite runs Ray
         # clusters beside), and a TCP store is a libuv server whose state the fork copied from a
