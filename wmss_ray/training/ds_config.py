@@ -105,26 +105,25 @@ def build_ds_config(training: TrainingConfig, world_size: int, dtype: torch.dtyp
     Raises:
         ValueError: naming the ``training`` key that cannot be honoured.
     """
+    half = dtype in (torch.bfloat16, torch.float16)
     if training.autocast:
         if dtype != torch.bfloat16:
             raise ValueError(f"training.autocast computes in bfloat16; the models' dtype here is {dtype}")
-        return _deep_merge(_base_config(training, world_size, on_gpu) | {
-            "bf16": {"enabled": False},
-            "torch_autocast": {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []},
-        }, training.ds_config_overrides)
-    half = dtype in (torch.bfloat16, torch.float16)
-    if half and training.zero_stage == 0:
-        raise ValueError(
-            f"training.zero_stage: 0 with {dtype} models: DeepSpeed accumulates gradients in fp32 only "
-            "under ZeRO; set training.zero_stage >= 1 (stage 1 on one GPU costs no more memory than "
-            "stage 0 and keeps fp32 master weights) or models.dtype: float32"
-        )
-    config = _base_config(training, world_size, on_gpu) | {
-        "bf16": {"enabled": dtype == torch.bfloat16},
-        "fp16": {"enabled": dtype == torch.float16, "loss_scale": 0},
-        **({"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"} if half else {}),
-    }
-    return _deep_merge(config, training.ds_config_overrides)
+        precision = {"bf16": {"enabled": False},
+                     "torch_autocast": {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}}
+    else:
+        if half and training.zero_stage == 0:
+            raise ValueError(
+                f"training.zero_stage: 0 with {dtype} models: DeepSpeed accumulates gradients in fp32 only "
+                "under ZeRO; set training.zero_stage >= 1 (stage 1 on one GPU costs no more memory than "
+                "stage 0 and keeps fp32 master weights) or models.dtype: float32"
+            )
+        precision = {
+            "bf16": {"enabled": dtype == torch.bfloat16},
+            "fp16": {"enabled": dtype == torch.float16, "loss_scale": 0},
+            **({"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"} if half else {}),
+        }
+    return _deep_merge(_base_config(training, world_size, on_gpu) | precision, training.ds_config_overrides)
 
 
 def _base_config(training: TrainingConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:

@@ -132,8 +132,8 @@ class PhaseWorker:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         # ZeRO-3: built under zero.Init, weights scattered into the partitions (no full copy per rank).
         zero3_config = build_ds_config(training, world_size, self.dtype, self.on_gpu) if self.zero3 else None
-        # training.autocast: the trained models' weights are fp32 (the forward computes in self.dtype)
-        weights = torch.float32 if cfg.training.autocast else self.dtype
+        #: the trained models' weights: fp32 under training.autocast (the forward computes in self.dtype)
+        self.weights_dtype = weights = torch.float32 if cfg.training.autocast else self.dtype
         load = dict(dtype=weights, device="cpu", trust_remote_code=cfg.models.trust_remote_code,
                     zero3_config=zero3_config,
                     attn_implementation=resolve_attn_implementation(cfg.models.attn_implementation, self.device))
@@ -239,9 +239,9 @@ class PhaseWorker:
 
     @property
     def _own_grad_norm(self) -> bool:
-        # DeepSpeed's fp32 stage-0 path (fp32 models, or fp32 weights under training.autocast)
-        # clips without keeping the norm; the ZeRO / bf16 optimizers record it (engine.get_global_grad_norm).
-        return self.cfg.training.zero_stage == 0 and (self.dtype == torch.float32 or self.cfg.training.autocast)
+        # DeepSpeed's stage-0 path over fp32 weights (fp32 models, or training.autocast) clips
+        # without keeping the norm; the ZeRO / bf16 optimizers record it (engine.get_global_grad_norm).
+        return self.cfg.training.zero_stage == 0 and self.weights_dtype == torch.float32
 
     def _grad_norm(self) -> float:
         """2-norm of the (already all-reduced) gradients, before clipping; stage 0 only."""
