@@ -99,6 +99,43 @@ def time_worker(s: Setup, v: Variant, strong: str, weak: str, tokenized: str, sh
             "losses": losses, "profile": prof}
 
 
+def time_or_oom(s: Setup, v: Variant, strong: str, weak: str, tokenized: str, shape: str, micro_batch: int,
+                profile_dir: str | None) -> dict:
+    """:func:`time_worker`, or, where the variant does not fit the device, a row that says so
+    (``oom``: the error's first line, beside ``wmss plan``'s estimate and the device's memory) and
+    the memory given back: the next variants still run (an 80 GB card does not hold every variant
+    of the 4B shape that a 141 GB one does; one that does not fit must not cost the rest)."""
+    try:
+        return time_worker(s, v, strong, weak, tokenized, shape, micro_batch, profile_dir)
+    except torch.cuda.OutOfMemoryError as err:
+        oom = str(err).strip().splitlines()[0][:200]
+    forget_engines()
+    free()
+    from gpu_check_setup import run_config
+
+    cfg = run_config(s, v, micro_batch)
+    total = torch.cuda.get_device_properties(0).total_memory / GiB if s.on_gpu else None
+    print(f"  {shape} {v.label}: out of memory ({oom})", flush=True)
+    return {"label": v.label, "mode": v.mode, "zero": v.zero_stage, "ckpt": v.checkpointing, "oom": oom,
+            "device_gib": total, "plan_gib": plan_gib(cfg, shape, "sft" if v.mode == "sft" else "wmss")}
+
+
+def forget_engines() -> None:
+    """Drop what DeepSpeed keeps of an engine that died mid-step (ZeRO-3's module stack), so that
+    collecting frees its memory."""
+    import sys
+
+    offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
+    if offload is not None:
+        offload.FWD_MODULE_STACK.clear()
+
+
+def oom_lines(rows: list[dict], columns: int) -> list[str]:
+    """Table rows for the variants that did not fit (``columns``: the table's column count)."""
+    return [f"| {r['label']} | out of memory: {r['device_gib'] or 0:.1f} GiB device, wmss plan {r['plan_gib']:.1f} GiB"
+            + " |" * (columns - 1) for r in rows]
+
+
 def knob_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
     """Each knob variant (DeepSpeed overrides, another attention kernel) with the shipped variant it
     changes (same mode, stage, checkpointing, packing), when both ran; sets ``loss_vs_base`` on the
@@ -187,8 +224,9 @@ def part_steps(s: Setup, out_dir: str) -> tuple[dict, list[str]]:
     p = s.paths
     plain = [plain_sft(s, p["strong"], p["fixed"], s.micro_batch, ckpt) for ckpt in (False, True)]
     runnable, skipped = split_runnable(s, s.variants)
-    rows = [time_worker(s, v, p["strong"], p["weak"], p["fixed"], s.shape, s.micro_batch, out_dir)
-            for v in runnable]
+    timed = [time_or_oom(s, v, p["strong"], p["weak"], p["fixed"], s.shape, s.micro_batch, out_dir)
+             for v in runnable]
+    rows, ooms = [r for r in timed if "oom" not in r], [r for r in timed if "oom" in r]
     peak = next((v for k, v in peak_table().items() if k in device_name(s)), None)
     ref = {False: plain[0], True: plain[1]}
     lines = [f"Step matrix: {s.shape}, micro-batch {s.micro_batch} x {s.seq_len} tokens (packed rows of "
@@ -205,6 +243,7 @@ def part_steps(s: Setup, out_dir: str) -> tuple[dict, list[str]]:
         lines.append(f"| {r['label']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
                      f"{r['tokens_per_s'] / base['tokens_per_s']:.2f} | {mfu} | {gib(r['peak_gib'])} | "
                      f"{r['plan_gib']:.1f} | {r['optimizer']} |")
+    lines += oom_lines(ooms, 8)
     lines += [f"| {v.label} | skipped: {why} | | | | | | |" for v, why in skipped]
     knobs = [f"`{kv}`" for kv in dict.fromkeys(kv for r in rows for kv in r["ds"])]
     if knobs:
@@ -229,7 +268,8 @@ def part_steps(s: Setup, out_dir: str) -> tuple[dict, list[str]]:
                       + f"; host syncs per step {pr['syncs_per_step']}", "",
                       "| op | ms per step |", "|---|---:|"]
             lines += [f"| `{k}` | {ms:.1f} |" for k, ms in pr["top"]]
-    return {"plain": plain, "variants": rows, "skipped": {v.label: why for v, why in skipped}}, lines
+    return {"plain": plain, "variants": rows, "skipped": {v.label: why for v, why in skipped},
+            "out_of_memory": ooms}, lines
 
 
 def split_runnable(s: Setup, variants: list[Variant]) -> tuple[list[Variant], list[tuple[Variant, str]]]:
@@ -259,7 +299,8 @@ def part_big(s: Setup, out_dir: str) -> tuple[dict, list[str]]:
     s.paths["big"] = big
     mb = s.big_micro_batch
     plain = plain_sft(s, big, s.paths["fixed"], mb, True)
-    rows = [time_worker(s, v, big, big, s.paths["fixed"], s.big_shape, mb, None) for v in s.big_variants]
+    timed = [time_or_oom(s, v, big, big, s.paths["fixed"], s.big_shape, mb, None) for v in s.big_variants]
+    rows, ooms = [r for r in timed if "oom" not in r], [r for r in timed if "oom" in r]
     peak = next((v for k, v in peak_table().items() if k in device_name(s)), None)
     lines = [f"{s.big_shape}: micro-batch {mb} x {s.seq_len}, world size 1", "",
              "| variant | step s | tokens/s | x plain ckpt | MFU | peak GiB | wmss plan GiB |",
@@ -271,4 +312,5 @@ def part_big(s: Setup, out_dir: str) -> tuple[dict, list[str]]:
         lines.append(f"| {r['label']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
                      f"{r['tokens_per_s'] / plain['tokens_per_s']:.2f} | {mfu} | {gib(r['peak_gib'])} | "
                      f"{r['plan_gib']:.1f} |")
-    return {"plain": plain, "variants": rows}, lines
+    lines += oom_lines(ooms, 7)
+    return {"plain": plain, "variants": rows, "out_of_memory": ooms}, lines

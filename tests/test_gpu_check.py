@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.py: its dry run validates what the GPU run builds, and every part runs
-end to end with tiny shapes on the CPU: without Ray (the device machines carry none), and the
-``ray`` part through Ray Train on the session's cluster."""
+end to end with tiny shapes on the CPU, both seeing only what a device machine has with the
+carried wheels (``device_kit.py as-device``: no Ray there), and the ``ray`` part through Ray Train
+on the session's cluster; a variant that does not fit the GPU costs only its own row."""
 
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 # MASTER_PORT to a port this process still holds): the check makes its own.
 _DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
 ENV = {**{k: v for k, v in os.environ.items() if k not in _DIST_VARS}, "PYTHONPATH": str(REPO)}
-# The script run as on a device machine: ``import ray`` fails there.
-WITHOUT_RAY = "import runpy, sys; sys.modules['ray'] = None; sys.argv = sys.argv[1:]; " \
-              "runpy.run_path(sys.argv[0], run_name='__main__')"
+KIT = REPO / "benchmarks" / "device_kit.py"
+# The script run as on a device machine with the carried wheels: every other package hidden (Ray
+# among them), so a wheel the kit lacks fails here, not in the device's few minutes.
+AS_ON_DEVICE = [sys.executable, str(KIT), "as-device"]
 
 
 def test_dry_run_builds_and_validates_every_config_of_the_gpu_run():
@@ -30,8 +32,8 @@ def test_dry_run_builds_and_validates_every_config_of_the_gpu_run():
     (``scaling.use_gpu`` with ``evaluation.gpus_per_actor: 0``) while ``--dry-run`` ran the CPU
     smoke instead. Now the dry run builds every config as for a GPU (and their DeepSpeed
     configs, and both shapes on the meta device), prints the plan, and touches no GPU."""
-    proc = subprocess.run([sys.executable, "-c", WITHOUT_RAY, str(SCRIPT), "--dry-run"], capture_output=True,
-                          text=True, env=ENV, timeout=300)
+    proc = subprocess.run([*AS_ON_DEVICE, str(SCRIPT), "--dry-run"], capture_output=True, text=True, env=ENV,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "every config validated" in out
@@ -51,7 +53,8 @@ def test_cpu_smoke_runs_every_part_without_ray(tmp_path):
     tmp = tmp_path / "tmp"  # the check's own temp dir: its models must not outlive it (~10 GB on a GPU)
     tmp.mkdir()
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-c", WITHOUT_RAY, str(SCRIPT), "--cpu-smoke", "--out-dir", str(out)],
+    # vLLM visible too: the engines part runs here where it is installed (the device machines have none)
+    proc = subprocess.run([*AS_ON_DEVICE, "--also", "vllm", str(SCRIPT), "--cpu-smoke", "--out-dir", str(out)],
                           capture_output=True, text=True, env={**ENV, "TMPDIR": str(tmp)}, timeout=900)
     text = (out / "gpu_check.md").read_text() if (out / "gpu_check.md").exists() else ""
     assert proc.returncode == 0 and "FAILED" not in text, (text + proc.stderr)[-4000:]
@@ -106,16 +109,29 @@ def test_cpu_smoke_runs_every_part_without_ray(tmp_path):
     assert "| tiny | vllm |" in text
 
 
-def test_the_ray_part_trains_validates_resumes_and_pools_through_ray_train(ray_cluster, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def smoke_setup(tmp_path_factory):
+    """The CPU smoke's setup, its models and rows prepared (as the check does before its parts)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import gpu_check
+
+        s = gpu_check.make_setup(gpu_check.parse_args(["--cpu-smoke"]), str(tmp_path_factory.mktemp("smoke_root")))
+        gpu_check.prepare(s)
+        yield s
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+def test_the_ray_part_trains_validates_resumes_and_pools_through_ray_train(ray_cluster, smoke_setup, tmp_path,
+                                                                          monkeypatch):
     """The ``ray`` part (skipped above, where Ray is missing) on the session's cluster, as on a GPU
     node: five Ray Train runs of ``train_phase``; in-run validation wrote its files, WMSS starts from
     the SFT export, the exact pool equals colocated frozen before and after the latter's resume."""
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    import gpu_check
     from gpu_check_parts import part_ray
 
-    s = gpu_check.make_setup(gpu_check.parse_args(["--cpu-smoke"]), str(tmp_path / "root"))
-    gpu_check.prepare(s)
+    s = smoke_setup
     res, lines = part_ray(s, str(tmp_path / "out"))
     runs = res["runs"]
     assert [(label, r["last_step"]) for label, r in runs.items()] == [
@@ -133,6 +149,43 @@ def test_the_ray_part_trains_validates_resumes_and_pools_through_ray_train(ray_c
     assert res["pool_weights_max_abs"] < 1e-2, res
     text = "\n".join(lines)
     assert "| frozen pool |" in text and "after the resume" in text
+
+
+def test_a_variant_that_does_not_fit_the_device_is_reported_and_the_rest_still_run(smoke_setup, tmp_path,
+                                                                                    monkeypatch):
+    """An 80 GB card (the device kind lent first) does not hold every 4B variant a 141 GB one
+    did: the variant that runs out of memory mid-step is a row that says so, next to ``wmss plan``,
+    its engine is let go (collected: its memory comes back), and the variants after it run."""
+    import dataclasses
+    import gc
+    import weakref
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from gpu_check_setup import Variant
+    from gpu_check_steps import part_big
+
+    from wmss_ray.training.worker import PhaseWorker, init_single_process
+
+    init_single_process()  # as the check's main does (a 1-rank gloo group here)
+    died, real_step = [], PhaseWorker.train_step
+
+    def train_step(self, step):
+        if self.spec.mode == "frozen":
+            died.append(weakref.ref(self))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.32 GiB. GPU 0 has a total "
+                                              "capacity of 79.19 GiB of which 1.05 GiB is free.")
+        return real_step(self, step)
+
+    monkeypatch.setattr(PhaseWorker, "train_step", train_step)
+    s = dataclasses.replace(smoke_setup, big_variants=[Variant("frozen z3 ckpt", "frozen", 3, True),
+                                                       Variant("sft z2 ckpt", "sft", 2, True)])
+    res, lines = part_big(s, str(tmp_path))
+    assert [r["label"] for r in res["variants"]] == ["sft z2 ckpt"] and res["variants"][0]["tokens_per_s"] > 0
+    (oom,) = res["out_of_memory"]
+    assert oom["label"] == "frozen z3 ckpt" and "Tried to allocate 2.32 GiB" in oom["oom"] and oom["plan_gib"] > 0
+    gc.collect()
+    assert died and died[0]() is None  # the dead variant's worker (its engine, its weights) was collected
+    assert re.search(r"^\| frozen z3 ckpt \| out of memory: .*wmss plan [0-9.]+ GiB( \|)+$", "\n".join(lines), re.M)
 
 
 def test_the_check_refuses_to_start_without_a_gpu_unless_told():
