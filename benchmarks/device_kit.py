@@ -80,8 +80,9 @@ MAX_FILES_BACK, MAX_COMMAND, MAX_CARRY_MIB = 8, 2000, 64
 #: a call cut at its timeout still brings back every finished part.
 FIRST_CALL = ("steps,kernel,big,attention", 540, 590)
 #: The second call, with whatever device time is left (``status``'s ``budget_left_s``): the parts
-#: already measured once on an H200 (exactness) or cheap; on one GPU without Ray or vLLM the
-#: nccl, ray and engines parts only say "skipped".
+#: already measured once on an H200 (exactness: it fits when the machine started within about a
+#: minute, else the budget skips it and says so) or cheap; on one GPU without Ray or vLLM the nccl,
+#: ray and engines parts only say "skipped".
 SECOND_PARTS = "exact,score_gen,nccl"
 #: A call's slack beyond the check's budget: install, imports, the copy back, the tool's own start.
 CALL_SLACK_S = 50
