@@ -14,6 +14,7 @@ from wmss_ray.plan.memory import (  # noqa: F401 - re-exported
     activation_bytes,
     gradient_bucket_bytes,
     is_half,
+    layer_saved_bytes,
     lora_params,
     model_state_bytes,
     phase_bytes,
