@@ -125,59 +125,85 @@ def test_activation_formula_and_checkpointing():
     assert eager == plain + 36 * 2 * 32 * 4096**2 * 2 * 2
 
 
-def _saved_per_token(model, batch: int, seq: int, autocast: bool) -> float:
-    """Bytes of autograd's saved tensors in one forward of ``model`` (parameters excluded, each
-    storage once) over ``batch`` rows of ``seq`` tokens."""
-    import torch
+#: Runs in a fresh interpreter: autograd's saved tensors of real HF models, per token (one forward
+#: over 2 rows minus one over 1 row: the weights, autocast's weight copies and the rotary tables
+#: are not per token), for every (arch, precision, checkpointing); prints them as JSON.
+_MEASURE = r"""
+import itertools, json, torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
+KW = dict(vocab_size=256, hidden_size=192, intermediate_size=320, num_hidden_layers=2, num_attention_heads=6,
+          num_key_value_heads=2, head_dim=48, max_position_embeddings=512, attn_implementation="sdpa")
+SEQ = 64
+
+def saved(model, batch, autocast):
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
+    seen = {}
     def pack(t):
         st = t.untyped_storage()
         if st.data_ptr() not in params:
             seen[st.data_ptr()] = st.nbytes()
         return t
-
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 256, (batch, SEQ), generator=torch.Generator().manual_seed(0))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             model.model(input_ids=ids)
     return sum(seen.values())
 
+out = {}
+for arch, precision, ckpt in itertools.product(["qwen3", "llama"], ["bf16", "fp32", "autocast"], [False, True]):
+    cls, mcls = (Qwen3Config, Qwen3ForCausalLM) if arch == "qwen3" else (LlamaConfig, LlamaForCausalLM)
+    torch.manual_seed(0)
+    model = mcls(cls(**KW)).to(torch.bfloat16 if precision == "bf16" else torch.float32)
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+    auto = precision == "autocast"
+    out[f"{arch} {precision} {ckpt}"] = (saved(model, 2, auto) - saved(model, 1, auto)) / SEQ
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def saved_per_token():
+    """``{"<arch> <precision> <checkpointing>": bytes per token}`` measured in a fresh interpreter.
+    Not in this process: DeepSpeed's ZeRO-3 ``zero.Init`` replaces ``torch.nn.functional.linear``
+    process-wide (``mem_efficient_linear``, "persists unless manually reset"), and its linear keeps
+    other copies under autocast; an earlier test's ZeRO-3 load would change what is measured."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _MEASURE], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
 
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
 @pytest.mark.parametrize("precision", ["bf16", "fp32", "autocast"])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_activation_bytes_are_what_autograd_saves_in_real_decoder_layers(arch, precision, checkpointing):
+def test_activation_bytes_are_what_autograd_saves_in_real_decoder_layers(saved_per_token, arch, precision,
+                                                                         checkpointing):
     """The trained-model terms of ``activation_bytes`` against the tensors autograd saves in a
-    forward of a real HF model (CPU, sdpa), per token: one forward over 2 rows minus one over 1
-    row (the weights, autocast's weight copies and the rotary tables are not per token). Counted
-    before: the norms' fp32 internals and autocast's fp32 residual and per-linear casts were
-    missing (a 4B no-checkpointing plan short by a quarter). The recomputed layer of a
-    checkpointed backward is not in a forward: it is left out of the comparison."""
+    forward of a real HF model (CPU, sdpa), per token. Counted before: the norms' fp32 internals
+    and autocast's fp32 residual and per-linear casts were missing (a 4B no-checkpointing plan
+    short by a quarter). The recomputed layer of a checkpointed backward is not in a forward: it
+    is left out of the comparison."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     from wmss_ray.plan.shapes import shape_from_model
 
     kw = dict(vocab_size=256, hidden_size=192, intermediate_size=320, num_hidden_layers=2, num_attention_heads=6,
-              num_key_value_heads=2, head_dim=48, max_position_embeddings=512, attn_implementation="sdpa")
+              num_key_value_heads=2, head_dim=48, max_position_embeddings=512)
     config_cls, model_cls = (Qwen3Config, Qwen3ForCausalLM) if arch == "qwen3" else (LlamaConfig, LlamaForCausalLM)
-    torch.manual_seed(0)
-    model = model_cls(config_cls(**kw)).to(torch.bfloat16 if precision == "bf16" else torch.float32)
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    model.train()
-    autocast, seq = precision == "autocast", 64
-    measured = (_saved_per_token(model, 2, seq, autocast) - _saved_per_token(model, 1, seq, autocast)) / seq
-    s = shape_from_model(model, arch)
-    act_b = 2 if precision == "bf16" else 4
+    with torch.device("meta"):
+        s = shape_from_model(model_cls(config_cls(**kw)), arch)
+    seq, act_b, autocast = 64, 2 if precision == "bf16" else 4, precision == "autocast"
     formula = activation_bytes(s, seq, seq, 1, act_b, checkpointing=checkpointing, eager=False, autocast=autocast) / seq
     if checkpointing:
         formula -= layer_saved_bytes(s, act_b, autocast)  # the layer a backward recomputes
-    measured -= 8  # the int64 input ids the embedding keeps
+    measured = saved_per_token[f"{arch} {precision} {checkpointing}"] - 8  # less the int64 input ids
     assert measured == pytest.approx(formula, rel=0.01), (measured, formula)
 
 
