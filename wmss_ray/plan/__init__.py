@@ -6,15 +6,14 @@ prints the table and what to change. docs/TRAINING.md, "The memory picture".
 The names below are the module's interface (``wmss_ray.cli.main``, ``benchmarks/``, tests).
 """
 
+from wmss_ray.plan.activations import activation_bytes, layer_saved_bytes  # noqa: F401
 from wmss_ray.plan.memory import (  # noqa: F401 - re-exported
     COMPONENTS,
     OVERHEAD_BYTES,
     GiB,
     GpuModel,
-    activation_bytes,
     gradient_bucket_bytes,
     is_half,
-    layer_saved_bytes,
     lora_params,
     model_state_bytes,
     phase_bytes,
