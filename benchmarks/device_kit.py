@@ -25,13 +25,15 @@ import importlib.abc
 import importlib.machinery
 import importlib.metadata
 import os
-import re
 import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from tests.test_lock import normalize_name, read_lock  # noqa: E402  (the lock's one reader)
+
 WHEELS = ".whl"  # in the repository root, ignored by git (.gitignore), named in each call's carry
 
 #: The distributions of the device machines' image ('cuda'), as the tool's KINDS.md lists them
@@ -96,29 +98,14 @@ def second_call(budget_left_s: float) -> tuple[str, int, int] | None:
     return (SECOND_PARTS, budget, timeout) if budget >= 60 else None
 
 
-def normalize(name: str) -> str:
-    """A distribution's name as PEP 503 compares them (``Pydantic_Core`` -> ``pydantic-core``)."""
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def locked_versions(lock: Path = REPO / "requirements.lock") -> dict[str, str]:
-    """``{normalized name: version}`` of every ``name==version`` line of the lock."""
-    pins = {}
-    for line in lock.read_text().splitlines():
-        m = re.match(r"^([A-Za-z0-9_.-]+)==([^\s;]+)", line)
-        if m:
-            pins[normalize(m.group(1))] = m.group(2)
-    return pins
-
-
 def carried_pins() -> list[str]:
     """``name==version`` of each carried distribution, at the lock's version (one version each:
     two of one name stop the install there)."""
-    pins = locked_versions()
-    missing = [d for d in CARRIED if normalize(d) not in pins]
+    pins = read_lock()
+    missing = [d for d in CARRIED if normalize_name(d) not in pins]
     if missing:
         raise SystemExit(f"requirements.lock pins none of {missing}: the carried wheels follow the lock")
-    return [f"{d}=={pins[normalize(d)]}" for d in CARRIED]
+    return [f"{d}=={pins[normalize_name(d)]}" for d in CARRIED]
 
 
 def requirements(distribution: str) -> set[str]:
@@ -133,14 +120,14 @@ def requirements(distribution: str) -> set[str]:
     for line in reqs:
         r = Requirement(line)
         if r.marker is None or r.marker.evaluate({"extra": ""}):
-            out.add(normalize(r.name))
+            out.add(normalize_name(r.name))
     return out
 
 
 def with_requirements(distributions) -> set[str]:
     """These distributions and, transitively, what each requires as installed here (the image's
     packages come with their own requirements there, at its versions)."""
-    seen, todo = set(), [normalize(d) for d in distributions]
+    seen, todo = set(), [normalize_name(d) for d in distributions]
     while todo:
         d = todo.pop()
         if d not in seen:
@@ -154,15 +141,15 @@ def device_distributions(carried=CARRIED) -> set[str]:
     they require as installed here (there they come at the image's versions) except what is
     carried (KINDS.md: the image has no DeepSpeed or pydantic, whatever requires them here), and
     the carried ones."""
-    carried = {normalize(d) for d in carried}
-    return (with_requirements(DEVICE_IMAGE) - carried) | {normalize(d) for d in DEVICE_IMAGE} | carried
+    carried = {normalize_name(d) for d in carried}
+    return (with_requirements(DEVICE_IMAGE) - carried) | {normalize_name(d) for d in DEVICE_IMAGE} | carried
 
 
 def module_names(distributions) -> set[str]:
     """The top-level import names of these distributions, as installed in this environment."""
-    wanted = {normalize(d) for d in distributions}
+    wanted = {normalize_name(d) for d in distributions}
     return {mod for mod, dists in importlib.metadata.packages_distributions().items()
-            if any(normalize(d) in wanted for d in dists)}
+            if any(normalize_name(d) in wanted for d in dists)}
 
 
 class _Hidden(importlib.abc.MetaPathFinder):
@@ -196,7 +183,7 @@ class _Hidden(importlib.abc.MetaPathFinder):
         raises ``PackageNotFoundError``, as where it is not installed)."""
         for finder in self.finders:
             for dist in getattr(finder, "find_distributions", lambda _: [])(context):
-                if normalize(dist.metadata["Name"] or "") in self.distributions:
+                if normalize_name(dist.metadata["Name"] or "") in self.distributions:
                     yield dist
 
 
@@ -205,7 +192,7 @@ def hide_all_but(distributions, local: tuple[str, ...] = ()) -> None:
     ``distributions`` (as installed here), the repository's own modules and ``local`` ones:
     any other is not found, as on a machine without it. Modules imported already stay (the
     interpreter's start-up)."""
-    dists = {normalize(d) for d in distributions}
+    dists = {normalize_name(d) for d in distributions}
     allowed = set(sys.stdlib_module_names) | set(sys.builtin_module_names) | module_names(dists)
     allowed |= {m.partition(".")[0] for m in sys.modules}
     allowed |= {"wmss_ray", *local}
@@ -233,8 +220,8 @@ def download_wheels(dest: Path) -> list[Path]:
     subprocess.run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dest), *deepspeed],
                    check=True, env={**os.environ, "DS_BUILD_OPS": "0"})
     wheels = sorted(dest.glob("*.whl"))
-    names = [normalize(w.name.split("-")[0]) for w in wheels]
-    if sorted(names) != sorted(normalize(d) for d in CARRIED):
+    names = [normalize_name(w.name.split("-")[0]) for w in wheels]
+    if sorted(names) != sorted(normalize_name(d) for d in CARRIED):
         raise SystemExit(f"{dest}: wheels {names}, expected one of each of {list(CARRIED)}")
     return wheels
 

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from gpu_check_setup import Setup, Variant, flops_per_token, free, make_worker, meta_model
+from gpu_check_setup import Setup, Variant, flops_per_token, free, make_worker, meta_model, run_config
 
 GiB = 2**30
 
@@ -111,8 +111,6 @@ def time_or_oom(s: Setup, v: Variant, strong: str, weak: str, tokenized: str, sh
         oom = str(err).strip().splitlines()[0][:200]
     forget_engines()
     free()
-    from gpu_check_setup import run_config
-
     cfg = run_config(s, v, micro_batch)
     total = torch.cuda.get_device_properties(0).total_memory / GiB if s.on_gpu else None
     print(f"  {shape} {v.label}: out of memory ({oom})", flush=True)

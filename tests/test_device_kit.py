@@ -29,16 +29,16 @@ def test_the_carried_wheels_are_the_locked_versions_and_bring_all_they_require(k
     """The device run tests what users install (the lock's versions: transformers too, not the
     image's older one), and nothing a carried wheel requires is missing there (the install uses
     --no-deps: a missing requirement would surface only at the device's first import)."""
-    lock = kit.locked_versions()
+    lock = kit.read_lock()
     for pin in kit.carried_pins():
         name, version = pin.split("==")
-        assert lock[kit.normalize(name)] == version
+        assert lock[kit.normalize_name(name)] == version
     there = kit.device_distributions()
     for dist in kit.CARRIED:
         missing = kit.requirements(dist) - there
         assert not missing, (dist, missing)
     # what KINDS.md says the image lacks is carried, and Ray (over the carry limit) is not there at all
-    assert {"deepspeed", "pydantic"} <= {kit.normalize(d) for d in kit.CARRIED} and "ray" not in there
+    assert {"deepspeed", "pydantic"} <= {kit.normalize_name(d) for d in kit.CARRIED} and "ray" not in there
 
 
 def test_the_calls_fit_the_device_tools_limits(kit):

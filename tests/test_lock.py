@@ -17,7 +17,8 @@ LOCK = REPO / "requirements.lock"
 OPT_OUT = "WMSS_LOCK_CHECK"
 
 
-def _norm(name: str) -> str:
+def normalize_name(name: str) -> str:
+    """A distribution's name as PEP 503 compares them (``Pydantic_Core`` -> ``pydantic-core``)."""
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
@@ -31,7 +32,7 @@ def read_lock(path: Path = LOCK) -> dict[str, str]:
         name, sep, version = line.partition("==")
         if not sep or not name.strip() or not version.strip():
             raise ValueError(f"{path}:{n}: not a 'name==version' pin: {line!r}")
-        pins[_norm(name.strip())] = version.strip()
+        pins[normalize_name(name.strip())] = version.strip()
     return pins
 
 
