@@ -5,9 +5,10 @@ training seed) links its SFT, scoring and curriculum instead of training them ag
 
 Two calls, as a user grows a study: seed 0 with WMSS and every arm (each arm trained what it
 should, SFT-matched-FLOPs the steps the FLOPs formula gives; every column but the seeds' spread),
-then 2 seeds of WMSS and every arm: seed 0 is reused whole (no training phase runs again), seed 1
-trains its own trunk and arms, the seeds share only the phases the training seed does not touch,
-the table has every column for every arm; a third call reruns nothing."""
+then 2 seeds of WMSS and one arm of each kind (an SFT arm, a fake-weak arm): seed 0 is reused
+whole (no training or evaluation phase runs again: each arm's evaluation is its own phase), seed 1
+trains its own trunk and those arms, the seeds share only the phases the training seed does not
+touch, the table has every column for every arm; a third call reruns nothing."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from wmss_ray.training.controls import arm_steps
 pytestmark = pytest.mark.integration
 
 SEEDS = 2
+GROWN_ARMS = ("sft_matched_flops", "wmss_shuffled_weak")  # the grown study's arms besides WMSS
 BASE_TRUNK = ("sft", "score_1", "curriculum_1")
 
 
@@ -49,7 +51,7 @@ def study(ray_cluster, tiny_job_run, tmp_path_factory):
     link_shared_phases(tiny_job_run.cfg.run_dir(), first.run_dir(), ("data", "phase0", "tokenize") + BASE_TRUNK)
     first_table = run_study(first)
     first_lines, made = _csv(first), _mtimes(os.path.join(first.run_dir(), "study"))
-    grown = load_config("configs/test-tiny.yaml", common + [f"study.seeds={SEEDS}"])
+    grown = load_config("configs/test-tiny.yaml", common + [f"study.seeds={SEEDS}", f"study.arms=[{','.join(GROWN_ARMS)}]"])
     grown_table = run_study(grown)
     return (first, first_table, first_lines), (grown, grown_table, _csv(grown)), made
 
@@ -110,19 +112,24 @@ def test_each_arm_trained_its_steps_and_the_flops_arm_the_formula_s(study):
 
 def test_a_grown_study_reuses_seed_0_and_has_every_column_for_every_arm_over_two_seeds(study):
     (_, first, _), (cfg, table, lines), made = study
-    # nothing of seed 0 ran again: its trunk, its SFT arms, its fake-weak arms' runs, its evaluations
+    # nothing of seed 0 ran again: its trunk, its arms' runs, its arms' evaluations (those the grown
+    # study lists, and the others, untouched)
     root = os.path.join(cfg.run_dir(), "study")
     seed0 = {p for p in made if p.startswith(os.path.join(root, "seed0"))}
-    for phase in ("seed0/wmss_1", "seed0/sft_higher_lr", "seed0-wmss_uniform_weak/wmss_1", "seed0/eval",
-                  "seed0/eval_study"):
+    for phase in ("seed0/wmss_1", "seed0/sft_matched_flops", "seed0-wmss_shuffled_weak/wmss_1", "seed0/eval_wmss",
+                  "seed0/eval_sft_matched_flops", "seed0/eval_wmss_shuffled_weak", "seed0/eval_sft_higher_lr"):
         assert os.path.join(root, phase, "manifest.json") in seed0, phase
     assert {p: os.path.getmtime(p) for p in seed0} == {p: made[p] for p in seed0}
+    # seed 1 trained and evaluated only the arms the grown study lists
+    assert {r.arm for r in arm_runs(cfg, 1)} == {"wmss", *GROWN_ARMS}
+    assert not os.path.exists(os.path.join(root, "seed1", "sft_higher_lr"))
+    assert not os.path.exists(os.path.join(root, "seed1-wmss_uniform_weak"))
     rows, before = _rows(table), _rows(first)
-    assert set(rows) == {(a, c) for a in STUDY_ARM_LABELS for c in ("final", "peak")}
+    assert set(rows) == {(a, c) for a in ("wmss", *GROWN_ARMS) for c in ("final", "peak")}
     for key, r in rows.items():
         _check_row(r, SEEDS)
         assert r["accuracy"][0] == before[key]["accuracy"][0]  # seed 0's result, as the first call made it
-    assert len(lines) == 2 * len(STUDY_ARM_LABELS)
+    assert len(lines) == 2 * (1 + len(GROWN_ARMS))
     for line in lines:
         unset = [c for c in CSV_COLUMNS if line[c] in ("", "nan")]
         if line["arm"] == "wmss":
@@ -161,9 +168,9 @@ def test_the_fake_weak_arms_train_beside_wmss_and_the_sft_arms_after_it(study):
     """The runner's graph (study/runner.unlocked_arms): after a seed's trunk, its WMSS and its
     fake-weak arms start (2 runs at a time here: WMSS and the first fake-weak arm together); its
     SFT arms only once its WMSS is done."""
-    _, (grown, _, _), _ = study
-    for index in range(SEEDS):
-        runs = {r.arm: read_manifest(r.phase_dir) for r in arm_runs(grown, index)}
+    (first, _, _), (grown, _, _), _ = study
+    for index, cfg in ((0, first), (1, grown)):  # seed 0's arms ran in the first call (every arm)
+        runs = {r.arm: read_manifest(r.phase_dir) for r in arm_runs(cfg, index)}
         wmss_done = runs["wmss"].finished_at
         for arm, man in runs.items():
             if arm != "wmss" and arm not in FAKE_WEAK_ARMS:

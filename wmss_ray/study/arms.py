@@ -8,8 +8,8 @@ A study of a base config (``study`` section) lays its runs out under ``<run>/stu
   base run's (:data:`SEED_SHARED`: the training seed does not touch them), everything from SFT
   on is its own: ``sft``, ``score_1``, ``curriculum_1`` (seed 0 links the base run's when they
   completed with its fingerprints: ``runner.trunk_links``), ``wmss_1`` (the arm ``wmss``),
-  ``sft_continued`` (``sft_matched_updates``) and the SFT arms (``controls.arms``), its ``eval``
-  (every final model of those) and ``report``;
+  ``sft_continued`` (``sft_matched_updates``) and the SFT arms (``controls.arms``), and per arm
+  its evaluation ``eval_<arm>`` (``runner.evaluate_arm``; no ``eval`` or ``report`` of the run's own);
 - ``seed<i>-<arm>/`` for each fake-weak arm: ``wmss_1`` with ``mix.weak_source`` set, linking
   seed ``i``'s phases up to ``curriculum_1`` (:data:`FAKE_SHARED`): the same M1, scores and draw.
 

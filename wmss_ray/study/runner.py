@@ -13,14 +13,19 @@ starts from is done (:func:`unlocked_arms`): per seed its trunk (:func:`run_trun
 run ``study/seed<i>`` through its first curriculum: SFT, scoring, curriculum); then its WMSS arm
 and its fake-weak arms at once (:func:`run_arm`: WMSS through ``wmss_K`` in the seed's run, a
 fake-weak arm's ``wmss_1`` as its own run ``study/seed<i>-<arm>`` linking the trunk); after WMSS,
-its SFT arms (each its own phase of the seed's run: their step counts follow from WMSS's steps);
-then the seed's evaluation (:func:`finish_seed`: the run's ``eval`` and ``report``, and its
-``eval_study`` phase: the fake-weak arms' final models and every arm's peak that is not its final
-model, on the test set with the same evaluator, samples and checker). Every training phase
-validates itself every ``study.validate_every`` steps and keeps its peak. At 64 GPUs and 8-GPU
+its SFT arms (each its own phase of the seed's run: their step counts follow from WMSS's steps).
+Each arm's task ends with the arm's evaluation (:func:`evaluate_arm`: its phase ``eval_<arm>`` in
+the seed's run, the final model and the peak when it is not the final model, on the test set with
+the same evaluator, samples and checker); once every arm of a seed is done, :func:`finish_seed`
+writes the seed's record. Every training phase validates itself every ``study.validate_every``
+steps and keeps its peak. At 64 GPUs and 8-GPU
 runs, 8 runs at a time: 3 seeds x 8 arms are 3 trunks, then 24 arm runs in three waves (the 3
 WMSS runs and 5 of the 9 fake-weak runs first), where waiting for each seed's WMSS before any of
-its arms took four: one WMSS training time less of wall time.
+its arms took four: one WMSS training time less of wall time. Evaluating per arm, as soon as
+the arm is trained, spreads the 3 x 8 x 2 test-set passes over the slots: the last wave ends with
+one arm's evaluation, where one task per seed evaluated its 9-16 models in a row after its last
+arm. And an evaluation's fingerprint is its arm's: a study grown to more seeds or other arms
+evaluates only the arms it trains.
 """
 
 from __future__ import annotations
@@ -34,11 +39,11 @@ from wmss_ray.config.names import FAKE_WEAK_ARMS
 from wmss_ray.config.schema import ConfigError, WMSSConfig
 from wmss_ray.io import storage
 from wmss_ray.io.console import get_console
-from wmss_ray.io.manifest import unlink_phase
+from wmss_ray.io.manifest import read_manifest, unlink_phase
 from wmss_ray.study.arms import (FAKE_SHARED, SEED_SHARED, VALIDATION_ROWS, ArmRun, arm_runs, check_cadence,
                                  check_study, fake_config, record_cadence, seed_config, study_root)
 
-STUDY_EVAL = "eval_study"  # <seed run>/eval_study/: the fake-weak arms' finals and the peaks, on the test set
+EVAL_PREFIX = "eval_"  # <seed run>/eval_<arm>/: the arm's final model and its peak, on the test set
 SEED_RECORD = "study_seed.json"  # <seed run>/: what the table reads (runner.seed_record)
 
 
@@ -148,36 +153,29 @@ def run_arm(base_dict: dict[str, Any], index: int, arm: str) -> str:
     rows_path = storage.join(seed_dir, VALIDATION_ROWS)
     record_cadence(base, r)
     if arm == "wmss":
-        run_pipeline(cfg, until=r.phase, train_options=_train_options(cfg, [r], rows_path))
+        outputs = run_pipeline(cfg, until=r.phase, train_options=_train_options(cfg, [r], rows_path))
     elif arm in FAKE_WEAK_ARMS:
         fcfg = fake_config(cfg, index, arm)
         link_shared_phases(seed_dir, r.run_dir, FAKE_SHARED)
-        run_pipeline(fcfg, until="wmss_1", train_options=_train_options(fcfg, [r], rows_path))
+        outputs = run_pipeline(fcfg, until="wmss_1", train_options=_train_options(fcfg, [r], rows_path))
     else:
-        run_pipeline(cfg, only=(r.phase,), train_options=_train_options(cfg, [r], rows_path))
+        outputs = run_pipeline(cfg, only=(r.phase,), train_options=_train_options(cfg, [r], rows_path))
     record_cadence(base, r)
+    evaluate_arm(cfg, outputs, r)
     return r.phase_dir
 
 
 def finish_seed(base_dict: dict[str, Any], index: int) -> dict[str, Any]:
-    """After every arm of seed ``index``: the seed run's ``eval`` (every final model of its run)
-    and ``report``, the ``eval_study`` phase, then ``<seed run>/study_seed.json`` (returned): per
-    arm its run, phase, final and peak results and costs."""
-    from wmss_ray.pipeline import run_pipeline
-
+    """After every arm of seed ``index`` trained and evaluated: ``<seed run>/study_seed.json``
+    (returned): per arm its run, phase, final and peak results and costs."""
     base, cfg, seed_dir = _seed(base_dict, index)
-    runs = arm_runs(base, index)
-    outputs = run_pipeline(cfg)  # every training phase is done: eval and report
-    study_eval = _evaluate_arms(cfg, outputs, runs)
-    record = seed_record(cfg, index, runs, outputs, study_eval)
+    record = seed_record(cfg, index, arm_runs(base, index))
     storage.write_text(storage.join(seed_dir, SEED_RECORD), json.dumps(record, indent=2, allow_nan=True))
     return record
 
 
 def _final_and_peak(r: ArmRun) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The manifest outputs of arm ``r``'s phase (``model_dir``, ``steps``) and its peak (``peak.json``)."""
-    from wmss_ray.io.manifest import read_manifest
-
     man = read_manifest(r.phase_dir)
     if man is None or man.status != "completed":
         raise RuntimeError(f"study: {storage.redact(r.phase_dir)} did not complete")
@@ -188,42 +186,44 @@ def _peak_label(label: str) -> str:
     return f"{label} (peak)"
 
 
-def _evaluate_arms(cfg: WMSSConfig, outputs: dict[str, Any], runs: list[ArmRun]) -> dict[str, Any]:
-    """The seed's ``eval_study`` phase (resumable like every phase): on the test set, the fake-weak
-    arms' final models and each arm's peak that is not its final model."""
+def eval_phase(arm: str) -> str:
+    """The seed run's phase that evaluates arm ``arm``."""
+    return EVAL_PREFIX + arm
+
+
+def evaluate_arm(cfg: WMSSConfig, outputs: dict[str, Any], r: ArmRun) -> dict[str, Any]:
+    """Arm ``r``'s evaluation, phase ``eval_<arm>`` of seed config ``cfg``'s run (resumable like
+    every phase): on the test set, its final model under its label and its peak, when that is not
+    the final model, under ``"<label> (peak)"``. ``outputs``: the pipeline outputs of the arm's run
+    (the demo's test set is the ``data`` phase's). Its fingerprint is the models' directories and
+    the fingerprint of the phase that trained them (which fixes the peak too), so an arm trained
+    again is evaluated again, and no other arm's evaluation depends on it. Returns its outputs."""
     from wmss_ray.phases import Phase, RunContext, eval_corpus
     from wmss_ray.pipeline import run_phases
     from wmss_ray.stages.evaluate import evaluate_models
 
-    models: dict[str, str] = {}
-    for r in runs:
-        final, peak = _final_and_peak(r)
-        if r.arm in FAKE_WEAK_ARMS:
-            models[r.label] = final["model_dir"]
-        if peak is not None and int(peak["step"]) != int(final["steps"]):
-            models[_peak_label(r.label)] = peak["model_dir"]
+    final, peak = _final_and_peak(r)
+    models = {r.label: final["model_dir"]}
+    if peak is not None and int(peak["step"]) != int(final["steps"]):
+        models[_peak_label(r.label)] = peak["model_dir"]
+    name = eval_phase(r.arm)
     ctx = RunContext(cfg)
     ctx.outputs = dict(outputs)
-    # what the result depends on: which model directories, and what trained each arm (its
-    # phase's fingerprint, which fixes its peak too)
-    extra = {"models": dict(sorted(models.items())), "fingerprints": {r.label: _fingerprint(r.phase_dir) for r in runs}}
+    extra = {"models": dict(sorted(models.items())), "fingerprint": _fingerprint(r.phase_dir)}
 
     def run(ctx: RunContext) -> dict[str, Any]:
-        if not models:
-            return {"outputs": {"models": {}}}
-        eval_path = eval_corpus(ctx)
-        res = evaluate_models(models, eval_path, ctx.cfg, ctx.phase_dir(STUDY_EVAL), eval_set="test")
-        return {"outputs": {"results": storage.join(ctx.phase_dir(STUDY_EVAL), "eval_results.json"),
+        res = evaluate_models(models, eval_corpus(ctx), ctx.cfg, ctx.phase_dir(name), eval_set="test")
+        return {"outputs": {"results": storage.join(ctx.phase_dir(name), "eval_results.json"),
                             "models": {n: {"accuracy": x.accuracy, "n": x.n} for n, x in res.items()}}}
 
-    phase = Phase(STUDY_EVAL, [], ["evaluation", "data.eval", "data.reference_column", "data.supervise"], run,
-                  ("evaluation.logits_mb",), extra=extra)
-    return run_phases(ctx, [phase])[STUDY_EVAL]
+    # not hashed: how many rows per forward, and whether the seed's run has an SFT-continued phase
+    # (seed_config sets it from study.arms: the set of arms must not change an arm's evaluation)
+    phase = Phase(name, [], ["evaluation", "data.eval", "data.reference_column", "data.supervise"], run,
+                  ("evaluation.logits_mb", "evaluation.sft_continued"), extra=extra)
+    return run_phases(ctx, [phase])[name]
 
 
 def _fingerprint(phase_dir: str) -> str | None:
-    from wmss_ray.io.manifest import read_manifest
-
     man = read_manifest(phase_dir)
     return man.fingerprint if man is not None else None
 
@@ -234,24 +234,24 @@ def _eval_entry(results_path: str | None, label: str) -> dict[str, Any] | None:
     return json.loads(storage.read_text(results_path))["models"].get(label)
 
 
-def seed_record(cfg: WMSSConfig, index: int, runs: list[ArmRun], outputs: dict[str, Any],
-                study_eval: dict[str, Any]) -> dict[str, Any]:
+def seed_record(cfg: WMSSConfig, index: int, runs: list[ArmRun]) -> dict[str, Any]:
     """What the study table reads for one seed: per arm its run dir, config hash, phase, final and
-    peak test-set results (``eval_results.json`` entries: accuracy, loss, pass@k, calibration,
-    ``per_sample_path``), the peak's step and validation accuracy, and the phase's costs."""
+    peak test-set results (its ``eval_<arm>/eval_results.json`` entries: accuracy, loss, pass@k,
+    calibration, ``per_sample_path``), the peak's step and validation accuracy, and the phase's costs."""
     from wmss_ray.study.costs import arm_costs
 
-    seed_eval = (outputs.get("eval") or {}).get("results")
+    seed_dir = storage.location(cfg.run_dir())
     arms = {}
     for r in runs:
         final, peak = _final_and_peak(r)
-        own = r.arm not in FAKE_WEAK_ARMS
-        final_eval = _eval_entry(seed_eval if own else study_eval.get("results"), r.label)
+        evaluated = read_manifest(storage.join(seed_dir, eval_phase(r.arm)))
+        results = evaluated.outputs.get("results") if evaluated is not None and evaluated.status == "completed" else None
+        final_eval = _eval_entry(results, r.label)
         if peak is None or int(peak["step"]) == int(final["steps"]):
             peak_eval = final_eval
         else:
-            peak_eval = _eval_entry(study_eval.get("results"), _peak_label(r.label))
-        run_cfg = cfg if own else fake_config(cfg, index, r.arm)
+            peak_eval = _eval_entry(results, _peak_label(r.label))
+        run_cfg = cfg if r.arm not in FAKE_WEAK_ARMS else fake_config(cfg, index, r.arm)
         arms[r.arm] = {"label": r.label, "run_dir": r.run_dir, "phase": r.phase, "config_hash": run_cfg.config_hash(),
                        "steps": int(final["steps"]), "final": final_eval, "peak": peak_eval,
                        "peak_step": int(peak["step"]) if peak else None,
