@@ -51,7 +51,8 @@ def study(ray_cluster, tiny_job_run, tmp_path_factory):
     link_shared_phases(tiny_job_run.cfg.run_dir(), first.run_dir(), ("data", "phase0", "tokenize") + BASE_TRUNK)
     first_table = run_study(first)
     first_lines, made = _csv(first), _mtimes(os.path.join(first.run_dir(), "study"))
-    grown = load_config("configs/test-tiny.yaml", common + [f"study.seeds={SEEDS}", f"study.arms=[{','.join(GROWN_ARMS)}]"])
+    grown = load_config("configs/test-tiny.yaml",
+                        common + [f"study.seeds={SEEDS}", f"study.arms=[{','.join(GROWN_ARMS)}]"])
     grown_table = run_study(grown)
     return (first, first_table, first_lines), (grown, grown_table, _csv(grown)), made
 

@@ -245,7 +245,9 @@ def seed_record(cfg: WMSSConfig, index: int, runs: list[ArmRun]) -> dict[str, An
     for r in runs:
         final, peak = _final_and_peak(r)
         evaluated = read_manifest(storage.join(seed_dir, eval_phase(r.arm)))
-        results = evaluated.outputs.get("results") if evaluated is not None and evaluated.status == "completed" else None
+        if evaluated is None or evaluated.status != "completed":  # run_arm evaluates every arm it trains
+            raise RuntimeError(f"study: {storage.redact(storage.join(seed_dir, eval_phase(r.arm)))} did not complete")
+        results = evaluated.outputs.get("results")
         final_eval = _eval_entry(results, r.label)
         if peak is None or int(peak["step"]) == int(final["steps"]):
             peak_eval = final_eval
