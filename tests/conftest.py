@@ -97,7 +97,7 @@ def xdist_group_of(path: str) -> str:
 #: The groups that take longest (BENCHMARKS.md: the 20 slowest), scheduled first, longest first:
 #: a long group started last would leave the other worker idle at the end.
 SLOW_GROUPS_FIRST = ("tiny_run", "tests/weak_pool", "tests/training", "object_store", "tests/test_gpu_check.py",
-                     "tests/stages", "tests/test_byo_model.py", "tests/test_pipeline_lora.py", "tests/data")
+                     "tests/stages", "tests/test_byo_model.py", "tests/data")
 
 
 #: Files that connect their process to a multi-node cluster of their own (``ray.cluster_utils``):
