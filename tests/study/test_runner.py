@@ -1,5 +1,6 @@
 """study/runner.py without Ray: which arms of a seed start when, checked against what each arm's
-phase needs in the pipeline's phase graph (tests/study/test_study_run.py runs the graph on Ray)."""
+phase needs in the pipeline's phase graph (tests/study/test_study_run.py runs the graph on Ray);
+what an arm's evaluation phase depends on."""
 
 from __future__ import annotations
 
@@ -53,3 +54,38 @@ def test_a_study_of_fewer_arms_unlocks_only_those(tmp_path):
     assert arms == ["wmss", "sft_matched_flops", "wmss_shuffled_weak"]
     assert unlocked_arms("trunk", arms) == ["wmss", "wmss_shuffled_weak"]
     assert unlocked_arms("wmss", arms) == ["sft_matched_flops"]
+
+
+def _completed_arm(run, fingerprint: str, peak_step: int) -> None:
+    """Arm ``run``'s training phase, completed after 2 steps with its peak at ``peak_step``."""
+    from wmss_ray.io.manifest import Manifest
+
+    outputs = {"model_dir": f"{run.phase_dir}/model", "steps": 2,
+               "peak": {"step": peak_step, "model_dir": f"{run.phase_dir}/peak_model"}}
+    Manifest(run.phase, "completed", fingerprint, "h", outputs=outputs).write(run.phase_dir)
+
+
+def test_an_arms_evaluation_depends_on_its_models_and_evaluation_not_on_the_other_arms(tmp_path):
+    """``eval_<arm>``'s fingerprint: the same whatever else the study lists (a grown study reuses
+    it), another when the arm trained again or the evaluation settings changed; the peak is
+    evaluated only when it is not the final model."""
+    from wmss_ray.study.runner import arm_eval_phase
+
+    def eval_print(arms: str, *more: str) -> tuple[str, list[str]]:
+        base = load_config(TINY, [f"run.storage={tmp_path}", "mix.mode=frozen", f"study.arms=[{arms}]", *more])
+        cfg = seed_config(base, 0)
+        phase = arm_eval_phase(next(r for r in arm_runs(base, 0) if r.arm == "sft_matched_flops"))
+        return phase.fingerprint(cfg.fingerprint_dict(), {}), sorted(phase.extra["models"])
+
+    base = load_config(TINY, [f"run.storage={tmp_path}", "mix.mode=frozen"])
+    run = next(r for r in arm_runs(base, 0) if r.arm == "sft_matched_flops")
+    _completed_arm(run, "trained-once", peak_step=1)
+    every, models = eval_print(",".join(a for a in STUDY_ARM_LABELS if a != "wmss"))
+    assert models == [run.label, f"{run.label} (peak)"]
+    assert eval_print("sft_matched_flops") == (every, models)  # no SFT-continued arm: the same
+    assert eval_print("sft_matched_flops,wmss_shuffled_weak")[0] == every
+    assert eval_print("sft_matched_flops", "evaluation.max_new_tokens=7")[0] != every
+    assert eval_print("sft_matched_flops", "evaluation.logits_mb=64")[0] == every  # rows per forward only
+    _completed_arm(run, "trained-again", peak_step=2)  # its peak is its final model now
+    again, models = eval_print("sft_matched_flops")
+    assert again != every and models == [run.label]

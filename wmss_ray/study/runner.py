@@ -14,7 +14,7 @@ run ``study/seed<i>`` through its first curriculum: SFT, scoring, curriculum); t
 and its fake-weak arms at once (:func:`run_arm`: WMSS through ``wmss_K`` in the seed's run, a
 fake-weak arm's ``wmss_1`` as its own run ``study/seed<i>-<arm>`` linking the trunk); after WMSS,
 its SFT arms (each its own phase of the seed's run: their step counts follow from WMSS's steps).
-Each arm's task ends with the arm's evaluation (:func:`evaluate_arm`: its phase ``eval_<arm>`` in
+Each arm's task ends with the arm's evaluation (:func:`arm_eval_phase`: its phase ``eval_<arm>`` in
 the seed's run, the final model and the peak when it is not the final model, on the test set with
 the same evaluator, samples and checker); once every arm of a seed is done, :func:`finish_seed`
 writes the seed's record. Every training phase validates itself every ``study.validate_every``
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wmss_ray.config.loading import config_from_dict
 from wmss_ray.config.names import FAKE_WEAK_ARMS
@@ -42,6 +42,9 @@ from wmss_ray.io.console import get_console
 from wmss_ray.io.manifest import read_manifest, unlink_phase
 from wmss_ray.study.arms import (FAKE_SHARED, SEED_SHARED, VALIDATION_ROWS, ArmRun, arm_runs, check_cadence,
                                  check_study, fake_config, record_cadence, seed_config, study_root)
+
+if TYPE_CHECKING:
+    from wmss_ray.phases import Phase
 
 EVAL_PREFIX = "eval_"  # <seed run>/eval_<arm>/: the arm's final model and its peak, on the test set
 SEED_RECORD = "study_seed.json"  # <seed run>/: what the table reads (runner.seed_record)
@@ -191,15 +194,13 @@ def eval_phase(arm: str) -> str:
     return EVAL_PREFIX + arm
 
 
-def evaluate_arm(cfg: WMSSConfig, outputs: dict[str, Any], r: ArmRun) -> dict[str, Any]:
-    """Arm ``r``'s evaluation, phase ``eval_<arm>`` of seed config ``cfg``'s run (resumable like
-    every phase): on the test set, its final model under its label and its peak, when that is not
-    the final model, under ``"<label> (peak)"``. ``outputs``: the pipeline outputs of the arm's run
-    (the demo's test set is the ``data`` phase's). Its fingerprint is the models' directories and
+def arm_eval_phase(r: ArmRun) -> Phase:
+    """The :class:`~wmss_ray.phases.Phase` ``eval_<arm>`` that evaluates arm ``r`` (its training
+    phase completed): on the test set, its final model under its label and its peak, when that is
+    not the final model, under ``"<label> (peak)"``. Its fingerprint is the models' directories and
     the fingerprint of the phase that trained them (which fixes the peak too), so an arm trained
-    again is evaluated again, and no other arm's evaluation depends on it. Returns its outputs."""
+    again is evaluated again, and no other arm's evaluation depends on it."""
     from wmss_ray.phases import Phase, RunContext, eval_corpus
-    from wmss_ray.pipeline import run_phases
     from wmss_ray.stages.evaluate import evaluate_models
 
     final, peak = _final_and_peak(r)
@@ -207,8 +208,6 @@ def evaluate_arm(cfg: WMSSConfig, outputs: dict[str, Any], r: ArmRun) -> dict[st
     if peak is not None and int(peak["step"]) != int(final["steps"]):
         models[_peak_label(r.label)] = peak["model_dir"]
     name = eval_phase(r.arm)
-    ctx = RunContext(cfg)
-    ctx.outputs = dict(outputs)
     extra = {"models": dict(sorted(models.items())), "fingerprint": _fingerprint(r.phase_dir)}
 
     def run(ctx: RunContext) -> dict[str, Any]:
@@ -218,9 +217,20 @@ def evaluate_arm(cfg: WMSSConfig, outputs: dict[str, Any], r: ArmRun) -> dict[st
 
     # not hashed: how many rows per forward, and whether the seed's run has an SFT-continued phase
     # (seed_config sets it from study.arms: the set of arms must not change an arm's evaluation)
-    phase = Phase(name, [], ["evaluation", "data.eval", "data.reference_column", "data.supervise"], run,
-                  ("evaluation.logits_mb", "evaluation.sft_continued"), extra=extra)
-    return run_phases(ctx, [phase])[name]
+    return Phase(name, [], ["evaluation", "data.eval", "data.reference_column", "data.supervise"], run,
+                 ("evaluation.logits_mb", "evaluation.sft_continued"), extra=extra)
+
+
+def evaluate_arm(cfg: WMSSConfig, outputs: dict[str, Any], r: ArmRun) -> dict[str, Any]:
+    """Run arm ``r``'s :func:`arm_eval_phase` in seed config ``cfg``'s run (resumable, skipped when
+    completed with its fingerprint). ``outputs``: the pipeline outputs of the arm's run (the demo's
+    test set is the ``data`` phase's). Returns its outputs."""
+    from wmss_ray.phases import RunContext
+    from wmss_ray.pipeline import run_phases
+
+    ctx = RunContext(cfg)
+    ctx.outputs = dict(outputs)
+    return run_phases(ctx, [arm_eval_phase(r)])[eval_phase(r.arm)]
 
 
 def _fingerprint(phase_dir: str) -> str | None:
