@@ -89,3 +89,12 @@ def test_an_arms_evaluation_depends_on_its_models_and_evaluation_not_on_the_othe
     _completed_arm(run, "trained-again", peak_step=2)  # its peak is its final model now
     again, models = eval_print("sft_matched_flops")
     assert again != every and models == [run.label]
+
+
+def test_the_console_says_each_arm_and_its_accuracies_as_it_lands():
+    from wmss_ray.study.runner import arm_done_line
+
+    models = {"SFT-higher-LR": {"accuracy": 0.425, "n": 300}, "SFT-higher-LR (peak)": {"accuracy": 0.45, "n": 300}}
+    assert arm_done_line(0, "sft_higher_lr", models, 3, 8) == (
+        "[wmss] study: seed 0 sft_higher_lr done (3/8): SFT-higher-LR 0.425, SFT-higher-LR (peak) 0.450 "
+        "on 300 test problems")

@@ -16,6 +16,7 @@ import csv
 import json
 import math
 import os
+import re
 
 import pytest
 
@@ -35,8 +36,13 @@ BASE_TRUNK = ("sft", "score_1", "curriculum_1")
 
 @pytest.fixture(scope="module")
 def study(ray_cluster, tiny_job_run, tmp_path_factory):
-    """``(first, grown, manifests)``: ``(cfg, table, study.csv's lines)`` each (the second call
-    writes the study's files again), and ``{manifest: mtime}`` of the study's runs between the two."""
+    """``(first, grown, manifests, printed)``: ``(cfg, table, study.csv's lines)`` each (the second
+    call writes the study's files again), ``{manifest: mtime}`` of the study's runs between the two,
+    and each call's console lines (``{"first": [...], "grown": [...]}``)."""
+    import io
+
+    import wmss_ray.io.console as console
+
     from wmss_ray.study.runner import run_study
     from wmss_ray.sweep.trial import link_shared_phases
 
@@ -49,12 +55,17 @@ def study(ray_cluster, tiny_job_run, tmp_path_factory):
     # the base run: the tiny run's phases up to its curriculum (mix.mode feeds only WMSS), as if
     # `wmss run` of this config had made them here
     link_shared_phases(tiny_job_run.cfg.run_dir(), first.run_dir(), ("data", "phase0", "tokenize") + BASE_TRUNK)
-    first_table = run_study(first)
-    first_lines, made = _csv(first), _mtimes(os.path.join(first.run_dir(), "study"))
-    grown = load_config("configs/test-tiny.yaml",
-                        common + [f"study.seeds={SEEDS}", f"study.arms=[{','.join(GROWN_ARMS)}]"])
-    grown_table = run_study(grown)
-    return (first, first_table, first_lines), (grown, grown_table, _csv(grown)), made
+    printed = {"first": io.StringIO(), "grown": io.StringIO()}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(console, "_current", [console.Console(printed["first"], tty=False)])  # what get_console gives
+        first_table = run_study(first)
+        first_lines, made = _csv(first), _mtimes(os.path.join(first.run_dir(), "study"))
+        grown = load_config("configs/test-tiny.yaml",
+                            common + [f"study.seeds={SEEDS}", f"study.arms=[{','.join(GROWN_ARMS)}]"])
+        mp.setattr(console, "_current", [console.Console(printed["grown"], tty=False)])
+        grown_table = run_study(grown)
+    printed = {call: out.getvalue().splitlines() for call, out in printed.items()}
+    return (first, first_table, first_lines), (grown, grown_table, _csv(grown)), made, printed
 
 
 def _rows(table):
@@ -81,8 +92,13 @@ def _check_row(r, seeds):
 
 
 def test_every_arm_has_every_column_for_both_checkpoints(study):
-    (cfg, table, lines), _, _ = study
+    (cfg, table, lines), _, _, printed = study
     rows = _rows(table)
+    done = [m.groups() for m in map(re.compile(r"\[wmss\] study: seed 0 (\S+) done \((\d+)/(\d+)\)").match,
+                                    printed["first"]) if m]
+    n = len(STUDY_ARM_LABELS)  # each arm once, as it landed, counted
+    assert sorted(a for a, _, _ in done) == sorted(STUDY_ARM_LABELS) and [d[1:] for d in done] == [
+        (str(k), str(n)) for k in range(1, n + 1)], printed["first"]
     assert set(rows) == {(a, c) for a in STUDY_ARM_LABELS for c in ("final", "peak")}
     assert tuple(lines[0]) == CSV_COLUMNS and len(lines) == 2 * len(STUDY_ARM_LABELS)
     one_seed = {"accuracy_std", "diff_seed_ci_low", "diff_seed_ci_high"}  # a spread needs 2 seeds
@@ -97,7 +113,7 @@ def test_every_arm_has_every_column_for_both_checkpoints(study):
 
 
 def test_each_arm_trained_its_steps_and_the_flops_arm_the_formula_s(study):
-    (cfg, table, _), _, _ = study
+    (cfg, table, _), _, _, _ = study
     rows = _rows(table)
     wmss_steps = rows[("wmss", "final")]["updates"]
     assert wmss_steps == cfg.training.max_steps
@@ -112,7 +128,7 @@ def test_each_arm_trained_its_steps_and_the_flops_arm_the_formula_s(study):
 
 
 def test_a_grown_study_reuses_seed_0_and_has_every_column_for_every_arm_over_two_seeds(study):
-    (_, first, _), (cfg, table, lines), made = study
+    (_, first, _), (cfg, table, lines), made, printed = study
     # nothing of seed 0 ran again: its trunk, its arms' runs, its arms' evaluations (those the grown
     # study lists, and the others, untouched)
     root = os.path.join(cfg.run_dir(), "study")
@@ -127,6 +143,12 @@ def test_a_grown_study_reuses_seed_0_and_has_every_column_for_every_arm_over_two
     assert not os.path.exists(os.path.join(root, "seed1-wmss_uniform_weak"))
     rows, before = _rows(table), _rows(first)
     assert set(rows) == {(a, c) for a in ("wmss", *GROWN_ARMS) for c in ("final", "peak")}
+    # the console said each arm of each seed as it landed, with the accuracy its row has
+    done = [line for line in printed["grown"] if re.match(r"\[wmss\] study: seed \d+ \S+ done \(", line)]
+    assert len(done) == SEEDS * (1 + len(GROWN_ARMS)), printed["grown"]
+    for (arm, _), r in ((k, r) for k, r in rows.items() if k[1] == "final"):
+        said = [line for line in done if line.startswith(f"[wmss] study: seed 1 {arm} done (")]
+        assert len(said) == 1 and f"{r['label']} {r['accuracy'][1]:.3f}" in said[0], (arm, said)
     for key, r in rows.items():
         _check_row(r, SEEDS)
         assert r["accuracy"][0] == before[key]["accuracy"][0]  # seed 0's result, as the first call made it
@@ -142,7 +164,7 @@ def test_a_grown_study_reuses_seed_0_and_has_every_column_for_every_arm_over_two
 
 
 def test_the_seeds_share_only_what_the_training_seed_does_not_touch(study):
-    _, (cfg, _, _), _ = study
+    _, (cfg, _, _), _, _ = study
     root = os.path.join(cfg.run_dir(), "study")
     for phase in ("data", "phase0", "tokenize"):
         for i in range(SEEDS):
@@ -169,7 +191,7 @@ def test_the_fake_weak_arms_train_beside_wmss_and_the_sft_arms_after_it(study):
     """The runner's graph (study/runner.unlocked_arms): after a seed's trunk, its WMSS and its
     fake-weak arms start (2 runs at a time here: WMSS and the first fake-weak arm together); its
     SFT arms only once its WMSS is done."""
-    (first, _, _), (grown, _, _), _ = study
+    (first, _, _), (grown, _, _), _, _ = study
     for index, cfg in ((0, first), (1, grown)):  # seed 0's arms ran in the first call (every arm)
         runs = {r.arm: read_manifest(r.phase_dir) for r in arm_runs(cfg, index)}
         wmss_done = runs["wmss"].finished_at
@@ -183,7 +205,7 @@ def test_the_fake_weak_arms_train_beside_wmss_and_the_sft_arms_after_it(study):
 def test_a_second_call_reruns_nothing_and_gives_the_same_table(study):
     from wmss_ray.study.runner import run_study
 
-    _, (cfg, table, _), _ = study
+    _, (cfg, table, _), _, _ = study
     before = {p: os.path.getmtime(p) for p in _manifests(cfg.run_dir())}
     again = run_study(cfg)
     assert {p: os.path.getmtime(p) for p in _manifests(cfg.run_dir())} == before

@@ -142,12 +142,13 @@ def unlocked_arms(done: str, arms: list[str]) -> list[str]:
     return []
 
 
-def run_arm(base_dict: dict[str, Any], index: int, arm: str) -> str:
+def run_arm(base_dict: dict[str, Any], index: int, arm: str) -> dict[str, Any]:
     """One arm of seed ``index`` once what it starts from is done (:func:`unlocked_arms`): WMSS as
     the seed's run through ``wmss_K`` (only ``wmss_K`` validates itself), an SFT arm as its own
     phase of the seed's run (``run_pipeline(only=...)``: the other arms of the run are not touched),
-    a fake-weak arm as its own run linking the seed's phases up to the curriculum. Returns the
-    arm's phase dir."""
+    a fake-weak arm as its own run linking the seed's phases up to the curriculum; then its
+    evaluation (:func:`evaluate_arm`). Returns ``{"phase_dir", "models"}``: the arm's phase dir and
+    its evaluation's ``{label: {"accuracy", "n"}}``."""
     from wmss_ray.pipeline import run_pipeline
     from wmss_ray.sweep.trial import link_shared_phases
 
@@ -164,8 +165,17 @@ def run_arm(base_dict: dict[str, Any], index: int, arm: str) -> str:
     else:
         outputs = run_pipeline(cfg, only=(r.phase,), train_options=_train_options(cfg, [r], rows_path))
     record_cadence(base, r)
-    evaluate_arm(cfg, outputs, r)
-    return r.phase_dir
+    evaluated = evaluate_arm(cfg, outputs, r)
+    return {"phase_dir": r.phase_dir, "models": evaluated.get("models", {})}
+
+
+def arm_done_line(index: int, arm: str, models: dict[str, dict[str, Any]], done: int, total: int) -> str:
+    """The console's line when arm ``arm`` of seed ``index`` is trained and evaluated (``models``:
+    :func:`run_arm`'s), the ``done``-th of the seed's ``total`` arms: its test-set accuracies as they
+    land, days before the table of a large study."""
+    scores = ", ".join(f"{name} {m['accuracy']:.3f}" for name, m in models.items())
+    n = next((int(m["n"]) for m in models.values()), 0)
+    return f"[wmss] study: seed {index} {arm} done ({done}/{total}): {scores} on {n} test problems"
 
 
 def finish_seed(base_dict: dict[str, Any], index: int) -> dict[str, Any]:
@@ -314,6 +324,7 @@ def run_study(base: WMSSConfig) -> dict[str, Any]:
             continue
         if fn is arm_task:
             arms_left[i] -= 1
+            console.line(arm_done_line(i, args[1], result["models"], len(arms) - arms_left[i], len(arms)))
             if arms_left[i] == 0:
                 ready.insert(0, (finish, (i,)))
         # the arms it unlocks after the arms already waiting, ahead of the trunks still to run
