@@ -122,7 +122,9 @@ def test_activation_formula_and_checkpointing():
     frozen = activation_bytes(s, tokens, 4096, 2, 2, checkpointing=False, eager=False, trained=False)
     assert frozen == e * tokens * 2
     eager = activation_bytes(s, tokens, 4096, 2, 2, checkpointing=False, eager=True)
-    assert eager == plain + 36 * 2 * 32 * 4096**2 * 2 * 2
+    assert eager == plain + 36 * 32 * 4096**2 * 2 * 8  # 8 bytes per [head, query, key] element per layer
+    frozen_eager = activation_bytes(s, tokens, 4096, 2, 2, checkpointing=False, eager=True, trained=False)
+    assert frozen_eager == frozen + 32 * 4096**2 * 2 * 8  # one layer's
 
 
 #: Runs in a fresh interpreter: autograd's saved tensors of real HF models, per token (one forward
@@ -135,6 +137,17 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCau
 KW = dict(vocab_size=256, hidden_size=192, intermediate_size=320, num_hidden_layers=2, num_attention_heads=6,
           num_key_value_heads=2, head_dim=48, max_position_embeddings=512, attn_implementation="sdpa")
 SEQ = 64
+
+def frozen_peak(model, batch):
+    # the most a no-grad forward holds at once, besides the weights (MemTracker: every live storage)
+    from torch.distributed._tools.mem_tracker import MemTracker
+    ids = torch.randint(0, 256, (batch, SEQ), generator=torch.Generator().manual_seed(0))
+    tracker = MemTracker()
+    tracker.track_external(model)
+    with torch.no_grad(), tracker:
+        model.model(input_ids=ids)
+    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
+    return peak["Total"] - sum(v for k, v in peak.items() if getattr(k, "name", "") == "PARAM")
 
 def saved(model, batch, autocast):
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -161,6 +174,18 @@ for arch, precision, ckpt in itertools.product(["qwen3", "llama"], ["bf16", "fp3
     model.train()
     auto = precision == "autocast"
     out[f"{arch} {precision} {ckpt}"] = (saved(model, 2, auto) - saved(model, 1, auto)) / SEQ
+for arch, precision, attn in itertools.product(["qwen3", "llama"], ["bf16", "fp32", "autocast"], ["sdpa", "eager"]):
+    cls, mcls = (Qwen3Config, Qwen3ForCausalLM) if arch == "qwen3" else (LlamaConfig, LlamaForCausalLM)
+    torch.manual_seed(0)
+    model = mcls(cls(**{**KW, "attn_implementation": attn})).to(torch.bfloat16 if precision == "bf16" else torch.float32)
+    model.config.use_cache = False
+    auto = precision == "autocast"
+    if attn == "eager":  # trained: what eager attention adds to what autograd saves
+        model.train()
+        out[f"{arch} {precision} eager"] = (saved(model, 2, auto) - saved(model, 1, auto)) / SEQ
+    if not auto:  # a frozen model in its own dtype (under autocast the weak model is bf16)
+        model.eval()
+        out[f"{arch} {precision} frozen {attn}"] = (frozen_peak(model, 2) - frozen_peak(model, 1)) / SEQ
 print(json.dumps(out))
 """
 
@@ -205,6 +230,49 @@ def test_activation_bytes_are_what_autograd_saves_in_real_decoder_layers(saved_p
         formula -= layer_saved_bytes(s, act_b, autocast)  # the layer a backward recomputes
     measured = saved_per_token[f"{arch} {precision} {checkpointing}"] - 8  # less the int64 input ids
     assert measured == pytest.approx(formula, rel=0.01), (measured, formula)
+
+
+def _tiny_shape(arch: str):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    from wmss_ray.plan.shapes import shape_from_model
+
+    kw = dict(vocab_size=256, hidden_size=192, intermediate_size=320, num_hidden_layers=2, num_attention_heads=6,
+              num_key_value_heads=2, head_dim=48, max_position_embeddings=512)
+    config_cls, model_cls = (Qwen3Config, Qwen3ForCausalLM) if arch == "qwen3" else (LlamaConfig, LlamaForCausalLM)
+    with torch.device("meta"):
+        return shape_from_model(model_cls(config_cls(**kw)), arch)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+@pytest.mark.parametrize("precision", ["bf16", "fp32", "autocast"])
+def test_eager_attention_keeps_what_the_plan_counts(saved_per_token, arch, precision):
+    """Eager attention's ``[heads, s, s]`` share of what autograd saves (eager minus sdpa, the rest
+    of the layer the same): 8 bytes per element per layer in every precision. Counted before as
+    2 x the weights' bytes: half of it in bf16. (sdpa's own per-head log-sum-exp, which eager does
+    not keep, is the 1 % the two differ by.)"""
+    s, seq = _tiny_shape(arch), 64
+    act_b, autocast = 2 if precision == "bf16" else 4, precision == "autocast"
+    kw = dict(checkpointing=False, autocast=autocast)
+    formula = (activation_bytes(s, seq, seq, 1, act_b, eager=True, **kw)
+               - activation_bytes(s, seq, seq, 1, act_b, eager=False, **kw)) / seq
+    measured = saved_per_token[f"{arch} {precision} eager"] - saved_per_token[f"{arch} {precision} False"]
+    assert measured == pytest.approx(formula, rel=0.01), (measured, formula)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_frozen_models_transient_is_an_upper_bound_of_a_real_forwards_peak(saved_per_token, arch, precision,
+                                                                             attn):
+    """The frozen weak model's one-layer transient against the peak of a real no-grad forward
+    (every live storage but the weights, per token): never under it, at most 1.7x (the per-token
+    terms assume every tensor of a layer alive at once; sdpa's peak is 0.60-0.68x of them)."""
+    s, seq, act_b = _tiny_shape(arch), 64, 2 if precision == "bf16" else 4
+    formula = activation_bytes(s, seq, seq, 1, act_b, checkpointing=False, eager=attn == "eager", trained=False) / seq
+    measured = saved_per_token[f"{arch} {precision} frozen {attn}"]
+    assert measured <= formula <= 1.7 * measured, (measured, formula)
 
 
 def test_deepspeed_gradient_bucket_follows_the_built_deepspeed_config():

@@ -7,6 +7,13 @@ from __future__ import annotations
 
 from wmss_ray.plan.shapes import ModelShape
 
+#: Bytes per ``[head, query, key]`` element of eager attention, per layer, in bf16, fp32 and
+#: autocast alike, as measured (tests/test_plan_memory.py): kept for backward (the fp32 softmax
+#: output and the probabilities the value product keeps), and the most a frozen forward holds at
+#: once (the scores, the fp32 softmax, the probabilities cast back; 7.7-8.8 measured). Counted
+#: before as two tensors in the weights' dtype: half of it in bf16.
+EAGER_SCORE_BYTES = 8
+
 
 def autocast_cast_bytes(shape: ModelShape, trained: bool, checkpointing: bool) -> float:
     """``training.autocast``: the bf16 copies of one model's fp32 weights its forward makes (no
@@ -70,10 +77,12 @@ def activation_bytes(s: ModelShape, tokens: int, seq_len: int, micro_batch: int,
       (+ h_q + d_kv with q/k norms)`` values per token: the norms' inputs and outputs, q, k, v,
       the attention output, SwiGLU's four ``I``-wide tensors.
 
-    Eager attention also keeps the ``[heads, s, s]`` scores and probabilities per row
-    (2 x heads x s^2) per layer.
+    Eager attention also keeps ``[heads, s, s]`` tensors per row, :data:`EAGER_SCORE_BYTES` per
+    element, per layer (a frozen model: one layer's). The frozen transient is an upper bound:
+    measured on CPU, a real forward's peak is 0.60-0.68x of it under sdpa, 0.67-0.83x under eager
+    (tests/test_plan_memory.py).
     """
-    scores = 2 * s.heads * seq_len**2 * micro_batch * act_bytes if eager else 0
+    scores = EAGER_SCORE_BYTES * s.heads * seq_len**2 * micro_batch if eager else 0
     if not trained:
         e = 4 * s.hidden + 2 * s.heads * s.head_dim + 2 * s.kv_heads * s.head_dim + 4 * s.intermediate
         if s.qk_norm:
