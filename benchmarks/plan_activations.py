@@ -1,7 +1,7 @@
 """``wmss plan``'s activation terms against what real HF models keep, per token: prints the tables
 of BENCHMARKS.md ("`wmss plan`: eager attention and the frozen transient, measured").
 
-The measurement is the one tests/test_plan_memory.py asserts on (its ``_MEASURE``, run here in a
+The measurement is the one tests/test_plan_activations.py asserts on (its ``_MEASURE``, run here in a
 fresh interpreter as there): autograd's saved tensors of a trained forward, and, for a frozen
 model, the peak of every live storage but the weights during a no-grad forward (torch's
 ``MemTracker``), tiny Qwen3 and Llama models on the CPU, batch 2 minus batch 1.
@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.test_plan_memory import _MEASURE, _tiny_shape  # noqa: E402
+from tests.test_plan_activations import _MEASURE, _tiny_shape  # noqa: E402
 from wmss_ray.plan.activations import activation_bytes  # noqa: E402
 
 SEQ = 64

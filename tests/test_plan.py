@@ -1,6 +1,6 @@
 """``wmss plan``: model shapes from a directory or object storage (``trust_remote_code`` as the
 config says), the printed report and its suggestions, the CLI. The figures themselves:
-tests/test_plan_memory.py."""
+tests/test_plan_memory.py and tests/test_plan_activations.py."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """What a forward keeps on the GPU, per model, for ``wmss plan`` (:mod:`wmss_ray.plan.memory`
 adds them up): the activations autograd saves for backward (per layer, as real HF layers save
-them; tests/test_plan_memory.py measures them) and, under ``training.autocast``, the bf16 copies of
+them; tests/test_plan_activations.py measures them) and, under ``training.autocast``, the bf16 copies of
 the fp32 weights."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 from wmss_ray.plan.shapes import ModelShape
 
 #: Bytes per ``[head, query, key]`` element of eager attention, per layer, in bf16, fp32 and
-#: autocast alike, as measured (tests/test_plan_memory.py): kept for backward (the fp32 softmax
+#: autocast alike, as measured (tests/test_plan_activations.py): kept for backward (the fp32 softmax
 #: output and the probabilities the value product keeps), and the most a frozen forward holds at
 #: once (the scores, the fp32 softmax, the probabilities cast back; 7.7-8.8 measured). Counted
 #: before as two tensors in the weights' dtype: half of it in bf16.
@@ -37,7 +37,7 @@ def rms_norm_saved_bytes(width: int, input_bytes: int, rows: int = 1) -> float:
 def layer_saved_bytes(s: ModelShape, act_bytes: int, autocast: bool = False) -> float:
     """Bytes one trained decoder layer keeps for backward, per token (a Llama/Qwen-style HF layer,
     flash/sdpa attention), as autograd's saved tensors of a real layer count them
-    (tests/test_plan_memory.py measures them). ``act_bytes``: the weights' bytes (2 bf16, 4 fp32);
+    (tests/test_plan_activations.py measures them). ``act_bytes``: the weights' bytes (2 bf16, 4 fp32);
     ``autocast`` (``training.autocast``): fp32 weights, bf16 compute, fp32 residual stream.
 
     - each RMSNorm over width ``w`` (rows per token ``r``): the fp32 copy of its input (``4w``; the
@@ -80,7 +80,7 @@ def activation_bytes(s: ModelShape, tokens: int, seq_len: int, micro_batch: int,
     Eager attention also keeps ``[heads, s, s]`` tensors per row, :data:`EAGER_SCORE_BYTES` per
     element, per layer (a frozen model: one layer's). The frozen transient is an upper bound:
     measured on CPU, a real forward's peak is 0.60-0.68x of it under sdpa, 0.67-0.83x under eager
-    (tests/test_plan_memory.py).
+    (tests/test_plan_activations.py).
     """
     scores = EAGER_SCORE_BYTES * s.heads * seq_len**2 * micro_batch if eager else 0
     if not trained:
