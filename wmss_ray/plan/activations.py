@@ -9,9 +9,9 @@ from wmss_ray.plan.shapes import ModelShape
 
 #: Bytes per ``[head, query, key]`` element of eager attention, per layer, in bf16, fp32 and
 #: autocast alike, as measured (tests/test_plan_activations.py): kept for backward (the fp32 softmax
-#: output and the probabilities the value product keeps), and the most a frozen forward holds at
-#: once (the scores, the fp32 softmax, the probabilities cast back; 7.7-8.8 measured). Counted
-#: before as two tensors in the weights' dtype: half of it in bf16.
+#: output and the probabilities the value product keeps), and about what a frozen forward adds at
+#: once (the scores, the fp32 softmax, the probabilities cast back: 7.7-8.8 measured, within the
+#: frozen transient's margin). Counted before as two tensors in the weights' dtype: half in bf16.
 EAGER_SCORE_BYTES = 8
 
 
