@@ -21,10 +21,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.test_plan_activations import _MEASURE, _tiny_shape  # noqa: E402
+from tests.test_plan_activations import _MEASURE, SEQ, _tiny_shape  # noqa: E402
 from wmss_ray.plan.activations import activation_bytes  # noqa: E402
 
-SEQ = 64
 
 
 def main() -> None:
@@ -37,7 +36,8 @@ def main() -> None:
             act_b, auto = (2 if prec == "bf16" else 4), prec == "autocast"
             plan = (activation_bytes(s, SEQ, SEQ, 1, act_b, checkpointing=False, eager=True, autocast=auto)
                     - activation_bytes(s, SEQ, SEQ, 1, act_b, checkpointing=False, eager=False, autocast=auto)) / SEQ
-            print(f"| {arch} | {prec} | {out[f'{arch} {prec} eager'] - out[f'{arch} {prec} False']:,.0f} | {plan:,.0f} |")
+            measured = out[f"{arch} {prec} eager"] - out[f"{arch} {prec} False"]
+            print(f"| {arch} | {prec} | {measured:,.0f} | {plan:,.0f} |")
     print("\n| model | precision | attention | frozen peak, measured | plan's one-layer transient | plan / measured |")
     print("|---|---|---|---:|---:|---:|")
     for arch in ("qwen3", "llama"):

@@ -38,16 +38,22 @@ def test_activation_formula_and_checkpointing():
     assert frozen_eager == frozen + 32 * 4096**2 * 2 * 8  # one layer's
 
 
-#: Runs in a fresh interpreter: autograd's saved tensors of real HF models, per token (one forward
-#: over 2 rows minus one over 1 row: the weights, autocast's weight copies and the rotary tables
-#: are not per token), for every (arch, precision, checkpointing); prints them as JSON.
+#: The measured models' config (Qwen3 and Llama alike) and row length.
+TINY_KW = dict(vocab_size=256, hidden_size=192, intermediate_size=320, num_hidden_layers=2, num_attention_heads=6,
+               num_key_value_heads=2, head_dim=48, max_position_embeddings=512)
+SEQ = 64
+
+#: Runs in a fresh interpreter: per token (one forward over 2 rows minus one over 1 row: the
+#: weights, autocast's weight copies and the rotary tables are not per token) autograd's saved
+#: tensors of real HF models for every (arch, precision, checkpointing) under sdpa and without
+#: checkpointing under eager, and a frozen model's no-grad peak (bf16, fp32; sdpa, eager); prints
+#: them as JSON.
 _MEASURE = r"""
 import itertools, json, torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-KW = dict(vocab_size=256, hidden_size=192, intermediate_size=320, num_hidden_layers=2, num_attention_heads=6,
-          num_key_value_heads=2, head_dim=48, max_position_embeddings=512, attn_implementation="sdpa")
-SEQ = 64
+KW = {**__TINY_KW__, "attn_implementation": "sdpa"}
+SEQ = __SEQ__
 
 def frozen_peak(model, batch):
     # the most a no-grad forward holds at once, besides the weights (MemTracker: every live storage)
@@ -86,11 +92,14 @@ for arch, precision, ckpt in itertools.product(["qwen3", "llama"], ["bf16", "fp3
     auto = precision == "autocast"
     out[f"{arch} {precision} {ckpt}"] = (saved(model, 2, auto) - saved(model, 1, auto)) / SEQ
 for arch, precision, attn in itertools.product(["qwen3", "llama"], ["bf16", "fp32", "autocast"], ["sdpa", "eager"]):
+    auto = precision == "autocast"
+    if auto and attn == "sdpa":  # measured above (trained); a frozen model is never fp32 + autocast
+        continue
     cls, mcls = (Qwen3Config, Qwen3ForCausalLM) if arch == "qwen3" else (LlamaConfig, LlamaForCausalLM)
     torch.manual_seed(0)
-    model = mcls(cls(**{**KW, "attn_implementation": attn})).to(torch.bfloat16 if precision == "bf16" else torch.float32)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = mcls(cls(**{**KW, "attn_implementation": attn})).to(dtype)
     model.config.use_cache = False
-    auto = precision == "autocast"
     if attn == "eager":  # trained: what eager attention adds to what autograd saves
         model.train()
         out[f"{arch} {precision} eager"] = (saved(model, 2, auto) - saved(model, 1, auto)) / SEQ
@@ -98,7 +107,7 @@ for arch, precision, attn in itertools.product(["qwen3", "llama"], ["bf16", "fp3
         model.eval()
         out[f"{arch} {precision} frozen {attn}"] = (frozen_peak(model, 2) - frozen_peak(model, 1)) / SEQ
 print(json.dumps(out))
-"""
+""".replace("__TINY_KW__", repr(TINY_KW)).replace("__SEQ__", str(SEQ))
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +134,7 @@ def test_activation_bytes_are_what_autograd_saves_in_real_decoder_layers(saved_p
     and autocast's fp32 residual and per-linear casts were missing (a 4B no-checkpointing plan
     short by a quarter). The recomputed layer of a checkpointed backward is not in a forward: it
     is left out of the comparison."""
-    s, seq = _tiny_shape(arch), 64
+    s, seq = _tiny_shape(arch), SEQ
     act_b, autocast = 2 if precision == "bf16" else 4, precision == "autocast"
     formula = activation_bytes(s, seq, seq, 1, act_b, checkpointing=checkpointing, eager=False, autocast=autocast) / seq
     if checkpointing:
@@ -140,11 +149,9 @@ def _tiny_shape(arch: str):
 
     from wmss_ray.plan.shapes import shape_from_model
 
-    kw = dict(vocab_size=256, hidden_size=192, intermediate_size=320, num_hidden_layers=2, num_attention_heads=6,
-              num_key_value_heads=2, head_dim=48, max_position_embeddings=512)
     config_cls, model_cls = (Qwen3Config, Qwen3ForCausalLM) if arch == "qwen3" else (LlamaConfig, LlamaForCausalLM)
     with torch.device("meta"):
-        return shape_from_model(model_cls(config_cls(**kw)), arch)
+        return shape_from_model(model_cls(config_cls(**TINY_KW)), arch)
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
@@ -154,7 +161,7 @@ def test_eager_attention_keeps_what_the_plan_counts(saved_per_token, arch, preci
     of the layer the same): 8 bytes per element per layer in every precision. Counted before as
     2 x the weights' bytes: half of it in bf16. (sdpa's own per-head log-sum-exp, which eager does
     not keep, is the 1 % the two differ by.)"""
-    s, seq = _tiny_shape(arch), 64
+    s, seq = _tiny_shape(arch), SEQ
     act_b, autocast = 2 if precision == "bf16" else 4, precision == "autocast"
     kw = dict(checkpointing=False, autocast=autocast)
     formula = (activation_bytes(s, seq, seq, 1, act_b, eager=True, **kw)
@@ -171,7 +178,7 @@ def test_a_frozen_models_transient_is_an_upper_bound_of_a_real_forwards_peak(sav
     """The frozen weak model's one-layer transient against the peak of a real no-grad forward
     (every live storage but the weights, per token): never under it, at most 1.7x (the per-token
     terms assume every tensor of a layer alive at once; sdpa's peak is 0.60-0.68x of them)."""
-    s, seq, act_b = _tiny_shape(arch), 64, 2 if precision == "bf16" else 4
+    s, seq, act_b = _tiny_shape(arch), SEQ, 2 if precision == "bf16" else 4
     formula = activation_bytes(s, seq, seq, 1, act_b, checkpointing=False, eager=attn == "eager", trained=False) / seq
     measured = saved_per_token[f"{arch} {precision} frozen {attn}"]
     assert measured <= formula <= 1.7 * measured, (measured, formula)
