@@ -40,6 +40,11 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # session only (a 2-worker empty fit: 15.6 -> 13.2 s, 3 fits each way, side by side; ~40 fits).
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
+# Ray's log monitor (one per node) globs the node's log directory every 0.1 s while it holds
+# fewer than this many files, else every 0.5 s; a session leaves hundreds of worker logs, and the
+# monitors took 50 CPU-s of a suite run (a /proc sampler, 2026-12-06). Every 0.5 s from the start:
+# a worker's first lines reach the driver up to 0.4 s later, which no test reads.
+os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
 
 # The venv's bin first on PATH, as in an activated venv and in the job head (local_head.py): DeepSpeed
 # JIT-builds any op it needs with the first `ninja` on PATH (it built its CPU shm-comm op, until

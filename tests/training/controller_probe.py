@@ -12,9 +12,9 @@ from pathlib import Path
 
 from ray.train.v2.api.callback import UserCallback
 
-#: Libraries only the train workers need (models, engines). torch is not among them: Ray Train's
-#: own ``TorchConfig``, which the controller holds, imports it.
-HEAVY = ("transformers", "deepspeed")
+#: Libraries only the train workers need (models, engines, tensors): the controller holds
+#: ``training/backend.py``'s ``RankGroupConfig``, not Ray's ``TorchConfig`` (which imports torch).
+HEAVY = ("torch", "transformers", "deepspeed")
 
 
 class ControllerImports(UserCallback):

@@ -92,10 +92,11 @@ def test_sft_twice_gives_bit_identical_weights(sft_zero0, art, tmp_path):
     assert [(m["loss"], m["grad_norm"]) for m in ma] == [(m["loss"], m["grad_norm"]) for m in mb]
 
 
-def test_the_controller_of_a_run_never_imports_transformers_or_deepspeed(sft_zero0):
-    """Ray Train's controller unpickles the train function and its config: both are light
-    (``training/ray_worker.py``), so the models' libraries load on the workers only (before, they
-    loaded in the controller of every run too: CPU-s of imports and their memory)."""
+def test_the_controller_of_a_run_never_imports_torch_transformers_or_deepspeed(sft_zero0):
+    """Ray Train's controller unpickles the train function, its config and the backend config:
+    all are light (``training/ray_worker.py``, ``training/backend.py``), so the models' and
+    tensors' libraries load on the workers only (before, transformers and deepspeed loaded in the
+    controller of every run, and torch through Ray's ``TorchConfig``: CPU-s and memory per run)."""
     assert sft_zero0[2] == {"heavy": []}
 
 

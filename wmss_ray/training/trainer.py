@@ -295,7 +295,9 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
     Train restart them from it (``training.max_preemption_failures``; ``training/stopping.py``).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from wmss_ray.training.backend import RankGroupConfig
 
     spec = build_spec(cfg, phase, strong_init, weak_init, tokenized_path, sampled_ids_path, out_dir, mode,
                       epochs=epochs, exact_steps=exact_steps, stop_after=stop_after,
@@ -316,7 +318,8 @@ def train_phase(cfg: WMSSConfig, phase: str, strong_init: str, weak_init: str | 
     trainer = _trainer_class(TorchTrainer)(
         train_loop_per_worker,
         train_loop_config=phase_config(cfg, spec, pool.handles if pool else None),
-        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
+        # TorchConfig's steps without torch in the controller (training/backend.py)
+        torch_config=RankGroupConfig(backend="nccl" if sc.use_gpu else "gloo"),
         # elastic: Ray Train starts with what is free (>= min) and resizes by restarting from a checkpoint
         scaling_config=ScalingConfig(num_workers=(sc.min_workers, sc.num_workers) if sc.elastic else sc.num_workers,
                                      use_gpu=sc.use_gpu, resources_per_worker=resources),
