@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -45,6 +46,10 @@ os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
 # monitors took 50 CPU-s of a suite run (a /proc sampler, 2026-12-06). Every 0.5 s from the start:
 # a worker's first lines reach the driver up to 0.4 s later, which no test reads.
 os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
+# Each node's dashboard agent samples every process on the node (psutil) for Ray's metrics every
+# 5 s; no test reads them (our runs write their own metrics and peaks). Every 60 s here: the
+# agents took 42 CPU-s of a suite run, with hundreds of short-lived workers to walk (same sampler).
+os.environ.setdefault("REPORTER_UPDATE_INTERVAL_MS", "60000")
 
 # The venv's bin first on PATH, as in an activated venv and in the job head (local_head.py): DeepSpeed
 # JIT-builds any op it needs with the first `ninja` on PATH (it built its CPU shm-comm op, until
@@ -152,8 +157,34 @@ def _object_store_env_first(request) -> None:
         request.getfixturevalue("model_cache")
 
 
+#: The temp dirs (sockets, logs: ~10 MB each) of the Ray clusters this test process started.
+_RAY_TEMP_DIRS: list[str] = []
+
+
 @pytest.fixture(scope="session")
-def ray_cluster(request):
+def ray_temp_dir():
+    """A new temp dir for a Ray cluster's files, under /tmp (unix socket paths there stay under
+    ~107 characters): removed at the end of the session when this process's tests all passed,
+    kept and named when one failed (its raylet and worker logs say why)."""
+    def make(prefix: str) -> str:
+        path = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+        _RAY_TEMP_DIRS.append(path)
+        return path
+
+    return make
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for path in _RAY_TEMP_DIRS:
+        if exitstatus == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            print(f"\nRay's files of this session are kept in {path}", file=sys.stderr)
+    _RAY_TEMP_DIRS.clear()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(request, ray_temp_dir):
     """A real local Ray cluster with its own temp dir, shared by every integration test.
 
     Started in-process with ``ray.init`` (never ``ray stop``: shutdown stops only what we started).
@@ -169,8 +200,7 @@ def ray_cluster(request):
     if ray.is_initialized():
         yield ray
         return
-    # Short path: Ray's unix sockets live under the temp dir and have a ~107-char limit.
-    temp_dir = tempfile.mkdtemp(prefix="wmss-ray-", dir="/tmp")
+    temp_dir = ray_temp_dir("wmss-ray-")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # The job tests run a second cluster on this machine; the State API finds "its" cluster from
     # RAY_ADDRESS only (else it refuses to choose), so the workers get this cluster's GCS address,

@@ -20,7 +20,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -53,14 +52,14 @@ CLUSTER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1", "RAY_TRAIN_PREEMPTION
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(ray_temp_dir):
     """Head (0 CPUs: the driver, Ray Train's controller) + worker nodes of 1 CPU each (``_nodes``)."""
     import ray
     from ray.cluster_utils import Cluster
 
     if ray.is_initialized():  # conftest orders this group first; a caller's own Ray is not ours
         ray.shutdown()
-    temp_dir = tempfile.mkdtemp(prefix="wmss-mn-", dir="/tmp")
+    temp_dir = ray_temp_dir("wmss-mn-")
     # Cluster() writes the head's address to <RAY_TMPDIR or /tmp>/ray/ray_current_cluster (and
     # its shutdown deletes that file): on a fresh machine /tmp/ray does not exist (CI: every test
     # here errored with FileNotFoundError), and elsewhere it is the machine's own Ray's file,
