@@ -6,10 +6,11 @@ runs a tensor op (its only torch work is telling the workers to join a process g
 here: a controller process with its imports is 176 MB and 1.6 CPU-s without them, 361 MB and
 3.5 CPU-s with them, for every run: on the head node of a sweep or a study, where each concurrent
 trial or arm has a controller, that is ~185 MB of head-node memory per run in flight; in the test
-suite (~50 runs) ~95 CPU-s. :class:`RankGroupConfig` is the same configuration and does the same
-steps as Ray's ``_TorchBackend`` (CPU and GPU; no TPU: this project never asks Ray for one), but
-names Ray's worker-side functions by module and name (:func:`_on_worker`), so torch is imported
-on the workers only, where the ranks need it anyway.
+suite (~50 runs) the controllers took 223 CPU-s with torch, 134 without (BENCHMARKS.md).
+:class:`RankGroupConfig` is the same configuration and does the same steps as Ray's
+``_TorchBackend`` (CPU and GPU; no TPU: this project never asks Ray for one), but names Ray's
+worker-side functions by module and name (:func:`_on_worker`), so torch is imported on the
+workers only, where the ranks need it anyway.
 
 The steps, as in Ray 2.60's ``_TorchBackend.on_start`` (``ray/train/torch/config.py``): rank 0's
 node address and a free port as ``MASTER_ADDR``/``MASTER_PORT`` on every worker, the torchrun
