@@ -72,7 +72,8 @@ def test_the_backend_makes_the_calls_ray_s_torch_backend_makes(no_ray_get, n, gp
     setups = [c for c in ours_group.calls if c[0] == "_setup_torch_process_group"]
     assert [c[1] for c in setups] == list(range(n)) and setups[0][2]["init_method"] == "env://"
     assert {c[2]["backend"] for c in setups} == {backend or ("nccl" if gpus else "gloo")}
-    theirs_group.calls.clear(), ours_group.calls.clear()
+    theirs_group.calls.clear()
+    ours_group.calls.clear()
     _TorchBackend().on_shutdown(theirs_group, TorchConfig(backend=backend))
     ours.RankGroupConfig().backend_cls().on_shutdown(ours_group, ours.RankGroupConfig())
     assert ours_group.calls == theirs_group.calls == [("_shutdown_torch", "all", {"destroy_process_group": n > 1})]

@@ -25,11 +25,18 @@ tests/training/test_backend.py checks each against Ray's own.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
 
+import ray
+from ray.exceptions import GetTimeoutError
+from ray.train._internal.utils import get_address_and_port
 from ray.train.backend import Backend, BackendConfig
+from ray.train.constants import DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S, TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S
+
+log = logging.getLogger(__name__)
 
 #: Where Ray keeps the worker-side torch functions and the train function's context.
 RAY_TORCH_CONFIG = "ray.train.torch.config"
@@ -62,9 +69,6 @@ class _RankGroupBackend(Backend):
     share_cuda_visible_devices: bool = True  # as Ray's _TorchBackend: NCCL sees the node's GPUs
 
     def on_start(self, worker_group, backend_config: RankGroupConfig) -> None:
-        import ray
-        from ray.train._internal.utils import get_address_and_port
-
         backend = backend_config.backend
         if backend is None:
             backend = "nccl" if worker_group.get_resources_per_worker().get("GPU", 0) > 0 else "gloo"
@@ -77,19 +81,12 @@ class _RankGroupBackend(Backend):
                  for i in range(len(worker_group))])
 
     def on_shutdown(self, worker_group, backend_config: RankGroupConfig) -> None:
-        import logging
-
-        import ray
-        from ray.exceptions import GetTimeoutError
-        from ray.train.constants import (DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S,
-                                         TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S)
-
         futures = worker_group.execute_async(_on_worker, "_shutdown_torch", destroy_process_group=len(worker_group) > 1)
         timeout_s = int(os.environ.get(TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S, DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S))
         try:
             ray.get(futures, timeout=timeout_s)
         except GetTimeoutError:
-            logging.getLogger(__name__).warning("torch process group shutdown timed out after %d s", timeout_s)
+            log.warning("torch process group shutdown timed out after %d s", timeout_s)
 
 
 @dataclass
