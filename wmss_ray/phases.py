@@ -28,7 +28,7 @@ from wmss_ray.config.names import CONTROL_ARM_LABELS, SFT_CONTINUED, SFT_CONTINU
 from wmss_ray.config.schema import ADDED_KEYS, TRAINING_LAYOUT, WMSSConfig
 from wmss_ray.io import storage
 from wmss_ray.io.manifest import linked_phase, phase_fingerprint, read_manifest
-from wmss_ray.training.controls import arm_sections
+from wmss_ray.training.controls import arm_sections, arm_steps
 
 log = logging.getLogger("wmss_ray.phases")
 
@@ -49,6 +49,9 @@ class Phase:
     # placement): hashed like the others, but a run may resume at other values of them with the
     # fingerprint it started with, when the global batch is the same (pipeline.resumed_fingerprint)
     layout: tuple[str, ...] = ()
+    # a training phase whose step count follows from upstream phases rather than the config (the
+    # equal-compute controls): that count, for its start line and progress (stages/progress.py)
+    planned_steps: Callable[["RunContext"], int] | None = None
 
     def fingerprint(self, cfg_dict: dict[str, Any], prints: dict[str, str]) -> str:
         """This phase's fingerprint for ``cfg_dict`` (``WMSSConfig.fingerprint_dict()``) and the
@@ -225,11 +228,14 @@ def _phase_wmss(t: int) -> Callable[[RunContext], dict[str, Any]]:
     return run
 
 
+def wmss_steps(ctx: RunContext) -> int:
+    """The optimizer steps all WMSS iterations of the run took (the controls' equal compute)."""
+    return sum(int(ctx.out(f"wmss_{t}", "steps")) for t in range(1, ctx.cfg.run.iterations + 1))
+
+
 def _phase_sft_continued(ctx: RunContext) -> dict[str, Any]:
     """Equal compute: SFT from M1 for exactly the optimizer steps all WMSS iterations took."""
-    k = ctx.cfg.run.iterations
-    steps = sum(int(ctx.out(f"wmss_{t}", "steps")) for t in range(1, k + 1))
-    return train_sft_continued(ctx, steps, epochs=ctx.cfg.training.wmss_epochs * k)
+    return train_sft_continued(ctx, wmss_steps(ctx), epochs=ctx.cfg.training.wmss_epochs * ctx.cfg.run.iterations)
 
 
 def train_sft_continued(ctx: RunContext, steps: int, epochs: int) -> dict[str, Any]:
@@ -246,22 +252,28 @@ def train_sft_continued(ctx: RunContext, steps: int, epochs: int) -> dict[str, A
     return _train_outputs(res)
 
 
+def _control_steps(arm: str) -> Callable[[RunContext], int]:
+    """Control arm ``arm``'s optimizer steps after the run's WMSS (``training.controls.arm_steps``)."""
+    def steps(ctx: RunContext) -> int:
+        return arm_steps(arm, wmss_steps(ctx), ctx.cfg.mix.mode, ctx.cfg.mix.weak_source)
+
+    return steps
+
+
 def _phase_control(arm: str) -> Callable[[RunContext], dict[str, Any]]:
     """A control arm (``controls.arms``, ``training/controls.py``): SFT from M1 in ``<run>/<arm>/``
     for its step count, with its one changed setting."""
     def run(ctx: RunContext) -> dict[str, Any]:
         from wmss_ray.config.loading import config_from_dict
-        from wmss_ray.training.controls import arm_overrides, arm_steps
+        from wmss_ray.training.controls import arm_overrides
         from wmss_ray.training.trainer import train_phase
 
-        cfg, k = ctx.cfg, ctx.cfg.run.iterations
-        wmss_steps = sum(int(ctx.out(f"wmss_{t}", "steps")) for t in range(1, k + 1))
+        cfg = ctx.cfg
         res = train_phase(
             config_from_dict(cfg.to_dict(), arm_overrides(arm, cfg)), "sft", strong_init=ctx.model(1),
             weak_init=None, tokenized_path=ctx.out("tokenize", "tokenized"), sampled_ids_path=None,
-            out_dir=str(ctx.phase_dir(arm)), epochs=cfg.training.wmss_epochs * k,
-            exact_steps=arm_steps(arm, wmss_steps, cfg.mix.mode, cfg.mix.weak_source),
-            fingerprint=ctx.fingerprints[arm], **ctx.train_options.get(arm, {}))
+            out_dir=str(ctx.phase_dir(arm)), epochs=cfg.training.wmss_epochs * cfg.run.iterations,
+            exact_steps=_control_steps(arm)(ctx), fingerprint=ctx.fingerprints[arm], **ctx.train_options.get(arm, {}))
         return _train_outputs(res)
 
     return run
@@ -380,10 +392,10 @@ def build_phases(cfg: WMSSConfig) -> list[Phase]:
         prev_model = f"wmss_{t}"
     if cfg.evaluation.sft_continued:
         phases.append(Phase(SFT_CONTINUED, ["sft", prev_model], [*seed, "training", "scaling"],
-                            _phase_sft_continued, how, layout=layout))
+                            _phase_sft_continued, how, layout=layout, planned_steps=wmss_steps))
     for arm in cfg.controls.arms:  # after WMSS: their step counts follow from its steps
         phases.append(Phase(arm, ["sft", prev_model], [*seed, "training", "scaling", *arm_sections(arm)],
-                            _phase_control(arm), how, layout=layout))
+                            _phase_control(arm), how, layout=layout, planned_steps=_control_steps(arm)))
     eval_needs = [p.name for p in phases if p.name in ("sft", SFT_CONTINUED, prev_model, *cfg.controls.arms)] + first
     phases.append(Phase("eval", eval_needs, ["evaluation", "data.eval", "data.reference_column", "data.supervise"],
                         _phase_eval, ("evaluation.logits_mb",)))

@@ -213,7 +213,8 @@ def _run_one(phase: Phase, ctx: RunContext, fp: str, phase_dir: str, forced: boo
     man.write(phase_dir)
     log.info("phase %-13s running", phase.name)
     console = get_console()
-    what, total, unit = progress.phase_plan(phase.name, ctx.cfg, ctx.run_dir)
+    steps = phase.planned_steps(ctx) if phase.planned_steps else None
+    what, total, unit = progress.phase_plan(phase.name, ctx.cfg, ctx.run_dir, steps)
     console.line(progress.start_line(phase.name, what))
     probe = progress.training_probe(ctx.run_dir, phase.name) if unit == "steps" else None
     try:

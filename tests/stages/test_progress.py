@@ -62,3 +62,30 @@ def test_training_probe_reads_the_last_logged_step(tmp_path):
     assert probe() == 5
     path.write_text(json.dumps({"step": 1}) + "\n{\"step\": 6")  # a line being written
     assert probe() == 0
+
+
+def test_the_controls_say_their_steps_from_the_runner_and_end_with_their_loss(tmp_path):
+    """The equal-compute controls' steps follow from the WMSS phases, which the runner knows
+    (``phases.Phase.planned_steps``); a sweep's shared control has no WMSS phase in its run dir."""
+    cfg = config_from_dict({"scaling": {"num_workers": 2}})
+    run = str(tmp_path)  # no manifests: a sweep's <run>/tune
+    assert P.phase_plan("sft_continued", cfg, run, steps=7) == \
+        ("SFT-continued from M1 (equal compute): 7 steps, 2 workers", 7, "steps")
+    assert P.phase_plan("sft_continued", cfg, run)[0] == "SFT-continued from M1 (equal compute): ? steps, 2 workers"
+    assert P.phase_plan("sft_matched_flops", cfg, run, steps=9) == ("SFT-matched-FLOPs from M1: 9 steps, 2 workers", 9,
+                                                                    "steps")
+    assert P.phase_result("sft_higher_lr", {"steps": 4, "loss": 0.5}, {}, 2.0) == "4 steps, final loss 0.5000, 2/s"
+
+
+def test_the_runner_knows_each_controls_steps_from_the_wmss_phases():
+    from wmss_ray.phases import RunContext, build_phases
+    from wmss_ray.training.controls import arm_steps
+
+    cfg = config_from_dict({"run": {"iterations": 2}, "mix": {"mode": "frozen"},
+                            "controls": {"arms": ["sft_matched_flops", "sft_higher_lr"]}})
+    ctx = RunContext(cfg, run_dir="/nonexistent")
+    ctx.outputs = {"wmss_1": {"steps": 10}, "wmss_2": {"steps": 5}}
+    planned = {p.name: p.planned_steps(ctx) for p in build_phases(cfg) if p.planned_steps}
+    assert planned == {"sft_continued": 15, "sft_higher_lr": 15,
+                       "sft_matched_flops": arm_steps("sft_matched_flops", 15, "frozen")}
+    assert planned["sft_matched_flops"] == 20  # a frozen WMSS step is 4/3 of an SFT step

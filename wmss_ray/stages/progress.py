@@ -6,10 +6,12 @@ runner (``pipeline._run_one``) prints them through ``io.console`` and polls the 
 background thread (``io.console.monitor``).
 
 Planned optimizer steps follow ``training.dataset.DataPlan``: ``ceil(rows x epochs / global
-batch)`` capped by ``training.max_steps`` (``sft_continued``: exactly the WMSS steps). Progress
-for a training phase is the last step in its ``metrics.jsonl`` (rank 0 writes a line every
-``training.log_every`` steps, and uploads it at once on object storage); the other phases show
-their elapsed time only (their work runs inside Ray Data, whose own bars go to the log).
+batch)`` capped by ``training.max_steps``; ``sft_continued`` and the control arms train the steps
+that follow from the WMSS phases (``training.controls.arm_steps``), which the runner passes in
+(``phases.Phase.planned_steps``). Progress for a training phase is the last step in its
+``metrics.jsonl`` (rank 0 writes a line every ``training.log_every`` steps, and uploads it at once
+on object storage); the other phases show their elapsed time only (their work runs inside Ray
+Data, whose own bars go to the log).
 
 Layer: ``stages`` (``config``, ``io``).
 """
@@ -20,7 +22,7 @@ import json
 import math
 from typing import Any, Callable
 
-from wmss_ray.config.names import SFT_CONTINUED
+from wmss_ray.config.names import CONTROL_ARM_LABELS, SFT_CONTINUED, SFT_CONTINUED_LABEL
 from wmss_ray.config.schema import WMSSConfig
 from wmss_ray.io import storage
 from wmss_ray.io.console import format_duration, format_rate
@@ -42,9 +44,11 @@ def _counts(run_dir: str, phase: str) -> dict[str, Any]:
     return (man.counts or {}) if man is not None else {}
 
 
-def phase_plan(name: str, cfg: WMSSConfig, run_dir: str) -> tuple[str, int | None, str]:
+def phase_plan(name: str, cfg: WMSSConfig, run_dir: str, steps: int | None = None) -> tuple[str, int | None, str]:
     """``(what the phase will do, total units or None, unit)`` from the config and the
-    manifests of the phases before it."""
+    manifests of the phases before it. ``steps``: a control's optimizer steps when the runner
+    knows them (``phases.Phase.planned_steps``: they follow from the WMSS phases, which may live
+    in another run dir, as for a sweep's shared control)."""
     d, k = cfg.data, cfg.run.iterations
     tok_rows = _counts(run_dir, "tokenize").get("rows_ok")
     if name == "data":
@@ -74,13 +78,20 @@ def phase_plan(name: str, cfg: WMSSConfig, run_dir: str) -> tuple[str, int | Non
         return (f"WMSS M{t} -> M{t + 1} (lam {cfg.mix.lam}, {cfg.mix.mode}) on {draws} draws: "
                 f"{steps} steps, {workers}", steps, "steps")
     if name == SFT_CONTINUED:
-        steps = sum(int(_counts(run_dir, f"wmss_{t}").get("steps") or 0) for t in range(1, k + 1)) or None
-        return f"SFT-continued from M1 (equal compute): {steps} steps, {workers}", steps, "steps"
+        if steps is None:
+            steps = sum(int(_counts(run_dir, f"wmss_{t}").get("steps") or 0) for t in range(1, k + 1)) or None
+        return f"{SFT_CONTINUED_LABEL} from M1 (equal compute): {_count(steps)} steps, {workers}", steps, "steps"
+    if name in CONTROL_ARM_LABELS:
+        return f"{CONTROL_ARM_LABELS[name]} from M1: {_count(steps)} steps, {workers}", steps, "steps"
     if name == "eval":
         n = d.demo.n_eval if cfg.models.demo else None
         rows = f"{n} test rows" if n else "the test set"
         return f"greedy answers + loss of every model on {rows}", None, ""
     return "", None, ""
+
+
+def _count(n: int | None) -> str:
+    return "?" if n is None else str(n)
 
 
 def training_probe(run_dir: str, name: str) -> Callable[[], int]:
@@ -114,7 +125,7 @@ def phase_result(name: str, counts: dict[str, Any], outputs: dict[str, Any], sec
     if name.startswith("curriculum_"):
         return (f"{counts.get('draws')} draws, effective sample size "
                 f"{_fmt(counts.get('effective_sample_size'), '.1f')}")
-    if name in ("sft", SFT_CONTINUED) or name.startswith("wmss_"):
+    if name in ("sft", SFT_CONTINUED, *CONTROL_ARM_LABELS) or name.startswith("wmss_"):
         return f"{counts.get('steps')} steps, final loss {_fmt(counts.get('loss'), '.4f')}{rate(counts.get('steps'))}"
     if name == "eval":
         models = outputs.get("models") or {}

@@ -65,7 +65,8 @@ def control_phase(steps: int):
         result["outputs"]["validation"] = storage.join(out, f"eval_{SFT_CONTINUED_LABEL}.jsonl")
         return result
 
-    return Phase(SFT_CONTINUED, ["sft"], ["run", "training", "scaling", "evaluation"], run, extra={"steps": steps})
+    return Phase(SFT_CONTINUED, ["sft"], ["run", "training", "scaling", "evaluation"], run, extra={"steps": steps},
+                 planned_steps=lambda ctx: steps)
 
 
 def ensure_control(base: WMSSConfig, outputs: dict[str, Any], root: str, steps: int) -> str:
