@@ -302,8 +302,8 @@ def run_study(base: WMSSConfig) -> dict[str, Any]:
     at_once = max_concurrent(base, ray.cluster_resources())
     console = get_console()
     n, arms = base.study.seeds, [r.arm for r in arm_runs(base, 0)]
-    console.line(f"[wmss] study: {n} seeds x {len(arms)} arms in {storage.redact(root)}, "
-                 f"{at_once} run(s) at a time")
+    console.line(f"[wmss] study: {n} seed{'s' if n != 1 else ''} x {len(arms)} arm{'s' if len(arms) != 1 else ''} "
+                 f"in {storage.redact(root)}, {at_once} run{'s' if at_once != 1 else ''} at a time")
     # 0 CPUs each: their phases reserve their own workers; retried when a node is lost (runs resume)
     trunk, arm_task, finish = (ray.remote(num_cpus=0, max_retries=3)(f) for f in (run_trunk, run_arm, finish_seed))
     base_dict = base.to_dict()
