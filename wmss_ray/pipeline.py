@@ -213,7 +213,7 @@ def _run_one(phase: Phase, ctx: RunContext, fp: str, phase_dir: str, forced: boo
     man.write(phase_dir)
     log.info("phase %-13s running", phase.name)
     console = get_console()
-    steps = phase.planned_steps(ctx) if phase.planned_steps else None
+    steps = _planned_steps(phase, ctx)
     what, total, unit = progress.phase_plan(phase.name, ctx.cfg, ctx.run_dir, steps)
     console.line(progress.start_line(phase.name, what))
     probe = progress.training_probe(ctx.run_dir, phase.name) if unit == "steps" else None
@@ -233,6 +233,15 @@ def _run_one(phase: Phase, ctx: RunContext, fp: str, phase_dir: str, forced: boo
     console.line(progress.end_line(phase.name, man.status, man.seconds,
                                    progress.phase_result(phase.name, man.counts, man.outputs, man.seconds)))
     return man.status
+
+
+def _planned_steps(phase: Phase, ctx: RunContext) -> int | None:
+    """A control's steps for its start line; None when they cannot be known yet (the phase then
+    computes them itself, and fails there, with its manifest saying why)."""
+    try:
+        return phase.planned_steps(ctx) if phase.planned_steps else None
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 PHASE_GROUPS = {"score": "score_1", "train": "wmss_1", "eval": "eval", "report": "report"}

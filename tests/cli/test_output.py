@@ -64,3 +64,22 @@ def test_ray_connected_before_the_command_stays_connected(tmp_path):
     out, log = _run(tmp_path, connect_before=True)
     assert out[1:3] == ["final table", "connected after: True"], out
     assert "repeated 7x" not in log
+
+
+def test_a_failing_disconnect_never_hides_the_commands_own_error(tmp_path):
+    script = textwrap.dedent(FAKE_RAY) + textwrap.dedent(f"""
+        def broken():
+            raise RuntimeError("GCS went away")
+        ray.shutdown = broken
+        from wmss_ray.cli.output import run_console
+        from wmss_ray.config.loading import load_config
+        cfg = load_config("configs/test-tiny.yaml", ["run.storage={tmp_path}"])
+        with run_console(cfg):
+            ray.connected = True
+            raise ValueError("the phase's own error")
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
+                          cwd=REPO)
+    assert proc.returncode == 1 and "ValueError: the phase's own error" in proc.stderr, proc.stderr
+    assert "[wmss] warning: disconnecting from Ray failed: GCS went away" in proc.stdout
