@@ -18,6 +18,7 @@ The runner that skips, resumes and records them is ``wmss_ray/pipeline.py``.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
@@ -252,12 +253,9 @@ def train_sft_continued(ctx: RunContext, steps: int, epochs: int) -> dict[str, A
     return _train_outputs(res)
 
 
-def _control_steps(arm: str) -> Callable[[RunContext], int]:
+def control_steps(arm: str, ctx: RunContext) -> int:
     """Control arm ``arm``'s optimizer steps after the run's WMSS (``training.controls.arm_steps``)."""
-    def steps(ctx: RunContext) -> int:
-        return arm_steps(arm, wmss_steps(ctx), ctx.cfg.mix.mode, ctx.cfg.mix.weak_source)
-
-    return steps
+    return arm_steps(arm, wmss_steps(ctx), ctx.cfg.mix.mode, ctx.cfg.mix.weak_source)
 
 
 def _phase_control(arm: str) -> Callable[[RunContext], dict[str, Any]]:
@@ -273,7 +271,7 @@ def _phase_control(arm: str) -> Callable[[RunContext], dict[str, Any]]:
             config_from_dict(cfg.to_dict(), arm_overrides(arm, cfg)), "sft", strong_init=ctx.model(1),
             weak_init=None, tokenized_path=ctx.out("tokenize", "tokenized"), sampled_ids_path=None,
             out_dir=str(ctx.phase_dir(arm)), epochs=cfg.training.wmss_epochs * cfg.run.iterations,
-            exact_steps=_control_steps(arm)(ctx), fingerprint=ctx.fingerprints[arm], **ctx.train_options.get(arm, {}))
+            exact_steps=control_steps(arm, ctx), fingerprint=ctx.fingerprints[arm], **ctx.train_options.get(arm, {}))
         return _train_outputs(res)
 
     return run
@@ -395,7 +393,7 @@ def build_phases(cfg: WMSSConfig) -> list[Phase]:
                             _phase_sft_continued, how, layout=layout, planned_steps=wmss_steps))
     for arm in cfg.controls.arms:  # after WMSS: their step counts follow from its steps
         phases.append(Phase(arm, ["sft", prev_model], [*seed, "training", "scaling", *arm_sections(arm)],
-                            _phase_control(arm), how, layout=layout, planned_steps=_control_steps(arm)))
+                            _phase_control(arm), how, layout=layout, planned_steps=functools.partial(control_steps, arm)))
     eval_needs = [p.name for p in phases if p.name in ("sft", SFT_CONTINUED, prev_model, *cfg.controls.arms)] + first
     phases.append(Phase("eval", eval_needs, ["evaluation", "data.eval", "data.reference_column", "data.supervise"],
                         _phase_eval, ("evaluation.logits_mb",)))
